@@ -1,0 +1,310 @@
+"""The agent <-> daemon wire protocol: one JSON object per websocket text frame.
+
+This module is the single source of truth for message shapes; cloudtaskd imports it.
+See docs/protocol.md for the prose description and the sequence of a session.
+
+Every message has a type field "t". Task references on the wire are [task_id, token] pairs:
+the token is the task's attempt number at lease time and fences stale reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent import jsonx
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+MAX_ERROR_CHARS = 4000
+
+# Exit code by which a `command` worker declares a permanent failure (no retry).
+PERMANENT_FAILURE_EXIT_CODE = 3
+
+
+class ProtocolError(Exception):
+    """A message that does not follow the protocol; the connection that sent it is closed."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}" if field else message)
+
+
+LeaseRef = tuple[int, int]  # (task_id, token)
+
+
+# ---- agent -> daemon ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    instance: str
+    token: str
+    slots: int
+    held: list[LeaseRef]
+    version: int = PROTOCOL_VERSION
+    t: str = "hello"
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRequest:
+    """Adds n to the connection's credit: the daemon grants up to that many tasks, now or later."""
+
+    n: int
+    t: str = "lease"
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    leases: list[LeaseRef]
+    t: str = "hb"
+
+
+@dataclass(frozen=True, slots=True)
+class Success:
+    id: int
+    token: int
+    result: Any
+    duration_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Complete:
+    results: list[Success]
+    t: str = "done"
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    id: int
+    token: int
+    error: str
+    retryable: bool
+    duration_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    failures: list[Failure]
+    t: str = "fail"
+
+
+@dataclass(frozen=True, slots=True)
+class Handback:
+    """Leases given back unfinished (drain, spot interruption): requeued without counting an attempt."""
+
+    leases: list[LeaseRef]
+    reason: str
+    t: str = "handback"
+
+
+@dataclass(frozen=True, slots=True)
+class Draining:
+    """The agent takes no more leases (SIGTERM, interruption notice); credit drops to zero."""
+
+    reason: str
+    t: str = "draining"
+
+
+AgentMessage = Hello | LeaseRequest | Heartbeat | Complete | Fail | Handback | Draining
+
+
+# ---- daemon -> agent ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GrantedTask:
+    id: int
+    token: int
+    key: str
+    data: Any
+    timeout_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    lease_ttl_s: float
+    heartbeat_s: float
+    kept: list[int] = field(default_factory=list)
+    dropped: list[int] = field(default_factory=list)
+    version: int = PROTOCOL_VERSION
+    t: str = "welcome"
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    ok: list[int]
+    refused: list[int]
+    t: str = "ack"
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    tasks: list[GrantedTask]
+    t: str = "grant"
+
+
+@dataclass(frozen=True, slots=True)
+class Revoke:
+    """The daemon no longer honours these leases (job cancelled, lease expired): stop them."""
+
+    ids: list[int]
+    t: str = "revoke"
+
+
+@dataclass(frozen=True, slots=True)
+class DrainRequest:
+    reason: str
+    t: str = "drain"
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorMessage:
+    code: str
+    message: str
+    t: str = "error"
+
+
+DaemonMessage = Welcome | Ack | Grant | Revoke | DrainRequest | ErrorMessage
+
+
+# ---- validation helpers ---------------------------------------------------------------------
+
+
+def _int(obj: dict[str, Any], key: str, *, minimum: int = 0, maximum: int = 2**62) -> int:
+    value = obj.get(key)
+    if type(value) is not int or not (minimum <= value <= maximum):
+        raise ProtocolError(f"expected an integer in [{minimum}, {maximum}], got {value!r:.60}", field=key)
+    return value
+
+
+def _num(obj: dict[str, Any], key: str) -> float:
+    value = obj.get(key)
+    if type(value) not in (int, float) or value < 0:
+        raise ProtocolError(f"expected a non-negative number, got {value!r:.60}", field=key)
+    return float(value)
+
+
+def _str(obj: dict[str, Any], key: str, *, max_len: int = 256) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str) or len(value) > max_len:
+        raise ProtocolError(f"expected a string of at most {max_len} characters", field=key)
+    return value
+
+
+def _list(obj: dict[str, Any], key: str) -> list[Any]:
+    value = obj.get(key)
+    if not isinstance(value, list):
+        raise ProtocolError("expected a list", field=key)
+    return value
+
+
+def _refs(obj: dict[str, Any], key: str) -> list[LeaseRef]:
+    out: list[LeaseRef] = []
+    for i, item in enumerate(_list(obj, key)):
+        if (
+            not isinstance(item, list)
+            or len(item) != 2
+            or type(item[0]) is not int
+            or type(item[1]) is not int
+        ):
+            raise ProtocolError("expected [task_id, token] integer pairs", field=f"{key}[{i}]")
+        out.append((item[0], item[1]))
+    return out
+
+
+def _obj(item: Any, where: str) -> dict[str, Any]:
+    if not isinstance(item, dict):
+        raise ProtocolError("expected an object", field=where)
+    return item
+
+
+def parse_agent_message(raw: str | bytes) -> AgentMessage:
+    """Decode and validate one agent frame; raises ProtocolError naming the bad field."""
+    try:
+        obj = jsonx.loads(raw)
+    except (ValueError, TypeError) as exc:
+        raise ProtocolError(f"not valid JSON: {exc}") from exc
+    obj = _obj(obj, "message")
+    kind = obj.get("t")
+    if kind == "lease":
+        return LeaseRequest(n=_int(obj, "n", maximum=100_000))
+    if kind == "done":
+        results = []
+        for i, item in enumerate(_list(obj, "results")):
+            it = _obj(item, f"results[{i}]")
+            if "result" not in it:
+                raise ProtocolError("missing", field=f"results[{i}].result")
+            results.append(Success(_int(it, "id"), _int(it, "token"), it["result"], _num(it, "duration_s")))
+        return Complete(results)
+    if kind == "fail":
+        failures = []
+        for i, item in enumerate(_list(obj, "failures")):
+            it = _obj(item, f"failures[{i}]")
+            retryable = it.get("retryable")
+            if not isinstance(retryable, bool):
+                raise ProtocolError("expected true or false", field=f"failures[{i}].retryable")
+            error = it.get("error")
+            if not isinstance(error, str):
+                raise ProtocolError("expected a string", field=f"failures[{i}].error")
+            failures.append(
+                Failure(_int(it, "id"), _int(it, "token"), error[:MAX_ERROR_CHARS], retryable, _num(it, "duration_s"))
+            )
+        return Fail(failures)
+    if kind == "hb":
+        return Heartbeat(_refs(obj, "leases"))
+    if kind == "hello":
+        version = _int(obj, "version")
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(f"protocol version {version} is not supported (daemon speaks {PROTOCOL_VERSION})")
+        return Hello(
+            instance=_str(obj, "instance"),
+            token=_str(obj, "token"),
+            slots=_int(obj, "slots", minimum=1, maximum=100_000),
+            held=_refs(obj, "held"),
+        )
+    if kind == "handback":
+        return Handback(_refs(obj, "leases"), _str(obj, "reason", max_len=200))
+    if kind == "draining":
+        return Draining(_str(obj, "reason", max_len=200))
+    raise ProtocolError(f"unknown message type {kind!r:.40}", field="t")
+
+
+def parse_daemon_message(raw: str | bytes) -> DaemonMessage:
+    """Decode one daemon frame (the agent trusts the daemon, so checks are light)."""
+    try:
+        obj = _obj(jsonx.loads(raw), "message")
+        kind = obj["t"]
+        if kind == "grant":
+            return Grant(
+                [
+                    GrantedTask(t["id"], t["token"], t["key"], t.get("data"), t.get("timeout_s"))
+                    for t in obj["tasks"]
+                ]
+            )
+        if kind == "ack":
+            return Ack(obj["ok"], obj["refused"])
+        if kind == "revoke":
+            return Revoke(obj["ids"])
+        if kind == "welcome":
+            return Welcome(obj["lease_ttl_s"], obj["heartbeat_s"], obj["kept"], obj["dropped"], obj["version"])
+        if kind == "drain":
+            return DrainRequest(obj.get("reason", ""))
+        if kind == "error":
+            return ErrorMessage(obj["code"], obj["message"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"malformed daemon message: {exc}") from exc
+    raise ProtocolError(f"unknown message type {kind!r:.40}", field="t")
+
+
+def encode(msg: AgentMessage | DaemonMessage) -> str:
+    """Encode a message; dataclass fields map one to one onto JSON keys."""
+    return jsonx.dumps(_to_plain(msg))
+
+
+def _to_plain(value: Any) -> Any:
+    if hasattr(value, "__dataclass_fields__"):
+        return {name: _to_plain(getattr(value, name)) for name in value.__dataclass_fields__}
+    if isinstance(value, list | tuple):
+        return [_to_plain(v) for v in value]
+    return value

@@ -1,0 +1,207 @@
+"""Configuration: parsed once from YAML into frozen, typed objects.
+
+Every error names the file and the key path (`agents.lease_ttl_s`). Unknown keys are
+refused (a typo must not silently fall back to a default). `${VAR}` in a string value is
+taken from the environment, so secrets need not live in the file; `Secret` values print as
+`<SECRET>` in every repr, log line and error.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import types
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from cloudtaskd.errors import ConfigError
+
+DEFAULT_LEASE_TTL_S = 60.0
+DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_RETRY_BACKOFF_S = 2.0
+DEFAULT_RETRY_BACKOFF_MAX_S = 300.0
+DEFAULT_IDLE_TIMEOUT_S = 30.0
+
+
+class Secret(str):
+    """A string that never shows itself in repr/str formatting of containers or logs."""
+
+    def __repr__(self) -> str:
+        return "<SECRET>"
+
+    def reveal(self) -> str:
+        return str.__str__(self)
+
+
+def _range(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
+    return {"range": (lo, hi)}
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    # Unix socket of the control API; empty = <state_dir>/cloudtaskd.sock
+    socket: str = ""
+
+
+@dataclass(frozen=True)
+class AgentsConfig:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = field(default=0, metadata=_range(0, 65535))  # 0 = any free port
+    # Address agents dial; empty = ws://<listen_host>:<port>/v1/agent
+    public_url: str = ""
+    max_message_bytes: int = field(default=4 * 1024 * 1024, metadata=_range(1024, 256 * 1024 * 1024))
+    lease_ttl_s: float = field(default=DEFAULT_LEASE_TTL_S, metadata=_range(1, 86400))
+    # Leases handed out per dispatch round, across all agents
+    lease_batch_max: int = field(default=4096, metadata=_range(1, 100_000))
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    max_attempts: int = field(default=DEFAULT_MAX_ATTEMPTS, metadata=_range(1, 100))
+    retry_backoff_s: float = field(default=DEFAULT_RETRY_BACKOFF_S, metadata=_range(0, 86400))
+    retry_backoff_max_s: float = field(default=DEFAULT_RETRY_BACKOFF_MAX_S, metadata=_range(0, 86400))
+    # Per-task timeout when neither the task nor cloudtask.yaml gives one; 0 = none
+    task_timeout_s: float = field(default=0.0, metadata=_range(0, 7 * 86400))
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    max_instances: int = field(default=8, metadata=_range(0, 100_000))
+    idle_timeout_s: float = field(default=DEFAULT_IDLE_TIMEOUT_S, metadata=_range(0, 86400))
+    # An instance that has not connected within this long is stopped and replaced
+    start_timeout_s: float = field(default=600.0, metadata=_range(1, 86400))
+    tick_s: float = field(default=1.0, metadata=_range(0.05, 600))
+
+
+@dataclass(frozen=True)
+class LocalProviderConfig:
+    enabled: bool = True
+    max_instances: int = field(default=1, metadata=_range(0, 1024))
+    # CPUs one local instance offers; 0 = all of this host's CPUs
+    cpus: int = field(default=0, metadata=_range(0, 4096))
+
+
+@dataclass(frozen=True)
+class ProvidersConfig:
+    local: LocalProviderConfig = field(default_factory=LocalProviderConfig)
+
+
+@dataclass(frozen=True)
+class Config:
+    # Where the database, sockets, worker bundles and logs live; empty = per-user default
+    state_dir: str = ""
+    log_level: str = field(default="info", metadata={"choices": ("debug", "info", "warning", "error")})
+    api: ApiConfig = field(default_factory=ApiConfig)
+    agents: AgentsConfig = field(default_factory=AgentsConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    providers: ProvidersConfig = field(default_factory=ProvidersConfig)
+    source: str = field(default="<defaults>", metadata={"internal": True})
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir) if self.state_dir else default_state_dir()
+
+    @property
+    def socket_path(self) -> Path:
+        return Path(self.api.socket) if self.api.socket else self.state_path / "cloudtaskd.sock"
+
+    def with_state_dir(self, path: str | Path) -> Config:
+        return replace(self, state_dir=str(path))
+
+
+def default_state_dir() -> Path:
+    """/var/lib/cloudtask for root (the service), else the XDG state home of the user."""
+    if os.environ.get("CLOUDTASK_STATE_DIR"):
+        return Path(os.environ["CLOUDTASK_STATE_DIR"])
+    if os.geteuid() == 0 and not os.environ.get("HOME", "").startswith("/tmp"):
+        return Path("/var/lib/cloudtask")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "cloudtask"
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _interpolate(value: str, source: str, path: str) -> str:
+    def sub(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise ConfigError(source, path, f"environment variable {name} is not set")
+        return os.environ[name]
+
+    return _VAR.sub(sub, value)
+
+
+def _build(cls: type[Any], raw: Any, source: str, path: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(source, path or "(top level)", f"expected a mapping, got {type(raw).__name__}")
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in fields(cls) if not f.metadata.get("internal")}
+    for key in raw:
+        if key not in known:
+            where = f"{path}.{key}" if path else str(key)
+            raise ConfigError(source, where, f"unknown key (expected one of: {', '.join(sorted(known))})")
+    values: dict[str, Any] = {}
+    for name, f in known.items():
+        if name not in raw:
+            continue
+        where = f"{path}.{name}" if path else name
+        values[name] = _coerce(hints[name], raw[name], f.metadata, source, where)
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, meta: Any, source: str, where: str) -> Any:
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        hint = args[0]
+    if is_dataclass(hint):
+        return _build(hint, value, source, where)  # type: ignore[arg-type]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(source, where, f"expected true or false, got {value!r}")
+        return value
+    if hint in (int, float):
+        if isinstance(value, bool) or not isinstance(value, int | float) or (hint is int and int(value) != value):
+            kind = "a whole number" if hint is int else "a number"
+            raise ConfigError(source, where, f"expected {kind}, got {value!r}")
+        lo, hi = meta.get("range", (None, None))
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise ConfigError(source, where, f"must be between {lo} and {hi}, got {value!r}")
+        return hint(value)
+    if hint in (str, Secret):
+        if not isinstance(value, str):
+            raise ConfigError(source, where, f"expected a string, got {value!r}")
+        value = _interpolate(value, source, where)
+        choices = meta.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(source, where, f"expected one of {', '.join(choices)}, got {value!r}")
+        return Secret(value) if hint is Secret else value
+    raise TypeError(f"config field {where} has unsupported type {hint!r}")  # a bug in this module
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Load and validate a YAML config file; None gives the defaults."""
+    if path is None:
+        return Config()
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(source, "(file)", f"cannot read: {exc.strerror}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "(file)"
+        raise ConfigError(source, where, f"not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+    config: Config = _build(Config, raw, source, "")
+    return replace(config, source=source)

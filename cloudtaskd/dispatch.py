@@ -1,0 +1,213 @@
+"""The dispatcher: group-commits agent reports and hands out leases, one transaction a round.
+
+Agents' messages are buffered as they arrive; a single loop takes everything buffered, runs
+one write transaction (reports, timers, leases for every connection with credit), and only
+after the commit sends acks and grants. Under load a round carries thousands of tasks, so the
+commit (an fsync) is paid once per round rather than once per task; when idle, a message is
+handled as soon as it arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from agent.protocol import (
+    Ack,
+    Complete,
+    Draining,
+    DrainRequest,
+    Fail,
+    Handback,
+    Heartbeat,
+    LeaseRef,
+    LeaseRequest,
+    Revoke,
+    encode,
+)
+from cloudtaskd import queue
+from cloudtaskd.config import Config
+from cloudtaskd.store import Store, Tx
+
+log = structlog.get_logger("cloudtaskd.dispatch")
+
+TIMER_INTERVAL_S = 0.5
+
+
+@dataclass(eq=False)
+class Session:
+    """One connected agent. `send` is wired by the hub to the websocket's outbox."""
+
+    instance_id: str
+    pool_id: int
+    slots: int
+    send: Callable[[str], None]
+    credit: int = 0
+    draining: bool = False
+    stats: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+
+@dataclass(slots=True)
+class _Want:
+    session: Session
+    n: int
+
+
+class Dispatcher:
+    def __init__(self, store: Store, config: Config) -> None:
+        self.store = store
+        self.ttl_s = config.agents.lease_ttl_s
+        self.batch_max = config.agents.lease_batch_max
+        self.backoff = (config.queue.retry_backoff_s, config.queue.retry_backoff_max_s)
+        self.sessions: dict[str, Session] = {}
+        self._reports = queue.Reports()
+        self._wake = asyncio.Event()
+        self._pool_gen: dict[int, int] = defaultdict(int)
+        self._pool_empty: set[int] = set()
+        self._next_timers = 0.0
+        self._rr = 0
+        self.rounds = 0
+
+    # ---- inputs, from the hub and the API ----
+
+    def attach(self, session: Session) -> None:
+        old = self.sessions.get(session.instance_id)
+        self.sessions[session.instance_id] = session
+        if old is not None and old is not session:
+            old.credit = 0
+
+    def detach(self, session: Session) -> None:
+        if self.sessions.get(session.instance_id) is session:
+            del self.sessions[session.instance_id]
+
+    def handle(self, session: Session, msg: Any) -> None:
+        inst = session.instance_id
+        reports = self._reports
+        if isinstance(msg, Complete):
+            reports.done.extend((inst, s) for s in msg.results)
+        elif isinstance(msg, Fail):
+            reports.failed.extend((inst, f) for f in msg.failures)
+        elif isinstance(msg, LeaseRequest):
+            if session.draining:
+                return
+            session.credit += msg.n
+            if session.pool_id in self._pool_empty:
+                return  # nothing to grant; a notify_work will wake us
+        elif isinstance(msg, Heartbeat):
+            reports.heartbeat.extend((inst, ref) for ref in msg.leases)
+        elif isinstance(msg, Handback):
+            reports.handback.extend((inst, ref) for ref in msg.leases)
+        elif isinstance(msg, Draining):
+            session.draining = True
+            session.credit = 0
+            return
+        self._wake.set()
+
+    def notify_work(self, pool_id: int | None = None) -> None:
+        """Tasks became queued (upload, retry, requeue): connections waiting with credit get them."""
+        pools = [pool_id] if pool_id is not None else list(self._pool_empty)
+        for p in pools:
+            self._pool_gen[p] += 1
+            self._pool_empty.discard(p)
+        self._wake.set()
+
+    def drain(self, instance_id: str) -> bool:
+        session = self.sessions.get(instance_id)
+        if session is None:
+            return False
+        session.draining = True
+        session.credit = 0
+        session.send(encode(DrainRequest("requested")))
+        return True
+
+    # ---- the loop ----
+
+    async def run(self) -> None:
+        while True:
+            now = time.time()
+            timeout = max(0.0, self._next_timers - now)
+            if not self._wake.is_set():
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+                except TimeoutError:
+                    pass
+            self._wake.clear()
+            await self.round()
+
+    async def round(self) -> None:
+        now = time.time()
+        reports, self._reports = self._reports, queue.Reports()
+        timers = now >= self._next_timers
+        if timers:
+            self._next_timers = now + TIMER_INTERVAL_S
+        sessions = list(self.sessions.values())
+        if sessions:
+            self._rr = (self._rr + 1) % len(sessions)
+            sessions = sessions[self._rr:] + sessions[: self._rr]
+        budget = self.batch_max
+        wants = []
+        for s in sessions:
+            if s.credit > 0 and not s.draining and s.pool_id not in self._pool_empty and budget > 0:
+                n = min(s.credit, budget)
+                wants.append(_Want(s, n))
+                budget -= n
+        if not reports and not timers and not wants:
+            return
+        gens = {w.session.pool_id: self._pool_gen[w.session.pool_id] for w in wants}
+        out: queue.RoundResult = await self.store.write(self._round_tx, reports, wants, timers, now=now)
+        self.rounds += 1
+        # --- committed: now tell the agents ---
+        for inst in set(out.accepted) | set(out.refused):
+            session = self.sessions.get(inst)
+            if session is not None:
+                session.send(encode(Ack(out.accepted.get(inst, []), out.refused.get(inst, []))))
+        for inst, ids in out.lost.items():
+            session = self.sessions.get(inst)
+            if session is not None:
+                session.send(encode(Revoke(ids)))
+        short_pools = set()
+        for w in wants:
+            granted = out.grants.get(w.session.instance_id, [])
+            w.session.credit -= len(granted)
+            if granted:
+                w.session.send('{"t":"grant","tasks":[' + ",".join(granted) + "]}")
+            if len(granted) < w.n:
+                short_pools.add(w.session.pool_id)
+        for pool in short_pools:
+            if self._pool_gen[pool] == gens.get(pool):
+                self._pool_empty.add(pool)
+        if out.requeued_pools:
+            for pool in out.requeued_pools:
+                self.notify_work(pool)
+        if out.expired:
+            # The agent may still be working on these: tell it to stop, its report would be refused.
+            by_inst: dict[str, list[int]] = defaultdict(list)
+            for task_id, inst_id in out.expired:
+                if inst_id:
+                    by_inst[inst_id].append(task_id)
+            for inst_id, ids in by_inst.items():
+                session = self.sessions.get(inst_id)
+                if session is not None:
+                    session.send(encode(Revoke(ids)))
+
+    def _round_tx(self, tx: Tx, reports: queue.Reports, wants: list[_Want], timers: bool) -> queue.RoundResult:
+        out = queue.RoundResult()
+        if reports:
+            queue.apply_reports(tx, reports, out, self.backoff, self.ttl_s)
+        if timers:
+            out.expired = queue.expire_leases(tx, self.backoff)
+            out.requeued_pools |= queue.promote_due(tx)
+        for w in wants:
+            granted = queue.lease(tx, w.session.instance_id, w.session.pool_id, w.n, self.ttl_s)
+            if granted:
+                out.grants[w.session.instance_id] = granted
+        return out
+
+    async def reclaim(self, instance_id: str, held: list[LeaseRef]) -> tuple[list[int], list[int]]:
+        return await self.store.write(queue.reclaim, instance_id, held, self.ttl_s)

@@ -1,0 +1,76 @@
+"""The exception types cloudtask raises. Each docstring is the default message.
+
+Callers catch these, not driver errors: a driver error is kept as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+from agent.protocol import ProtocolError  # the wire's own error type, re-exported (one source)
+
+__all__ = [
+    "BadInput",
+    "CloudtaskError",
+    "ConfigError",
+    "DaemonUnavailable",
+    "LeaseError",
+    "NotFound",
+    "ProtocolError",
+    "ProviderError",
+    "StoreError",
+    "TransitionError",
+]
+
+
+class CloudtaskError(Exception):
+    """cloudtask failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class ConfigError(CloudtaskError):
+    """The configuration is invalid."""
+
+    def __init__(self, source: str, key: str, message: str) -> None:
+        self.source = source
+        self.key = key
+        super().__init__(f"{source}: {key}: {message}")
+
+
+class BadInput(CloudtaskError):
+    """A request or file was refused; nothing was changed."""
+
+    def __init__(self, message: str, *, line: int | None = None, field: str | None = None) -> None:
+        self.line = line
+        self.field = field
+        super().__init__(message)
+
+
+class NotFound(CloudtaskError):
+    """No such job, task or instance."""
+
+
+class StoreError(CloudtaskError):
+    """The state database failed (disk full, corrupt, locked)."""
+
+
+class TransitionError(StoreError):
+    """A state change found its row in another state than expected: a lost race, refused cleanly."""
+
+
+class LeaseError(CloudtaskError):
+    """A lease report was refused (stale fencing token, or the task is no longer leased)."""
+
+
+class DaemonUnavailable(CloudtaskError):
+    """cloudtaskd is not reachable."""
+
+
+class ProviderError(CloudtaskError):
+    """A provider operation failed."""
+
+    def __init__(self, provider: str, op: str, message: str, *, retryable: bool = False) -> None:
+        self.provider = provider
+        self.op = op
+        self.retryable = retryable
+        super().__init__(f"{provider}: {op}: {message}")

@@ -1,0 +1,424 @@
+"""The task lifecycle on top of the store: stage, queue, lease, heartbeat, complete, fail,
+hand back, expire, retry, cancel.
+
+Each function here runs inside one write transaction (`Store.write`) and moves tasks only
+along the edges of `states.TASK_TRANSITIONS`, guarded by `WHERE state = ... AND attempt = ?`
+so a report carrying a stale fencing token can never overwrite a newer attempt. Reports are
+checked in one SELECT per batch and applied with executemany: the work per task is a few
+microseconds of C, which is what lets one daemon core dispatch tens of thousands of tasks/s.
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent import jsonx
+from agent.protocol import Failure, LeaseRef, Success
+from cloudtaskd.errors import BadInput, NotFound, TransitionError
+from cloudtaskd.states import TaskEvent as E
+from cloudtaskd.states import TaskState as S
+from cloudtaskd.store import Tx, task_edge
+from cloudtaskd.taskfile import ParsedTask
+
+# Every bulk statement below names its edge once, checked against the table at import.
+for _src, _dst in [
+    (S.STAGED, S.QUEUED), (S.QUEUED, S.LEASED), (S.LEASED, S.SUCCEEDED), (S.LEASED, S.FAILED),
+    (S.LEASED, S.DEAD), (S.LEASED, S.QUEUED), (S.FAILED, S.QUEUED), (S.QUEUED, S.CANCELLED),
+    (S.LEASED, S.CANCELLED), (S.FAILED, S.CANCELLED), (S.DEAD, S.QUEUED), (S.CANCELLED, S.QUEUED),
+]:
+    task_edge(_src, _dst)
+
+STAGE_BATCH = 5000
+COMMIT_CHUNK = 50_000
+
+
+def backoff_s(failures: int, base_s: float, max_s: float) -> float:
+    """Exponential backoff with +-20% jitter, so a burst of failures does not retry in lockstep."""
+    delay = min(max_s, base_s * (2 ** max(0, failures - 1)))
+    return delay * random.uniform(0.8, 1.2)
+
+
+def _ids_json(ids: list[int]) -> str:
+    return jsonx.dumps(ids)
+
+
+# ---- ingest -----------------------------------------------------------------------------------
+
+
+def create_upload(tx: Tx, job_id: int) -> int:
+    row = tx.db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"job {job_id} does not exist")
+    if row[0] != "active":
+        raise BadInput(f"job {job_id} is {row[0]}; tasks can only be added to an active job")
+    cur = tx.db.execute(
+        "INSERT INTO uploads (job_id, state, created_at) VALUES (?, 'staging', ?)", (job_id, tx.now)
+    )
+    return int(cur.lastrowid or 0)
+
+
+def stage_tasks(tx: Tx, job: dict[str, Any], batch: list[ParsedTask], source: str) -> None:
+    """Insert a batch as staged (invisible to leasing); a duplicate id is refused with its line."""
+    rows = [
+        (
+            job["id"], job["pool_id"], t.key, S.STAGED.value, t.priority, t.data_json,
+            t.timeout_s if t.timeout_s is not None else job["timeout_s"],
+            t.max_attempts or job["max_attempts"],
+        )
+        for t in batch
+    ]
+    try:
+        tx.db.executemany(
+            "INSERT INTO tasks (job_id, pool_id, key, state, priority, data, timeout_s, max_attempts)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+    except sqlite3.IntegrityError:
+        raise _duplicate_error(tx.db, job["id"], batch, source) from None
+    tx.count(job["id"], None, S.STAGED, len(rows))
+    tx.db.execute("UPDATE uploads SET n_tasks = n_tasks + ? WHERE job_id = ? AND state = 'staging'",
+                  (len(rows), job["id"]))
+
+
+def _duplicate_error(db: sqlite3.Connection, job_id: int, batch: list[ParsedTask], source: str) -> BadInput:
+    seen: dict[str, int] = {}
+    for t in batch:
+        if t.key in seen:
+            return BadInput(f"{source}:{t.line}: duplicate id {t.key!r} (first given at line {seen[t.key]})",
+                            line=t.line, field="id")
+        seen[t.key] = t.line
+    existing = {
+        r[0]
+        for r in db.execute(
+            "SELECT key FROM tasks WHERE job_id = ? AND key IN (SELECT value FROM json_each(?))",
+            (job_id, jsonx.dumps(list(seen))),
+        )
+    }
+    for t in batch:
+        if t.key in existing:
+            return BadInput(f"{source}:{t.line}: duplicate id {t.key!r} (already in this file or job)",
+                            line=t.line, field="id")
+    return BadInput(f"{source}: a task violates a database constraint")  # not reachable in practice
+
+
+def reject_upload_chunk(tx: Tx, upload_id: int, job_id: int, limit: int = COMMIT_CHUNK) -> int:
+    """Delete up to `limit` staged tasks of a refused upload; returns how many were deleted."""
+    cur = tx.db.execute(
+        "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE job_id = ? AND state = 'staged' LIMIT ?)",
+        (job_id, limit),
+    )
+    tx.count(job_id, S.STAGED, None, cur.rowcount)
+    if cur.rowcount < limit:
+        tx.db.execute("UPDATE uploads SET state = 'rejected' WHERE id = ?", (upload_id,))
+    return cur.rowcount
+
+
+def commit_upload_chunk(tx: Tx, upload_id: int, job_id: int, limit: int = COMMIT_CHUNK) -> int:
+    """Make up to `limit` staged tasks visible. The upload was validated whole before the first
+    chunk; a crash part-way is finished at start-up (see resume_uploads)."""
+    tx.db.execute("UPDATE uploads SET state = 'committing' WHERE id = ? AND state = 'staging'", (upload_id,))
+    cur = tx.db.execute(
+        "UPDATE tasks SET state = 'queued' WHERE id IN"
+        " (SELECT id FROM tasks WHERE job_id = ? AND state = 'staged' LIMIT ?)",
+        (job_id, limit),
+    )
+    tx.count(job_id, S.STAGED, S.QUEUED, cur.rowcount)
+    if cur.rowcount < limit:
+        n = tx.db.execute("SELECT n_tasks FROM uploads WHERE id = ?", (upload_id,)).fetchone()[0]
+        tx.db.execute("UPDATE uploads SET state = 'committed' WHERE id = ?", (upload_id,))
+        tx.event(E.UPLOAD_COMMITTED.value, job_id=job_id, detail=jsonx.dumps({"tasks": n, "upload": upload_id}))
+    return cur.rowcount
+
+
+# ---- dispatch ---------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Reports:
+    """Everything agents reported since the last round, by instance."""
+
+    done: list[tuple[str, Success]] = field(default_factory=list)
+    failed: list[tuple[str, Failure]] = field(default_factory=list)
+    handback: list[tuple[str, LeaseRef]] = field(default_factory=list)
+    heartbeat: list[tuple[str, LeaseRef]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.done or self.failed or self.handback or self.heartbeat)
+
+
+@dataclass(slots=True)
+class RoundResult:
+    accepted: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+    refused: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+    lost: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))  # heartbeats for leases it no longer holds
+    grants: dict[str, list[str]] = field(default_factory=dict)  # instance -> encoded task objects
+    requeued_pools: set[int] = field(default_factory=set)
+    expired: list[tuple[int, str | None]] = field(default_factory=list)  # (task, instance) leases timed out
+
+
+def _current(db: sqlite3.Connection, ids: list[int]) -> dict[int, tuple[Any, ...]]:
+    rows = db.execute(
+        "SELECT id, job_id, state, attempt, failures, max_attempts, pool_id FROM tasks"
+        " WHERE id IN (SELECT value FROM json_each(?))",
+        (_ids_json(ids),),
+    ).fetchall()
+    return {r[0]: r for r in rows}
+
+
+def apply_reports(
+    tx: Tx, reports: Reports, out: RoundResult, backoff: tuple[float, float], ttl_s: float
+) -> None:
+    db, now = tx.db, tx.now
+    refs = [s.id for _, s in reports.done] + [f.id for _, f in reports.failed] + [r[0] for _, r in reports.handback]
+    cur = _current(db, refs) if refs else {}
+
+    def valid(inst: str, task_id: int, token: int) -> tuple[Any, ...] | None:
+        row = cur.get(task_id)
+        if row is not None and row[2] == S.LEASED and row[3] == token:
+            return row
+        # A resend of a report we already recorded (the ack was lost) is acknowledged, not refused.
+        if row is not None and row[3] == token and row[2] in (S.SUCCEEDED, S.FAILED, S.DEAD, S.QUEUED):
+            out.accepted[inst].append(task_id)
+        else:
+            out.refused[inst].append(task_id)
+            tx.event("stale_report_refused", task_id=task_id, instance_id=inst,
+                     job_id=row[1] if row else None,
+                     detail=jsonx.dumps({"token": token, "current": row[3] if row else None,
+                                         "state": row[2] if row else None}))
+        return None
+
+    done_rows = []
+    for inst, s in reports.done:
+        row = valid(inst, s.id, s.token)
+        if row is None:
+            continue
+        cur[s.id] = (*row[:2], S.SUCCEEDED, *row[3:])  # a duplicate in the same batch is now stale
+        done_rows.append((jsonx.dumps(s.result), now, s.duration_s, inst, s.id, s.token))
+        tx.count(row[1], S.LEASED, S.SUCCEEDED)
+        tx.event(E.SUCCEEDED.value, job_id=row[1], task_id=s.id, instance_id=inst)
+        out.accepted[inst].append(s.id)
+    if done_rows:
+        db.executemany(
+            "UPDATE tasks SET state = 'succeeded', result = ?, finished_at = ?, duration_s = ?, instance_id = ?,"
+            " lease_expires_at = NULL WHERE id = ? AND attempt = ? AND state = 'leased'",
+            done_rows,
+        )
+
+    fail_rows, dead_rows = [], []
+    for inst, f in reports.failed:
+        row = valid(inst, f.id, f.token)
+        if row is None:
+            continue
+        failures = row[4] + 1
+        if f.retryable and failures < row[5]:
+            cur[f.id] = (*row[:2], S.FAILED, *row[3:])
+            run_at = now + backoff_s(failures, *backoff)
+            fail_rows.append((f.error, run_at, f.duration_s, inst, f.id, f.token))
+            tx.count(row[1], S.LEASED, S.FAILED)
+            tx.event(E.FAILED_RETRYABLE.value, job_id=row[1], task_id=f.id, instance_id=inst, detail=f.error[:500])
+        else:
+            cur[f.id] = (*row[:2], S.DEAD, *row[3:])
+            dead_rows.append((f.error, now, f.duration_s, inst, f.id, f.token))
+            tx.count(row[1], S.LEASED, S.DEAD)
+            tx.event(E.FAILED_DEAD.value, job_id=row[1], task_id=f.id, instance_id=inst, detail=f.error[:500])
+        out.accepted[inst].append(f.id)
+    if fail_rows:
+        db.executemany(
+            "UPDATE tasks SET state = 'failed', failures = failures + 1, error = ?, run_at = ?, duration_s = ?,"
+            " instance_id = ?, lease_expires_at = NULL WHERE id = ? AND attempt = ? AND state = 'leased'",
+            fail_rows,
+        )
+    if dead_rows:
+        db.executemany(
+            "UPDATE tasks SET state = 'dead', failures = failures + 1, error = ?, finished_at = ?, duration_s = ?,"
+            " instance_id = ?, lease_expires_at = NULL WHERE id = ? AND attempt = ? AND state = 'leased'",
+            dead_rows,
+        )
+
+    back_rows = []
+    for inst, (task_id, token) in reports.handback:
+        row = valid(inst, task_id, token)
+        if row is None:
+            continue
+        cur[task_id] = (*row[:2], S.QUEUED, *row[3:])
+        back_rows.append((task_id, token))
+        tx.count(row[1], S.LEASED, S.QUEUED)
+        tx.event(E.HANDED_BACK.value, job_id=row[1], task_id=task_id, instance_id=inst)
+        out.accepted[inst].append(task_id)
+        out.requeued_pools.add(row[6])
+    if back_rows:
+        db.executemany(
+            "UPDATE tasks SET state = 'queued', instance_id = NULL, lease_expires_at = NULL"
+            " WHERE id = ? AND attempt = ? AND state = 'leased'",
+            back_rows,
+        )
+
+    if reports.heartbeat:
+        hb_ids = [ref[0] for _, ref in reports.heartbeat]
+        hb_cur = _current(db, hb_ids)
+        extend = []
+        for inst, (task_id, token) in reports.heartbeat:
+            row = hb_cur.get(task_id)
+            if row is not None and row[2] == S.LEASED and row[3] == token:
+                extend.append((task_id, token))
+            else:
+                out.lost[inst].append(task_id)
+        tx.db.executemany(
+            "UPDATE tasks SET lease_expires_at = ? WHERE id = ? AND attempt = ? AND state = 'leased'",
+            [(now + ttl_s, tid, tok) for tid, tok in extend],
+        )
+
+
+def lease(tx: Tx, instance_id: str, pool_id: int, n: int, ttl_s: float) -> list[str]:
+    """Lease up to n queued tasks of a pool to an instance: one query. Returns encoded task objects
+    (the stored data JSON is spliced in verbatim, never decoded and re-encoded)."""
+    rows = tx.db.execute(
+        "UPDATE tasks SET state = 'leased', attempt = attempt + 1, lease_expires_at = ?, instance_id = ?,"
+        " started_at = ? WHERE id IN (SELECT id FROM tasks WHERE pool_id = ? AND state = 'queued'"
+        " ORDER BY priority DESC, id LIMIT ?) RETURNING id, job_id, attempt, key, data, timeout_s",
+        (tx.now + ttl_s, instance_id, tx.now, pool_id, n),
+    ).fetchall()
+    encoded = []
+    dumps = jsonx.dumps
+    for task_id, job_id, attempt, key, data, timeout_s in rows:
+        tx.count(job_id, S.QUEUED, S.LEASED)
+        tx.event(E.LEASE_GRANTED.value, job_id=job_id, task_id=task_id, instance_id=instance_id,
+                 detail=str(attempt))
+        encoded.append(
+            f'{{"id":{task_id},"token":{attempt},"key":{dumps(key)},"timeout_s":{dumps(timeout_s)},"data":{data}}}'
+        )
+    return encoded
+
+
+def reclaim(tx: Tx, instance_id: str, held: list[LeaseRef], ttl_s: float) -> tuple[list[int], list[int]]:
+    """A reconnecting agent lists its leases: keep the valid ones (re-pointed and extended)."""
+    if not held:
+        return [], []
+    current = _current(tx.db, [h[0] for h in held])
+    kept, dropped = [], []
+    for task_id, token in held:
+        row = current.get(task_id)
+        if row is not None and row[2] == S.LEASED and row[3] == token:
+            kept.append((tx.now + ttl_s, instance_id, task_id, token))
+        else:
+            dropped.append(task_id)
+    tx.db.executemany(
+        "UPDATE tasks SET lease_expires_at = ?, instance_id = ? WHERE id = ? AND attempt = ? AND state = 'leased'",
+        kept,
+    )
+    return [k[2] for k in kept], dropped
+
+
+def expire_leases(tx: Tx, backoff: tuple[float, float]) -> list[tuple[int, str | None]]:
+    """Leases past their visibility timeout count as a failed attempt. Returns (task, instance)."""
+    rows = tx.db.execute(
+        "SELECT id, job_id, attempt, failures, max_attempts, instance_id FROM tasks"
+        " WHERE state = 'leased' AND lease_expires_at <= ?",
+        (tx.now,),
+    ).fetchall()
+    retry, dead = [], []
+    for task_id, job_id, attempt, failures, max_attempts, inst in rows:
+        if failures + 1 < max_attempts:
+            retry.append((tx.now + backoff_s(failures + 1, *backoff), task_id, attempt))
+            tx.count(job_id, S.LEASED, S.FAILED)
+            tx.event(E.LEASE_EXPIRED.value, job_id=job_id, task_id=task_id, instance_id=inst)
+        else:
+            dead.append((tx.now, task_id, attempt))
+            tx.count(job_id, S.LEASED, S.DEAD)
+            tx.event(E.LEASE_EXPIRED_DEAD.value, job_id=job_id, task_id=task_id, instance_id=inst)
+    msg = "lease expired: no heartbeat within the visibility timeout"
+    tx.db.executemany(
+        "UPDATE tasks SET state = 'failed', failures = failures + 1, run_at = ?, lease_expires_at = NULL,"
+        f" error = '{msg}' WHERE id = ? AND attempt = ? AND state = 'leased'",
+        retry,
+    )
+    tx.db.executemany(
+        "UPDATE tasks SET state = 'dead', failures = failures + 1, finished_at = ?, lease_expires_at = NULL,"
+        f" error = '{msg}' WHERE id = ? AND attempt = ? AND state = 'leased'",
+        dead,
+    )
+    return [(r[0], r[5]) for r in rows]
+
+
+def promote_due(tx: Tx) -> set[int]:
+    """Failed tasks whose backoff has elapsed are queued again. Returns the pools that gained work."""
+    rows = tx.db.execute(
+        "UPDATE tasks SET state = 'queued', run_at = NULL WHERE state = 'failed' AND run_at <= ?"
+        " RETURNING id, job_id, pool_id",
+        (tx.now,),
+    ).fetchall()
+    for task_id, job_id, _ in rows:
+        tx.count(job_id, S.FAILED, S.QUEUED)
+        tx.event(E.RETRY_DUE.value, job_id=job_id, task_id=task_id)
+    return {r[2] for r in rows}
+
+
+def extend_all_leases(tx: Tx, grace_s: float) -> int:
+    """At start-up: the daemon was away, so no heartbeat could land. Give every lease a fresh
+    visibility timeout, so agents that reconnect keep their work instead of racing a requeue."""
+    return tx.db.execute(
+        "UPDATE tasks SET lease_expires_at = max(lease_expires_at, ?) WHERE state = 'leased'", (tx.now + grace_s,)
+    ).rowcount
+
+
+# ---- user actions -----------------------------------------------------------------------------
+
+
+def cancel_job(tx: Tx, job_id: int) -> list[tuple[int, str | None]]:
+    """Cancel every unfinished task of a job. Returns the (task, instance) leases to revoke."""
+    row = tx.db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"job {job_id} does not exist")
+    rows = tx.db.execute(
+        "SELECT id, state, instance_id FROM tasks WHERE job_id = ? AND state IN ('queued', 'leased', 'failed')",
+        (job_id,),
+    ).fetchall()
+    for task_id, state, inst in rows:
+        tx.count(job_id, S(state), S.CANCELLED)
+        tx.event(E.CANCELLED.value, job_id=job_id, task_id=task_id, instance_id=inst)
+    tx.db.execute(
+        "UPDATE tasks SET state = 'cancelled', finished_at = ?, lease_expires_at = NULL, run_at = NULL"
+        " WHERE job_id = ? AND state IN ('queued', 'leased', 'failed')",
+        (tx.now, job_id),
+    )
+    tx.db.execute("UPDATE jobs SET state = 'cancelled', finished_at = ? WHERE id = ?", (tx.now, job_id))
+    tx.event("job_cancelled", job_id=job_id, detail=jsonx.dumps({"tasks": len(rows)}))
+    return [(r[0], r[2]) for r in rows if r[1] == S.LEASED]
+
+
+def retry_job(tx: Tx, job_id: int) -> int:
+    """Queue dead and cancelled tasks again with a fresh failure count. Returns how many."""
+    row = tx.db.execute("SELECT pool_id FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"job {job_id} does not exist")
+    rows = tx.db.execute(
+        "UPDATE tasks SET state = 'queued', failures = 0, finished_at = NULL, error = NULL, run_at = NULL"
+        " WHERE job_id = ? AND state IN ('dead', 'cancelled') RETURNING id",
+        (job_id,),
+    ).fetchall()
+    counts = tx.db.execute("SELECT n_dead, n_cancelled FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    tx.count(job_id, S.DEAD, S.QUEUED, counts[0])
+    tx.count(job_id, S.CANCELLED, S.QUEUED, counts[1])
+    if counts[0] + counts[1] != len(rows):
+        raise TransitionError(f"job {job_id}: counters disagree with tasks; run the store check")
+    tx.db.execute("UPDATE jobs SET state = 'active', finished_at = NULL WHERE id = ?", (job_id,))
+    tx.event(E.RETRY_REQUESTED.value, job_id=job_id, detail=jsonx.dumps({"tasks": len(rows)}))
+    return len(rows)
+
+
+def check_counters(db: sqlite3.Connection) -> list[str]:
+    """Compare every job's counters with the truth in tasks; returns the mismatches (empty = good)."""
+    problems = []
+    truth: dict[tuple[int, str], int] = {
+        (r[0], r[1]): r[2] for r in db.execute("SELECT job_id, state, count(*) FROM tasks GROUP BY job_id, state")
+    }
+    cols = ", ".join(f"n_{s.value}" for s in S)
+    for row in db.execute(f"SELECT id, {cols} FROM jobs"):
+        for i, s in enumerate(S):
+            if row[i + 1] != truth.get((row[0], s.value), 0):
+                problems.append(f"job {row[0]} n_{s.value}={row[i + 1]} but {truth.get((row[0], s.value), 0)} rows")
+    return problems

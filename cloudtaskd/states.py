@@ -1,0 +1,114 @@
+"""The task and instance state machines: every legal edge, in one place.
+
+Each edge is (from_state, event) -> to_state. The store builds its guarded UPDATEs
+(`WHERE state IN (...)`) from these tables and refuses anything not listed, so a
+transition that is not written down here cannot happen. Terminal states have no edges out.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class TaskState(StrEnum):
+    STAGED = "staged"  # uploaded, not yet visible: the whole upload is validated first
+    QUEUED = "queued"  # ready to lease
+    LEASED = "leased"  # held by an agent under a visibility timeout and fencing token
+    FAILED = "failed"  # an attempt failed; waits out its backoff, then queued again
+    SUCCEEDED = "succeeded"
+    DEAD = "dead"  # permanent failure, or attempts exhausted
+    CANCELLED = "cancelled"
+
+
+class TaskEvent(StrEnum):
+    UPLOAD_COMMITTED = "upload_committed"
+    LEASE_GRANTED = "lease_granted"
+    SUCCEEDED = "task_succeeded"
+    FAILED_RETRYABLE = "task_failed"  # attempts remain: backoff, then retry
+    FAILED_DEAD = "task_dead"  # permanent failure or attempts exhausted
+    LEASE_EXPIRED = "lease_expired"  # counts as a failed attempt (the agent may have died of the task)
+    LEASE_EXPIRED_DEAD = "lease_expired_dead"
+    HANDED_BACK = "lease_handed_back"  # drain or spot interruption: no attempt counted
+    RETRY_DUE = "retry_due"
+    CANCELLED = "task_cancelled"
+    RETRY_REQUESTED = "retry_requested"  # cloudtaskctl retry JOB
+
+
+S, E = TaskState, TaskEvent
+
+TASK_TRANSITIONS: dict[tuple[TaskState, TaskEvent], TaskState] = {
+    (S.STAGED, E.UPLOAD_COMMITTED): S.QUEUED,  # the upload validated whole; all of it becomes visible
+    (S.QUEUED, E.LEASE_GRANTED): S.LEASED,  # an agent had credit; fencing token = attempt + 1
+    (S.QUEUED, E.CANCELLED): S.CANCELLED,  # cloudtaskctl cancel
+    (S.LEASED, E.SUCCEEDED): S.SUCCEEDED,  # report with the current token
+    (S.LEASED, E.FAILED_RETRYABLE): S.FAILED,  # retryable failure, failures < max_attempts
+    (S.LEASED, E.FAILED_DEAD): S.DEAD,  # permanent failure, or failures reached max_attempts
+    (S.LEASED, E.LEASE_EXPIRED): S.FAILED,  # no heartbeat within the visibility timeout
+    (S.LEASED, E.LEASE_EXPIRED_DEAD): S.DEAD,  # ... and that was the last attempt
+    (S.LEASED, E.HANDED_BACK): S.QUEUED,  # drain/interruption: back at once, attempt not counted
+    (S.LEASED, E.CANCELLED): S.CANCELLED,  # the agent is told to stop (revoke)
+    (S.FAILED, E.RETRY_DUE): S.QUEUED,  # backoff elapsed
+    (S.FAILED, E.CANCELLED): S.CANCELLED,
+    (S.DEAD, E.RETRY_REQUESTED): S.QUEUED,  # user asked to retry: failure count reset
+    (S.CANCELLED, E.RETRY_REQUESTED): S.QUEUED,
+}
+
+TERMINAL_TASK_STATES = frozenset({S.SUCCEEDED, S.DEAD, S.CANCELLED})
+
+
+class InstanceState(StrEnum):
+    PENDING = "pending"  # launch requested from the provider
+    STARTING = "starting"  # the provider has it; booting / bootstrapping, no agent yet
+    RUNNING = "running"  # its agent said hello
+    DRAINING = "draining"  # takes no new leases; stops when it holds none
+    STOPPING = "stopping"  # termination requested from the provider
+    STOPPED = "stopped"  # gone
+
+
+class InstanceEvent(StrEnum):
+    LAUNCHED = "instance_launched"
+    LAUNCH_FAILED = "instance_launch_failed"
+    AGENT_CONNECTED = "agent_connected"
+    START_FAILED = "instance_start_failed"  # bootstrap failed or the agent never connected
+    DRAIN = "instance_drain"  # idle, scale-down, cloudtaskctl drain, interruption notice
+    LOST = "instance_lost"  # the provider no longer reports it, or its agent is gone too long
+    DRAINED = "instance_drained"
+    TERMINATED = "instance_terminated"
+
+
+IS, IE = InstanceState, InstanceEvent
+
+INSTANCE_TRANSITIONS: dict[tuple[InstanceState, InstanceEvent], InstanceState] = {
+    (IS.PENDING, IE.LAUNCHED): IS.STARTING,  # the provider accepted the launch
+    (IS.PENDING, IE.LAUNCH_FAILED): IS.STOPPED,  # nothing was created; last_error says why
+    (IS.STARTING, IE.AGENT_CONNECTED): IS.RUNNING,
+    (IS.STARTING, IE.START_FAILED): IS.STOPPING,  # terminate what the provider made
+    (IS.STARTING, IE.DRAIN): IS.STOPPING,  # no agent yet, nothing to drain
+    (IS.STARTING, IE.LOST): IS.STOPPING,
+    (IS.RUNNING, IE.DRAIN): IS.DRAINING,
+    (IS.RUNNING, IE.LOST): IS.STOPPING,  # its leases expire on their own and requeue
+    (IS.DRAINING, IE.DRAINED): IS.STOPPING,
+    (IS.DRAINING, IE.LOST): IS.STOPPING,
+    (IS.STOPPING, IE.TERMINATED): IS.STOPPED,
+    (IS.STOPPING, IE.LOST): IS.STOPPED,  # already gone at the provider
+}
+
+TERMINAL_INSTANCE_STATES = frozenset({IS.STOPPED})
+LIVE_INSTANCE_STATES = frozenset({IS.PENDING, IS.STARTING, IS.RUNNING, IS.DRAINING, IS.STOPPING})
+
+
+def task_sources(event: TaskEvent) -> tuple[TaskState, ...]:
+    """The states an event may move a task out of (for `WHERE state IN (...)`)."""
+    return tuple(src for (src, ev) in TASK_TRANSITIONS if ev == event)
+
+
+def task_target(event: TaskEvent) -> TaskState:
+    targets = {dst for (_, ev), dst in TASK_TRANSITIONS.items() if ev == event}
+    if len(targets) != 1:
+        raise ValueError(f"event {event} does not lead to exactly one state: {targets}")
+    return targets.pop()
+
+
+def instance_next(state: InstanceState, event: InstanceEvent) -> InstanceState | None:
+    """The state an instance moves to, or None when the edge is not legal."""
+    return INSTANCE_TRANSITIONS.get((state, event))

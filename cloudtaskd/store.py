@@ -1,0 +1,256 @@
+"""The only owner of the SQLite database: connections, migrations, and the transaction door.
+
+Writes go through one connection, one transaction at a time (`Store.write`), as a plain
+function run on aiosqlite's own thread: a whole dispatch round — reports, leases, events and
+counters — costs one thread hop and one commit, not one hop per statement. Reads that the
+control API serves use a second connection, so a long read never stalls dispatch (WAL lets
+readers and the writer run together).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from contextlib import suppress
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+import aiosqlite
+import structlog
+
+from cloudtaskd.errors import StoreError, TransitionError
+from cloudtaskd.states import (
+    INSTANCE_TRANSITIONS,
+    TASK_TRANSITIONS,
+    InstanceEvent,
+    InstanceState,
+    TaskState,
+)
+
+log = structlog.get_logger("cloudtaskd.store")
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+MIGRATIONS = ["001_initial.sql"]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+COUNTER = {state: f"n_{state.value}" for state in TaskState}
+
+
+def _migration_sql(name: str) -> str:
+    return resources.files("cloudtaskd").joinpath("sql", name).read_text()
+
+
+def _configure(db: sqlite3.Connection) -> None:
+    # WAL: readers never block the writer. synchronous=FULL: a commit is on disk before we
+    # acknowledge anything (NORMAL could lose the last commits on power loss).
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA foreign_keys=ON")
+    db.execute("PRAGMA busy_timeout=10000")
+    db.execute("PRAGMA cache_size=-16000")  # 16 MiB page cache: bounded RSS with a big queue
+    db.execute("PRAGMA temp_store=MEMORY")
+
+
+def _migrate(db: sqlite3.Connection) -> int:
+    current = db.execute("PRAGMA user_version").fetchone()[0]
+    if current > SCHEMA_VERSION:
+        raise StoreError(
+            f"the database has schema version {current}, newer than this cloudtaskd ({SCHEMA_VERSION}); "
+            "upgrade cloudtaskd"
+        )
+    for version in range(current + 1, SCHEMA_VERSION + 1):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _split_sql(_migration_sql(MIGRATIONS[version - 1])):
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version={version}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+    return SCHEMA_VERSION
+
+
+def _split_sql(script: str) -> list[str]:
+    """Split a migration into statements (executescript would commit on its own)."""
+    statements, buf = [], []
+    for line in script.splitlines():
+        stripped = line.split("--", 1)[0]
+        buf.append(stripped)
+        if stripped.rstrip().endswith(";") and sqlite3.complete_statement("\n".join(buf)):
+            statements.append("\n".join(buf).strip())
+            buf = []
+    if "".join(buf).strip():
+        statements.append("\n".join(buf).strip())
+    return statements
+
+
+@dataclass(slots=True)
+class EventRow:
+    kind: str
+    job_id: int | None = None
+    task_id: int | None = None
+    instance_id: str | None = None
+    detail: str | None = None
+
+
+class Tx:
+    """One write transaction on the writer thread: statement helpers, events and counters.
+
+    Counter deltas and events are buffered and written at commit, so a transaction that
+    touches 10,000 tasks writes one UPDATE per job, not one per task.
+    """
+
+    __slots__ = ("_deltas", "db", "events", "now")
+
+    def __init__(self, db: sqlite3.Connection, now: float) -> None:
+        self.db = db
+        self.now = now
+        self.events: list[tuple[float, str, int | None, int | None, str | None, str | None]] = []
+        self._deltas: dict[int, dict[str, int]] = {}
+
+    def event(self, kind: str, *, job_id: int | None = None, task_id: int | None = None,
+              instance_id: str | None = None, detail: str | None = None) -> None:
+        self.events.append((self.now, kind, job_id, task_id, instance_id, detail))
+
+    def count(self, job_id: int, src: TaskState | None, dst: TaskState | None, n: int = 1) -> None:
+        """Record that n tasks of a job moved from src to dst (None: created / deleted)."""
+        d = self._deltas.setdefault(job_id, {})
+        if src is not None:
+            d[COUNTER[src]] = d.get(COUNTER[src], 0) - n
+        if dst is not None:
+            d[COUNTER[dst]] = d.get(COUNTER[dst], 0) + n
+
+    def flush(self) -> None:
+        for job_id, delta in self._deltas.items():
+            delta = {k: v for k, v in delta.items() if v}
+            if delta:
+                sets = ", ".join(f"{col} = {col} + ?" for col in delta)
+                self.db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*delta.values(), job_id))
+        self._deltas.clear()
+        if self.events:
+            self.db.executemany(
+                "INSERT INTO events (ts, kind, job_id, task_id, instance_id, detail) VALUES (?, ?, ?, ?, ?, ?)",
+                self.events,
+            )
+            self.events = []
+
+    def transition_instance(self, instance_id: str, event: InstanceEvent, *, error: str | None = None,
+                            **columns: Any) -> InstanceState:
+        """Move one instance along a legal edge, guarded by its current state; raises on a lost race."""
+        sources = [src for (src, ev) in INSTANCE_TRANSITIONS if ev == event]
+        row = self.db.execute("SELECT state FROM instances WHERE id = ?", (instance_id,)).fetchone()
+        if row is None:
+            raise TransitionError(f"instance {instance_id} does not exist")
+        current = InstanceState(row[0])
+        if current not in sources:
+            raise TransitionError(f"instance {instance_id} is {current}; {event} needs one of {sources}")
+        target = INSTANCE_TRANSITIONS[(current, event)]
+        sets = {"state": target.value, "state_changed_at": self.now, **columns}
+        if error is not None:
+            sets["last_error"] = error
+        if target == InstanceState.STOPPED:
+            sets.setdefault("ended_at", self.now)
+        assignments = ", ".join(f"{k} = ?" for k in sets)
+        cur = self.db.execute(
+            f"UPDATE instances SET {assignments} WHERE id = ? AND state = ?",
+            (*sets.values(), instance_id, current.value),
+        )
+        if cur.rowcount != 1:
+            raise TransitionError(f"instance {instance_id} changed state concurrently")
+        self.event(event.value, instance_id=instance_id, detail=error)
+        return target
+
+
+def task_edge(src: TaskState, dst: TaskState) -> None:
+    """Assert an edge is in the table (the bulk SQL in queue.py states its edges through this)."""
+    if not any(s == src and d == dst for (s, _), d in TASK_TRANSITIONS.items()):
+        raise AssertionError(f"illegal task transition {src} -> {dst}")
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._write_lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, nothing implicit.
+            self._writer = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._writer._execute(_configure, self._writer._conn)
+            await self._writer._execute(_migrate, self._writer._conn)
+            self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._reader._execute(_configure, self._reader._conn)
+            self._reader.row_factory = sqlite3.Row
+        except sqlite3.Error as exc:
+            await self.close()
+            raise StoreError(f"cannot open the state database {self.path}: {exc}") from exc
+
+    async def close(self) -> None:
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                with suppress(Exception):
+                    await conn.close()
+        self._reader = self._writer = None
+
+    async def write(self, fn: Callable[..., T], *args: Any, now: float | None = None) -> T:
+        """Run fn(tx, *args) in one IMMEDIATE transaction on the writer thread; commit or roll back.
+
+        Nothing is acknowledged to anyone before this returns: the commit is durable first.
+        """
+        writer = self._writer
+        if writer is None:
+            raise StoreError("the store is closed")
+        stamp = time.time() if now is None else now
+
+        def run(db: sqlite3.Connection) -> T:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                tx = Tx(db, stamp)
+                out = fn(tx, *args)
+                tx.flush()
+                db.execute("COMMIT")
+                return out
+            except BaseException:
+                with suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise
+
+        async with self._write_lock:
+            try:
+                return await writer._execute(run, writer._conn)
+            except sqlite3.Error as exc:
+                raise StoreError(f"state database write failed: {exc}") from exc
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run fn(db) on the reader connection inside one read transaction (a consistent snapshot)."""
+        reader = self._reader
+        if reader is None:
+            raise StoreError("the store is closed")
+
+        def run(db: sqlite3.Connection) -> T:
+            db.execute("BEGIN")
+            try:
+                return fn(db)
+            finally:
+                db.execute("COMMIT")
+
+        try:
+            return await reader._execute(run, reader._conn)
+        except sqlite3.Error as exc:
+            raise StoreError(f"state database read failed: {exc}") from exc
+
+    async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        return await self.read(lambda db: db.execute(sql, tuple(params)).fetchall())
+
+    async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
+        return await self.read(lambda db: db.execute(sql, tuple(params)).fetchone())
