@@ -126,6 +126,17 @@ class Dispatcher:
         session.send(encode(DrainRequest("requested")))
         return True
 
+    def revoke(self, leases: list[tuple[int, str | None]]) -> None:
+        """Tell agents to stop tasks whose leases the daemon no longer honours (cancel, expiry)."""
+        by_inst: dict[str, list[int]] = defaultdict(list)
+        for task_id, inst_id in leases:
+            if inst_id:
+                by_inst[inst_id].append(task_id)
+        for inst_id, ids in by_inst.items():
+            session = self.sessions.get(inst_id)
+            if session is not None:
+                session.send(encode(Revoke(ids)))
+
     # ---- the loop ----
 
     async def run(self) -> None:
@@ -187,14 +198,7 @@ class Dispatcher:
                 self.notify_work(pool)
         if out.expired:
             # The agent may still be working on these: tell it to stop, its report would be refused.
-            by_inst: dict[str, list[int]] = defaultdict(list)
-            for task_id, inst_id in out.expired:
-                if inst_id:
-                    by_inst[inst_id].append(task_id)
-            for inst_id, ids in by_inst.items():
-                session = self.sessions.get(inst_id)
-                if session is not None:
-                    session.send(encode(Revoke(ids)))
+            self.revoke(out.expired)
 
     def _round_tx(self, tx: Tx, reports: queue.Reports, wants: list[_Want], timers: bool) -> queue.RoundResult:
         out = queue.RoundResult()

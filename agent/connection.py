@@ -1,0 +1,345 @@
+"""The agent's session with the daemon: hello, credit-based leasing, reports, heartbeats,
+reconnect with backoff, and drain.
+
+Invariants:
+- A report (done/fail/handback) stays buffered until the daemon acks it, and is resent after a
+  reconnect: a network blip never loses a finished result (the daemon treats resends idempotently).
+- Leases survive reconnects: the hello lists what we hold, the welcome says what we may keep.
+- Credit: we ask for `slots + prefetch` tasks in total and one more each time a task leaves our
+  hands, so the daemon pushes work as soon as it has it; we never poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from agent import jsonx
+from agent.protocol import (
+    Ack,
+    DrainRequest,
+    Draining,
+    ErrorMessage,
+    Grant,
+    GrantedTask,
+    Hello,
+    Revoke,
+    Welcome,
+    encode,
+    parse_daemon_message,
+)
+from agent.runner import Outcome, Runner
+from agent.workerspec import RESOLVED_SPEC_FILE, WorkerSpec
+
+RECONNECT_MIN_S = 0.2
+RECONNECT_MAX_S = 15.0
+DEFAULT_DRAIN_GRACE_S = 60.0
+
+
+def log(event: str, **fields: Any) -> None:
+    """One JSON line per event on stdout (the agent ships without structlog)."""
+    print(jsonx.dumps({"ts": round(time.time(), 3), "event": event, **fields}), flush=True)
+
+
+class FatalAgentError(Exception):
+    """The daemon refused us for good (bad token, instance ended): reconnecting cannot help."""
+
+
+@dataclass(slots=True)
+class Held:
+    task: GrantedTask
+    slot: int | None = None  # set while running
+    runner_task: asyncio.Task[None] | None = None
+    reported: bool = False
+
+
+class Agent:
+    def __init__(self, url: str, instance: str, token: str, worker_dir: Path, slots: int, *,
+                 prefetch: int | None = None, drain_grace_s: float = DEFAULT_DRAIN_GRACE_S,
+                 spec: WorkerSpec | None = None, max_message_bytes: int = 4 * 1024 * 1024) -> None:
+        self.url = url
+        self.instance = instance
+        self.token = token
+        self.worker_dir = worker_dir
+        self.spec = spec or load_spec(worker_dir)
+        self.slots = slots
+        self.prefetch = slots if prefetch is None else prefetch
+        self.drain_grace_s = drain_grace_s
+        self.max_message_bytes = max_message_bytes
+        self.runner = Runner(self.spec, worker_dir, slots)
+        self.held: dict[int, Held] = {}
+        self.ready: deque[int] = deque()  # granted, not yet started
+        self.free_slots = list(range(slots))
+        self._ready_event = asyncio.Event()
+        self._pending: list[dict[str, Any]] = []  # reports not yet sent on this connection
+        self._unacked: dict[int, dict[str, Any]] = {}  # sent, waiting for an ack
+        self._credit_owed = 0
+        self._flush_event = asyncio.Event()
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self.draining = False
+        self._drain_deadline: float | None = None
+        self.done = asyncio.Event()
+        self.heartbeat_s = 15.0
+        self.completed = 0
+
+    # ---- lifecycle ----
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.start_drain, "signal")
+        workers = [loop.create_task(self._slot_loop(), name=f"slot-{i}") for i in range(self.slots)]
+        conn = loop.create_task(self._connect_loop(), name="connection")
+        try:
+            await self.done.wait()
+        finally:
+            for t in (*workers, conn):
+                t.cancel()
+            await asyncio.gather(*workers, conn, return_exceptions=True)
+            await self.runner.close()
+        return 0 if conn.cancelled() or conn.exception() is None else 1
+
+    def start_drain(self, reason: str) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        self._drain_deadline = time.monotonic() + self.drain_grace_s
+        log("agent_draining", reason=reason, held=len(self.held))
+        self._send_now(encode(Draining(reason)))
+        # Tasks not yet started go back at once: another instance can run them now.
+        while self.ready:
+            self._handback(self.ready.popleft())
+        self._ready_event.set()
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        if self.draining and not self.held and not self._unacked and not self._pending:
+            self.done.set()
+
+    # ---- connection ----
+
+    async def _connect_loop(self) -> None:
+        delay = RECONNECT_MIN_S
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            while not self.done.is_set():
+                try:
+                    async with http.ws_connect(self.url, heartbeat=20, max_msg_size=self.max_message_bytes) as ws:
+                        delay = RECONNECT_MIN_S
+                        await self._session(ws)
+                except FatalAgentError as exc:
+                    log("agent_refused", error=str(exc))
+                    self.done.set()
+                    raise
+                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    log("agent_connect_failed", error=str(exc) or type(exc).__name__, retry_in_s=round(delay, 2))
+                finally:
+                    self._ws = None
+                if self.done.is_set():
+                    return
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(RECONNECT_MAX_S, delay * 2)
+
+    async def _session(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        held = [[tid, h.task.token] for tid, h in self.held.items()]
+        await ws.send_str(encode(Hello(self.instance, self.token, self.slots, [(a, b) for a, b in held])))
+        first = await ws.receive(timeout=30)
+        if first.type != aiohttp.WSMsgType.TEXT:
+            raise aiohttp.ClientError(f"connection closed before welcome ({first.type.name})")
+        welcome = parse_daemon_message(first.data)
+        if isinstance(welcome, ErrorMessage):
+            raise FatalAgentError(f"{welcome.code}: {welcome.message}")
+        if not isinstance(welcome, Welcome):
+            raise aiohttp.ClientError("expected a welcome")
+        self.heartbeat_s = welcome.heartbeat_s
+        for tid in welcome.dropped:
+            self._forget(tid, abort=True)
+        self._ws = ws
+        log("agent_connected", url=self.url, kept=len(welcome.kept), dropped=len(welcome.dropped))
+        # Everything unacked is resent: the daemon may never have committed it.
+        self._pending[:0] = list(self._unacked.values())
+        self._unacked.clear()
+        if self.draining:
+            await ws.send_str(encode(Draining("draining")))
+        else:
+            self._credit_owed = self.slots + self.prefetch - len(self.held)
+        self._flush_event.set()
+        flusher = asyncio.get_running_loop().create_task(self._flush_loop(ws))
+        beater = asyncio.get_running_loop().create_task(self._heartbeat_loop(ws))
+        try:
+            async for msg in ws:
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    break
+                self._on_message(parse_daemon_message(msg.data))
+        finally:
+            flusher.cancel()
+            beater.cancel()
+            await asyncio.gather(flusher, beater, return_exceptions=True)
+        if ws.close_code == 1008:  # policy violation: the daemon refused us
+            raise FatalAgentError(f"closed by the daemon: {ws.close_code}")
+
+    def _on_message(self, msg: Any) -> None:
+        if isinstance(msg, Grant):
+            for task in msg.tasks:
+                if task.id in self.held:
+                    continue
+                self.held[task.id] = Held(task)
+                if self.draining:
+                    self._handback(task.id)
+                else:
+                    self.ready.append(task.id)
+            self._ready_event.set()
+        elif isinstance(msg, Ack):
+            for tid in msg.ok:
+                self._unacked.pop(tid, None)
+            for tid in msg.refused:
+                self._unacked.pop(tid, None)
+                log("report_refused", task=tid)
+            self._check_drained()
+        elif isinstance(msg, Revoke):
+            for tid in msg.ids:
+                self._forget(tid, abort=True)
+        elif isinstance(msg, DrainRequest):
+            self.start_drain(msg.reason or "daemon")
+        elif isinstance(msg, ErrorMessage):
+            log("daemon_error", code=msg.code, message=msg.message)
+
+    def _forget(self, tid: int, *, abort: bool) -> None:
+        held = self.held.pop(tid, None)
+        if held is None:
+            return
+        try:
+            self.ready.remove(tid)
+        except ValueError:
+            pass
+        if abort and held.runner_task is not None and not held.runner_task.done():
+            held.runner_task.cancel()
+        if not self.draining:
+            self._credit_owed += 1
+            self._flush_event.set()
+        self._check_drained()
+
+    # ---- outgoing ----
+
+    def _send_now(self, frame: str) -> None:
+        ws = self._ws
+        if ws is not None and not ws.closed:
+            asyncio.get_running_loop().create_task(ws.send_str(frame))
+
+    def _report(self, tid: int, report: dict[str, Any]) -> None:
+        self._pending.append(report)
+        self._flush_event.set()
+
+    def _handback(self, tid: int) -> None:
+        held = self.held.pop(tid, None)
+        if held is None:
+            return
+        self._report(tid, {"kind": "handback", "id": tid, "token": held.task.token})
+
+    async def _flush_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        while True:
+            await self._flush_event.wait()
+            await asyncio.sleep(0.001)  # let a burst of completions share one frame
+            self._flush_event.clear()
+            pending, self._pending = self._pending, []
+            done, failed, back = [], [], []
+            for r in pending:
+                self._unacked[r["id"]] = r
+                kind = r["kind"]
+                if kind == "done":
+                    done.append({"id": r["id"], "token": r["token"], "result": r["result"],
+                                 "duration_s": r["duration_s"]})
+                elif kind == "fail":
+                    failed.append({"id": r["id"], "token": r["token"], "error": r["error"],
+                                   "retryable": r["retryable"], "duration_s": r["duration_s"]})
+                else:
+                    back.append([r["id"], r["token"]])
+            if done:
+                await ws.send_str(jsonx.dumps({"t": "done", "results": done}))
+            if failed:
+                await ws.send_str(jsonx.dumps({"t": "fail", "failures": failed}))
+            if back:
+                await ws.send_str(jsonx.dumps({"t": "handback", "leases": back,
+                                               "reason": "draining" if self.draining else "released"}))
+            if self._credit_owed > 0 and not self.draining:
+                n, self._credit_owed = self._credit_owed, 0
+                await ws.send_str(f'{{"t":"lease","n":{n}}}')
+
+    async def _heartbeat_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            refs = [[tid, h.task.token] for tid, h in self.held.items()]
+            if refs:
+                await ws.send_str(jsonx.dumps({"t": "hb", "leases": refs}))
+            if self.draining and self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
+                # Grace is over: stop what still runs and give it back.
+                for tid in list(self.held):
+                    h = self.held[tid]
+                    if h.runner_task is not None:
+                        h.runner_task.cancel()
+                    self._handback(tid)
+
+    # ---- running tasks ----
+
+    async def _slot_loop(self) -> None:
+        while True:
+            while not self.ready:
+                self._ready_event.clear()
+                await self._ready_event.wait()
+            tid = self.ready.popleft()
+            held = self.held.get(tid)
+            if held is None:
+                continue
+            slot = self.free_slots.pop()
+            held.slot = slot
+            current = asyncio.current_task()
+            held.runner_task = current  # type: ignore[assignment]
+            task = held.task
+            try:
+                outcome = await self.runner.run(slot, task.key, task.data, task.timeout_s)
+            except asyncio.CancelledError:
+                # Revoked or drained mid-run: the runner's process is ours to stop.
+                await asyncio.shield(self.runner.abort(slot))
+                self.free_slots.append(slot)
+                if self.done.is_set():
+                    raise
+                uncancel = getattr(current, "uncancel", None)
+                if uncancel is not None:
+                    uncancel()
+                continue
+            self.free_slots.append(slot)
+            held.runner_task = None
+            self._finish(tid, outcome)
+
+    def _finish(self, tid: int, outcome: Outcome) -> None:
+        held = self.held.pop(tid, None)
+        if held is None:
+            return  # revoked while running: the daemon no longer wants this result
+        self.completed += 1
+        if outcome.ok:
+            self._report(tid, {"kind": "done", "id": tid, "token": held.task.token, "result": outcome.result,
+                               "duration_s": round(outcome.duration_s, 6)})
+        else:
+            self._report(tid, {"kind": "fail", "id": tid, "token": held.task.token,
+                               "error": outcome.error or "failed", "retryable": outcome.retryable,
+                               "duration_s": round(outcome.duration_s, 6)})
+        if not self.draining:
+            self._credit_owed += 1
+
+
+def load_spec(worker_dir: Path) -> WorkerSpec:
+    path = worker_dir / RESOLVED_SPEC_FILE
+    return WorkerSpec.from_dict(jsonx.loads(path.read_text()), source=str(path))
+
+
+def default_slots(spec: WorkerSpec) -> int:
+    return max(1, int((os.cpu_count() or 1) // spec.cpus_per_task))

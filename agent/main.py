@@ -1,0 +1,65 @@
+"""cloudtask-agent: the process that runs on each instance.
+
+    cloudtask-agent --url ws://daemon:port/v1/agent --instance ID --worker-dir DIR [--slots N]
+
+The token comes from $CLOUDTASK_AGENT_TOKEN (never argv: every local user can read argv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from agent.connection import Agent, FatalAgentError, default_slots, load_spec, log
+
+SETUP_MARKER = ".cloudtask-setup-done"
+
+
+def run_setup(command: str, worker_dir: Path, marker_dir: Path) -> None:
+    """Run the worker's one-time `setup` command; a marker makes a restarted agent skip it."""
+    marker = marker_dir / SETUP_MARKER
+    if marker.exists():
+        return
+    log("setup_started", command=command)
+    proc = subprocess.run(["/bin/sh", "-c", command], cwd=worker_dir, capture_output=True, text=True)
+    if proc.returncode != 0:
+        log("setup_failed", exit_code=proc.returncode, stderr=proc.stderr[-4000:])
+        raise SystemExit(f"setup command failed with exit code {proc.returncode}")
+    marker.write_text("ok\n")
+    log("setup_done")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="cloudtask-agent")
+    parser.add_argument("--url", required=True, help="the daemon's agent websocket URL")
+    parser.add_argument("--instance", required=True, help="this instance's id")
+    parser.add_argument("--worker-dir", required=True, type=Path)
+    parser.add_argument("--slots", type=int, default=0, help="concurrent tasks (default: CPUs / cpus_per_task)")
+    parser.add_argument("--prefetch", type=int, default=None, help="extra leases held ready (default: slots)")
+    parser.add_argument("--drain-grace", type=float, default=60.0, help="seconds to finish work on SIGTERM")
+    args = parser.parse_args(argv)
+    token = os.environ.pop("CLOUDTASK_AGENT_TOKEN", "")
+    if not token:
+        parser.error("CLOUDTASK_AGENT_TOKEN is not set")
+    worker_dir = args.worker_dir.resolve()
+    spec = load_spec(worker_dir)
+    if spec.setup:
+        run_setup(spec.setup, worker_dir, Path.cwd())
+    slots = args.slots or default_slots(spec)
+    agent = Agent(args.url, args.instance, token, worker_dir, slots, prefetch=args.prefetch,
+                  drain_grace_s=args.drain_grace, spec=spec)
+    log("agent_started", instance=args.instance, slots=slots, mode=spec.mode, pid=os.getpid())
+    try:
+        code = asyncio.run(agent.run())
+    except FatalAgentError:
+        code = 2
+    log("agent_exited", code=code, completed=agent.completed)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,476 @@
+"""The control HTTP API for cloudtaskctl (see docs/api.md for the contract)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import secrets
+import shutil
+import sqlite3
+import tarfile
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+import yaml
+from aiohttp import web
+
+from agent import jsonx
+from agent.workerspec import SPEC_FILE, WorkerSpec, WorkerSpecError
+from cloudtaskd import __version__, queue
+from cloudtaskd.config import Config
+from cloudtaskd.dispatch import Dispatcher
+from cloudtaskd.errors import BadInput, CloudtaskError, NotFound, StoreError
+from cloudtaskd.hub import token_hash
+from cloudtaskd.states import InstanceEvent
+from cloudtaskd.store import Store, Tx
+from cloudtaskd.taskfile import TaskFileError, TaskFileParser
+
+log = structlog.get_logger("cloudtaskd.api")
+
+MAX_BUNDLE_BYTES = 512 * 1024 * 1024
+RATE_WINDOW_S = 30.0
+JOB_COLUMNS = ("staged", "queued", "leased", "failed", "succeeded", "dead", "cancelled")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status: int, exc: Exception) -> web.Response:
+    body = {"error": {"type": type(exc).__name__, "message": str(exc),
+                      "line": getattr(exc, "line", None), "field": getattr(exc, "field", None)}}
+    return web.json_response(body, status=status)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except (BadInput, WorkerSpecError) as exc:
+        return _error(400, exc)
+    except NotFound as exc:
+        return _error(404, exc)
+    except StoreError as exc:
+        log.error("store_error", path=request.path, error=str(exc))
+        return _error(503, exc)
+    except CloudtaskError as exc:
+        return _error(409, exc)
+
+
+def _int_param(request: web.Request, name: str, default: int | None = None) -> int | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise BadInput(f"query parameter {name} must be an integer, got {raw!r}", field=name) from None
+
+
+def _job_id(request: web.Request) -> int:
+    try:
+        return int(request.match_info["job"])
+    except ValueError:
+        raise NotFound(f"no job {request.match_info['job']!r}") from None
+
+
+class ControlApi:
+    def __init__(self, store: Store, dispatcher: Dispatcher, config: Config, agent_url: Callable[[], str],
+                 daemon_id: str) -> None:
+        self.store = store
+        self.dispatcher = dispatcher
+        self.config = config
+        self.agent_url = agent_url
+        self.daemon_id = daemon_id
+        self.workers_dir = config.state_path / "workers"
+        self._upload_locks: dict[int, asyncio.Lock] = {}
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/v1/health", self.health),
+            web.post("/v1/workers", self.put_worker),
+            web.post("/v1/jobs", self.create_job),
+            web.get("/v1/jobs", self.list_jobs),
+            web.get("/v1/jobs/{job}", self.get_job),
+            web.post("/v1/jobs/{job}/tasks", self.upload_tasks),
+            web.post("/v1/jobs/{job}/cancel", self.cancel_job),
+            web.post("/v1/jobs/{job}/retry", self.retry_job),
+            web.get("/v1/jobs/{job}/tasks", self.list_tasks),
+            web.get("/v1/jobs/{job}/results", self.results),
+            web.get("/v1/instances", self.list_instances),
+            web.post("/v1/instances", self.register_instance),
+            web.post("/v1/instances/{instance}/drain", self.drain_instance),
+            web.get("/v1/events", self.events),
+        ]
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True, "version": __version__, "daemon_id": self.daemon_id})
+
+    # ---- workers ----
+
+    async def put_worker(self, request: web.Request) -> web.Response:
+        digest = hashlib.sha256()
+        with tempfile.SpooledTemporaryFile(max_size=16 * 1024 * 1024) as buf:
+            size = 0
+            async for chunk in request.content.iter_chunked(1 << 20):
+                size += len(chunk)
+                if size > MAX_BUNDLE_BYTES:
+                    raise BadInput(f"worker bundle is larger than {MAX_BUNDLE_BYTES >> 20} MiB")
+                digest.update(chunk)
+                buf.write(chunk)
+            buf.seek(0)
+            hexdigest = digest.hexdigest()
+            target = self.workers_dir / hexdigest
+            if not target.exists():
+                await asyncio.to_thread(_extract, buf, target)
+        spec = _read_spec(target)
+        pool_id = await self.store.write(_upsert_pool, hexdigest, spec, str(target))
+        log.info("worker_registered", digest=hexdigest[:12], pool=pool_id, mode=spec.mode)
+        return web.json_response({"digest": hexdigest, "spec": spec.to_dict()})
+
+    # ---- jobs ----
+
+    async def create_job(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        name = body.get("name") or "job"
+        digest = body.get("worker")
+        if not isinstance(name, str) or len(name) > 200:
+            raise BadInput("name: expected a string of at most 200 characters", field="name")
+        if not isinstance(digest, str):
+            raise BadInput("worker: expected the digest returned by POST /v1/workers", field="worker")
+        opts: dict[str, Any] = {}
+        for key, lo, hi in (("max_instances", 0, 100_000), ("max_attempts", 1, 100)):
+            value = body.get(key)
+            if value is not None and (type(value) is not int or not lo <= value <= hi):
+                raise BadInput(f"{key}: expected an integer between {lo} and {hi}", field=key)
+            opts[key] = value
+        timeout = body.get("timeout_s")
+        if timeout is not None and (type(timeout) not in (int, float) or timeout <= 0):
+            raise BadInput("timeout_s: expected a positive number", field="timeout_s")
+        job_id = await self.store.write(_create_job, name, digest, opts, timeout, self.config)
+        log.info("job_created", job=job_id, name=name)
+        return web.json_response(await self._job(job_id), status=201)
+
+    async def _job(self, job_id: int) -> dict[str, Any]:
+        since = time.time() - RATE_WINDOW_S
+
+        def read(db: sqlite3.Connection) -> dict[str, Any] | None:
+            row = db.execute(
+                "SELECT j.*, p.digest FROM jobs j JOIN pools p ON p.id = j.pool_id WHERE j.id = ?", (job_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            recent = db.execute(
+                "SELECT count(*), min(finished_at) FROM tasks WHERE job_id = ? AND finished_at >= ?", (job_id, since)
+            ).fetchone()
+            instances = db.execute(
+                "SELECT count(*) FROM instances WHERE pool_id = ? AND state IN ('pending', 'starting', 'running',"
+                " 'draining')", (row["pool_id"],)
+            ).fetchone()[0]
+            return _job_dict(row, recent, instances)
+
+        job = await self.store.read(read)
+        if job is None:
+            raise NotFound(f"job {job_id} does not exist")
+        return job
+
+    async def list_jobs(self, request: web.Request) -> web.Response:
+        rows = await self.store.fetchall("SELECT id FROM jobs ORDER BY id DESC LIMIT 1000")
+        return web.json_response({"jobs": [await self._job(r["id"]) for r in rows]})
+
+    async def get_job(self, request: web.Request) -> web.Response:
+        return web.json_response(await self._job(_job_id(request)))
+
+    async def upload_tasks(self, request: web.Request) -> web.Response:
+        job_id = _job_id(request)
+        source = request.query.get("source", "tasks")
+        lock = self._upload_locks.setdefault(job_id, asyncio.Lock())
+        async with lock:
+            job = await self.store.read(lambda db: db.execute(
+                "SELECT id, pool_id, max_attempts, timeout_s, state FROM jobs WHERE id = ?", (job_id,)).fetchone())
+            if job is None:
+                raise NotFound(f"job {job_id} does not exist")
+            job = dict(job)
+            upload_id = await self.store.write(queue.create_upload, job_id)
+            try:
+                n = await self._stage(request, job, source)
+            except BaseException as exc:
+                # Refused (or the client went away): nothing of this upload may stay behind.
+                await self._discard(upload_id, job_id)
+                if isinstance(exc, TaskFileError):
+                    raise BadInput(f"{source}:{exc.line}: {exc.reason}", line=exc.line) from None
+                raise
+            while await self.store.write(queue.commit_upload_chunk, upload_id, job_id) == queue.COMMIT_CHUNK:
+                pass
+        self.dispatcher.notify_work(job["pool_id"])
+        log.info("tasks_accepted", job=job_id, tasks=n, source=source)
+        return web.json_response({"accepted": n})
+
+    async def _stage(self, request: web.Request, job: dict[str, Any], source: str) -> int:
+        parser = TaskFileParser()
+        pending: list[Any] = []
+        total = 0
+        async for chunk in request.content.iter_chunked(1 << 20):
+            pending.extend(parser.feed(chunk))
+            while len(pending) >= queue.STAGE_BATCH:
+                batch, pending = pending[: queue.STAGE_BATCH], pending[queue.STAGE_BATCH:]
+                await self.store.write(queue.stage_tasks, job, batch, source)
+                total += len(batch)
+        pending.extend(parser.finish())
+        for i in range(0, len(pending), queue.STAGE_BATCH):
+            batch = pending[i: i + queue.STAGE_BATCH]
+            await self.store.write(queue.stage_tasks, job, batch, source)
+            total += len(batch)
+        if total == 0:
+            raise BadInput(f"{source}: the file holds no tasks")
+        return total
+
+    async def _discard(self, upload_id: int, job_id: int) -> None:
+        while await asyncio.shield(
+            self.store.write(queue.reject_upload_chunk, upload_id, job_id)
+        ) == queue.COMMIT_CHUNK:
+            pass
+
+    async def cancel_job(self, request: web.Request) -> web.Response:
+        job_id = _job_id(request)
+        leased = await self.store.write(queue.cancel_job, job_id)
+        self.dispatcher.revoke(leased)
+        log.info("job_cancelled", job=job_id, revoked=len(leased))
+        return web.json_response(await self._job(job_id))
+
+    async def retry_job(self, request: web.Request) -> web.Response:
+        job_id = _job_id(request)
+        n = await self.store.write(queue.retry_job, job_id)
+        row = await self.store.fetchone("SELECT pool_id FROM jobs WHERE id = ?", (job_id,))
+        if row is not None:
+            self.dispatcher.notify_work(row["pool_id"])
+        log.info("job_retried", job=job_id, tasks=n)
+        return web.json_response(await self._job(job_id))
+
+    async def list_tasks(self, request: web.Request) -> web.Response:
+        job_id = _job_id(request)
+        state = request.query.get("state")
+        if state is not None and state not in JOB_COLUMNS:
+            raise BadInput(f"state: expected one of {', '.join(JOB_COLUMNS)}", field="state")
+        limit = min(_int_param(request, "limit", 100) or 100, 10_000)
+        after = _int_param(request, "after", 0) or 0
+        sql = ("SELECT * FROM tasks WHERE job_id = ? AND id > ?" + (" AND state = ?" if state else "")
+               + " ORDER BY id LIMIT ?")
+        params: tuple[Any, ...] = (job_id, after, state, limit) if state else (job_id, after, limit)
+        rows = await self.store.fetchall(sql, params)
+        return web.json_response({"tasks": [_task_dict(r, full=True) for r in rows]})
+
+    async def results(self, request: web.Request) -> web.StreamResponse:
+        job_id = _job_id(request)
+        if await self.store.fetchone("SELECT 1 FROM jobs WHERE id = ?", (job_id,)) is None:
+            raise NotFound(f"job {job_id} does not exist")
+        top = _int_param(request, "top")
+        after = _int_param(request, "after", 0) or 0
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        cols = "id, key, state, result, error, attempt, failures, instance_id, duration_s, finished_at"
+        if top is not None:
+            rows = await self.store.fetchall(
+                f"SELECT {cols} FROM tasks WHERE job_id = ? AND finished_at IS NOT NULL"
+                " AND state IN ('succeeded', 'dead', 'cancelled') ORDER BY finished_at DESC, id DESC LIMIT ?",
+                (job_id, max(0, top)),
+            )
+            await resp.write("".join(_result_line(r) for r in rows).encode())
+        else:
+            while True:  # page through in id order so memory stays flat for a million results
+                rows = await self.store.fetchall(
+                    f"SELECT {cols} FROM tasks WHERE job_id = ? AND id > ?"
+                    " AND state IN ('succeeded', 'dead', 'cancelled') ORDER BY id LIMIT 5000",
+                    (job_id, after),
+                )
+                if not rows:
+                    break
+                await resp.write("".join(_result_line(r) for r in rows).encode())
+                after = rows[-1]["id"]
+        await resp.write_eof()
+        return resp
+
+    # ---- instances and events ----
+
+    async def list_instances(self, request: web.Request) -> web.Response:
+        where = "" if request.query.get("all") else " WHERE state != 'stopped'"
+
+        def read(db: sqlite3.Connection) -> list[dict[str, Any]]:
+            leases = dict(db.execute(
+                "SELECT instance_id, count(*) FROM tasks WHERE state = 'leased' GROUP BY instance_id").fetchall())
+            rows = db.execute(f"SELECT * FROM instances{where} ORDER BY created_at DESC LIMIT 10000").fetchall()
+            return [_instance_dict(r, leases.get(r["id"], 0)) for r in rows]
+
+        return web.json_response({"instances": await self.store.read(read)})
+
+    async def register_instance(self, request: web.Request) -> web.Response:
+        """An externally managed agent (bring-your-own machine, benchmarks): returns its id and token."""
+        body = await _json_body(request)
+        digest, slots = body.get("worker"), body.get("slots", 1)
+        if not isinstance(digest, str):
+            raise BadInput("worker: expected a worker digest", field="worker")
+        if type(slots) is not int or not 1 <= slots <= 100_000:
+            raise BadInput("slots: expected an integer between 1 and 100000", field="slots")
+        inst = f"external-{uuid.uuid4().hex[:12]}"
+        token = secrets.token_urlsafe(32)
+        await self.store.write(_register_external, inst, digest, slots, token_hash(token))
+        return web.json_response({"id": inst, "token": token, "url": self.agent_url()}, status=201)
+
+    async def drain_instance(self, request: web.Request) -> web.Response:
+        inst = request.match_info["instance"]
+        row = await self.store.fetchone("SELECT state FROM instances WHERE id = ?", (inst,))
+        if row is None:
+            raise NotFound(f"instance {inst} does not exist")
+        await self.store.write(lambda tx: tx.transition_instance(inst, InstanceEvent.DRAIN))
+        self.dispatcher.drain(inst)
+        row = await self.store.fetchone("SELECT * FROM instances WHERE id = ?", (inst,))
+        assert row is not None
+        return web.json_response(_instance_dict(row, 0))
+
+    async def events(self, request: web.Request) -> web.Response:
+        after = _int_param(request, "after", 0) or 0
+        limit = min(_int_param(request, "limit", 1000) or 1000, 10_000)
+        job = _int_param(request, "job")
+        sql = "SELECT * FROM events WHERE id > ?" + (" AND job_id = ?" if job is not None else "") + " ORDER BY id LIMIT ?"
+        params: tuple[Any, ...] = (after, job, limit) if job is not None else (after, limit)
+        rows = await self.store.fetchall(sql, params)
+        return web.json_response({"events": [dict(r) for r in rows]})
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json(loads=jsonx.loads)
+    except ValueError as exc:
+        raise BadInput(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadInput("request body must be a JSON object")
+    return body
+
+
+def _extract(buf: Any, target: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=".incoming-", dir=target.parent if target.parent.exists() else None))
+    try:
+        try:
+            with tarfile.open(fileobj=buf, mode="r:*") as tar:
+                # filter="data" refuses absolute paths, links out of the tree and device files.
+                tar.extractall(tmp, filter="data")
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise BadInput(f"worker bundle is not a valid tar archive: {exc}") from exc
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not target.exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_spec(worker_dir: Path) -> WorkerSpec:
+    path = worker_dir / SPEC_FILE
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise BadInput(f"the worker has no {SPEC_FILE} at its top level") from None
+    except yaml.YAMLError as exc:
+        raise BadInput(f"{SPEC_FILE}: not valid YAML: {exc}") from None
+    spec = WorkerSpec.from_dict(raw)
+    (worker_dir / "worker.json").write_text(json.dumps(spec.to_dict()))
+    return spec
+
+
+def _upsert_pool(tx: Tx, digest: str, spec: WorkerSpec, path: str) -> int:
+    row = tx.db.execute("SELECT id FROM pools WHERE digest = ?", (digest,)).fetchone()
+    if row is not None:
+        return int(row[0])
+    cur = tx.db.execute(
+        "INSERT INTO pools (digest, spec, path, created_at) VALUES (?, ?, ?, ?)",
+        (digest, json.dumps(spec.to_dict()), path, tx.now),
+    )
+    return int(cur.lastrowid or 0)
+
+
+def _create_job(tx: Tx, name: str, digest: str, opts: dict[str, Any], timeout: float | None, config: Config) -> int:
+    row = tx.db.execute("SELECT id, spec FROM pools WHERE digest = ?", (digest,)).fetchone()
+    if row is None:
+        raise BadInput(f"worker {digest[:16]!r} is unknown: upload it first (POST /v1/workers)", field="worker")
+    spec = WorkerSpec.from_dict(json.loads(row[1]))
+    timeout_s = timeout or spec.timeout or config.queue.task_timeout_s or None
+    cur = tx.db.execute(
+        "INSERT INTO jobs (name, pool_id, state, created_at, max_attempts, timeout_s, max_instances)"
+        " VALUES (?, ?, 'active', ?, ?, ?, ?)",
+        (name, row[0], tx.now, opts["max_attempts"] or config.queue.max_attempts, timeout_s, opts["max_instances"]),
+    )
+    job_id = int(cur.lastrowid or 0)
+    tx.event("job_created", job_id=job_id, detail=json.dumps({"name": name}))
+    return job_id
+
+
+def _register_external(tx: Tx, inst: str, digest: str, slots: int, hashed: str) -> None:
+    row = tx.db.execute("SELECT id FROM pools WHERE digest = ?", (digest,)).fetchone()
+    if row is None:
+        raise BadInput(f"worker {digest[:16]!r} is unknown", field="worker")
+    tx.db.execute(
+        "INSERT INTO instances (id, provider, pool_id, state, slots, token_hash, created_at, state_changed_at)"
+        " VALUES (?, 'external', ?, 'starting', ?, ?, ?, ?)",
+        (inst, row[0], slots, hashed, tx.now, tx.now),
+    )
+    tx.event("instance_registered", instance_id=inst)
+
+
+def _job_dict(row: sqlite3.Row, recent: sqlite3.Row, instances: int) -> dict[str, Any]:
+    counts = {c: row[f"n_{c}"] for c in JOB_COLUMNS}
+    counts["total"] = sum(counts.values())
+    done = counts["total"] > 0 and counts["staged"] + counts["queued"] + counts["leased"] + counts["failed"] == 0
+    n_recent, first = recent[0], recent[1]
+    span = max(1.0, time.time() - first) if n_recent and first else RATE_WINDOW_S
+    return {
+        "id": row["id"], "name": row["name"], "state": row["state"], "done": done,
+        "created_at": row["created_at"], "finished_at": row["finished_at"], "worker": row["digest"],
+        "counts": counts, "rate_per_s": round(n_recent / min(span, RATE_WINDOW_S), 2) if n_recent else 0.0,
+        "instances": instances, "max_attempts": row["max_attempts"], "timeout_s": row["timeout_s"],
+        "max_instances": row["max_instances"],
+    }
+
+
+_STATUS = {"succeeded": "succeeded", "dead": "dead", "cancelled": "cancelled"}
+
+
+def _task_dict(row: sqlite3.Row, *, full: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": row["key"], "status": _STATUS.get(row["state"], row["state"])}
+    if row["state"] == "succeeded":
+        out["result"] = jsonx.loads(row["result"]) if row["result"] is not None else None
+    else:
+        out["error"] = row["error"]
+    out.update(attempts=row["attempt"], instance=row["instance_id"], duration_s=row["duration_s"],
+               finished_at=row["finished_at"], task=row["id"])
+    if full:
+        out.update(state=row["state"], priority=row["priority"], failures=row["failures"],
+                   lease_expires_at=row["lease_expires_at"])
+    return out
+
+
+def _result_line(row: sqlite3.Row) -> str:
+    return jsonx.dumps(_task_dict(row)) + "\n"
+
+
+def _instance_dict(row: sqlite3.Row, leases: int) -> dict[str, Any]:
+    return {
+        "id": row["id"], "provider": row["provider"], "state": row["state"], "slots": row["slots"],
+        "leases": leases, "created_at": row["created_at"], "started_at": row["started_at"],
+        "last_seen_at": row["last_seen_at"], "ended_at": row["ended_at"], "last_error": row["last_error"],
+        "price_per_hour": row["price_per_hour"],
+    }
+
+
+__all__ = ["ControlApi", "errors_middleware"]

@@ -1,0 +1,201 @@
+"""cloudtaskd: wiring only — store, dispatcher, agent hub, control API, provider, reconciler.
+
+Background loops are supervised: each is named and watched, and if one dies the daemon stops
+loudly instead of limping on without, say, its dispatcher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import os
+import signal
+import sys
+import uuid
+from contextlib import suppress
+from pathlib import Path
+from typing import IO, Any
+
+import structlog
+from aiohttp import web
+
+from cloudtaskd import queue
+from cloudtaskd.api import ControlApi, errors_middleware
+from cloudtaskd.config import Config, load_config
+from cloudtaskd.dispatch import Dispatcher
+from cloudtaskd.errors import CloudtaskError, ConfigError, StoreError
+from cloudtaskd.hub import AgentHub
+from cloudtaskd.orchestrator.reconciler import Reconciler
+from cloudtaskd.providers.local import LocalProvider
+from cloudtaskd.store import Store, Tx
+
+log = structlog.get_logger("cloudtaskd")
+
+SHUTDOWN_GRACE_S = 30.0
+
+
+class Daemon:
+    def __init__(self, config: Config, *, shutdown_grace_s: float = SHUTDOWN_GRACE_S) -> None:
+        self.config = config
+        self.shutdown_grace_s = shutdown_grace_s
+        self.state_dir = config.state_path
+        self.store = Store(self.state_dir / "cloudtask.db")
+        self.dispatcher = Dispatcher(self.store, config)
+        self.hub = AgentHub(self.store, self.dispatcher, config.agents.max_message_bytes)
+        self.agent_url = ""
+        self.daemon_id = ""
+        self._runners: list[web.AppRunner] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._lock_file: IO[str] | None = None
+        self.provider = LocalProvider(config.providers.local, self.state_dir)
+        self.reconciler: Reconciler | None = None
+        self.failed = asyncio.Event()
+
+    async def start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock()
+        await self.store.open()
+        self.daemon_id = await self.store.write(_daemon_id)
+        renewed = await self.store.write(queue.extend_all_leases, self.config.agents.lease_ttl_s)
+        await self._resume_uploads()
+        log.info("store_opened", path=str(self.store.path), leases_renewed=renewed, daemon_id=self.daemon_id)
+
+        agent_app = web.Application(client_max_size=self.config.agents.max_message_bytes)
+        agent_app.router.add_get("/v1/agent", self.hub.handle)
+        agent_runner = web.AppRunner(agent_app, handle_signals=False, access_log=None)
+        await agent_runner.setup()
+        self._runners.append(agent_runner)
+        site = web.TCPSite(agent_runner, self.config.agents.listen_host, self.config.agents.listen_port)
+        await site.start()
+        port = agent_runner.addresses[0][1]
+        self.agent_url = self.config.agents.public_url or f"ws://{self.config.agents.listen_host}:{port}/v1/agent"
+
+        api = ControlApi(self.store, self.dispatcher, self.config, lambda: self.agent_url, self.daemon_id)
+        api_app = web.Application(middlewares=[errors_middleware], client_max_size=1 << 20)
+        api_app.add_routes(api.routes())
+        api_runner = web.AppRunner(api_app, handle_signals=False, access_log=None)
+        await api_runner.setup()
+        self._runners.append(api_runner)
+        sock = self.config.socket_path
+        sock.parent.mkdir(parents=True, exist_ok=True)
+        with suppress(FileNotFoundError):
+            sock.unlink()  # stale socket of a dead daemon: we hold the state lock, so it is ours
+        await web.UnixSite(api_runner, str(sock)).start()
+        os.chmod(sock, 0o660)
+
+        self.reconciler = Reconciler(self.store, self.dispatcher, self.provider, self.config, self.agent_url)
+        self._spawn("dispatcher", self.dispatcher.run())
+        self._spawn("reconciler", self.reconciler.run())
+        log.info("daemon_ready", agent_url=self.agent_url, socket=str(sock))
+
+    def _lock(self) -> None:
+        self._lock_file = open(self.state_dir / "cloudtaskd.lock", "w")  # noqa: SIM115 - held for our lifetime
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CloudtaskError(f"another cloudtaskd is running on the state directory {self.state_dir}") from None
+
+    async def _resume_uploads(self) -> None:
+        rows = await self.store.fetchall("SELECT id, job_id, state FROM uploads WHERE state IN ('staging', 'committing')")
+        for r in rows:
+            step = queue.commit_upload_chunk if r["state"] == "committing" else queue.reject_upload_chunk
+            while await self.store.write(step, r["id"], r["job_id"]) == queue.COMMIT_CHUNK:
+                pass
+            log.info("upload_resumed", upload=r["id"], job=r["job_id"], outcome=r["state"])
+
+    def _spawn(self, name: str, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+
+        def done(t: asyncio.Task[None]) -> None:
+            if t.cancelled():
+                return
+            exc = t.exception()
+            log.error("background_task_died", task=name, error=repr(exc))
+            self.failed.set()
+
+        task.add_done_callback(done)
+        self._tasks.append(task)
+
+    async def stop(self) -> None:
+        log.info("daemon_stopping")
+        if self.reconciler is not None:
+            with suppress(Exception):
+                await self.reconciler.stop_all(self.shutdown_grace_s)
+        # Stop listening before the dispatcher, so no report arrives that nobody will commit.
+        await self.hub.close_all()
+        for runner in reversed(self._runners):
+            with suppress(Exception):
+                await runner.cleanup()
+        self._runners.clear()
+        with suppress(Exception):
+            await asyncio.wait_for(self.dispatcher.round(), timeout=5)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        await self.provider.close()
+        await self.store.close()
+        with suppress(FileNotFoundError):
+            self.config.socket_path.unlink()
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+        log.info("daemon_stopped")
+
+
+def _daemon_id(tx: Tx) -> str:
+    row = tx.db.execute("SELECT value FROM meta WHERE key = 'daemon_id'").fetchone()
+    if row is not None:
+        return str(row[0])
+    value = uuid.uuid4().hex[:16]
+    tx.db.execute("INSERT INTO meta (key, value) VALUES ('daemon_id', ?)", (value,))
+    return value
+
+
+async def serve(config: Config) -> int:
+    daemon = Daemon(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await daemon.start()
+    except (CloudtaskError, OSError) as exc:
+        log.error("daemon_start_failed", error=str(exc))
+        await daemon.stop()
+        return 1
+    waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(daemon.failed.wait())]
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    for w in waiters:
+        w.cancel()
+    await daemon.stop()
+    return 1 if daemon.failed.is_set() else 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    from cloudtaskd.logs import configure
+
+    parser = argparse.ArgumentParser(prog="cloudtaskd", description="the cloudtask control daemon")
+    parser.add_argument("--config", help="YAML config file (see config.example.yaml)")
+    parser.add_argument("--state-dir", help="override state_dir from the config")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"cloudtaskd: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if args.state_dir:
+        config = config.with_state_dir(Path(args.state_dir))
+    configure(config.log_level, sys.stdout)
+    try:
+        sys.exit(asyncio.run(serve(config)))
+    except StoreError as exc:
+        print(f"cloudtaskd: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""The agent websocket: authentication, sessions, and frames in and out.
+
+Each connection must open with a valid hello (instance id + its own token) within a few
+seconds; anything else closes that connection only. Outgoing frames go through a per-session
+outbox drained by its own task, so one slow agent never stalls the dispatcher or the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+
+import structlog
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from agent.protocol import (
+    ErrorMessage,
+    Hello,
+    ProtocolError,
+    Welcome,
+    encode,
+    parse_agent_message,
+)
+from cloudtaskd.dispatch import Dispatcher, Session
+from cloudtaskd.errors import TransitionError
+from cloudtaskd.states import InstanceEvent, InstanceState
+from cloudtaskd.store import Store, Tx
+
+log = structlog.get_logger("cloudtaskd.hub")
+
+HELLO_TIMEOUT_S = 10.0
+WS_HEARTBEAT_S = 20.0
+OUTBOX_MAX_FRAMES = 10_000
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Outbox:
+    def __init__(self, ws: web.WebSocketResponse) -> None:
+        self.ws = ws
+        self.frames: list[str] = []
+        self.ready = asyncio.Event()
+        self.closed = False
+
+    def send(self, frame: str) -> None:
+        if self.closed:
+            return
+        if len(self.frames) >= OUTBOX_MAX_FRAMES:
+            # The agent is not reading: better to drop it (its leases survive and it reconnects)
+            # than to buffer without bound.
+            self.closed = True
+            asyncio.get_running_loop().create_task(self.ws.close(code=WSCloseCode.TRY_AGAIN_LATER,
+                                                                message=b"too slow"))
+            return
+        self.frames.append(frame)
+        self.ready.set()
+
+    async def pump(self) -> None:
+        while not self.closed:
+            await self.ready.wait()
+            self.ready.clear()
+            frames, self.frames = self.frames, []
+            for frame in frames:
+                await self.ws.send_str(frame)
+
+
+class AgentHub:
+    def __init__(self, store: Store, dispatcher: Dispatcher, max_message_bytes: int,
+                 on_connect: Callable[[str], Awaitable[None]] | None = None) -> None:
+        self.store = store
+        self.dispatcher = dispatcher
+        self.max_message_bytes = max_message_bytes
+        self.sockets: set[web.WebSocketResponse] = set()
+        self.on_connect = on_connect
+
+    async def handle(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(heartbeat=WS_HEARTBEAT_S, max_msg_size=self.max_message_bytes)
+        await ws.prepare(request)
+        self.sockets.add(ws)
+        peer = request.remote
+        try:
+            await self._serve(ws, peer)
+        finally:
+            self.sockets.discard(ws)
+        return ws
+
+    async def _refuse(self, ws: web.WebSocketResponse, code: str, message: str) -> None:
+        with suppress(Exception):
+            await ws.send_str(encode(ErrorMessage(code, message)))
+        await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=code.encode())
+
+    async def _serve(self, ws: web.WebSocketResponse, peer: str | None) -> None:
+        try:
+            first = await ws.receive(timeout=HELLO_TIMEOUT_S)
+        except TimeoutError:
+            await self._refuse(ws, "hello_timeout", "no hello within the time limit")
+            return
+        if first.type != WSMsgType.TEXT:
+            await self._refuse(ws, "protocol", "the first frame must be a hello text frame")
+            return
+        try:
+            hello = parse_agent_message(first.data)
+            if not isinstance(hello, Hello):
+                raise ProtocolError("the first message must be a hello", field="t")
+        except ProtocolError as exc:
+            log.warning("agent_refused", peer=peer, reason=str(exc))
+            await self._refuse(ws, "protocol", str(exc))
+            return
+        pool_id = await self._authenticate(hello)
+        if pool_id is None:
+            log.warning("agent_refused", peer=peer, instance=hello.instance, reason="bad instance or token")
+            await self._refuse(ws, "unauthorized", "unknown instance, wrong token, or the instance has ended")
+            return
+
+        log_ = log.bind(instance=hello.instance)
+        kept, dropped = await self.dispatcher.reclaim(hello.instance, hello.held)
+        outbox = Outbox(ws)
+        session = Session(hello.instance, pool_id, hello.slots, outbox.send)
+        outbox.send(encode(Welcome(self.dispatcher.ttl_s, self.dispatcher.ttl_s / 4, kept, dropped)))
+        self.dispatcher.attach(session)
+        pump = asyncio.get_running_loop().create_task(outbox.pump(), name=f"outbox-{hello.instance}")
+        log_.info("agent_connected", peer=peer, slots=hello.slots, kept=len(kept), dropped=len(dropped))
+        if self.on_connect is not None:
+            await self.on_connect(hello.instance)
+        reason = "closed"
+        try:
+            async for msg in ws:
+                if msg.type == WSMsgType.TEXT:
+                    try:
+                        parsed = parse_agent_message(msg.data)
+                    except ProtocolError as exc:
+                        reason = f"protocol error: {exc}"
+                        log_.warning("agent_protocol_error", error=str(exc))
+                        await self._refuse(ws, "protocol", str(exc))
+                        break
+                    if isinstance(parsed, Hello):
+                        reason = "second hello"
+                        await self._refuse(ws, "protocol", "hello may only be sent once")
+                        break
+                    self.dispatcher.handle(session, parsed)
+                elif msg.type == WSMsgType.ERROR:
+                    reason = f"error: {ws.exception()}"
+                    break
+                else:
+                    reason = "binary frame"
+                    await self._refuse(ws, "protocol", "only text frames are accepted")
+                    break
+        finally:
+            outbox.closed = True
+            outbox.ready.set()
+            pump.cancel()
+            with suppress(asyncio.CancelledError, Exception):
+                await pump
+            self.dispatcher.detach(session)
+            with suppress(Exception):
+                await self.store.write(_seen, hello.instance)
+            log_.info("agent_disconnected", reason=reason, close_code=ws.close_code)
+
+    async def _authenticate(self, hello: Hello) -> int | None:
+        return await self.store.write(_authenticate_tx, hello.instance, token_hash(hello.token))
+
+    async def close_all(self) -> None:
+        for ws in list(self.sockets):
+            with suppress(Exception):
+                await ws.close(code=WSCloseCode.GOING_AWAY, message=b"daemon shutting down")
+
+
+def _authenticate_tx(tx: Tx, instance_id: str, hashed: str) -> int | None:
+    row = tx.db.execute(
+        "SELECT state, token_hash, pool_id FROM instances WHERE id = ?", (instance_id,)
+    ).fetchone()
+    if row is None or not hmac.compare_digest(row[1], hashed):
+        return None
+    state = InstanceState(row[0])
+    if state == InstanceState.STARTING:
+        try:
+            tx.transition_instance(instance_id, InstanceEvent.AGENT_CONNECTED, started_at=tx.now)
+        except TransitionError:
+            return None
+    elif state not in (InstanceState.RUNNING, InstanceState.DRAINING):
+        return None
+    tx.db.execute("UPDATE instances SET last_seen_at = ? WHERE id = ?", (tx.now, instance_id))
+    return int(row[2])
+
+
+def _seen(tx: Tx, instance_id: str) -> None:
+    tx.db.execute("UPDATE instances SET last_seen_at = ? WHERE id = ?", (tx.now, instance_id))

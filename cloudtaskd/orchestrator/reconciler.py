@@ -1,0 +1,229 @@
+"""The reconciler: each tick, sync instance rows from what providers report, then act.
+
+Sync first (catch lost, leaked and stuck instances), then scale (launch the shortfall, drain
+the surplus). A provider failure becomes data on the instance row (`last_error`), never an
+exception that stops the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent.workerspec import WorkerSpec
+from cloudtaskd.config import Config
+from cloudtaskd.dispatch import Dispatcher
+from cloudtaskd.errors import TransitionError
+from cloudtaskd.hub import token_hash
+from cloudtaskd.orchestrator.scaling import Decision, InstanceView, PoolView, decide
+from cloudtaskd.providers.base import LaunchSpec, Provider
+from cloudtaskd.states import InstanceEvent, InstanceState
+from cloudtaskd.store import Store, Tx
+
+log = structlog.get_logger("cloudtaskd.reconciler")
+
+
+class Reconciler:
+    def __init__(self, store: Store, dispatcher: Dispatcher, provider: Provider, config: Config,
+                 agent_url: str) -> None:
+        self.store = store
+        self.dispatcher = dispatcher
+        self.provider = provider
+        self.config = config
+        self.agent_url = agent_url
+        self._idle_since: dict[str, float] = {}
+        self._last_work: dict[int, float] = {}
+        self._launching: set[str] = set()
+        self.paused = False  # set while the daemon stops: no new launches
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("reconcile_failed")
+            await asyncio.sleep(self.config.scaling.tick_s)
+
+    async def tick(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        await self.sync(now)
+        if not self.paused:
+            await self.scale(now)
+
+    # ---- sync ----
+
+    async def sync(self, now: float) -> None:
+        cloud = {c.instance_id: c for c in await self.provider.list_instances()}
+        rows = await self.store.fetchall(
+            "SELECT id, state, created_at, state_changed_at FROM instances WHERE provider = ? AND state != 'stopped'",
+            (self.provider.name,),
+        )
+        known = set()
+        for row in rows:
+            inst, state = row["id"], InstanceState(row["state"])
+            known.add(inst)
+            present = inst in cloud
+            if state == InstanceState.PENDING or inst in self._launching:
+                continue
+            if state == InstanceState.STOPPING:
+                await self._terminate(inst)
+                continue
+            if not present:
+                event = InstanceEvent.DRAINED if state == InstanceState.DRAINING else InstanceEvent.LOST
+                await self._move(inst, event, error=None if event == InstanceEvent.DRAINED else "instance is gone")
+                await self._terminate(inst)
+                continue
+            if state == InstanceState.STARTING and now - row["state_changed_at"] > self.config.scaling.start_timeout_s:
+                await self._move(inst, InstanceEvent.START_FAILED,
+                                 error=f"agent did not connect within {self.config.scaling.start_timeout_s:.0f} s")
+                await self._terminate(inst)
+        for inst in cloud.keys() - known:
+            if inst in self._launching:
+                continue
+            # Tagged as ours but with no live row: left over from a crash. Never leave it running.
+            log.warning("leaked_instance_terminated", instance=inst, provider=self.provider.name)
+            await self.provider.terminate(inst)
+
+    async def _move(self, inst: str, event: InstanceEvent, *, error: str | None = None) -> bool:
+        try:
+            await self.store.write(lambda tx: tx.transition_instance(inst, event, error=error))
+            return True
+        except TransitionError as exc:
+            log.info("instance_transition_skipped", instance=inst, reason=str(exc))
+            return False
+
+    async def _terminate(self, inst: str) -> None:
+        try:
+            await self.provider.terminate(inst)
+        except Exception as exc:  # stays STOPPING; retried next tick
+            await self.store.write(lambda tx: tx.db.execute(
+                "UPDATE instances SET last_error = ? WHERE id = ?", (f"terminate failed: {exc}", inst)))
+            return
+        await self._move(inst, InstanceEvent.TERMINATED)
+        self._idle_since.pop(inst, None)
+
+    # ---- scale ----
+
+    async def pool_views(self, now: float) -> list[tuple[PoolView, dict[str, Any]]]:
+        def read(db: Any) -> tuple[list[Any], list[Any], dict[str, int]]:
+            pools = db.execute(
+                "SELECT p.id, p.spec, p.path, sum(j.n_queued + j.n_leased + j.n_failed) AS outstanding,"
+                " max(coalesce(j.max_instances, 0)) AS job_max, min(coalesce(j.max_instances, 1000000)) AS job_min"
+                " FROM pools p JOIN jobs j ON j.pool_id = p.id WHERE j.state = 'active' GROUP BY p.id"
+            ).fetchall()
+            instances = db.execute(
+                "SELECT id, pool_id, state, slots, started_at FROM instances WHERE provider = ? AND state != 'stopped'",
+                (self.provider.name,),
+            ).fetchall()
+            leases = dict(db.execute(
+                "SELECT instance_id, count(*) FROM tasks WHERE state = 'leased' GROUP BY instance_id").fetchall())
+            return pools, instances, leases
+
+        pools, instances, leases = await self.store.read(read)
+        by_pool: dict[int, list[InstanceView]] = defaultdict(list)
+        for r in instances:
+            n = leases.get(r["id"], 0)
+            if n:
+                self._idle_since.pop(r["id"], None)
+            elif r["state"] == "running":
+                self._idle_since.setdefault(r["id"], now)
+            by_pool[r["pool_id"]].append(
+                InstanceView(r["id"], r["state"], r["slots"], n, self._idle_since.get(r["id"]) if not n else None))
+        views = []
+        limit_global = min(self.config.scaling.max_instances, self.config.providers.local.max_instances)
+        for p in pools:
+            spec = WorkerSpec.from_dict(json.loads(p["spec"]))
+            if p["outstanding"]:
+                self._last_work[p["id"]] = now
+            job_limit = p["job_max"] or limit_global
+            views.append((
+                PoolView(
+                    pool_id=p["id"],
+                    outstanding=p["outstanding"] or 0,
+                    slots_per_instance=self.provider.slots_for(spec.cpus_per_task),
+                    max_instances=min(job_limit, limit_global) if p["job_max"] else limit_global,
+                    instances=by_pool.get(p["id"], []),
+                    last_work_at=self._last_work.get(p["id"], now),
+                ),
+                {"path": p["path"], "spec": spec},
+            ))
+        return views
+
+    async def scale(self, now: float) -> None:
+        views = await self.pool_views(now)
+        for view, extra in views:
+            decision: Decision = decide(view, now, self.config.scaling.idle_timeout_s)
+            for inst in decision.drain:
+                await self.drain(inst)
+            launches = [self._launch(view, Path(extra["path"])) for _ in range(decision.launch)]
+            if launches:
+                await asyncio.gather(*launches)
+
+    async def drain(self, inst: str) -> bool:
+        moved = await self._move(inst, InstanceEvent.DRAIN)
+        if moved and not self.dispatcher.drain(inst):
+            # No agent connected to tell: nothing to wait for.
+            pass
+        return moved
+
+    async def _launch(self, view: PoolView, worker_dir: Path) -> None:
+        inst = f"{self.provider.name}-{uuid.uuid4().hex[:12]}"
+        token = secrets.token_urlsafe(32)
+        slots = view.slots_per_instance
+        self._launching.add(inst)
+        try:
+            await self.store.write(_insert_instance, inst, self.provider.name, view.pool_id, slots, token_hash(token))
+            spec = LaunchSpec(inst, view.pool_id, worker_dir, self.agent_url, token, slots)
+            try:
+                cloud = await self.provider.launch(spec)
+            except Exception as exc:
+                log.warning("launch_failed", instance=inst, error=str(exc))
+                await self._move(inst, InstanceEvent.LAUNCH_FAILED, error=str(exc))
+                return
+            await self.store.write(lambda tx: tx.transition_instance(
+                inst, InstanceEvent.LAUNCHED, cloud_id=cloud.cloud_id, address=cloud.address))
+            log.info("instance_launched", instance=inst, pool=view.pool_id, slots=slots)
+        finally:
+            self._launching.discard(inst)
+
+    async def stop_all(self, grace_s: float) -> None:
+        """Daemon shutdown: drain every agent, wait for hand-backs, then terminate what we started."""
+        self.paused = True
+        rows = await self.store.fetchall(
+            "SELECT id, state FROM instances WHERE provider = ? AND state != 'stopped'", (self.provider.name,))
+        for r in rows:
+            if r["state"] == "running":
+                await self.drain(r["id"])
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(
+            self.dispatcher.sessions.get(r["id"]) is not None for r in rows
+        ):
+            await asyncio.sleep(0.05)
+        for r in rows:
+            current = await self.store.fetchone("SELECT state FROM instances WHERE id = ?", (r["id"],))
+            state = InstanceState(current["state"]) if current else InstanceState.STOPPED
+            if state in (InstanceState.RUNNING, InstanceState.STARTING):
+                await self._move(r["id"], InstanceEvent.DRAIN if state == InstanceState.STARTING else InstanceEvent.LOST)
+            elif state == InstanceState.DRAINING:
+                await self._move(r["id"], InstanceEvent.DRAINED)
+            elif state == InstanceState.PENDING:
+                await self._move(r["id"], InstanceEvent.LAUNCH_FAILED, error="daemon stopped")
+            await self._terminate(r["id"])
+
+
+def _insert_instance(tx: Tx, inst: str, provider: str, pool_id: int, slots: int, hashed: str) -> None:
+    tx.db.execute(
+        "INSERT INTO instances (id, provider, pool_id, state, slots, token_hash, created_at, state_changed_at)"
+        " VALUES (?, ?, ?, 'pending', ?, ?, ?, ?)",
+        (inst, provider, pool_id, slots, hashed, tx.now, tx.now),
+    )
+    tx.event("instance_requested", instance_id=inst, detail=f"pool={pool_id} slots={slots}")
+

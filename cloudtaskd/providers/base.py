@@ -1,0 +1,55 @@
+"""The provider contract: the few operations every compute source (local, ssh, clouds) offers.
+
+Operations are idempotent by instance id (a repeated launch of the same id creates nothing new)
+and eventually consistent: `list_instances` is the truth the reconciler syncs from each tick.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchSpec:
+    instance_id: str
+    pool_id: int
+    worker_dir: Path  # the extracted worker bundle on the control host
+    agent_url: str  # where the agent dials the daemon
+    token: str  # this instance's own agent token (never logged)
+    slots: int
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"LaunchSpec(instance_id={self.instance_id!r}, pool_id={self.pool_id}, slots={self.slots})"
+
+
+@dataclass(frozen=True, slots=True)
+class CloudInstance:
+    instance_id: str
+    cloud_id: str
+    running: bool = True
+    address: str | None = None
+
+
+class Provider(Protocol):
+    name: str
+
+    def slots_for(self, cpus_per_task: float) -> int:
+        """How many tasks of this size one instance runs at once."""
+        ...
+
+    async def launch(self, spec: LaunchSpec) -> CloudInstance:
+        """Start one instance and its agent; idempotent by spec.instance_id."""
+        ...
+
+    async def terminate(self, instance_id: str) -> None:
+        """Stop an instance (its agent first gets SIGTERM and a grace period); idempotent."""
+        ...
+
+    async def list_instances(self) -> list[CloudInstance]:
+        """Every instance this provider runs for this daemon, including ones it does not know."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,138 @@
+"""The `local` provider: instances are agent processes on the control host.
+
+Each agent runs in its own session (process group), so it survives a daemon crash and is
+adopted again on restart; its pid and start time are kept in `<state_dir>/local/<id>.json` so a
+recycled pid is never mistaken for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from contextlib import suppress
+from pathlib import Path
+
+import structlog
+
+from cloudtaskd.config import LocalProviderConfig
+from cloudtaskd.providers.base import CloudInstance, LaunchSpec
+
+log = structlog.get_logger("cloudtaskd.providers.local")
+
+TERMINATE_GRACE_S = 30.0
+
+
+def _start_time(pid: int) -> str | None:
+    """The process start time from /proc (field 22): with the pid, a unique identity."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces; fields after the last ')' are fixed.
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] == "Z":
+        return None  # a zombie has exited
+    return fields[19]
+
+
+class LocalProvider:
+    name = "local"
+
+    def __init__(self, config: LocalProviderConfig, state_dir: Path) -> None:
+        self.config = config
+        self.dir = state_dir / "local"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.cpus = config.cpus or os.cpu_count() or 1
+        self._children: dict[str, asyncio.subprocess.Process] = {}
+
+    def slots_for(self, cpus_per_task: float) -> int:
+        return max(1, int(self.cpus // cpus_per_task))
+
+    def _record(self, instance_id: str) -> Path:
+        return self.dir / f"{instance_id}.json"
+
+    def _alive(self, instance_id: str) -> int | None:
+        try:
+            rec = json.loads(self._record(instance_id).read_text())
+        except (OSError, ValueError):
+            return None
+        pid = int(rec["pid"])
+        return pid if _start_time(pid) == rec["start"] else None
+
+    async def launch(self, spec: LaunchSpec) -> CloudInstance:
+        pid = self._alive(spec.instance_id)
+        if pid is not None:
+            return CloudInstance(spec.instance_id, str(pid))
+        inst_dir = self.dir / spec.instance_id
+        inst_dir.mkdir(parents=True, exist_ok=True)
+        env = {
+            **os.environ,
+            **spec.env,
+            # The token goes through the environment, not argv, which every local user can read.
+            "CLOUDTASK_AGENT_TOKEN": spec.token,
+        }
+        argv = [
+            sys.executable, "-m", "agent.main",
+            "--url", spec.agent_url,
+            "--instance", spec.instance_id,
+            "--worker-dir", str(spec.worker_dir),
+            "--slots", str(spec.slots),
+        ]
+        logfile = open(inst_dir / "agent.log", "ab")  # noqa: SIM115 - handed to the child
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logfile, stderr=logfile, env=env,
+                cwd=str(inst_dir), start_new_session=True,
+            )
+        finally:
+            logfile.close()
+        self._children[spec.instance_id] = proc
+        start = _start_time(proc.pid)
+        self._record(spec.instance_id).write_text(json.dumps({"pid": proc.pid, "start": start}))
+        log.info("local_agent_started", instance=spec.instance_id, pid=proc.pid, slots=spec.slots)
+        return CloudInstance(spec.instance_id, str(proc.pid))
+
+    async def terminate(self, instance_id: str, grace_s: float = TERMINATE_GRACE_S) -> None:
+        pid = self._alive(instance_id)
+        if pid is not None:
+            with suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGTERM)
+            deadline = time.monotonic() + grace_s
+            while time.monotonic() < deadline and self._alive(instance_id) is not None:
+                await self._reap(instance_id)
+                await asyncio.sleep(0.05)
+            if self._alive(instance_id) is not None:
+                with suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+        await self._reap(instance_id)
+        with suppress(FileNotFoundError):
+            self._record(instance_id).unlink()
+
+    async def _reap(self, instance_id: str) -> None:
+        proc = self._children.get(instance_id)
+        if proc is not None and proc.returncode is None:
+            with suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), timeout=0.01)
+        if proc is not None and proc.returncode is not None:
+            self._children.pop(instance_id, None)
+
+    async def list_instances(self) -> list[CloudInstance]:
+        out = []
+        for rec in self.dir.glob("*.json"):
+            instance_id = rec.stem
+            await self._reap(instance_id)
+            pid = self._alive(instance_id)
+            if pid is not None:
+                out.append(CloudInstance(instance_id, str(pid)))
+            else:
+                with suppress(FileNotFoundError):
+                    rec.unlink()
+        return out
+
+    async def close(self) -> None:
+        for instance_id in list(self._children):
+            await self._reap(instance_id)

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs cloudtask and everything its tests need, from scratch, into ./.venv.
+# Safe to run again. Needs python3 (>= 3.11) with venv; Debian packages are installed when root.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PY=${PYTHON:-python3}
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "install.sh: cloudtask needs Python 3.11 or newer ($PY is $("$PY" -V 2>&1))" >&2
+  exit 1
+fi
+
+# Debian packages the test suite uses (git for --worker-repo tests).
+DEBS=(git)
+missing=()
+for pkg in "${DEBS[@]}"; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+  else
+    echo "install.sh: please install these Debian packages: ${missing[*]}" >&2
+  fi
+fi
+
+"$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[dev]'
+echo "installed: run the tests with  .venv/bin/pytest"

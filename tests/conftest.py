@@ -1,0 +1,65 @@
+"""Shared fixtures: real SQLite in a temp dir, a real daemon, real websockets."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from cloudtaskd.config import AgentsConfig, Config, QueueConfig, ScalingConfig
+from cloudtaskd.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def wait_for(predicate: Callable[[], Awaitable[Any]], timeout: float = 20.0, interval: float = 0.05,
+                   message: str = "condition") -> Any:
+    """Poll until predicate() is truthy; fail with a message at the deadline (never a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+        await asyncio.sleep(interval)
+
+
+def make_config(tmp_path: Path, **overrides: Any) -> Config:
+    config = Config(
+        state_dir=str(tmp_path / "state"),
+        agents=AgentsConfig(lease_ttl_s=overrides.pop("lease_ttl_s", 30.0)),
+        queue=QueueConfig(retry_backoff_s=overrides.pop("retry_backoff_s", 0.05), retry_backoff_max_s=1.0),
+        scaling=ScalingConfig(tick_s=0.1, idle_timeout_s=overrides.pop("idle_timeout_s", 1.0)),
+    )
+    return replace(config, **overrides)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    s = Store(tmp_path / "test.db")
+    await s.open()
+    yield s
+    await s.close()
+
+
+class UnixApi:
+    """A minimal raw client for the daemon's control socket (tests of the API itself)."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self.session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(socket_path)))
+
+    async def request(self, method: str, path: str, **kw: Any) -> tuple[int, Any]:
+        async with self.session.request(method, f"http://cloudtaskd{path}", **kw) as resp:
+            if resp.content_type == "application/json":
+                return resp.status, await resp.json()
+            return resp.status, await resp.text()
+
+    async def close(self) -> None:
+        await self.session.close()

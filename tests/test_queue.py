@@ -1,0 +1,208 @@
+"""Queue semantics on a real SQLite database: leasing, fencing, retries, expiry, cancel."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from agent.protocol import Failure, Success
+from cloudtaskd import queue
+from cloudtaskd.errors import BadInput
+from cloudtaskd.store import Store, Tx
+from cloudtaskd.taskfile import ParsedTask
+
+
+def _setup_job(tx: Tx, max_attempts: int = 3) -> dict[str, Any]:
+    tx.db.execute("INSERT INTO pools (digest, spec, path, created_at) VALUES ('d', '{\"mode\":\"python\"}', '/', 0)")
+    tx.db.execute(
+        "INSERT INTO jobs (name, pool_id, state, created_at, max_attempts) VALUES ('j', 1, 'active', 0, ?)",
+        (max_attempts,),
+    )
+    return {"id": 1, "pool_id": 1, "max_attempts": max_attempts, "timeout_s": None}
+
+
+async def submit(store: Store, n: int, *, max_attempts: int = 3, start: int = 0) -> dict[str, Any]:
+    job = await store.write(_setup_job, max_attempts) if start == 0 else {
+        "id": 1, "pool_id": 1, "max_attempts": max_attempts, "timeout_s": None}
+    upload = await store.write(queue.create_upload, 1)
+    tasks = [ParsedTask(i + 1, f"t{i}", json.dumps({"n": i}), 0, None, None) for i in range(start, start + n)]
+    await store.write(queue.stage_tasks, job, tasks, "tasks.jsonl")
+    while await store.write(queue.commit_upload_chunk, upload, 1) == queue.COMMIT_CHUNK:
+        pass
+    return job
+
+
+async def counts(store: Store) -> dict[str, int]:
+    rows = await store.fetchall("SELECT state, count(*) AS n FROM tasks GROUP BY state")
+    return {r["state"]: r["n"] for r in rows}
+
+
+async def lease(store: Store, inst: str, n: int, ttl: float = 30.0, now: float | None = None) -> list[dict[str, Any]]:
+    encoded = await store.write(queue.lease, inst, 1, n, ttl, now=now)
+    return [json.loads(e) for e in encoded]
+
+
+async def report(store: Store, reports: queue.Reports, now: float | None = None) -> queue.RoundResult:
+    out = queue.RoundResult()
+    await store.write(queue.apply_reports, reports, out, (0.0, 0.0), 30.0, now=now)
+    return out
+
+
+async def check(store: Store) -> None:
+    assert await store.read(queue.check_counters) == []
+
+
+async def test_lease_is_ordered_by_priority_then_submission(store: Store) -> None:
+    await submit(store, 5)
+    await store.write(lambda tx: tx.db.execute("UPDATE tasks SET priority = 5 WHERE key = 't3'"))
+    got = await lease(store, "a", 3)
+    assert [t["key"] for t in got] == ["t3", "t0", "t1"]
+    assert all(t["token"] == 1 for t in got)
+    assert got[0]["data"] == {"n": 3}
+    assert await counts(store) == {"leased": 3, "queued": 2}
+    await check(store)
+
+
+async def test_complete_then_stale_token_is_refused(store: Store) -> None:
+    await submit(store, 1)
+    (t,) = await lease(store, "a", 1, ttl=1.0, now=1000.0)
+    # The lease expires; another agent gets the task with a newer token.
+    await store.write(queue.expire_leases, (0.0, 0.0), now=1002.0)
+    await store.write(queue.promote_due, now=1003.0)
+    (t2,) = await lease(store, "b", 1, now=1003.0)
+    assert t2["token"] == t["token"] + 1
+    # The first agent's late result carries the old token: refused, nothing recorded.
+    out = await report(store, queue.Reports(done=[("a", Success(t["id"], t["token"], {"late": 1}, 0.1))]))
+    assert out.refused["a"] == [t["id"]] and not out.accepted.get("a")
+    out = await report(store, queue.Reports(done=[("b", Success(t2["id"], t2["token"], {"ok": 1}, 0.1))]))
+    assert out.accepted["b"] == [t2["id"]]
+    row = await store.fetchone("SELECT state, result, instance_id, attempt FROM tasks")
+    assert row is not None
+    assert (row["state"], json.loads(row["result"]), row["instance_id"]) == ("succeeded", {"ok": 1}, "b")
+    refused = await store.fetchall("SELECT * FROM events WHERE kind = 'stale_report_refused'")
+    assert len(refused) == 1 and refused[0]["instance_id"] == "a"
+    await check(store)
+
+
+async def test_duplicate_report_in_same_batch_records_once(store: Store) -> None:
+    await submit(store, 1)
+    (t,) = await lease(store, "a", 1)
+    s1 = Success(t["id"], t["token"], 1, 0.0)
+    s2 = Success(t["id"], t["token"], 2, 0.0)
+    out = await report(store, queue.Reports(done=[("a", s1), ("a", s2)]))
+    row = await store.fetchone("SELECT result FROM tasks")
+    assert row is not None and json.loads(row["result"]) == 1
+    # The second copy is treated as a resend of an already-recorded report: acked, not applied.
+    assert out.accepted["a"] == [t["id"], t["id"]]
+    await check(store)
+
+
+async def test_resend_after_lost_ack_is_acknowledged_not_refused(store: Store) -> None:
+    await submit(store, 1)
+    (t,) = await lease(store, "a", 1)
+    s = Success(t["id"], t["token"], "r", 0.0)
+    await report(store, queue.Reports(done=[("a", s)]))
+    out = await report(store, queue.Reports(done=[("a", s)]))
+    assert out.accepted["a"] == [t["id"]] and not out.refused.get("a")
+
+
+async def test_retry_with_backoff_then_dead(store: Store) -> None:
+    await submit(store, 1, max_attempts=3)
+    now = 1000.0
+    for attempt in range(1, 4):
+        (t,) = await lease(store, "a", 1, now=now)
+        assert t["token"] == attempt
+        await report(store, queue.Reports(failed=[("a", Failure(t["id"], t["token"], f"boom {attempt}", True, 0.1))]),
+                     now=now)
+        if attempt < 3:
+            assert await counts(store) == {"failed": 1}
+            assert await lease(store, "a", 1, now=now) == []  # still backing off
+            assert await store.write(queue.promote_due, now=now + 1) == {1}
+        now += 1
+    assert await counts(store) == {"dead": 1}
+    row = await store.fetchone("SELECT failures, error FROM tasks")
+    assert row is not None and (row["failures"], row["error"]) == (3, "boom 3")
+    await check(store)
+
+
+async def test_permanent_failure_is_dead_at_once(store: Store) -> None:
+    await submit(store, 1, max_attempts=5)
+    (t,) = await lease(store, "a", 1)
+    await report(store, queue.Reports(failed=[("a", Failure(t["id"], t["token"], "bad input", False, 0.0))]))
+    assert await counts(store) == {"dead": 1}
+
+
+async def test_expiry_counts_an_attempt_and_ends_dead(store: Store) -> None:
+    await submit(store, 1, max_attempts=2)
+    await lease(store, "a", 1, ttl=5, now=100.0)
+    assert await store.write(queue.expire_leases, (0.0, 0.0), now=104.0) == []  # not yet
+    assert await store.write(queue.expire_leases, (0.0, 0.0), now=105.0) == [(1, "a")]
+    assert await counts(store) == {"failed": 1}
+    await store.write(queue.promote_due, now=106.0)
+    await lease(store, "a", 1, ttl=5, now=106.0)
+    await store.write(queue.expire_leases, (0.0, 0.0), now=112.0)
+    assert await counts(store) == {"dead": 1}
+    await check(store)
+
+
+async def test_heartbeat_extends_and_reports_lost_leases(store: Store) -> None:
+    await submit(store, 2)
+    a, b = await lease(store, "x", 2, ttl=10, now=100.0)
+    out = queue.RoundResult()
+    await store.write(queue.apply_reports, queue.Reports(heartbeat=[("x", (a["id"], a["token"])),
+                                                                     ("x", (b["id"], b["token"] + 7))]),
+                      out, (0.0, 0.0), 10.0, now=108.0)
+    assert out.lost["x"] == [b["id"]]
+    # a was extended to 118; b was not and expires at 110.
+    expired = await store.write(queue.expire_leases, (0.0, 0.0), now=111.0)
+    assert expired == [(b["id"], "x")]
+
+
+async def test_handback_requeues_without_counting_an_attempt(store: Store) -> None:
+    await submit(store, 1, max_attempts=1)
+    (t,) = await lease(store, "a", 1)
+    out = await report(store, queue.Reports(handback=[("a", (t["id"], t["token"]))]))
+    assert out.requeued_pools == {1}
+    assert await counts(store) == {"queued": 1}
+    (t2,) = await lease(store, "b", 1)
+    assert t2["token"] == 2  # the fencing token still moves on
+    row = await store.fetchone("SELECT failures FROM tasks")
+    assert row is not None and row["failures"] == 0
+
+
+async def test_reclaim_keeps_valid_leases_only(store: Store) -> None:
+    await submit(store, 2)
+    a, b = await lease(store, "x", 2)
+    kept, dropped = await store.write(queue.reclaim, "x", [(a["id"], a["token"]), (b["id"], 99)], 30.0)
+    assert (kept, dropped) == ([a["id"]], [b["id"]])
+
+
+async def test_cancel_and_retry(store: Store) -> None:
+    await submit(store, 3)
+    (t,) = await lease(store, "a", 1)
+    leased = await store.write(queue.cancel_job, 1)
+    assert leased == [(t["id"], "a")]
+    assert await counts(store) == {"cancelled": 3}
+    out = await report(store, queue.Reports(done=[("a", Success(t["id"], t["token"], 1, 0.0))]))
+    assert out.refused["a"] == [t["id"]]  # a cancelled task takes no result
+    assert await store.write(queue.retry_job, 1) == 3
+    assert await counts(store) == {"queued": 3}
+    await check(store)
+
+
+async def test_duplicate_ids_refused_with_line_and_nothing_queued(store: Store) -> None:
+    job = await store.write(_setup_job, 3)
+    upload = await store.write(queue.create_upload, 1)
+    first = [ParsedTask(i + 1, f"t{i}", "null", 0, None, None) for i in range(3)]
+    await store.write(queue.stage_tasks, job, first, "f.jsonl")
+    with pytest.raises(BadInput, match=r"f.jsonl:5: duplicate id 't1'"):
+        await store.write(queue.stage_tasks, job, [ParsedTask(4, "t9", "null", 0, None, None),
+                                                   ParsedTask(5, "t1", "null", 0, None, None)], "f.jsonl")
+    with pytest.raises(BadInput, match=r"f.jsonl:7: duplicate id 'z' \(first given at line 6\)"):
+        await store.write(queue.stage_tasks, job, [ParsedTask(6, "z", "null", 0, None, None),
+                                                   ParsedTask(7, "z", "null", 0, None, None)], "f.jsonl")
+    await store.write(queue.reject_upload_chunk, upload, 1)
+    assert await counts(store) == {}
+    await check(store)
