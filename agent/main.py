@@ -11,7 +11,7 @@ import argparse
 import asyncio
 import os
 import subprocess
-import sys
+import sys  # noqa: F401 - used by the console entry
 from pathlib import Path
 
 from agent.connection import Agent, FatalAgentError, default_slots, load_spec, log
@@ -58,7 +58,10 @@ def main(argv: list[str] | None = None) -> None:
     except FatalAgentError:
         code = 2
     log("agent_exited", code=code, completed=agent.completed)
-    sys.exit(code)
+    sys.stdout.flush()
+    # os._exit: a sync python-mode call that timed out may still hold a thread we cannot stop,
+    # and interpreter shutdown would wait for it forever.
+    os._exit(code)
 
 
 if __name__ == "__main__":
