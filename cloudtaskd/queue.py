@@ -71,6 +71,7 @@ def stage_tasks(tx: Tx, job: dict[str, Any], batch: list[ParsedTask], source: st
         )
         for t in batch
     ]
+    tx.db.execute("SAVEPOINT stage")
     try:
         tx.db.executemany(
             "INSERT INTO tasks (job_id, pool_id, key, state, priority, data, timeout_s, max_attempts)"
@@ -78,7 +79,10 @@ def stage_tasks(tx: Tx, job: dict[str, Any], batch: list[ParsedTask], source: st
             rows,
         )
     except sqlite3.IntegrityError:
+        # Undo the rows of this batch inserted before the clash, then find the offending line.
+        tx.db.execute("ROLLBACK TO stage")
         raise _duplicate_error(tx.db, job["id"], batch, source) from None
+    tx.db.execute("RELEASE stage")
     tx.count(job["id"], None, S.STAGED, len(rows))
     tx.db.execute("UPDATE uploads SET n_tasks = n_tasks + ? WHERE job_id = ? AND state = 'staging'",
                   (len(rows), job["id"]))
@@ -279,12 +283,13 @@ def lease(tx: Tx, instance_id: str, pool_id: int, n: int, ttl_s: float) -> list[
     rows = tx.db.execute(
         "UPDATE tasks SET state = 'leased', attempt = attempt + 1, lease_expires_at = ?, instance_id = ?,"
         " started_at = ? WHERE id IN (SELECT id FROM tasks WHERE pool_id = ? AND state = 'queued'"
-        " ORDER BY priority DESC, id LIMIT ?) RETURNING id, job_id, attempt, key, data, timeout_s",
+        " ORDER BY priority DESC, id LIMIT ?) RETURNING priority, id, job_id, attempt, key, data, timeout_s",
         (tx.now + ttl_s, instance_id, tx.now, pool_id, n),
     ).fetchall()
+    rows.sort(key=lambda r: (-r[0], r[1]))  # RETURNING has no order; agents start tasks in grant order
     encoded = []
     dumps = jsonx.dumps
-    for task_id, job_id, attempt, key, data, timeout_s in rows:
+    for _, task_id, job_id, attempt, key, data, timeout_s in rows:
         tx.count(job_id, S.QUEUED, S.LEASED)
         tx.event(E.LEASE_GRANTED.value, job_id=job_id, task_id=task_id, instance_id=instance_id,
                  detail=str(attempt))

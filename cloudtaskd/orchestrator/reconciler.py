@@ -30,6 +30,9 @@ from cloudtaskd.store import Store, Tx
 
 log = structlog.get_logger("cloudtaskd.reconciler")
 
+START_BACKOFF_S = 1.0
+START_BACKOFF_MAX_S = 120.0
+
 
 class Reconciler:
     def __init__(self, store: Store, dispatcher: Dispatcher, provider: Provider, config: Config,
@@ -42,6 +45,8 @@ class Reconciler:
         self._idle_since: dict[str, float] = {}
         self._last_work: dict[int, float] = {}
         self._launching: set[str] = set()
+        # pool -> (consecutive instances that died before their agent connected, no launch before)
+        self._start_failures: dict[int, tuple[int, float]] = {}
         self.paused = False  # set while the daemon stops: no new launches
 
     async def run(self) -> None:
@@ -63,7 +68,8 @@ class Reconciler:
     async def sync(self, now: float) -> None:
         cloud = {c.instance_id: c for c in await self.provider.list_instances()}
         rows = await self.store.fetchall(
-            "SELECT id, state, created_at, state_changed_at FROM instances WHERE provider = ? AND state != 'stopped'",
+            "SELECT id, pool_id, state, created_at, state_changed_at FROM instances"
+            " WHERE provider = ? AND state != 'stopped'",
             (self.provider.name,),
         )
         known = set()
@@ -76,14 +82,24 @@ class Reconciler:
             if state == InstanceState.STOPPING:
                 await self._terminate(inst)
                 continue
+            if state == InstanceState.RUNNING:
+                self._start_failures.pop(row["pool_id"], None)
             if not present:
                 event = InstanceEvent.DRAINED if state == InstanceState.DRAINING else InstanceEvent.LOST
-                await self._move(inst, event, error=None if event == InstanceEvent.DRAINED else "instance is gone")
+                error = None
+                if event == InstanceEvent.LOST:
+                    error = "instance is gone"
+                    if state == InstanceState.STARTING:
+                        error = "the agent exited before connecting: " + self._output(inst)
+                        self._start_failed(row["pool_id"], now)
+                await self._move(inst, event, error=error)
                 await self._terminate(inst)
                 continue
             if state == InstanceState.STARTING and now - row["state_changed_at"] > self.config.scaling.start_timeout_s:
                 await self._move(inst, InstanceEvent.START_FAILED,
-                                 error=f"agent did not connect within {self.config.scaling.start_timeout_s:.0f} s")
+                                 error=f"agent did not connect within {self.config.scaling.start_timeout_s:.0f} s: "
+                                 + self._output(inst))
+                self._start_failed(row["pool_id"], now)
                 await self._terminate(inst)
         for inst in cloud.keys() - known:
             if inst in self._launching:
@@ -91,6 +107,17 @@ class Reconciler:
             # Tagged as ours but with no live row: left over from a crash. Never leave it running.
             log.warning("leaked_instance_terminated", instance=inst, provider=self.provider.name)
             await self.provider.terminate(inst)
+
+    def _output(self, inst: str) -> str:
+        tail = getattr(self.provider, "output_tail", None)
+        return (tail(inst) if tail is not None else None) or "(no output)"
+
+    def _start_failed(self, pool_id: int, now: float) -> None:
+        """An instance died before its agent connected: back off, or a broken worker would spin."""
+        count = self._start_failures.get(pool_id, (0, 0.0))[0] + 1
+        delay = min(START_BACKOFF_MAX_S, START_BACKOFF_S * 2 ** (count - 1))
+        self._start_failures[pool_id] = (count, now + delay)
+        log.warning("instance_start_failed", pool=pool_id, consecutive=count, next_launch_in_s=delay)
 
     async def _move(self, inst: str, event: InstanceEvent, *, error: str | None = None) -> bool:
         try:
@@ -163,6 +190,8 @@ class Reconciler:
             decision: Decision = decide(view, now, self.config.scaling.idle_timeout_s)
             for inst in decision.drain:
                 await self.drain(inst)
+            if now < self._start_failures.get(view.pool_id, (0, 0.0))[1]:
+                continue
             launches = [self._launch(view, Path(extra["path"])) for _ in range(decision.launch)]
             if launches:
                 await asyncio.gather(*launches)

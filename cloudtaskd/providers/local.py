@@ -133,6 +133,16 @@ class LocalProvider:
                     rec.unlink()
         return out
 
+    def output_tail(self, instance_id: str, max_chars: int = 2000) -> str | None:
+        """The end of an agent's log, to say why it died (shown as the instance's last_error)."""
+        try:
+            with open(self.dir / instance_id / "agent.log", "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - max_chars))
+                return f.read().decode(errors="replace").strip()
+        except OSError:
+            return None
+
     async def close(self) -> None:
         for instance_id in list(self._children):
             await self._reap(instance_id)
