@@ -90,6 +90,9 @@ class Agent:
         self.done = asyncio.Event()
         self.heartbeat_s = 15.0
         self.completed = 0
+        # Lease round trips (credit sent -> the grant that covers it), for benchmarks and debugging.
+        self._credit_sent: deque[list[float]] = deque()  # [sent_at, n still uncovered]
+        self.lease_rtts_s: deque[float] = deque(maxlen=100_000)
 
     # ---- lifecycle ----
 
@@ -164,6 +167,7 @@ class Agent:
         for tid in welcome.dropped:
             self._forget(tid, abort=True)
         self._ws = ws
+        self._credit_sent.clear()  # credit of the old connection died with it
         log("agent_connected", url=self.url, kept=len(welcome.kept), dropped=len(welcome.dropped))
         # Everything unacked is resent: the daemon may never have committed it.
         self._pending[:0] = list(self._unacked.values())
@@ -189,6 +193,7 @@ class Agent:
 
     def _on_message(self, msg: Any) -> None:
         if isinstance(msg, Grant):
+            self._record_rtt(len(msg.tasks))
             for task in msg.tasks:
                 if task.id in self.held:
                     continue
@@ -212,6 +217,17 @@ class Agent:
             self.start_drain(msg.reason or "daemon")
         elif isinstance(msg, ErrorMessage):
             log("daemon_error", code=msg.code, message=msg.message)
+
+    def _record_rtt(self, granted: int) -> None:
+        now = time.monotonic()
+        while granted > 0 and self._credit_sent:
+            entry = self._credit_sent[0]
+            take = min(granted, int(entry[1]))
+            entry[1] -= take
+            granted -= take
+            if entry[1] <= 0:
+                self._credit_sent.popleft()
+                self.lease_rtts_s.append(now - entry[0])
 
     def _forget(self, tid: int, *, abort: bool) -> None:
         held = self.held.pop(tid, None)
@@ -272,6 +288,7 @@ class Agent:
                                                "reason": "draining" if self.draining else "released"}))
             if self._credit_owed > 0 and not self.draining:
                 n, self._credit_owed = self._credit_owed, 0
+                self._credit_sent.append([time.monotonic(), n])
                 await ws.send_str(f'{{"t":"lease","n":{n}}}')
 
     async def _heartbeat_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:

@@ -14,6 +14,7 @@ import subprocess
 import sys  # noqa: F401 - used by the console entry
 from pathlib import Path
 
+from agent import jsonx
 from agent.connection import Agent, FatalAgentError, default_slots, load_spec, log
 
 SETUP_MARKER = ".cloudtask-setup-done"
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker-dir", required=True, type=Path)
     parser.add_argument("--slots", type=int, default=0, help="concurrent tasks (default: CPUs / cpus_per_task)")
     parser.add_argument("--prefetch", type=int, default=None, help="extra leases held ready (default: slots)")
+    parser.add_argument("--stats-file", type=Path, help="write lease round-trip times and counts here at exit")
     parser.add_argument("--drain-grace", type=float, default=60.0, help="seconds to finish work on SIGTERM")
     args = parser.parse_args(argv)
     token = os.environ.pop("CLOUDTASK_AGENT_TOKEN", "")
@@ -58,6 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     except FatalAgentError:
         code = 2
     log("agent_exited", code=code, completed=agent.completed)
+    if args.stats_file:
+        args.stats_file.write_text(jsonx.dumps({"completed": agent.completed,
+                                                "lease_rtts_s": list(agent.lease_rtts_s)}))
     sys.stdout.flush()
     # os._exit: a sync python-mode call that timed out may still hold a thread we cannot stop,
     # and interpreter shutdown would wait for it forever.
