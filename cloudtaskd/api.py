@@ -206,8 +206,7 @@ class ControlApi:
                 if isinstance(exc, TaskFileError):
                     raise BadInput(f"{source}:{exc.line}: {exc.reason}", line=exc.line) from None
                 raise
-            while await self.store.write(queue.commit_upload_chunk, upload_id, job_id) == queue.COMMIT_CHUNK:
-                pass
+            await queue.finish_upload(self.store, upload_id, job_id, commit=True)
         self.dispatcher.notify_work(job["pool_id"])
         log.info("tasks_accepted", job=job_id, tasks=n, source=source)
         return web.json_response({"accepted": n})
@@ -232,10 +231,8 @@ class ControlApi:
         return total
 
     async def _discard(self, upload_id: int, job_id: int) -> None:
-        while await asyncio.shield(
-            self.store.write(queue.reject_upload_chunk, upload_id, job_id)
-        ) == queue.COMMIT_CHUNK:
-            pass
+        # Shielded: a client that hangs up mid-upload cancels this handler, not the clean-up.
+        await asyncio.shield(queue.finish_upload(self.store, upload_id, job_id, commit=False))
 
     async def cancel_job(self, request: web.Request) -> web.Response:
         job_id = _job_id(request)

@@ -99,9 +99,8 @@ class Daemon:
     async def _resume_uploads(self) -> None:
         rows = await self.store.fetchall("SELECT id, job_id, state FROM uploads WHERE state IN ('staging', 'committing')")
         for r in rows:
-            step = queue.commit_upload_chunk if r["state"] == "committing" else queue.reject_upload_chunk
-            while await self.store.write(step, r["id"], r["job_id"]) == queue.COMMIT_CHUNK:
-                pass
+            # Committing: it was validated whole, finish it. Staging: the client never got an ack.
+            await queue.finish_upload(self.store, r["id"], r["job_id"], commit=r["state"] == "committing")
             log.info("upload_resumed", upload=r["id"], job=r["job_id"], outcome=r["state"])
 
     def _spawn(self, name: str, coro: Any) -> None:

@@ -29,8 +29,7 @@ async def submit(store: Store, n: int, *, max_attempts: int = 3, start: int = 0)
     upload = await store.write(queue.create_upload, 1)
     tasks = [ParsedTask(i + 1, f"t{i}", json.dumps({"n": i}), 0, None, None) for i in range(start, start + n)]
     await store.write(queue.stage_tasks, job, tasks, "tasks.jsonl")
-    while await store.write(queue.commit_upload_chunk, upload, 1) == queue.COMMIT_CHUNK:
-        pass
+    await queue.finish_upload(store, upload, 1, commit=True)
     return job
 
 
@@ -203,6 +202,6 @@ async def test_duplicate_ids_refused_with_line_and_nothing_queued(store: Store) 
     with pytest.raises(BadInput, match=r"f.jsonl:7: duplicate id 'z' \(first given at line 6\)"):
         await store.write(queue.stage_tasks, job, [ParsedTask(6, "z", "null", 0, None, None),
                                                    ParsedTask(7, "z", "null", 0, None, None)], "f.jsonl")
-    await store.write(queue.reject_upload_chunk, upload, 1)
+    await queue.finish_upload(store, upload, 1, commit=False)
     assert await counts(store) == {}
     await check(store)
