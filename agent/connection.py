@@ -26,8 +26,8 @@ import aiohttp
 from agent import jsonx
 from agent.protocol import (
     Ack,
-    DrainRequest,
     Draining,
+    DrainRequest,
     ErrorMessage,
     Grant,
     GrantedTask,

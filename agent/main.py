@@ -11,7 +11,7 @@ import argparse
 import asyncio
 import os
 import subprocess
-import sys  # noqa: F401 - used by the console entry
+import sys
 from pathlib import Path
 
 from agent import jsonx

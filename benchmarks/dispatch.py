@@ -22,7 +22,10 @@ from pathlib import Path
 from _common import ROOT, DaemonProcess, bundle, cpu_seconds, peak_rss_mb, percentile
 
 WORKERS = {
-    "python": {"cloudtask.yaml": "mode: python\nfunction: noop:run\n", "noop.py": "async def run(i, d):\n    return None\n"},
+    "python": {
+        "cloudtask.yaml": "mode: python\nfunction: noop:run\n",
+        "noop.py": "async def run(i, d):\n    return None\n",
+    },
     "stream": {
         "cloudtask.yaml": f"mode: stream\ncommand: {sys.executable} -u s.py\n",
         "s.py": "import sys\nfor l in sys.stdin:\n    i = l[7:l.index('\"', 8)]\n"

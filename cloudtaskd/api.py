@@ -334,7 +334,8 @@ class ControlApi:
         after = _int_param(request, "after", 0) or 0
         limit = min(_int_param(request, "limit", 1000) or 1000, 10_000)
         job = _int_param(request, "job")
-        sql = "SELECT * FROM events WHERE id > ?" + (" AND job_id = ?" if job is not None else "") + " ORDER BY id LIMIT ?"
+        where = " AND job_id = ?" if job is not None else ""
+        sql = f"SELECT * FROM events WHERE id > ?{where} ORDER BY id LIMIT ?"
         params: tuple[Any, ...] = (after, job, limit) if job is not None else (after, limit)
         rows = await self.store.fetchall(sql, params)
         return web.json_response({"events": [dict(r) for r in rows]})

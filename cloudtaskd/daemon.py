@@ -90,14 +90,15 @@ class Daemon:
         log.info("daemon_ready", agent_url=self.agent_url, socket=str(sock))
 
     def _lock(self) -> None:
-        self._lock_file = open(self.state_dir / "cloudtaskd.lock", "w")  # noqa: SIM115 - held for our lifetime
+        self._lock_file = open(self.state_dir / "cloudtaskd.lock", "w")
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise CloudtaskError(f"another cloudtaskd is running on the state directory {self.state_dir}") from None
 
     async def _resume_uploads(self) -> None:
-        rows = await self.store.fetchall("SELECT id, job_id, state FROM uploads WHERE state IN ('staging', 'committing')")
+        rows = await self.store.fetchall(
+            "SELECT id, job_id, state FROM uploads WHERE state IN ('staging', 'committing')")
         for r in rows:
             # Committing: it was validated whole, finish it. Staging: the client never got an ack.
             await queue.finish_upload(self.store, r["id"], r["job_id"], commit=r["state"] == "committing")

@@ -172,7 +172,8 @@ class Reports:
 class RoundResult:
     accepted: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
     refused: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
-    lost: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))  # heartbeats for leases it no longer holds
+    # heartbeats for leases the instance no longer holds
+    lost: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
     grants: dict[str, list[str]] = field(default_factory=dict)  # instance -> encoded task objects
     requeued_pools: set[int] = field(default_factory=set)
     expired: list[tuple[int, str | None]] = field(default_factory=list)  # (task, instance) leases timed out

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import io
 import json
 import sys
-import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -13,19 +11,7 @@ import pytest
 
 from cloudtaskd.daemon import Daemon
 from tests.conftest import UnixApi, make_config, wait_for
-
-
-def bundle(files: dict[str, str]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name, text in files.items():
-            data = text.encode()
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o644
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
+from tests.procs import bundle
 
 PY_WORKER = {
     "cloudtask.yaml": "mode: python\nfunction: work:run\n",

@@ -11,7 +11,8 @@ import pytest
 
 from cloudtaskd.daemon import Daemon
 from tests.conftest import UnixApi, make_config, wait_for
-from tests.test_daemon_e2e import PY_WORKER, bundle, jsonl
+from tests.procs import bundle
+from tests.test_daemon_e2e import PY_WORKER, jsonl
 
 
 @pytest.fixture

@@ -131,8 +131,9 @@ class Reconciler:
         try:
             await self.provider.terminate(inst)
         except Exception as exc:  # stays STOPPING; retried next tick
+            message = f"terminate failed: {exc}"
             await self.store.write(lambda tx: tx.db.execute(
-                "UPDATE instances SET last_error = ? WHERE id = ?", (f"terminate failed: {exc}", inst)))
+                "UPDATE instances SET last_error = ? WHERE id = ?", (message, inst)))
             return
         await self._move(inst, InstanceEvent.TERMINATED)
         self._idle_since.pop(inst, None)
@@ -232,7 +233,7 @@ class Reconciler:
             if r["state"] == "running":
                 await self.drain(r["id"])
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(
+        while time.monotonic() < deadline and any(  # noqa: ASYNC110 - polls sessions owned by the hub
             self.dispatcher.sessions.get(r["id"]) is not None for r in rows
         ):
             await asyncio.sleep(0.05)
@@ -240,7 +241,8 @@ class Reconciler:
             current = await self.store.fetchone("SELECT state FROM instances WHERE id = ?", (r["id"],))
             state = InstanceState(current["state"]) if current else InstanceState.STOPPED
             if state in (InstanceState.RUNNING, InstanceState.STARTING):
-                await self._move(r["id"], InstanceEvent.DRAIN if state == InstanceState.STARTING else InstanceEvent.LOST)
+                event = InstanceEvent.DRAIN if state == InstanceState.STARTING else InstanceEvent.LOST
+                await self._move(r["id"], event)
             elif state == InstanceState.DRAINING:
                 await self._move(r["id"], InstanceEvent.DRAINED)
             elif state == InstanceState.PENDING:

@@ -82,7 +82,7 @@ class LocalProvider:
             "--worker-dir", str(spec.worker_dir),
             "--slots", str(spec.slots),
         ]
-        logfile = open(inst_dir / "agent.log", "ab")  # noqa: SIM115 - handed to the child
+        logfile = open(inst_dir / "agent.log", "ab")
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logfile, stderr=logfile, env=env,
