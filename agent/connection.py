@@ -58,7 +58,7 @@ class FatalAgentError(Exception):
 class Held:
     task: GrantedTask
     slot: int | None = None  # set while running
-    runner_task: asyncio.Task[None] | None = None
+    runner_task: asyncio.Task[Any] | None = None
     reported: bool = False
 
 
@@ -319,7 +319,7 @@ class Agent:
             slot = self.free_slots.pop()
             held.slot = slot
             current = asyncio.current_task()
-            held.runner_task = current  # type: ignore[assignment]
+            held.runner_task = current
             task = held.task
             try:
                 outcome = await self.runner.run(slot, task.key, task.data, task.timeout_s)

@@ -180,7 +180,7 @@ def _int(obj: dict[str, Any], key: str, *, minimum: int = 0, maximum: int = 2**6
 
 def _num(obj: dict[str, Any], key: str) -> float:
     value = obj.get(key)
-    if type(value) not in (int, float) or value < 0:
+    if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
         raise ProtocolError(f"expected a non-negative number, got {value!r:.60}", field=key)
     return float(value)
 

@@ -39,7 +39,7 @@ COMMIT_CHUNK = 50_000
 def backoff_s(failures: int, base_s: float, max_s: float) -> float:
     """Exponential backoff with +-20% jitter, so a burst of failures does not retry in lockstep."""
     delay = min(max_s, base_s * (2 ** max(0, failures - 1)))
-    return delay * random.uniform(0.8, 1.2)
+    return float(delay * random.uniform(0.8, 1.2))
 
 
 def _ids_json(ids: list[int]) -> str:

@@ -174,6 +174,14 @@ def task_edge(src: TaskState, dst: TaskState) -> None:
         raise AssertionError(f"illegal task transition {src} -> {dst}")
 
 
+async def _on_thread(conn: aiosqlite.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """Run fn on the connection's own thread with its sqlite3 connection: one hop for a whole
+    transaction. aiosqlite has no public API for this; `_execute` is stable across 0.17-0.22 and
+    aiosqlite is pinned below 0.23 in pyproject.toml."""
+    result: T = await conn._execute(fn, conn._conn)  # type: ignore[no-untyped-call]
+    return result
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -186,10 +194,10 @@ class Store:
         try:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, nothing implicit.
             self._writer = await aiosqlite.connect(self.path, isolation_level=None)
-            await self._writer._execute(_configure, self._writer._conn)
-            await self._writer._execute(_migrate, self._writer._conn)
+            await _on_thread(self._writer, _configure)
+            await _on_thread(self._writer, _migrate)
             self._reader = await aiosqlite.connect(self.path, isolation_level=None)
-            await self._reader._execute(_configure, self._reader._conn)
+            await _on_thread(self._reader, _configure)
             self._reader.row_factory = sqlite3.Row
         except sqlite3.Error as exc:
             await self.close()
@@ -227,7 +235,7 @@ class Store:
 
         async with self._write_lock:
             try:
-                return await writer._execute(run, writer._conn)
+                return await _on_thread(writer, run)
             except sqlite3.Error as exc:
                 raise StoreError(f"state database write failed: {exc}") from exc
 
@@ -245,7 +253,7 @@ class Store:
                 db.execute("COMMIT")
 
         try:
-            return await reader._execute(run, reader._conn)
+            return await _on_thread(reader, run)
         except sqlite3.Error as exc:
             raise StoreError(f"state database read failed: {exc}") from exc
 

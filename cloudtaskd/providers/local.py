@@ -82,7 +82,7 @@ class LocalProvider:
             "--worker-dir", str(spec.worker_dir),
             "--slots", str(spec.slots),
         ]
-        logfile = open(inst_dir / "agent.log", "ab")
+        logfile = open(inst_dir / "agent.log", "ab")  # noqa: ASYNC230 - a local file, handed to the child
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logfile, stderr=logfile, env=env,
