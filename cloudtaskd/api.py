@@ -271,7 +271,7 @@ class ControlApi:
         after = _int_param(request, "after", 0) or 0
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
-        cols = "id, key, state, result, error, attempt, failures, instance_id, duration_s, finished_at"
+        cols = "id, key, state, result, error, failures, instance_id, duration_s, finished_at"
         if top is not None:
             rows = await self.store.fetchall(
                 f"SELECT {cols} FROM tasks WHERE job_id = ? AND finished_at IS NOT NULL"
@@ -450,7 +450,9 @@ def _task_dict(row: sqlite3.Row, *, full: bool = False) -> dict[str, Any]:
         out["result"] = jsonx.loads(row["result"]) if row["result"] is not None else None
     else:
         out["error"] = row["error"]
-    out.update(attempts=row["attempt"], instance=row["instance_id"], duration_s=row["duration_s"],
+    # Attempts that ran to an outcome: hand-backs (drain, interruption) do not count.
+    attempts = row["failures"] + (1 if row["state"] == "succeeded" else 0)
+    out.update(attempts=attempts, instance=row["instance_id"], duration_s=row["duration_s"],
                finished_at=row["finished_at"], task=row["id"])
     if full:
         out.update(state=row["state"], priority=row["priority"], failures=row["failures"],
@@ -467,7 +469,7 @@ def _instance_dict(row: sqlite3.Row, leases: int) -> dict[str, Any]:
         "id": row["id"], "provider": row["provider"], "state": row["state"], "slots": row["slots"],
         "leases": leases, "created_at": row["created_at"], "started_at": row["started_at"],
         "last_seen_at": row["last_seen_at"], "ended_at": row["ended_at"], "last_error": row["last_error"],
-        "price_per_hour": row["price_per_hour"],
+        "price_per_hour": row["price_per_hour"], "cloud_id": row["cloud_id"],
     }
 
 

@@ -17,6 +17,7 @@ import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from agent.protocol import (
+    Draining,
     ErrorMessage,
     Hello,
     ProtocolError,
@@ -143,6 +144,8 @@ class AgentHub:
                         await self._refuse(ws, "protocol", "hello may only be sent once")
                         break
                     self.dispatcher.handle(session, parsed)
+                    if isinstance(parsed, Draining):
+                        await self._mark_draining(hello.instance)
                 elif msg.type == WSMsgType.ERROR:
                     reason = f"error: {ws.exception()}"
                     break
@@ -160,6 +163,13 @@ class AgentHub:
             with suppress(Exception):
                 await self.store.write(_seen, hello.instance)
             log_.info("agent_disconnected", reason=reason, close_code=ws.close_code)
+
+    async def _mark_draining(self, instance_id: str) -> None:
+        """The agent drains on its own (SIGTERM, interruption): record it, so its exit is a drain."""
+        try:
+            await self.store.write(lambda tx: tx.transition_instance(instance_id, InstanceEvent.DRAIN))
+        except TransitionError:
+            pass  # already draining or stopping
 
     async def _authenticate(self, hello: Hello) -> int | None:
         return await self.store.write(_authenticate_tx, hello.instance, token_hash(hello.token))

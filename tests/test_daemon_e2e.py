@@ -167,3 +167,29 @@ async def test_bad_worker_spec_names_the_key(daemon: Any) -> None:
     assert status == 400 and "cloudtask.yaml: function" in body["error"]["message"]
     status, body = await api.request("POST", "/v1/workers", data=b"not a tarball")
     assert status == 400 and "not a valid tar" in body["error"]["message"]
+
+
+async def test_sigterm_drains_the_agent_and_hands_back_without_counting(daemon: Any) -> None:
+    import os
+    import signal
+
+    d, api = daemon
+    tasks = [{"id": f"s{i}", "data": {"n": i, "sleep": 1.0}} for i in range(6)]
+    job_id = await submit(api, PY_WORKER, jsonl(tasks), max_attempts=1)
+
+    async def busy_instance() -> Any:
+        _, body = await api.request("GET", "/v1/instances")
+        running = [i for i in body["instances"] if i["state"] == "running" and i["leases"] >= 2]
+        return running[0] if running else None
+    inst = await wait_for(busy_instance, message="an agent holding leases")
+    os.kill(int(inst["cloud_id"]), signal.SIGTERM)
+    job = await wait_for(lambda: finished(api, job_id), timeout=40, message="job done after the drain")
+    # max_attempts=1: had a hand-back counted as an attempt, tasks would be dead.
+    assert job["counts"]["succeeded"] == 6
+    res = await results(api, job_id)
+    assert all(r["attempts"] == 1 for r in res.values())
+    _, body = await api.request("GET", "/v1/instances?all=1")
+    first = next(i for i in body["instances"] if i["id"] == inst["id"])
+    assert first["state"] == "stopped" and first["last_error"] is None
+    _, ev = await api.request("GET", f"/v1/events?job={job_id}&limit=10000")
+    assert any(e["kind"] == "lease_handed_back" for e in ev["events"])
