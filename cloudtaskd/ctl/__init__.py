@@ -1,0 +1,1 @@
+"""cloudtaskctl: the command-line client of cloudtaskd (commands, API client, progress display)."""

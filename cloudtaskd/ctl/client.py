@@ -1,0 +1,195 @@
+"""ApiClient: one async method per endpoint of the control API (docs/api.md), over the unix socket.
+
+Error bodies become `cloudtaskd.errors` exceptions so callers never look at status codes, and a
+socket nobody answers on becomes DaemonUnavailable (the `run` command starts its own daemon then).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from agent import jsonx
+from cloudtaskd.errors import BadInput, CloudtaskError, DaemonUnavailable, NotFound
+
+BASE_URL = "http://cloudtaskd"
+UPLOAD_CHUNK_BYTES = 1 << 20
+CONNECT_TIMEOUT_S = 10.0
+
+
+async def _file_chunks(path: Path, chunk_bytes: int = UPLOAD_CHUNK_BYTES) -> AsyncIterator[bytes]:
+    """The file in chunks, read in a thread: task files can be far larger than memory."""
+    f = await asyncio.to_thread(path.open, "rb")
+    try:
+        while chunk := await asyncio.to_thread(f.read, chunk_bytes):
+            yield chunk
+    finally:
+        f.close()
+
+
+def _error_from(status: int, body: bytes, path: str) -> CloudtaskError:
+    info: dict[str, Any] = {}
+    try:
+        parsed = jsonx.loads(body)
+        if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+            info = parsed["error"]
+    except ValueError:
+        pass  # not our JSON error body (e.g. aiohttp's own 404 for an unknown route): use the text
+    message = str(info.get("message") or body.decode(errors="replace").strip() or f"HTTP {status} from {path}")
+    if status == 400:
+        line = info.get("line")
+        field = info.get("field")
+        return BadInput(message, line=line if isinstance(line, int) else None,
+                        field=field if isinstance(field, str) else None)
+    if status == 404:
+        return NotFound(message)
+    return CloudtaskError(message)
+
+
+class ApiClient:
+    """A client of one daemon. Use as `async with ApiClient(path) as api:`."""
+
+    def __init__(self, socket_path: str | Path) -> None:
+        self.socket_path = Path(socket_path)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> ApiClient:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        # Made on first use so the client can be built outside a running loop.
+        if self._session is None:
+            # No total timeout: uploads of big task files and result streams legitimately take long.
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S)
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.UnixConnector(path=str(self.socket_path)), timeout=timeout)
+        return self._session
+
+    def _unavailable(self, exc: Exception) -> DaemonUnavailable:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        return DaemonUnavailable(f"cloudtaskd is not reachable at {self.socket_path}: {reason}")
+
+    async def _call(self, method: str, path: str, *, params: dict[str, str] | None = None,
+                    json: Any = None, data: Any = None, headers: dict[str, str] | None = None) -> Any:
+        try:
+            async with self._http().request(method, BASE_URL + path, params=params, json=json, data=data,
+                                            headers=headers) as resp:
+                body = await resp.read()
+                if resp.status >= 300:
+                    raise _error_from(resp.status, body, path)
+                return jsonx.loads(body) if body else None
+        except aiohttp.ClientConnectionError as exc:
+            raise self._unavailable(exc) from exc
+
+    # ---- endpoints --------------------------------------------------------------------------
+
+    async def health(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("GET", "/v1/health")
+        return result
+
+    async def upload_worker(self, bundle: Path | bytes) -> dict[str, Any]:
+        """Upload a gzip'd tar (a file is streamed, not read whole); returns {"digest", "spec"}."""
+        data = _file_chunks(bundle) if isinstance(bundle, Path) else bundle
+        result: dict[str, Any] = await self._call("POST", "/v1/workers", data=data,
+                                                  headers={"Content-Type": "application/gzip"})
+        return result
+
+    async def create_job(self, name: str, worker: str, *, max_instances: int | None = None,
+                         max_attempts: int | None = None, timeout_s: float | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name, "worker": worker}
+        for key, value in (("max_instances", max_instances), ("max_attempts", max_attempts),
+                           ("timeout_s", timeout_s)):
+            if value is not None:
+                body[key] = value
+        result: dict[str, Any] = await self._call("POST", "/v1/jobs", json=body)
+        return result
+
+    async def upload_tasks(self, job_id: int, tasks_file: Path, *, source: str | None = None) -> int:
+        """Stream a task file; returns how many tasks were accepted. `source` names it in errors."""
+        params = {"source": source if source is not None else tasks_file.name}
+        result = await self._call("POST", f"/v1/jobs/{job_id}/tasks", params=params, data=_file_chunks(tasks_file),
+                                  headers={"Content-Type": "application/octet-stream"})
+        return int(result["accepted"])
+
+    async def list_jobs(self) -> list[dict[str, Any]]:
+        result = await self._call("GET", "/v1/jobs")
+        jobs: list[dict[str, Any]] = result["jobs"]
+        return jobs
+
+    async def get_job(self, job_id: int) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("GET", f"/v1/jobs/{job_id}")
+        return result
+
+    async def cancel_job(self, job_id: int) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("POST", f"/v1/jobs/{job_id}/cancel")
+        return result
+
+    async def retry_job(self, job_id: int) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("POST", f"/v1/jobs/{job_id}/retry")
+        return result
+
+    async def list_tasks(self, job_id: int, *, state: str | None = None, limit: int | None = None,
+                         after: int | None = None) -> list[dict[str, Any]]:
+        params = {k: str(v) for k, v in (("state", state), ("limit", limit), ("after", after)) if v is not None}
+        result = await self._call("GET", f"/v1/jobs/{job_id}/tasks", params=params)
+        tasks: list[dict[str, Any]] = result["tasks"]
+        return tasks
+
+    async def results(self, job_id: int, *, top: int | None = None,
+                      after: int | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Result objects as the daemon streams them; memory stays flat however many there are."""
+        params = {k: str(v) for k, v in (("top", top), ("after", after)) if v is not None}
+        path = f"/v1/jobs/{job_id}/results"
+        try:
+            async with self._http().get(BASE_URL + path, params=params) as resp:
+                if resp.status >= 300:
+                    raise _error_from(resp.status, await resp.read(), path)
+                # Split lines ourselves: StreamReader.readline refuses lines over its buffer limit,
+                # and a task's result can be large. A line's parts are joined once, when it ends.
+                parts: list[bytes] = []
+                async for chunk in resp.content.iter_any():
+                    if b"\n" not in chunk:
+                        parts.append(chunk)
+                        continue
+                    head, *lines, tail = chunk.split(b"\n")
+                    parts.append(head)
+                    for line in (b"".join(parts), *lines):
+                        if line.strip():
+                            yield jsonx.loads(line)
+                    parts = [tail]
+                last = b"".join(parts)
+                if last.strip():
+                    yield jsonx.loads(last)
+        except aiohttp.ClientConnectionError as exc:
+            raise self._unavailable(exc) from exc
+
+    async def list_instances(self, *, include_stopped: bool = False) -> list[dict[str, Any]]:
+        result = await self._call("GET", "/v1/instances", params={"all": "1"} if include_stopped else None)
+        instances: list[dict[str, Any]] = result["instances"]
+        return instances
+
+    async def drain_instance(self, instance_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("POST", f"/v1/instances/{quote(instance_id, safe='')}/drain")
+        return result
+
+    async def events(self, *, after: int | None = None, limit: int | None = None,
+                     job_id: int | None = None) -> list[dict[str, Any]]:
+        params = {k: str(v) for k, v in (("after", after), ("limit", limit), ("job", job_id)) if v is not None}
+        result = await self._call("GET", "/v1/events", params=params)
+        events: list[dict[str, Any]] = result["events"]
+        return events

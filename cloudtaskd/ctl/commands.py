@@ -1,0 +1,205 @@
+"""The commands that only read or nudge an existing daemon: status, watch, results, tasks, retry,
+cancel, instances, drain. Each returns its exit status; errors are raised and mapped in main."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from agent import jsonx
+from cloudtaskd.ctl.client import ApiClient
+from cloudtaskd.ctl.output import Ctx, ago, shorten, table
+from cloudtaskd.ctl.progress import ProgressDisplay, format_progress, format_rate
+
+EXIT_OK = 0
+EXIT_INCOMPLETE = 1  # the job ended, but not every task succeeded
+
+TTY_POLL_S = 0.2  # matches the display's redraw rate: polling faster would not show anything more
+PLAIN_POLL_S = 1.0
+RESULTS_POLL_S = 1.0
+UNFINISHED_STATES = ("staged", "queued", "leased", "failed")
+
+
+def job_finished(job: dict[str, Any]) -> bool:
+    # A job cancelled before any task arrived never becomes `done` (done needs total > 0).
+    return bool(job.get("done")) or (job.get("state") == "cancelled" and not job["counts"].get("total"))
+
+
+def job_exit_status(job: dict[str, Any]) -> int:
+    counts = job["counts"]
+    return EXIT_OK if counts.get("total") and counts.get("succeeded") == counts.get("total") else EXIT_INCOMPLETE
+
+
+async def follow_job(api: ApiClient, job_id: int, display: ProgressDisplay | None,
+                     on_change: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Poll the job until it is finished; returns its final state."""
+    poll_s = TTY_POLL_S if display is not None and display.tty else PLAIN_POLL_S
+    last_key: tuple[Any, ...] | None = None
+    while True:
+        job = await api.get_job(job_id)
+        key = _progress_key(job)
+        if on_change is not None and key != last_key:
+            on_change(job)
+        last_key = key
+        if job_finished(job):
+            if display is not None:
+                display.finish(job)
+            return job
+        if display is not None:
+            display.update(job)
+        await asyncio.sleep(poll_s)
+
+
+def _progress_key(job: dict[str, Any]) -> tuple[Any, ...]:
+    return (job.get("state"), job.get("done"), tuple(sorted(job["counts"].items())), job.get("instances"))
+
+
+def _job_row(job: dict[str, Any]) -> list[Any]:
+    c = job["counts"]
+    finished = c.get("succeeded", 0) + c.get("dead", 0) + c.get("cancelled", 0)
+    state = "done" if job.get("done") else job.get("state")
+    return [job["id"], shorten(job.get("name"), 24), state, f"{finished}/{c.get('total', 0)}", c.get("succeeded", 0),
+            c.get("dead", 0), c.get("leased", 0), c.get("queued", 0) + c.get("staged", 0) + c.get("failed", 0),
+            format_rate(float(job.get("rate_per_s") or 0.0)), job.get("instances", 0), ago(job.get("created_at"))]
+
+
+JOB_HEADERS = ("ID", "NAME", "STATE", "FINISHED", "OK", "DEAD", "RUNNING", "WAITING", "RATE", "INSTANCES", "CREATED")
+
+
+async def cmd_status(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
+    if args.job is None:
+        jobs = await api.list_jobs()
+        if ctx.json:
+            ctx.emit_json({"jobs": jobs})
+        elif not jobs:
+            ctx.say("no jobs")
+        else:
+            ctx.say(table(JOB_HEADERS, [_job_row(j) for j in jobs]))
+        return EXIT_OK
+    job = await api.get_job(args.job)
+    if ctx.json:
+        ctx.emit_json(job)
+    else:
+        state = "done" if job.get("done") else job.get("state")
+        ctx.say(f"job {job['id']} {job.get('name')!r}: {state}, created {ago(job.get('created_at'))}, "
+                f"worker {str(job.get('worker'))[:12]}")
+        ctx.say(format_progress(job, 100))
+    return EXIT_OK
+
+
+async def cmd_watch(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
+    if ctx.json:
+        # Scripts get each change as one JSON line instead of a redrawn bar.
+        job = await follow_job(api, args.job, None, on_change=ctx.emit_json)
+    else:
+        job = await follow_job(api, args.job, ProgressDisplay(ctx.err))
+    return job_exit_status(job)
+
+
+async def _lowest_unfinished(api: ApiClient, job_id: int) -> int | None:
+    firsts = await asyncio.gather(*(api.list_tasks(job_id, state=s, limit=1) for s in UNFINISHED_STATES))
+    rowids = [int(tasks[0]["task"]) for tasks in firsts if tasks]
+    return min(rowids) if rowids else None
+
+
+async def follow_results(api: ApiClient, job_id: int, emit: Callable[[dict[str, Any]], None], *,
+                         poll_s: float = RESULTS_POLL_S) -> None:
+    """Emit each finished task once, as it finishes, until the job is finished.
+
+    Tasks finish out of id order, so paging with `after=<last id seen>` alone would skip a task
+    that finishes after a later one. The watermark is therefore the id just below the lowest
+    unfinished task (all at or below it are final), and ids above it already emitted are remembered.
+    """
+    watermark = 0
+    emitted: set[int] = set()
+    while True:
+        # Read in this order: a job finished before the stream below means the stream holds everything,
+        # and a task finished before `lowest` was taken is above the old watermark, so it is streamed.
+        finished = job_finished(await api.get_job(job_id))
+        lowest = await _lowest_unfinished(api, job_id)
+        async for result in api.results(job_id, after=watermark):
+            rowid = int(result["task"])
+            if rowid not in emitted:
+                emitted.add(rowid)
+                emit(result)
+        if finished:
+            return
+        watermark = max(watermark, lowest - 1 if lowest is not None else max(emitted, default=0))
+        emitted = {r for r in emitted if r > watermark}
+        await asyncio.sleep(poll_s)
+
+
+async def cmd_results(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
+    # Always JSON lines, --json or not: results are data, and a table of arbitrary JSON helps nobody.
+    def emit(result: dict[str, Any]) -> None:
+        ctx.out.write(jsonx.dumps(result) + "\n")
+
+    if args.follow:
+        await follow_results(api, args.job, emit)
+    else:
+        async for result in api.results(args.job, top=args.top):
+            emit(result)
+    return EXIT_OK
+
+
+async def cmd_tasks(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
+    tasks = await api.list_tasks(args.job, state=args.state, limit=args.limit)
+    if ctx.json:
+        ctx.emit_json({"tasks": tasks})
+    elif not tasks:
+        ctx.say("no tasks" + (f" in state {args.state}" if args.state else ""))
+    else:
+        rows = [[t.get("task"), shorten(t.get("id"), 24), t.get("state"), t.get("attempts"), t.get("priority"),
+                 t.get("instance"), "-" if t.get("duration_s") is None else f"{t['duration_s']:.2f}s",
+                 shorten(t.get("error") if "error" in t else jsonx.dumps(t.get("result")), 50)] for t in tasks]
+        ctx.say(table(("TASK", "ID", "STATE", "ATTEMPTS", "PRIORITY", "INSTANCE", "DURATION", "RESULT/ERROR"), rows))
+    return EXIT_OK
+
+
+def _job_line(verb: str, job: dict[str, Any]) -> str:
+    return f"job {job['id']} {verb}: {format_progress(job, 100)}"
+
+
+async def cmd_retry(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
+    job = await api.retry_job(args.job)
+    if ctx.json:
+        ctx.emit_json(job)
+    else:
+        ctx.say(_job_line("retried", job))
+    return EXIT_OK
+
+
+async def cmd_cancel(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
+    job = await api.cancel_job(args.job)
+    if ctx.json:
+        ctx.emit_json(job)
+    else:
+        ctx.say(_job_line("cancelled", job))
+    return EXIT_OK
+
+
+async def cmd_instances(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
+    instances = await api.list_instances(include_stopped=args.all)
+    if ctx.json:
+        ctx.emit_json({"instances": instances})
+    elif not instances:
+        ctx.say("no instances" + ("" if args.all else " running (--all shows stopped ones)"))
+    else:
+        rows = [[i["id"], i.get("provider"), i.get("state"), i.get("slots"), i.get("leases"),
+                 ago(i.get("created_at")), ago(i.get("last_seen_at")),
+                 "-" if i.get("price_per_hour") is None else f"{i['price_per_hour']:.4f}",
+                 shorten(i.get("last_error"), 40)] for i in instances]
+        ctx.say(table(("ID", "PROVIDER", "STATE", "SLOTS", "LEASES", "CREATED", "SEEN", "PRICE/H", "LAST ERROR"),
+                      rows))
+    return EXIT_OK
+
+
+async def cmd_drain(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
+    inst = await api.drain_instance(args.instance)
+    if ctx.json:
+        ctx.emit_json(inst)
+    else:
+        ctx.say(f"instance {inst['id']}: {inst.get('state')}")
+    return EXIT_OK

@@ -1,0 +1,179 @@
+"""cloudtaskctl's entry point: arguments, config, and one place that turns errors into exit statuses.
+
+Exit statuses: 0 all succeeded / done, 1 a job ended with tasks that did not succeed, 2 bad input
+(arguments, config, worker, task file), 3 daemon unavailable or any other failure, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import TextIO
+
+from agent.workerspec import WorkerSpecError
+from cloudtaskd.config import load_config
+from cloudtaskd.ctl import commands
+from cloudtaskd.ctl.client import ApiClient
+from cloudtaskd.ctl.output import Ctx
+from cloudtaskd.ctl.run import EXIT_INTERRUPTED, cmd_run, cmd_submit
+from cloudtaskd.errors import BadInput, CloudtaskError, ConfigError, DaemonUnavailable
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 3
+TASK_STATES = ("staged", "queued", "leased", "failed", "succeeded", "dead", "cancelled")
+DEFAULT_RESULTS = "results.jsonl"
+
+Command = Callable[[Ctx, ApiClient, argparse.Namespace], Awaitable[int]]
+
+
+def _int_in(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {raw!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"expected a number between {lo} and {hi}, got {value}")
+        return value
+
+    return parse
+
+
+def _global_options(*, suppress: bool) -> argparse.ArgumentParser:
+    # SUPPRESS in the subcommands: an option not given there must not reset what was given before.
+    # Each parser gets its own copy: argparse shares a parent's action objects, defaults included.
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if suppress else value
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", default=default(None),
+                        help="YAML config file (the daemon's; gives the state directory and socket)")
+    common.add_argument("--socket", metavar="PATH", default=default(None),
+                        help="the daemon's control socket (default: <state_dir>/cloudtaskd.sock)")
+    common.add_argument("--json", action="store_true", default=default(False),
+                        help="machine output: the API's objects as JSON")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # The global options are accepted before and after the command (`cloudtaskctl status --json`).
+    parser = argparse.ArgumentParser(prog="cloudtaskctl", parents=[_global_options(suppress=False)],
+                                     description="Run and inspect cloudtask jobs.")
+    common = _global_options(suppress=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+
+    for name, help_text in (("run", "submit a job, follow it to the end, write its results"),
+                            ("submit", "submit a job and print its id at once")):
+        p = add(name, help_text)
+        p.add_argument("--tasks", required=True, metavar="FILE", help="tasks as a JSON array or JSON Lines")
+        worker = p.add_mutually_exclusive_group(required=True)
+        worker.add_argument("--worker", metavar="DIR", help="worker directory holding cloudtask.yaml")
+        worker.add_argument("--worker-repo", metavar="URL", help="git repository holding cloudtask.yaml")
+        p.add_argument("--worker-ref", metavar="REF", help="branch or tag of --worker-repo")
+        p.add_argument("--max-instances", type=_int_in(0, 100_000), metavar="N")
+        p.add_argument("--max-attempts", type=_int_in(1, 100), metavar="N")
+        p.add_argument("--name", help="job name (default: the task file's name)")
+        if name == "run":
+            p.add_argument("--results", default=DEFAULT_RESULTS, metavar="FILE",
+                           help=f"where to write one JSON line per task (default: {DEFAULT_RESULTS})")
+
+    add("status", "all jobs, or one").add_argument("job", nargs="?", type=int, metavar="JOB")
+    add("watch", "show a job's progress until it is done").add_argument("job", type=int, metavar="JOB")
+    p = add("results", "finished tasks' results as JSON lines")
+    p.add_argument("job", type=int, metavar="JOB")
+    p.add_argument("--top", type=_int_in(0, 10_000_000), metavar="N", help="the N most recently finished")
+    p.add_argument("--follow", action="store_true", help="keep printing results as tasks finish, until done")
+    p = add("tasks", "list a job's tasks")
+    p.add_argument("job", type=int, metavar="JOB")
+    p.add_argument("--state", choices=TASK_STATES)
+    p.add_argument("--limit", type=_int_in(1, 10_000), default=100, metavar="N")
+    add("retry", "queue a job's dead and cancelled tasks again").add_argument("job", type=int, metavar="JOB")
+    add("cancel", "cancel what is unfinished in a job").add_argument("job", type=int, metavar="JOB")
+    add("instances", "list instances").add_argument("--all", action="store_true", help="include stopped ones")
+    add("drain", "let an instance finish its tasks, then stop it").add_argument("instance", metavar="INSTANCE")
+    return parser
+
+
+COMMANDS: dict[str, Command] = {
+    "status": commands.cmd_status,
+    "watch": commands.cmd_watch,
+    "results": commands.cmd_results,
+    "tasks": commands.cmd_tasks,
+    "retry": commands.cmd_retry,
+    "cancel": commands.cmd_cancel,
+    "instances": commands.cmd_instances,
+    "drain": commands.cmd_drain,
+}
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in ("run", "submit") and args.worker_ref and not args.worker_repo:
+        parser.error("--worker-ref needs --worker-repo")
+    if args.command == "results" and args.follow and args.top is not None:
+        parser.error("--top and --follow cannot be combined (--top is newest first, --follow in task order)")
+    return args
+
+
+async def _dispatch(ctx: Ctx, args: argparse.Namespace) -> int:
+    if args.command == "run":
+        return await cmd_run(ctx, args)
+    if args.command == "submit":
+        return await cmd_submit(ctx, args)
+    async with ApiClient(ctx.config.socket_path) as api:
+        return await COMMANDS[args.command](ctx, api, args)
+
+
+def main(argv: list[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out = out if out is not None else sys.stdout
+    err = err if err is not None else sys.stderr
+    try:
+        args = _parse(argv)
+    except SystemExit as exc:  # argparse's way out: usage errors (2) and --help (0)
+        return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
+
+    def fail(status: int, message: str) -> int:
+        err.write(f"cloudtaskctl: {message}\n")
+        return status
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        return fail(EXIT_BAD_INPUT, str(exc))
+    if args.socket:
+        config = replace(config, api=replace(config.api, socket=args.socket))
+    ctx = Ctx(config=config, json=args.json, out=out, err=err)
+    try:
+        return asyncio.run(_dispatch(ctx, args))
+    except KeyboardInterrupt:
+        if err.isatty():
+            err.write("\n")  # end a progress line the interrupt left behind
+        return EXIT_INTERRUPTED
+    except (BadInput, ConfigError, WorkerSpecError) as exc:
+        return fail(EXIT_BAD_INPUT, str(exc))
+    except DaemonUnavailable as exc:
+        return fail(EXIT_FAILED, f"{exc}\n  start it (`cloudtaskd --config FILE`), point at it with --socket or "
+                                 f"--config, or use `cloudtaskctl run`, which starts one for its duration")
+    except CloudtaskError as exc:
+        return fail(EXIT_FAILED, str(exc))
+    except BrokenPipeError:
+        # The reader went away (`| head`): not a failure to report. Point stdout at /dev/null so
+        # the interpreter's final flush does not complain about the broken pipe either.
+        if out is sys.stdout:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except OSError as exc:
+        return fail(EXIT_FAILED, f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Progress display without dependencies: one redrawn line on a terminal, plain lines otherwise.
+
+`format_progress` is pure (a job dict and a width in, a line out) so it is tested on its own;
+`ProgressDisplay` only decides when and how to write it.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+TTY_INTERVAL_S = 0.2  # at most ~5 redraws a second: faster is flicker, not information
+PLAIN_INTERVAL_S = 10.0  # a log file or a CI console wants a line now and then, not a stream
+PLAIN_WIDTH = 100
+MIN_BAR_WIDTH = 10
+
+
+def format_duration(seconds: float) -> str:
+    """0:07, 12:34, 1:02:03, 3d04h: compact, and stable in width within each range."""
+    s = max(0, math.ceil(seconds))
+    if s >= 100 * 3600:
+        return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+    if s >= 3600:
+        return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+    return f"{s // 60}:{s % 60:02d}"
+
+
+def format_rate(per_s: float) -> str:
+    if per_s >= 100:
+        return f"{per_s:.0f}/s"
+    if per_s >= 1:
+        return f"{per_s:.1f}/s"
+    return f"{per_s:.2f}/s"
+
+
+# Long labels when the bar can still get a useful width beside them, short ones on a narrow terminal.
+LONG_LABELS = {"sep": "  ", "dead": "dead ", "cancelled": "cancelled ", "running": "running ", "queued": "queued ",
+               "retrying": "retrying ", "instances": "instances "}
+SHORT_LABELS = {"sep": " ", "dead": "dead ", "cancelled": "canc ", "running": "run ", "queued": "queue ",
+                "retrying": "retry ", "instances": "inst "}
+COMFORTABLE_BAR_WIDTH = 20
+
+
+# What goes first when even the short line does not fit: the least useful at a glance.
+DROP_ORDER = ("instances", "rate", "retrying", "cancelled", "queued", "running", "dead")
+
+
+def _segments(job: dict[str, Any], labels: dict[str, str]) -> tuple[list[tuple[str, str]], float]:
+    counts: dict[str, int] = job.get("counts") or {}
+    total = int(counts.get("total", 0))
+    dead, cancelled = int(counts.get("dead", 0)), int(counts.get("cancelled", 0))
+    finished = int(counts.get("succeeded", 0)) + dead + cancelled
+    remaining = max(0, total - finished)
+    rate = float(job.get("rate_per_s") or 0.0)
+    fraction = finished / total if total else 0.0
+    percent = math.floor(fraction * 1000) / 10  # floor, so 999 of 1000 never reads as 100.0%
+
+    parts = [("percent", f"{percent:5.1f}%"), ("finished", f"{finished}/{total}"),
+             ("dead", f"{labels['dead']}{dead}")]
+    if cancelled:
+        parts.append(("cancelled", f"{labels['cancelled']}{cancelled}"))
+    parts.append(("running", f"{labels['running']}{int(counts.get('leased', 0))}"))
+    parts.append(("queued", f"{labels['queued']}{int(counts.get('queued', 0)) + int(counts.get('staged', 0))}"))
+    if counts.get("failed"):
+        # `failed` tasks are waiting out a backoff before their retry: neither queued nor over.
+        parts.append(("retrying", f"{labels['retrying']}{int(counts['failed'])}"))
+    parts.append(("rate", format_rate(rate)))
+    if job.get("done"):
+        parts.append(("eta", "done"))
+    elif job.get("state") == "cancelled":
+        parts.append(("eta", "cancelling"))
+    elif total > 0 and rate > 0:
+        parts.append(("eta", f"ETA {format_duration(remaining / rate)}"))
+    else:
+        parts.append(("eta", "ETA --"))  # nothing uploaded yet, or nothing finished lately: no honest estimate
+    parts.append(("instances", f"{labels['instances']}{int(job.get('instances') or 0)}"))
+    return parts, fraction
+
+
+def format_progress(job: dict[str, Any], width: int) -> str:
+    """One line for a job, at most `width` characters; the bar takes whatever room is left."""
+    for labels, min_bar in ((LONG_LABELS, COMFORTABLE_BAR_WIDTH), (SHORT_LABELS, MIN_BAR_WIDTH)):
+        parts, fraction = _segments(job, labels)
+        text = labels["sep"].join(t for _, t in parts)
+        bar_width = width - len(text) - 3  # "[", "]" and a space
+        if bar_width >= min_bar:
+            filled = int(fraction * bar_width)
+            return f"[{'#' * filled}{'.' * (bar_width - filled)}] {text}"
+    # No room for a bar: keep the numbers that matter most, whole, rather than cut one in half.
+    for key in DROP_ORDER:
+        if len(text) <= width:
+            break
+        parts = [p for p in parts if p[0] != key]
+        text = SHORT_LABELS["sep"].join(t for _, t in parts).strip()
+    return text.strip()[:max(0, width)]
+
+
+class ProgressDisplay:
+    """Writes progress lines to a stream; call `update` as often as you like, it rate-limits itself."""
+
+    def __init__(self, stream: TextIO, *, tty: bool | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.stream = stream
+        self.tty = stream.isatty() if tty is None else tty
+        self.interval_s = TTY_INTERVAL_S if self.tty else PLAIN_INTERVAL_S
+        self.clock = clock
+        self._last_draw = -math.inf
+        self._drawn = 0  # characters on the current terminal line, to blank out when shorter
+
+    def update(self, job: dict[str, Any], *, force: bool = False) -> None:
+        now = self.clock()
+        if not force and now - self._last_draw < self.interval_s:
+            return
+        self._last_draw = now
+        if self.tty:
+            # One column short of the terminal: writing the last column makes some terminals wrap.
+            width = shutil.get_terminal_size((80, 24)).columns - 1
+            line = format_progress(job, width)
+            self.stream.write("\r" + line + " " * max(0, self._drawn - len(line)))
+            self._drawn = len(line)
+        else:
+            self.stream.write(f"job {job.get('id')}: {format_progress(job, PLAIN_WIDTH)}\n")
+        self.stream.flush()
+
+    def finish(self, job: dict[str, Any] | None = None) -> None:
+        """Draw the final state (if given) and end the line, so what follows starts on its own."""
+        if job is not None:
+            self.update(job, force=True)
+        if self.tty and self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._drawn = 0
