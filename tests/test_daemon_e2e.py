@@ -173,7 +173,7 @@ async def test_sigterm_drains_the_agent_and_hands_back_without_counting(daemon: 
     import os
     import signal
 
-    d, api = daemon
+    _, api = daemon
     tasks = [{"id": f"s{i}", "data": {"n": i, "sleep": 1.0}} for i in range(6)]
     job_id = await submit(api, PY_WORKER, jsonl(tasks), max_attempts=1)
 
