@@ -6,12 +6,12 @@ import json
 from typing import Any
 
 import pytest
-from cloudtaskd.taskfile import ParsedTask
 
 from agent.protocol import Failure, Success
 from cloudtaskd import queue
 from cloudtaskd.errors import BadInput
 from cloudtaskd.store import Store, Tx
+from cloudtaskd.taskfile import ParsedTask
 
 
 def _setup_job(tx: Tx, max_attempts: int = 3) -> dict[str, Any]:
