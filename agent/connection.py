@@ -43,6 +43,7 @@ from agent.workerspec import RESOLVED_SPEC_FILE, WorkerSpec
 RECONNECT_MIN_S = 0.2
 RECONNECT_MAX_S = 15.0
 DEFAULT_DRAIN_GRACE_S = 60.0
+ACK_WAIT_S = 5.0
 
 
 def log(event: str, **fields: Any) -> None:
@@ -86,7 +87,6 @@ class Agent:
         self._flush_event = asyncio.Event()
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self.draining = False
-        self._drain_deadline: float | None = None
         self.done = asyncio.Event()
         self.heartbeat_s = 15.0
         self.completed = 0
@@ -115,7 +115,8 @@ class Agent:
         if self.draining:
             return
         self.draining = True
-        self._drain_deadline = time.monotonic() + self.drain_grace_s
+        # A timer, not the heartbeat loop: the grace must end even while disconnected.
+        asyncio.get_running_loop().call_later(self.drain_grace_s, self._drain_timeout)
         log("agent_draining", reason=reason, held=len(self.held))
         self._send_now(encode(Draining(reason)))
         # Tasks not yet started go back at once: another instance can run them now.
@@ -123,6 +124,19 @@ class Agent:
             self._handback(self.ready.popleft())
         self._ready_event.set()
         self._check_drained()
+
+    def _drain_timeout(self) -> None:
+        """Grace is over: stop what still runs and give it back; exit once acked (or at once if
+        the daemon cannot be reached: unacked leases expire there and are retried)."""
+        for tid in list(self.held):
+            h = self.held[tid]
+            if h.runner_task is not None:
+                h.runner_task.cancel()
+            self._handback(tid)
+        if self._ws is None:
+            self.done.set()
+        else:
+            asyncio.get_running_loop().call_later(ACK_WAIT_S, self.done.set)
 
     def _check_drained(self) -> None:
         if self.draining and not self.held and not self._unacked and not self._pending:
@@ -297,13 +311,6 @@ class Agent:
             refs = [[tid, h.task.token] for tid, h in self.held.items()]
             if refs:
                 await ws.send_str(jsonx.dumps({"t": "hb", "leases": refs}))
-            if self.draining and self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
-                # Grace is over: stop what still runs and give it back.
-                for tid in list(self.held):
-                    h = self.held[tid]
-                    if h.runner_task is not None:
-                        h.runner_task.cancel()
-                    self._handback(tid)
 
     # ---- running tasks ----
 

@@ -33,11 +33,13 @@ from agent.protocol import (
 )
 from cloudtaskd import queue
 from cloudtaskd.config import Config
+from cloudtaskd.errors import StoreError
 from cloudtaskd.store import Store, Tx
 
 log = structlog.get_logger("cloudtaskd.dispatch")
 
 TIMER_INTERVAL_S = 0.5
+ROUND_RETRY_S = 1.0
 
 
 @dataclass(eq=False)
@@ -149,7 +151,14 @@ class Dispatcher:
                 except TimeoutError:
                     pass
             self._wake.clear()
-            await self.round()
+            try:
+                await self.round()
+            except StoreError as exc:
+                # Disk full, I/O error: nothing of the round was committed or acknowledged. Keep
+                # the reports and try again; agents hold their unacked reports meanwhile.
+                log.error("dispatch_round_failed", error=str(exc), retry_in_s=ROUND_RETRY_S)
+                await asyncio.sleep(ROUND_RETRY_S)
+                self._wake.set()
 
     async def round(self) -> None:
         now = time.time()
@@ -171,7 +180,11 @@ class Dispatcher:
         if not reports and not timers and not wants:
             return
         gens = {w.session.pool_id: self._pool_gen[w.session.pool_id] for w in wants}
-        out: queue.RoundResult = await self.store.write(self._round_tx, reports, wants, timers, now=now)
+        try:
+            out: queue.RoundResult = await self.store.write(self._round_tx, reports, wants, timers, now=now)
+        except StoreError:
+            self._reports.merge_front(reports)
+            raise
         self.rounds += 1
         # --- committed: now tell the agents ---
         for inst in set(out.accepted) | set(out.refused):

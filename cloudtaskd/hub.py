@@ -112,18 +112,22 @@ class AgentHub:
             log.warning("agent_refused", peer=peer, reason=str(exc))
             await self._refuse(ws, "protocol", str(exc))
             return
-        pool_id = await self._authenticate(hello)
-        if pool_id is None:
+        auth = await self._authenticate(hello)
+        if auth is None:
             log.warning("agent_refused", peer=peer, instance=hello.instance, reason="bad instance or token")
             await self._refuse(ws, "unauthorized", "unknown instance, wrong token, or the instance has ended")
             return
 
+        pool_id, draining = auth
         log_ = log.bind(instance=hello.instance)
         kept, dropped = await self.dispatcher.reclaim(hello.instance, hello.held)
         outbox = Outbox(ws)
         session = Session(hello.instance, pool_id, hello.slots, outbox.send)
         outbox.send(encode(Welcome(self.dispatcher.ttl_s, self.dispatcher.ttl_s / 4, kept, dropped)))
         self.dispatcher.attach(session)
+        if draining:
+            # It was told to drain before this reconnect: say it again, grant it nothing.
+            self.dispatcher.drain(hello.instance)
         pump = asyncio.get_running_loop().create_task(outbox.pump(), name=f"outbox-{hello.instance}")
         log_.info("agent_connected", peer=peer, slots=hello.slots, kept=len(kept), dropped=len(dropped))
         if self.on_connect is not None:
@@ -171,7 +175,7 @@ class AgentHub:
         except TransitionError:
             pass  # already draining or stopping
 
-    async def _authenticate(self, hello: Hello) -> int | None:
+    async def _authenticate(self, hello: Hello) -> tuple[int, bool] | None:
         return await self.store.write(_authenticate_tx, hello.instance, token_hash(hello.token))
 
     async def close_all(self) -> None:
@@ -180,7 +184,8 @@ class AgentHub:
                 await ws.close(code=WSCloseCode.GOING_AWAY, message=b"daemon shutting down")
 
 
-def _authenticate_tx(tx: Tx, instance_id: str, hashed: str) -> int | None:
+def _authenticate_tx(tx: Tx, instance_id: str, hashed: str) -> tuple[int, bool] | None:
+    """(pool, draining) for a valid instance token, else None."""
     row = tx.db.execute(
         "SELECT state, token_hash, pool_id FROM instances WHERE id = ?", (instance_id,)
     ).fetchone()
@@ -195,7 +200,7 @@ def _authenticate_tx(tx: Tx, instance_id: str, hashed: str) -> int | None:
     elif state not in (InstanceState.RUNNING, InstanceState.DRAINING):
         return None
     tx.db.execute("UPDATE instances SET last_seen_at = ? WHERE id = ?", (tx.now, instance_id))
-    return int(row[2])
+    return int(row[2]), state == InstanceState.DRAINING
 
 
 def _seen(tx: Tx, instance_id: str) -> None:

@@ -167,6 +167,13 @@ class Reports:
     def __bool__(self) -> bool:
         return bool(self.done or self.failed or self.handback or self.heartbeat)
 
+    def merge_front(self, older: Reports) -> None:
+        """Put the reports of a failed round back ahead of those that arrived since."""
+        self.done[:0] = older.done
+        self.failed[:0] = older.failed
+        self.handback[:0] = older.handback
+        self.heartbeat[:0] = older.heartbeat
+
 
 @dataclass(slots=True)
 class RoundResult:

@@ -32,6 +32,7 @@ log = structlog.get_logger("cloudtaskd.reconciler")
 
 START_BACKOFF_S = 1.0
 START_BACKOFF_MAX_S = 120.0
+DRAIN_UNREACHABLE_S = 30.0
 
 
 class Reconciler:
@@ -93,6 +94,13 @@ class Reconciler:
                         error = "the agent exited before connecting: " + self._output(inst)
                         self._start_failed(row["pool_id"], now)
                 await self._move(inst, event, error=error)
+                await self._terminate(inst)
+                continue
+            if (state == InstanceState.DRAINING and inst not in self.dispatcher.sessions
+                    and now - row["state_changed_at"] > DRAIN_UNREACHABLE_S):
+                # Draining but its agent is not connected to finish: its leases expire and are
+                # retried; the machine itself must not run on.
+                await self._move(inst, InstanceEvent.DRAINED, error="drained while its agent was unreachable")
                 await self._terminate(inst)
                 continue
             if state == InstanceState.STARTING and now - row["state_changed_at"] > self.config.scaling.start_timeout_s:
