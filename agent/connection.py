@@ -105,6 +105,8 @@ class Agent:
         try:
             await self.done.wait()
         finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
             for t in (*workers, conn):
                 t.cancel()
             await asyncio.gather(*workers, conn, return_exceptions=True)
