@@ -227,4 +227,7 @@ class Dispatcher:
         return out
 
     async def reclaim(self, instance_id: str, held: list[LeaseRef]) -> tuple[list[int], list[int]]:
-        return await self.store.write(queue.reclaim, instance_id, held, self.ttl_s)
+        kept, dropped, requeued = await self.store.write(queue.reclaim, instance_id, held, self.ttl_s)
+        for pool in requeued:
+            self.notify_work(pool)
+        return kept, dropped

@@ -321,11 +321,12 @@ def lease(tx: Tx, instance_id: str, pool_id: int, n: int, ttl_s: float) -> list[
     return encoded
 
 
-def reclaim(tx: Tx, instance_id: str, held: list[LeaseRef], ttl_s: float) -> tuple[list[int], list[int]]:
-    """A reconnecting agent lists its leases: keep the valid ones (re-pointed and extended)."""
-    if not held:
-        return [], []
-    current = _current(tx.db, [h[0] for h in held])
+def reclaim(tx: Tx, instance_id: str, held: list[LeaseRef], ttl_s: float) -> tuple[list[int], list[int], set[int]]:
+    """A (re)connecting agent lists every lease it holds. The valid ones are kept (re-pointed and
+    extended); leases the daemon has on record for this instance that the agent does not list were
+    lost on the way (a grant cut off by the network, an agent restarted) and go back to the queue
+    at once, without counting an attempt. Returns (kept, dropped, pools that gained work)."""
+    current = _current(tx.db, [h[0] for h in held]) if held else {}
     kept, dropped = [], []
     for task_id, token in held:
         row = current.get(task_id)
@@ -337,7 +338,25 @@ def reclaim(tx: Tx, instance_id: str, held: list[LeaseRef], ttl_s: float) -> tup
         "UPDATE tasks SET lease_expires_at = ?, instance_id = ? WHERE id = ? AND attempt = ? AND state = 'leased'",
         kept,
     )
-    return [k[2] for k in kept], dropped
+    kept_ids = {k[2] for k in kept}
+    orphans = [
+        r for r in tx.db.execute(
+            "SELECT id, job_id, attempt, pool_id FROM tasks INDEXED BY tasks_leased"
+            " WHERE state = 'leased' AND lease_expires_at IS NOT NULL AND instance_id = ?",
+            (instance_id,),
+        ).fetchall()
+        if r[0] not in kept_ids
+    ]
+    for task_id, job_id, _, _ in orphans:
+        tx.count(job_id, S.LEASED, S.QUEUED)
+        tx.event(E.HANDED_BACK.value, job_id=job_id, task_id=task_id, instance_id=instance_id,
+                 detail="not held by the agent when it connected")
+    tx.db.executemany(
+        "UPDATE tasks SET state = 'queued', instance_id = NULL, lease_expires_at = NULL"
+        " WHERE id = ? AND attempt = ? AND state = 'leased'",
+        [(r[0], r[2]) for r in orphans],
+    )
+    return [k[2] for k in kept], dropped, {r[3] for r in orphans}
 
 
 def expire_leases(tx: Tx, backoff: tuple[float, float]) -> list[tuple[int, str | None]]:

@@ -69,8 +69,9 @@ async def test_blips_lose_nothing_and_keep_leases(tmp_path: Path) -> None:
         kinds: dict[str, Any] = dict(db.execute("SELECT kind, count(*) FROM events GROUP BY kind").fetchall())
     finally:
         db.close()
-    # Leases survived the blips: none expired, none was handed to anyone twice, no result was refused.
+    # Leases survived the blips: none expired and no result was refused. A grant cut off in flight
+    # comes back at the reconnect (handed back, no attempt counted) and is granted again.
     assert kinds.get("lease_expired", 0) == 0
     assert kinds.get("stale_report_refused", 0) == 0
     assert kinds["task_succeeded"] == n
-    assert kinds["lease_granted"] == n
+    assert kinds["lease_granted"] == n + kinds.get("lease_handed_back", 0)

@@ -174,8 +174,25 @@ async def test_handback_requeues_without_counting_an_attempt(store: Store) -> No
 async def test_reclaim_keeps_valid_leases_only(store: Store) -> None:
     await submit(store, 2)
     a, b = await lease(store, "x", 2)
-    kept, dropped = await store.write(queue.reclaim, "x", [(a["id"], a["token"]), (b["id"], 99)], 30.0)
+    kept, dropped, requeued = await store.write(queue.reclaim, "x", [(a["id"], a["token"]), (b["id"], 99)], 30.0)
     assert (kept, dropped) == ([a["id"]], [b["id"]])
+    # b was on record for x but x does not hold it (a grant lost on the way): queued again at once.
+    assert requeued == {1}
+    assert await counts(store) == {"leased": 1, "queued": 1}
+    row = await store.fetchone("SELECT failures FROM tasks WHERE id = ?", (b["id"],))
+    assert row is not None and row["failures"] == 0
+    await check(store)
+
+
+async def test_reclaim_leaves_other_instances_leases_alone(store: Store) -> None:
+    await submit(store, 2)
+    await lease(store, "x", 1)
+    await lease(store, "y", 1)
+    kept, dropped, requeued = await store.write(queue.reclaim, "x", [], 30.0)
+    assert (kept, dropped, requeued) == ([], [], {1})
+    assert await counts(store) == {"leased": 1, "queued": 1}
+    row = await store.fetchone("SELECT instance_id FROM tasks WHERE state = 'leased'")
+    assert row is not None and row["instance_id"] == "y"
 
 
 async def test_cancel_and_retry(store: Store) -> None:
