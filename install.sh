@@ -10,8 +10,9 @@ if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
   exit 1
 fi
 
-# Debian packages the test suite uses (git for --worker-repo tests).
-DEBS=(git)
+# Debian packages the test suite uses: git (--worker-repo), openssh-server (a real sshd for the
+# bootstrap tests; installing it starts no service here, the tests run their own on 127.0.0.1).
+DEBS=(git openssh-server openssh-client)
 missing=()
 for pkg in "${DEBS[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

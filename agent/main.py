@@ -41,12 +41,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker-dir", required=True, type=Path)
     parser.add_argument("--slots", type=int, default=0, help="concurrent tasks (default: CPUs / cpus_per_task)")
     parser.add_argument("--prefetch", type=int, default=None, help="extra leases held ready (default: slots)")
+    parser.add_argument("--token-file", type=Path, help="read the token from this file (mode 600)")
     parser.add_argument("--stats-file", type=Path, help="write lease round-trip times and counts here at exit")
     parser.add_argument("--drain-grace", type=float, default=60.0, help="seconds to finish work on SIGTERM")
     args = parser.parse_args(argv)
     token = os.environ.pop("CLOUDTASK_AGENT_TOKEN", "")
+    if not token and args.token_file:
+        token = args.token_file.read_text().strip()
     if not token:
-        parser.error("CLOUDTASK_AGENT_TOKEN is not set")
+        parser.error("no token: set CLOUDTASK_AGENT_TOKEN or pass --token-file")
     worker_dir = args.worker_dir.resolve()
     spec = load_spec(worker_dir)
     if spec.setup:

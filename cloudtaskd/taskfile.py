@@ -3,25 +3,44 @@
 The format is told by the first non-blank byte (`[` array, `{` JSON Lines). Each task is
 validated as it completes; an error names the line where its task starts. Duplicate ids are
 not checked here: the database's unique index does that, and the caller maps it to a line.
+
+Both formats decode each task with orjson, so they accept exactly the same values (no NaN, no
+lone surrogates, integers beyond 64 bits become floats) whichever format the user picked.
 """
 
 from __future__ import annotations
 
 import codecs
 import json
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
-MAX_ID_CHARS = 512
-PRIORITY_RANGE = (-1000, 1000)
-MAX_ATTEMPTS_RANGE = (1, 100)
-TASK_KEYS = ("id", "data", "priority", "timeout", "max_attempts")
-_WS = " \t\r\n"
+DEFAULT_MAX_TASK_BYTES: Final = 1_048_576
+MAX_ID_CHARS: Final = 512
+MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
+MIN_ATTEMPTS, MAX_ATTEMPTS = 1, 100
+TASK_KEYS: Final = frozenset({"id", "data", "priority", "timeout", "max_attempts"})
+_KEYS_HELP: Final = "id, data, priority, timeout, max_attempts"
+
+_BOM: Final = b"\xef\xbb\xbf"  # tolerated at the very start: Windows tools write it
+_BLANK_BYTES: Final = b" \t\r\n"
+_SKIP_BLANKS = re.compile(r"[ \t\r\n]*").match
+# Outside a string only brackets and quotes matter for finding where an element ends.
+_FIND_STRUCTURAL = re.compile(r'[{}\[\]"]').search
+_SKIP_STRING_CHARS = re.compile(r'[^"\\]*').match
+# How close to the end of the buffered text a raw_decode error must be to count as "ran out of text".
+_TRUNCATION_SLACK_CHARS: Final = 16
+
+# Array grammar states: what the scanner expects after skipping blanks.
+_FIRST, _ELEMENT, _COMMA, _END = range(4)
 
 
 class TaskFileError(ValueError):
+    """A task file was refused; `line` is where the offending task starts."""
+
     def __init__(self, line: int, reason: str) -> None:
         self.line = line
         self.reason = reason
@@ -38,113 +57,185 @@ class ParsedTask:
     max_attempts: int | None
 
 
-def validate(obj: Any, line: int) -> ParsedTask:
-    """One task object -> ParsedTask, or TaskFileError naming the line and the field."""
+def to_task(obj: Any, line: int) -> ParsedTask:
+    """A decoded task object -> ParsedTask, or TaskFileError naming the line and the field."""
     if type(obj) is not dict:
-        raise TaskFileError(line, f"expected a task object like {{\"id\": ..., \"data\": ...}}, got {_kind(obj)}")
-    if len(obj) > 2 or "id" not in obj or (len(obj) == 2 and "data" not in obj):
-        for key in obj:
-            if key not in TASK_KEYS:
-                raise TaskFileError(line, f"unknown key {key!r} (a task may have: {', '.join(TASK_KEYS)})")
-    raw_id = obj.get("id")
-    if type(raw_id) is str:
-        if not raw_id or len(raw_id) > MAX_ID_CHARS:
-            raise TaskFileError(line, f'"id" must be a non-empty string of at most {MAX_ID_CHARS} characters')
-        key = raw_id
-    elif type(raw_id) is int:
-        key = str(raw_id)
-    elif raw_id is None:
-        raise TaskFileError(line, 'missing "id"')
-    else:
-        raise TaskFileError(line, f'"id" must be a string or an integer, got {_kind(raw_id)}')
+        raise TaskFileError(line, f'expected a task object like {{"id": ..., "data": ...}}, found {_kind(obj)}')
+    key = obj.get("id")
+    if type(key) is int:
+        key = str(key)
+    elif type(key) is not str or not key or len(key) > MAX_ID_CHARS:
+        raise _id_error(obj, line)
+    size = len(obj)
+    # Fast paths for the common shapes; anything else gets the full check below.
+    if size == 1:
+        return ParsedTask(line, key, "null", 0, None, None)
+    if size == 2 and "data" in obj:
+        return ParsedTask(line, key, _data_json(obj["data"], line), 0, None, None)
+    _check_keys(obj, line)
     priority = obj.get("priority", 0)
-    if type(priority) is not int or not PRIORITY_RANGE[0] <= priority <= PRIORITY_RANGE[1]:
-        raise TaskFileError(line, f'"priority" must be an integer between {PRIORITY_RANGE[0]} and {PRIORITY_RANGE[1]}')
+    if type(priority) is not int or not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        raise TaskFileError(line, f'"priority" must be an integer between {MIN_PRIORITY} and {MAX_PRIORITY}')
     timeout = obj.get("timeout")
-    if timeout is not None and (type(timeout) not in (int, float) or not timeout > 0 or timeout == float("inf")):
+    # orjson never yields NaN or infinity, so "> 0" is the whole test for a usable number.
+    if timeout is not None and (type(timeout) not in (int, float) or not timeout > 0):
         raise TaskFileError(line, '"timeout" must be a positive number of seconds')
     attempts = obj.get("max_attempts")
-    if attempts is not None and (type(attempts) is not int
-                                 or not MAX_ATTEMPTS_RANGE[0] <= attempts <= MAX_ATTEMPTS_RANGE[1]):
-        raise TaskFileError(line, f'"max_attempts" must be an integer between {MAX_ATTEMPTS_RANGE[0]} and '
-                                  f"{MAX_ATTEMPTS_RANGE[1]}")
+    if attempts is not None and (type(attempts) is not int or not MIN_ATTEMPTS <= attempts <= MAX_ATTEMPTS):
+        raise TaskFileError(line, f'"max_attempts" must be an integer between {MIN_ATTEMPTS} and {MAX_ATTEMPTS}')
+    return ParsedTask(line, key, _data_json(obj.get("data"), line), priority,
+                      None if timeout is None else float(timeout), attempts)
+
+
+def _data_json(data: Any, line: int) -> str:
     try:
-        data_json = orjson.dumps(obj.get("data")).decode()
-    except TypeError as exc:  # e.g. an integer beyond 64 bits from the stdlib decoder
-        raise TaskFileError(line, f'"data" cannot be stored: {exc}') from None
-    return ParsedTask(line, key, data_json, priority, float(timeout) if timeout is not None else None, attempts)
+        return orjson.dumps(data).decode()
+    except orjson.JSONEncodeError:  # orjson writes less nesting than it reads
+        raise TaskFileError(line, '"data" is nested too deeply to store') from None
+
+
+def _check_keys(obj: dict[str, Any], line: int) -> None:
+    for name in obj:
+        if name not in TASK_KEYS:
+            raise TaskFileError(line, f"unknown key {name!r} (a task may have: {_KEYS_HELP})")
+
+
+def _id_error(obj: dict[str, Any], line: int) -> TaskFileError:
+    _check_keys(obj, line)  # a misspelt "id" is better reported as the unknown key it is
+    if "id" not in obj:
+        return TaskFileError(line, 'missing "id"')
+    key = obj["id"]
+    if type(key) is str:
+        return TaskFileError(line, f'"id" must be a non-empty string of at most {MAX_ID_CHARS} characters')
+    return TaskFileError(line, f'"id" must be a string or an integer, found {_kind(key)}')
 
 
 def _kind(value: Any) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "true/false", type(None): "null"}.get(
-        type(value), "a number")
+    kinds = {dict: "an object", list: "an array", str: "a string", bool: "true/false", type(None): "null"}
+    return kinds.get(type(value), "a number")
+
+
+def _json_reason(exc: json.JSONDecodeError, line: int, *, whole_line: bool) -> str:
+    """orjson's message, with its position turned from "within this text" into "within the file"."""
+    if "not valid UTF-8" in exc.msg:
+        return "not valid UTF-8"
+    where = line + exc.lineno - 1
+    if where != line:
+        return f"not valid JSON: {exc.msg} at line {where} column {exc.colno}"
+    # An array element may start mid-line, so its first line's columns are not the file's.
+    return f"not valid JSON: {exc.msg} at column {exc.colno}" if whole_line else f"not valid JSON: {exc.msg}"
 
 
 class TaskFileParser:
-    """feed(chunk) -> tasks completed by this chunk; finish() -> the rest (or an error if truncated)."""
+    """Feed bytes with feed(chunk) -> list[ParsedTask] (tasks completed by this chunk), then finish() ->
+    list[ParsedTask] (raises TaskFileError if the file is truncated, e.g. an unclosed array or a last line that
+    is not valid JSON).
 
-    def __init__(self, max_task_bytes: int = 1_048_576) -> None:
+    Memory is bounded by the chunk size plus one task: a task longer than max_task_bytes is refused as soon
+    as that much of it has arrived, and work per byte stays constant however the sender splits its chunks.
+    """
+
+    def __init__(self, max_task_bytes: int = DEFAULT_MAX_TASK_BYTES) -> None:
         self.max_task_bytes = max_task_bytes
-        self._mode: str | None = None
-        # JSON Lines state: the incomplete last line, and the number of the next line.
-        self._tail = b""
-        self._line = 1
-        # Array state: decoded text not yet consumed, and where we are in the grammar.
-        self._decoder = codecs.getincrementaldecoder("utf-8")("strict")
-        self._text = ""
-        self._expect = "open"  # open | first | element | comma | end
+        self._mode = ""  # "" until the first non-blank byte, then "lines" or "array"
+        self._line = 1  # line of the first byte not yet consumed
+        self._head = b""  # before detection: a BOM split across chunks
+        self._seen_start = False  # whether the BOM check is done
+        # JSON Lines: the unfinished last line, kept as pieces so a slow sender costs no re-copying.
+        self._tail: list[bytes] = []
+        self._tail_bytes = 0
+        # Array: text of an element that has started but not ended, and the bracket state across it.
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("strict")
         self._json = json.JSONDecoder()
+        self._state = _FIRST
+        self._open: list[str] = []
+        self._open_chars = 0
+        self._depth = 0
+        self._in_string = False
+        self._escaped = False
 
     def feed(self, chunk: bytes) -> list[ParsedTask]:
-        if self._mode is None:
-            head = (self._tail + chunk).lstrip(b" \t\r\n\xef\xbb\xbf")
-            if not head:
-                self._tail += chunk
-                return []
-            self._mode = "array" if head[:1] == b"[" else "lines"
-            chunk, self._tail = self._tail + chunk, b""
-            if self._mode == "lines" and head[:1] != b"{":
-                first_line = 1 + (self._tail + chunk)[: len(chunk) - len(head)].count(b"\n")
-                raise TaskFileError(first_line, "expected a JSON array ([...]) or JSON Lines ({...} per line)")
         if self._mode == "lines":
             return self._feed_lines(chunk)
-        return self._feed_array(chunk, final=False)
+        if self._mode == "array":
+            return self._feed_array(chunk, final=False)
+        return self._detect(chunk)
 
     def finish(self) -> list[ParsedTask]:
-        if self._mode is None:
-            raise TaskFileError(1, "the file is empty")
         if self._mode == "lines":
-            tail, self._tail = self._tail, b""
-            return self._lines([tail]) if tail.strip() else []
-        out = self._feed_array(b"", final=True)
-        if self._expect != "end":
-            raise TaskFileError(self._line, "the file ends inside the array (missing ']')")
-        return out
+            tail = b"".join(self._tail)
+            self._tail, self._tail_bytes = [], 0
+            return self._parse_lines([tail])
+        if self._mode == "array":
+            out = self._feed_array(b"", final=True)
+            if self._state != _END:
+                raise TaskFileError(self._line, "the file ends before the array is closed (missing ']')")
+            return out
+        if self._head:  # a lone fragment of a BOM
+            raise TaskFileError(self._line, "expected a JSON array ('[' ...) or JSON Lines ('{' ... per line)")
+        raise TaskFileError(1, "the file is empty: expected a JSON array or JSON Lines of tasks")
+
+    # ---- format detection ----
+
+    def _detect(self, chunk: bytes) -> list[ParsedTask]:
+        buf = self._head + chunk
+        if not self._seen_start:
+            if len(buf) < len(_BOM) and _BOM.startswith(buf):
+                self._head = buf
+                return []
+            self._seen_start, self._head = True, b""
+            if buf.startswith(_BOM):
+                buf = buf[len(_BOM):]
+        body = buf.lstrip(_BLANK_BYTES)
+        # Leading blanks are dropped, not kept, so a file of blanks cannot grow memory.
+        self._line += buf.count(b"\n", 0, len(buf) - len(body))
+        if not body:
+            return []
+        if body[:1] == b"{":
+            self._mode = "lines"
+            return self._feed_lines(body)
+        if body[:1] == b"[":
+            self._mode = "array"
+            return self._feed_array(body[1:], final=False)
+        raise TaskFileError(self._line, "expected a JSON array ('[' ...) or JSON Lines ('{' ... per line)")
 
     # ---- JSON Lines ----
 
     def _feed_lines(self, chunk: bytes) -> list[ParsedTask]:
-        lines = (self._tail + chunk).split(b"\n")
-        self._tail = lines.pop()
-        if len(self._tail) > self.max_task_bytes:
-            raise TaskFileError(self._line + len(lines), f"a task is larger than {self.max_task_bytes} bytes")
-        return self._lines(lines)
+        if b"\n" not in chunk:
+            self._tail.append(chunk)
+            self._tail_bytes += len(chunk)
+            if self._tail_bytes > self.max_task_bytes:
+                raise self._too_large(self._line)
+            return []
+        if self._tail:
+            self._tail.append(chunk)
+            chunk = b"".join(self._tail)
+        lines = chunk.split(b"\n")
+        tail = lines.pop()
+        self._tail, self._tail_bytes = ([tail] if tail else []), len(tail)
+        limit = self.max_task_bytes
+        if len(chunk) > limit:
+            for i, raw in enumerate(lines):
+                if len(raw) > limit:
+                    self._parse_lines(lines[:i])  # an earlier error in the file is reported first
+                    raise self._too_large(self._line)
+        out = self._parse_lines(lines)
+        if len(tail) > limit:
+            raise self._too_large(self._line)
+        return out
 
-    def _lines(self, lines: list[bytes]) -> list[ParsedTask]:
-        out = []
-        line = self._line
-        loads = orjson.loads
+    def _parse_lines(self, lines: list[bytes]) -> list[ParsedTask]:
+        out: list[ParsedTask] = []
+        append, loads, line = out.append, orjson.loads, self._line
         for raw in lines:
-            if len(raw) > self.max_task_bytes:
-                raise TaskFileError(line, f"a task is larger than {self.max_task_bytes} bytes")
             try:
                 obj = loads(raw)
             except orjson.JSONDecodeError as exc:
-                if not raw.strip():
-                    line += 1
-                    continue
-                raise TaskFileError(line, f"not valid JSON: {_reason(exc, raw)}") from None
-            out.append(validate(obj, line))
+                if raw.strip(_BLANK_BYTES):  # blank lines (CRLF ones too) are allowed; only they fail here
+                    raise TaskFileError(line, _json_reason(exc, line, whole_line=True)) from None
+            else:
+                append(to_task(obj, line))
             line += 1
         self._line = line
         return out
@@ -153,59 +244,136 @@ class TaskFileParser:
 
     def _feed_array(self, chunk: bytes, *, final: bool) -> list[ParsedTask]:
         try:
-            self._text += self._decoder.decode(chunk, final)
+            piece = self._utf8.decode(chunk, final)
         except UnicodeDecodeError as exc:
-            line = self._line + self._text.count("\n") + bytes(exc.object[: exc.start]).count(b"\n")
-            raise TaskFileError(line, f"not valid UTF-8: {exc.reason}") from None
-        text, pos, out = self._text, 0, []
-        n = len(text)
+            # Parse the valid part first so that an earlier error in the file wins.
+            self._take_text(bytes(exc.object[: exc.start]).decode(), final=False)
+            raise TaskFileError(self._line, f"not valid UTF-8 ({exc.reason})") from None
+        return self._take_text(piece, final=final)
+
+    def _take_text(self, piece: str, *, final: bool) -> list[ParsedTask]:
+        if self._open:
+            # Only the new text is examined while an element is open: re-decoding the whole element on
+            # each chunk would make a sender of tiny chunks cost quadratic time.
+            self._open.append(piece)
+            self._open_chars += len(piece)
+            if self._track(piece, 0) < 0 and not final:
+                if self._open_chars > self.max_task_bytes:
+                    raise self._open_too_large("".join(self._open))
+                return []
+            piece = "".join(self._open)
+            self._open, self._open_chars = [], 0
+        return self._scan(piece, final)
+
+    def _scan(self, text: str, final: bool) -> list[ParsedTask]:
+        out: list[ParsedTask] = []
+        raw_decode, loads = self._json.raw_decode, orjson.loads
+        line, state, pos, n = self._line, self._state, 0, len(text)
         while True:
-            # Skip blanks, counting lines.
-            start = pos
-            while pos < n and text[pos] in _WS:
-                pos += 1
-            self._line += text.count("\n", start, pos)
+            end = _SKIP_BLANKS(text, pos).end()  # type: ignore[union-attr]  # "*" always matches
+            if end != pos:
+                line += text.count("\n", pos, end)
+                pos = end
             if pos >= n:
                 break
             ch = text[pos]
-            if self._expect == "open":
-                if ch != "[":
-                    raise TaskFileError(self._line, "expected '[' to open the array")
-                self._expect, pos = "first", pos + 1
-            elif self._expect in ("first", "element"):
-                if ch == "]" and self._expect == "first":
-                    self._expect, pos = "end", pos + 1
-                    continue
-                if ch != "{":
-                    what = "a trailing comma before ']'" if ch == "]" else f"{ch!r}"
-                    raise TaskFileError(self._line, f"expected a task object, found {what}")
-                try:
-                    obj, end = self._json.raw_decode(text, pos)
-                except json.JSONDecodeError as exc:
-                    if not final and n - pos <= self.max_task_bytes:
-                        break  # probably incomplete: wait for more bytes
-                    if n - pos > self.max_task_bytes:
-                        raise TaskFileError(self._line, f"a task is larger than {self.max_task_bytes} bytes") from None
-                    raise TaskFileError(self._line + text.count("\n", pos, exc.pos),
-                                        f"not valid JSON: {exc.msg}") from None
-                out.append(validate(obj, self._line))
-                self._line += text.count("\n", pos, end)
-                self._expect, pos = "comma", end
-            elif self._expect == "comma":
+            if state == _COMMA:
                 if ch == ",":
-                    self._expect, pos = "element", pos + 1
+                    state, pos = _ELEMENT, pos + 1
                 elif ch == "]":
-                    self._expect, pos = "end", pos + 1
+                    state, pos = _END, pos + 1
                 else:
-                    raise TaskFileError(self._line, f"expected ',' or ']' after a task, found {ch!r}")
+                    raise TaskFileError(line, f"expected ',' or ']' after a task, found {ch!r}")
+            elif state == _END:
+                raise TaskFileError(line, f"unexpected {ch!r} after the closing ']' of the array")
+            elif ch == "{":
+                try:
+                    end = raw_decode(text, pos)[1]
+                except json.JSONDecodeError as exc:
+                    if self._track(text, pos, fresh=True) >= 0 or final:
+                        where = line + text.count("\n", pos, exc.pos)
+                        note = f" at line {where}" if where != line else ""
+                        if self._depth:
+                            note = " (the file ends inside this task)"
+                        raise TaskFileError(line, f"not valid JSON: {exc.msg}{note}") from None
+                    # Ran out of text: keep the element's start and wait for the rest.
+                    self._open, self._open_chars = [text[pos:]], n - pos
+                    if self._open_chars > self.max_task_bytes:
+                        self._line = line
+                        raise self._open_too_large(text[pos:]) from None
+                    break
+                except RecursionError:
+                    raise TaskFileError(line, "not valid JSON: nested too deeply") from None
+                except ValueError:  # Python refuses to convert integers of more than 4300 digits
+                    raise TaskFileError(line, "not valid JSON: a number has too many digits") from None
+                # raw_decode finds the element's end; orjson decodes it so both formats agree on values.
+                raw = text[pos:end].encode()
+                if len(raw) > self.max_task_bytes:
+                    raise self._too_large(line)
+                try:
+                    obj = loads(raw)
+                except orjson.JSONDecodeError as exc:
+                    raise TaskFileError(line, _json_reason(exc, line, whole_line=False)) from None
+                out.append(to_task(obj, line))
+                line += text.count("\n", pos, end)
+                state, pos = _COMMA, end
+            elif ch == "]" and state == _FIRST:
+                state, pos = _END, pos + 1
+            elif ch == "]":
+                raise TaskFileError(line, "expected a task object, found a trailing comma before ']'")
             else:
-                raise TaskFileError(self._line, "unexpected content after the closing ']'")
-        self._text = text[pos:]
+                raise TaskFileError(line, f"expected a task object ('{{'), found {ch!r}")
+        self._line, self._state = line, state
         return out
 
+    def _track(self, text: str, pos: int, *, fresh: bool = False) -> int:
+        """Follow brackets and strings of the open element through text[pos:]; return the index just past the
+        element's end, or -1 if it has not ended. Exact for valid JSON, and linear: one regex step per
+        bracket, quote or escape."""
+        if fresh:
+            self._depth, self._in_string, self._escaped = 0, False, False
+        depth, in_string, escaped, n = self._depth, self._in_string, self._escaped, len(text)
+        while pos < n:
+            if in_string:
+                if escaped:
+                    escaped, pos = False, pos + 1
+                    continue
+                pos = _SKIP_STRING_CHARS(text, pos).end()  # type: ignore[union-attr]  # "*" always matches
+                if pos < n:
+                    if text[pos] == "\\":
+                        escaped = True
+                    else:
+                        in_string = False
+                    pos += 1
+                continue
+            m = _FIND_STRUCTURAL(text, pos)
+            if m is None:
+                break
+            ch, pos = m.group(), m.end()
+            if ch == '"':
+                in_string = True
+            elif ch in "{[":
+                depth += 1
+            else:
+                depth -= 1
+                if depth <= 0:
+                    self._depth, self._in_string, self._escaped = 0, False, False
+                    return pos
+        self._depth, self._in_string, self._escaped = depth, in_string, escaped
+        return -1
 
-def _reason(exc: Exception, raw: bytes) -> str:
-    msg = str(exc)
-    if "utf-8" in msg.lower() or "utf8" in msg.lower():
-        return "not valid UTF-8"
-    return msg
+    def _open_too_large(self, text: str) -> TaskFileError:
+        # Brackets that never balance look like an endless task; say so when the parser can tell.
+        try:
+            self._json.raw_decode(text)
+        except json.JSONDecodeError as exc:
+            if exc.pos < len(text) - _TRUNCATION_SLACK_CHARS and not exc.msg.startswith("Unterminated string"):
+                return TaskFileError(self._line, f"not valid JSON: {exc.msg}")
+        except RecursionError:
+            return TaskFileError(self._line, "not valid JSON: nested too deeply")
+        except ValueError:
+            return TaskFileError(self._line, "not valid JSON: a number has too many digits")
+        return self._too_large(self._line)
+
+    def _too_large(self, line: int) -> TaskFileError:
+        return TaskFileError(line, f"the task is larger than {self.max_task_bytes} bytes, the limit for one task")

@@ -1,101 +1,238 @@
-"""The task file parser: both formats, any chunking, every error with its line."""
+"""The task file parser: both formats, any chunking, every error with the line its task starts on."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
 from cloudtaskd.taskfile import ParsedTask, TaskFileError, TaskFileParser
 
 
-def parse(data: bytes, step: int | None = None, **kw: int) -> list[ParsedTask]:
-    parser = TaskFileParser(**kw)
+def parse(data: bytes, step: int | None = None, max_task_bytes: int = 1_048_576) -> list[ParsedTask]:
+    parser = TaskFileParser(max_task_bytes)
     out: list[ParsedTask] = []
-    if step is None:
-        out += parser.feed(data)
-    else:
-        for i in range(0, len(data), step):
-            out += parser.feed(data[i: i + step])
+    step = step or max(len(data), 1)
+    for i in range(0, len(data), step):
+        out += parser.feed(data[i: i + step])
     return out + parser.finish()
 
 
-ARRAY = json.dumps([
-    {"id": "a", "data": {"text": "é ☃ \n [not a bracket]"}},
+def error(data: bytes, step: int | None = None, max_task_bytes: int = 1_048_576) -> TaskFileError:
+    with pytest.raises(TaskFileError) as info:
+        parse(data, step, max_task_bytes)
+    assert str(info.value) == f"line {info.value.line}: {info.value.reason}"
+    return info.value
+
+
+# Values chosen to sit across chunk boundaries awkwardly: escapes, surrogate pairs, raw multi-byte
+# characters (2, 3 and 4 bytes), brackets and quotes inside strings, numbers and literals.
+DATA = [
+    {"text": 'é ☃ 😀 \n "quoted" \\ [not] {a bracket}', "esc": "\u00e9\U0001f600"},
+    [1, -1.5e-3, 12345678901234, True, False, None, [], {}, [[{"deep": ["x"]}]]],
+    None,
+    "a" * 300,
+]
+TASKS = [
+    {"id": "a", "data": DATA[0]},
     {"id": 7, "priority": 3, "timeout": 1.5, "max_attempts": 2},
-    {"id": "c", "data": [1, {"x": None}]},
-], indent=2, ensure_ascii=False).encode()
-LINES = b'{"id": "a", "data": {"s": "\xc3\xa9"}}\r\n\n{"id": "b", "data": 1}\n{"id": 3}'
+    {"id": "c", "data": DATA[1]},
+    {"id": -4, "data": DATA[3], "priority": -1000, "timeout": 30},
+]
+ARRAY = json.dumps(TASKS, indent=2, ensure_ascii=False).encode()
+ARRAY_ESCAPED_CRLF = json.dumps(TASKS, indent=1, ensure_ascii=True).replace("\n", "\r\n").encode()
+LINES = b'{"id": "a", "data": {"s": "\xc3\xa9\xf0\x9f\x98\x80"}}\r\n\r\n\n{"id": "b", "data": 1}\n{"id": 3}'
 
 
-def test_array_fields_and_start_lines() -> None:
+def test_array_gives_fields_and_the_line_each_task_starts_on() -> None:
     tasks = parse(ARRAY)
-    assert [t.key for t in tasks] == ["a", "7", "c"]
-    assert [t.line for t in tasks] == [2, 8, 14]
-    assert json.loads(tasks[0].data_json) == {"text": "é ☃ \n [not a bracket]"}
-    assert (tasks[1].priority, tasks[1].timeout_s, tasks[1].max_attempts, tasks[1].data_json) == (3, 1.5, 2, "null")
+    assert [t.key for t in tasks] == ["a", "7", "c", "-4"]
+    lines = ARRAY.decode().splitlines()
+    assert [t.line for t in tasks] == [n for n, text in enumerate(lines, 1) if text == "  {"]
+    assert [json.loads(t.data_json) for t in tasks] == [DATA[0], None, DATA[1], DATA[3]]
+    assert tasks[0].data_json == json.dumps(DATA[0], ensure_ascii=False, separators=(",", ":"))
+    assert [(t.priority, t.timeout_s, t.max_attempts) for t in tasks] == [
+        (0, None, None), (3, 1.5, 2), (0, None, None), (-1000, 30.0, None)]
+    assert isinstance(tasks[3].timeout_s, float)
 
 
-def test_json_lines_with_crlf_and_blank_lines_and_no_final_newline() -> None:
+def test_json_lines_with_crlf_blank_lines_and_no_final_newline() -> None:
     tasks = parse(LINES)
-    assert [(t.key, t.line) for t in tasks] == [("a", 1), ("b", 3), ("3", 4)]
-    assert json.loads(tasks[0].data_json) == {"s": "é"}
+    assert [(t.line, t.key) for t in tasks] == [(1, "a"), (4, "b"), (5, "3")]
+    assert json.loads(tasks[0].data_json) == {"s": "é😀"}
+    assert [t.data_json for t in tasks[1:]] == ["1", "null"]
 
 
-@pytest.mark.parametrize("data", [ARRAY, LINES], ids=["array", "lines"])
-def test_any_chunking_gives_the_same_tasks(data: bytes) -> None:
+def test_crlf_array_counts_lines_like_lf() -> None:
+    lf = parse(ARRAY_ESCAPED_CRLF.replace(b"\r\n", b"\n"))
+    assert parse(ARRAY_ESCAPED_CRLF) == lf
+    starts = [n for n, text in enumerate(ARRAY_ESCAPED_CRLF.decode().split("\r\n"), 1) if text == " {"]
+    assert [t.line for t in lf] == starts
+    assert len(starts) == 4
+
+
+@pytest.mark.parametrize("data", [ARRAY, ARRAY_ESCAPED_CRLF, LINES], ids=["array", "array-crlf", "lines"])
+def test_a_split_at_any_byte_gives_the_same_tasks(data: bytes) -> None:
     whole = parse(data)
-    for step in range(1, len(data) + 1):
+    assert len(whole) >= 3
+    for cut in range(len(data) + 1):
+        parser = TaskFileParser()
+        got = parser.feed(data[:cut]) + parser.feed(data[cut:]) + parser.finish()
+        assert got == whole, f"split at byte {cut}"
+    for step in range(1, 40):
         assert parse(data, step) == whole, f"chunks of {step} bytes"
 
 
+def test_feed_returns_each_task_as_soon_as_its_chunk_completes_it() -> None:
+    lines = TaskFileParser()
+    assert [t.key for t in lines.feed(b'{"id": 1}\n{"id": 2}\n{"id"')] == ["1", "2"]
+    assert lines.feed(b': 3}') == []  # the line may still go on
+    assert [t.key for t in lines.feed(b"\n")] == ["3"]
+    assert lines.finish() == []
+    array = TaskFileParser()
+    assert [t.key for t in array.feed(b'[{"id": 1}, {"id": "x]}')] == ["1"]
+    assert [t.key for t in array.feed(b'"}, {"id"')] == ["x]}"]
+    assert [t.key for t in array.feed(b': 3}]')] == ["3"]
+    assert array.finish() == []
+
+
+def test_integer_ids_become_decimal_strings_in_both_formats() -> None:
+    assert [t.key for t in parse(b'{"id": 0}\n{"id": -17}\n{"id": 9223372036854775807}\n')] == [
+        "0", "-17", "9223372036854775807"]
+    assert [t.key for t in parse(b'[{"id": 0}, {"id": -17}]')] == ["0", "-17"]
+
+
+@pytest.mark.parametrize("data", [b'{"id": 18446744073709551616}', b'[{"id": 18446744073709551616}]'])
+def test_both_formats_refuse_an_integer_id_beyond_64_bits(data: bytes) -> None:
+    # orjson reads it as a float; the array format must not quietly accept what JSON Lines refuses.
+    assert '"id" must be a string or an integer' in error(data).reason
+
+
 @pytest.mark.parametrize(("data", "line", "reason"), [
-    (b"", 1, "empty"),
-    (b"  \n ", 1, "empty"),
-    (b"hello", 1, "expected a JSON array"),
+    # the file as a whole
+    (b"", 1, "the file is empty"),
+    (b"  \r\n\n ", 1, "the file is empty"),
+    (b"\n\nhello", 3, "expected a JSON array"),
+    # array grammar
     (b'[{"id": 1},\n]', 2, "trailing comma"),
-    (b'[{"id": 1}\n', 2, "missing ']'"),
-    (b'[{"id": 1}] {"id": 2}', 1, "after the closing"),
+    (b'[{"id": 1},\n,{"id": 2}]', 2, "found ','"),
     (b'[{"id": 1}\n {"id": 2}]', 2, "expected ',' or ']'"),
+    (b'[{"id": 1}] {"id": 2}', 1, "after the closing ']'"),
+    (b'[{"id": 1}]\n\n  x', 3, "after the closing ']'"),
     (b'[\n\n 5]', 3, "expected a task object"),
-    (b'[{"id": 1},\n{"id": 2,\n "data": tru}]', 3, "not valid JSON"),
+    (b'[\n "a"]', 2, "expected a task object"),
+    (b'[{"id": 1},\n{"id": 2,\n "data": tru}]', 2, "not valid JSON: Expecting value at line 3"),
+    (b'[{"id": 1, "data": NaN}]', 1, "not valid JSON"),  # JSON Lines refuses it too
+    (b'[{"id": "\\ud800"}]', 1, "not valid JSON"),  # a lone surrogate cannot be stored
+    # truncated files
+    (b'[{"id": 1}\n', 2, "missing ']'"),
+    (b'[\n{"id": 1},\n', 3, "missing ']'"),
+    (b'[{"id": 1},\n {"id": "ab', 2, "the file ends inside this task"),
+    (b'[{"id": 1},\n {"id": \n', 2, "the file ends inside this task"),
+    (b'{"id": 1}\n{"id": \n', 2, "not valid JSON"),
+    (b'{"id": 1}\n{"id": 2', 2, "not valid JSON"),
+    # task validation, JSON Lines
     (b'{"id": "a"}\n{"data": 1}\n', 2, 'missing "id"'),
     (b'{"id": "a"}\n{"id": "b", "colour": 1}\n', 2, "unknown key 'colour'"),
+    (b'{"ID": "a"}\n', 1, "unknown key 'ID'"),
     (b'{"id": ""}\n', 1, '"id" must be a non-empty string'),
+    (b'{"id": "' + b"x" * 513 + b'"}\n', 1, "at most 512 characters"),
     (b'{"id": 1.5}\n', 1, '"id" must be a string or an integer'),
     (b'{"id": true}\n', 1, '"id" must be a string or an integer'),
-    (b'{"id": 1, "priority": 5000}\n', 1, '"priority" must be an integer'),
+    (b'{"id": null}\n', 1, '"id" must be a string or an integer, found null'),
+    (b'{"id": 1, "priority": 1001}\n', 1, '"priority" must be an integer between -1000 and 1000'),
+    (b'{"id": 1, "priority": 1.0}\n', 1, '"priority" must be an integer'),
     (b'{"id": 1, "timeout": -1}\n', 1, '"timeout" must be a positive number'),
-    (b'{"id": 1, "max_attempts": 0}\n', 1, '"max_attempts" must be an integer'),
+    (b'{"id": 1, "timeout": 0}\n', 1, '"timeout" must be a positive number'),
+    (b'{"id": 1, "timeout": "5"}\n', 1, '"timeout" must be a positive number'),
+    (b'{"id": 1, "max_attempts": 0}\n', 1, '"max_attempts" must be an integer between 1 and 100'),
+    (b'{"id": 1, "max_attempts": 101}\n', 1, '"max_attempts" must be an integer between 1 and 100'),
     (b'{"id": 1}\n[1]\n', 2, "expected a task object"),
-    (b'{"id": 1}\n{"id": \n', 2, "not valid JSON"),
+    (b'{"id": 1}\n{"id": 2} {"id": 3}\n', 2, "not valid JSON"),
+    # task validation inside a pretty-printed array names the line the task starts on
+    (b'[\n  {"id": 1},\n  {\n    "id": 2,\n    "priority": 5000\n  }\n]', 3, '"priority" must be an integer'),
+    (b'[\n  {\n    "data": 1\n  }\n]', 2, 'missing "id"'),
+    # invalid UTF-8
     (b'{"id": 1}\n{"id": "\xff"}\n', 2, "not valid UTF-8"),
     (b'[{"id": 1},\n{"id": "\xff"}]', 2, "not valid UTF-8"),
+    (b'[{"id": 1},\n\n\xe2\x98', 3, "not valid UTF-8"),  # the file ends inside a character
 ])
-def test_errors_name_the_line(data: bytes, line: int, reason: str) -> None:
-    for step in (None, 3):
-        with pytest.raises(TaskFileError) as info:
-            parse(data, step)
-        assert info.value.line == line, (step, str(info.value))
-        assert reason in info.value.reason
-        assert str(info.value).startswith(f"line {line}: ")
+@pytest.mark.parametrize("step", [None, 1, 3], ids=["whole", "1-byte", "3-byte"])
+def test_errors_name_the_line_and_the_reason(data: bytes, line: int, reason: str, step: int | None) -> None:
+    exc = error(data, step)
+    assert (exc.line, reason in exc.reason) == (line, True), str(exc)
 
 
-@pytest.mark.parametrize("data", [
-    b'{"id": 1, "data": "' + b"x" * 300 + b'"}\n',
-    b'[{"id": 1, "data": "' + b"x" * 300 + b'"}]',
-    b'{"id": 1, "data": "' + b"x" * 300,  # no newline at all: must not buffer without bound
+def test_a_syntax_error_mid_stream_is_reported_as_such_not_as_an_endless_task() -> None:
+    data = b'[{"id": 0},\n{"id": 1, "data": tru},\n' + b",\n".join(b'{"id": %d}' % i for i in range(2, 3000)) + b"]"
+    for step in (7, 4096):
+        exc = error(data, step, max_task_bytes=500)
+        assert (exc.line, exc.reason.startswith("not valid JSON")) == (2, True), str(exc)
+
+
+def test_brackets_that_never_balance_are_reported_as_invalid_json() -> None:
+    data = b'[{"id": 0, "data": [}, ' + b", ".join(b'{"id": %d}' % i for i in range(1, 500)) + b"]"
+    for step in (None, 5):
+        exc = error(data, step, max_task_bytes=1000)
+        assert (exc.line, exc.reason.startswith("not valid JSON")) == (1, True), str(exc)
+
+
+@pytest.mark.parametrize(("data", "line"), [
+    (b'{"id": 1}\n{"id": 2, "data": "' + b"x" * 300 + b'"}\n', 2),
+    (b'{"id": 1}\n\n{"id": 2, "data": "' + b"x" * 300, 3),  # no newline at all: must not buffer without bound
+    (b'[{"id": 1},\n {"id": 2, "data": "' + b"x" * 300 + b'"}]', 2),
+    (b'[{"id": 1},\n {"id": 2, "data": "' + b"x" * 100_000, 2),  # refused long before the file ends
+    (b'[{"id": 1},\n {"id": 2, "data": "' + "é".encode() * 150 + b'"}]', 2),  # counted in bytes, not characters
 ])
-def test_a_task_larger_than_the_limit_is_refused(data: bytes) -> None:
-    with pytest.raises(TaskFileError, match="larger than 200 bytes"):
-        parse(data, 64, max_task_bytes=200)
+@pytest.mark.parametrize("step", [None, 64])
+def test_a_task_larger_than_the_limit_is_refused(data: bytes, line: int, step: int | None) -> None:
+    exc = error(data, step, max_task_bytes=200)
+    assert (exc.line, "larger than 200 bytes" in exc.reason) == (line, True), str(exc)
 
 
-def test_large_json_lines_stream_in_chunks() -> None:
-    data = b"".join(b'{"id": "t%d", "data": {"n": %d}}\n' % (i, i) for i in range(50_000))
+def test_a_task_exactly_at_the_limit_is_accepted() -> None:
+    task = b'{"id": 1, "data": "' + b"x" * 100 + b'"}'
+    assert [t.key for t in parse(task + b"\n", 16, max_task_bytes=len(task))] == ["1"]
+    assert [t.key for t in parse(b"[" + task + b"]", 16, max_task_bytes=len(task))] == ["1"]
+    with pytest.raises(TaskFileError, match="larger than"):
+        parse(task + b"\n", 16, max_task_bytes=len(task) - 1)
+
+
+def test_an_oversize_task_is_refused_before_the_rest_of_the_file_is_read() -> None:
+    parser = TaskFileParser(max_task_bytes=1000)
+    parser.feed(b'{"id": 1, "data": "')
+    with pytest.raises(TaskFileError, match="line 1: .*larger than 1000"):
+        for _ in range(100):
+            parser.feed(b"x" * 100)
+
+
+def test_a_leading_byte_order_mark_is_tolerated_even_when_split() -> None:
+    assert [t.key for t in parse(b'\xef\xbb\xbf[{"id": 1}]', 1)] == ["1"]
+    assert [(t.line, t.key) for t in parse(b'\xef\xbb\xbf\n{"id": 1}\n', 1)] == [(2, "1")]
+    assert "expected a JSON array" in error(b"\xef\xbb").reason
+
+
+@pytest.mark.parametrize("opening", [b"[", b""], ids=["array", "lines"])
+def test_a_slow_sender_costs_linear_time(opening: bytes) -> None:
+    # Re-decoding a pending task on every tiny chunk would take minutes here, not milliseconds.
+    data = opening + b'{"id": "x", "data": "' + b'}]\\"' * 50_000 + b'"}' + (b"]" if opening else b"\n")
     parser = TaskFileParser()
-    seen = 0
+    started = time.monotonic()
+    got = [t for i in range(len(data)) for t in parser.feed(data[i: i + 1])] + parser.finish()
+    assert [t.key for t in got] == ["x"]
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("fmt", ["array", "lines"])
+def test_a_large_file_streams_in_chunks(fmt: str) -> None:
+    items = [b'{"id": "t%d", "data": {"n": %d}}' % (i, i) for i in range(50_000)]
+    data = b"[\n" + b",\n".join(items) + b"\n]" if fmt == "array" else b"\n".join(items) + b"\n"
+    parser = TaskFileParser()
+    tasks: list[ParsedTask] = []
     for i in range(0, len(data), 65536):
-        seen += len(parser.feed(data[i: i + 65536]))
-    seen += len(parser.finish())
-    assert seen == 50_000
+        tasks += parser.feed(data[i: i + 65536])
+    tasks += parser.finish()
+    assert [t.key for t in tasks] == [f"t{i}" for i in range(50_000)]
+    assert tasks[-1].data_json == '{"n":49999}'
+    assert tasks[-1].line == (50_001 if fmt == "array" else 50_000)

@@ -1,0 +1,217 @@
+"""Installs the agent and the worker on an instance over SSH, and starts the agent.
+
+Idempotent: a second bootstrap of the same instance re-uploads nothing that is unchanged in
+meaning (the files are the same bytes), reuses the virtualenv, and does not start a second agent
+while the first is alive. The remote layout, under `~/.cloudtask/<instance>/`:
+
+    agentpkg/agent/...   this project's agent package (stdlib + aiohttp)
+    worker/              the worker bundle
+    venv/                python3 -m venv, with aiohttp
+    token                the agent's token (mode 600; never on a command line)
+    agent.pid, agent.log
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import shlex
+import tarfile
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import structlog
+
+from agent.workerspec import RESOLVED_SPEC_FILE
+from cloudtaskd.errors import CloudtaskError
+
+log = structlog.get_logger("cloudtaskd.bootstrap")
+
+SSH_WAIT_S = 300.0
+SSH_RETRY_MIN_S = 1.0
+SSH_RETRY_MAX_S = 15.0
+COMMAND_TIMEOUT_S = 900.0
+
+
+class DeployError(CloudtaskError):
+    """Installing or starting the agent on an instance failed."""
+
+    def __init__(self, instance: str, step: str, message: str) -> None:
+        self.instance = instance
+        self.step = step
+        super().__init__(f"instance {instance}: {step}: {message}")
+
+
+class HostKeyMismatch(DeployError):
+    """The instance's SSH host key is not the one pinned for it: refused (possible interception)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SshTarget:
+    host: str
+    port: int
+    user: str
+    key_file: Path
+    # The pinned host key (OpenSSH public key line); None = trust on first use, then pin.
+    host_key: str | None = None
+
+    def __repr__(self) -> str:
+        return f"SshTarget({self.user}@{self.host}:{self.port})"
+
+
+@dataclass(frozen=True, slots=True)
+class BootstrapSpec:
+    instance_id: str
+    agent_url: str
+    token: str
+    slots: int
+    worker_bundle: Path  # the gzip'd tar the user uploaded
+    worker_spec: dict[str, Any]  # the validated cloudtask.yaml, as the agent reads it (worker.json)
+    pip_args: tuple[str, ...] = ()  # e.g. ("--index-url", "...") or ("--no-index", "--find-links", "...")
+
+    def __repr__(self) -> str:
+        return f"BootstrapSpec(instance_id={self.instance_id!r}, slots={self.slots})"
+
+
+def agent_package() -> bytes:
+    """The agent package as a gzip'd tar (built from this installation, so versions always match)."""
+    buf = io.BytesIO()
+    root = resources.files("agent")
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for entry in sorted(root.iterdir(), key=lambda e: e.name):
+            if entry.name.endswith(".py"):
+                data = entry.read_bytes()
+                info = tarfile.TarInfo(f"agent/{entry.name}")
+                info.size = len(data)
+                info.mode = 0o644
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+class BootstrapLog:
+    """Every step's command and output, kept on the control host (shown by `instances --logs`)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, text: str) -> None:
+        with self.path.open("a") as f:
+            f.write(text if text.endswith("\n") else text + "\n")
+
+
+async def connect(target: SshTarget, *, instance: str, wait_s: float = SSH_WAIT_S,
+                  bootlog: BootstrapLog | None = None) -> tuple[asyncssh.SSHClientConnection, str]:
+    """Connect with backoff until SSH answers. Returns the connection and the server's host key
+    (OpenSSH format). A pinned key that does not match is refused at once, never retried."""
+    known_hosts: tuple[list[asyncssh.SSHKey], list[asyncssh.SSHKey], list[asyncssh.SSHKey]] | None = None
+    if target.host_key is not None:
+        known_hosts = ([asyncssh.import_public_key(target.host_key)], [], [])
+    deadline = time.monotonic() + wait_s
+    delay = SSH_RETRY_MIN_S
+    while True:
+        try:
+            conn = await asyncssh.connect(
+                target.host, target.port, username=target.user, client_keys=[str(target.key_file)],
+                known_hosts=known_hosts, connect_timeout=15, keepalive_interval=15, keepalive_count_max=4,
+            )
+        except asyncssh.HostKeyNotVerifiable as exc:
+            raise HostKeyMismatch(instance, "ssh", f"host key of {target.host}:{target.port} does not match "
+                                  "the pinned key; refusing to connect") from exc
+        except asyncssh.PermissionDenied as exc:
+            raise DeployError(instance, "ssh", f"{target.user}@{target.host} refused our key: {exc}") from exc
+        except (OSError, asyncssh.Error, TimeoutError) as exc:
+            if time.monotonic() + delay > deadline:
+                raise DeployError(instance, "ssh", f"{target.host}:{target.port} did not answer within "
+                                  f"{wait_s:.0f} s: {exc}") from exc
+            if bootlog is not None:
+                bootlog.write(f"# ssh not ready ({exc or type(exc).__name__}); retrying in {delay:.1f} s")
+            await asyncio.sleep(delay)
+            delay = min(SSH_RETRY_MAX_S, delay * 2)
+            continue
+        key = conn.get_server_host_key()
+        host_key = key.export_public_key("openssh").decode().strip() if key is not None else ""
+        return conn, host_key
+
+
+async def _run(conn: asyncssh.SSHClientConnection, bootlog: BootstrapLog, instance: str, step: str,
+               command: str, *, input: str | None = None) -> str:
+    bootlog.write(f"$ {command}")
+    try:
+        result = await asyncio.wait_for(conn.run(command, input=input, check=False), COMMAND_TIMEOUT_S)
+    except (asyncssh.Error, OSError, TimeoutError) as exc:
+        bootlog.write(f"! {exc}")
+        raise DeployError(instance, step, str(exc) or type(exc).__name__) from exc
+    out = str(result.stdout or "") + str(result.stderr or "")
+    if out:
+        bootlog.write(out)
+    if result.exit_status != 0:
+        tail = out.strip()[-1500:] or "(no output)"
+        raise DeployError(instance, step, f"exit code {result.exit_status}: {tail}")
+    return str(result.stdout or "")
+
+
+async def bootstrap(conn: asyncssh.SSHClientConnection, spec: BootstrapSpec, bootlog: BootstrapLog) -> int:
+    """Install and start the agent; returns its remote pid."""
+    inst = spec.instance_id
+    base = f".cloudtask/{inst}"
+    q = shlex.quote
+    await _run(conn, bootlog, inst, "prepare", f"mkdir -p {q(base)}/agentpkg {q(base)}/worker && chmod 700 .cloudtask")
+    async with conn.start_sftp_client() as sftp:
+        async with sftp.open(f"{base}/agent.tar.gz", "wb") as f:
+            await f.write(agent_package())
+        await sftp.put(str(spec.worker_bundle), f"{base}/worker.tar.gz")
+        async with sftp.open(f"{base}/worker.json", "w") as f:
+            await f.write(json.dumps(spec.worker_spec))
+        async with sftp.open(f"{base}/token", "w") as f:
+            await f.write(spec.token)
+        await sftp.chmod(f"{base}/token", 0o600)
+    bootlog.write("# uploaded agent package, worker bundle and token")
+    await _run(conn, bootlog, inst, "unpack",
+               f"cd {q(base)} && tar xzf agent.tar.gz -C agentpkg && tar xzf worker.tar.gz -C worker"
+               f" && cp worker.json worker/{RESOLVED_SPEC_FILE}")
+    pip = " ".join(q(a) for a in spec.pip_args)
+    await _run(conn, bootlog, inst, "virtualenv", (
+        f"cd {q(base)} && (test -x venv/bin/python || python3 -m venv venv) && "
+        f"(venv/bin/python -c 'import aiohttp' 2>/dev/null || venv/bin/python -m pip install -q {pip} aiohttp)"
+    ))
+    # Idempotent start: a live agent from an earlier bootstrap is left alone.
+    start = (
+        f"cd {q(base)} && if test -f agent.pid && kill -0 $(cat agent.pid) 2>/dev/null; then cat agent.pid; else "
+        f"CLOUDTASK_AGENT_TOKEN=$(cat token) PYTHONPATH=agentpkg setsid nohup venv/bin/python -m agent.main"
+        f" --url {q(spec.agent_url)} --instance {q(inst)} --worker-dir worker --slots {spec.slots}"
+        f" >>agent.log 2>&1 </dev/null & echo $! > agent.pid; cat agent.pid; fi"
+    )
+    out = await _run(conn, bootlog, inst, "start agent", start)
+    try:
+        pid = int(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise DeployError(inst, "start agent", f"could not read the agent's pid from {out!r:.200}") from None
+    log.info("agent_bootstrapped", instance=inst, pid=pid)
+    return pid
+
+
+async def stop_agent(conn: asyncssh.SSHClientConnection, instance: str, grace_s: float = 30.0) -> None:
+    """SIGTERM the agent's process group (it drains), SIGKILL after the grace, remove its files."""
+    base = shlex.quote(f".cloudtask/{instance}")
+    await conn.run(
+        f"cd {base} 2>/dev/null || exit 0; if test -f agent.pid; then p=$(cat agent.pid); kill -TERM -$p 2>/dev/null;"
+        f" for i in $(seq {int(grace_s * 10)}); do kill -0 $p 2>/dev/null || break; sleep 0.1; done;"
+        f" kill -KILL -$p 2>/dev/null; fi; cd .. && rm -rf {base}",
+        check=False,
+    )
+
+
+async def running_agents(conn: asyncssh.SSHClientConnection) -> list[str]:
+    """Instance ids with a live agent on this host."""
+    result = await conn.run(
+        "cd .cloudtask 2>/dev/null || exit 0; for d in */; do d=${d%/}; "
+        "test -f $d/agent.pid && kill -0 $(cat $d/agent.pid) 2>/dev/null && echo $d; done",
+        check=False,
+    )
+    return [line.strip() for line in str(result.stdout or "").splitlines() if line.strip()]

@@ -1,0 +1,114 @@
+"""Bootstrap over SSH against a real OpenSSH server on 127.0.0.1: install the agent and the worker,
+run tasks through it, stop it; a second bootstrap is harmless; a wrong host key is refused."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cloudtaskd.bootstrap import (
+    BootstrapLog,
+    BootstrapSpec,
+    HostKeyMismatch,
+    SshTarget,
+    bootstrap,
+    connect,
+    running_agents,
+    stop_agent,
+)
+from cloudtaskd.config import LocalProviderConfig, ProvidersConfig
+from cloudtaskd.daemon import Daemon
+from tests import sshd as sshd_mod
+from tests.conftest import UnixApi, make_config, wait_for
+from tests.procs import bundle
+from tests.test_daemon_e2e import finished, jsonl, results
+
+pytestmark = pytest.mark.skipif(sshd_mod.available() is not None, reason=str(sshd_mod.available()))
+
+WORKER = {"cloudtask.yaml": "mode: python\nfunction: w:run\n",
+          "w.py": "import os\ndef run(task_id, data):\n    return {'n': data['n'], 'pid': os.getpid()}\n"}
+
+
+@pytest.fixture
+def sshd(tmp_path: Path) -> Iterator[sshd_mod.Sshd]:
+    server = sshd_mod.Sshd(tmp_path / "sshd")
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_bootstrap_runs_tasks_and_is_idempotent(tmp_path: Path, sshd: sshd_mod.Sshd) -> None:
+    config = replace(make_config(tmp_path), providers=ProvidersConfig(local=LocalProviderConfig(max_instances=0)))
+    daemon = Daemon(config, shutdown_grace_s=2)
+    await daemon.start()
+    api = UnixApi(config.socket_path)
+    inst: dict[str, Any] = {}
+    target = SshTarget("127.0.0.1", sshd.port, "root", sshd.client_key)
+    try:
+        bundle_path = tmp_path / "worker.tar.gz"
+        bundle_path.write_bytes(bundle(WORKER))
+        _, worker = await api.request("POST", "/v1/workers", data=bundle_path.read_bytes())
+        _, inst = await api.request("POST", "/v1/instances", json={"worker": worker["digest"], "slots": 2})
+        _, job = await api.request("POST", "/v1/jobs", json={"worker": worker["digest"]})
+        await api.request("POST", f"/v1/jobs/{job['id']}/tasks",
+                          data=jsonl([{"id": i, "data": {"n": i}} for i in range(20)]).encode())
+        spec = BootstrapSpec(inst["id"], inst["url"], inst["token"], 2, bundle_path, worker["spec"])
+        bootlog = BootstrapLog(tmp_path / "bootstrap.log")
+        conn, host_key = await connect(target, instance=inst["id"], bootlog=bootlog)
+        assert host_key.split()[:2] == sshd.public_host_key().split()[:2]  # what trust-on-first-use pins
+        async with conn:
+            pid = await bootstrap(conn, spec, bootlog)
+            await wait_for(lambda: finished(api, job["id"]), timeout=60, message="job done on the ssh instance")
+            res = await results(api, job["id"])
+            assert {r["result"]["n"] for r in res.values()} == set(range(20))
+            assert {r["result"]["pid"] for r in res.values()} == {pid}, "tasks ran in the bootstrapped agent"
+            # A second bootstrap of the same instance is harmless: same agent, nothing restarted.
+            assert await bootstrap(conn, spec, bootlog) == pid
+            assert inst["id"] in await running_agents(conn)
+            token_mode = (await conn.run(f"stat -c %a .cloudtask/{inst['id']}/token", check=True)).stdout
+            assert str(token_mode).strip() == "600"
+            ps = (await conn.run("ps -eo args", check=True)).stdout
+            assert inst["token"] not in str(ps), "the token must never be on a command line"
+            await stop_agent(conn, inst["id"], grace_s=5)
+            assert inst["id"] not in await running_agents(conn)
+        log_text = (tmp_path / "bootstrap.log").read_text()
+        assert "agent.main" in log_text and inst["token"] not in log_text
+    finally:
+        await api.close()
+        await daemon.stop()
+        if inst:
+            shutil.rmtree(Path("/root/.cloudtask") / inst["id"], ignore_errors=True)
+
+
+async def test_pinned_host_key_mismatch_is_refused(tmp_path: Path, sshd: sshd_mod.Sshd) -> None:
+    other = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    wrong = Path(f"{other}.pub").read_text().strip()
+    target = SshTarget("127.0.0.1", sshd.port, "root", sshd.client_key, host_key=wrong)
+    with pytest.raises(HostKeyMismatch, match="does not match the pinned key"):
+        await connect(target, instance="i-1", wait_s=5)
+    # The right pinned key connects.
+    right = replace(target, host_key=sshd.public_host_key())
+    conn, _ = await connect(right, instance="i-1", wait_s=5)
+    async with conn:
+        assert str((await conn.run("echo ok", check=True)).stdout).strip() == "ok"
+
+
+async def test_waits_for_ssh_then_gives_up_with_a_clear_error(tmp_path: Path) -> None:
+    from cloudtaskd.bootstrap import DeployError
+    from tests.procs import free_port
+
+    key = tmp_path / "k"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    target = SshTarget("127.0.0.1", free_port(), "root", key)
+    bootlog = BootstrapLog(tmp_path / "b.log")
+    with pytest.raises(DeployError, match="did not answer within 3 s"):
+        await asyncio.wait_for(connect(target, instance="i-2", wait_s=3, bootlog=bootlog), 20)
+    assert "retrying" in (tmp_path / "b.log").read_text()
