@@ -62,7 +62,7 @@ def alive(pid: int) -> bool:
 async def read_pids(marker: Path) -> tuple[int, int]:
     """(worker pid, grandchild pid) once the worker has written them."""
     await poll_until(marker.exists, message=f"{marker.name} written by the worker")
-    worker, grandchild = marker.read_text().split()  # noqa: ASYNC240 - a few bytes, already written
+    worker, grandchild = marker.read_text().split()
     return int(worker), int(grandchild)
 
 

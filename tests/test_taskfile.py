@@ -202,7 +202,7 @@ def test_a_task_exactly_at_the_limit_is_accepted() -> None:
 def test_an_oversize_task_is_refused_before_the_rest_of_the_file_is_read() -> None:
     parser = TaskFileParser(max_task_bytes=1000)
     parser.feed(b'{"id": 1, "data": "')
-    with pytest.raises(TaskFileError, match="line 1: .*larger than 1000"):
+    with pytest.raises(TaskFileError, match=r"line 1: .*larger than 1000"):
         for _ in range(100):
             parser.feed(b"x" * 100)
 
