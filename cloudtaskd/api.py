@@ -106,6 +106,7 @@ class ControlApi:
             web.get("/v1/instances", self.list_instances),
             web.post("/v1/instances", self.register_instance),
             web.post("/v1/instances/{instance}/drain", self.drain_instance),
+            web.get("/v1/instances/{instance}/logs", self.instance_logs),
             web.get("/v1/events", self.events),
         ]
 
@@ -129,6 +130,10 @@ class ControlApi:
             target = self.workers_dir / hexdigest
             if not target.exists():
                 await asyncio.to_thread(_extract, buf, target)
+            tarball = self.workers_dir / f"{hexdigest}.tar.gz"
+            if not tarball.exists():  # kept for providers that copy the worker to a machine
+                buf.seek(0)
+                await asyncio.to_thread(_save, buf, tarball)
         spec = _read_spec(target)
         pool_id = await self.store.write(_upsert_pool, hexdigest, spec, str(target))
         log.info("worker_registered", digest=hexdigest[:12], pool=pool_id, mode=spec.mode)
@@ -330,6 +335,19 @@ class ControlApi:
         assert row is not None
         return web.json_response(_instance_dict(row, 0))
 
+    async def instance_logs(self, request: web.Request) -> web.Response:
+        """The bootstrap log (and for local instances the agent's log) kept on the control host."""
+        inst = request.match_info["instance"]
+        if await self.store.fetchone("SELECT 1 FROM instances WHERE id = ?", (inst,)) is None:
+            raise NotFound(f"instance {inst} does not exist")
+        parts = []
+        for name, path in (("bootstrap", self.config.state_path / "instances" / inst / "bootstrap.log"),
+                           ("agent", self.config.state_path / "local" / inst / "agent.log")):
+            if path.exists():
+                parts.append(f"==> {name} log ({path}) <==\n{path.read_text(errors='replace')[-200_000:]}")
+        return web.Response(text="\n".join(parts) or "(no logs kept for this instance)\n",
+                            content_type="text/plain")
+
     async def events(self, request: web.Request) -> web.Response:
         after = _int_param(request, "after", 0) or 0
         limit = min(_int_param(request, "limit", 1000) or 1000, 10_000)
@@ -372,6 +390,13 @@ def _extract(buf: Any, target: Path) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save(buf: Any, path: Path) -> None:
+    tmp = path.with_suffix(".partial")
+    with tmp.open("wb") as f:
+        shutil.copyfileobj(buf, f)
+    tmp.rename(path)
 
 
 def _read_spec(worker_dir: Path) -> WorkerSpec:

@@ -85,8 +85,27 @@ class LocalProviderConfig:
 
 
 @dataclass(frozen=True)
+class SshHostConfig:
+    address: str = ""
+    port: int = field(default=22, metadata=_range(1, 65535))
+    user: str = "root"
+    key_file: str = ""  # private key the daemon logs in with
+    cpus: int = field(default=1, metadata=_range(1, 4096))  # slots = cpus / cpus_per_task
+    # The host's public key (an OpenSSH line). Empty: trust on first use, then pinned in the database.
+    host_key: str = ""
+
+
+@dataclass(frozen=True)
+class SshProviderConfig:
+    hosts: tuple[SshHostConfig, ...] = ()
+    # Extra pip arguments for installing aiohttp in the agent's virtualenv (a mirror, a wheelhouse).
+    pip_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ProvidersConfig:
     local: LocalProviderConfig = field(default_factory=LocalProviderConfig)
+    ssh: SshProviderConfig = field(default_factory=SshProviderConfig)
 
 
 @dataclass(frozen=True)
@@ -165,6 +184,11 @@ def _coerce(hint: Any, value: Any, meta: Any, source: str, where: str) -> Any:
         hint = args[0]
     if is_dataclass(hint):
         return _build(hint, value, source, where)  # type: ignore[arg-type]
+    if origin is tuple:  # tuple[X, ...]: a YAML list
+        if not isinstance(value, list):
+            raise ConfigError(source, where, f"expected a list, got {type(value).__name__}")
+        item = get_args(hint)[0]
+        return tuple(_coerce(item, v, {}, source, f"{where}[{i}]") for i, v in enumerate(value))
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(source, where, f"expected true or false, got {value!r}")

@@ -27,7 +27,9 @@ from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.errors import CloudtaskError, ConfigError, StoreError
 from cloudtaskd.hub import AgentHub
 from cloudtaskd.orchestrator.reconciler import Reconciler
+from cloudtaskd.providers.base import Provider
 from cloudtaskd.providers.local import LocalProvider
+from cloudtaskd.providers.ssh import SshProvider
 from cloudtaskd.store import Store, Tx
 
 log = structlog.get_logger("cloudtaskd")
@@ -48,7 +50,7 @@ class Daemon:
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._lock_file: IO[str] | None = None
-        self.provider = LocalProvider(config.providers.local, self.state_dir)
+        self.providers = self._providers()
         self.reconciler: Reconciler | None = None
         self.failed = asyncio.Event()
 
@@ -84,10 +86,34 @@ class Daemon:
         await web.UnixSite(api_runner, str(sock)).start()
         os.chmod(sock, 0o660)
 
-        self.reconciler = Reconciler(self.store, self.dispatcher, self.provider, self.config, self.agent_url)
+        self.reconciler = Reconciler(self.store, self.dispatcher, self.providers, self.config, self.agent_url)
         self._spawn("dispatcher", self.dispatcher.run())
         self._spawn("reconciler", self.reconciler.run())
         log.info("daemon_ready", agent_url=self.agent_url, socket=str(sock))
+
+    def _providers(self) -> list[tuple[Provider, int]]:
+        """The configured providers with their instance limits, in order of preference: machines the
+        user already has (ssh) before the control host itself (local)."""
+        out: list[tuple[Provider, int]] = []
+        ssh = self.config.providers.ssh
+        if ssh.hosts:
+            provider = SshProvider(ssh, self.state_dir, self._get_pin, self._set_pin)
+            out.append((provider, provider.max_instances))
+        local = self.config.providers.local
+        if local.enabled and local.max_instances > 0:
+            out.append((LocalProvider(local, self.state_dir), local.max_instances))
+        return out
+
+    async def _get_pin(self, address: str, port: int) -> str | None:
+        row = await self.store.fetchone("SELECT key FROM host_keys WHERE address = ? AND port = ?", (address, port))
+        return str(row["key"]) if row is not None else None
+
+    async def _set_pin(self, address: str, port: int, key: str) -> None:
+        def pin(tx: Tx) -> None:
+            tx.db.execute("INSERT OR IGNORE INTO host_keys (address, port, key, pinned_at) VALUES (?, ?, ?, ?)",
+                          (address, port, key, tx.now))
+            tx.event("host_key_pinned", detail=f"{address}:{port}")
+        await self.store.write(pin)
 
     def _lock(self) -> None:
         self._lock_file = open(self.state_dir / "cloudtaskd.lock", "w")
@@ -136,7 +162,9 @@ class Daemon:
             with suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
-        await self.provider.close()
+        for provider, _ in self.providers:
+            with suppress(Exception):
+                await provider.close()
         await self.store.close()
         with suppress(FileNotFoundError):
             self.config.socket_path.unlink()

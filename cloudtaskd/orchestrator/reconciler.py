@@ -23,7 +23,7 @@ from cloudtaskd.config import Config
 from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.errors import TransitionError
 from cloudtaskd.hub import token_hash
-from cloudtaskd.orchestrator.scaling import Decision, InstanceView, PoolView, decide
+from cloudtaskd.orchestrator.scaling import Decision, InstanceView, PoolView, ProviderRoom, decide
 from cloudtaskd.providers.base import LaunchSpec, Provider
 from cloudtaskd.states import InstanceEvent, InstanceState
 from cloudtaskd.store import Store, Tx
@@ -36,11 +36,13 @@ DRAIN_UNREACHABLE_S = 30.0
 
 
 class Reconciler:
-    def __init__(self, store: Store, dispatcher: Dispatcher, provider: Provider, config: Config,
+    def __init__(self, store: Store, dispatcher: Dispatcher, providers: list[tuple[Provider, int]], config: Config,
                  agent_url: str) -> None:
+        """providers: (provider, its max_instances), in order of preference."""
         self.store = store
         self.dispatcher = dispatcher
-        self.provider = provider
+        self.providers = {p.name: p for p, _ in providers}
+        self.limits = {p.name: limit for p, limit in providers}
         self.config = config
         self.agent_url = agent_url
         self._idle_since: dict[str, float] = {}
@@ -67,11 +69,18 @@ class Reconciler:
     # ---- sync ----
 
     async def sync(self, now: float) -> None:
-        cloud = {c.instance_id: c for c in await self.provider.list_instances()}
+        for provider in self.providers.values():
+            try:
+                await self._sync(provider, now)
+            except Exception as exc:  # one provider's outage must not stop the others
+                log.warning("provider_sync_failed", provider=provider.name, error=str(exc))
+
+    async def _sync(self, provider: Provider, now: float) -> None:
+        cloud = {c.instance_id: c for c in await provider.list_instances()}
         rows = await self.store.fetchall(
             "SELECT id, pool_id, state, created_at, state_changed_at FROM instances"
             " WHERE provider = ? AND state != 'stopped'",
-            (self.provider.name,),
+            (provider.name,),
         )
         known = set()
         for row in rows:
@@ -113,11 +122,14 @@ class Reconciler:
             if inst in self._launching:
                 continue
             # Tagged as ours but with no live row: left over from a crash. Never leave it running.
-            log.warning("leaked_instance_terminated", instance=inst, provider=self.provider.name)
-            await self.provider.terminate(inst)
+            log.warning("leaked_instance_terminated", instance=inst, provider=provider.name)
+            await provider.terminate(inst)
+
+    def _provider_of(self, inst: str) -> Provider:
+        return self.providers[inst.split("-", 1)[0]]
 
     def _output(self, inst: str) -> str:
-        tail = getattr(self.provider, "output_tail", None)
+        tail = getattr(self._provider_of(inst), "output_tail", None)
         return (tail(inst) if tail is not None else None) or "(no output)"
 
     def _start_failed(self, pool_id: int, now: float) -> None:
@@ -137,7 +149,7 @@ class Reconciler:
 
     async def _terminate(self, inst: str) -> None:
         try:
-            await self.provider.terminate(inst)
+            await self._provider_of(inst).terminate(inst)
         except Exception as exc:  # stays STOPPING; retried next tick
             message = f"terminate failed: {exc}"
             await self.store.write(lambda tx: tx.db.execute(
@@ -151,13 +163,13 @@ class Reconciler:
     async def pool_views(self, now: float) -> list[tuple[PoolView, dict[str, Any]]]:
         def read(db: Any) -> tuple[list[Any], list[Any], dict[str, int]]:
             pools = db.execute(
-                "SELECT p.id, p.spec, p.path, sum(j.n_queued + j.n_leased + j.n_failed) AS outstanding,"
-                " max(coalesce(j.max_instances, 0)) AS job_max, min(coalesce(j.max_instances, 1000000)) AS job_min"
+                "SELECT p.id, p.digest, p.spec, p.path, sum(j.n_queued + j.n_leased + j.n_failed) AS outstanding,"
+                " max(coalesce(j.max_instances, 0)) AS job_max"
                 " FROM pools p JOIN jobs j ON j.pool_id = p.id WHERE j.state = 'active' GROUP BY p.id"
             ).fetchall()
             instances = db.execute(
-                "SELECT id, pool_id, state, slots, started_at FROM instances WHERE provider = ? AND state != 'stopped'",
-                (self.provider.name,),
+                "SELECT id, provider, pool_id, state, slots FROM instances"
+                " WHERE state NOT IN ('stopped') AND provider != 'external'"
             ).fetchall()
             leases = dict(db.execute(
                 "SELECT instance_id, count(*) FROM tasks WHERE state = 'leased' GROUP BY instance_id").fetchall())
@@ -165,7 +177,9 @@ class Reconciler:
 
         pools, instances, leases = await self.store.read(read)
         by_pool: dict[int, list[InstanceView]] = defaultdict(list)
+        live_per_provider: dict[str, int] = defaultdict(int)
         for r in instances:
+            live_per_provider[r["provider"]] += 1
             n = leases.get(r["id"], 0)
             if n:
                 self._idle_since.pop(r["id"], None)
@@ -173,23 +187,31 @@ class Reconciler:
                 self._idle_since.setdefault(r["id"], now)
             by_pool[r["pool_id"]].append(
                 InstanceView(r["id"], r["state"], r["slots"], n, self._idle_since.get(r["id"]) if not n else None))
+        global_room = self.config.scaling.max_instances - len(instances)
         views = []
-        limit_global = min(self.config.scaling.max_instances, self.config.providers.local.max_instances)
         for p in pools:
             spec = WorkerSpec.from_dict(json.loads(p["spec"]))
             if p["outstanding"]:
                 self._last_work[p["id"]] = now
-            job_limit = p["job_max"] or limit_global
+            rooms = [
+                ProviderRoom(name, provider.slots_for(spec.cpus_per_task),
+                             max(0, min(self.limits[name] - live_per_provider[name], global_room)))
+                for name, provider in self.providers.items()
+            ]
+            pool_instances = by_pool.get(p["id"], [])
+            limit = self.config.scaling.max_instances
+            if p["job_max"]:
+                limit = min(limit, p["job_max"])
             views.append((
                 PoolView(
                     pool_id=p["id"],
                     outstanding=p["outstanding"] or 0,
-                    slots_per_instance=self.provider.slots_for(spec.cpus_per_task),
-                    max_instances=min(job_limit, limit_global) if p["job_max"] else limit_global,
-                    instances=by_pool.get(p["id"], []),
+                    max_instances=limit,
+                    providers=rooms,
+                    instances=pool_instances,
                     last_work_at=self._last_work.get(p["id"], now),
                 ),
-                {"path": p["path"], "spec": spec},
+                {"path": p["path"], "spec": spec, "digest": p["digest"]},
             ))
         return views
 
@@ -201,7 +223,9 @@ class Reconciler:
                 await self.drain(inst)
             if now < self._start_failures.get(view.pool_id, (0, 0.0))[1]:
                 continue
-            launches = [self._launch(view, Path(extra["path"])) for _ in range(decision.launch)]
+            slots = {r.name: r.slots for r in view.providers}
+            launches = [self._launch(self.providers[name], view.pool_id, slots[name], extra)
+                        for name in decision.launch]
             if launches:
                 await asyncio.gather(*launches)
 
@@ -212,23 +236,26 @@ class Reconciler:
             pass
         return moved
 
-    async def _launch(self, view: PoolView, worker_dir: Path) -> None:
-        inst = f"{self.provider.name}-{uuid.uuid4().hex[:12]}"
+    async def _launch(self, provider: Provider, pool_id: int, slots: int, pool: dict[str, Any]) -> None:
+        inst = f"{provider.name}-{uuid.uuid4().hex[:12]}"
         token = secrets.token_urlsafe(32)
-        slots = view.slots_per_instance
         self._launching.add(inst)
         try:
-            await self.store.write(_insert_instance, inst, self.provider.name, view.pool_id, slots, token_hash(token))
-            spec = LaunchSpec(inst, view.pool_id, worker_dir, self.agent_url, token, slots)
+            await self.store.write(_insert_instance, inst, provider.name, pool_id, slots, token_hash(token))
+            workers = self.config.state_path / "workers"
+            spec = LaunchSpec(inst, pool_id, Path(pool["path"]), self.agent_url, token, slots,
+                              worker_bundle=workers / f"{pool['digest']}.tar.gz",
+                              worker_spec=pool["spec"].to_dict())
             try:
-                cloud = await self.provider.launch(spec)
+                cloud = await provider.launch(spec)
             except Exception as exc:
-                log.warning("launch_failed", instance=inst, error=str(exc))
+                log.warning("launch_failed", instance=inst, provider=provider.name, error=str(exc))
                 await self._move(inst, InstanceEvent.LAUNCH_FAILED, error=str(exc))
+                self._start_failed(pool_id, time.time())
                 return
             await self.store.write(lambda tx: tx.transition_instance(
                 inst, InstanceEvent.LAUNCHED, cloud_id=cloud.cloud_id, address=cloud.address))
-            log.info("instance_launched", instance=inst, pool=view.pool_id, slots=slots)
+            log.info("instance_launched", instance=inst, provider=provider.name, pool=pool_id, slots=slots)
         finally:
             self._launching.discard(inst)
 
@@ -236,7 +263,7 @@ class Reconciler:
         """Daemon shutdown: drain every agent, wait for hand-backs, then terminate what we started."""
         self.paused = True
         rows = await self.store.fetchall(
-            "SELECT id, state FROM instances WHERE provider = ? AND state != 'stopped'", (self.provider.name,))
+            "SELECT id, state FROM instances WHERE state != 'stopped' AND provider != 'external'")
         for r in rows:
             if r["state"] == "running":
                 await self.drain(r["id"])

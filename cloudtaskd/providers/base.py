@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +20,8 @@ class LaunchSpec:
     token: str  # this instance's own agent token (never logged)
     slots: int
     env: dict[str, str] = field(default_factory=dict)
+    worker_bundle: Path | None = None  # the gzip'd tar, for providers that copy it to a machine
+    worker_spec: dict[str, Any] = field(default_factory=dict)  # validated cloudtask.yaml
 
     def __repr__(self) -> str:
         return f"LaunchSpec(instance_id={self.instance_id!r}, pool_id={self.pool_id}, slots={self.slots})"

@@ -1,0 +1,151 @@
+"""The `ssh` provider: a fixed list of machines a user already has, used as instances.
+
+An instance is one agent on one host (a host runs at most one of ours at a time). Launch
+bootstraps over SSH (cloudtaskd.bootstrap); terminate stops the agent and removes its files;
+list asks every host which of our agents are alive there. Host keys are pinned: from the
+config when given, else on first use, in the state database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from pathlib import Path
+
+import asyncssh
+import structlog
+
+from cloudtaskd.bootstrap import (
+    BootstrapLog,
+    BootstrapSpec,
+    SshTarget,
+    bootstrap,
+    connect,
+    running_agents,
+    stop_agent,
+)
+from cloudtaskd.config import SshHostConfig, SshProviderConfig
+from cloudtaskd.errors import ProviderError
+from cloudtaskd.providers.base import CloudInstance, LaunchSpec
+
+log = structlog.get_logger("cloudtaskd.providers.ssh")
+
+LIST_CONNECT_WAIT_S = 10.0
+
+PinGet = Callable[[str, int], Awaitable[str | None]]
+PinSet = Callable[[str, int, str], Awaitable[None]]
+
+
+class SshProvider:
+    name = "ssh"
+
+    def __init__(self, config: SshProviderConfig, state_dir: Path, get_pin: PinGet, set_pin: PinSet) -> None:
+        self.hosts = list(config.hosts)
+        self.pip_args = tuple(config.pip_args)
+        self.dir = state_dir / "ssh"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.logs = state_dir / "instances"
+        self._get_pin = get_pin
+        self._set_pin = set_pin
+        self._lock = asyncio.Lock()
+
+    @property
+    def max_instances(self) -> int:
+        return len(self.hosts)
+
+    def slots_for(self, cpus_per_task: float) -> int:
+        free = self._free_hosts() or self.hosts
+        return max(1, int(min(h.cpus for h in free) // cpus_per_task)) if free else 1
+
+    def _records(self) -> dict[str, str]:
+        """instance id -> host key string (address:port) of our assignments."""
+        out = {}
+        for rec in self.dir.glob("*.json"):
+            with suppress(OSError, ValueError):
+                out[rec.stem] = json.loads(rec.read_text())["host"]
+        return out
+
+    def _free_hosts(self) -> list[SshHostConfig]:
+        used = set(self._records().values())
+        return [h for h in self.hosts if _hid(h) not in used]
+
+    async def _target(self, host: SshHostConfig) -> SshTarget:
+        pinned = host.host_key or await self._get_pin(host.address, host.port)
+        return SshTarget(host.address, host.port, host.user, Path(host.key_file), pinned or None)
+
+    async def _connect(self, host: SshHostConfig, instance: str, *, wait_s: float,
+                       bootlog: BootstrapLog | None = None) -> asyncssh.SSHClientConnection:
+        target = await self._target(host)
+        conn, key = await connect(target, instance=instance, wait_s=wait_s, bootlog=bootlog)
+        if target.host_key is None and key:
+            await self._set_pin(host.address, host.port, key)  # trust on first use, then pinned
+            log.info("host_key_pinned", host=host.address, port=host.port)
+        return conn
+
+    async def launch(self, spec: LaunchSpec) -> CloudInstance:
+        async with self._lock:  # two launches must not pick the same host
+            records = self._records()
+            if spec.instance_id in records:
+                host = next(h for h in self.hosts if _hid(h) == records[spec.instance_id])
+            else:
+                free = self._free_hosts()
+                if not free:
+                    raise ProviderError(self.name, "launch", "every configured host is in use", retryable=True)
+                host = free[0]
+                (self.dir / f"{spec.instance_id}.json").write_text(json.dumps({"host": _hid(host)}))
+        if spec.worker_bundle is None:
+            raise ProviderError(self.name, "launch", "no worker bundle to install")
+        bootlog = BootstrapLog(self.logs / spec.instance_id / "bootstrap.log")
+        try:
+            conn = await self._connect(host, spec.instance_id, wait_s=60, bootlog=bootlog)
+            async with conn:
+                await bootstrap(conn, BootstrapSpec(
+                    spec.instance_id, spec.agent_url, spec.token, spec.slots, spec.worker_bundle, spec.worker_spec,
+                    self.pip_args), bootlog)
+        except Exception:
+            # Failed bootstrap: free the host (its log stays for `cloudtaskctl instances --logs`).
+            with suppress(Exception):
+                await self.terminate(spec.instance_id)
+            raise
+        return CloudInstance(spec.instance_id, f"{host.user}@{host.address}:{host.port}", address=host.address)
+
+    async def terminate(self, instance_id: str) -> None:
+        host_id = self._records().get(instance_id)
+        if host_id is None:
+            return
+        host = next((h for h in self.hosts if _hid(h) == host_id), None)
+        if host is not None:
+            conn = await self._connect(host, instance_id, wait_s=30)
+            async with conn:
+                await stop_agent(conn, instance_id)
+        with suppress(FileNotFoundError):
+            (self.dir / f"{instance_id}.json").unlink()
+
+    async def list_instances(self) -> list[CloudInstance]:
+        async def one(host: SshHostConfig) -> list[CloudInstance]:
+            try:
+                conn = await self._connect(host, "(list)", wait_s=LIST_CONNECT_WAIT_S)
+                async with conn:
+                    ids = await running_agents(conn)
+            except Exception as exc:
+                raise ProviderError(self.name, "list", f"{host.address}:{host.port}: {exc}", retryable=True) from exc
+            return [CloudInstance(i, f"{host.user}@{host.address}:{host.port}", address=host.address) for i in ids]
+
+        found = await asyncio.gather(*(one(h) for h in self.hosts))
+        return [c for group in found for c in group]
+
+    def output_tail(self, instance_id: str, max_chars: int = 2000) -> str | None:
+        path = self.logs / instance_id / "bootstrap.log"
+        try:
+            return path.read_text()[-max_chars:].strip() or None
+        except OSError:
+            return None
+
+    async def close(self) -> None:
+        return None
+
+
+def _hid(host: SshHostConfig) -> str:
+    return f"{host.address}:{host.port}"
