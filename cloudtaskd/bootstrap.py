@@ -202,7 +202,7 @@ async def stop_agent(conn: asyncssh.SSHClientConnection, instance: str, grace_s:
     await conn.run(
         f"cd {base} 2>/dev/null || exit 0; if test -f agent.pid; then p=$(cat agent.pid); kill -TERM -$p 2>/dev/null;"
         f" for i in $(seq {int(grace_s * 10)}); do kill -0 $p 2>/dev/null || break; sleep 0.1; done;"
-        f" kill -KILL -$p 2>/dev/null; fi; cd .. && rm -rf {base}",
+        f" kill -KILL -$p 2>/dev/null; fi; cd && rm -rf {base}",
         check=False,
     )
 

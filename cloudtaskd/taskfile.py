@@ -31,7 +31,8 @@ _SKIP_BLANKS = re.compile(r"[ \t\r\n]*").match
 # Outside a string only brackets and quotes matter for finding where an element ends.
 _FIND_STRUCTURAL = re.compile(r'[{}\[\]"]').search
 _SKIP_STRING_CHARS = re.compile(r'[^"\\]*').match
-# How close to the end of the buffered text a raw_decode error must be to count as "ran out of text".
+# A task that reaches the size limit with its brackets unbalanced is reported as invalid JSON if raw_decode
+# fails further than this from the end of the text; a failure nearer the end may just be where the text stops.
 _TRUNCATION_SLACK_CHARS: Final = 16
 
 # Array grammar states: what the scanner expects after skipping blanks.

@@ -4,6 +4,7 @@ run tasks through it, stop it; a second bootstrap is harmless; a wrong host key 
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -112,3 +113,50 @@ async def test_waits_for_ssh_then_gives_up_with_a_clear_error(tmp_path: Path) ->
     with pytest.raises(DeployError, match="did not answer within 3 s"):
         await asyncio.wait_for(connect(target, instance="i-2", wait_s=3, bootlog=bootlog), 20)
     assert "retrying" in (tmp_path / "b.log").read_text()
+
+
+def test_cloudtaskctl_run_on_the_ssh_provider(tmp_path: Path, sshd: sshd_mod.Sshd) -> None:
+    """The issue's check: `cloudtaskctl run` with localhost as the ssh host installs the agent and
+    the worker, runs the tasks, and cleans up."""
+    import os
+    import sys
+
+    import yaml
+
+    state = tmp_path / "state"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "state_dir": str(state),
+        "scaling": {"tick_s": 0.2},
+        "providers": {
+            "local": {"enabled": False},
+            "ssh": {"hosts": [{"address": "127.0.0.1", "port": sshd.port, "user": "root",
+                               "key_file": str(sshd.client_key), "cpus": 2}]},
+        },
+    }))
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(jsonl([{"id": f"t{i}", "data": {"n": i}} for i in range(30)]))
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-m", "cloudtaskd.ctl", "run", "--tasks", str(tasks), "--worker",
+         str(root / "examples" / "stream-worker"), "--config", str(config)],
+        capture_output=True, text=True, timeout=110, cwd=tmp_path, stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert proc.returncode == 0, proc.stderr + (state / "cloudtaskd.log").read_text()[-3000:]
+    lines = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(lines) == 30 and all(r["status"] == "succeeded" for r in lines)
+    assert {r["instance"].split("-")[0] for r in lines} == {"ssh"}
+    assert lines[3]["result"] == {"square": 9}
+    # Cleaned up: no agent left on the host, the host key pinned on first use.
+    leftovers = [p for p in Path("/root/.cloudtask").glob("ssh-*")] if Path("/root/.cloudtask").exists() else []
+    assert leftovers == []
+    import sqlite3
+    db = sqlite3.connect(state / "cloudtask.db")
+    try:
+        pinned = db.execute("SELECT key FROM host_keys").fetchall()
+        states = db.execute("SELECT DISTINCT state FROM instances").fetchall()
+    finally:
+        db.close()
+    assert len(pinned) == 1 and pinned[0][0].split()[:2] == sshd.public_host_key().split()[:2]
+    assert states == [("stopped",)]

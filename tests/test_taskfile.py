@@ -29,7 +29,7 @@ def error(data: bytes, step: int | None = None, max_task_bytes: int = 1_048_576)
 # Values chosen to sit across chunk boundaries awkwardly: escapes, surrogate pairs, raw multi-byte
 # characters (2, 3 and 4 bytes), brackets and quotes inside strings, numbers and literals.
 DATA = [
-    {"text": 'é ☃ 😀 \n "quoted" \\ [not] {a bracket}', "esc": "\u00e9\U0001f600"},
+    {"text": 'é ☃ 😀 \n "quoted" \\ [not] {a bracket}', "esc": "\u00e9\U0001f600", "C:\\dir\\": "}"},
     [1, -1.5e-3, 12345678901234, True, False, None, [], {}, [[{"deep": ["x"]}]]],
     None,
     "a" * 300,
@@ -61,7 +61,7 @@ LINES_ENDS = [LINES.index(b"\n") + 1, LINES.index(b"1}\n") + 3]  # the last line
 def test_array_gives_fields_and_the_line_each_task_starts_on() -> None:
     tasks = parse(ARRAY)
     assert [t.key for t in tasks] == ["a", "7", "c", "-4"]
-    lines = ARRAY.decode().splitlines()
+    lines = ARRAY.decode().split("\n")
     assert [t.line for t in tasks] == [n for n, text in enumerate(lines, 1) if text == "{"]
     assert [json.loads(t.data_json) for t in tasks] == [DATA[0], None, DATA[1], DATA[3]]
     assert tasks[0].data_json == json.dumps(DATA[0], ensure_ascii=False, separators=(",", ":"))
@@ -96,7 +96,11 @@ def test_a_split_at_any_byte_gives_the_same_tasks_as_soon_as_they_are_complete(d
         assert len(first) == sum(end <= cut for end in ends), f"split at byte {cut}"
         assert first + parser.feed(data[cut:]) + parser.finish() == whole, f"split at byte {cut}"
     for step in range(1, 40):
-        assert parse(data, step) == whole, f"chunks of {step} bytes"
+        parser, got = TaskFileParser(), []
+        for i in range(0, len(data), step):
+            got += parser.feed(data[i: i + step])
+            assert len(got) == sum(end <= i + step for end in ends), f"chunks of {step} bytes, at byte {i}"
+        assert got + parser.finish() == whole, f"chunks of {step} bytes"
 
 
 def test_feed_returns_each_task_as_soon_as_its_chunk_completes_it() -> None:
@@ -214,7 +218,7 @@ def test_brackets_that_never_balance_are_reported_as_invalid_json() -> None:
     (b'[{"id": 1},\n {"id": 2, "data": "' + b"x" * 300 + b'"}]', 2),
     (b'[{"id": 1},\n {"id": 2, "data": "' + b"x" * 100_000, 2),  # refused long before the file ends
     (b'[{"id": 1},\n {"id": 2, "data": "' + "é".encode() * 150 + b'"}]', 2),  # counted in bytes, not characters
-])
+], ids=["lines", "lines-unending", "array", "array-unending", "array-multibyte"])
 @pytest.mark.parametrize("step", [None, 64])
 def test_a_task_larger_than_the_limit_is_refused(data: bytes, line: int, step: int | None) -> None:
     exc = error(data, step, max_task_bytes=200)
