@@ -114,6 +114,9 @@ async def connect(target: SshTarget, *, instance: str, wait_s: float = SSH_WAIT_
         known_hosts = ([asyncssh.import_public_key(target.host_key)], [], [])
     deadline = time.monotonic() + wait_s
     delay = SSH_RETRY_MIN_S
+    if bootlog is not None:
+        pin = "pinned host key" if target.host_key else "host key trusted on first use"
+        bootlog.write(f"# ssh {target.user}@{target.host}:{target.port} ({pin})")
     while True:
         try:
             conn = await asyncssh.connect(
@@ -124,6 +127,8 @@ async def connect(target: SshTarget, *, instance: str, wait_s: float = SSH_WAIT_
             raise HostKeyMismatch(instance, "ssh", f"host key of {target.host}:{target.port} does not match "
                                   "the pinned key; refusing to connect") from exc
         except asyncssh.PermissionDenied as exc:
+            if bootlog is not None:
+                bootlog.write(f"! permission denied: {exc}")
             raise DeployError(instance, "ssh", f"{target.user}@{target.host} refused our key: {exc}") from exc
         except (OSError, asyncssh.Error, TimeoutError) as exc:
             if time.monotonic() + delay > deadline:

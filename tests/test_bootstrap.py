@@ -160,3 +160,44 @@ def test_cloudtaskctl_run_on_the_ssh_provider(tmp_path: Path, sshd: sshd_mod.Ssh
         db.close()
     assert len(pinned) == 1 and pinned[0][0].split()[:2] == sshd.public_host_key().split()[:2]
     assert states == [("stopped",)]
+
+
+async def test_failed_bootstrap_keeps_its_log_and_stops_the_instance(tmp_path: Path, sshd: sshd_mod.Sshd) -> None:
+    import os
+    import sys
+
+    from cloudtaskd.config import SshHostConfig, SshProviderConfig
+
+    stranger = tmp_path / "stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
+    host = SshHostConfig(address="127.0.0.1", port=sshd.port, user="root", key_file=str(stranger), cpus=1)
+    config = replace(make_config(tmp_path), providers=ProvidersConfig(
+        local=LocalProviderConfig(enabled=False), ssh=SshProviderConfig(hosts=(host,))))
+    daemon = Daemon(config, shutdown_grace_s=2)
+    await daemon.start()
+    api = UnixApi(config.socket_path)
+    try:
+        _, worker = await api.request("POST", "/v1/workers", data=bundle(WORKER))
+        _, job = await api.request("POST", "/v1/jobs", json={"worker": worker["digest"]})
+        await api.request("POST", f"/v1/jobs/{job['id']}/tasks", data=b'{"id": 1, "data": {"n": 1}}\n')
+
+        async def failed() -> Any:
+            _, body = await api.request("GET", "/v1/instances?all=1")
+            done = [i for i in body["instances"] if i["state"] == "stopped" and i["last_error"]]
+            return done[0] if done else None
+        inst = await wait_for(failed, timeout=60, message="the failed launch recorded")
+        assert "refused our key" in inst["last_error"]
+        root = Path(__file__).resolve().parent.parent
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cloudtaskd.ctl", "instances", "--logs", inst["id"],
+            "--socket", str(config.socket_path), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(root)})
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, err
+        assert f"ssh root@127.0.0.1:{sshd.port}" in out.decode() and "permission denied" in out.decode()
+        # The task is still queued, not lost, waiting for a host that works.
+        _, j = await api.request("GET", f"/v1/jobs/{job['id']}")
+        assert j["counts"]["queued"] == 1
+    finally:
+        await api.close()
+        await daemon.stop()

@@ -183,6 +183,18 @@ class ApiClient:
         instances: list[dict[str, Any]] = result["instances"]
         return instances
 
+    async def instance_logs(self, instance_id: str) -> str:
+        """The bootstrap (and local agent) log the daemon kept for an instance, as text."""
+        path = f"/v1/instances/{quote(instance_id, safe='')}/logs"
+        try:
+            async with self._http().get(BASE_URL + path) as resp:
+                body = await resp.read()
+                if resp.status >= 300:
+                    raise _error_from(resp.status, body, path)
+                return body.decode(errors="replace")
+        except aiohttp.ClientConnectionError as exc:
+            raise self._unavailable(exc) from exc
+
     async def drain_instance(self, instance_id: str) -> dict[str, Any]:
         result: dict[str, Any] = await self._call("POST", f"/v1/instances/{quote(instance_id, safe='')}/drain")
         return result

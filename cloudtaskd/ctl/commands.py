@@ -181,6 +181,13 @@ async def cmd_cancel(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
 
 
 async def cmd_instances(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
+    if args.logs:
+        text = await api.instance_logs(args.logs)
+        if ctx.json:
+            ctx.emit_json({"instance": args.logs, "logs": text})
+        else:
+            ctx.say(text.rstrip("\n"))
+        return EXIT_OK
     instances = await api.list_instances(include_stopped=args.all)
     if ctx.json:
         ctx.emit_json({"instances": instances})

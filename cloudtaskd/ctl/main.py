@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_int_in(1, 10_000), default=100, metavar="N")
     add("retry", "queue a job's dead and cancelled tasks again").add_argument("job", type=int, metavar="JOB")
     add("cancel", "cancel what is unfinished in a job").add_argument("job", type=int, metavar="JOB")
-    add("instances", "list instances").add_argument("--all", action="store_true", help="include stopped ones")
+    p = add("instances", "list instances, or show one's bootstrap log")
+    p.add_argument("--all", action="store_true", help="include stopped ones")
+    p.add_argument("--logs", metavar="ID", help="print the bootstrap/agent log kept for instance ID")
     add("drain", "let an instance finish its tasks, then stop it").add_argument("instance", metavar="INSTANCE")
     return parser
 
