@@ -9,14 +9,19 @@ from agent.protocol import ProtocolError  # the wire's own error type, re-export
 
 __all__ = [
     "BadInput",
+    "CapacityError",
     "CloudtaskError",
     "ConfigError",
     "DaemonUnavailable",
+    "InvalidRequest",
     "LeaseError",
     "NotFound",
     "ProtocolError",
+    "ProviderAuthError",
     "ProviderError",
+    "QuotaExceeded",
     "StoreError",
+    "TransientProviderError",
     "TransitionError",
 ]
 
@@ -74,3 +79,29 @@ class ProviderError(CloudtaskError):
         self.op = op
         self.retryable = retryable
         super().__init__(f"{provider}: {op}: {message}")
+
+
+class CapacityError(ProviderError):
+    """The cloud has no capacity for this offer right now (spot or zonal stock-out): try elsewhere."""
+
+    def __init__(self, provider: str, op: str, message: str) -> None:
+        super().__init__(provider, op, message, retryable=True)
+
+
+class QuotaExceeded(ProviderError):
+    """An account quota or limit blocks this request: try another region/type, or raise the quota."""
+
+
+class ProviderAuthError(ProviderError):
+    """Credentials are missing, wrong, or not allowed to do this: fix the provider's config."""
+
+
+class InvalidRequest(ProviderError):
+    """The cloud refused the request as malformed (bad image, type, zone): a config error, not retried."""
+
+
+class TransientProviderError(ProviderError):
+    """A passing failure (throttling, 5xx, timeouts): retried with backoff."""
+
+    def __init__(self, provider: str, op: str, message: str) -> None:
+        super().__init__(provider, op, message, retryable=True)
