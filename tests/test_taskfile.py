@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -247,16 +246,15 @@ def test_a_leading_byte_order_mark_is_tolerated_even_when_split() -> None:
     assert "expected a JSON array" in error(b"\xef\xbb").reason
 
 
-# Sizes where re-reading the pending task on every byte would take a minute, not a second: re-decoding
-# an array element is dear, while re-copying a line's bytes only tells at a megabyte.
+# A big task sent a byte at a time, full of brackets and escapes. Tests assert no wall-clock figure
+# (shared machines); were the parser to re-read the pending task per byte (quadratic), this would
+# run for minutes and the per-test timeout would fail it.
 @pytest.mark.parametrize(("opening", "repeats"), [(b"[", 50_000), (b"", 250_000)], ids=["array", "lines"])
-def test_a_slow_sender_costs_linear_time(opening: bytes, repeats: int) -> None:
+def test_a_slow_sender_byte_by_byte(opening: bytes, repeats: int) -> None:
     data = opening + b'{"id": "x", "data": "' + b'}]\\"' * repeats + b'"}' + (b"]" if opening else b"\n")
     parser = TaskFileParser()
-    started = time.monotonic()
     got = [t for i in range(len(data)) for t in parser.feed(data[i: i + 1])] + parser.finish()
     assert [t.key for t in got] == ["x"]
-    assert time.monotonic() - started < 5
 
 
 @pytest.mark.parametrize("fmt", ["array", "lines"])
