@@ -1,0 +1,292 @@
+"""AWS EC2 driver (aioboto3): spot or on-demand, batched RunInstances, everything tagged.
+
+Credentials: `access_key`/`secret_key` from the config, else the standard AWS chain (AWS_*
+variables, shared files, instance roles). `endpoint_url` points every call at an emulator.
+
+Batching: creates that arrive within BATCH_WINDOW_S for the same (type, zone, market) go out as
+one RunInstances with Min/MaxCount = n; each instance is then tagged with its own cloudtask
+instance id. A crash between the two leaves instances with only the daemon tag, which the
+reconciler terminates as unknown: a batch can leak nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import defaultdict
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from cloudtaskd.errors import (
+    CapacityError,
+    InvalidRequest,
+    ProviderAuthError,
+    ProviderError,
+    QuotaExceeded,
+    TransientProviderError,
+)
+from cloudtaskd.providers.cloud import TAG_DAEMON, TAG_INSTANCE, CloudVm, CreateRequest
+
+log = structlog.get_logger("cloudtaskd.providers.aws")
+
+BATCH_WINDOW_S = 0.05
+UBUNTU_OWNER = "099720109477"  # Canonical
+UBUNTU_IMAGE_NAME = "ubuntu/images/hvm-ssd*/ubuntu-jammy-22.04-amd64-server-*"
+SECURITY_GROUP = "cloudtask-ssh"
+
+STATUS_MAP = {
+    "pending": "pending",
+    "running": "running",
+    "stopping": "stopping",
+    "stopped": "stopping",  # not ours to restart: treated as on its way out
+    "shutting-down": "stopping",
+    "terminated": "terminated",
+}
+
+CAPACITY_CODES = {"InsufficientInstanceCapacity", "InsufficientCapacity", "SpotMaxPriceTooLow",
+                  "InsufficientHostCapacity", "Unsupported"}
+QUOTA_CODES = {"InstanceLimitExceeded", "MaxSpotInstanceCountExceeded", "VcpuLimitExceeded",
+               "SpotInstanceRequestLimitExceeded", "RequestLimitExceeded-quota"}
+AUTH_CODES = {"AuthFailure", "UnauthorizedOperation", "InvalidClientTokenId", "SignatureDoesNotMatch",
+              "OptInRequired", "Blocked", "ExpiredToken", "AccessDenied"}
+TRANSIENT_CODES = {"RequestLimitExceeded", "Throttling", "ThrottlingException", "InternalError", "ServiceUnavailable",
+                   "Unavailable", "InternalFailure"}
+
+
+def classify(exc: BaseException, op: str) -> ProviderError:
+    """botocore's errors -> our named types (the only place that knows EC2's error codes)."""
+    from botocore.exceptions import (
+        ClientError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        PartialCredentialsError,
+        ReadTimeoutError,
+    )
+
+    if isinstance(exc, ProviderError):
+        return exc
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+        return ProviderAuthError("aws", op, "no credentials: set providers.aws.access_key and secret_key, "
+                                 "or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or an instance role")
+    if isinstance(exc, EndpointConnectionError | ConnectTimeoutError | ReadTimeoutError):
+        return TransientProviderError("aws", op, str(exc))
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        code, message = str(err.get("Code", "")), str(err.get("Message", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        text = f"{code}: {message}"
+        if code in CAPACITY_CODES:
+            return CapacityError("aws", op, text)
+        if code in QUOTA_CODES:
+            return QuotaExceeded("aws", op, text)
+        if code in AUTH_CODES or status in (401, 403):
+            return ProviderAuthError("aws", op, text)
+        if code in TRANSIENT_CODES or status >= 500 or status == 429:
+            return TransientProviderError("aws", op, text)
+        return InvalidRequest("aws", op, text)
+    return TransientProviderError("aws", op, f"{type(exc).__name__}: {exc}")
+
+
+@dataclass
+class _Batch:
+    requests: list[CreateRequest] = field(default_factory=list)
+    futures: list[asyncio.Future[CloudVm]] = field(default_factory=list)
+
+
+class AwsDriver:
+    name = "aws"
+
+    def __init__(self, region: str, daemon_id: str, *, access_key: str | None = None, secret_key: str | None = None,
+                 endpoint_url: str | None = None, max_attempts: int = 5, image: str | None = None) -> None:
+        self.region = region
+        self.daemon_id = daemon_id
+        self.endpoint_url = endpoint_url or None
+        self.image = image
+        self._creds = {"aws_access_key_id": access_key, "aws_secret_access_key": secret_key} if access_key else {}
+        self._max_attempts = max_attempts
+        self._stack: AsyncExitStack | None = None
+        self._ec2: Any = None
+        self._client_lock = asyncio.Lock()
+        self._setup: tuple[str, str, str] | None = None  # (image, key name, security group id)
+        self._setup_lock = asyncio.Lock()
+        self._batches: dict[tuple[str, str, bool], _Batch] = defaultdict(_Batch)
+
+    async def _client(self) -> Any:
+        async with self._client_lock:
+            if self._ec2 is None:
+                import aioboto3
+                from botocore.config import Config as BotoConfig
+
+                session = aioboto3.Session(region_name=self.region, **self._creds)
+                self._stack = AsyncExitStack()
+                self._ec2 = await self._stack.enter_async_context(session.client(
+                    "ec2", endpoint_url=self.endpoint_url,
+                    config=BotoConfig(retries={"total_max_attempts": self._max_attempts, "mode": "standard"}),
+                ))
+            return self._ec2
+
+    async def close(self) -> None:
+        if self._stack is not None:
+            await self._stack.aclose()
+        self._stack = self._ec2 = None
+
+    # ---- one-time set-up: image, key pair, security group ----
+
+    async def _prepare(self, req: CreateRequest) -> tuple[str, str, str]:
+        async with self._setup_lock:
+            if self._setup is None:
+                ec2 = await self._client()
+                try:
+                    image = req.image or self.image or await self._ubuntu_image(ec2)
+                    key_name = await self._key_pair(ec2, req.ssh_public_key)
+                    group = await self._security_group(ec2)
+                except Exception as exc:
+                    raise classify(exc, "prepare") from exc
+                self._setup = (image, key_name, group)
+            return self._setup
+
+    async def _ubuntu_image(self, ec2: Any) -> str:
+        found = await ec2.describe_images(Owners=[UBUNTU_OWNER],
+                                          Filters=[{"Name": "name", "Values": [UBUNTU_IMAGE_NAME]},
+                                                   {"Name": "state", "Values": ["available"]}])
+        images = sorted(found.get("Images", []), key=lambda i: i.get("CreationDate", ""))
+        if not images:
+            raise InvalidRequest("aws", "prepare", f"no Ubuntu 22.04 image in {self.region}; set providers.aws.image")
+        return str(images[-1]["ImageId"])
+
+    async def _key_pair(self, ec2: Any, public_key: str) -> str:
+        name = f"cloudtask-{self.daemon_id}-{hashlib.sha256(public_key.encode()).hexdigest()[:8]}"
+        existing = await ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": [name]}])
+        if not existing.get("KeyPairs"):
+            await ec2.import_key_pair(KeyName=name, PublicKeyMaterial=public_key.encode(), TagSpecifications=[
+                {"ResourceType": "key-pair", "Tags": [{"Key": TAG_DAEMON, "Value": self.daemon_id}]}])
+        return name
+
+    async def _security_group(self, ec2: Any) -> str:
+        name = f"{SECURITY_GROUP}-{self.daemon_id}"
+        found = await ec2.describe_security_groups(Filters=[{"Name": "group-name", "Values": [name]}])
+        if found.get("SecurityGroups"):
+            return str(found["SecurityGroups"][0]["GroupId"])
+        made = await ec2.create_security_group(GroupName=name, Description="cloudtask: SSH from the control host",
+                                               TagSpecifications=[{"ResourceType": "security-group", "Tags": [
+                                                   {"Key": TAG_DAEMON, "Value": self.daemon_id}]}])
+        group = str(made["GroupId"])
+        await ec2.authorize_security_group_ingress(GroupId=group, IpPermissions=[{
+            "IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}])
+        return group
+
+    # ---- the driver contract ----
+
+    async def create(self, req: CreateRequest) -> CloudVm:
+        existing = await self.get(req.instance_id)
+        if existing is not None and existing.state != "terminated":
+            return existing  # idempotent: this instance id was already launched
+        key = (req.machine_type, req.zone, req.spot)
+        batch = self._batches[key]
+        future: asyncio.Future[CloudVm] = asyncio.get_running_loop().create_future()
+        batch.requests.append(req)
+        batch.futures.append(future)
+        if len(batch.requests) == 1:
+            asyncio.get_running_loop().call_later(
+                BATCH_WINDOW_S, lambda: asyncio.ensure_future(self._flush(key)))
+        return await future
+
+    async def _flush(self, key: tuple[str, str, bool]) -> None:
+        batch = self._batches.pop(key, _Batch())
+        if not batch.requests:
+            return
+        try:
+            vms = await self._run_batch(batch.requests)
+        except Exception as exc:
+            err = classify(exc, "launch")
+            for f in batch.futures:
+                if not f.done():
+                    f.set_exception(err)
+            return
+        for f, vm in zip(batch.futures, vms, strict=True):
+            if not f.done():
+                f.set_result(vm)
+
+    async def _run_batch(self, reqs: list[CreateRequest]) -> list[CloudVm]:
+        first = reqs[0]
+        image, key_name, group = await self._prepare(first)
+        ec2 = await self._client()
+        n = len(reqs)
+        params: dict[str, Any] = {
+            "ImageId": image, "InstanceType": first.machine_type, "MinCount": n, "MaxCount": n,
+            "KeyName": key_name, "SecurityGroupIds": [group],
+            # Same ids, same token: a retried call (after a timeout) does not launch twice.
+            "ClientToken": hashlib.sha256(",".join(sorted(r.instance_id for r in reqs)).encode()).hexdigest()[:64],
+            "TagSpecifications": [{"ResourceType": "instance", "Tags": [
+                {"Key": TAG_DAEMON, "Value": self.daemon_id}, {"Key": "Name", "Value": "cloudtask"}]}],
+        }
+        if first.zone and first.zone != self.region:
+            params["Placement"] = {"AvailabilityZone": first.zone}
+        if first.spot:
+            params["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": {
+                "SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}}
+        try:
+            out = await ec2.run_instances(**params)
+        except Exception as exc:
+            raise classify(exc, "launch") from exc
+        instances = out.get("Instances", [])
+        vms = []
+        for req, inst in zip(reqs, instances, strict=False):
+            try:
+                await ec2.create_tags(Resources=[inst["InstanceId"]], Tags=[{"Key": TAG_INSTANCE,
+                                                                             "Value": req.instance_id}])
+            except Exception as exc:
+                raise classify(exc, "tag") from exc
+            vms.append(self._vm(inst, req.instance_id))
+        if len(vms) != n:
+            raise CapacityError("aws", "launch", f"asked for {n} instances, got {len(vms)}")
+        log.info("aws_instances_launched", count=n, type=first.machine_type, zone=first.zone, spot=first.spot)
+        return vms
+
+    def _vm(self, inst: dict[str, Any], instance_id: str | None = None) -> CloudVm:
+        tags = {t["Key"]: t["Value"] for t in inst.get("Tags", [])}
+        return CloudVm(
+            instance_id=instance_id or tags.get(TAG_INSTANCE, ""),
+            cloud_id=str(inst["InstanceId"]),
+            state=STATUS_MAP.get(inst.get("State", {}).get("Name", ""), "pending"),
+            public_ip=inst.get("PublicIpAddress"),
+            zone=inst.get("Placement", {}).get("AvailabilityZone"),
+            spot=inst.get("InstanceLifecycle") == "spot",
+            tags=tags,
+        )
+
+    async def _describe(self, filters: list[dict[str, Any]]) -> list[CloudVm]:
+        ec2 = await self._client()
+        base = [{"Name": f"tag:{TAG_DAEMON}", "Values": [self.daemon_id]},
+                {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped",
+                                                           "shutting-down"]}]
+        vms: list[CloudVm] = []
+        try:
+            paginator = ec2.get_paginator("describe_instances")
+            async for page in paginator.paginate(Filters=base + filters):
+                for reservation in page.get("Reservations", []):
+                    vms.extend(self._vm(inst) for inst in reservation.get("Instances", []))
+        except Exception as exc:
+            raise classify(exc, "describe") from exc
+        return vms
+
+    async def get(self, instance_id: str) -> CloudVm | None:
+        found = await self._describe([{"Name": f"tag:{TAG_INSTANCE}", "Values": [instance_id]}])
+        return found[0] if found else None
+
+    async def list(self) -> list[CloudVm]:
+        return await self._describe([])
+
+    async def delete(self, instance_id: str) -> None:
+        found = await self._describe([{"Name": f"tag:{TAG_INSTANCE}", "Values": [instance_id]}])
+        if not found:
+            return
+        ec2 = await self._client()
+        try:
+            await ec2.terminate_instances(InstanceIds=[vm.cloud_id for vm in found])
+        except Exception as exc:
+            raise classify(exc, "terminate") from exc

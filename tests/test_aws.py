@@ -1,0 +1,160 @@
+"""The AWS driver through aioboto3 against moto running as a real HTTP server."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cloudtaskd.errors import CapacityError, ProviderAuthError, QuotaExceeded
+from cloudtaskd.providers.aws import AwsDriver
+from cloudtaskd.providers.cloud import TAG_DAEMON, TAG_INSTANCE, CreateRequest
+from tests.moto_ec2 import MotoEc2
+
+REGION = "us-east-1"
+PUBKEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBd5pjkWPRG2g1DCrDL2qVdUwq0eGnWxSOZ6fzfJ2pYk test"
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[MotoEc2]:
+    server = MotoEc2()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def creds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture
+async def driver(moto: MotoEc2, creds: None) -> AsyncIterator[AwsDriver]:
+    moto.reset()
+    d = AwsDriver(REGION, "daemon1", endpoint_url=moto.url, max_attempts=1)
+    ec2 = await d._client()
+    images = await ec2.describe_images()
+    d.image = images["Images"][0]["ImageId"]
+    yield d
+    await d.close()
+
+
+def req(instance_id: str, *, spot: bool = False, machine_type: str = "t3.micro") -> CreateRequest:
+    return CreateRequest(instance_id, "daemon1", machine_type, REGION, spot, "ubuntu", PUBKEY)
+
+
+async def describe(d: AwsDriver, cloud_id: str) -> dict[str, Any]:
+    ec2 = await d._client()
+    out = await ec2.describe_instances(InstanceIds=[cloud_id])
+    return dict(out["Reservations"][0]["Instances"][0])
+
+
+async def test_create_spot_and_on_demand_with_tags(driver: AwsDriver) -> None:
+    spot = await driver.create(req("aws-a1", spot=True))
+    ondemand = await driver.create(req("aws-a2", machine_type="c5.large"))
+    a, b = await describe(driver, spot.cloud_id), await describe(driver, ondemand.cloud_id)
+    assert a.get("InstanceLifecycle") == "spot" and b.get("InstanceLifecycle") != "spot"
+    assert b["InstanceType"] == "c5.large"
+    tags = {t["Key"]: t["Value"] for t in a["Tags"]}
+    assert tags[TAG_DAEMON] == "daemon1" and tags[TAG_INSTANCE] == "aws-a1"
+    assert a["KeyName"].startswith("cloudtask-daemon1-")
+    assert spot.state in ("pending", "running") and spot.instance_id == "aws-a1"
+
+
+async def test_concurrent_creates_are_one_run_instances_call(driver: AwsDriver, moto: MotoEc2) -> None:
+    vms = await asyncio.gather(*(driver.create(req(f"aws-b{i}")) for i in range(4)))
+    assert moto.calls["RunInstances"] == 1
+    assert sorted(v.instance_id for v in vms) == [f"aws-b{i}" for i in range(4)]
+    assert len({v.cloud_id for v in vms}) == 4
+    assert {v.instance_id for v in await driver.list()} == {f"aws-b{i}" for i in range(4)}
+
+
+async def test_create_is_idempotent_by_instance_id(driver: AwsDriver, moto: MotoEc2) -> None:
+    first = await driver.create(req("aws-c1"))
+    again = await driver.create(req("aws-c1"))
+    assert again.cloud_id == first.cloud_id and moto.calls["RunInstances"] == 1
+
+
+async def test_list_is_only_ours_and_delete_is_idempotent(driver: AwsDriver) -> None:
+    ec2 = await driver._client()
+    await ec2.run_instances(ImageId=driver.image, InstanceType="t3.micro", MinCount=1, MaxCount=1)  # not ours
+    other = AwsDriver(REGION, "daemon2", endpoint_url=driver.endpoint_url, max_attempts=1, image=driver.image)
+    try:
+        await other.create(CreateRequest("aws-x", "daemon2", "t3.micro", REGION, False, "u", PUBKEY))
+    finally:
+        await other.close()
+    mine = await driver.create(req("aws-d1"))
+    assert [v.cloud_id for v in await driver.list()] == [mine.cloud_id]
+    await driver.delete("aws-d1")
+    await driver.delete("aws-d1")
+    assert await driver.get("aws-d1") is None and await driver.list() == []
+    assert (await describe(driver, mine.cloud_id))["State"]["Name"] == "terminated"
+
+
+@pytest.mark.parametrize(("code", "status", "kind"), [
+    ("InsufficientInstanceCapacity", 500, CapacityError),
+    ("InstanceLimitExceeded", 400, QuotaExceeded),
+    ("AuthFailure", 401, ProviderAuthError),
+])
+async def test_errors_map_to_named_types(driver: AwsDriver, moto: MotoEc2, code: str, status: int,
+                                         kind: type[Exception]) -> None:
+    await driver.create(req("aws-warm"))  # key pair and security group exist already
+    moto.fail_next["RunInstances"] = (code, status, "injected by the test")
+    with pytest.raises(kind, match=code) as info:
+        await driver.create(req("aws-e1"))
+    assert "aws: launch:" in str(info.value)
+    assert await driver.get("aws-e1") is None
+
+
+async def test_missing_credentials_name_the_provider(moto: MotoEc2, monkeypatch: pytest.MonkeyPatch,
+                                                     tmp_path: Path) -> None:
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    d = AwsDriver(REGION, "daemon1", endpoint_url=moto.url, max_attempts=1, image="ami-x")
+    try:
+        with pytest.raises(ProviderAuthError, match="aws: .*no credentials: set providers.aws.access_key"):
+            await d.list()
+    finally:
+        await d.close()
+
+
+async def test_reconcile_terminates_orphans_after_a_crash(driver: AwsDriver, tmp_path: Path) -> None:
+    """A VM tagged with our daemon id but with no live row (the daemon died between launch and its
+    record) is terminated by the next reconcile; a known one is left alone."""
+    from cloudtaskd.config import Config
+    from cloudtaskd.dispatch import Dispatcher
+    from cloudtaskd.orchestrator.reconciler import Reconciler
+    from cloudtaskd.providers.cloud import CloudProvider, CloudSettings
+    from cloudtaskd.store import Store
+
+    key = tmp_path / "id"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    settings = CloudSettings("t3.micro", REGION, False, 2, "ubuntu", key)
+    provider = CloudProvider(driver, settings, "daemon1", tmp_path)
+    store = Store(tmp_path / "db.sqlite")
+    await store.open()
+    try:
+        config = Config(state_dir=str(tmp_path))
+        known = await driver.create(req("aws-known"))
+        orphan = await driver.create(req("aws-orphan"))
+        await store.write(lambda tx: tx.db.execute(
+            "INSERT INTO instances (id, provider, pool_id, state, slots, token_hash, cloud_id, created_at,"
+            " state_changed_at) VALUES ('aws-known', 'aws', NULL, 'running', 2, 'x', ?, 0, ?)",
+            (known.cloud_id, tx.now)))
+        reconciler = Reconciler(store, Dispatcher(store, config), [(provider, 5)], config, "ws://x")
+        await reconciler.sync(now=0.0 + 1e9)
+        assert {v.instance_id for v in await driver.list()} == {"aws-known"}
+        assert (await describe(driver, orphan.cloud_id))["State"]["Name"] == "terminated"
+    finally:
+        await store.close()
