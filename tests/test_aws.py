@@ -123,7 +123,7 @@ async def test_missing_credentials_name_the_provider(moto: MotoEc2, monkeypatch:
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     d = AwsDriver(REGION, "daemon1", endpoint_url=moto.url, max_attempts=1, image="ami-x")
     try:
-        with pytest.raises(ProviderAuthError, match="aws: .*no credentials: set providers.aws.access_key"):
+        with pytest.raises(ProviderAuthError, match=r"aws: .*no credentials: set providers\.aws\.access_key"):
             await d.list()
     finally:
         await d.close()
