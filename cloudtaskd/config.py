@@ -36,6 +36,9 @@ class Secret(str):
         return str.__str__(self)
 
 
+NO_SECRET = Secret("")
+
+
 def _range(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
     return {"range": (lo, hi)}
 
@@ -103,9 +106,38 @@ class SshProviderConfig:
 
 
 @dataclass(frozen=True)
+class CloudProviderConfig:
+    """What every cloud shares: the offer to launch, and how the daemon reaches a new VM over SSH."""
+
+    enabled: bool = False
+    max_instances: int = field(default=4, metadata=_range(0, 100_000))
+    machine_type: str = ""
+    cpus: int = field(default=2, metadata=_range(1, 4096))  # of machine_type: slots = cpus / cpus_per_task
+    spot: bool = True
+    image: str = ""  # empty: the latest Ubuntu 22.04 LTS image
+    ssh_user: str = "ubuntu"
+    # Private key the daemon logs in with (its .pub is installed on each VM).
+    # Empty: <state_dir>/ssh/id_ed25519, created on first start.
+    ssh_key_file: str = ""
+    # Emulators and tests only: reach every VM's SSH at host:port instead of its public address.
+    ssh_address_override: str = ""
+
+
+@dataclass(frozen=True)
+class AwsProviderConfig(CloudProviderConfig):
+    region: str = "us-east-1"
+    zone: str = ""  # availability zone; empty: any in the region
+    access_key: Secret = NO_SECRET  # empty: the standard AWS credential chain
+    secret_key: Secret = NO_SECRET
+    endpoint_url: str = ""  # an emulator (e.g. moto) instead of AWS
+    machine_type: str = "t3.small"
+
+
+@dataclass(frozen=True)
 class ProvidersConfig:
     local: LocalProviderConfig = field(default_factory=LocalProviderConfig)
     ssh: SshProviderConfig = field(default_factory=SshProviderConfig)
+    aws: AwsProviderConfig = field(default_factory=AwsProviderConfig)
 
 
 @dataclass(frozen=True)

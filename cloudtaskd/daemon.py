@@ -22,12 +22,13 @@ from aiohttp import web
 
 from cloudtaskd import queue
 from cloudtaskd.api import ControlApi, errors_middleware
-from cloudtaskd.config import Config, load_config
+from cloudtaskd.config import CloudProviderConfig, Config, load_config
 from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.errors import CloudtaskError, ConfigError, StoreError
 from cloudtaskd.hub import AgentHub
 from cloudtaskd.orchestrator.reconciler import Reconciler
 from cloudtaskd.providers.base import Provider
+from cloudtaskd.providers.cloud import CloudProvider, CloudSettings
 from cloudtaskd.providers.local import LocalProvider
 from cloudtaskd.providers.ssh import SshProvider
 from cloudtaskd.store import Store, Tx
@@ -50,7 +51,7 @@ class Daemon:
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._lock_file: IO[str] | None = None
-        self.providers = self._providers()
+        self.providers: list[tuple[Provider, int]] = []
         self.reconciler: Reconciler | None = None
         self.failed = asyncio.Event()
 
@@ -59,6 +60,7 @@ class Daemon:
         self._lock()
         await self.store.open()
         self.daemon_id = await self.store.write(_daemon_id)
+        self.providers = self._providers()  # cloud resources are tagged with the daemon id
         renewed = await self.store.write(queue.extend_all_leases, self.config.agents.lease_ttl_s)
         await self._resume_uploads()
         log.info("store_opened", path=str(self.store.path), leases_renewed=renewed, daemon_id=self.daemon_id)
@@ -99,10 +101,28 @@ class Daemon:
         if ssh.hosts:
             provider = SshProvider(ssh, self.state_dir, self._get_pin, self._set_pin)
             out.append((provider, provider.max_instances))
+        aws = self.config.providers.aws
+        if aws.enabled and aws.max_instances > 0:
+            from cloudtaskd.providers.aws import AwsDriver
+
+            driver = AwsDriver(aws.region, self.daemon_id, access_key=aws.access_key or None,
+                               secret_key=aws.secret_key or None, endpoint_url=aws.endpoint_url or None,
+                               image=aws.image or None)
+            out.append((CloudProvider(driver, self._cloud_settings(aws, aws.zone or aws.region), self.daemon_id,
+                                      self.state_dir), aws.max_instances))
         local = self.config.providers.local
         if local.enabled and local.max_instances > 0:
             out.append((LocalProvider(local, self.state_dir), local.max_instances))
         return out
+
+    def _cloud_settings(self, c: CloudProviderConfig, zone: str) -> CloudSettings:
+        key = Path(c.ssh_key_file) if c.ssh_key_file else self.state_dir / "ssh" / "id_ed25519"
+        if not key.exists():
+            if c.ssh_key_file:
+                raise ConfigError(self.config.source, "ssh_key_file", f"{key} does not exist")
+            _make_key(key)
+        return CloudSettings(c.machine_type, zone, c.spot, c.cpus, c.ssh_user, key, c.ssh_address_override,
+                             tuple(self.config.providers.ssh.pip_args))
 
     async def _get_pin(self, address: str, port: int) -> str | None:
         row = await self.store.fetchone("SELECT key FROM host_keys WHERE address = ? AND port = ?", (address, port))
@@ -172,6 +192,17 @@ class Daemon:
             self._lock_file.close()
             self._lock_file = None
         log.info("daemon_stopped")
+
+
+def _make_key(path: Path) -> None:
+    """The daemon's own SSH key for the VMs it launches (ed25519, private part mode 600)."""
+    import asyncssh
+
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = asyncssh.generate_private_key("ssh-ed25519", comment="cloudtaskd")
+    key.write_private_key(str(path))
+    os.chmod(path, 0o600)
+    key.write_public_key(f"{path}.pub")
 
 
 def _daemon_id(tx: Tx) -> str:

@@ -158,3 +158,54 @@ async def test_reconcile_terminates_orphans_after_a_crash(driver: AwsDriver, tmp
         assert (await describe(driver, orphan.cloud_id))["State"]["Name"] == "terminated"
     finally:
         await store.close()
+
+
+@pytest.mark.timeout(300)  # a VM bootstrap installs aiohttp into a fresh virtualenv
+@pytest.mark.skipif(__import__("tests.sshd", fromlist=["x"]).available() is not None, reason="needs a real sshd")
+async def test_a_job_on_aws_end_to_end(moto: MotoEc2, creds: None, tmp_path: Path) -> None:
+    """The daemon launches a VM in (emulated) EC2, bootstraps it over SSH (reached through the
+    documented ssh_address_override hook at a local OpenSSH), runs the job, then terminates it."""
+    from dataclasses import replace
+
+    from cloudtaskd.config import AwsProviderConfig, LocalProviderConfig, ProvidersConfig
+    from cloudtaskd.daemon import Daemon
+    from tests.conftest import UnixApi, make_config, wait_for
+    from tests.procs import bundle
+    from tests.sshd import Sshd
+    from tests.test_daemon_e2e import finished, jsonl, results
+
+    moto.reset()
+    sshd = Sshd(tmp_path / "sshd")
+    sshd.start()
+    probe = AwsDriver(REGION, "x", endpoint_url=moto.url, max_attempts=1)
+    image = (await (await probe._client()).describe_images())["Images"][0]["ImageId"]
+    await probe.close()
+    aws = AwsProviderConfig(enabled=True, max_instances=1, machine_type="t3.micro", cpus=2, spot=True, image=image,
+                            endpoint_url=moto.url, ssh_user="root", ssh_key_file=str(sshd.client_key),
+                            ssh_address_override=f"127.0.0.1:{sshd.port}")
+    config = replace(make_config(tmp_path, idle_timeout_s=0.5),
+                     providers=ProvidersConfig(local=LocalProviderConfig(enabled=False), aws=aws))
+    daemon = Daemon(config, shutdown_grace_s=5)
+    await daemon.start()
+    api = UnixApi(config.socket_path)
+    worker = {"cloudtask.yaml": "mode: python\nfunction: w:run\n", "w.py": "def run(i, d):\n    return d['n'] * 3\n"}
+    try:
+        _, w = await api.request("POST", "/v1/workers", data=bundle(worker))
+        _, job = await api.request("POST", "/v1/jobs", json={"worker": w["digest"]})
+        await api.request("POST", f"/v1/jobs/{job['id']}/tasks",
+                          data=jsonl([{"id": i, "data": {"n": i}} for i in range(25)]).encode())
+        await wait_for(lambda: finished(api, job["id"]), timeout=90, message="job done on aws")
+        res = await results(api, job["id"])
+        assert sorted(r["result"] for r in res.values()) == [3 * i for i in range(25)]
+        assert {r["instance"].split("-")[0] for r in res.values()} == {"aws"}
+        driver = AwsDriver(REGION, daemon.daemon_id, endpoint_url=moto.url, max_attempts=1)
+        try:
+            async def all_terminated() -> bool:
+                return await driver.list() == []
+            await wait_for(all_terminated, timeout=60, message="the idle VM terminated")
+        finally:
+            await driver.close()
+    finally:
+        await api.close()
+        await daemon.stop()
+        sshd.stop()

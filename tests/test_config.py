@@ -60,3 +60,11 @@ def test_secret_never_shows_itself() -> None:
     secret = Secret("hunter2")
     assert "hunter2" not in repr(secret) and "hunter2" not in repr({"k": secret})
     assert secret.reveal() == "hunter2"
+
+
+def test_aws_secrets_are_hidden_in_the_config_repr(tmp_path: Path) -> None:
+    path = write(tmp_path, "providers:\n  aws:\n    access_key: AKIAEXAMPLE\n    secret_key: s3cr3t-value\n")
+    config = load_config(path)
+    assert config.providers.aws.secret_key.reveal() == "s3cr3t-value"
+    text = repr(config)
+    assert "s3cr3t-value" not in text and "AKIAEXAMPLE" not in text and "<SECRET>" in text
