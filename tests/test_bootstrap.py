@@ -31,7 +31,10 @@ from tests.conftest import UnixApi, make_config, wait_for
 from tests.procs import bundle
 from tests.test_daemon_e2e import finished, jsonl, results
 
-pytestmark = pytest.mark.skipif(sshd_mod.available() is not None, reason=str(sshd_mod.available()))
+pytestmark = [
+    pytest.mark.skipif(sshd_mod.available() is not None, reason=str(sshd_mod.available())),
+    pytest.mark.timeout(300),  # a bootstrap installs aiohttp into a fresh virtualenv
+]
 
 WORKER = {"cloudtask.yaml": "mode: python\nfunction: w:run\n",
           "w.py": "import os\ndef run(task_id, data):\n    return {'n': data['n'], 'pid': os.getpid()}\n"}
