@@ -134,10 +134,36 @@ class AwsProviderConfig(CloudProviderConfig):
 
 
 @dataclass(frozen=True)
+class GcpProviderConfig(CloudProviderConfig):
+    project_id: str = ""
+    zone: str = "us-central1-a"
+    # Service-account JSON. Empty: Application Default Credentials (GOOGLE_APPLICATION_CREDENTIALS,
+    # the gcloud user file, the metadata server).
+    credentials_file: str = ""
+    api_endpoint: str = ""  # an emulator, scheme included (http://127.0.0.1:PORT)
+    machine_type: str = "e2-standard-2"
+
+
+@dataclass(frozen=True)
+class AzureProviderConfig(CloudProviderConfig):
+    subscription_id: str = ""
+    resource_group: str = "cloudtask"
+    location: str = "eastus"
+    # A service principal (ClientSecretCredential) when all three are set, else DefaultAzureCredential.
+    tenant_id: str = ""
+    client_id: str = ""
+    client_secret: Secret = NO_SECRET
+    base_url: str = ""  # an emulator instead of https://management.azure.com
+    machine_type: str = "Standard_D2s_v5"
+
+
+@dataclass(frozen=True)
 class ProvidersConfig:
     local: LocalProviderConfig = field(default_factory=LocalProviderConfig)
     ssh: SshProviderConfig = field(default_factory=SshProviderConfig)
     aws: AwsProviderConfig = field(default_factory=AwsProviderConfig)
+    gcp: GcpProviderConfig = field(default_factory=GcpProviderConfig)
+    azure: AzureProviderConfig = field(default_factory=AzureProviderConfig)
 
 
 @dataclass(frozen=True)
