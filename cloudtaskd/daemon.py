@@ -110,6 +110,10 @@ class Daemon:
                                image=aws.image or None)
             out.append((CloudProvider(driver, self._cloud_settings(aws, aws.zone or aws.region), self.daemon_id,
                                       self.state_dir), aws.max_instances))
+        for name in ("gcp", "azure"):
+            if getattr(self.config.providers, name).enabled:
+                raise ConfigError(self.config.source, f"providers.{name}.enabled",
+                                  f"the {name} provider is not available in this version yet")
         local = self.config.providers.local
         if local.enabled and local.max_instances > 0:
             out.append((LocalProvider(local, self.state_dir), local.max_instances))
