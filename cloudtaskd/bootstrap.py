@@ -104,6 +104,13 @@ class BootstrapLog:
         with self.path.open("a") as f:
             f.write(text if text.endswith("\n") else text + "\n")
 
+    def tail(self, max_chars: int = 2000) -> str | None:
+        """The end of the log, to say why an instance failed (its last_error)."""
+        try:
+            return self.path.read_text()[-max_chars:].strip() or None
+        except OSError:
+            return None
+
 
 async def connect(target: SshTarget, *, instance: str, wait_s: float = SSH_WAIT_S,
                   bootlog: BootstrapLog | None = None) -> tuple[asyncssh.SSHClientConnection, str]:

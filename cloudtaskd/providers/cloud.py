@@ -152,12 +152,8 @@ class CloudProvider:
         return [CloudInstance(vm.instance_id, vm.cloud_id, running=vm.state in ("pending", "running"),
                               address=vm.public_ip) for vm in await self.driver.list()]
 
-    def output_tail(self, instance_id: str, max_chars: int = 2000) -> str | None:
-        path = self.logs / instance_id / "bootstrap.log"
-        try:
-            return path.read_text()[-max_chars:].strip() or None
-        except OSError:
-            return None
+    def output_tail(self, instance_id: str) -> str | None:
+        return BootstrapLog(self.logs / instance_id / "bootstrap.log").tail()
 
     async def close(self) -> None:
         await self.driver.close()

@@ -136,12 +136,8 @@ class SshProvider:
         found = await asyncio.gather(*(one(h) for h in self.hosts))
         return [c for group in found for c in group]
 
-    def output_tail(self, instance_id: str, max_chars: int = 2000) -> str | None:
-        path = self.logs / instance_id / "bootstrap.log"
-        try:
-            return path.read_text()[-max_chars:].strip() or None
-        except OSError:
-            return None
+    def output_tail(self, instance_id: str) -> str | None:
+        return BootstrapLog(self.logs / instance_id / "bootstrap.log").tail()
 
     async def close(self) -> None:
         return None
