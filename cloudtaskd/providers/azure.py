@@ -1,0 +1,406 @@
+"""Azure driver (the async azure-mgmt clients): spot or regular VMs, every resource tagged.
+
+Credentials: a service principal (`tenant_id`, `client_id`, `client_secret`: all three, or none),
+else DefaultAzureCredential (environment, managed identity, the az CLI login). `base_url` points
+every client at an emulator; `client_kwargs` go to each client as they are (tests pass their own
+authentication policy and a short polling interval there; the product's path stays https-only).
+
+Idempotency: every resource is named from our instance id (`ct-<id>-vm`, `-nic`, `-ip`), so a
+repeated create finds the VM it made before. A failed create leaves nothing behind: Azure keeps a
+VM that failed allocation as a resource in the Failed state, so create deletes it (and its NIC and
+IP) before raising.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+import structlog
+
+from cloudtaskd.errors import (
+    CapacityError,
+    InvalidRequest,
+    ProviderAuthError,
+    ProviderError,
+    QuotaExceeded,
+    TransientProviderError,
+)
+from cloudtaskd.providers.cloud import TAG_DAEMON, TAG_INSTANCE, CloudVm, CreateRequest
+
+log = structlog.get_logger("cloudtaskd.providers.azure")
+
+PROVIDER = "azure"
+DEFAULT_IMAGE = ("Canonical", "0001-com-ubuntu-server-jammy", "22_04-lts-gen2", "latest")
+VNET_PREFIX = "10.77.0.0/16"
+SUBNET_NAME = "cloudtask"
+SSH_RULE_PRIORITY = 1000
+NAME_MAX = 64  # Linux VM and computer names
+
+# Instance-view codes -> VM_STATES. A power state, when there is one, says more than provisioning.
+STATUS_MAP = {
+    "PowerState/starting": "pending",
+    "PowerState/running": "running",
+    "PowerState/stopping": "stopping",
+    "PowerState/stopped": "stopping",  # not ours to restart: on its way out, the reconciler deletes it
+    "PowerState/deallocating": "stopping",
+    "PowerState/deallocated": "stopping",  # still a resource (disk, NIC, IP): listed so it gets deleted
+    "ProvisioningState/creating": "pending",
+    "ProvisioningState/updating": "pending",
+    "ProvisioningState/migrating": "pending",
+    "ProvisioningState/succeeded": "pending",  # up, but no power state reported yet
+    "ProvisioningState/deleting": "stopping",
+    "ProvisioningState/failed": "stopping",  # a failed VM stays behind until deleted
+    "ProvisioningState/canceled": "stopping",
+}
+
+CAPACITY_CODES = {"ZonalAllocationFailed", "AllocationFailed", "SkuNotAvailable", "OverconstrainedAllocationRequest",
+                  "OverconstrainedZonalAllocationRequest"}
+QUOTA_CODES = {"QuotaExceeded", "PublicIPCountLimitReached"}
+AUTH_CODES = {"AuthorizationFailed", "InvalidAuthenticationToken", "InvalidAuthenticationTokenTenant",
+              "ExpiredAuthenticationToken", "AuthenticationFailed", "LinkedAuthorizationFailed"}
+INVALID_CODES = {"InvalidParameter", "BadRequest", "InvalidRequestContent", "InvalidRequestFormat",
+                 "InvalidResourceName", "ImageNotFound", "PlatformImageNotFound", "InvalidTemplate"}
+TRANSIENT_CODES = {"TooManyRequests", "SubscriptionRequestsThrottled", "InternalServerError",
+                   "InternalExecutionError", "InternalOperationError", "RetryableError", "ServiceUnavailable",
+                   "GatewayTimeout"}
+NOT_FOUND_CODES = {"ResourceNotFound", "NotFound", "ResourceGroupNotFound"}
+
+
+def classify(exc: BaseException, op: str) -> ProviderError:
+    """azure-core's errors -> our named types, by ARM error code first (the only place that knows them)."""
+    from azure.core.exceptions import ClientAuthenticationError, ServiceRequestError, ServiceResponseError
+
+    if isinstance(exc, ProviderError):
+        return exc
+    error = getattr(exc, "error", None)
+    code = str(getattr(error, "code", None) or "")
+    message = str(getattr(error, "message", None) or exc)
+    status = int(getattr(exc, "status_code", None) or 0)
+    text = f"{code}: {message}" if code else message
+    if code in CAPACITY_CODES:
+        return CapacityError(PROVIDER, op, text)
+    if code in QUOTA_CODES or (code == "OperationNotAllowed" and "quota" in message.lower()):
+        return QuotaExceeded(PROVIDER, op, text)
+    if code in AUTH_CODES or status in (401, 403):
+        return ProviderAuthError(PROVIDER, op, text)
+    if code in INVALID_CODES or status == 400:
+        return InvalidRequest(PROVIDER, op, text)
+    if code in TRANSIENT_CODES or status == 429 or status >= 500:
+        return TransientProviderError(PROVIDER, op, text)
+    # No HTTP code at all: a credential that could not get a token, or the network.
+    if not code and not status:
+        if isinstance(exc, ClientAuthenticationError):
+            return ProviderAuthError(PROVIDER, op, f"cannot authenticate: {message}")
+        if isinstance(exc, ServiceRequestError | ServiceResponseError | OSError | TimeoutError):
+            return TransientProviderError(PROVIDER, op, f"{type(exc).__name__}: {message}")
+    return ProviderError(PROVIDER, op, text or type(exc).__name__)
+
+
+def _not_found(exc: BaseException) -> bool:
+    error = getattr(exc, "error", None)
+    return getattr(exc, "status_code", None) == 404 or getattr(error, "code", None) in NOT_FOUND_CODES
+
+
+def _props(resource: Any) -> dict[str, Any]:
+    """The REST `properties` of a response model (the models are mappings over the wire JSON)."""
+    props = resource.get("properties") if resource is not None else None
+    return dict(props) if props else {}
+
+
+def vm_state(vm: Any) -> str:
+    props = _props(vm)
+    codes = [str(s.get("code", "")) for s in (props.get("instanceView") or {}).get("statuses") or []]
+    power = next((c for c in codes if c.startswith("PowerState/")), None)
+    provisioning = next((c for c in codes if c.startswith("ProvisioningState/")), None)
+    provisioning = provisioning or f"ProvisioningState/{str(props.get('provisioningState', 'creating')).lower()}"
+    if provisioning in ("ProvisioningState/failed", "ProvisioningState/deleting") or power is None:
+        return STATUS_MAP.get(provisioning, "pending")
+    return STATUS_MAP.get(power, "pending")
+
+
+class AzureDriver:
+    name = PROVIDER
+
+    def __init__(self, subscription_id: str, resource_group: str, location: str, daemon_id: str, *,
+                 tenant_id: str | None = None, client_id: str | None = None, client_secret: str | None = None,
+                 base_url: str | None = None, credential: Any = None,
+                 client_kwargs: dict[str, Any] | None = None) -> None:
+        principal = {"tenant_id": tenant_id, "client_id": client_id, "client_secret": client_secret}
+        missing = [f"providers.azure.{k}" for k, v in principal.items() if not v]
+        if credential is None and 0 < len(missing) < len(principal):
+            raise ProviderAuthError(PROVIDER, "configure", f"incomplete service principal: set {', '.join(missing)} "
+                                    "(or none of tenant_id, client_id, client_secret to use DefaultAzureCredential)")
+        if not subscription_id:
+            raise ProviderAuthError(PROVIDER, "configure", "no subscription: set providers.azure.subscription_id")
+        self.subscription_id = subscription_id
+        self.resource_group = resource_group
+        self.location = location
+        self.daemon_id = daemon_id
+        self.base_url = base_url or None
+        self._principal = principal if not missing else None
+        self._credential = credential
+        self._owns_credential = credential is None
+        self._client_kwargs = dict(client_kwargs or {})
+        self._compute: Any = None
+        self._network: Any = None
+        self._resources: Any = None
+        self._client_lock = asyncio.Lock()
+        self._subnet_id: str | None = None
+        self._setup_lock = asyncio.Lock()
+
+    # ---- clients ----
+
+    async def _clients(self) -> tuple[Any, Any]:
+        async with self._client_lock:
+            if self._compute is None:
+                from azure.mgmt.compute.aio import ComputeManagementClient
+                from azure.mgmt.network.aio import NetworkManagementClient
+                from azure.mgmt.resource.resources.aio import ResourceManagementClient
+
+                if self._credential is None:
+                    from azure.identity.aio import ClientSecretCredential, DefaultAzureCredential
+
+                    p = self._principal
+                    self._credential = (ClientSecretCredential(str(p["tenant_id"]), str(p["client_id"]),
+                                                               str(p["client_secret"]))
+                                        if p else DefaultAzureCredential())
+                args = (self._credential, self.subscription_id)
+                kwargs = dict(self._client_kwargs)
+                if self.base_url:
+                    kwargs["base_url"] = self.base_url
+                self._compute = ComputeManagementClient(*args, **kwargs)
+                self._network = NetworkManagementClient(*args, **kwargs)
+                self._resources = ResourceManagementClient(*args, **kwargs)
+            return self._compute, self._network
+
+    async def close(self) -> None:
+        for client in (self._compute, self._network, self._resources):
+            if client is not None:
+                await client.close()
+        self._compute = self._network = self._resources = None
+        if self._owns_credential and self._credential is not None:
+            await self._credential.close()
+            self._credential = None
+        self._subnet_id = None
+
+    # ---- names and tags ----
+
+    @staticmethod
+    def names(instance_id: str) -> tuple[str, str, str]:
+        """(VM, NIC, public IP) names: deterministic, so a repeated create finds what it made."""
+        base = "ct-" + re.sub(r"[^A-Za-z0-9-]", "-", instance_id)[: NAME_MAX - 7]
+        return f"{base}-vm", f"{base}-nic", f"{base}-ip"
+
+    def _tags(self, instance_id: str | None = None) -> dict[str, str]:
+        tags = {TAG_DAEMON: self.daemon_id}
+        if instance_id is not None:
+            tags[TAG_INSTANCE] = instance_id
+        return tags
+
+    # ---- one-time set-up: resource group, network security group, virtual network ----
+
+    async def _prepare(self) -> str:
+        async with self._setup_lock:
+            if self._subnet_id is None:
+                _, network = await self._clients()
+                try:
+                    self._subnet_id = await self._shared_network(network)
+                except Exception as exc:
+                    raise classify(exc, "prepare") from exc
+            return self._subnet_id
+
+    async def _shared_network(self, network: Any) -> str:
+        rg, tags = self.resource_group, self._tags()
+        try:
+            await self._resources.resource_groups.get(rg)
+        except Exception as exc:
+            if not _not_found(exc):
+                raise
+            await self._resources.resource_groups.create_or_update(rg, {"location": self.location, "tags": tags})
+        vnet_name, nsg_name = f"ct-{self.daemon_id}-vnet", f"ct-{self.daemon_id}-nsg"
+        try:
+            vnet = await network.virtual_networks.get(rg, vnet_name)
+        except Exception as exc:
+            if not _not_found(exc):
+                raise
+            # Standard public IPs are closed by default: SSH (the bootstrap) needs an explicit allow rule.
+            nsg = await (await network.network_security_groups.begin_create_or_update(rg, nsg_name, {
+                "location": self.location, "tags": tags, "properties": {"securityRules": [{
+                    "name": "ssh", "properties": {
+                        "protocol": "Tcp", "direction": "Inbound", "access": "Allow",
+                        "priority": SSH_RULE_PRIORITY, "sourceAddressPrefix": "*", "sourcePortRange": "*",
+                        "destinationAddressPrefix": "*", "destinationPortRange": "22"}}]}})).result()
+            vnet = await (await network.virtual_networks.begin_create_or_update(rg, vnet_name, {
+                "location": self.location, "tags": tags, "properties": {
+                    "addressSpace": {"addressPrefixes": [VNET_PREFIX]},
+                    "subnets": [{"name": SUBNET_NAME, "properties": {
+                        "addressPrefix": VNET_PREFIX, "networkSecurityGroup": {"id": nsg["id"]}}}]}})).result()
+        return f"{vnet['id']}/subnets/{SUBNET_NAME}"
+
+    # ---- the driver contract ----
+
+    async def create(self, req: CreateRequest) -> CloudVm:
+        found = await self._find(req.instance_id)
+        if found is not None:
+            vm, address = found
+            if str(_props(vm).get("provisioningState", "")).lower() != "failed":
+                return self._vm(vm, address, req.instance_id)  # idempotent: this instance id was launched
+            await self.delete(req.instance_id)  # a failed VM left by an earlier try: replace it
+        image = self._image(req)
+        location, zones = self._placement(req)
+        subnet_id = await self._prepare()
+        compute, network = await self._clients()
+        vm_name, nic_name, ip_name = self.names(req.instance_id)
+        rg, tags = self.resource_group, self._tags(req.instance_id)
+        try:
+            ip = await (await network.public_ip_addresses.begin_create_or_update(rg, ip_name, {
+                "location": location, "tags": tags, "sku": {"name": "Standard"},
+                "properties": {"publicIPAllocationMethod": "Static", "publicIPAddressVersion": "IPv4"}})).result()
+            nic = await (await network.network_interfaces.begin_create_or_update(rg, nic_name, {
+                "location": location, "tags": tags, "properties": {"ipConfigurations": [{
+                    "name": "primary", "properties": {
+                        "subnet": {"id": subnet_id}, "privateIPAllocationMethod": "Dynamic",
+                        "publicIPAddress": {"id": ip["id"]}}}]}})).result()
+            body = self._vm_body(req, nic["id"], image, location, zones, tags)
+            vm = await (await compute.virtual_machines.begin_create_or_update(rg, vm_name, body)).result()
+        except Exception as exc:
+            err = classify(exc, "launch")
+            await self._cleanup(req.instance_id, err)
+            raise err from exc
+        log.info("azure_vm_created", instance=req.instance_id, vm=vm_name, size=req.machine_type, spot=req.spot)
+        return self._vm(vm, _props(ip).get("ipAddress"), req.instance_id)
+
+    def _vm_body(self, req: CreateRequest, nic_id: str, image: dict[str, str], location: str,
+                 zones: list[str] | None, tags: dict[str, str]) -> dict[str, Any]:
+        vm_name, _, _ = self.names(req.instance_id)
+        props: dict[str, Any] = {
+            "hardwareProfile": {"vmSize": req.machine_type},
+            "storageProfile": {"imageReference": image, "osDisk": {
+                "createOption": "FromImage", "deleteOption": "Delete",
+                "managedDisk": {"storageAccountType": "StandardSSD_LRS"}}},
+            "osProfile": {
+                "computerName": vm_name.removesuffix("-vm")[:NAME_MAX], "adminUsername": req.ssh_user,
+                "linuxConfiguration": {"disablePasswordAuthentication": True, "ssh": {"publicKeys": [{
+                    "path": f"/home/{req.ssh_user}/.ssh/authorized_keys", "keyData": req.ssh_public_key}]}}},
+            "networkProfile": {"networkInterfaces": [{"id": nic_id, "properties": {"primary": True}}]},
+            "priority": "Regular",
+        }
+        if req.spot:
+            # Delete on eviction (nothing to restart) and pay up to the on-demand price (-1): an
+            # eviction then only ever comes from capacity, never from price.
+            props.update(priority="Spot", evictionPolicy="Delete", billingProfile={"maxPrice": -1})
+        body: dict[str, Any] = {"location": location, "tags": tags, "properties": props}
+        if zones:
+            body["zones"] = zones
+        return body
+
+    def _image(self, req: CreateRequest) -> dict[str, str]:
+        if not req.image:
+            publisher, offer, sku, version = DEFAULT_IMAGE
+        elif req.image.startswith("/"):
+            return {"id": req.image}  # a managed image or gallery image version
+        elif len(parts := req.image.split(":")) == 4:
+            publisher, offer, sku, version = parts
+        else:
+            raise InvalidRequest(PROVIDER, "launch", f"image {req.image!r}: use publisher:offer:sku:version "
+                                 "or a resource id")
+        return {"publisher": publisher, "offer": offer, "sku": sku, "version": version}
+
+    def _placement(self, req: CreateRequest) -> tuple[str, list[str] | None]:
+        """(location, zones): `zone` is this driver's location, one of its zones ("1"), or empty."""
+        if not req.zone or req.zone.lower() == self.location.lower():
+            return self.location, None
+        if req.zone.isdigit():
+            return self.location, [req.zone]
+        raise InvalidRequest(PROVIDER, "launch", f"zone {req.zone!r}: this driver serves {self.location} "
+                             "(its network lives there); use its name or a zone number")
+
+    async def _cleanup(self, instance_id: str, cause: ProviderError) -> None:
+        try:
+            await self.delete(instance_id)
+        except ProviderError as exc:
+            # The reconciler finds what is left by its tags; the create's own error matters more here.
+            log.warning("azure_cleanup_failed", instance=instance_id, error=str(exc), cause=str(cause))
+
+    def _vm(self, vm: Any, public_ip: str | None, instance_id: str | None = None) -> CloudVm:
+        tags = {str(k): str(v) for k, v in (vm.get("tags") or {}).items()}
+        zones = vm.get("zones") or []
+        return CloudVm(
+            instance_id=instance_id or tags.get(TAG_INSTANCE, ""),
+            cloud_id=str(vm.get("id") or vm.get("name") or ""),
+            state=vm_state(vm),
+            public_ip=public_ip,
+            zone=str(zones[0]) if zones else (vm.get("location") or self.location),
+            spot=str(_props(vm).get("priority", "")).lower() == "spot",
+            tags=tags,
+        )
+
+    async def _public_ip(self, network: Any, ip_name: str) -> str | None:
+        try:
+            ip = await network.public_ip_addresses.get(self.resource_group, ip_name)
+        except Exception as exc:
+            if _not_found(exc):
+                return None
+            raise
+        address = _props(ip).get("ipAddress")
+        return str(address) if address else None
+
+    async def _find(self, instance_id: str) -> tuple[Any, str | None] | None:
+        """The VM (with its instance view) and its public address, or None."""
+        compute, network = await self._clients()
+        vm_name, _, ip_name = self.names(instance_id)
+        try:
+            vm = await compute.virtual_machines.get(self.resource_group, vm_name, expand="instanceView")
+            address = await self._public_ip(network, ip_name)
+        except Exception as exc:
+            if _not_found(exc):
+                return None
+            raise classify(exc, "describe") from exc
+        return vm, address
+
+    async def get(self, instance_id: str) -> CloudVm | None:
+        found = await self._find(instance_id)
+        return None if found is None else self._vm(found[0], found[1], instance_id)
+
+    async def list(self) -> list[CloudVm]:
+        compute, network = await self._clients()
+        rg = self.resource_group
+        try:
+            ours = [vm async for vm in compute.virtual_machines.list(rg)
+                    if (vm.get("tags") or {}).get(TAG_DAEMON) == self.daemon_id]
+            addresses = {ip.get("name"): _props(ip).get("ipAddress")
+                         async for ip in network.public_ip_addresses.list(rg)}
+            # A list carries no instance view (Azure allows it only with a scale-set filter).
+            views = await asyncio.gather(*(compute.virtual_machines.get(rg, vm["name"], expand="instanceView")
+                                           for vm in ours), return_exceptions=True)
+        except Exception as exc:
+            if _not_found(exc):
+                return []  # no resource group yet: nothing of ours
+            raise classify(exc, "list") from exc
+        vms = []
+        for vm, view in zip(ours, views, strict=True):
+            if isinstance(view, BaseException):
+                if _not_found(view):
+                    continue  # deleted between the list and the get
+                raise classify(view, "list") from view
+            instance_id = str((vm.get("tags") or {}).get(TAG_INSTANCE, ""))
+            vms.append(self._vm(view, addresses.get(self.names(instance_id)[2]), instance_id or None))
+        return vms
+
+    async def delete(self, instance_id: str) -> None:
+        compute, network = await self._clients()
+        vm_name, nic_name, ip_name = self.names(instance_id)
+        rg = self.resource_group
+        # The order matters: a NIC cannot go while a VM holds it, nor an IP while a NIC does.
+        steps = ((compute.virtual_machines, vm_name), (network.network_interfaces, nic_name),
+                 (network.public_ip_addresses, ip_name))
+        for operations, name in steps:
+            try:
+                await (await operations.begin_delete(rg, name)).result()
+            except Exception as exc:
+                if not _not_found(exc):
+                    raise classify(exc, "terminate") from exc
+        log.info("azure_vm_deleted", instance=instance_id, vm=vm_name)
+

@@ -1,0 +1,155 @@
+"""A small Azure Resource Manager stand-in (aiohttp) for the Azure driver's tests.
+
+It stores any resource by its path (case-insensitive, as ARM is) and answers the way ARM does:
+PUT -> 201 + `Azure-AsyncOperation`, DELETE -> 202 + `Location`/`Azure-AsyncOperation` (204 when
+absent), each operation InProgress on its first poll and Succeeded (or Failed) on the next; GET -> the
+resource, or a 404 with an ARM error body; a path with an odd number of segments lists its children.
+VMs get an instance view (`?$expand=instanceView` or `/instanceView`).
+
+Failures a test can ask for on the next VM create: an allocation failure (a failed LRO that leaves
+the VM behind in the Failed state, as Azure does) or a quota refusal (409 OperationNotAllowed).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+VM_TYPE = "microsoft.compute/virtualmachines"
+
+
+@dataclass
+class _Operation:
+    resource: str  # path key
+    method: str
+    error: dict[str, str] | None = None
+    polls: int = 0
+
+
+@dataclass
+class ArmStandin:
+    resources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    requests: list[tuple[str, str]] = field(default_factory=list)  # (method, path)
+    fail_next_vm: tuple[str, str] | None = None  # ("allocation" | "quota", error code)
+    power: dict[str, str] = field(default_factory=dict)  # VM path (lower) -> power state; default running
+    url: str = ""
+    _ops: dict[str, _Operation] = field(default_factory=dict)
+    _runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def get(self, path: str) -> dict[str, Any] | None:
+        return self.resources.get(path.rstrip("/").lower())
+
+    def put(self, path: str, body: dict[str, Any], provisioning_state: str = "Succeeded") -> dict[str, Any]:
+        key = path.rstrip("/").lower()
+        resource = {**body, "id": path.rstrip("/"), "name": path.rstrip("/").rsplit("/", 1)[-1]}
+        resource.setdefault("properties", {})["provisioningState"] = provisioning_state
+        if "/publicipaddresses/" in key:
+            resource["properties"].setdefault("ipAddress", f"203.0.113.{len(self.resources) % 250 + 1}")
+        for subnet in resource["properties"].get("subnets", []):
+            subnet["id"] = f"{resource['id']}/subnets/{subnet['name']}"
+        self.resources[key] = resource
+        return resource
+
+    def of_type(self, type_suffix: str) -> list[dict[str, Any]]:
+        return [r for k, r in self.resources.items() if k.rsplit("/", 2)[-2] == type_suffix.lower()]
+
+    # ---- HTTP ----
+
+    @staticmethod
+    def _error(status: int, code: str, message: str) -> web.Response:
+        return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+    def _operation(self, resource: str, method: str, error: dict[str, str] | None = None) -> dict[str, str]:
+        op_id = uuid.uuid4().hex
+        self._ops[op_id] = _Operation(resource, method, error)
+        op_url = f"{self.url}/operations/{op_id}?api-version=2024-01-01"
+        return {"Azure-AsyncOperation": op_url, "Location": op_url}
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        path = request.path.rstrip("/")
+        key = path.lower()
+        self.requests.append((request.method, path))
+        if key.startswith("/operations/"):
+            return self._poll(key.rsplit("/", 1)[-1])
+        if request.method == "PUT":
+            return await self._put(request, path)
+        if request.method == "DELETE":
+            if key not in self.resources:
+                return web.Response(status=204)
+            return web.Response(status=202, headers=self._operation(key, "DELETE"))
+        if request.method in ("GET", "HEAD"):
+            return self._get(request, key)
+        return self._error(405, "MethodNotAllowed", f"{request.method} is not supported here")
+
+    async def _put(self, request: web.Request, path: str) -> web.Response:
+        body = await request.json()
+        key = path.lower()
+        failure = None
+        if key.rsplit("/", 2)[-2] == VM_TYPE.rsplit("/", 1)[-1] and self.fail_next_vm is not None:
+            failure, self.fail_next_vm = self.fail_next_vm, None
+        if failure is not None and failure[0] == "quota":
+            return self._error(409, failure[1], "Operation could not be completed as it results in exceeding "
+                                                "approved standardDSv5Family Cores quota.")
+        resource = self.put(path, body, provisioning_state="Creating")
+        error = None
+        if failure is not None:
+            error = {"code": failure[1], "message": "Allocation failed. We do not have sufficient capacity "
+                                                    "for the requested VM size in this region."}
+        return web.json_response(resource, status=201, headers=self._operation(key, "PUT", error))
+
+    def _poll(self, op_id: str) -> web.Response:
+        op = self._ops.get(op_id)
+        if op is None:
+            return self._error(404, "NotFound", f"no operation {op_id}")
+        op.polls += 1
+        if op.polls == 1:
+            return web.json_response({"status": "InProgress"})
+        resource = self.resources.get(op.resource)
+        if op.method == "DELETE":
+            self.resources.pop(op.resource, None)
+        elif resource is not None:
+            resource["properties"]["provisioningState"] = "Failed" if op.error else "Succeeded"
+        if op.error:
+            return web.json_response({"status": "Failed", "error": op.error})
+        return web.json_response({"status": "Succeeded"})
+
+    def _get(self, request: web.Request, key: str) -> web.Response:
+        if key.endswith("/instanceview"):
+            vm = self.resources.get(key.rsplit("/", 1)[0])
+            if vm is None:
+                return self._error(404, "ResourceNotFound", f"{key} was not found")
+            return web.json_response(self._instance_view(vm))
+        if key in self.resources:
+            resource = self.resources[key]
+            if request.query.get("$expand", "").lower() == "instanceview" and VM_TYPE in key:
+                resource = {**resource, "properties": {**resource["properties"],
+                                                        "instanceView": self._instance_view(resource)}}
+            return web.json_response(resource)
+        if len(key.strip("/").split("/")) % 2 == 1:  # a collection: list its direct children
+            children = [r for k, r in self.resources.items() if k.rsplit("/", 1)[0] == key]
+            return web.json_response({"value": children})
+        return self._error(404, "ResourceNotFound", f"The Resource '{key}' was not found.")
+
+    def _instance_view(self, vm: dict[str, Any]) -> dict[str, Any]:
+        state = vm["properties"].get("provisioningState", "Succeeded")
+        statuses = [{"code": f"ProvisioningState/{state.lower()}"}]
+        if state == "Succeeded":
+            statuses.append({"code": f"PowerState/{self.power.get(vm['id'].lower(), 'running')}"})
+        return {"statuses": statuses}

@@ -1,0 +1,220 @@
+"""The Azure driver through the real async azure-mgmt clients against a local ARM stand-in."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from azure.core.credentials import AccessToken
+from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ODataV4Format, ServiceRequestError
+from azure.mgmt.core.policies import AsyncARMChallengeAuthenticationPolicy
+
+from cloudtaskd.errors import (
+    CapacityError,
+    InvalidRequest,
+    ProviderAuthError,
+    ProviderError,
+    QuotaExceeded,
+    TransientProviderError,
+)
+from cloudtaskd.providers.azure import AzureDriver, classify
+from cloudtaskd.providers.cloud import TAG_DAEMON, TAG_INSTANCE, CreateRequest
+from tests.azure_standin import ArmStandin
+
+SUB, RG, LOCATION = "00000000-0000-0000-0000-000000000001", "ct-test", "eastus"
+RG_PATH = f"/subscriptions/{SUB}/resourceGroups/{RG}"
+COMPUTE = f"{RG_PATH}/providers/Microsoft.Compute/virtualMachines"
+NETWORK = f"{RG_PATH}/providers/Microsoft.Network"
+PUBKEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBd5pjkWPRG2g1DCrDL2qVdUwq0eGnWxSOZ6fzfJ2pYk test"
+
+
+class FakeCredential:
+    async def get_token(self, *scopes: str, claims: str | None = None, tenant_id: str | None = None,
+                        enable_cae: bool = False, **kwargs: Any) -> AccessToken:
+        return AccessToken("fake-token", int(time.time()) + 3600)
+
+    async def close(self) -> None:
+        pass
+
+    async def __aenter__(self) -> FakeCredential:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+class PlainHttpAuth(AsyncARMChallengeAuthenticationPolicy):
+    """Tests only: lets the bearer token go to the stand-in over http."""
+
+    async def on_request(self, request: Any) -> None:
+        request.context["enforce_https"] = False
+        await super().on_request(request)
+
+
+@pytest.fixture
+async def arm() -> AsyncIterator[ArmStandin]:
+    server = ArmStandin()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def make_driver(arm: ArmStandin, daemon_id: str = "daemon1") -> AzureDriver:
+    cred = FakeCredential()
+    return AzureDriver(SUB, RG, LOCATION, daemon_id, base_url=arm.url, credential=cred, client_kwargs={
+        "authentication_policy": PlainHttpAuth(cred, "https://management.azure.com/.default"),
+        "polling_interval": 0.01, "retry_total": 0})
+
+
+@pytest.fixture
+async def driver(arm: ArmStandin) -> AsyncIterator[AzureDriver]:
+    d = make_driver(arm)
+    yield d
+    await d.close()
+
+
+def req(instance_id: str, *, spot: bool = False, machine_type: str = "Standard_D2s_v5") -> CreateRequest:
+    return CreateRequest(instance_id, "daemon1", machine_type, LOCATION, spot, "ubuntu", PUBKEY)
+
+
+def names(instance_id: str) -> tuple[str, str, str]:
+    vm, nic, ip = AzureDriver.names(instance_id)
+    return (f"{COMPUTE}/{vm}", f"{NETWORK}/networkInterfaces/{nic}", f"{NETWORK}/publicIPAddresses/{ip}")
+
+
+def left_behind(arm: ArmStandin, instance_id: str) -> list[str]:
+    return [p for p in names(instance_id) if arm.get(p) is not None]
+
+
+async def test_create_spot_and_on_demand_with_tags_and_key(driver: AzureDriver, arm: ArmStandin) -> None:
+    spot = await driver.create(req("az-a1", spot=True))
+    regular = await driver.create(req("az-a2", machine_type="Standard_F4s_v2"))
+    # The create's own answer has no instance view yet; get() reads the power state.
+    assert spot.instance_id == "az-a1" and spot.spot and spot.state in ("pending", "running")
+    assert spot.public_ip and spot.public_ip.startswith("203.0.113.")
+    assert not regular.spot
+
+    vm_path, nic_path, ip_path = names("az-a1")
+    vm = arm.get(vm_path)
+    assert vm is not None
+    props = vm["properties"]
+    assert props["priority"] == "Spot" and props["evictionPolicy"] == "Delete"
+    assert props["billingProfile"]["maxPrice"] == -1
+    assert props["storageProfile"]["osDisk"]["deleteOption"] == "Delete"
+    assert props["storageProfile"]["imageReference"]["offer"] == "0001-com-ubuntu-server-jammy"
+    linux = props["osProfile"]["linuxConfiguration"]
+    assert linux["disablePasswordAuthentication"] is True
+    assert linux["ssh"]["publicKeys"] == [{"path": "/home/ubuntu/.ssh/authorized_keys", "keyData": PUBKEY}]
+    for path in (vm_path, nic_path, ip_path):
+        resource = arm.get(path)
+        assert resource is not None, path
+        assert resource["tags"] == {TAG_DAEMON: "daemon1", TAG_INSTANCE: "az-a1"}, path
+    ip = arm.get(ip_path)
+    assert ip is not None and ip["sku"]["name"] == "Standard"
+    assert ip["properties"]["publicIPAllocationMethod"] == "Static"
+
+    other = arm.get(names("az-a2")[0])
+    assert other is not None
+    assert other["properties"]["priority"] == "Regular" and "evictionPolicy" not in other["properties"]
+    assert other["properties"]["hardwareProfile"]["vmSize"] == "Standard_F4s_v2"
+    # The shared network is made once and carries the daemon's tag.
+    assert arm.get(RG_PATH) is not None
+    vnets = arm.of_type("virtualNetworks")
+    assert len(vnets) == 1 and vnets[0]["tags"] == {TAG_DAEMON: "daemon1"}
+
+
+async def test_create_is_idempotent_by_instance_id(driver: AzureDriver, arm: ArmStandin) -> None:
+    first = await driver.create(req("az-b1"))
+    puts = sum(1 for m, p in arm.requests if m == "PUT")
+    again = await driver.create(req("az-b1"))
+    assert again.cloud_id == first.cloud_id and again.instance_id == "az-b1"
+    assert sum(1 for m, p in arm.requests if m == "PUT") == puts  # nothing made twice
+    assert len(arm.of_type("virtualMachines")) == 1
+
+
+async def test_get_and_list_only_our_daemon(driver: AzureDriver, arm: ArmStandin) -> None:
+    await driver.create(req("az-c1", spot=True))
+    await driver.create(req("az-c2"))
+    arm.put(f"{COMPUTE}/foreign-vm", {"location": LOCATION, "tags": {TAG_DAEMON: "daemon2", TAG_INSTANCE: "x"},
+                                      "properties": {}})
+    arm.put(f"{COMPUTE}/untagged-vm", {"location": LOCATION, "properties": {}})
+    arm.power[names("az-c2")[0].lower()] = "deallocated"
+
+    got = await driver.get("az-c1")
+    assert got is not None and got.state == "running" and got.spot and got.public_ip
+    assert got.tags[TAG_INSTANCE] == "az-c1"
+    assert await driver.get("az-nope") is None
+
+    listed = {vm.instance_id: vm for vm in await driver.list()}
+    assert set(listed) == {"az-c1", "az-c2"}
+    assert listed["az-c1"].public_ip == got.public_ip
+    assert listed["az-c2"].state == "stopping"  # deallocated: still a resource, for the reconciler to delete
+
+
+async def test_delete_removes_vm_nic_ip_and_is_idempotent(driver: AzureDriver, arm: ArmStandin) -> None:
+    await driver.create(req("az-d1"))
+    assert len(left_behind(arm, "az-d1")) == 3
+    await driver.delete("az-d1")
+    assert left_behind(arm, "az-d1") == []
+    assert await driver.get("az-d1") is None
+    await driver.delete("az-d1")  # again: nothing to do, no error
+    await driver.delete("az-never-made")
+
+
+async def test_allocation_failure_is_capacity_and_leaves_nothing(driver: AzureDriver, arm: ArmStandin) -> None:
+    arm.fail_next_vm = ("allocation", "ZonalAllocationFailed")
+    with pytest.raises(CapacityError) as info:
+        await driver.create(req("az-e1", spot=True))
+    assert info.value.retryable and "ZonalAllocationFailed" in str(info.value)
+    assert info.value.__cause__ is not None
+    # The stand-in, like Azure, kept the failed VM: the driver must have deleted it, NIC and IP too.
+    assert ("DELETE", names("az-e1")[0]) in arm.requests
+    assert left_behind(arm, "az-e1") == []
+    assert await driver.list() == []
+    # The next try starts clean and succeeds.
+    await driver.create(req("az-e1", spot=True))
+    vm = await driver.get("az-e1")
+    assert vm is not None and vm.state == "running"
+
+
+async def test_quota_is_quota_exceeded(driver: AzureDriver, arm: ArmStandin) -> None:
+    arm.fail_next_vm = ("quota", "OperationNotAllowed")
+    with pytest.raises(QuotaExceeded) as info:
+        await driver.create(req("az-f1"))
+    assert "quota" in str(info.value) and not info.value.retryable
+    assert left_behind(arm, "az-f1") == []
+
+
+async def test_missing_credentials_name_azure_and_the_keys() -> None:
+    with pytest.raises(ProviderAuthError) as info:
+        AzureDriver(SUB, RG, LOCATION, "daemon1", tenant_id="tenant")
+    text = str(info.value)
+    assert text.startswith("azure:") and "client_id" in text and "client_secret" in text
+    assert "tenant_id," not in text.split("(")[0]  # the one given is not reported missing
+
+
+def http_error(status: int, code: str, message: str = "refused") -> HttpResponseError:
+    exc = HttpResponseError(message=message)
+    exc.status_code = status
+    exc.error = ODataV4Format({"code": code, "message": message})
+    return exc
+
+
+@pytest.mark.parametrize(("exc", "kind"), [
+    (http_error(200, "AllocationFailed"), CapacityError),  # a failed LRO: the poll itself was a 200
+    (http_error(409, "SkuNotAvailable"), CapacityError),
+    (http_error(409, "OperationNotAllowed", "exceeding approved Total Regional Cores quota"), QuotaExceeded),
+    (http_error(409, "OperationNotAllowed", "VM is being deleted"), ProviderError),
+    (http_error(403, "AuthorizationFailed"), ProviderAuthError),
+    (http_error(401, "InvalidAuthenticationToken"), ProviderAuthError),
+    (ClientAuthenticationError("no credential in the chain"), ProviderAuthError),
+    (http_error(400, "InvalidParameter"), InvalidRequest),
+    (http_error(429, "TooManyRequests"), TransientProviderError),
+    (http_error(503, ""), TransientProviderError),
+    (ServiceRequestError("connection refused"), TransientProviderError),
+])
+def test_classify_by_error_code(exc: Exception, kind: type[ProviderError]) -> None:
+    err = classify(exc, "launch")
+    assert type(err) is kind and err.provider == "azure" and err.op == "launch"
