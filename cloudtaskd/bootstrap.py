@@ -57,7 +57,8 @@ class SshTarget:
     port: int
     user: str
     key_file: Path
-    # The pinned host key (OpenSSH public key line); None = trust on first use, then pin.
+    # The pinned host key(s): OpenSSH public key lines, one per line (a cloud may publish one per
+    # algorithm); None = trust on first use, then pin.
     host_key: str | None = None
 
     def __repr__(self) -> str:
@@ -118,7 +119,8 @@ async def connect(target: SshTarget, *, instance: str, wait_s: float = SSH_WAIT_
     (OpenSSH format). A pinned key that does not match is refused at once, never retried."""
     known_hosts: tuple[list[asyncssh.SSHKey], list[asyncssh.SSHKey], list[asyncssh.SSHKey]] | None = None
     if target.host_key is not None:
-        known_hosts = ([asyncssh.import_public_key(target.host_key)], [], [])
+        keys = [asyncssh.import_public_key(line) for line in target.host_key.splitlines() if line.strip()]
+        known_hosts = (keys, [], [])
     deadline = time.monotonic() + wait_s
     delay = SSH_RETRY_MIN_S
     if bootlog is not None:

@@ -122,6 +122,11 @@ class CloudProviderConfig:
     # Emulators and tests only: reach every VM's SSH at host:port instead of its public address.
     ssh_address_override: str = ""
 
+    @property
+    def placement(self) -> str:
+        """Where VMs go, in the cloud's own terms (an AWS zone or region, a GCP zone, an Azure location)."""
+        return ""
+
 
 @dataclass(frozen=True)
 class AwsProviderConfig(CloudProviderConfig):
@@ -131,6 +136,10 @@ class AwsProviderConfig(CloudProviderConfig):
     secret_key: Secret = NO_SECRET
     endpoint_url: str = ""  # an emulator (e.g. moto) instead of AWS
     machine_type: str = "t3.small"
+
+    @property
+    def placement(self) -> str:
+        return self.zone or self.region
 
 
 @dataclass(frozen=True)
@@ -142,6 +151,10 @@ class GcpProviderConfig(CloudProviderConfig):
     credentials_file: str = ""
     api_endpoint: str = ""  # an emulator, scheme included (http://127.0.0.1:PORT)
     machine_type: str = "e2-standard-2"
+
+    @property
+    def placement(self) -> str:
+        return self.zone
 
 
 @dataclass(frozen=True)
@@ -155,6 +168,10 @@ class AzureProviderConfig(CloudProviderConfig):
     client_secret: Secret = NO_SECRET
     base_url: str = ""  # an emulator instead of https://management.azure.com
     machine_type: str = "Standard_D2s_v5"
+
+    @property
+    def placement(self) -> str:
+        return self.location
 
 
 @dataclass(frozen=True)

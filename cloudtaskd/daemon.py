@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import uuid
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 from typing import IO, Any
@@ -27,8 +28,9 @@ from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.errors import CloudtaskError, ConfigError, StoreError
 from cloudtaskd.hub import AgentHub
 from cloudtaskd.orchestrator.reconciler import Reconciler
+from cloudtaskd.pins import AddressPins, InstancePins
 from cloudtaskd.providers.base import Provider
-from cloudtaskd.providers.cloud import CloudProvider, CloudSettings
+from cloudtaskd.providers.cloud import CloudDriver, CloudProvider, CloudSettings
 from cloudtaskd.providers.local import LocalProvider
 from cloudtaskd.providers.ssh import SshProvider
 from cloudtaskd.store import Store, Tx
@@ -99,45 +101,48 @@ class Daemon:
         out: list[tuple[Provider, int]] = []
         ssh = self.config.providers.ssh
         if ssh.hosts:
-            provider = SshProvider(ssh, self.state_dir, self._get_pin, self._set_pin)
+            pins = AddressPins(self.store)
+            provider = SshProvider(ssh, self.state_dir, pins.get, pins.set)
             out.append((provider, provider.max_instances))
-        aws = self.config.providers.aws
-        if aws.enabled and aws.max_instances > 0:
-            from cloudtaskd.providers.aws import AwsDriver
-
-            driver = AwsDriver(aws.region, self.daemon_id, access_key=aws.access_key or None,
-                               secret_key=aws.secret_key or None, endpoint_url=aws.endpoint_url or None,
-                               image=aws.image or None)
-            out.append((CloudProvider(driver, self._cloud_settings(aws, aws.zone or aws.region), self.daemon_id,
-                                      self.state_dir), aws.max_instances))
-        for name in ("gcp", "azure"):
-            if getattr(self.config.providers, name).enabled:
-                raise ConfigError(self.config.source, f"providers.{name}.enabled",
-                                  f"the {name} provider is not available in this version yet")
+        for cfg, make in self._cloud_drivers():
+            if cfg.enabled and cfg.max_instances > 0:
+                settings = self._cloud_settings(cfg)
+                out.append((CloudProvider(make(), settings, self.daemon_id, self.state_dir,
+                                          InstancePins(self.store)), cfg.max_instances))
         local = self.config.providers.local
         if local.enabled and local.max_instances > 0:
             out.append((LocalProvider(local, self.state_dir), local.max_instances))
         return out
 
-    def _cloud_settings(self, c: CloudProviderConfig, zone: str) -> CloudSettings:
+    def _cloud_drivers(self) -> list[tuple[CloudProviderConfig, Callable[[], CloudDriver]]]:
+        """Each cloud's config and how to build its driver (SDKs are imported only when enabled)."""
+        p, daemon_id = self.config.providers, self.daemon_id
+
+        def aws() -> CloudDriver:
+            from cloudtaskd.providers.aws import AwsDriver
+
+            c = p.aws
+            return AwsDriver(c.region, daemon_id, access_key=c.access_key or None, secret_key=c.secret_key or None,
+                             endpoint_url=c.endpoint_url or None, image=c.image or None)
+
+        def azure() -> CloudDriver:
+            from cloudtaskd.providers.azure import AzureDriver
+
+            c = p.azure
+            return AzureDriver(c.subscription_id, c.resource_group, c.location, daemon_id,
+                               tenant_id=c.tenant_id or None, client_id=c.client_id or None,
+                               client_secret=c.client_secret or None, base_url=c.base_url or None)
+
+        return [(p.aws, aws), (p.azure, azure)]
+
+    def _cloud_settings(self, c: CloudProviderConfig) -> CloudSettings:
         key = Path(c.ssh_key_file) if c.ssh_key_file else self.state_dir / "ssh" / "id_ed25519"
         if not key.exists():
             if c.ssh_key_file:
                 raise ConfigError(self.config.source, "ssh_key_file", f"{key} does not exist")
             _make_key(key)
-        return CloudSettings(c.machine_type, zone, c.spot, c.cpus, c.ssh_user, key, c.ssh_address_override,
+        return CloudSettings(c.machine_type, c.placement, c.spot, c.cpus, c.ssh_user, key, c.ssh_address_override,
                              tuple(self.config.providers.ssh.pip_args))
-
-    async def _get_pin(self, address: str, port: int) -> str | None:
-        row = await self.store.fetchone("SELECT key FROM host_keys WHERE address = ? AND port = ?", (address, port))
-        return str(row["key"]) if row is not None else None
-
-    async def _set_pin(self, address: str, port: int, key: str) -> None:
-        def pin(tx: Tx) -> None:
-            tx.db.execute("INSERT OR IGNORE INTO host_keys (address, port, key, pinned_at) VALUES (?, ?, ?, ?)",
-                          (address, port, key, tx.now))
-            tx.event("host_key_pinned", detail=f"{address}:{port}")
-        await self.store.write(pin)
 
     def _lock(self) -> None:
         self._lock_file = open(self.state_dir / "cloudtaskd.lock", "w")

@@ -3,6 +3,7 @@ the next call of an action with a real EC2 error (the status code AWS uses) and 
 
 from __future__ import annotations
 
+import base64
 import io
 import threading
 import urllib.request
@@ -18,6 +19,13 @@ ERROR_XML = (
 )
 
 
+CONSOLE_XML = (
+    '<?xml version="1.0" encoding="UTF-8"?><GetConsoleOutputResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">'
+    "<requestId>test</requestId><instanceId>{instance}</instanceId><timestamp>2026-01-01T00:00:00.000Z</timestamp>"
+    "<output>{output}</output></GetConsoleOutputResponse>"
+)
+
+
 class MotoEc2:
     def __init__(self) -> None:
         from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
@@ -25,6 +33,8 @@ class MotoEc2:
         self.app = DomainDispatcherApplication(create_backend_app)
         self.fail_next: dict[str, tuple[str, int, str]] = {}
         self.calls: Counter[str] = Counter()
+        # What GetConsoleOutput answers (decoded text), when set; moto's own has no host keys.
+        self.console: str | None = None
         self.server = make_server("127.0.0.1", 0, self._wsgi, threaded=True)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -41,6 +51,12 @@ class MotoEc2:
             data = ERROR_XML.format(code=code, message=message).encode()
             start_response(f"{status} Error", [("Content-Type", "text/xml"), ("Content-Length", str(len(data)))])
             return [data]
+        if action == "GetConsoleOutput" and self.console is not None:
+            instance = (parse_qs(body.decode()).get("InstanceId") or [""])[0]
+            output = base64.b64encode(self.console.encode()).decode()
+            data = CONSOLE_XML.format(instance=instance, output=output).encode()
+            start_response("200 OK", [("Content-Type", "text/xml"), ("Content-Length", str(len(data)))])
+            return [data]
         return self.app(environ, start_response)
 
     def start(self) -> None:
@@ -50,6 +66,7 @@ class MotoEc2:
         urllib.request.urlopen(urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")).read()
         self.fail_next.clear()
         self.calls.clear()
+        self.console = None
 
     def stop(self) -> None:
         self.server.shutdown()

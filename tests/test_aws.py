@@ -135,15 +135,16 @@ async def test_reconcile_terminates_orphans_after_a_crash(driver: AwsDriver, tmp
     from cloudtaskd.config import Config
     from cloudtaskd.dispatch import Dispatcher
     from cloudtaskd.orchestrator.reconciler import Reconciler
+    from cloudtaskd.pins import InstancePins
     from cloudtaskd.providers.cloud import CloudProvider, CloudSettings
     from cloudtaskd.store import Store
 
     key = tmp_path / "id"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     settings = CloudSettings("t3.micro", REGION, False, 2, "ubuntu", key)
-    provider = CloudProvider(driver, settings, "daemon1", tmp_path)
     store = Store(tmp_path / "db.sqlite")
     await store.open()
+    provider = CloudProvider(driver, settings, "daemon1", tmp_path, InstancePins(store))
     try:
         config = Config(state_dir=str(tmp_path))
         known = await driver.create(req("aws-known"))
@@ -177,6 +178,7 @@ async def test_a_job_on_aws_end_to_end(moto: MotoEc2, creds: None, tmp_path: Pat
     moto.reset()
     sshd = Sshd(tmp_path / "sshd")
     sshd.start()
+    moto.console = console_with_keys(sshd.public_host_key())  # as cloud-init prints them
     probe = AwsDriver(REGION, "x", endpoint_url=moto.url, max_attempts=1)
     image = (await (await probe._client()).describe_images())["Images"][0]["ImageId"]
     await probe.close()
@@ -198,6 +200,11 @@ async def test_a_job_on_aws_end_to_end(moto: MotoEc2, creds: None, tmp_path: Pat
         res = await results(api, job["id"])
         assert sorted(r["result"] for r in res.values()) == [3 * i for i in range(25)]
         assert {r["instance"].split("-")[0] for r in res.values()} == {"aws"}
+        # The host key was taken from the console output and pinned on the instance's row.
+        rows = await daemon.store.fetchall("SELECT host_key FROM instances WHERE provider = 'aws'")
+        published = sshd.public_host_key().split()
+        assert [r["host_key"] for r in rows] == [f"{published[0]} {published[1]}"]
+        assert moto.calls["GetConsoleOutput"] >= 1
         driver = AwsDriver(REGION, daemon.daemon_id, endpoint_url=moto.url, max_attempts=1)
         try:
             async def all_terminated() -> bool:
@@ -208,4 +215,65 @@ async def test_a_job_on_aws_end_to_end(moto: MotoEc2, creds: None, tmp_path: Pat
     finally:
         await api.close()
         await daemon.stop()
+        sshd.stop()
+
+
+def console_with_keys(*keys: str) -> str:
+    lines = "\n".join(f"ec2: {k} root@ip-10-0-0-1" for k in keys)
+    return ("[   12.3] cloud-init[800]: Cloud-init v. 23.1 running 'modules:final'\n"
+            f"-----BEGIN SSH HOST KEY KEYS-----\n{lines}\n-----END SSH HOST KEY KEYS-----\n"
+            "[   14.0] cloud-init[800]: finished\n")
+
+
+def test_host_keys_are_read_from_the_console_output() -> None:
+    import base64
+
+    from cloudtaskd.providers.aws import console_host_keys
+
+    ed, ecdsa = PUBKEY.rsplit(" ", 1)[0], "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTY="
+    text = console_with_keys(ed, ecdsa)
+    assert console_host_keys(text) == [ed, ecdsa]
+    assert console_host_keys(base64.b64encode(text.encode()).decode()) == [ed, ecdsa]  # as EC2 returns it
+    assert console_host_keys("booting...\nno keys yet") == []
+    assert console_host_keys("-----BEGIN SSH HOST KEY KEYS-----\nssh-ed25519 AAAA") == []  # not finished
+
+
+@pytest.mark.skipif(__import__("tests.sshd", fromlist=["x"]).available() is not None, reason="needs a real sshd")
+async def test_a_published_host_key_that_does_not_match_is_refused(driver: AwsDriver, moto: MotoEc2,
+                                                                    tmp_path: Path) -> None:
+    """The cloud publishes the VM's host key; the machine that answers SSH has another one (an
+    interception): the bootstrap refuses before logging in, and the VM is terminated."""
+    from cloudtaskd.bootstrap import HostKeyMismatch
+    from cloudtaskd.pins import InstancePins
+    from cloudtaskd.providers.base import LaunchSpec
+    from cloudtaskd.providers.cloud import CloudProvider, CloudSettings
+    from cloudtaskd.store import Store
+    from tests.sshd import Sshd
+
+    sshd = Sshd(tmp_path / "sshd")
+    sshd.start()
+    other = tmp_path / "other_host_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    moto.console = console_with_keys(Path(f"{other}.pub").read_text().strip())
+    store = Store(tmp_path / "db.sqlite")
+    await store.open()
+    try:
+        await store.write(lambda tx: tx.db.execute(
+            "INSERT INTO instances (id, provider, pool_id, state, slots, token_hash, created_at, state_changed_at)"
+            " VALUES ('aws-mitm', 'aws', NULL, 'starting', 2, 'x', 0, ?)", (tx.now,)))
+        settings = CloudSettings("t3.micro", REGION, False, 2, "root", sshd.client_key,
+                                 ssh_address_override=f"127.0.0.1:{sshd.port}")
+        provider = CloudProvider(driver, settings, "daemon1", tmp_path, InstancePins(store))
+        spec = LaunchSpec("aws-mitm", 1, tmp_path, "ws://127.0.0.1:1/v1/agent", "token", 2,
+                          worker_bundle=tmp_path / "bundle.tar.gz")
+        with pytest.raises(HostKeyMismatch, match="does not match the pinned key"):
+            await provider.launch(spec)
+        assert await driver.list() == []  # terminated, not left running
+        row = await store.fetchone("SELECT host_key FROM instances WHERE id = 'aws-mitm'")
+        assert row is not None and row["host_key"].startswith("ssh-ed25519 ")
+        assert row["host_key"].split()[1] == Path(f"{other}.pub").read_text().split()[1]
+        assert "pinned host key" in (provider.output_tail("aws-mitm") or "")
+        assert "Accepted publickey" not in (sshd.dir / "sshd.log").read_text()  # never logged in
+    finally:
+        await store.close()
         sshd.stop()

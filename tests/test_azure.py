@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +24,7 @@ from cloudtaskd.errors import (
 from cloudtaskd.providers.azure import AzureDriver, classify
 from cloudtaskd.providers.cloud import TAG_DAEMON, TAG_INSTANCE, CreateRequest
 from tests.azure_standin import ArmStandin
+from tests.procs import free_port
 
 SUB, RG, LOCATION = "00000000-0000-0000-0000-000000000001", "ct-test", "eastus"
 RG_PATH = f"/subscriptions/{SUB}/resourceGroups/{RG}"
@@ -218,3 +221,148 @@ def http_error(status: int, code: str, message: str = "refused") -> HttpResponse
 def test_classify_by_error_code(exc: Exception, kind: type[ProviderError]) -> None:
     err = classify(exc, "launch")
     assert type(err) is kind and err.provider == "azure" and err.op == "launch"
+
+
+async def test_no_credentials_name_azure_and_what_to_set(arm: ArmStandin, monkeypatch: pytest.MonkeyPatch,
+                                                         tmp_path: Path) -> None:
+    """The real DefaultAzureCredential with nothing to find (no AZURE_* variables, no az login, no
+    managed identity): the error names the provider and the keys to set."""
+    for var in ("AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_CLIENT_SECRET", "AZURE_FEDERATED_TOKEN_FILE",
+                "IDENTITY_ENDPOINT", "MSI_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    # https, so that the SDK asks the credential for a token before it would refuse plain http.
+    d = AzureDriver(SUB, RG, LOCATION, "daemon1", base_url=f"https://127.0.0.1:{free_port()}",
+                    client_kwargs={"retry_total": 0})
+    try:
+        with pytest.raises(ProviderAuthError) as info:
+            await d.list()
+    finally:
+        await d.close()
+    text = str(info.value)
+    assert text.startswith("azure: list: cannot authenticate")
+    assert "providers.azure.tenant_id" in text and "client_secret" in text and "DefaultAzureCredential" in text
+
+
+async def test_daemon_builds_the_service_principal_from_config(tmp_path: Path) -> None:
+    """The daemon hands the config's service principal and endpoint to the driver; the secret is a
+    Secret (never printed by the config) and reaches only the credential."""
+    from dataclasses import replace
+
+    from cloudtaskd.config import AzureProviderConfig, ProvidersConfig, Secret
+    from cloudtaskd.daemon import Daemon
+    from tests.conftest import make_config
+
+    azure = AzureProviderConfig(enabled=True, subscription_id=SUB, tenant_id="tenant-1", client_id="client-1",
+                                client_secret=Secret("s3cr3t-value"), base_url="https://127.0.0.1:1",
+                                resource_group=RG, location="westeurope")
+    config = replace(make_config(tmp_path), providers=ProvidersConfig(azure=azure))
+    assert "s3cr3t-value" not in repr(config)
+    daemon = Daemon(config)
+    daemon.daemon_id = "d-test"
+    [factory] = [f for c, f in daemon._cloud_drivers() if c is azure]
+    driver = factory()
+    assert isinstance(driver, AzureDriver)
+    try:
+        await driver._clients()
+        from azure.identity.aio import ClientSecretCredential
+
+        assert isinstance(driver._credential, ClientSecretCredential)
+        assert driver.base_url == "https://127.0.0.1:1" and driver.location == "westeurope"
+        assert driver.daemon_id == "d-test" and driver.resource_group == RG
+    finally:
+        await driver.close()
+
+
+async def test_reconcile_deletes_orphans_after_a_crash(driver: AzureDriver, arm: ArmStandin, tmp_path: Path) -> None:
+    """A VM tagged with our daemon id but with no row (the daemon died between create and record)
+    is deleted with its NIC and IP by the next reconcile; a known one is left alone."""
+    from cloudtaskd.config import Config
+    from cloudtaskd.dispatch import Dispatcher
+    from cloudtaskd.orchestrator.reconciler import Reconciler
+    from cloudtaskd.pins import InstancePins
+    from cloudtaskd.providers.cloud import CloudProvider, CloudSettings
+    from cloudtaskd.store import Store
+
+    key = tmp_path / "id"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    store = Store(tmp_path / "db.sqlite")
+    await store.open()
+    try:
+        provider = CloudProvider(driver, CloudSettings("Standard_D2s_v5", LOCATION, True, 2, "ubuntu", key),
+                                 "daemon1", tmp_path, InstancePins(store))
+        config = Config(state_dir=str(tmp_path))
+        known = await driver.create(req("az-known"))
+        await driver.create(req("az-orphan", spot=True))
+        await store.write(lambda tx: tx.db.execute(
+            "INSERT INTO instances (id, provider, pool_id, state, slots, token_hash, cloud_id, created_at,"
+            " state_changed_at) VALUES ('az-known', 'azure', NULL, 'running', 2, 'x', ?, 0, ?)",
+            (known.cloud_id, tx.now)))
+        reconciler = Reconciler(store, Dispatcher(store, config), [(provider, 5)], config, "ws://x")
+        await reconciler.sync(now=1e9)
+        assert {v.instance_id for v in await driver.list()} == {"az-known"}
+        assert left_behind(arm, "az-orphan") == []
+        assert len(left_behind(arm, "az-known")) == 3
+    finally:
+        await store.close()
+
+
+@pytest.mark.timeout(300)  # a VM bootstrap installs aiohttp into a fresh virtualenv
+@pytest.mark.skipif(__import__("tests.sshd", fromlist=["x"]).available() is not None, reason="needs a real sshd")
+async def test_a_job_on_azure_end_to_end(arm: ArmStandin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon creates a VM through the ARM stand-in, bootstraps it over SSH (a local OpenSSH,
+    reached through ssh_address_override; the host key trusted on first use and pinned on the
+    instance), runs the job, then deletes the idle VM with its NIC and IP."""
+    from dataclasses import replace
+
+    import cloudtaskd.providers.azure as azure_module
+    from cloudtaskd.config import AzureProviderConfig, LocalProviderConfig, ProvidersConfig
+    from cloudtaskd.daemon import Daemon
+    from tests.conftest import UnixApi, make_config, wait_for
+    from tests.procs import bundle
+    from tests.sshd import Sshd
+    from tests.test_daemon_e2e import finished, jsonl, results
+
+    class TestAzureDriver(AzureDriver):
+        """The daemon's own driver, with the test credential and plain-http policy of make_driver."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            cred = FakeCredential()
+            super().__init__(*args, **kwargs, credential=cred, client_kwargs={
+                "authentication_policy": PlainHttpAuth(cred, "https://management.azure.com/.default"),
+                "polling_interval": 0.01, "retry_total": 0})
+
+    monkeypatch.setattr(azure_module, "AzureDriver", TestAzureDriver)
+    sshd = Sshd(tmp_path / "sshd")
+    sshd.start()
+    azure = AzureProviderConfig(enabled=True, max_instances=1, subscription_id=SUB, resource_group=RG,
+                                location=LOCATION, base_url=arm.url, cpus=2, spot=True, ssh_user="root",
+                                ssh_key_file=str(sshd.client_key), ssh_address_override=f"127.0.0.1:{sshd.port}")
+    config = replace(make_config(tmp_path, idle_timeout_s=0.5),
+                     providers=ProvidersConfig(local=LocalProviderConfig(enabled=False), azure=azure))
+    daemon = Daemon(config, shutdown_grace_s=5)
+    await daemon.start()
+    api = UnixApi(config.socket_path)
+    worker = {"cloudtask.yaml": "mode: python\nfunction: w:run\n", "w.py": "def run(i, d):\n    return d['n'] + 7\n"}
+    try:
+        _, w = await api.request("POST", "/v1/workers", data=bundle(worker))
+        _, job = await api.request("POST", "/v1/jobs", json={"worker": w["digest"]})
+        await api.request("POST", f"/v1/jobs/{job['id']}/tasks",
+                          data=jsonl([{"id": i, "data": {"n": i}} for i in range(20)]).encode())
+        await wait_for(lambda: finished(api, job["id"]), timeout=90, message="job done on azure")
+        res = await results(api, job["id"])
+        assert sorted(r["result"] for r in res.values()) == [i + 7 for i in range(20)]
+        assert {r["instance"].split("-")[0] for r in res.values()} == {"azure"}
+        rows = await daemon.store.fetchall("SELECT id, host_key FROM instances WHERE provider = 'azure'")
+        assert len(rows) == 1 and rows[0]["host_key"].split()[:2] == sshd.public_host_key().split()[:2]
+        vm = arm.get(names(rows[0]["id"])[0])
+        assert vm is not None and vm["properties"]["priority"] == "Spot"
+        assert vm["tags"] == {TAG_DAEMON: daemon.daemon_id, TAG_INSTANCE: rows[0]["id"]}
+
+        async def all_deleted() -> bool:
+            return left_behind(arm, rows[0]["id"]) == []
+        await wait_for(all_deleted, timeout=60, message="the idle VM deleted with its NIC and IP")
+    finally:
+        await api.close()
+        await daemon.stop()
+        sshd.stop()

@@ -12,6 +12,8 @@ reconciler terminates as unknown: a batch can leak nothing.
 from __future__ import annotations
 
 import asyncio
+import base64
+import builtins
 import hashlib
 from collections import defaultdict
 from contextlib import AsyncExitStack
@@ -36,6 +38,8 @@ BATCH_WINDOW_S = 0.05
 UBUNTU_OWNER = "099720109477"  # Canonical
 UBUNTU_IMAGE_NAME = "ubuntu/images/hvm-ssd*/ubuntu-jammy-22.04-amd64-server-*"
 SECURITY_GROUP = "cloudtask-ssh"
+HOST_KEYS_BEGIN = "-----BEGIN SSH HOST KEY KEYS-----"  # cloud-init prints these to the console
+HOST_KEYS_END = "-----END SSH HOST KEY KEYS-----"
 
 STATUS_MAP = {
     "pending": "pending",
@@ -290,3 +294,37 @@ class AwsDriver:
             await ec2.terminate_instances(InstanceIds=[vm.cloud_id for vm in found])
         except Exception as exc:
             raise classify(exc, "terminate") from exc
+
+    async def host_keys(self, instance_id: str) -> builtins.list[str]:
+        """The host keys cloud-init prints to the console (between its BEGIN/END SSH HOST KEY KEYS
+        markers). The console output appears minutes after boot, so [] is common: then the caller
+        trusts on first use."""
+        vm = await self.get(instance_id)
+        if vm is None:
+            return []
+        ec2 = await self._client()
+        try:
+            out = await ec2.get_console_output(InstanceId=vm.cloud_id, Latest=True)
+        except Exception as exc:
+            raise classify(exc, "describe") from exc
+        return console_host_keys(str(out.get("Output") or ""))
+
+
+def console_host_keys(output: str) -> list[str]:
+    """OpenSSH key lines from a console output (base64, as EC2 returns it, or already decoded)."""
+    text = output
+    if HOST_KEYS_BEGIN not in text:
+        try:
+            text = base64.b64decode(output, validate=False).decode(errors="replace")
+        except ValueError:
+            return []
+    begin, end = text.rfind(HOST_KEYS_BEGIN), text.rfind(HOST_KEYS_END)
+    if begin < 0 or end < begin:
+        return []
+    keys = []
+    for line in text[begin + len(HOST_KEYS_BEGIN):end].splitlines():
+        parts = line.split()  # some images prefix each line ("ec2: ssh-ed25519 AAAA... root@host")
+        at = next((i for i, p in enumerate(parts[:-1]) if p.startswith(("ssh-", "ecdsa-"))), None)
+        if at is not None:
+            keys.append(f"{parts[at]} {parts[at + 1]}")
+    return keys

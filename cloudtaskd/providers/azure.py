@@ -92,7 +92,10 @@ def classify(exc: BaseException, op: str) -> ProviderError:
     # No HTTP code at all: a credential that could not get a token, or the network.
     if not code and not status:
         if isinstance(exc, ClientAuthenticationError):
-            return ProviderAuthError(PROVIDER, op, f"cannot authenticate: {message}")
+            first = message.strip().splitlines()[0] if message.strip() else type(exc).__name__
+            return ProviderAuthError(PROVIDER, op, "cannot authenticate: set providers.azure.tenant_id, client_id "
+                                     "and client_secret, or make DefaultAzureCredential work (AZURE_* variables, a "
+                                     f"managed identity, `az login`); the SDK said: {first}")
         if isinstance(exc, ServiceRequestError | ServiceResponseError | OSError | TimeoutError):
             return TransientProviderError(PROVIDER, op, f"{type(exc).__name__}: {message}")
     return ProviderError(PROVIDER, op, text or type(exc).__name__)

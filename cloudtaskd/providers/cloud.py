@@ -13,11 +13,20 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
+import asyncssh
 import structlog
 
-from cloudtaskd.bootstrap import BootstrapLog, BootstrapSpec, SshTarget, bootstrap, connect, stop_agent
+from cloudtaskd.bootstrap import (
+    SSH_WAIT_S,
+    BootstrapLog,
+    BootstrapSpec,
+    SshTarget,
+    bootstrap,
+    connect,
+    stop_agent,
+)
 from cloudtaskd.errors import ProviderError
 from cloudtaskd.providers.base import CloudInstance, LaunchSpec
 
@@ -72,6 +81,24 @@ class CloudDriver(Protocol):
     async def close(self) -> None: ...
 
 
+@runtime_checkable
+class PublishesHostKeys(Protocol):
+    """A driver whose cloud publishes a VM's SSH host keys through its API (AWS in the console
+    output, GCP in guest attributes): they are pinned before the first connection."""
+
+    async def host_keys(self, instance_id: str) -> list[str]:
+        """OpenSSH public key lines; [] while none are published (yet)."""
+        ...
+
+
+class HostKeyPins(Protocol):
+    """Where a VM's host key is pinned: per instance, since cloud addresses are reused."""
+
+    async def get(self, instance_id: str) -> str | None: ...
+
+    async def set(self, instance_id: str, key: str) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class CloudSettings:
     machine_type: str
@@ -88,8 +115,10 @@ class CloudSettings:
 class CloudProvider:
     """A cloud driver plus SSH bootstrap, behind the common Provider interface."""
 
-    def __init__(self, driver: CloudDriver, settings: CloudSettings, daemon_id: str, state_dir: Path) -> None:
+    def __init__(self, driver: CloudDriver, settings: CloudSettings, daemon_id: str, state_dir: Path,
+                 pins: HostKeyPins) -> None:
         self.driver = driver
+        self.pins = pins
         # Read once at start: a missing key is a config error to report before any VM is made.
         self.public_key = Path(f"{settings.ssh_key_file}.pub").read_text().strip()
         self.name = driver.name
@@ -100,14 +129,33 @@ class CloudProvider:
     def slots_for(self, cpus_per_task: float) -> int:
         return max(1, int(self.settings.cpus // cpus_per_task))
 
-    def _ssh_target(self, vm: CloudVm) -> SshTarget:
+    def _ssh_target(self, vm: CloudVm, host_key: str | None) -> SshTarget:
         host, port = vm.public_ip or "", 22
         if self.settings.ssh_address_override:
             host, _, p = self.settings.ssh_address_override.rpartition(":")
             port = int(p)
         if not host:
             raise ProviderError(self.name, "launch", f"VM {vm.cloud_id} has no public address")
-        return SshTarget(host, port, self.settings.ssh_user, self.settings.ssh_key_file)
+        return SshTarget(host, port, self.settings.ssh_user, self.settings.ssh_key_file, host_key)
+
+    async def _host_key(self, instance_id: str) -> str | None:
+        """The pinned key, else the keys the cloud publishes (pinned now), else None: trust on first use."""
+        pinned = await self.pins.get(instance_id)
+        if pinned is None and isinstance(self.driver, PublishesHostKeys):
+            published = await self.driver.host_keys(instance_id)
+            if published:
+                pinned = "\n".join(published)
+                await self.pins.set(instance_id, pinned)
+                log.info("host_key_from_cloud", instance=instance_id, keys=len(published))
+        return pinned
+
+    async def _connect(self, vm: CloudVm, *, wait_s: float = SSH_WAIT_S,
+                       bootlog: BootstrapLog | None = None) -> asyncssh.SSHClientConnection:
+        pinned = await self._host_key(vm.instance_id)
+        conn, key = await connect(self._ssh_target(vm, pinned), instance=vm.instance_id, wait_s=wait_s, bootlog=bootlog)
+        if pinned is None and key:
+            await self.pins.set(vm.instance_id, key)  # trust on first use, then pinned
+        return conn
 
     async def launch(self, spec: LaunchSpec) -> CloudInstance:
         s = self.settings
@@ -127,7 +175,7 @@ class CloudProvider:
             raise ProviderError(self.name, "launch", "no worker bundle to install")
         bootlog = BootstrapLog(self.logs / spec.instance_id / "bootstrap.log")
         try:
-            conn, _ = await connect(self._ssh_target(vm), instance=spec.instance_id, bootlog=bootlog)
+            conn = await self._connect(vm, bootlog=bootlog)
             async with conn:
                 await bootstrap(conn, BootstrapSpec(
                     spec.instance_id, spec.agent_url, spec.token, spec.slots, spec.worker_bundle, spec.worker_spec,
@@ -141,7 +189,7 @@ class CloudProvider:
         vm = await self.driver.get(instance_id)
         if vm is not None and vm.state == "running":
             try:  # let the agent drain and go before the machine does
-                conn, _ = await connect(self._ssh_target(vm), instance=instance_id, wait_s=10)
+                conn = await self._connect(vm, wait_s=10)
                 async with conn:
                     await stop_agent(conn, instance_id)
             except Exception as exc:
