@@ -142,7 +142,7 @@ class Daemon:
                 raise ConfigError(self.config.source, "ssh_key_file", f"{key} does not exist")
             _make_key(key)
         return CloudSettings(c.machine_type, c.placement, c.spot, c.cpus, c.ssh_user, key, c.ssh_address_override,
-                             tuple(self.config.providers.ssh.pip_args))
+                             tuple(self.config.providers.ssh.pip_args), c.image)
 
     def _lock(self) -> None:
         self._lock_file = open(self.state_dir / "cloudtaskd.lock", "w")

@@ -337,6 +337,7 @@ async def test_a_job_on_azure_end_to_end(arm: ArmStandin, tmp_path: Path, monkey
     sshd.start()
     azure = AzureProviderConfig(enabled=True, max_instances=1, subscription_id=SUB, resource_group=RG,
                                 location=LOCATION, base_url=arm.url, cpus=2, spot=True, ssh_user="root",
+                                image="Canonical:ubuntu-24_04-lts:server:latest",
                                 ssh_key_file=str(sshd.client_key), ssh_address_override=f"127.0.0.1:{sshd.port}")
     config = replace(make_config(tmp_path, idle_timeout_s=0.5),
                      providers=ProvidersConfig(local=LocalProviderConfig(enabled=False), azure=azure))
@@ -357,6 +358,7 @@ async def test_a_job_on_azure_end_to_end(arm: ArmStandin, tmp_path: Path, monkey
         assert len(rows) == 1 and rows[0]["host_key"].split()[:2] == sshd.public_host_key().split()[:2]
         vm = arm.get(names(rows[0]["id"])[0])
         assert vm is not None and vm["properties"]["priority"] == "Spot"
+        assert vm["properties"]["storageProfile"]["imageReference"]["offer"] == "ubuntu-24_04-lts"  # config's image
         assert vm["tags"] == {TAG_DAEMON: daemon.daemon_id, TAG_INSTANCE: rows[0]["id"]}
 
         async def all_deleted() -> bool:

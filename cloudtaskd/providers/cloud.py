@@ -110,6 +110,7 @@ class CloudSettings:
     # Test/emulator hook: reach every VM's SSH at this host:port instead of its public IP.
     ssh_address_override: str = ""
     pip_args: tuple[str, ...] = ()
+    image: str = ""  # empty: the driver's default Ubuntu LTS image
 
 
 class CloudProvider:
@@ -160,7 +161,8 @@ class CloudProvider:
     async def launch(self, spec: LaunchSpec) -> CloudInstance:
         s = self.settings
         vm = await self.driver.create(CreateRequest(
-            spec.instance_id, self.daemon_id, s.machine_type, s.zone, s.spot, s.ssh_user, self.public_key))
+            spec.instance_id, self.daemon_id, s.machine_type, s.zone, s.spot, s.ssh_user, self.public_key,
+            s.image or None))
         deadline = time.monotonic() + RUNNING_WAIT_S
         while vm.state != "running" or not (vm.public_ip or s.ssh_address_override):
             if vm.state == "terminated" or time.monotonic() > deadline:
