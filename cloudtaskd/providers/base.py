@@ -28,6 +28,19 @@ class LaunchSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class Offer:
+    """One kind of instance a provider can sell: what it is, where, and (when known) its price."""
+
+    provider: str
+    machine_type: str
+    zone: str  # the provider's own placement term: AWS zone/region, GCP zone, Azure location, a host
+    spot: bool
+    cpus: int
+    memory_gb: float | None = None
+    price_per_hour: float | None = None  # None: unknown (the catalog fills it in); 0.0: free (local, ssh)
+
+
+@dataclass(frozen=True, slots=True)
 class CloudInstance:
     instance_id: str
     cloud_id: str
@@ -40,6 +53,10 @@ class Provider(Protocol):
 
     def slots_for(self, cpus_per_task: float) -> int:
         """How many tasks of this size one instance runs at once."""
+        ...
+
+    def offers(self) -> list[Offer]:
+        """What this provider can launch (its configured offers; the orchestrator ranks them)."""
         ...
 
     async def launch(self, spec: LaunchSpec) -> CloudInstance:

@@ -28,7 +28,7 @@ from cloudtaskd.bootstrap import (
     stop_agent,
 )
 from cloudtaskd.errors import ProviderError
-from cloudtaskd.providers.base import CloudInstance, LaunchSpec
+from cloudtaskd.providers.base import CloudInstance, LaunchSpec, Offer
 
 log = structlog.get_logger("cloudtaskd.providers.cloud")
 
@@ -129,6 +129,10 @@ class CloudProvider:
 
     def slots_for(self, cpus_per_task: float) -> int:
         return max(1, int(self.settings.cpus // cpus_per_task))
+
+    def offers(self) -> list[Offer]:
+        s = self.settings
+        return [Offer(self.name, s.machine_type, s.zone, s.spot, s.cpus)]
 
     def _ssh_target(self, vm: CloudVm, host_key: str | None) -> SshTarget:
         host, port = vm.public_ip or "", 22

@@ -19,7 +19,7 @@ from pathlib import Path
 import structlog
 
 from cloudtaskd.config import LocalProviderConfig
-from cloudtaskd.providers.base import CloudInstance, LaunchSpec
+from cloudtaskd.providers.base import CloudInstance, LaunchSpec, Offer
 
 log = structlog.get_logger("cloudtaskd.providers.local")
 
@@ -51,6 +51,9 @@ class LocalProvider:
 
     def slots_for(self, cpus_per_task: float) -> int:
         return max(1, int(self.cpus // cpus_per_task))
+
+    def offers(self) -> list[Offer]:
+        return [Offer(self.name, "local", "localhost", False, self.cpus, price_per_hour=0.0)]
 
     def _record(self, instance_id: str) -> Path:
         return self.dir / f"{instance_id}.json"

@@ -28,7 +28,7 @@ from cloudtaskd.bootstrap import (
 )
 from cloudtaskd.config import SshHostConfig, SshProviderConfig
 from cloudtaskd.errors import ProviderError
-from cloudtaskd.providers.base import CloudInstance, LaunchSpec
+from cloudtaskd.providers.base import CloudInstance, LaunchSpec, Offer
 
 log = structlog.get_logger("cloudtaskd.providers.ssh")
 
@@ -58,6 +58,9 @@ class SshProvider:
     def slots_for(self, cpus_per_task: float) -> int:
         free = self._free_hosts() or self.hosts
         return max(1, int(min(h.cpus for h in free) // cpus_per_task)) if free else 1
+
+    def offers(self) -> list[Offer]:
+        return [Offer(self.name, "host", _hid(h), False, h.cpus, price_per_hour=0.0) for h in self.hosts]
 
     def _records(self) -> dict[str, str]:
         """instance id -> host key string (address:port) of our assignments."""
