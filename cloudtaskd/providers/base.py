@@ -38,6 +38,13 @@ class Offer:
     cpus: int
     memory_gb: float | None = None
     price_per_hour: float | None = None  # None: unknown (the catalog fills it in); 0.0: free (local, ssh)
+    region: str = ""
+    gpus: int = 0
+
+    @property
+    def key(self) -> str:
+        """One name for this offer, for back-off, interruption counts and the instance record."""
+        return f"{self.provider}/{self.zone}/{self.machine_type}/{'spot' if self.spot else 'on-demand'}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,112 @@
+"""Which offer to buy: candidates ranked by what a task-slot-hour really costs. Pure functions.
+
+The price of an instance is divided by how many tasks fit on it at once (by CPU, memory and GPU,
+whichever runs out first). A spot price is then weighed by the interruption rate seen for that
+type and zone: each interruption wastes the replacement's boot time and, on average, half a
+task's work, so only a fraction `1 - rate * lost_hours` of what is paid does useful work.
+
+The daemon, the tests, `cloudtaskctl prices` and the fleet simulator all call `rank`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from cloudtaskd.providers.base import Offer
+
+# A spot offer with no history is assumed to be interrupted this often (per instance-hour);
+# observations replace the assumption as they accumulate (PRIOR_HOURS of weight).
+PRIOR_SPOT_RATE_PER_H = 0.05
+PRIOR_HOURS = 10.0
+MIN_USEFUL_FRACTION = 0.05  # a rate so high that almost nothing finishes still ranks, last
+
+
+@dataclass(frozen=True, slots=True)
+class Needs:
+    """What one task takes on an instance."""
+
+    cpus_per_task: float = 1.0
+    memory_per_task_mib: int | None = None
+    gpus_per_task: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """What a job allows. Empty tuples allow everything."""
+
+    providers: tuple[str, ...] = ()
+    regions: tuple[str, ...] = ()
+    spot: bool = True  # spot offers may be used
+    on_demand: bool = True  # on-demand offers may be used (with spot: the fallback when spot has no capacity)
+    max_price_per_hour: float | None = None  # per instance
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    offer: Offer
+    slots: int
+    effective_per_hour: float  # the price weighed by interruptions (= the price for on-demand)
+
+    @property
+    def cost_per_slot_hour(self) -> float:
+        return self.effective_per_hour / self.slots
+
+
+def slots_on(offer: Offer, needs: Needs) -> int:
+    """How many tasks run at once on one instance of this offer (0: a task does not fit)."""
+    slots = math.floor(offer.cpus / needs.cpus_per_task + 1e-9)
+    if needs.memory_per_task_mib and offer.memory_gb is not None:
+        slots = min(slots, math.floor(offer.memory_gb * 1024 / needs.memory_per_task_mib + 1e-9))
+    if needs.gpus_per_task:
+        slots = min(slots, offer.gpus // needs.gpus_per_task)
+    return max(0, slots)
+
+
+def interruption_rate(interruptions: int, instance_hours: float, *, spot: bool) -> float:
+    """Observed interruptions per instance-hour, smoothed by the prior (on-demand: 0)."""
+    if not spot:
+        return 0.0
+    return (interruptions + PRIOR_SPOT_RATE_PER_H * PRIOR_HOURS) / (instance_hours + PRIOR_HOURS)
+
+
+def effective_price(price: float, rate_per_h: float, lost_h: float) -> float:
+    return price / max(MIN_USEFUL_FRACTION, 1.0 - rate_per_h * lost_h)
+
+
+def allowed(offer: Offer, policy: Policy) -> bool:
+    if policy.providers and offer.provider not in policy.providers:
+        return False
+    if policy.regions and offer.region not in policy.regions and offer.zone not in policy.regions:
+        return False
+    if not (policy.spot if offer.spot else policy.on_demand):
+        return False
+    return not (policy.max_price_per_hour is not None and offer.price_per_hour is not None
+                and offer.price_per_hour > policy.max_price_per_hour)
+
+
+def rank(offers: Iterable[Offer], needs: Needs, policy: Policy, *, rates: Mapping[str, float] | None = None,
+         lost_h: float = 0.1) -> list[Candidate]:
+    """Allowed offers a task fits on, cheapest task-slot-hour first.
+
+    rates: interruptions per instance-hour by offer key (missing: the prior for spot, 0 for
+    on-demand). lost_h: hours of work one interruption wastes (boot time + half a task). Offers
+    whose price is unknown (no catalog yet) rank after every priced one, in the order given, so a
+    provider's configured preference still holds.
+    """
+    rates = rates or {}
+    priced: list[Candidate] = []
+    unpriced: list[Candidate] = []
+    for offer in offers:
+        slots = slots_on(offer, needs)
+        if slots < 1 or not allowed(offer, policy):
+            continue
+        if offer.price_per_hour is None:
+            unpriced.append(Candidate(offer, slots, math.inf))
+            continue
+        rate = rates.get(offer.key, interruption_rate(0, 0.0, spot=offer.spot))
+        priced.append(Candidate(offer, slots, effective_price(offer.price_per_hour, rate, lost_h)))
+    # Ties: more slots per instance first (fewer boots, fewer SSH bootstraps), then a stable name.
+    priced.sort(key=lambda c: (c.cost_per_slot_hour, -c.slots, c.offer.key))
+    return priced + unpriced
