@@ -77,6 +77,14 @@ class ScalingConfig:
     # An instance that has not connected within this long is stopped and replaced
     start_timeout_s: float = field(default=600.0, metadata=_range(1, 86400))
     tick_s: float = field(default=1.0, metadata=_range(0.05, 600))
+    # Size the fleet to finish the backlog within this long, from the observed task duration;
+    # 0: as fast as the instance limits allow (a slot per outstanding task).
+    target_s: float = field(default=0.0, metadata=_range(0, 30 * 86400))
+    # Work that has waited this long with nothing booting adds one instance (below the limits),
+    # even when the estimate says the fleet is big enough; 0: off.
+    scale_up_after_s: float = field(default=60.0, metadata=_range(0, 86400))
+    # What the whole fleet may cost per hour (list prices); 0: no limit.
+    max_cost_per_hour: float = field(default=0.0, metadata=_range(0, 1e9))
 
 
 @dataclass(frozen=True)

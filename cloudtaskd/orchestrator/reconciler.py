@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import secrets
 import time
 import uuid
@@ -21,15 +22,18 @@ import structlog
 from agent.workerspec import WorkerSpec
 from cloudtaskd.config import Config
 from cloudtaskd.dispatch import Dispatcher
-from cloudtaskd.errors import TransitionError
+from cloudtaskd.errors import ProviderError, TransitionError
 from cloudtaskd.hub import token_hash
-from cloudtaskd.orchestrator.scaling import Decision, InstanceView, PoolView, ProviderRoom, decide
-from cloudtaskd.providers.base import LaunchSpec, Provider
+from cloudtaskd.orchestrator.scaling import Decision, InstanceView, PoolView, Targets, decide
+from cloudtaskd.orchestrator.selection import Candidate, Needs, Policy, rank
+from cloudtaskd.providers.base import LaunchSpec, Offer, Provider
 from cloudtaskd.states import InstanceEvent, InstanceState
 from cloudtaskd.store import Store, Tx
 
 log = structlog.get_logger("cloudtaskd.reconciler")
 
+OFFER_BACKOFF_S = 30.0
+OFFER_BACKOFF_MAX_S = 1800.0
 START_BACKOFF_S = 1.0
 START_BACKOFF_MAX_S = 120.0
 DRAIN_UNREACHABLE_S = 30.0
@@ -50,6 +54,9 @@ class Reconciler:
         self._launching: set[str] = set()
         # pool -> (consecutive instances that died before their agent connected, no launch before)
         self._start_failures: dict[int, tuple[int, float]] = {}
+        self._backoff: dict[str, tuple[int, float]] = {}  # offer key -> (consecutive failures, not before)
+        self._waiting_since: dict[int, float] = {}  # pool -> since when it has had queued tasks
+        self.policy = Policy(spot=True, on_demand=True)
         self.paused = False  # set while the daemon stops: no new launches
 
     async def run(self) -> None:
@@ -160,56 +167,89 @@ class Reconciler:
 
     # ---- scale ----
 
+    def offers(self) -> list[Offer]:
+        """Every offer the configured providers can sell, in order of provider preference."""
+        return [o for p in self.providers.values() for o in p.offers()]
+
+    def candidates(self, needs: Needs, policy: Policy, now: float) -> list[Candidate]:
+        """Ranked offers this pool may buy now: backed-off offers are left out."""
+        ranked = rank(self.offers(), needs, policy)
+        return [c for c in ranked if self._backoff.get(c.offer.key, (0, 0.0))[1] <= now]
+
     async def pool_views(self, now: float) -> list[tuple[PoolView, dict[str, Any]]]:
-        def read(db: Any) -> tuple[list[Any], list[Any], dict[str, int]]:
+        def read(db: Any) -> tuple[list[Any], list[Any], dict[str, int], dict[int, float]]:
             pools = db.execute(
                 "SELECT p.id, p.digest, p.spec, p.path, sum(j.n_queued + j.n_leased + j.n_failed) AS outstanding,"
-                " max(coalesce(j.max_instances, 0)) AS job_max"
+                " sum(j.n_queued) AS queued, max(coalesce(j.max_instances, 0)) AS job_max,"
+                " group_concat(j.id) AS job_ids"
                 " FROM pools p JOIN jobs j ON j.pool_id = p.id WHERE j.state = 'active' GROUP BY p.id"
             ).fetchall()
             instances = db.execute(
-                "SELECT id, provider, pool_id, state, slots FROM instances"
+                "SELECT id, provider, pool_id, state, slots, price_per_hour, 0 AS at_risk FROM instances"
                 " WHERE state NOT IN ('stopped') AND provider != 'external'"
             ).fetchall()
             leases = dict(db.execute(
                 "SELECT instance_id, count(*) FROM tasks WHERE state = 'leased' GROUP BY instance_id").fetchall())
-            return pools, instances, leases
+            durations = {}
+            for p in pools:
+                ids = [int(x) for x in str(p["job_ids"]).split(",")]
+                # The latest results say how long a task takes now (the index on finished_at serves it).
+                row = db.execute(
+                    f"SELECT avg(duration_s) FROM (SELECT duration_s FROM tasks WHERE job_id IN "
+                    f"({','.join('?' * len(ids))}) AND finished_at IS NOT NULL AND duration_s IS NOT NULL"
+                    " ORDER BY finished_at DESC LIMIT 200)", ids).fetchone()
+                if row[0] is not None:
+                    durations[p["id"]] = float(row[0])
+            return pools, instances, leases, durations
 
-        pools, instances, leases = await self.store.read(read)
+        pools, instances, leases, durations = await self.store.read(read)
         by_pool: dict[int, list[InstanceView]] = defaultdict(list)
         live_per_provider: dict[str, int] = defaultdict(int)
+        spend = 0.0
         for r in instances:
             live_per_provider[r["provider"]] += 1
+            spend += r["price_per_hour"] or 0.0
             n = leases.get(r["id"], 0)
             if n:
                 self._idle_since.pop(r["id"], None)
             elif r["state"] == "running":
                 self._idle_since.setdefault(r["id"], now)
-            by_pool[r["pool_id"]].append(
-                InstanceView(r["id"], r["state"], r["slots"], n, self._idle_since.get(r["id"]) if not n else None))
-        global_room = self.config.scaling.max_instances - len(instances)
+            by_pool[r["pool_id"]].append(InstanceView(
+                r["id"], r["state"], r["slots"], n, self._idle_since.get(r["id"]) if not n else None,
+                r["price_per_hour"] or 0.0, bool(r["at_risk"])))
+        scaling = self.config.scaling
+        global_room = scaling.max_instances - len(instances)
+        room = {name: max(0, min(self.limits[name] - live_per_provider[name], global_room))
+                for name in self.providers}
+        budget = scaling.max_cost_per_hour - spend if scaling.max_cost_per_hour > 0 else math.inf
         views = []
         for p in pools:
             spec = WorkerSpec.from_dict(json.loads(p["spec"]))
             if p["outstanding"]:
                 self._last_work[p["id"]] = now
-            rooms = [
-                ProviderRoom(name, provider.slots_for(spec.cpus_per_task),
-                             max(0, min(self.limits[name] - live_per_provider[name], global_room)))
-                for name, provider in self.providers.items()
-            ]
-            pool_instances = by_pool.get(p["id"], [])
-            limit = self.config.scaling.max_instances
+            # "Work waits": tasks queued while nothing of this pool is booting. Booting
+            # capacity is on its way; counting that wait would buy an instance per tick.
+            booting = any(i.state in ("pending", "starting") for i in by_pool.get(p["id"], []))
+            if p["queued"] and not booting:
+                self._waiting_since.setdefault(p["id"], now)
+            else:
+                self._waiting_since.pop(p["id"], None)
+            limit = scaling.max_instances
             if p["job_max"]:
                 limit = min(limit, p["job_max"])
+            needs = Needs(spec.cpus_per_task, spec.memory_per_task)
             views.append((
                 PoolView(
                     pool_id=p["id"],
                     outstanding=p["outstanding"] or 0,
                     max_instances=limit,
-                    providers=rooms,
-                    instances=pool_instances,
+                    candidates=self.candidates(needs, self.policy, now),
+                    provider_room=room,
+                    instances=by_pool.get(p["id"], []),
                     last_work_at=self._last_work.get(p["id"], now),
+                    mean_task_s=durations.get(p["id"]),
+                    waiting_s=now - self._waiting_since.get(p["id"], now),
+                    budget_per_hour=budget,
                 ),
                 {"path": p["path"], "spec": spec, "digest": p["digest"]},
             ))
@@ -217,16 +257,18 @@ class Reconciler:
 
     async def scale(self, now: float) -> None:
         views = await self.pool_views(now)
+        s = self.config.scaling
+        targets = Targets(s.idle_timeout_s, s.target_s, s.scale_up_after_s)
         for view, extra in views:
-            decision: Decision = decide(view, now, self.config.scaling.idle_timeout_s)
+            decision: Decision = decide(view, now, targets)
             for inst in decision.drain:
                 await self.drain(inst)
             if now < self._start_failures.get(view.pool_id, (0, 0.0))[1]:
                 continue
-            slots = {r.name: r.slots for r in view.providers}
-            launches = [self._launch(self.providers[name], view.pool_id, slots[name], extra)
-                        for name in decision.launch]
+            launches = [self._launch(self.providers[c.offer.provider], view.pool_id, c, extra)
+                        for c in decision.launch]
             if launches:
+                # Concurrently: each provider batches what arrives together (one RunInstances per type and zone).
                 await asyncio.gather(*launches)
 
     async def drain(self, inst: str) -> bool:
@@ -236,26 +278,40 @@ class Reconciler:
             pass
         return moved
 
-    async def _launch(self, provider: Provider, pool_id: int, slots: int, pool: dict[str, Any]) -> None:
+    def _offer_failed(self, offer: Offer, exc: ProviderError, now: float) -> None:
+        """Capacity, quota or any provider refusal: this offer backs off, the next-best takes over."""
+        count = self._backoff.get(offer.key, (0, 0.0))[0] + 1
+        delay = min(OFFER_BACKOFF_MAX_S, OFFER_BACKOFF_S * 2 ** (count - 1))
+        self._backoff[offer.key] = (count, now + delay)
+        log.warning("offer_backed_off", offer=offer.key, error=type(exc).__name__, consecutive=count,
+                    retry_in_s=delay)
+
+    async def _launch(self, provider: Provider, pool_id: int, cand: Candidate, pool: dict[str, Any]) -> None:
         inst = f"{provider.name}-{uuid.uuid4().hex[:12]}"
         token = secrets.token_urlsafe(32)
+        offer = cand.offer
         self._launching.add(inst)
         try:
-            await self.store.write(_insert_instance, inst, provider.name, pool_id, slots, token_hash(token))
+            await self.store.write(_insert_instance, inst, pool_id, cand, token_hash(token))
             workers = self.config.state_path / "workers"
-            spec = LaunchSpec(inst, pool_id, Path(pool["path"]), self.agent_url, token, slots,
+            spec = LaunchSpec(inst, pool_id, Path(pool["path"]), self.agent_url, token, cand.slots,
                               worker_bundle=workers / f"{pool['digest']}.tar.gz",
-                              worker_spec=pool["spec"].to_dict())
+                              worker_spec=pool["spec"].to_dict(), offer=offer)
             try:
                 cloud = await provider.launch(spec)
             except Exception as exc:
-                log.warning("launch_failed", instance=inst, provider=provider.name, error=str(exc))
+                log.warning("launch_failed", instance=inst, provider=provider.name, offer=offer.key, error=str(exc))
                 await self._move(inst, InstanceEvent.LAUNCH_FAILED, error=str(exc))
-                self._start_failed(pool_id, time.time())
+                if isinstance(exc, ProviderError):
+                    self._offer_failed(offer, exc, time.time())
+                else:  # the machine came but the install failed: the worker may be broken
+                    self._start_failed(pool_id, time.time())
                 return
+            self._backoff.pop(offer.key, None)
             await self.store.write(lambda tx: tx.transition_instance(
                 inst, InstanceEvent.LAUNCHED, cloud_id=cloud.cloud_id, address=cloud.address))
-            log.info("instance_launched", instance=inst, provider=provider.name, pool=pool_id, slots=slots)
+            log.info("instance_launched", instance=inst, provider=provider.name, pool=pool_id, slots=cand.slots,
+                     offer=offer.key)
         finally:
             self._launching.discard(inst)
 
@@ -285,11 +341,13 @@ class Reconciler:
             await self._terminate(r["id"])
 
 
-def _insert_instance(tx: Tx, inst: str, provider: str, pool_id: int, slots: int, hashed: str) -> None:
+def _insert_instance(tx: Tx, inst: str, pool_id: int, cand: Candidate, hashed: str) -> None:
+    o = cand.offer
+    offer = json.dumps({"provider": o.provider, "machine_type": o.machine_type, "zone": o.zone, "region": o.region,
+                        "spot": o.spot, "cpus": o.cpus, "memory_gb": o.memory_gb, "gpus": o.gpus, "key": o.key})
     tx.db.execute(
-        "INSERT INTO instances (id, provider, pool_id, state, slots, token_hash, created_at, state_changed_at)"
-        " VALUES (?, ?, ?, 'pending', ?, ?, ?, ?)",
-        (inst, provider, pool_id, slots, hashed, tx.now, tx.now),
+        "INSERT INTO instances (id, provider, pool_id, state, slots, token_hash, offer, price_per_hour, created_at,"
+        " state_changed_at) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
+        (inst, o.provider, pool_id, cand.slots, hashed, offer, o.price_per_hour or 0.0, tx.now, tx.now),
     )
-    tx.event("instance_requested", instance_id=inst, detail=f"pool={pool_id} slots={slots}")
-
+    tx.event("instance_requested", instance_id=inst, detail=f"pool={pool_id} slots={cand.slots} offer={o.key}")

@@ -1,12 +1,24 @@
 """Scaling decisions as a pure function: plain records in, plain decisions out.
 
-The daemon, the tests and (later) the fleet simulator all call `decide` with the same inputs,
-so what the tests prove is what runs.
+The daemon, the tests and the fleet simulator all call `decide` with the same inputs, so what the
+tests prove is what runs.
+
+The fleet follows the backlog: enough task slots to finish the outstanding work within
+`target_s` given the observed task duration (without a target or an observation: a slot per
+outstanding task), bought from the cheapest candidates first, within every instance limit and
+the hourly budget. A task that has waited longer than `scale_up_after_s` adds an instance even
+when the estimate says the fleet is big enough. Instances with an interruption coming (a
+rebalance recommendation) do not count: their replacement starts now. Idle instances beyond the
+need are drained, the dearest first; one holding leases never is.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+from cloudtaskd.orchestrator.selection import Candidate
+from cloudtaskd.providers.base import Offer
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,15 +28,8 @@ class InstanceView:
     slots: int
     leases: int
     idle_since: float | None  # when it last held a lease (or started), None while busy
-
-
-@dataclass(frozen=True, slots=True)
-class ProviderRoom:
-    """A provider that could launch for this pool: how big its instance is, how many more it may start."""
-
-    name: str
-    slots: int
-    room: int
+    price_per_hour: float = 0.0
+    at_risk: bool = False  # the cloud recommended replacing it (AWS rebalance): replaced, then drained
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,51 +37,91 @@ class PoolView:
     pool_id: int
     outstanding: int  # queued + leased + waiting to retry
     max_instances: int  # the tightest of the jobs' and the global limit, for this pool
-    providers: list[ProviderRoom] = field(default_factory=list)  # in order of preference
+    # Ranked offers this pool may buy (cheapest slot-hour first; backed-off offers already removed).
+    candidates: list[Candidate] = field(default_factory=list)
+    provider_room: dict[str, int] = field(default_factory=dict)  # more instances each provider may start
     instances: list[InstanceView] = field(default_factory=list)
     last_work_at: float = 0.0  # when it last had outstanding work
+    mean_task_s: float | None = None  # observed task duration; None before the first result
+    waiting_s: float = 0.0  # how long work has been queued with nothing of this pool booting
+    budget_per_hour: float = math.inf  # what new instances may add to the hourly spend
+
+
+@dataclass(frozen=True, slots=True)
+class Targets:
+    idle_timeout_s: float
+    target_s: float = 0.0  # 0: as fast as the limits allow
+    scale_up_after_s: float = 0.0  # 0: off
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    launch: tuple[str, ...] = ()  # one provider name per instance to start
+    launch: tuple[Candidate, ...] = ()  # one per instance to start
     drain: tuple[str, ...] = ()
 
 
 ACTIVE = ("pending", "starting", "running")
 
 
-def decide(pool: PoolView, now: float, idle_timeout_s: float) -> Decision:
+def slots_needed(pool: PoolView, targets: Targets, capacity: int) -> int:
+    need = pool.outstanding
+    if targets.target_s > 0 and pool.mean_task_s is not None:
+        need = min(need, math.ceil(pool.outstanding * pool.mean_task_s / targets.target_s))
+    if targets.scale_up_after_s > 0 and pool.waiting_s > targets.scale_up_after_s and capacity >= need:
+        need = capacity + 1  # work is waiting anyway: one instance more (decide adds exactly one)
+    return need
+
+
+def decide(pool: PoolView, now: float, targets: Targets) -> Decision:
     active = [i for i in pool.instances if i.state in ACTIVE]
+    capacity = sum(i.slots for i in active if not i.at_risk)
     if pool.outstanding > 0:
-        slots = sum(i.slots for i in active)
+        need = slots_needed(pool, targets, capacity)
         count = len(active)
-        rooms = {p.name: p.room for p in pool.providers}
-        launch: list[str] = []
-        # Enough slots for the whole backlog, within every limit, from the preferred providers first.
-        while slots < pool.outstanding and count < pool.max_instances:
-            provider = next((p for p in pool.providers if rooms[p.name] > 0), None)
-            if provider is None:
+        room = dict(pool.provider_room)
+        left = {c.offer.key: c.offer.available for c in pool.candidates if c.offer.available is not None}
+        budget = pool.budget_per_hour
+        launch: list[Candidate] = []
+        while capacity < need and count < pool.max_instances:
+            pick = next((c for c in pool.candidates if room.get(c.offer.provider, 0) > 0
+                         and left.get(c.offer.key, 1) > 0 and _price(c.offer) <= budget), None)
+            if pick is None:
                 break
-            launch.append(provider.name)
-            rooms[provider.name] -= 1
-            slots += provider.slots
+            launch.append(pick)
+            room[pick.offer.provider] -= 1
+            if pick.offer.key in left:
+                left[pick.offer.key] -= 1
+            budget -= _price(pick.offer)
+            capacity += pick.slots
             count += 1
         if launch:
             return Decision(launch=tuple(launch))
-        # More instances than the backlog needs: let idle ones go, never one holding leases.
-        idle = sorted(
-            (i for i in active if i.state == "running" and i.leases == 0 and i.idle_since is not None
-             and now - i.idle_since >= idle_timeout_s),
-            key=lambda i: i.idle_since or 0.0,
-        )
-        drain = []
-        for inst in idle:
-            if slots - inst.slots < pool.outstanding:
-                break
-            slots -= inst.slots
-            drain.append(inst.id)
-        return Decision(drain=tuple(drain))
-    if now - pool.last_work_at < idle_timeout_s:
+        # At-risk instances stop taking leases once their replacements are up (draining lets
+        # what runs finish); until then they keep working.
+        booting = any(i.state in ("pending", "starting") for i in active)
+        at_risk = () if booting else tuple(i.id for i in active if i.at_risk and i.state == "running")
+        return Decision(drain=at_risk + _surplus(active, capacity, need, now, targets.idle_timeout_s))
+    if now - pool.last_work_at < targets.idle_timeout_s:
         return Decision()
     return Decision(drain=tuple(i.id for i in active if i.state == "running" and i.leases == 0))
+
+
+def _price(offer: Offer) -> float:
+    return offer.price_per_hour or 0.0
+
+
+def _surplus(active: list[InstanceView], capacity: int, need: int, now: float,
+             idle_timeout_s: float) -> tuple[str, ...]:
+    """Idle instances the backlog does not need: the dearest slot first, then the longest idle."""
+    idle = sorted(
+        (i for i in active if i.state == "running" and not i.at_risk and i.leases == 0 and i.idle_since is not None
+         and now - i.idle_since >= idle_timeout_s),
+        key=lambda i: (-i.price_per_hour / max(1, i.slots), i.idle_since or 0.0),
+    )
+    drain = []
+    for inst in idle:
+        if capacity - inst.slots < need:
+            continue  # a smaller one further down may still go
+        capacity -= inst.slots
+        drain.append(inst.id)
+    return tuple(drain)

@@ -12,22 +12,6 @@ from typing import Any, Protocol
 
 
 @dataclass(frozen=True, slots=True)
-class LaunchSpec:
-    instance_id: str
-    pool_id: int
-    worker_dir: Path  # the extracted worker bundle on the control host
-    agent_url: str  # where the agent dials the daemon
-    token: str  # this instance's own agent token (never logged)
-    slots: int
-    env: dict[str, str] = field(default_factory=dict)
-    worker_bundle: Path | None = None  # the gzip'd tar, for providers that copy it to a machine
-    worker_spec: dict[str, Any] = field(default_factory=dict)  # validated cloudtask.yaml
-
-    def __repr__(self) -> str:
-        return f"LaunchSpec(instance_id={self.instance_id!r}, pool_id={self.pool_id}, slots={self.slots})"
-
-
-@dataclass(frozen=True, slots=True)
 class Offer:
     """One kind of instance a provider can sell: what it is, where, and (when known) its price."""
 
@@ -40,11 +24,29 @@ class Offer:
     price_per_hour: float | None = None  # None: unknown (the catalog fills it in); 0.0: free (local, ssh)
     region: str = ""
     gpus: int = 0
+    available: int | None = None  # how many more of exactly this can start (an ssh host: 1); None: no limit
 
     @property
     def key(self) -> str:
         """One name for this offer, for back-off, interruption counts and the instance record."""
         return f"{self.provider}/{self.zone}/{self.machine_type}/{'spot' if self.spot else 'on-demand'}"
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchSpec:
+    instance_id: str
+    pool_id: int
+    worker_dir: Path  # the extracted worker bundle on the control host
+    agent_url: str  # where the agent dials the daemon
+    token: str  # this instance's own agent token (never logged)
+    slots: int
+    env: dict[str, str] = field(default_factory=dict)
+    worker_bundle: Path | None = None  # the gzip'd tar, for providers that copy it to a machine
+    worker_spec: dict[str, Any] = field(default_factory=dict)  # validated cloudtask.yaml
+    offer: Offer | None = None  # what to launch; None: the provider's first offer
+
+    def __repr__(self) -> str:
+        return f"LaunchSpec(instance_id={self.instance_id!r}, pool_id={self.pool_id}, slots={self.slots})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,10 +59,6 @@ class CloudInstance:
 
 class Provider(Protocol):
     name: str
-
-    def slots_for(self, cpus_per_task: float) -> int:
-        """How many tasks of this size one instance runs at once."""
-        ...
 
     def offers(self) -> list[Offer]:
         """What this provider can launch (its configured offers; the orchestrator ranks them)."""

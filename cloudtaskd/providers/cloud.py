@@ -127,9 +127,6 @@ class CloudProvider:
         self.daemon_id = daemon_id
         self.logs = state_dir / "instances"
 
-    def slots_for(self, cpus_per_task: float) -> int:
-        return max(1, int(self.settings.cpus // cpus_per_task))
-
     def offers(self) -> list[Offer]:
         s = self.settings
         return [Offer(self.name, s.machine_type, s.zone, s.spot, s.cpus)]
@@ -164,8 +161,9 @@ class CloudProvider:
 
     async def launch(self, spec: LaunchSpec) -> CloudInstance:
         s = self.settings
+        offer = spec.offer or self.offers()[0]
         vm = await self.driver.create(CreateRequest(
-            spec.instance_id, self.daemon_id, s.machine_type, s.zone, s.spot, s.ssh_user, self.public_key,
+            spec.instance_id, self.daemon_id, offer.machine_type, offer.zone, offer.spot, s.ssh_user, self.public_key,
             s.image or None))
         deadline = time.monotonic() + RUNNING_WAIT_S
         while vm.state != "running" or not (vm.public_ip or s.ssh_address_override):

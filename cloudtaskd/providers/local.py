@@ -49,9 +49,6 @@ class LocalProvider:
         self.cpus = config.cpus or os.cpu_count() or 1
         self._children: dict[str, asyncio.subprocess.Process] = {}
 
-    def slots_for(self, cpus_per_task: float) -> int:
-        return max(1, int(self.cpus // cpus_per_task))
-
     def offers(self) -> list[Offer]:
         return [Offer(self.name, "local", "localhost", False, self.cpus, price_per_hour=0.0)]
 

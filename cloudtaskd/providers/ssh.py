@@ -55,12 +55,10 @@ class SshProvider:
     def max_instances(self) -> int:
         return len(self.hosts)
 
-    def slots_for(self, cpus_per_task: float) -> int:
-        free = self._free_hosts() or self.hosts
-        return max(1, int(min(h.cpus for h in free) // cpus_per_task)) if free else 1
-
     def offers(self) -> list[Offer]:
-        return [Offer(self.name, "host", _hid(h), False, h.cpus, price_per_hour=0.0) for h in self.hosts]
+        """Each free host, once: a host runs one instance at a time."""
+        return [Offer(self.name, "host", _hid(h), False, h.cpus, price_per_hour=0.0, available=1)
+                for h in self._free_hosts()]
 
     def _records(self) -> dict[str, str]:
         """instance id -> host key string (address:port) of our assignments."""
@@ -96,7 +94,8 @@ class SshProvider:
                 free = self._free_hosts()
                 if not free:
                     raise ProviderError(self.name, "launch", "every configured host is in use", retryable=True)
-                host = free[0]
+                wanted = spec.offer.zone if spec.offer is not None else None
+                host = next((h for h in free if _hid(h) == wanted), free[0])
                 (self.dir / f"{spec.instance_id}.json").write_text(json.dumps({"host": _hid(host)}))
         if spec.worker_bundle is None:
             raise ProviderError(self.name, "launch", "no worker bundle to install")

@@ -1,0 +1,89 @@
+"""Scaling decisions on small cases checked by hand (the pure `decide`)."""
+
+from __future__ import annotations
+
+from cloudtaskd.orchestrator.scaling import Decision, InstanceView, PoolView, Targets, decide
+from cloudtaskd.orchestrator.selection import Needs, Policy, rank
+from cloudtaskd.providers.base import Offer
+
+LOCAL = Offer("local", "local", "localhost", False, 2, None, 0.0)
+SPOT = Offer("aws", "c5.xlarge", "us-east-1a", True, 4, 8, 0.068, "us-east-1")
+ON_DEMAND = Offer("aws", "c5.xlarge", "us-east-1a", False, 4, 8, 0.17, "us-east-1")
+GCP = Offer("gcp", "e2-standard-4", "us-central1-a", True, 4, 16, 0.04, "us-central1")
+T = Targets(idle_timeout_s=60)
+
+
+def pool(outstanding: int, offers: list[Offer], room: dict[str, int], *, instances: list[InstanceView] | None = None,
+         max_instances: int = 100, **kw: object) -> PoolView:
+    return PoolView(1, outstanding, max_instances, rank(offers, Needs(cpus_per_task=1), Policy()), room,
+                    instances or [], **kw)  # type: ignore[arg-type]
+
+
+def launched(d: Decision) -> list[str]:
+    return [c.offer.key for c in d.launch]
+
+
+def test_backlog_is_covered_from_the_cheapest_slot_hour_first() -> None:
+    # 18 tasks: local (free, 2 slots, room 1), then gcp spot (0.01/slot-h) x2, then aws spot (0.017) x2.
+    d = decide(pool(18, [SPOT, GCP, LOCAL, ON_DEMAND], {"local": 1, "gcp": 2, "aws": 5}), 0.0, T)
+    assert launched(d) == [LOCAL.key, GCP.key, GCP.key, SPOT.key, SPOT.key]
+    assert sum(c.slots for c in d.launch) == 18  # exactly enough: 2 + 4 + 4 + 4 + 4
+
+
+def test_limits_instances_and_budget() -> None:
+    assert len(decide(pool(100, [SPOT], {"aws": 50}, max_instances=3), 0.0, T).launch) == 3
+    assert len(decide(pool(100, [SPOT], {"aws": 2}), 0.0, T).launch) == 2
+    # 0.25 $/h of room: three 0.068 spot instances (0.204); a fourth would pass it.
+    assert len(decide(pool(100, [SPOT], {"aws": 50}, budget_per_hour=0.25), 0.0, T).launch) == 3
+    running = [InstanceView(f"aws-{i}", "running", 4, 4, None, 0.068) for i in range(3)]
+    d = decide(pool(100, [SPOT], {"aws": 47}, instances=running, max_instances=5), 0.0, T)
+    assert len(d.launch) == 2  # 3 running + 2 = the pool's limit
+
+
+def test_an_offer_that_is_used_up_falls_through_to_the_next() -> None:
+    host_a = Offer("ssh", "host", "10.0.0.1:22", False, 2, None, 0.0, available=1)
+    host_b = Offer("ssh", "host", "10.0.0.2:22", False, 2, None, 0.0, available=1)
+    d = decide(pool(10, [host_a, host_b, SPOT], {"ssh": 2, "aws": 5}), 0.0, T)
+    assert launched(d) == [host_a.key, host_b.key, SPOT.key, SPOT.key]
+
+
+def test_target_time_sizes_the_fleet_from_the_observed_duration() -> None:
+    # 1000 tasks of 2 s to finish in 100 s: 20 slots = 5 instances of 4.
+    d = decide(pool(1000, [SPOT], {"aws": 50}, mean_task_s=2.0), 0.0, Targets(60, target_s=100))
+    assert len(d.launch) == 5
+    # Before any task has finished there is no estimate: a slot per task, within the limits.
+    assert len(decide(pool(1000, [SPOT], {"aws": 50}), 0.0, Targets(60, target_s=100)).launch) == 50
+
+
+def test_waiting_work_adds_one_instance_beyond_the_estimate() -> None:
+    running = [InstanceView("aws-1", "running", 4, 4, None, 0.068)]
+    targets = Targets(60, target_s=3600, scale_up_after_s=30)
+    # Estimate: 40 tasks x 10 s / 3600 s -> 1 slot; the fleet has 4. Waited 10 s: nothing.
+    assert decide(pool(40, [SPOT], {"aws": 5}, instances=running, mean_task_s=10, waiting_s=10), 0, targets) \
+        == Decision()
+    d = decide(pool(40, [SPOT], {"aws": 5}, instances=running, mean_task_s=10, waiting_s=31), 0, targets)
+    assert launched(d) == [SPOT.key]
+
+
+def test_idle_surplus_is_drained_dearest_first_and_never_a_busy_one() -> None:
+    idle_od = InstanceView("od", "running", 4, 0, 0.0, 0.17)
+    idle_spot = InstanceView("spot", "running", 4, 0, 0.0, 0.068)
+    busy = InstanceView("busy", "running", 4, 3, None, 0.17)
+    d = decide(pool(5, [SPOT], {"aws": 0}, instances=[idle_spot, busy, idle_od]), 100.0, T)
+    # Need 5 slots; 12 present: one idle instance may go — the on-demand one (dearer per slot).
+    assert d == Decision(drain=("od",))
+    # Not idle long enough yet: nothing.
+    assert decide(pool(5, [SPOT], {"aws": 0}, instances=[idle_spot, busy, idle_od]), 30.0, T) == Decision()
+    # No work left and idle past the timeout: every idle instance drains, the busy one stays.
+    d = decide(pool(0, [SPOT], {"aws": 0}, instances=[idle_spot, busy, idle_od], last_work_at=0.0), 100.0, T)
+    assert set(d.drain) == {"spot", "od"}
+
+
+def test_an_at_risk_instance_is_replaced_then_drained() -> None:
+    at_risk = InstanceView("risky", "running", 4, 4, None, 0.068, at_risk=True)
+    d = decide(pool(4, [SPOT], {"aws": 5}, instances=[at_risk]), 0.0, T)
+    assert launched(d) == [SPOT.key] and d.drain == ()  # its slots no longer count: replace first
+    booting = InstanceView("new", "starting", 4, 0, None, 0.068)
+    assert decide(pool(4, [SPOT], {"aws": 5}, instances=[at_risk, booting]), 0.0, T) == Decision()
+    up = InstanceView("new", "running", 4, 0, None, 0.068)
+    assert decide(pool(4, [SPOT], {"aws": 5}, instances=[at_risk, up]), 0.0, T).drain == ("risky",)
