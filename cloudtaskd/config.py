@@ -122,6 +122,13 @@ class CloudProviderConfig:
     machine_type: str = ""
     cpus: int = field(default=2, metadata=_range(1, 4096))  # of machine_type: slots = cpus / cpus_per_task
     spot: bool = True
+    # With spot: fall back to on-demand while no spot offer has capacity (back to spot when it returns).
+    on_demand_fallback: bool = True
+    # More instance types and zones to choose among, cheapest task-slot-hour first; their sizes and
+    # prices come from the catalog (`cloudtaskctl catalog refresh`). machine_type and the provider's
+    # own zone are always included.
+    machine_types: tuple[str, ...] = ()
+    zones: tuple[str, ...] = ()
     image: str = ""  # empty: the latest Ubuntu 22.04 LTS image
     ssh_user: str = "ubuntu"
     # Private key the daemon logs in with (its .pub is installed on each VM).

@@ -142,7 +142,8 @@ class Daemon:
                 raise ConfigError(self.config.source, "ssh_key_file", f"{key} does not exist")
             _make_key(key)
         return CloudSettings(c.machine_type, c.placement, c.spot, c.cpus, c.ssh_user, key, c.ssh_address_override,
-                             tuple(self.config.providers.ssh.pip_args), c.image)
+                             tuple(self.config.providers.ssh.pip_args), c.image, c.on_demand_fallback,
+                             tuple(c.machine_types), tuple(c.zones))
 
     def _lock(self) -> None:
         self._lock_file = open(self.state_dir / "cloudtaskd.lock", "w")

@@ -111,6 +111,9 @@ class CloudSettings:
     ssh_address_override: str = ""
     pip_args: tuple[str, ...] = ()
     image: str = ""  # empty: the driver's default Ubuntu LTS image
+    on_demand_fallback: bool = True
+    machine_types: tuple[str, ...] = ()  # more types to choose among (sized and priced by the catalog)
+    zones: tuple[str, ...] = ()  # more zones (AWS, GCP) to choose among
 
 
 class CloudProvider:
@@ -126,10 +129,26 @@ class CloudProvider:
         self.settings = settings
         self.daemon_id = daemon_id
         self.logs = state_dir / "instances"
+        self.catalog: list[Offer] = []  # this provider's priced offers, set by the daemon from the catalog
 
     def offers(self) -> list[Offer]:
+        """The configured types x zones x markets: priced and sized from the catalog when it has
+        them; the configured machine_type is offered with the configured cpus even without one."""
         s = self.settings
-        return [Offer(self.name, s.machine_type, s.zone, s.spot, s.cpus)]
+        types = dict.fromkeys((s.machine_type, *s.machine_types))
+        zones = dict.fromkeys((s.zone, *s.zones))
+        markets = [True, False] if s.spot and s.on_demand_fallback else [s.spot]
+        known = {(o.machine_type, o.zone, o.spot): o for o in self.catalog}
+        offers = []
+        for spot in markets:
+            for machine_type in types:
+                for zone in zones:
+                    offer = known.get((machine_type, zone, spot))
+                    if offer is not None:
+                        offers.append(offer)
+                    elif machine_type == s.machine_type:
+                        offers.append(Offer(self.name, machine_type, zone, spot, s.cpus))
+        return offers
 
     def _ssh_target(self, vm: CloudVm, host_key: str | None) -> SshTarget:
         host, port = vm.public_ip or "", 22
