@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import secrets
 import shutil
 import sqlite3
@@ -27,6 +28,9 @@ from cloudtaskd.config import Config
 from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.errors import BadInput, CloudtaskError, NotFound, StoreError
 from cloudtaskd.hub import token_hash
+from cloudtaskd.orchestrator.market import Market
+from cloudtaskd.orchestrator.selection import Needs, Policy
+from cloudtaskd.providers.base import Offer
 from cloudtaskd.states import InstanceEvent
 from cloudtaskd.store import Store, Tx
 from cloudtaskd.taskfile import TaskFileError, TaskFileParser
@@ -82,7 +86,8 @@ def _job_id(request: web.Request) -> int:
 
 class ControlApi:
     def __init__(self, store: Store, dispatcher: Dispatcher, config: Config, agent_url: Callable[[], str],
-                 daemon_id: str) -> None:
+                 daemon_id: str, market: Market | None = None) -> None:
+        self.market = market or Market(store, [], {})
         self.store = store
         self.dispatcher = dispatcher
         self.config = config
@@ -108,6 +113,9 @@ class ControlApi:
             web.post("/v1/instances/{instance}/drain", self.drain_instance),
             web.get("/v1/instances/{instance}/logs", self.instance_logs),
             web.get("/v1/events", self.events),
+            web.get("/v1/catalog", self.get_catalog),
+            web.post("/v1/catalog/refresh", self.refresh_catalog),
+            web.get("/v1/prices", self.prices),
         ]
 
     async def health(self, request: web.Request) -> web.Response:
@@ -359,7 +367,57 @@ class ControlApi:
         return web.json_response({"events": [dict(r) for r in rows]})
 
 
+    # ---- catalog and prices ----
+
+    async def get_catalog(self, request: web.Request) -> web.Response:
+        ages = await self.market.ages()
+        offers = [_offer_dict(o) for o in self.market.offers()]
+        return web.json_response({"offers": offers, "age_s": ages})
+
+    async def refresh_catalog(self, request: web.Request) -> web.Response:
+        results = await self.market.refresh()
+        return web.json_response({"providers": [
+            {"provider": r.provider, "offers": r.offers, "error": r.error} for r in results]})
+
+    async def prices(self, request: web.Request) -> web.Response:
+        """The ranked table: what the daemon would buy for tasks of this size, cheapest slot-hour first."""
+        q = request.query
+        needs = Needs(_float_param(request, "cpus_per_task", 1.0, lo=0.01),
+                      int(_float_param(request, "memory_per_task", 0.0, lo=0.0)) or None,
+                      int(_float_param(request, "gpus_per_task", 0.0, lo=0.0)))
+        spot = q.get("spot")
+        policy = Policy(
+            providers=tuple(x for x in q.get("providers", "").split(",") if x),
+            regions=tuple(x for x in q.get("regions", "").split(",") if x),
+            spot=spot != "false", on_demand=spot != "true",
+            max_price_per_hour=_float_param(request, "max_price_per_hour", 0.0, lo=0.0) or None)
+        ranked = self.market.rank(needs, policy)
+        return web.json_response({"candidates": [
+            {**_offer_dict(c.offer), "slots": c.slots,
+             "cost_per_slot_hour": None if math.isinf(c.cost_per_slot_hour) else c.cost_per_slot_hour}
+            for c in ranked]})
+
+
 # ---- helpers ----------------------------------------------------------------------------------
+
+
+def _float_param(request: web.Request, name: str, default: float, *, lo: float) -> float:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadInput(f"{name}: expected a number, got {raw!r}", field=name) from None
+    if not math.isfinite(value) or value < lo:
+        raise BadInput(f"{name}: expected a number >= {lo}, got {raw!r}", field=name)
+    return value
+
+
+def _offer_dict(o: Offer) -> dict[str, Any]:
+    return {"provider": o.provider, "region": o.region, "zone": o.zone, "machine_type": o.machine_type,
+            "spot": o.spot, "cpus": o.cpus, "memory_gb": o.memory_gb, "gpus": o.gpus,
+            "price_per_hour": o.price_per_hour}
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:

@@ -150,6 +150,7 @@ class AwsProviderConfig(CloudProviderConfig):
     access_key: Secret = NO_SECRET  # empty: the standard AWS credential chain
     secret_key: Secret = NO_SECRET
     endpoint_url: str = ""  # an emulator (e.g. moto) instead of AWS
+    pricing_endpoint_url: str = ""  # an emulator of the Pricing API (on-demand prices) instead of AWS's
     machine_type: str = "t3.small"
 
     @property

@@ -15,6 +15,7 @@ import sys
 import uuid
 from collections.abc import Callable
 from contextlib import suppress
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -23,10 +24,12 @@ from aiohttp import web
 
 from cloudtaskd import queue
 from cloudtaskd.api import ControlApi, errors_middleware
+from cloudtaskd.catalog import Fetcher
 from cloudtaskd.config import CloudProviderConfig, Config, load_config
 from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.errors import CloudtaskError, ConfigError, StoreError
 from cloudtaskd.hub import AgentHub
+from cloudtaskd.orchestrator.market import Market
 from cloudtaskd.orchestrator.reconciler import Reconciler
 from cloudtaskd.pins import AddressPins, InstancePins
 from cloudtaskd.providers.base import Provider
@@ -63,6 +66,8 @@ class Daemon:
         await self.store.open()
         self.daemon_id = await self.store.write(_daemon_id)
         self.providers = self._providers()  # cloud resources are tagged with the daemon id
+        self.market = Market(self.store, [p for p, _ in self.providers], self._catalog_fetchers())
+        await self.market.load()
         renewed = await self.store.write(queue.extend_all_leases, self.config.agents.lease_ttl_s)
         await self._resume_uploads()
         log.info("store_opened", path=str(self.store.path), leases_renewed=renewed, daemon_id=self.daemon_id)
@@ -77,7 +82,8 @@ class Daemon:
         port = agent_runner.addresses[0][1]
         self.agent_url = self.config.agents.public_url or f"ws://{self.config.agents.listen_host}:{port}/v1/agent"
 
-        api = ControlApi(self.store, self.dispatcher, self.config, lambda: self.agent_url, self.daemon_id)
+        api = ControlApi(self.store, self.dispatcher, self.config, lambda: self.agent_url, self.daemon_id,
+                         self.market)
         api_app = web.Application(middlewares=[errors_middleware], client_max_size=1 << 20)
         api_app.add_routes(api.routes())
         api_runner = web.AppRunner(api_app, handle_signals=False, access_log=None)
@@ -90,7 +96,8 @@ class Daemon:
         await web.UnixSite(api_runner, str(sock)).start()
         os.chmod(sock, 0o660)
 
-        self.reconciler = Reconciler(self.store, self.dispatcher, self.providers, self.config, self.agent_url)
+        self.reconciler = Reconciler(self.store, self.dispatcher, self.providers, self.config, self.agent_url,
+                                     self.market)
         self._spawn("dispatcher", self.dispatcher.run())
         self._spawn("reconciler", self.reconciler.run())
         log.info("daemon_ready", agent_url=self.agent_url, socket=str(sock))
@@ -134,6 +141,23 @@ class Daemon:
                                client_secret=c.client_secret or None, base_url=c.base_url or None)
 
         return [(p.aws, aws), (p.azure, azure)]
+
+    def _catalog_fetchers(self) -> dict[str, Fetcher]:
+        """How each enabled cloud fetches its offers: only the types its config allows."""
+        fetchers: dict[str, Fetcher] = {}
+        for provider, _ in self.providers:
+            if not isinstance(provider, CloudProvider):
+                continue
+            s = provider.settings
+            types = list(dict.fromkeys((s.machine_type, *s.machine_types)))
+            if provider.name == "aws":
+                from cloudtaskd.catalog import aws as aws_catalog
+                from cloudtaskd.providers.aws import AwsDriver
+
+                driver, pricing = provider.driver, self.config.providers.aws.pricing_endpoint_url or None
+                assert isinstance(driver, AwsDriver)
+                fetchers["aws"] = partial(aws_catalog.fetch_offers, driver, types, pricing_endpoint_url=pricing)
+        return fetchers
 
     def _cloud_settings(self, c: CloudProviderConfig) -> CloudSettings:
         key = Path(c.ssh_key_file) if c.ssh_key_file else self.state_dir / "ssh" / "id_ed25519"

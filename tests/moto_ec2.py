@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
 import urllib.request
 from collections import Counter
@@ -26,6 +27,17 @@ CONSOLE_XML = (
 )
 
 
+SPOT_ITEM = (
+    "<item><instanceType>{type}</instanceType><productDescription>Linux/UNIX</productDescription>"
+    "<spotPrice>{price}</spotPrice><timestamp>{ts}</timestamp><availabilityZone>{zone}</availabilityZone></item>"
+)
+SPOT_XML = (
+    '<?xml version="1.0" encoding="UTF-8"?><DescribeSpotPriceHistoryResponse '
+    'xmlns="http://ec2.amazonaws.com/doc/2016-11-15/"><requestId>test</requestId>'
+    "<spotPriceHistorySet>{items}</spotPriceHistorySet><nextToken></nextToken></DescribeSpotPriceHistoryResponse>"
+)
+
+
 class MotoEc2:
     def __init__(self) -> None:
         from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
@@ -35,6 +47,9 @@ class MotoEc2:
         self.calls: Counter[str] = Counter()
         # What GetConsoleOutput answers (decoded text), when set; moto's own has no host keys.
         self.console: str | None = None
+        # What DescribeSpotPriceHistory answers, when set: (type, zone, price, ISO timestamp) rows.
+        # moto's own is one fixed fake price.
+        self.spot_prices: list[tuple[str, str, float, str]] | None = None
         self.server = make_server("127.0.0.1", 0, self._wsgi, threaded=True)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -50,6 +65,11 @@ class MotoEc2:
             code, status, message = self.fail_next.pop(action)
             data = ERROR_XML.format(code=code, message=message).encode()
             start_response(f"{status} Error", [("Content-Type", "text/xml"), ("Content-Length", str(len(data)))])
+            return [data]
+        if action == "DescribeSpotPriceHistory" and self.spot_prices is not None:
+            items = "".join(SPOT_ITEM.format(type=t, zone=z, price=p, ts=ts) for t, z, p, ts in self.spot_prices)
+            data = SPOT_XML.format(items=items).encode()
+            start_response("200 OK", [("Content-Type", "text/xml"), ("Content-Length", str(len(data)))])
             return [data]
         if action == "GetConsoleOutput" and self.console is not None:
             instance = (parse_qs(body.decode()).get("InstanceId") or [""])[0]
@@ -67,7 +87,51 @@ class MotoEc2:
         self.fail_next.clear()
         self.calls.clear()
         self.console = None
+        self.spot_prices = None
 
     def stop(self) -> None:
         self.server.shutdown()
         self.thread.join(timeout=10)
+
+
+class PricingStandin:
+    """The AWS Pricing API's GetProducts, enough for on-demand prices: one product per
+    (instance type, region code) the test sets, answered only when the filters match it."""
+
+    def __init__(self) -> None:
+        self.prices: dict[tuple[str, str], float] = {}
+        self.requests: list[dict[str, Any]] = []
+        self.url = ""
+        self._runner: Any = None
+
+    async def start(self) -> None:
+        from aiohttp import web
+
+        app = web.Application()
+        app.router.add_post("/", self._handle)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+    async def _handle(self, request: Any) -> Any:
+        from aiohttp import web
+
+        if request.headers.get("X-Amz-Target") != "AWSPriceListService.GetProducts":
+            return web.json_response({"__type": "InvalidParameterException", "message": "unknown target"}, status=400)
+        body = json.loads(await request.read())
+        self.requests.append(body)
+        filters = {f["Field"]: f["Value"] for f in body.get("Filters", [])}
+        key = (filters.get("instanceType", ""), filters.get("regionCode", ""))
+        products = []
+        if key in self.prices and filters.get("operatingSystem") == "Linux" and filters.get("tenancy") == "Shared":
+            products.append(json.dumps({
+                "product": {"attributes": {"instanceType": key[0], "regionCode": key[1]}},
+                "terms": {"OnDemand": {"SKU.TERM": {"priceDimensions": {"SKU.TERM.DIM": {
+                    "unit": "Hrs", "pricePerUnit": {"USD": f"{self.prices[key]:.10f}"}}}}}}}))
+        return web.Response(body=json.dumps({"FormatVersion": "aws_v1", "PriceList": products}).encode(),
+                            content_type="application/x-amz-json-1.1")

@@ -195,6 +195,20 @@ class ApiClient:
         except aiohttp.ClientConnectionError as exc:
             raise self._unavailable(exc) from exc
 
+    async def refresh_catalog(self) -> list[dict[str, Any]]:
+        result = await self._call("POST", "/v1/catalog/refresh")
+        providers: list[dict[str, Any]] = result["providers"]
+        return providers
+
+    async def catalog(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("GET", "/v1/catalog")
+        return result
+
+    async def prices(self, params: dict[str, str]) -> list[dict[str, Any]]:
+        result = await self._call("GET", "/v1/prices", params=params)
+        candidates: list[dict[str, Any]] = result["candidates"]
+        return candidates
+
     async def drain_instance(self, instance_id: str) -> dict[str, Any]:
         result: dict[str, Any] = await self._call("POST", f"/v1/instances/{quote(instance_id, safe='')}/drain")
         return result

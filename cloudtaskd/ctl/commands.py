@@ -11,10 +11,11 @@ from typing import Any
 from agent import jsonx
 from cloudtaskd.ctl.client import ApiClient
 from cloudtaskd.ctl.output import Ctx, ago, shorten, table
-from cloudtaskd.ctl.progress import ProgressDisplay, format_progress, format_rate
+from cloudtaskd.ctl.progress import ProgressDisplay, format_duration, format_progress, format_rate
 
 EXIT_OK = 0
 EXIT_INCOMPLETE = 1  # the job ended, but not every task succeeded
+EXIT_REFRESH_FAILED = 3  # a provider's catalog could not be fetched (as main's EXIT_FAILED)
 
 TTY_POLL_S = 0.2  # matches the display's redraw rate: polling faster would not show anything more
 PLAIN_POLL_S = 1.0
@@ -210,3 +211,54 @@ async def cmd_drain(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
     else:
         ctx.say(f"instance {inst['id']}: {inst.get('state')}")
     return EXIT_OK
+
+
+async def cmd_catalog(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
+    if args.action == "refresh":
+        results = await api.refresh_catalog()
+        if ctx.json:
+            ctx.emit_json({"providers": results})
+        elif not results:
+            ctx.say("no cloud provider is enabled: nothing to fetch (local and ssh offers are free)")
+        for r in results if not ctx.json else []:
+            ctx.say(f"{r['provider']}: " + (f"refresh failed, the previous catalog is kept: {r['error']}"
+                                             if r.get("error") else f"{r['offers']} offers"))
+        return EXIT_REFRESH_FAILED if any(r.get("error") for r in results) else EXIT_OK
+    cat = await api.catalog()
+    if ctx.json:
+        ctx.emit_json(cat)
+        return EXIT_OK
+    for provider, age in sorted(cat.get("age_s", {}).items()):
+        ctx.say(f"{provider}: fetched {format_duration(age)} ago")
+    ctx.say(table(("PROVIDER", "REGION", "ZONE", "TYPE", "MARKET", "CPUS", "MEM GB", "$/H"),
+                  [[o["provider"], o["region"] or "-", o["zone"], o["machine_type"],
+                    "spot" if o["spot"] else "on-demand", o["cpus"], _num(o["memory_gb"], 1),
+                    _num(o["price_per_hour"], 4)] for o in cat["offers"]]))
+    return EXIT_OK
+
+
+async def cmd_prices(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
+    params = {"cpus_per_task": str(args.cpus_per_task)}
+    if args.memory_per_task:
+        params["memory_per_task"] = str(args.memory_per_task)
+    if args.gpus_per_task:
+        params["gpus_per_task"] = str(args.gpus_per_task)
+    if args.spot is not None:
+        params["spot"] = "true" if args.spot else "false"
+    if args.max_price_per_hour:
+        params["max_price_per_hour"] = str(args.max_price_per_hour)
+    candidates = await api.prices(params)
+    if ctx.json:
+        ctx.emit_json({"candidates": candidates})
+    elif not candidates:
+        ctx.say("no offer fits a task of this size under these limits")
+    else:
+        ctx.say(table(("PROVIDER", "REGION", "ZONE", "TYPE", "MARKET", "SLOTS", "$/H", "$/SLOT-H"),
+                      [[c["provider"], c["region"] or "-", c["zone"], c["machine_type"],
+                        "spot" if c["spot"] else "on-demand", c["slots"], _num(c["price_per_hour"], 4),
+                        _num(c["cost_per_slot_hour"], 5)] for c in candidates]))
+    return EXIT_OK
+
+
+def _num(value: float | None, digits: int) -> str:
+    return "?" if value is None else f"{value:.{digits}f}"

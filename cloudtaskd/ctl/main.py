@@ -100,6 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="include stopped ones")
     p.add_argument("--logs", metavar="ID", help="print the bootstrap/agent log kept for instance ID")
     add("drain", "let an instance finish its tasks, then stop it").add_argument("instance", metavar="INSTANCE")
+    p = add("catalog", "show the offers and prices the daemon knows, or fetch them anew from the clouds")
+    p.add_argument("action", nargs="?", choices=("show", "refresh"), default="show")
+    p = add("prices", "rank what the daemon would buy for tasks of this size, cheapest task-slot-hour first")
+    p.add_argument("--cpus-per-task", type=float, default=1.0, metavar="C")
+    p.add_argument("--memory-per-task", type=_int_in(0, 10_000_000), default=0, metavar="MIB")
+    p.add_argument("--gpus-per-task", type=_int_in(0, 64), default=0, metavar="N")
+    market = p.add_mutually_exclusive_group()
+    market.add_argument("--spot", dest="spot", action="store_true", default=None, help="spot offers only")
+    market.add_argument("--on-demand", dest="spot", action="store_false", help="on-demand offers only")
+    p.add_argument("--max-price-per-hour", type=float, default=0.0, metavar="USD")
     return parser
 
 
@@ -112,6 +122,8 @@ COMMANDS: dict[str, Command] = {
     "cancel": commands.cmd_cancel,
     "instances": commands.cmd_instances,
     "drain": commands.cmd_drain,
+    "catalog": commands.cmd_catalog,
+    "prices": commands.cmd_prices,
 }
 
 

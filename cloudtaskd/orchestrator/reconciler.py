@@ -24,8 +24,9 @@ from cloudtaskd.config import Config
 from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.errors import ProviderError, TransitionError
 from cloudtaskd.hub import token_hash
+from cloudtaskd.orchestrator.market import Market
 from cloudtaskd.orchestrator.scaling import Decision, InstanceView, PoolView, Targets, decide
-from cloudtaskd.orchestrator.selection import Candidate, Needs, Policy, rank
+from cloudtaskd.orchestrator.selection import Candidate, Needs, Policy
 from cloudtaskd.providers.base import LaunchSpec, Offer, Provider
 from cloudtaskd.states import InstanceEvent, InstanceState
 from cloudtaskd.store import Store, Tx
@@ -41,8 +42,9 @@ DRAIN_UNREACHABLE_S = 30.0
 
 class Reconciler:
     def __init__(self, store: Store, dispatcher: Dispatcher, providers: list[tuple[Provider, int]], config: Config,
-                 agent_url: str) -> None:
+                 agent_url: str, market: Market | None = None) -> None:
         """providers: (provider, its max_instances), in order of preference."""
+        self.market = market or Market(store, [p for p, _ in providers], {})
         self.store = store
         self.dispatcher = dispatcher
         self.providers = {p.name: p for p, _ in providers}
@@ -167,13 +169,9 @@ class Reconciler:
 
     # ---- scale ----
 
-    def offers(self) -> list[Offer]:
-        """Every offer the configured providers can sell, in order of provider preference."""
-        return [o for p in self.providers.values() for o in p.offers()]
-
     def candidates(self, needs: Needs, policy: Policy, now: float) -> list[Candidate]:
         """Ranked offers this pool may buy now: backed-off offers are left out."""
-        ranked = rank(self.offers(), needs, policy)
+        ranked = self.market.rank(needs, policy)
         return [c for c in ranked if self._backoff.get(c.offer.key, (0, 0.0))[1] <= now]
 
     async def pool_views(self, now: float) -> list[tuple[PoolView, dict[str, Any]]]:

@@ -119,18 +119,23 @@ class AwsDriver:
         self._setup_lock = asyncio.Lock()
         self._batches: dict[tuple[str, str, bool], _Batch] = defaultdict(_Batch)
 
+    def session(self, region: str | None = None) -> Any:
+        """An aioboto3 session with this driver's credentials (the catalog's Pricing client uses it too)."""
+        import aioboto3
+
+        return aioboto3.Session(region_name=region or self.region, **self._creds)
+
+    def client_config(self) -> Any:
+        from botocore.config import Config as BotoConfig
+
+        return BotoConfig(retries={"total_max_attempts": self._max_attempts, "mode": "standard"})
+
     async def _client(self) -> Any:
         async with self._client_lock:
             if self._ec2 is None:
-                import aioboto3
-                from botocore.config import Config as BotoConfig
-
-                session = aioboto3.Session(region_name=self.region, **self._creds)
                 self._stack = AsyncExitStack()
-                self._ec2 = await self._stack.enter_async_context(session.client(
-                    "ec2", endpoint_url=self.endpoint_url,
-                    config=BotoConfig(retries={"total_max_attempts": self._max_attempts, "mode": "standard"}),
-                ))
+                self._ec2 = await self._stack.enter_async_context(self.session().client(
+                    "ec2", endpoint_url=self.endpoint_url, config=self.client_config()))
             return self._ec2
 
     async def close(self) -> None:
