@@ -9,6 +9,7 @@ import json
 import threading
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -45,6 +46,9 @@ class MotoEc2:
         self.app = DomainDispatcherApplication(create_backend_app)
         self.fail_next: dict[str, tuple[str, int, str]] = {}
         self.calls: Counter[str] = Counter()
+        # Answers a call with an error when it returns (code, status, message): by its parameters.
+        self.fail_if: Callable[[str, dict[str, list[str]]], tuple[str, int, str] | None] | None = None
+        self.params: list[tuple[str, dict[str, list[str]]]] = []  # every call's action and parameters
         # What GetConsoleOutput answers (decoded text), when set; moto's own has no host keys.
         self.console: str | None = None
         # What DescribeSpotPriceHistory answers, when set: (type, zone, price, ISO timestamp) rows.
@@ -61,8 +65,12 @@ class MotoEc2:
         action = (parse_qs(body.decode(errors="replace")).get("Action") or [""])[0]
         if action:
             self.calls[action] += 1
-        if action in self.fail_next:
-            code, status, message = self.fail_next.pop(action)
+            self.params.append((action, parse_qs(body.decode(errors="replace"))))
+        failure = self.fail_next.pop(action, None)
+        if failure is None and self.fail_if is not None and action:
+            failure = self.fail_if(action, parse_qs(body.decode(errors="replace")))
+        if failure is not None:
+            code, status, message = failure
             data = ERROR_XML.format(code=code, message=message).encode()
             start_response(f"{status} Error", [("Content-Type", "text/xml"), ("Content-Length", str(len(data)))])
             return [data]
@@ -88,6 +96,8 @@ class MotoEc2:
         self.calls.clear()
         self.console = None
         self.spot_prices = None
+        self.fail_if = None
+        self.params.clear()
 
     def stop(self) -> None:
         self.server.shutdown()
