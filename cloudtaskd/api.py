@@ -23,7 +23,7 @@ from aiohttp import web
 
 from agent import jsonx
 from agent.workerspec import SPEC_FILE, WorkerSpec, WorkerSpecError
-from cloudtaskd import __version__, queue
+from cloudtaskd import __version__, costs, queue
 from cloudtaskd.config import Config
 from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.errors import BadInput, CloudtaskError, NotFound, StoreError
@@ -116,6 +116,8 @@ class ControlApi:
             web.get("/v1/catalog", self.get_catalog),
             web.post("/v1/catalog/refresh", self.refresh_catalog),
             web.get("/v1/prices", self.prices),
+            web.get("/v1/cost", self.fleet_cost),
+            web.get("/v1/jobs/{job}/cost", self.job_cost),
         ]
 
     async def health(self, request: web.Request) -> web.Response:
@@ -366,6 +368,19 @@ class ControlApi:
         rows = await self.store.fetchall(sql, params)
         return web.json_response({"events": [dict(r) for r in rows]})
 
+
+    # ---- cost ----
+
+    async def fleet_cost(self, request: web.Request) -> web.Response:
+        now = time.time()
+        return web.json_response(await self.store.read(lambda db: costs.fleet(db, now)))
+
+    async def job_cost(self, request: web.Request) -> web.Response:
+        job_id, now = _job_id(request), time.time()
+        found = await self.store.read(lambda db: costs.job(db, job_id, now))
+        if found is None:
+            raise NotFound(f"no job {job_id}")
+        return web.json_response(found)
 
     # ---- catalog and prices ----
 

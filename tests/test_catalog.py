@@ -151,5 +151,9 @@ async def test_prices_through_cloudtaskctl_rank_local_then_aws_spot(moto: MotoEc
         assert code == 0 and "spot " not in text and "on-demand" in text and "$/SLOT-H" in text
         code, text = await asyncio.to_thread(ctl, "prices", "--cpus-per-task", "8")
         assert code == 0 and "no offer fits" in text
+        code, text = await asyncio.to_thread(ctl, "cost", "--json")
+        assert code == 0 and json.loads(text)["fleet"] == {"spent": 0, "rate_per_hour": 0, "providers": {}}
+        code, text = await asyncio.to_thread(ctl, "cost", "42")
+        assert code != 0  # no such job: refused, not an empty answer
     finally:
         await daemon.stop()

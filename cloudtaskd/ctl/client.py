@@ -195,6 +195,10 @@ class ApiClient:
         except aiohttp.ClientConnectionError as exc:
             raise self._unavailable(exc) from exc
 
+    async def cost(self, job_id: int | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("GET", "/v1/cost" if job_id is None else f"/v1/jobs/{job_id}/cost")
+        return result
+
     async def refresh_catalog(self) -> list[dict[str, Any]]:
         result = await self._call("POST", "/v1/catalog/refresh")
         providers: list[dict[str, Any]] = result["providers"]

@@ -262,3 +262,21 @@ async def cmd_prices(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
 
 def _num(value: float | None, digits: int) -> str:
     return "?" if value is None else f"{value:.{digits}f}"
+
+
+async def cmd_cost(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
+    fleet = await api.cost()
+    job = await api.cost(args.job) if args.job is not None else None
+    if ctx.json:
+        ctx.emit_json({"fleet": fleet, "job": job})
+        return EXIT_OK
+    ctx.say(f"fleet: ${fleet['spent']:.4f} spent, ${fleet['rate_per_hour']:.4f}/h now")
+    for name, p in sorted(fleet["providers"].items()):
+        ctx.say(f"  {name}: {p['instances']} instances, ${p['spent']:.4f} spent, ${p['rate_per_hour']:.4f}/h now")
+    if job is not None:
+        estimate = job["estimate_to_finish"]
+        ctx.say(f"job {job['job']}: ${job['spent']:.4f} of task time (x{job['overhead_factor']:.2f} with boot and idle"
+                f" time), {job['remaining_tasks']} tasks to go, "
+                + ("estimate to finish unknown until a task finishes" if estimate is None
+                   else f"~${estimate:.4f} to finish, ~${job['estimate_total']:.4f} in all"))
+    return EXIT_OK

@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="include stopped ones")
     p.add_argument("--logs", metavar="ID", help="print the bootstrap/agent log kept for instance ID")
     add("drain", "let an instance finish its tasks, then stop it").add_argument("instance", metavar="INSTANCE")
+    add("cost", "what the fleet has cost, and a job's spend and estimate to finish").add_argument(
+        "job", nargs="?", type=int, metavar="JOB")
     p = add("catalog", "show the offers and prices the daemon knows, or fetch them anew from the clouds")
     p.add_argument("action", nargs="?", choices=("show", "refresh"), default="show")
     p = add("prices", "rank what the daemon would buy for tasks of this size, cheapest task-slot-hour first")
@@ -123,6 +125,7 @@ COMMANDS: dict[str, Command] = {
     "instances": commands.cmd_instances,
     "drain": commands.cmd_drain,
     "catalog": commands.cmd_catalog,
+    "cost": commands.cmd_cost,
     "prices": commands.cmd_prices,
 }
 
