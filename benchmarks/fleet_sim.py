@@ -4,8 +4,8 @@
         [--duration-dist lognormal|uniform|fixed] [--duration-sigma 0.5] [--max-instances 50]
         [--interruption-rate 0.05] [--max-cost-per-hour 0] [--tick-s 10] [--catalog FILE] [--json]
 
-Each scaling tick does what the reconciler does: sync (a drained instance whose agent has left is
-terminated after DRAIN_UNREACHABLE_S), build the PoolView (idle times, waiting time, offer back-off,
+Each scaling tick does what the reconciler does: sync (a draining instance holding nothing is
+terminated), build the PoolView (idle times, waiting time, offer back-off,
 interruption rates by offer key), call the real `decide` on candidates from the real `rank`, and
 apply the decision. Between ticks the clock jumps from event to event: boots, task completions,
 spot interruptions. An agent holds up to slots + prefetch leases (the agent's default prefetch is
@@ -48,12 +48,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from cloudtaskd.config import ScalingConfig  # noqa: E402
-from cloudtaskd.orchestrator.reconciler import (  # noqa: E402
-    DRAIN_UNREACHABLE_S,
-    OFFER_BACKOFF_MAX_S,
-    OFFER_BACKOFF_S,
-    RECENT_TASKS,
-)
+from cloudtaskd.orchestrator.backoff import OfferBackoff  # noqa: E402
+from cloudtaskd.orchestrator.reconciler import RECENT_TASKS  # noqa: E402
 from cloudtaskd.orchestrator.scaling import Decision, InstanceView, PoolView, Targets, decide  # noqa: E402
 from cloudtaskd.orchestrator.selection import (  # noqa: E402
     Candidate,
@@ -390,13 +386,14 @@ class Autoscaler:
         self._idle_since: dict[str, float] = {}
         self._last_work = 0.0
         self._waiting_since: float | None = None
-        self._backoff: dict[str, tuple[int, float]] = {}  # offer key -> (consecutive failures, not before)
+        self.backoff = OfferBackoff()
 
     def tick(self, sim: Sim, now: float) -> None:
         s = sim.settings
-        # Sync: a drained agent has left; its machine is terminated once DRAIN_UNREACHABLE_S has passed.
+        # Sync, as the reconciler: a draining instance holding nothing is terminated (its agent has
+        # handed back or finished everything and left).
         for inst in sim.live():
-            if inst.state == "draining" and not inst.leases and now - inst.drained_at > DRAIN_UNREACHABLE_S:
+            if inst.state == "draining" and not inst.leases:
                 sim.stop(inst, now)
                 self._idle_since.pop(inst.id, None)
         decision = decide(self.pool_view(sim, now), now, Targets(s.idle_timeout_s, s.target_s, s.scale_up_after_s))
@@ -449,7 +446,7 @@ class Autoscaler:
         rates = {o.key: interruption_rate(sim.interruptions[o.key], sim.instance_hours(o.key, now), spot=True)
                  for o in sim.offers if o.spot}
         ranked = rank(sim.offers, sim.settings.needs, sim.settings.policy, rates=rates)
-        return [c for c in ranked if self._backoff.get(c.offer.key, (0, 0.0))[1] <= now]
+        return [c for c in ranked if not self.backoff.blocked(c.offer.key, now)]
 
     def apply(self, sim: Sim, decision: Decision, now: float) -> None:
         for inst_id in decision.drain:
@@ -459,13 +456,9 @@ class Autoscaler:
                 inst.drained_at = now
         for cand in decision.launch:
             if sim.launch(cand, now) is None:
-                # As the reconciler's _offer_failed: each refused launch doubles the offer's back-off,
-                # so n refusals in one tick already back it off 2^(n-1) x OFFER_BACKOFF_S.
-                count = self._backoff.get(cand.offer.key, (0, 0.0))[0] + 1
-                delay = min(OFFER_BACKOFF_MAX_S, OFFER_BACKOFF_S * 2 ** (count - 1))
-                self._backoff[cand.offer.key] = (count, now + delay)
+                self.backoff.refused(cand.offer.key, now)  # the reconciler's own back-off
             else:
-                self._backoff.pop(cand.offer.key, None)
+                self.backoff.succeeded(cand.offer.key)
 
     def all_done(self, sim: Sim, now: float) -> None:
         pass  # idle instances drain through decide, as in the daemon

@@ -48,11 +48,11 @@ def settings(**kw: object) -> object:
 def test_one_offer_fixed_durations_match_the_hand_computed_run() -> None:
     # 8 tasks of 50 s, two 2-slot instances launched at the first tick (t=0), up at t=100: two
     # rounds of 4 tasks, the last done at t=200. The pool last had work at the t=190 tick, so the
-    # t=220 tick drains both (idle 30 s); the sync terminates them once more than
-    # DRAIN_UNREACHABLE_S (30 s) has passed: at the t=260 tick. Billed 2 x 260 s.
+    # t=220 tick drains both (idle 30 s); holding nothing, the next tick's sync (t=230) terminates
+    # them. Billed 2 x 230 s.
     r = fs.simulate(world((OD, -1, 0.0)), [50.0] * 8, settings(), seed=1)
     assert r.makespan_s == pytest.approx(200.0)
-    assert r.cost == pytest.approx(2 * 260 * 0.001)
+    assert r.cost == pytest.approx(2 * 230 * 0.001)
     assert r.lower_bound_cost == pytest.approx(400 / 3600 * 1.8)  # 400 slot-s at 1.8 $/slot-h
     assert r.ideal_makespan_s == pytest.approx(100.0)  # 400 slot-s over 2 instances x 2 slots
     assert (r.lost, r.interruptions, r.launched, r.launch_failures) == (0, 0, 2, 0)

@@ -87,3 +87,15 @@ def test_an_at_risk_instance_is_replaced_then_drained() -> None:
     assert decide(pool(4, [SPOT], {"aws": 5}, instances=[at_risk, booting]), 0.0, T) == Decision()
     up = InstanceView("new", "running", 4, 0, None, 0.068)
     assert decide(pool(4, [SPOT], {"aws": 5}, instances=[at_risk, up]), 0.0, T).drain == ("risky",)
+
+
+def test_when_the_instance_limit_binds_bigger_instances_nearly_as_cheap_win() -> None:
+    small = Offer("gcp", "e2-standard-4", "us-central1-a", False, 4, 16, 0.040, "us-central1")  # 0.0100/slot-h
+    big = Offer("gcp", "e2-standard-8", "us-central1-a", False, 8, 32, 0.084, "us-central1")  # 0.0105: +5%
+    pricey = Offer("aws", "c5.4xlarge", "us-east-1a", False, 16, 32, 0.68, "us-east-1")  # 0.0425: far dearer
+    # 100 tasks, at most 5 instances: 5 x 4 = 20 slots cannot cover it; 8-slot ones get closer.
+    d = decide(pool(100, [small, big, pricey], {"gcp": 10, "aws": 10}, max_instances=5), 0.0, T)
+    assert launched(d) == [big.key] * 5
+    # 12 tasks, limit 5: 3 small instances cover it; the cheapest slot-hour wins.
+    d = decide(pool(12, [small, big, pricey], {"gcp": 10, "aws": 10}, max_instances=5), 0.0, T)
+    assert launched(d) == [small.key] * 3

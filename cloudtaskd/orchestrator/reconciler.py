@@ -24,6 +24,7 @@ from cloudtaskd.config import Config
 from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.errors import ProviderError, TransitionError
 from cloudtaskd.hub import token_hash
+from cloudtaskd.orchestrator.backoff import OfferBackoff
 from cloudtaskd.orchestrator.market import Market
 from cloudtaskd.orchestrator.scaling import Decision, InstanceView, PoolView, Targets, decide
 from cloudtaskd.orchestrator.selection import Candidate, Needs, Policy
@@ -34,8 +35,6 @@ from cloudtaskd.store import Store, Tx
 log = structlog.get_logger("cloudtaskd.reconciler")
 
 RECENT_TASKS = 200  # finished tasks per job that estimate the task duration
-OFFER_BACKOFF_S = 30.0
-OFFER_BACKOFF_MAX_S = 1800.0
 START_BACKOFF_S = 1.0
 START_BACKOFF_MAX_S = 120.0
 DRAIN_UNREACHABLE_S = 30.0
@@ -57,7 +56,7 @@ class Reconciler:
         self._launching: set[str] = set()
         # pool -> (consecutive instances that died before their agent connected, no launch before)
         self._start_failures: dict[int, tuple[int, float]] = {}
-        self._backoff: dict[str, tuple[int, float]] = {}  # offer key -> (consecutive failures, not before)
+        self.backoff = OfferBackoff()
         self._waiting_since: dict[int, float] = {}  # pool -> since when it has had queued tasks
         self.policy = Policy(spot=True, on_demand=True)
         self.paused = False  # set while the daemon stops: no new launches
@@ -115,13 +114,20 @@ class Reconciler:
                 await self._move(inst, event, error=error)
                 await self._terminate(inst)
                 continue
-            if (state == InstanceState.DRAINING and inst not in self.dispatcher.sessions
-                    and now - row["state_changed_at"] > DRAIN_UNREACHABLE_S):
-                # Draining but its agent is not connected to finish: its leases expire and are
-                # retried; the machine itself must not run on.
-                await self._move(inst, InstanceEvent.DRAINED, error="drained while its agent was unreachable")
-                await self._terminate(inst)
-                continue
+            if state == InstanceState.DRAINING and inst not in self.dispatcher.sessions:
+                # Its agent has gone. Holding nothing, it finished draining: stop paying for the
+                # machine now. Still holding leases past a grace: unreachable; the leases expire
+                # and are retried, and the machine itself must not run on.
+                held = await self.store.fetchone(
+                    "SELECT count(*) AS n FROM tasks WHERE state = 'leased' AND instance_id = ?", (inst,))
+                if held is not None and held["n"] == 0:
+                    await self._move(inst, InstanceEvent.DRAINED)
+                    await self._terminate(inst)
+                    continue
+                if now - row["state_changed_at"] > DRAIN_UNREACHABLE_S:
+                    await self._move(inst, InstanceEvent.DRAINED, error="drained while its agent was unreachable")
+                    await self._terminate(inst)
+                    continue
             if state == InstanceState.STARTING and now - row["state_changed_at"] > self.config.scaling.start_timeout_s:
                 await self._move(inst, InstanceEvent.START_FAILED,
                                  error=f"agent did not connect within {self.config.scaling.start_timeout_s:.0f} s: "
@@ -173,7 +179,7 @@ class Reconciler:
     def candidates(self, needs: Needs, policy: Policy, now: float) -> list[Candidate]:
         """Ranked offers this pool may buy now: backed-off offers are left out."""
         ranked = self.market.rank(needs, policy)
-        return [c for c in ranked if self._backoff.get(c.offer.key, (0, 0.0))[1] <= now]
+        return [c for c in ranked if not self.backoff.blocked(c.offer.key, now)]
 
     async def pool_views(self, now: float) -> list[tuple[PoolView, dict[str, Any]]]:
         def read(db: Any) -> tuple[list[Any], list[Any], dict[str, int], dict[int, float]]:
@@ -278,11 +284,10 @@ class Reconciler:
 
     def _offer_failed(self, offer: Offer, exc: ProviderError, now: float) -> None:
         """Capacity, quota or any provider refusal: this offer backs off, the next-best takes over."""
-        count = self._backoff.get(offer.key, (0, 0.0))[0] + 1
-        delay = min(OFFER_BACKOFF_MAX_S, OFFER_BACKOFF_S * 2 ** (count - 1))
-        self._backoff[offer.key] = (count, now + delay)
-        log.warning("offer_backed_off", offer=offer.key, error=type(exc).__name__, consecutive=count,
-                    retry_in_s=delay)
+        delay = self.backoff.refused(offer.key, now)
+        if delay is not None:
+            log.warning("offer_backed_off", offer=offer.key, error=type(exc).__name__,
+                        consecutive=self.backoff.consecutive(offer.key), retry_in_s=delay)
 
     async def _launch(self, provider: Provider, pool_id: int, cand: Candidate, pool: dict[str, Any]) -> None:
         inst = f"{provider.name}-{uuid.uuid4().hex[:12]}"
@@ -305,7 +310,7 @@ class Reconciler:
                 else:  # the machine came but the install failed: the worker may be broken
                     self._start_failed(pool_id, time.time())
                 return
-            self._backoff.pop(offer.key, None)
+            self.backoff.succeeded(offer.key)
             await self.store.write(lambda tx: tx.transition_instance(
                 inst, InstanceEvent.LAUNCHED, cloud_id=cloud.cloud_id, address=cloud.address))
             log.info("instance_launched", instance=inst, provider=provider.name, pool=pool_id, slots=cand.slots,

@@ -10,6 +10,11 @@ the hourly budget. A task that has waited longer than `scale_up_after_s` adds an
 when the estimate says the fleet is big enough. Instances with an interruption coming (a
 rebalance recommendation) do not count: their replacement starts now. Idle instances beyond the
 need are drained, the dearest first; one holding leases never is.
+
+When the instance limit is what stops the fleet from covering the need, bigger instances finish
+sooner for the same money: an offer up to SLOT_TOLERANCE dearer per slot-hour is then preferred
+for its slots (the fleet simulator showed the cheapest-only choice filling the limit with small
+instances).
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ class Decision:
 
 
 ACTIVE = ("pending", "starting", "running")
+# When the instance limit binds, an offer this much dearer per slot-hour is taken for more slots.
+SLOT_TOLERANCE = 0.10
 
 
 def slots_needed(pool: PoolView, targets: Targets, capacity: int) -> int:
@@ -83,10 +90,16 @@ def decide(pool: PoolView, now: float, targets: Targets) -> Decision:
         budget = pool.budget_per_hour
         launch: list[Candidate] = []
         while capacity < need and count < pool.max_instances:
-            pick = next((c for c in pool.candidates if room.get(c.offer.provider, 0) > 0
-                         and left.get(c.offer.key, 1) > 0 and _price(c.offer) <= budget), None)
-            if pick is None:
+            eligible = [c for c in pool.candidates if room.get(c.offer.provider, 0) > 0
+                        and left.get(c.offer.key, 1) > 0 and _price(c.offer) <= budget]
+            if not eligible:
                 break
+            pick = eligible[0]
+            if (pool.max_instances - count) * pick.slots < need - capacity:
+                # The instance limit binds: slots per instance now decide how fast the work goes.
+                # Among offers nearly as cheap per slot, take the biggest.
+                near = [c for c in eligible if c.cost_per_slot_hour <= pick.cost_per_slot_hour * (1 + SLOT_TOLERANCE)]
+                pick = max(near, key=lambda c: c.slots)
             launch.append(pick)
             room[pick.offer.provider] -= 1
             if pick.offer.key in left:
