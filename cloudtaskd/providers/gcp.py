@@ -1,0 +1,641 @@
+"""GCP Compute Engine driver (google-cloud-compute): spot or standard VMs, every one labelled.
+
+Credentials: `credentials` (tests), else the service-account JSON in `credentials_file`, else
+Application Default Credentials (GOOGLE_APPLICATION_CREDENTIALS, the gcloud user file, the metadata
+server). `api_endpoint` goes to every client as ClientOptions; operations are polled here through
+our own ZoneOperationsClient, because `operation.result()` would poll through a client made without
+those options (the real Google endpoint).
+
+Threads: the library is synchronous. Every call runs in this driver's own thread pool, never on
+the event loop, and operations are polled with short `zoneOperations.get` calls and an
+asyncio.sleep between them, so no thread is parked waiting on an operation.
+
+Names and identity: a VM is named from our instance id (`ct-<id>`, with a hash suffix when the id
+is not a valid GCE name as it is), so a repeated create finds the VM it made (an insert's 409
+means the same). Labels carry the daemon id and the instance id, both sanitized to label syntax;
+the exact instance id is kept in the metadata item `cloudtask-instances`, a JSON map of VM name ->
+instance id (see Batching for why a map). Offers span several zones, so list() asks
+`instances.aggregatedList` (every zone, every page) with the filter `labels.cloudtask-daemon = <id>`,
+and get/delete find a VM through the zone learned from create or list (else by name, across zones).
+
+Batching: creates that arrive within BATCH_WINDOW_S for the same (zone, type, market, image,
+SSH key) go out as one `instances.bulkInsert` with count = min_count = n and our names as
+`perInstanceProperties` keys (all or nothing, like RunInstances with MinCount = MaxCount). Per
+instance, bulkInsert takes only a name and a hostname, so the batch shares its labels and metadata:
+the daemon label, the SSH key, and the name -> id map of the whole batch; each VM's instance label
+is then added with `setLabels`. A crash before that leaves VMs that list() still identifies
+through the map, so nothing leaks. A batch of one is a plain `instances.insert`. A bulkInsert that
+finds one of its names taken falls back to one insert per VM, each of which returns the existing
+VM on its 409.
+
+No `request_id`: idempotency comes from the names. For at least an hour, a request id would also
+hand a retried create the first, failed operation (a stock-out) instead of trying again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import functools
+import hashlib
+import json
+import re
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any, NoReturn, TypeVar
+
+import structlog
+
+from cloudtaskd.errors import (
+    CapacityError,
+    InvalidRequest,
+    ProviderAuthError,
+    ProviderError,
+    QuotaExceeded,
+    TransientProviderError,
+)
+from cloudtaskd.providers.cloud import TAG_DAEMON, TAG_INSTANCE, CloudVm, CreateRequest
+
+log = structlog.get_logger("cloudtaskd.providers.gcp")
+
+PROVIDER = "gcp"
+BATCH_WINDOW_S = 0.05
+DEFAULT_IMAGE = "projects/ubuntu-os-cloud/global/images/family/ubuntu-2204-lts"
+COMPUTE_SCOPE = "https://www.googleapis.com/auth/compute"
+NETWORK = "global/networks/default"
+NAME_MAX = 63  # GCE resource names and label values
+META_INSTANCES = "cloudtask-instances"  # metadata item: JSON {VM name: exact instance id}
+CALL_TIMEOUT_S = 60.0  # one HTTP call (the library's default is 600 s)
+READ_RETRY_S = 20.0  # gets and lists retry a 503 for this long (the library's default is 600 s)
+OPERATION_WAIT_S = 600.0
+NO_CREDENTIALS = ("set providers.gcp.credentials_file or GOOGLE_APPLICATION_CREDENTIALS, "
+                  "or run `gcloud auth application-default login`")
+
+STATUS_MAP = {
+    "PROVISIONING": "pending",
+    "STAGING": "pending",
+    "RUNNING": "running",
+    "STOPPING": "stopping",
+    "SUSPENDING": "stopping",
+    "SUSPENDED": "stopping",
+    "STOPPED": "stopping",
+    "REPAIRING": "stopping",
+    "DEPROVISIONING": "stopping",
+    "PENDING_STOP": "stopping",
+    # GCE's TERMINATED is "stopped": the VM and its disk still exist (and the disk still costs).
+    # Not ours to restart, so it is on its way out: "stopping" keeps it in list(), where the
+    # reconciler finds it and deletes it; "terminated" would mean it is gone, which it is not.
+    "TERMINATED": "stopping",
+}
+
+CAPACITY_CODES = {"ZONE_RESOURCE_POOL_EXHAUSTED", "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS",
+                  "RESOURCE_POOL_EXHAUSTED"}
+QUOTA_CODES = {"QUOTA_EXCEEDED"}
+TRANSIENT_CODES = {"RATE_LIMIT_EXCEEDED", "INTERNAL_ERROR", "SERVICE_UNAVAILABLE", "TIMEOUT"}
+INVALID_CODES = {"RESOURCE_NOT_FOUND", "INVALID_FIELD_VALUE", "INVALID_USAGE", "BAD_REQUEST",
+                 "RESOURCE_ALREADY_EXISTS", "UNSUPPORTED_OPERATION"}
+RATE_REASONS = {"rateLimitExceeded", "userRateLimitExceeded"}  # a per-minute limit: wait and retry
+QUOTA_REASONS = {"quotaExceeded"}
+ALREADY_EXISTS = "RESOURCE_ALREADY_EXISTS"
+
+T = TypeVar("T")
+
+
+class OperationError(Exception):
+    """A Compute Engine operation that finished DONE with errors (the error is the operation's, not the call's)."""
+
+    def __init__(self, code: str, message: str, http_status: int = 0) -> None:
+        self.code = code
+        self.message = message
+        self.http_status = http_status
+        super().__init__(f"{code}: {message}" if code else message)
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
+def _by_code(code: str, message: str, status: int, op: str) -> ProviderError:
+    text = f"{code}: {message}" if code else message
+    spot_stockout = code == "UNSUPPORTED_OPERATION" and re.search(r"spot|preemptible|capacity", message, re.I)
+    if code in CAPACITY_CODES or spot_stockout or any(c in message for c in CAPACITY_CODES):
+        return CapacityError(PROVIDER, op, text)
+    if code in QUOTA_CODES:
+        return QuotaExceeded(PROVIDER, op, text)
+    if code in TRANSIENT_CODES:
+        return TransientProviderError(PROVIDER, op, text)
+    if code in INVALID_CODES:
+        return InvalidRequest(PROVIDER, op, text)
+    if status in (401, 403):
+        return ProviderAuthError(PROVIDER, op, text)
+    if status == 429 or status >= 500:
+        return TransientProviderError(PROVIDER, op, text)
+    if status in (400, 404, 409, 412):
+        return InvalidRequest(PROVIDER, op, text)
+    return ProviderError(PROVIDER, op, text or "failed")
+
+
+def classify(exc: BaseException, op: str) -> ProviderError:
+    """google-api-core's and google-auth's errors, and failed operations -> our named types (the
+    only place that knows Compute Engine's error codes and reasons)."""
+    from google.api_core import exceptions as api
+    from google.auth import exceptions as auth
+
+    if isinstance(exc, ProviderError):
+        return exc
+    if isinstance(exc, OperationError):
+        return _by_code(exc.code, exc.message, exc.http_status, op)
+    if isinstance(exc, auth.DefaultCredentialsError):
+        return ProviderAuthError(PROVIDER, op, f"no credentials: {NO_CREDENTIALS}; google-auth said: "
+                                 f"{_first_line(str(exc))}")
+    if isinstance(exc, auth.RefreshError):
+        return ProviderAuthError(PROVIDER, op, f"the credentials were refused: {_first_line(str(exc))}")
+    if isinstance(exc, api.RetryError):  # retries ran out: judge by what failed last
+        cause = exc.cause
+        return classify(cause, op) if cause is not None else TransientProviderError(PROVIDER, op, str(exc))
+    if isinstance(exc, api.GoogleAPICallError):
+        status = int(exc.code or 0)
+        reasons = {str(e.get("reason", "")) for e in exc.errors or () if isinstance(e, dict)} | {str(exc.reason or "")}
+        reasons.discard("")
+        text = f"{status} {','.join(sorted(reasons)) or type(exc).__name__}: {exc.message}"
+        if any(c in str(exc.message) for c in CAPACITY_CODES):
+            return CapacityError(PROVIDER, op, text)
+        if reasons & RATE_REASONS or status == 429:
+            return TransientProviderError(PROVIDER, op, text)
+        if reasons & QUOTA_REASONS:
+            return QuotaExceeded(PROVIDER, op, text)
+        return _by_code("", text, status, op)
+    # The network (requests' errors are OSErrors too), before any HTTP status came back.
+    if isinstance(exc, auth.TransportError | OSError | TimeoutError):
+        return TransientProviderError(PROVIDER, op, f"{type(exc).__name__}: {exc}")
+    return ProviderError(PROVIDER, op, f"{type(exc).__name__}: {exc}")
+
+
+def _reraise(exc: Exception, op: str) -> NoReturn:
+    """Raise exc classified, with exc as its cause (or as it is, when it is one of ours already)."""
+    err = classify(exc, op)
+    if err is exc:
+        raise err
+    raise err from exc
+
+
+def _status(exc: BaseException) -> int:
+    """The HTTP status of a google-api-core error, else 0."""
+    code = getattr(exc, "code", None)
+    return code if isinstance(code, int) else 0
+
+
+def label_value(value: str) -> str:
+    """GCE label values: lowercase letters, digits, `_` and `-`, at most 63."""
+    return re.sub(r"[^a-z0-9_-]", "-", value.lower())[:NAME_MAX]
+
+
+def vm_name(instance_id: str) -> str:
+    """`ct-<id>` when the id is valid in a GCE name as it is; else a sanitized id plus a hash, so
+    that two ids which sanitize alike still get two names."""
+    slug = re.sub(r"[^a-z0-9-]+", "-", instance_id.lower()).strip("-")
+    name = f"ct-{slug}"
+    if slug == instance_id and len(name) <= NAME_MAX:
+        return name
+    digest = hashlib.sha256(instance_id.encode()).hexdigest()[:8]
+    return f"ct-{slug[: NAME_MAX - 12]}".rstrip("-") + f"-{digest}"
+
+
+def _zone_of(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _instance_id(inst: Any) -> str:
+    """The exact instance id from the metadata map, else the instance label, else ""."""
+    items = {str(i.key): str(i.value) for i in inst.metadata.items}
+    try:
+        ids = json.loads(items.get(META_INSTANCES, "{}"))
+    except ValueError:
+        ids = {}
+    found = ids.get(inst.name) if isinstance(ids, dict) else None
+    return str(found or dict(inst.labels).get(TAG_INSTANCE, ""))
+
+
+@dataclass
+class _Clients:
+    instances: Any
+    operations: Any
+    read_retry: Any
+
+
+@dataclass
+class _Batch:
+    requests: list[CreateRequest] = field(default_factory=list)
+    futures: list[asyncio.Future[CloudVm]] = field(default_factory=list)
+    timer: asyncio.TimerHandle | None = None
+
+
+_BatchKey = tuple[str, str, bool, str, str, str]  # zone, machine type, spot, image, ssh user, ssh key
+
+
+def _fail(batch: _Batch, err: ProviderError) -> None:
+    for f in batch.futures:
+        if not f.done():
+            f.set_exception(err)
+
+
+def _name_taken(exc: BaseException, err: ProviderError) -> bool:
+    """A 409 on the call, or an operation that failed because the name exists."""
+    return _status(exc) == 409 or ALREADY_EXISTS in str(err)
+
+
+class GcpDriver:
+    name = PROVIDER
+
+    def __init__(self, project_id: str, zone: str, daemon_id: str, *, credentials_file: str | None = None,
+                 api_endpoint: str | None = None, credentials: Any = None, image: str | None = None,
+                 polling_interval_s: float = 1.0, max_workers: int = 8) -> None:
+        if not project_id:
+            raise ProviderAuthError(PROVIDER, "configure", "no project: set providers.gcp.project_id")
+        self.project_id = project_id
+        self.zone = zone
+        self.daemon_id = daemon_id
+        self.credentials_file = credentials_file or None
+        self.api_endpoint = api_endpoint or None
+        self.image = image or None
+        self.polling_interval_s = polling_interval_s
+        self._credentials = credentials
+        self._max_workers = max_workers
+        self._executor: ThreadPoolExecutor | None = None
+        self._clients_: _Clients | None = None
+        self._client_lock = asyncio.Lock()
+        # instance id -> (zone, VM name), learned from create and list: VMs live in several zones, and
+        # one listed under another name (an older naming) is still found by its id.
+        self._where: dict[str, tuple[str, str]] = {}
+        self._batches: dict[_BatchKey, _Batch] = defaultdict(_Batch)
+        self._flushes: set[asyncio.Task[None]] = set()
+
+    # ---- threads and clients ----
+
+    async def _call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Run one blocking library call in this driver's pool."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self._max_workers, thread_name_prefix="cloudtask-gcp")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    async def _clients(self, op: str) -> _Clients:
+        async with self._client_lock:
+            if self._clients_ is None:
+                try:
+                    self._clients_ = await self._call(self._build_clients, op)
+                except Exception as exc:
+                    _reraise(exc, op)
+            return self._clients_
+
+    def _build_clients(self, op: str) -> _Clients:
+        """In a pool thread: importing the library and finding credentials both block."""
+        from google.api_core import exceptions as api
+        from google.api_core import retry as retries
+        from google.api_core.client_options import ClientOptions
+        from google.cloud import compute_v1
+
+        credentials = self._credentials if self._credentials is not None else self._load_credentials(op)
+        options = ClientOptions(api_endpoint=self.api_endpoint) if self.api_endpoint else None
+        read_retry = retries.Retry(initial=0.2, maximum=5.0, multiplier=2.0, timeout=READ_RETRY_S,
+                                   predicate=retries.if_exception_type(api.ServiceUnavailable, api.DeadlineExceeded))
+        return _Clients(compute_v1.InstancesClient(credentials=credentials, client_options=options),
+                        compute_v1.ZoneOperationsClient(credentials=credentials, client_options=options), read_retry)
+
+    def _load_credentials(self, op: str) -> Any:
+        if self.credentials_file:
+            from google.auth.exceptions import GoogleAuthError
+            from google.oauth2 import service_account
+
+            path = self.credentials_file
+            try:
+                credentials = service_account.Credentials.from_service_account_file(  # type: ignore[no-untyped-call]
+                    path, scopes=[COMPUTE_SCOPE])  # ^ google-auth ships py.typed but leaves this one unannotated
+            except (OSError, ValueError, KeyError, GoogleAuthError) as exc:
+                # The reason only (never the file's content): a parse error could quote a key.
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+                if isinstance(exc, ValueError) and "missing fields" in str(exc):
+                    reason = _first_line(str(exc))
+                raise ProviderAuthError(PROVIDER, op, f"cannot use providers.gcp.credentials_file {path}: {reason} "
+                                        "(it must be a service-account JSON key)") from exc
+            log.info("gcp_credentials", source="credentials_file", path=path)
+            return credentials
+        import google.auth
+
+        credentials, _ = google.auth.default(scopes=[COMPUTE_SCOPE])  # DefaultCredentialsError: see classify
+        log.info("gcp_credentials", source="application_default")
+        return credentials
+
+    async def close(self) -> None:
+        for batch in self._batches.values():  # not sent yet
+            if batch.timer is not None:
+                batch.timer.cancel()
+            _fail(batch, ProviderError(PROVIDER, "launch", "cancelled: the driver was closed"))
+        self._batches.clear()
+        for task in builtins.list(self._flushes):
+            task.cancel()
+        await asyncio.gather(*self._flushes, return_exceptions=True)
+        clients, executor = self._clients_, self._executor
+        self._clients_, self._executor = None, None
+
+        def shut() -> None:
+            if executor is not None:
+                executor.shutdown(wait=True, cancel_futures=True)
+            if clients is not None:
+                clients.instances.transport.close()
+                clients.operations.transport.close()
+
+        await asyncio.to_thread(shut)  # waits for calls in flight, each bounded by CALL_TIMEOUT_S
+
+    # ---- operations ----
+
+    async def _wait(self, operation: Any, zone: str, op: str) -> None:
+        """Poll a zonal operation until DONE; raise its error, classified."""
+        from google.cloud import compute_v1
+
+        clients = await self._clients(op)
+        deadline = time.monotonic() + OPERATION_WAIT_S
+        while operation.status != compute_v1.Operation.Status.DONE:
+            if time.monotonic() > deadline:
+                raise TransientProviderError(PROVIDER, op, f"operation {operation.name} not done after "
+                                             f"{OPERATION_WAIT_S:.0f} s")
+            await asyncio.sleep(self.polling_interval_s)
+            try:
+                operation = await self._call(clients.operations.get, project=self.project_id, zone=zone,
+                                             operation=operation.name, retry=clients.read_retry,
+                                             timeout=CALL_TIMEOUT_S)
+            except Exception as exc:
+                _reraise(exc, op)
+        errors = builtins.list(operation.error.errors)
+        if errors:
+            first = errors[0]
+            message = "; ".join(str(e.message) for e in errors)
+            failed = OperationError(str(first.code), message, int(operation.http_error_status_code or 0))
+            _reraise(failed, op)
+
+    # ---- the driver contract ----
+
+    async def create(self, req: CreateRequest) -> CloudVm:
+        zone = req.zone or self.zone
+        existing = await self._fetch(zone, req.instance_id, "launch")
+        if existing is not None:
+            return self._vm(existing, req.instance_id)  # idempotent: this instance id was already launched
+        key: _BatchKey = (zone, req.machine_type, req.spot, req.image or self.image or DEFAULT_IMAGE, req.ssh_user,
+                          req.ssh_public_key)
+        batch = self._batches[key]
+        future: asyncio.Future[CloudVm] = asyncio.get_running_loop().create_future()
+        batch.requests.append(req)
+        batch.futures.append(future)
+        if batch.timer is None:
+            batch.timer = asyncio.get_running_loop().call_later(BATCH_WINDOW_S, self._start_flush, key)
+        return await future
+
+    def _start_flush(self, key: _BatchKey) -> None:
+        task = asyncio.ensure_future(self._flush(key))
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _flush(self, key: _BatchKey) -> None:
+        batch = self._batches.pop(key, _Batch())
+        if not batch.requests:
+            return
+        zone, image = key[0], key[3]
+        results: builtins.list[CloudVm | ProviderError]
+        try:
+            if len(batch.requests) == 1:
+                results = [await self._insert_one(batch.requests[0], zone, image)]
+            else:
+                results = await self._insert_many(batch.requests, zone, image)
+        except asyncio.CancelledError:
+            _fail(batch, ProviderError(PROVIDER, "launch", "cancelled: the driver was closed"))
+            raise
+        except Exception as exc:
+            results = [classify(exc, "launch")] * len(batch.requests)
+        for f, result in zip(batch.futures, results, strict=True):
+            if f.done():
+                continue
+            if isinstance(result, CloudVm):
+                f.set_result(result)
+            else:
+                f.set_exception(result)
+
+    def _spec(self, req: CreateRequest, image: str, names: dict[str, str]) -> dict[str, Any]:
+        """What an Instance and a bulkInsert's InstanceProperties share."""
+        from google.cloud import compute_v1
+
+        if req.spot:
+            scheduling = compute_v1.Scheduling(provisioning_model="SPOT", instance_termination_action="DELETE",
+                                               automatic_restart=False, on_host_maintenance="TERMINATE")
+        else:
+            scheduling = compute_v1.Scheduling(provisioning_model="STANDARD")
+        return {
+            "metadata": compute_v1.Metadata(items=[
+                compute_v1.Items(key="ssh-keys", value=f"{req.ssh_user}:{req.ssh_public_key}"),
+                compute_v1.Items(key="enable-guest-attributes", value="TRUE"),  # the guest publishes its host keys
+                compute_v1.Items(key=META_INSTANCES, value=json.dumps(names, sort_keys=True)),
+            ]),
+            "scheduling": scheduling,
+            "disks": [compute_v1.AttachedDisk(boot=True, auto_delete=True, initialize_params=(
+                compute_v1.AttachedDiskInitializeParams(source_image=image)))],
+            "network_interfaces": [compute_v1.NetworkInterface(network=NETWORK, access_configs=[
+                compute_v1.AccessConfig(type_="ONE_TO_ONE_NAT", name="External NAT")])],
+        }
+
+    def _labels(self, instance_id: str | None = None) -> dict[str, str]:
+        labels = {TAG_DAEMON: label_value(self.daemon_id)}
+        if instance_id is not None:
+            labels[TAG_INSTANCE] = label_value(instance_id)
+        return labels
+
+    async def _insert_one(self, req: CreateRequest, zone: str, image: str) -> CloudVm:
+        from google.cloud import compute_v1
+
+        clients = await self._clients("launch")
+        name = vm_name(req.instance_id)
+        body = compute_v1.Instance(name=name, machine_type=f"zones/{zone}/machineTypes/{req.machine_type}",
+                                   labels=self._labels(req.instance_id),
+                                   **self._spec(req, image, {name: req.instance_id}))
+        try:
+            operation = await self._call(clients.instances.insert_unary, project=self.project_id, zone=zone,
+                                         instance_resource=body, timeout=CALL_TIMEOUT_S)
+            await self._wait(operation, zone, "launch")
+        except Exception as exc:
+            err = classify(exc, "launch")
+            if not _name_taken(exc, err):
+                _reraise(exc, "launch")
+            # The name is taken: by the VM an earlier try of this create made (returned below).
+        inst = await self._fetch(zone, req.instance_id, "launch")
+        if inst is None:
+            raise CapacityError(PROVIDER, "launch", f"VM {name} was gone right after its creation")
+        log.info("gcp_instances_launched", count=1, type=req.machine_type, zone=zone, spot=req.spot, call="insert")
+        return self._vm(inst, req.instance_id)
+
+    async def _insert_many(self, reqs: builtins.list[CreateRequest], zone: str,
+                           image: str) -> builtins.list[CloudVm | ProviderError]:
+        from google.cloud import compute_v1
+
+        clients = await self._clients("launch")
+        first, n = reqs[0], len(reqs)
+        names = {vm_name(r.instance_id): r.instance_id for r in reqs}
+        resource = compute_v1.BulkInsertInstanceResource(
+            count=n, min_count=n,  # all or nothing: a partial batch would strand the rest of the requests
+            instance_properties=compute_v1.InstanceProperties(machine_type=first.machine_type, labels=self._labels(),
+                                                              **self._spec(first, image, names)),
+            per_instance_properties={name: compute_v1.BulkInsertInstanceResourcePerInstanceProperties()
+                                     for name in names})
+        try:
+            operation = await self._call(clients.instances.bulk_insert_unary, project=self.project_id, zone=zone,
+                                         bulk_insert_instance_resource_resource=resource, timeout=CALL_TIMEOUT_S)
+            await self._wait(operation, zone, "launch")
+        except Exception as exc:
+            err = classify(exc, "launch")
+            if not _name_taken(exc, err):
+                _reraise(exc, "launch")
+            log.info("gcp_bulk_insert_name_taken", count=n, zone=zone)
+            return await self._insert_each(reqs, zone, image)
+        log.info("gcp_instances_launched", count=n, type=first.machine_type, zone=zone, spot=first.spot,
+                 call="bulkInsert")
+        return builtins.list(await asyncio.gather(*(self._finish(zone, r) for r in reqs)))
+
+    async def _insert_each(self, reqs: builtins.list[CreateRequest], zone: str,
+                           image: str) -> builtins.list[CloudVm | ProviderError]:
+        got = await asyncio.gather(*(self._insert_one(r, zone, image) for r in reqs), return_exceptions=True)
+        return [r if isinstance(r, CloudVm) else classify(r, "launch") for r in got]
+
+    async def _finish(self, zone: str, req: CreateRequest) -> CloudVm | ProviderError:
+        """After a bulkInsert: read the VM and add its own instance label."""
+        from google.cloud import compute_v1
+
+        try:
+            inst = await self._fetch(zone, req.instance_id, "launch")
+        except ProviderError as err:
+            return err
+        if inst is None:
+            return CapacityError(PROVIDER, "launch", f"VM {vm_name(req.instance_id)} was gone right after its "
+                                 "creation")
+        vm = self._vm(inst, req.instance_id)
+        labels = {**dict(inst.labels), **self._labels(req.instance_id)}
+        clients = await self._clients("tag")
+        try:
+            operation = await self._call(
+                clients.instances.set_labels_unary, project=self.project_id, zone=zone, instance=inst.name,
+                instances_set_labels_request_resource=compute_v1.InstancesSetLabelsRequest(
+                    labels=labels, label_fingerprint=inst.label_fingerprint), timeout=CALL_TIMEOUT_S)
+            await self._wait(operation, zone, "tag")
+        except Exception as exc:
+            # The name and the metadata map identify the VM already; the label is for people.
+            log.warning("gcp_label_failed", instance=req.instance_id, error=str(classify(exc, "tag")))
+            return vm
+        return replace(vm, tags=labels)
+
+    def _vm(self, inst: Any, instance_id: str | None = None) -> CloudVm:
+        zone = _zone_of(str(inst.zone)) or self.zone
+        instance_id = instance_id or _instance_id(inst)
+        if instance_id:
+            self._where[instance_id] = (zone, str(inst.name))
+        nat = next((str(ac.nat_i_p) for ni in inst.network_interfaces for ac in ni.access_configs if ac.nat_i_p),
+                   None)
+        return CloudVm(
+            instance_id=instance_id,
+            cloud_id=f"projects/{self.project_id}/zones/{zone}/instances/{inst.name}",
+            state=STATUS_MAP.get(str(inst.status), "pending"),
+            public_ip=nat,
+            zone=zone,
+            spot=str(inst.scheduling.provisioning_model) == "SPOT",
+            tags={str(k): str(v) for k, v in dict(inst.labels).items()},
+        )
+
+    async def _fetch(self, zone: str, instance_id: str, op: str, name: str | None = None) -> Any:
+        """The VM of this instance id (or of this name) in this zone, or None."""
+        clients = await self._clients(op)
+        try:
+            return await self._call(clients.instances.get, project=self.project_id, zone=zone,
+                                    instance=name or vm_name(instance_id), retry=clients.read_retry,
+                                    timeout=CALL_TIMEOUT_S)
+        except Exception as exc:
+            if _status(exc) == 404:
+                return None
+            _reraise(exc, op)
+
+    async def _aggregated(self, filter_: str, op: str) -> builtins.list[Any]:
+        """Every instance matching the filter, in every zone (all pages)."""
+        from google.cloud import compute_v1
+
+        clients = await self._clients(op)
+        request = compute_v1.AggregatedListInstancesRequest(project=self.project_id, filter=filter_)
+
+        def every_page() -> builtins.list[Any]:
+            pager = clients.instances.aggregated_list(request=request, retry=clients.read_retry,
+                                                      timeout=CALL_TIMEOUT_S)
+            return [inst for _, scoped in pager for inst in scoped.instances]
+
+        try:
+            return await self._call(every_page)
+        except Exception as exc:
+            _reraise(exc, op)
+
+    async def _find(self, instance_id: str, op: str) -> Any:
+        """The VM of this instance id in whichever zone it is, or None."""
+        where = self._where.get(instance_id)
+        if where is not None:
+            inst = await self._fetch(where[0], instance_id, op, where[1])
+            if inst is None:
+                self._where.pop(instance_id, None)
+            return inst
+        found = await self._aggregated(f"name = {vm_name(instance_id)}", op)
+        return found[0] if found else None
+
+    async def get(self, instance_id: str) -> CloudVm | None:
+        inst = await self._find(instance_id, "describe")
+        return None if inst is None else self._vm(inst, instance_id)
+
+    async def list(self) -> builtins.list[CloudVm]:
+        ours = label_value(self.daemon_id)
+        found = await self._aggregated(f"labels.{TAG_DAEMON} = {ours}", "list")
+        return [self._vm(inst) for inst in found if dict(inst.labels).get(TAG_DAEMON) == ours]
+
+    async def delete(self, instance_id: str) -> None:
+        inst = await self._find(instance_id, "terminate")
+        if inst is None:
+            return
+        zone = _zone_of(str(inst.zone)) or self.zone
+        clients = await self._clients("terminate")
+        try:
+            operation = await self._call(clients.instances.delete_unary, project=self.project_id, zone=zone,
+                                         instance=inst.name, timeout=CALL_TIMEOUT_S)
+        except Exception as exc:
+            if _status(exc) == 404:
+                return  # deleted since we looked: fine
+            _reraise(exc, "terminate")
+        try:
+            await self._wait(operation, zone, "terminate")
+        except InvalidRequest as err:
+            if "RESOURCE_NOT_FOUND" not in str(err):
+                raise
+        self._where.pop(instance_id, None)
+        log.info("gcp_vm_deleted", instance=instance_id, vm=inst.name, zone=zone)
+
+    async def host_keys(self, instance_id: str) -> builtins.list[str]:
+        """The host keys the guest agent publishes as guest attributes (`hostkeys/<type>` = base64
+        blob; needs `enable-guest-attributes`, which create sets). [] until the guest has booted far
+        enough to publish them, or when the VM is gone: then the caller trusts on first use."""
+        from google.cloud import compute_v1
+
+        inst = await self._find(instance_id, "describe")
+        if inst is None:
+            return []
+        clients = await self._clients("describe")
+        request = compute_v1.GetGuestAttributesInstanceRequest(
+            project=self.project_id, zone=_zone_of(str(inst.zone)) or self.zone, instance=inst.name,
+            query_path="hostkeys/")
+        try:
+            attrs = await self._call(clients.instances.get_guest_attributes, request=request,
+                                     retry=clients.read_retry, timeout=CALL_TIMEOUT_S)
+        except Exception as exc:
+            if _status(exc) == 404:
+                return []  # nothing published yet
+            _reraise(exc, "describe")
+        return [f"{item.key} {item.value}" for item in attrs.query_value.items
+                if item.key and item.value and item.namespace in ("", "hostkeys")]

@@ -1,0 +1,443 @@
+"""A small Compute Engine stand-in (aiohttp) for the GCP driver's tests.
+
+It serves the REST paths google-cloud-compute's InstancesClient and ZoneOperationsClient call
+(`/compute/v1/projects/{p}/zones/{z}/instances[...]`, `.../aggregated/instances`,
+`.../operations/{op}[/wait]`), keeps instances in memory, and answers as GCE does: a mutation
+returns an Operation that is PENDING, then RUNNING, then DONE on the next polls; an instance is
+PROVISIONING, then STAGING, then RUNNING on the next gets; each one gets a natIP; a deleted
+instance is STOPPING until its operation is DONE; errors are Google's JSON error bodies.
+
+It runs on its own thread and event loop, so that a driver that blocked the test's loop would be
+caught (the stand-in would still answer, and the test would see no ticks) rather than deadlock.
+
+Tests can:
+- `fail_next(method, status, reason, count)`: the next calls of a method answer an HTTP error;
+- `fail_operation_next(method, code, status)`: the next insert/bulkInsert is accepted, creates
+  nothing, and its operation finishes DONE with `error.errors[{code}]` (a stock-out, a quota);
+- `hold(method)`: the next call of a method waits until the test releases it;
+- `publish_host_keys(name, {type: blob})`: guest attributes under `hostkeys/`;
+- read `calls` (method, HTTP method, path, body) to assert what the client sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import copy
+import itertools
+import re
+import threading
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+P = "/compute/v1/projects/{project}"
+Z = P + "/zones/{zone}"
+NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+LABEL = re.compile(r"^[a-z0-9_-]{0,63}$")
+FILTER = re.compile(r'^\s*([A-Za-z0-9_.-]+)\s*(=|!=|eq|ne)\s*"?([^"]*?)"?\s*$')
+HOLD_MAX_S = 10.0  # a held call goes on by itself after this (the test then sees it was not released)
+REASONS = {400: "badRequest", 401: "required", 403: "forbidden", 404: "notFound", 409: "alreadyExists",
+           412: "conditionNotMet", 429: "rateLimitExceeded", 500: "backendError", 503: "backendError"}
+
+
+def google_error(status: int, message: str, reason: str | None = None, domain: str = "global") -> dict[str, Any]:
+    """An error body as the Compute API sends it."""
+    return {"error": {"code": status, "message": message,
+                      "errors": [{"message": message, "domain": domain, "reason": reason or REASONS.get(status, "")}]}}
+
+
+@dataclass
+class Call:
+    method: str  # the API method, e.g. "instances.bulkInsert"
+    http_method: str
+    path: str
+    body: Any
+
+
+@dataclass
+class Gate:
+    arrived: threading.Event = field(default_factory=threading.Event)
+    released: threading.Event = field(default_factory=threading.Event)
+    released_by_test: bool = False
+
+    def release(self) -> None:
+        self.released_by_test = True
+        self.released.set()
+
+
+@dataclass
+class _Operation:
+    name: str
+    zone: str
+    kind: str
+    target: str
+    polls: int = 0
+    error: tuple[str, str, int] | None = None  # (code, message, HTTP status)
+    on_done: Callable[[], None] | None = None
+
+    @property
+    def status(self) -> str:
+        return "PENDING" if self.polls == 0 else "RUNNING" if self.polls == 1 else "DONE"
+
+    def json(self, base: str) -> dict[str, Any]:
+        body: dict[str, Any] = {"kind": "compute#operation", "id": str(abs(hash(self.name)) % 10**18),
+                                "name": self.name, "zone": f"{base}/zones/{self.zone}", "operationType": self.kind,
+                                "targetLink": self.target, "status": self.status,
+                                "progress": 100 if self.status == "DONE" else 0,
+                                "selfLink": f"{base}/zones/{self.zone}/operations/{self.name}"}
+        if self.status == "DONE" and self.error is not None:
+            code, message, status = self.error
+            body["error"] = {"errors": [{"code": code, "message": message}]}
+            body["httpErrorStatusCode"] = status
+            body["httpErrorMessage"] = "SERVICE UNAVAILABLE" if status == 503 else "FORBIDDEN"
+        return body
+
+
+class ComputeStandin:
+    def __init__(self) -> None:
+        self.url = ""
+        self.lock = threading.Lock()  # the stand-in's thread and the test's share the state below
+        self.instances: dict[tuple[str, str], dict[str, Any]] = {}  # (zone, name) -> instance resource
+        self.host_keys: dict[str, dict[str, str]] = {}  # instance name -> {key type: base64 blob}
+        self.calls: list[Call] = []
+        self.page_size = 500  # list and aggregatedList answer in pages of this many
+        self.gets_to_running = 2  # a new instance is RUNNING after this many gets (PROVISIONING, STAGING before)
+        self._ops: dict[str, _Operation] = {}
+        self._failures: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+        self._op_failures: dict[str, list[tuple[str, str, int]]] = {}
+        self._gates: dict[str, Gate] = {}
+        self._all_gates: list[Gate] = []
+        self._ids = itertools.count(1)
+        self._looks: dict[str, int] = {}  # instance name -> gets so far
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+
+    # ---- life cycle (a thread of its own) ----
+
+    async def start(self) -> None:
+        ready: concurrent.futures.Future[str] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._serve, args=(ready,), name="compute-standin", daemon=True)
+        self._thread.start()
+        self.url = await asyncio.wrap_future(ready)
+
+    def _serve(self, ready: concurrent.futures.Future[str]) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            app = web.Application(middlewares=[self._middleware])
+            self._routes(app)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            try:
+                site = web.TCPSite(runner, "127.0.0.1", 0)
+                await site.start()
+                ready.set_result(f"http://127.0.0.1:{runner.addresses[0][1]}")
+                await self._stop.wait()
+            finally:
+                await runner.cleanup()
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:
+            if not ready.done():
+                ready.set_exception(exc)
+            raise
+
+    async def stop(self) -> None:
+        for gate in self._all_gates:  # a test that failed before releasing must not hold the shutdown
+            gate.released.set()
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+
+    # ---- what tests call ----
+
+    def fail_next(self, method: str, status: int, reason: str | None = None, message: str = "injected by the test",
+                  count: int = 1, body: dict[str, Any] | None = None) -> None:
+        with self.lock:
+            self._failures.setdefault(method, []).extend(
+                [(status, body or google_error(status, message, reason))] * count)
+
+    def fail_operation_next(self, method: str, code: str, status: int = 503,
+                            message: str = "The zone does not have enough resources available to fulfill the "
+                                           "request. Try a different zone, or try again later.") -> None:
+        with self.lock:
+            self._op_failures.setdefault(method, []).append((code, message, status))
+
+    def hold(self, method: str) -> Gate:
+        gate = Gate()
+        with self.lock:
+            self._gates[method] = gate
+            self._all_gates.append(gate)
+        return gate
+
+    def publish_host_keys(self, name: str, keys: dict[str, str]) -> None:
+        with self.lock:
+            self.host_keys[name] = dict(keys)
+
+    def calls_of(self, method: str) -> list[Call]:
+        with self.lock:
+            return [c for c in self.calls if c.method == method]
+
+    def instance(self, name: str) -> dict[str, Any] | None:
+        with self.lock:
+            found = [i for (_, n), i in self.instances.items() if n == name]
+            return copy.deepcopy(found[0]) if found else None
+
+    def add_instance(self, project: str, zone: str, body: dict[str, Any], status: str = "RUNNING") -> None:
+        """An instance made behind the driver's back (another daemon's, an unlabelled one)."""
+        with self.lock:
+            self._create(zone, {"machineType": "e2-small", **body}, project)["status"] = status
+
+    # ---- HTTP ----
+
+    def _routes(self, app: web.Application) -> None:
+        r = app.router
+        r.add_post(Z + "/instances", self._insert, name="instances.insert")
+        r.add_post(Z + "/instances/bulkInsert", self._bulk_insert, name="instances.bulkInsert")
+        r.add_get(Z + "/instances", self._list, name="instances.list")
+        r.add_get(P + "/aggregated/instances", self._aggregated, name="instances.aggregatedList")
+        r.add_get(Z + "/instances/{name}", self._get, name="instances.get")
+        r.add_delete(Z + "/instances/{name}", self._delete, name="instances.delete")
+        r.add_post(Z + "/instances/{name}/setLabels", self._set_labels, name="instances.setLabels")
+        r.add_get(Z + "/instances/{name}/getGuestAttributes", self._guest_attributes,
+                  name="instances.getGuestAttributes")
+        r.add_get(Z + "/operations/{op}", self._operation, name="zoneOperations.get")
+        r.add_post(Z + "/operations/{op}/wait", self._operation, name="zoneOperations.wait")
+        r.add_route("*", "/{tail:.*}", self._unknown, name="unknown")
+
+    @web.middleware
+    async def _middleware(self, request: web.Request,
+                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        method = request.match_info.route.name or "unknown"
+        body = await request.json() if request.can_read_body else None
+        with self.lock:
+            self.calls.append(Call(method, request.method, request.path, body))
+            gate = self._gates.pop(method, None)
+            failures = self._failures.get(method)
+            failure = failures.pop(0) if failures else None
+        if gate is not None:
+            gate.arrived.set()
+            await asyncio.to_thread(gate.released.wait, HOLD_MAX_S)
+        if failure is not None:
+            return web.json_response(failure[1], status=failure[0])
+        return await handler(request)
+
+    def _base(self, request: web.Request) -> str:
+        return f"{self.url}/compute/v1/projects/{request.match_info['project']}"
+
+    def _new_op(self, request: web.Request, kind: str, target: str, error: tuple[str, str, int] | None = None,
+                on_done: Callable[[], None] | None = None) -> web.Response:
+        op = _Operation(f"operation-{uuid.uuid4().hex[:16]}", request.match_info["zone"], kind, target, 0, error,
+                        on_done)
+        self._ops[op.name] = op
+        return web.json_response(op.json(self._base(request)))
+
+    def _create(self, zone: str, body: dict[str, Any], project: str) -> dict[str, Any]:
+        """Store an instance (the caller holds the lock)."""
+        n = next(self._ids)
+        base = f"{self.url}/compute/v1/projects/{project}"
+        inst = copy.deepcopy(body)
+        machine_type = str(inst.get("machineType", ""))
+        inst.update({
+            "kind": "compute#instance", "id": str(1000 + n), "zone": f"{base}/zones/{zone}",
+            "machineType": f"{base}/zones/{zone}/machineTypes/{machine_type.rsplit('/', 1)[-1]}",
+            "selfLink": f"{base}/zones/{zone}/instances/{inst['name']}", "status": "PROVISIONING",
+            "labelFingerprint": uuid.uuid4().hex[:12], "creationTimestamp": "2024-01-01T00:00:00.000-00:00",
+        })
+        inst.setdefault("metadata", {})["fingerprint"] = uuid.uuid4().hex[:12]
+        for nic in inst.get("networkInterfaces", []):
+            nic["networkIP"] = f"10.128.0.{n % 250 + 2}"
+            for ac in nic.get("accessConfigs", []):
+                if ac.get("type", "ONE_TO_ONE_NAT") == "ONE_TO_ONE_NAT":
+                    ac["natIP"] = f"198.51.100.{n % 250 + 1}"
+        self.instances[(zone, inst["name"])] = inst
+        return inst
+
+    def _invalid(self, body: dict[str, Any], name: str) -> web.Response | None:
+        if not NAME.match(name):
+            return web.json_response(google_error(400, f"Invalid value for field 'resource.name': '{name}'. Must be "
+                                                       "a match of regex '(?:[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?)'",
+                                                  "invalid"), status=400)
+        for key, value in (body.get("labels") or {}).items():
+            if not NAME.match(key) or not LABEL.match(str(value)):
+                return web.json_response(google_error(400, f"Invalid value for field 'resource.labels': "
+                                                           f"'{key}={value}'", "invalid"), status=400)
+        if not body.get("machineType"):
+            return web.json_response(google_error(400, "Invalid value for field 'resource.machineType': ''",
+                                                  "invalid"), status=400)
+        return None
+
+    def _conflict(self, zone: str, project: str, name: str) -> web.Response:
+        return web.json_response(google_error(409, f"The resource 'projects/{project}/zones/{zone}/instances/{name}'"
+                                                    " already exists", "alreadyExists"), status=409)
+
+    async def _insert(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        zone, project, name = request.match_info["zone"], request.match_info["project"], str(body.get("name", ""))
+        if (bad := self._invalid(body, name)) is not None:
+            return bad
+        with self.lock:
+            if (zone, name) in self.instances:
+                return self._conflict(zone, project, name)
+            failures = self._op_failures.get("instances.insert")
+            error = failures.pop(0) if failures else None
+            if error is None:
+                self._create(zone, body, project)
+        return self._new_op(request, "insert", f"{self._base(request)}/zones/{zone}/instances/{name}", error)
+
+    async def _bulk_insert(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        zone, project = request.match_info["zone"], request.match_info["project"]
+        names = list(body.get("perInstanceProperties") or {})
+        count, min_count = int(body.get("count", 0)), int(body.get("minCount", body.get("count", 0)))
+        props = dict(body.get("instanceProperties") or {})
+        if body.get("namePattern") or not names or count != len(names) or not 0 < min_count <= count:
+            return web.json_response(google_error(400, "the stand-in needs perInstanceProperties names, one per "
+                                                       "count", "invalid"), status=400)
+        for name in names:
+            if (bad := self._invalid(props, name)) is not None:
+                return bad
+        with self.lock:
+            for name in names:
+                if (zone, name) in self.instances:
+                    return self._conflict(zone, project, name)
+            failures = self._op_failures.get("instances.bulkInsert")
+            error = failures.pop(0) if failures else None
+            if error is None:
+                for name in names:
+                    self._create(zone, {**props, "name": name}, project)
+        return self._new_op(request, "bulkInsert", f"{self._base(request)}/zones/{zone}", error)
+
+    def _not_found(self, request: web.Request, what: str = "") -> web.Response:
+        m = request.match_info
+        path = f"projects/{m['project']}/zones/{m['zone']}/instances/{m['name']}{what}"
+        return web.json_response(google_error(404, f"The resource '{path}' was not found", "notFound"), status=404)
+
+    async def _get(self, request: web.Request) -> web.Response:
+        with self.lock:
+            inst = self.instances.get((request.match_info["zone"], request.match_info["name"]))
+            if inst is None:
+                return self._not_found(request)
+            # Each look moves a new instance on its way up, as a booting VM does.
+            if inst["status"] in ("PROVISIONING", "STAGING"):
+                looks = self._looks[inst["name"]] = self._looks.get(inst["name"], 0) + 1
+                inst["status"] = "RUNNING" if looks >= self.gets_to_running else "STAGING"
+            return web.json_response(copy.deepcopy(inst))
+
+    def _matches(self, inst: dict[str, Any], expression: str) -> bool:
+        if not expression:
+            return True
+        m = FILTER.match(expression)
+        if m is None:
+            raise ValueError(expression)
+        key, op, value = m.groups()
+        if key.startswith("labels."):
+            actual = (inst.get("labels") or {}).get(key.removeprefix("labels."))
+        else:
+            actual = inst.get(key)
+        return (actual == value) == (op in ("=", "eq"))
+
+    def _page(self, request: web.Request, zone: str | None) -> tuple[list[dict[str, Any]], str | None] | web.Response:
+        expression = request.query.get("filter", "")
+        with self.lock:
+            try:
+                found = [copy.deepcopy(i) for (z, _), i in sorted(self.instances.items())
+                         if (zone is None or z == zone) and self._matches(i, expression)]
+            except ValueError:
+                return web.json_response(google_error(400, f"Invalid value for field 'filter': '{expression}'. "
+                                                           "Invalid list filter expression.", "invalid"), status=400)
+        start = int(request.query.get("pageToken") or 0)
+        size = min(int(request.query.get("maxResults") or self.page_size), self.page_size)
+        page = found[start:start + size]
+        return page, str(start + size) if start + size < len(found) else None
+
+    async def _list(self, request: web.Request) -> web.Response:
+        got = self._page(request, request.match_info["zone"])
+        if isinstance(got, web.Response):
+            return got
+        page, token = got
+        body: dict[str, Any] = {"kind": "compute#instanceList", "id": "instances"}
+        if page:
+            body["items"] = page
+        if token:
+            body["nextPageToken"] = token
+        return web.json_response(body)
+
+    async def _aggregated(self, request: web.Request) -> web.Response:
+        got = self._page(request, None)
+        if isinstance(got, web.Response):
+            return got
+        page, token = got
+        items: dict[str, Any] = {}
+        for inst in page:
+            items.setdefault(f"zones/{inst['zone'].rsplit('/', 1)[-1]}", {"instances": []})["instances"].append(inst)
+        if not items:  # GCE names the empty scopes with a warning instead
+            items["zones/us-central1-a"] = {"warning": {"code": "NO_RESULTS_ON_PAGE", "message": "none"}}
+        body: dict[str, Any] = {"kind": "compute#instanceAggregatedList", "id": "instances", "items": items}
+        if token:
+            body["nextPageToken"] = token
+        return web.json_response(body)
+
+    async def _delete(self, request: web.Request) -> web.Response:
+        key = (request.match_info["zone"], request.match_info["name"])
+        with self.lock:
+            inst = self.instances.get(key)
+            if inst is None:
+                return self._not_found(request)
+            inst["status"] = "STOPPING"
+
+        def gone() -> None:
+            self.instances.pop(key, None)
+            self.host_keys.pop(key[1], None)
+
+        return self._new_op(request, "delete", inst["selfLink"], on_done=gone)
+
+    async def _set_labels(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        with self.lock:
+            inst = self.instances.get((request.match_info["zone"], request.match_info["name"]))
+            if inst is None:
+                return self._not_found(request)
+            if body.get("labelFingerprint") != inst["labelFingerprint"]:
+                return web.json_response(google_error(412, "Labels fingerprint either invalid or resource labels "
+                                                           "have changed", "conditionNotMet"), status=412)
+            if (bad := self._invalid({**inst, "labels": body.get("labels")}, inst["name"])) is not None:
+                return bad
+            inst["labels"] = dict(body.get("labels") or {})
+            inst["labelFingerprint"] = uuid.uuid4().hex[:12]
+            target = inst["selfLink"]
+        return self._new_op(request, "setLabels", target)
+
+    async def _guest_attributes(self, request: web.Request) -> web.Response:
+        path = request.query.get("queryPath", "")
+        with self.lock:
+            if (request.match_info["zone"], request.match_info["name"]) not in self.instances:
+                return self._not_found(request)
+            keys = dict(self.host_keys.get(request.match_info["name"], {}))
+        if path != "hostkeys/" or not keys:
+            return self._not_found(request, f"/guestAttributes/{path}")
+        return web.json_response({"kind": "compute#guestAttributes", "queryPath": path, "queryValue": {"items": [
+            {"namespace": "hostkeys", "key": k, "value": v} for k, v in keys.items()]}})
+
+    async def _operation(self, request: web.Request) -> web.Response:
+        with self.lock:
+            op = self._ops.get(request.match_info["op"])
+            if op is None:
+                return web.json_response(google_error(404, f"The resource 'operations/{request.match_info['op']}' "
+                                                           "was not found", "notFound"), status=404)
+            op.polls += 1
+            if op.status == "DONE" and op.on_done is not None:
+                op.on_done()
+                op.on_done = None
+            return web.json_response(op.json(self._base(request)))
+
+    async def _unknown(self, request: web.Request) -> web.Response:
+        return web.json_response(google_error(404, f"the stand-in does not serve {request.method} {request.path}",
+                                              "notFound"), status=404)

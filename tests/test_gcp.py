@@ -1,0 +1,468 @@
+"""The GCP driver through the real google-cloud-compute client against a local Compute Engine stand-in."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from google.api_core import exceptions as api
+from google.auth import exceptions as auth
+from google.auth.credentials import AnonymousCredentials
+
+from cloudtaskd.errors import (
+    CapacityError,
+    InvalidRequest,
+    ProviderAuthError,
+    ProviderError,
+    QuotaExceeded,
+    TransientProviderError,
+)
+from cloudtaskd.providers.cloud import TAG_DAEMON, TAG_INSTANCE, CreateRequest
+from cloudtaskd.providers.gcp import DEFAULT_IMAGE, META_INSTANCES, GcpDriver, OperationError, classify, vm_name
+from tests.conftest import wait_for
+from tests.gcp_standin import ComputeStandin
+from tests.procs import free_port
+
+PROJECT, ZONE = "test-project", "us-central1-a"
+PUBKEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBd5pjkWPRG2g1DCrDL2qVdUwq0eGnWxSOZ6fzfJ2pYk test"
+NO_CREDS = ("providers.gcp.credentials_file", "GOOGLE_APPLICATION_CREDENTIALS", "gcloud auth application-default login")
+
+
+@pytest.fixture
+async def gce() -> AsyncIterator[ComputeStandin]:
+    server = ComputeStandin()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def make_driver(gce: ComputeStandin, daemon_id: str = "daemon1", **kwargs: Any) -> GcpDriver:
+    return GcpDriver(PROJECT, ZONE, daemon_id, api_endpoint=gce.url, credentials=AnonymousCredentials(),
+                     polling_interval_s=0.01, **kwargs)
+
+
+@pytest.fixture
+async def driver(gce: ComputeStandin) -> AsyncIterator[GcpDriver]:
+    d = make_driver(gce)
+    yield d
+    await d.close()
+
+
+def req(instance_id: str, *, spot: bool = False, machine_type: str = "e2-standard-2",
+        daemon_id: str = "daemon1") -> CreateRequest:
+    return CreateRequest(instance_id, daemon_id, machine_type, ZONE, spot, "ubuntu", PUBKEY)
+
+
+def metadata(inst: dict[str, Any]) -> dict[str, str]:
+    return {i["key"]: i["value"] for i in inst["metadata"]["items"]}
+
+
+def created(gce: ComputeStandin, instance_id: str) -> dict[str, Any]:
+    inst = gce.instance(vm_name(instance_id))
+    assert inst is not None, f"no VM for {instance_id}"
+    return inst
+
+
+async def test_create_spot_and_on_demand_with_labels_and_key(driver: GcpDriver, gce: ComputeStandin) -> None:
+    spot = await driver.create(req("gcp-a1", spot=True))
+    standard = await driver.create(req("gcp-a2", machine_type="n2-standard-4"))
+    assert spot.instance_id == "gcp-a1" and spot.spot and not standard.spot
+    assert spot.state in ("pending", "running") and spot.zone == ZONE
+    assert spot.public_ip and spot.public_ip.startswith("198.51.100.")
+    assert spot.cloud_id == f"projects/{PROJECT}/zones/{ZONE}/instances/ct-gcp-a1"
+
+    a, b = created(gce, "gcp-a1"), created(gce, "gcp-a2")
+    assert a["scheduling"] == {"provisioningModel": "SPOT", "instanceTerminationAction": "DELETE",
+                               "automaticRestart": False, "onHostMaintenance": "TERMINATE"}
+    assert b["scheduling"] == {"provisioningModel": "STANDARD"}
+    assert a["labels"] == {TAG_DAEMON: "daemon1", TAG_INSTANCE: "gcp-a1"}
+    meta = metadata(a)
+    assert meta["ssh-keys"] == f"ubuntu:{PUBKEY}" and meta["enable-guest-attributes"] == "TRUE"
+    assert json.loads(meta[META_INSTANCES]) == {"ct-gcp-a1": "gcp-a1"}
+    [disk] = a["disks"]
+    assert disk["boot"] and disk["autoDelete"] and disk["initializeParams"]["sourceImage"] == DEFAULT_IMAGE
+    [nic] = a["networkInterfaces"]
+    assert nic["network"] == "global/networks/default"
+    assert [ac["type"] for ac in nic["accessConfigs"]] == ["ONE_TO_ONE_NAT"]
+    assert b["machineType"].endswith(f"/zones/{ZONE}/machineTypes/n2-standard-4")
+    # One plain insert each; operations polled with short gets through our own endpoint, never `wait`.
+    assert len(gce.calls_of("instances.insert")) == 2 and not gce.calls_of("instances.bulkInsert")
+    assert gce.calls_of("zoneOperations.get") and not gce.calls_of("zoneOperations.wait")
+
+    got = await driver.get("gcp-a1")
+    assert got is not None and got.state == "running" and got.public_ip == spot.public_ip
+
+
+async def test_image_from_the_request_or_the_driver(gce: ComputeStandin) -> None:
+    d = make_driver(gce, image="projects/debian-cloud/global/images/family/debian-12")
+    try:
+        await d.create(req("gcp-i1"))
+        await d.create(CreateRequest("gcp-i2", "daemon1", "e2-small", ZONE, False, "u", PUBKEY,
+                                     image="projects/p/global/images/mine"))
+    finally:
+        await d.close()
+    assert created(gce, "gcp-i1")["disks"][0]["initializeParams"]["sourceImage"].endswith("family/debian-12")
+    assert created(gce, "gcp-i2")["disks"][0]["initializeParams"]["sourceImage"] == "projects/p/global/images/mine"
+
+
+async def test_concurrent_creates_are_one_bulk_insert_per_offer(driver: GcpDriver, gce: ComputeStandin) -> None:
+    ids = [f"gcp-b{i}" for i in range(3)] + ["gcp-s0", "gcp-s1"]
+    vms = await asyncio.gather(*(driver.create(req(i, spot=i.startswith("gcp-s"))) for i in ids))
+    assert [v.instance_id for v in vms] == ids and len({v.cloud_id for v in vms}) == 5
+    bulk = gce.calls_of("instances.bulkInsert")
+    assert len(bulk) == 2 and not gce.calls_of("instances.insert")  # one call per (type, zone, market)
+    by_count = {int(c.body["count"]): c.body for c in bulk}
+    assert sorted(by_count) == [2, 3]
+    standard, spot = by_count[3], by_count[2]
+    assert int(standard["minCount"]) == 3  # all or nothing
+    assert set(standard["perInstanceProperties"]) == {vm_name(i) for i in ids[:3]}
+    assert standard["instanceProperties"]["scheduling"]["provisioningModel"] == "STANDARD"
+    assert spot["instanceProperties"]["scheduling"]["provisioningModel"] == "SPOT"
+    assert standard["instanceProperties"]["labels"] == {TAG_DAEMON: "daemon1"}
+    for vm in vms:  # each VM then carries its own instance label, and the map names it exactly
+        inst = created(gce, vm.instance_id)
+        assert inst["labels"] == {TAG_DAEMON: "daemon1", TAG_INSTANCE: vm.instance_id}
+        assert vm.tags[TAG_INSTANCE] == vm.instance_id
+        assert json.loads(metadata(inst)[META_INSTANCES])[inst["name"]] == vm.instance_id
+    assert {v.instance_id for v in await driver.list()} == set(ids)
+
+
+async def test_create_is_idempotent_by_instance_id(driver: GcpDriver, gce: ComputeStandin) -> None:
+    first = await driver.create(req("gcp-c1"))
+    again = await driver.create(req("gcp-c1"))
+    assert again.cloud_id == first.cloud_id and again.instance_id == "gcp-c1"
+    assert len(gce.calls_of("instances.insert")) == 1
+
+    # The look-up misses it (a stale read): the insert's 409 still returns the VM made before.
+    gce.fail_next("instances.get", 404, "notFound")
+    third = await driver.create(req("gcp-c1"))
+    assert third.cloud_id == first.cloud_id and len(gce.calls_of("instances.insert")) == 2
+
+    # A batch with one name already taken falls back to one insert per VM.
+    gce.fail_next("instances.get", 404, "notFound", count=2)
+    old, new = await asyncio.gather(driver.create(req("gcp-c1")), driver.create(req("gcp-c2")))
+    assert old.cloud_id == first.cloud_id and new.instance_id == "gcp-c2"
+    assert len(gce.calls_of("instances.bulkInsert")) == 1 and len(gce.calls_of("instances.insert")) == 4
+    assert {v.instance_id for v in await driver.list()} == {"gcp-c1", "gcp-c2"}
+
+
+async def test_a_batch_vm_whose_label_failed_is_still_known_by_its_id(driver: GcpDriver,
+                                                                       gce: ComputeStandin) -> None:
+    """As after a crash between bulkInsert and setLabels: the shared metadata map still names each VM."""
+    gce.fail_next("instances.setLabels", 503, "backendError")
+    vms = await asyncio.gather(driver.create(req("gcp-l1")), driver.create(req("gcp-l2")))
+    unlabelled = [v.instance_id for v in vms if TAG_INSTANCE not in v.tags]
+    assert len(unlabelled) == 1 and TAG_INSTANCE not in created(gce, unlabelled[0])["labels"]
+    fresh = make_driver(gce)
+    try:
+        assert {v.instance_id for v in await fresh.list()} == {"gcp-l1", "gcp-l2"}
+    finally:
+        await fresh.close()
+
+
+async def test_an_unreachable_endpoint_is_transient(gce: ComputeStandin) -> None:
+    d = GcpDriver(PROJECT, ZONE, "daemon1", api_endpoint=f"http://127.0.0.1:{free_port()}",
+                  credentials=AnonymousCredentials(), polling_interval_s=0.01)
+    try:
+        with pytest.raises(TransientProviderError, match="gcp: launch: ConnectionError") as info:
+            await d.create(req("gcp-u1"))
+    finally:
+        await d.close()
+    assert info.value.retryable
+
+
+async def test_ids_that_are_not_valid_names_are_kept_exactly(driver: GcpDriver, gce: ComputeStandin) -> None:
+    odd = ["GCP_Upper.1", "gcp_upper.1", "x" * 80]
+    vms = await asyncio.gather(*(driver.create(req(i)) for i in odd))
+    names = {vm_name(i) for i in odd}
+    assert len(names) == 3 and all(len(n) <= 63 for n in names)  # the stand-in refuses invalid names
+    assert {v.instance_id for v in vms} == set(odd)
+    assert {v.instance_id for v in await driver.list()} == set(odd)
+    fresh = make_driver(gce)  # no zone learned yet: found by name across zones
+    try:
+        got = await fresh.get("GCP_Upper.1")
+        assert got is not None and got.instance_id == "GCP_Upper.1"
+    finally:
+        await fresh.close()
+
+
+async def test_list_is_only_ours_and_delete_is_idempotent(driver: GcpDriver, gce: ComputeStandin) -> None:
+    other = make_driver(gce, "daemon2")
+    try:
+        await other.create(req("gcp-x", daemon_id="daemon2"))
+    finally:
+        await other.close()
+    gce.add_instance(PROJECT, "europe-west1-b", {"name": "unlabelled"})
+    gce.add_instance(PROJECT, "europe-west1-b", {"name": "stopped-one", "labels": {TAG_DAEMON: "daemon1"},
+                                                 "metadata": {"items": [{"key": META_INSTANCES,
+                                                                         "value": '{"stopped-one": "gcp-st"}'}]}},
+                     status="TERMINATED")
+    mine = [await driver.create(req(f"gcp-d{i}")) for i in range(3)]
+    gce.page_size = 2  # the list comes in pages: all of them are read
+    listed = {v.instance_id: v for v in await driver.list()}
+    assert set(listed) == {"gcp-d0", "gcp-d1", "gcp-d2", "gcp-st"}
+    # Stopped (GCE's TERMINATED) still exists and costs its disk: listed, so the reconciler deletes it.
+    assert listed["gcp-st"].state == "stopping" and listed["gcp-st"].zone == "europe-west1-b"
+
+    await driver.delete("gcp-d0")
+    await driver.delete("gcp-d0")
+    await driver.delete("gcp-never-made")
+    await driver.delete("gcp-st")  # in another zone, found through the list
+    assert await driver.get("gcp-d0") is None
+    assert {v.instance_id for v in await driver.list()} == {"gcp-d1", "gcp-d2"}
+    assert gce.instance(vm_name("gcp-d0")) is None and gce.instance("stopped-one") is None
+    assert gce.instance(vm_name("gcp-x")) is not None  # the other daemon's is untouched
+    assert mine[1].instance_id == "gcp-d1"
+
+
+async def test_stock_out_operation_is_capacity_and_leaves_nothing(driver: GcpDriver, gce: ComputeStandin) -> None:
+    gce.fail_operation_next("instances.insert", "ZONE_RESOURCE_POOL_EXHAUSTED")
+    with pytest.raises(CapacityError) as info:
+        await driver.create(req("gcp-e1", spot=True))
+    assert info.value.retryable and "ZONE_RESOURCE_POOL_EXHAUSTED" in str(info.value)
+    assert str(info.value).startswith("gcp: launch:")
+    assert isinstance(info.value.__cause__, OperationError)
+    assert await driver.list() == []
+    # A batch stocks out as a whole (min_count = count): every request hears it.
+    gce.fail_operation_next("instances.bulkInsert", "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS")
+    got = await asyncio.gather(driver.create(req("gcp-e2")), driver.create(req("gcp-e3")), return_exceptions=True)
+    assert all(isinstance(g, CapacityError) for g in got), got
+    assert await driver.list() == []
+    vm = await driver.create(req("gcp-e1", spot=True))  # the next try starts clean
+    assert vm.instance_id == "gcp-e1"
+
+
+async def test_quota_operation_error_is_quota_exceeded(driver: GcpDriver, gce: ComputeStandin) -> None:
+    gce.fail_operation_next("instances.insert", "QUOTA_EXCEEDED", 403,
+                            "Quota 'CPUS' exceeded.  Limit: 24.0 in region us-central1.")
+    with pytest.raises(QuotaExceeded, match="QUOTA_EXCEEDED: Quota 'CPUS' exceeded") as info:
+        await driver.create(req("gcp-q1"))
+    assert not info.value.retryable
+
+
+# A 401 is not here: the client first refreshes the credentials, which AnonymousCredentials refuse
+# (test_classify covers the Unauthenticated that real credentials end with).
+@pytest.mark.parametrize(("status", "reason", "message", "kind"), [
+    (403, "quotaExceeded", "Quota exceeded for quota metric 'Instances'", QuotaExceeded),
+    (403, "rateLimitExceeded", "Rate Limit Exceeded", TransientProviderError),
+    (429, "rateLimitExceeded", "Too many requests", TransientProviderError),
+    (403, "forbidden", "Required 'compute.instances.create' permission for 'projects/test-project'",
+     ProviderAuthError),
+    (400, "invalid", "Invalid value for field 'resource.machineType'", InvalidRequest),
+    (404, "notFound", "The resource 'projects/ubuntu-os-cloud/global/images/nope' was not found", InvalidRequest),
+    (503, "backendError", "Internal error. Please try again", TransientProviderError),
+    (503, "backendError", "ZONE_RESOURCE_POOL_EXHAUSTED: no capacity", CapacityError),
+])
+async def test_http_errors_map_to_named_types(driver: GcpDriver, gce: ComputeStandin, status: int, reason: str,
+                                              message: str, kind: type[ProviderError]) -> None:
+    gce.fail_next("instances.insert", status, reason, message)
+    with pytest.raises(kind) as info:
+        await driver.create(req("gcp-h1"))
+    assert type(info.value) is kind and str(info.value).startswith("gcp: launch:")
+    assert message in str(info.value)
+    assert await driver.list() == []
+
+
+async def test_permission_denied_on_list_is_auth(driver: GcpDriver, gce: ComputeStandin) -> None:
+    gce.fail_next("instances.aggregatedList", 403, "forbidden", "Required 'compute.instances.list' permission")
+    with pytest.raises(ProviderAuthError, match=r"gcp: list: 403 forbidden"):
+        await driver.list()
+
+
+async def test_a_503_on_a_read_is_retried(driver: GcpDriver, gce: ComputeStandin) -> None:
+    await driver.create(req("gcp-r1"))
+    gce.fail_next("instances.aggregatedList", 503, "backendError")
+    assert [v.instance_id for v in await driver.list()] == ["gcp-r1"]
+    assert len(gce.calls_of("instances.aggregatedList")) == 2
+
+
+@pytest.mark.parametrize(("exc", "kind"), [
+    (OperationError("ZONE_RESOURCE_POOL_EXHAUSTED", "no", 503), CapacityError),
+    (OperationError("RESOURCE_POOL_EXHAUSTED", "no", 503), CapacityError),
+    (OperationError("UNSUPPORTED_OPERATION", "Spot VMs of this type are currently unavailable", 400),
+     CapacityError),
+    (OperationError("UNSUPPORTED_OPERATION", "Machine type with name 'x' does not support disks", 400),
+     InvalidRequest),
+    (OperationError("QUOTA_EXCEEDED", "Quota 'CPUS' exceeded", 403), QuotaExceeded),
+    (OperationError("RESOURCE_NOT_FOUND", "image not found", 404), InvalidRequest),
+    (OperationError("SOMETHING_NEW", "?", 500), TransientProviderError),
+    (api.from_http_status(401, "Request had invalid authentication credentials"), ProviderAuthError),
+    (api.from_http_status(403, "q", errors=[{"reason": "quotaExceeded"}]), QuotaExceeded),
+    (api.from_http_status(403, "r", errors=[{"reason": "userRateLimitExceeded"}]), TransientProviderError),
+    (api.from_http_status(502, "bad gateway"), TransientProviderError),
+    (api.ServiceUnavailable("ZONE_RESOURCE_POOL_EXHAUSTED"), CapacityError),
+    (api.RetryError("deadline", api.ServiceUnavailable("backend")), TransientProviderError),
+    (auth.DefaultCredentialsError("Your default credentials were not found."), ProviderAuthError),
+    (auth.RefreshError("invalid_grant: account not found"), ProviderAuthError),
+    (auth.TransportError("connection refused"), TransientProviderError),
+    (ConnectionRefusedError("refused"), TransientProviderError),
+])
+def test_classify(exc: Exception, kind: type[ProviderError]) -> None:
+    err = classify(exc, "launch")
+    assert type(err) is kind and err.provider == "gcp" and err.op == "launch"
+
+
+async def test_no_application_default_credentials_name_gcp_and_what_to_set(
+        gce: ComputeStandin, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The real google.auth.default() with nothing to find: no variable, no gcloud file, and a
+    metadata server that refuses at once (a closed local port instead of 169.254.169.254)."""
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))
+    closed = f"127.0.0.1:{free_port()}"
+    monkeypatch.setenv("GCE_METADATA_HOST", closed)
+    monkeypatch.setenv("GCE_METADATA_IP", closed)
+    d = GcpDriver(PROJECT, ZONE, "daemon1", api_endpoint=gce.url)
+    try:
+        with pytest.raises(ProviderAuthError) as info:
+            await d.list()
+    finally:
+        await d.close()
+    text = str(info.value)
+    assert text.startswith("gcp: list: no credentials") and all(s in text for s in NO_CREDS), text
+    assert not gce.calls  # refused before any call
+
+
+async def test_missing_google_application_credentials_file(gce: ComputeStandin, monkeypatch: pytest.MonkeyPatch,
+                                                           tmp_path: Path) -> None:
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "nope.json"))
+    d = GcpDriver(PROJECT, ZONE, "daemon1", api_endpoint=gce.url)
+    try:
+        with pytest.raises(ProviderAuthError) as info:
+            await d.create(req("gcp-n1"))
+    finally:
+        await d.close()
+    text = str(info.value)
+    assert text.startswith("gcp: launch: no credentials") and all(s in text for s in NO_CREDS), text
+    assert "nope.json" in text  # google-auth's own reason is kept
+
+
+@pytest.mark.parametrize("content", [None, "not json {", '{"type": "service_account", "private_key": "S3CRET-KEY"}'])
+async def test_bad_credentials_file_names_the_key_and_the_path(gce: ComputeStandin, tmp_path: Path,
+                                                               content: str | None) -> None:
+    path = tmp_path / "sa.json"
+    if content is not None:
+        path.write_text(content)
+    d = GcpDriver(PROJECT, ZONE, "daemon1", api_endpoint=gce.url, credentials_file=str(path))
+    try:
+        with pytest.raises(ProviderAuthError) as info:
+            await d.list()
+    finally:
+        await d.close()
+    text = str(info.value)
+    assert text.startswith("gcp: list: cannot use providers.gcp.credentials_file") and str(path) in text
+    assert "S3CRET" not in text
+
+
+def test_empty_project_names_the_key() -> None:
+    with pytest.raises(ProviderAuthError, match=r"^gcp: configure: .*providers\.gcp\.project_id"):
+        GcpDriver("", ZONE, "daemon1")
+
+
+async def test_host_keys_from_guest_attributes(driver: GcpDriver, gce: ComputeStandin) -> None:
+    await driver.create(req("gcp-k1"))
+    assert await driver.host_keys("gcp-k1") == []  # the guest has not published them yet
+    ed = "AAAAC3NzaC1lZDI1NTE5AAAAIBd5pjkWPRG2g1DCrDL2qVdUwq0eGnWxSOZ6fzfJ2pYk"
+    ecdsa = "AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBE"
+    gce.publish_host_keys(vm_name("gcp-k1"), {"ssh-ed25519": ed, "ecdsa-sha2-nistp256": ecdsa})
+    fresh = make_driver(gce)  # finds the VM's zone by itself
+    try:
+        assert sorted(await fresh.host_keys("gcp-k1")) == sorted([f"ssh-ed25519 {ed}", f"ecdsa-sha2-nistp256 {ecdsa}"])
+        assert await fresh.host_keys("gcp-nope") == []
+    finally:
+        await fresh.close()
+    [call] = gce.calls_of("instances.getGuestAttributes")[-1:]
+    assert call.path.endswith(f"/zones/{ZONE}/instances/ct-gcp-k1/getGuestAttributes")
+
+
+async def test_calls_do_not_block_the_event_loop(driver: GcpDriver, gce: ComputeStandin) -> None:
+    """The stand-in holds the insert until the test releases it: the test can only do that if its
+    loop runs while the driver's call is in flight (a blocked loop would leave the gate to time out)."""
+    await driver.list()  # the library is imported and the clients are built
+    gate = gce.hold("instances.insert")
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.005)
+
+    async def arrived() -> bool:
+        return gate.arrived.is_set()
+
+    ticking = asyncio.create_task(ticker())
+    create = asyncio.create_task(driver.create(req("gcp-t1")))
+    try:
+        await wait_for(arrived, message="the insert reaching the stand-in")
+        at_arrival = ticks
+
+        async def ticked() -> bool:
+            return ticks >= at_arrival + 20
+
+        await wait_for(ticked, message="the loop ticking during the insert")
+        assert not create.done()
+        gate.release()
+        vm = await create
+    finally:
+        ticking.cancel()
+        create.cancel()
+    assert gate.released_by_test and vm.instance_id == "gcp-t1"
+
+
+async def test_close_fails_creates_not_sent_yet(gce: ComputeStandin, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cloudtaskd.providers.gcp as gcp_module
+
+    monkeypatch.setattr(gcp_module, "BATCH_WINDOW_S", 60.0)  # the batch stays open until close()
+    d = make_driver(gce)
+    await d.list()
+    pending = asyncio.create_task(d.create(req("gcp-z1")))
+
+    async def queued() -> bool:
+        return bool(d._batches)
+
+    await wait_for(queued, message="the create waiting in its batch")
+    await d.close()
+    with pytest.raises(ProviderError, match="closed"):
+        await pending
+    assert not gce.calls_of("instances.insert")
+
+
+async def test_reconcile_deletes_orphans_after_a_crash(driver: GcpDriver, gce: ComputeStandin,
+                                                       tmp_path: Path) -> None:
+    """A VM labelled with our daemon id but with no live row (the daemon died between launch and its
+    record) is deleted by the next reconcile; a known one is left alone."""
+    from cloudtaskd.config import Config
+    from cloudtaskd.dispatch import Dispatcher
+    from cloudtaskd.orchestrator.reconciler import Reconciler
+    from cloudtaskd.pins import InstancePins
+    from cloudtaskd.providers.cloud import CloudProvider, CloudSettings
+    from cloudtaskd.store import Store
+
+    key = tmp_path / "id"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    settings = CloudSettings("e2-standard-2", ZONE, False, 2, "ubuntu", key)
+    gce.gets_to_running = 10**6  # still booting: terminate does not first try SSH to stop an agent
+    store = Store(tmp_path / "db.sqlite")
+    await store.open()
+    provider = CloudProvider(driver, settings, "daemon1", tmp_path, InstancePins(store))
+    try:
+        config = Config(state_dir=str(tmp_path))
+        known = await driver.create(req("gcp-known"))
+        await driver.create(req("gcp-orphan", spot=True))
+        await store.write(lambda tx: tx.db.execute(
+            "INSERT INTO instances (id, provider, pool_id, state, slots, token_hash, cloud_id, created_at,"
+            " state_changed_at) VALUES ('gcp-known', 'gcp', NULL, 'running', 2, 'x', ?, 0, ?)",
+            (known.cloud_id, tx.now)))
+        reconciler = Reconciler(store, Dispatcher(store, config), [(provider, 5)], config, "ws://x")
+        await reconciler.sync(now=0.0 + 1e9)
+        assert {v.instance_id for v in await driver.list()} == {"gcp-known"}
+        assert gce.instance(vm_name("gcp-orphan")) is None
+        assert [c.path.rsplit("/", 1)[-1] for c in gce.calls_of("instances.delete")] == ["ct-gcp-orphan"]
+    finally:
+        await store.close()
