@@ -140,7 +140,14 @@ class Daemon:
                                tenant_id=c.tenant_id or None, client_id=c.client_id or None,
                                client_secret=c.client_secret or None, base_url=c.base_url or None)
 
-        return [(p.aws, aws), (p.azure, azure)]
+        def gcp() -> CloudDriver:
+            from cloudtaskd.providers.gcp import GcpDriver
+
+            c = p.gcp
+            return GcpDriver(c.project_id, c.zone, daemon_id, credentials_file=c.credentials_file or None,
+                             api_endpoint=c.api_endpoint or None, image=c.image or None)
+
+        return [(p.aws, aws), (p.gcp, gcp), (p.azure, azure)]
 
     def _catalog_fetchers(self) -> dict[str, Fetcher]:
         """How each enabled cloud fetches its offers: only the types its config allows."""

@@ -103,6 +103,7 @@ class ComputeStandin:
         self.lock = threading.Lock()  # the stand-in's thread and the test's share the state below
         self.instances: dict[tuple[str, str], dict[str, Any]] = {}  # (zone, name) -> instance resource
         self.host_keys: dict[str, dict[str, str]] = {}  # instance name -> {key type: base64 blob}
+        self.default_host_keys: dict[str, str] = {}  # published for every instance without keys of its own
         self.calls: list[Call] = []
         self.page_size = 500  # list and aggregatedList answer in pages of this many
         self.gets_to_running = 2  # a new instance is RUNNING after this many gets (PROVISIONING, STAGING before)
@@ -420,7 +421,7 @@ class ComputeStandin:
         with self.lock:
             if (request.match_info["zone"], request.match_info["name"]) not in self.instances:
                 return self._not_found(request)
-            keys = dict(self.host_keys.get(request.match_info["name"], {}))
+            keys = dict(self.host_keys.get(request.match_info["name"], self.default_host_keys))
         if path != "hostkeys/" or not keys:
             return self._not_found(request, f"/guestAttributes/{path}")
         return web.json_response({"kind": "compute#guestAttributes", "queryPath": path, "queryValue": {"items": [
