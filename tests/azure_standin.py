@@ -8,10 +8,15 @@ VMs get an instance view (`?$expand=instanceView` or `/instanceView`).
 
 Failures a test can ask for on the next VM create: an allocation failure (a failed LRO that leaves
 the VM behind in the Failed state, as Azure does) or a quota refusal (409 OperationNotAllowed).
+
+Resource SKUs (`GET /subscriptions/{s}/providers/Microsoft.Compute/skus`): the `skus` a test sets,
+narrowed by a `location eq '...'` filter the way Azure narrows them (`locations` and `locationInfo`
+keep only that location), in pages of `sku_page_size` linked by `nextLink`, or `sku_error` instead.
 """
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +24,7 @@ from typing import Any
 from aiohttp import web
 
 VM_TYPE = "microsoft.compute/virtualmachines"
+SKUS_SUFFIX = "/providers/microsoft.compute/skus"
 
 
 @dataclass
@@ -35,6 +41,10 @@ class ArmStandin:
     requests: list[tuple[str, str]] = field(default_factory=list)  # (method, path)
     fail_next_vm: tuple[str, str] | None = None  # ("allocation" | "quota", error code)
     power: dict[str, str] = field(default_factory=dict)  # VM path (lower) -> power state; default running
+    skus: list[dict[str, Any]] = field(default_factory=list)  # the Resource SKUs API's answer, all locations
+    sku_page_size: int = 0  # 0: one page
+    sku_error: tuple[int, str] | None = None  # (HTTP status, ARM error code) for every SKU list
+    sku_filters: list[str] = field(default_factory=list)  # the `$filter` of each first-page SKU request
     url: str = ""
     _ops: dict[str, _Operation] = field(default_factory=dict)
     _runner: web.AppRunner | None = None
@@ -94,6 +104,8 @@ class ArmStandin:
             if key not in self.resources:
                 return web.Response(status=204)
             return web.Response(status=202, headers=self._operation(key, "DELETE"))
+        if request.method == "GET" and key.endswith(SKUS_SUFFIX):
+            return self._skus(request, path)
         if request.method in ("GET", "HEAD"):
             return self._get(request, key)
         return self._error(405, "MethodNotAllowed", f"{request.method} is not supported here")
@@ -146,6 +158,30 @@ class ArmStandin:
             children = [r for k, r in self.resources.items() if k.rsplit("/", 1)[0] == key]
             return web.json_response({"value": children})
         return self._error(404, "ResourceNotFound", f"The Resource '{key}' was not found.")
+
+    def _skus(self, request: web.Request, path: str) -> web.Response:
+        if self.sku_error is not None:
+            status, code = self.sku_error
+            return self._error(status, code, f"refused: {code}")
+        skip = int(request.query.get("$skiptoken", "0"))
+        query = request.query.get("$filter", "")
+        if not skip:
+            self.sku_filters.append(query)
+        skus = self.skus
+        if query:
+            match = re.fullmatch(r"location eq '([^']*)'", query.strip())
+            if match is None:
+                return self._error(400, "InvalidFilter", f"only a location filter is supported, not {query!r}")
+            where = match.group(1).lower()
+            skus = [{**sku, "locations": [where], "locationInfo": [
+                        i for i in sku.get("locationInfo", []) if i.get("location", "").lower() == where]}
+                    for sku in skus if where in (loc.lower() for loc in sku.get("locations", []))]
+        size = self.sku_page_size or max(len(skus), 1)
+        body: dict[str, Any] = {"value": skus[skip:skip + size]}
+        if skip + size < len(skus):
+            params = {**request.query, "$skiptoken": str(skip + size)}
+            body["nextLink"] = str(request.url.with_path(path).with_query(params))
+        return web.json_response(body)
 
     def _instance_view(self, vm: dict[str, Any]) -> dict[str, Any]:
         state = vm["properties"].get("provisioningState", "Succeeded")
