@@ -183,6 +183,8 @@ class AzureProviderConfig(CloudProviderConfig):
     client_id: str = ""
     client_secret: Secret = NO_SECRET
     base_url: str = ""  # an emulator instead of https://management.azure.com
+    # The public Retail Prices API (no credentials); an emulator's address in tests.
+    retail_prices_url: str = "https://prices.azure.com/api/retail/prices"
     machine_type: str = "Standard_D2s_v5"
 
     @property

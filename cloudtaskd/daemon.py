@@ -164,6 +164,14 @@ class Daemon:
                 driver, pricing = provider.driver, self.config.providers.aws.pricing_endpoint_url or None
                 assert isinstance(driver, AwsDriver)
                 fetchers["aws"] = partial(aws_catalog.fetch_offers, driver, types, pricing_endpoint_url=pricing)
+            elif provider.name == "azure":
+                from cloudtaskd.catalog import azure as azure_catalog
+                from cloudtaskd.providers.azure import AzureDriver
+
+                az = provider.driver
+                assert isinstance(az, AzureDriver)
+                url = self.config.providers.azure.retail_prices_url
+                fetchers["azure"] = partial(azure_catalog.fetch_offers, az, types, prices_url=url, zones=s.zones)
         return fetchers
 
     def _cloud_settings(self, c: CloudProviderConfig) -> CloudSettings:

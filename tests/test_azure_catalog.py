@@ -264,3 +264,45 @@ async def test_sku_api_errors_are_classified(driver: AzureDriver, arm: ArmStandi
     assert type(info.value) is kind and info.value.op == "catalog" and code in str(info.value)
     assert info.value.__cause__ is not None
     assert prices.filters == []  # no prices asked for when the sizes are unknown
+
+
+async def test_the_daemon_refreshes_azure_and_ranks_its_offers(arm: ArmStandin, prices: RetailPricesStandin,
+                                                               tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the daemon: `catalog refresh` fetches the allowed Azure types, and the market then
+    ranks them by price per slot-hour (spot D2s_v5 at 0.018 / 2 slots first)."""
+    from dataclasses import replace
+
+    import cloudtaskd.providers.azure as azure_module
+    from cloudtaskd.config import AzureProviderConfig, LocalProviderConfig, ProvidersConfig
+    from cloudtaskd.daemon import Daemon
+    from cloudtaskd.orchestrator.selection import Needs, Policy
+    from tests.test_azure import SUB, FakeCredential, PlainHttpAuth
+
+    class TestAzureDriver(AzureDriver):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            cred = FakeCredential()
+            super().__init__(*args, **kwargs, credential=cred, client_kwargs={
+                "authentication_policy": PlainHttpAuth(cred, "https://management.azure.com/.default"),
+                "polling_interval": 0.01, "retry_total": 0})
+
+    monkeypatch.setattr(azure_module, "AzureDriver", TestAzureDriver)
+    from tests.conftest import make_config
+
+    azure = AzureProviderConfig(enabled=True, subscription_id=SUB, location=LOCATION, base_url=arm.url,
+                                machine_type="Standard_D2s_v5", machine_types=("Standard_D4s_v5",), cpus=2,
+                                retail_prices_url=prices.url, ssh_user="root")
+    config = replace(make_config(tmp_path), providers=ProvidersConfig(local=LocalProviderConfig(enabled=False),
+                                                                      azure=azure))
+    daemon = Daemon(config)
+    await daemon.start()
+    try:
+        done = await daemon.market.refresh()
+        assert [(r.provider, r.error) for r in done] == [("azure", None)] and done[0].offers >= 4
+        ranked = daemon.market.rank(Needs(cpus_per_task=1), Policy())
+        top = ranked[0]
+        assert (top.offer.machine_type, top.offer.spot, top.offer.price_per_hour, top.slots) == (
+            "Standard_D2s_v5", True, 0.018, 2)
+        assert {c.offer.machine_type for c in ranked} == {"Standard_D2s_v5", "Standard_D4s_v5"}  # only allowed
+        assert all(c.offer.zone == LOCATION for c in ranked)  # no zones configured: the location
+    finally:
+        await daemon.stop()
