@@ -277,3 +277,26 @@ async def test_a_published_host_key_that_does_not_match_is_refused(driver: AwsDr
     finally:
         await store.close()
         sshd.stop()
+
+
+async def test_a_stock_out_is_reported_at_once_and_a_transient_error_retried(moto: MotoEc2, creds: None) -> None:
+    """With the daemon's retry budget: a capacity error (a 500, which botocore would retry) reaches
+    the orchestrator after one call; a transient one is retried with the same ClientToken."""
+    moto.reset()
+    d = AwsDriver(REGION, "daemon1", endpoint_url=moto.url)  # default attempts, as the daemon builds it
+    try:
+        d.image = (await (await d._client()).describe_images())["Images"][0]["ImageId"]
+        await d.create(req("aws-r0"))  # key pair and security group exist
+        moto.fail_next["RunInstances"] = ("InsufficientInstanceCapacity", 500, "no capacity in us-east-1a")
+        before = moto.calls["RunInstances"]
+        with pytest.raises(CapacityError):
+            await d.create(req("aws-r1"))
+        assert moto.calls["RunInstances"] - before == 1
+        moto.fail_next["RunInstances"] = ("InternalError", 500, "try again")
+        before = moto.calls["RunInstances"]
+        vm = await d.create(req("aws-r2"))
+        assert vm.instance_id == "aws-r2" and moto.calls["RunInstances"] - before == 2
+        tokens = [p["ClientToken"] for a, p in moto.params[-3:] if a == "RunInstances"]
+        assert len(tokens) == 2 and tokens[0] == tokens[1]  # the retry cannot launch twice
+    finally:
+        await d.close()

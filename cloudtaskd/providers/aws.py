@@ -35,6 +35,7 @@ from cloudtaskd.providers.cloud import TAG_DAEMON, TAG_INSTANCE, CloudVm, Create
 log = structlog.get_logger("cloudtaskd.providers.aws")
 
 BATCH_WINDOW_S = 0.05
+LAUNCH_RETRY_S = 0.5  # first pause before retrying a transient RunInstances failure (then doubling)
 UBUNTU_OWNER = "099720109477"  # Canonical
 UBUNTU_IMAGE_NAME = "ubuntu/images/hvm-ssd*/ubuntu-jammy-22.04-amd64-server-*"
 SECURITY_GROUP = "cloudtask-ssh"
@@ -114,6 +115,7 @@ class AwsDriver:
         self._max_attempts = max_attempts
         self._stack: AsyncExitStack | None = None
         self._ec2: Any = None
+        self._ec2_once: Any = None
         self._client_lock = asyncio.Lock()
         self._setup: tuple[str, str, str] | None = None  # (image, key name, security group id)
         self._setup_lock = asyncio.Lock()
@@ -133,15 +135,38 @@ class AwsDriver:
     async def _client(self) -> Any:
         async with self._client_lock:
             if self._ec2 is None:
+                from botocore.config import Config as BotoConfig
+
                 self._stack = AsyncExitStack()
                 self._ec2 = await self._stack.enter_async_context(self.session().client(
                     "ec2", endpoint_url=self.endpoint_url, config=self.client_config()))
+                # RunInstances retries itself (below): botocore would retry a stock-out (a 500) too,
+                # and the orchestrator should hear of it at once to try the next-best offer.
+                self._ec2_once = await self._stack.enter_async_context(self.session().client(
+                    "ec2", endpoint_url=self.endpoint_url,
+                    config=BotoConfig(retries={"total_max_attempts": 1, "mode": "standard"})))
             return self._ec2
+
+    async def _run_instances(self, params: dict[str, Any]) -> Any:
+        """RunInstances, retried on transient errors only (the ClientToken makes a retry safe)."""
+        await self._client()
+        delay = LAUNCH_RETRY_S
+        for attempt in range(1, self._max_attempts + 1):
+            try:
+                return await self._ec2_once.run_instances(**params)
+            except Exception as exc:
+                err = classify(exc, "launch")
+                if not isinstance(err, TransientProviderError) or attempt == self._max_attempts:
+                    raise err from exc
+                log.info("aws_launch_retry", attempt=attempt, error=str(err))
+                await asyncio.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
 
     async def close(self) -> None:
         if self._stack is not None:
             await self._stack.aclose()
-        self._stack = self._ec2 = None
+        self._stack = self._ec2 = self._ec2_once = None
 
     # ---- one-time set-up: image, key pair, security group ----
 
@@ -238,10 +263,7 @@ class AwsDriver:
         if first.spot:
             params["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": {
                 "SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}}
-        try:
-            out = await ec2.run_instances(**params)
-        except Exception as exc:
-            raise classify(exc, "launch") from exc
+        out = await self._run_instances(params)
         instances = out.get("Instances", [])
         vms = []
         for req, inst in zip(reqs, instances, strict=False):
