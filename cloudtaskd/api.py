@@ -168,6 +168,11 @@ class ControlApi:
         timeout = body.get("timeout_s")
         if timeout is not None and (type(timeout) not in (int, float) or timeout <= 0):
             raise BadInput("timeout_s: expected a positive number", field="timeout_s")
+        opts["policy"] = _job_policy(body.get("policy"))
+        cap = body.get("max_total_cost")
+        if cap is not None and (type(cap) not in (int, float) or not math.isfinite(cap) or cap <= 0):
+            raise BadInput("max_total_cost: expected a positive number of USD", field="max_total_cost")
+        opts["max_total_cost"] = cap
         job_id = await self.store.write(_create_job, name, digest, opts, timeout, self.config)
         log.info("job_created", job=job_id, name=name)
         return web.json_response(await self._job(job_id), status=201)
@@ -503,9 +508,10 @@ def _create_job(tx: Tx, name: str, digest: str, opts: dict[str, Any], timeout: f
     spec = WorkerSpec.from_dict(json.loads(row[1]))
     timeout_s = timeout or spec.timeout or config.queue.task_timeout_s or None
     cur = tx.db.execute(
-        "INSERT INTO jobs (name, pool_id, state, created_at, max_attempts, timeout_s, max_instances)"
-        " VALUES (?, ?, 'active', ?, ?, ?, ?)",
-        (name, row[0], tx.now, opts["max_attempts"] or config.queue.max_attempts, timeout_s, opts["max_instances"]),
+        "INSERT INTO jobs (name, pool_id, state, created_at, max_attempts, timeout_s, max_instances, policy,"
+        " max_total_cost) VALUES (?, ?, 'active', ?, ?, ?, ?, ?, ?)",
+        (name, row[0], tx.now, opts["max_attempts"] or config.queue.max_attempts, timeout_s, opts["max_instances"],
+         json.dumps(opts["policy"].to_dict()), opts["max_total_cost"]),
     )
     job_id = int(cur.lastrowid or 0)
     tx.event("job_created", job_id=job_id, detail=json.dumps({"name": name}))
@@ -535,8 +541,40 @@ def _job_dict(row: sqlite3.Row, recent: sqlite3.Row, instances: int) -> dict[str
         "created_at": row["created_at"], "finished_at": row["finished_at"], "worker": row["digest"],
         "counts": counts, "rate_per_s": round(n_recent / min(span, RATE_WINDOW_S), 2) if n_recent else 0.0,
         "instances": instances, "max_attempts": row["max_attempts"], "timeout_s": row["timeout_s"],
-        "max_instances": row["max_instances"],
+        "max_instances": row["max_instances"], "policy": json.loads(row["policy"] or "{}"),
+        "max_total_cost": row["max_total_cost"],
     }
+
+
+def _job_policy(raw: Any) -> Policy:
+    """A job's `policy` object: what it allows. Every field is optional; a bad one is named."""
+    if raw is None:
+        return Policy()
+    if not isinstance(raw, dict):
+        raise BadInput("policy: expected an object", field="policy")
+    unknown = set(raw) - {"providers", "regions", "spot", "on_demand_fallback", "max_price_per_hour"}
+    if unknown:
+        raise BadInput(f"policy.{sorted(unknown)[0]}: unknown key", field=f"policy.{sorted(unknown)[0]}")
+    lists = {}
+    for key in ("providers", "regions"):
+        value = raw.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(x, str) and x for x in value):
+            raise BadInput(f"policy.{key}: expected a list of names", field=f"policy.{key}")
+        lists[key] = tuple(value)
+    flags = {}
+    for key in ("spot", "on_demand_fallback"):
+        value = raw.get(key, True)
+        if type(value) is not bool:
+            raise BadInput(f"policy.{key}: expected true or false", field=f"policy.{key}")
+        flags[key] = value
+    price = raw.get("max_price_per_hour")
+    if price is not None and (type(price) not in (int, float) or not math.isfinite(price) or price <= 0):
+        raise BadInput("policy.max_price_per_hour: expected a positive number of USD",
+                       field="policy.max_price_per_hour")
+    # Spot allowed: on-demand only as the fallback, if the job allows one. No spot: on-demand.
+    on_demand = flags["on_demand_fallback"] or not flags["spot"]
+    return Policy(lists["providers"], lists["regions"], flags["spot"], on_demand,
+                  float(price) if price is not None else None)
 
 
 _STATUS = {"succeeded": "succeeded", "dead": "dead", "cancelled": "cancelled"}

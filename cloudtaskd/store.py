@@ -36,7 +36,8 @@ log = structlog.get_logger("cloudtaskd.store")
 P = ParamSpec("P")
 T = TypeVar("T")
 
-MIGRATIONS = ["001_initial.sql", "002_host_keys.sql", "003_instance_host_key.sql", "004_catalog.sql"]
+MIGRATIONS = ["001_initial.sql", "002_host_keys.sql", "003_instance_host_key.sql", "004_catalog.sql",
+              "005_job_policy.sql"]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 COUNTER = {state: f"n_{state.value}" for state in TaskState}

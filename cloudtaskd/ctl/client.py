@@ -110,10 +110,11 @@ class ApiClient:
         return result
 
     async def create_job(self, name: str, worker: str, *, max_instances: int | None = None,
-                         max_attempts: int | None = None, timeout_s: float | None = None) -> dict[str, Any]:
+                         max_attempts: int | None = None, timeout_s: float | None = None,
+                         policy: dict[str, Any] | None = None, max_total_cost: float | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"name": name, "worker": worker}
         for key, value in (("max_instances", max_instances), ("max_attempts", max_attempts),
-                           ("timeout_s", timeout_s)):
+                           ("timeout_s", timeout_s), ("policy", policy), ("max_total_cost", max_total_cost)):
             if value is not None:
                 body[key] = value
         result: dict[str, Any] = await self._call("POST", "/v1/jobs", json=body)

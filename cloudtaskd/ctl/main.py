@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-instances", type=_int_in(0, 100_000), metavar="N")
         p.add_argument("--max-attempts", type=_int_in(1, 100), metavar="N")
         p.add_argument("--name", help="job name (default: the task file's name)")
+        p.add_argument("--providers", metavar="A,B", help="only these providers (e.g. aws,gcp)")
+        p.add_argument("--regions", metavar="R1,R2", help="only these regions or zones")
+        p.add_argument("--no-spot", action="store_true", help="on-demand instances only")
+        p.add_argument("--no-on-demand-fallback", action="store_true",
+                       help="spot only: wait for spot capacity rather than fall back to on-demand")
+        p.add_argument("--max-price-per-hour", type=float, metavar="USD", help="no instance dearer than this")
         if name == "run":
             p.add_argument("--results", default=DEFAULT_RESULTS, metavar="FILE",
                            help=f"where to write one JSON line per task (default: {DEFAULT_RESULTS})")
@@ -135,6 +141,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.command in ("run", "submit") and args.worker_ref and not args.worker_repo:
         parser.error("--worker-ref needs --worker-repo")
+    if args.command in ("run", "submit") and args.no_spot and args.no_on_demand_fallback:
+        parser.error("--no-spot and --no-on-demand-fallback together allow nothing to run on")
     if args.command == "results" and args.follow and args.top is not None:
         parser.error("--top and --follow cannot be combined (--top is newest first, --follow in task order)")
     return args

@@ -87,11 +87,27 @@ async def _prepare_worker(args: argparse.Namespace, tmp: Path) -> Path:
     return bundle
 
 
+def job_policy(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The job's policy from the command line; None when no flag asks for one."""
+    policy: dict[str, Any] = {}
+    for key in ("providers", "regions"):
+        value = getattr(args, key, None)
+        if value:
+            policy[key] = [x.strip() for x in value.split(",") if x.strip()]
+    if getattr(args, "no_spot", False):
+        policy["spot"] = False
+    if getattr(args, "no_on_demand_fallback", False):
+        policy["on_demand_fallback"] = False
+    if getattr(args, "max_price_per_hour", None):
+        policy["max_price_per_hour"] = args.max_price_per_hour
+    return policy or None
+
+
 async def _submit(ctx: Ctx, api: ApiClient, args: argparse.Namespace, tasks: Path, bundle: Path,
                   state: _RunState | None = None) -> tuple[dict[str, Any], int]:
     worker = await api.upload_worker(bundle)
     job = await api.create_job(args.name or tasks.stem, worker["digest"], max_instances=args.max_instances,
-                               max_attempts=args.max_attempts)
+                               max_attempts=args.max_attempts, policy=job_policy(args))
     if state is not None:
         state.job_id = job["id"]
     try:

@@ -27,7 +27,7 @@ from cloudtaskd.hub import token_hash
 from cloudtaskd.orchestrator.backoff import OfferBackoff
 from cloudtaskd.orchestrator.market import Market
 from cloudtaskd.orchestrator.scaling import Decision, InstanceView, PoolView, Targets, decide
-from cloudtaskd.orchestrator.selection import Candidate, Needs, Policy
+from cloudtaskd.orchestrator.selection import Candidate, Needs, Policy, combine
 from cloudtaskd.providers.base import LaunchSpec, Offer, Provider
 from cloudtaskd.states import InstanceEvent, InstanceState
 from cloudtaskd.store import Store, Tx
@@ -58,7 +58,6 @@ class Reconciler:
         self._start_failures: dict[int, tuple[int, float]] = {}
         self.backoff = OfferBackoff()
         self._waiting_since: dict[int, float] = {}  # pool -> since when it has had queued tasks
-        self.policy = Policy(spot=True, on_demand=True)
         self.paused = False  # set while the daemon stops: no new launches
 
     async def run(self) -> None:
@@ -182,7 +181,7 @@ class Reconciler:
         return [c for c in ranked if not self.backoff.blocked(c.offer.key, now)]
 
     async def pool_views(self, now: float) -> list[tuple[PoolView, dict[str, Any]]]:
-        def read(db: Any) -> tuple[list[Any], list[Any], dict[str, int], dict[int, float]]:
+        def read(db: Any) -> tuple[list[Any], list[Any], dict[str, int], dict[int, float], dict[int, list[Policy]]]:
             pools = db.execute(
                 "SELECT p.id, p.digest, p.spec, p.path, sum(j.n_queued + j.n_leased + j.n_failed) AS outstanding,"
                 " sum(j.n_queued) AS queued, max(coalesce(j.max_instances, 0)) AS job_max,"
@@ -195,6 +194,9 @@ class Reconciler:
             ).fetchall()
             leases = dict(db.execute(
                 "SELECT instance_id, count(*) FROM tasks WHERE state = 'leased' GROUP BY instance_id").fetchall())
+            policies: dict[int, list[Policy]] = defaultdict(list)
+            for pool_id, raw in db.execute("SELECT pool_id, policy FROM jobs WHERE state = 'active'"):
+                policies[pool_id].append(Policy.from_dict(json.loads(raw or "{}")))
             durations = {}
             for p in pools:
                 # The latest results say how long a task takes now: per job, so that the index on
@@ -204,9 +206,9 @@ class Reconciler:
                     " AND duration_s IS NOT NULL ORDER BY finished_at DESC LIMIT ?", (int(job), RECENT_TASKS))]
                 if recent:
                     durations[p["id"]] = sum(recent) / len(recent)
-            return pools, instances, leases, durations
+            return pools, instances, leases, durations, policies
 
-        pools, instances, leases, durations = await self.store.read(read)
+        pools, instances, leases, durations, policies = await self.store.read(read)
         by_pool: dict[int, list[InstanceView]] = defaultdict(list)
         live_per_provider: dict[str, int] = defaultdict(int)
         spend = 0.0
@@ -247,7 +249,7 @@ class Reconciler:
                     pool_id=p["id"],
                     outstanding=p["outstanding"] or 0,
                     max_instances=limit,
-                    candidates=self.candidates(needs, self.policy, now),
+                    candidates=self.candidates(needs, combine(policies.get(p["id"], [])), now),
                     provider_room=room,
                     instances=by_pool.get(p["id"], []),
                     last_work_at=self._last_work.get(p["id"], now),

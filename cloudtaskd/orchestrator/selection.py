@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from cloudtaskd.providers.base import Offer
 
@@ -41,6 +42,33 @@ class Policy:
     spot: bool = True  # spot offers may be used
     on_demand: bool = True  # on-demand offers may be used (with spot: the fallback when spot has no capacity)
     max_price_per_hour: float | None = None  # per instance
+
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"providers": list(self.providers), "regions": list(self.regions), "spot": self.spot,
+                "on_demand": self.on_demand, "max_price_per_hour": self.max_price_per_hour}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Policy:
+        price = raw.get("max_price_per_hour")
+        return cls(tuple(raw.get("providers") or ()), tuple(raw.get("regions") or ()), bool(raw.get("spot", True)),
+                   bool(raw.get("on_demand", True)), float(price) if price is not None else None)
+
+
+def combine(policies: Iterable[Policy]) -> Policy:
+    """What every one of several jobs allows (they share a pool, hence its instances)."""
+    out = Policy()
+    for p in policies:
+        providers = tuple(x for x in out.providers if x in p.providers) if out.providers and p.providers \
+            else out.providers or p.providers
+        regions = tuple(x for x in out.regions if x in p.regions) if out.regions and p.regions \
+            else out.regions or p.regions
+        prices = [x for x in (out.max_price_per_hour, p.max_price_per_hour) if x is not None]
+        disjoint = (out.providers and p.providers and not providers) or (out.regions and p.regions and not regions)
+        # Nothing in common: no market is allowed at all (an empty tuple would mean "any").
+        out = Policy(providers, regions, out.spot and p.spot and not disjoint,
+                     out.on_demand and p.on_demand and not disjoint, min(prices) if prices else None)
+    return out
 
 
 @dataclass(frozen=True, slots=True)
