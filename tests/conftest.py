@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ import pytest
 
 from cloudtaskd.config import AgentsConfig, Config, QueueConfig, ScalingConfig
 from cloudtaskd.store import Store
+from tests.moto_ec2 import MotoEc2
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,3 +64,21 @@ class UnixApi:
 
     async def close(self) -> None:
         await self.session.close()
+
+
+@pytest.fixture(scope="session")
+def moto() -> Iterator[MotoEc2]:
+    """moto's EC2 as a real HTTP server (tests/moto_ec2.py), one for the session: tests reset it."""
+    server = MotoEc2()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def creds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Fake AWS credentials in the environment, and no other source of any."""
+    for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                       ("AWS_CONFIG_FILE", str(tmp_path / "none")),
+                       ("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none")), ("AWS_EC2_METADATA_DISABLED", "true")):
+        monkeypatch.setenv(key, value)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -13,27 +13,11 @@ import pytest
 from cloudtaskd.errors import CapacityError, ProviderAuthError, QuotaExceeded
 from cloudtaskd.providers.aws import AwsDriver
 from cloudtaskd.providers.cloud import TAG_DAEMON, TAG_INSTANCE, CreateRequest
+from tests.cloud_e2e import cloud_daemon, needs_sshd
 from tests.moto_ec2 import MotoEc2
 
 REGION = "us-east-1"
 PUBKEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBd5pjkWPRG2g1DCrDL2qVdUwq0eGnWxSOZ6fzfJ2pYk test"
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[MotoEc2]:
-    server = MotoEc2()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def creds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
 
 
 @pytest.fixture
@@ -162,61 +146,43 @@ async def test_reconcile_terminates_orphans_after_a_crash(driver: AwsDriver, tmp
 
 
 @pytest.mark.timeout(300)  # a VM bootstrap installs aiohttp into a fresh virtualenv
-@pytest.mark.skipif(__import__("tests.sshd", fromlist=["x"]).available() is not None, reason="needs a real sshd")
+@needs_sshd
 async def test_a_job_on_aws_end_to_end(moto: MotoEc2, creds: None, tmp_path: Path) -> None:
     """The daemon launches a VM in (emulated) EC2, bootstraps it over SSH (reached through the
     documented ssh_address_override hook at a local OpenSSH), runs the job, then terminates it."""
-    from dataclasses import replace
-
-    from cloudtaskd.config import AwsProviderConfig, LocalProviderConfig, ProvidersConfig
-    from cloudtaskd.daemon import Daemon
-    from tests.conftest import UnixApi, make_config, wait_for
-    from tests.procs import bundle
+    from cloudtaskd.config import AwsProviderConfig
     from tests.sshd import Sshd
-    from tests.test_daemon_e2e import finished, jsonl, results
 
     moto.reset()
     sshd = Sshd(tmp_path / "sshd")
     sshd.start()
     moto.console = console_with_keys(sshd.public_host_key())  # as cloud-init prints them
-    probe = AwsDriver(REGION, "x", endpoint_url=moto.url, max_attempts=1)
-    image = (await (await probe._client()).describe_images())["Images"][0]["ImageId"]
-    await probe.close()
-    aws = AwsProviderConfig(enabled=True, max_instances=1, machine_type="t3.micro", cpus=2, spot=True, image=image,
-                            endpoint_url=moto.url, ssh_user="root", ssh_key_file=str(sshd.client_key),
-                            ssh_address_override=f"127.0.0.1:{sshd.port}")
-    config = replace(make_config(tmp_path, idle_timeout_s=0.5),
-                     providers=ProvidersConfig(local=LocalProviderConfig(enabled=False), aws=aws))
-    daemon = Daemon(config, shutdown_grace_s=5)
-    await daemon.start()
-    api = UnixApi(config.socket_path)
-    worker = {"cloudtask.yaml": "mode: python\nfunction: w:run\n", "w.py": "def run(i, d):\n    return d['n'] * 3\n"}
-    try:
-        _, w = await api.request("POST", "/v1/workers", data=bundle(worker))
-        _, job = await api.request("POST", "/v1/jobs", json={"worker": w["digest"]})
-        await api.request("POST", f"/v1/jobs/{job['id']}/tasks",
-                          data=jsonl([{"id": i, "data": {"n": i}} for i in range(25)]).encode())
-        await wait_for(lambda: finished(api, job["id"]), timeout=90, message="job done on aws")
-        res = await results(api, job["id"])
+    aws = AwsProviderConfig(enabled=True, max_instances=1, machine_type="t3.micro", cpus=2, spot=True,
+                            image=await moto_image(moto), endpoint_url=moto.url)
+    async with cloud_daemon(tmp_path, "aws", aws, sshd) as run:
+        res = await run.job("d['n'] * 3", 25)
         assert sorted(r["result"] for r in res.values()) == [3 * i for i in range(25)]
         assert {r["instance"].split("-")[0] for r in res.values()} == {"aws"}
         # The host key was taken from the console output and pinned on the instance's row.
-        rows = await daemon.store.fetchall("SELECT host_key FROM instances WHERE provider = 'aws'")
         published = sshd.public_host_key().split()
-        assert [r["host_key"] for r in rows] == [f"{published[0]} {published[1]}"]
+        assert [r["host_key"] for r in await run.instance_rows("aws")] == [f"{published[0]} {published[1]}"]
         assert moto.calls["GetConsoleOutput"] >= 1
-        driver = AwsDriver(REGION, daemon.daemon_id, endpoint_url=moto.url, max_attempts=1)
+        driver = AwsDriver(REGION, run.daemon.daemon_id, endpoint_url=moto.url, max_attempts=1)
         try:
             async def all_terminated() -> bool:
                 return await driver.list() == []
-            await wait_for(all_terminated, timeout=60, message="the idle VM terminated")
+            await run.until(all_terminated, "the idle VM terminated")
         finally:
             await driver.close()
-    finally:
-        await api.close()
-        await daemon.stop()
-        sshd.stop()
 
+
+async def moto_image(moto: MotoEc2) -> str:
+    """An AMI id moto knows (the driver's Canonical lookup finds none there)."""
+    probe = AwsDriver(REGION, "x", endpoint_url=moto.url, max_attempts=1)
+    try:
+        return str((await (await probe._client()).describe_images())["Images"][0]["ImageId"])
+    finally:
+        await probe.close()
 
 def console_with_keys(*keys: str) -> str:
     lines = "\n".join(f"ec2: {k} root@ip-10-0-0-1" for k in keys)

@@ -24,6 +24,7 @@ from cloudtaskd.errors import (
 from cloudtaskd.providers.azure import AzureDriver, classify
 from cloudtaskd.providers.cloud import TAG_DAEMON, TAG_INSTANCE, CreateRequest
 from tests.azure_standin import ArmStandin
+from tests.cloud_e2e import cloud_daemon, needs_sshd
 from tests.procs import free_port
 
 SUB, RG, LOCATION = "00000000-0000-0000-0000-000000000001", "ct-test", "eastus"
@@ -307,64 +308,41 @@ async def test_reconcile_deletes_orphans_after_a_crash(driver: AzureDriver, arm:
         await store.close()
 
 
+class DaemonAzureDriver(AzureDriver):
+    """The daemon's own driver, with the test credential and plain-http policy of make_driver:
+    monkeypatched over cloudtaskd.providers.azure.AzureDriver by the daemon-level tests."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        cred = FakeCredential()
+        super().__init__(*args, **kwargs, credential=cred, client_kwargs={
+            "authentication_policy": PlainHttpAuth(cred, "https://management.azure.com/.default"),
+            "polling_interval": 0.01, "retry_total": 0})
+
+
 @pytest.mark.timeout(300)  # a VM bootstrap installs aiohttp into a fresh virtualenv
-@pytest.mark.skipif(__import__("tests.sshd", fromlist=["x"]).available() is not None, reason="needs a real sshd")
+@needs_sshd
 async def test_a_job_on_azure_end_to_end(arm: ArmStandin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The daemon creates a VM through the ARM stand-in, bootstraps it over SSH (a local OpenSSH,
     reached through ssh_address_override; the host key trusted on first use and pinned on the
     instance), runs the job, then deletes the idle VM with its NIC and IP."""
-    from dataclasses import replace
-
     import cloudtaskd.providers.azure as azure_module
-    from cloudtaskd.config import AzureProviderConfig, LocalProviderConfig, ProvidersConfig
-    from cloudtaskd.daemon import Daemon
-    from tests.conftest import UnixApi, make_config, wait_for
-    from tests.procs import bundle
-    from tests.sshd import Sshd
-    from tests.test_daemon_e2e import finished, jsonl, results
+    from cloudtaskd.config import AzureProviderConfig
 
-    class TestAzureDriver(AzureDriver):
-        """The daemon's own driver, with the test credential and plain-http policy of make_driver."""
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            cred = FakeCredential()
-            super().__init__(*args, **kwargs, credential=cred, client_kwargs={
-                "authentication_policy": PlainHttpAuth(cred, "https://management.azure.com/.default"),
-                "polling_interval": 0.01, "retry_total": 0})
-
-    monkeypatch.setattr(azure_module, "AzureDriver", TestAzureDriver)
-    sshd = Sshd(tmp_path / "sshd")
-    sshd.start()
+    monkeypatch.setattr(azure_module, "AzureDriver", DaemonAzureDriver)
     azure = AzureProviderConfig(enabled=True, max_instances=1, subscription_id=SUB, resource_group=RG,
-                                location=LOCATION, base_url=arm.url, cpus=2, spot=True, ssh_user="root",
-                                image="Canonical:ubuntu-24_04-lts:server:latest",
-                                ssh_key_file=str(sshd.client_key), ssh_address_override=f"127.0.0.1:{sshd.port}")
-    config = replace(make_config(tmp_path, idle_timeout_s=0.5),
-                     providers=ProvidersConfig(local=LocalProviderConfig(enabled=False), azure=azure))
-    daemon = Daemon(config, shutdown_grace_s=5)
-    await daemon.start()
-    api = UnixApi(config.socket_path)
-    worker = {"cloudtask.yaml": "mode: python\nfunction: w:run\n", "w.py": "def run(i, d):\n    return d['n'] + 7\n"}
-    try:
-        _, w = await api.request("POST", "/v1/workers", data=bundle(worker))
-        _, job = await api.request("POST", "/v1/jobs", json={"worker": w["digest"]})
-        await api.request("POST", f"/v1/jobs/{job['id']}/tasks",
-                          data=jsonl([{"id": i, "data": {"n": i}} for i in range(20)]).encode())
-        await wait_for(lambda: finished(api, job["id"]), timeout=90, message="job done on azure")
-        res = await results(api, job["id"])
+                                location=LOCATION, base_url=arm.url, cpus=2, spot=True,
+                                image="Canonical:ubuntu-24_04-lts:server:latest")
+    async with cloud_daemon(tmp_path, "azure", azure) as run:
+        res = await run.job("d['n'] + 7", 20)
         assert sorted(r["result"] for r in res.values()) == [i + 7 for i in range(20)]
         assert {r["instance"].split("-")[0] for r in res.values()} == {"azure"}
-        rows = await daemon.store.fetchall("SELECT id, host_key FROM instances WHERE provider = 'azure'")
-        assert len(rows) == 1 and rows[0]["host_key"].split()[:2] == sshd.public_host_key().split()[:2]
+        rows = await run.instance_rows("azure")
+        assert len(rows) == 1 and rows[0]["host_key"].split()[:2] == run.sshd.public_host_key().split()[:2]
         vm = arm.get(names(rows[0]["id"])[0])
         assert vm is not None and vm["properties"]["priority"] == "Spot"
         assert vm["properties"]["storageProfile"]["imageReference"]["offer"] == "ubuntu-24_04-lts"  # config's image
-        assert vm["tags"] == {TAG_DAEMON: daemon.daemon_id, TAG_INSTANCE: rows[0]["id"]}
+        assert vm["tags"] == {TAG_DAEMON: run.daemon.daemon_id, TAG_INSTANCE: rows[0]["id"]}
 
         async def all_deleted() -> bool:
             return left_behind(arm, rows[0]["id"]) == []
-        await wait_for(all_deleted, timeout=60, message="the idle VM deleted with its NIC and IP")
-    finally:
-        await api.close()
-        await daemon.stop()
-        sshd.stop()
+        await run.until(all_deleted, "the idle VM deleted with its NIC and IP")

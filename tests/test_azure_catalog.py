@@ -276,16 +276,9 @@ async def test_the_daemon_refreshes_azure_and_ranks_its_offers(arm: ArmStandin, 
     from cloudtaskd.config import AzureProviderConfig, LocalProviderConfig, ProvidersConfig
     from cloudtaskd.daemon import Daemon
     from cloudtaskd.orchestrator.selection import Needs, Policy
-    from tests.test_azure import SUB, FakeCredential, PlainHttpAuth
+    from tests.test_azure import SUB, DaemonAzureDriver
 
-    class TestAzureDriver(AzureDriver):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            cred = FakeCredential()
-            super().__init__(*args, **kwargs, credential=cred, client_kwargs={
-                "authentication_policy": PlainHttpAuth(cred, "https://management.azure.com/.default"),
-                "polling_interval": 0.01, "retry_total": 0})
-
-    monkeypatch.setattr(azure_module, "AzureDriver", TestAzureDriver)
+    monkeypatch.setattr(azure_module, "AzureDriver", DaemonAzureDriver)
     from tests.conftest import make_config
 
     azure = AzureProviderConfig(enabled=True, subscription_id=SUB, location=LOCATION, base_url=arm.url,

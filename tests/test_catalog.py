@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -19,22 +19,6 @@ from cloudtaskd.store import Store
 from tests.moto_ec2 import MotoEc2, PricingStandin
 
 REGION = "us-east-1"
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[MotoEc2]:
-    server = MotoEc2()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def creds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for k, v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                 ("AWS_CONFIG_FILE", str(tmp_path / "none")), ("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none")),
-                 ("AWS_EC2_METADATA_DISABLED", "true")):
-        monkeypatch.setenv(k, v)
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from cloudtaskd.errors import (
 )
 from cloudtaskd.providers.cloud import TAG_DAEMON, TAG_INSTANCE, CreateRequest
 from cloudtaskd.providers.gcp import DEFAULT_IMAGE, META_INSTANCES, GcpDriver, OperationError, classify, vm_name
+from tests.cloud_e2e import cloud_daemon, needs_sshd
 from tests.conftest import wait_for
 from tests.gcp_standin import ComputeStandin
 from tests.procs import free_port
@@ -469,51 +470,33 @@ async def test_reconcile_deletes_orphans_after_a_crash(driver: GcpDriver, gce: C
 
 
 @pytest.mark.timeout(300)  # a VM bootstrap installs aiohttp into a fresh virtualenv
-@pytest.mark.skipif(__import__("tests.sshd", fromlist=["x"]).available() is not None, reason="needs a real sshd")
+@needs_sshd
 async def test_a_job_on_gcp_end_to_end(gce: ComputeStandin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The daemon creates a spot VM through the Compute Engine stand-in, pins the host key the VM
     publishes in its guest attributes, bootstraps it over SSH (a local OpenSSH reached through
     ssh_address_override), runs the job, then deletes the idle VM."""
-    from dataclasses import replace
-
     import cloudtaskd.providers.gcp as gcp_module
-    from cloudtaskd.config import GcpProviderConfig, LocalProviderConfig, ProvidersConfig
-    from cloudtaskd.daemon import Daemon
-    from tests.conftest import UnixApi, make_config, wait_for
-    from tests.procs import bundle
+    from cloudtaskd.config import GcpProviderConfig
     from tests.sshd import Sshd
-    from tests.test_daemon_e2e import finished, jsonl, results
 
-    class TestGcpDriver(GcpDriver):
+    class DaemonGcpDriver(GcpDriver):
         """The daemon's own driver with anonymous credentials (the stand-in checks none) and fast polling."""
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs, credentials=AnonymousCredentials(), polling_interval_s=0.01)
 
-    monkeypatch.setattr(gcp_module, "GcpDriver", TestGcpDriver)
+    monkeypatch.setattr(gcp_module, "GcpDriver", DaemonGcpDriver)
     sshd = Sshd(tmp_path / "sshd")
     sshd.start()
     key_type, blob = sshd.public_host_key().split()[:2]
     gce.default_host_keys = {key_type: blob}
     gcp = GcpProviderConfig(enabled=True, max_instances=1, project_id=PROJECT, zone=ZONE, api_endpoint=gce.url,
-                            machine_type="e2-standard-2", cpus=2, spot=True, ssh_user="root",
-                            ssh_key_file=str(sshd.client_key), ssh_address_override=f"127.0.0.1:{sshd.port}")
-    config = replace(make_config(tmp_path, idle_timeout_s=0.5),
-                     providers=ProvidersConfig(local=LocalProviderConfig(enabled=False), gcp=gcp))
-    daemon = Daemon(config, shutdown_grace_s=5)
-    await daemon.start()
-    api = UnixApi(config.socket_path)
-    worker = {"cloudtask.yaml": "mode: python\nfunction: w:run\n", "w.py": "def run(i, d):\n    return d['n'] * 5\n"}
-    try:
-        _, w = await api.request("POST", "/v1/workers", data=bundle(worker))
-        _, job = await api.request("POST", "/v1/jobs", json={"worker": w["digest"]})
-        await api.request("POST", f"/v1/jobs/{job['id']}/tasks",
-                          data=jsonl([{"id": i, "data": {"n": i}} for i in range(20)]).encode())
-        await wait_for(lambda: finished(api, job["id"]), timeout=90, message="job done on gcp")
-        res = await results(api, job["id"])
+                            machine_type="e2-standard-2", cpus=2, spot=True)
+    async with cloud_daemon(tmp_path, "gcp", gcp, sshd) as run:
+        res = await run.job("d['n'] * 5", 20)
         assert sorted(r["result"] for r in res.values()) == [5 * i for i in range(20)]
         assert {r["instance"].split("-")[0] for r in res.values()} == {"gcp"}
-        rows = await daemon.store.fetchall("SELECT id, host_key FROM instances WHERE provider = 'gcp'")
+        rows = await run.instance_rows("gcp")
         assert len(rows) == 1 and rows[0]["host_key"] == f"{key_type} {blob}"  # from the guest attributes
         inserts = gce.calls_of("instances.insert")
         assert len(inserts) == 1 and inserts[0].body["scheduling"]["provisioningModel"] == "SPOT"
@@ -521,8 +504,4 @@ async def test_a_job_on_gcp_end_to_end(gce: ComputeStandin, tmp_path: Path, monk
         async def all_deleted() -> bool:
             with gce.lock:
                 return not gce.instances
-        await wait_for(all_deleted, timeout=60, message="the idle VM deleted")
-    finally:
-        await api.close()
-        await daemon.stop()
-        sshd.stop()
+        await run.until(all_deleted, "the idle VM deleted")

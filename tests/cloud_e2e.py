@@ -1,0 +1,75 @@
+"""A whole job through the daemon on one emulated cloud, bootstrapped over SSH at a real local
+OpenSSH (reached through the documented `ssh_address_override`): what every cloud's end-to-end
+test shares."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cloudtaskd.config import CloudProviderConfig, LocalProviderConfig, ProvidersConfig
+from cloudtaskd.daemon import Daemon
+from tests.conftest import UnixApi, make_config, wait_for
+from tests.procs import bundle
+from tests.sshd import Sshd, available
+from tests.test_daemon_e2e import finished, jsonl, results
+
+needs_sshd = pytest.mark.skipif(available() is not None, reason="needs a real sshd")
+
+
+def ssh_settings(sshd: Sshd) -> dict[str, Any]:
+    """The provider-config keys that point every VM's SSH at the local sshd, as root."""
+    return {"ssh_user": "root", "ssh_key_file": str(sshd.client_key),
+            "ssh_address_override": f"127.0.0.1:{sshd.port}"}
+
+
+@dataclass
+class CloudRun:
+    daemon: Daemon
+    api: UnixApi
+    sshd: Sshd
+
+    async def job(self, expression: str, n: int, *, timeout: float = 120) -> dict[str, dict[str, Any]]:
+        """Run `n` tasks of a python-mode worker returning `expression` of d (= {"n": i}); its results."""
+        worker = {"cloudtask.yaml": "mode: python\nfunction: w:run\n",
+                  "w.py": f"def run(i, d):\n    return {expression}\n"}
+        _, w = await self.api.request("POST", "/v1/workers", data=bundle(worker))
+        _, job = await self.api.request("POST", "/v1/jobs", json={"worker": w["digest"]})
+        await self.api.request("POST", f"/v1/jobs/{job['id']}/tasks",
+                               data=jsonl([{"id": i, "data": {"n": i}} for i in range(n)]).encode())
+        await wait_for(lambda: finished(self.api, job["id"]), timeout=timeout, message="the job finished")
+        return await results(self.api, job["id"])
+
+    async def instance_rows(self, provider: str) -> list[Any]:
+        return list(await self.daemon.store.fetchall(
+            "SELECT id, host_key, offer, state, last_error FROM instances WHERE provider = ? ORDER BY created_at",
+            (provider,)))
+
+    async def until(self, check: Callable[[], Awaitable[bool]], message: str, timeout: float = 60) -> None:
+        await wait_for(check, timeout=timeout, message=message)
+
+
+@asynccontextmanager
+async def cloud_daemon(tmp_path: Path, name: str, provider: CloudProviderConfig,
+                       sshd: Sshd | None = None) -> AsyncIterator[CloudRun]:
+    """A daemon whose only provider is `name` (its config given with ssh_settings(sshd) applied)."""
+    sshd = sshd or Sshd(tmp_path / "sshd")
+    if sshd.proc is None:
+        sshd.start()
+    cfg = replace(provider, **ssh_settings(sshd))
+    providers = replace(ProvidersConfig(local=LocalProviderConfig(enabled=False)), **{name: cfg})
+    config = replace(make_config(tmp_path, idle_timeout_s=0.5), providers=providers)
+    daemon = Daemon(config, shutdown_grace_s=5)
+    await daemon.start()
+    api = UnixApi(config.socket_path)
+    try:
+        yield CloudRun(daemon, api, sshd)
+    finally:
+        await api.close()
+        await daemon.stop()
+        sshd.stop()
