@@ -52,6 +52,9 @@ class Session:
     send: Callable[[str], None]
     credit: int = 0
     draining: bool = False
+    # A newer connection of the same instance said hello: nothing more may be leased to this one
+    # (its grant could go out on a dead socket after the newer hello's reclaim has run).
+    superseded: bool = False
     stats: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
@@ -159,6 +162,12 @@ class Dispatcher:
                 log.error("dispatch_round_failed", error=str(exc), retry_in_s=ROUND_RETRY_S)
                 await asyncio.sleep(ROUND_RETRY_S)
                 self._wake.set()
+            except Exception:
+                # A bug or a report nothing should have let through: the round's reports are
+                # dropped (agents resend what is not acked), but the dispatcher must live on.
+                log.exception("dispatch_round_crashed", retry_in_s=ROUND_RETRY_S)
+                await asyncio.sleep(ROUND_RETRY_S)
+                self._wake.set()
 
     async def round(self) -> None:
         now = time.time()
@@ -221,12 +230,21 @@ class Dispatcher:
             out.expired = queue.expire_leases(tx, self.backoff)
             out.requeued_pools |= queue.promote_due(tx)
         for w in wants:
+            if w.session.superseded:  # set before the newer hello's reclaim, which ran before this
+                continue
             granted = queue.lease(tx, w.session.instance_id, w.session.pool_id, w.n, self.ttl_s)
             if granted:
                 out.grants[w.session.instance_id] = granted
         return out
 
     async def reclaim(self, instance_id: str, held: list[LeaseRef]) -> tuple[list[int], list[int]]:
+        """A (re)connecting agent's hello: what it holds is kept, what it does not list is requeued.
+        Any older connection of the instance is superseded first: a round that already chose it
+        must not lease to it after this reclaim (those leases would be stranded until expiry)."""
+        old = self.sessions.get(instance_id)
+        if old is not None:
+            old.superseded = True
+            old.credit = 0
         kept, dropped, requeued = await self.store.write(queue.reclaim, instance_id, held, self.ttl_s)
         for pool in requeued:
             self.notify_work(pool)
