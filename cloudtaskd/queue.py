@@ -84,8 +84,12 @@ def stage_tasks(tx: Tx, job: dict[str, Any], batch: list[ParsedTask], source: st
         raise _duplicate_error(tx.db, job["id"], batch, source) from None
     tx.db.execute("RELEASE stage")
     tx.count(job["id"], None, S.STAGED, len(rows))
-    tx.db.execute("UPDATE uploads SET n_tasks = n_tasks + ? WHERE job_id = ? AND state = 'staging'",
-                  (len(rows), job["id"]))
+    # Where the commit's rowid walk starts: below this batch's first row. A batch's rows take
+    # consecutive rowids (one writer, max + 1 each), and every later row of the upload comes
+    # above its own earlier rows, which stay until the commit.
+    first = int(tx.db.execute("SELECT last_insert_rowid()").fetchone()[0]) - len(rows) + 1
+    tx.db.execute("UPDATE uploads SET n_tasks = n_tasks + ?, start_after = min(coalesce(start_after, ?), ?)"
+                  " WHERE job_id = ? AND state = 'staging'", (len(rows), first - 1, first - 1, job["id"]))
 
 
 def _duplicate_error(db: sqlite3.Connection, job_id: int, batch: list[ParsedTask], source: str) -> BadInput:
@@ -109,12 +113,15 @@ def _duplicate_error(db: sqlite3.Connection, job_id: int, batch: list[ParsedTask
     return BadInput(f"{source}: a task violates a database constraint")  # not reachable in practice
 
 
-def _staged_chunk(tx: Tx, job_id: int, after_id: int, limit: int, action: str) -> list[int]:
-    # NOT INDEXED: walk the rowid range from the cursor. Through the (job_id, key) index, each
-    # chunk would rescan every row already moved: quadratic over a million-task upload.
+def _staged_chunk(tx: Tx, job_id: int, after_id: int, limit: int, action: str,
+                  params: tuple[Any, ...] = ()) -> list[int]:
+    # NOT INDEXED: walk the rowid range from the cursor, which starts where the table ended when
+    # the upload began. Through the (job_id, key) index each chunk would rescan every row already
+    # moved (quadratic over a million-task upload); a partial index on staged rows costs ~30 %
+    # of ingest speed.
     sql = (f"{action} WHERE id IN (SELECT id FROM tasks NOT INDEXED WHERE id > ? AND job_id = ?"
            " AND state = 'staged' ORDER BY id LIMIT ?) RETURNING id")
-    return [r[0] for r in tx.db.execute(sql, (after_id, job_id, limit)).fetchall()]
+    return [r[0] for r in tx.db.execute(sql, (*params, after_id, job_id, limit)).fetchall()]
 
 
 def reject_upload_chunk(tx: Tx, upload_id: int, job_id: int, after_id: int = 0,
@@ -133,8 +140,15 @@ def commit_upload_chunk(tx: Tx, upload_id: int, job_id: int, after_id: int = 0,
     """Make a chunk of staged tasks visible. The upload was validated whole before the first
     chunk; a crash part-way is finished at start-up. Returns the cursor, None when done."""
     tx.db.execute("UPDATE uploads SET state = 'committing' WHERE id = ? AND state = 'staging'", (upload_id,))
-    ids = _staged_chunk(tx, job_id, after_id, limit, "UPDATE tasks SET state = 'queued'")
-    tx.count(job_id, S.STAGED, S.QUEUED, len(ids))
+    job = tx.db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if job is not None and job[0] == "cancelled":
+        # Cancelled while the upload streamed in: what arrives is recorded, as cancelled, never run.
+        ids = _staged_chunk(tx, job_id, after_id, limit, "UPDATE tasks SET state = 'cancelled', finished_at = ?",
+                            (tx.now,))
+        tx.count(job_id, S.STAGED, S.CANCELLED, len(ids))
+    else:
+        ids = _staged_chunk(tx, job_id, after_id, limit, "UPDATE tasks SET state = 'queued'")
+        tx.count(job_id, S.STAGED, S.QUEUED, len(ids))
     if len(ids) < limit:
         n = tx.db.execute("SELECT n_tasks FROM uploads WHERE id = ?", (upload_id,)).fetchone()[0]
         tx.db.execute("UPDATE uploads SET state = 'committed' WHERE id = ?", (upload_id,))
@@ -147,7 +161,8 @@ async def finish_upload(store: Store, upload_id: int, job_id: int, *, commit: bo
     """Queue (commit=True) or discard a staged upload, one short transaction per chunk so that
     dispatch keeps running between them."""
     step = commit_upload_chunk if commit else reject_upload_chunk
-    cursor: int | None = 0
+    row = await store.fetchone("SELECT start_after FROM uploads WHERE id = ?", (upload_id,))
+    cursor: int | None = int(row[0]) if row is not None and row[0] is not None else 0
     while cursor is not None:
         cursor = await store.write(step, upload_id, job_id, cursor)
 
@@ -341,7 +356,7 @@ def reclaim(tx: Tx, instance_id: str, held: list[LeaseRef], ttl_s: float) -> tup
     kept_ids = {k[2] for k in kept}
     orphans = [
         r for r in tx.db.execute(
-            "SELECT id, job_id, attempt, pool_id FROM tasks INDEXED BY tasks_leased"
+            "SELECT id, job_id, attempt, pool_id FROM tasks INDEXED BY tasks_leased_by"
             " WHERE state = 'leased' AND lease_expires_at IS NOT NULL AND instance_id = ?",
             (instance_id,),
         ).fetchall()

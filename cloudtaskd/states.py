@@ -38,6 +38,7 @@ S, E = TaskState, TaskEvent
 
 TASK_TRANSITIONS: dict[tuple[TaskState, TaskEvent], TaskState] = {
     (S.STAGED, E.UPLOAD_COMMITTED): S.QUEUED,  # the upload validated whole; all of it becomes visible
+    (S.STAGED, E.CANCELLED): S.CANCELLED,  # the job was cancelled while its upload streamed in
     (S.QUEUED, E.LEASE_GRANTED): S.LEASED,  # an agent had credit; fencing token = attempt + 1
     (S.QUEUED, E.CANCELLED): S.CANCELLED,  # cloudtaskctl cancel
     (S.LEASED, E.SUCCEEDED): S.SUCCEEDED,  # report with the current token

@@ -222,3 +222,49 @@ async def test_duplicate_ids_refused_with_line_and_nothing_queued(store: Store) 
     await queue.finish_upload(store, upload, 1, commit=False)
     assert await counts(store) == {}
     await check(store)
+
+
+async def test_cancel_during_an_upload_leaves_nothing_runnable(store: Store) -> None:
+    """`cloudtaskctl run` interrupted while its task file streams in: the job is cancelled, then
+    the upload commits. Its tasks are recorded as cancelled, never leased."""
+
+    job = await store.write(_setup_job, 3)
+    upload = await store.write(queue.create_upload, 1)
+    await store.write(queue.stage_tasks, job, [ParsedTask(i + 1, f"t{i}", "{}", 0, None, None) for i in range(3)],
+                      "tasks.json")
+    await store.write(queue.cancel_job, 1)
+    await queue.finish_upload(store, upload, 1, commit=True)
+    assert await lease(store, "inst-1", 10) == []
+    row = await store.fetchone("SELECT state, n_staged, n_queued, n_cancelled FROM jobs WHERE id = 1")
+    assert row is not None and dict(row) == {"state": "cancelled", "n_staged": 0, "n_queued": 0, "n_cancelled": 3}
+    await check(store)  # counters match the rows
+
+
+async def test_an_upload_commits_from_its_own_first_row_whatever_others_do(store: Store) -> None:
+    """The commit walks rowids from just below the upload's first staged row (not from 0: every
+    older task would be scanned), and still finds all of its rows when another job's upload is
+    rejected in between (its deleted rows sat above this upload's first batch)."""
+    await submit(store, 100)  # job 1: rows 1..100, committed
+
+    def second_job(tx: Tx) -> dict[str, Any]:
+        tx.db.execute("INSERT INTO jobs (name, pool_id, state, created_at, max_attempts)"
+                      " VALUES ('k', 1, 'active', 0, 3)")
+        return {"id": 2, "pool_id": 1, "max_attempts": 3, "timeout_s": None}
+
+    job2 = await store.write(second_job)
+
+    def batch(job: int, keys: range) -> list[ParsedTask]:
+        return [ParsedTask(i + 1, f"j{job}-{i}", "{}", 0, None, None) for i in keys]
+
+    up_a = await store.write(queue.create_upload, 1)
+    job1 = {"id": 1, "pool_id": 1, "max_attempts": 3, "timeout_s": None}
+    await store.write(queue.stage_tasks, job1, batch(1, range(200, 205)), "a.jsonl")  # rows 101..105
+    up_b = await store.write(queue.create_upload, 2)
+    await store.write(queue.stage_tasks, job2, batch(2, range(5)), "b.jsonl")  # rows 106..110
+    await queue.finish_upload(store, up_b, 2, commit=False)  # rejected: rows 106..110 deleted
+    await store.write(queue.stage_tasks, job1, batch(1, range(205, 210)), "a.jsonl")  # reuses 106..110
+    row = await store.fetchone("SELECT start_after FROM uploads WHERE id = ?", (up_a,))
+    assert row is not None and row[0] == 100  # the walk skips the 100 older rows
+    await queue.finish_upload(store, up_a, 1, commit=True)
+    assert (await counts(store))["queued"] == 110
+    await check(store)
