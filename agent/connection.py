@@ -170,6 +170,11 @@ class Agent:
 
     async def _session(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         held = [[tid, h.task.token] for tid, h in self.held.items()]
+        # A task whose result is reported but not acknowledged is still leased to us as far as the
+        # daemon knows: listed, it keeps the lease for the resent report (unlisted, it would be
+        # requeued and run again, and the report refused).
+        held += [[r["id"], r["token"]] for r in (*self._unacked.values(), *self._pending)
+                 if r["kind"] in ("done", "fail") and r["id"] not in self.held]
         await ws.send_str(encode(Hello(self.instance, self.token, self.slots, [(a, b) for a, b in held])))
         first = await ws.receive(timeout=30)
         if first.type != aiohttp.WSMsgType.TEXT:

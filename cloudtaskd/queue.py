@@ -217,12 +217,14 @@ def apply_reports(
     refs = [s.id for _, s in reports.done] + [f.id for _, f in reports.failed] + [r[0] for _, r in reports.handback]
     cur = _current(db, refs) if refs else {}
 
-    def valid(inst: str, task_id: int, token: int) -> tuple[Any, ...] | None:
+    def valid(inst: str, task_id: int, token: int, recorded: tuple[S, ...]) -> tuple[Any, ...] | None:
         row = cur.get(task_id)
         if row is not None and row[2] == S.LEASED and row[3] == token:
             return row
-        # A resend of a report we already recorded (the ack was lost) is acknowledged, not refused.
-        if row is not None and row[3] == token and row[2] in (S.SUCCEEDED, S.FAILED, S.DEAD, S.QUEUED):
+        # A resend of a report we already recorded (the ack was lost) is acknowledged, not refused:
+        # only when the task is where that very report would have put it. A done report for a task
+        # that expired or was requeued in between was not recorded, and the agent must hear so.
+        if row is not None and row[3] == token and row[2] in recorded:
             out.accepted[inst].append(task_id)
         else:
             out.refused[inst].append(task_id)
@@ -234,7 +236,7 @@ def apply_reports(
 
     done_rows = []
     for inst, s in reports.done:
-        row = valid(inst, s.id, s.token)
+        row = valid(inst, s.id, s.token, (S.SUCCEEDED,))
         if row is None:
             continue
         cur[s.id] = (*row[:2], S.SUCCEEDED, *row[3:])  # a duplicate in the same batch is now stale
@@ -251,7 +253,7 @@ def apply_reports(
 
     fail_rows, dead_rows = [], []
     for inst, f in reports.failed:
-        row = valid(inst, f.id, f.token)
+        row = valid(inst, f.id, f.token, (S.FAILED, S.DEAD))
         if row is None:
             continue
         failures = row[4] + 1
@@ -282,7 +284,7 @@ def apply_reports(
 
     back_rows = []
     for inst, (task_id, token) in reports.handback:
-        row = valid(inst, task_id, token)
+        row = valid(inst, task_id, token, (S.QUEUED,))
         if row is None:
             continue
         cur[task_id] = (*row[:2], S.QUEUED, *row[3:])

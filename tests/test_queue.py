@@ -268,3 +268,35 @@ async def test_an_upload_commits_from_its_own_first_row_whatever_others_do(store
     await queue.finish_upload(store, up_a, 1, commit=True)
     assert (await counts(store))["queued"] == 110
     await check(store)
+
+
+async def test_a_resent_report_is_acknowledged_only_if_it_was_recorded(store: Store) -> None:
+    """The ack of a done report was lost; the agent resends it. If the task succeeded, the resend is
+    acknowledged. If the task was requeued meanwhile (its lease reclaimed, then expired or handed
+    back), the report was never recorded: it is refused, so the agent does not believe it was."""
+    await submit(store, 2)
+    t1, t2 = await lease(store, "inst-1", 2)
+    done1 = Success(t1["id"], t1["token"], {"r": 1}, 0.1)
+    first = await report(store, queue.Reports(done=[("inst-1", done1)]))
+    assert first.accepted["inst-1"] == [t1["id"]]
+    again = await report(store, queue.Reports(done=[("inst-1", done1)]))
+    assert again.accepted["inst-1"] == [t1["id"]] and not again.refused  # a resend of a recorded result
+
+    await store.write(queue.reclaim, "inst-1", [], 30.0)  # a hello that did not list t2: requeued
+    late = await report(store, queue.Reports(done=[("inst-1", Success(t2["id"], t2["token"], {"r": 2}, 0.1))]))
+    assert late.refused["inst-1"] == [t2["id"]] and not late.accepted
+    row = await store.fetchone("SELECT state, result FROM tasks WHERE id = ?", (t2["id"],))
+    assert row is not None and (row["state"], row["result"]) == ("queued", None)
+
+
+async def test_a_hello_listing_a_reported_task_keeps_its_lease_for_the_resend(store: Store) -> None:
+    """The agent lists tasks whose results are sent but not acknowledged: the lease is kept and the
+    resent result recorded, instead of the task being requeued and run again."""
+    await submit(store, 1)
+    [t] = await lease(store, "inst-1", 1)
+    kept, dropped, _ = await store.write(queue.reclaim, "inst-1", [(t["id"], t["token"])], 30.0)
+    assert kept == [t["id"]] and dropped == []
+    out = await report(store, queue.Reports(done=[("inst-1", Success(t["id"], t["token"], {"r": 9}, 0.1))]))
+    assert out.accepted["inst-1"] == [t["id"]]
+    row = await store.fetchone("SELECT state, result FROM tasks WHERE id = ?", (t["id"],))
+    assert row is not None and row["state"] == "succeeded" and json.loads(row["result"]) == {"r": 9}
