@@ -44,6 +44,8 @@ RECONNECT_MIN_S = 0.2
 RECONNECT_MAX_S = 15.0
 DEFAULT_DRAIN_GRACE_S = 60.0
 ACK_WAIT_S = 5.0
+FRAME_OVERHEAD = 256  # a frame's own JSON around its items, with room to spare
+MAX_ERROR_CHARS = 64 * 1024  # a failure's message beyond this is cut (a worker's whole stderr)
 
 
 def log(event: str, **fields: Any) -> None:
@@ -288,29 +290,50 @@ class Agent:
             await asyncio.sleep(0.001)  # let a burst of completions share one frame
             self._flush_event.clear()
             pending, self._pending = self._pending, []
-            done, failed, back = [], [], []
             for r in pending:
                 self._unacked[r["id"]] = r
-                kind = r["kind"]
-                if kind == "done":
-                    done.append({"id": r["id"], "token": r["token"], "result": r["result"],
-                                 "duration_s": r["duration_s"]})
-                elif kind == "fail":
-                    failed.append({"id": r["id"], "token": r["token"], "error": r["error"],
-                                   "retryable": r["retryable"], "duration_s": r["duration_s"]})
-                else:
-                    back.append([r["id"], r["token"]])
-            if done:
-                await ws.send_str(jsonx.dumps({"t": "done", "results": done}))
-            if failed:
-                await ws.send_str(jsonx.dumps({"t": "fail", "failures": failed}))
-            if back:
-                await ws.send_str(jsonx.dumps({"t": "handback", "leases": back,
-                                               "reason": "draining" if self.draining else "released"}))
+            await self._send_reports(ws, pending)
             if self._credit_owed > 0 and not self.draining:
                 n, self._credit_owed = self._credit_owed, 0
                 self._credit_sent.append([time.monotonic(), n])
                 await ws.send_str(f'{{"t":"lease","n":{n}}}')
+
+    async def _send_reports(self, ws: aiohttp.ClientWebSocketResponse, pending: list[dict[str, Any]]) -> None:
+        """One frame per kind when it fits under the daemon's message limit (the usual case: one
+        encode); else the items packed into several frames, and a result no frame can carry
+        turned into a permanent failure (an oversized frame closes the connection and would be
+        resent after every reconnect)."""
+        done = [{"id": r["id"], "token": r["token"], "result": r["result"], "duration_s": r["duration_s"]}
+                for r in pending if r["kind"] == "done"]
+        failed = [{"id": r["id"], "token": r["token"], "error": r["error"][:MAX_ERROR_CHARS],
+                   "retryable": r["retryable"], "duration_s": r["duration_s"]} for r in pending if r["kind"] == "fail"]
+        back = [[r["id"], r["token"]] for r in pending if r["kind"] == "handback"]
+        limit = self.max_message_bytes - FRAME_OVERHEAD
+        if done:
+            frame = jsonx.dumps({"t": "done", "results": done})
+            if len(frame) <= limit:
+                await ws.send_str(frame)
+            else:
+                items = []
+                for d in done:
+                    item = jsonx.dumps(d)
+                    if len(item) > limit:
+                        failure = {"id": d["id"], "token": d["token"], "retryable": False,
+                                   "duration_s": d["duration_s"],
+                                   "error": f"the result is {len(item)} bytes, over the daemon's message limit "
+                                            f"({self.max_message_bytes} bytes)"}
+                        self._unacked[d["id"]] = {"kind": "fail", **failure}
+                        failed.append(failure)
+                    else:
+                        items.append(item)
+                for frame in pack('{"t":"done","results":[', items, "]}", self.max_message_bytes):
+                    await ws.send_str(frame)
+        reason = jsonx.dumps("draining" if self.draining else "released")
+        for head, objs, tail in (('{"t":"fail","failures":[', failed, "]}"),
+                                 ('{"t":"handback","leases":[', back, f'],"reason":{reason}}}')):
+            if objs:
+                for frame in pack(head, [jsonx.dumps(o) for o in objs], tail, self.max_message_bytes):
+                    await ws.send_str(frame)
 
     async def _heartbeat_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         while True:
@@ -365,6 +388,23 @@ class Agent:
                                "duration_s": round(outcome.duration_s, 6)})
         if not self.draining:
             self._credit_owed += 1
+
+
+def pack(head: str, items: list[str], tail: str, limit: int) -> list[str]:
+    """Encoded items as few frames as fit under the daemon's message limit (a bigger frame would
+    close the connection, and the same frame would be resent after every reconnect)."""
+    frames: list[str] = []
+    part: list[str] = []
+    size = len(head) + len(tail)
+    for item in items:
+        if part and size + len(item) + 1 > limit - FRAME_OVERHEAD:
+            frames.append(head + ",".join(part) + tail)
+            part, size = [], len(head) + len(tail)
+        part.append(item)
+        size += len(item) + 1
+    if part:
+        frames.append(head + ",".join(part) + tail)
+    return frames
 
 
 def load_spec(worker_dir: Path) -> WorkerSpec:

@@ -40,3 +40,41 @@ async def test_tasks_reported_but_not_acknowledged_are_listed_as_held(tmp_path: 
     hello = json.loads(ws.sent[0])
     assert hello["t"] == "hello"
     assert sorted(map(tuple, hello["held"])) == [(5, 2), (6, 1)]  # a hand-back goes back to the queue anyway
+
+
+def test_reports_are_packed_into_frames_under_the_limit() -> None:
+    from agent.connection import FRAME_OVERHEAD, pack
+
+    items = [json.dumps({"id": i, "token": 1, "result": "x" * 300, "duration_s": 0.1}) for i in range(50)]
+    frames = pack('{"t":"done","results":[', items, "]}", 4096)
+    assert len(frames) > 1 and all(len(f) <= 4096 - FRAME_OVERHEAD for f in frames)
+    ids = [r["id"] for f in frames for r in json.loads(f)["results"]]
+    assert ids == list(range(50))  # every report once, in order
+    assert pack('{"t":"done","results":[', [], "]}", 4096) == []
+
+
+async def test_a_result_no_frame_can_carry_fails_permanently_instead_of_looping(tmp_path: Path) -> None:
+    """A 5 KB result against a 4 KB message limit: sent as a permanent failure that names the
+    sizes (before, the oversized frame closed the connection and was resent after every reconnect)."""
+    import asyncio
+
+    spec = WorkerSpec.from_dict({"mode": "python", "function": "w:run"})
+    agent = Agent("ws://127.0.0.1:1/v1/agent", "inst-1", "token", tmp_path, 2, spec=spec, max_message_bytes=4096)
+    agent._pending = [{"kind": "done", "id": 1, "token": 1, "result": "y" * 5000, "duration_s": 0.1},
+                      {"kind": "done", "id": 2, "token": 1, "result": "small", "duration_s": 0.1}]
+    ws = CapturingSocket()
+    agent._flush_event.set()
+    flusher = asyncio.create_task(agent._flush_loop(ws))  # type: ignore[arg-type]
+    for _ in range(100):
+        if len(ws.sent) >= 2:
+            break
+        await asyncio.sleep(0.01)
+    flusher.cancel()
+    frames = [json.loads(f) for f in ws.sent]
+    assert all(len(f) <= 4096 for f in ws.sent)
+    done = [r for f in frames if f["t"] == "done" for r in f["results"]]
+    failed = [r for f in frames if f["t"] == "fail" for r in f["failures"]]
+    assert [r["id"] for r in done] == [2]
+    assert [(r["id"], r["retryable"]) for r in failed] == [(1, False)]
+    assert "over the daemon's message limit" in failed[0]["error"]
+    assert agent._unacked[1]["kind"] == "fail"  # a resend after a reconnect is the same failure
