@@ -207,8 +207,9 @@ def _refs(obj: dict[str, Any], key: str) -> list[LeaseRef]:
             or len(item) != 2
             or type(item[0]) is not int
             or type(item[1]) is not int
+            or not (0 <= item[0] <= 2**62 and 0 <= item[1] <= 2**62)  # SQLite holds 64-bit integers
         ):
-            raise ProtocolError("expected [task_id, token] integer pairs", field=f"{key}[{i}]")
+            raise ProtocolError("expected [task_id, token] pairs of integers in [0, 2^62]", field=f"{key}[{i}]")
         out.append((item[0], item[1]))
     return out
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from agent.protocol import parse_agent_message
+from agent.protocol import Handback, parse_agent_message
 from cloudtaskd.dispatch import Dispatcher, Session
 from cloudtaskd.store import Store
 from tests.conftest import make_config
@@ -40,14 +40,14 @@ async def test_a_round_never_grants_to_a_connection_a_newer_hello_replaced(store
 
 async def test_a_report_that_breaks_a_round_does_not_stop_the_dispatcher(store: Store, tmp_path: Path) -> None:
     """A hand-back naming a task id SQLite cannot hold raised out of the round and ended the
-    dispatcher (and with it the daemon). Now that round is dropped and the next ones run."""
+    dispatcher (and with it the daemon). The parser now refuses such ids; and should anything
+    else raise in a round, that round is dropped and the next ones run."""
     await submit(store, 1)
     d = Dispatcher(store, make_config(tmp_path))
     frames: list[str] = []
     s = Session("inst-1", 1, 1, frames.append)
     d.attach(s)
-    huge = 2**63
-    d.handle(s, parse_agent_message(f'{{"t":"handback","leases":[[{huge},1]],"reason":"x"}}'))
+    d.handle(s, Handback([(2**63, 1)], "x"))  # past the parser (which now refuses it): a round that raises
     task = asyncio.create_task(d.run())
     try:
         d.handle(s, parse_agent_message('{"t":"lease","n":1}'))
@@ -60,3 +60,13 @@ async def test_a_report_that_breaks_a_round_does_not_stop_the_dispatcher(store: 
         assert any('"t":"grant"' in f for f in frames)  # a later round still serves the agent
     finally:
         task.cancel()
+
+
+def test_lease_references_out_of_range_are_refused_by_the_parser() -> None:
+    import pytest
+
+    from agent.protocol import ProtocolError
+
+    for bad in (2**63, -1):
+        with pytest.raises(ProtocolError, match=r"leases\[0\]"):
+            parse_agent_message(f'{{"t":"handback","leases":[[{bad},1]],"reason":"x"}}')
