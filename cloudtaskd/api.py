@@ -106,6 +106,7 @@ class ControlApi:
             web.post("/v1/jobs/{job}/tasks", self.upload_tasks),
             web.post("/v1/jobs/{job}/cancel", self.cancel_job),
             web.post("/v1/jobs/{job}/retry", self.retry_job),
+            web.post("/v1/jobs/{job}/resume", self.resume_job),
             web.get("/v1/jobs/{job}/tasks", self.list_tasks),
             web.get("/v1/jobs/{job}/results", self.results),
             web.get("/v1/instances", self.list_instances),
@@ -259,6 +260,17 @@ class ControlApi:
         leased = await self.store.write(queue.cancel_job, job_id)
         self.dispatcher.revoke(leased)
         log.info("job_cancelled", job=job_id, revoked=len(leased))
+        return web.json_response(await self._job(job_id))
+
+    async def resume_job(self, request: web.Request) -> web.Response:
+        """A job paused at its max_total_cost goes on, with a new cap when one is given."""
+        job_id = _job_id(request)
+        body = await _json_body(request) if request.can_read_body else {}
+        cap = body.get("max_total_cost")
+        if cap is not None and (type(cap) not in (int, float) or not math.isfinite(cap) or cap <= 0):
+            raise BadInput("max_total_cost: expected a positive number of USD", field="max_total_cost")
+        await self.store.write(costs.resume, job_id, float(cap) if cap is not None else None)
+        log.info("job_resumed", job=job_id, max_total_cost=cap)
         return web.json_response(await self._job(job_id))
 
     async def retry_job(self, request: web.Request) -> web.Response:
@@ -542,7 +554,7 @@ def _job_dict(row: sqlite3.Row, recent: sqlite3.Row, instances: int) -> dict[str
         "counts": counts, "rate_per_s": round(n_recent / min(span, RATE_WINDOW_S), 2) if n_recent else 0.0,
         "instances": instances, "max_attempts": row["max_attempts"], "timeout_s": row["timeout_s"],
         "max_instances": row["max_instances"], "policy": json.loads(row["policy"] or "{}"),
-        "max_total_cost": row["max_total_cost"],
+        "max_total_cost": row["max_total_cost"], "state_reason": row["state_reason"],
     }
 
 

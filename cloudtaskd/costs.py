@@ -12,6 +12,9 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
+from cloudtaskd.errors import BadInput, CloudtaskError, NotFound
+from cloudtaskd.store import Tx
+
 HOUR = 3600.0
 
 
@@ -60,3 +63,51 @@ def job(db: sqlite3.Connection, job_id: int, now: float) -> dict[str, Any] | Non
     return {"job": job_id, "spent": spent, "overhead_factor": overhead, "pool_spent": pool_cost,
             "remaining_tasks": remaining, "estimate_to_finish": estimate,
             "estimate_total": None if estimate is None else spent * overhead + estimate}
+
+
+def pool_spend(db: sqlite3.Connection, pool_id: int, since: float, now: float) -> tuple[float, float]:
+    """(USD spent by the pool's instances since `since`, USD per hour its live instances cost now)."""
+    row = db.execute(
+        "SELECT sum(price_per_hour * max(0, coalesce(ended_at, ?) - max(created_at, ?))) AS spent,"
+        " sum(CASE WHEN state != 'stopped' THEN price_per_hour ELSE 0 END) AS rate"
+        " FROM instances WHERE pool_id = ? AND (ended_at IS NULL OR ended_at > ?)",
+        (now, since, pool_id, since)).fetchone()
+    return (row[0] or 0.0) / HOUR, row[1] or 0.0  # by position: the writer's rows are plain tuples
+
+
+def pause_over_budget(tx: Tx, horizon_s: float) -> list[tuple[int, int, str]]:
+    """Pause every active job whose worker's instances, since the job began, would pass its
+    `max_total_cost` within `horizon_s` at their current rate: before it is exceeded, since
+    draining takes a while. Returns (job, pool, message) for each job paused now."""
+    paused = []
+    for job_id, pool_id, created, cap in tx.db.execute(
+            "SELECT id, pool_id, created_at, max_total_cost FROM jobs WHERE state = 'active'"
+            " AND max_total_cost IS NOT NULL").fetchall():
+        spent, rate = pool_spend(tx.db, pool_id, created, tx.now)
+        if spent + rate * horizon_s / HOUR < cap:
+            continue
+        message = (f"paused: ${spent:.4f} spent of max_total_cost ${cap:.4f} (at ${rate:.4f}/h it would pass it"
+                   f" within {horizon_s:.0f} s); raise it to go on: cloudtaskctl resume {job_id} --max-total-cost USD")
+        tx.db.execute("UPDATE jobs SET state = 'paused', state_reason = ? WHERE id = ? AND state = 'active'",
+                      (message, job_id))
+        tx.event("job_paused", job_id=job_id, detail=message)
+        paused.append((job_id, pool_id, message))
+    return paused
+
+
+def resume(tx: Tx, job_id: int, max_total_cost: float | None) -> None:
+    row = tx.db.execute("SELECT state, pool_id, created_at, max_total_cost FROM jobs WHERE id = ?",
+                        (job_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"job {job_id} does not exist")
+    state, pool_id, created_at, old_cap = row
+    if state != "paused":
+        raise CloudtaskError(f"job {job_id} is {state}, not paused")  # 409
+    cap = max_total_cost if max_total_cost is not None else old_cap
+    spent, _ = pool_spend(tx.db, pool_id, created_at, tx.now)
+    if cap is not None and cap <= spent:
+        raise BadInput(f"max_total_cost: ${cap:.4f} is not above the ${spent:.4f} already spent",
+                       field="max_total_cost")
+    tx.db.execute("UPDATE jobs SET state = 'active', state_reason = NULL, max_total_cost = ? WHERE id = ?",
+                  (cap, job_id))
+    tx.event("job_resumed", job_id=job_id, detail=f"max_total_cost={cap}")

@@ -140,6 +140,11 @@ class ApiClient:
         result: dict[str, Any] = await self._call("POST", f"/v1/jobs/{job_id}/cancel")
         return result
 
+    async def resume_job(self, job_id: int, *, max_total_cost: float | None = None) -> dict[str, Any]:
+        body = {"max_total_cost": max_total_cost} if max_total_cost is not None else {}
+        result: dict[str, Any] = await self._call("POST", f"/v1/jobs/{job_id}/resume", json=body)
+        return result
+
     async def retry_job(self, job_id: int) -> dict[str, Any]:
         result: dict[str, Any] = await self._call("POST", f"/v1/jobs/{job_id}/retry")
         return result

@@ -24,8 +24,10 @@ UNFINISHED_STATES = ("staged", "queued", "leased", "failed")
 
 
 def job_finished(job: dict[str, Any]) -> bool:
-    # A job cancelled before any task arrived never becomes `done` (done needs total > 0).
-    return bool(job.get("done")) or (job.get("state") == "cancelled" and not job["counts"].get("total"))
+    # A job cancelled before any task arrived never becomes `done` (done needs total > 0). A paused
+    # one (its max_total_cost reached) waits for `cloudtaskctl resume`: following it stops there.
+    return (bool(job.get("done")) or job.get("state") == "paused"
+            or (job.get("state") == "cancelled" and not job["counts"].get("total")))
 
 
 def job_exit_status(job: dict[str, Any]) -> int:
@@ -161,6 +163,15 @@ async def cmd_tasks(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
 
 def _job_line(verb: str, job: dict[str, Any]) -> str:
     return f"job {job['id']} {verb}: {format_progress(job, 100)}"
+
+
+async def cmd_resume(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
+    job = await api.resume_job(args.job, max_total_cost=args.max_total_cost)
+    if ctx.json:
+        ctx.emit_json(job)
+    else:
+        ctx.say(_job_line("resumed", job))
+    return EXIT_OK
 
 
 async def cmd_retry(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:

@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-on-demand-fallback", action="store_true",
                        help="spot only: wait for spot capacity rather than fall back to on-demand")
         p.add_argument("--max-price-per-hour", type=float, metavar="USD", help="no instance dearer than this")
+        p.add_argument("--max-total-cost", type=float, metavar="USD",
+                       help="pause the job before its instances cost more than this")
         if name == "run":
             p.add_argument("--results", default=DEFAULT_RESULTS, metavar="FILE",
                            help=f"where to write one JSON line per task (default: {DEFAULT_RESULTS})")
@@ -101,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", choices=TASK_STATES)
     p.add_argument("--limit", type=_int_in(1, 10_000), default=100, metavar="N")
     add("retry", "queue a job's dead and cancelled tasks again").add_argument("job", type=int, metavar="JOB")
+    p = add("resume", "let a job paused at its max_total_cost go on")
+    p.add_argument("job", type=int, metavar="JOB")
+    p.add_argument("--max-total-cost", type=float, metavar="USD", help="the new cap (above what is spent)")
     add("cancel", "cancel what is unfinished in a job").add_argument("job", type=int, metavar="JOB")
     p = add("instances", "list instances, or show one's bootstrap log")
     p.add_argument("--all", action="store_true", help="include stopped ones")
@@ -127,6 +132,7 @@ COMMANDS: dict[str, Command] = {
     "results": commands.cmd_results,
     "tasks": commands.cmd_tasks,
     "retry": commands.cmd_retry,
+    "resume": commands.cmd_resume,
     "cancel": commands.cmd_cancel,
     "instances": commands.cmd_instances,
     "drain": commands.cmd_drain,

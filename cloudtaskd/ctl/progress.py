@@ -72,6 +72,8 @@ def _segments(job: dict[str, Any], labels: dict[str, str]) -> tuple[list[tuple[s
         parts.append(("eta", "done"))
     elif job.get("state") == "cancelled":
         parts.append(("eta", "cancelling"))
+    elif job.get("state") == "paused":
+        parts.append(("eta", "paused"))
     elif total > 0 and rate > 0:
         parts.append(("eta", f"ETA {format_duration(remaining / rate)}"))
     else:

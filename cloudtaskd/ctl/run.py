@@ -107,7 +107,8 @@ async def _submit(ctx: Ctx, api: ApiClient, args: argparse.Namespace, tasks: Pat
                   state: _RunState | None = None) -> tuple[dict[str, Any], int]:
     worker = await api.upload_worker(bundle)
     job = await api.create_job(args.name or tasks.stem, worker["digest"], max_instances=args.max_instances,
-                               max_attempts=args.max_attempts, policy=job_policy(args))
+                               max_attempts=args.max_attempts, policy=job_policy(args),
+                               max_total_cost=args.max_total_cost)
     if state is not None:
         state.job_id = job["id"]
     try:
@@ -201,8 +202,11 @@ async def _write_results(api: ApiClient, job_id: int, path: Path) -> int:
 
 def _summary(job: dict[str, Any], elapsed_s: float, results: Path) -> str:
     c = job["counts"]
-    return (f"job {job['id']}: {c.get('succeeded', 0)} succeeded, {c.get('dead', 0)} dead, "
+    line = (f"job {job['id']}: {c.get('succeeded', 0)} succeeded, {c.get('dead', 0)} dead, "
             f"{c.get('cancelled', 0)} cancelled in {format_duration(elapsed_s)}; results in {results}")
+    if job.get("state") == "paused":
+        line += f"\njob {job['id']} {job.get('state_reason') or 'paused'}"
+    return line
 
 
 async def _run(ctx: Ctx, args: argparse.Namespace, state: _RunState) -> int:

@@ -20,6 +20,7 @@ from typing import Any
 import structlog
 
 from agent.workerspec import WorkerSpec
+from cloudtaskd import costs
 from cloudtaskd.config import Config
 from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.errors import ProviderError, TransitionError
@@ -35,6 +36,7 @@ from cloudtaskd.store import Store, Tx
 log = structlog.get_logger("cloudtaskd.reconciler")
 
 RECENT_TASKS = 200  # finished tasks per job that estimate the task duration
+BUDGET_HORIZON_S = 60.0  # a job is paused when its spend would pass max_total_cost within this
 START_BACKOFF_S = 1.0
 START_BACKOFF_MAX_S = 120.0
 DRAIN_UNREACHABLE_S = 30.0
@@ -71,8 +73,22 @@ class Reconciler:
     async def tick(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
         await self.sync(now)
+        await self.enforce_budgets()
         if not self.paused:
             await self.scale(now)
+
+    async def enforce_budgets(self) -> None:
+        """Pause jobs about to pass their max_total_cost; a worker left with no active job has its
+        instances drained (they finish what they hold, take nothing new, and stop)."""
+        horizon = max(BUDGET_HORIZON_S, 2 * self.config.scaling.tick_s)
+        paused = await self.store.write(costs.pause_over_budget, horizon)
+        for job_id, pool_id, message in paused:
+            log.warning("job_paused", job=job_id, reason=message)
+            still = await self.store.fetchone("SELECT 1 FROM jobs WHERE pool_id = ? AND state = 'active'", (pool_id,))
+            if still is None:
+                for row in await self.store.fetchall(
+                        "SELECT id FROM instances WHERE pool_id = ? AND state = 'running'", (pool_id,)):
+                    await self.drain(row["id"])
 
     # ---- sync ----
 
