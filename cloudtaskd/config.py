@@ -166,6 +166,8 @@ class GcpProviderConfig(CloudProviderConfig):
     # the gcloud user file, the metadata server).
     credentials_file: str = ""
     api_endpoint: str = ""  # an emulator, scheme included (http://127.0.0.1:PORT)
+    # The Cloud Billing Catalog API (list prices; needs the Cloud Billing API enabled); an emulator in tests.
+    billing_endpoint: str = "https://cloudbilling.googleapis.com"
     machine_type: str = "e2-standard-2"
 
     @property

@@ -172,6 +172,14 @@ class Daemon:
                 assert isinstance(az, AzureDriver)
                 url = self.config.providers.azure.retail_prices_url
                 fetchers["azure"] = partial(azure_catalog.fetch_offers, az, types, prices_url=url, zones=s.zones)
+            elif provider.name == "gcp":
+                from cloudtaskd.catalog import gcp as gcp_catalog
+                from cloudtaskd.providers.gcp import GcpDriver
+
+                gce = provider.driver
+                assert isinstance(gce, GcpDriver)
+                billing = self.config.providers.gcp.billing_endpoint
+                fetchers["gcp"] = partial(gcp_catalog.fetch_offers, gce, types, billing_endpoint=billing, zones=s.zones)
         return fetchers
 
     def _cloud_settings(self, c: CloudProviderConfig) -> CloudSettings:

@@ -1,8 +1,9 @@
 """A small Compute Engine stand-in (aiohttp) for the GCP driver's tests.
 
-It serves the REST paths google-cloud-compute's InstancesClient and ZoneOperationsClient call
-(`/compute/v1/projects/{p}/zones/{z}/instances[...]`, `.../aggregated/instances`,
-`.../operations/{op}[/wait]`), keeps instances in memory, and answers as GCE does: a mutation
+It serves the REST paths google-cloud-compute's InstancesClient, ZoneOperationsClient and
+MachineTypesClient call (`/compute/v1/projects/{p}/zones/{z}/instances[...]`,
+`.../aggregated/instances`, `.../operations/{op}[/wait]`, `.../machineTypes[/{name}]` from a small
+fixture), keeps instances in memory, and answers as GCE does: a mutation
 returns an Operation that is PENDING, then RUNNING, then DONE on the next polls; an instance is
 PROVISIONING, then STAGING, then RUNNING on the next gets; each one gets a natIP; a deleted
 instance is STOPPING until its operation is DONE; errors are Google's JSON error bodies.
@@ -16,6 +17,7 @@ Tests can:
   nothing, and its operation finishes DONE with `error.errors[{code}]` (a stock-out, a quota);
 - `hold(method)`: the next call of a method waits until the test releases it;
 - `publish_host_keys(name, {type: blob})`: guest attributes under `hostkeys/`;
+- set `machine_types` (zone -> machine type resources; MACHINE_TYPES by default);
 - read `calls` (method, HTTP method, path, body) to assert what the client sent.
 """
 
@@ -48,6 +50,32 @@ def google_error(status: int, message: str, reason: str | None = None, domain: s
     """An error body as the Compute API sends it."""
     return {"error": {"code": status, "message": message,
                       "errors": [{"message": message, "domain": domain, "reason": reason or REASONS.get(status, "")}]}}
+
+
+def machine_type(name: str, cpus: int, memory_mb: int, *, shared: bool = False,
+                 accelerators: tuple[tuple[str, int], ...] = ()) -> dict[str, Any]:
+    """A machine type resource as `machineTypes.get` answers it (the zone and links are added when served)."""
+    body: dict[str, Any] = {"kind": "compute#machineType", "id": str(abs(hash(name)) % 10**12), "name": name,
+                            "description": f"{cpus} vCPUs, {memory_mb / 1024:g} GB RAM", "guestCpus": cpus,
+                            "memoryMb": memory_mb, "imageSpaceGb": 0, "maximumPersistentDisks": 128,
+                            "maximumPersistentDisksSizeGb": "263168", "isSharedCpu": shared}
+    if accelerators:
+        body["accelerators"] = [{"guestAcceleratorType": t, "guestAcceleratorCount": n} for t, n in accelerators]
+    return body
+
+
+_E2_4 = machine_type("e2-standard-4", 4, 16384)
+_N2_2 = machine_type("n2-standard-2", 2, 8192)
+_N1_1 = machine_type("n1-standard-1", 1, 3840)
+_E2_MEDIUM = machine_type("e2-medium", 2, 4096, shared=True)  # 2 vCPUs of which 1 in time: shared-core
+_A2_1G = machine_type("a2-highgpu-1g", 12, 87040, accelerators=(("nvidia-tesla-a100", 1),))
+_E2_CUSTOM = machine_type("e2-custom-4-8192", 4, 8192)
+# Where each type is sold: n2-standard-2 not in us-central1-b, the A2 and N1 only in us-central1-a.
+MACHINE_TYPES: dict[str, list[dict[str, Any]]] = {
+    "us-central1-a": [_E2_4, _N2_2, _N1_1, _E2_MEDIUM, _A2_1G, _E2_CUSTOM],
+    "us-central1-b": [_E2_4, _E2_MEDIUM, _E2_CUSTOM],
+    "europe-west1-b": [_E2_4, _N2_2, _E2_MEDIUM],
+}
 
 
 @dataclass
@@ -104,6 +132,7 @@ class ComputeStandin:
         self.instances: dict[tuple[str, str], dict[str, Any]] = {}  # (zone, name) -> instance resource
         self.host_keys: dict[str, dict[str, str]] = {}  # instance name -> {key type: base64 blob}
         self.default_host_keys: dict[str, str] = {}  # published for every instance without keys of its own
+        self.machine_types: dict[str, list[dict[str, Any]]] = copy.deepcopy(MACHINE_TYPES)  # zone -> types
         self.calls: list[Call] = []
         self.page_size = 500  # list and aggregatedList answer in pages of this many
         self.gets_to_running = 2  # a new instance is RUNNING after this many gets (PROVISIONING, STAGING before)
@@ -211,6 +240,8 @@ class ComputeStandin:
                   name="instances.getGuestAttributes")
         r.add_get(Z + "/operations/{op}", self._operation, name="zoneOperations.get")
         r.add_post(Z + "/operations/{op}/wait", self._operation, name="zoneOperations.wait")
+        r.add_get(Z + "/machineTypes", self._machine_types, name="machineTypes.list")
+        r.add_get(Z + "/machineTypes/{name}", self._machine_type, name="machineTypes.get")
         r.add_route("*", "/{tail:.*}", self._unknown, name="unknown")
 
     @web.middleware
@@ -438,6 +469,28 @@ class ComputeStandin:
                 op.on_done()
                 op.on_done = None
             return web.json_response(op.json(self._base(request)))
+
+    def _served_type(self, request: web.Request, body: dict[str, Any]) -> dict[str, Any]:
+        zone = request.match_info["zone"]
+        return {**copy.deepcopy(body), "zone": zone,
+                "selfLink": f"{self._base(request)}/zones/{zone}/machineTypes/{body['name']}"}
+
+    async def _machine_types(self, request: web.Request) -> web.Response:
+        with self.lock:
+            found = [self._served_type(request, t) for t in self.machine_types.get(request.match_info["zone"], [])]
+        body: dict[str, Any] = {"kind": "compute#machineTypeList", "id": "machineTypes"}
+        if found:
+            body["items"] = found
+        return web.json_response(body)
+
+    async def _machine_type(self, request: web.Request) -> web.Response:
+        m = request.match_info
+        with self.lock:
+            found = [t for t in self.machine_types.get(m["zone"], []) if t["name"] == m["name"]]
+            if found:
+                return web.json_response(self._served_type(request, found[0]))
+        path = f"projects/{m['project']}/zones/{m['zone']}/machineTypes/{m['name']}"
+        return web.json_response(google_error(404, f"The resource '{path}' was not found", "notFound"), status=404)
 
     async def _unknown(self, request: web.Request) -> web.Response:
         return web.json_response(google_error(404, f"the stand-in does not serve {request.method} {request.path}",
