@@ -4,6 +4,7 @@ test shares."""
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -14,6 +15,7 @@ import pytest
 
 from cloudtaskd.config import CloudProviderConfig, LocalProviderConfig, ProvidersConfig
 from cloudtaskd.daemon import Daemon
+from cloudtaskd.providers.cloud import CloudDriver, CloudProvider, CloudSettings, CloudVm, CreateRequest
 from tests.conftest import UnixApi, make_config, wait_for
 from tests.procs import bundle
 from tests.sshd import Sshd, available
@@ -73,3 +75,36 @@ async def cloud_daemon(tmp_path: Path, name: str, provider: CloudProviderConfig,
         await api.close()
         await daemon.stop()
         sshd.stop()
+
+
+async def reconcile_after_crash(driver: CloudDriver, name: str, machine_type: str, zone: str,
+                                known: CreateRequest, orphan: CreateRequest, tmp_path: Path) -> CloudVm:
+    """Create `known` and `orphan`, record only `known` (as if the daemon died between launching
+    `orphan` and recording it), run one reconcile, and check that only `known` is listed still.
+    Returns the orphan's VM as created, for the cloud-specific checks."""
+    from cloudtaskd.config import Config
+    from cloudtaskd.dispatch import Dispatcher
+    from cloudtaskd.orchestrator.reconciler import Reconciler
+    from cloudtaskd.pins import InstancePins
+    from cloudtaskd.store import Store
+
+    key = tmp_path / "id"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    store = Store(tmp_path / "db.sqlite")
+    await store.open()
+    try:
+        provider = CloudProvider(driver, CloudSettings(machine_type, zone, False, 2, "ubuntu", key), "daemon1",
+                                 tmp_path, InstancePins(store))
+        config = Config(state_dir=str(tmp_path))
+        vm = await driver.create(known)
+        orphan_vm = await driver.create(orphan)
+        await store.write(lambda tx: tx.db.execute(
+            "INSERT INTO instances (id, provider, pool_id, state, slots, token_hash, cloud_id, created_at,"
+            " state_changed_at) VALUES (?, ?, NULL, 'running', 2, 'x', ?, 0, ?)",
+            (known.instance_id, name, vm.cloud_id, tx.now)))
+        reconciler = Reconciler(store, Dispatcher(store, config), [(provider, 5)], config, "ws://x")
+        await reconciler.sync(now=1e9)
+        assert {v.instance_id for v in await driver.list()} == {known.instance_id}
+        return orphan_vm
+    finally:
+        await store.close()

@@ -13,7 +13,7 @@ import pytest
 from cloudtaskd.errors import CapacityError, ProviderAuthError, QuotaExceeded
 from cloudtaskd.providers.aws import AwsDriver
 from cloudtaskd.providers.cloud import TAG_DAEMON, TAG_INSTANCE, CreateRequest
-from tests.cloud_e2e import cloud_daemon, needs_sshd
+from tests.cloud_e2e import cloud_daemon, needs_sshd, reconcile_after_crash
 from tests.moto_ec2 import MotoEc2
 
 REGION = "us-east-1"
@@ -116,34 +116,9 @@ async def test_missing_credentials_name_the_provider(moto: MotoEc2, monkeypatch:
 async def test_reconcile_terminates_orphans_after_a_crash(driver: AwsDriver, tmp_path: Path) -> None:
     """A VM tagged with our daemon id but with no live row (the daemon died between launch and its
     record) is terminated by the next reconcile; a known one is left alone."""
-    from cloudtaskd.config import Config
-    from cloudtaskd.dispatch import Dispatcher
-    from cloudtaskd.orchestrator.reconciler import Reconciler
-    from cloudtaskd.pins import InstancePins
-    from cloudtaskd.providers.cloud import CloudProvider, CloudSettings
-    from cloudtaskd.store import Store
-
-    key = tmp_path / "id"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    settings = CloudSettings("t3.micro", REGION, False, 2, "ubuntu", key)
-    store = Store(tmp_path / "db.sqlite")
-    await store.open()
-    provider = CloudProvider(driver, settings, "daemon1", tmp_path, InstancePins(store))
-    try:
-        config = Config(state_dir=str(tmp_path))
-        known = await driver.create(req("aws-known"))
-        orphan = await driver.create(req("aws-orphan"))
-        await store.write(lambda tx: tx.db.execute(
-            "INSERT INTO instances (id, provider, pool_id, state, slots, token_hash, cloud_id, created_at,"
-            " state_changed_at) VALUES ('aws-known', 'aws', NULL, 'running', 2, 'x', ?, 0, ?)",
-            (known.cloud_id, tx.now)))
-        reconciler = Reconciler(store, Dispatcher(store, config), [(provider, 5)], config, "ws://x")
-        await reconciler.sync(now=0.0 + 1e9)
-        assert {v.instance_id for v in await driver.list()} == {"aws-known"}
-        assert (await describe(driver, orphan.cloud_id))["State"]["Name"] == "terminated"
-    finally:
-        await store.close()
-
+    orphan = await reconcile_after_crash(driver, "aws", "t3.micro", REGION, req("aws-known"), req("aws-orphan"),
+                                         tmp_path)
+    assert (await describe(driver, orphan.cloud_id))["State"]["Name"] == "terminated"
 
 @pytest.mark.timeout(300)  # a VM bootstrap installs aiohttp into a fresh virtualenv
 @needs_sshd

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,7 +23,7 @@ from cloudtaskd.errors import (
 from cloudtaskd.providers.azure import AzureDriver, classify
 from cloudtaskd.providers.cloud import TAG_DAEMON, TAG_INSTANCE, CreateRequest
 from tests.azure_standin import ArmStandin
-from tests.cloud_e2e import cloud_daemon, needs_sshd
+from tests.cloud_e2e import cloud_daemon, needs_sshd, reconcile_after_crash
 from tests.procs import free_port
 
 SUB, RG, LOCATION = "00000000-0000-0000-0000-000000000001", "ct-test", "eastus"
@@ -278,34 +277,10 @@ async def test_daemon_builds_the_service_principal_from_config(tmp_path: Path) -
 async def test_reconcile_deletes_orphans_after_a_crash(driver: AzureDriver, arm: ArmStandin, tmp_path: Path) -> None:
     """A VM tagged with our daemon id but with no row (the daemon died between create and record)
     is deleted with its NIC and IP by the next reconcile; a known one is left alone."""
-    from cloudtaskd.config import Config
-    from cloudtaskd.dispatch import Dispatcher
-    from cloudtaskd.orchestrator.reconciler import Reconciler
-    from cloudtaskd.pins import InstancePins
-    from cloudtaskd.providers.cloud import CloudProvider, CloudSettings
-    from cloudtaskd.store import Store
-
-    key = tmp_path / "id"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    store = Store(tmp_path / "db.sqlite")
-    await store.open()
-    try:
-        provider = CloudProvider(driver, CloudSettings("Standard_D2s_v5", LOCATION, True, 2, "ubuntu", key),
-                                 "daemon1", tmp_path, InstancePins(store))
-        config = Config(state_dir=str(tmp_path))
-        known = await driver.create(req("az-known"))
-        await driver.create(req("az-orphan", spot=True))
-        await store.write(lambda tx: tx.db.execute(
-            "INSERT INTO instances (id, provider, pool_id, state, slots, token_hash, cloud_id, created_at,"
-            " state_changed_at) VALUES ('az-known', 'azure', NULL, 'running', 2, 'x', ?, 0, ?)",
-            (known.cloud_id, tx.now)))
-        reconciler = Reconciler(store, Dispatcher(store, config), [(provider, 5)], config, "ws://x")
-        await reconciler.sync(now=1e9)
-        assert {v.instance_id for v in await driver.list()} == {"az-known"}
-        assert left_behind(arm, "az-orphan") == []
-        assert len(left_behind(arm, "az-known")) == 3
-    finally:
-        await store.close()
+    await reconcile_after_crash(driver, "azure", "Standard_D2s_v5", LOCATION, req("az-known"),
+                                req("az-orphan", spot=True), tmp_path)
+    assert left_behind(arm, "az-orphan") == []
+    assert len(left_behind(arm, "az-known")) == 3
 
 
 class DaemonAzureDriver(AzureDriver):

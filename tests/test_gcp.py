@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from cloudtaskd.errors import (
 )
 from cloudtaskd.providers.cloud import TAG_DAEMON, TAG_INSTANCE, CreateRequest
 from cloudtaskd.providers.gcp import DEFAULT_IMAGE, META_INSTANCES, GcpDriver, OperationError, classify, vm_name
-from tests.cloud_e2e import cloud_daemon, needs_sshd
+from tests.cloud_e2e import cloud_daemon, needs_sshd, reconcile_after_crash
 from tests.conftest import wait_for
 from tests.gcp_standin import ComputeStandin
 from tests.procs import free_port
@@ -438,35 +437,11 @@ async def test_reconcile_deletes_orphans_after_a_crash(driver: GcpDriver, gce: C
                                                        tmp_path: Path) -> None:
     """A VM labelled with our daemon id but with no live row (the daemon died between launch and its
     record) is deleted by the next reconcile; a known one is left alone."""
-    from cloudtaskd.config import Config
-    from cloudtaskd.dispatch import Dispatcher
-    from cloudtaskd.orchestrator.reconciler import Reconciler
-    from cloudtaskd.pins import InstancePins
-    from cloudtaskd.providers.cloud import CloudProvider, CloudSettings
-    from cloudtaskd.store import Store
-
-    key = tmp_path / "id"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    settings = CloudSettings("e2-standard-2", ZONE, False, 2, "ubuntu", key)
     gce.gets_to_running = 10**6  # still booting: terminate does not first try SSH to stop an agent
-    store = Store(tmp_path / "db.sqlite")
-    await store.open()
-    provider = CloudProvider(driver, settings, "daemon1", tmp_path, InstancePins(store))
-    try:
-        config = Config(state_dir=str(tmp_path))
-        known = await driver.create(req("gcp-known"))
-        await driver.create(req("gcp-orphan", spot=True))
-        await store.write(lambda tx: tx.db.execute(
-            "INSERT INTO instances (id, provider, pool_id, state, slots, token_hash, cloud_id, created_at,"
-            " state_changed_at) VALUES ('gcp-known', 'gcp', NULL, 'running', 2, 'x', ?, 0, ?)",
-            (known.cloud_id, tx.now)))
-        reconciler = Reconciler(store, Dispatcher(store, config), [(provider, 5)], config, "ws://x")
-        await reconciler.sync(now=0.0 + 1e9)
-        assert {v.instance_id for v in await driver.list()} == {"gcp-known"}
-        assert gce.instance(vm_name("gcp-orphan")) is None
-        assert [c.path.rsplit("/", 1)[-1] for c in gce.calls_of("instances.delete")] == ["ct-gcp-orphan"]
-    finally:
-        await store.close()
+    await reconcile_after_crash(driver, "gcp", "e2-standard-2", ZONE, req("gcp-known"), req("gcp-orphan", spot=True),
+                                tmp_path)
+    assert gce.instance(vm_name("gcp-orphan")) is None
+    assert [c.path.rsplit("/", 1)[-1] for c in gce.calls_of("instances.delete")] == ["ct-gcp-orphan"]
 
 
 @pytest.mark.timeout(300)  # a VM bootstrap installs aiohttp into a fresh virtualenv
