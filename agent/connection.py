@@ -23,7 +23,8 @@ from typing import Any
 
 import aiohttp
 
-from agent import jsonx
+from agent import interruption, jsonx
+from agent.logline import log
 from agent.protocol import (
     Ack,
     Draining,
@@ -32,6 +33,7 @@ from agent.protocol import (
     Grant,
     GrantedTask,
     Hello,
+    Notice,
     Revoke,
     Welcome,
     encode,
@@ -43,14 +45,12 @@ from agent.workerspec import RESOLVED_SPEC_FILE, WorkerSpec
 RECONNECT_MIN_S = 0.2
 RECONNECT_MAX_S = 15.0
 DEFAULT_DRAIN_GRACE_S = 60.0
+# Before the cloud's deadline, what still runs is stopped and handed back with this much time left
+# for the hand-back to reach the daemon.
+DEFAULT_INTERRUPTION_MARGIN_S = 10.0
 ACK_WAIT_S = 5.0
 FRAME_OVERHEAD = 256  # a frame's own JSON around its items, with room to spare
 MAX_ERROR_CHARS = 64 * 1024  # a failure's message beyond this is cut (a worker's whole stderr)
-
-
-def log(event: str, **fields: Any) -> None:
-    """One JSON line per event on stdout (the agent ships without structlog)."""
-    print(jsonx.dumps({"ts": round(time.time(), 3), "event": event, **fields}), flush=True)
 
 
 class FatalAgentError(Exception):
@@ -68,7 +68,9 @@ class Held:
 class Agent:
     def __init__(self, url: str, instance: str, token: str, worker_dir: Path, slots: int, *,
                  prefetch: int | None = None, drain_grace_s: float = DEFAULT_DRAIN_GRACE_S,
-                 spec: WorkerSpec | None = None, max_message_bytes: int = 4 * 1024 * 1024) -> None:
+                 spec: WorkerSpec | None = None, max_message_bytes: int = 4 * 1024 * 1024,
+                 interruption_source: str = "", metadata_url: str | None = None,
+                 interruption_margin_s: float = DEFAULT_INTERRUPTION_MARGIN_S) -> None:
         self.url = url
         self.instance = instance
         self.token = token
@@ -78,6 +80,13 @@ class Agent:
         self.prefetch = slots if prefetch is None else prefetch
         self.drain_grace_s = drain_grace_s
         self.max_message_bytes = max_message_bytes
+        self.interruption_source = interruption_source
+        self.metadata_url = metadata_url
+        self.interruption_margin_s = interruption_margin_s
+        self.notices: list[Notice] = []  # sent again after every reconnect until the agent exits
+        self.drain_reason = ""
+        self._drain_timer: asyncio.TimerHandle | None = None
+        self._drain_deadline = float("inf")  # monotonic
         self.runner = Runner(self.spec, worker_dir, slots)
         self.held: dict[int, Held] = {}
         self.ready: deque[int] = deque()  # granted, not yet started
@@ -104,24 +113,51 @@ class Agent:
             loop.add_signal_handler(sig, self.start_drain, "signal")
         workers = [loop.create_task(self._slot_loop(), name=f"slot-{i}") for i in range(self.slots)]
         conn = loop.create_task(self._connect_loop(), name="connection")
+        others = []
+        if self.interruption_source:
+            others.append(loop.create_task(interruption.watch(
+                self.interruption_source, self.on_notice, base_url=self.metadata_url, log=log), name="notices"))
         try:
             await self.done.wait()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
-            for t in (*workers, conn):
+            for t in (*workers, conn, *others):
                 t.cancel()
-            await asyncio.gather(*workers, conn, return_exceptions=True)
+            await asyncio.gather(*workers, conn, *others, return_exceptions=True)
             await self.runner.close()
         return 0 if conn.cancelled() or conn.exception() is None else 1
 
-    def start_drain(self, reason: str) -> None:
+    def on_notice(self, notice: Notice) -> None:
+        """The cloud's interruption or rebalance notice: tell the daemon (it records it, counts it
+        against the offer and starts replacement capacity); on an interruption, drain so that what
+        cannot finish before the deadline is handed back in time."""
+        log("spot_notice", kind=notice.kind, source=notice.source, deadline=notice.deadline, detail=notice.detail)
+        self.notices.append(notice)
+        self._send_now(encode(notice))
+        if notice.kind == "interruption":
+            grace = self.drain_grace_s
+            if notice.deadline is not None:
+                grace = min(grace, max(0.0, notice.deadline - time.time() - self.interruption_margin_s))
+            self.start_drain("interruption", grace_s=grace)
+
+    def start_drain(self, reason: str, *, grace_s: float | None = None) -> None:
+        grace = self.drain_grace_s if grace_s is None else grace_s
+        loop = asyncio.get_running_loop()
         if self.draining:
+            # Already draining (SIGTERM, the daemon): a nearer deadline (the cloud's) still wins.
+            if loop.time() + grace < self._drain_deadline and self._drain_timer is not None:
+                self._drain_timer.cancel()
+                self._drain_deadline = loop.time() + grace
+                self._drain_timer = loop.call_later(grace, self._drain_timeout)
+                self.drain_reason = reason
             return
         self.draining = True
+        self.drain_reason = reason
         # A timer, not the heartbeat loop: the grace must end even while disconnected.
-        asyncio.get_running_loop().call_later(self.drain_grace_s, self._drain_timeout)
-        log("agent_draining", reason=reason, held=len(self.held))
+        self._drain_deadline = loop.time() + grace
+        self._drain_timer = loop.call_later(grace, self._drain_timeout)
+        log("agent_draining", reason=reason, held=len(self.held), grace_s=round(grace, 1))
         self._send_now(encode(Draining(reason)))
         # Tasks not yet started go back at once: another instance can run them now.
         while self.ready:
@@ -132,6 +168,7 @@ class Agent:
     def _drain_timeout(self) -> None:
         """Grace is over: stop what still runs and give it back; exit once acked (or at once if
         the daemon cannot be reached: unacked leases expire there and are retried)."""
+        self._drain_timer = None
         for tid in list(self.held):
             h = self.held[tid]
             if h.runner_task is not None:
@@ -195,8 +232,10 @@ class Agent:
         # Everything unacked is resent: the daemon may never have committed it.
         self._pending[:0] = list(self._unacked.values())
         self._unacked.clear()
+        for notice in self.notices:  # the daemon may not have them (sent while disconnected)
+            await ws.send_str(encode(notice))
         if self.draining:
-            await ws.send_str(encode(Draining("draining")))
+            await ws.send_str(encode(Draining(self.drain_reason or "draining")))
         else:
             self._credit_owed = self.slots + self.prefetch - len(self.held)
         self._flush_event.set()
@@ -328,7 +367,7 @@ class Agent:
                         items.append(item)
                 for frame in pack('{"t":"done","results":[', items, "]}", self.max_message_bytes):
                     await ws.send_str(frame)
-        reason = jsonx.dumps("draining" if self.draining else "released")
+        reason = jsonx.dumps((self.drain_reason or "draining") if self.draining else "released")
         for head, objs, tail in (('{"t":"fail","failures":[', failed, "]}"),
                                  ('{"t":"handback","leases":[', back, f'],"reason":{reason}}}')):
             if objs:

@@ -1,6 +1,7 @@
 """cloudtask-agent: the process that runs on each instance.
 
     cloudtask-agent --url ws://daemon:port/v1/agent --instance ID --worker-dir DIR [--slots N]
+                    [--interruption-source aws|gcp|azure [--metadata-url URL]]
 
 The token comes from $CLOUDTASK_AGENT_TOKEN (never argv: every local user can read argv).
 """
@@ -14,8 +15,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from agent import jsonx
-from agent.connection import Agent, FatalAgentError, default_slots, load_spec, log
+from agent import interruption, jsonx
+from agent.connection import (
+    DEFAULT_INTERRUPTION_MARGIN_S,
+    Agent,
+    FatalAgentError,
+    default_slots,
+    load_spec,
+)
+from agent.logline import log
 
 SETUP_MARKER = ".cloudtask-setup-done"
 
@@ -44,6 +52,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--token-file", type=Path, help="read the token from this file (mode 600)")
     parser.add_argument("--stats-file", type=Path, help="write lease round-trip times and counts here at exit")
     parser.add_argument("--drain-grace", type=float, default=60.0, help="seconds to finish work on SIGTERM")
+    parser.add_argument("--interruption-source", choices=interruption.SOURCES,
+                        help="watch this cloud's spot interruption notices (default: none)")
+    parser.add_argument("--metadata-url", help="the instance metadata service's base URL (default: the cloud's own)")
+    parser.add_argument("--interruption-margin", type=float, default=DEFAULT_INTERRUPTION_MARGIN_S,
+                        help="seconds before the cloud's deadline at which running tasks are handed back")
     args = parser.parse_args(argv)
     token = os.environ.pop("CLOUDTASK_AGENT_TOKEN", "")
     if not token and args.token_file:
@@ -56,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
         run_setup(spec.setup, worker_dir, Path.cwd())
     slots = args.slots or default_slots(spec)
     agent = Agent(args.url, args.instance, token, worker_dir, slots, prefetch=args.prefetch,
-                  drain_grace_s=args.drain_grace, spec=spec)
+                  drain_grace_s=args.drain_grace, spec=spec, interruption_source=args.interruption_source or "",
+                  metadata_url=args.metadata_url, interruption_margin_s=args.interruption_margin)
     log("agent_started", instance=args.instance, slots=slots, mode=spec.mode, pid=os.getpid())
     try:
         code = asyncio.run(agent.run())

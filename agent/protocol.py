@@ -106,7 +106,21 @@ class Draining:
     t: str = "draining"
 
 
-AgentMessage = Hello | LeaseRequest | Heartbeat | Complete | Fail | Handback | Draining
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """The cloud's word about this instance: "interruption" (it is being taken; deadline when it
+    goes, if the cloud says) or "rebalance" (AWS: at elevated risk; replace it before it goes)."""
+
+    kind: str
+    source: str
+    deadline: float | None
+    detail: str
+    t: str = "notice"
+
+
+NOTICE_KINDS = ("interruption", "rebalance")
+
+AgentMessage = Hello | LeaseRequest | Heartbeat | Complete | Fail | Handback | Draining | Notice
 
 
 # ---- daemon -> agent ------------------------------------------------------------------------
@@ -268,6 +282,12 @@ def parse_agent_message(raw: str | bytes) -> AgentMessage:
         return Handback(_refs(obj, "leases"), _str(obj, "reason", max_len=200))
     if kind == "draining":
         return Draining(_str(obj, "reason", max_len=200))
+    if kind == "notice":
+        notice_kind = obj.get("kind")
+        if notice_kind not in NOTICE_KINDS:
+            raise ProtocolError(f"expected one of {', '.join(NOTICE_KINDS)}, got {notice_kind!r:.40}", field="kind")
+        deadline = None if obj.get("deadline") is None else _num(obj, "deadline")
+        return Notice(notice_kind, _str(obj, "source", max_len=32), deadline, _str(obj, "detail", max_len=200))
     raise ProtocolError(f"unknown message type {kind!r:.40}", field="t")
 
 

@@ -143,6 +143,7 @@ class Settings:
     max_cost_per_hour: float = _DEFAULTS.max_cost_per_hour  # 0: no limit
     interruption_rate_per_h: float = DEFAULT_INTERRUPTION_RATE_PER_H
     prefetch: int | None = None  # leases an agent holds beyond its slots; None: its slots, as the agent does
+    spot_outage_s: float = 0.0  # every spot launch is refused for capacity until then (the fallback case)
     needs: Needs = field(default_factory=Needs)
     policy: Policy = field(default_factory=Policy)
 
@@ -304,6 +305,7 @@ class Sim:
         """None: refused for capacity (nothing is started or billed)."""
         sim_offer = self.catalog[cand.offer.key]
         full = sim_offer.capacity is not None and self.live_by_offer[cand.offer.key] >= sim_offer.capacity
+        full = full or (cand.offer.spot and now < self.settings.spot_outage_s)
         if full or (sim_offer.stockout_p > 0 and self.rng.random() < sim_offer.stockout_p):
             self.launch_failures += 1
             return None
@@ -317,6 +319,14 @@ class Sim:
             # Exponential lifetimes: interruptions form a Poisson process per instance-hour.
             self.push(now + self.rng.expovariate(rate / 3600.0), _INTERRUPTED, inst.id)
         return inst
+
+    def hand_back_ready(self, inst: _Instance) -> None:
+        """A draining agent gives back at once what it has not started (as agent/connection.py does)."""
+        back = list(inst.ready)
+        inst.ready.clear()
+        inst.leases.difference_update(back)
+        self.leased -= len(back)
+        self.queue.extendleft(reversed(back))
 
     def interrupt(self, inst: _Instance, now: float) -> None:
         """The cloud takes a spot instance back: what it ran goes back to the queue, no attempt counted."""
@@ -415,11 +425,12 @@ class Autoscaler:
                 self._idle_since.setdefault(inst.id, now)
             idle_since = None if n else self._idle_since.get(inst.id)
             views.append(InstanceView(inst.id, inst.state, inst.cand.slots, n, idle_since,
-                                      inst.cand.offer.price_per_hour or 0.0))
+                                      inst.cand.offer.price_per_hour or 0.0, provider=inst.cand.offer.provider))
         global_room = s.max_instances - len(live)
         providers = {o.provider for o in sim.offers}
         # No per-provider limits are simulated: each provider may take the whole global limit.
-        room = {p: max(0, min(s.max_instances - per_provider[p], global_room)) for p in providers}
+        spare = {p: max(0, s.max_instances - per_provider[p]) for p in providers}
+        room = {p: min(spare[p], max(0, global_room)) for p in providers}
         outstanding = len(sim.queue) + sim.leased
         if outstanding:
             self._last_work = now
@@ -434,6 +445,7 @@ class Autoscaler:
             max_instances=s.max_instances,
             candidates=self.candidates(sim, now),
             provider_room=room,
+            provider_spare=spare,
             instances=views,
             last_work_at=self._last_work,
             mean_task_s=statistics.fmean(sim.recent_s) if sim.recent_s else None,
@@ -454,6 +466,7 @@ class Autoscaler:
             if inst.state == "running":
                 inst.state = "draining"
                 inst.drained_at = now
+                sim.hand_back_ready(inst)
         for cand in decision.launch:
             if sim.launch(cand, now) is None:
                 self.backoff.refused(cand.offer.key, now)  # the reconciler's own back-off
@@ -551,6 +564,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--interruption-rate", type=float, default=DEFAULT_INTERRUPTION_RATE_PER_H,
                     help="spot interruptions per instance-hour")
     ap.add_argument("--no-spot", action="store_true", help="the job allows on-demand only")
+    ap.add_argument("--spot-outage-s", type=float, default=0.0,
+                    help="no spot capacity anywhere until this time: the fleet falls back to on-demand")
     ap.add_argument("--catalog", type=Path, help="JSON list of offers (see the docstring)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -560,7 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_instances=args.max_instances, tick_s=args.tick_s, idle_timeout_s=args.idle_timeout_s,
         target_s=args.target_s, scale_up_after_s=args.scale_up_after_s, max_cost_per_hour=args.max_cost_per_hour,
         interruption_rate_per_h=args.interruption_rate, needs=Needs(cpus_per_task=args.cpus_per_task),
-        policy=Policy(spot=not args.no_spot),
+        policy=Policy(spot=not args.no_spot), spot_outage_s=args.spot_outage_s,
     )
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     best = cheapest([s.offer for s in catalog], settings)

@@ -23,13 +23,13 @@ from aiohttp import web
 
 from agent import jsonx
 from agent.workerspec import SPEC_FILE, WorkerSpec, WorkerSpecError
-from cloudtaskd import __version__, costs, queue
+from cloudtaskd import __version__, costs, interruptions, queue
 from cloudtaskd.config import Config
 from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.errors import BadInput, CloudtaskError, NotFound, StoreError
 from cloudtaskd.hub import token_hash
 from cloudtaskd.orchestrator.market import Market
-from cloudtaskd.orchestrator.selection import Needs, Policy
+from cloudtaskd.orchestrator.selection import Needs, Policy, rate_of
 from cloudtaskd.providers.base import Offer
 from cloudtaskd.states import InstanceEvent
 from cloudtaskd.store import Store, Tx
@@ -117,6 +117,7 @@ class ControlApi:
             web.get("/v1/catalog", self.get_catalog),
             web.post("/v1/catalog/refresh", self.refresh_catalog),
             web.get("/v1/prices", self.prices),
+            web.get("/v1/interruptions", self.interruptions),
             web.get("/v1/cost", self.fleet_cost),
             web.get("/v1/jobs/{job}/cost", self.job_cost),
         ]
@@ -411,6 +412,19 @@ class ControlApi:
         return web.json_response({"providers": [
             {"provider": r.provider, "offers": r.offers, "error": r.error} for r in results]})
 
+    async def interruptions(self, request: web.Request) -> web.Response:
+        """Spot interruptions per offer over the rate window, and the latest notices."""
+        now = time.time()
+
+        def read(db: Any) -> dict[str, Any]:
+            recent = db.execute(
+                "SELECT instance_id, offer_key, kind, source, noticed_at, deadline, detail FROM interruptions"
+                " ORDER BY id DESC LIMIT 50").fetchall()
+            return {"window_s": interruptions.RATE_WINDOW_S, "offers": interruptions.counts(db, now),
+                    "recent": [dict(r) for r in recent]}
+
+        return web.json_response(await self.store.read(read))
+
     async def prices(self, request: web.Request) -> web.Response:
         """The ranked table: what the daemon would buy for tasks of this size, cheapest slot-hour first."""
         q = request.query
@@ -423,9 +437,11 @@ class ControlApi:
             regions=tuple(x for x in q.get("regions", "").split(",") if x),
             spot=spot != "false", on_demand=spot != "true",
             max_price_per_hour=_float_param(request, "max_price_per_hour", 0.0, lo=0.0) or None)
+        await self.market.observe()
         ranked = self.market.rank(needs, policy)
         return web.json_response({"candidates": [
             {**_offer_dict(c.offer), "slots": c.slots,
+             "interruptions_per_hour": round(rate_of(c.offer, self.market.rates), 6),
              "cost_per_slot_hour": None if math.isinf(c.cost_per_slot_hour) else c.cost_per_slot_hour}
             for c in ranked]})
 

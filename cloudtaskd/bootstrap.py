@@ -74,6 +74,7 @@ class BootstrapSpec:
     worker_bundle: Path  # the gzip'd tar the user uploaded
     worker_spec: dict[str, Any]  # the validated cloudtask.yaml, as the agent reads it (worker.json)
     pip_args: tuple[str, ...] = ()  # e.g. ("--index-url", "...") or ("--no-index", "--find-links", "...")
+    agent_args: tuple[str, ...] = ()  # more agent options (its spot-notice watcher)
 
     def __repr__(self) -> str:
         return f"BootstrapSpec(instance_id={self.instance_id!r}, slots={self.slots})"
@@ -195,10 +196,11 @@ async def bootstrap(conn: asyncssh.SSHClientConnection, spec: BootstrapSpec, boo
         f"(venv/bin/python -c 'import aiohttp' 2>/dev/null || venv/bin/python -m pip install -q {pip} aiohttp)"
     ))
     # Idempotent start: a live agent from an earlier bootstrap is left alone.
+    extra = "".join(f" {q(a)}" for a in spec.agent_args)
     start = (
         f"cd {q(base)} && if test -f agent.pid && kill -0 $(cat agent.pid) 2>/dev/null; then cat agent.pid; else "
         f"CLOUDTASK_AGENT_TOKEN=$(cat token) PYTHONPATH=agentpkg setsid nohup venv/bin/python -m agent.main"
-        f" --url {q(spec.agent_url)} --instance {q(inst)} --worker-dir worker --slots {spec.slots}"
+        f" --url {q(spec.agent_url)} --instance {q(inst)} --worker-dir worker --slots {spec.slots}{extra}"
         f" >>agent.log 2>&1 </dev/null & echo $! > agent.pid; cat agent.pid; fi"
     )
     out = await _run(conn, bootlog, inst, "start agent", start)

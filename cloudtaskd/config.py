@@ -93,6 +93,10 @@ class LocalProviderConfig:
     max_instances: int = field(default=1, metadata=_range(0, 1024))
     # CPUs one local instance offers; 0 = all of this host's CPUs
     cpus: int = field(default=0, metadata=_range(0, 4096))
+    # Rehearse spot interruptions locally: local agents watch this cloud's notices at metadata_url
+    # (a stand-in that serves them; "{instance}" in it becomes the instance id). Empty: no watcher.
+    interruption_source: str = field(default="", metadata={"choices": ("", "aws", "gcp", "azure")})
+    metadata_url: str = ""
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,9 @@ class CloudProviderConfig:
     ssh_key_file: str = ""
     # Emulators and tests only: reach every VM's SSH at host:port instead of its public address.
     ssh_address_override: str = ""
+    # Tests only: where agents on spot VMs read interruption notices, instead of the cloud's own
+    # metadata service (169.254.169.254 / metadata.google.internal).
+    metadata_url: str = ""
 
     @property
     def placement(self) -> str:

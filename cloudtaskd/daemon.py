@@ -98,6 +98,7 @@ class Daemon:
 
         self.reconciler = Reconciler(self.store, self.dispatcher, self.providers, self.config, self.agent_url,
                                      self.market)
+        self.hub.on_notice = self.reconciler.notice
         self._spawn("dispatcher", self.dispatcher.run())
         self._spawn("reconciler", self.reconciler.run())
         log.info("daemon_ready", agent_url=self.agent_url, socket=str(sock))
@@ -190,7 +191,7 @@ class Daemon:
             _make_key(key)
         return CloudSettings(c.machine_type, c.placement, c.spot, c.cpus, c.ssh_user, key, c.ssh_address_override,
                              tuple(self.config.providers.ssh.pip_args), c.image, c.on_demand_fallback,
-                             tuple(c.machine_types), tuple(c.zones))
+                             tuple(c.machine_types), tuple(c.zones), c.metadata_url)
 
     def _lock(self) -> None:
         self._lock_file = open(self.state_dir / "cloudtaskd.lock", "w")

@@ -227,7 +227,9 @@ class Dispatcher:
         if reports:
             queue.apply_reports(tx, reports, out, self.backoff, self.ttl_s)
         if timers:
-            out.expired = queue.expire_leases(tx, self.backoff)
+            out.expired, pools = queue.requeue_interrupted(tx)
+            out.requeued_pools |= pools
+            out.expired += queue.expire_leases(tx, self.backoff)
             out.requeued_pools |= queue.promote_due(tx)
         for w in wants:
             if w.session.superseded:  # set before the newer hello's reclaim, which ran before this

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 
@@ -20,11 +21,13 @@ from agent.protocol import (
     Draining,
     ErrorMessage,
     Hello,
+    Notice,
     ProtocolError,
     Welcome,
     encode,
     parse_agent_message,
 )
+from cloudtaskd import interruptions
 from cloudtaskd.dispatch import Dispatcher, Session
 from cloudtaskd.errors import TransitionError
 from cloudtaskd.states import InstanceEvent, InstanceState
@@ -78,6 +81,8 @@ class AgentHub:
         self.max_message_bytes = max_message_bytes
         self.sockets: set[web.WebSocketResponse] = set()
         self.on_connect = on_connect
+        # Told of each new interruption notice once it is recorded (the reconciler: replace it now).
+        self.on_notice: Callable[[interruptions.Recorded], Awaitable[None]] | None = None
 
     async def handle(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(heartbeat=WS_HEARTBEAT_S, max_msg_size=self.max_message_bytes)
@@ -147,6 +152,9 @@ class AgentHub:
                         reason = "second hello"
                         await self._refuse(ws, "protocol", "hello may only be sent once")
                         break
+                    if isinstance(parsed, Notice):
+                        await self._notice(hello.instance, parsed)
+                        continue
                     self.dispatcher.handle(session, parsed)
                     if isinstance(parsed, Draining):
                         await self._mark_draining(hello.instance)
@@ -167,6 +175,19 @@ class AgentHub:
             with suppress(Exception):
                 await self.store.write(_seen, hello.instance)
             log_.info("agent_disconnected", reason=reason, close_code=ws.close_code)
+
+    async def _notice(self, instance_id: str, notice: Notice) -> None:
+        recorded = await self.store.write(interruptions.record, instance_id, notice.kind, notice.source,
+                                          notice.deadline, notice.detail)
+        if recorded is None or not recorded.new:
+            return
+        log.warning("spot_notice", instance=instance_id, kind=notice.kind, source=notice.source,
+                    detail=notice.detail, offer=recorded.offer_key,
+                    seconds_left=None if notice.deadline is None else round(notice.deadline - time.time(), 1))
+        if recorded.drained:
+            self.dispatcher.drain(instance_id)  # no more grants; its agent drains on its own already
+        if self.on_notice is not None:
+            await self.on_notice(recorded)
 
     async def _mark_draining(self, instance_id: str) -> None:
         """The agent drains on its own (SIGTERM, interruption): record it, so its exit is a drain."""

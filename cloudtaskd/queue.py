@@ -364,16 +364,44 @@ def reclaim(tx: Tx, instance_id: str, held: list[LeaseRef], ttl_s: float) -> tup
         ).fetchall()
         if r[0] not in kept_ids
     ]
-    for task_id, job_id, _, _ in orphans:
+    pools = _requeue(tx, [(*r, instance_id) for r in orphans], "not held by the agent when it connected")
+    return [k[2] for k in kept], dropped, pools
+
+
+def _requeue(tx: Tx, rows: list[tuple[Any, ...]], detail: str) -> set[int]:
+    """Leased tasks back to the queue without counting an attempt: rows of (id, job_id, attempt,
+    pool_id, instance_id). Returns the pools that gained work."""
+    for task_id, job_id, _, _, inst in rows:
         tx.count(job_id, S.LEASED, S.QUEUED)
-        tx.event(E.HANDED_BACK.value, job_id=job_id, task_id=task_id, instance_id=instance_id,
-                 detail="not held by the agent when it connected")
+        tx.event(E.HANDED_BACK.value, job_id=job_id, task_id=task_id, instance_id=inst, detail=detail)
     tx.db.executemany(
         "UPDATE tasks SET state = 'queued', instance_id = NULL, lease_expires_at = NULL"
         " WHERE id = ? AND attempt = ? AND state = 'leased'",
-        [(r[0], r[2]) for r in orphans],
+        [(r[0], r[2]) for r in rows],
     )
-    return [k[2] for k in kept], dropped, {r[3] for r in orphans}
+    return {r[3] for r in rows}
+
+
+def requeue_instance(tx: Tx, instance_id: str, detail: str) -> tuple[list[tuple[int, str | None]], set[int]]:
+    """Everything an instance holds goes back now, uncounted (the cloud took the machine: an
+    interruption is never a task failure). Returns ((task, instance) leases, pools that gained work)."""
+    rows = tx.db.execute(
+        "SELECT id, job_id, attempt, pool_id, instance_id FROM tasks INDEXED BY tasks_leased_by"
+        " WHERE state = 'leased' AND instance_id = ?", (instance_id,)).fetchall()
+    return [(r[0], r[4]) for r in rows], _requeue(tx, rows, detail)
+
+
+def requeue_interrupted(tx: Tx) -> tuple[list[tuple[int, str | None]], set[int]]:
+    """Expired leases of instances the cloud is taking (an interruption notice came) go back
+    uncounted: the agent had no time to hand them back. Runs before expire_leases, which would
+    count them as failed attempts."""
+    rows = tx.db.execute(
+        "SELECT t.id, t.job_id, t.attempt, t.pool_id, t.instance_id FROM tasks t"
+        " JOIN instances i ON i.id = t.instance_id"
+        " WHERE t.state = 'leased' AND t.lease_expires_at <= ? AND i.interrupted_at IS NOT NULL",
+        (tx.now,),
+    ).fetchall()
+    return [(r[0], r[4]) for r in rows], _requeue(tx, rows, "its instance was interrupted")
 
 
 def expire_leases(tx: Tx, backoff: tuple[float, float]) -> list[tuple[int, str | None]]:

@@ -99,3 +99,43 @@ def test_when_the_instance_limit_binds_bigger_instances_nearly_as_cheap_win() ->
     # 12 tasks, limit 5: 3 small instances cover it; the cheapest slot-hour wins.
     d = decide(pool(12, [small, big, pricey], {"gcp": 10, "aws": 10}, max_instances=5), 0.0, T)
     assert launched(d) == [small.key] * 3
+
+
+def test_a_fleet_that_fell_back_to_on_demand_returns_to_spot_when_it_is_back() -> None:
+    od = [InstanceView(f"od{i}", "running", 4, 4, None, 0.17, provider="aws") for i in range(4)]
+    # 1000 tasks of 60 s on 16 slots: an hour of work left. Spot is on sale again at 0.017/slot-h,
+    # the on-demand fallback costs 0.0425: replacements start first ...
+    d = decide(pool(1000, [SPOT, ON_DEMAND], {"aws": 4}, instances=od, max_instances=8, mean_task_s=60), 0.0, T)
+    assert launched(d) == [SPOT.key] * 4 and d.drain == ()
+    # ... the on-demand ones keep working while they boot, and drain once they are up.
+    booting = [InstanceView(f"s{i}", "starting", 4, 0, None, 0.068, provider="aws") for i in range(4)]
+    assert decide(pool(1000, [SPOT, ON_DEMAND], {"aws": 0}, instances=od + booting, max_instances=8,
+                       mean_task_s=60), 0.0, T) == Decision()
+    up = [InstanceView(f"s{i}", "running", 4, 4, None, 0.068, provider="aws") for i in range(4)]
+    d = decide(pool(1000, [SPOT, ON_DEMAND], {"aws": 0}, instances=od + up, max_instances=8, mean_task_s=60), 0.0, T)
+    assert set(d.drain) == {"od0", "od1", "od2", "od3"} and d.launch == ()
+    # At the instance limit no replacement can start first, and an offer off its back-off may still
+    # be out of stock: one drains as a probe; as spot instances come up, more go at a time.
+    d = decide(pool(1000, [SPOT, ON_DEMAND], {"aws": 0}, instances=od, max_instances=4, mean_task_s=60), 0.0, T)
+    assert d == Decision(drain=("od0",))
+    two_up = od[1:] + up[:1]
+    d = decide(pool(1000, [SPOT, ON_DEMAND], {"aws": 0}, instances=two_up, max_instances=4, mean_task_s=60), 0.0, T)
+    assert d == Decision(drain=("od1",))  # one spot instance runs: one more goes
+    assert decide(pool(1000, [SPOT, ON_DEMAND], {"aws": 0}, instances=od[2:] + up[:2], max_instances=4,
+                       mean_task_s=60), 0.0, T) == Decision(drain=("od2", "od3"))
+
+
+def test_on_demand_stays_when_spot_is_not_on_sale_or_would_not_pay_back() -> None:
+    od = [InstanceView(f"od{i}", "running", 4, 4, None, 0.17, provider="aws") for i in range(4)]
+    # Spot backed off (only on-demand on sale): nothing to return to.
+    assert decide(pool(1000, [ON_DEMAND], {"aws": 4}, instances=od, max_instances=4, mean_task_s=60), 0.0, T) \
+        == Decision()
+    # 100 tasks x 60 s on 16 slots: about 6 minutes of work left, less than a replacement is worth.
+    assert decide(pool(100, [SPOT, ON_DEMAND], {"aws": 4}, instances=od, max_instances=4, mean_task_s=60), 0.0, T) \
+        == Decision()
+    # No task has finished yet: no estimate of the work left, no replacement.
+    assert decide(pool(1000, [SPOT, ON_DEMAND], {"aws": 4}, instances=od, max_instances=4), 0.0, T) == Decision()
+    # The cheap offer is another cloud's with no room: draining these would only bring them back.
+    d = decide(pool(1000, [GCP, ON_DEMAND], {"aws": 0, "gcp": 0}, instances=od, max_instances=4, mean_task_s=60),
+               0.0, T)
+    assert d == Decision()

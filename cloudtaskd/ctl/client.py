@@ -219,6 +219,10 @@ class ApiClient:
         candidates: list[dict[str, Any]] = result["candidates"]
         return candidates
 
+    async def interruptions(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("GET", "/v1/interruptions")
+        return result
+
     async def drain_instance(self, instance_id: str) -> dict[str, Any]:
         result: dict[str, Any] = await self._call("POST", f"/v1/instances/{quote(instance_id, safe='')}/drain")
         return result

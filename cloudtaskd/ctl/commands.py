@@ -264,10 +264,33 @@ async def cmd_prices(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
     elif not candidates:
         ctx.say("no offer fits a task of this size under these limits")
     else:
-        ctx.say(table(("PROVIDER", "REGION", "ZONE", "TYPE", "MARKET", "SLOTS", "$/H", "$/SLOT-H"),
+        ctx.say(table(("PROVIDER", "REGION", "ZONE", "TYPE", "MARKET", "SLOTS", "$/H", "INT/H", "$/SLOT-H"),
                       [[c["provider"], c["region"] or "-", c["zone"], c["machine_type"],
                         "spot" if c["spot"] else "on-demand", c["slots"], _num(c["price_per_hour"], 4),
-                        _num(c["cost_per_slot_hour"], 5)] for c in candidates]))
+                        _num(c.get("interruptions_per_hour"), 3), _num(c["cost_per_slot_hour"], 5)]
+                       for c in candidates]))
+        ctx.say("INT/H: interruptions expected per instance-hour (observed, else the prior); $/SLOT-H weighs them in")
+    return EXIT_OK
+
+
+async def cmd_interruptions(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
+    report = await api.interruptions()
+    if ctx.json:
+        ctx.emit_json(report)
+        return EXIT_OK
+    days = report["window_s"] / 86400
+    if not report["offers"]:
+        ctx.say(f"no instances in the last {days:.0f} days")
+        return EXIT_OK
+    ctx.say(f"the last {days:.0f} days, per offer:")
+    ctx.say(table(("OFFER", "INSTANCES", "HOURS", "INTERRUPTED", "REBALANCE"),
+                  [[o["offer"], o["instances"], f"{o['instance_hours']:.2f}", o["interruptions"], o["rebalances"]]
+                   for o in report["offers"]]))
+    if report["recent"]:
+        ctx.say("\nlatest notices:")
+        ctx.say(table(("WHEN", "INSTANCE", "KIND", "SOURCE", "DETAIL"),
+                      [[ago(r["noticed_at"]), r["instance_id"], r["kind"], r["source"], shorten(r["detail"], 60)]
+                       for r in report["recent"]]))
     return EXIT_OK
 
 

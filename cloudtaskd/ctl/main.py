@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         "job", nargs="?", type=int, metavar="JOB")
     p = add("catalog", "show the offers and prices the daemon knows, or fetch them anew from the clouds")
     p.add_argument("action", nargs="?", choices=("show", "refresh"), default="show")
+    add("interruptions", "spot interruptions per offer, and the latest notices")
     p = add("prices", "rank what the daemon would buy for tasks of this size, cheapest task-slot-hour first")
     p.add_argument("--cpus-per-task", type=float, default=1.0, metavar="C")
     p.add_argument("--memory-per-task", type=_int_in(0, 10_000_000), default=0, metavar="MIB")
@@ -139,6 +140,7 @@ COMMANDS: dict[str, Command] = {
     "catalog": commands.cmd_catalog,
     "cost": commands.cmd_cost,
     "prices": commands.cmd_prices,
+    "interruptions": commands.cmd_interruptions,
 }
 
 

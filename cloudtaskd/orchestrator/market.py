@@ -5,16 +5,19 @@ table a user sees is the choice the daemon makes.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import structlog
 
-from cloudtaskd import catalog
+from cloudtaskd import catalog, interruptions
 from cloudtaskd.orchestrator.selection import Candidate, Needs, Policy, rank
 from cloudtaskd.providers.base import Offer, Provider
 from cloudtaskd.store import Store
 
 log = structlog.get_logger("cloudtaskd.market")
+
+RATES_TTL_S = 60.0  # interruption rates move slowly; one read a minute, not one per tick
 
 
 class Market:
@@ -23,6 +26,16 @@ class Market:
         self.store = store
         self.providers = providers
         self.fetchers = fetchers
+        self.rates: dict[str, float] = {}  # interruptions per instance-hour by offer key
+        self._rates_at = float("-inf")
+
+    async def observe(self, now: float | None = None, *, force: bool = False) -> None:
+        """Re-read the interruption rates observed per offer (at most once a minute unless forced:
+        a new notice forces it, so the next launch already avoids that offer)."""
+        now = time.time() if now is None else now
+        if force or now - self._rates_at >= RATES_TTL_S:
+            self.rates = await self.store.read(lambda db: interruptions.rates(db, now))
+            self._rates_at = now
 
     async def load(self) -> None:
         """Hand each provider its cached catalog rows (they size and price its offers)."""
@@ -44,8 +57,9 @@ class Market:
     def offers(self) -> list[Offer]:
         return [o for p in self.providers for o in p.offers()]
 
-    def rank(self, needs: Needs, policy: Policy, rates: dict[str, float] | None = None) -> list[Candidate]:
-        return rank(self.offers(), needs, policy, rates=rates)
+    def rank(self, needs: Needs, policy: Policy) -> list[Candidate]:
+        """Spot offers weighed by the interruption rates of the last `observe`."""
+        return rank(self.offers(), needs, policy, rates=self.rates)
 
     async def ages(self) -> dict[str, Any]:
         return await self.store.read(catalog.ages)

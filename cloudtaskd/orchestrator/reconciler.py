@@ -14,13 +14,14 @@ import secrets
 import time
 import uuid
 from collections import defaultdict
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from agent.workerspec import WorkerSpec
-from cloudtaskd import costs
+from cloudtaskd import costs, interruptions, queue
 from cloudtaskd.config import Config
 from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.errors import ProviderError, TransitionError
@@ -61,6 +62,7 @@ class Reconciler:
         self.backoff = OfferBackoff()
         self._waiting_since: dict[int, float] = {}  # pool -> since when it has had queued tasks
         self.paused = False  # set while the daemon stops: no new launches
+        self._wake = asyncio.Event()
 
     async def run(self) -> None:
         while True:
@@ -68,13 +70,22 @@ class Reconciler:
                 await self.tick()
             except Exception:
                 log.exception("reconcile_failed")
-            await asyncio.sleep(self.config.scaling.tick_s)
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.config.scaling.tick_s)
+            self._wake.clear()
+
+    async def notice(self, recorded: interruptions.Recorded) -> None:
+        """A spot notice was recorded: its offer's rate changed, and the replacement starts now
+        rather than at the next tick (an AWS notice gives two minutes, GCP's thirty seconds)."""
+        await self.market.observe(force=True)
+        self._wake.set()
 
     async def tick(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
         await self.sync(now)
         await self.enforce_budgets()
         if not self.paused:
+            await self.market.observe(now)
             await self.scale(now)
 
     async def enforce_budgets(self) -> None:
@@ -102,8 +113,8 @@ class Reconciler:
     async def _sync(self, provider: Provider, now: float) -> None:
         cloud = {c.instance_id: c for c in await provider.list_instances()}
         rows = await self.store.fetchall(
-            "SELECT id, pool_id, state, created_at, state_changed_at FROM instances"
-            " WHERE provider = ? AND state != 'stopped'",
+            "SELECT id, pool_id, state, created_at, state_changed_at, interrupted_at,"
+            " json_extract(offer, '$.spot') AS spot FROM instances WHERE provider = ? AND state != 'stopped'",
             (provider.name,),
         )
         known = set()
@@ -119,6 +130,8 @@ class Reconciler:
             if state == InstanceState.RUNNING:
                 self._start_failures.pop(row["pool_id"], None)
             if not present:
+                if state in (InstanceState.RUNNING, InstanceState.DRAINING) and (row["spot"] or row["interrupted_at"]):
+                    await self._interrupted(inst, noticed=row["interrupted_at"] is not None)
                 event = InstanceEvent.DRAINED if state == InstanceState.DRAINING else InstanceEvent.LOST
                 error = None
                 if event == InstanceEvent.LOST:
@@ -155,6 +168,24 @@ class Reconciler:
             # Tagged as ours but with no live row: left over from a crash. Never leave it running.
             log.warning("leaked_instance_terminated", instance=inst, provider=provider.name)
             await provider.terminate(inst)
+
+    async def _interrupted(self, inst: str, *, noticed: bool) -> None:
+        """A spot instance is gone (the cloud took it, with or without a notice first): what it still
+        held goes back now, uncounted, instead of failing when the leases time out."""
+        def tx_(tx: Tx) -> tuple[list[tuple[int, str | None]], set[int]]:
+            if not noticed:
+                interruptions.record(tx, inst, interruptions.INTERRUPTION, "provider", None,
+                                     "the spot instance is gone without a notice")
+            return queue.requeue_instance(tx, inst, "its spot instance was interrupted")
+
+        leases, pools = await self.store.write(tx_)
+        if not noticed:
+            log.warning("spot_reclaimed", instance=inst, requeued=len(leases))
+            await self.market.observe(force=True)
+        for pool in pools:
+            self.dispatcher.notify_work(pool)
+        if leases:
+            self.dispatcher.revoke(leases)
 
     def _provider_of(self, inst: str) -> Provider:
         return self.providers[inst.split("-", 1)[0]]
@@ -205,7 +236,8 @@ class Reconciler:
                 " FROM pools p JOIN jobs j ON j.pool_id = p.id WHERE j.state = 'active' GROUP BY p.id"
             ).fetchall()
             instances = db.execute(
-                "SELECT id, provider, pool_id, state, slots, price_per_hour, 0 AS at_risk FROM instances"
+                "SELECT id, provider, pool_id, state, slots, price_per_hour, at_risk_since IS NOT NULL AS at_risk"
+                " FROM instances"
                 " WHERE state NOT IN ('stopped') AND provider != 'external'"
             ).fetchall()
             leases = dict(db.execute(
@@ -238,11 +270,11 @@ class Reconciler:
                 self._idle_since.setdefault(r["id"], now)
             by_pool[r["pool_id"]].append(InstanceView(
                 r["id"], r["state"], r["slots"], n, self._idle_since.get(r["id"]) if not n else None,
-                r["price_per_hour"] or 0.0, bool(r["at_risk"])))
+                r["price_per_hour"] or 0.0, bool(r["at_risk"]), r["provider"]))
         scaling = self.config.scaling
         global_room = scaling.max_instances - len(instances)
-        room = {name: max(0, min(self.limits[name] - live_per_provider[name], global_room))
-                for name in self.providers}
+        spare = {name: max(0, self.limits[name] - live_per_provider[name]) for name in self.providers}
+        room = {name: min(spare[name], max(0, global_room)) for name in self.providers}
         budget = scaling.max_cost_per_hour - spend if scaling.max_cost_per_hour > 0 else math.inf
         views = []
         for p in pools:
@@ -267,6 +299,7 @@ class Reconciler:
                     max_instances=limit,
                     candidates=self.candidates(needs, combine(policies.get(p["id"], [])), now),
                     provider_room=room,
+                    provider_spare=spare,
                     instances=by_pool.get(p["id"], []),
                     last_work_at=self._last_work.get(p["id"], now),
                     mean_task_s=durations.get(p["id"]),

@@ -35,6 +35,7 @@ class InstanceView:
     idle_since: float | None  # when it last held a lease (or started), None while busy
     price_per_hour: float = 0.0
     at_risk: bool = False  # the cloud recommended replacing it (AWS rebalance): replaced, then drained
+    provider: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +51,9 @@ class PoolView:
     mean_task_s: float | None = None  # observed task duration; None before the first result
     waiting_s: float = 0.0  # how long work has been queued with nothing of this pool booting
     budget_per_hour: float = math.inf  # what new instances may add to the hourly spend
+    # The same within each provider's own limit only (the fleet-wide limit frees when any instance
+    # stops); None: as provider_room.
+    provider_spare: dict[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +72,10 @@ class Decision:
 ACTIVE = ("pending", "starting", "running")
 # When the instance limit binds, an offer this much dearer per slot-hour is taken for more slots.
 SLOT_TOLERANCE = 0.10
+# A running instance this many times dearer per slot-hour than the best offer on sale is replaced
+# (on-demand is typically 3x spot), when the work left would keep the fleet busy this long.
+DISPLACE_RATIO = 1.5
+DISPLACE_MIN_WORK_S = 1800.0
 
 
 def slots_needed(pool: PoolView, targets: Targets, capacity: int) -> int:
@@ -82,6 +90,11 @@ def slots_needed(pool: PoolView, targets: Targets, capacity: int) -> int:
 def decide(pool: PoolView, now: float, targets: Targets) -> Decision:
     active = [i for i in pool.instances if i.state in ACTIVE]
     capacity = sum(i.slots for i in active if not i.at_risk)
+    # Instances to replace: at risk of interruption, or far dearer than what can be bought now
+    # (the on-demand fallback, once spot capacity is back). Replacements start first; the old
+    # ones are drained once nothing boots (at once when no replacement can start).
+    replace = {i.id for i in active if i.at_risk} | _displaced(pool, active, capacity)
+    capacity = sum(i.slots for i in active if i.id not in replace)
     if pool.outstanding > 0:
         need = slots_needed(pool, targets, capacity)
         count = len(active)
@@ -109,14 +122,45 @@ def decide(pool: PoolView, now: float, targets: Targets) -> Decision:
             count += 1
         if launch:
             return Decision(launch=tuple(launch))
-        # At-risk instances stop taking leases once their replacements are up (draining lets
+        # Replaced instances stop taking leases once their replacements are up (draining lets
         # what runs finish); until then they keep working.
         booting = any(i.state in ("pending", "starting") for i in active)
-        at_risk = () if booting else tuple(i.id for i in active if i.at_risk and i.state == "running")
-        return Decision(drain=at_risk + _surplus(active, capacity, need, now, targets.idle_timeout_s))
+        old = () if booting else tuple(i.id for i in active if i.id in replace and i.state == "running")
+        return Decision(drain=old + _surplus(active, capacity, need, now, targets.idle_timeout_s))
     if now - pool.last_work_at < targets.idle_timeout_s:
         return Decision()
     return Decision(drain=tuple(i.id for i in active if i.state == "running" and i.leases == 0))
+
+
+def _displaced(pool: PoolView, active: list[InstanceView], capacity: int) -> set[str]:
+    """Running instances DISPLACE_RATIO dearer per slot-hour than the best offer on sale now, while
+    the work left would keep the fleet busy for DISPLACE_MIN_WORK_S (a replacement's boot must pay
+    for itself). This is how a fleet that fell back to on-demand returns to spot.
+
+    An offer off back-off is not proof of capacity, so the switch ramps up like a slow start: while
+    anything boots, nothing more is displaced; then at most as many as already run at the cheap
+    price (at least one). During a long stock-out that costs one instance's boot per back-off
+    expiry, not the whole fleet's; once spot answers, the fleet moves over in doublings."""
+    if pool.mean_task_s is None or capacity <= 0 or not pool.candidates:
+        return set()
+    if any(i.state in ("pending", "starting") for i in active):
+        return set()
+    if pool.outstanding * pool.mean_task_s / capacity < DISPLACE_MIN_WORK_S:
+        return set()
+    on_sale = [c for c in pool.candidates if c.offer.available is None or c.offer.available > 0]
+    if not on_sale:
+        return set()
+    best = on_sale[0]
+    # Its provider must have room under its own limit, or get it from the drain (spot and
+    # on-demand of one cloud); else a drained instance would come back as the same dear kind.
+    spare = pool.provider_room if pool.provider_spare is None else pool.provider_spare
+    room = spare.get(best.offer.provider, 0) > 0
+    running = [i for i in active if i.state == "running" and not i.at_risk]
+    dear = [i for i in running if i.price_per_hour / max(1, i.slots) > best.cost_per_slot_hour * DISPLACE_RATIO]
+    cheap = len(running) - len(dear)
+    dear = sorted((i for i in dear if room or i.provider == best.offer.provider),
+                  key=lambda i: (-i.price_per_hour / max(1, i.slots), i.id))
+    return {i.id for i in dear[:max(1, cheap)]}
 
 
 def _price(offer: Offer) -> float:

@@ -99,6 +99,11 @@ def interruption_rate(interruptions: int, instance_hours: float, *, spot: bool) 
     return (interruptions + PRIOR_SPOT_RATE_PER_H * PRIOR_HOURS) / (instance_hours + PRIOR_HOURS)
 
 
+def rate_of(offer: Offer, rates: Mapping[str, float]) -> float:
+    """The interruption rate to expect of an offer: observed, else the prior (on-demand: 0)."""
+    return rates.get(offer.key, interruption_rate(0, 0.0, spot=offer.spot))
+
+
 def effective_price(price: float, rate_per_h: float, lost_h: float) -> float:
     return price / max(MIN_USEFUL_FRACTION, 1.0 - rate_per_h * lost_h)
 
@@ -133,8 +138,7 @@ def rank(offers: Iterable[Offer], needs: Needs, policy: Policy, *, rates: Mappin
         if offer.price_per_hour is None:
             unpriced.append(Candidate(offer, slots, math.inf))
             continue
-        rate = rates.get(offer.key, interruption_rate(0, 0.0, spot=offer.spot))
-        priced.append(Candidate(offer, slots, effective_price(offer.price_per_hour, rate, lost_h)))
+        priced.append(Candidate(offer, slots, effective_price(offer.price_per_hour, rate_of(offer, rates), lost_h)))
     # Ties: more slots per instance first (fewer boots, fewer SSH bootstraps), then a stable name.
     priced.sort(key=lambda c: (c.cost_per_slot_hour, -c.slots, c.offer.key))
     return priced + unpriced

@@ -32,6 +32,13 @@ class Offer:
         return f"{self.provider}/{self.zone}/{self.machine_type}/{'spot' if self.spot else 'on-demand'}"
 
 
+def watch_args(source: str, metadata_url: str = "") -> tuple[str, ...]:
+    """The agent's options to watch a cloud's spot notices (none for an empty source)."""
+    if not source:
+        return ()
+    return ("--interruption-source", source, *(("--metadata-url", metadata_url) if metadata_url else ()))
+
+
 @dataclass(frozen=True, slots=True)
 class LaunchSpec:
     instance_id: str

@@ -28,7 +28,7 @@ from cloudtaskd.bootstrap import (
     stop_agent,
 )
 from cloudtaskd.errors import ProviderError
-from cloudtaskd.providers.base import CloudInstance, LaunchSpec, Offer
+from cloudtaskd.providers.base import CloudInstance, LaunchSpec, Offer, watch_args
 
 log = structlog.get_logger("cloudtaskd.providers.cloud")
 
@@ -114,6 +114,7 @@ class CloudSettings:
     on_demand_fallback: bool = True
     machine_types: tuple[str, ...] = ()  # more types to choose among (sized and priced by the catalog)
     zones: tuple[str, ...] = ()  # more zones (AWS, GCP) to choose among
+    metadata_url: str = ""  # tests: where agents read spot notices instead of the cloud's metadata service
 
 
 class CloudProvider:
@@ -202,7 +203,7 @@ class CloudProvider:
             async with conn:
                 await bootstrap(conn, BootstrapSpec(
                     spec.instance_id, spec.agent_url, spec.token, spec.slots, spec.worker_bundle, spec.worker_spec,
-                    s.pip_args), bootlog)
+                    s.pip_args, watch_args(self.name if offer.spot else "", s.metadata_url)), bootlog)
         except Exception:
             await self.driver.delete(spec.instance_id)  # a failed bootstrap never leaves a VM running
             raise

@@ -19,7 +19,7 @@ from pathlib import Path
 import structlog
 
 from cloudtaskd.config import LocalProviderConfig
-from cloudtaskd.providers.base import CloudInstance, LaunchSpec, Offer
+from cloudtaskd.providers.base import CloudInstance, LaunchSpec, Offer, watch_args
 
 log = structlog.get_logger("cloudtaskd.providers.local")
 
@@ -81,6 +81,8 @@ class LocalProvider:
             "--instance", spec.instance_id,
             "--worker-dir", str(spec.worker_dir),
             "--slots", str(spec.slots),
+            *watch_args(self.config.interruption_source,
+                        self.config.metadata_url.replace("{instance}", spec.instance_id)),
         ]
         logfile = open(inst_dir / "agent.log", "ab")  # noqa: ASYNC230 - a local file, handed to the child
         try:
