@@ -13,8 +13,10 @@ import pytest
 from cloudtaskd.errors import CapacityError, ProviderAuthError, QuotaExceeded
 from cloudtaskd.providers.aws import AwsDriver
 from cloudtaskd.providers.cloud import TAG_DAEMON, TAG_INSTANCE, CreateRequest
-from tests.cloud_e2e import cloud_daemon, needs_sshd, reconcile_after_crash
+from tests.cloud_e2e import CloudRun, cloud_daemon, needs_sshd, reconcile_after_crash
+from tests.metadata_standin import metadata_standin
 from tests.moto_ec2 import MotoEc2
+from tests.sshd import Sshd
 
 REGION = "us-east-1"
 PUBKEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBd5pjkWPRG2g1DCrDL2qVdUwq0eGnWxSOZ6fzfJ2pYk test"
@@ -126,29 +128,36 @@ async def test_a_job_on_aws_end_to_end(moto: MotoEc2, creds: None, tmp_path: Pat
     """The daemon launches a VM in (emulated) EC2, bootstraps it over SSH (reached through the
     documented ssh_address_override hook at a local OpenSSH), runs the job, then terminates it."""
     from cloudtaskd.config import AwsProviderConfig
-    from tests.sshd import Sshd
 
     moto.reset()
     sshd = Sshd(tmp_path / "sshd")
     sshd.start()
     moto.console = console_with_keys(sshd.public_host_key())  # as cloud-init prints them
-    aws = AwsProviderConfig(enabled=True, max_instances=1, machine_type="t3.micro", cpus=2, spot=True,
-                            image=await moto_image(moto), endpoint_url=moto.url)
-    async with cloud_daemon(tmp_path, "aws", aws, sshd) as run:
-        res = await run.job("d['n'] * 3", 25)
-        assert sorted(r["result"] for r in res.values()) == [3 * i for i in range(25)]
-        assert {r["instance"].split("-")[0] for r in res.values()} == {"aws"}
-        # The host key was taken from the console output and pinned on the instance's row.
-        published = sshd.public_host_key().split()
-        assert [r["host_key"] for r in await run.instance_rows("aws")] == [f"{published[0]} {published[1]}"]
-        assert moto.calls["GetConsoleOutput"] >= 1
-        driver = AwsDriver(REGION, run.daemon.daemon_id, endpoint_url=moto.url, max_attempts=1)
-        try:
-            async def all_terminated() -> bool:
-                return await driver.list() == []
-            await run.until(all_terminated, "the idle VM terminated")
-        finally:
-            await driver.close()
+    async with metadata_standin("aws") as imds:
+        aws = AwsProviderConfig(enabled=True, max_instances=1, machine_type="t3.micro", cpus=2, spot=True,
+                                image=await moto_image(moto), endpoint_url=moto.url, metadata_url=imds.url)
+        async with cloud_daemon(tmp_path, "aws", aws, sshd) as run:
+            await aws_job_checks(run, moto, sshd)
+            # The agent bootstrapped on the spot VM watches its interruption notice (IMDSv2).
+            assert imds.tokens_issued >= 1 and imds.requests["aws_action"] >= 1 and not imds.refused
+
+
+async def aws_job_checks(run: CloudRun, moto: MotoEc2, sshd: Sshd) -> None:
+    """The job runs on the VM, its host key was pinned from the console, the idle VM goes."""
+    res = await run.job("d['n'] * 3", 25)
+    assert sorted(r["result"] for r in res.values()) == [3 * i for i in range(25)]
+    assert {r["instance"].split("-")[0] for r in res.values()} == {"aws"}
+    # The host key was taken from the console output and pinned on the instance's row.
+    published = sshd.public_host_key().split()
+    assert [r["host_key"] for r in await run.instance_rows("aws")] == [f"{published[0]} {published[1]}"]
+    assert moto.calls["GetConsoleOutput"] >= 1
+    driver = AwsDriver(REGION, run.daemon.daemon_id, endpoint_url=moto.url, max_attempts=1)
+    try:
+        async def all_terminated() -> bool:
+            return await driver.list() == []
+        await run.until(all_terminated, "the idle VM terminated")
+    finally:
+        await driver.close()
 
 
 async def moto_image(moto: MotoEc2) -> str:
