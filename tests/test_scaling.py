@@ -139,3 +139,15 @@ def test_on_demand_stays_when_spot_is_not_on_sale_or_would_not_pay_back() -> Non
     d = decide(pool(1000, [GCP, ON_DEMAND], {"aws": 0, "gcp": 0}, instances=od, max_instances=4, mean_task_s=60),
                0.0, T)
     assert d == Decision()
+
+
+def test_one_switch_at_a_time_and_never_to_fewer_slots_when_the_limit_binds() -> None:
+    od = [InstanceView(f"od{i}", "running", 4, 4, None, 0.17, provider="aws") for i in range(3)]
+    probe = InstanceView("od3", "draining", 4, 2, None, 0.17, provider="aws")
+    # A probe still draining holds its place under the limit: nothing more goes until it has stopped.
+    assert decide(pool(1000, [SPOT, ON_DEMAND], {"aws": 0}, instances=[*od, probe], max_instances=4,
+                       mean_task_s=60), 0.0, T) == Decision()
+    # Big on-demand instances at the limit: a cheaper but smaller spot offer would slow the job down.
+    big_od = [InstanceView(f"big{i}", "running", 16, 16, None, 0.68, provider="aws") for i in range(4)]
+    assert decide(pool(10_000, [SPOT, ON_DEMAND], {"aws": 0}, instances=big_od, max_instances=4,
+                       mean_task_s=60), 0.0, T) == Decision()

@@ -73,9 +73,10 @@ ACTIVE = ("pending", "starting", "running")
 # When the instance limit binds, an offer this much dearer per slot-hour is taken for more slots.
 SLOT_TOLERANCE = 0.10
 # A running instance this many times dearer per slot-hour than the best offer on sale is replaced
-# (on-demand is typically 3x spot), when the work left would keep the fleet busy this long.
+# (on-demand is typically 3x spot), when the work left would keep the fleet busy this long
+# (the fleet simulator: at 30 min a fleet hardly returned before the end; a swap costs ~3 min).
 DISPLACE_RATIO = 1.5
-DISPLACE_MIN_WORK_S = 1800.0
+DISPLACE_MIN_WORK_S = 900.0
 
 
 def slots_needed(pool: PoolView, targets: Targets, capacity: int) -> int:
@@ -138,13 +139,13 @@ def _displaced(pool: PoolView, active: list[InstanceView], capacity: int) -> set
     for itself). This is how a fleet that fell back to on-demand returns to spot.
 
     An offer off back-off is not proof of capacity, so the switch ramps up like a slow start: while
-    anything boots, nothing more is displaced; then at most as many as already run at the cheap
+    anything boots or drains, nothing more is displaced; then at most as many as already run at the cheap
     price (at least one). During a long stock-out that costs one instance's boot per back-off
     expiry, not the whole fleet's; once spot answers, the fleet moves over in doublings."""
     if pool.mean_task_s is None or capacity <= 0 or not pool.candidates:
         return set()
-    if any(i.state in ("pending", "starting") for i in active):
-        return set()
+    if any(i.state in ("pending", "starting", "draining") for i in pool.instances):
+        return set()  # a switch is under way (a draining one still holds its place under the limits)
     if pool.outstanding * pool.mean_task_s / capacity < DISPLACE_MIN_WORK_S:
         return set()
     on_sale = [c for c in pool.candidates if c.offer.available is None or c.offer.available > 0]
@@ -157,6 +158,10 @@ def _displaced(pool: PoolView, active: list[InstanceView], capacity: int) -> set
     room = spare.get(best.offer.provider, 0) > 0
     running = [i for i in active if i.state == "running" and not i.at_risk]
     dear = [i for i in running if i.price_per_hour / max(1, i.slots) > best.cost_per_slot_hour * DISPLACE_RATIO]
+    # When the instance limit binds, slots per instance set the pace: a smaller replacement would
+    # trade the saving for a slower job.
+    if pool.outstanding > capacity + max(0, pool.max_instances - len(active)) * best.slots:
+        dear = [i for i in dear if i.slots <= best.slots]
     cheap = len(running) - len(dear)
     dear = sorted((i for i in dear if room or i.provider == best.offer.provider),
                   key=lambda i: (-i.price_per_hour / max(1, i.slots), i.id))
