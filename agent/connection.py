@@ -136,9 +136,11 @@ class Agent:
         self.notices.append(notice)
         self._send_now(encode(notice))
         if notice.kind == "interruption":
+            # The cloud's deadline, not the daemon's drain grace, bounds how long work may go on:
+            # on AWS that is ~110 s of a 2-minute notice, on GCP/Azure ~20 s.
             grace = self.drain_grace_s
             if notice.deadline is not None:
-                grace = min(grace, max(0.0, notice.deadline - time.time() - self.interruption_margin_s))
+                grace = max(0.0, notice.deadline - time.time() - self.interruption_margin_s)
             self.start_drain("interruption", grace_s=grace)
 
     def start_drain(self, reason: str, *, grace_s: float | None = None) -> None:

@@ -122,13 +122,16 @@ class Dispatcher:
             self._pool_empty.discard(p)
         self._wake.set()
 
-    def drain(self, instance_id: str) -> bool:
+    def drain(self, instance_id: str, *, tell_agent: bool = True) -> bool:
+        """Stop granting to an instance. ``tell_agent=False`` when the agent drains on its own
+        (an interruption notice): a DrainRequest would cut its grace to the daemon's default."""
         session = self.sessions.get(instance_id)
         if session is None:
             return False
         session.draining = True
         session.credit = 0
-        session.send(encode(DrainRequest("requested")))
+        if tell_agent:
+            session.send(encode(DrainRequest("requested")))
         return True
 
     def revoke(self, leases: list[tuple[int, str | None]]) -> None:

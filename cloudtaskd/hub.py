@@ -185,7 +185,7 @@ class AgentHub:
                     detail=notice.detail, offer=recorded.offer_key,
                     seconds_left=None if notice.deadline is None else round(notice.deadline - time.time(), 1))
         if recorded.drained:
-            self.dispatcher.drain(instance_id)  # no more grants; its agent drains on its own already
+            self.dispatcher.drain(instance_id, tell_agent=False)  # its agent drains on its own already
         if self.on_notice is not None:
             await self.on_notice(recorded)
 

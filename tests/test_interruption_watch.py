@@ -10,13 +10,17 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
 from agent import interruption
+from agent.connection import Agent
 from agent.interruption import Notice, watch
+from agent.protocol import Notice as NoticeMessage
+from agent.workerspec import WorkerSpec
 from tests.metadata_standin import MetadataStandin, metadata_standin
 
 POLL_S = 0.05
@@ -357,3 +361,34 @@ async def test_azure_errors_and_garbage_do_not_stop_the_watch() -> None:
         await more_polls(azure, "azure_events")
     assert sorted(f["kind"] for f in run.errors()) == ["bad_body", "http_500"]
     assert len(run.notices) == 1
+
+
+# ---- the agent's drain on a notice ----
+
+
+@pytest.mark.parametrize(("seconds_left", "expected_grace"), [(120.0, 110.0), (25.0, 15.0), (5.0, 0.0), (None, 60.0)])
+async def test_the_agent_drains_until_the_clouds_deadline_less_the_margin(
+        tmp_path: Path, seconds_left: float | None, expected_grace: float) -> None:
+    agent = Agent("wss://127.0.0.1:1/", "i-1", "token", tmp_path, 2, drain_grace_s=60.0,
+                  spec=WorkerSpec(mode="command", command="true"), interruption_margin_s=10.0)
+    loop = asyncio.get_running_loop()
+    deadline = None if seconds_left is None else time.time() + seconds_left
+    agent.on_notice(NoticeMessage("interruption", "aws", deadline, "terminate"))
+    try:
+        assert agent.draining and agent.drain_reason == "interruption"
+        # An AWS notice's two minutes are used (110 s), not cut to the daemon's 60 s drain grace;
+        # without a deadline the drain grace applies.
+        assert agent._drain_deadline - loop.time() == pytest.approx(expected_grace, abs=1.0)
+        # A later drain with a longer grace (SIGTERM, the daemon) never extends the cloud's deadline.
+        agent.start_drain("signal", grace_s=expected_grace + 100)
+        assert agent._drain_deadline - loop.time() == pytest.approx(expected_grace, abs=1.0)
+    finally:
+        if agent._drain_timer is not None:
+            agent._drain_timer.cancel()
+
+
+async def test_a_rebalance_notice_does_not_drain_the_agent(tmp_path: Path) -> None:
+    agent = Agent("wss://127.0.0.1:1/", "i-1", "token", tmp_path, 2,
+                  spec=WorkerSpec(mode="command", command="true"))
+    agent.on_notice(NoticeMessage("rebalance", "aws", None, "recommendation"))
+    assert not agent.draining and len(agent.notices) == 1

@@ -4,14 +4,18 @@ requeued without counting an attempt, rates per offer feeding the ranking. Real 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
 from agent.protocol import Notice, ProtocolError, encode, parse_agent_message
 from cloudtaskd import interruptions, queue
+from cloudtaskd.config import Config
+from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.orchestrator.market import Market
+from cloudtaskd.orchestrator.reconciler import Reconciler
 from cloudtaskd.orchestrator.selection import PRIOR_HOURS, PRIOR_SPOT_RATE_PER_H, Needs, Policy
-from cloudtaskd.providers.base import Offer
+from cloudtaskd.providers.base import CloudInstance, Offer
 from cloudtaskd.store import Store, Tx
 
 CHEAP = Offer("aws", "t3.small", "us-east-1a", True, 2, 4.0, 0.0100, "us-east-1")
@@ -133,3 +137,53 @@ def test_notice_messages_are_validated_with_the_field_named() -> None:
         with pytest.raises(ProtocolError) as err:
             parse_agent_message(raw)
         assert err.value.field == field
+
+
+class Listed:
+    """A provider that lists its VMs as the cloud reports them; the reconciler is what is tested."""
+
+    name = "aws"
+
+    def __init__(self, vms: list[CloudInstance]) -> None:
+        self.vms = vms
+        self.terminated: list[str] = []
+
+    def offers(self) -> list[Offer]:
+        return [CHEAP, DEARER]
+
+    async def list_instances(self) -> list[CloudInstance]:
+        return [v for v in self.vms if v.instance_id not in self.terminated]
+
+    async def terminate(self, instance_id: str) -> None:
+        self.terminated.append(instance_id)
+
+
+async def test_a_spot_vm_listed_as_stopped_is_an_interruption_not_a_failure(db: Store, tmp_path: Any) -> None:
+    """GCP keeps a preempted VM as TERMINATED, Azure an evicted one deallocated: still listed, not
+    running. Its leases come back uncounted at once, even when no notice reached the daemon (the
+    agent was disconnected when the cloud gave it), and a spot VM taken while it booted is not a
+    start failure (that would back the pool's launches off)."""
+    await db.write(lambda tx: tx.db.execute(
+        "INSERT INTO instances (id, provider, pool_id, state, slots, token_hash, offer, created_at, state_changed_at)"
+        " VALUES ('aws-boot', 'aws', 1, 'starting', 2, 'h', ?, 0, 0),"
+        "        ('aws-od', 'aws', 1, 'starting', 2, 'h', ?, 0, 0)",
+        (json.dumps({"key": CHEAP.key, "spot": True}), json.dumps({"key": "aws/x/y/on-demand", "spot": False}))))
+    provider = Listed([CloudInstance("aws-a", "i-a", running=False), CloudInstance("aws-b", "i-b"),
+                       CloudInstance("aws-boot", "i-boot", running=False)])
+    config = Config(state_dir=str(tmp_path))
+    reconciler = Reconciler(db, Dispatcher(db, config), [(provider, 5)], config, "ws://x")  # type: ignore[list-item]
+    await reconciler.sync(now=50.0)
+
+    tasks = {r["id"]: (r["state"], r["failures"]) for r in await db.fetchall("SELECT id, state, failures FROM tasks")}
+    assert tasks == {1: ("queued", 0), 2: ("queued", 0), 3: ("leased", 0), 4: ("leased", 0)}
+    noticed = await db.fetchall("SELECT instance_id, source FROM interruptions ORDER BY instance_id")
+    assert [tuple(r) for r in noticed] == [("aws-a", "provider"), ("aws-boot", "provider")]
+    states = {r["id"]: (r["state"], r["last_error"])
+              for r in await db.fetchall("SELECT id, state, last_error FROM instances")}
+    assert states["aws-b"] == ("running", None)
+    assert states["aws-a"][0] == "stopped" and sorted(provider.terminated) == ["aws-a", "aws-boot", "aws-od"]
+    assert "spot capacity was reclaimed" in str(states["aws-boot"][1])
+    # The on-demand VM that vanished while booting is the worker's or the image's fault: backed off.
+    assert "before connecting" in str(states["aws-od"][1])
+    assert reconciler._start_failures[1][0] == 1
+    assert await db.read(queue.check_counters) == []

@@ -151,3 +151,36 @@ def test_one_switch_at_a_time_and_never_to_fewer_slots_when_the_limit_binds() ->
     big_od = [InstanceView(f"big{i}", "running", 16, 16, None, 0.68, provider="aws") for i in range(4)]
     assert decide(pool(10_000, [SPOT, ON_DEMAND], {"aws": 0}, instances=big_od, max_instances=4,
                        mean_task_s=60), 0.0, T) == Decision()
+
+
+def test_a_rebalanced_instance_is_replaced_from_another_offer_and_kept_when_it_cannot_be() -> None:
+    other_zone = Offer("aws", "c5.xlarge", "us-east-1b", True, 4, 8, 0.070, "us-east-1")
+    at_risk = InstanceView("risky", "running", 4, 4, None, 0.068, at_risk=True, provider="aws", offer_key=SPOT.key)
+    # The rebalance says capacity in 1a is going: the replacement comes from 1b, though 1a is cheaper.
+    d = decide(pool(4, [SPOT, other_zone], {"aws": 5}, instances=[at_risk]), 0.0, T)
+    assert launched(d) == [other_zone.key]
+    # Nothing else on sale: the same offer is still better than nothing.
+    assert launched(decide(pool(4, [SPOT], {"aws": 5}, instances=[at_risk]), 0.0, T)) == [SPOT.key]
+    # At the provider's limit no replacement can start: the at-risk instance keeps working (it
+    # is drained only once others cover the work; the cloud's own notice drains it otherwise).
+    assert decide(pool(4, [SPOT, other_zone], {"aws": 0}, instances=[at_risk]), 0.0, T) == Decision()
+    busy = InstanceView("busy", "running", 4, 4, None, 0.068, provider="aws")
+    assert decide(pool(8, [SPOT], {"aws": 0}, instances=[at_risk, busy], max_instances=2), 0.0, T) == Decision()
+    assert decide(pool(4, [SPOT], {"aws": 0}, instances=[at_risk, busy], max_instances=2), 0.0, T).drain == ("risky",)
+
+
+def test_the_place_a_displaced_instance_frees_goes_to_the_cheap_offer_only() -> None:
+    pricey_gcp = Offer("gcp", "n2-standard-4", "us-central1-a", False, 4, 16, 0.19, "us-central1")  # 0.0475/slot-h
+    od = [InstanceView(f"od{i}", "running", 4, 4, None, 0.17, provider="aws") for i in range(3)]
+    probe = InstanceView("od3", "draining", 4, 2, None, 0.17, provider="aws")
+    # AWS is at its own limit while the probe drains; GCP has room but only a dear offer. The probe
+    # was drained to make room for AWS spot: the freed place must not go to GCP on-demand.
+    d = decide(pool(1000, [SPOT, ON_DEMAND, pricey_gcp], {"aws": 0, "gcp": 4}, instances=[*od, probe],
+                    max_instances=8, mean_task_s=60), 0.0, T)
+    assert d.launch == ()
+    # Before the drain: the backlog beyond what the kept instances and the displaced one's place
+    # cover may still be bought from GCP, but not the displaced one's place itself.
+    running = InstanceView("od3", "running", 4, 4, None, 0.17, provider="aws")
+    d = decide(pool(20, [SPOT, ON_DEMAND, pricey_gcp], {"aws": 0, "gcp": 4}, instances=[*od, running],
+                    max_instances=8, mean_task_s=60_000), 0.0, T)
+    assert launched(d) == [pricey_gcp.key]  # 20 tasks: 12 kept + 4 (od3's place, for spot) + 4 from GCP

@@ -129,14 +129,22 @@ class Reconciler:
                 continue
             if state == InstanceState.RUNNING:
                 self._start_failures.pop(row["pool_id"], None)
-            if not present:
-                if state in (InstanceState.RUNNING, InstanceState.DRAINING) and (row["spot"] or row["interrupted_at"]):
+            # Gone, or still listed but stopped (a preempted GCP VM stays TERMINATED, an evicted
+            # Azure VM deallocated, a reclaimed EC2 instance terminated for an hour).
+            stopped = present and not cloud[inst].running
+            if not present or stopped:
+                spot = bool(row["spot"] or row["interrupted_at"])
+                if state in (InstanceState.RUNNING, InstanceState.DRAINING) and spot:
                     await self._interrupted(inst, noticed=row["interrupted_at"] is not None)
                 event = InstanceEvent.DRAINED if state == InstanceState.DRAINING else InstanceEvent.LOST
                 error = None
                 if event == InstanceEvent.LOST:
-                    error = "instance is gone"
-                    if state == InstanceState.STARTING:
+                    error = "instance is gone" if not stopped else "instance stopped at its provider"
+                    if state == InstanceState.STARTING and spot and stopped:
+                        # The cloud took its capacity back while it booted: not the worker's fault.
+                        await self._interrupted(inst, noticed=row["interrupted_at"] is not None)
+                        error = "its spot capacity was reclaimed before the agent connected"
+                    elif state == InstanceState.STARTING:
                         error = "the agent exited before connecting: " + self._output(inst)
                         self._start_failed(row["pool_id"], now)
                 await self._move(inst, event, error=error)
@@ -236,8 +244,8 @@ class Reconciler:
                 " FROM pools p JOIN jobs j ON j.pool_id = p.id WHERE j.state = 'active' GROUP BY p.id"
             ).fetchall()
             instances = db.execute(
-                "SELECT id, provider, pool_id, state, slots, price_per_hour, at_risk_since IS NOT NULL AS at_risk"
-                " FROM instances"
+                "SELECT id, provider, pool_id, state, slots, price_per_hour, at_risk_since IS NOT NULL AS at_risk,"
+                " json_extract(offer, '$.key') AS offer_key FROM instances"
                 " WHERE state NOT IN ('stopped') AND provider != 'external'"
             ).fetchall()
             leases = dict(db.execute(
@@ -270,7 +278,7 @@ class Reconciler:
                 self._idle_since.setdefault(r["id"], now)
             by_pool[r["pool_id"]].append(InstanceView(
                 r["id"], r["state"], r["slots"], n, self._idle_since.get(r["id"]) if not n else None,
-                r["price_per_hour"] or 0.0, bool(r["at_risk"]), r["provider"]))
+                r["price_per_hour"] or 0.0, bool(r["at_risk"]), r["provider"], r["offer_key"] or ""))
         scaling = self.config.scaling
         global_room = scaling.max_instances - len(instances)
         spare = {name: max(0, self.limits[name] - live_per_provider[name]) for name in self.providers}

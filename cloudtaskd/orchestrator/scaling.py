@@ -8,8 +8,9 @@ The fleet follows the backlog: enough task slots to finish the outstanding work 
 outstanding task), bought from the cheapest candidates first, within every instance limit and
 the hourly budget. A task that has waited longer than `scale_up_after_s` adds an instance even
 when the estimate says the fleet is big enough. Instances with an interruption coming (a
-rebalance recommendation) do not count: their replacement starts now. Idle instances beyond the
-need are drained, the dearest first; one holding leases never is.
+rebalance recommendation) do not count: their replacement starts now, from another offer where
+one is on sale, and they are drained once it is up (never before: an at-risk instance still
+works). Idle instances beyond the need are drained, the dearest first; one holding leases never is.
 
 When the instance limit is what stops the fleet from covering the need, bigger instances finish
 sooner for the same money: an offer up to SLOT_TOLERANCE dearer per slot-hour is then preferred
@@ -36,6 +37,7 @@ class InstanceView:
     price_per_hour: float = 0.0
     at_risk: bool = False  # the cloud recommended replacing it (AWS rebalance): replaced, then drained
     provider: str = ""
+    offer_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +96,8 @@ def decide(pool: PoolView, now: float, targets: Targets) -> Decision:
     # Instances to replace: at risk of interruption, or far dearer than what can be bought now
     # (the on-demand fallback, once spot capacity is back). Replacements start first; the old
     # ones are drained once nothing boots (at once when no replacement can start).
-    replace = {i.id for i in active if i.at_risk} | _displaced(pool, active, capacity)
+    displaced = _displaced(pool, active, capacity)
+    replace = {i.id for i in active if i.at_risk} | displaced
     capacity = sum(i.slots for i in active if i.id not in replace)
     if pool.outstanding > 0:
         need = slots_needed(pool, targets, capacity)
@@ -102,35 +105,65 @@ def decide(pool: PoolView, now: float, targets: Targets) -> Decision:
         room = dict(pool.provider_room)
         left = {c.offer.key: c.offer.available for c in pool.candidates if c.offer.available is not None}
         budget = pool.budget_per_hour
+        # Work the kept instances cannot cover is bought from any offer; the place of a displaced
+        # instance only from offers near the best (else a dearer kind would come back).
+        ranked, cheap = _replacement_offers(pool, active)
+        freed = sum(i.slots for i in active if i.id in displaced)
         launch: list[Candidate] = []
-        while capacity < need and count < pool.max_instances:
-            eligible = [c for c in pool.candidates if room.get(c.offer.provider, 0) > 0
-                        and left.get(c.offer.key, 1) > 0 and _price(c.offer) <= budget]
-            if not eligible:
-                break
-            pick = eligible[0]
-            if (pool.max_instances - count) * pick.slots < need - capacity:
-                # The instance limit binds: slots per instance now decide how fast the work goes.
-                # Among offers nearly as cheap per slot, take the biggest.
-                near = [c for c in eligible if c.cost_per_slot_hour <= pick.cost_per_slot_hour * (1 + SLOT_TOLERANCE)]
-                pick = max(near, key=lambda c: c.slots)
-            launch.append(pick)
-            room[pick.offer.provider] -= 1
-            if pick.offer.key in left:
-                left[pick.offer.key] -= 1
-            budget -= _price(pick.offer)
-            capacity += pick.slots
-            count += 1
+        for candidates, reserve in ((ranked, freed), (cheap, 0)):
+            while capacity + reserve < need and count < pool.max_instances:
+                eligible = [c for c in candidates if room.get(c.offer.provider, 0) > 0
+                            and left.get(c.offer.key, 1) > 0 and _price(c.offer) <= budget]
+                if not eligible:
+                    break
+                pick = eligible[0]
+                if (pool.max_instances - count) * pick.slots < need - capacity:
+                    # The instance limit binds: slots per instance now decide how fast the work
+                    # goes. Among offers nearly as cheap per slot, take the biggest.
+                    near = [c for c in eligible
+                            if c.cost_per_slot_hour <= pick.cost_per_slot_hour * (1 + SLOT_TOLERANCE)]
+                    pick = max(near, key=lambda c: c.slots)
+                launch.append(pick)
+                room[pick.offer.provider] -= 1
+                if pick.offer.key in left:
+                    left[pick.offer.key] -= 1
+                budget -= _price(pick.offer)
+                capacity += pick.slots
+                count += 1
         if launch:
             return Decision(launch=tuple(launch))
         # Replaced instances stop taking leases once their replacements are up (draining lets
-        # what runs finish); until then they keep working.
+        # what runs finish); until then they keep working. An at-risk one with no replacement
+        # (no room, nothing on sale) keeps working until the cloud takes it; a displaced one is
+        # drained to make room for its replacement (_displaced checked it can then start).
         booting = any(i.state in ("pending", "starting") for i in active)
-        old = () if booting else tuple(i.id for i in active if i.id in replace and i.state == "running")
+        covered = sum(i.slots for i in active if i.state == "running" and i.id not in replace) >= need
+        old = () if booting else tuple(i.id for i in active if i.state == "running" and (
+            i.id in displaced or (i.at_risk and covered)))
         return Decision(drain=old + _surplus(active, capacity, need, now, targets.idle_timeout_s))
     if now - pool.last_work_at < targets.idle_timeout_s:
         return Decision()
     return Decision(drain=tuple(i.id for i in active if i.state == "running" and i.leases == 0))
+
+
+def _replacement_offers(pool: PoolView, active: list[InstanceView]) -> tuple[list[Candidate], list[Candidate]]:
+    """(what new instances may be bought from, the part of it near the best offer).
+
+    Not the offer an at-risk instance runs on (its rebalance says capacity there is going) unless
+    nothing else is on sale. A displaced instance's place is only for offers near the best: while
+    one still drains (it is DISPLACE_RATIO dearer than the best), nothing dearer is bought at all,
+    or a dear offer of another cloud with room would take the place meant for the cheap kind."""
+    ranked = pool.candidates
+    risky = {i.offer_key for i in active if i.at_risk and i.offer_key}
+    if risky:
+        ranked = [c for c in ranked if c.offer.key not in risky] or ranked
+    if not ranked:
+        return ranked, ranked
+    ceiling = ranked[0].cost_per_slot_hour * DISPLACE_RATIO
+    cheap = [c for c in ranked if c.cost_per_slot_hour <= ceiling]
+    if any(i.state == "draining" and i.price_per_hour / max(1, i.slots) > ceiling for i in pool.instances):
+        return cheap, cheap
+    return ranked, cheap
 
 
 def _displaced(pool: PoolView, active: list[InstanceView], capacity: int) -> set[str]:
