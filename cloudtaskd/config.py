@@ -45,8 +45,24 @@ def _range(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ApiConfig:
-    # Unix socket of the control API; empty = <state_dir>/cloudtaskd.sock
+    # Unix socket of the control API; empty = <state_dir>/cloudtaskd.sock. Mode 0660: the daemon's
+    # user and socket_group only.
     socket: str = ""
+    # The group that may use the socket besides the daemon's user; empty: the daemon's own group.
+    socket_group: str = ""
+    # Optional TCP listener ("host:port", port 0 = any free port), always TLS with a bearer token.
+    # Empty: none, only the unix socket.
+    listen: str = ""
+    # The bearer token TCP clients must send (at least 16 characters); required with listen.
+    # Put it in the environment: token: ${CLOUDTASK_API_TOKEN}
+    token: Secret = NO_SECRET
+    # Certificate and key for the TCP listener (PEM files); empty: issued by the daemon's own CA.
+    tls_cert: str = ""
+    tls_key: str = ""
+    # Requests each client (a TCP peer address, or the unix socket as a whole) may make per
+    # second, with bursts up to rate_burst; more wait for their turn.
+    rate_limit_per_s: float = field(default=100.0, metadata=_range(0.1, 1e6))
+    rate_burst: int = field(default=200, metadata=_range(1, 1_000_000))
 
 
 @dataclass(frozen=True)
@@ -59,6 +75,16 @@ class AgentsConfig:
     lease_ttl_s: float = field(default=DEFAULT_LEASE_TTL_S, metadata=_range(1, 86400))
     # Leases handed out per dispatch round, across all agents
     lease_batch_max: int = field(default=4096, metadata=_range(1, 100_000))
+    # TLS on the agent websocket, with a certificate from the daemon's own CA (created on first
+    # start in <state_dir>/tls); agents pin that CA. Off only for tests and trusted networks.
+    tls: bool = True
+    # More names (DNS names or IP addresses) the agent certificate is valid for, besides
+    # listen_host and public_url's host: the addresses VMs reach the daemon at.
+    tls_names: tuple[str, ...] = ()
+    # Live websocket connections per instance (a reconnect may overlap the old one for a moment).
+    max_connections_per_instance: int = field(default=2, metadata=_range(1, 64))
+    # Messages per second one agent connection may send (bursts of twice that); more are read later.
+    max_messages_per_s: float = field(default=5000.0, metadata=_range(1, 1e7))
 
 
 @dataclass(frozen=True)
