@@ -15,6 +15,7 @@ import asyncio
 import os
 import random
 import signal
+import ssl
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -43,6 +44,9 @@ from agent.runner import Outcome, Runner
 from agent.workerspec import RESOLVED_SPEC_FILE, WorkerSpec
 
 RECONNECT_MIN_S = 0.2
+# The daemon's refusals that pass (too many connections for now): try again with backoff. Any other
+# (a wrong or revoked token, a protocol error) ends the agent.
+RETRYABLE_REFUSALS = frozenset({"busy"})
 RECONNECT_MAX_S = 15.0
 DEFAULT_DRAIN_GRACE_S = 60.0
 # Before the cloud's deadline, what still runs is stopped and handed back with this much time left
@@ -70,7 +74,7 @@ class Agent:
                  prefetch: int | None = None, drain_grace_s: float = DEFAULT_DRAIN_GRACE_S,
                  spec: WorkerSpec | None = None, max_message_bytes: int = 4 * 1024 * 1024,
                  interruption_source: str = "", metadata_url: str | None = None,
-                 interruption_margin_s: float = DEFAULT_INTERRUPTION_MARGIN_S) -> None:
+                 interruption_margin_s: float = DEFAULT_INTERRUPTION_MARGIN_S, ca_file: Path | None = None) -> None:
         self.url = url
         self.instance = instance
         self.token = token
@@ -83,6 +87,10 @@ class Agent:
         self.interruption_source = interruption_source
         self.metadata_url = metadata_url
         self.interruption_margin_s = interruption_margin_s
+        # The daemon's CA, pinned: only a certificate it issued is accepted (not the system's CAs).
+        self.ssl: ssl.SSLContext | bool = True
+        if ca_file is not None:
+            self.ssl = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
         self.notices: list[Notice] = []  # sent again after every reconnect until the agent exits
         self.drain_reason = ""
         self._drain_timer: asyncio.TimerHandle | None = None
@@ -193,7 +201,8 @@ class Agent:
         async with aiohttp.ClientSession(timeout=timeout) as http:
             while not self.done.is_set():
                 try:
-                    async with http.ws_connect(self.url, heartbeat=20, max_msg_size=self.max_message_bytes) as ws:
+                    async with http.ws_connect(self.url, heartbeat=20, max_msg_size=self.max_message_bytes,
+                                               ssl=self.ssl) as ws:
                         delay = RECONNECT_MIN_S
                         await self._session(ws)
                 except FatalAgentError as exc:
@@ -222,6 +231,8 @@ class Agent:
             raise aiohttp.ClientError(f"connection closed before welcome ({first.type.name})")
         welcome = parse_daemon_message(first.data)
         if isinstance(welcome, ErrorMessage):
+            if welcome.code in RETRYABLE_REFUSALS:
+                raise aiohttp.ClientError(f"refused for now: {welcome.code}: {welcome.message}")
             raise FatalAgentError(f"{welcome.code}: {welcome.message}")
         if not isinstance(welcome, Welcome):
             raise aiohttp.ClientError("expected a welcome")

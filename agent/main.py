@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slots", type=int, default=0, help="concurrent tasks (default: CPUs / cpus_per_task)")
     parser.add_argument("--prefetch", type=int, default=None, help="extra leases held ready (default: slots)")
     parser.add_argument("--token-file", type=Path, help="read the token from this file (mode 600)")
+    parser.add_argument("--ca-file", type=Path, help="the daemon's CA certificate (PEM): trust only it for wss://")
     parser.add_argument("--stats-file", type=Path, help="write lease round-trip times and counts here at exit")
     parser.add_argument("--drain-grace", type=float, default=60.0, help="seconds to finish work on SIGTERM")
     parser.add_argument("--interruption-source", choices=interruption.SOURCES,
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     slots = args.slots or default_slots(spec)
     agent = Agent(args.url, args.instance, token, worker_dir, slots, prefetch=args.prefetch,
                   drain_grace_s=args.drain_grace, spec=spec, interruption_source=args.interruption_source or "",
-                  metadata_url=args.metadata_url, interruption_margin_s=args.interruption_margin)
+                  metadata_url=args.metadata_url, interruption_margin_s=args.interruption_margin,
+                  ca_file=args.ca_file)
     log("agent_started", instance=args.instance, slots=slots, mode=spec.mode, pid=os.getpid())
     try:
         code = asyncio.run(agent.run())

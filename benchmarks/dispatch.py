@@ -58,11 +58,13 @@ async def main() -> None:
         for a in range(args.agents):
             inst = await daemon.post("/v1/instances", json={"worker": worker["digest"], "slots": args.slots})
             stats = Path(daemon.tmp.name) / f"agent{a}.json"
+            ca = Path(daemon.tmp.name) / "ca.pem"
+            ca.write_text(inst["ca_cert"])
             env = {**os.environ, "CLOUDTASK_AGENT_TOKEN": inst["token"], "PYTHONPATH": str(ROOT)}
             proc = subprocess.Popen(
                 [sys.executable, "-m", "agent.main", "--url", inst["url"], "--instance", inst["id"],
                  "--worker-dir", str(worker_dir), "--slots", str(args.slots), "--prefetch", str(args.prefetch),
-                 "--stats-file", str(stats)],
+                 "--stats-file", str(stats), "--ca-file", str(ca)],
                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )
             agents.append((proc, stats))

@@ -92,6 +92,7 @@ class ControlApi:
         self.dispatcher = dispatcher
         self.config = config
         self.agent_url = agent_url
+        self.agent_ca = ""  # the CA (PEM) an agent must pin to dial agent_url; empty: plain ws://
         self.daemon_id = daemon_id
         self.workers_dir = config.state_path / "workers"
         self._upload_locks: dict[int, asyncio.Lock] = {}
@@ -350,7 +351,8 @@ class ControlApi:
         inst = f"external-{uuid.uuid4().hex[:12]}"
         token = secrets.token_urlsafe(32)
         await self.store.write(_register_external, inst, digest, slots, token_hash(token))
-        return web.json_response({"id": inst, "token": token, "url": self.agent_url()}, status=201)
+        return web.json_response({"id": inst, "token": token, "url": self.agent_url(), "ca_cert": self.agent_ca},
+                                 status=201)
 
     async def drain_instance(self, request: web.Request) -> web.Response:
         inst = request.match_info["instance"]

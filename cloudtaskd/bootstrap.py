@@ -75,6 +75,7 @@ class BootstrapSpec:
     worker_spec: dict[str, Any]  # the validated cloudtask.yaml, as the agent reads it (worker.json)
     pip_args: tuple[str, ...] = ()  # e.g. ("--index-url", "...") or ("--no-index", "--find-links", "...")
     agent_args: tuple[str, ...] = ()  # more agent options (its spot-notice watcher)
+    ca_cert: bytes = b""  # the daemon's CA (PEM), pinned by the agent; empty: no TLS
 
     def __repr__(self) -> str:
         return f"BootstrapSpec(instance_id={self.instance_id!r}, slots={self.slots})"
@@ -186,6 +187,9 @@ async def bootstrap(conn: asyncssh.SSHClientConnection, spec: BootstrapSpec, boo
         async with sftp.open(f"{base}/token", "w") as f:
             await f.write(spec.token)
         await sftp.chmod(f"{base}/token", 0o600)
+        if spec.ca_cert:
+            async with sftp.open(f"{base}/ca.pem", "wb") as f:
+                await f.write(spec.ca_cert)
     bootlog.write("# uploaded agent package, worker bundle and token")
     await _run(conn, bootlog, inst, "unpack",
                f"cd {q(base)} && tar xzf agent.tar.gz -C agentpkg && tar xzf worker.tar.gz -C worker"
@@ -196,7 +200,7 @@ async def bootstrap(conn: asyncssh.SSHClientConnection, spec: BootstrapSpec, boo
         f"(venv/bin/python -c 'import aiohttp' 2>/dev/null || venv/bin/python -m pip install -q {pip} aiohttp)"
     ))
     # Idempotent start: a live agent from an earlier bootstrap is left alone.
-    extra = "".join(f" {q(a)}" for a in spec.agent_args)
+    extra = "".join(f" {q(a)}" for a in (*spec.agent_args, *(("--ca-file", "ca.pem") if spec.ca_cert else ())))
     start = (
         f"cd {q(base)} && if test -f agent.pid && kill -0 $(cat agent.pid) 2>/dev/null; then cat agent.pid; else "
         f"CLOUDTASK_AGENT_TOKEN=$(cat token) PYTHONPATH=agentpkg setsid nohup venv/bin/python -m agent.main"

@@ -11,6 +11,7 @@ import asyncio
 import fcntl
 import os
 import signal
+import ssl
 import sys
 import uuid
 from collections.abc import Callable
@@ -18,11 +19,13 @@ from contextlib import suppress
 from functools import partial
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 import structlog
 from aiohttp import web
 
-from cloudtaskd import queue
+from cloudtaskd import queue, tls
+from cloudtaskd.access import RateLimiter, bearer_auth, prepare_socket_dir, secure_socket
 from cloudtaskd.api import ControlApi, errors_middleware
 from cloudtaskd.catalog import Fetcher
 from cloudtaskd.config import CloudProviderConfig, Config, load_config
@@ -50,8 +53,13 @@ class Daemon:
         self.state_dir = config.state_path
         self.store = Store(self.state_dir / "cloudtask.db")
         self.dispatcher = Dispatcher(self.store, config)
-        self.hub = AgentHub(self.store, self.dispatcher, config.agents.max_message_bytes)
+        self.hub = AgentHub(self.store, self.dispatcher, config.agents.max_message_bytes,
+                            max_connections_per_instance=config.agents.max_connections_per_instance,
+                            max_messages_per_s=config.agents.max_messages_per_s)
         self.agent_url = ""
+        self.agent_ca = b""  # the CA agents pin (PEM); empty when the agent channel is plain
+        self.api_url = ""  # the TCP control listener, when configured
+        self.tls: tls.TlsFiles | None = None
         self.daemon_id = ""
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -72,36 +80,82 @@ class Daemon:
         await self._resume_uploads()
         log.info("store_opened", path=str(self.store.path), leases_renewed=renewed, daemon_id=self.daemon_id)
 
-        agent_app = web.Application(client_max_size=self.config.agents.max_message_bytes)
+        self.tls = self._tls()
+        agents = self.config.agents
+        agent_app = web.Application(client_max_size=agents.max_message_bytes)
         agent_app.router.add_get("/v1/agent", self.hub.handle)
         agent_runner = web.AppRunner(agent_app, handle_signals=False, access_log=None)
         await agent_runner.setup()
         self._runners.append(agent_runner)
-        site = web.TCPSite(agent_runner, self.config.agents.listen_host, self.config.agents.listen_port)
+        ssl_ctx = self.tls.server_context() if agents.tls and self.tls is not None else None
+        site = web.TCPSite(agent_runner, agents.listen_host, agents.listen_port, ssl_context=ssl_ctx)
         await site.start()
         port = agent_runner.addresses[0][1]
-        self.agent_url = self.config.agents.public_url or f"ws://{self.config.agents.listen_host}:{port}/v1/agent"
+        scheme = "wss" if ssl_ctx is not None else "ws"
+        self.agent_url = agents.public_url or f"{scheme}://{_url_host(agents.listen_host)}:{port}/v1/agent"
+        self.agent_ca = self.tls.ca_cert.read_bytes() if ssl_ctx is not None and self.tls is not None else b""
 
         api = ControlApi(self.store, self.dispatcher, self.config, lambda: self.agent_url, self.daemon_id,
                          self.market)
-        api_app = web.Application(middlewares=[errors_middleware], client_max_size=1 << 20)
-        api_app.add_routes(api.routes())
-        api_runner = web.AppRunner(api_app, handle_signals=False, access_log=None)
-        await api_runner.setup()
-        self._runners.append(api_runner)
-        sock = self.config.socket_path
-        sock.parent.mkdir(parents=True, exist_ok=True)
-        with suppress(FileNotFoundError):
-            sock.unlink()  # stale socket of a dead daemon: we hold the state lock, so it is ours
-        await web.UnixSite(api_runner, str(sock)).start()
-        os.chmod(sock, 0o660)
+        api.agent_ca = self.agent_ca.decode()
+        await self._control_listeners(api)
 
         self.reconciler = Reconciler(self.store, self.dispatcher, self.providers, self.config, self.agent_url,
                                      self.market)
+        self.reconciler.agent_ca = self.agent_ca
+        self.reconciler.on_instance_end = self.hub.disconnect
         self.hub.on_notice = self.reconciler.notice
         self._spawn("dispatcher", self.dispatcher.run())
         self._spawn("reconciler", self.reconciler.run())
-        log.info("daemon_ready", agent_url=self.agent_url, socket=str(sock))
+        log.info("daemon_ready", agent_url=self.agent_url, socket=str(self.config.socket_path),
+                 api_url=self.api_url or None)
+
+    def _tls(self) -> tls.TlsFiles | None:
+        """The daemon's CA and server certificate, when the agent channel or the TCP API uses TLS."""
+        agents, api = self.config.agents, self.config.api
+        if not agents.tls and not api.listen:
+            return None
+        names = [agents.listen_host, *agents.tls_names]
+        if agents.public_url:
+            names.append(urlsplit(agents.public_url).hostname or "")
+        if api.listen:
+            names.append(api.listen.rsplit(":", 1)[0])
+        return tls.ensure(self.state_dir / "tls", names, label=self.daemon_id)
+
+    async def _control_listeners(self, api: ControlApi) -> None:
+        """The unix socket (the daemon's user and api.socket_group only) and, if configured, a TCP
+        listener that takes TLS and the bearer token only. Each has its own rate limits."""
+        cfg = self.config.api
+        limiter = RateLimiter(cfg.rate_limit_per_s, cfg.rate_burst)
+        unix_app = web.Application(middlewares=[errors_middleware, limiter.middleware], client_max_size=1 << 20)
+        unix_app.add_routes(api.routes())
+        unix_runner = web.AppRunner(unix_app, handle_signals=False, access_log=None)
+        await unix_runner.setup()
+        self._runners.append(unix_runner)
+        sock = self.config.socket_path
+        prepare_socket_dir(sock, self.state_dir, cfg.socket_group, self.config.source)
+        await web.UnixSite(unix_runner, str(sock)).start()
+        secure_socket(sock, cfg.socket_group, self.config.source)
+        if not cfg.listen:
+            return
+        host, _, port = cfg.listen.rpartition(":")
+        tcp_app = web.Application(
+            middlewares=[errors_middleware, limiter.middleware, bearer_auth(cfg.token.reveal())],
+            client_max_size=1 << 20)
+        tcp_app.add_routes(api.routes())
+        tcp_runner = web.AppRunner(tcp_app, handle_signals=False, access_log=None)
+        await tcp_runner.setup()
+        self._runners.append(tcp_runner)
+        if cfg.tls_cert:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+        else:
+            assert self.tls is not None
+            ctx = self.tls.server_context()
+        await web.TCPSite(tcp_runner, host.strip("[]"), int(port), ssl_context=ctx).start()
+        bound = tcp_runner.addresses[0]
+        self.api_url = f"https://{_url_host(host)}:{bound[1]}"
 
     def _providers(self) -> list[tuple[Provider, int]]:
         """The configured providers with their instance limits, in order of preference: machines the
@@ -250,6 +304,15 @@ class Daemon:
             self._lock_file.close()
             self._lock_file = None
         log.info("daemon_stopped")
+
+
+def _url_host(host: str) -> str:
+    """A listen address as a URL host: a wildcard means "this machine", IPv6 gets brackets."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def _make_key(path: Path) -> None:

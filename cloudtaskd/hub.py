@@ -28,6 +28,7 @@ from agent.protocol import (
     parse_agent_message,
 )
 from cloudtaskd import interruptions
+from cloudtaskd.access import TokenBucket
 from cloudtaskd.dispatch import Dispatcher, Session
 from cloudtaskd.errors import TransitionError
 from cloudtaskd.states import InstanceEvent, InstanceState
@@ -75,11 +76,17 @@ class Outbox:
 
 class AgentHub:
     def __init__(self, store: Store, dispatcher: Dispatcher, max_message_bytes: int,
-                 on_connect: Callable[[str], Awaitable[None]] | None = None) -> None:
+                 on_connect: Callable[[str], Awaitable[None]] | None = None, *,
+                 max_connections_per_instance: int = 2, max_messages_per_s: float = 5000.0) -> None:
         self.store = store
         self.dispatcher = dispatcher
         self.max_message_bytes = max_message_bytes
+        self.max_connections_per_instance = max_connections_per_instance
+        self.max_messages_per_s = max_messages_per_s
         self.sockets: set[web.WebSocketResponse] = set()
+        self.by_instance: dict[str, set[web.WebSocketResponse]] = {}
+        self._instance_of: dict[web.WebSocketResponse, str] = {}
+        self.throttled = 0  # times an agent connection was read more slowly for its message rate
         self.on_connect = on_connect
         # Told of each new interruption notice once it is recorded (the reconciler: replace it now).
         self.on_notice: Callable[[interruptions.Recorded], Awaitable[None]] | None = None
@@ -93,7 +100,19 @@ class AgentHub:
             await self._serve(ws, peer)
         finally:
             self.sockets.discard(ws)
+            inst = self._instance_of.pop(ws, None)
+            if inst is not None:
+                conns = self.by_instance.get(inst, set())
+                conns.discard(ws)
+                if not conns:
+                    self.by_instance.pop(inst, None)
         return ws
+
+    async def disconnect(self, instance_id: str) -> None:
+        """The instance has ended: its token is revoked, and a connection still open is closed."""
+        for ws in list(self.by_instance.get(instance_id, ())):
+            with suppress(Exception):
+                await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"instance ended")
 
     async def _refuse(self, ws: web.WebSocketResponse, code: str, message: str) -> None:
         with suppress(Exception):
@@ -123,6 +142,13 @@ class AgentHub:
             await self._refuse(ws, "unauthorized", "unknown instance, wrong token, or the instance has ended")
             return
 
+        conns = self.by_instance.setdefault(hello.instance, set())
+        if len(conns) >= self.max_connections_per_instance:
+            log.warning("agent_refused", peer=peer, instance=hello.instance, reason="too many connections")
+            await self._refuse(ws, "busy", f"instance {hello.instance} already has {len(conns)} live connections")
+            return
+        conns.add(ws)
+        self._instance_of[ws] = hello.instance
         pool_id, draining = auth
         log_ = log.bind(instance=hello.instance)
         kept, dropped = await self.dispatcher.reclaim(hello.instance, hello.held)
@@ -138,8 +164,15 @@ class AgentHub:
         if self.on_connect is not None:
             await self.on_connect(hello.instance)
         reason = "closed"
+        # A token bucket per connection: an agent sending faster than max_messages_per_s is read
+        # more slowly (TCP pushes back on it); the others are served as before.
+        loop = asyncio.get_running_loop()
+        bucket = TokenBucket(self.max_messages_per_s, 2 * self.max_messages_per_s, loop.time())
         try:
             async for msg in ws:
+                while (wait := bucket.take(loop.time())) > 0:
+                    self.throttled += 1
+                    await asyncio.sleep(wait)
                 if msg.type == WSMsgType.TEXT:
                     try:
                         parsed = parse_agent_message(msg.data)

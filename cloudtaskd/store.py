@@ -159,6 +159,9 @@ class Tx:
             sets["last_error"] = error
         if target == InstanceState.STOPPED:
             sets.setdefault("ended_at", self.now)
+        if target in (InstanceState.STOPPING, InstanceState.STOPPED):
+            sets["token_hash"] = ""  # revoked: no hash matches it
+
         assignments = ", ".join(f"{k} = ?" for k in sets)
         cur = self.db.execute(
             f"UPDATE instances SET {assignments} WHERE id = ? AND state = ?",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
@@ -30,6 +31,11 @@ async def wait_for(predicate: Callable[[], Awaitable[Any]], timeout: float = 20.
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {message}")
         await asyncio.sleep(interval)
+
+
+def agent_ssl(inst: dict[str, Any]) -> ssl.SSLContext:
+    """What an agent registered through POST /v1/instances trusts: the daemon's CA only."""
+    return ssl.create_default_context(cadata=inst["ca_cert"])
 
 
 def make_config(tmp_path: Path, **overrides: Any) -> Config:

@@ -42,7 +42,9 @@ async def test_blips_lose_nothing_and_keep_leases(tmp_path: Path) -> None:
         await api.request("POST", f"/v1/jobs/{job['id']}/tasks",
                           data=jsonl([{"id": f"t{i}", "data": {"n": i}} for i in range(n)]).encode())
         worker_dir = config.state_path / "workers" / worker["digest"]
-        agent = Agent(f"ws://127.0.0.1:{proxy.port}/v1/agent", inst["id"], inst["token"], worker_dir, 8,
+        ca = tmp_path / "ca.pem"
+        ca.write_text(inst["ca_cert"])
+        agent = Agent(f"wss://127.0.0.1:{proxy.port}/v1/agent", inst["id"], inst["token"], worker_dir, 8, ca_file=ca,
                       spec=WorkerSpec.from_dict({"mode": "python", "function": "w:run"}))
         agent_task = asyncio.get_running_loop().create_task(agent.run())
         for mark in (50, 150, 300):

@@ -63,7 +63,8 @@ async def test_bootstrap_runs_tasks_and_is_idempotent(tmp_path: Path, sshd: sshd
         _, job = await api.request("POST", "/v1/jobs", json={"worker": worker["digest"]})
         await api.request("POST", f"/v1/jobs/{job['id']}/tasks",
                           data=jsonl([{"id": i, "data": {"n": i}} for i in range(20)]).encode())
-        spec = BootstrapSpec(inst["id"], inst["url"], inst["token"], 2, bundle_path, worker["spec"])
+        spec = BootstrapSpec(inst["id"], inst["url"], inst["token"], 2, bundle_path, worker["spec"],
+                             ca_cert=inst["ca_cert"].encode())
         bootlog = BootstrapLog(tmp_path / "bootstrap.log")
         conn, host_key = await connect(target, instance=inst["id"], bootlog=bootlog)
         assert host_key.split()[:2] == sshd.public_host_key().split()[:2]  # what trust-on-first-use pins

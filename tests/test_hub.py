@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from cloudtaskd.daemon import Daemon
-from tests.conftest import UnixApi, make_config, wait_for
+from tests.conftest import UnixApi, agent_ssl, make_config, wait_for
 from tests.procs import bundle
 from tests.test_daemon_e2e import PY_WORKER, jsonl
 
@@ -37,7 +37,7 @@ async def env(tmp_path: Path) -> Any:
 async def agent(api: UnixApi, http: aiohttp.ClientSession, digest: str) -> tuple[dict[str, Any], Any]:
     status, inst = await api.request("POST", "/v1/instances", json={"worker": digest, "slots": 4})
     assert status == 201
-    ws = await http.ws_connect(inst["url"])
+    ws = await http.ws_connect(inst["url"], ssl=agent_ssl(inst))
     return inst, ws
 
 
@@ -125,7 +125,7 @@ async def test_reconnect_keeps_valid_leases_and_stale_result_is_refused(env: Any
     grant = json.loads((await ws.receive(timeout=5)).data)
     a, b = grant["tasks"]
     await ws.close()  # a network blip
-    ws = await http.ws_connect(inst["url"])
+    ws = await http.ws_connect(inst["url"], ssl=agent_ssl(inst))
     welcome = await hello(ws, inst, held=[[a["id"], a["token"]], [b["id"], b["token"] + 1]])
     assert welcome["kept"] == [a["id"]] and welcome["dropped"] == [b["id"]]
     # Keep a alive with heartbeats while b's lease runs out (ttl 2 s) and b is retried elsewhere.

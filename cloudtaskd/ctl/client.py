@@ -7,6 +7,7 @@ socket nobody answers on becomes DaemonUnavailable (the `run` command starts its
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
@@ -21,6 +22,7 @@ from cloudtaskd.errors import BadInput, CloudtaskError, DaemonUnavailable, NotFo
 BASE_URL = "http://cloudtaskd"
 UPLOAD_CHUNK_BYTES = 1 << 20
 CONNECT_TIMEOUT_S = 10.0
+RATE_LIMIT_RETRIES = 5
 
 
 async def _file_chunks(path: Path, chunk_bytes: int = UPLOAD_CHUNK_BYTES) -> AsyncIterator[bytes]:
@@ -49,14 +51,23 @@ def _error_from(status: int, body: bytes, path: str) -> CloudtaskError:
                         field=field if isinstance(field, str) else None)
     if status == 404:
         return NotFound(message)
+    if status == 401:
+        return CloudtaskError(f"{message} — set CLOUDTASK_API_TOKEN (or --token-file) to the daemon's api.token")
     return CloudtaskError(message)
 
 
 class ApiClient:
     """A client of one daemon. Use as `async with ApiClient(path) as api:`."""
 
-    def __init__(self, socket_path: str | Path) -> None:
+    def __init__(self, socket_path: str | Path, *, url: str = "", token: str = "",
+                 ca_file: Path | None = None) -> None:
+        """The unix socket, or with `url` (https://host:port) the daemon's TCP listener: TLS,
+        trusting `ca_file` (the daemon's CA) if given, and the bearer `token`."""
         self.socket_path = Path(socket_path)
+        self.url = url.rstrip("/")
+        self.base = self.url or BASE_URL
+        self._headers = {"Authorization": f"Bearer {token}"} if url and token else {}
+        self._ca_file = ca_file
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> ApiClient:
@@ -76,25 +87,36 @@ class ApiClient:
         if self._session is None:
             # No total timeout: uploads of big task files and result streams legitimately take long.
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S)
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.UnixConnector(path=str(self.socket_path)), timeout=timeout)
+            connector: aiohttp.BaseConnector
+            if self.url:
+                ssl_ctx = ssl.create_default_context(cafile=str(self._ca_file) if self._ca_file else None)
+                connector = aiohttp.TCPConnector(ssl=ssl_ctx)
+            else:
+                connector = aiohttp.UnixConnector(path=str(self.socket_path))
+            self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, headers=self._headers)
         return self._session
 
     def _unavailable(self, exc: Exception) -> DaemonUnavailable:
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        return DaemonUnavailable(f"cloudtaskd is not reachable at {self.socket_path}: {reason}")
+        return DaemonUnavailable(f"cloudtaskd is not reachable at {self.url or self.socket_path}: {reason}")
 
     async def _call(self, method: str, path: str, *, params: dict[str, str] | None = None,
                     json: Any = None, data: Any = None, headers: dict[str, str] | None = None) -> Any:
-        try:
-            async with self._http().request(method, BASE_URL + path, params=params, json=json, data=data,
-                                            headers=headers) as resp:
-                body = await resp.read()
-                if resp.status >= 300:
-                    raise _error_from(resp.status, body, path)
-                return jsonx.loads(body) if body else None
-        except aiohttp.ClientConnectionError as exc:
-            raise self._unavailable(exc) from exc
+        for attempt in range(RATE_LIMIT_RETRIES + 1):
+            try:
+                async with self._http().request(method, self.base + path, params=params, json=json, data=data,
+                                                headers=headers) as resp:
+                    body = await resp.read()
+                    if resp.status == 429 and attempt < RATE_LIMIT_RETRIES and not isinstance(data, AsyncIterator):
+                        # Over the daemon's rate limit: wait as told, then again (a stream cannot be resent).
+                        await asyncio.sleep(min(10.0, float(resp.headers.get("Retry-After", "1"))))
+                        continue
+                    if resp.status >= 300:
+                        raise _error_from(resp.status, body, path)
+                    return jsonx.loads(body) if body else None
+            except aiohttp.ClientConnectionError as exc:
+                raise self._unavailable(exc) from exc
+        raise AssertionError("unreachable")
 
     # ---- endpoints --------------------------------------------------------------------------
 
@@ -162,7 +184,7 @@ class ApiClient:
         params = {k: str(v) for k, v in (("top", top), ("after", after)) if v is not None}
         path = f"/v1/jobs/{job_id}/results"
         try:
-            async with self._http().get(BASE_URL + path, params=params) as resp:
+            async with self._http().get(self.base + path, params=params) as resp:
                 if resp.status >= 300:
                     raise _error_from(resp.status, await resp.read(), path)
                 # Split lines ourselves: StreamReader.readline refuses lines over its buffer limit,
@@ -193,7 +215,7 @@ class ApiClient:
         """The bootstrap (and local agent) log the daemon kept for an instance, as text."""
         path = f"/v1/instances/{quote(instance_id, safe='')}/logs"
         try:
-            async with self._http().get(BASE_URL + path) as resp:
+            async with self._http().get(self.base + path) as resp:
                 body = await resp.read()
                 if resp.status >= 300:
                     raise _error_from(resp.status, body, path)

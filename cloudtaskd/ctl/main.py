@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import TextIO
 
 from agent.workerspec import WorkerSpecError
@@ -54,6 +55,14 @@ def _global_options(*, suppress: bool) -> argparse.ArgumentParser:
                         help="YAML config file (the daemon's; gives the state directory and socket)")
     common.add_argument("--socket", metavar="PATH", default=default(None),
                         help="the daemon's control socket (default: <state_dir>/cloudtaskd.sock)")
+    common.add_argument("--url", metavar="URL", default=default(None),
+                        help="the daemon's TCP listener, https://HOST:PORT (default: $CLOUDTASK_URL, else the socket);"
+                             " its token comes from $CLOUDTASK_API_TOKEN or --token-file")
+    common.add_argument("--token-file", metavar="FILE", default=default(None),
+                        help="a file holding the API token (never pass the token itself on a command line)")
+    common.add_argument("--ca-file", metavar="FILE", default=default(None),
+                        help="the daemon's CA certificate (default: $CLOUDTASK_CA_FILE, else <state_dir>/tls/ca.pem"
+                             " when readable, else the system's CAs)")
     common.add_argument("--json", action="store_true", default=default(False),
                         help="machine output: the API's objects as JSON")
     return common
@@ -161,7 +170,7 @@ async def _dispatch(ctx: Ctx, args: argparse.Namespace) -> int:
         return await cmd_run(ctx, args)
     if args.command == "submit":
         return await cmd_submit(ctx, args)
-    async with ApiClient(ctx.config.socket_path) as api:
+    async with ctx.client() as api:
         return await COMMANDS[args.command](ctx, api, args)
 
 
@@ -183,7 +192,22 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None, err: TextI
         return fail(EXIT_BAD_INPUT, str(exc))
     if args.socket:
         config = replace(config, api=replace(config.api, socket=args.socket))
-    ctx = Ctx(config=config, json=args.json, out=out, err=err)
+    url = args.url or os.environ.get("CLOUDTASK_URL", "")
+    token = os.environ.get("CLOUDTASK_API_TOKEN", "")
+    ca_file: Path | None = None
+    if url:
+        if not url.startswith("https://"):
+            return fail(EXIT_BAD_INPUT, f"--url: expected https://HOST:PORT (the listener is TLS only), got {url!r}")
+        if args.token_file:
+            try:
+                token = Path(args.token_file).read_text().strip()
+            except OSError as exc:
+                return fail(EXIT_BAD_INPUT, f"--token-file: cannot read {args.token_file}: {exc.strerror}")
+        ca = args.ca_file or os.environ.get("CLOUDTASK_CA_FILE") or str(config.state_path / "tls" / "ca.pem")
+        ca_file = Path(ca) if os.access(ca, os.R_OK) else None
+        if ca_file is None and (args.ca_file or os.environ.get("CLOUDTASK_CA_FILE")):
+            return fail(EXIT_BAD_INPUT, f"--ca-file: cannot read {ca}")
+    ctx = Ctx(config=config, json=args.json, out=out, err=err, url=url, token=token, ca_file=ca_file)
     try:
         return asyncio.run(_dispatch(ctx, args))
     except KeyboardInterrupt:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 from agent import jsonx
 from cloudtaskd.config import Config
+from cloudtaskd.ctl.client import ApiClient
 from cloudtaskd.ctl.progress import format_duration
 
 
@@ -20,6 +22,14 @@ class Ctx:
     json: bool
     out: TextIO
     err: TextIO
+    # The daemon's TCP listener instead of its socket (--url / CLOUDTASK_URL), with its bearer
+    # token (never on the command line: CLOUDTASK_API_TOKEN or --token-file) and its CA.
+    url: str = ""
+    token: str = field(default="", repr=False)
+    ca_file: Path | None = None
+
+    def client(self) -> ApiClient:
+        return ApiClient(self.config.socket_path, url=self.url, token=self.token, ca_file=self.ca_file)
 
     def emit_json(self, obj: Any) -> None:
         self.out.write(jsonx.dumps(obj) + "\n")

@@ -128,7 +128,7 @@ async def cmd_submit(ctx: Ctx, args: argparse.Namespace) -> int:
     tasks = _check_tasks_file(args.tasks)
     with tempfile.TemporaryDirectory(prefix="cloudtaskctl-") as tmp:
         bundle = await _prepare_worker(args, Path(tmp))
-        async with ApiClient(ctx.config.socket_path) as api:
+        async with ctx.client() as api:
             job, accepted = await _submit(ctx, api, args, tasks, bundle)
             job = await api.get_job(job["id"])
     if ctx.json:
@@ -141,11 +141,13 @@ async def cmd_submit(ctx: Ctx, args: argparse.Namespace) -> int:
 
 async def _connect(ctx: Ctx, state: _RunState) -> ApiClient:
     """The daemon at the socket, or one started in this process for the duration of the run."""
-    api = state.api = ApiClient(ctx.config.socket_path)
+    api = state.api = ctx.client()
     try:
         await api.health()
         return api
     except DaemonUnavailable as exc:
+        if ctx.url:
+            raise  # a remote daemon is not started here
         unavailable = exc
     from cloudtaskd import logs  # lazy, like the daemon: other commands never need them
 

@@ -14,6 +14,7 @@ import secrets
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,8 @@ class Reconciler:
         self.limits = {p.name: limit for p, limit in providers}
         self.config = config
         self.agent_url = agent_url
+        self.agent_ca = b""  # the daemon's CA certificate (PEM) agents pin; empty: TLS is off
+        self.on_instance_end: Callable[[str], Awaitable[None]] | None = None
         self._idle_since: dict[str, float] = {}
         self._last_work: dict[int, float] = {}
         self._launching: set[str] = set()
@@ -228,6 +231,8 @@ class Reconciler:
         await self._move(inst, InstanceEvent.TERMINATED)
         self._idle_since.pop(inst, None)
 
+        if self.on_instance_end is not None:
+            await self.on_instance_end(inst)  # a connection that outlived its machine is closed
     # ---- scale ----
 
     def candidates(self, needs: Needs, policy: Policy, now: float) -> list[Candidate]:
@@ -358,7 +363,7 @@ class Reconciler:
             workers = self.config.state_path / "workers"
             spec = LaunchSpec(inst, pool_id, Path(pool["path"]), self.agent_url, token, cand.slots,
                               worker_bundle=workers / f"{pool['digest']}.tar.gz",
-                              worker_spec=pool["spec"].to_dict(), offer=offer)
+                              worker_spec=pool["spec"].to_dict(), offer=offer, ca_cert=self.agent_ca)
             try:
                 cloud = await provider.launch(spec)
             except Exception as exc:

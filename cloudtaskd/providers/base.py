@@ -51,6 +51,7 @@ class LaunchSpec:
     worker_bundle: Path | None = None  # the gzip'd tar, for providers that copy it to a machine
     worker_spec: dict[str, Any] = field(default_factory=dict)  # validated cloudtask.yaml
     offer: Offer | None = None  # what to launch; None: the provider's first offer
+    ca_cert: bytes = b""  # the daemon's CA (PEM) that the agent pins; empty: agent_url is plain ws://
 
     def __repr__(self) -> str:
         return f"LaunchSpec(instance_id={self.instance_id!r}, pool_id={self.pool_id}, slots={self.slots})"

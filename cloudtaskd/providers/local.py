@@ -69,6 +69,10 @@ class LocalProvider:
             return CloudInstance(spec.instance_id, str(pid))
         inst_dir = self.dir / spec.instance_id
         inst_dir.mkdir(parents=True, exist_ok=True)
+        ca_args: list[str] = []
+        if spec.ca_cert:
+            (inst_dir / "ca.pem").write_bytes(spec.ca_cert)
+            ca_args = ["--ca-file", str(inst_dir / "ca.pem")]
         env = {
             **os.environ,
             **spec.env,
@@ -81,6 +85,7 @@ class LocalProvider:
             "--instance", spec.instance_id,
             "--worker-dir", str(spec.worker_dir),
             "--slots", str(spec.slots),
+            *ca_args,
             *watch_args(self.config.interruption_source,
                         self.config.metadata_url.replace("{instance}", spec.instance_id)),
         ]
