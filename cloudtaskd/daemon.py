@@ -113,6 +113,9 @@ class Daemon:
     def _tls(self) -> tls.TlsFiles | None:
         """The daemon's CA and server certificate, when the agent channel or the TCP API uses TLS."""
         agents, api = self.config.agents, self.config.api
+        if agents.tls and agents.public_url and not agents.public_url.startswith("wss://"):
+            raise ConfigError(self.config.source, "agents.public_url",
+                              f"agents.tls is on, so agents dial wss://…, got {agents.public_url!r}")
         if not agents.tls and not api.listen:
             return None
         names = [agents.listen_host, *agents.tls_names]
