@@ -28,6 +28,7 @@ from cloudtaskd.config import Config
 from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.errors import BadInput, CloudtaskError, NotFound, StoreError
 from cloudtaskd.hub import token_hash
+from cloudtaskd.observe import ObserveApi
 from cloudtaskd.orchestrator.market import Market
 from cloudtaskd.orchestrator.selection import Needs, Policy, rate_of
 from cloudtaskd.providers.base import Offer
@@ -96,6 +97,7 @@ class ControlApi:
         self.daemon_id = daemon_id
         self.workers_dir = config.state_path / "workers"
         self._upload_locks: dict[int, asyncio.Lock] = {}
+        self.observe = ObserveApi(store, dispatcher, daemon_id)
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -114,13 +116,13 @@ class ControlApi:
             web.post("/v1/instances", self.register_instance),
             web.post("/v1/instances/{instance}/drain", self.drain_instance),
             web.get("/v1/instances/{instance}/logs", self.instance_logs),
-            web.get("/v1/events", self.events),
             web.get("/v1/catalog", self.get_catalog),
             web.post("/v1/catalog/refresh", self.refresh_catalog),
             web.get("/v1/prices", self.prices),
             web.get("/v1/interruptions", self.interruptions),
             web.get("/v1/cost", self.fleet_cost),
             web.get("/v1/jobs/{job}/cost", self.job_cost),
+            *self.observe.routes(),  # /metrics, /v1/events, /v1/status, /status
         ]
 
     async def health(self, request: web.Request) -> web.Response:
@@ -327,7 +329,7 @@ class ControlApi:
         await resp.write_eof()
         return resp
 
-    # ---- instances and events ----
+    # ---- instances ----
 
     async def list_instances(self, request: web.Request) -> web.Response:
         where = "" if request.query.get("all") else " WHERE state != 'stopped'"
@@ -377,16 +379,6 @@ class ControlApi:
                 parts.append(f"==> {name} log ({path}) <==\n{path.read_text(errors='replace')[-200_000:]}")
         return web.Response(text="\n".join(parts) or "(no logs kept for this instance)\n",
                             content_type="text/plain")
-
-    async def events(self, request: web.Request) -> web.Response:
-        after = _int_param(request, "after", 0) or 0
-        limit = min(_int_param(request, "limit", 1000) or 1000, 10_000)
-        job = _int_param(request, "job")
-        where = " AND job_id = ?" if job is not None else ""
-        sql = f"SELECT * FROM events WHERE id > ?{where} ORDER BY id LIMIT ?"
-        params: tuple[Any, ...] = (after, job, limit) if job is not None else (after, limit)
-        rows = await self.store.fetchall(sql, params)
-        return web.json_response({"events": [dict(r) for r in rows]})
 
 
     # ---- cost ----

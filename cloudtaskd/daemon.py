@@ -284,6 +284,7 @@ class Daemon:
             with suppress(Exception):
                 await self.reconciler.stop_all(self.shutdown_grace_s)
         # Stop listening before the dispatcher, so no report arrives that nobody will commit.
+        self.store.end_waits()  # long polls of GET /v1/events answer now, not at their deadline
         await self.hub.close_all()
         for runner in reversed(self._runners):
             with suppress(Exception):

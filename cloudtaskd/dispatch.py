@@ -34,6 +34,7 @@ from agent.protocol import (
 from cloudtaskd import queue
 from cloudtaskd.config import Config
 from cloudtaskd.errors import StoreError
+from cloudtaskd.metrics import Metrics
 from cloudtaskd.store import Store, Tx
 
 log = structlog.get_logger("cloudtaskd.dispatch")
@@ -56,6 +57,7 @@ class Session:
     # (its grant could go out on a dead socket after the newer hello's reclaim has run).
     superseded: bool = False
     stats: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    waiting_since: float = 0.0  # monotonic: when its credit last became non-zero (the lease wait metric)
 
 
 @dataclass(slots=True)
@@ -65,8 +67,10 @@ class _Want:
 
 
 class Dispatcher:
-    def __init__(self, store: Store, config: Config) -> None:
+    def __init__(self, store: Store, config: Config, metrics: Metrics | None = None) -> None:
         self.store = store
+        # The daemon's one Metrics: the API, hub and reconciler reach it through the dispatcher.
+        self.metrics = metrics if metrics is not None else Metrics()
         self.ttl_s = config.agents.lease_ttl_s
         self.batch_max = config.agents.lease_batch_max
         self.backoff = (config.queue.retry_backoff_s, config.queue.retry_backoff_max_s)
@@ -101,6 +105,8 @@ class Dispatcher:
         elif isinstance(msg, LeaseRequest):
             if session.draining:
                 return
+            if session.credit <= 0:
+                session.waiting_since = time.monotonic()
             session.credit += msg.n
             if session.pool_id in self._pool_empty:
                 return  # nothing to grant; a notify_work will wake us
@@ -208,13 +214,19 @@ class Dispatcher:
             if session is not None:
                 session.send(encode(Revoke(ids)))
         short_pools = set()
+        n_granted = 0
+        sent_at = time.monotonic()
         for w in wants:
             granted = out.grants.get(w.session.instance_id, [])
             w.session.credit -= len(granted)
             if granted:
                 w.session.send('{"t":"grant","tasks":[' + ",".join(granted) + "]}")
+                n_granted += len(granted)
+                self.metrics.lease_wait.observe(sent_at - w.session.waiting_since)
+                w.session.waiting_since = sent_at  # credit left over waits anew from here
             if len(granted) < w.n:
                 short_pools.add(w.session.pool_id)
+        self.metrics.round_done(n_granted, sum(map(len, out.accepted.values())), sum(map(len, out.refused.values())))
         for pool in short_pools:
             if self._pool_gen[pool] == gens.get(pool):
                 self._pool_empty.add(pool)

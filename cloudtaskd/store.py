@@ -38,7 +38,7 @@ T = TypeVar("T")
 
 MIGRATIONS = ["001_initial.sql", "002_host_keys.sql", "003_instance_host_key.sql", "004_catalog.sql",
               "005_job_policy.sql", "006_hot_indexes.sql", "007_job_state_reason.sql",
-              "008_interruptions.sql"]
+              "008_interruptions.sql", "009_error_events.sql"]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 COUNTER = {state: f"n_{state.value}" for state in TaskState}
@@ -193,6 +193,19 @@ class Store:
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._write_lock = asyncio.Lock()
+        self._events_signal = asyncio.Event()
+        self.stopping = False  # set by end_waits(): long polls answer at once
+
+    def events_signal(self) -> asyncio.Event:
+        """Set once the next transaction that writes event rows has committed. Take it before
+        reading the events, so that a commit between the read and the wait is not missed."""
+        return self._events_signal
+
+    def end_waits(self) -> None:
+        """The daemon is stopping: whoever waits for events is woken and waits no more (a long
+        poll would otherwise hold the control API's shutdown for its whole wait)."""
+        self.stopping = True
+        self._events_signal.set()
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -224,12 +237,15 @@ class Store:
         if writer is None:
             raise StoreError("the store is closed")
         stamp = time.time() if now is None else now
+        wrote_events = False
 
         def run(db: sqlite3.Connection) -> T:
+            nonlocal wrote_events
             db.execute("BEGIN IMMEDIATE")
             try:
                 tx = Tx(db, stamp)
                 out = fn(tx, *args)
+                wrote_events = bool(tx.events)
                 tx.flush()
                 db.execute("COMMIT")
                 return out
@@ -240,9 +256,14 @@ class Store:
 
         async with self._write_lock:
             try:
-                return await _on_thread(writer, run)
+                out = await _on_thread(writer, run)
             except sqlite3.Error as exc:
                 raise StoreError(f"state database write failed: {exc}") from exc
+        if wrote_events:
+            # Wake the long polls of GET /v1/events: one fresh Event per commit, the old one set.
+            signal, self._events_signal = self._events_signal, asyncio.Event()
+            signal.set()
+        return out
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run fn(db) on the reader connection inside one read transaction (a consistent snapshot)."""

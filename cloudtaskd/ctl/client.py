@@ -255,3 +255,13 @@ class ApiClient:
         result = await self._call("GET", "/v1/events", params=params)
         events: list[dict[str, Any]] = result["events"]
         return events
+
+    async def events_page(self, *, after: int | None = None, tail: int | None = None, limit: int | None = None,
+                          job_id: int | None = None, instance: str | None = None,
+                          wait_s: float | None = None) -> dict[str, Any]:
+        """{"events": [...], "next": cursor}: events after a cursor (held up to wait_s for new ones),
+        or the newest `tail`."""
+        params = {k: str(v) for k, v in (("after", after), ("tail", tail), ("limit", limit), ("job", job_id),
+                                         ("instance", instance), ("wait", wait_s)) if v is not None}
+        result: dict[str, Any] = await self._call("GET", "/v1/events", params=params)
+        return result

@@ -1,10 +1,11 @@
 """The commands that only read or nudge an existing daemon: status, watch, results, tasks, retry,
-cancel, instances, drain. Each returns its exit status; errors are raised and mapped in main."""
+cancel, instances, drain, events. Each returns its exit status; errors are raised and mapped in main."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,9 @@ EXIT_REFRESH_FAILED = 3  # a provider's catalog could not be fetched (as main's 
 TTY_POLL_S = 0.2  # matches the display's redraw rate: polling faster would not show anything more
 PLAIN_POLL_S = 1.0
 RESULTS_POLL_S = 1.0
+EVENTS_WAIT_S = 25.0  # each long poll of `events --follow`; the daemon answers at once when one is recorded
+EVENTS_PAGE = 1000
+EVENTS_EMPTY_PAUSE_S = 0.5  # after an empty answer (a stopping daemon answers at once): never a busy loop
 UNFINISHED_STATES = ("staged", "queued", "leased", "failed")
 
 
@@ -291,6 +295,45 @@ async def cmd_interruptions(ctx: Ctx, api: ApiClient, args: argparse.Namespace) 
         ctx.say(table(("WHEN", "INSTANCE", "KIND", "SOURCE", "DETAIL"),
                       [[ago(r["noticed_at"]), r["instance_id"], r["kind"], r["source"], shorten(r["detail"], 60)]
                        for r in report["recent"]]))
+    return EXIT_OK
+
+
+async def follow_events(api: ApiClient, emit: Callable[[dict[str, Any]], None], *, after: int | None, limit: int,
+                        job_id: int | None, instance: str | None, follow: bool) -> None:
+    """The newest `limit` events (or those after `after`), then with `follow` each new one as it is
+    recorded: a long poll, so an event shows within a round trip, not a polling interval."""
+    if after is None:
+        page = await api.events_page(tail=limit, job_id=job_id, instance=instance)
+    else:
+        page = await api.events_page(after=after, limit=limit, job_id=job_id, instance=instance)
+    for event in page["events"]:
+        emit(event)
+    while follow:
+        cursor = page["next"]
+        page = await api.events_page(after=cursor, limit=EVENTS_PAGE, job_id=job_id, instance=instance,
+                                     wait_s=EVENTS_WAIT_S)
+        for event in page["events"]:
+            emit(event)
+        if not page["events"]:
+            await asyncio.sleep(EVENTS_EMPTY_PAUSE_S)
+
+
+def format_event(e: dict[str, Any]) -> str:
+    ts = float(e.get("ts") or 0.0)
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) + f".{int(ts % 1 * 1000):03d}"
+    where = " ".join(f"{label}={e[key]}" for label, key in (("job", "job_id"), ("task", "task_id"),
+                                                             ("instance", "instance_id")) if e.get(key) is not None)
+    detail = " ".join(str(e["detail"]).split()) if e.get("detail") else ""  # one line, whatever it holds
+    return "  ".join(part for part in (when, f"#{e['id']}", e["kind"], where, detail) if part)
+
+
+async def cmd_events(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
+    def emit(event: dict[str, Any]) -> None:
+        ctx.out.write((jsonx.dumps(event) if ctx.json else format_event(event)) + "\n")
+        ctx.out.flush()  # a follower's reader (a pipe, a file) sees each event as it comes
+
+    await follow_events(api, emit, after=args.after, limit=args.limit, job_id=args.job, instance=args.instance,
+                        follow=args.follow)
     return EXIT_OK
 
 

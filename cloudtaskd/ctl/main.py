@@ -125,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("catalog", "show the offers and prices the daemon knows, or fetch them anew from the clouds")
     p.add_argument("action", nargs="?", choices=("show", "refresh"), default="show")
     add("interruptions", "spot interruptions per offer, and the latest notices")
+    p = add("events", "the daemon's event log: the newest events, or with --follow each new one until Ctrl-C")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing events as they are recorded")
+    p.add_argument("--job", type=_int_in(0, 2**62), metavar="JOB", help="only this job's events")
+    p.add_argument("--instance", metavar="ID", help="only this instance's events")
+    p.add_argument("--after", type=_int_in(0, 2**62), metavar="ID",
+                   help="events after this event id (default: the newest --limit)")
+    p.add_argument("--limit", type=_int_in(1, 10_000), default=50, metavar="N",
+                   help="how many events to show before following (default: 50)")
     p = add("prices", "rank what the daemon would buy for tasks of this size, cheapest task-slot-hour first")
     p.add_argument("--cpus-per-task", type=float, default=1.0, metavar="C")
     p.add_argument("--memory-per-task", type=_int_in(0, 10_000_000), default=0, metavar="MIB")
@@ -150,6 +158,7 @@ COMMANDS: dict[str, Command] = {
     "cost": commands.cmd_cost,
     "prices": commands.cmd_prices,
     "interruptions": commands.cmd_interruptions,
+    "events": commands.cmd_events,
 }
 
 

@@ -149,7 +149,7 @@ class Reconciler:
                         error = "its spot capacity was reclaimed before the agent connected"
                     elif state == InstanceState.STARTING:
                         error = "the agent exited before connecting: " + self._output(inst)
-                        self._start_failed(row["pool_id"], now)
+                        self._start_failed(row["pool_id"], now, provider.name, "AgentExited")
                 await self._move(inst, event, error=error)
                 await self._terminate(inst)
                 continue
@@ -171,7 +171,7 @@ class Reconciler:
                 await self._move(inst, InstanceEvent.START_FAILED,
                                  error=f"agent did not connect within {self.config.scaling.start_timeout_s:.0f} s: "
                                  + self._output(inst))
-                self._start_failed(row["pool_id"], now)
+                self._start_failed(row["pool_id"], now, provider.name, "StartTimeout")
                 await self._terminate(inst)
         for inst in cloud.keys() - known:
             if inst in self._launching:
@@ -205,8 +205,9 @@ class Reconciler:
         tail = getattr(self._provider_of(inst), "output_tail", None)
         return (tail(inst) if tail is not None else None) or "(no output)"
 
-    def _start_failed(self, pool_id: int, now: float) -> None:
+    def _start_failed(self, pool_id: int, now: float, provider: str, kind: str) -> None:
         """An instance died before its agent connected: back off, or a broken worker would spin."""
+        self.dispatcher.metrics.provisioning_failed(provider, kind)
         count = self._start_failures.get(pool_id, (0, 0.0))[0] + 1
         delay = min(START_BACKOFF_MAX_S, START_BACKOFF_S * 2 ** (count - 1))
         self._start_failures[pool_id] = (count, now + delay)
@@ -348,6 +349,7 @@ class Reconciler:
 
     def _offer_failed(self, offer: Offer, exc: ProviderError, now: float) -> None:
         """Capacity, quota or any provider refusal: this offer backs off, the next-best takes over."""
+        self.dispatcher.metrics.provisioning_failed(offer.provider, type(exc).__name__)
         delay = self.backoff.refused(offer.key, now)
         if delay is not None:
             log.warning("offer_backed_off", offer=offer.key, error=type(exc).__name__,
@@ -372,7 +374,7 @@ class Reconciler:
                 if isinstance(exc, ProviderError):
                     self._offer_failed(offer, exc, time.time())
                 else:  # the machine came but the install failed: the worker may be broken
-                    self._start_failed(pool_id, time.time())
+                    self._start_failed(pool_id, time.time(), provider.name, type(exc).__name__)
                 return
             self.backoff.succeeded(offer.key)
             await self.store.write(lambda tx: tx.transition_instance(

@@ -1,0 +1,175 @@
+"""What the daemon shows about itself: Prometheus metrics, the event log (with a long poll for
+`cloudtaskctl events --follow`), and the status page with the JSON summary it renders.
+
+All of it is read-only. The routes join ControlApi's, so they sit behind the same listeners: on
+the unix socket everything is allowed; on the TCP listener every route needs the bearer token
+except the status page's static shell (`GET /status`), which holds no data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import sqlite3
+import time
+from typing import Any
+
+from aiohttp import web
+
+from cloudtaskd import __version__, costs
+from cloudtaskd.dispatch import Dispatcher
+from cloudtaskd.errors import BadInput
+from cloudtaskd.status_page import STATUS_HEADERS, STATUS_HTML
+from cloudtaskd.store import Store
+
+EVENTS_LIMIT = 1000
+EVENTS_LIMIT_MAX = 10_000
+EVENTS_WAIT_MAX_S = 30.0  # a long poll answers within this, events or not
+STATUS_JOBS = 50
+STATUS_ERRORS = 20
+# The events the status page lists as errors. Migration 009 indexes exactly these kinds (a partial
+# index, so the newest few are found without a scan of millions of lease events); a kind added here
+# needs a migration that re-creates the index, or the query falls back to a scan.
+ERROR_KINDS = ("task_failed", "task_dead", "lease_expired", "lease_expired_dead", "instance_launch_failed",
+               "instance_start_failed", "instance_lost", "job_paused", "spot_interruption")
+_ERROR_KINDS_SQL = ", ".join(f"'{k}'" for k in ERROR_KINDS)
+
+
+def _int(request: web.Request, name: str, *, lo: int, hi: int | None = None) -> int | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadInput(f"query parameter {name} must be an integer, got {raw!r}", field=name) from None
+    if value < lo or (hi is not None and value > hi):
+        raise BadInput(f"query parameter {name} must be between {lo} and {hi}, got {value}", field=name)
+    return value
+
+
+def _seconds(request: web.Request, name: str) -> float:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadInput(f"query parameter {name} must be a number of seconds, got {raw!r}", field=name) from None
+    if not math.isfinite(value) or value < 0:
+        raise BadInput(f"query parameter {name} must be a number of seconds >= 0, got {raw!r}", field=name)
+    return min(value, EVENTS_WAIT_MAX_S)
+
+
+class ObserveApi:
+    def __init__(self, store: Store, dispatcher: Dispatcher, daemon_id: str) -> None:
+        self.store = store
+        self.dispatcher = dispatcher
+        self.daemon_id = daemon_id
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/metrics", self.metrics),
+            web.get("/v1/events", self.events),
+            web.get("/v1/status", self.status),
+            web.get("/status", self.status_page),
+        ]
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body, content_type = await self.dispatcher.metrics.render(
+            self.store, sessions=len(self.dispatcher.sessions), rounds=self.dispatcher.rounds,
+            accept=request.headers.get("Accept"))
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def events(self, request: web.Request) -> web.Response:
+        """Events after a cursor, oldest first (or the newest `tail`), filtered by job and instance.
+        With `wait`, an empty answer is held until an event is recorded or the wait ends. `next` is
+        the cursor for the following call: past every event this read covered, matching or not, so a
+        filtered follower never reads the same stretch twice."""
+        after = _int(request, "after", lo=0)
+        tail = _int(request, "tail", lo=1, hi=EVENTS_LIMIT_MAX)
+        if after is not None and tail is not None:
+            raise BadInput("after and tail cannot be combined: tail is the newest events", field="tail")
+        limit = _int(request, "limit", lo=1, hi=EVENTS_LIMIT_MAX) or EVENTS_LIMIT
+        job = _int(request, "job", lo=0)
+        instance = request.query.get("instance") or None
+        wait_s = _seconds(request, "wait") if tail is None else 0.0
+        where = ""
+        params: list[Any] = []
+        if job is not None:
+            where += " AND job_id = ?"
+            params.append(job)
+        if instance is not None:
+            where += " AND instance_id = ?"
+            params.append(instance)
+        cursor = after or 0
+
+        def read(db: sqlite3.Connection) -> tuple[list[dict[str, Any]], int]:
+            last = db.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+            if tail is not None:
+                rows = db.execute(f"SELECT * FROM (SELECT * FROM events WHERE 1{where} ORDER BY id DESC LIMIT ?)"
+                                  " ORDER BY id", (*params, tail)).fetchall()
+                return [dict(r) for r in rows], last
+            rows = db.execute(f"SELECT * FROM events WHERE id > ?{where} ORDER BY id LIMIT ?",
+                              (cursor, *params, limit)).fetchall()
+            # A full page may stop short of the newest event: go on from its last row.
+            return [dict(r) for r in rows], rows[-1]["id"] if len(rows) == limit else max(cursor, last)
+
+        deadline = asyncio.get_running_loop().time() + wait_s
+        while True:
+            signal = self.store.events_signal()  # before the read: a commit in between still wakes us
+            events, nxt = await self.store.read(read)
+            remaining = deadline - asyncio.get_running_loop().time()
+            if events or remaining <= 0 or self.store.stopping:
+                break
+            cursor = nxt
+            try:
+                await asyncio.wait_for(signal.wait(), remaining)
+            except TimeoutError:
+                break  # nothing was recorded since the read: its empty answer stands
+        return web.json_response({"events": events, "next": nxt})
+
+    async def status(self, request: web.Request) -> web.Response:
+        """The status page's data: recent jobs with their counts, live instances grouped, the fleet's
+        cost, the latest error events. A handful of small indexed queries: it is polled."""
+        now = time.time()
+
+        def read(db: sqlite3.Connection) -> dict[str, Any]:
+            jobs = [_job_summary(r) for r in db.execute(
+                "SELECT id, name, state, state_reason, created_at, finished_at, n_staged, n_queued, n_leased,"
+                " n_failed, n_succeeded, n_dead, n_cancelled FROM jobs ORDER BY id DESC LIMIT ?", (STATUS_JOBS,))]
+            instances = [
+                {"provider": r[0], "machine_type": r[1] or "", "state": r[2], "count": r[3], "slots": r[4],
+                 "price_per_hour": r[5] or 0.0}
+                for r in db.execute(
+                    "SELECT provider, json_extract(offer, '$.machine_type'), state, count(*), sum(slots),"
+                    " sum(price_per_hour) FROM instances WHERE state != 'stopped' GROUP BY 1, 2, 3 ORDER BY 1, 2, 3")]
+            errors = [dict(r) for r in db.execute(
+                f"SELECT * FROM events INDEXED BY events_errors WHERE kind IN ({_ERROR_KINDS_SQL})"
+                " ORDER BY id DESC LIMIT ?", (STATUS_ERRORS,))]
+            return {"jobs": jobs, "instances": instances, "cost": costs.fleet(db, now), "errors": errors}
+
+        body = await self.store.read(read)
+        body.update(version=__version__, daemon_id=self.daemon_id, now=now,
+                    agents_connected=len(self.dispatcher.sessions))
+        return web.json_response(body, headers={"Cache-Control": "no-store"})
+
+    async def status_page(self, request: web.Request) -> web.Response:
+        return web.Response(text=STATUS_HTML, content_type="text/html", charset="utf-8", headers=STATUS_HEADERS)
+
+
+_COUNTS = ("staged", "queued", "leased", "failed", "succeeded", "dead", "cancelled")
+
+
+def _job_summary(row: sqlite3.Row) -> dict[str, Any]:
+    counts = {c: row[f"n_{c}"] for c in _COUNTS}
+    total = sum(counts.values())
+    finished = counts["succeeded"] + counts["dead"] + counts["cancelled"]
+    # As the job object of GET /v1/jobs/{id}: done when nothing is staged, queued, leased or retrying.
+    return {"id": row["id"], "name": row["name"], "state": row["state"], "state_reason": row["state_reason"],
+            "done": total > 0 and finished == total, "created_at": row["created_at"],
+            "finished_at": row["finished_at"], "counts": {**counts, "total": total}, "finished": finished,
+            "total": total}
+
+
+__all__ = ["ERROR_KINDS", "ObserveApi"]

@@ -1,0 +1,518 @@
+"""Observability through a real daemon: /metrics (parsed as Prometheus parses it), the event log
+and `cloudtaskctl events --follow`, and the status page in headless Chromium."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent.workerspec import WorkerSpec
+from cloudtaskd.config import ApiConfig, Config, Secret
+from cloudtaskd.daemon import Daemon
+from cloudtaskd.dispatch import Dispatcher
+from cloudtaskd.errors import CapacityError, QuotaExceeded
+from cloudtaskd.metrics import Metrics
+from cloudtaskd.observe import ERROR_KINDS
+from cloudtaskd.orchestrator.reconciler import Reconciler
+from cloudtaskd.orchestrator.selection import Candidate
+from cloudtaskd.providers.base import CloudInstance, LaunchSpec, Offer
+from cloudtaskd.store import Store
+from tests.conftest import ROOT, UnixApi, make_config, wait_for
+from tests.procs import bundle
+
+# Tasks wait for a flag file, so a test sees the job mid-way and then lets it finish.
+FLAG_WORKER = {
+    "cloudtask.yaml": "mode: python\nfunction: work:run\n",
+    "work.py": (
+        "import asyncio, os\n"
+        "async def run(task_id, data):\n"
+        "    while not os.path.exists(data['flag']):\n"
+        "        await asyncio.sleep(0.02)\n"
+        "    return {'n': data['n']}\n"
+    ),
+}
+TOKEN = "status-page-token-0123456789abcdef"
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def parse(text: str) -> tuple[Samples, dict[str, str]]:
+    """Every sample by (name, sorted labels), and each family's type: what a Prometheus scrape sees.
+    The parser raises on anything that is not valid exposition text."""
+    samples: Samples = {}
+    types = {}
+    for family in text_string_to_metric_families(text):
+        types[family.name] = family.type
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples, types
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def scrape(api: UnixApi) -> tuple[Samples, dict[str, str]]:
+    async with api.session.get("http://cloudtaskd/metrics") as resp:
+        assert resp.status == 200
+        # Prometheus' text format (0.0.4 unless the scraper asks for OpenMetrics).
+        assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4"), resp.headers["Content-Type"]
+        return parse(await resp.text())
+
+
+async def submit(api: UnixApi, worker: dict[str, str], tasks: list[dict[str, Any]], name: str = "t") -> int:
+    status, body = await api.request("POST", "/v1/workers", data=bundle(worker))
+    assert status == 200, body
+    status, job = await api.request("POST", "/v1/jobs", json={"name": name, "worker": body["digest"]})
+    assert status == 201, job
+    if tasks:
+        text = "".join(json.dumps(t) + "\n" for t in tasks)
+        status, body = await api.request("POST", f"/v1/jobs/{job['id']}/tasks", data=text.encode())
+        assert status == 200, body
+    return int(job["id"])
+
+
+def flag_tasks(flag: Path, n: int) -> list[dict[str, Any]]:
+    return [{"id": f"t{i}", "data": {"n": i, "flag": str(flag)}} for i in range(n)]
+
+
+async def job_done(api: UnixApi, job_id: int) -> dict[str, Any] | None:
+    _, job = await api.request("GET", f"/v1/jobs/{job_id}")
+    return job if job["done"] else None
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path) -> AsyncIterator[tuple[Daemon, UnixApi]]:
+    d = Daemon(make_config(tmp_path), shutdown_grace_s=5)
+    await d.start()
+    api = UnixApi(d.config.socket_path)
+    yield d, api
+    await api.close()
+    await d.stop()
+
+
+# ---- /metrics ---------------------------------------------------------------------------------
+
+
+async def test_metrics_move_with_a_job_run_through_the_daemon(daemon: tuple[Daemon, UnixApi],
+                                                              tmp_path: Path) -> None:
+    _, api = daemon
+    before, types = await scrape(api)
+    for name, kind in (("cloudtask_tasks", "gauge"), ("cloudtask_jobs", "gauge"), ("cloudtask_instances", "gauge"),
+                       ("cloudtask_leases_granted", "counter"), ("cloudtask_reports", "counter"),
+                       ("cloudtask_lease_wait_seconds", "histogram"), ("cloudtask_provisioning_errors", "counter"),
+                       ("cloudtask_spot_interruptions", "counter"), ("cloudtask_cost_per_hour_usd", "gauge"),
+                       ("cloudtask_spent_usd", "gauge"), ("cloudtask_agents_connected", "gauge")):
+        assert types.get(name) == kind, (name, types.get(name))
+    assert value(before, "cloudtask_leases_granted_total") == 0
+    assert value(before, "cloudtask_tasks", state="queued") == 0
+
+    flag = tmp_path / "go"
+    job_id = await submit(api, FLAG_WORKER, flag_tasks(flag, 5))
+
+    async def holding() -> Samples | None:
+        samples, _ = await scrape(api)
+        running = value(samples, "cloudtask_instances", provider="local", machine_type="local", state="running")
+        return samples if running >= 1 and value(samples, "cloudtask_tasks", state="leased") >= 1 else None
+
+    mid = await wait_for(holding, message="a local instance running and holding leases")
+    assert value(mid, "cloudtask_tasks", state="succeeded") == 0
+    assert sum(value(mid, "cloudtask_tasks", state=s) for s in ("queued", "leased")) == 5
+    assert value(mid, "cloudtask_jobs", state="active") == 1
+    assert value(mid, "cloudtask_agents_connected") >= 1
+    assert value(mid, "cloudtask_leases_granted_total") == value(mid, "cloudtask_tasks", state="leased")
+
+    flag.touch()
+    await wait_for(lambda: job_done(api, job_id), message="job done")
+    after, _ = await scrape(api)
+    assert value(after, "cloudtask_tasks", state="succeeded") == 5
+    assert sum(value(after, "cloudtask_tasks", state=s) for s in ("staged", "queued", "leased", "failed")) == 0
+    assert value(after, "cloudtask_jobs", state="done") == 1 and value(after, "cloudtask_jobs", state="active") == 0
+    assert value(after, "cloudtask_leases_granted_total") >= 5
+    assert value(after, "cloudtask_reports_total", outcome="accepted") >= 5
+    assert value(after, "cloudtask_reports_total", outcome="refused") == 0
+    assert value(after, "cloudtask_lease_wait_seconds_count") >= 1
+    assert value(after, "cloudtask_lease_wait_seconds_bucket", le="+Inf") == value(
+        after, "cloudtask_lease_wait_seconds_count")
+    assert value(after, "cloudtask_dispatch_rounds_total") > value(before, "cloudtask_dispatch_rounds_total")
+    # The local provider is free: it is listed, at zero.
+    assert ("cloudtask_spent_usd", (("provider", "local"),)) in after
+    assert value(after, "cloudtask_cost_per_hour_usd", provider="local") == 0.0
+
+
+async def test_a_second_daemon_in_the_process_has_its_own_counters(daemon: tuple[Daemon, UnixApi],
+                                                                   tmp_path: Path) -> None:
+    _, api = daemon
+    flag = tmp_path / "go"
+    flag.touch()
+    job_id = await submit(api, FLAG_WORKER, flag_tasks(flag, 3))
+    await wait_for(lambda: job_done(api, job_id), message="job done")
+    other = Daemon(make_config(tmp_path / "other"), shutdown_grace_s=5)
+    await other.start()
+    other_api = UnixApi(other.config.socket_path)
+    try:
+        mine, _ = await scrape(api)
+        theirs, _ = await scrape(other_api)
+        assert value(mine, "cloudtask_leases_granted_total") >= 3
+        assert value(theirs, "cloudtask_leases_granted_total") == 0
+        assert value(theirs, "cloudtask_tasks", state="succeeded") == 0
+    finally:
+        await other_api.close()
+        await other.stop()
+
+
+async def test_openmetrics_is_served_when_asked_for(daemon: tuple[Daemon, UnixApi]) -> None:
+    _, api = daemon
+    async with api.session.get("http://cloudtaskd/metrics",
+                               headers={"Accept": "application/openmetrics-text; version=1.0.0"}) as resp:
+        assert resp.headers["Content-Type"].startswith("application/openmetrics-text")
+        text = await resp.text()
+    assert text.rstrip().endswith("# EOF") and "cloudtask_tasks" in text
+
+
+async def test_the_scrape_reads_jobs_instances_cost_and_interruptions_from_the_store(tmp_path: Path) -> None:
+    """Known rows in, exact figures out: the gauges are the jobs' counters and costs.fleet."""
+    store = Store(tmp_path / "db.sqlite")
+    await store.open()
+    try:
+        def rows(tx: Any) -> None:
+            db = tx.db
+            db.execute("INSERT INTO pools (id, digest, spec, path, created_at) VALUES (1, 'd', '{}', '/', 0)")
+            jobs = ((1, "active", (0, 3, 2, 1, 4, 0, 0)), (2, "active", (0, 0, 0, 0, 7, 1, 0)),
+                    (3, "cancelled", (0, 0, 0, 0, 1, 0, 5)), (4, "paused", (0, 6, 0, 0, 0, 0, 0)))
+            for job_id, state, counts in jobs:
+                db.execute("INSERT INTO jobs (id, name, pool_id, state, created_at, max_attempts, n_staged, n_queued,"
+                           " n_leased, n_failed, n_succeeded, n_dead, n_cancelled) VALUES (?, 'j', 1, ?, 0, 3,"
+                           " ?, ?, ?, ?, ?, ?, ?)", (job_id, state, *counts))
+            hour = 3600.0
+            for inst, provider, machine_type, state, price, created, ended in (
+                    ("aws-a", "aws", "c5.large", "running", 0.10, now - 2 * hour, None),
+                    ("aws-b", "aws", "c5.large", "running", 0.10, now - hour, None),
+                    ("aws-c", "aws", "m5.large", "stopped", 0.20, now - 3 * hour, now - hour),
+                    ("gcp-a", "gcp", "e2-standard-2", "starting", 0.05, now - hour, None)):
+                offer = json.dumps({"machine_type": machine_type, "key": f"{provider}/z/{machine_type}/spot"})
+                db.execute("INSERT INTO instances (id, provider, pool_id, state, slots, token_hash, offer,"
+                           " price_per_hour, created_at, state_changed_at, ended_at) VALUES (?, ?, 1, ?, 2, 'h', ?, ?,"
+                           " ?, ?, ?)", (inst, provider, state, offer, price, created, created, ended))
+            for inst, kind in (("aws-a", "interruption"), ("aws-c", "interruption"), ("aws-b", "rebalance"),
+                               ("gcp-a", "interruption")):
+                db.execute("INSERT INTO interruptions (instance_id, offer_key, kind, source, noticed_at)"
+                           " VALUES (?, ?, ?, 'provider', 0)", (inst, f"{inst[:3]}/z/t/spot", kind))
+
+        now = time.time()
+        await store.write(rows)
+        text, _ = await Metrics().render(store, sessions=2, rounds=7)
+        samples, _ = parse(text.decode())
+        assert {s: value(samples, "cloudtask_tasks", state=s) for s in ("staged", "queued", "leased", "failed",
+                                                                        "succeeded", "dead", "cancelled")} == {
+            "staged": 0, "queued": 9, "leased": 2, "failed": 1, "succeeded": 12, "dead": 1, "cancelled": 5}
+        assert {s: value(samples, "cloudtask_jobs", state=s) for s in ("active", "done", "paused", "cancelled")} == {
+            "active": 1, "done": 1, "paused": 1, "cancelled": 1}
+        assert value(samples, "cloudtask_instances", provider="aws", machine_type="c5.large", state="running") == 2
+        assert value(samples, "cloudtask_instances", provider="gcp", machine_type="e2-standard-2",
+                     state="starting") == 1
+        assert not any(k[0] == "cloudtask_instances" and ("state", "stopped") in k[1] for k in samples)
+        assert value(samples, "cloudtask_cost_per_hour_usd", provider="aws") == pytest.approx(0.20)
+        assert value(samples, "cloudtask_cost_per_hour_usd", provider="gcp") == pytest.approx(0.05)
+        # 0.10 x 2 h + 0.10 x 1 h + 0.20 x 2 h (ended an hour ago), to the scrape's now.
+        assert value(samples, "cloudtask_spent_usd", provider="aws") == pytest.approx(0.70, rel=1e-3)
+        assert value(samples, "cloudtask_spot_interruptions_total", provider="aws") == 2  # not the rebalance
+        assert value(samples, "cloudtask_spot_interruptions_total", provider="gcp") == 1
+        assert value(samples, "cloudtask_agents_connected") == 2
+        assert value(samples, "cloudtask_dispatch_rounds_total") == 7
+    finally:
+        await store.close()
+
+
+class Refusing:
+    """A provider that refuses every launch with the errors it is given, in turn."""
+
+    name = "refusing"
+
+    def __init__(self, errors: list[Exception]) -> None:
+        self.errors = errors
+
+    def offers(self) -> list[Offer]:
+        # Free and bigger than any local host: ranked before the local provider.
+        return [Offer(self.name, "huge", "nowhere", False, 4096, price_per_hour=0.0)]
+
+    async def launch(self, spec: LaunchSpec) -> CloudInstance:
+        raise self.errors.pop(0) if len(self.errors) > 1 else self.errors[0]
+
+    async def terminate(self, instance_id: str) -> None:
+        pass
+
+    async def list_instances(self) -> list[CloudInstance]:
+        return []
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_refused_launch_counts_its_kind_and_the_job_runs_elsewhere(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    own = Daemon._providers
+
+    def providers(self: Daemon) -> list[Any]:
+        return [(Refusing([CapacityError("refusing", "launch", "no capacity in nowhere")]), 1), *own(self)]
+
+    monkeypatch.setattr(Daemon, "_providers", providers)
+    d = Daemon(make_config(tmp_path), shutdown_grace_s=5)
+    await d.start()
+    api = UnixApi(d.config.socket_path)
+    try:
+        flag = tmp_path / "go"
+        flag.touch()
+        job_id = await submit(api, FLAG_WORKER, flag_tasks(flag, 4))
+        job = await wait_for(lambda: job_done(api, job_id), message="job done on the local provider")
+        assert job["counts"]["succeeded"] == 4
+        samples, _ = await scrape(api)
+        refused = value(samples, "cloudtask_provisioning_errors_total", provider="refusing", kind="CapacityError")
+        _, body = await api.request("GET", "/v1/instances?all=1")
+        launch_failed = [i for i in body["instances"] if i["provider"] == "refusing"]
+        assert refused == len(launch_failed) >= 1
+        assert value(samples, "cloudtask_provisioning_errors_total", provider="local", kind="CapacityError") == 0
+    finally:
+        await api.close()
+        await d.stop()
+
+
+async def test_failed_launches_and_starts_count_by_provider_and_kind(tmp_path: Path) -> None:
+    store = Store(tmp_path / "db.sqlite")
+    await store.open()
+    try:
+        config = Config(state_dir=str(tmp_path))
+        provider = Refusing([QuotaExceeded("refusing", "launch", "vCPU quota"),
+                             CapacityError("refusing", "launch", "no capacity"), RuntimeError("install failed")])
+        reconciler = Reconciler(store, Dispatcher(store, config), [(provider, 5)], config,  # type: ignore[list-item]
+                                "ws://x")
+        cand = Candidate(provider.offers()[0], 1, 0.0)
+        pool = {"path": str(tmp_path), "digest": "d",
+                "spec": WorkerSpec.from_dict({"mode": "python", "function": "work:run"})}
+        for _ in range(3):
+            await reconciler._launch(provider, 1, cand, pool)  # type: ignore[arg-type]
+        text, _ = await reconciler.dispatcher.metrics.render(store, sessions=0, rounds=0)
+        samples, _ = parse(text.decode())
+        errors = {dict(k[1])["kind"]: v for k, v in samples.items() if k[0] == "cloudtask_provisioning_errors_total"}
+        # A ProviderError by its class; anything else (an install that failed) by its own.
+        assert errors == {"QuotaExceeded": 1, "CapacityError": 1, "RuntimeError": 1}
+    finally:
+        await store.close()
+
+
+# ---- events -----------------------------------------------------------------------------------
+
+
+async def ctl_proc(d: Daemon, *args: str) -> asyncio.subprocess.Process:
+    config = d.config.state_path.parent / "ctl.yaml"
+    config.write_text(f"state_dir: {d.config.state_path}\n")
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cloudtaskd.ctl", *args, "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+async def ctl(d: Daemon, *args: str) -> tuple[int, str, str]:
+    proc = await ctl_proc(d, *args)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def read_line(proc: asyncio.subprocess.Process) -> dict[str, Any]:
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 30)
+    assert line, "cloudtaskctl events ended early"
+    event: dict[str, Any] = json.loads(line)
+    return event
+
+
+async def test_events_follow_sees_new_events_and_keeps_to_its_filter(daemon: tuple[Daemon, UnixApi]) -> None:
+    d, api = daemon
+    one = await submit(api, FLAG_WORKER, [], name="one")
+    two = await submit(api, FLAG_WORKER, [], name="two")
+    proc = await ctl_proc(d, "events", "--follow", "--job", str(two), "--json")
+    try:
+        first = await read_line(proc)  # the history: the newest events of job two
+        assert first["kind"] == "job_created" and first["job_id"] == two
+        # Recorded after it started: one event of another job, then one of job two.
+        await api.request("POST", f"/v1/jobs/{one}/cancel")
+        await api.request("POST", f"/v1/jobs/{two}/cancel")
+        nxt = await read_line(proc)
+        assert nxt["kind"] == "job_cancelled" and nxt["job_id"] == two and nxt["id"] > first["id"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 130, err.decode()
+    assert b"Traceback" not in err
+
+
+async def test_events_after_and_instance_filters(daemon: tuple[Daemon, UnixApi]) -> None:
+    d, api = daemon
+    job_id = await submit(api, FLAG_WORKER, [], name="filters")
+    _, worker = await api.request("POST", "/v1/workers", data=bundle(FLAG_WORKER))
+    _, inst = await api.request("POST", "/v1/instances", json={"worker": worker["digest"], "slots": 1})
+    _, page = await api.request("GET", "/v1/events?tail=1000")
+    created = next(e for e in page["events"] if e["kind"] == "job_created" and e["job_id"] == job_id)
+
+    rc, out, err = await ctl(d, "events", "--after", str(created["id"]), "--json")
+    assert rc == 0, err
+    later = [json.loads(line) for line in out.splitlines()]
+    assert later and all(e["id"] > created["id"] for e in later)
+    assert [e["kind"] for e in later] == ["instance_registered"]
+
+    rc, out, err = await ctl(d, "events", "--instance", inst["id"], "--json")
+    assert rc == 0, err
+    assert [(e["kind"], e["instance_id"]) for e in map(json.loads, out.splitlines())] == [
+        ("instance_registered", inst["id"])]
+
+    rc, out, err = await ctl(d, "events", "--job", str(job_id))  # the human form: one line per event
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 1 and "job_created" in lines[0] and f"job={job_id}" in lines[0] and '"filters"' in lines[0]
+
+
+async def test_a_long_poll_answers_when_an_event_is_recorded(daemon: tuple[Daemon, UnixApi]) -> None:
+    _, api = daemon
+    _, page = await api.request("GET", "/v1/events?tail=1")
+    cursor = page["next"]
+    poll = asyncio.create_task(api.request("GET", f"/v1/events?after={cursor}&wait=30"))
+    await asyncio.sleep(0)  # let the request go out first; the poll must be waiting, not answered
+    job_id = await submit(api, FLAG_WORKER, [], name="wake")
+    status, body = await poll
+    assert status == 200 and body["events"], body
+    first = body["events"][0]
+    assert first["id"] > cursor and (first["kind"], first["job_id"]) == ("job_created", job_id)
+    assert body["next"] >= body["events"][-1]["id"]
+    # Nothing new: an empty answer at the end of the wait, with the same cursor.
+    status, body = await api.request("GET", f"/v1/events?after={body['next']}&wait=0.2&job={job_id + 1}")
+    assert status == 200 and body["events"] == []
+    status, body = await api.request("GET", "/v1/events?after=1&tail=5")
+    assert status == 400 and body["error"]["field"] == "tail"
+
+
+async def test_a_filtered_follower_is_not_sent_the_same_stretch_twice(daemon: tuple[Daemon, UnixApi]) -> None:
+    _, api = daemon
+    await submit(api, FLAG_WORKER, [], name="noise")
+    _, page = await api.request("GET", "/v1/events?after=0&job=999999")
+    last = (await api.request("GET", "/v1/events?tail=1"))[1]["events"][-1]["id"]
+    # No event matched, yet the cursor moved past every event the read covered.
+    assert page["events"] == [] and page["next"] == last
+    _, full = await api.request("GET", "/v1/events?after=0&limit=1")
+    assert len(full["events"]) == 1 and full["next"] == full["events"][0]["id"]
+
+
+async def test_recent_errors_use_their_partial_index(tmp_path: Path) -> None:
+    """The status page's error query must not scan the events table: the index holds exactly
+    ERROR_KINDS (a kind added to one and not the other fails here)."""
+    store = Store(tmp_path / "db.sqlite")
+    await store.open()
+    try:
+        kinds = ", ".join(f"'{k}'" for k in ERROR_KINDS)
+
+        def plan(db: sqlite3.Connection) -> str:
+            rows = db.execute(f"EXPLAIN QUERY PLAN SELECT * FROM events WHERE kind IN ({kinds}) ORDER BY id DESC"
+                              " LIMIT 20").fetchall()
+            return " ".join(str(r[-1]) for r in rows)
+
+        assert "USING INDEX events_errors" in await store.read(plan)
+    finally:
+        await store.close()
+
+
+# ---- the status page --------------------------------------------------------------------------
+
+
+async def test_the_status_summary_over_the_socket_needs_no_token(daemon: tuple[Daemon, UnixApi],
+                                                                 tmp_path: Path) -> None:
+    _, api = daemon
+    job_id = await submit(api, FLAG_WORKER, [{"id": "bad", "data": {"n": 1}}], name="broken")  # no flag: KeyError
+    await wait_for(lambda: job_done(api, job_id), message="job done")
+    status, body = await api.request("GET", "/v1/status")
+    assert status == 200
+    job = next(j for j in body["jobs"] if j["id"] == job_id)
+    assert job["name"] == "broken" and job["finished"] == job["total"] == 1 and job["counts"]["dead"] == 1
+    assert any(e["kind"] == "task_dead" and e["job_id"] == job_id and "flag" in e["detail"] for e in body["errors"])
+    assert set(body["cost"]) >= {"spent", "rate_per_hour", "providers"}
+    status, html = await api.request("GET", "/status")
+    assert status == 200 and "<script>" in html and "broken" not in html  # the shell holds no data
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture
+async def tcp_daemon(tmp_path: Path) -> AsyncIterator[tuple[Daemon, UnixApi]]:
+    from dataclasses import replace
+
+    config = replace(make_config(tmp_path), api=ApiConfig(listen="127.0.0.1:0", token=Secret(TOKEN)))
+    d = Daemon(config, shutdown_grace_s=5)
+    await d.start()
+    api = UnixApi(d.config.socket_path)
+    yield d, api
+    await api.close()
+    await d.stop()
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed at /usr/bin/chromium "
+                                                 "(install.sh installs it); the status page needs a browser")
+@pytest.mark.timeout(180)
+async def test_the_status_page_renders_updates_and_escapes(tcp_daemon: tuple[Daemon, UnixApi],
+                                                           tmp_path: Path) -> None:
+    from playwright.async_api import async_playwright, expect
+
+    d, api = tcp_daemon
+    assert d.api_url.startswith("https://")
+    flag = tmp_path / "go"
+    job_id = await submit(api, FLAG_WORKER, flag_tasks(flag, 4), name="render me")
+    evil = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
+    evil_id = await submit(api, FLAG_WORKER, [], name=evil)
+
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            # The listener's certificate comes from the daemon's own CA, which this browser profile
+            # does not know; TLS and the CA are tested in test_security.py.
+            context = await browser.new_context(ignore_https_errors=True)
+            page = await context.new_page()
+            await page.goto(f"{d.api_url}/status#token={TOKEN}")
+            row = page.locator(f'tr[data-job-id="{job_id}"]')
+            await expect(row).to_contain_text("render me", timeout=20_000)
+            await expect(row.locator(".progress-text")).to_have_text("0 / 4 done", timeout=20_000)
+            assert "token" not in page.url  # out of the address bar and the history
+            assert await page.evaluate("sessionStorage.getItem('cloudtask.status.token')") == TOKEN
+
+            flag.touch()  # the tasks finish: the page follows without a reload
+            await expect(row.locator(".progress-text")).to_have_text("4 / 4 done", timeout=30_000)
+            await expect(row).to_have_attribute("data-state", "done")
+            assert await page.evaluate("performance.getEntriesByType('navigation').length") == 1
+
+            evil_cell = page.locator(f'tr[data-job-id="{evil_id}"] td.name')
+            assert await evil_cell.text_content() == evil
+            assert await page.evaluate("window.__pwned") is None
+            assert await page.locator("#jobs img, #jobs script").count() == 0
+
+            # A wrong token, and none at all: the page says how to get in.
+            stranger = await (await browser.new_context(ignore_https_errors=True)).new_page()
+            await stranger.goto(f"{d.api_url}/status#token=not-the-token")
+            await expect(stranger.locator("#problem")).to_contain_text("Not authorised", timeout=20_000)
+            await expect(stranger.locator("#problem")).to_contain_text("/status#token=")
+            await expect(stranger.locator("body")).to_have_attribute("data-auth", "refused")
+            assert await stranger.locator("tr[data-job-id]").count() == 0
+            bare = await (await browser.new_context(ignore_https_errors=True)).new_page()
+            await bare.goto(f"{d.api_url}/status")
+            await expect(bare.locator("#problem")).to_contain_text("Not authorised", timeout=20_000)
+        finally:
+            await browser.close()
