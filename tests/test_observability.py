@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.workerspec import WorkerSpec
-from cloudtaskd.config import ApiConfig, Config, Secret
+from cloudtaskd.config import ApiConfig, Config, LocalProviderConfig, ProvidersConfig, Secret
 from cloudtaskd.daemon import Daemon
 from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.errors import CapacityError, QuotaExceeded
@@ -92,9 +92,14 @@ async def job_done(api: UnixApi, job_id: int) -> dict[str, Any] | None:
     return job if job["done"] else None
 
 
+def config(tmp_path: Path, **overrides: Any) -> Config:
+    # 4 slots (and 4 prefetched) on any host: one local agent takes a 5-task job at once.
+    return make_config(tmp_path, providers=ProvidersConfig(local=LocalProviderConfig(cpus=4)), **overrides)
+
+
 @pytest.fixture
 async def daemon(tmp_path: Path) -> AsyncIterator[tuple[Daemon, UnixApi]]:
-    d = Daemon(make_config(tmp_path), shutdown_grace_s=5)
+    d = Daemon(config(tmp_path), shutdown_grace_s=5)
     await d.start()
     api = UnixApi(d.config.socket_path)
     yield d, api
@@ -124,14 +129,14 @@ async def test_metrics_move_with_a_job_run_through_the_daemon(daemon: tuple[Daem
     async def holding() -> Samples | None:
         samples, _ = await scrape(api)
         running = value(samples, "cloudtask_instances", provider="local", machine_type="local", state="running")
-        return samples if running >= 1 and value(samples, "cloudtask_tasks", state="leased") >= 1 else None
+        return samples if running >= 1 and value(samples, "cloudtask_tasks", state="leased") == 5 else None
 
-    mid = await wait_for(holding, message="a local instance running and holding leases")
-    assert value(mid, "cloudtask_tasks", state="succeeded") == 0
-    assert sum(value(mid, "cloudtask_tasks", state=s) for s in ("queued", "leased")) == 5
+    mid = await wait_for(holding, message="a local instance running and holding all 5 leases")
+    assert value(mid, "cloudtask_tasks", state="succeeded") == value(mid, "cloudtask_tasks", state="queued") == 0
     assert value(mid, "cloudtask_jobs", state="active") == 1
     assert value(mid, "cloudtask_agents_connected") >= 1
-    assert value(mid, "cloudtask_leases_granted_total") == value(mid, "cloudtask_tasks", state="leased")
+    # Nothing is left to grant while the tasks wait: the counter is exact.
+    assert value(mid, "cloudtask_leases_granted_total") == 5
 
     flag.touch()
     await wait_for(lambda: job_done(api, job_id), message="job done")
@@ -158,7 +163,7 @@ async def test_a_second_daemon_in_the_process_has_its_own_counters(daemon: tuple
     flag.touch()
     job_id = await submit(api, FLAG_WORKER, flag_tasks(flag, 3))
     await wait_for(lambda: job_done(api, job_id), message="job done")
-    other = Daemon(make_config(tmp_path / "other"), shutdown_grace_s=5)
+    other = Daemon(config(tmp_path / "other"), shutdown_grace_s=5)
     await other.start()
     other_api = UnixApi(other.config.socket_path)
     try:
@@ -268,7 +273,7 @@ async def test_a_refused_launch_counts_its_kind_and_the_job_runs_elsewhere(tmp_p
         return [(Refusing([CapacityError("refusing", "launch", "no capacity in nowhere")]), 1), *own(self)]
 
     monkeypatch.setattr(Daemon, "_providers", providers)
-    d = Daemon(make_config(tmp_path), shutdown_grace_s=5)
+    d = Daemon(config(tmp_path), shutdown_grace_s=5)
     await d.start()
     api = UnixApi(d.config.socket_path)
     try:
@@ -292,10 +297,10 @@ async def test_failed_launches_and_starts_count_by_provider_and_kind(tmp_path: P
     store = Store(tmp_path / "db.sqlite")
     await store.open()
     try:
-        config = Config(state_dir=str(tmp_path))
+        cfg = Config(state_dir=str(tmp_path))
         provider = Refusing([QuotaExceeded("refusing", "launch", "vCPU quota"),
                              CapacityError("refusing", "launch", "no capacity"), RuntimeError("install failed")])
-        reconciler = Reconciler(store, Dispatcher(store, config), [(provider, 5)], config,  # type: ignore[list-item]
+        reconciler = Reconciler(store, Dispatcher(store, cfg), [(provider, 5)], cfg,  # type: ignore[list-item]
                                 "ws://x")
         cand = Candidate(provider.offers()[0], 1, 0.0)
         pool = {"path": str(tmp_path), "digest": "d",
@@ -463,15 +468,32 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 
 @pytest.fixture
 async def tcp_daemon(tmp_path: Path) -> AsyncIterator[tuple[Daemon, UnixApi]]:
-    from dataclasses import replace
-
-    config = replace(make_config(tmp_path), api=ApiConfig(listen="127.0.0.1:0", token=Secret(TOKEN)))
-    d = Daemon(config, shutdown_grace_s=5)
+    d = Daemon(config(tmp_path, api=ApiConfig(listen="127.0.0.1:0", token=Secret(TOKEN))), shutdown_grace_s=5)
     await d.start()
     api = UnixApi(d.config.socket_path)
     yield d, api
     await api.close()
     await d.stop()
+
+
+async def test_over_tcp_only_the_page_shell_goes_without_the_token(tcp_daemon: tuple[Daemon, UnixApi]) -> None:
+    import ssl
+
+    import aiohttp
+
+    d, _ = tcp_daemon
+    ctx = ssl.create_default_context(cafile=str(d.config.state_path / "tls" / "ca.pem"))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as http:
+        for path in ("/metrics", "/v1/status", "/v1/events"):
+            async with http.get(d.api_url + path) as resp:
+                assert resp.status == 401, path
+            async with http.get(d.api_url + path, headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
+                assert resp.status == 200, path
+        async with http.get(d.api_url + "/status") as resp:
+            assert resp.status == 200 and resp.content_type == "text/html"
+            csp = resp.headers["Content-Security-Policy"]
+            assert "script-src 'sha256-" in csp and "connect-src 'self'" in csp and "unsafe-inline" not in csp
+            assert TOKEN not in await resp.text()
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed at /usr/bin/chromium "
