@@ -39,6 +39,8 @@ from cloudtaskd.providers.base import Provider
 from cloudtaskd.providers.cloud import CloudDriver, CloudProvider, CloudSettings
 from cloudtaskd.providers.local import LocalProvider
 from cloudtaskd.providers.ssh import SshProvider
+from cloudtaskd.reload import ReloadPlan, plan
+from cloudtaskd.service import Systemd, watchdog
 from cloudtaskd.store import Store, Tx
 
 log = structlog.get_logger("cloudtaskd")
@@ -66,7 +68,10 @@ class Daemon:
         self._lock_file: IO[str] | None = None
         self.providers: list[tuple[Provider, int]] = []
         self.reconciler: Reconciler | None = None
+        self.api: ControlApi | None = None
         self.failed = asyncio.Event()
+        # Told the new level when a reload changes log_level (serve(): logging set up again).
+        self.on_log_level: Callable[[str], None] | None = None
 
     async def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -98,6 +103,7 @@ class Daemon:
         api = ControlApi(self.store, self.dispatcher, self.config, lambda: self.agent_url, self.daemon_id,
                          self.market)
         api.agent_ca = self.agent_ca.decode()
+        self.api = api
         await self._control_listeners(api)
 
         self.reconciler = Reconciler(self.store, self.dispatcher, self.providers, self.config, self.agent_url,
@@ -255,6 +261,9 @@ class Daemon:
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            # Not ours: stop() must then leave the running daemon's socket alone.
+            self._lock_file.close()
+            self._lock_file = None
             raise CloudtaskError(f"another cloudtaskd is running on the state directory {self.state_dir}") from None
 
     async def _resume_uploads(self) -> None:
@@ -278,11 +287,62 @@ class Daemon:
         task.add_done_callback(done)
         self._tasks.append(task)
 
-    async def stop(self) -> None:
-        log.info("daemon_stopping")
+    def status_line(self) -> str:
+        """Where the daemon serves, for `systemctl status` (sd_notify STATUS=)."""
+        tcp = f"; control API {self.api_url}" if self.api_url else ""
+        return f"agents at {self.agent_url}; control socket {self.config.socket_path}{tcp}"
+
+    async def health(self) -> str | None:
+        """None while the daemon can do its work, else why not (the watchdog asks before each ping)."""
+        if self.failed.is_set():
+            return "a supervised background task has died"
+        ended = [t.get_name() for t in self._tasks if t.done()]
+        if ended:
+            return f"background task {', '.join(ended)} is not running"
+        await self.store.fetchone("SELECT 1")  # the reader connection (the control API's)
+        await self.store.write(_no_change)  # the writer, which a stuck dispatch round would hold
+        return None
+
+    def reload(self, new: Config) -> ReloadPlan:
+        """Take what may change while running from a freshly loaded config (cloudtaskd/reload.py
+        says which keys); every other changed key keeps its old value until a restart, with a
+        warning naming it. Returns what was applied and what was not."""
+        limits = self.reconciler.limits if self.reconciler is not None else {p.name: n for p, n in self.providers}
+        result = plan(self.config, new, limits)
+        config = self.config = result.config
+        if "log_level" in result.applied and self.on_log_level is not None:
+            self.on_log_level(config.log_level)  # first, so the lines below show at the new level
+        # Whoever copied a value at start is given the new one; the rest read self.config's.
+        agents = config.agents
+        self.dispatcher.ttl_s, self.dispatcher.batch_max = agents.lease_ttl_s, agents.lease_batch_max
+        self.dispatcher.backoff = (config.queue.retry_backoff_s, config.queue.retry_backoff_max_s)
+        self.hub.max_connections_per_instance = agents.max_connections_per_instance
+        self.hub.max_messages_per_s = agents.max_messages_per_s
+        if self.api is not None:
+            self.api.config = config
+        if self.reconciler is not None:
+            self.reconciler.config = config
+            for name in limits:
+                limit = getattr(getattr(config.providers, name, None), "max_instances", None)
+                if isinstance(limit, int):  # not ssh's: one instance per configured host
+                    limits[name] = limit
+        for key in result.needs_restart:
+            log.warning("config_change_needs_restart", key=key,
+                        reason=result.reasons.get(key, "bound when the daemon starts"))
+        log.info("config_reloaded", source=new.source, applied=list(result.applied),
+                 needs_restart=list(result.needs_restart))
+        return result
+
+    async def stop(self, *, keep_remote: bool = False) -> None:
+        """Stop the daemon. By default every instance is drained and terminated: `cloudtaskctl run`'s
+        embedded daemon leaves nothing behind. keep_remote (a service stop or restart): only the
+        local provider's agents, processes on this host that would die with the service anyway,
+        are drained and stopped; instances elsewhere keep running and keep their leases, and their
+        agents reconnect to the next daemon on this state directory, which extends every lease."""
+        log.info("daemon_stopping", keep_remote=keep_remote)
         if self.reconciler is not None:
             with suppress(Exception):
-                await self.reconciler.stop_all(self.shutdown_grace_s)
+                await self.reconciler.stop_all(self.shutdown_grace_s, {LocalProvider.name} if keep_remote else None)
         # Stop listening before the dispatcher, so no report arrives that nobody will commit.
         self.store.end_waits()  # long polls of GET /v1/events answer now, not at their deadline
         await self.hub.close_all()
@@ -298,13 +358,16 @@ class Daemon:
             with suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+        if self.reconciler is not None:
+            with suppress(Exception):
+                await self.reconciler.abandon_launches()
         for provider, _ in self.providers:
             with suppress(Exception):
                 await provider.close()
         await self.store.close()
-        with suppress(FileNotFoundError):
-            self.config.socket_path.unlink()
-        if self._lock_file is not None:
+        if self._lock_file is not None:  # the socket is ours only while we hold the state lock
+            with suppress(FileNotFoundError):
+                self.config.socket_path.unlink()
             self._lock_file.close()
             self._lock_file = None
         log.info("daemon_stopped")
@@ -330,6 +393,10 @@ def _make_key(path: Path) -> None:
     key.write_public_key(f"{path}.pub")
 
 
+def _no_change(tx: Tx) -> None:
+    """An empty write transaction: the writer connection answers."""
+
+
 def _daemon_id(tx: Tx) -> str:
     row = tx.db.execute("SELECT value FROM meta WHERE key = 'daemon_id'").fetchone()
     if row is not None:
@@ -339,24 +406,90 @@ def _daemon_id(tx: Tx) -> str:
     return value
 
 
-async def serve(config: Config) -> int:
+async def serve(config: Config, *, load: Callable[[], Config] | None = None,
+                on_log_level: Callable[[str], None] | None = None, systemd: Systemd | None = None) -> int:
+    """Run the daemon as a service until SIGTERM/SIGINT (exit 0) or the death of a supervised task
+    (exit 1, for Restart=on-failure).
+
+    systemd (read from the environment by default) hears READY=1 once the database is open and
+    every listener is up, STOPPING=1 when the stop begins, and WATCHDOG=1 while the daemon is
+    healthy. SIGHUP loads the config again (`load`, by default config.source) and applies what may
+    change while running. A stop keeps remote instances running (Daemon.stop's keep_remote).
+    """
+    sd = systemd if systemd is not None else Systemd.from_environ()
+    reload_config = load if load is not None else partial(_load_again, config)
     daemon = Daemon(config)
-    stop = asyncio.Event()
+    daemon.on_log_level = on_log_level
+    stop, hup = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, hup.set)
+    dog: asyncio.Task[None] | None = None
     try:
-        await daemon.start()
-    except (CloudtaskError, OSError) as exc:
-        log.error("daemon_start_failed", error=str(exc))
-        await daemon.stop()
-        return 1
-    waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(daemon.failed.wait())]
-    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    for w in waiters:
-        w.cancel()
-    await daemon.stop()
-    return 1 if daemon.failed.is_set() else 0
+        try:
+            # A SIGTERM now only sets `stop`: start() runs to its end (each of its steps commits
+            # whole), then the daemon stops at once, never having said READY=1.
+            await daemon.start()
+        except (CloudtaskError, OSError) as exc:
+            log.error("daemon_start_failed", error=str(exc))
+            sd.notifier.status(f"start failed: {exc}")
+            await daemon.stop(keep_remote=True)
+            return 1
+        if not stop.is_set():
+            sd.notifier.ready(daemon.status_line())
+            if sd.watchdog_interval_s is not None:
+                dog = loop.create_task(watchdog(sd.notifier, sd.watchdog_interval_s, daemon.health), name="watchdog")
+        while not stop.is_set() and not daemon.failed.is_set():
+            await _first_of(stop, daemon.failed, hup)
+            if hup.is_set() and not stop.is_set() and not daemon.failed.is_set():
+                hup.clear()
+                _reload(daemon, sd, reload_config)
+        # The watchdog ends here: systemd stops watching as the stop begins (TimeoutStopSec bounds it).
+        sd.notifier.stopping("stopping: draining local agents; remote instances keep running")
+        if dog is not None:
+            dog.cancel()
+            with suppress(asyncio.CancelledError):
+                await dog
+        await daemon.stop(keep_remote=True)
+        return 1 if daemon.failed.is_set() else 0
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        sd.notifier.close()
+
+
+async def _first_of(*events: asyncio.Event) -> None:
+    waiters = [asyncio.create_task(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+
+
+def _load_again(config: Config) -> Config:
+    """The file the config came from, read again (a config built in code has none: unchanged)."""
+    return load_config(config.source) if config.source != Config().source else config
+
+
+def _reload(daemon: Daemon, sd: Systemd, load: Callable[[], Config]) -> None:
+    """SIGHUP: RELOADING=1, the file loaded and applied, READY=1 again. A file that fails to load
+    changes nothing: the daemon goes on with the config it has."""
+    sd.notifier.reloading()
+    try:
+        new = load()
+    except ConfigError as exc:  # names the file and the key
+        log.error("config_reload_failed", error=str(exc), key=exc.key, keeping="the config in force")
+        sd.notifier.ready(f"reload failed, running with the previous config: {exc}")
+        return
+    except Exception as exc:  # an unreadable file of any kind must not stop a running daemon
+        log.error("config_reload_failed", error=repr(exc), keeping="the config in force")
+        sd.notifier.ready(f"reload failed, running with the previous config: {exc!r}")
+        return
+    result = daemon.reload(new)
+    waiting = f"; {len(result.needs_restart)} changed key(s) need a restart" if result.needs_restart else ""
+    sd.notifier.ready(daemon.status_line() + waiting)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -366,16 +499,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", help="YAML config file (see config.example.yaml)")
     parser.add_argument("--state-dir", help="override state_dir from the config")
     args = parser.parse_args(argv)
-    try:
+
+    def load() -> Config:  # at start and again on SIGHUP, with the same overrides
         config = load_config(args.config)
+        return config.with_state_dir(Path(args.state_dir)) if args.state_dir else config
+
+    try:
+        config = load()
     except ConfigError as exc:
         print(f"cloudtaskd: {exc}", file=sys.stderr)
         sys.exit(2)
-    if args.state_dir:
-        config = config.with_state_dir(Path(args.state_dir))
     configure(config.log_level, sys.stdout)
     try:
-        sys.exit(asyncio.run(serve(config)))
+        sys.exit(asyncio.run(serve(config, load=load, on_log_level=lambda level: configure(level, sys.stdout))))
     except StoreError as exc:
         print(f"cloudtaskd: {exc}", file=sys.stderr)
         sys.exit(1)

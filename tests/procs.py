@@ -50,11 +50,13 @@ class DaemonProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.session: aiohttp.ClientSession | None = None
 
-    async def start(self, timeout_s: float = 30) -> None:
+    async def start(self, timeout_s: float = 30, *, env: dict[str, str] | None = None,
+                    wrapper: tuple[str, ...] = ()) -> None:
+        """env: the daemon's whole environment (default: ours); wrapper: argv that execs the daemon's."""
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cloudtaskd.daemon", "--config", str(self.config_path)],
-                stdout=log, stderr=log, cwd=ROOT,
+                [*wrapper, sys.executable, "-m", "cloudtaskd.daemon", "--config", str(self.config_path)],
+                stdout=log, stderr=log, cwd=ROOT, env=env,
             )
         if self.session is None:
             self.session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(self.socket)))

@@ -14,7 +14,7 @@ import secrets
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -384,11 +384,17 @@ class Reconciler:
         finally:
             self._launching.discard(inst)
 
-    async def stop_all(self, grace_s: float) -> None:
-        """Daemon shutdown: drain every agent, wait for hand-backs, then terminate what we started."""
+    async def stop_all(self, grace_s: float, providers: Collection[str] | None = None) -> None:
+        """Daemon shutdown: drain the agents, wait for hand-backs, then terminate what we started.
+
+        providers: only these providers' instances (None: all). The others are left exactly as they
+        are, RUNNING stays RUNNING: a service restart must not stop remote machines, whose agents
+        keep their leases and reconnect to the next daemon (which extends every lease at start).
+        """
         self.paused = True
-        rows = await self.store.fetchall(
-            "SELECT id, state FROM instances WHERE state != 'stopped' AND provider != 'external'")
+        rows = [r for r in await self.store.fetchall(
+            "SELECT id, provider, state FROM instances WHERE state != 'stopped' AND provider != 'external'")
+            if providers is None or r["provider"] in providers]
         for r in rows:
             if r["state"] == "running":
                 await self.drain(r["id"])
@@ -408,6 +414,16 @@ class Reconciler:
             elif state == InstanceState.PENDING:
                 await self._move(r["id"], InstanceEvent.LAUNCH_FAILED, error="daemon stopped")
             await self._terminate(r["id"])
+
+    async def abandon_launches(self) -> int:
+        """After the reconciler's task is cancelled: a launch it was making when the daemon stopped
+        is recorded as failed. Its row would otherwise stay PENDING for ever (sync skips PENDING rows,
+        and so would never terminate what the provider made); STOPPED, whatever the provider made
+        still carries our tag, so the next daemon terminates it as leaked."""
+        rows = await self.store.fetchall("SELECT id FROM instances WHERE state = 'pending'")
+        for r in rows:
+            await self._move(r["id"], InstanceEvent.LAUNCH_FAILED, error="the daemon stopped during the launch")
+        return len(rows)
 
 
 def _insert_instance(tx: Tx, inst: str, pool_id: int, cand: Candidate, hashed: str) -> None:

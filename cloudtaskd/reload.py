@@ -1,0 +1,91 @@
+"""What a config reload (SIGHUP) may change while the daemon runs, and what waits for a restart.
+
+Pure: `plan(old, new, providers)` compares two configs key by key and returns the config to run
+with — the old one with only the live-safe changes taken from the new — and the key paths on each
+side. Everything bound at start (listeners, the state directory, provider objects and their
+credentials) keeps its old value: changing it under a running daemon would leave sockets, agents
+or cloud clients behind that the new value no longer describes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, is_dataclass, replace
+from typing import Any
+
+from cloudtaskd.config import Config
+
+# Key paths (a prefix ending in "." covers a whole section) that take effect without a restart,
+# each with who reads it again.
+LIVE_KEYS = (
+    "log_level",  # logging is configured again
+    "scaling.",  # the reconciler reads config.scaling at every tick
+    "queue.",  # retry backoff: the dispatcher's next round; max_attempts, task_timeout_s: new jobs
+    "agents.lease_batch_max",  # the dispatcher's next round
+    "agents.max_connections_per_instance",  # checked at each new connection
+    "agents.max_messages_per_s",  # a new connection's rate; connected agents keep theirs
+)
+
+
+@dataclass(frozen=True)
+class ReloadPlan:
+    config: Config  # the old config with the applied changes
+    applied: tuple[str, ...]  # key paths now in force
+    needs_restart: tuple[str, ...]  # changed key paths that keep their old value until a restart
+    reasons: dict[str, str]  # key path -> why it waits for a restart, where that is not obvious
+
+
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted key paths whose values differ; a list (ssh hosts) counts as one value."""
+    out: list[str] = []
+    for f in fields(old):
+        if f.metadata.get("internal"):
+            continue  # the file's name and its load-time warnings, not settings
+        path = f"{prefix}{f.name}"
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if is_dataclass(a) and is_dataclass(b) and type(a) is type(b):
+            out += changed_keys(a, b, f"{path}.")
+        elif a != b:
+            out.append(path)
+    return out
+
+
+def _get(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _with(obj: Any, path: str, value: Any) -> Any:
+    """A copy of the frozen dataclass tree obj with the value at path replaced."""
+    head, _, rest = path.partition(".")
+    if not rest:
+        return replace(obj, **{head: value})
+    return replace(obj, **{head: _with(getattr(obj, head), rest, value)})
+
+
+def plan(old: Config, new: Config, providers: dict[str, int]) -> ReloadPlan:
+    """providers: the running providers by name with their instance limits (the reconciler's), whose
+    max_instances may change live. A provider that is not running needs a restart to start."""
+    config = old
+    applied: list[str] = []
+    restart: list[str] = []
+    reasons: dict[str, str] = {}
+    for key in changed_keys(old, new):
+        live = any(key == k or (k.endswith(".") and key.startswith(k)) for k in LIVE_KEYS)
+        parts = key.split(".")
+        if len(parts) == 3 and parts[0] == "providers" and parts[2] == "max_instances":
+            live = parts[1] in providers
+            if not live:
+                reasons[key] = f"the {parts[1]} provider is not running; it starts with the daemon"
+        elif key == "agents.lease_ttl_s":
+            # Connected agents heartbeat at the old lease_ttl_s / 4 they were told at connect: a
+            # shorter lease would expire between their heartbeats. A longer one is safe.
+            live = new.agents.lease_ttl_s >= old.agents.lease_ttl_s
+            if not live:
+                reasons[key] = "a shorter lease needs connected agents to reconnect (they heartbeat at the old pace)"
+        if live:
+            config = _with(config, key, _get(new, key))
+            applied.append(key)
+        else:
+            restart.append(key)
+    return ReloadPlan(config, tuple(applied), tuple(restart), reasons)
