@@ -4,19 +4,31 @@ Every error names the file and the key path (`agents.lease_ttl_s`). Unknown keys
 refused (a typo must not silently fall back to a default). `${VAR}` in a string value is
 taken from the environment, so secrets need not live in the file; `Secret` values print as
 `<SECRET>` in every repr, log line and error.
+
+Loading goes: read, YAML (duplicate keys refused), types and ranges (`_build`), keys that need
+each other (`_check`: what cannot work is an error now, not at the first cloud call), then
+warnings for what works but is probably a mistake (`Config.warnings`, logged by the daemon) —
+secrets written in a file others can read among them. docs/configuration.md lists every error.
 """
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
+import math
 import os
 import re
+import stat
 import types
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit
 
 import yaml
 
+from cloudtaskd import redact
 from cloudtaskd.errors import ConfigError
 
 DEFAULT_LEASE_TTL_S = 60.0
@@ -237,6 +249,16 @@ class ProvidersConfig:
 
 
 @dataclass(frozen=True)
+class ConfigWarning:
+    """A config that loads and works but is probably a mistake. Never carries a secret's value."""
+
+    event: str  # stable snake_case: the log event (config_secrets_readable)
+    keys: tuple[str, ...]  # the key paths concerned
+    message: str  # what, and what to do
+    extra: tuple[tuple[str, str], ...] = ()  # more log fields (the file's mode)
+
+
+@dataclass(frozen=True)
 class Config:
     # Where the database, sockets, worker bundles and logs live; empty = per-user default
     state_dir: str = ""
@@ -247,6 +269,8 @@ class Config:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     providers: ProvidersConfig = field(default_factory=ProvidersConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})
+    # What load_config found that works but is probably a mistake; logged once logging is set up.
+    warnings: tuple[ConfigWarning, ...] = field(default=(), metadata={"internal": True})
 
     @property
     def state_path(self) -> Path:
@@ -271,39 +295,90 @@ def default_state_dir() -> Path:
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# A `<<` key merges another mapping in (YAML anchors): its keys are not duplicates of the others.
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+# The longest wrong value an error quotes: enough to recognise it, short enough for one line.
+_SHOWN_CHARS = 60
+MIN_API_TOKEN_CHARS = 16
+_LISTEN = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]/]+):([0-9]{1,5})")
+_KINDS = {"str": "a string", "int": "a whole number", "float": "a number", "bool": "true/false", "list": "a list",
+          "dict": "a mapping", "NoneType": "nothing (an empty value; write \"\" for an empty string)"}
 
 
-def _interpolate(value: str, source: str, path: str) -> str:
+@dataclass
+class _Load:
+    """One load: the file's name for errors, and what was learned on the way."""
+
+    source: str
+    # Key paths of Secret values written in the file itself, i.e. more than ${VAR} references.
+    literal_secrets: list[str] = field(default_factory=list)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader refusing a key given twice in one mapping: PyYAML would keep the last one silently,
+    so a second `aws:` section would quietly replace the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == _MERGE_TAG or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key]})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _got(value: Any, secret: bool = False) -> str:
+    """A wrong value as an error shows it: its kind, and the value itself unless it is a secret."""
+    kind = _KINDS.get(type(value).__name__, type(value).__name__)
+    if secret or value is None:
+        return kind
+    return f"{kind} {value!r:.{_SHOWN_CHARS}}"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _interpolate(value: str, ctx: _Load, path: str) -> str:
     def sub(match: re.Match[str]) -> str:
         name = match.group(1)
         if name not in os.environ:
-            raise ConfigError(source, path, f"environment variable {name} is not set")
+            raise ConfigError(ctx.source, path, f"environment variable {name} is not set")
         return os.environ[name]
 
     return _VAR.sub(sub, value)
 
 
-def _build(cls: type[Any], raw: Any, source: str, path: str) -> Any:
+def _build(cls: type[Any], raw: Any, ctx: _Load, path: str) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(source, path or "(top level)", f"expected a mapping, got {type(raw).__name__}")
+        raise ConfigError(ctx.source, path or "(top level)", f"expected a mapping, got {_got(raw)}")
     hints = get_type_hints(cls)
     known = {f.name: f for f in fields(cls) if not f.metadata.get("internal")}
     for key in raw:
+        if not isinstance(key, str):
+            raise ConfigError(ctx.source, path or "(top level)", f"keys must be names, got {_got(key)}")
         if key not in known:
-            where = f"{path}.{key}" if path else str(key)
-            raise ConfigError(source, where, f"unknown key (expected one of: {', '.join(sorted(known))})")
+            where = f"{path}.{key}" if path else key
+            close = difflib.get_close_matches(key, known, n=1)
+            guess = f"did you mean {close[0]}? " if close else ""
+            raise ConfigError(ctx.source, where, f"unknown key ({guess}expected one of: {', '.join(sorted(known))})")
     values: dict[str, Any] = {}
     for name, f in known.items():
         if name not in raw:
             continue
         where = f"{path}.{name}" if path else name
-        values[name] = _coerce(hints[name], raw[name], f.metadata, source, where)
+        values[name] = _coerce(hints[name], raw[name], f.metadata, ctx, where)
     return cls(**values)
 
 
-def _coerce(hint: Any, value: Any, meta: Any, source: str, where: str) -> Any:
+def _coerce(hint: Any, value: Any, meta: Any, ctx: _Load, where: str) -> Any:
+    source = ctx.source
     origin = get_origin(hint)
     if origin in (Union, types.UnionType):
         args = [a for a in get_args(hint) if a is not type(None)]
@@ -311,49 +386,231 @@ def _coerce(hint: Any, value: Any, meta: Any, source: str, where: str) -> Any:
             return None
         hint = args[0]
     if is_dataclass(hint):
-        return _build(hint, value, source, where)  # type: ignore[arg-type]
+        return _build(hint, value, ctx, where)  # type: ignore[arg-type]
     if origin is tuple:  # tuple[X, ...]: a YAML list
         if not isinstance(value, list):
-            raise ConfigError(source, where, f"expected a list, got {type(value).__name__}")
+            raise ConfigError(source, where, f"expected a list, got {_got(value)}")
         item = get_args(hint)[0]
-        return tuple(_coerce(item, v, {}, source, f"{where}[{i}]") for i, v in enumerate(value))
+        return tuple(_coerce(item, v, {}, ctx, f"{where}[{i}]") for i, v in enumerate(value))
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(source, where, f"expected true or false, got {value!r}")
+            raise ConfigError(source, where, f"expected true or false, got {_got(value)}")
         return value
     if hint in (int, float):
-        if isinstance(value, bool) or not isinstance(value, int | float) or (hint is int and int(value) != value):
-            kind = "a whole number" if hint is int else "a number"
-            raise ConfigError(source, where, f"expected {kind}, got {value!r}")
+        kind = "a whole number" if hint is int else "a number"
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(source, where, f"expected {kind}, got {_got(value)}")
+        if not math.isfinite(value):  # .nan would pass every range check, .inf fails int()
+            raise ConfigError(source, where, f"expected a finite number, got {value!r}")
+        if hint is int and int(value) != value:
+            raise ConfigError(source, where, f"expected {kind}, got {_got(value)}")
         lo, hi = meta.get("range", (None, None))
         if (lo is not None and value < lo) or (hi is not None and value > hi):
-            raise ConfigError(source, where, f"must be between {lo} and {hi}, got {value!r}")
+            bounds = (f"between {_num(lo)} and {_num(hi)}" if lo is not None and hi is not None
+                      else f"at least {_num(lo)}" if lo is not None else f"at most {_num(hi)}")
+            raise ConfigError(source, where, f"must be {bounds}, got {value!r}")
         return hint(value)
     if hint in (str, Secret):
+        secret = hint is Secret
         if not isinstance(value, str):
-            raise ConfigError(source, where, f"expected a string, got {value!r}")
-        value = _interpolate(value, source, where)
+            quote = " (quote it to make it a string)" if isinstance(value, int | float) else ""
+            raise ConfigError(source, where, f"expected a string, got {_got(value, secret)}{quote}")
+        if secret and _VAR.sub("", value).strip():
+            ctx.literal_secrets.append(where)
+        value = _interpolate(value, ctx, where)
         choices = meta.get("choices")
         if choices and value not in choices:
-            raise ConfigError(source, where, f"expected one of {', '.join(choices)}, got {value!r}")
-        return Secret(value) if hint is Secret else value
+            shown = ", ".join(c or '""' for c in choices)
+            raise ConfigError(source, where, f"expected one of {shown}, got {value!r}")
+        return Secret(value) if secret else value
     raise TypeError(f"config field {where} has unsupported type {hint!r}")  # a bug in this module
 
 
+def secrets_of(obj: Any, path: str = "") -> Iterator[tuple[str, Secret]]:
+    """Every Secret in a config (or one of its parts), with its key path; empty ones included."""
+    if isinstance(obj, Secret):
+        yield path, obj
+    elif isinstance(obj, tuple):
+        for i, item in enumerate(obj):
+            yield from secrets_of(item, f"{path}[{i}]")
+    elif is_dataclass(obj) and not isinstance(obj, type):
+        for f in fields(obj):
+            if not f.metadata.get("internal"):
+                yield from secrets_of(getattr(obj, f.name), f"{path}.{f.name}" if path else f.name)
+
+
+def _listen_address(source: str, value: str) -> None:
+    match = _LISTEN.fullmatch(value)
+    if match is None or int(match.group(2)) > 65535:
+        raise ConfigError(source, "api.listen", "expected host:port with a port from 0 to 65535 (e.g. 127.0.0.1:8443, "
+                                                f"0.0.0.0:8443, [::1]:8443), got {value!r}")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _check(config: Config) -> list[ConfigWarning]:
+    """What the types alone cannot say: keys that need each other. Raises ConfigError for what cannot
+    work (at load, not minutes later in the reconciler); returns warnings for what works but is
+    probably a mistake."""
+    src = config.source
+    warnings: list[ConfigWarning] = []
+    api, agents, queue, p = config.api, config.agents, config.queue, config.providers
+
+    if bool(api.tls_cert) != bool(api.tls_key):
+        given, missing = ("tls_cert", "tls_key") if api.tls_cert else ("tls_key", "tls_cert")
+        raise ConfigError(src, f"api.{missing}", f"required with api.{given}: give both (PEM files), or neither "
+                                                 "for a certificate from the daemon's own CA")
+    if api.listen:
+        _listen_address(src, api.listen)
+        if not api.token:
+            raise ConfigError(src, "api.token", "required with api.listen: TCP clients must send it "
+                                                "(put it in the environment: token: ${CLOUDTASK_API_TOKEN})")
+        if len(api.token) < MIN_API_TOKEN_CHARS:
+            raise ConfigError(src, "api.token", f"must be at least {MIN_API_TOKEN_CHARS} characters, got "
+                                                f"{len(api.token)} (e.g. `openssl rand -base64 32`)")
+    else:
+        unused = tuple(f"api.{k}" for k in ("token", "tls_cert", "tls_key") if getattr(api, k))
+        if unused:
+            warnings.append(ConfigWarning("config_keys_unused", unused,
+                                          f"{', '.join(unused)} only serve api.listen, which is empty"))
+
+    if agents.public_url:
+        url = urlsplit(agents.public_url)
+        try:
+            url.port  # noqa: B018 - parsing the port is the check
+        except ValueError:
+            url = url._replace(netloc="")
+        if url.scheme not in ("ws", "wss") or not url.hostname:
+            raise ConfigError(src, "agents.public_url", "expected a ws:// or wss:// URL with a host "
+                                                        f"(agents dial it), got {agents.public_url!r}")
+        if agents.tls and url.scheme != "wss":
+            raise ConfigError(src, "agents.public_url", "agents.tls is on, so agents dial wss://…, "
+                                                        f"got {agents.public_url!r}")
+    if not agents.tls and not _is_loopback(agents.listen_host):
+        warnings.append(ConfigWarning(
+            "config_agents_plaintext", ("agents.tls", "agents.listen_host"),
+            f"agents.tls is off and agents listen on {agents.listen_host}: agent tokens and task data cross "
+            "the network unencrypted"))
+
+    if queue.retry_backoff_max_s < queue.retry_backoff_s:
+        raise ConfigError(src, "queue.retry_backoff_max_s", "must be at least queue.retry_backoff_s "
+                                                            f"({_num(queue.retry_backoff_s)}), got "
+                                                            f"{_num(queue.retry_backoff_max_s)}")
+
+    seen: dict[tuple[str, int], int] = {}
+    for i, host in enumerate(p.ssh.hosts):
+        where = f"providers.ssh.hosts[{i}]"
+        if not host.address:
+            raise ConfigError(src, f"{where}.address", "required: the host's name or IP address")
+        if not host.key_file:
+            raise ConfigError(src, f"{where}.key_file", "required: the private key the daemon logs in with")
+        first = seen.setdefault((host.address, host.port), i)
+        if first != i:
+            raise ConfigError(src, where, f"the same host as providers.ssh.hosts[{first}] "
+                                          f"({host.address}:{host.port}): one agent runs per host, list it once")
+
+    clouds: tuple[tuple[str, CloudProviderConfig, tuple[str, ...]], ...] = (
+        ("aws", p.aws, ("region", "machine_type")),
+        ("gcp", p.gcp, ("project_id", "zone", "machine_type")),
+        ("azure", p.azure, ("subscription_id", "resource_group", "location", "machine_type")),
+    )
+    for name, cloud, required in clouds:
+        if not cloud.enabled:
+            continue
+        for key in required:
+            if not getattr(cloud, key):
+                raise ConfigError(src, f"providers.{name}.{key}", f"required when providers.{name}.enabled is true")
+        if cloud.max_instances == 0:
+            warnings.append(ConfigWarning("config_cloud_unused", (f"providers.{name}.max_instances",),
+                                          f"providers.{name} is enabled with max_instances 0: it never launches"))
+    _together(src, "providers.aws", p.aws.enabled, {"access_key": p.aws.access_key, "secret_key": p.aws.secret_key},
+              ", or neither for the standard AWS credential chain")
+    _together(src, "providers.azure", p.azure.enabled,
+              {"tenant_id": p.azure.tenant_id, "client_id": p.azure.client_id, "client_secret": p.azure.client_secret},
+              " (a service principal), or none for DefaultAzureCredential")
+
+    can_launch = (bool(p.ssh.hosts) or (p.local.enabled and p.local.max_instances > 0)
+                  or any(c.enabled and c.max_instances > 0 for _, c, _ in clouds))
+    if config.scaling.max_instances == 0 or not can_launch:
+        warnings.append(ConfigWarning(
+            "config_no_instances", ("scaling.max_instances", "providers"),
+            "no instance can ever start (scaling.max_instances is 0 or no provider is enabled): only agents "
+            "registered from outside will run tasks"))
+    return warnings
+
+
+def _together(source: str, prefix: str, enabled: bool, keys: dict[str, str], otherwise: str) -> None:
+    """Keys that only work as a set: all given, or none."""
+    given = [k for k, v in keys.items() if v]
+    if enabled and 0 < len(given) < len(keys):
+        missing = [k for k in keys if k not in given]
+        raise ConfigError(source, f"{prefix}.{missing[0]}",
+                          f"required with {', '.join(f'{prefix}.{k}' for k in given)}: give "
+                          f"{', '.join(keys)} together{otherwise}")
+
+
+def _secrets_readable(source: str, st: os.stat_result, keys: list[str]) -> ConfigWarning | None:
+    """A warning when secrets are written in a file that others can read.
+
+    The rule: others (o+r) may never read such a file; its group may, only when that group is the
+    daemon's own (effective) group. The service layout is root:cloudtask mode 0640: the daemon, user
+    cloudtask, reads the file through its group, and nobody else can. The same mode with another
+    group (root:users 0640), or a daemon running as root, lets that group's members read the secrets.
+    """
+    others = bool(st.st_mode & 0o004)
+    group = bool(st.st_mode & 0o040) and st.st_gid != os.getegid()
+    if not keys or not (others or group):
+        return None
+    mode = f"{stat.S_IMODE(st.st_mode):04o}"
+    who = "every user" if others else f"group {st.st_gid}"
+    return ConfigWarning(
+        "config_secrets_readable", tuple(keys),
+        f"{source} (mode {mode}) is readable by {who} and holds the secrets {', '.join(keys)}: write them as "
+        "${VAR} and set the variables in the environment (systemd: EnvironmentFile= with mode 0600), or "
+        "chmod o-r (and g-r unless the file's group is the daemon's own)",
+        (("mode", mode),))
+
+
 def load_config(path: str | Path | None) -> Config:
-    """Load and validate a YAML config file; None gives the defaults."""
+    """Load and validate a YAML config file; None gives the defaults.
+
+    Every non-empty secret is registered with cloudtaskd.redact, so that it is replaced by <SECRET>
+    in every log line and error this process writes, whoever wrote it.
+    """
     if path is None:
         return Config()
     source = str(path)
     try:
-        text = Path(path).read_text()
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read()
     except OSError as exc:
         raise ConfigError(source, "(file)", f"cannot read: {exc.strerror}") from exc
     try:
-        raw = yaml.safe_load(text)
+        text = data.decode()
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(source, f"line {line}", "not UTF-8 text") from exc
+    try:
+        raw = yaml.load(text, Loader=_Loader)  # a SafeLoader: plain data, never objects
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "(file)"
-        raise ConfigError(source, where, f"not valid YAML: {getattr(exc, 'problem', exc)}") from exc
-    config: Config = _build(Config, raw, source, "")
-    return replace(config, source=source)
+        column = f" (column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(source, where, f"not valid YAML: {getattr(exc, 'problem', exc)}{column}") from exc
+    ctx = _Load(source)
+    config: Config = replace(_build(Config, raw, ctx, ""), source=source)
+    for _, value in secrets_of(config):
+        redact.register(value.reveal())
+    warnings = _check(config)
+    readable = _secrets_readable(source, st, ctx.literal_secrets)
+    if readable is not None:
+        warnings.insert(0, readable)
+    return replace(config, warnings=tuple(warnings))

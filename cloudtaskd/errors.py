@@ -6,6 +6,7 @@ Callers catch these, not driver errors: a driver error is kept as ``__cause__``.
 from __future__ import annotations
 
 from agent.protocol import ProtocolError  # the wire's own error type, re-exported (one source)
+from cloudtaskd import redact
 
 __all__ = [
     "BadInput",
@@ -30,7 +31,9 @@ class CloudtaskError(Exception):
     """cloudtask failed."""
 
     def __init__(self, message: str | None = None) -> None:
-        super().__init__(message or (self.__doc__ or "").strip())
+        # Redacted here, once for every error type: a message may quote a cloud SDK's or a remote
+        # command's own text, which can hold a credential from the config.
+        super().__init__(redact.redact(message or (self.__doc__ or "").strip()))
 
 
 class ConfigError(CloudtaskError):

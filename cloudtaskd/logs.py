@@ -7,11 +7,56 @@ the same stream, so one file or journal holds everything and nothing strays onto
 from __future__ import annotations
 
 import logging
-from typing import TextIO
+from typing import Any, TextIO
 
 import structlog
 
+from cloudtaskd import redact
+from cloudtaskd.config import Config, Secret
+
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+_MAY_HOLD_SECRETS = (Secret, dict, list, tuple)  # a tuple: isinstance() is faster with it than with a union
+
+
+def _hide(value: Any) -> Any:
+    if isinstance(value, Secret):
+        return redact.REDACTED
+    if isinstance(value, dict):
+        return {k: _hide(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_hide(v) for v in value]
+    return value
+
+
+def hide_secrets(_logger: Any, _method: str, event_dict: Any) -> Any:
+    """Secret values become <SECRET>, also inside lists and dicts: JSON would write a Secret (a str)
+    as its plain text. Any Secret, registered or not, of any length."""
+    for key, value in event_dict.items():
+        if isinstance(value, _MAY_HOLD_SECRETS):
+            event_dict[key] = _hide(value)
+    return event_dict
+
+
+class RedactingRenderer:
+    """JSON, then every registered secret value removed from the line: what reached the line as plain
+    text (an f-string, an exception's message, a library's log record) is caught here. One substring
+    search per registered value, none when nothing is registered."""
+
+    def __init__(self) -> None:
+        self._json = structlog.processors.JSONRenderer()
+
+    def __call__(self, logger: Any, method: str, event_dict: Any) -> str:
+        line = self._json(logger, method, event_dict)
+        return redact.redact(line if isinstance(line, str) else line.decode())
+
+
+def log_config_warnings(config: Config) -> None:
+    """What load_config found probably wrong, once logging is set up (never a secret's value)."""
+    log = structlog.get_logger("cloudtaskd.config")
+    for w in config.warnings:
+        log.warning(w.event, file=config.source, keys=list(w.keys), message=w.message, **dict(w.extra))
 
 # The handler configure() put on the root logger; replaced, never stacked, when called again.
 _stdlib_handler: logging.Handler | None = None
@@ -27,7 +72,8 @@ def configure(level: str, stream: TextIO) -> None:
             structlog.processors.add_log_level,
             timestamper,
             structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
+            hide_secrets,
+            RedactingRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(stream),
@@ -45,7 +91,8 @@ def configure(level: str, stream: TextIO) -> None:
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
+            hide_secrets,
+            RedactingRenderer(),
         ],
     ))
     root = logging.getLogger()

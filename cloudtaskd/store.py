@@ -23,6 +23,7 @@ import aiosqlite
 import structlog
 
 from cloudtaskd.errors import StoreError, TransitionError
+from cloudtaskd.redact import redact
 from cloudtaskd.states import (
     INSTANCE_TRANSITIONS,
     TASK_TRANSITIONS,
@@ -156,7 +157,7 @@ class Tx:
         target = INSTANCE_TRANSITIONS[(current, event)]
         sets = {"state": target.value, "state_changed_at": self.now, **columns}
         if error is not None:
-            sets["last_error"] = error
+            sets["last_error"] = redact(error)  # often a cloud SDK's own text: shown by cloudtaskctl
         if target == InstanceState.STOPPED:
             sets.setdefault("ended_at", self.now)
         if target in (InstanceState.STOPPING, InstanceState.STOPPED):

@@ -162,6 +162,7 @@ async def _connect(ctx: Ctx, state: _RunState) -> ApiClient:
     # The daemon's logs go to a file: lines on the terminal would tear through the progress bar.
     state.log_file = await asyncio.to_thread(log_path.open, "a")
     logs.configure(ctx.config.log_level, state.log_file)
+    logs.log_config_warnings(ctx.config)
     state.daemon = Daemon(ctx.config)  # set before start(): a half-started daemon must be stopped too
     await state.daemon.start()
     ctx.note(f"no daemon at {ctx.config.socket_path}; running one in this process (log: {log_path})")

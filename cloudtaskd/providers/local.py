@@ -20,6 +20,7 @@ import structlog
 
 from cloudtaskd.config import LocalProviderConfig
 from cloudtaskd.providers.base import CloudInstance, LaunchSpec, Offer, watch_args
+from cloudtaskd.redact import without_secrets
 
 log = structlog.get_logger("cloudtaskd.providers.local")
 
@@ -74,7 +75,7 @@ class LocalProvider:
             (inst_dir / "ca.pem").write_bytes(spec.ca_cert)
             ca_args = ["--ca-file", str(inst_dir / "ca.pem")]
         env = {
-            **os.environ,
+            **without_secrets(os.environ),  # the daemon's credentials (${VAR} in its config) stay with it
             **spec.env,
             # The token goes through the environment, not argv, which every local user can read.
             "CLOUDTASK_AGENT_TOKEN": spec.token,
