@@ -493,7 +493,7 @@ def _reload(daemon: Daemon, sd: Systemd, load: Callable[[], Config]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from cloudtaskd.logs import configure
+    from cloudtaskd.logs import configure, log_config_warnings
 
     parser = argparse.ArgumentParser(prog="cloudtaskd", description="the cloudtask control daemon")
     parser.add_argument("--config", help="YAML config file (see config.example.yaml)")
@@ -510,6 +510,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"cloudtaskd: {exc}", file=sys.stderr)
         sys.exit(2)
     configure(config.log_level, sys.stdout)
+    log_config_warnings(config)
     try:
         sys.exit(asyncio.run(serve(config, load=load, on_log_level=lambda level: configure(level, sys.stdout))))
     except StoreError as exc:
