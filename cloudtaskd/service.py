@@ -124,7 +124,10 @@ async def watchdog(notifier: Notifier, interval_s: float, check: HealthCheck) ->
     while True:
         started = loop.time()
         try:
-            reason = await asyncio.wait_for(check(), timeout=interval_s)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that arrives as the
+            # check completes, and the daemon's stop would then wait for this loop for ever.
+            async with asyncio.timeout(interval_s):
+                reason = await check()
         except TimeoutError:
             reason = f"the health check did not answer within {interval_s:.3g} s"
         except Exception as exc:  # a check that raises is a failed check, never a dead watchdog

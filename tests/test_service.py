@@ -277,6 +277,33 @@ async def test_watchdog_withholds_pings_while_the_database_does_not_answer(
         await daemon.stop()
 
 
+async def test_watchdog_ends_when_cancelled_whatever_it_is_doing(notify_socket: NotifySocket) -> None:
+    """The daemon's stop cancels the watchdog and waits for it: a cancel that lands just as a check
+    completes must not be lost (asyncio.wait_for on 3.11 loses it, and the stop would hang)."""
+    async def healthy() -> str | None:
+        return None
+
+    async def sick() -> str | None:
+        return "sick"
+
+    notifier = Notifier(notify_socket.address)
+    try:
+        for i in range(60):
+            dog = asyncio.get_running_loop().create_task(watchdog(notifier, 0.001, healthy if i % 2 else sick))
+            for _ in range(i % 9):  # cancel at a different step of the loop each time
+                await asyncio.sleep(0)
+            dog.cancel()
+            done, _ = await asyncio.wait({dog}, timeout=10)
+            lost = dog not in done
+            while not dog.done():  # a lost cancel: end it anyway, or the test's loop never closes
+                dog.cancel()
+                await asyncio.wait({dog}, timeout=0.01)
+            assert not lost and dog.cancelled(), f"try {i}: the watchdog went on after its cancel"
+            notify_socket.drain()
+    finally:
+        notifier.close()
+
+
 async def _has(logs: list[MutableMapping[str, Any]], event: str) -> bool:
     return any(e["event"] == event for e in logs)
 
