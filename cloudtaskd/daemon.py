@@ -487,6 +487,9 @@ def _reload(daemon: Daemon, sd: Systemd, load: Callable[[], Config]) -> None:
         log.error("config_reload_failed", error=repr(exc), keeping="the config in force")
         sd.notifier.ready(f"reload failed, running with the previous config: {exc!r}")
         return
+    from cloudtaskd.logs import log_config_warnings
+
+    log_config_warnings(new)  # what the file may have gained since the start (a secret now readable)
     result = daemon.reload(new)
     waiting = f"; {len(result.needs_restart)} changed key(s) need a restart" if result.needs_restart else ""
     sd.notifier.ready(daemon.status_line() + waiting)

@@ -544,6 +544,7 @@ async def test_sighup_reloads_the_file_and_a_bad_file_changes_nothing(tmp_path: 
             daemon.config_path.write_text(yaml.safe_dump(doc))
 
         rewrite(log_level="info", **{"scaling.max_instances": 3, "agents.listen_port": free_port()})
+        good = daemon.config_path.read_text()
         daemon.proc.send_signal(signal.SIGHUP)
         reloading, _ = await notify_socket.until("RELOADING")
         assert int(reloading["MONOTONIC_USEC"]) > 0
@@ -574,6 +575,17 @@ async def test_sighup_reloads_the_file_and_a_bad_file_changes_nothing(tmp_path: 
         await notify_socket.until("RELOADING")
         await notify_socket.until("READY")
         assert (await daemon.get("/v1/health"))["ok"] is True
+
+        # A reloaded file that others can read and that now holds a secret: warned about, by key only.
+        doc = yaml.safe_load(good)  # the file as it was reloaded first, plus secrets
+        doc["providers"]["aws"] = {"access_key": "AKIAEXAMPLE", "secret_key": "hunter2-sighup"}
+        daemon.config_path.write_text(yaml.safe_dump(doc))
+        daemon.config_path.chmod(0o644)
+        daemon.proc.send_signal(signal.SIGHUP)
+        await notify_socket.until("READY")
+        readable = await wait_for(lambda: logged("config_secrets_readable"), message="config_secrets_readable")
+        assert "providers.aws.secret_key" in readable["keys"]
+        assert "hunter2-sighup" not in daemon.log_path.read_text()
     finally:
         assert await daemon.stop() == 0
     assert events(daemon.log_path)[-1]["event"] == "daemon_stopped"
