@@ -32,6 +32,7 @@ from cloudtaskd.orchestrator.market import Market
 from cloudtaskd.orchestrator.scaling import Decision, InstanceView, PoolView, Targets, decide
 from cloudtaskd.orchestrator.selection import Candidate, Needs, Policy, combine
 from cloudtaskd.providers.base import LaunchSpec, Offer, Provider
+from cloudtaskd.redact import redact
 from cloudtaskd.states import InstanceEvent, InstanceState
 from cloudtaskd.store import Store, Tx
 
@@ -225,15 +226,15 @@ class Reconciler:
         try:
             await self._provider_of(inst).terminate(inst)
         except Exception as exc:  # stays STOPPING; retried next tick
-            message = f"terminate failed: {exc}"
+            message = redact(f"terminate failed: {exc}")  # a cloud SDK's text may quote a credential
             await self.store.write(lambda tx: tx.db.execute(
                 "UPDATE instances SET last_error = ? WHERE id = ?", (message, inst)))
             return
         await self._move(inst, InstanceEvent.TERMINATED)
         self._idle_since.pop(inst, None)
-
         if self.on_instance_end is not None:
             await self.on_instance_end(inst)  # a connection that outlived its machine is closed
+
     # ---- scale ----
 
     def candidates(self, needs: Needs, policy: Policy, now: float) -> list[Candidate]:
