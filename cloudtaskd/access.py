@@ -35,11 +35,39 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PUBLIC_PATHS = frozenset({"/status"})
 # Buckets idle this long are forgotten (a client's full bucket is the same as no bucket).
 BUCKET_IDLE_S = 300.0
+# More clients than this at once: the idle ones go now, and if all are busy a new one waits (429).
+MAX_BUCKETS = 10_000
 
 
 def _json_error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response({"error": {"type": kind, "message": message, "line": None, "field": None}},
                              status=status, headers=headers)
+
+
+# Hosts a unix-socket request may name: cloudtaskctl's placeholder, and a local forward of the socket
+# (ssh -L). Any other is a page whose name was rebound to a local address (DNS rebinding).
+LOCAL_HOSTS = frozenset({"cloudtaskd", "localhost", "127.0.0.1", "::1", "[::1]"})
+
+
+def browser_guard(*, local_only: bool) -> Middleware:
+    """Refuse what a web page in the operator's browser could send: any request with an Origin
+    other than the daemon's own (browsers add it to every cross-site request that can change
+    something; cloudtaskctl never sends one), and on the unix socket a Host that is not local.
+    Without this, `ssh -L 8080:/run/cloudtask/cloudtaskd.sock` would let any site the operator
+    visits submit work through localhost:8080."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if origin is not None and origin != f"{request.scheme}://{request.host}":
+            return _json_error(403, "Forbidden", "cross-site requests are refused")
+        if local_only:
+            host = request.host.rsplit(":", 1)[0] if not request.host.endswith("]") else request.host
+            if host.lower() not in LOCAL_HOSTS:
+                return _json_error(403, "Forbidden", f"host {request.host!r} is not this daemon")
+        return await handler(request)
+
+    return middleware
 
 
 def bearer_auth(token: str) -> Middleware:
@@ -49,7 +77,7 @@ def bearer_auth(token: str) -> Middleware:
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in PUBLIC_PATHS and request.method == "GET":
             return await handler(request)
-        got = request.headers.get("Authorization", "").encode()
+        got = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
         if not hmac.compare_digest(got, expected):
             log.warning("api_unauthorized", peer=request.remote, path=request.path)
             return _json_error(401, "Unauthorized", "a valid bearer token is required (Authorization: Bearer …)",
@@ -111,6 +139,10 @@ class RateLimiter:
             self._swept = now
         bucket = self._buckets.get(key)
         if bucket is None:
+            if len(self._buckets) >= MAX_BUCKETS:
+                self._buckets = {k: b for k, b in self._buckets.items() if now - b.at < 1.0}
+                if len(self._buckets) >= MAX_BUCKETS:
+                    return 1.0
             bucket = self._buckets[key] = TokenBucket(self.per_s, self.burst, now)
         return bucket.take(now)
 
@@ -141,7 +173,9 @@ def prepare_socket_dir(sock: Path, state_dir: Path, group: str, source: str) -> 
         # A shared one (/tmp, a home) is never re-permissioned.
         os.chown(parent, -1, _gid(group, source) if group else os.getegid())
         os.chmod(parent, 0o750)
-    elif st.st_uid != os.geteuid() and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+    elif st.st_uid not in (0, os.geteuid()):
+        raise ConfigError(source, "api.socket", f"{parent} belongs to another user, who could replace the socket")
+    elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
         raise ConfigError(source, "api.socket",
                           f"{parent} is writable by others: anyone could put their own socket there")
 

@@ -71,8 +71,8 @@ class ApiConfig:
     # Certificate and key for the TCP listener (PEM files); empty: issued by the daemon's own CA.
     tls_cert: str = ""
     tls_key: str = ""
-    # Requests each client (a TCP peer address, or the unix socket as a whole) may make per
-    # second, with bursts up to rate_burst; more wait for their turn.
+    # Requests each client (a TCP peer address, a unix-socket peer's uid) may make per second,
+    # with bursts up to rate_burst; more are answered 429 with Retry-After (cloudtaskctl waits).
     rate_limit_per_s: float = field(default=100.0, metadata=_range(0.1, 1e6))
     rate_burst: int = field(default=200, metadata=_range(1, 1_000_000))
 

@@ -25,7 +25,7 @@ import structlog
 from aiohttp import web
 
 from cloudtaskd import queue, tls
-from cloudtaskd.access import RateLimiter, bearer_auth, prepare_socket_dir, secure_socket
+from cloudtaskd.access import RateLimiter, bearer_auth, browser_guard, prepare_socket_dir, secure_socket
 from cloudtaskd.api import ControlApi, errors_middleware
 from cloudtaskd.catalog import Fetcher
 from cloudtaskd.config import CloudProviderConfig, Config, load_config
@@ -46,6 +46,9 @@ from cloudtaskd.store import Store, Tx
 log = structlog.get_logger("cloudtaskd")
 
 SHUTDOWN_GRACE_S = 30.0
+# How long a listener's in-flight requests may run on at shutdown (aiohttp's default is 60 s each,
+# which in sequence would outlast the unit's TimeoutStopSec).
+RUNNER_SHUTDOWN_S = 5.0
 
 
 class Daemon:
@@ -89,7 +92,8 @@ class Daemon:
         agents = self.config.agents
         agent_app = web.Application(client_max_size=agents.max_message_bytes)
         agent_app.router.add_get("/v1/agent", self.hub.handle)
-        agent_runner = web.AppRunner(agent_app, handle_signals=False, access_log=None)
+        agent_runner = web.AppRunner(agent_app, handle_signals=False, access_log=None,
+                                     shutdown_timeout=RUNNER_SHUTDOWN_S)
         await agent_runner.setup()
         self._runners.append(agent_runner)
         ssl_ctx = self.tls.server_context() if agents.tls and self.tls is not None else None
@@ -136,9 +140,11 @@ class Daemon:
         listener that takes TLS and the bearer token only. Each has its own rate limits."""
         cfg = self.config.api
         limiter = RateLimiter(cfg.rate_limit_per_s, cfg.rate_burst)
-        unix_app = web.Application(middlewares=[errors_middleware, limiter.middleware], client_max_size=1 << 20)
+        unix_app = web.Application(middlewares=[errors_middleware, browser_guard(local_only=True), limiter.middleware],
+                                   client_max_size=1 << 20)
         unix_app.add_routes(api.routes())
-        unix_runner = web.AppRunner(unix_app, handle_signals=False, access_log=None)
+        unix_runner = web.AppRunner(unix_app, handle_signals=False, access_log=None,
+                                    shutdown_timeout=RUNNER_SHUTDOWN_S)
         await unix_runner.setup()
         self._runners.append(unix_runner)
         sock = self.config.socket_path
@@ -149,10 +155,13 @@ class Daemon:
             return
         host, _, port = cfg.listen.rpartition(":")
         tcp_app = web.Application(
-            middlewares=[errors_middleware, limiter.middleware, bearer_auth(cfg.token.reveal())],
+            # The token first: only authenticated clients get a rate-limit bucket.
+            middlewares=[errors_middleware, browser_guard(local_only=False), bearer_auth(cfg.token.reveal()),
+                         limiter.middleware],
             client_max_size=1 << 20)
         tcp_app.add_routes(api.routes())
-        tcp_runner = web.AppRunner(tcp_app, handle_signals=False, access_log=None)
+        tcp_runner = web.AppRunner(tcp_app, handle_signals=False, access_log=None,
+                                   shutdown_timeout=RUNNER_SHUTDOWN_S)
         await tcp_runner.setup()
         self._runners.append(tcp_runner)
         if cfg.tls_cert:
@@ -340,11 +349,17 @@ class Daemon:
         are drained and stopped; instances elsewhere keep running and keep their leases, and their
         agents reconnect to the next daemon on this state directory, which extends every lease."""
         log.info("daemon_stopping", keep_remote=keep_remote)
+        # Stop accepting first: no new job, upload or drain request while the fleet is put away.
+        # The agent listener (runners[0]) stays: local agents hand back over it while they drain.
+        self.store.end_waits()  # long polls of GET /v1/events answer now, not at their deadline
+        for runner in reversed(self._runners[1:]):
+            with suppress(Exception):
+                await runner.cleanup()
+        del self._runners[1:]
         if self.reconciler is not None:
             with suppress(Exception):
                 await self.reconciler.stop_all(self.shutdown_grace_s, {LocalProvider.name} if keep_remote else None)
         # Stop listening before the dispatcher, so no report arrives that nobody will commit.
-        self.store.end_waits()  # long polls of GET /v1/events answer now, not at their deadline
         await self.hub.close_all()
         for runner in reversed(self._runners):
             with suppress(Exception):

@@ -37,6 +37,7 @@ from cloudtaskd.store import Store, Tx
 log = structlog.get_logger("cloudtaskd.hub")
 
 HELLO_TIMEOUT_S = 10.0
+MAX_UNAUTHENTICATED = 1024
 WS_HEARTBEAT_S = 20.0
 OUTBOX_MAX_FRAMES = 10_000
 
@@ -86,12 +87,16 @@ class AgentHub:
         self.sockets: set[web.WebSocketResponse] = set()
         self.by_instance: dict[str, set[web.WebSocketResponse]] = {}
         self._instance_of: dict[web.WebSocketResponse, str] = {}
+        self._closing: set[asyncio.Task[bool]] = set()
         self.throttled = 0  # times an agent connection was read more slowly for its message rate
         self.on_connect = on_connect
         # Told of each new interruption notice once it is recorded (the reconciler: replace it now).
         self.on_notice: Callable[[interruptions.Recorded], Awaitable[None]] | None = None
 
-    async def handle(self, request: web.Request) -> web.WebSocketResponse:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if len(self.sockets) - sum(len(c) for c in self.by_instance.values()) >= MAX_UNAUTHENTICATED:
+            # Connections that have not said hello yet cost a socket each for HELLO_TIMEOUT_S.
+            return web.Response(status=503, text="too many connections waiting to authenticate")
         ws = web.WebSocketResponse(heartbeat=WS_HEARTBEAT_S, max_msg_size=self.max_message_bytes)
         await ws.prepare(request)
         self.sockets.add(ws)
@@ -109,10 +114,15 @@ class AgentHub:
         return ws
 
     async def disconnect(self, instance_id: str) -> None:
-        """The instance has ended: its token is revoked, and a connection still open is closed."""
+        """The instance has ended: its token is revoked, nothing more is granted to it, and a
+        connection still open is closed (in the background: a dead peer's close handshake must not
+        hold up the caller)."""
+        self.dispatcher.drain(instance_id, tell_agent=False)
         for ws in list(self.by_instance.get(instance_id, ())):
-            with suppress(Exception):
-                await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"instance ended")
+            task = asyncio.get_running_loop().create_task(
+                ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"instance ended"))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def _refuse(self, ws: web.WebSocketResponse, code: str, message: str) -> None:
         with suppress(Exception):
@@ -230,7 +240,13 @@ class AgentHub:
             pass  # already draining or stopping
 
     async def _authenticate(self, hello: Hello) -> tuple[int, bool] | None:
-        return await self.store.write(_authenticate_tx, hello.instance, token_hash(hello.token))
+        hashed = token_hash(hello.token)
+        # Checked on the reader first: a flood of bad hellos must not queue write transactions
+        # ahead of the dispatcher's.
+        row = await self.store.fetchone("SELECT token_hash FROM instances WHERE id = ?", (hello.instance,))
+        if row is None or not hmac.compare_digest(row["token_hash"], hashed):
+            return None
+        return await self.store.write(_authenticate_tx, hello.instance, hashed)
 
     async def close_all(self) -> None:
         for ws in list(self.sockets):

@@ -120,7 +120,9 @@ class Tx:
 
     def event(self, kind: str, *, job_id: int | None = None, task_id: int | None = None,
               instance_id: str | None = None, detail: str | None = None) -> None:
-        self.events.append((self.now, kind, job_id, task_id, instance_id, detail))
+        # A detail often quotes an error from a cloud SDK, ssh or a worker: shown by /v1/events,
+        # cloudtaskctl events and the status page, so known secrets are taken out here.
+        self.events.append((self.now, kind, job_id, task_id, instance_id, None if detail is None else redact(detail)))
 
     def count(self, job_id: int, src: TaskState | None, dst: TaskState | None, n: int = 1) -> None:
         """Record that n tasks of a job moved from src to dst (None: created / deleted)."""

@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from cloudtaskd.errors import CloudtaskError
+
 CA_VALIDITY = dt.timedelta(days=3650)
 SERVER_VALIDITY = dt.timedelta(days=397)
 RENEW_BEFORE = dt.timedelta(days=30)
@@ -58,7 +60,12 @@ def ensure(tls_dir: Path, names: Iterable[str], *, label: str = "") -> TlsFiles:
     tls_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     files = TlsFiles(tls_dir / "ca.pem", tls_dir / "server.pem", tls_dir / "server.key")
     ca_key_path = tls_dir / "ca.key"
-    if not ca_key_path.exists() or not files.ca_cert.exists():
+    if ca_key_path.exists() != files.ca_cert.exists():
+        # Half a CA: making a new one would silently cut off every agent that pinned the old.
+        present, missing = (ca_key_path, files.ca_cert) if ca_key_path.exists() else (files.ca_cert, ca_key_path)
+        raise CloudtaskError(f"{missing} is missing but {present} exists: restore it, or delete {tls_dir} to make"
+                             " a new CA (agents of running instances then no longer trust the daemon)")
+    if not ca_key_path.exists():
         _new_ca(ca_key_path, files.ca_cert, label)
     ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
@@ -91,7 +98,8 @@ def _now() -> dt.datetime:
 def _write_private(path: Path, data: bytes) -> None:
     """Written to a temporary file created mode 600, then renamed: never readable by others."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp.unlink(missing_ok=True)  # a leftover would keep its own mode
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.replace(tmp, path)

@@ -31,6 +31,9 @@ from cloudtaskd.access import RateLimiter
 from cloudtaskd.config import ApiConfig, LocalProviderConfig, ProvidersConfig, Secret
 from cloudtaskd.ctl.main import main as ctl_main
 from cloudtaskd.daemon import Daemon
+from cloudtaskd.errors import CloudtaskError, ProviderError
+from cloudtaskd.orchestrator.reconciler import Reconciler
+from cloudtaskd.providers.base import CloudInstance
 from cloudtaskd.states import InstanceEvent
 from tests.conftest import UnixApi, agent_ssl, make_config, wait_for
 from tests.netproxy import Proxy
@@ -297,7 +300,7 @@ try:
     s.connect(sys.argv[1])
 except PermissionError:
     print("denied"); sys.exit(0)
-s.sendall(b"GET /v1/health HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n")
+s.sendall(b"GET /v1/health HTTP/1.0\\r\\nHost: localhost\\r\\n\\r\\n")
 print(s.recv(100).split(b"\\r\\n")[0].decode())
 """
 
@@ -360,3 +363,130 @@ async def test_the_control_socket_is_the_daemons_and_its_admin_groups_only(tmp_p
             await d.stop()
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+# ---- review fixes: revocation through the reconciler, browsers, event details, half a CA ----
+
+
+class _Flaky:
+    """A provider whose cloud says the VM stopped and whose terminate fails (an API outage)."""
+
+    name = "external"  # the provider a registered instance's id names (external-…)
+
+    def __init__(self, instance_id: str) -> None:
+        self.instance_id = instance_id
+
+    def offers(self) -> list[Any]:
+        return []
+
+    async def list_instances(self) -> list[CloudInstance]:
+        return [CloudInstance(self.instance_id, "vm-1", running=False)]
+
+    async def terminate(self, instance_id: str) -> None:
+        raise ProviderError("flaky", "terminate", "the API is down")
+
+
+async def test_a_stopped_instance_loses_its_connection_even_when_terminate_fails(
+        daemon: tuple[Daemon, UnixApi, str]) -> None:
+    d, api, digest = daemon
+    inst = await register(api, digest)
+    reconciler = Reconciler(d.store, d.dispatcher, [(_Flaky(inst["id"]), 1)], d.config,  # type: ignore[list-item]
+                            d.agent_url)
+    reconciler.on_instance_end = d.hub.disconnect
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(inst["url"], ssl=agent_ssl(inst))
+        assert (await hello(ws, inst))["t"] == "welcome"
+        await reconciler.sync(now=1e9)
+        closed = await ws.receive(timeout=5)
+        assert closed.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
+        row = await d.store.fetchone("SELECT state, token_hash, last_error FROM instances WHERE id = ?",
+                                     (inst["id"],))
+        assert row is not None and (row["state"], row["token_hash"]) == ("stopping", "")
+        assert "the API is down" in row["last_error"]
+        again = await http.ws_connect(inst["url"], ssl=agent_ssl(inst))
+        assert (await hello(again, inst))["code"] == "unauthorized"
+        await again.close()
+
+
+async def test_a_drained_external_instance_ends_once_its_agent_is_gone(daemon: tuple[Daemon, UnixApi, str]) -> None:
+    d, api, digest = daemon
+    inst = await register(api, digest)
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(inst["url"], ssl=agent_ssl(inst))
+        assert (await hello(ws, inst))["t"] == "welcome"
+        status, _ = await api.request("POST", f"/v1/instances/{inst['id']}/drain")
+        assert status == 200
+        assert d.reconciler is not None
+        await d.reconciler.sync(now=1e9)  # still connected: it stays
+        row = await d.store.fetchone("SELECT state FROM instances WHERE id = ?", (inst["id"],))
+        assert row is not None and row["state"] == "draining"
+        await ws.close()
+        await wait_for(lambda: _no_connections(d, inst["id"]), message="the agent gone")
+
+        async def ended() -> bool:
+            assert d.reconciler is not None
+            await d.reconciler.sync(now=1e9)
+            got = await d.store.fetchone("SELECT state, token_hash FROM instances WHERE id = ?", (inst["id"],))
+            return got is not None and (got["state"], got["token_hash"]) == ("stopped", "")
+        await wait_for(ended, message="the drained external instance ended")
+
+
+async def test_requests_a_web_page_could_make_are_refused(daemon: tuple[Daemon, UnixApi, str]) -> None:
+    d, api, _ = daemon
+    assert (await api.request("GET", "/v1/health"))[0] == 200
+    status, body = await api.request("POST", "/v1/jobs", data=b'{"worker": "x"}',
+                                     headers={"Origin": "https://evil.example", "Content-Type": "text/plain"})
+    assert status == 403 and "cross-site" in body["error"]["message"]
+    status, _ = await api.request("GET", "/v1/jobs", headers={"Host": "evil.example:8080"})
+    assert status == 403  # a name rebound to the forwarded port
+    assert (await api.request("GET", "/v1/jobs", headers={"Host": "localhost:8080"}))[0] == 200
+    ctx = ssl.create_default_context(cafile=str(d.config.state_path / "tls" / "ca.pem"))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as http:
+        async with http.get(d.api_url + "/v1/jobs", headers={**auth, "Origin": "https://evil.example"}) as resp:
+            assert resp.status == 403
+        async with http.get(d.api_url + "/v1/jobs", headers={**auth, "Origin": d.api_url}) as resp:
+            assert resp.status == 200  # the status page's own origin
+
+
+async def test_secrets_in_an_event_detail_are_redacted(tmp_path: Path) -> None:
+    from cloudtaskd import redact
+    from cloudtaskd.store import Store
+
+    store = Store(tmp_path / "db.sqlite")
+    await store.open()
+    redact.register("supersecret-value-123456")
+    try:
+        await store.write(lambda tx: tx.db.execute(
+            "INSERT INTO instances (id, provider, state, slots, token_hash, created_at, state_changed_at)"
+            " VALUES ('aws-1', 'aws', 'pending', 1, 'h', 0, 0)"))
+        await store.write(lambda tx: tx.transition_instance(
+            "aws-1", InstanceEvent.LAUNCH_FAILED, error="AuthFailure: key supersecret-value-123456 is bad"))
+        rows = await store.fetchall("SELECT detail FROM events WHERE instance_id = 'aws-1'")
+        assert rows and all("supersecret" not in str(r["detail"]) for r in rows)
+        assert any("<SECRET>" in str(r["detail"]) for r in rows)
+    finally:
+        redact.forget_all()
+        await store.close()
+
+
+async def test_too_many_connections_waiting_to_authenticate_get_503(
+        daemon: tuple[Daemon, UnixApi, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from cloudtaskd import hub
+
+    _, api, digest = daemon
+    inst = await register(api, digest)
+    monkeypatch.setattr(hub, "MAX_UNAUTHENTICATED", 1)
+    async with aiohttp.ClientSession() as http:
+        silent = await http.ws_connect(inst["url"], ssl=agent_ssl(inst))  # says nothing
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(inst["url"], ssl=agent_ssl(inst))
+        assert refused.value.status == 503
+        await silent.close()
+
+
+def test_half_a_ca_is_refused_rather_than_replaced(tmp_path: Path) -> None:
+    files = tls.ensure(tmp_path / "tls", [])
+    files.ca_cert.unlink()
+    with pytest.raises(CloudtaskError, match=r"ca\.pem is missing"):
+        tls.ensure(tmp_path / "tls", [])

@@ -113,6 +113,17 @@ class Reconciler:
                 await self._sync(provider, now)
             except Exception as exc:  # one provider's outage must not stop the others
                 log.warning("provider_sync_failed", provider=provider.name, error=str(exc))
+        await self._end_drained_external()
+
+    async def _end_drained_external(self) -> None:
+        """A machine registered by hand (POST /v1/instances) that was drained ends once its agent
+        has gone holding nothing: its token is revoked like any other instance's."""
+        rows = await self.store.fetchall(
+            "SELECT i.id FROM instances i WHERE i.provider = 'external' AND i.state = 'draining'"
+            " AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.state = 'leased' AND t.instance_id = i.id)")
+        for row in rows:
+            if row["id"] not in self.dispatcher.sessions and await self._move(row["id"], InstanceEvent.DRAINED):
+                await self._move(row["id"], InstanceEvent.TERMINATED)
 
     async def _sync(self, provider: Provider, now: float) -> None:
         cloud = {c.instance_id: c for c in await provider.list_instances()}
@@ -216,11 +227,15 @@ class Reconciler:
 
     async def _move(self, inst: str, event: InstanceEvent, *, error: str | None = None) -> bool:
         try:
-            await self.store.write(lambda tx: tx.transition_instance(inst, event, error=error))
-            return True
+            target = await self.store.write(lambda tx: tx.transition_instance(inst, event, error=error))
         except TransitionError as exc:
             log.info("instance_transition_skipped", instance=inst, reason=str(exc))
             return False
+        if target in (InstanceState.STOPPING, InstanceState.STOPPED) and self.on_instance_end is not None:
+            # Its token is revoked by this move; a connection still open is closed now, whether or
+            # not the provider's terminate (next) succeeds.
+            await self.on_instance_end(inst)
+        return True
 
     async def _terminate(self, inst: str) -> None:
         try:
@@ -232,8 +247,6 @@ class Reconciler:
             return
         await self._move(inst, InstanceEvent.TERMINATED)
         self._idle_since.pop(inst, None)
-        if self.on_instance_end is not None:
-            await self.on_instance_end(inst)  # a connection that outlived its machine is closed
 
     # ---- scale ----
 
