@@ -239,7 +239,9 @@ class Reconciler:
 
     async def _terminate(self, inst: str) -> None:
         try:
-            await self._provider_of(inst).terminate(inst)
+            provider = self._provider_of(inst)
+            with structlog.contextvars.bound_contextvars(instance=inst, provider=provider.name):
+                await provider.terminate(inst)
         except Exception as exc:  # stays STOPPING; retried next tick
             message = redact(f"terminate failed: {exc}")  # a cloud SDK's text may quote a credential
             await self.store.write(lambda tx: tx.db.execute(
@@ -381,7 +383,9 @@ class Reconciler:
                               worker_bundle=workers / f"{pool['digest']}.tar.gz",
                               worker_spec=pool["spec"].to_dict(), offer=offer, ca_cert=self.agent_ca)
             try:
-                cloud = await provider.launch(spec)
+                # Every line the provider and the bootstrap log for this launch names it.
+                with structlog.contextvars.bound_contextvars(instance=inst, provider=provider.name, pool=pool_id):
+                    cloud = await provider.launch(spec)
             except Exception as exc:
                 log.warning("launch_failed", instance=inst, provider=provider.name, offer=offer.key, error=str(exc))
                 await self._move(inst, InstanceEvent.LAUNCH_FAILED, error=str(exc))
