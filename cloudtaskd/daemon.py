@@ -11,7 +11,6 @@ import asyncio
 import fcntl
 import os
 import signal
-import ssl
 import sys
 import uuid
 from collections.abc import Callable
@@ -92,10 +91,7 @@ class Daemon:
         agents = self.config.agents
         agent_app = web.Application(client_max_size=agents.max_message_bytes)
         agent_app.router.add_get("/v1/agent", self.hub.handle)
-        agent_runner = web.AppRunner(agent_app, handle_signals=False, access_log=None,
-                                     shutdown_timeout=RUNNER_SHUTDOWN_S)
-        await agent_runner.setup()
-        self._runners.append(agent_runner)
+        agent_runner = await self._runner(agent_app)
         ssl_ctx = self.tls.server_context() if agents.tls and self.tls is not None else None
         site = web.TCPSite(agent_runner, agents.listen_host, agents.listen_port, ssl_context=ssl_ctx)
         await site.start()
@@ -135,6 +131,13 @@ class Daemon:
             names.append(api.listen.rsplit(":", 1)[0])
         return tls.ensure(self.state_dir / "tls", names, label=self.daemon_id)
 
+    async def _runner(self, app: web.Application) -> web.AppRunner:
+        """A set-up runner for one listener, stopped with the daemon (the agent listener first)."""
+        runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=RUNNER_SHUTDOWN_S)
+        await runner.setup()
+        self._runners.append(runner)
+        return runner
+
     async def _control_listeners(self, api: ControlApi) -> None:
         """The unix socket (the daemon's user and api.socket_group only) and, if configured, a TCP
         listener that takes TLS and the bearer token only. Each has its own rate limits."""
@@ -143,10 +146,7 @@ class Daemon:
         unix_app = web.Application(middlewares=[errors_middleware, browser_guard(local_only=True), limiter.middleware],
                                    client_max_size=1 << 20)
         unix_app.add_routes(api.routes())
-        unix_runner = web.AppRunner(unix_app, handle_signals=False, access_log=None,
-                                    shutdown_timeout=RUNNER_SHUTDOWN_S)
-        await unix_runner.setup()
-        self._runners.append(unix_runner)
+        unix_runner = await self._runner(unix_app)
         sock = self.config.socket_path
         prepare_socket_dir(sock, self.state_dir, cfg.socket_group, self.config.source)
         await web.UnixSite(unix_runner, str(sock)).start()
@@ -160,14 +160,9 @@ class Daemon:
                          limiter.middleware],
             client_max_size=1 << 20)
         tcp_app.add_routes(api.routes())
-        tcp_runner = web.AppRunner(tcp_app, handle_signals=False, access_log=None,
-                                   shutdown_timeout=RUNNER_SHUTDOWN_S)
-        await tcp_runner.setup()
-        self._runners.append(tcp_runner)
+        tcp_runner = await self._runner(tcp_app)
         if cfg.tls_cert:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+            ctx = tls.server_context(Path(cfg.tls_cert), Path(cfg.tls_key))
         else:
             assert self.tls is not None
             ctx = self.tls.server_context()

@@ -39,19 +39,13 @@ class TlsFiles:
     key: Path
 
     def server_context(self) -> ssl.SSLContext:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(self.cert, self.key)
-        return ctx
-
-    def client_context(self) -> ssl.SSLContext:
-        """Trusts the daemon's CA only (what cloudtaskctl and the tests use)."""
-        return client_context(self.ca_cert)
+        return server_context(self.cert, self.key)
 
 
-def client_context(ca_file: Path) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
+def server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
     return ctx
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from cloudtaskd.config import AgentsConfig, Config, QueueConfig, ScalingConfig
 from cloudtaskd.store import Store
+from tests import sshd as sshd_mod
 from tests.moto_ec2 import MotoEc2
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +47,15 @@ def make_config(tmp_path: Path, **overrides: Any) -> Config:
         scaling=ScalingConfig(tick_s=0.1, idle_timeout_s=overrides.pop("idle_timeout_s", 1.0)),
     )
     return replace(config, **overrides)
+
+
+@pytest.fixture
+def sshd(tmp_path: Path) -> Iterator[sshd_mod.Sshd]:
+    """A real OpenSSH server on 127.0.0.1 for the test (tests that need it skip without sshd)."""
+    server = sshd_mod.Sshd(tmp_path / "sshd")
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import asyncio
 import json
 import shutil
 import subprocess
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -38,14 +37,6 @@ pytestmark = [
 
 WORKER = {"cloudtask.yaml": "mode: python\nfunction: w:run\n",
           "w.py": "import os\ndef run(task_id, data):\n    return {'n': data['n'], 'pid': os.getpid()}\n"}
-
-
-@pytest.fixture
-def sshd(tmp_path: Path) -> Iterator[sshd_mod.Sshd]:
-    server = sshd_mod.Sshd(tmp_path / "sshd")
-    server.start()
-    yield server
-    server.stop()
 
 
 async def test_bootstrap_runs_tasks_and_is_idempotent(tmp_path: Path, sshd: sshd_mod.Sshd) -> None:

@@ -151,6 +151,20 @@ async def test_an_agent_never_sends_its_token_to_a_daemon_its_ca_did_not_sign(tm
         await runner.cleanup()
 
 
+async def assert_revoked(d: Daemon, http: aiohttp.ClientSession, ws: Any, inst: dict[str, Any]) -> Any:
+    """The open connection was closed, the token's hash is gone, and a new hello is refused.
+    Returns the instance's row."""
+    closed = await ws.receive(timeout=5)
+    assert closed.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
+    row = await d.store.fetchone("SELECT * FROM instances WHERE id = ?", (inst["id"],))
+    assert row is not None and row["token_hash"] == ""
+    again = await http.ws_connect(inst["url"], ssl=agent_ssl(inst))
+    refused = await hello(again, inst)
+    assert (refused["t"], refused["code"]) == ("error", "unauthorized")
+    await again.close()
+    return row
+
+
 async def test_a_token_is_revoked_when_its_instance_ends(daemon: tuple[Daemon, UnixApi, str]) -> None:
     d, api, digest = daemon
     inst = await register(api, digest)
@@ -159,14 +173,7 @@ async def test_a_token_is_revoked_when_its_instance_ends(daemon: tuple[Daemon, U
         assert (await hello(ws, inst))["t"] == "welcome"
         await d.store.write(lambda tx: tx.transition_instance(inst["id"], InstanceEvent.LOST))
         await d.hub.disconnect(inst["id"])
-        closed = await ws.receive(timeout=5)
-        assert closed.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
-        row = await d.store.fetchone("SELECT token_hash FROM instances WHERE id = ?", (inst["id"],))
-        assert row is not None and row["token_hash"] == ""
-        again = await http.ws_connect(inst["url"], ssl=agent_ssl(inst))
-        refused = await hello(again, inst)
-        assert (refused["t"], refused["code"]) == ("error", "unauthorized")
-        await again.close()
+        await assert_revoked(d, http, ws, inst)
 
 
 async def test_connections_per_instance_are_limited(daemon: tuple[Daemon, UnixApi, str]) -> None:
@@ -397,15 +404,8 @@ async def test_a_stopped_instance_loses_its_connection_even_when_terminate_fails
         ws = await http.ws_connect(inst["url"], ssl=agent_ssl(inst))
         assert (await hello(ws, inst))["t"] == "welcome"
         await reconciler.sync(now=1e9)
-        closed = await ws.receive(timeout=5)
-        assert closed.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
-        row = await d.store.fetchone("SELECT state, token_hash, last_error FROM instances WHERE id = ?",
-                                     (inst["id"],))
-        assert row is not None and (row["state"], row["token_hash"]) == ("stopping", "")
-        assert "the API is down" in row["last_error"]
-        again = await http.ws_connect(inst["url"], ssl=agent_ssl(inst))
-        assert (await hello(again, inst))["code"] == "unauthorized"
-        await again.close()
+        row = await assert_revoked(d, http, ws, inst)
+        assert row["state"] == "stopping" and "the API is down" in row["last_error"]
 
 
 async def test_a_drained_external_instance_ends_once_its_agent_is_gone(daemon: tuple[Daemon, UnixApi, str]) -> None:

@@ -11,7 +11,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -149,14 +148,6 @@ async def _finished(daemon: DaemonProcess, job_id: int) -> Any:
 
 
 # ---- the ssh provider (remote) beside the local one ----
-
-@pytest.fixture
-def sshd(tmp_path: Path) -> Iterator[sshd_mod.Sshd]:
-    server = sshd_mod.Sshd(tmp_path / "sshd")
-    server.start()
-    yield server
-    server.stop()
-
 
 @pytest.mark.skipif(sshd_mod.available() is not None, reason=str(sshd_mod.available()))
 @pytest.mark.timeout(300)  # the ssh instance's bootstrap installs aiohttp into a fresh virtualenv
