@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -19,6 +20,18 @@ from tests import sshd as sshd_mod
 from tests.moto_ec2 import MotoEc2
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak", action="store_true", default=False,
+                     help="run the fault-injection tests at soak size (longer, more faults); "
+                          "CLOUDTASK_SOAK=1 does the same")
+
+
+@pytest.fixture
+def soak(request: pytest.FixtureRequest) -> bool:
+    """True in soak mode: fault tests scale their counts up (tasks, kills, rounds, examples)."""
+    return bool(request.config.getoption("--soak") or os.environ.get("CLOUDTASK_SOAK") == "1")
 
 
 async def wait_for(predicate: Callable[[], Awaitable[Any]], timeout: float = 20.0, interval: float = 0.05,
