@@ -184,17 +184,22 @@ class Dispatcher:
         timers = now >= self._next_timers
         if timers:
             self._next_timers = now + TIMER_INTERVAL_S
+        # Round robin over connections with credit: a round's budget serves them in turn from where
+        # the last round's ran out, so with thousands of agents none waits more than
+        # (agents x credit / budget) rounds.
         sessions = list(self.sessions.values())
-        if sessions:
-            self._rr = (self._rr + 1) % len(sessions)
-            sessions = sessions[self._rr:] + sessions[: self._rr]
+        start = self._rr % len(sessions) if sessions else 0
         budget = self.batch_max
         wants = []
-        for s in sessions:
-            if s.credit > 0 and not s.draining and s.pool_id not in self._pool_empty and budget > 0:
+        for k in range(len(sessions)):
+            if budget <= 0:
+                break
+            s = sessions[(start + k) % len(sessions)]
+            if s.credit > 0 and not s.draining and s.pool_id not in self._pool_empty:
                 n = min(s.credit, budget)
                 wants.append(_Want(s, n))
                 budget -= n
+                self._rr = start + k + 1
         if not reports and not timers and not wants:
             return
         gens = {w.session.pool_id: self._pool_gen[w.session.pool_id] for w in wants}
@@ -246,12 +251,12 @@ class Dispatcher:
             out.requeued_pools |= pools
             out.expired += queue.expire_leases(tx, self.backoff)
             out.requeued_pools |= queue.promote_due(tx)
+        by_pool: dict[int, list[tuple[str, int]]] = defaultdict(list)
         for w in wants:
-            if w.session.superseded:  # set before the newer hello's reclaim, which ran before this
-                continue
-            granted = queue.lease(tx, w.session.instance_id, w.session.pool_id, w.n, self.ttl_s)
-            if granted:
-                out.grants[w.session.instance_id] = granted
+            if not w.session.superseded:  # set before the newer hello's reclaim, which ran before this
+                by_pool[w.session.pool_id].append((w.session.instance_id, w.n))
+        for pool_id, pool_wants in by_pool.items():
+            out.grants.update(queue.lease_many(tx, pool_id, pool_wants, self.ttl_s))
         return out
 
     async def reclaim(self, instance_id: str, held: list[LeaseRef]) -> tuple[list[int], list[int]]:

@@ -214,6 +214,24 @@ def apply_reports(
     tx: Tx, reports: Reports, out: RoundResult, backoff: tuple[float, float], ttl_s: float
 ) -> None:
     db, now = tx.db, tx.now
+    # Heartbeats first: an agent's heartbeat listing a task, then its report for that task, can
+    # land in one round; applied after the report, the heartbeat would find the task finished and
+    # revoke a lease the agent already gave up.
+    if reports.heartbeat:
+        hb_ids = [ref[0] for _, ref in reports.heartbeat]
+        hb_cur = _current(db, hb_ids)
+        extend = []
+        for inst, (task_id, token) in reports.heartbeat:
+            row = hb_cur.get(task_id)
+            if row is not None and row[2] == S.LEASED and row[3] == token:
+                extend.append((task_id, token))
+            else:
+                out.lost[inst].append(task_id)
+        tx.db.executemany(
+            "UPDATE tasks SET lease_expires_at = ? WHERE id = ? AND attempt = ? AND state = 'leased'",
+            [(now + ttl_s, tid, tok) for tid, tok in extend],
+        )
+
     refs = [s.id for _, s in reports.done] + [f.id for _, f in reports.failed] + [r[0] for _, r in reports.handback]
     cur = _current(db, refs) if refs else {}
 
@@ -300,42 +318,52 @@ def apply_reports(
             back_rows,
         )
 
-    if reports.heartbeat:
-        hb_ids = [ref[0] for _, ref in reports.heartbeat]
-        hb_cur = _current(db, hb_ids)
-        extend = []
-        for inst, (task_id, token) in reports.heartbeat:
-            row = hb_cur.get(task_id)
-            if row is not None and row[2] == S.LEASED and row[3] == token:
-                extend.append((task_id, token))
-            else:
-                out.lost[inst].append(task_id)
-        tx.db.executemany(
-            "UPDATE tasks SET lease_expires_at = ? WHERE id = ? AND attempt = ? AND state = 'leased'",
-            [(now + ttl_s, tid, tok) for tid, tok in extend],
-        )
-
-
 def lease(tx: Tx, instance_id: str, pool_id: int, n: int, ttl_s: float) -> list[str]:
-    """Lease up to n queued tasks of a pool to an instance: one query. Returns encoded task objects
-    (the stored data JSON is spliced in verbatim, never decoded and re-encoded)."""
+    """Lease up to n queued tasks of a pool to one instance (see lease_many)."""
+    return lease_many(tx, pool_id, [(instance_id, n)], ttl_s).get(instance_id, [])
+
+
+def lease_many(tx: Tx, pool_id: int, wants: list[tuple[str, int]], ttl_s: float) -> dict[str, list[str]]:
+    """Lease queued tasks of one pool to several instances at once: (instance, n) in the order they
+    are served, best tasks (priority, then age) first. One indexed SELECT for the whole round and
+    one executemany, rather than a statement per connection: with thousands of agents a round
+    serves hundreds of them. Returns encoded task objects per instance (the stored data JSON is
+    spliced in verbatim, never decoded and re-encoded)."""
+    total = sum(n for _, n in wants)
     rows = tx.db.execute(
-        "UPDATE tasks SET state = 'leased', attempt = attempt + 1, lease_expires_at = ?, instance_id = ?,"
-        " started_at = ? WHERE id IN (SELECT id FROM tasks WHERE pool_id = ? AND state = 'queued'"
-        " ORDER BY priority DESC, id LIMIT ?) RETURNING priority, id, job_id, attempt, key, data, timeout_s",
-        (tx.now + ttl_s, instance_id, tx.now, pool_id, n),
+        "SELECT id, job_id, attempt, key, data, timeout_s FROM tasks INDEXED BY tasks_ready"
+        " WHERE pool_id = ? AND state = 'queued' ORDER BY priority DESC, id LIMIT ?",
+        (pool_id, total),
     ).fetchall()
-    rows.sort(key=lambda r: (-r[0], r[1]))  # RETURNING has no order; agents start tasks in grant order
-    encoded = []
+    if not rows:
+        return {}
+    now, expires = tx.now, tx.now + ttl_s
+    updates = []
+    out: dict[str, list[str]] = {}
     dumps = jsonx.dumps
-    for _, task_id, job_id, attempt, key, data, timeout_s in rows:
-        tx.count(job_id, S.QUEUED, S.LEASED)
-        tx.event(E.LEASE_GRANTED.value, job_id=job_id, task_id=task_id, instance_id=instance_id,
-                 detail=str(attempt))
-        encoded.append(
-            f'{{"id":{task_id},"token":{attempt},"key":{dumps(key)},"timeout_s":{dumps(timeout_s)},"data":{data}}}'
-        )
-    return encoded
+    event, count = tx.event, tx.count
+    granted = E.LEASE_GRANTED.value
+    i = 0
+    for instance_id, n in wants:
+        chunk = rows[i:i + n]
+        if not chunk:
+            break
+        i += n
+        encoded = out.setdefault(instance_id, [])
+        for task_id, job_id, attempt, key, data, timeout_s in chunk:
+            token = attempt + 1  # the fence: only a report carrying this attempt is recorded
+            updates.append((token, expires, instance_id, now, task_id))
+            count(job_id, S.QUEUED, S.LEASED)
+            event(granted, job_id=job_id, task_id=task_id, instance_id=instance_id, detail=str(token))
+            encoded.append(
+                f'{{"id":{task_id},"token":{token},"key":{dumps(key)},"timeout_s":{dumps(timeout_s)},"data":{data}}}'
+            )
+    tx.db.executemany(
+        "UPDATE tasks SET state = 'leased', attempt = ?, lease_expires_at = ?, instance_id = ?, started_at = ?"
+        " WHERE id = ? AND state = 'queued'",
+        updates,
+    )
+    return out
 
 
 def reclaim(tx: Tx, instance_id: str, held: list[LeaseRef], ttl_s: float) -> tuple[list[int], list[int], set[int]]:

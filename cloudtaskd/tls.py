@@ -42,7 +42,23 @@ class TlsFiles:
         return server_context(self.cert, self.key)
 
 
+# asyncio's TLS layer (3.11+) gives every connection a zero-filled 256 KiB read buffer: 500 MiB
+# resident for 2,000 agents (benchmarks/scale.py). Agent frames are small; 32 KiB per read costs
+# a few more reads for a rare multi-MiB frame, and nothing else (the buffer is only what one
+# recv_into may fill; TLS records are at most 16 KiB).
+SSL_READ_BUFFER_BYTES = 32 * 1024
+
+
+def _trim_ssl_read_buffer() -> None:
+    from asyncio import sslproto
+
+    proto = getattr(sslproto, "SSLProtocol", None)
+    if proto is not None and getattr(proto, "max_size", 0) > SSL_READ_BUFFER_BYTES:
+        proto.max_size = SSL_READ_BUFFER_BYTES
+
+
 def server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    _trim_ssl_read_buffer()
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert, key)

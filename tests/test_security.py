@@ -490,3 +490,13 @@ def test_half_a_ca_is_refused_rather_than_replaced(tmp_path: Path) -> None:
     files.ca_cert.unlink()
     with pytest.raises(CloudtaskError, match=r"ca\.pem is missing"):
         tls.ensure(tmp_path / "tls", [])
+
+
+def test_the_agent_listener_does_not_give_each_tls_connection_a_256_kib_read_buffer(tmp_path: Path) -> None:
+    """asyncio zero-fills a 256 KiB read buffer per TLS connection: 500 MiB resident for 2,000 agents
+    (benchmarks/scale.py). Making the daemon's server context trims it."""
+    import asyncio.sslproto
+
+    files = tls.ensure(tmp_path / "tls", ["127.0.0.1"])
+    files.server_context()
+    assert asyncio.sslproto.SSLProtocol.max_size <= tls.SSL_READ_BUFFER_BYTES  # what get_buffer() hands to recv_into
