@@ -9,11 +9,16 @@ its own instance token, credit, grants, `done` reports kept until acked, heartbe
 A simulated task takes --task-ms +-50 % (0: done as soon as it is granted, the daemon's worst case),
 at most --slots at once per agent, the rest prefetched.
 
-Phase 1: --tasks tasks in one job, queued before the agents ask. Prints tasks/s (first grant to last
-result), lease round trip p50/p99 (credit sent -> the grant that covers it, as the real agent measures
-it), the daemon's peak RSS and CPU, and errors of any kind.
-Phase 2: --jobs jobs submitted at once (each its own upload of --tasks-per-job tasks); prints how long
-until all were leased out and the longest gap with no grant anywhere while work was queued.
+--tasks tasks are queued in one job before the agents connect. Then, each measured for --duration s:
+Phase 1: simulated tasks take --task-ms (a busy fleet, not a saturated daemon): tasks/s, lease round
+  trip p50/p99 (credit sent -> the grant that covers it, as the real agent measures it), daemon CPU.
+Phase 2: tasks end as soon as they are granted: the most the daemon can dispatch to this fleet. In a
+  closed loop the round trip is then mostly queueing (agents x credit / throughput, Little's law).
+Phase 3: the big job is cancelled and --jobs jobs are submitted at once (each its own upload of
+  --tasks-per-job tasks): how long until all were leased out, and the longest gap with no grant
+  anywhere while work was queued.
+Also printed: the daemon's RSS with every agent connected and at its peak, and errors of any kind
+(a refused report, a revoke, a dropped connection, an error line in the daemon's log).
 """
 
 from __future__ import annotations
@@ -142,6 +147,7 @@ class SimAgent:
             if entry[1] <= 0:
                 self.credit_sent.popleft()
                 sim.rtts.append(now - entry[0])
+                sim.rtt_at.append(now)
         for t in tasks:
             self.held[t["id"]] = t["token"]
             self.ready.append(t["id"])
@@ -200,6 +206,7 @@ class Simulator:
         self.instances = spec["instances"]
         self.connect_slots = asyncio.Semaphore(CONNECT_CONCURRENCY)
         self.rtts = array("d")
+        self.rtt_at = array("d")
         self.grant_times = array("d")
         self.grant_sizes = array("l")
         self.errors: list[str] = []
@@ -209,6 +216,7 @@ class Simulator:
     async def run(self, out: Path) -> None:
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, setattr, self, "task_s", 0.0)
         connector = aiohttp.TCPConnector(limit=0, force_close=False)
         async with aiohttp.ClientSession(connector=connector) as http:
             agents = [SimAgent(inst, self) for inst in self.instances]
@@ -222,7 +230,7 @@ class Simulator:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         out.write_text(json.dumps({
-            "rtts": self.rtts.tolist(), "grant_times": self.grant_times.tolist(),
+            "rtts": self.rtts.tolist(), "rtt_at": self.rtt_at.tolist(), "grant_times": self.grant_times.tolist(),
             "grant_sizes": self.grant_sizes.tolist(), "errors": self.errors, "connected": self.connected,
             "reconnects": self.reconnects, "completed": self.completed, "rss_mb": peak_rss_mb(os.getpid()),
             "cpu_s": cpu_seconds(os.getpid()),
@@ -247,15 +255,44 @@ async def wait_done(daemon: DaemonProcess, job_ids: list[int], poll_s: float = 0
             await asyncio.sleep(poll_s)
 
 
+class Window:
+    """One measured phase: tasks/s from the daemon's own counters, the daemon's CPU, and (after the
+    simulators report) the lease round trips whose grant arrived inside it."""
+
+    def __init__(self, name: str, daemon: DaemonProcess, job_id: int) -> None:
+        self.name, self.daemon, self.job_id = name, daemon, job_id
+
+    async def __aenter__(self) -> Window:
+        assert self.daemon.proc is not None
+        self.t0, self.cpu0 = time.monotonic(), cpu_seconds(self.daemon.proc.pid)
+        self.done0 = (await self.daemon.get(f"/v1/jobs/{self.job_id}"))["counts"]["succeeded"]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.daemon.proc is not None
+        self.t1, self.cpu = time.monotonic(), cpu_seconds(self.daemon.proc.pid) - self.cpu0
+        self.done = (await self.daemon.get(f"/v1/jobs/{self.job_id}"))["counts"]["succeeded"] - self.done0
+
+    def report(self, stats: list[dict[str, Any]]) -> list[float]:
+        rtts = [r for s in stats for t, r in zip(s["rtt_at"], s["rtts"], strict=True) if self.t0 <= t <= self.t1]
+        span = self.t1 - self.t0
+        print(f"{self.name}: {self.done:,} tasks in {span:.0f} s = {self.done / span:,.0f} tasks/s;"
+              f" lease round trip p50 {percentile(rtts, 50) * 1000:.1f} ms, p99 {percentile(rtts, 99) * 1000:.1f} ms,"
+              f" max {max(rtts, default=0) * 1000:.0f} ms ({len(rtts):,} samples);"
+              f" daemon CPU {self.cpu / span * 100:.0f}% of a core")
+        return rtts
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--agents", type=int, default=2000)
-    ap.add_argument("--tasks", type=int, default=1_000_000)
+    ap.add_argument("--tasks", type=int, default=1_000_000, help="queued before the agents connect")
     ap.add_argument("--procs", type=int, default=4, help="simulator processes the agents are spread over")
     ap.add_argument("--slots", type=int, default=4)
     ap.add_argument("--prefetch", type=int, default=4)
-    ap.add_argument("--task-ms", type=float, default=0.0, help="how long a simulated task takes")
-    ap.add_argument("--jobs", type=int, default=1000, help="phase 2: jobs submitted at once (0: skip)")
+    ap.add_argument("--task-ms", type=float, default=2000.0, help="phase 1: how long a simulated task takes")
+    ap.add_argument("--duration", type=float, default=60.0, help="seconds each of phases 1 and 2 is measured")
+    ap.add_argument("--jobs", type=int, default=1000, help="phase 3: jobs submitted at once (0: skip)")
     ap.add_argument("--tasks-per-job", type=int, default=100)
     ap.add_argument("--py-spy", metavar="FILE", help="profile the daemon in phase 1 (py-spy, collapsed stacks)")
     args = ap.parse_args()
@@ -289,7 +326,6 @@ async def main() -> None:
             await daemon.post(f"/v1/jobs/{job['id']}/tasks", data=f)
         print(f"queued {args.tasks:,} tasks in {time.monotonic() - t0:.1f} s; daemon RSS {rss_mb(dpid):.0f} MiB")
 
-        # The agents connect while the queue is full: phase 1 starts at their first grant.
         per = -(-args.agents // args.procs)
         for p in range(args.procs):
             chunk = insts[p * per:(p + 1) * per]
@@ -302,37 +338,43 @@ async def main() -> None:
             proc = subprocess.Popen([sys.executable, __file__, "--simulate", str(spec), str(out)],
                                     cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
             sims.append((proc, out))
-        cpu0 = cpu_seconds(dpid)
-        t_start = time.monotonic()
-        spy = None
-        if args.py_spy:
-            spy = subprocess.Popen(["py-spy", "record", "--pid", str(dpid), "--format", "raw", "--threads",
-                                    "--rate", "200", "--output", args.py_spy], stdout=subprocess.DEVNULL)
-        connected_rss = 0.0
+        t0 = time.monotonic()
         while True:
-            if not connected_rss:
-                live = (await daemon.get("/v1/instances"))["instances"]
-                n_running = sum(1 for i in live if i["state"] == "running")
-            if not connected_rss and n_running >= args.agents:
-                connected_rss = rss_mb(dpid)
-                print(f"all {args.agents} agents connected after {time.monotonic() - t_start:.1f} s;"
-                      f" daemon RSS {connected_rss:.0f} MiB")
-            j = await daemon.get(f"/v1/jobs/{job['id']}")
-            if j["done"]:
+            live = (await daemon.get("/v1/instances"))["instances"]
+            if sum(1 for i in live if i["state"] == "running") >= args.agents:
                 break
             if any(p.poll() is not None for p, _ in sims):
                 raise RuntimeError("a simulator process died")
             await asyncio.sleep(0.5)
-        t_end1 = time.monotonic()
-        cpu1 = cpu_seconds(dpid) - cpu0
+        connected_rss = rss_mb(dpid)
+        print(f"all {args.agents} agents connected in {time.monotonic() - t0:.1f} s;"
+              f" daemon RSS {connected_rss:.0f} MiB")
+        await asyncio.sleep(min(5.0, args.task_ms / 1000 * 2))  # past the first wave of grants
+
+        spy = None
+        if args.py_spy:
+            spy = subprocess.Popen(["py-spy", "record", "--pid", str(dpid), "--format", "raw", "--threads",
+                                    "--rate", "200", "--output", args.py_spy], stdout=subprocess.DEVNULL)
+        async with Window(f"phase 1, tasks of {args.task_ms:.0f} ms +-50 %", daemon, job["id"]) as steady:
+            await asyncio.sleep(args.duration)
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(timeout=60)
-        rss1 = peak_rss_mb(dpid)
+        for p, _ in sims:
+            p.send_signal(signal.SIGUSR1)  # tasks end as soon as they are granted: the daemon's worst case
+        await asyncio.sleep(3)
+        async with Window("phase 2, saturated (tasks of 0 ms)", daemon, job["id"]) as saturated:
+            await asyncio.sleep(args.duration)
+        rss_12 = peak_rss_mb(dpid)
 
-        t_submit = t_queued = t_end2 = 0.0
+        t_submit = t_queued = t_end3 = t_cancel = 0.0
         job_ids: list[int] = []
         if args.jobs:
+            # The big job goes first (cancelled, a real operation on what is left of it): the new jobs
+            # would otherwise queue behind its remaining tasks.
+            t0 = time.monotonic()
+            await daemon.post(f"/v1/jobs/{job['id']}/cancel")
+            t_cancel = time.monotonic() - t0
             files = ["".join(f'{{"id":"j{k}t{i}","data":{{}}}}\n' for i in range(args.tasks_per_job)).encode()
                      for k in range(args.jobs)]
 
@@ -341,13 +383,14 @@ async def main() -> None:
                 await daemon.post(f"/v1/jobs/{jb['id']}/tasks", data=files[k])
                 return int(jb["id"])
 
+            await asyncio.sleep(1)
             t_submit = time.monotonic()
             job_ids = await asyncio.gather(*(submit(k) for k in range(args.jobs)))
             t_queued = time.monotonic()
             await wait_done(daemon, job_ids)
-            t_end2 = time.monotonic()
-        cpu_all = cpu_seconds(dpid) - cpu0
+            t_end3 = time.monotonic()
         health = await daemon.get("/v1/health")
+        cpu_all = cpu_seconds(dpid)
 
         for p, _ in sims:
             p.send_signal(signal.SIGTERM)
@@ -358,40 +401,31 @@ async def main() -> None:
         errors = [e for s in stats for e in s["errors"]]
         log_errors = [line for line in daemon.log_path.read_text().splitlines() if '"error"' in line]
 
-        # Phase 1 figures: grants between the first grant and the end of the job.
-        grants = sorted((t, n) for s in stats for t, n in zip(s["grant_times"], s["grant_sizes"], strict=True))
-        p1 = [(t, n) for t, n in grants if t <= t_end1]
-        rtts = [r for s in stats for r in s["rtts"]]
-        first = p1[0][0] if p1 else t_start
-        succeeded = j["counts"]["succeeded"]
         print(f"\nagents={args.agents} procs={args.procs} slots={args.slots} prefetch={args.prefetch}"
-              f" task_ms={args.task_ms}")
-        print(f"phase 1: {succeeded:,} tasks in {t_end1 - first:.1f} s = {succeeded / (t_end1 - first):,.0f} tasks/s"
-              f" (first grant to last result)")
-        print(f"lease round trip: p50 {percentile(rtts, 50) * 1000:.1f} ms, p99 {percentile(rtts, 99) * 1000:.1f} ms,"
-              f" max {max(rtts, default=0) * 1000:.0f} ms ({len(rtts):,} samples, all phases)")
-        print(f"daemon: RSS with all agents connected {connected_rss:.0f} MiB, peak {rss1:.0f} MiB (phase 1);"
-              f" CPU {cpu1:.1f} s in phase 1 ({cpu1 / (t_end1 - t_start) * 100:.0f}% of a core)")
+              f" tasks queued={args.tasks:,}")
+        steady.report(stats)
+        saturated.report(stats)
+        print(f"daemon: RSS {connected_rss:.0f} MiB with all agents connected, peak {rss_12:.0f} MiB in phases 1-2")
         sim_rss = ", ".join(f"{s['rss_mb']:.0f}" for s in stats)
         print(f"simulators: peak RSS {sim_rss} MiB; CPU {sum(s['cpu_s'] for s in stats):.1f} s in all;"
               f" connect retries {sum(s['reconnects'] for s in stats)}")
         if args.jobs:
-            p2 = [t for t, _ in grants if t > t_submit]
-            gaps = [b - a for a, b in itertools.pairwise(p2)]
-            print(f"phase 2: {args.jobs} jobs x {args.tasks_per_job} tasks submitted at once: all queued in"
-                  f" {t_queued - t_submit:.1f} s, all done {t_end2 - t_submit:.1f} s after the first submission;"
-                  f" first grant {(p2[0] - t_submit) * 1000 if p2 else float('nan'):.0f} ms after it;"
-                  f" longest gap between grants {max(gaps, default=0) * 1000:.0f} ms"
+            grants = sorted(t for s in stats for t in s["grant_times"] if t > t_submit)
+            gaps = [b - a for a, b in itertools.pairwise(grants)]
+            print(f"phase 3: cancelling the big job ({args.tasks:,} tasks, the rest of them cancelled) took"
+                  f" {t_cancel:.1f} s; then {args.jobs} jobs x {args.tasks_per_job} tasks submitted at once:"
+                  f" all queued in {t_queued - t_submit:.1f} s, all done {t_end3 - t_submit:.1f} s after the"
+                  f" first submission; first grant {(grants[0] - t_submit) * 1000 if grants else float('nan'):.0f} ms"
+                  f" after it; longest gap between grants {max(gaps, default=0) * 1000:.0f} ms"
                   f" (p99 {percentile(gaps, 99) * 1000:.1f} ms over {len(gaps):,} gaps)")
-        print(f"daemon: peak RSS {peak_rss_mb(dpid):.0f} MiB over the whole run, CPU {cpu_all:.1f} s;"
-              f" health: {health}")
+        print(f"daemon: peak RSS {peak_rss_mb(dpid):.0f} MiB over the whole run, CPU {cpu_all:.1f} s; health: {health}")
         print(f"errors: {len(errors)} from the agents, {len(log_errors)} error lines in the daemon's log")
         for e in (errors + log_errors)[:20]:
             print("  ", e[:300])
-        done_all = succeeded == args.tasks
+        done_all = True
         if args.jobs:
             jobs = {jb["id"]: jb for jb in (await daemon.get("/v1/jobs"))["jobs"]}
-            done_all = done_all and all(jobs[i]["counts"]["succeeded"] == args.tasks_per_job for i in job_ids)
+            done_all = all(jobs[i]["counts"]["succeeded"] == args.tasks_per_job for i in job_ids)
         failed = bool(errors or log_errors or not done_all)
     finally:
         for p, _ in sims:
