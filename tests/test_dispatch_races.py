@@ -7,7 +7,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from agent.protocol import Handback, parse_agent_message
+from agent.protocol import Handback, LeaseRequest, parse_agent_message
 from cloudtaskd.dispatch import Dispatcher, Session
 from cloudtaskd.store import Store
 from tests.conftest import make_config
@@ -89,7 +89,7 @@ async def test_every_connection_is_served_in_turn_when_the_round_budget_is_short
         frames[f"inst-{i}"] = []
         s = Session(f"inst-{i}", 1, 2, frames[f"inst-{i}"].append)
         d.attach(s)
-        s.credit = 2
+        d.handle(s, LeaseRequest(2))
     first_grant: dict[str, int] = {}
     for rnd in range(1, 6):  # 20 connections x 2 credit / 8 per round = 5 rounds
         await d.round()
@@ -97,7 +97,8 @@ async def test_every_connection_is_served_in_turn_when_the_round_budget_is_short
             if any('"t":"grant"' in f for f in fs):
                 first_grant.setdefault(inst, rnd)
         for session in d.sessions.values():
-            session.credit = 2
+            if session.credit == 0:
+                d.handle(session, LeaseRequest(2))
     assert sorted(first_grant) == sorted(frames), f"never served: {sorted(set(frames) - set(first_grant))}"
     assert max(first_grant.values()) == 5
 
