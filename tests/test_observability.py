@@ -129,7 +129,10 @@ async def test_metrics_move_with_a_job_run_through_the_daemon(daemon: tuple[Daem
     async def holding() -> Samples | None:
         samples, _ = await scrape(api)
         running = value(samples, "cloudtask_instances", provider="local", machine_type="local", state="running")
-        return samples if running >= 1 and value(samples, "cloudtask_tasks", state="leased") == 5 else None
+        # The counter moves once the round that committed the leases resumes: a scrape can land
+        # between that commit and it (seen on a loaded machine), so wait for both.
+        return samples if (running >= 1 and value(samples, "cloudtask_tasks", state="leased") == 5
+                           and value(samples, "cloudtask_leases_granted_total") >= 5) else None
 
     mid = await wait_for(holding, message="a local instance running and holding all 5 leases")
     assert value(mid, "cloudtask_tasks", state="succeeded") == value(mid, "cloudtask_tasks", state="queued") == 0
