@@ -255,6 +255,24 @@ async def wait_done(daemon: DaemonProcess, job_ids: list[int], poll_s: float = 0
             await asyncio.sleep(poll_s)
 
 
+async def lease_wait_buckets(daemon: DaemonProcess) -> dict[float, float]:
+    """cloudtask_lease_wait_seconds, cumulative count per bucket bound, from /metrics."""
+    out = {}
+    for line in (await daemon.get("/metrics")).splitlines():
+        if line.startswith("cloudtask_lease_wait_seconds_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[float(le)] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def bucket_quantile(cumulative: dict[float, float], q: float) -> str:
+    total = cumulative.get(float("inf"), 0)
+    for le in sorted(cumulative):
+        if total and cumulative[le] >= q * total:
+            return f"{le * 1000:g} ms"
+    return "n/a"
+
+
 class Window:
     """One measured phase: tasks/s from the daemon's own counters, the daemon's CPU, and (after the
     simulators report) the lease round trips whose grant arrived inside it."""
@@ -264,6 +282,7 @@ class Window:
 
     async def __aenter__(self) -> Window:
         assert self.daemon.proc is not None
+        self.wait0 = await lease_wait_buckets(self.daemon)
         self.t0, self.cpu0 = time.monotonic(), cpu_seconds(self.daemon.proc.pid)
         self.done0 = (await self.daemon.get(f"/v1/jobs/{self.job_id}"))["counts"]["succeeded"]
         return self
@@ -272,6 +291,7 @@ class Window:
         assert self.daemon.proc is not None
         self.t1, self.cpu = time.monotonic(), cpu_seconds(self.daemon.proc.pid) - self.cpu0
         self.done = (await self.daemon.get(f"/v1/jobs/{self.job_id}"))["counts"]["succeeded"] - self.done0
+        self.wait = {le: n - self.wait0.get(le, 0) for le, n in (await lease_wait_buckets(self.daemon)).items()}
 
     def report(self, stats: list[dict[str, Any]]) -> list[float]:
         rtts = [r for s in stats for t, r in zip(s["rtt_at"], s["rtts"], strict=True) if self.t0 <= t <= self.t1]
@@ -280,6 +300,9 @@ class Window:
               f" lease round trip p50 {percentile(rtts, 50) * 1000:.1f} ms, p99 {percentile(rtts, 99) * 1000:.1f} ms,"
               f" max {max(rtts, default=0) * 1000:.0f} ms ({len(rtts):,} samples);"
               f" daemon CPU {self.cpu / span * 100:.0f}% of a core")
+        print(f"  the daemon's own lease wait (credit in -> grant out, its histogram):"
+              f" p50 <= {bucket_quantile(self.wait, 0.5)},"
+              f" p99 <= {bucket_quantile(self.wait, 0.99)}")
         return rtts
 
 

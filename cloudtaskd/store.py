@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from importlib import resources
@@ -22,6 +22,7 @@ from typing import Any, ParamSpec, TypeVar
 import aiosqlite
 import structlog
 
+from agent import jsonx
 from cloudtaskd.errors import StoreError, TransitionError
 from cloudtaskd.redact import redact
 from cloudtaskd.states import (
@@ -140,10 +141,8 @@ class Tx:
                 self.db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*delta.values(), job_id))
         self._deltas.clear()
         if self.events:
-            self.db.executemany(
-                "INSERT INTO events (ts, kind, job_id, task_id, instance_id, detail) VALUES (?, ?, ?, ?, ?, ?)",
-                self.events,
-            )
+            bulk(self.db, "INSERT INTO events (ts, kind, job_id, task_id, instance_id, detail) SELECT r.value->>0,"
+                 " r.value->>1, r.value->>2, r.value->>3, r.value->>4, r.value->>5 FROM json_each(?) AS r", self.events)
             self.events = []
 
     def transition_instance(self, instance_id: str, event: InstanceEvent, *, error: str | None = None,
@@ -174,6 +173,19 @@ class Tx:
             raise TransitionError(f"instance {instance_id} changed state concurrently")
         self.event(event.value, instance_id=instance_id, detail=error)
         return target
+
+
+BULK_CHUNK = 20_000
+
+
+def bulk(db: sqlite3.Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    """executemany as one statement per chunk: `sql` reads its rows as r.value->>0, r.value->>1, ...
+    from `json_each(?) AS r`. sqlite3 lets go of the GIL around every step, and executemany takes a
+    step per row; with the event loop busy on thousands of agent connections, each time the writer
+    thread wants the GIL back it can wait out a switch interval, and a dispatch round of 4,000 tasks
+    took a second (benchmarks/scale.py). One statement is one step."""
+    for i in range(0, len(rows), BULK_CHUNK):
+        db.execute(sql, (jsonx.dumps(rows[i:i + BULK_CHUNK]),))
 
 
 def task_edge(src: TaskState, dst: TaskState) -> None:
