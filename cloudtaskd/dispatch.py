@@ -215,7 +215,9 @@ class Dispatcher:
             return
         gens = {w.session.pool_id: self._pool_gen[w.session.pool_id] for w in wants}
         try:
-            out: queue.RoundResult = await self.store.write(self._round_tx, reports, wants, timers, now=now)
+            # urgent: ahead of uploads and API writes, so agents never idle behind a burst of them
+            out: queue.RoundResult = await self.store.write(self._round_tx, reports, wants, timers, now=now,
+                                                            urgent=True)
         except StoreError:
             self._reports.merge_front(reports)
             raise

@@ -32,6 +32,7 @@ from cloudtaskd.states import (
     InstanceState,
     TaskState,
 )
+from cloudtaskd.writelock import WriteLock
 
 log = structlog.get_logger("cloudtaskd.store")
 
@@ -207,7 +208,7 @@ class Store:
         self.path = path
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
-        self._write_lock = asyncio.Lock()
+        self._write_lock = WriteLock()
         self._events_signal = asyncio.Event()
         self.stopping = False  # set by end_waits(): long polls answer at once
 
@@ -243,10 +244,11 @@ class Store:
                     await conn.close()
         self._reader = self._writer = None
 
-    async def write(self, fn: Callable[..., T], *args: Any, now: float | None = None) -> T:
+    async def write(self, fn: Callable[..., T], *args: Any, now: float | None = None, urgent: bool = False) -> T:
         """Run fn(tx, *args) in one IMMEDIATE transaction on the writer thread; commit or roll back.
 
         Nothing is acknowledged to anyone before this returns: the commit is durable first.
+        urgent: served before every waiting ordinary writer (the dispatcher's rounds).
         """
         writer = self._writer
         if writer is None:
@@ -269,7 +271,7 @@ class Store:
                     db.execute("ROLLBACK")
                 raise
 
-        async with self._write_lock:
+        async with self._write_lock.hold(urgent=urgent):
             try:
                 out = await _on_thread(writer, run)
             except sqlite3.Error as exc:
