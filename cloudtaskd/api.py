@@ -473,7 +473,10 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
 
 
 def _extract(buf: Any, target: Path) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=".incoming-", dir=target.parent if target.parent.exists() else None))
+    # Staged beside the target, never in /tmp: the rename below cannot cross filesystems, and
+    # /tmp is often another one than state_dir (a tmpfs).
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".incoming-", dir=target.parent))
     try:
         try:
             with tarfile.open(fileobj=buf, mode="r:*") as tar:
@@ -481,7 +484,6 @@ def _extract(buf: Any, target: Path) -> None:
                 tar.extractall(tmp, filter="data")
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise BadInput(f"worker bundle is not a valid tar archive: {exc}") from exc
-        target.parent.mkdir(parents=True, exist_ok=True)
         try:
             tmp.rename(target)
         except OSError:
