@@ -171,6 +171,7 @@ async def notify(tmp_path: Path) -> AsyncIterator[NotifySocket]:
 
 # ---- the tests ----
 
+@pytest.mark.timeout(900)  # soak mode: four outages over 2000 tasks (CI mode takes ~20 s)
 async def test_full_state_disk_refuses_new_work_keeps_running_work_and_recovers(
         tmp_path: Path, disk: SmallDisk, notify: NotifySocket, soak: bool) -> None:
     outages = 4 if soak else 1
@@ -426,6 +427,7 @@ def test_a_ca_cut_by_a_full_disk_is_made_again_once_there_is_room(disk: SmallDis
     assert sorted(p.name for p in tls_dir.iterdir()) == ["ca.key", "ca.pem", "server.key", "server.pem"]
 
 
+@pytest.mark.timeout(600)  # soak mode: 1500 tasks (CI mode takes ~16 s)
 async def test_cloudtaskctl_run_outlives_a_full_disk_under_its_own_daemon_and_log(
         tmp_path: Path, disk: SmallDisk, soak: bool) -> None:
     """`cloudtaskctl run` with no daemon running embeds one, whose log is <state_dir>/cloudtaskd.log:
