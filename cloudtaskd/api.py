@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import io
 import json
 import math
 import secrets
@@ -26,7 +28,7 @@ from agent.workerspec import SPEC_FILE, WorkerSpec, WorkerSpecError
 from cloudtaskd import __version__, costs, interruptions, queue
 from cloudtaskd.config import Config
 from cloudtaskd.dispatch import Dispatcher
-from cloudtaskd.errors import BadInput, CloudtaskError, NotFound, StoreError
+from cloudtaskd.errors import BadInput, CloudtaskError, NotFound, StoreError, StoreFull, is_no_space
 from cloudtaskd.hub import token_hash
 from cloudtaskd.observe import ObserveApi
 from cloudtaskd.orchestrator.market import Market
@@ -40,6 +42,7 @@ log = structlog.get_logger("cloudtaskd.api")
 
 MAX_BUNDLE_BYTES = 512 * 1024 * 1024
 RATE_WINDOW_S = 30.0
+SETTLE_RETRY_S = 1.0  # how often an upload the store could not finish (a full disk) is tried again
 JOB_COLUMNS = ("staged", "queued", "leased", "failed", "succeeded", "dead", "cancelled")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -61,6 +64,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return _error(400, exc)
     except NotFound as exc:
         return _error(404, exc)
+    except StoreFull as exc:
+        # 507 Insufficient Storage: this server cannot store what the request needs. The store
+        # logs the outage once when it starts; each refusal is a warning of its own.
+        log.warning("request_refused_disk_full", path=request.path, state_path=exc.path)
+        return _error(507, exc)
     except StoreError as exc:
         log.error("store_error", path=request.path, error=str(exc))
         return _error(503, exc)
@@ -97,6 +105,7 @@ class ControlApi:
         self.daemon_id = daemon_id
         self.workers_dir = config.state_path / "workers"
         self._upload_locks: dict[int, asyncio.Lock] = {}
+        self._settling: set[asyncio.Task[None]] = set()  # uploads finished once the store can (_settle_later)
         self.observe = ObserveApi(store, dispatcher, daemon_id)
 
     def routes(self) -> list[web.RouteDef]:
@@ -143,13 +152,18 @@ class ControlApi:
             buf.seek(0)
             hexdigest = digest.hexdigest()
             target = self.workers_dir / hexdigest
-            if not target.exists():
-                await asyncio.to_thread(_extract, buf, target)
-            tarball = self.workers_dir / f"{hexdigest}.tar.gz"
-            if not tarball.exists():  # kept for providers that copy the worker to a machine
-                buf.seek(0)
-                await asyncio.to_thread(_save, buf, tarball)
-        spec = _read_spec(target)
+            try:
+                if not target.exists():
+                    await asyncio.to_thread(_extract, buf, target)
+                tarball = self.workers_dir / f"{hexdigest}.tar.gz"
+                if not tarball.exists():  # kept for providers that copy the worker to a machine
+                    buf.seek(0)
+                    await asyncio.to_thread(_save, buf, tarball)
+                spec = _read_spec(target)
+            except OSError as exc:
+                if is_no_space(exc):
+                    raise StoreFull(self.workers_dir, "storing a worker bundle") from exc
+                raise
         pool_id = await self.store.write(_upsert_pool, hexdigest, spec, str(target))
         log.info("worker_registered", digest=hexdigest[:12], pool=pool_id, mode=spec.mode)
         return web.json_response({"digest": hexdigest, "spec": spec.to_dict()})
@@ -227,11 +241,19 @@ class ControlApi:
                 n = await self._stage(request, job, source)
             except BaseException as exc:
                 # Refused (or the client went away): nothing of this upload may stay behind.
-                await self._discard(upload_id, job_id)
+                await self._discard(upload_id, job_id, job["pool_id"])
                 if isinstance(exc, TaskFileError):
                     raise BadInput(f"{source}:{exc.line}: {exc.reason}", line=exc.line) from None
                 raise
-            await queue.finish_upload(self.store, upload_id, job_id, commit=True)
+            try:
+                await queue.finish_upload(self.store, upload_id, job_id, commit=True)
+            except StoreError:
+                row = await self.store.fetchone("SELECT state FROM uploads WHERE id = ?", (upload_id,))
+                self._settle_later(upload_id, job_id, job["pool_id"])
+                if row is None or row["state"] != "committing":
+                    raise  # nothing was queued: refused whole, the staged rows go when the store can
+                # Past its first chunk an upload is validated and decided: the rest is queued later.
+                log.warning("upload_commit_deferred", upload=upload_id, job=job_id, tasks=n)
         self.dispatcher.notify_work(job["pool_id"])
         log.info("tasks_accepted", job=job_id, tasks=n, source=source)
         return web.json_response({"accepted": n})
@@ -255,9 +277,40 @@ class ControlApi:
             raise BadInput(f"{source}: the file holds no tasks")
         return total
 
-    async def _discard(self, upload_id: int, job_id: int) -> None:
+    async def _discard(self, upload_id: int, job_id: int, pool_id: int) -> None:
+        async def discard() -> None:
+            try:
+                await queue.finish_upload(self.store, upload_id, job_id, commit=False)
+            except StoreError:  # a full disk can refuse the delete too: never leave staged rows behind
+                self._settle_later(upload_id, job_id, pool_id)
+
         # Shielded: a client that hangs up mid-upload cancels this handler, not the clean-up.
-        await asyncio.shield(queue.finish_upload(self.store, upload_id, job_id, commit=False))
+        await asyncio.shield(discard())
+
+    def _settle_later(self, upload_id: int, job_id: int, pool_id: int) -> None:
+        """Finish an upload the store could not finish (a full disk) once it can, in the background:
+        a staging one is discarded, a committing one queued, as a restart would (Daemon._resume_uploads).
+        Each attempt holds the job's upload lock, since a chunk step works on all of the job's staged rows."""
+
+        async def settle() -> None:
+            while not self.store.stopping:
+                await asyncio.sleep(SETTLE_RETRY_S)
+                try:
+                    async with self._upload_locks.setdefault(job_id, asyncio.Lock()):
+                        row = await self.store.fetchone("SELECT state FROM uploads WHERE id = ?", (upload_id,))
+                        state = row["state"] if row is not None else None
+                        if state in ("staging", "committing"):
+                            await queue.finish_upload(self.store, upload_id, job_id, commit=state == "committing")
+                except StoreError:
+                    continue  # the store logs the outage; try again
+                if state == "committing":
+                    self.dispatcher.notify_work(pool_id)
+                log.info("upload_settled", upload=upload_id, job=job_id, outcome=state)
+                return
+
+        task = asyncio.get_running_loop().create_task(settle(), name=f"settle-upload-{upload_id}")
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
 
     async def cancel_job(self, request: web.Request) -> web.Response:
         job_id = _job_id(request)
@@ -473,15 +526,21 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
 
 
 def _extract(buf: Any, target: Path) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=".incoming-", dir=target.parent if target.parent.exists() else None))
+    # Staged beside the target, never in /tmp: the rename below cannot cross filesystems, and
+    # /tmp is often another one than state_dir (a tmpfs).
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".incoming-", dir=target.parent))
     try:
         try:
             with tarfile.open(fileobj=buf, mode="r:*") as tar:
                 # filter="data" refuses absolute paths, links out of the tree and device files.
                 tar.extractall(tmp, filter="data")
-        except (tarfile.TarError, OSError, EOFError) as exc:
+        except OSError as exc:
+            if is_no_space(exc):
+                raise  # not the archive's fault: the caller says the disk is full
             raise BadInput(f"worker bundle is not a valid tar archive: {exc}") from exc
-        target.parent.mkdir(parents=True, exist_ok=True)
+        except (tarfile.TarError, EOFError) as exc:
+            raise BadInput(f"worker bundle is not a valid tar archive: {exc}") from exc
         try:
             tmp.rename(target)
         except OSError:
@@ -493,10 +552,15 @@ def _extract(buf: Any, target: Path) -> None:
 
 
 def _save(buf: Any, path: Path) -> None:
-    tmp = path.with_suffix(".partial")
-    with tmp.open("wb") as f:
-        shutil.copyfileobj(buf, f)
-    tmp.rename(path)
+    """Write buf to path whole or not at all (a full disk leaves no partial file behind)."""
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        with tmp.open("wb") as f:
+            shutil.copyfileobj(buf, f)
+        tmp.rename(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _read_spec(worker_dir: Path) -> WorkerSpec:
@@ -508,7 +572,12 @@ def _read_spec(worker_dir: Path) -> WorkerSpec:
     except yaml.YAMLError as exc:
         raise BadInput(f"{SPEC_FILE}: not valid YAML: {exc}") from None
     spec = WorkerSpec.from_dict(raw)
-    (worker_dir / "worker.json").write_text(json.dumps(spec.to_dict()))
+    resolved = json.dumps(spec.to_dict()).encode()
+    path = worker_dir / "worker.json"
+    with contextlib.suppress(OSError):
+        if path.read_bytes() == resolved:
+            return spec  # a worker uploaded again writes nothing: it registers even on a full disk
+    _save(io.BytesIO(resolved), path)
     return spec
 
 

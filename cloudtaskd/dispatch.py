@@ -33,7 +33,7 @@ from agent.protocol import (
 )
 from cloudtaskd import queue
 from cloudtaskd.config import Config
-from cloudtaskd.errors import StoreError
+from cloudtaskd.errors import StoreError, StoreFull
 from cloudtaskd.metrics import Metrics
 from cloudtaskd.store import Store, Tx
 
@@ -174,7 +174,8 @@ class Dispatcher:
             except StoreError as exc:
                 # Disk full, I/O error: nothing of the round was committed or acknowledged. Keep
                 # the reports and try again; agents hold their unacked reports meanwhile.
-                log.error("dispatch_round_failed", error=str(exc), retry_in_s=ROUND_RETRY_S)
+                if not isinstance(exc, StoreFull):  # a full disk is logged once per outage, by the store
+                    log.error("dispatch_round_failed", error=str(exc), retry_in_s=ROUND_RETRY_S)
                 await asyncio.sleep(ROUND_RETRY_S)
                 self._wake.set()
             except Exception:

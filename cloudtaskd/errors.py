@@ -5,6 +5,8 @@ Callers catch these, not driver errors: a driver error is kept as ``__cause__``.
 
 from __future__ import annotations
 
+import errno
+
 from agent.protocol import ProtocolError  # the wire's own error type, re-exported (one source)
 from cloudtaskd import redact
 
@@ -22,6 +24,7 @@ __all__ = [
     "ProviderError",
     "QuotaExceeded",
     "StoreError",
+    "StoreFull",
     "TransientProviderError",
     "TransitionError",
 ]
@@ -60,6 +63,30 @@ class NotFound(CloudtaskError):
 
 class StoreError(CloudtaskError):
     """The state database failed (disk full, corrupt, locked)."""
+
+
+# What a write that ran out of room fails with: no space on the filesystem, or over the user's quota.
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """An OSError that says the filesystem (or the user's quota) is full."""
+    return isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS
+
+
+class StoreFull(StoreError):
+    """The state disk is full: new work is refused until space is freed; running work goes on."""
+
+    # What a running daemon does meanwhile, and what the refused request should do.
+    RUNNING = ("cloudtaskd carries on by itself once there is room: tasks already running keep going and "
+               "their results are recorded then. Nothing of this request was kept: submit it again then")
+
+    def __init__(self, path: str | object, doing: str = "", *, advice: str = RUNNING) -> None:
+        self.path = str(path)
+        self.doing = doing
+        what = f" while {doing}" if doing else ""
+        super().__init__(f"the state disk is full: no space left at {self.path}{what}. Free space on that "
+                         f"filesystem (or give state_dir a bigger one); {advice}.")
 
 
 class TransitionError(StoreError):

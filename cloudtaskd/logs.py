@@ -6,6 +6,7 @@ the same stream, so one file or journal holds everything and nothing strays onto
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, TextIO
 
@@ -13,6 +14,7 @@ import structlog
 
 from cloudtaskd import redact
 from cloudtaskd.config import Config, Secret
+from cloudtaskd.errors import is_no_space
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -58,6 +60,37 @@ def log_config_warnings(config: Config) -> None:
     for w in config.warnings:
         log.warning(w.event, file=config.source, keys=list(w.keys), message=w.message, **dict(w.extra))
 
+class NoSpaceTolerant:
+    """A log stream that outlives a full disk. A line that cannot be written for lack of space is
+    dropped, and counted, instead of raising into whoever logged: a log file on the state disk (the
+    daemon `cloudtaskctl run` embeds writes there) must not kill the dispatcher or the reconciler
+    while that disk is full. The count is written as a line of its own once writing works again."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.dropped = 0
+
+    def write(self, text: str) -> int:
+        try:
+            if self.dropped:
+                self.stream.write(json.dumps({"event": "log_lines_dropped", "level": "warning", "failed_writes":
+                                              self.dropped, "reason": "no space left for the log"}) + "\n")
+                self.dropped = 0
+            return self.stream.write(text)
+        except OSError as exc:
+            if not is_no_space(exc):
+                raise
+            self.dropped += 1
+            return 0
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError as exc:
+            if not is_no_space(exc):
+                raise
+
+
 # The handler configure() put on the root logger; replaced, never stacked, when called again.
 _stdlib_handler: logging.Handler | None = None
 
@@ -65,6 +98,7 @@ _stdlib_handler: logging.Handler | None = None
 def configure(level: str, stream: TextIO) -> None:
     global _stdlib_handler
     numeric = LEVELS.get(level, logging.INFO)
+    out = NoSpaceTolerant(stream)
     timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
         processors=[
@@ -76,10 +110,10 @@ def configure(level: str, stream: TextIO) -> None:
             RedactingRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=structlog.PrintLoggerFactory(out),  # type: ignore[arg-type]  # a file-like stream
         cache_logger_on_first_use=False,
     )
-    handler = logging.StreamHandler(stream)
+    handler = logging.StreamHandler(out)
     handler.setLevel(numeric)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[

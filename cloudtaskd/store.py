@@ -10,6 +10,7 @@ readers and the writer run together).
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -23,7 +24,7 @@ import aiosqlite
 import structlog
 
 from agent import jsonx
-from cloudtaskd.errors import StoreError, TransitionError
+from cloudtaskd.errors import StoreError, StoreFull, TransitionError, is_no_space
 from cloudtaskd.redact import redact
 from cloudtaskd.states import (
     INSTANCE_TRANSITIONS,
@@ -45,6 +46,34 @@ MIGRATIONS = ["001_initial.sql", "002_host_keys.sql", "003_instance_host_key.sql
 SCHEMA_VERSION = len(MIGRATIONS)
 
 COUNTER = {state: f"n_{state.value}" for state in TaskState}
+
+SQLITE_IOERR = 10
+SQLITE_FULL = 13
+# Below this much free space an I/O error is taken for a full disk: SQLite reports a WAL index
+# (-shm) that cannot grow, or a journal write that ran out of room, as SQLITE_IOERR_*, not FULL.
+LOW_SPACE_BYTES = 1 << 20
+
+
+def free_bytes(path: Path) -> int | None:
+    """Space left to an unprivileged writer on the filesystem holding path (None: unknown)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def is_full(exc: sqlite3.Error, directory: Path) -> bool:
+    """Did this SQLite error come from a full disk?"""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        return False
+    if code & 0xFF == SQLITE_FULL:
+        return True
+    if code & 0xFF == SQLITE_IOERR:
+        left = free_bytes(directory)
+        return left is not None and left < LOW_SPACE_BYTES
+    return False
 
 
 def _migration_sql(name: str) -> str:
@@ -211,6 +240,26 @@ class Store:
         self._write_lock = WriteLock()
         self._events_signal = asyncio.Event()
         self.stopping = False  # set by end_waits(): long polls answer at once
+        # Since when (time.time()) writes have failed for a full disk; None while they succeed. The
+        # outage is logged when it starts and when it ends, not once per failed write.
+        self.full_since: float | None = None
+
+    def _failed(self, exc: sqlite3.Error | OSError, doing: str) -> StoreError:
+        """The StoreError for a driver error: StoreFull (the outage noted) when the disk is full."""
+        directory = self.path.parent
+        if not (is_no_space(exc) if isinstance(exc, OSError) else is_full(exc, directory)):
+            return StoreError(f"{doing} failed: {exc}")
+        if self.full_since is None:
+            self.full_since = time.time()
+            log.error("state_disk_full", path=str(directory), free_bytes=free_bytes(directory), doing=doing,
+                      error=str(exc))
+        return StoreFull(directory, doing)
+
+    def _wrote(self) -> None:
+        if self.full_since is not None:
+            log.warning("state_disk_writable_again", path=str(self.path.parent),
+                        outage_s=round(time.time() - self.full_since, 3))
+            self.full_since = None
 
     def events_signal(self) -> asyncio.Event:
         """Set once the next transaction that writes event rows has committed. Take it before
@@ -224,8 +273,8 @@ class Store:
         self._events_signal.set()
 
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, nothing implicit.
             self._writer = await aiosqlite.connect(self.path, isolation_level=None)
             await _on_thread(self._writer, _configure)
@@ -233,9 +282,12 @@ class Store:
             self._reader = await aiosqlite.connect(self.path, isolation_level=None)
             await _on_thread(self._reader, _configure)
             self._reader.row_factory = sqlite3.Row
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             await self.close()
-            raise StoreError(f"cannot open the state database {self.path}: {exc}") from exc
+            err = self._failed(exc, f"opening the state database {self.path}")
+            if isinstance(err, StoreFull):
+                raise StoreFull(err.path, err.doing, advice="then start cloudtaskd again") from exc
+            raise err from exc
 
     async def close(self) -> None:
         for conn in (self._reader, self._writer):
@@ -254,17 +306,19 @@ class Store:
         if writer is None:
             raise StoreError("the store is closed")
         stamp = time.time() if now is None else now
-        wrote_events = False
+        wrote_events = changed = False
 
         def run(db: sqlite3.Connection) -> T:
-            nonlocal wrote_events
+            nonlocal wrote_events, changed
             db.execute("BEGIN IMMEDIATE")
             try:
+                before = db.total_changes
                 tx = Tx(db, stamp)
                 out = fn(tx, *args)
                 wrote_events = bool(tx.events)
                 tx.flush()
                 db.execute("COMMIT")
+                changed = db.total_changes != before
                 return out
             except BaseException:
                 with suppress(sqlite3.Error):
@@ -275,7 +329,9 @@ class Store:
             try:
                 out = await _on_thread(writer, run)
             except sqlite3.Error as exc:
-                raise StoreError(f"state database write failed: {exc}") from exc
+                raise self._failed(exc, "writing to the state database") from exc
+        if changed:  # an empty transaction (the health check) succeeds on a full disk too
+            self._wrote()
         if wrote_events:
             # Wake the long polls of GET /v1/events: one fresh Event per commit, the old one set.
             signal, self._events_signal = self._events_signal, asyncio.Event()
@@ -298,7 +354,7 @@ class Store:
         try:
             return await _on_thread(reader, run)
         except sqlite3.Error as exc:
-            raise StoreError(f"state database read failed: {exc}") from exc
+            raise self._failed(exc, "reading the state database") from exc
 
     async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         return await self.read(lambda db: db.execute(sql, tuple(params)).fetchall())

@@ -140,7 +140,14 @@ def _new_ca(key_path: Path, cert_path: Path, label: str) -> None:
     )
     _write_private(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                serialization.NoEncryption()))
-    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    try:
+        _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    except BaseException:
+        # No agent can trust a CA whose certificate was never written: take the key back, or every
+        # later start would refuse the half CA (a full disk at the first start left one).
+        key_path.unlink(missing_ok=True)
+        cert_path.with_suffix(cert_path.suffix + ".tmp").unlink(missing_ok=True)
+        raise
 
 
 def _current(cert_path: Path, ca_cert: x509.Certificate, wanted: list[x509.GeneralName]) -> bool:

@@ -25,7 +25,7 @@ from agent.workerspec import WorkerSpec
 from cloudtaskd import costs, interruptions, queue
 from cloudtaskd.config import Config
 from cloudtaskd.dispatch import Dispatcher
-from cloudtaskd.errors import ProviderError, TransitionError
+from cloudtaskd.errors import ProviderError, StoreFull, TransitionError
 from cloudtaskd.hub import token_hash
 from cloudtaskd.orchestrator.backoff import OfferBackoff
 from cloudtaskd.orchestrator.market import Market
@@ -72,6 +72,8 @@ class Reconciler:
         while True:
             try:
                 await self.tick()
+            except StoreFull:
+                pass  # logged once per outage, by the store; the next tick tries again
             except Exception:
                 log.exception("reconcile_failed")
             with suppress(TimeoutError):
