@@ -17,6 +17,7 @@ import shlex
 import signal
 import sqlite3
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import asynccontextmanager, closing
@@ -38,6 +39,9 @@ SPECS = {
     "python": "mode: python\nfunction: faulty:run\n",
 }
 LEASE_TTL_S = 2.0  # short, so a dead agent's leases expire quickly
+# Where no agent dies: long enough that a loaded machine never lets a lease expire by accident (the
+# tests count attempts exactly).
+CALM_LEASE_TTL_S = 15.0
 SLOTS = 2  # per agent: the local provider's `cpus` with cpus_per_task 1
 MEMORY_LIMIT_MIB = 256
 MIB = 1024 * 1024
@@ -155,9 +159,10 @@ class Cluster:
 
 
 @asynccontextmanager
-async def cluster(tmp_path: Path, *, max_instances: int, max_message_bytes: int = 4 * MIB) -> Any:
+async def cluster(tmp_path: Path, *, max_instances: int, max_message_bytes: int = 4 * MIB,
+                  lease_ttl_s: float = LEASE_TTL_S) -> Any:
     config = {
-        "agents": {"listen_port": free_port(), "lease_ttl_s": LEASE_TTL_S, "max_message_bytes": max_message_bytes},
+        "agents": {"listen_port": free_port(), "lease_ttl_s": lease_ttl_s, "max_message_bytes": max_message_bytes},
         "providers": {"local": {"max_instances": max_instances, "cpus": SLOTS}},
         "scaling": {"tick_s": 0.2, "idle_timeout_s": 60},
         "queue": {"retry_backoff_s": 0.1, "retry_backoff_max_s": 0.5},
@@ -221,12 +226,13 @@ async def test_agents_sigkilled_mid_task_lose_nothing(tmp_path: Path, piddir: Pa
     timeout and are retried on the others, each killed instance is marked lost and replaced, and every
     task succeeds exactly once."""
     rng = random.Random(6)
-    n_tasks, kills = (600, 15) if soak else (60, 3)
+    n_tasks, kills = (1200, 30) if soak else (60, 3)
     tasks = [{"id": f"t{i}", "data": {"op": "ok", "n": i, "sleep": 0.3, "piddir": str(piddir)},
               "max_attempts": 10} for i in range(n_tasks)]
     async with cluster(tmp_path, max_instances=2) as c:
         job_id = await c.submit(worker(mode), tasks)
         killed: dict[str, list[int]] = {}  # instance -> pids of its worker processes at the kill
+        killed_at: dict[str, float] = {}
         for k in range(kills):
             async def victim() -> tuple[str, int] | None:
                 agents, leases = c.agents(), c.leases_by_instance()
@@ -239,6 +245,7 @@ async def test_agents_sigkilled_mid_task_lose_nothing(tmp_path: Path, piddir: Pa
             await wait_for(progressed, timeout=90, message=f"{goal} tasks done before kill {k + 1}")
             inst, pid = await wait_for(victim, timeout=30, message="an agent holding leases")
             workers = [p for p in recorded_pids(piddir) if parent_of(p) == pid]
+            killed_at[inst] = time.time()  # the daemon's event clock: the same machine's
             os.kill(pid, signal.SIGKILL)  # an agent our daemon started; its pid from the provider's record
             killed[inst] = workers
 
@@ -267,7 +274,8 @@ async def test_agents_sigkilled_mid_task_lose_nothing(tmp_path: Path, piddir: Pa
                            inst)[0][0] == 1
             # What it held when it died expired there and succeeded elsewhere, on a later attempt.
             orphaned = [r[0] for r in c.query(
-                "SELECT task_id FROM events WHERE instance_id = ? AND kind = 'lease_expired'", inst)]
+                "SELECT task_id FROM events WHERE instance_id = ? AND kind = 'lease_expired' AND ts >= ?",
+                inst, killed_at[inst])]
             assert orphaned, f"killed agent {inst} held no lease"
             for task in orphaned:
                 assert by_key[task]["instance"] != inst and by_key[task]["attempts"] >= 2, by_key[task]
@@ -399,7 +407,8 @@ async def test_misbehaving_workers(tmp_path: Path, piddir: Path, soak: bool, mod
                 tasks.append({"id": f"ok{n_ok}", "data": {"op": "ok", "n": n_ok}, "timeout": 30})
                 n_ok += 1
     extra = f"memory_per_task: {MEMORY_LIMIT_MIB}\n"
-    async with cluster(tmp_path, max_instances=1, max_message_bytes=FRAME_LIMIT_BYTES) as c:
+    async with cluster(tmp_path, max_instances=1, max_message_bytes=FRAME_LIMIT_BYTES,
+                       lease_ttl_s=CALM_LEASE_TTL_S) as c:
         digest = await c.register(worker(mode, extra))
         job_id = await c.submit(digest, tasks)
         await c.wait_done(job_id, timeout_s=300 if soak else 90)
