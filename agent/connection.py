@@ -84,6 +84,9 @@ class Agent:
         self.prefetch = slots if prefetch is None else prefetch
         self.drain_grace_s = drain_grace_s
         self.max_message_bytes = max_message_bytes
+        # What one frame to the daemon may hold, in UTF-8 bytes: the daemon's limit once its welcome
+        # says it (a frame over it closes the connection, and would be resent after every reconnect).
+        self.send_limit_bytes = max_message_bytes
         self.interruption_source = interruption_source
         self.metadata_url = metadata_url
         self.interruption_margin_s = interruption_margin_s
@@ -237,6 +240,8 @@ class Agent:
         if not isinstance(welcome, Welcome):
             raise aiohttp.ClientError("expected a welcome")
         self.heartbeat_s = welcome.heartbeat_s
+        if welcome.max_message_bytes:
+            self.send_limit_bytes = welcome.max_message_bytes
         for tid in welcome.dropped:
             self._forget(tid, abort=True)
         self._ws = ws
@@ -360,31 +365,31 @@ class Agent:
         failed = [{"id": r["id"], "token": r["token"], "error": r["error"][:MAX_ERROR_CHARS],
                    "retryable": r["retryable"], "duration_s": r["duration_s"]} for r in pending if r["kind"] == "fail"]
         back = [[r["id"], r["token"]] for r in pending if r["kind"] == "handback"]
-        limit = self.max_message_bytes - FRAME_OVERHEAD
+        limit = self.send_limit_bytes - FRAME_OVERHEAD
         if done:
             frame = jsonx.dumps({"t": "done", "results": done})
-            if len(frame) <= limit:
+            if wire_len(frame) <= limit:
                 await ws.send_str(frame)
             else:
                 items = []
                 for d in done:
                     item = jsonx.dumps(d)
-                    if len(item) > limit:
+                    if wire_len(item) > limit:
                         failure = {"id": d["id"], "token": d["token"], "retryable": False,
                                    "duration_s": d["duration_s"],
-                                   "error": f"the result is {len(item)} bytes, over the daemon's message limit "
-                                            f"({self.max_message_bytes} bytes)"}
+                                   "error": f"the result is {wire_len(item)} bytes, over the daemon's message "
+                                            f"limit ({self.send_limit_bytes} bytes)"}
                         self._unacked[d["id"]] = {"kind": "fail", **failure}
                         failed.append(failure)
                     else:
                         items.append(item)
-                for frame in pack('{"t":"done","results":[', items, "]}", self.max_message_bytes):
+                for frame in pack('{"t":"done","results":[', items, "]}", self.send_limit_bytes):
                     await ws.send_str(frame)
         reason = jsonx.dumps((self.drain_reason or "draining") if self.draining else "released")
         for head, objs, tail in (('{"t":"fail","failures":[', failed, "]}"),
                                  ('{"t":"handback","leases":[', back, f'],"reason":{reason}}}')):
             if objs:
-                for frame in pack(head, [jsonx.dumps(o) for o in objs], tail, self.max_message_bytes):
+                for frame in pack(head, [jsonx.dumps(o) for o in objs], tail, self.send_limit_bytes):
                     await ws.send_str(frame)
 
     async def _heartbeat_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
@@ -449,14 +454,21 @@ def pack(head: str, items: list[str], tail: str, limit: int) -> list[str]:
     part: list[str] = []
     size = len(head) + len(tail)
     for item in items:
-        if part and size + len(item) + 1 > limit - FRAME_OVERHEAD:
+        n = wire_len(item)
+        if part and size + n + 1 > limit - FRAME_OVERHEAD:
             frames.append(head + ",".join(part) + tail)
             part, size = [], len(head) + len(tail)
         part.append(item)
-        size += len(item) + 1
+        size += n + 1
     if part:
         frames.append(head + ",".join(part) + tail)
     return frames
+
+
+def wire_len(text: str) -> int:
+    """A frame's size on the wire (UTF-8 bytes), which is what the daemon's limit counts: one
+    character of a result may take up to 4. isascii() is O(1) in CPython: the usual frame costs nothing."""
+    return len(text) if text.isascii() else len(text.encode())
 
 
 def load_spec(worker_dir: Path) -> WorkerSpec:

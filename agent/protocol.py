@@ -142,6 +142,9 @@ class Welcome:
     kept: list[int] = field(default_factory=list)
     dropped: list[int] = field(default_factory=list)
     version: int = PROTOCOL_VERSION
+    # The daemon's frame limit (agents.max_message_bytes) in bytes: what the agent may send in one
+    # frame. 0: not said (an older daemon); the agent keeps its own default.
+    max_message_bytes: int = 0
     t: str = "welcome"
 
 
@@ -308,7 +311,8 @@ def parse_daemon_message(raw: str | bytes) -> DaemonMessage:
         if kind == "revoke":
             return Revoke(obj["ids"])
         if kind == "welcome":
-            return Welcome(obj["lease_ttl_s"], obj["heartbeat_s"], obj["kept"], obj["dropped"], obj["version"])
+            return Welcome(obj["lease_ttl_s"], obj["heartbeat_s"], obj["kept"], obj["dropped"], obj["version"],
+                           obj.get("max_message_bytes", 0))
         if kind == "drain":
             return DrainRequest(obj.get("reason", ""))
         if kind == "error":

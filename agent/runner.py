@@ -15,6 +15,19 @@ Each child process leads its own process group (its own session), so a timeout, 
 run kills everything the worker started, grandchildren included. After a command worker exits, whatever
 it left running in its group is killed too: a task owns nothing once it has finished.
 
+Before exec, each child (Linux) gets a parent-death signal, so a worker dies with a SIGKILLed agent
+instead of running on unsupervised; an OOM score that makes it the kernel's first victim when the
+machine runs out of memory, before the agent; and, when cloudtask.yaml sets `memory_per_task`, that
+many MiB as its RLIMIT_DATA. RLIMIT_DATA (Linux >= 4.7) caps a process's private writable memory -
+heap, anonymous mmaps, thread stacks - but not address space merely reserved (PROT_NONE, as the JVM,
+Go, CUDA and glibc's per-thread arenas do), which RLIMIT_AS would count and refuse. It holds in
+any container without privileges, unlike a cgroup v2 memory.max (which needs a delegated, writable
+cgroup v2 tree: many hosts have v1 or a read-only /sys/fs/cgroup). It is per process: each process a
+worker starts gets its own limit, the total is not capped. An allocation beyond it fails (MemoryError,
+ENOMEM, bad_alloc...); a worker that dies of it is reported as "exceeded memory_per_task=N MiB", not
+retried. Python mode cannot be limited: the worker is the agent's own process; memory_per_task only
+sizes its slots there.
+
 `run()` never raises for a worker's faults: they come back as an `Outcome`. Cancelling the task awaiting
 `run()` is supported and kills the slot's processes at once (SIGKILL); `abort()` stops them with SIGTERM
 first and makes the pending `run()` return an "aborted" failure.
@@ -24,9 +37,13 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import ctypes
 import importlib
 import inspect
 import os
+import re
+import resource
+import shlex
 import signal
 import sys
 import traceback
@@ -39,6 +56,7 @@ from time import perf_counter
 from typing import Any
 
 from agent import jsonx
+from agent.logline import log
 from agent.protocol import MAX_ERROR_CHARS, PERMANENT_FAILURE_EXIT_CODE
 from agent.workerspec import WorkerSpec
 
@@ -54,6 +72,21 @@ _READ_CHUNK_BYTES = 64 * 1024
 _COMMAND_READER_LIMIT_BYTES = 64 * 1024
 _PIPE_DRAIN_S = 2.0  # once the group is dead, how long pipes held by escaped (setsid) processes may stay open
 _GROUP_POLL_S = 0.05
+# Written to each worker process's /proc/self/oom_score_adj: when the machine runs out of memory, the
+# kernel's OOM killer takes a worker (one task fails, retryably) before the agent (every slot's lease).
+WORKER_OOM_SCORE_ADJ = 1000
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# What an allocation failure prints, in the usual runtimes: Python, C (strerror(ENOMEM)), C++, Go,
+# Node, Rust, the JVM. Seen in a dead worker's stderr while memory_per_task is in force, it means the
+# worker hit that limit.
+_OUT_OF_MEMORY = re.compile(
+    r"MemoryError|Cannot allocate memory|std::bad_alloc|out of memory|memory allocation of \d+ bytes failed"
+    r"|OutOfMemoryError", re.IGNORECASE)
+# A command sh may replace itself with (`exec`): one simple command, no lists, pipes, groups,
+# substitutions or redirections that the conservative check below would have to understand.
+_SHELL_SPECIAL = frozenset(";&|<>(){}`\n")
+_SHELL_RESERVED = frozenset({"!", "{", "}", "case", "do", "done", "elif", "else", "esac", "exec", "fi", "for",
+                             "function", "if", "in", "select", "then", "time", "until", "while", "[["})
 _TRACEBACK_TAIL_CHARS = 1500
 _OUTPUT_PREVIEW_CHARS = 200
 # Results of these types always encode; anything else is checked before it reaches a batched report.
@@ -136,6 +169,7 @@ class _Child:
     pgid: int
     stderr: _Tail
     stderr_task: asyncio.Task[None]
+    killed_by_agent: bool = False  # a timeout, an abort, a flood: the agent sent the signal itself
 
     def describe(self) -> str:
         """How the process ended, and the end of its stderr."""
@@ -143,13 +177,23 @@ class _Child:
         if code is None:
             what = "is still running"
         elif code < 0:
-            what = f"was killed by signal {_signal_name(-code)}"
+            what = f"was killed by signal {_signal_name(-code)}{self._kill_hint(-code)}"
         elif code > 128 and _signal_name(code - 128) != str(code - 128):
-            what = f"exited with code {code} (the shell reports death by {_signal_name(code - 128)})"
+            what = (f"exited with code {code} (the shell reports death by {_signal_name(code - 128)})"
+                    f"{self._kill_hint(code - 128)}")
         else:
             what = f"exited with code {code}"
         tail = self.stderr.text()
         return f"{what}; stderr tail:\n{tail}" if tail else f"{what} (stderr empty)"
+
+    def _kill_hint(self, number: int) -> str:
+        if number == signal.SIGKILL and not self.killed_by_agent:
+            return " (not sent by the agent: often the kernel's out-of-memory killer)"
+        return ""
+
+    def out_of_memory(self) -> bool:
+        """Its stderr reports a failed allocation."""
+        return _OUT_OF_MEMORY.search(self.stderr.text()) is not None
 
 
 def _signal_name(number: int) -> str:
@@ -214,14 +258,78 @@ def _group_running(pgid: int, members: list[int] | None) -> bool:
     return False
 
 
-async def _spawn(command: str, cwd: Path, env: dict[str, str], limit: int) -> _Child:
+def _load_prctl() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()  # looked up here: the child between fork and exec should do as little as possible
+
+
+def shell_command(command: str) -> str:
+    """`command` for `sh -c`, prefixed with `exec` when it is one simple command: the worker then *is*
+    the process the agent started (sh does not stay in between), so the parent-death signal and the
+    memory limit set before exec apply to the worker itself, and its exit status is its own."""
+    if any(ch in _SHELL_SPECIAL for ch in command):
+        return command
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return command
+    if not words or words[0] in _SHELL_RESERVED or "=" in words[0]:  # FOO=1 cmd: an assignment first
+        return command
+    return f"exec {command}"
+
+
+def _child_setup(agent_pid: int, data_limit_bytes: int | None) -> Callable[[], None]:
+    """What runs in the child between fork and exec (Linux; elsewhere only the memory limit):
+
+    - PR_SET_PDEATHSIG: SIGKILL when the agent dies. Killed with -9 (or by the OOM killer) the agent
+      cannot stop its workers, whose leases are retried elsewhere after the visibility timeout; a
+      worker running on would duplicate that work unsupervised, or hang forever. Only the process we
+      start gets it (the kernel clears it on fork): a worker's own children, and the commands of a
+      compound shell command, are not covered.
+    - oom_score_adj: see WORKER_OOM_SCORE_ADJ. Raising it needs no privilege.
+    - RLIMIT_DATA = memory_per_task (see Runner): a failed allocation, not an OOM kill of the machine.
+    """
+    limit: tuple[int, int] | None = None
+    if data_limit_bytes is not None:
+        _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        soft = data_limit_bytes if hard == resource.RLIM_INFINITY else min(data_limit_bytes, hard)
+        limit = (soft, hard)
+    prctl = _PRCTL
+
+    def setup() -> None:
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+            if os.getppid() != agent_pid:  # the agent died before that took effect
+                os.kill(os.getpid(), signal.SIGKILL)
+        try:
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write(str(WORKER_OOM_SCORE_ADJ))
+        except OSError:
+            pass  # no /proc, or a kernel that refuses: the worker runs without it
+        if limit is not None:
+            resource.setrlimit(resource.RLIMIT_DATA, limit)
+
+    return setup
+
+
+async def _spawn(command: str, cwd: Path, env: dict[str, str], limit: int, data_limit_bytes: int | None) -> _Child:
     loop = asyncio.get_running_loop()
     transport, protocol = await loop.subprocess_exec(
         lambda: _ChildProtocol(limit, loop),
-        SHELL, "-c", command,
+        SHELL, "-c", shell_command(command),
         stdin=PIPE, stdout=PIPE, stderr=PIPE, cwd=cwd, env=env,
         start_new_session=True,  # own process group: killpg reaches grandchildren, and the agent's
         # terminal signals (Ctrl-C on a dev box) do not hit the worker behind the agent's back
+        # Forked by the event loop's thread, which lives as long as the agent (the parent-death signal
+        # follows the thread); the function takes no lock another thread could hold (no logging, imports).
+        preexec_fn=_child_setup(os.getpid(), data_limit_bytes),
     )
     stdin, stdout, stderr = protocol.stdin, protocol.stdout, protocol.stderr
     assert stdin is not None and stdout is not None and stderr is not None
@@ -240,6 +348,7 @@ async def _stop(child: _Child, first_signal: int | None) -> None:
     deadline = loop.time() + KILL_GRACE_S
     # Listed before the signal, while every member is still alive; one that forks later gets the SIGKILL.
     members = _group_members(child.pgid) if _group_exists(child.pgid) else []
+    child.killed_by_agent = True
     if first_signal is not None:
         _killpg(child.pgid, first_signal)
     if not child.exited.done():
@@ -263,6 +372,7 @@ async def _release(child: _Child) -> None:
 
 def _kill_now(child: _Child) -> None:
     """For cancellation: no awaiting allowed, so no grace either."""
+    child.killed_by_agent = True
     _killpg(child.pgid, signal.SIGKILL)
     child.transport.close()
 
@@ -283,6 +393,7 @@ async def _read_capped(child: _Child, cap: int) -> bytes | None:
     try:
         while chunk := await child.stdout.read(_READ_CHUNK_BYTES):
             if len(buf) + len(chunk) > cap:
+                child.killed_by_agent = True
                 _killpg(child.pgid, signal.SIGKILL)
                 return None
             buf += chunk
@@ -356,6 +467,12 @@ class Runner:
         self.worker_dir = worker_dir
         self.slots = slots
         self._env = {**os.environ, **(env or {})}
+        # Python mode cannot have a limit of its own: the worker shares the agent's process.
+        self._data_limit_bytes = (spec.memory_per_task * 1024 * 1024
+                                  if spec.memory_per_task and spec.mode != "python" else None)
+        if spec.memory_per_task and spec.mode == "python":
+            log("memory_per_task_not_enforced", mode="python", memory_per_task_mib=spec.memory_per_task,
+                reason="the worker runs in the agent's own process; the value only sizes slots")
         self._busy = [False] * slots
         self._aborted = [False] * slots
         self._closed = False
@@ -538,7 +655,8 @@ class Runner:
         env["CLOUDTASK_SLOT"] = str(slot)
         assert self.spec.command is not None
         try:
-            child = await _spawn(self.spec.command, self.worker_dir, env, _COMMAND_READER_LIMIT_BYTES)
+            child = await _spawn(self.spec.command, self.worker_dir, env, _COMMAND_READER_LIMIT_BYTES,
+                                 self._data_limit_bytes)
         except OSError as exc:
             return _failure(f"cannot start worker command: {exc}", started)
         self._children[slot] = child
@@ -589,6 +707,8 @@ class Runner:
                                 f"starts with {_preview(out)}; {child.describe()}", started)
         if code == PERMANENT_FAILURE_EXIT_CODE:
             return _failure(f"permanent failure: worker {child.describe()}", started, retryable=False)
+        if self._out_of_memory(child):
+            return self._memory_failure(child, started)
         return _failure(f"worker {child.describe()}", started)
 
     # ---- stream ----
@@ -628,7 +748,10 @@ class Runner:
             await self._discard(slot, signal.SIGTERM)
             return _failure(ABORTED_ERROR, started)
         if raw is None:
+            child_now = self._children[slot]
             how = await self._discard(slot, None)
+            if child_now is not None and self._out_of_memory(child_now):
+                return self._memory_failure(child_now, started)
             return _failure(f"worker process closed its stdout mid-task (restarting it); it {how}", started)
         try:
             answer = jsonx.loads(raw)
@@ -651,6 +774,17 @@ class Runner:
             return _failure('worker answer has neither "result" nor "error"', started)
         return Outcome(True, answer["result"], None, True, perf_counter() - started)
 
+    def _out_of_memory(self, child: _Child) -> bool:
+        return self._data_limit_bytes is not None and child.out_of_memory()
+
+    def _memory_failure(self, child: _Child, started: float) -> Outcome:
+        """Not retried: the limit is the same on every instance (it is per task, not per machine) and a
+        task's memory use follows from its data and the worker's code, so another attempt would fail
+        the same way after the same work. Raising the limit and retrying the job is the fix."""
+        return _failure(f"worker exceeded memory_per_task={self.spec.memory_per_task} MiB (an allocation failed "
+                        "under that limit; not retried: raise memory_per_task in cloudtask.yaml, then retry the "
+                        f"job); the worker {child.describe()}", started, retryable=False)
+
     async def _deliver(self, slot: int, line: bytes) -> _Child | str:
         """Write the task to the slot's process (started if needed): the process, or an error message."""
         assert self.spec.command is not None
@@ -665,7 +799,8 @@ class Runner:
                 env = dict(self._env)
                 env["CLOUDTASK_SLOT"] = str(slot)
                 try:
-                    child = await _spawn(self.spec.command, self.worker_dir, env, STREAM_LINE_LIMIT_BYTES)
+                    child = await _spawn(self.spec.command, self.worker_dir, env, STREAM_LINE_LIMIT_BYTES,
+                                         self._data_limit_bytes)
                 except OSError as exc:
                     return f"cannot start worker command: {exc}"
                 self._children[slot] = child

@@ -164,7 +164,8 @@ class AgentHub:
         kept, dropped = await self.dispatcher.reclaim(hello.instance, hello.held)
         outbox = Outbox(ws)
         session = Session(hello.instance, pool_id, hello.slots, outbox.send)
-        outbox.send(encode(Welcome(self.dispatcher.ttl_s, self.dispatcher.ttl_s / 4, kept, dropped)))
+        outbox.send(encode(Welcome(self.dispatcher.ttl_s, self.dispatcher.ttl_s / 4, kept, dropped,
+                                   max_message_bytes=self.max_message_bytes)))
         self.dispatcher.attach(session)
         if draining:
             # It was told to drain before this reconnect: say it again, grant it nothing.
