@@ -203,7 +203,7 @@ class RoundResult:
 
 def _current(db: sqlite3.Connection, ids: list[int]) -> dict[int, tuple[Any, ...]]:
     rows = db.execute(
-        "SELECT id, job_id, state, attempt, failures, max_attempts, pool_id FROM tasks"
+        "SELECT id, job_id, state, attempt, failures, max_attempts, pool_id, instance_id FROM tasks"
         " WHERE id IN (SELECT value FROM json_each(?))",
         (_ids_json(ids),),
     ).fetchall()
@@ -219,7 +219,9 @@ def apply_reports(
 
     def valid(inst: str, task_id: int, token: int, recorded: tuple[S, ...]) -> tuple[Any, ...] | None:
         row = cur.get(task_id)
-        if row is not None and row[2] == S.LEASED and row[3] == token:
+        # The fence: the current attempt, and the instance holding it. Tokens are attempt numbers,
+        # easy to guess, so another instance's report (a bug, a compromised machine) must not land.
+        if row is not None and row[2] == S.LEASED and row[3] == token and row[7] == inst:
             return row
         # A resend of a report we already recorded (the ack was lost) is acknowledged, not refused:
         # only when the task is where that very report would have put it. A done report for a task
@@ -306,7 +308,7 @@ def apply_reports(
         extend = []
         for inst, (task_id, token) in reports.heartbeat:
             row = hb_cur.get(task_id)
-            if row is not None and row[2] == S.LEASED and row[3] == token:
+            if row is not None and row[2] == S.LEASED and row[3] == token and row[7] == inst:
                 extend.append((task_id, token))
             else:
                 out.lost[inst].append(task_id)
@@ -347,7 +349,8 @@ def reclaim(tx: Tx, instance_id: str, held: list[LeaseRef], ttl_s: float) -> tup
     kept, dropped = [], []
     for task_id, token in held:
         row = current.get(task_id)
-        if row is not None and row[2] == S.LEASED and row[3] == token:
+        # Only its own leases: a hello listing another instance's must not take them over.
+        if row is not None and row[2] == S.LEASED and row[3] == token and row[7] == instance_id:
             kept.append((tx.now + ttl_s, instance_id, task_id, token))
         else:
             dropped.append(task_id)
