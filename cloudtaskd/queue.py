@@ -237,12 +237,21 @@ def apply_reports(
         return None
 
     done_rows = []
+    failed = reports.failed
     for inst, s in reports.done:
         row = valid(inst, s.id, s.token, (S.SUCCEEDED,))
         if row is None:
             continue
+        try:
+            result = jsonx.dumps(s.result)
+        except TypeError as exc:  # orjson reads 1024 levels of nesting but writes only 254
+            # The task ran, but its result cannot be kept: a permanent failure saying why, rather
+            # than an exception that would drop the whole round, every other agent's reports with it.
+            failed = [*failed, (inst, Failure(s.id, s.token, f"the result could not be stored: {exc}"
+                                              " (JSON nested too deeply?)", False, s.duration_s))]
+            continue
         cur[s.id] = (*row[:2], S.SUCCEEDED, *row[3:])  # a duplicate in the same batch is now stale
-        done_rows.append((jsonx.dumps(s.result), now, s.duration_s, inst, s.id, s.token))
+        done_rows.append((result, now, s.duration_s, inst, s.id, s.token))
         tx.count(row[1], S.LEASED, S.SUCCEEDED)
         tx.event(E.SUCCEEDED.value, job_id=row[1], task_id=s.id, instance_id=inst)
         out.accepted[inst].append(s.id)
@@ -254,7 +263,7 @@ def apply_reports(
         )
 
     fail_rows, dead_rows = [], []
-    for inst, f in reports.failed:
+    for inst, f in failed:
         row = valid(inst, f.id, f.token, (S.FAILED, S.DEAD))
         if row is None:
             continue
