@@ -28,7 +28,7 @@ from agent.workerspec import SPEC_FILE, WorkerSpec, WorkerSpecError
 from cloudtaskd import __version__, costs, interruptions, queue
 from cloudtaskd.config import Config
 from cloudtaskd.dispatch import Dispatcher
-from cloudtaskd.errors import BadInput, CloudtaskError, NotFound, StoreError, StoreFull, is_no_space
+from cloudtaskd.errors import BadInput, CloudtaskError, NotFound, StoreError, StoreFull, TransitionError, is_no_space
 from cloudtaskd.hub import token_hash
 from cloudtaskd.observe import ObserveApi
 from cloudtaskd.orchestrator.market import Market
@@ -56,10 +56,23 @@ def _error(status: int, exc: Exception) -> web.Response:
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        # Bodies are taken as sent (the listeners do not decode them): say so rather than read
+        # compressed bytes as JSON. A worker bundle is a gzip file as the body, not an encoding.
+        return _error(415, BadInput(f"Content-Encoding {encoding!r} is not accepted: send the body as it is",
+                                    field="Content-Encoding"))
     try:
         return await handler(request)
-    except web.HTTPException:
-        raise
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        # aiohttp's own refusals (no such route, a method the route lacks, a body over the size
+        # limit) in the documented error shape, with their headers (Allow) kept.
+        headers = {k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")}
+        return web.json_response({"error": {"type": type(exc).__name__.removeprefix("HTTP"),
+                                            "message": exc.text or exc.reason, "line": None, "field": None}},
+                                 status=exc.status, headers=headers)
     except (BadInput, WorkerSpecError) as exc:
         return _error(400, exc)
     except NotFound as exc:
@@ -76,21 +89,31 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return _error(409, exc)
 
 
-def _int_param(request: web.Request, name: str, default: int | None = None) -> int | None:
+MAX_ROWID = 2**63 - 1  # SQLite's integers are 64-bit: a larger value cannot even be bound to a query
+
+
+def _int_param(request: web.Request, name: str, default: int | None = None, *, lo: int = 0,
+               hi: int = MAX_ROWID) -> int | None:
     raw = request.query.get(name)
     if raw is None:
         return default
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
-        raise BadInput(f"query parameter {name} must be an integer, got {raw!r}", field=name) from None
+        raise BadInput(f"query parameter {name} must be an integer, got {raw!r:.80}", field=name) from None
+    if not lo <= value <= hi:
+        raise BadInput(f"query parameter {name} must be between {lo} and {hi}, got {raw!r:.80}", field=name)
+    return value
 
 
 def _job_id(request: web.Request) -> int:
     try:
-        return int(request.match_info["job"])
+        job_id = int(request.match_info["job"])
     except ValueError:
-        raise NotFound(f"no job {request.match_info['job']!r}") from None
+        job_id = 0
+    if not 1 <= job_id <= MAX_ROWID:
+        raise NotFound(f"no job {request.match_info['job']!r:.80}")
+    return job_id
 
 
 class ControlApi:
@@ -414,7 +437,12 @@ class ControlApi:
         row = await self.store.fetchone("SELECT state FROM instances WHERE id = ?", (inst,))
         if row is None:
             raise NotFound(f"instance {inst} does not exist")
-        await self.store.write(lambda tx: tx.transition_instance(inst, InstanceEvent.DRAIN))
+        try:
+            await self.store.write(lambda tx: tx.transition_instance(inst, InstanceEvent.DRAIN))
+        except TransitionError:
+            # Already draining, stopping or stopped: a conflict with its state (409), not a store failure.
+            raise CloudtaskError(f"instance {inst} is {row['state']}: only a starting or running instance"
+                                 " can be drained") from None
         self.dispatcher.drain(inst)
         row = await self.store.fetchone("SELECT * FROM instances WHERE id = ?", (inst,))
         assert row is not None

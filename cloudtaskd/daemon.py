@@ -133,7 +133,11 @@ class Daemon:
 
     async def _runner(self, app: web.Application) -> web.AppRunner:
         """A set-up runner for one listener, stopped with the daemon (the agent listener first)."""
-        runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=RUNNER_SHUTDOWN_S)
+        # auto_decompress off: no client of ours sends a Content-Encoding (a worker bundle is a gzip
+        # file as the body), and aiohttp, left to decode one, drains an unread broken body after the
+        # answer and logs its failure as an unhandled exception (api.errors_middleware answers 415).
+        runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=RUNNER_SHUTDOWN_S,
+                               auto_decompress=False)
         await runner.setup()
         self._runners.append(runner)
         return runner

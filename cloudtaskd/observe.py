@@ -35,7 +35,8 @@ ERROR_KINDS = ("task_failed", "task_dead", "lease_expired", "lease_expired_dead"
 ERROR_KINDS_SQL = " OR ".join(f"kind = '{k}'" for k in ERROR_KINDS)  # as the index's WHERE, term for term
 
 
-def _int(request: web.Request, name: str, *, lo: int, hi: int | None = None) -> int | None:
+def _int(request: web.Request, name: str, *, lo: int, hi: int = 2**63 - 1) -> int | None:
+    """An integer query parameter in [lo, hi]; by default what SQLite can hold (a larger one fails to bind)."""
     raw = request.query.get(name)
     if raw is None or raw == "":
         return None
@@ -43,7 +44,7 @@ def _int(request: web.Request, name: str, *, lo: int, hi: int | None = None) -> 
         value = int(raw)
     except ValueError:
         raise BadInput(f"query parameter {name} must be an integer, got {raw!r}", field=name) from None
-    if value < lo or (hi is not None and value > hi):
+    if not lo <= value <= hi:
         raise BadInput(f"query parameter {name} must be between {lo} and {hi}, got {value}", field=name)
     return value
 

@@ -205,8 +205,8 @@ class RoundResult:
 def _current(db: sqlite3.Connection, ids: list[int]) -> dict[int, tuple[Any, ...]]:
     # One row of JSON, not a row per task: one sqlite3 step, one GIL hand-back (see store.bulk).
     text = db.execute(
-        "SELECT json_group_array(json_array(id, job_id, state, attempt, failures, max_attempts, pool_id))"
-        " FROM tasks WHERE id IN (SELECT value FROM json_each(?))",
+        "SELECT json_group_array(json_array(id, job_id, state, attempt, failures, max_attempts, pool_id,"
+        " instance_id)) FROM tasks WHERE id IN (SELECT value FROM json_each(?))",
         (_ids_json(ids),),
     ).fetchone()[0]
     return {r[0]: tuple(r) for r in jsonx.loads(text)}
@@ -225,7 +225,7 @@ def apply_reports(
         extend = []
         for inst, (task_id, token) in reports.heartbeat:
             row = hb_cur.get(task_id)
-            if row is not None and row[2] == S.LEASED and row[3] == token:
+            if row is not None and row[2] == S.LEASED and row[3] == token and row[7] == inst:
                 extend.append((task_id, token))
             else:
                 out.lost[inst].append(task_id)
@@ -238,7 +238,9 @@ def apply_reports(
 
     def valid(inst: str, task_id: int, token: int, recorded: tuple[S, ...]) -> tuple[Any, ...] | None:
         row = cur.get(task_id)
-        if row is not None and row[2] == S.LEASED and row[3] == token:
+        # The fence: the current attempt, and the instance holding it. Tokens are attempt numbers,
+        # easy to guess, so another instance's report (a bug, a compromised machine) must not land.
+        if row is not None and row[2] == S.LEASED and row[3] == token and row[7] == inst:
             return row
         # A resend of a report we already recorded (the ack was lost) is acknowledged, not refused:
         # only when the task is where that very report would have put it. A done report for a task
@@ -254,12 +256,21 @@ def apply_reports(
         return None
 
     done_rows = []
+    failed = reports.failed
     for inst, s in reports.done:
         row = valid(inst, s.id, s.token, (S.SUCCEEDED,))
         if row is None:
             continue
+        try:
+            result = jsonx.dumps(s.result)
+        except TypeError as exc:  # orjson reads 1024 levels of nesting but writes only 254
+            # The task ran, but its result cannot be kept: a permanent failure saying why, rather
+            # than an exception that would drop the whole round, every other agent's reports with it.
+            failed = [*failed, (inst, Failure(s.id, s.token, f"the result could not be stored: {exc}"
+                                              " (JSON nested too deeply?)", False, s.duration_s))]
+            continue
         cur[s.id] = (*row[:2], S.SUCCEEDED, *row[3:])  # a duplicate in the same batch is now stale
-        done_rows.append((jsonx.dumps(s.result), now, s.duration_s, inst, s.id, s.token))
+        done_rows.append((result, now, s.duration_s, inst, s.id, s.token))
         tx.count(row[1], S.LEASED, S.SUCCEEDED)
         tx.event(E.SUCCEEDED.value, job_id=row[1], task_id=s.id, instance_id=inst)
         out.accepted[inst].append(s.id)
@@ -269,7 +280,7 @@ def apply_reports(
              " WHERE tasks.id = r.value->>4 AND tasks.attempt = r.value->>5 AND tasks.state = 'leased'", done_rows)
 
     fail_rows, dead_rows = [], []
-    for inst, f in reports.failed:
+    for inst, f in failed:
         row = valid(inst, f.id, f.token, (S.FAILED, S.DEAD))
         if row is None:
             continue
@@ -312,6 +323,7 @@ def apply_reports(
         bulk(db, "UPDATE tasks SET state = 'queued', instance_id = NULL, lease_expires_at = NULL"
              " FROM json_each(?) AS r WHERE tasks.id = r.value->>0 AND tasks.attempt = r.value->>1"
              " AND tasks.state = 'leased'", back_rows)
+
 
 def lease(tx: Tx, instance_id: str, pool_id: int, n: int, ttl_s: float) -> list[str]:
     """Lease up to n queued tasks of a pool to one instance (see lease_many)."""
@@ -368,7 +380,8 @@ def reclaim(tx: Tx, instance_id: str, held: list[LeaseRef], ttl_s: float) -> tup
     kept, dropped = [], []
     for task_id, token in held:
         row = current.get(task_id)
-        if row is not None and row[2] == S.LEASED and row[3] == token:
+        # Only its own leases: a hello listing another instance's must not take them over.
+        if row is not None and row[2] == S.LEASED and row[3] == token and row[7] == instance_id:
             kept.append((tx.now + ttl_s, instance_id, task_id, token))
         else:
             dropped.append(task_id)
