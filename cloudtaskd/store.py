@@ -256,7 +256,9 @@ class Store:
         return StoreFull(directory, doing)
 
     def _wrote(self) -> None:
-        if self.full_since is not None:
+        # A commit can fit into room left inside the database or its WAL while the filesystem is
+        # still full: only free space on it ends the outage (else its start is logged again and again).
+        if self.full_since is not None and (free_bytes(self.path.parent) or 0) >= LOW_SPACE_BYTES:
             log.warning("state_disk_writable_again", path=str(self.path.parent),
                         outage_s=round(time.time() - self.full_since, 3))
             self.full_since = None

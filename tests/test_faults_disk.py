@@ -42,7 +42,8 @@ LEASE_TTL_S = 3.0  # the outage outlasts several lease lifetimes
 
 WORKER = {
     "cloudtask.yaml": "mode: python\nfunction: w:run\n",
-    "w.py": "import asyncio\nasync def run(task_id, data):\n    await asyncio.sleep(0.05)\n    return data['n']\n",
+    "w.py": "import asyncio\nasync def run(task_id, data):\n    await asyncio.sleep(data.get('sleep', 0.05))\n"
+            "    return data['n']\n",
 }
 
 
@@ -111,8 +112,10 @@ def config(**extra: Any) -> dict[str, Any]:
     }
 
 
-def tasks_body(prefix: str, n: int, start: int = 0) -> bytes:
-    return "".join(json.dumps({"id": f"{prefix}{i}", "data": {"n": i}}) + "\n"
+def tasks_body(prefix: str, n: int, start: int = 0, pad: int = 0) -> bytes:
+    """Tasks as JSON Lines; padded ones (pad bytes of data each) take room and no time to run."""
+    extra = {"pad": "x" * pad, "sleep": 0} if pad else {}
+    return "".join(json.dumps({"id": f"{prefix}{i}", "data": {"n": i, **extra}}) + "\n"
                    for i in range(start, start + n)).encode()
 
 
@@ -182,7 +185,7 @@ async def test_full_state_disk_refuses_new_work_keeps_running_work_and_recovers(
     # The watchdog on: a daemon that withheld its pings during the outage would be killed by systemd.
     await daemon.start(env=service_env(notify, WATCHDOG_USEC="1000000"))
     expected: set[str] = set()
-    refusals = 0
+    refusals = accepted_while_full = committed_while_full = 0
     try:
         worker = await daemon.post("/v1/workers", data=bundle(WORKER))
         job = await daemon.post("/v1/jobs", json={"name": "disk", "worker": worker["digest"]})
@@ -206,10 +209,13 @@ async def test_full_state_disk_refuses_new_work_keeps_running_work_and_recovers(
                 disk.fill()
                 attempt += 1
                 prefix = f"late{outage}-{attempt}-"
-                status, body = await request(daemon, "POST", f"{job_path}/tasks", data=tasks_body(prefix, 200))
+                # Padded: room left inside the database and its WAL is used up in a few attempts.
+                status, body = await request(daemon, "POST", f"{job_path}/tasks",
+                                             data=tasks_body(prefix, 200, pad=2000))
                 if status == 507:
                     break
                 assert status == 200, (status, body)
+                accepted_while_full += 1
                 expected.update(f"{prefix}{i}" for i in range(200))
                 assert time.monotonic() - filled_at < 30, "uploads still accepted on a full disk"
             assert_disk_full_refusal(status, body, state)
@@ -264,8 +270,10 @@ async def test_full_state_disk_refuses_new_work_keeps_running_work_and_recovers(
             # holds only ~10 unread messages, so the ones sent while the test waited on a command
             # may be lost).
             assert pings >= 3 * LEASE_TTL_S / 0.5 / 2, f"the watchdog was pinged {pings} times in the outage"
-            # Nothing was committed while the disk was full: the agents held what they finished.
-            assert (await daemon.get(job_path))["counts"]["succeeded"] == at_refusal["succeeded"]
+            # Results may still commit now and then while the filesystem is full (a round that only
+            # rewrites existing pages fits into WAL room a checkpoint freed); the rest are held by
+            # the agents. Either way each is recorded once (checked at the end).
+            committed_while_full += (await daemon.get(job_path))["counts"]["succeeded"] - at_refusal["succeeded"]
 
             # Space returns: no restart, the held reports commit, new work is accepted again.
             disk.free()
@@ -307,7 +315,9 @@ async def test_full_state_disk_refuses_new_work_keeps_running_work_and_recovers(
     for bad in ("dispatch_round_failed", "reconcile_failed", "background_task_died", "watchdog_ping_withheld"):
         assert bad not in names, [e for e in log if e.get("event") == bad]
     assert not [e for e in log if "raw" in e], "the daemon printed something that is not a log line"
-    print(f"disk-full outages: {outages}; tasks: {len(expected)}; refusals: {refusals}")
+    print(f"disk-full outages: {outages}; tasks: {len(expected)}; refusals: {refusals}; uploads that still"
+          f" fitted into the database's own free room: {accepted_while_full}; results committed while full:"
+          f" {committed_while_full}")
 
 
 async def test_an_upload_cut_by_a_full_disk_is_rolled_back_whole(tmp_path: Path, disk: SmallDisk) -> None:
