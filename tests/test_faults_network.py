@@ -387,3 +387,40 @@ async def test_agent_in_a_namespace_whose_link_goes_down(tmp_path: Path, soak: b
         final_checks(rig)
     finally:
         await rig.stop()
+
+
+async def test_a_silently_dead_connection_is_left_before_the_leases_expire(tmp_path: Path) -> None:
+    """A's connection dies without a FIN or RST while a new one would pass at once (a NAT entry
+    lost). With a lease TTL of 30 s, A must notice and reconnect in time for its hello to keep its
+    leases: the websocket heartbeat alone (no frame for 20 s, then 10 s for a pong) notices after
+    the leases have expired, and the work is done twice."""
+    slots = 4
+    rig = Rig(tmp_path, lease_ttl_s=30)
+    proxy: Proxy | None = None
+    try:
+        await rig.start()
+        inst = await rig.register(slots)
+        proxy = Proxy("127.0.0.1", int(inst["url"].rsplit(":", 1)[1].split("/")[0]))
+        await proxy.start()
+        a = rig.start_agent("A", inst, proxied_url(inst["url"], proxy.port), slots)
+        await rig.until("A connected", lambda: bool(a.log("agent_connected")))
+        gate = tmp_path / "gate"
+        ids = await rig.submit(slots, gate=gate)
+        await rig.until("A runs the batch", lambda: len(list(rig.marks.glob("A-*.started"))) == slots)
+        proxy.blackhole()
+        proxy.resume()  # the open connection stays dead; new ones pass
+        gate.touch()
+        await rig.until("A noticed and reconnected", lambda: len(a.log("agent_connected")) == 2, timeout_s=60)
+        assert a.log("agent_connected")[1]["kept"] == slots
+        assert a.log("agent_disconnected"), a.tail()
+        await rig.until("the batch done", lambda: all(
+            s == ("succeeded", a.instance) for s in rig.states(ids).values()))
+        for kind in ("lease_expired", "stale_report_refused"):
+            assert rig.count("SELECT count(*) FROM events WHERE kind = ?", kind) == 0, kind
+        assert rig.query("SELECT DISTINCT attempt FROM tasks") == [(1,)]
+        assert a.stop() == 0, a.tail()
+        final_checks(rig)
+    finally:
+        await rig.stop()
+        if proxy is not None:
+            await proxy.stop()
