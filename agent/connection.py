@@ -52,6 +52,10 @@ DEFAULT_DRAIN_GRACE_S = 60.0
 # Before the cloud's deadline, what still runs is stopped and handed back with this much time left
 # for the hand-back to reach the daemon.
 DEFAULT_INTERRUPTION_MARGIN_S = 10.0
+# The longest notice a supported cloud gives (AWS: two minutes). A deadline further off means this
+# machine's clock is behind the cloud's: the grace is capped, not stretched by the skew past the
+# moment the cloud takes the machine (work finished after it would be lost, not handed back).
+MAX_NOTICE_S = 120.0
 ACK_WAIT_S = 5.0
 # A connection that brings nothing (not even the pong to our ping each heartbeat) for half the lease
 # TTL, or this long if more, is dead: a NAT or firewall that lost it, a peer gone without a FIN.
@@ -155,7 +159,10 @@ class Agent:
             # on AWS that is ~110 s of a 2-minute notice, on GCP/Azure ~20 s.
             grace = self.drain_grace_s
             if notice.deadline is not None:
-                grace = max(0.0, notice.deadline - time.time() - self.interruption_margin_s)
+                # The one wall-clock reading: the clouds give an absolute time. Turned into a
+                # grace once, then timed on the monotonic loop clock (a later step cannot move it).
+                left = min(notice.deadline - time.time(), MAX_NOTICE_S)
+                grace = max(0.0, left - self.interruption_margin_s)
             self.start_drain("interruption", grace_s=grace)
 
     def start_drain(self, reason: str, *, grace_s: float | None = None) -> None:

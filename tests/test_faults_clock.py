@@ -12,19 +12,25 @@ mistranslates); asyncio's sleeps, timeouts and thread waits work. The agent neve
 Where the agent reads the wall clock (agent/): the `ts` of its log lines (a record of when, as the
 machine saw it) and a spot deadline: the clouds give an absolute time (AWS's instance-action
 `time`, Azure's `NotBefore`), turned into a grace period once, when the notice arrives
-(`deadline - time.time()`), then timed on the monotonic loop clock, so a later step does not move
-it. GCP gives no time: its deadline is the agent's own clock + 30 s, converted back at once on
-the same clock. Every interval (heartbeats, reconnect backoff, task durations and timeouts, the
+(`deadline - time.time()`, capped at the longest notice a cloud gives: a clock behind the cloud's
+must not stretch it), then timed on the monotonic loop clock, so a later step does not move it.
+GCP gives no time: its deadline is the agent's own clock + 30 s, converted back at once on the
+same clock. Every interval (heartbeats, reconnect backoff, task durations and timeouts, the
 AWS token's renewal, drain grace) is on the monotonic clock.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from pathlib import Path
 
 import pytest
 
+from agent.connection import Agent
+from agent.protocol import Notice
+from agent.workerspec import WorkerSpec
 from tests.netproxy import Proxy
 from tests.test_faults_network import AgentProc, Rig, final_checks, proxied_url
 
@@ -107,3 +113,20 @@ async def test_agent_clock_steps_an_hour_forward_and_back(tmp_path: Path, soak: 
         await rig.stop()
         if proxy is not None:
             await proxy.stop()
+
+
+async def test_a_spot_deadline_read_on_a_clock_an_hour_behind(tmp_path: Path) -> None:
+    """The one place the agent reads the wall clock for timing: a cloud's absolute deadline. On a
+    clock an hour behind the cloud's, an AWS notice's two minutes look like an hour and two: the
+    agent would work on past the moment the machine is taken, and what finished after it is lost
+    instead of handed back. The grace is capped at the longest notice a cloud gives."""
+    agent = Agent("wss://127.0.0.1:1/", "i-1", "token", tmp_path, 2, drain_grace_s=60.0,
+                  spec=WorkerSpec(mode="command", command="true"), interruption_margin_s=10.0)
+    loop = asyncio.get_running_loop()
+    agent.on_notice(Notice("interruption", "aws", time.time() + HOUR_S + 120, "terminate"))
+    try:
+        assert agent.draining
+        assert agent._drain_deadline - loop.time() == pytest.approx(110, abs=1.0)
+    finally:
+        if agent._drain_timer is not None:
+            agent._drain_timer.cancel()
