@@ -52,7 +52,18 @@ DEFAULT_DRAIN_GRACE_S = 60.0
 # Before the cloud's deadline, what still runs is stopped and handed back with this much time left
 # for the hand-back to reach the daemon.
 DEFAULT_INTERRUPTION_MARGIN_S = 10.0
+# The longest notice a supported cloud gives (AWS: two minutes). A deadline further off means this
+# machine's clock is behind the cloud's: the grace is capped, not stretched by the skew past the
+# moment the cloud takes the machine (work finished after it would be lost, not handed back).
+MAX_NOTICE_S = 120.0
 ACK_WAIT_S = 5.0
+# A connection that brings nothing (not even the pong to our ping each heartbeat) for half the lease
+# TTL, or this long if more, is dead: a NAT or firewall that lost it, a peer gone without a FIN.
+# Left then, the reconnect's hello still lands before the leases expire and keeps them; the
+# websocket's own 20 s heartbeat (30 s to notice) is later than a short TTL's expiry.
+SILENCE_MIN_S = 10.0
+# The close handshake of a connection we leave: a dead one never answers (aiohttp waits 10 s).
+WS_CLOSE_TIMEOUT_S = 2.0
 FRAME_OVERHEAD = 256  # a frame's own JSON around its items, with room to spare
 MAX_ERROR_CHARS = 64 * 1024  # a failure's message beyond this is cut (a worker's whole stderr)
 
@@ -151,7 +162,10 @@ class Agent:
             # on AWS that is ~110 s of a 2-minute notice, on GCP/Azure ~20 s.
             grace = self.drain_grace_s
             if notice.deadline is not None:
-                grace = max(0.0, notice.deadline - time.time() - self.interruption_margin_s)
+                # The one wall-clock reading: the clouds give an absolute time. Turned into a
+                # grace once, then timed on the monotonic loop clock (a later step cannot move it).
+                left = min(notice.deadline - time.time(), MAX_NOTICE_S)
+                grace = max(0.0, left - self.interruption_margin_s)
             self.start_drain("interruption", grace_s=grace)
 
     def start_drain(self, reason: str, *, grace_s: float | None = None) -> None:
@@ -201,19 +215,24 @@ class Agent:
     async def _connect_loop(self) -> None:
         delay = RECONNECT_MIN_S
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+        ws_timeout = aiohttp.ClientWSTimeout(ws_close=WS_CLOSE_TIMEOUT_S)
         async with aiohttp.ClientSession(timeout=timeout) as http:
             while not self.done.is_set():
                 try:
                     async with http.ws_connect(self.url, heartbeat=20, max_msg_size=self.max_message_bytes,
-                                               ssl=self.ssl) as ws:
+                                               ssl=self.ssl, timeout=ws_timeout) as ws:
                         delay = RECONNECT_MIN_S
                         await self._session(ws)
+                    if not self.done.is_set():
+                        log("agent_disconnected", close_code=ws.close_code,
+                            error=str(ws.exception() or "") or None)
                 except FatalAgentError as exc:
                     log("agent_refused", error=str(exc))
                     self.done.set()
                     raise
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                    log("agent_connect_failed", error=str(exc) or type(exc).__name__, retry_in_s=round(delay, 2))
+                    event = "agent_disconnected" if self._ws is not None else "agent_connect_failed"
+                    log(event, error=str(exc) or type(exc).__name__, retry_in_s=round(delay, 2))
                 finally:
                     self._ws = None
                 if self.done.is_set():
@@ -259,8 +278,13 @@ class Agent:
         self._flush_event.set()
         flusher = asyncio.get_running_loop().create_task(self._flush_loop(ws))
         beater = asyncio.get_running_loop().create_task(self._heartbeat_loop(ws))
+        silence_s = max(SILENCE_MIN_S, 2 * self.heartbeat_s)
         try:
-            async for msg in ws:
+            while True:
+                try:
+                    msg = await ws.receive(timeout=silence_s)
+                except TimeoutError:
+                    raise aiohttp.ServerTimeoutError(f"nothing from the daemon for {silence_s:g} s") from None
                 if msg.type != aiohttp.WSMsgType.TEXT:
                     break
                 self._on_message(parse_daemon_message(msg.data))
@@ -398,6 +422,7 @@ class Agent:
             refs = [[tid, h.task.token] for tid, h in self.held.items()]
             if refs:
                 await ws.send_str(jsonx.dumps({"t": "hb", "leases": refs}))
+            await ws.ping()  # the daemon's pong is what proves the connection alive (see _session)
 
     # ---- running tasks ----
 

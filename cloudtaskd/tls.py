@@ -28,6 +28,10 @@ from cloudtaskd.errors import CloudtaskError
 CA_VALIDITY = dt.timedelta(days=3650)
 SERVER_VALIDITY = dt.timedelta(days=397)
 RENEW_BEFORE = dt.timedelta(days=30)
+# Certificates are valid from this long before they are made: a machine whose clock is behind (a VM
+# booted before its NTP sync, a clock stepped back) must still accept them, and agents keep working
+# under such a clock. Nothing is given away: the key did not exist before.
+BACKDATE = dt.timedelta(days=1)
 # Names the server certificate always carries: agents of the local provider dial these.
 ALWAYS = ("localhost", "127.0.0.1", "::1")
 
@@ -130,7 +134,7 @@ def _new_ca(key_path: Path, cert_path: Path, label: str) -> None:
         x509.CertificateBuilder()
         .subject_name(name).issuer_name(name).public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + CA_VALIDITY)
+        .not_valid_before(now - BACKDATE).not_valid_after(now + CA_VALIDITY)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                      content_commitment=False, key_encipherment=False, data_encipherment=False,
@@ -175,7 +179,7 @@ def _issue(files: TlsFiles, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Ce
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cloudtaskd")]))
         .issuer_name(ca_cert.subject).public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + SERVER_VALIDITY)
+        .not_valid_before(now - BACKDATE).not_valid_after(now + SERVER_VALIDITY)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
