@@ -79,6 +79,8 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._pool_gen: dict[int, int] = defaultdict(int)
         self._pool_empty: set[int] = set()
+        # time.monotonic(): a step of the wall clock (NTP, a VM resumed) must not stop the timers
+        # (an hour back stopped lease expiry and retries for an hour) nor run them in a burst.
         self._next_timers = 0.0
         # Connections that may want tasks, per pool, in the order they are to be served: a round
         # looks at these, not at every connection (2,000 agents, most of them busy, made the scan
@@ -161,8 +163,7 @@ class Dispatcher:
 
     async def run(self) -> None:
         while True:
-            now = time.time()
-            timeout = max(0.0, self._next_timers - now)
+            timeout = max(0.0, self._next_timers - time.monotonic())
             if not self._wake.is_set():
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=timeout)
@@ -188,9 +189,10 @@ class Dispatcher:
     async def round(self) -> None:
         now = time.time()
         reports, self._reports = self._reports, queue.Reports()
-        timers = now >= self._next_timers
+        mono = time.monotonic()
+        timers = mono >= self._next_timers
         if timers:
-            self._next_timers = now + TIMER_INTERVAL_S
+            self._next_timers = mono + TIMER_INTERVAL_S
         # Round robin over connections with credit: a connection served (in full or in part) goes to
         # the back of its pool's line, so a round's budget serves them in turn; with thousands of
         # agents none waits more than (agents x credit / budget) rounds.

@@ -7,7 +7,10 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from agent.protocol import Handback, LeaseRequest, parse_agent_message
+from cloudtaskd import queue
 from cloudtaskd.dispatch import Dispatcher, Session
 from cloudtaskd.store import Store
 from tests.conftest import make_config
@@ -123,3 +126,20 @@ async def test_a_heartbeat_then_the_report_in_one_round_revokes_nothing(store: S
     assert any('"t":"ack"' in f and str(grant["id"]) in f for f in frames)
     rows = await store.fetchall("SELECT state FROM tasks")
     assert [r["state"] for r in rows] == ["succeeded"]
+
+
+async def test_a_wall_clock_step_back_does_not_stop_the_timers(store: Store, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by reading the code after the agent clock tests: the timers (lease expiry, retries) were
+    scheduled on time.time(), so a daemon whose clock stepped back an hour ran none for an hour."""
+    import time as time_mod
+
+    d = Dispatcher(store, make_config(tmp_path))
+    await d.round()  # runs the timers and schedules the next run
+    real = time_mod.time
+    monkeypatch.setattr(time_mod, "time", lambda: real() - 3600)  # NTP steps the clock an hour back
+    await asyncio.sleep(0.6)  # past TIMER_INTERVAL_S on the monotonic clock
+    calls: list[bool] = []
+    monkeypatch.setattr(d, "_round_tx", lambda tx, reports, wants, timers: calls.append(timers) or queue.RoundResult())
+    await d.round()
+    assert calls == [True], "the timers did not run after the wall clock stepped back"
