@@ -283,7 +283,7 @@ class Dispatcher:
         if old is not None:
             old.superseded = True
             old.credit = 0
-        kept, dropped, requeued = await self.store.write(queue.reclaim, instance_id, held, self.ttl_s)
+        kept, dropped, requeued = await self.store.write(queue.reclaim, instance_id, held, self.ttl_s, urgent=True)
         for pool in requeued:
             self.notify_work(pool)
         return kept, dropped

@@ -247,7 +247,9 @@ class AgentHub:
         row = await self.store.fetchone("SELECT token_hash FROM instances WHERE id = ?", (hello.instance,))
         if row is None or not hmac.compare_digest(row["token_hash"], hashed):
             return None
-        return await self.store.write(_authenticate_tx, hello.instance, hashed)
+        # urgent, like the dispatcher's rounds: behind a stream of them an ordinary write waits a round
+        # each time, and 2,000 agents reconnecting took two minutes (benchmarks/scale.py)
+        return await self.store.write(_authenticate_tx, hello.instance, hashed, urgent=True)
 
     async def close_all(self) -> None:
         for ws in list(self.sockets):

@@ -4,7 +4,9 @@ A plain asyncio.Lock is first come, first served. When 1,000 jobs are submitted 
 upload queues several transactions, and a dispatch round waiting behind all of them leaves every
 agent idle for a second (benchmarks/scale.py, phase 3). Here an urgent waiter (the dispatcher)
 is handed the lock before any ordinary one; ordinary waiters keep their order. The dispatcher
-holds at most one round in the queue, so the others still get a turn between its rounds.
+holds at most one round in the queue, so the others still get a turn between its rounds. An
+agent's hello (authentication, reclaim) is urgent too: behind a stream of rounds each of its
+writes would wait a round, and 2,000 agents reconnecting after a restart took two minutes.
 """
 
 from __future__ import annotations
