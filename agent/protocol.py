@@ -21,6 +21,11 @@ MAX_ERROR_CHARS = 4000
 # Exit code by which a `command` worker declares a permanent failure (no retry).
 PERMANENT_FAILURE_EXIT_CODE = 3
 
+# Bounds on numbers no real agent comes near: 1.8e308 is a valid JSON number, and a sum of two such
+# durations is infinite, which the daemon's cost estimates then turn into NaN (not JSON).
+MAX_DURATION_S = 1e9  # about 31 years
+MAX_DEADLINE = 1e11  # epoch seconds, the year 5138
+
 
 class ProtocolError(Exception):
     """A message that does not follow the protocol; the connection that sent it is closed."""
@@ -195,10 +200,10 @@ def _int(obj: dict[str, Any], key: str, *, minimum: int = 0, maximum: int = 2**6
     return value
 
 
-def _num(obj: dict[str, Any], key: str) -> float:
+def _num(obj: dict[str, Any], key: str, *, maximum: float) -> float:
     value = obj.get(key)
-    if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
-        raise ProtocolError(f"expected a non-negative number, got {value!r:.60}", field=key)
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value <= maximum:
+        raise ProtocolError(f"expected a number in [0, {maximum:g}], got {value!r:.60}", field=key)
     return float(value)
 
 
@@ -253,7 +258,8 @@ def parse_agent_message(raw: str | bytes) -> AgentMessage:
             it = _obj(item, f"results[{i}]")
             if "result" not in it:
                 raise ProtocolError("missing", field=f"results[{i}].result")
-            results.append(Success(_int(it, "id"), _int(it, "token"), it["result"], _num(it, "duration_s")))
+            results.append(Success(_int(it, "id"), _int(it, "token"), it["result"],
+                                   _num(it, "duration_s", maximum=MAX_DURATION_S)))
         return Complete(results)
     if kind == "fail":
         failures = []
@@ -266,7 +272,8 @@ def parse_agent_message(raw: str | bytes) -> AgentMessage:
             if not isinstance(error, str):
                 raise ProtocolError("expected a string", field=f"failures[{i}].error")
             failures.append(
-                Failure(_int(it, "id"), _int(it, "token"), error[:MAX_ERROR_CHARS], retryable, _num(it, "duration_s"))
+                Failure(_int(it, "id"), _int(it, "token"), error[:MAX_ERROR_CHARS], retryable,
+                        _num(it, "duration_s", maximum=MAX_DURATION_S))
             )
         return Fail(failures)
     if kind == "hb":
@@ -289,7 +296,7 @@ def parse_agent_message(raw: str | bytes) -> AgentMessage:
         notice_kind = obj.get("kind")
         if notice_kind not in NOTICE_KINDS:
             raise ProtocolError(f"expected one of {', '.join(NOTICE_KINDS)}, got {notice_kind!r:.40}", field="kind")
-        deadline = None if obj.get("deadline") is None else _num(obj, "deadline")
+        deadline = None if obj.get("deadline") is None else _num(obj, "deadline", maximum=MAX_DEADLINE)
         return Notice(notice_kind, _str(obj, "source", max_len=32), deadline, _str(obj, "detail", max_len=200))
     raise ProtocolError(f"unknown message type {kind!r:.40}", field="t")
 

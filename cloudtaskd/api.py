@@ -383,26 +383,31 @@ class ControlApi:
         after = _int_param(request, "after", 0) or 0
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
-        cols = "id, key, state, result, error, failures, instance_id, duration_s, finished_at"
-        if top is not None:
-            rows = await self.store.fetchall(
-                f"SELECT {cols} FROM tasks WHERE job_id = ? AND finished_at IS NOT NULL"
-                " AND state IN ('succeeded', 'dead', 'cancelled') ORDER BY finished_at DESC, id DESC LIMIT ?",
-                (job_id, max(0, top)),
-            )
-            await resp.write("".join(_result_line(r) for r in rows).encode())
-        else:
-            while True:  # page through in id order so memory stays flat for a million results
+        if request.method == "HEAD":
+            return resp  # the headers only: the client reads no body, and may be gone already
+        try:
+            cols = "id, key, state, result, error, failures, instance_id, duration_s, finished_at"
+            if top is not None:
                 rows = await self.store.fetchall(
-                    f"SELECT {cols} FROM tasks WHERE job_id = ? AND id > ?"
-                    " AND state IN ('succeeded', 'dead', 'cancelled') ORDER BY id LIMIT 5000",
-                    (job_id, after),
+                    f"SELECT {cols} FROM tasks WHERE job_id = ? AND finished_at IS NOT NULL"
+                    " AND state IN ('succeeded', 'dead', 'cancelled') ORDER BY finished_at DESC, id DESC LIMIT ?",
+                    (job_id, max(0, top)),
                 )
-                if not rows:
-                    break
                 await resp.write("".join(_result_line(r) for r in rows).encode())
-                after = rows[-1]["id"]
-        await resp.write_eof()
+            else:
+                while True:  # page through in id order so memory stays flat for a million results
+                    rows = await self.store.fetchall(
+                        f"SELECT {cols} FROM tasks WHERE job_id = ? AND id > ?"
+                        " AND state IN ('succeeded', 'dead', 'cancelled') ORDER BY id LIMIT 5000",
+                        (job_id, after),
+                    )
+                    if not rows:
+                        break
+                    await resp.write("".join(_result_line(r) for r in rows).encode())
+                    after = rows[-1]["id"]
+            await resp.write_eof()
+        except ConnectionResetError:
+            pass  # the client hung up mid-stream (`cloudtaskctl results | head`): nobody to answer
         return resp
 
     # ---- instances ----

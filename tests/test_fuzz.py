@@ -24,6 +24,7 @@ worker thread and hands each step to the loop. CI mode runs a fixed number of de
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import io
 import itertools
@@ -39,7 +40,6 @@ import tarfile
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -99,7 +99,7 @@ class Logs:
             *self.records.records]
 
 
-@contextmanager
+@contextlib.contextmanager
 def error_log() -> Iterator[Logs]:
     handler = _ErrorRecords()
     root = logging.getLogger()
@@ -207,7 +207,9 @@ def hypothesis_settings(soak: bool, ci_examples: int, soak_examples: int) -> set
         derandomize=not soak,  # CI: the same examples every run
         database=None,
         suppress_health_check=list(HealthCheck),  # one daemon for every example, on purpose
-        phases=[Phase.explicit, Phase.generate, Phase.shrink] if soak else [Phase.explicit, Phase.generate],
+        # No shrinking: the daemon's state moves on between examples, so a replay rarely fails the same
+        # way (hypothesis calls that flaky); the failing example is reported as it was drawn.
+        phases=[Phase.explicit, Phase.generate],
         print_blob=True,
     )
 
@@ -419,9 +421,9 @@ def int_values(known: Callable[[], list[int]] | None, lo: int, hi: int, clean: b
                      st.floats(), wrong)
 
 
-def num_values(clean: bool) -> st.SearchStrategy[Any]:
-    ok = st.floats(min_value=0.0, allow_nan=False, allow_infinity=False) | st.integers(0, 2**63)
-    return ok if clean else st.one_of(ok, st.floats(), st.integers(), wrong)
+def num_values(clean: bool, hi: float = protocol.MAX_DURATION_S) -> st.SearchStrategy[Any]:
+    ok = st.floats(min_value=0.0, max_value=hi) | st.integers(0, int(hi)) | st.sampled_from([0, hi])
+    return ok if clean else st.one_of(ok, st.floats(), st.integers(), st.just(1.7e308), wrong)
 
 
 def str_values(max_len: int, clean: bool) -> st.SearchStrategy[Any]:
@@ -493,7 +495,7 @@ def messages(draw: st.DrawFn, k: Known, kind: str | None = None, *, clean: bool 
         fields = {"kind": draw(st.sampled_from(protocol.NOTICE_KINDS) if clean else
                                st.sampled_from(protocol.NOTICE_KINDS) | wrong),
                   "source": draw(str_values(32, clean)), "detail": draw(str_values(200, clean)),
-                  "deadline": draw(st.none() | num_values(clean))}
+                  "deadline": draw(st.none() | num_values(clean, protocol.MAX_DEADLINE))}
     if not clean:
         for name in list(fields):
             if draw(st.integers(0, 9)) == 0:
@@ -580,8 +582,8 @@ def valid_message(obj: Any) -> bool:
     def is_int(v: Any, lo: int = 0, hi: int = I62) -> bool:
         return type(v) is int and lo <= v <= hi
 
-    def is_num(v: Any) -> bool:
-        return type(v) in (int, float) and v >= 0
+    def is_num(v: Any, hi: float) -> bool:
+        return type(v) in (int, float) and 0 <= v <= hi
 
     def is_str(v: Any, n: int) -> bool:
         return type(v) is str and len(v) <= n
@@ -590,7 +592,8 @@ def valid_message(obj: Any) -> bool:
         return type(v) is list and all(type(r) is list and len(r) == 2 and is_int(r[0]) and is_int(r[1]) for r in v)
 
     def report(r: Any) -> bool:
-        return type(r) is dict and is_int(r.get("id")) and is_int(r.get("token")) and is_num(r.get("duration_s"))
+        return (type(r) is dict and is_int(r.get("id")) and is_int(r.get("token"))
+                and is_num(r.get("duration_s"), protocol.MAX_DURATION_S))
 
     if type(obj) is not dict:
         return False
@@ -615,7 +618,8 @@ def valid_message(obj: Any) -> bool:
         return is_str(obj.get("reason"), 200)
     if t == "notice":
         deadline = obj.get("deadline")
-        return (obj.get("kind") in protocol.NOTICE_KINDS and (deadline is None or is_num(deadline))
+        return (obj.get("kind") in protocol.NOTICE_KINDS
+                and (deadline is None or is_num(deadline, protocol.MAX_DEADLINE))
                 and is_str(obj.get("source"), 32) and is_str(obj.get("detail"), 200))
     return False
 
@@ -725,6 +729,17 @@ class FuzzConn:
             return any(m["t"] == "ack" and marker in m["refused"] for m in self.received)
         await wait_for(acked, timeout=15, interval=0.005, message="the sync ack")
 
+    async def abandon(self) -> None:
+        """Close from this side whatever state the connection is in (idempotent)."""
+        if self.ws is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(10):
+                    await self.ws.close()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(BaseException):
+                await self._reader
+
     async def close(self) -> None:
         assert self.ws is not None
         await self.ws.close()
@@ -777,6 +792,13 @@ def fuzz_example(h: Harness, k: Known, data: st.DataObject, counts: dict[str, An
     close the connection; what the daemon did is checked against the oracle."""
     conn = FuzzConn(h, k)
     h.run(conn.open())
+    try:
+        _fuzz_connection(h, k, conn, data, counts)
+    finally:
+        h.run(conn.abandon())  # also when the example failed: shrinking replays hundreds of them
+
+
+def _fuzz_connection(h: Harness, k: Known, conn: FuzzConn, data: st.DataObject, counts: dict[str, Any]) -> None:
     opening = data.draw(st.sampled_from(["hello"] * 4 + ["bad_hello", "garbage"]), label="opening")
     if opening == "hello":
         held = data.draw(ref_lists(k, clean=True), label="held")
@@ -815,6 +837,9 @@ def fuzz_example(h: Harness, k: Known, data: st.DataObject, counts: dict[str, An
         counts["closes"][outcome.code] += 1
 
 
+# Hypothesis checks that no draw touches the global random: the daemon's retry jitter (queue.backoff_s)
+# runs on the loop's thread while hypothesis draws on its own, which that check cannot tell apart.
+@pytest.mark.filterwarnings("ignore:Do not use the `random` module inside strategies")
 async def test_fuzz_agent_websocket(harness: Harness, tmp_path: Path, soak: bool) -> None:
     h = harness
     victim, good = Victim(h), GoodAgent(h, tmp_path / "good-agent")
@@ -858,12 +883,14 @@ async def _first(received: list[Any]) -> Any:
 # ---- the control API ------------------------------------------------------------------------------------
 
 
+# Values stay short enough for the request line to fit aiohttp's 8190 bytes: a longer one is refused by
+# its HTTP parser, before the app, in plain text and with an error-level log line (a known limit).
 QUERY_KEYS = ("state", "limit", "after", "top", "source", "all", "cpus_per_task", "memory_per_task", "gpus_per_task",
               "spot", "providers", "regions", "max_price_per_hour", "tail", "job", "instance", "wait")
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
 query_values = st.one_of(
     st.text(max_size=30), st.integers().map(str), st.floats().map(repr),
-    st.sampled_from(["", "nan", "inf", "-inf", "1e309", "-1", "0", "1", "9" * 30, "9" * 5000, "1_000", "\uff11", " 1 ",
+    st.sampled_from(["", "nan", "inf", "-inf", "1e309", "-1", "0", "1", "9" * 30, "9" * 2000, "1_000", "\uff11", " 1 ",
                      "true", "false", "0x10", "queued", "succeeded", "1.5", "-0", "aws,gcp", ",,,"]))
 # A long poll: only short waits, so that an example costs milliseconds.
 wait_values = st.sampled_from(["", "0", "0.01", "0.05", "-1", "nan", "inf", "1e309", "abc", "0x1"])
@@ -1040,7 +1067,7 @@ def requests(draw: st.DrawFn, t: ApiTarget) -> dict[str, Any]:
                          st.text(min_size=1, max_size=20),
                          st.sampled_from(["0", "-1", "9" * 25, "1e3", "0x1", "%00", "..", "nan"])).filter(keeper_safe),
         "instance": st.one_of(st.just(t.instance), st.just(t.instance), st.text(min_size=1, max_size=40),
-                              st.just("x" * 5000)),
+                              st.just("x" * 2000)),
     }
     path = template
     for name in re.findall(r"\{(\w+)\}", template):
@@ -1380,4 +1407,42 @@ async def test_draining_an_instance_that_is_not_running_is_a_conflict(harness: H
     await wait_for(ended, message="the drained instance ended")
     status, body = await h.api.request("POST", f"/v1/instances/{inst['id']}/drain")
     assert status == 409 and "can be drained" in body["error"]["message"], body
+    await h.check_alive()
+
+
+async def test_numbers_no_agent_could_report_are_refused(harness: Harness) -> None:
+    """Found by the soak fuzzer: a duration of 1.7e308 is a valid JSON number; two of them summed to
+    infinity in GET /v1/jobs/{id}/cost, whose estimate became NaN, which json.dumps writes and no JSON
+    client reads. Durations and notice deadlines are now bounded (protocol.MAX_DURATION_S, MAX_DEADLINE)."""
+    h = harness
+    job = await submit(h, "fuzz", [{"id": f"long{i}"} for i in range(3)])
+    k = Known([], [])
+    conn = await hello_conn(h, k)
+    await conn.send(text_frame(protocol.encode(protocol.LeaseRequest(2))))
+    await wait_for(lambda: _true(len(k.own) == 2), message="two leases")
+    (a, ta), (b, tb) = k.own
+    await conn.send(text_frame(to_text({"t": "done", "results": [
+        {"id": a, "token": ta, "duration_s": protocol.MAX_DURATION_S, "result": 1}]})))
+    await conn.sync()
+    await conn.send(text_frame(to_text({"t": "done", "results": [
+        {"id": b, "token": tb, "duration_s": 1.7e308, "result": 1}]})))
+    await conn.expect_close(1008, "protocol")
+    await conn.abandon()
+    await h.check_views([job])  # the job still has a task queued: its estimate is computed
+    await h.check_alive()
+
+
+async def test_head_of_the_results_stream_logs_no_error(harness: Harness) -> None:
+    """Found by the soak fuzzer: HEAD /v1/jobs/{id}/results streamed the body anyway; the client, which
+    reads none, had closed the connection, and the write failed as an unhandled exception (logged at
+    error level). A client hanging up mid-stream is an ordinary event, not an error."""
+    h = harness
+    job = await submit(h, "fuzz", [{"id": f"h{i}"} for i in range(3)])
+    status, _ = await h.api.request("POST", f"/v1/jobs/{job}/cancel")  # cancelled tasks have result lines
+    assert status == 200
+    for _ in range(5):
+        async with h.api.session.head(f"http://cloudtaskd/v1/jobs/{job}/results") as resp:
+            assert resp.status == 200 and resp.content_type == "application/x-ndjson"
+    _, text = await h.api.request("GET", f"/v1/jobs/{job}/results")
+    assert len(text.splitlines()) == 3
     await h.check_alive()
