@@ -27,6 +27,8 @@ import aiohttp
 from agent import interruption, jsonx
 from agent.logline import log
 from agent.protocol import (
+    CREDIT_IN_REPORT,
+    FEATURES,
     Ack,
     Draining,
     DrainRequest,
@@ -122,6 +124,7 @@ class Agent:
         self.draining = False
         self.done = asyncio.Event()
         self.heartbeat_s = 15.0
+        self._credit_in_report = False  # the daemon's welcome says whether a done frame may carry credit
         self.completed = 0
         # Lease round trips (credit sent -> the grant that covers it), for benchmarks and debugging.
         self._credit_sent: deque[list[float]] = deque()  # [sent_at, n still uncovered]
@@ -247,7 +250,8 @@ class Agent:
         # requeued and run again, and the report refused).
         held += [[r["id"], r["token"]] for r in (*self._unacked.values(), *self._pending)
                  if r["kind"] in ("done", "fail") and r["id"] not in self.held]
-        await ws.send_str(encode(Hello(self.instance, self.token, self.slots, [(a, b) for a, b in held])))
+        await ws.send_str(encode(Hello(self.instance, self.token, self.slots, [(a, b) for a, b in held],
+                                       features=list(FEATURES))))
         first = await ws.receive(timeout=30)
         if first.type != aiohttp.WSMsgType.TEXT:
             raise aiohttp.ClientError(f"connection closed before welcome ({first.type.name})")
@@ -259,6 +263,7 @@ class Agent:
         if not isinstance(welcome, Welcome):
             raise aiohttp.ClientError("expected a welcome")
         self.heartbeat_s = welcome.heartbeat_s
+        self._credit_in_report = CREDIT_IN_REPORT in welcome.features  # an older daemon would drop it
         if welcome.max_message_bytes:
             self.send_limit_bytes = welcome.max_message_bytes
         for tid in welcome.dropped:
@@ -297,6 +302,8 @@ class Agent:
 
     def _on_message(self, msg: Any) -> None:
         if isinstance(msg, Grant):
+            if msg.ok or msg.refused:  # this round's acks, carried by the grant (ACK_IN_GRANT)
+                self._on_message(Ack(msg.ok, msg.refused))
             self._record_rtt(len(msg.tasks))
             for task in msg.tasks:
                 if task.id in self.held:
@@ -373,27 +380,33 @@ class Agent:
             pending, self._pending = self._pending, []
             for r in pending:
                 self._unacked[r["id"]] = r
-            await self._send_reports(ws, pending)
+            credit = 0
             if self._credit_owed > 0 and not self.draining:
-                n, self._credit_owed = self._credit_owed, 0
-                self._credit_sent.append([time.monotonic(), n])
-                await ws.send_str(f'{{"t":"lease","n":{n}}}')
+                credit, self._credit_owed = self._credit_owed, 0
+                self._credit_sent.append([time.monotonic(), credit])
+            if not await self._send_reports(ws, pending, credit if self._credit_in_report else 0) and credit:
+                await ws.send_str(f'{{"t":"lease","n":{credit}}}')
 
-    async def _send_reports(self, ws: aiohttp.ClientWebSocketResponse, pending: list[dict[str, Any]]) -> None:
+    async def _send_reports(self, ws: aiohttp.ClientWebSocketResponse, pending: list[dict[str, Any]],
+                            credit: int = 0) -> bool:
         """One frame per kind when it fits under the daemon's message limit (the usual case: one
         encode); else the items packed into several frames, and a result no frame can carry
         turned into a permanent failure (an oversized frame closes the connection and would be
-        resent after every reconnect)."""
+        resent after every reconnect). `credit` rides in the one done frame when there is one
+        (CREDIT_IN_REPORT); returns whether it did, else the caller sends a lease frame."""
         done = [{"id": r["id"], "token": r["token"], "result": r["result"], "duration_s": r["duration_s"]}
                 for r in pending if r["kind"] == "done"]
         failed = [{"id": r["id"], "token": r["token"], "error": r["error"][:MAX_ERROR_CHARS],
                    "retryable": r["retryable"], "duration_s": r["duration_s"]} for r in pending if r["kind"] == "fail"]
         back = [[r["id"], r["token"]] for r in pending if r["kind"] == "handback"]
         limit = self.send_limit_bytes - FRAME_OVERHEAD
+        sent_credit = False
         if done:
-            frame = jsonx.dumps({"t": "done", "results": done})
+            frame = jsonx.dumps({"t": "done", "results": done, "n": credit} if credit else
+                                {"t": "done", "results": done})
             if wire_len(frame) <= limit:
                 await ws.send_str(frame)
+                sent_credit = bool(credit)
             else:
                 items = []
                 for d in done:
@@ -415,6 +428,7 @@ class Agent:
             if objs:
                 for frame in pack(head, [jsonx.dumps(o) for o in objs], tail, self.send_limit_bytes):
                     await ws.send_str(frame)
+        return sent_credit
 
     async def _heartbeat_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         while True:

@@ -15,6 +15,7 @@ from typing import Any
 from agent import jsonx
 
 PROTOCOL_VERSION = 1
+MAX_CREDIT = 100_000  # one lease request's n
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_ERROR_CHARS = 4000
 
@@ -41,12 +42,21 @@ LeaseRef = tuple[int, int]  # (task_id, token)
 # ---- agent -> daemon ------------------------------------------------------------------------
 
 
+# Optional features, offered in the hello and granted in the welcome, so either side may be older.
+# With 2,000 agents each frame is a TLS record and a trip through the event loop: these two halve
+# the frames per task (benchmarks/scale.py).
+CREDIT_IN_REPORT = "credit_in_report"  # a done/fail frame may carry credit (`n`): no lease frame after it
+ACK_IN_GRANT = "ack_in_grant"  # a grant frame may carry the acks (`ok`, `refused`) of the same round
+FEATURES = (CREDIT_IN_REPORT, ACK_IN_GRANT)
+
+
 @dataclass(frozen=True, slots=True)
 class Hello:
     instance: str
     token: str
     slots: int
     held: list[LeaseRef]
+    features: list[str] = field(default_factory=list)
     version: int = PROTOCOL_VERSION
     t: str = "hello"
 
@@ -76,6 +86,7 @@ class Success:
 @dataclass(frozen=True, slots=True)
 class Complete:
     results: list[Success]
+    n: int = 0  # credit returned with the reports (CREDIT_IN_REPORT)
     t: str = "done"
 
 
@@ -91,6 +102,7 @@ class Failure:
 @dataclass(frozen=True, slots=True)
 class Fail:
     failures: list[Failure]
+    n: int = 0  # credit returned with the reports (CREDIT_IN_REPORT)
     t: str = "fail"
 
 
@@ -150,6 +162,7 @@ class Welcome:
     # The daemon's frame limit (agents.max_message_bytes) in bytes: what the agent may send in one
     # frame. 0: not said (an older daemon); the agent keeps its own default.
     max_message_bytes: int = 0
+    features: list[str] = field(default_factory=list)  # of FEATURES, those this connection uses
     t: str = "welcome"
 
 
@@ -163,6 +176,8 @@ class Ack:
 @dataclass(frozen=True, slots=True)
 class Grant:
     tasks: list[GrantedTask]
+    ok: list[int] = field(default_factory=list)  # acks of the same round (ACK_IN_GRANT)
+    refused: list[int] = field(default_factory=list)
     t: str = "grant"
 
 
@@ -242,6 +257,10 @@ def _obj(item: Any, where: str) -> dict[str, Any]:
     return item
 
 
+def _credit(obj: dict[str, Any]) -> int:
+    return _int(obj, "n", maximum=MAX_CREDIT) if "n" in obj else 0
+
+
 def parse_agent_message(raw: str | bytes) -> AgentMessage:
     """Decode and validate one agent frame; raises ProtocolError naming the bad field."""
     try:
@@ -251,7 +270,7 @@ def parse_agent_message(raw: str | bytes) -> AgentMessage:
     obj = _obj(obj, "message")
     kind = obj.get("t")
     if kind == "lease":
-        return LeaseRequest(n=_int(obj, "n", maximum=100_000))
+        return LeaseRequest(n=_int(obj, "n", maximum=MAX_CREDIT))
     if kind == "done":
         results = []
         for i, item in enumerate(_list(obj, "results")):
@@ -260,7 +279,7 @@ def parse_agent_message(raw: str | bytes) -> AgentMessage:
                 raise ProtocolError("missing", field=f"results[{i}].result")
             results.append(Success(_int(it, "id"), _int(it, "token"), it["result"],
                                    _num(it, "duration_s", maximum=MAX_DURATION_S)))
-        return Complete(results)
+        return Complete(results, _credit(obj))
     if kind == "fail":
         failures = []
         for i, item in enumerate(_list(obj, "failures")):
@@ -275,18 +294,22 @@ def parse_agent_message(raw: str | bytes) -> AgentMessage:
                 Failure(_int(it, "id"), _int(it, "token"), error[:MAX_ERROR_CHARS], retryable,
                         _num(it, "duration_s", maximum=MAX_DURATION_S))
             )
-        return Fail(failures)
+        return Fail(failures, _credit(obj))
     if kind == "hb":
         return Heartbeat(_refs(obj, "leases"))
     if kind == "hello":
         version = _int(obj, "version")
         if version != PROTOCOL_VERSION:
             raise ProtocolError(f"protocol version {version} is not supported (daemon speaks {PROTOCOL_VERSION})")
+        features = obj.get("features", [])
+        if not isinstance(features, list) or len(features) > 32 or not all(isinstance(f, str) for f in features):
+            raise ProtocolError("expected a list of at most 32 strings", field="features")
         return Hello(
             instance=_str(obj, "instance"),
             token=_str(obj, "token"),
             slots=_int(obj, "slots", minimum=1, maximum=100_000),
             held=_refs(obj, "held"),
+            features=[f for f in features if f in FEATURES],
         )
     if kind == "handback":
         return Handback(_refs(obj, "leases"), _str(obj, "reason", max_len=200))
@@ -311,7 +334,8 @@ def parse_daemon_message(raw: str | bytes) -> DaemonMessage:
                 [
                     GrantedTask(t["id"], t["token"], t["key"], t.get("data"), t.get("timeout_s"))
                     for t in obj["tasks"]
-                ]
+                ],
+                obj.get("ok", []), obj.get("refused", []),
             )
         if kind == "ack":
             return Ack(obj["ok"], obj["refused"])
@@ -319,7 +343,7 @@ def parse_daemon_message(raw: str | bytes) -> DaemonMessage:
             return Revoke(obj["ids"])
         if kind == "welcome":
             return Welcome(obj["lease_ttl_s"], obj["heartbeat_s"], obj["kept"], obj["dropped"], obj["version"],
-                           obj.get("max_message_bytes", 0))
+                           obj.get("max_message_bytes", 0), obj.get("features", []))
         if kind == "drain":
             return DrainRequest(obj.get("reason", ""))
         if kind == "error":

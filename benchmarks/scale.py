@@ -43,7 +43,7 @@ import aiohttp
 from _common import ROOT, DaemonProcess, bundle, cpu_seconds, peak_rss_mb, percentile
 
 from agent import jsonx
-from agent.protocol import Hello, encode
+from agent.protocol import CREDIT_IN_REPORT, FEATURES, Hello, encode
 
 WORKER = {"cloudtask.yaml": "mode: python\nfunction: noop:run\n", "noop.py": "async def run(i, d):\n    return None\n"}
 CONNECT_CONCURRENCY = 100  # per simulator process: the daemon admits 1024 unauthenticated at once
@@ -74,6 +74,7 @@ class SimAgent:
         self.credit_sent: deque[list[float]] = deque()
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.heartbeat_s = 30.0
+        self.credit_in_report = False
 
     async def run(self, http: aiohttp.ClientSession) -> None:
         sim = self.sim
@@ -81,14 +82,17 @@ class SimAgent:
             try:
                 async with sim.connect_slots:
                     ws = await http.ws_connect(self.inst["url"], ssl=sim.ssl, max_msg_size=0, heartbeat=None)
-                    await ws.send_str(encode(Hello(self.inst["id"], self.inst["token"], sim.slots, [])))
+                    await ws.send_str(encode(Hello(self.inst["id"], self.inst["token"], sim.slots, [],
+                                                   features=list(FEATURES))))
                     first = await ws.receive(timeout=60)
                 if first.type != aiohttp.WSMsgType.TEXT or jsonx.loads(first.data).get("t") != "welcome":
                     sim.errors.append(f"{self.inst['id']}: no welcome: {first.type} {str(first.data)[:200]}")
                     await ws.close()
                     await asyncio.sleep(1)
                     continue
-                self.heartbeat_s = float(jsonx.loads(first.data)["heartbeat_s"])
+                welcome = jsonx.loads(first.data)
+                self.heartbeat_s = float(welcome["heartbeat_s"])
+                self.credit_in_report = CREDIT_IN_REPORT in welcome.get("features", [])
                 sim.connected += 1
                 await self._session(ws)
                 return
@@ -110,18 +114,23 @@ class SimAgent:
                 obj = jsonx.loads(msg.data)
                 kind = obj["t"]
                 if kind == "grant":
+                    if "ok" in obj:  # the round's acks ride in the grant (ACK_IN_GRANT)
+                        self._acked(obj)
                     self._granted(obj["tasks"])
                 elif kind == "ack":
-                    self.unacked.difference_update(obj["ok"])
-                    if obj["refused"]:
-                        sim.errors.append(f"{self.inst['id']}: {len(obj['refused'])} reports refused")
-                        self.unacked.difference_update(obj["refused"])
+                    self._acked(obj)
                 elif kind in ("revoke", "drain", "error"):
                     sim.errors.append(f"{self.inst['id']}: unexpected {str(msg.data)[:200]}")
         finally:
             beater.cancel()
         if not sim.stopping:
             sim.errors.append(f"{self.inst['id']}: connection closed by the daemon ({ws.close_code})")
+
+    def _acked(self, obj: dict[str, Any]) -> None:
+        self.unacked.difference_update(obj["ok"])
+        if obj["refused"]:
+            self.sim.errors.append(f"{self.inst['id']}: {len(obj['refused'])} reports refused")
+            self.unacked.difference_update(obj["refused"])
 
     def _ask(self, n: int) -> None:
         assert self.ws is not None
@@ -182,10 +191,14 @@ class SimAgent:
         if self.ws is None or self.ws.closed or not self.finished:
             return
         n = len(self.finished)
-        self._send('{"t":"done","results":[' + ",".join(self.finished) + "]}")
-        self.finished = []
         self.sim.completed += n
-        self._ask(n)  # credit for what left our hands, as the real agent sends it
+        if self.credit_in_report:  # the credit for what left our hands rides in the report
+            self.credit_sent.append([time.monotonic(), n])
+            self._send('{"t":"done","results":[' + ",".join(self.finished) + f'],"n":{n}}}')
+        else:
+            self._send('{"t":"done","results":[' + ",".join(self.finished) + "]}")
+            self._ask(n)
+        self.finished = []
 
     async def _heartbeats(self) -> None:
         while True:

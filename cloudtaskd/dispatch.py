@@ -18,6 +18,7 @@ from typing import Any
 
 import structlog
 
+from agent import jsonx
 from agent.protocol import (
     Ack,
     Complete,
@@ -58,6 +59,7 @@ class Session:
     superseded: bool = False
     stats: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     waiting_since: float = 0.0  # monotonic: when its credit last became non-zero (the lease wait metric)
+    ack_in_grant: bool = False  # the agent reads a round's acks inside its grant (protocol.ACK_IN_GRANT)
 
 
 @dataclass(slots=True)
@@ -107,16 +109,12 @@ class Dispatcher:
         reports = self._reports
         if isinstance(msg, Complete):
             reports.done.extend((inst, s) for s in msg.results)
+            self._credit(session, msg.n)
         elif isinstance(msg, Fail):
             reports.failed.extend((inst, f) for f in msg.failures)
+            self._credit(session, msg.n)
         elif isinstance(msg, LeaseRequest):
-            if session.draining:
-                return
-            if session.credit <= 0:
-                session.waiting_since = time.monotonic()
-            session.credit += msg.n
-            self._wanting[session.pool_id][session] = None
-            if session.pool_id in self._pool_empty:
+            if not self._credit(session, msg.n):
                 return  # nothing to grant; a notify_work will wake us
         elif isinstance(msg, Heartbeat):
             reports.heartbeat.extend((inst, ref) for ref in msg.leases)
@@ -127,6 +125,16 @@ class Dispatcher:
             session.credit = 0
             return
         self._wake.set()
+
+    def _credit(self, session: Session, n: int) -> bool:
+        """Add credit (a lease request, or credit carried by a report); False if no round is needed."""
+        if n <= 0 or session.draining:
+            return False
+        if session.credit <= 0:
+            session.waiting_since = time.monotonic()
+        session.credit += n
+        self._wanting[session.pool_id][session] = None
+        return session.pool_id not in self._pool_empty
 
     def notify_work(self, pool_id: int | None = None) -> None:
         """Tasks became queued (upload, retry, requeue): connections waiting with credit get them."""
@@ -226,9 +234,14 @@ class Dispatcher:
             raise
         self.rounds += 1
         # --- committed: now tell the agents ---
+        # An agent that reads acks inside grants gets one frame for both when it has a grant
+        # (on the very connection the acks are for: a newer one may have said hello meanwhile).
+        combined = {w.session.instance_id for w in wants
+                    if w.session.ack_in_grant and out.grants.get(w.session.instance_id)
+                    and self.sessions.get(w.session.instance_id) is w.session}
         for inst in set(out.accepted) | set(out.refused):
             session = self.sessions.get(inst)
-            if session is not None:
+            if session is not None and inst not in combined:
                 session.send(encode(Ack(out.accepted.get(inst, []), out.refused.get(inst, []))))
         for inst, ids in out.lost.items():
             session = self.sessions.get(inst)
@@ -241,7 +254,12 @@ class Dispatcher:
             granted = out.grants.get(w.session.instance_id, [])
             w.session.credit -= len(granted)
             if granted:
-                w.session.send('{"t":"grant","tasks":[' + ",".join(granted) + "]}")
+                inst = w.session.instance_id
+                acks = ""
+                if inst in combined and (inst in out.accepted or inst in out.refused):
+                    ok, refused = jsonx.dumps(out.accepted.get(inst, [])), jsonx.dumps(out.refused.get(inst, []))
+                    acks = f',"ok":{ok},"refused":{refused}'
+                w.session.send('{"t":"grant","tasks":[' + ",".join(granted) + "]" + acks + "}")
                 n_granted += len(granted)
                 self.metrics.lease_wait.observe(sent_at - w.session.waiting_since)
                 w.session.waiting_since = sent_at  # credit left over waits anew from here

@@ -18,6 +18,9 @@ import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from agent.protocol import (
+    ACK_IN_GRANT,
+    CREDIT_IN_REPORT,
+    FEATURES,
     Draining,
     ErrorMessage,
     Hello,
@@ -163,9 +166,13 @@ class AgentHub:
         log_ = log.bind(instance=hello.instance)
         kept, dropped = await self.dispatcher.reclaim(hello.instance, hello.held)
         outbox = Outbox(ws)
-        session = Session(hello.instance, pool_id, hello.slots, outbox.send)
+        session = Session(hello.instance, pool_id, hello.slots, outbox.send,
+                          ack_in_grant=ACK_IN_GRANT in hello.features)
+        # The daemon reads credit in reports from any agent; it puts acks in grants only for an
+        # agent that said it reads them (an older one would miss its acks).
+        features = [f for f in FEATURES if f == CREDIT_IN_REPORT or f in hello.features]
         outbox.send(encode(Welcome(self.dispatcher.ttl_s, self.dispatcher.ttl_s / 4, kept, dropped,
-                                   max_message_bytes=self.max_message_bytes)))
+                                   max_message_bytes=self.max_message_bytes, features=features)))
         self.dispatcher.attach(session)
         if draining:
             # It was told to drain before this reconnect: say it again, grant it nothing.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.protocol import Handback, LeaseRequest, parse_agent_message
+from agent.protocol import Handback, LeaseRequest, ProtocolError, parse_agent_message
 from cloudtaskd import queue
 from cloudtaskd.dispatch import Dispatcher, Session
 from cloudtaskd.store import Store
@@ -143,3 +143,51 @@ async def test_a_wall_clock_step_back_does_not_stop_the_timers(store: Store, tmp
     monkeypatch.setattr(d, "_round_tx", lambda tx, reports, wants, timers: calls.append(timers) or queue.RoundResult())
     await d.round()
     assert calls == [True], "the timers did not run after the wall clock stepped back"
+
+
+async def test_credit_in_a_report_and_acks_in_a_grant_halve_the_frames(store: Store, tmp_path: Path) -> None:
+    """protocol.CREDIT_IN_REPORT and ACK_IN_GRANT: an agent that offered them gets its acks inside
+    the grant of the same round (one frame, not two), and credit carried by its done frame is
+    granted; an agent that did not offer them (an older one) gets a separate ack, as before."""
+    await submit(store, 20, max_attempts=1)
+    d = Dispatcher(store, make_config(tmp_path))
+    frames: dict[str, list[str]] = {"new": [], "old": []}
+    sessions = {name: Session(name, 1, 2, frames[name].append, ack_in_grant=(name == "new")) for name in frames}
+    for s in sessions.values():
+        d.attach(s)
+        d.handle(s, LeaseRequest(1))
+    await d.round()
+    for name, s in sessions.items():
+        grant = json.loads(frames[name].pop())
+        task = grant["tasks"][0]
+        done = {"t": "done", "results": [{"id": task["id"], "token": task["token"], "result": 1, "duration_s": 0.1}],
+                "n": 1}
+        d.handle(s, parse_agent_message(json.dumps(done)))  # the credit rides in the report
+    await d.round()
+    new = [json.loads(f) for f in frames["new"]]
+    assert [m["t"] for m in new] == ["grant"] and len(new[0]["tasks"]) == 1 and len(new[0]["ok"]) == 1, new
+    old = [json.loads(f) for f in frames["old"]]
+    assert [m["t"] for m in old] == ["ack", "grant"] and "ok" not in old[1], old
+
+
+def test_protocol_features_are_offered_and_parsed() -> None:
+    from agent.protocol import ACK_IN_GRANT, CREDIT_IN_REPORT, Complete, Fail, Grant, Hello, parse_daemon_message
+
+    hello = parse_agent_message(json.dumps({"t": "hello", "instance": "i", "token": "x", "slots": 1, "held": [],
+                                            "version": 1, "features": [ACK_IN_GRANT, "something-newer"]}))
+    assert isinstance(hello, Hello) and hello.features == [ACK_IN_GRANT]  # unknown ones ignored
+    old = parse_agent_message('{"t":"hello","instance":"i","token":"x","slots":1,"held":[],"version":1}')
+    assert isinstance(old, Hello) and old.features == []
+    done = parse_agent_message('{"t":"done","results":[],"n":3}')
+    assert isinstance(done, Complete) and done.n == 3
+    fail = parse_agent_message('{"t":"fail","failures":[]}')
+    assert isinstance(fail, Fail) and fail.n == 0
+    for bad in ('{"t":"done","results":[],"n":-1}', '{"t":"done","results":[],"n":"3"}',
+                '{"t":"hello","instance":"i","token":"x","slots":1,"held":[],"version":1,"features":"all"}'):
+        with pytest.raises(ProtocolError):
+            parse_agent_message(bad)
+    grant = parse_daemon_message('{"t":"grant","tasks":[],"ok":[1],"refused":[2]}')
+    assert isinstance(grant, Grant) and grant.ok == [1] and grant.refused == [2]
+    plain = parse_daemon_message('{"t":"grant","tasks":[]}')
+    assert isinstance(plain, Grant) and plain.ok == plain.refused == []
+    assert CREDIT_IN_REPORT != ACK_IN_GRANT
