@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from cloudtaskd import queue
 from cloudtaskd.errors import BadInput
 from cloudtaskd.store import Store, Tx
 from cloudtaskd.taskfile import ParsedTask
+from tests.conftest import wait_for
 
 
 def _setup_job(tx: Tx, max_attempts: int = 3) -> dict[str, Any]:
@@ -300,3 +302,34 @@ async def test_a_hello_listing_a_reported_task_keeps_its_lease_for_the_resend(st
     assert out.accepted["inst-1"] == [t["id"]]
     row = await store.fetchone("SELECT state, result FROM tasks WHERE id = ?", (t["id"],))
     assert row is not None and row["state"] == "succeeded" and json.loads(row["result"]) == {"r": 9}
+
+
+async def test_the_wal_is_copied_into_the_main_file_in_the_background(tmp_path: Path) -> None:
+    """Checkpoints run on a connection of their own, not inside the dispatcher's commits: the
+    writer's own threshold is far above what a burst writes, yet the main file gets the rows."""
+    import shutil
+    import sqlite3
+
+    from cloudtaskd import store as store_mod
+
+    s = Store(tmp_path / "db" / "t.db")
+    await s.open()
+    try:
+        assert await s.read(lambda db: db.execute("PRAGMA wal_autocheckpoint").fetchone()[0]) > 0
+        writer_pages = await s.write(lambda tx: tx.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
+        assert writer_pages == store_mod.WRITER_CHECKPOINT_PAGES
+        await submit(s, 300)
+
+        async def main_file_has_them() -> bool:
+            copy = tmp_path / "copy.db"  # the main file alone, without its WAL
+            shutil.copyfile(tmp_path / "db" / "t.db", copy)
+            db = sqlite3.connect(copy)
+            try:
+                return bool(db.execute("SELECT count(*) FROM tasks").fetchone()[0] == 300)
+            except sqlite3.Error:
+                return False
+            finally:
+                db.close()
+        await wait_for(main_file_has_them, timeout=10, message="the rows in the main file")
+    finally:
+        await s.close()
