@@ -32,7 +32,7 @@ from agent.connection import Agent
 from agent.protocol import Notice
 from agent.workerspec import WorkerSpec
 from tests.netproxy import Proxy
-from tests.test_faults_network import AgentProc, Rig, final_checks, proxied_url
+from tests.test_faults_network import AgentProc, Rig, final_checks
 
 LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 TASK_S = 1.5  # each task outlives the lease TTL: only heartbeats keep it
@@ -74,16 +74,11 @@ async def test_agent_clock_steps_an_hour_forward_and_back(tmp_path: Path, soak: 
     offset_file = tmp_path / "faketime"
     offset_file.write_text("+0\n")
     rig = Rig(tmp_path, lease_ttl_s=1.0, worker=WORKER)
-    proxy: Proxy | None = None
     try:
         await rig.start()
-        inst = await rig.register(slots)
-        proxy = Proxy("127.0.0.1", int(inst["url"].rsplit(":", 1)[1].split("/")[0]))
-        await proxy.start()
-        a = rig.start_agent("A", inst, proxied_url(inst["url"], proxy.port), slots, env={
+        _, a, proxy = await rig.start_agent_behind_proxy("A", slots, env={
             "LD_PRELOAD": str(LIBFAKETIME), "FAKETIME_TIMESTAMP_FILE": str(offset_file),
             "FAKETIME_NO_CACHE": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1"})
-        await rig.until("A connected", lambda: bool(a.log("agent_connected")))
         n = slots * (len(steps) + 2) * 2
         lines = "".join(json.dumps({"id": f"c{i}", "data": {"n": i, "sleep": TASK_S}}) + "\n" for i in range(n))
         await rig.daemon.post(f"/v1/jobs/{rig.job}/tasks", data=lines.encode())
@@ -111,8 +106,6 @@ async def test_agent_clock_steps_an_hour_forward_and_back(tmp_path: Path, soak: 
         assert not a.log("report_refused")
     finally:
         await rig.stop()
-        if proxy is not None:
-            await proxy.stop()
 
 
 async def test_a_spot_deadline_read_on_a_clock_an_hour_behind(tmp_path: Path) -> None:

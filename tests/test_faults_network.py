@@ -109,6 +109,7 @@ class Rig:
         self.job = 0
         self.submitted = 0
         self.ca = workdir / "ca.pem"
+        self.proxies: list[Proxy] = []
 
     async def start(self) -> None:
         await self.daemon.start()
@@ -139,6 +140,18 @@ class Rig:
         agent = AgentProc(name, inst["id"], proc, log_path)
         self.agents.append(agent)
         return agent
+
+    async def start_agent_behind_proxy(self, name: str, slots: int, *, env: dict[str, str] | None = None,
+                                       ) -> tuple[dict[str, Any], AgentProc, Proxy]:
+        """A new instance whose agent dials the daemon through a proxy of its own (stopped with the
+        rig), started and connected: (the instance, its agent, the proxy)."""
+        inst = await self.register(slots)
+        proxy = Proxy("127.0.0.1", int(inst["url"].rsplit(":", 1)[1].split("/")[0]))
+        await proxy.start()
+        self.proxies.append(proxy)
+        agent = self.start_agent(name, inst, proxied_url(inst["url"], proxy.port), slots, env=env)
+        await self.until(f"{name} connected", lambda: bool(agent.log("agent_connected")))
+        return inst, agent, proxy
 
     async def submit(self, n: int, *, gate: Path | None = None) -> list[int]:
         """n more tasks; returns their ids in the store."""
@@ -177,6 +190,8 @@ class Rig:
         for agent in self.agents:
             agent.stop()
         await self.daemon.stop()
+        for proxy in self.proxies:
+            await proxy.stop()
 
 
 def cut_round_checks(rig: Rig, a: AgentProc, b: AgentProc, ids: list[int]) -> None:
@@ -266,15 +281,9 @@ def proxied_url(url: str, port: int) -> str:
 async def test_agent_cut_off_past_its_lease_ttl(tmp_path: Path, soak: bool, fault: str) -> None:
     rounds, slots = (4, 8) if soak else (1, 4)
     rig = Rig(tmp_path)
-    proxy: Proxy | None = None
     try:
         await rig.start()
-        inst_a = await rig.register(slots)
-        proxy = Proxy("127.0.0.1", int(inst_a["url"].rsplit(":", 1)[1].split("/")[0]))
-        await proxy.start()
-        a = rig.start_agent("A", inst_a, proxied_url(inst_a["url"], proxy.port), slots)
-        await rig.until("A connected", lambda: bool(a.log("agent_connected")))
-        p = proxy
+        inst_a, a, p = await rig.start_agent_behind_proxy("A", slots)
         closes_at_cut = 0
 
         async def cut() -> None:
@@ -298,15 +307,13 @@ async def test_agent_cut_off_past_its_lease_ttl(tmp_path: Path, soak: bool, faul
                          before_restore=gave_up if fault == "blackhole" else None)
         if fault == "stall":
             # Held, not lost: the one connection carried A through every stall.
-            assert proxy.connections == 1 and len(a.log("agent_connected")) == 1
+            assert p.connections == 1 and len(a.log("agent_connected")) == 1
         else:
             assert len(a.log("agent_connected")) >= rounds + 1
         assert a.stop() == 0, a.tail()
         final_checks(rig)
     finally:
         await rig.stop()
-        if proxy is not None:
-            await proxy.stop()
 
 
 # ---- a real network namespace --------------------------------------------------------------------
@@ -396,14 +403,9 @@ async def test_a_silently_dead_connection_is_left_before_the_leases_expire(tmp_p
     the leases have expired, and the work is done twice."""
     slots = 4
     rig = Rig(tmp_path, lease_ttl_s=30)
-    proxy: Proxy | None = None
     try:
         await rig.start()
-        inst = await rig.register(slots)
-        proxy = Proxy("127.0.0.1", int(inst["url"].rsplit(":", 1)[1].split("/")[0]))
-        await proxy.start()
-        a = rig.start_agent("A", inst, proxied_url(inst["url"], proxy.port), slots)
-        await rig.until("A connected", lambda: bool(a.log("agent_connected")))
+        _, a, proxy = await rig.start_agent_behind_proxy("A", slots)
         gate = tmp_path / "gate"
         ids = await rig.submit(slots, gate=gate)
         await rig.until("A runs the batch", lambda: len(list(rig.marks.glob("A-*.started"))) == slots)
@@ -422,5 +424,3 @@ async def test_a_silently_dead_connection_is_left_before_the_leases_expire(tmp_p
         final_checks(rig)
     finally:
         await rig.stop()
-        if proxy is not None:
-            await proxy.stop()
