@@ -93,7 +93,6 @@ class SimAgent:
                 welcome = jsonx.loads(first.data)
                 self.heartbeat_s = float(welcome["heartbeat_s"])
                 self.credit_in_report = CREDIT_IN_REPORT in welcome.get("features", [])
-                sim.connected += 1
                 await self._session(ws)
                 return
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
@@ -146,7 +145,6 @@ class SimAgent:
         now = time.monotonic()
         n = len(tasks)
         sim.grant_times.append(now)
-        sim.grant_sizes.append(n)
         left = n
         while left > 0 and self.credit_sent:
             entry = self.credit_sent[0]
@@ -191,7 +189,6 @@ class SimAgent:
         if self.ws is None or self.ws.closed or not self.finished:
             return
         n = len(self.finished)
-        self.sim.completed += n
         if self.credit_in_report:  # the credit for what left our hands rides in the report
             self.credit_sent.append([time.monotonic(), n])
             self._send('{"t":"done","results":[' + ",".join(self.finished) + f'],"n":{n}}}')
@@ -225,9 +222,8 @@ class Simulator:
         self.rtt_at = array("d")
         self.job_first_grant: dict[str, float] = {}
         self.grant_times = array("d")
-        self.grant_sizes = array("l")
         self.errors: list[str] = []
-        self.connected = self.reconnects = self.completed = 0
+        self.reconnects = 0
         self.stopping = False
 
     async def run(self, out: Path) -> None:
@@ -248,9 +244,8 @@ class Simulator:
             await asyncio.gather(*tasks, return_exceptions=True)
         out.write_text(json.dumps({
             "rtts": self.rtts.tolist(), "rtt_at": self.rtt_at.tolist(), "job_first_grant": self.job_first_grant,
-            "grant_times": self.grant_times.tolist(),
-            "grant_sizes": self.grant_sizes.tolist(), "errors": self.errors, "connected": self.connected,
-            "reconnects": self.reconnects, "completed": self.completed, "rss_mb": peak_rss_mb(os.getpid()),
+            "grant_times": self.grant_times.tolist(), "errors": self.errors, "reconnects": self.reconnects,
+            "rss_mb": peak_rss_mb(os.getpid()),
             "cpu_s": cpu_seconds(os.getpid()),
         }))
 
