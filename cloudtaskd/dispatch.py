@@ -206,11 +206,15 @@ class Dispatcher:
         # agents none waits more than (agents x credit / budget) rounds.
         budget = self.batch_max
         wants = []
-        for pool_id, line in self._wanting.items():
+        for pool_id, line in list(self._wanting.items()):
             if budget <= 0:
                 break
             if pool_id in self._pool_empty:
                 continue
+            # Pools take turns too: a pool served goes to the back, or one whose agents always ask
+            # for the whole budget would starve the others.
+            del self._wanting[pool_id]
+            self._wanting[pool_id] = line
             for s in list(line):
                 if budget <= 0:
                     break

@@ -12,7 +12,7 @@ import pytest
 from agent.protocol import Handback, LeaseRequest, ProtocolError, parse_agent_message
 from cloudtaskd import queue
 from cloudtaskd.dispatch import Dispatcher, Session
-from cloudtaskd.store import Store
+from cloudtaskd.store import Store, Tx
 from tests.conftest import make_config
 from tests.test_queue import submit
 
@@ -191,3 +191,31 @@ def test_protocol_features_are_offered_and_parsed() -> None:
     plain = parse_daemon_message('{"t":"grant","tasks":[]}')
     assert isinstance(plain, Grant) and plain.ok == plain.refused == []
     assert CREDIT_IN_REPORT != ACK_IN_GRANT
+
+
+async def test_pools_take_turns_when_the_round_budget_is_short(store: Store, tmp_path: Path) -> None:
+    """Connections took turns within a pool, but pools were served in a fixed order: agents of the
+    first pool asking for the whole budget every round starved every other pool."""
+    await submit(store, 100, max_attempts=1)
+
+    def second_pool(tx: Tx) -> None:
+        tx.db.execute("INSERT INTO pools (digest, spec, path, created_at) VALUES ('d2', '{}', '/', 0)")
+        tx.db.execute("INSERT INTO jobs (name, pool_id, state, created_at, max_attempts)"
+                      " VALUES ('j2', 2, 'active', 0, 1)")
+        tx.db.executemany("INSERT INTO tasks (job_id, pool_id, key, state, data, max_attempts)"
+                          " VALUES (2, 2, ?, 'queued', '{}', 1)", [(f"p2-{i}",) for i in range(100)])
+    await store.write(second_pool)
+    config = make_config(tmp_path)
+    d = Dispatcher(store, replace(config, agents=replace(config.agents, lease_batch_max=4)))
+    frames: dict[str, list[str]] = {"first": [], "second": []}
+    sessions = [Session("first", 1, 4, frames["first"].append), Session("second", 2, 4, frames["second"].append)]
+    for s in sessions:
+        d.attach(s)
+        d.handle(s, LeaseRequest(4))
+    for _ in range(2):
+        await d.round()
+        for s in sessions:
+            if s.credit == 0:
+                d.handle(s, LeaseRequest(4))  # a busy agent asks again at once
+    assert any('"t":"grant"' in f for f in frames["second"]), "the second pool was never served"
+    assert any('"t":"grant"' in f for f in frames["first"])
