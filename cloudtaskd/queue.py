@@ -212,6 +212,13 @@ def _current(db: sqlite3.Connection, ids: list[int]) -> dict[int, tuple[Any, ...
     return {r[0]: tuple(r) for r in jsonx.loads(text)}
 
 
+def _holds(row: tuple[Any, ...] | None, token: int, instance_id: str) -> bool:
+    """The fence, on a _current row: leased, on this attempt, to this instance. Tokens are attempt
+    numbers, easy to guess, so another instance's report, heartbeat or hello (a bug, a compromised
+    machine) must not land on a lease it does not hold."""
+    return row is not None and row[2] == S.LEASED and row[3] == token and row[7] == instance_id
+
+
 def apply_reports(
     tx: Tx, reports: Reports, out: RoundResult, backoff: tuple[float, float], ttl_s: float
 ) -> None:
@@ -225,7 +232,7 @@ def apply_reports(
         extend = []
         for inst, (task_id, token) in reports.heartbeat:
             row = hb_cur.get(task_id)
-            if row is not None and row[2] == S.LEASED and row[3] == token and row[7] == inst:
+            if _holds(row, token, inst):
                 extend.append((task_id, token))
             else:
                 out.lost[inst].append(task_id)
@@ -238,9 +245,7 @@ def apply_reports(
 
     def valid(inst: str, task_id: int, token: int, recorded: tuple[S, ...]) -> tuple[Any, ...] | None:
         row = cur.get(task_id)
-        # The fence: the current attempt, and the instance holding it. Tokens are attempt numbers,
-        # easy to guess, so another instance's report (a bug, a compromised machine) must not land.
-        if row is not None and row[2] == S.LEASED and row[3] == token and row[7] == inst:
+        if _holds(row, token, inst):
             return row
         # A resend of a report we already recorded (the ack was lost) is acknowledged, not refused:
         # only when the task is where that very report would have put it. A done report for a task
@@ -381,7 +386,7 @@ def reclaim(tx: Tx, instance_id: str, held: list[LeaseRef], ttl_s: float) -> tup
     for task_id, token in held:
         row = current.get(task_id)
         # Only its own leases: a hello listing another instance's must not take them over.
-        if row is not None and row[2] == S.LEASED and row[3] == token and row[7] == instance_id:
+        if _holds(row, token, instance_id):
             kept.append((tx.now + ttl_s, instance_id, task_id, token))
         else:
             dropped.append(task_id)
