@@ -97,7 +97,7 @@ class AgentHub:
         self.on_notice: Callable[[interruptions.Recorded], Awaitable[None]] | None = None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        if len(self.sockets) - sum(len(c) for c in self.by_instance.values()) >= MAX_UNAUTHENTICATED:
+        if len(self.sockets) - len(self._instance_of) >= MAX_UNAUTHENTICATED:  # _instance_of: authenticated
             # Connections that have not said hello yet cost a socket each for HELLO_TIMEOUT_S.
             return web.Response(status=503, text="too many connections waiting to authenticate")
         ws = web.WebSocketResponse(heartbeat=WS_HEARTBEAT_S, max_msg_size=self.max_message_bytes)
