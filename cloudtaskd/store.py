@@ -278,12 +278,21 @@ class Store:
         self.stopping = True
         self._events_signal.set()
 
+    async def _connect(self) -> aiosqlite.Connection:
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, nothing implicit.
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        try:
+            await _on_thread(conn, _configure)
+        except BaseException:
+            with suppress(Exception):
+                await conn.close()  # not yet ours to close in close(): its thread must not outlive us
+            raise
+        return conn
+
     async def open(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            # isolation_level=None: we issue BEGIN/COMMIT ourselves, nothing implicit.
-            self._writer = await aiosqlite.connect(self.path, isolation_level=None)
-            await _on_thread(self._writer, _configure)
+            self._writer = await self._connect()
             await _on_thread(self._writer, _migrate)
             # Checkpoints mostly off the writer's path: with a big database the commit that crossed
             # the WAL's 1,000 pages copied them into the main file and fsynced it, holding up a
@@ -292,11 +301,9 @@ class Store:
             # now at 10,000 pages, then finds little left to copy and starts the WAL over.
             await _on_thread(self._writer,
                              lambda db: db.execute(f"PRAGMA wal_autocheckpoint={WRITER_CHECKPOINT_PAGES}"))
-            self._reader = await aiosqlite.connect(self.path, isolation_level=None)
-            await _on_thread(self._reader, _configure)
+            self._reader = await self._connect()
             self._reader.row_factory = sqlite3.Row
-            self._checkpointer = await aiosqlite.connect(self.path, isolation_level=None)
-            await _on_thread(self._checkpointer, _configure)
+            self._checkpointer = await self._connect()
             self._checkpoints = asyncio.get_running_loop().create_task(self._checkpoint_loop(),
                                                                        name="store-checkpoints")
         except (sqlite3.Error, OSError) as exc:
