@@ -118,7 +118,12 @@ class SimAgent:
                     self._granted(obj["tasks"])
                 elif kind == "ack":
                     self._acked(obj)
-                elif kind in ("revoke", "drain", "error"):
+                elif kind == "revoke":  # expected only when phase 3 cancels the big job
+                    sim.revokes.append(time.monotonic())
+                    for tid in obj["ids"]:
+                        if self.held.pop(tid, None) is not None and tid in self.ready:
+                            self.ready.remove(tid)
+                elif kind in ("drain", "error"):
                     sim.errors.append(f"{self.inst['id']}: unexpected {str(msg.data)[:200]}")
         finally:
             beater.cancel()
@@ -224,6 +229,7 @@ class Simulator:
         self.grant_times = array("d")
         self.errors: list[str] = []
         self.reconnects = 0
+        self.revokes: list[float] = []  # when a revoke arrived (monotonic)
         self.stopping = False
 
     async def run(self, out: Path) -> None:
@@ -245,6 +251,7 @@ class Simulator:
         out.write_text(json.dumps({
             "rtts": self.rtts.tolist(), "rtt_at": self.rtt_at.tolist(), "job_first_grant": self.job_first_grant,
             "grant_times": self.grant_times.tolist(), "errors": self.errors, "reconnects": self.reconnects,
+            "revokes": self.revokes,
             "rss_mb": peak_rss_mb(os.getpid()),
             "cpu_s": cpu_seconds(os.getpid()),
         }))
@@ -404,13 +411,14 @@ async def main() -> None:
         rss_12 = peak_rss_mb(dpid)
 
         t_submit = t_queued = t_end3 = t_cancel = 0.0
+        t_cancel_at = float("inf")
         job_ids: list[int] = []
         if args.jobs:
             # The big job goes first (cancelled, a real operation on what is left of it): the new jobs
             # would otherwise queue behind its remaining tasks.
-            t0 = time.monotonic()
+            t_cancel_at = time.monotonic()
             await daemon.post(f"/v1/jobs/{job['id']}/cancel")
-            t_cancel = time.monotonic() - t0
+            t_cancel = time.monotonic() - t_cancel_at
             files = ["".join(f'{{"id":"j{k}t{i}","data":{{}}}}\n' for i in range(args.tasks_per_job)).encode()
                      for k in range(args.jobs)]
 
@@ -438,6 +446,9 @@ async def main() -> None:
             p.wait(timeout=120)
             stats.append(json.loads(out.read_text()))
         errors = [e for s in stats for e in s["errors"]]
+        # A revoke is right for the leases of the cancelled job, and a fault anywhere before it.
+        errors += [f"a revoke {t_cancel_at - t:.1f} s before the cancel" for s in stats for t in s["revokes"]
+                   if t < t_cancel_at]
         log_errors = [line for line in daemon.log_path.read_text().splitlines() if '"error"' in line]
 
         print(f"\nagents={args.agents} procs={args.procs} slots={args.slots} prefetch={args.prefetch}"
