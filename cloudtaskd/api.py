@@ -3,32 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
-import io
 import json
 import math
 import secrets
-import shutil
 import sqlite3
-import tarfile
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import structlog
-import yaml
 from aiohttp import web
 
 from agent import jsonx
-from agent.workerspec import SPEC_FILE, WorkerSpec, WorkerSpecError
+from agent.workerspec import WorkerSpec, WorkerSpecError
 from cloudtaskd import __version__, costs, interruptions, queue
+from cloudtaskd.bundles import Bundles
 from cloudtaskd.config import Config
 from cloudtaskd.dispatch import Dispatcher
-from cloudtaskd.errors import BadInput, CloudtaskError, NotFound, StoreError, StoreFull, TransitionError, is_no_space
+from cloudtaskd.errors import BadInput, CloudtaskError, NotFound, StoreError, StoreFull, TransitionError
 from cloudtaskd.hub import token_hash
 from cloudtaskd.observe import ObserveApi
 from cloudtaskd.orchestrator.market import Market
@@ -40,7 +33,6 @@ from cloudtaskd.taskfile import TaskFileError, TaskFileParser
 
 log = structlog.get_logger("cloudtaskd.api")
 
-MAX_BUNDLE_BYTES = 512 * 1024 * 1024
 RATE_WINDOW_S = 30.0
 SETTLE_RETRY_S = 1.0  # how often an upload the store could not finish (a full disk) is tried again
 JOB_COLUMNS = ("staged", "queued", "leased", "failed", "succeeded", "dead", "cancelled")
@@ -126,7 +118,7 @@ class ControlApi:
         self.agent_url = agent_url
         self.agent_ca = ""  # the CA (PEM) an agent must pin to dial agent_url; empty: plain ws://
         self.daemon_id = daemon_id
-        self.workers_dir = config.state_path / "workers"
+        self.bundles = Bundles(store, config.state_path / "workers", config.workers)
         self._upload_locks: dict[int, asyncio.Lock] = {}
         self._settling: set[asyncio.Task[None]] = set()  # uploads finished once the store can (_settle_later)
         self.observe = ObserveApi(store, dispatcher, daemon_id)
@@ -163,33 +155,8 @@ class ControlApi:
     # ---- workers ----
 
     async def put_worker(self, request: web.Request) -> web.Response:
-        digest = hashlib.sha256()
-        with tempfile.SpooledTemporaryFile(max_size=16 * 1024 * 1024) as buf:
-            size = 0
-            async for chunk in request.content.iter_chunked(1 << 20):
-                size += len(chunk)
-                if size > MAX_BUNDLE_BYTES:
-                    raise BadInput(f"worker bundle is larger than {MAX_BUNDLE_BYTES >> 20} MiB")
-                digest.update(chunk)
-                buf.write(chunk)
-            buf.seek(0)
-            hexdigest = digest.hexdigest()
-            target = self.workers_dir / hexdigest
-            try:
-                if not target.exists():
-                    await asyncio.to_thread(_extract, buf, target)
-                tarball = self.workers_dir / f"{hexdigest}.tar.gz"
-                if not tarball.exists():  # kept for providers that copy the worker to a machine
-                    buf.seek(0)
-                    await asyncio.to_thread(_save, buf, tarball)
-                spec = _read_spec(target)
-            except OSError as exc:
-                if is_no_space(exc):
-                    raise StoreFull(self.workers_dir, "storing a worker bundle") from exc
-                raise
-        pool_id = await self.store.write(_upsert_pool, hexdigest, spec, str(target))
-        log.info("worker_registered", digest=hexdigest[:12], pool=pool_id, mode=spec.mode)
-        return web.json_response({"digest": hexdigest, "spec": spec.to_dict()})
+        digest, spec = await self.bundles.receive(request.content.iter_chunked(1 << 20))
+        return web.json_response({"digest": digest, "spec": spec.to_dict()})
 
     # ---- jobs ----
 
@@ -556,73 +523,6 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadInput("request body must be a JSON object")
     return body
-
-
-def _extract(buf: Any, target: Path) -> None:
-    # Staged beside the target, never in /tmp: the rename below cannot cross filesystems, and
-    # /tmp is often another one than state_dir (a tmpfs).
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".incoming-", dir=target.parent))
-    try:
-        try:
-            with tarfile.open(fileobj=buf, mode="r:*") as tar:
-                # filter="data" refuses absolute paths, links out of the tree and device files.
-                tar.extractall(tmp, filter="data")
-        except OSError as exc:
-            if is_no_space(exc):
-                raise  # not the archive's fault: the caller says the disk is full
-            raise BadInput(f"worker bundle is not a valid tar archive: {exc}") from exc
-        except (tarfile.TarError, EOFError) as exc:
-            raise BadInput(f"worker bundle is not a valid tar archive: {exc}") from exc
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not target.exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _save(buf: Any, path: Path) -> None:
-    """Write buf to path whole or not at all (a full disk leaves no partial file behind)."""
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        with tmp.open("wb") as f:
-            shutil.copyfileobj(buf, f)
-        tmp.rename(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _read_spec(worker_dir: Path) -> WorkerSpec:
-    path = worker_dir / SPEC_FILE
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise BadInput(f"the worker has no {SPEC_FILE} at its top level") from None
-    except yaml.YAMLError as exc:
-        raise BadInput(f"{SPEC_FILE}: not valid YAML: {exc}") from None
-    spec = WorkerSpec.from_dict(raw)
-    resolved = json.dumps(spec.to_dict()).encode()
-    path = worker_dir / "worker.json"
-    with contextlib.suppress(OSError):
-        if path.read_bytes() == resolved:
-            return spec  # a worker uploaded again writes nothing: it registers even on a full disk
-    _save(io.BytesIO(resolved), path)
-    return spec
-
-
-def _upsert_pool(tx: Tx, digest: str, spec: WorkerSpec, path: str) -> int:
-    row = tx.db.execute("SELECT id FROM pools WHERE digest = ?", (digest,)).fetchone()
-    if row is not None:
-        return int(row[0])
-    cur = tx.db.execute(
-        "INSERT INTO pools (digest, spec, path, created_at) VALUES (?, ?, ?, ?)",
-        (digest, json.dumps(spec.to_dict()), path, tx.now),
-    )
-    return int(cur.lastrowid or 0)
 
 
 def _create_job(tx: Tx, name: str, digest: str, opts: dict[str, Any], timeout: float | None, config: Config) -> int:

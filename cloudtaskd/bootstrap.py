@@ -19,7 +19,7 @@ import json
 import shlex
 import tarfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from typing import Any
 import asyncssh
 import structlog
 
+from agent.bundle import Limits
 from agent.workerspec import RESOLVED_SPEC_FILE
 from cloudtaskd.errors import CloudtaskError
 
@@ -76,6 +77,7 @@ class BootstrapSpec:
     pip_args: tuple[str, ...] = ()  # e.g. ("--index-url", "...") or ("--no-index", "--find-links", "...")
     agent_args: tuple[str, ...] = ()  # more agent options (its spot-notice watcher)
     ca_cert: bytes = b""  # the daemon's CA (PEM), pinned by the agent; empty: no TLS
+    bundle_limits: Limits = field(default_factory=Limits)  # the worker is unpacked under these caps
 
     def __repr__(self) -> str:
         return f"BootstrapSpec(instance_id={self.instance_id!r}, slots={self.slots})"
@@ -177,7 +179,7 @@ async def bootstrap(conn: asyncssh.SSHClientConnection, spec: BootstrapSpec, boo
     inst = spec.instance_id
     base = f".cloudtask/{inst}"
     q = shlex.quote
-    await _run(conn, bootlog, inst, "prepare", f"mkdir -p {q(base)}/agentpkg {q(base)}/worker && chmod 700 .cloudtask")
+    await _run(conn, bootlog, inst, "prepare", f"mkdir -p {q(base)}/agentpkg && chmod 700 .cloudtask")
     async with conn.start_sftp_client() as sftp:
         async with sftp.open(f"{base}/agent.tar.gz", "wb") as f:
             await f.write(agent_package())
@@ -191,9 +193,15 @@ async def bootstrap(conn: asyncssh.SSHClientConnection, spec: BootstrapSpec, boo
             async with sftp.open(f"{base}/ca.pem", "wb") as f:
                 await f.write(spec.ca_cert)
     bootlog.write("# uploaded agent package, worker bundle and token")
+    # The worker is unpacked by the agent's own rules (agent/bundle.py: regular files and
+    # directories only, caps on size, count and depth), not by the image's tar, into a fresh
+    # directory that replaces the old one whole.
+    lim = spec.bundle_limits
     await _run(conn, bootlog, inst, "unpack",
-               f"cd {q(base)} && tar xzf agent.tar.gz -C agentpkg && tar xzf worker.tar.gz -C worker"
-               f" && cp worker.json worker/{RESOLVED_SPEC_FILE}")
+               f"cd {q(base)} && tar xzf agent.tar.gz -C agentpkg && rm -rf worker.new"
+               f" && PYTHONPATH=agentpkg python3 -m agent.bundle worker.tar.gz worker.new --max-bytes {lim.max_bytes}"
+               f" --max-files {lim.max_files} --max-depth {lim.max_depth}"
+               f" && rm -rf worker && mv worker.new worker && cp worker.json worker/{RESOLVED_SPEC_FILE}")
     pip = " ".join(q(a) for a in spec.pip_args)
     await _run(conn, bootlog, inst, "virtualenv", (
         f"cd {q(base)} && (test -x venv/bin/python || python3 -m venv venv) && "

@@ -109,6 +109,17 @@ class QueueConfig:
 
 
 @dataclass(frozen=True)
+class WorkersConfig:
+    """Worker bundles (POST /v1/workers): what one upload may cost the state disk (agent/bundle.py)."""
+    max_upload_bytes: int = field(default=256 * 1024 * 1024, metadata=_range(1024, 16 * 1024**3))
+    max_unpacked_bytes: int = field(default=1024**3, metadata=_range(1024, 64 * 1024**3))
+    max_files: int = field(default=20_000, metadata=_range(1, 10_000_000))
+    max_depth: int = field(default=32, metadata=_range(1, 256))
+    # A bundle no job and no live instance uses is removed this long after its upload.
+    unused_ttl_s: float = field(default=3600.0, metadata=_range(60, 30 * 86400))
+
+
+@dataclass(frozen=True)
 class ScalingConfig:
     max_instances: int = field(default=8, metadata=_range(0, 100_000))
     idle_timeout_s: float = field(default=DEFAULT_IDLE_TIMEOUT_S, metadata=_range(0, 86400))
@@ -266,6 +277,7 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     agents: AgentsConfig = field(default_factory=AgentsConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     providers: ProvidersConfig = field(default_factory=ProvidersConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})

@@ -45,6 +45,7 @@ from cloudtaskd.store import Store, Tx
 log = structlog.get_logger("cloudtaskd")
 
 SHUTDOWN_GRACE_S = 30.0
+PRUNE_INTERVAL_S = 600.0  # how often unused worker bundles are looked for
 # How long a listener's in-flight requests may run on at shutdown (aiohttp's default is 60 s each,
 # which in sequence would outlast the unit's TimeoutStopSec).
 RUNNER_SHUTDOWN_S = 5.0
@@ -113,6 +114,7 @@ class Daemon:
         self.hub.on_notice = self.reconciler.notice
         self._spawn("dispatcher", self.dispatcher.run())
         self._spawn("reconciler", self.reconciler.run())
+        self._spawn("bundle_pruner", self._prune_bundles(api))
         log.info("daemon_ready", agent_url=self.agent_url, socket=str(self.config.socket_path),
                  api_url=self.api_url or None)
 
@@ -282,6 +284,15 @@ class Daemon:
             await queue.finish_upload(self.store, r["id"], r["job_id"], commit=r["state"] == "committing")
             log.info("upload_resumed", upload=r["id"], job=r["job_id"], outcome=r["state"])
 
+    async def _prune_bundles(self, api: ControlApi) -> None:
+        """Worker bundles no job uses are removed once old enough (the state disk is not a dump)."""
+        while True:
+            try:
+                await api.bundles.prune()
+            except StoreError as exc:  # a full or failing disk: the store says so; try again later
+                log.warning("bundle_prune_failed", error=str(exc))
+            await asyncio.sleep(min(PRUNE_INTERVAL_S, self.config.workers.unused_ttl_s / 2))
+
     def _spawn(self, name: str, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
 
@@ -328,6 +339,7 @@ class Daemon:
         self.hub.max_messages_per_s = agents.max_messages_per_s
         if self.api is not None:
             self.api.config = config
+            self.api.bundles.config = config.workers
         if self.reconciler is not None:
             self.reconciler.config = config
             for name in limits:

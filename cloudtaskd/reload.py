@@ -19,6 +19,7 @@ from cloudtaskd.config import Config
 LIVE_KEYS = (
     "log_level",  # logging is configured again
     "scaling.",  # the reconciler reads config.scaling at every tick
+    "workers.",  # the bundle store reads its caps at each upload and prune
     "queue.",  # retry backoff: the dispatcher's next round; max_attempts, task_timeout_s: new jobs
     "agents.lease_batch_max",  # the dispatcher's next round
     "agents.max_connections_per_instance",  # checked at each new connection

@@ -196,3 +196,30 @@ async def test_failed_bootstrap_keeps_its_log_and_stops_the_instance(tmp_path: P
     finally:
         await api.close()
         await daemon.stop()
+
+
+async def test_instance_unpacks_by_the_agents_rules(tmp_path: Path, sshd: sshd_mod.Sshd) -> None:
+    """The same rules on the instance's side: a hostile bundle that reached a machine some other
+    way than the daemon's checks is refused there by `python3 -m agent.bundle`, nothing written
+    outside the instance's directory; the step and the rule are in the error."""
+    from cloudtaskd.bootstrap import DeployError
+    from tests import hostile_bundles as hostile
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "existing.txt").write_text("original\n")
+    hostile_path = tmp_path / "hostile.tar.gz"
+    hostile_path.write_bytes(hostile.symlink_chain(str(outside)))
+    inst = "i-hostile-bundle"
+    spec = BootstrapSpec(inst, "ws://127.0.0.1:9/v1/agent", "token", 1, hostile_path, {"mode": "command"})
+    conn, _ = await connect(SshTarget("127.0.0.1", sshd.port, "root", sshd.client_key), instance=inst, wait_s=10)
+    try:
+        async with conn:
+            with pytest.raises(DeployError, match=r"unpack: exit code 2: .*entry 'a': a symbolic link"):
+                await bootstrap(conn, spec, BootstrapLog(tmp_path / "bootstrap.log"))
+            listing = str((await conn.run(f"ls -A .cloudtask/{inst}", check=True)).stdout).split()
+        assert "worker" not in listing and "worker.new" not in listing
+        assert (outside / "existing.txt").read_text() == "original\n"
+        assert sorted(p.name for p in outside.iterdir()) == ["existing.txt"]
+    finally:
+        shutil.rmtree(Path("/root/.cloudtask") / inst, ignore_errors=True)

@@ -73,23 +73,33 @@ def _entries(root: Path) -> list[tuple[str, Path]]:
     return sorted(found, key=lambda item: item[0])
 
 
-def _tarinfo(arcname: str, path: Path) -> tarfile.TarInfo | None:
+def _tarinfo(root: Path, arcname: str, path: Path) -> tuple[tarfile.TarInfo, Path] | None:
+    """The entry's header and the file whose bytes it carries. A bundle holds regular files and
+    directories only (agent/bundle.py, which the daemon applies): a symlink to a file inside the
+    worker is packed as that file's content; any other link is refused here, naming it."""
     st = path.lstat()
+    data = path
+    if stat.S_ISLNK(st.st_mode):
+        data = path.resolve()
+        inside = data.is_relative_to(root.resolve())
+        if not inside or not data.is_file():
+            what = "outside the worker directory" if not inside else "not a regular file"
+            raise BadInput(f"{path}: a symbolic link to {os.readlink(path)} ({what}): a worker bundle holds regular "
+                           "files and directories only; copy what it points to into the worker instead")
+        st = data.stat()
     info = tarfile.TarInfo(arcname)
     info.mtime = 0
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     if stat.S_ISDIR(st.st_mode):
         info.type, info.mode = tarfile.DIRTYPE, 0o755
-    elif stat.S_ISLNK(st.st_mode):
-        info.type, info.mode, info.linkname = tarfile.SYMTYPE, 0o777, os.readlink(path)
     elif stat.S_ISREG(st.st_mode):
         # Only the executable bit is kept: umasks differ between machines, the meaning does not.
         info.type, info.size = tarfile.REGTYPE, st.st_size
         info.mode = 0o755 if st.st_mode & 0o111 else 0o644
     else:
         return None  # sockets, fifos and devices have no place in a worker
-    return info
+    return info, data
 
 
 class _HashingWriter:
@@ -114,11 +124,12 @@ def write_bundle(worker_dir: Path, out: IO[bytes]) -> str:
     with gzip.GzipFile(filename="", mode="wb", fileobj=sink, mtime=0) as gz, \
             tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for arcname, path in _entries(worker_dir):
-            info = _tarinfo(arcname, path)
-            if info is None:
+            found = _tarinfo(worker_dir, arcname, path)
+            if found is None:
                 continue
+            info, data = found
             if info.type == tarfile.REGTYPE:
-                with path.open("rb") as f:
+                with data.open("rb") as f:
                     tar.addfile(info, f)
             else:
                 tar.addfile(info)

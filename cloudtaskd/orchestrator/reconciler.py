@@ -23,6 +23,7 @@ import structlog
 
 from agent.workerspec import WorkerSpec
 from cloudtaskd import costs, interruptions, queue
+from cloudtaskd.bundles import bundle_limits
 from cloudtaskd.config import Config
 from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.errors import ProviderError, StoreFull, TransitionError
@@ -383,7 +384,8 @@ class Reconciler:
             workers = self.config.state_path / "workers"
             spec = LaunchSpec(inst, pool_id, Path(pool["path"]), self.agent_url, token, cand.slots,
                               worker_bundle=workers / f"{pool['digest']}.tar.gz",
-                              worker_spec=pool["spec"].to_dict(), offer=offer, ca_cert=self.agent_ca)
+                              worker_spec=pool["spec"].to_dict(), offer=offer, ca_cert=self.agent_ca,
+                              bundle_limits=bundle_limits(self.config.workers))
             try:
                 # Every line the provider and the bootstrap log for this launch names it.
                 with structlog.contextvars.bound_contextvars(instance=inst, provider=provider.name, pool=pool_id):

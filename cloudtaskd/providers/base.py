@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent.bundle import Limits
+
 
 @dataclass(frozen=True, slots=True)
 class Offer:
@@ -52,6 +54,7 @@ class LaunchSpec:
     worker_spec: dict[str, Any] = field(default_factory=dict)  # validated cloudtask.yaml
     offer: Offer | None = None  # what to launch; None: the provider's first offer
     ca_cert: bytes = b""  # the daemon's CA (PEM) that the agent pins; empty: agent_url is plain ws://
+    bundle_limits: Limits = field(default_factory=Limits)  # the caps the instance unpacks the worker under
 
     def __repr__(self) -> str:
         return f"LaunchSpec(instance_id={self.instance_id!r}, pool_id={self.pool_id}, slots={self.slots})"

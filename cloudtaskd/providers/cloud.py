@@ -203,7 +203,8 @@ class CloudProvider:
             async with conn:
                 await bootstrap(conn, BootstrapSpec(
                     spec.instance_id, spec.agent_url, spec.token, spec.slots, spec.worker_bundle, spec.worker_spec,
-                    s.pip_args, watch_args(self.name if offer.spot else "", s.metadata_url), spec.ca_cert), bootlog)
+                    s.pip_args, watch_args(self.name if offer.spot else "", s.metadata_url), spec.ca_cert,
+                    spec.bundle_limits), bootlog)
         except Exception:
             await self.driver.delete(spec.instance_id)  # a failed bootstrap never leaves a VM running
             raise

@@ -105,7 +105,7 @@ class SshProvider:
             async with conn:
                 await bootstrap(conn, BootstrapSpec(
                     spec.instance_id, spec.agent_url, spec.token, spec.slots, spec.worker_bundle, spec.worker_spec,
-                    self.pip_args, ca_cert=spec.ca_cert), bootlog)
+                    self.pip_args, ca_cert=spec.ca_cert, bundle_limits=spec.bundle_limits), bootlog)
         except Exception:
             # Failed bootstrap: free the host (its log stays for `cloudtaskctl instances --logs`).
             with suppress(Exception):
