@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import sqlite3
 import subprocess
@@ -32,7 +31,9 @@ from typing import Any
 import pytest
 
 from cloudtaskd import queue
+from tests import netns as netns_mod
 from tests.conftest import wait_for
+from tests.netns import Netns
 from tests.netproxy import Proxy
 from tests.procs import ROOT, DaemonProcess, bundle
 
@@ -319,55 +320,13 @@ async def test_agent_cut_off_past_its_lease_ttl(tmp_path: Path, soak: bool, faul
 # ---- a real network namespace --------------------------------------------------------------------
 
 
-@dataclass
-class Netns:
-    """A network namespace joined to the host by a veth pair, on a /30 of 10.231.0.0/16 kept to that
-    veth (nothing is routed beyond it). Names and addresses are unique to the test run."""
-
-    name: str
-    host_if: str
-    ns_if: str
-    host_ip: str
-    ns_ip: str
-
-
-def _ip(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-
-
 @pytest.fixture
 def netns() -> Iterator[Netns]:
-    tag = f"{os.getpid() % 10000:04d}{random.randrange(16 ** 3):03x}"
-    used = _ip("-4", "-o", "addr", "show").stdout
-    while True:
-        base = f"10.231.{random.randrange(256)}.{4 * random.randrange(64)}"
-        prefix = base.rsplit(".", 1)[0]
-        last = int(base.rsplit(".", 1)[1])
-        host_ip, ns_ip = f"{prefix}.{last + 1}", f"{prefix}.{last + 2}"
-        if f" {host_ip}/" not in used and f" {ns_ip}/" not in used:
-            break
-    ns = Netns(f"ct-fault-{tag}", f"ctf{tag}h", f"ctf{tag}n", host_ip, ns_ip)
-    try:
-        added = _ip("netns", "add", ns.name)
-    except FileNotFoundError:
-        pytest.skip("network namespaces: the `ip` command (iproute2) is not installed")
-    if added.returncode != 0:
-        pytest.skip(f"network namespaces: `ip netns add` is not permitted here (needs root): {added.stderr.strip()}")
-    try:
-        for args in (("link", "add", ns.host_if, "type", "veth", "peer", "name", ns.ns_if),
-                     ("link", "set", ns.ns_if, "netns", ns.name),
-                     ("addr", "add", f"{ns.host_ip}/30", "dev", ns.host_if),
-                     ("link", "set", ns.host_if, "up"),
-                     ("-n", ns.name, "addr", "add", f"{ns.ns_ip}/30", "dev", ns.ns_if),
-                     ("-n", ns.name, "link", "set", ns.ns_if, "up"),
-                     ("-n", ns.name, "link", "set", "lo", "up")):
-            done = _ip(*args)
-            assert done.returncode == 0, f"ip {' '.join(args)}: {done.stderr}"
+    why = netns_mod.unavailable()
+    if why is not None:
+        pytest.skip(why)
+    with netns_mod.namespace("ct-fault") as ns:
         yield ns
-    finally:
-        # Deleting one end of a veth deletes the pair (and its address); then the namespace.
-        _ip("link", "del", ns.host_if)
-        _ip("netns", "del", ns.name)
 
 
 async def test_agent_in_a_namespace_whose_link_goes_down(tmp_path: Path, soak: bool, netns: Netns) -> None:
@@ -385,7 +344,7 @@ async def test_agent_in_a_namespace_whose_link_goes_down(tmp_path: Path, soak: b
         await rig.until("A connected from its namespace", lambda: bool(a.log("agent_connected")))
 
         async def link(state: str) -> None:
-            done = _ip("link", "set", netns.host_if, state)
+            done = netns_mod.ip("link", "set", netns.host_if, state)
             assert done.returncode == 0, done.stderr
 
         await run_rounds(rig, a, slots, rounds, b_url=inst_a["url"],
