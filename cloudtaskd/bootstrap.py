@@ -5,10 +5,16 @@ meaning (the files are the same bytes), reuses the virtualenv, and does not star
 while the first is alive. The remote layout, under `~/.cloudtask/<instance>/`:
 
     agentpkg/agent/...   this project's agent package (stdlib + aiohttp)
-    worker/              the worker bundle
-    venv/                python3 -m venv, with aiohttp
+    worker/              the worker bundle, unpacked by agent/bundle.py's rules
+    venv/                `python3 -m venv --without-pip` (no ensurepip needed): the agent's and the
+                         worker's environment; a .pth puts the runtime on its path, bin/pip runs its pip
     token                the agent's token (mode 600; never on a command line)
     agent.pid, agent.log
+
+and, shared by the instances of one host, `~/.cloudtask/runtime/<digest>/lib`: the agent's
+third-party packages for this host's Python and CPU (runtime.py), built on the control host and
+uploaded once. Nothing is downloaded on the instance, so it needs no internet, pip or compiler:
+only a system `python3` of 3.9 or newer.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import structlog
 from agent.bundle import Limits
 from agent.workerspec import RESOLVED_SPEC_FILE
 from cloudtaskd.errors import CloudtaskError
+from cloudtaskd.runtime import RuntimeBuilder, RuntimeUnavailable, Target
 
 log = structlog.get_logger("cloudtaskd.bootstrap")
 
@@ -74,7 +81,6 @@ class BootstrapSpec:
     slots: int
     worker_bundle: Path  # the gzip'd tar the user uploaded
     worker_spec: dict[str, Any]  # the validated cloudtask.yaml, as the agent reads it (worker.json)
-    pip_args: tuple[str, ...] = ()  # e.g. ("--index-url", "...") or ("--no-index", "--find-links", "...")
     agent_args: tuple[str, ...] = ()  # more agent options (its spot-notice watcher)
     ca_cert: bytes = b""  # the daemon's CA (PEM), pinned by the agent; empty: no TLS
     bundle_limits: Limits = field(default_factory=Limits)  # the worker is unpacked under these caps
@@ -174,12 +180,23 @@ async def _run(conn: asyncssh.SSHClientConnection, bootlog: BootstrapLog, instan
     return str(result.stdout or "")
 
 
-async def bootstrap(conn: asyncssh.SSHClientConnection, spec: BootstrapSpec, bootlog: BootstrapLog) -> int:
+async def bootstrap(conn: asyncssh.SSHClientConnection, spec: BootstrapSpec, bootlog: BootstrapLog,
+                    runtime: RuntimeBuilder) -> int:
     """Install and start the agent; returns its remote pid."""
     inst = spec.instance_id
     base = f".cloudtask/{inst}"
     q = shlex.quote
-    await _run(conn, bootlog, inst, "prepare", f"mkdir -p {q(base)}/agentpkg && chmod 700 .cloudtask")
+    probe = await _run(conn, bootlog, inst, "probe", f"mkdir -p {q(base)}/agentpkg && chmod 700 .cloudtask && "
+                       "uname -m && (python3 -c 'import sys; print(\"%d.%d\" % sys.version_info[:2])' || echo none)")
+    words = probe.split()
+    try:
+        target = Target.parse(words[0] if words else "", words[1] if len(words) > 1 else "")
+        rt = await runtime.get(target)
+    except RuntimeUnavailable as exc:
+        bootlog.write(f"! {exc}")
+        raise DeployError(inst, "runtime", str(exc)) from exc
+    rt_dir = f".cloudtask/runtime/{rt.digest[:16]}"
+    have_runtime = (await conn.run(f"test -d {rt_dir}/lib", check=False)).exit_status == 0
     async with conn.start_sftp_client() as sftp:
         async with sftp.open(f"{base}/agent.tar.gz", "wb") as f:
             await f.write(agent_package())
@@ -192,7 +209,16 @@ async def bootstrap(conn: asyncssh.SSHClientConnection, spec: BootstrapSpec, boo
         if spec.ca_cert:
             async with sftp.open(f"{base}/ca.pem", "wb") as f:
                 await f.write(spec.ca_cert)
-    bootlog.write("# uploaded agent package, worker bundle and token")
+        if not have_runtime:
+            await sftp.put(str(rt.path), f"{base}/runtime.tar.gz")
+    bootlog.write(f"# uploaded agent package, worker bundle and token; runtime {target.key} "
+                  f"{'already there' if have_runtime else 'uploaded'}")
+    if not have_runtime:
+        # Unpacked beside its final name and renamed: instances bootstrapping on one host at once
+        # never see half a runtime.
+        await _run(conn, bootlog, inst, "runtime",
+                   f"d={rt_dir}; rm -rf $d.$$ && mkdir -p $d.$$/lib && tar xzf {q(base)}/runtime.tar.gz -C $d.$$/lib"
+                   f" && (mv -T $d.$$ $d 2>/dev/null || rm -rf $d.$$) && rm -f {q(base)}/runtime.tar.gz")
     # The worker is unpacked by the agent's own rules (agent/bundle.py: regular files and
     # directories only, caps on size, count and depth), not by the image's tar, into a fresh
     # directory that replaces the old one whole.
@@ -202,16 +228,15 @@ async def bootstrap(conn: asyncssh.SSHClientConnection, spec: BootstrapSpec, boo
                f" && PYTHONPATH=agentpkg python3 -m agent.bundle worker.tar.gz worker.new --max-bytes {lim.max_bytes}"
                f" --max-files {lim.max_files} --max-depth {lim.max_depth}"
                f" && rm -rf worker && mv worker.new worker && cp worker.json worker/{RESOLVED_SPEC_FILE}")
-    pip = " ".join(q(a) for a in spec.pip_args)
-    await _run(conn, bootlog, inst, "virtualenv", (
-        f"cd {q(base)} && (test -x venv/bin/python || python3 -m venv venv) && "
-        f"(venv/bin/python -c 'import aiohttp' 2>/dev/null || venv/bin/python -m pip install -q {pip} aiohttp)"
-    ))
+    await _run(conn, bootlog, inst, "environment",
+               f"cd {q(base)} && PYTHONPATH=agentpkg python3 -m agent.environment venv \"$HOME/{rt_dir}/lib\"")
     # Idempotent start: a live agent from an earlier bootstrap is left alone.
     extra = "".join(f" {q(a)}" for a in (*spec.agent_args, *(("--ca-file", "ca.pem") if spec.ca_cert else ())))
     start = (
         f"cd {q(base)} && if test -f agent.pid && kill -0 $(cat agent.pid) 2>/dev/null; then cat agent.pid; else "
-        f"CLOUDTASK_AGENT_TOKEN=$(cat token) PYTHONPATH=agentpkg setsid nohup venv/bin/python -m agent.main"
+        # The worker's environment too: its setup and processes find the venv's python and pip first.
+        f"PATH=\"$PWD/venv/bin:$PATH\" VIRTUAL_ENV=\"$PWD/venv\" CLOUDTASK_AGENT_TOKEN=$(cat token)"
+        f" PYTHONPATH=agentpkg setsid nohup venv/bin/python -m agent.main"
         f" --url {q(spec.agent_url)} --instance {q(inst)} --worker-dir worker --slots {spec.slots}{extra}"
         f" >>agent.log 2>&1 </dev/null & echo $! > agent.pid; cat agent.pid; fi"
     )

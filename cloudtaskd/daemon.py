@@ -39,6 +39,7 @@ from cloudtaskd.providers.cloud import CloudDriver, CloudProvider, CloudSettings
 from cloudtaskd.providers.local import LocalProvider
 from cloudtaskd.providers.ssh import SshProvider
 from cloudtaskd.reload import ReloadPlan, plan
+from cloudtaskd.runtime import RuntimeBuilder
 from cloudtaskd.service import Systemd, watchdog
 from cloudtaskd.store import Store, Tx
 
@@ -58,6 +59,8 @@ class Daemon:
         self.state_dir = config.state_path
         self.store = Store(self.state_dir / "cloudtask.db")
         self.dispatcher = Dispatcher(self.store, config)
+        # The agent's packages for instances, per (Python, CPU), built on first need (runtime.py).
+        self.runtime = RuntimeBuilder(self.state_dir / "runtime", tuple(config.providers.ssh.pip_args))
         self.hub = AgentHub(self.store, self.dispatcher, config.agents.max_message_bytes,
                             max_connections_per_instance=config.agents.max_connections_per_instance,
                             max_messages_per_s=config.agents.max_messages_per_s)
@@ -183,13 +186,13 @@ class Daemon:
         ssh = self.config.providers.ssh
         if ssh.hosts:
             pins = AddressPins(self.store)
-            provider = SshProvider(ssh, self.state_dir, pins.get, pins.set)
+            provider = SshProvider(ssh, self.state_dir, pins.get, pins.set, self.runtime)
             out.append((provider, provider.max_instances))
         for cfg, make in self._cloud_drivers():
             if cfg.enabled and cfg.max_instances > 0:
                 settings = self._cloud_settings(cfg)
                 out.append((CloudProvider(make(), settings, self.daemon_id, self.state_dir,
-                                          InstancePins(self.store)), cfg.max_instances))
+                                          InstancePins(self.store), self.runtime), cfg.max_instances))
         local = self.config.providers.local
         if local.enabled and local.max_instances > 0:
             out.append((LocalProvider(local, self.state_dir), local.max_instances))
@@ -263,7 +266,7 @@ class Daemon:
                 raise ConfigError(self.config.source, "ssh_key_file", f"{key} does not exist")
             _make_key(key)
         return CloudSettings(c.machine_type, c.placement, c.spot, c.cpus, c.ssh_user, key, c.ssh_address_override,
-                             tuple(self.config.providers.ssh.pip_args), c.image, c.on_demand_fallback,
+                             c.image, c.on_demand_fallback,
                              tuple(c.machine_types), tuple(c.zones), c.metadata_url)
 
     def _lock(self) -> None:

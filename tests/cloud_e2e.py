@@ -16,7 +16,7 @@ import pytest
 from cloudtaskd.config import CloudProviderConfig, LocalProviderConfig, ProvidersConfig
 from cloudtaskd.daemon import Daemon
 from cloudtaskd.providers.cloud import CloudDriver, CloudProvider, CloudSettings, CloudVm, CreateRequest
-from tests.conftest import UnixApi, make_config, wait_for
+from tests.conftest import UnixApi, make_config, test_runtime, wait_for
 from tests.procs import bundle
 from tests.sshd import Sshd, available
 from tests.test_daemon_e2e import finished, jsonl, results
@@ -94,7 +94,7 @@ async def reconcile_after_crash(driver: CloudDriver, name: str, machine_type: st
     await store.open()
     try:
         provider = CloudProvider(driver, CloudSettings(machine_type, zone, False, 2, "ubuntu", key), "daemon1",
-                                 tmp_path, InstancePins(store))
+                                 tmp_path, InstancePins(store), test_runtime())
         config = Config(state_dir=str(tmp_path))
         vm = await driver.create(known)
         orphan_vm = await driver.create(orphan)

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 from cloudtaskd.config import AgentsConfig, Config, QueueConfig, ScalingConfig
+from cloudtaskd.runtime import RuntimeBuilder
 from cloudtaskd.store import Store
 from tests import sshd as sshd_mod
 from tests.moto_ec2 import MotoEc2
@@ -50,6 +51,17 @@ async def wait_for(predicate: Callable[[], Awaitable[Any]], timeout: float = 20.
 def agent_ssl(inst: dict[str, Any]) -> ssl.SSLContext:
     """What an agent registered through POST /v1/instances trusts: the daemon's CA only."""
     return ssl.create_default_context(cadata=inst["ca_cert"])
+
+
+RUNTIME_CACHE = Path(os.environ.get("CLOUDTASK_TEST_RUNTIME", "/var/cache/cloudtask-tests/runtime"))
+
+
+def test_runtime() -> RuntimeBuilder:
+    """The agent's runtime for instances, built once per (Python, CPU) and kept across test runs."""
+    return RuntimeBuilder(RUNTIME_CACHE)
+
+
+test_runtime.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
 
 
 def make_config(tmp_path: Path, **overrides: Any) -> Config:

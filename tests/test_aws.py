@@ -14,6 +14,7 @@ from cloudtaskd.errors import CapacityError, ProviderAuthError, QuotaExceeded
 from cloudtaskd.providers.aws import AwsDriver
 from cloudtaskd.providers.cloud import TAG_DAEMON, TAG_INSTANCE, CreateRequest
 from tests.cloud_e2e import CloudRun, cloud_daemon, needs_sshd, reconcile_after_crash
+from tests.conftest import test_runtime
 from tests.metadata_standin import metadata_standin
 from tests.moto_ec2 import MotoEc2
 from tests.sshd import Sshd
@@ -213,7 +214,7 @@ async def test_a_published_host_key_that_does_not_match_is_refused(driver: AwsDr
             " VALUES ('aws-mitm', 'aws', NULL, 'starting', 2, 'x', 0, ?)", (tx.now,)))
         settings = CloudSettings("t3.micro", REGION, False, 2, "root", sshd.client_key,
                                  ssh_address_override=f"127.0.0.1:{sshd.port}")
-        provider = CloudProvider(driver, settings, "daemon1", tmp_path, InstancePins(store))
+        provider = CloudProvider(driver, settings, "daemon1", tmp_path, InstancePins(store), test_runtime())
         spec = LaunchSpec("aws-mitm", 1, tmp_path, "ws://127.0.0.1:1/v1/agent", "token", 2,
                           worker_bundle=tmp_path / "bundle.tar.gz")
         with pytest.raises(HostKeyMismatch, match="does not match the pinned key"):

@@ -26,7 +26,7 @@ from cloudtaskd.bootstrap import (
 from cloudtaskd.config import LocalProviderConfig, ProvidersConfig
 from cloudtaskd.daemon import Daemon
 from tests import sshd as sshd_mod
-from tests.conftest import UnixApi, make_config, wait_for
+from tests.conftest import UnixApi, make_config, test_runtime, wait_for
 from tests.procs import bundle
 from tests.test_daemon_e2e import finished, jsonl, results
 
@@ -60,13 +60,13 @@ async def test_bootstrap_runs_tasks_and_is_idempotent(tmp_path: Path, sshd: sshd
         conn, host_key = await connect(target, instance=inst["id"], bootlog=bootlog)
         assert host_key.split()[:2] == sshd.public_host_key().split()[:2]  # what trust-on-first-use pins
         async with conn:
-            pid = await bootstrap(conn, spec, bootlog)
+            pid = await bootstrap(conn, spec, bootlog, test_runtime())
             await wait_for(lambda: finished(api, job["id"]), timeout=60, message="job done on the ssh instance")
             res = await results(api, job["id"])
             assert {r["result"]["n"] for r in res.values()} == set(range(20))
             assert {r["result"]["pid"] for r in res.values()} == {pid}, "tasks ran in the bootstrapped agent"
             # A second bootstrap of the same instance is harmless: same agent, nothing restarted.
-            assert await bootstrap(conn, spec, bootlog) == pid
+            assert await bootstrap(conn, spec, bootlog, test_runtime()) == pid
             assert inst["id"] in await running_agents(conn)
             token_mode = (await conn.run(f"stat -c %a .cloudtask/{inst['id']}/token", check=True)).stdout
             assert str(token_mode).strip() == "600"
@@ -216,7 +216,7 @@ async def test_instance_unpacks_by_the_agents_rules(tmp_path: Path, sshd: sshd_m
     try:
         async with conn:
             with pytest.raises(DeployError, match=r"unpack: exit code 2: .*entry 'a': a symbolic link"):
-                await bootstrap(conn, spec, BootstrapLog(tmp_path / "bootstrap.log"))
+                await bootstrap(conn, spec, BootstrapLog(tmp_path / "bootstrap.log"), test_runtime())
             listing = str((await conn.run(f"ls -A .cloudtask/{inst}", check=True)).stdout).split()
         assert "worker" not in listing and "worker.new" not in listing
         assert (outside / "existing.txt").read_text() == "original\n"

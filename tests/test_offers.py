@@ -10,6 +10,7 @@ from cloudtaskd.providers.base import Offer
 from cloudtaskd.providers.cloud import CloudProvider, CloudSettings, CloudVm, CreateRequest
 from cloudtaskd.providers.local import LocalProvider
 from cloudtaskd.providers.ssh import SshProvider
+from cloudtaskd.runtime import RuntimeBuilder
 
 
 class NoCloud:
@@ -55,7 +56,7 @@ def test_ssh_offers_each_configured_host(tmp_path: Path) -> None:
 
     hosts = (SshHostConfig(address="10.0.0.5", cpus=8, key_file="k"),
              SshHostConfig(address="10.0.0.6", port=2222, cpus=2, key_file="k"))
-    offers = SshProvider(SshProviderConfig(hosts=hosts), tmp_path, no_pin, set_pin).offers()
+    offers = SshProvider(SshProviderConfig(hosts=hosts), tmp_path, no_pin, set_pin, RuntimeBuilder(tmp_path)).offers()
     assert [(o.provider, o.zone, o.cpus, o.spot, o.price_per_hour) for o in offers] == [
         ("ssh", "10.0.0.5:22", 8, False, 0.0), ("ssh", "10.0.0.6:2222", 2, False, 0.0)]
 
@@ -64,7 +65,7 @@ def test_cloud_offers_its_configured_type_and_market(tmp_path: Path) -> None:
     key = tmp_path / "id"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     settings = CloudSettings("c7g.large", "us-west-2b", True, 2, "ubuntu", key, on_demand_fallback=False)
-    offers = CloudProvider(NoCloud(), settings, "d1", tmp_path, NoPins()).offers()
+    offers = CloudProvider(NoCloud(), settings, "d1", tmp_path, NoPins(), RuntimeBuilder(tmp_path)).offers()
     assert offers == [Offer("aws", "c7g.large", "us-west-2b", True, 2)]
     assert offers[0].price_per_hour is None  # unknown until the catalog prices it
 
@@ -74,7 +75,7 @@ def test_cloud_offers_come_from_the_catalog_for_every_allowed_type_zone_and_mark
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     settings = CloudSettings("c5.large", "us-east-1a", True, 2, "ubuntu", key, machine_types=("c5.xlarge", "x9.huge"),
                              zones=("us-east-1b",))
-    provider = CloudProvider(NoCloud(), settings, "d1", tmp_path, NoPins())
+    provider = CloudProvider(NoCloud(), settings, "d1", tmp_path, NoPins(), RuntimeBuilder(tmp_path))
     priced = {(t, z, spot): Offer("aws", t, z, spot, cpus, cpus * 2.0, price, "us-east-1")
               for t, cpus in (("c5.large", 2), ("c5.xlarge", 4), ("m5.large", 2))
               for z in ("us-east-1a", "us-east-1b", "us-east-1c")

@@ -29,6 +29,7 @@ from cloudtaskd.bootstrap import (
 )
 from cloudtaskd.errors import ProviderError
 from cloudtaskd.providers.base import CloudInstance, LaunchSpec, Offer, watch_args
+from cloudtaskd.runtime import RuntimeBuilder
 
 log = structlog.get_logger("cloudtaskd.providers.cloud")
 
@@ -109,7 +110,6 @@ class CloudSettings:
     ssh_key_file: Path  # private; the public half is installed on each VM
     # Test/emulator hook: reach every VM's SSH at this host:port instead of its public IP.
     ssh_address_override: str = ""
-    pip_args: tuple[str, ...] = ()
     image: str = ""  # empty: the driver's default Ubuntu LTS image
     on_demand_fallback: bool = True
     machine_types: tuple[str, ...] = ()  # more types to choose among (sized and priced by the catalog)
@@ -121,8 +121,9 @@ class CloudProvider:
     """A cloud driver plus SSH bootstrap, behind the common Provider interface."""
 
     def __init__(self, driver: CloudDriver, settings: CloudSettings, daemon_id: str, state_dir: Path,
-                 pins: HostKeyPins) -> None:
+                 pins: HostKeyPins, runtime: RuntimeBuilder) -> None:
         self.driver = driver
+        self.runtime = runtime
         self.pins = pins
         # Read once at start: a missing key is a config error to report before any VM is made.
         self.public_key = Path(f"{settings.ssh_key_file}.pub").read_text().strip()
@@ -203,8 +204,8 @@ class CloudProvider:
             async with conn:
                 await bootstrap(conn, BootstrapSpec(
                     spec.instance_id, spec.agent_url, spec.token, spec.slots, spec.worker_bundle, spec.worker_spec,
-                    s.pip_args, watch_args(self.name if offer.spot else "", s.metadata_url), spec.ca_cert,
-                    spec.bundle_limits), bootlog)
+                    watch_args(self.name if offer.spot else "", s.metadata_url), spec.ca_cert,
+                    spec.bundle_limits), bootlog, self.runtime)
         except Exception:
             await self.driver.delete(spec.instance_id)  # a failed bootstrap never leaves a VM running
             raise

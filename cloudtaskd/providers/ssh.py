@@ -29,6 +29,7 @@ from cloudtaskd.bootstrap import (
 from cloudtaskd.config import SshHostConfig, SshProviderConfig
 from cloudtaskd.errors import ProviderError
 from cloudtaskd.providers.base import CloudInstance, LaunchSpec, Offer
+from cloudtaskd.runtime import RuntimeBuilder
 
 log = structlog.get_logger("cloudtaskd.providers.ssh")
 
@@ -41,9 +42,10 @@ PinSet = Callable[[str, int, str], Awaitable[None]]
 class SshProvider:
     name = "ssh"
 
-    def __init__(self, config: SshProviderConfig, state_dir: Path, get_pin: PinGet, set_pin: PinSet) -> None:
+    def __init__(self, config: SshProviderConfig, state_dir: Path, get_pin: PinGet, set_pin: PinSet,
+                 runtime: RuntimeBuilder) -> None:
         self.hosts = list(config.hosts)
-        self.pip_args = tuple(config.pip_args)
+        self.runtime = runtime
         self.dir = state_dir / "ssh"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.logs = state_dir / "instances"
@@ -105,7 +107,7 @@ class SshProvider:
             async with conn:
                 await bootstrap(conn, BootstrapSpec(
                     spec.instance_id, spec.agent_url, spec.token, spec.slots, spec.worker_bundle, spec.worker_spec,
-                    self.pip_args, ca_cert=spec.ca_cert, bundle_limits=spec.bundle_limits), bootlog)
+                    ca_cert=spec.ca_cert, bundle_limits=spec.bundle_limits), bootlog, self.runtime)
         except Exception:
             # Failed bootstrap: free the host (its log stays for `cloudtaskctl instances --logs`).
             with suppress(Exception):
