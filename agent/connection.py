@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 
 from agent import interruption, jsonx
+from agent.compat import SLOTS
 from agent.logline import log
 from agent.protocol import (
     CREDIT_IN_REPORT,
@@ -74,7 +75,7 @@ class FatalAgentError(Exception):
     """The daemon refused us for good (bad token, instance ended): reconnecting cannot help."""
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class Held:
     task: GrantedTask
     slot: int | None = None  # set while running

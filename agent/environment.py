@@ -19,6 +19,10 @@ import venv
 
 PTH_NAME = "cloudtask-runtime.pth"
 PIP_LAUNCHER = '#!/bin/sh\nexec "$(dirname "$0")/python" -m pip "$@"\n'
+# pip below Python 3.10 finds install paths with distutils, which Debian's and Ubuntu's python3 ship
+# only in python3-distutils. `sysconfig._PIP_USE_SYSCONFIG` is pip's switch for distributors (pip
+# issue 10647); sysconfig is always there. A .pth line that starts with "import" runs at start-up.
+PTH_SWITCH = "import sysconfig; sysconfig._PIP_USE_SYSCONFIG = True\n"
 
 
 def make(venv_dir: str, runtime_lib: str) -> str:
@@ -29,9 +33,10 @@ def make(venv_dir: str, runtime_lib: str) -> str:
     purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              check=True, capture_output=True, text=True).stdout.strip()
     os.makedirs(purelib, exist_ok=True)
-    _write(os.path.join(purelib, PTH_NAME), os.path.abspath(runtime_lib) + "\n", 0o644)
+    _write(os.path.join(purelib, PTH_NAME), os.path.abspath(runtime_lib) + "\n" + PTH_SWITCH, 0o644)
     _write(os.path.join(venv_dir, "bin", "pip"), PIP_LAUNCHER, 0o755)
-    check = subprocess.run([python, "-c", "import aiohttp, pip"], capture_output=True, text=True)
+    check = subprocess.run([python, "-c", "import aiohttp; from pip._internal.locations import get_scheme"],
+                           capture_output=True, text=True)
     if check.returncode != 0:
         raise SystemExit(f"the runtime at {runtime_lib} does not import with {python}: {check.stderr.strip()[-800:]}")
     return python

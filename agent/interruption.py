@@ -16,7 +16,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote
@@ -24,6 +24,7 @@ from urllib.parse import quote
 import aiohttp
 
 from agent import jsonx, logline
+from agent.compat import SLOTS, UTC
 from agent.protocol import Notice
 
 SOURCES = ("aws", "gcp", "azure")
@@ -123,7 +124,7 @@ def _deadline(text: object, parse: Callable[[str], datetime]) -> float | None:
     return None if when is None else (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class _Aws:
     w: _Watch
     token: str | None = None
@@ -169,7 +170,7 @@ class _Aws:
         return self.w.poll_s
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class _Gcp:
     w: _Watch
     etag: str | None = None
@@ -195,7 +196,7 @@ class _Gcp:
         return 0.0 if etag else self.w.poll_s  # no ETag, no safe long poll: plain polling
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class _Azure:
     w: _Watch
     woken: bool = False

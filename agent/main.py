@@ -69,19 +69,28 @@ def main(argv: list[str] | None = None) -> None:
     if spec.setup:
         run_setup(spec.setup, worker_dir, Path.cwd())
     slots = args.slots or default_slots(spec)
-    agent = Agent(args.url, args.instance, token, worker_dir, slots, prefetch=args.prefetch,
-                  drain_grace_s=args.drain_grace, spec=spec, interruption_source=args.interruption_source or "",
-                  metadata_url=args.metadata_url, interruption_margin_s=args.interruption_margin,
-                  ca_file=args.ca_file)
+    agents: list[Agent] = []
+
+    async def serve() -> int:
+        # Made inside the loop: before 3.10 an asyncio.Event binds to the loop current when it is
+        # made, and asyncio.run() starts a new one (the agent runs on 3.9 images).
+        agent = Agent(args.url, args.instance, token, worker_dir, slots, prefetch=args.prefetch,
+                      drain_grace_s=args.drain_grace, spec=spec, interruption_source=args.interruption_source or "",
+                      metadata_url=args.metadata_url, interruption_margin_s=args.interruption_margin,
+                      ca_file=args.ca_file)
+        agents.append(agent)
+        return await agent.run()
+
     log("agent_started", instance=args.instance, slots=slots, mode=spec.mode, pid=os.getpid())
     try:
-        code = asyncio.run(agent.run())
+        code = asyncio.run(serve())
     except FatalAgentError:
         code = 2
-    log("agent_exited", code=code, completed=agent.completed)
+    completed = agents[0].completed if agents else 0
+    log("agent_exited", code=code, completed=completed)
     if args.stats_file:
-        args.stats_file.write_text(jsonx.dumps({"completed": agent.completed,
-                                                "lease_rtts_s": list(agent.lease_rtts_s)}))
+        args.stats_file.write_text(jsonx.dumps({"completed": completed,
+                                                "lease_rtts_s": list(agents[0].lease_rtts_s) if agents else []}))
     sys.stdout.flush()
     # os._exit: a sync python-mode call that timed out may still hold a thread we cannot stop,
     # and interpreter shutdown would wait for it forever.

@@ -10,9 +10,10 @@ the token is the task's attempt number at lease time and fences stale reports.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 from agent import jsonx
+from agent.compat import SLOTS
 
 PROTOCOL_VERSION = 1
 MAX_CREDIT = 100_000  # one lease request's n
@@ -50,7 +51,7 @@ ACK_IN_GRANT = "ack_in_grant"  # a grant frame may carry the acks (`ok`, `refuse
 FEATURES = (CREDIT_IN_REPORT, ACK_IN_GRANT)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class Hello:
     instance: str
     token: str
@@ -61,7 +62,7 @@ class Hello:
     t: str = "hello"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class LeaseRequest:
     """Adds n to the connection's credit: the daemon grants up to that many tasks, now or later."""
 
@@ -69,13 +70,13 @@ class LeaseRequest:
     t: str = "lease"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class Heartbeat:
     leases: list[LeaseRef]
     t: str = "hb"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class Success:
     id: int
     token: int
@@ -83,14 +84,14 @@ class Success:
     duration_s: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class Complete:
     results: list[Success]
     n: int = 0  # credit returned with the reports (CREDIT_IN_REPORT)
     t: str = "done"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class Failure:
     id: int
     token: int
@@ -99,14 +100,14 @@ class Failure:
     duration_s: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class Fail:
     failures: list[Failure]
     n: int = 0  # credit returned with the reports (CREDIT_IN_REPORT)
     t: str = "fail"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class Handback:
     """Leases given back unfinished (drain, spot interruption): requeued without counting an attempt."""
 
@@ -115,7 +116,7 @@ class Handback:
     t: str = "handback"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class Draining:
     """The agent takes no more leases (SIGTERM, interruption notice); credit drops to zero."""
 
@@ -123,7 +124,7 @@ class Draining:
     t: str = "draining"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class Notice:
     """The cloud's word about this instance: "interruption" (it is being taken; deadline when it
     goes, if the cloud says) or "rebalance" (AWS: at elevated risk; replace it before it goes)."""
@@ -137,13 +138,13 @@ class Notice:
 
 NOTICE_KINDS = ("interruption", "rebalance")
 
-AgentMessage = Hello | LeaseRequest | Heartbeat | Complete | Fail | Handback | Draining | Notice
+AgentMessage = Union[Hello, LeaseRequest, Heartbeat, Complete, Fail, Handback, Draining, Notice]
 
 
 # ---- daemon -> agent ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class GrantedTask:
     id: int
     token: int
@@ -152,7 +153,7 @@ class GrantedTask:
     timeout_s: float | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class Welcome:
     lease_ttl_s: float
     heartbeat_s: float
@@ -166,14 +167,14 @@ class Welcome:
     t: str = "welcome"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class Ack:
     ok: list[int]
     refused: list[int]
     t: str = "ack"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class Grant:
     tasks: list[GrantedTask]
     ok: list[int] = field(default_factory=list)  # acks of the same round (ACK_IN_GRANT)
@@ -181,7 +182,7 @@ class Grant:
     t: str = "grant"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class Revoke:
     """The daemon no longer honours these leases (job cancelled, lease expired): stop them."""
 
@@ -189,20 +190,20 @@ class Revoke:
     t: str = "revoke"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class DrainRequest:
     reason: str
     t: str = "drain"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class ErrorMessage:
     code: str
     message: str
     t: str = "error"
 
 
-DaemonMessage = Welcome | Ack | Grant | Revoke | DrainRequest | ErrorMessage
+DaemonMessage = Union[Welcome, Ack, Grant, Revoke, DrainRequest, ErrorMessage]
 
 
 # ---- validation helpers ---------------------------------------------------------------------
@@ -217,7 +218,7 @@ def _int(obj: dict[str, Any], key: str, *, minimum: int = 0, maximum: int = 2**6
 
 def _num(obj: dict[str, Any], key: str, *, maximum: float) -> float:
     value = obj.get(key)
-    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value <= maximum:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= maximum:
         raise ProtocolError(f"expected a number in [0, {maximum:g}], got {value!r:.60}", field=key)
     return float(value)
 
@@ -361,6 +362,6 @@ def encode(msg: AgentMessage | DaemonMessage) -> str:
 def _to_plain(value: Any) -> Any:
     if hasattr(value, "__dataclass_fields__"):
         return {name: _to_plain(getattr(value, name)) for name in value.__dataclass_fields__}
-    if isinstance(value, list | tuple):
+    if isinstance(value, (list, tuple)):
         return [_to_plain(v) for v in value]
     return value

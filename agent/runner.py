@@ -55,7 +55,8 @@ from pathlib import Path
 from time import perf_counter
 from typing import Any
 
-from agent import jsonx
+from agent import compat, jsonx
+from agent.compat import SLOTS
 from agent.logline import log
 from agent.protocol import MAX_ERROR_CHARS, PERMANENT_FAILURE_EXIT_CODE
 from agent.workerspec import WorkerSpec
@@ -101,7 +102,7 @@ class PermanentFailure(Exception):
     """
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class Outcome:
     ok: bool
     result: Any = None  # when ok
@@ -160,7 +161,7 @@ async def _collect_tail(reader: asyncio.StreamReader, tail: _Tail) -> None:
         pass
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(eq=False, **SLOTS)
 class _Child:
     transport: asyncio.SubprocessTransport
     stdin: asyncio.StreamWriter
@@ -553,7 +554,7 @@ class Runner:
         started = perf_counter()
         task = asyncio.current_task()
         self._tasks[slot] = task
-        deadline: asyncio.Timeout | None = None
+        deadline: Any = None
         try:
             fn = self._fn
             if fn is None:
@@ -566,25 +567,25 @@ class Runner:
                 if timeout_s is None:
                     result = await fn(key, data)
                 else:
-                    deadline = asyncio.timeout(timeout_s)
+                    deadline = compat.timeout(timeout_s)
                     async with deadline:
                         result = await fn(key, data)
             else:
                 if timeout_s is None:
                     result = await self._call_in_thread(fn, key, data)
                 else:
-                    deadline = asyncio.timeout(timeout_s)
+                    deadline = compat.timeout(timeout_s)
                     async with deadline:
                         result = await self._call_in_thread(fn, key, data)
         except asyncio.CancelledError:
             if not self._fn_is_async:
                 self._abandon()
             # Our own abort is answered with an Outcome; any other cancellation belongs to the caller.
-            if self._aborted[slot] and task is not None and task.uncancel() == 0:
+            if self._aborted[slot] and compat.uncancel(task) == 0:
                 return _failure(ABORTED_ERROR, started)
             raise
         except (Exception, SystemExit) as exc:
-            if deadline is not None and deadline.expired() and type(exc) is TimeoutError:
+            if deadline is not None and compat.expired(deadline) and type(exc) is TimeoutError:
                 if self._fn_is_async:
                     return _failure(f"timed out after {timeout_s:g} s", started)
                 self._abandon()
@@ -595,8 +596,8 @@ class Runner:
             self._tasks[slot] = None
         if self._aborted[slot]:
             # The worker swallowed our cancellation; withdraw it so it cannot hit the caller later.
-            if task is not None and task.cancelling():
-                task.uncancel()
+            if compat.cancelling(task):
+                compat.uncancel(task)
             return _failure(ABORTED_ERROR, started)
         if type(result) not in _TRIVIAL_RESULT_TYPES:
             try:
@@ -716,7 +717,7 @@ class Runner:
     async def _run_stream(self, slot: int, key: str, data: Any, timeout_s: float | None) -> Outcome:
         started = perf_counter()
         line = (jsonx.dumps({"id": key, "data": data}) + "\n").encode()
-        deadline = asyncio.timeout(timeout_s)
+        deadline = compat.timeout(timeout_s)
         try:
             async with deadline:
                 child = await self._deliver(slot, line)

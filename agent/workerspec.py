@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from agent.compat import SLOTS
+
 MODES = ("command", "stream", "python")
 SPEC_FILE = "cloudtask.yaml"
 RESOLVED_SPEC_FILE = "worker.json"
@@ -23,7 +25,7 @@ class WorkerSpecError(ValueError):
         super().__init__(f"{source}: {key}: {message}")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class WorkerSpec:
     mode: str
     command: str | None = None
@@ -56,7 +58,7 @@ class WorkerSpec:
             value = raw.get(key)
             if value is None:
                 return None
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise WorkerSpecError(key, f"expected a positive number, got {value!r}", source=source)
             if integer and int(value) != value:
                 raise WorkerSpecError(key, f"expected a whole number, got {value!r}", source=source)

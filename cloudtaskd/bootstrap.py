@@ -44,6 +44,7 @@ SSH_WAIT_S = 300.0
 SSH_RETRY_MIN_S = 1.0
 SSH_RETRY_MAX_S = 15.0
 COMMAND_TIMEOUT_S = 900.0
+AGENT_LOG_TAIL_LINES = 20  # kept from an agent's log when it is stopped: why it exited
 
 
 class DeployError(CloudtaskError):
@@ -235,7 +236,8 @@ async def bootstrap(conn: asyncssh.SSHClientConnection, spec: BootstrapSpec, boo
     start = (
         f"cd {q(base)} && if test -f agent.pid && kill -0 $(cat agent.pid) 2>/dev/null; then cat agent.pid; else "
         # The worker's environment too: its setup and processes find the venv's python and pip first.
-        f"PATH=\"$PWD/venv/bin:$PATH\" VIRTUAL_ENV=\"$PWD/venv\" CLOUDTASK_AGENT_TOKEN=$(cat token)"
+        f"PATH=\"$PWD/venv/bin:$PATH\" VIRTUAL_ENV=\"$PWD/venv\""
+        f" CLOUDTASK_AGENT_TOKEN=$(cat token)"
         f" PYTHONPATH=agentpkg setsid nohup venv/bin/python -m agent.main"
         f" --url {q(spec.agent_url)} --instance {q(inst)} --worker-dir worker --slots {spec.slots}{extra}"
         f" >>agent.log 2>&1 </dev/null & echo $! > agent.pid; cat agent.pid; fi"
@@ -249,15 +251,17 @@ async def bootstrap(conn: asyncssh.SSHClientConnection, spec: BootstrapSpec, boo
     return pid
 
 
-async def stop_agent(conn: asyncssh.SSHClientConnection, instance: str, grace_s: float = 30.0) -> None:
-    """SIGTERM the agent's process group (it drains), SIGKILL after the grace, remove its files."""
+async def stop_agent(conn: asyncssh.SSHClientConnection, instance: str, grace_s: float = 30.0) -> str:
+    """SIGTERM the agent's process group (it drains), SIGKILL after the grace, remove its files.
+    Returns the end of the agent's log, its last words (why it exited, when it did by itself)."""
     base = shlex.quote(f".cloudtask/{instance}")
-    await conn.run(
+    result = await conn.run(
         f"cd {base} 2>/dev/null || exit 0; if test -f agent.pid; then p=$(cat agent.pid); kill -TERM -$p 2>/dev/null;"
         f" for i in $(seq {int(grace_s * 10)}); do kill -0 $p 2>/dev/null || break; sleep 0.1; done;"
-        f" kill -KILL -$p 2>/dev/null; fi; cd && rm -rf {base}",
+        f" kill -KILL -$p 2>/dev/null; fi; tail -n {AGENT_LOG_TAIL_LINES} agent.log 2>/dev/null; cd && rm -rf {base}",
         check=False,
     )
+    return str(result.stdout or "")
 
 
 async def running_agents(conn: asyncssh.SSHClientConnection) -> list[str]:

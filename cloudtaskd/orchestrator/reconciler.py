@@ -8,6 +8,7 @@ exception that stops the loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import secrets
@@ -163,6 +164,9 @@ class Reconciler:
                         await self._interrupted(inst, noticed=row["interrupted_at"] is not None)
                         error = "its spot capacity was reclaimed before the agent connected"
                     elif state == InstanceState.STARTING:
+                        # Stopped first: an ssh host then adds the agent's last log lines to its output.
+                        with contextlib.suppress(Exception):  # _terminate below retries and records it
+                            await self._provider_of(inst).terminate(inst)
                         error = "the agent exited before connecting: " + self._output(inst)
                         self._start_failed(row["pool_id"], now, provider.name, "AgentExited")
                 await self._move(inst, event, error=error)

@@ -123,7 +123,9 @@ class SshProvider:
         if host is not None:
             conn = await self._connect(host, instance_id, wait_s=30)
             async with conn:
-                await stop_agent(conn, instance_id)
+                last_words = await stop_agent(conn, instance_id)
+            if last_words.strip():
+                BootstrapLog(self.logs / instance_id / "bootstrap.log").write(f"# agent.log, last lines:\n{last_words}")
         with suppress(FileNotFoundError):
             (self.dir / f"{instance_id}.json").unlink()
 

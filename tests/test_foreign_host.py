@@ -1,0 +1,92 @@
+"""What runs on an instance, run on a host that is not the control host: a Debian 11 root with its
+own python3 (3.9, no venv module's ensurepip, no pip), its own network namespace and loopback, no
+internet (tests/foreign_host.py). `cloudtaskctl run` on the ssh provider bootstraps the agent there
+and runs a whole job; the worker's setup and its processes run in the agent's environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests import foreign_host as fh
+from tests.conftest import ROOT
+
+pytestmark = [
+    pytest.mark.skipif(fh.unavailable() is not None, reason=str(fh.unavailable())),
+    # The first run of a fresh machine builds the Debian root (~80 s) unless .ci/run did.
+    pytest.mark.timeout(600),
+]
+
+WORKER = {
+    "cloudtask.yaml": (
+        "mode: command\n"
+        "command: python3 worker.py\n"
+        # The setup runs where the worker will: the agent's venv, its pip (no internet needed to ask).
+        "setup: python3 -c 'import sys; assert sys.prefix != sys.base_prefix, sys.prefix' && pip --version > pip.txt\n"
+    ),
+    "worker.py": (
+        "import json, socket, sys\n"
+        "task = json.load(sys.stdin)\n"
+        "pip = open('pip.txt').read().split()[1]\n"
+        "print(json.dumps({'n': task['data']['n'] ** 2, 'python': sys.version.split()[0], 'prefix': sys.prefix,"
+        " 'pip': pip, 'host': socket.gethostname()}))\n"
+    ),
+}
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Iterator[fh.ForeignHost]:
+    with fh.foreign_host(tmp_path / "vm") as h:
+        yield h
+
+
+def test_cloudtaskctl_run_on_a_foreign_host(tmp_path: Path, host: fh.ForeignHost) -> None:
+    assert host.python_version().startswith("3.9."), "the foreign host must have its own, older python3"
+    assert host.run("python3 -c 'import ensurepip'").returncode != 0, "no ensurepip, as on the clouds' images"
+    assert host.run("command -v pip pip3").returncode != 0, "no pip, as on the clouds' images"
+    worker = tmp_path / "worker"
+    worker.mkdir()
+    for name, text in WORKER.items():
+        (worker / name).write_text(text)
+    state = tmp_path / "state"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "state_dir": str(state),
+        "scaling": {"tick_s": 0.2},
+        # Agents dial our end of the veth: the foreign host's 127.0.0.1 is its own.
+        "agents": {"listen_host": host.net.host_ip},
+        "providers": {
+            "local": {"enabled": False},
+            "ssh": {"hosts": [{"address": host.address, "port": 22, "user": "root", "key_file": str(host.client_key),
+                               "cpus": 2, "host_key": host.public_host_key()}]},
+        },
+    }))
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps({"id": f"t{i}", "data": {"n": i}}) + "\n" for i in range(12)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "cloudtaskd.ctl", "run", "--tasks", str(tasks), "--worker", str(worker),
+         "--config", str(config)],
+        capture_output=True, text=True, timeout=90, cwd=tmp_path, stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    logs = sorted(state.glob("instances/*/bootstrap.log"))
+    detail = proc.stderr[-3000:] + "".join(p.read_text()[-3000:] for p in logs)
+    assert proc.returncode == 0, detail
+    lines = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(lines) == 12 and all(r["status"] == "succeeded" for r in lines), lines
+    results = [r["result"] for r in lines]
+    assert sorted(r["n"] for r in results) == [i * i for i in range(12)]
+    # Ran on the foreign host's own 3.9, inside the agent's venv, with the runtime's pip.
+    assert {r["python"] for r in results} == {host.python_version()}
+    assert all(r["prefix"].endswith("/venv") for r in results), results[0]
+    assert all(r["pip"] for r in results)
+    # Cleaned up: no agent left in the namespace but sshd.
+    leftovers = host.run("ls /root/.cloudtask").stdout.split()
+    assert [d for d in leftovers if d.startswith("ssh-")] == [], leftovers
