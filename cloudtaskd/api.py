@@ -282,7 +282,7 @@ class ControlApi:
         return web.json_response({"accepted": n})
 
     async def _stage(self, request: web.Request, job: dict[str, Any], source: str) -> int:
-        parser = TaskFileParser()
+        parser = TaskFileParser(self.config.queue.max_task_bytes)
         pending: list[Any] = []
         total = 0
         async for chunk in request.content.iter_chunked(1 << 20):

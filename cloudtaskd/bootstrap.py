@@ -74,7 +74,7 @@ class BootstrapSpec:
     worker_bundle: Path  # the gzip'd tar the user uploaded
     worker_spec: dict[str, Any]  # the validated cloudtask.yaml, as the agent reads it (worker.json)
     pip_args: tuple[str, ...] = ()  # e.g. ("--index-url", "...") or ("--no-index", "--find-links", "...")
-    agent_args: tuple[str, ...] = ()  # more agent options (its spot-notice watcher)
+    agent_args: tuple[str, ...] = ()  # more agent options (its frame limit, its spot-notice watcher)
     ca_cert: bytes = b""  # the daemon's CA (PEM), pinned by the agent; empty: no TLS
 
     def __repr__(self) -> str:
