@@ -386,8 +386,9 @@ def grant_frames(tasks: list[str], limit_bytes: int, acks: str = "") -> tuple[li
     """Encoded task objects (spliced in verbatim, as lease_many writes them) as grant frames each
     smaller than limit_bytes in UTF-8 (a websocket refuses a frame of max_msg_size bytes or more), in
     order, each task once. `acks` (',"ok":[..],"refused":[..]' or "") rides in the first frame, alone
-    when it would not fit beside the first task. Returns (frames, indexes of tasks that fit in no
-    frame even alone: the caller must not send them).
+    when it would not fit beside the first task (acks are not split: a round acks the reports one
+    agent sent since the last, a few ids per task it holds). Returns (frames, indexes of tasks that
+    fit in no frame even alone: the caller must not send them).
 
     The usual round costs one sum of str lengths: while 4 bytes a character fit, nothing is encoded."""
     fixed = len(GRANT_HEAD) + 2 + len(acks)  # "]" and "}"
