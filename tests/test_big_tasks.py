@@ -64,6 +64,33 @@ async def test_tasks_whose_sizes_sum_past_the_frame_limit_are_delivered_and_run(
     assert kinds.count("lease_granted") == 48 and "lease_handed_back" not in kinds
 
 
+async def test_a_raised_task_limit_raises_the_frame_limit_of_the_agents_the_daemon_starts(tmp_path: Path) -> None:
+    """queue.max_task_bytes above the old 4 MiB frame: the frame limit follows it, the local agent is
+    started reading frames that large, and a 4.5 MiB task runs."""
+    config = make_config(tmp_path)
+    config = replace(config, queue=replace(config.queue, max_task_bytes=5 * MIB),
+                     agents=replace(config.agents, max_message_bytes=0),  # 0: follow the task limit
+                     providers=ProvidersConfig(local=LocalProviderConfig(max_instances=1, cpus=2)))
+    assert config.agents.max_message_bytes == 5 * MIB + 8192
+    d = Daemon(config, shutdown_grace_s=5)
+    await d.start()
+    api = UnixApi(d.config.socket_path)
+    try:
+        _, body = await api.request("POST", "/v1/workers", data=bundle(SIZE_WORKER))
+        tasks = big("h", 2, int(4.5 * MIB))
+        job_id = await job(api, body["digest"], tasks, max_attempts=1)
+        done = await wait_for(lambda: finished(api, job_id), timeout=120, interval=0.2, message="job done")
+        assert done["counts"]["succeeded"] == 2, (await results(api, job_id))
+        # A task over the limit is refused at upload, naming its line.
+        _, body = await api.request("POST", "/v1/jobs", json={"worker": body["digest"]})
+        status, err = await api.request("POST", f"/v1/jobs/{body['id']}/tasks?source=t.jsonl",
+                                        data=io.BytesIO(jsonl(big("x", 1, 5 * MIB + 1)).encode()))
+        assert status == 400 and "t.jsonl:1: the task is larger than 5242880 bytes" in err["error"]["message"]
+    finally:
+        await api.close()
+        await d.stop()
+
+
 # ---- agents played by the test ----------------------------------------------------------------
 
 
