@@ -62,6 +62,7 @@ async def test_tasks_whose_sizes_sum_past_the_frame_limit_are_delivered_and_run(
     _, ev = await api.request("GET", f"/v1/events?job={job_id}&limit=10000")
     kinds = [e["kind"] for e in ev["events"]]
     assert kinds.count("lease_granted") == 48 and "lease_handed_back" not in kinds
+    assert await d.store.read(queue.check_counters) == []
 
 
 async def test_a_raised_task_limit_raises_the_frame_limit_of_the_agents_the_daemon_starts(tmp_path: Path) -> None:
