@@ -434,8 +434,9 @@ class ControlApi:
         inst = f"external-{uuid.uuid4().hex[:12]}"
         token = secrets.token_urlsafe(32)
         await self.store.write(_register_external, inst, digest, slots, token_hash(token))
-        return web.json_response({"id": inst, "token": token, "url": self.agent_url(), "ca_cert": self.agent_ca},
-                                 status=201)
+        # max_message_bytes: what to start the agent with (--max-message-bytes) so every task fits.
+        return web.json_response({"id": inst, "token": token, "url": self.agent_url(), "ca_cert": self.agent_ca,
+                                  "max_message_bytes": self.config.agents.max_message_bytes}, status=201)
 
     async def drain_instance(self, request: web.Request) -> web.Response:
         inst = request.match_info["instance"]

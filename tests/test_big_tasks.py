@@ -134,6 +134,7 @@ async def test_a_task_bigger_than_the_agent_reads_fails_with_the_reason_and_the_
     small = [{"id": f"s{i}", "data": {"s": "x" * 20_000}} for i in range(12)]
     job_id = await job(api, digest, [*small, *big("b", 1, 100 * KB)], max_attempts=2)
     _, inst = await api.request("POST", "/v1/instances", json={"worker": digest, "slots": 4})
+    assert inst["max_message_bytes"] == 4 * MIB  # what an agent run by hand should read to take any task
     ws = await http.ws_connect(inst["url"], ssl=agent_ssl(inst), max_msg_size=64 * 1024)
     await ws.send_str(hello(inst, 64 * 1024))
     assert json.loads((await ws.receive(timeout=5)).data)["t"] == "welcome"
