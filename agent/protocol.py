@@ -273,6 +273,15 @@ def _credit(obj: dict[str, Any]) -> int:
     return _int(obj, "n", maximum=MAX_CREDIT) if "n" in obj else 0
 
 
+def _frame_limit(obj: dict[str, Any]) -> int:
+    """A hello's max_message_bytes: 0 (or absent) for not said, else at least MIN_MESSAGE_BYTES."""
+    value = _int(obj, "max_message_bytes", maximum=MAX_MESSAGE_BYTES) if "max_message_bytes" in obj else 0
+    if 0 < value < MIN_MESSAGE_BYTES:
+        raise ProtocolError(f"expected 0 (not said) or at least {MIN_MESSAGE_BYTES}, got {value}",
+                            field="max_message_bytes")
+    return value
+
+
 def parse_agent_message(raw: str | bytes) -> AgentMessage:
     """Decode and validate one agent frame; raises ProtocolError naming the bad field."""
     try:
@@ -322,8 +331,7 @@ def parse_agent_message(raw: str | bytes) -> AgentMessage:
             slots=_int(obj, "slots", minimum=1, maximum=100_000),
             held=_refs(obj, "held"),
             features=[f for f in features if f in FEATURES],
-            max_message_bytes=(_int(obj, "max_message_bytes", minimum=MIN_MESSAGE_BYTES, maximum=MAX_MESSAGE_BYTES)
-                               if "max_message_bytes" in obj else 0),
+            max_message_bytes=_frame_limit(obj),
         )
     if kind == "handback":
         return Handback(_refs(obj, "leases"), _str(obj, "reason", max_len=200))

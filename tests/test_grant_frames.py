@@ -83,3 +83,17 @@ def test_the_frame_limit_fits_the_largest_task_alone() -> None:
     assert limit == max_task + TASK_FRAME_MARGIN_BYTES
     frames, oversize = grant_frames([worst], limit, "")
     assert oversize == [] and len(frames) == 1
+
+
+def test_the_hello_carries_the_agents_frame_limit() -> None:
+    """Said: the daemon packs under it. Not said (an older agent) or 0: the old default is assumed.
+    Below 1 KiB: a protocol error naming the field."""
+    from agent.protocol import Hello, ProtocolError, encode, parse_agent_message
+
+    said = parse_agent_message(encode(Hello("i", "t", 2, [], max_message_bytes=65536)))
+    assert isinstance(said, Hello) and said.max_message_bytes == 65536
+    assert parse_agent_message(encode(Hello("i", "t", 2, []))).max_message_bytes == 0  # type: ignore[union-attr]
+    old = '{"t":"hello","version":1,"instance":"i","token":"t","slots":2,"held":[]}'
+    assert parse_agent_message(old).max_message_bytes == 0  # type: ignore[union-attr]
+    with pytest.raises(ProtocolError, match="max_message_bytes"):
+        parse_agent_message(old[:-1] + ',"max_message_bytes":500}')
