@@ -29,6 +29,7 @@ from agent.compat import SLOTS
 from agent.logline import log
 from agent.protocol import (
     CREDIT_IN_REPORT,
+    DEFAULT_MAX_MESSAGE_BYTES,
     FEATURES,
     Ack,
     Draining,
@@ -42,6 +43,7 @@ from agent.protocol import (
     Welcome,
     encode,
     parse_daemon_message,
+    wire_len,
 )
 from agent.runner import Outcome, Runner
 from agent.workerspec import RESOLVED_SPEC_FILE, WorkerSpec
@@ -86,7 +88,7 @@ class Held:
 class Agent:
     def __init__(self, url: str, instance: str, token: str, worker_dir: Path, slots: int, *,
                  prefetch: int | None = None, drain_grace_s: float = DEFAULT_DRAIN_GRACE_S,
-                 spec: WorkerSpec | None = None, max_message_bytes: int = 4 * 1024 * 1024,
+                 spec: WorkerSpec | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  interruption_source: str = "", metadata_url: str | None = None,
                  interruption_margin_s: float = DEFAULT_INTERRUPTION_MARGIN_S, ca_file: Path | None = None) -> None:
         self.url = url
@@ -97,6 +99,8 @@ class Agent:
         self.slots = slots
         self.prefetch = slots if prefetch is None else prefetch
         self.drain_grace_s = drain_grace_s
+        # The largest frame we read (our websocket's max_msg_size), told to the daemon in the hello so
+        # that it packs grants under it: a bigger frame would close the connection with 1009.
         self.max_message_bytes = max_message_bytes
         # What one frame to the daemon may hold, in UTF-8 bytes: the daemon's limit once its welcome
         # says it (a frame over it closes the connection, and would be resent after every reconnect).
@@ -252,7 +256,7 @@ class Agent:
         held += [[r["id"], r["token"]] for r in (*self._unacked.values(), *self._pending)
                  if r["kind"] in ("done", "fail") and r["id"] not in self.held]
         await ws.send_str(encode(Hello(self.instance, self.token, self.slots, [(a, b) for a, b in held],
-                                       features=list(FEATURES))))
+                                       features=list(FEATURES), max_message_bytes=self.max_message_bytes)))
         first = await ws.receive(timeout=30)
         if first.type != aiohttp.WSMsgType.TEXT:
             raise aiohttp.ClientError(f"connection closed before welcome ({first.type.name})")
@@ -503,12 +507,6 @@ def pack(head: str, items: list[str], tail: str, limit: int) -> list[str]:
     if part:
         frames.append(head + ",".join(part) + tail)
     return frames
-
-
-def wire_len(text: str) -> int:
-    """A frame's size on the wire (UTF-8 bytes), which is what the daemon's limit counts: one
-    character of a result may take up to 4. isascii() is O(1) in CPython: the usual frame costs nothing."""
-    return len(text) if text.isascii() else len(text.encode())
 
 
 def load_spec(worker_dir: Path) -> WorkerSpec:

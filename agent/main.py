@@ -1,7 +1,7 @@
 """cloudtask-agent: the process that runs on each instance.
 
     cloudtask-agent --url ws://daemon:port/v1/agent --instance ID --worker-dir DIR [--slots N]
-                    [--interruption-source aws|gcp|azure [--metadata-url URL]]
+                    [--interruption-source aws|gcp|azure [--metadata-url URL]] [--max-message-bytes N]
 
 The token comes from $CLOUDTASK_AGENT_TOKEN (never argv: every local user can read argv).
 """
@@ -24,6 +24,7 @@ from agent.connection import (
     load_spec,
 )
 from agent.logline import log
+from agent.protocol import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES, MIN_MESSAGE_BYTES
 
 SETUP_MARKER = ".cloudtask-setup-done"
 
@@ -58,7 +59,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metadata-url", help="the instance metadata service's base URL (default: the cloud's own)")
     parser.add_argument("--interruption-margin", type=float, default=DEFAULT_INTERRUPTION_MARGIN_S,
                         help="seconds before the cloud's deadline at which running tasks are handed back")
+    parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
+                        help="the largest frame read from the daemon, in bytes (the daemon that starts the agent "
+                             "sets it to fit its largest task)")
     args = parser.parse_args(argv)
+    if not MIN_MESSAGE_BYTES <= args.max_message_bytes <= MAX_MESSAGE_BYTES:
+        parser.error(f"--max-message-bytes must be between {MIN_MESSAGE_BYTES} and {MAX_MESSAGE_BYTES}")
     token = os.environ.pop("CLOUDTASK_AGENT_TOKEN", "")
     if not token and args.token_file:
         token = args.token_file.read_text().strip()
@@ -77,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         agent = Agent(args.url, args.instance, token, worker_dir, slots, prefetch=args.prefetch,
                       drain_grace_s=args.drain_grace, spec=spec, interruption_source=args.interruption_source or "",
                       metadata_url=args.metadata_url, interruption_margin_s=args.interruption_margin,
-                      ca_file=args.ca_file)
+                      ca_file=args.ca_file, max_message_bytes=args.max_message_bytes)
         agents.append(agent)
         return await agent.run()
 

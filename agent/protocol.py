@@ -17,7 +17,15 @@ from agent.compat import SLOTS
 
 PROTOCOL_VERSION = 1
 MAX_CREDIT = 100_000  # one lease request's n
+# What one frame may hold, in UTF-8 bytes, each way, when nothing else is said: what an agent that does
+# not give its limit in the hello accepts (every agent before that field), and the daemon's default.
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+MIN_MESSAGE_BYTES = 1024
+MAX_MESSAGE_BYTES = 1 << 40
+# What a granted task takes on the wire beyond its data: the id, token and timeout numbers, the key
+# (at most 512 characters, up to 6 bytes each when escaped) and the grant frame's own JSON around it.
+# A frame limit of max_task_bytes + this carries any accepted task alone.
+TASK_FRAME_MARGIN_BYTES = 8192
 MAX_ERROR_CHARS = 4000
 
 # Exit code by which a `command` worker declares a permanent failure (no retry).
@@ -58,6 +66,10 @@ class Hello:
     slots: int
     held: list[LeaseRef]
     features: list[str] = field(default_factory=list)
+    # The largest frame this agent reads, in UTF-8 bytes (its websocket's max_msg_size: a frame of
+    # this size or more is refused with close code 1009). 0: not said (an agent before this field),
+    # the daemon assumes DEFAULT_MAX_MESSAGE_BYTES.
+    max_message_bytes: int = 0
     version: int = PROTOCOL_VERSION
     t: str = "hello"
 
@@ -262,6 +274,15 @@ def _credit(obj: dict[str, Any]) -> int:
     return _int(obj, "n", maximum=MAX_CREDIT) if "n" in obj else 0
 
 
+def _frame_limit(obj: dict[str, Any]) -> int:
+    """A hello's max_message_bytes: 0 (or absent) for not said, else at least MIN_MESSAGE_BYTES."""
+    value = _int(obj, "max_message_bytes", maximum=MAX_MESSAGE_BYTES) if "max_message_bytes" in obj else 0
+    if 0 < value < MIN_MESSAGE_BYTES:
+        raise ProtocolError(f"expected 0 (not said) or at least {MIN_MESSAGE_BYTES}, got {value}",
+                            field="max_message_bytes")
+    return value
+
+
 def parse_agent_message(raw: str | bytes) -> AgentMessage:
     """Decode and validate one agent frame; raises ProtocolError naming the bad field."""
     try:
@@ -311,6 +332,7 @@ def parse_agent_message(raw: str | bytes) -> AgentMessage:
             slots=_int(obj, "slots", minimum=1, maximum=100_000),
             held=_refs(obj, "held"),
             features=[f for f in features if f in FEATURES],
+            max_message_bytes=_frame_limit(obj),
         )
     if kind == "handback":
         return Handback(_refs(obj, "leases"), _str(obj, "reason", max_len=200))
@@ -352,6 +374,56 @@ def parse_daemon_message(raw: str | bytes) -> DaemonMessage:
     except (KeyError, TypeError, ValueError) as exc:
         raise ProtocolError(f"malformed daemon message: {exc}") from exc
     raise ProtocolError(f"unknown message type {kind!r:.40}", field="t")
+
+
+def frame_limit_for(max_task_bytes: int) -> int:
+    """The frame limit that carries any task of up to max_task_bytes alone, and never less than the
+    default (frames of several small tasks are fewer with it)."""
+    return max(DEFAULT_MAX_MESSAGE_BYTES, max_task_bytes + TASK_FRAME_MARGIN_BYTES)
+
+
+def wire_len(text: str) -> int:
+    """A frame's size on the wire (UTF-8 bytes), which is what websocket limits count: one character
+    may take up to 4. isascii() is O(1) in CPython: the usual frame costs nothing."""
+    return len(text) if text.isascii() else len(text.encode())
+
+
+GRANT_HEAD = '{"t":"grant","tasks":['
+
+
+def grant_frames(tasks: list[str], limit_bytes: int, acks: str = "") -> tuple[list[str], list[int]]:
+    """Encoded task objects (spliced in verbatim, as lease_many writes them) as grant frames each
+    smaller than limit_bytes in UTF-8 (a websocket refuses a frame of max_msg_size bytes or more), in
+    order, each task once. `acks` (',"ok":[..],"refused":[..]' or "") rides in the first frame, alone
+    when it would not fit beside the first task (acks are not split: a round acks the reports one
+    agent sent since the last, a few ids per task it holds). Returns (frames, indexes of tasks that
+    fit in no frame even alone: the caller must not send them).
+
+    The usual round costs one sum of str lengths: while 4 bytes a character fit, nothing is encoded."""
+    fixed = len(GRANT_HEAD) + 2 + len(acks)  # "]" and "}"
+    chars = sum(map(len, tasks)) + len(tasks) + fixed
+    if chars * 4 < limit_bytes:
+        return [GRANT_HEAD + ",".join(tasks) + "]" + acks + "}"], []
+    frames: list[str] = []
+    oversize: list[int] = []
+    part: list[str] = []
+    base = len(GRANT_HEAD) + 2
+    extra = wire_len(acks)  # what the first frame carries beyond its tasks
+    size = base + extra
+    for i, task in enumerate(tasks):
+        n = wire_len(task) + 1  # its comma
+        if base + n >= limit_bytes:
+            oversize.append(i)
+            continue
+        if size + n >= limit_bytes:
+            # Close the frame so far; with no task in it yet it carries only the acks.
+            frames.append(GRANT_HEAD + ",".join(part) + "]" + (acks if extra else "") + "}")
+            part, size, extra = [], base, 0
+        part.append(task)
+        size += n
+    if part or extra:
+        frames.append(GRANT_HEAD + ",".join(part) + "]" + (acks if extra else "") + "}")
+    return frames, oversize
 
 
 def encode(msg: AgentMessage | DaemonMessage) -> str:

@@ -249,7 +249,7 @@ class ControlApi:
         return web.json_response({"accepted": n})
 
     async def _stage(self, request: web.Request, job: dict[str, Any], source: str) -> int:
-        parser = TaskFileParser()
+        parser = TaskFileParser(self.config.queue.max_task_bytes)
         pending: list[Any] = []
         total = 0
         async for chunk in request.content.iter_chunked(1 << 20):
@@ -401,8 +401,9 @@ class ControlApi:
         inst = f"external-{uuid.uuid4().hex[:12]}"
         token = secrets.token_urlsafe(32)
         await self.store.write(_register_external, inst, digest, slots, token_hash(token))
-        return web.json_response({"id": inst, "token": token, "url": self.agent_url(), "ca_cert": self.agent_ca},
-                                 status=201)
+        # max_message_bytes: what to start the agent with (--max-message-bytes) so every task fits.
+        return web.json_response({"id": inst, "token": token, "url": self.agent_url(), "ca_cert": self.agent_ca,
+                                  "max_message_bytes": self.config.agents.max_message_bytes}, status=201)
 
     async def drain_instance(self, request: web.Request) -> web.Response:
         inst = request.match_info["instance"]

@@ -82,7 +82,7 @@ class BootstrapSpec:
     slots: int
     worker_bundle: Path  # the gzip'd tar the user uploaded
     worker_spec: dict[str, Any]  # the validated cloudtask.yaml, as the agent reads it (worker.json)
-    agent_args: tuple[str, ...] = ()  # more agent options (its spot-notice watcher)
+    agent_args: tuple[str, ...] = ()  # more agent options (its frame limit, its spot-notice watcher)
     ca_cert: bytes = b""  # the daemon's CA (PEM), pinned by the agent; empty: no TLS
     bundle_limits: Limits = field(default_factory=Limits)  # the worker is unpacked under these caps
 

@@ -28,14 +28,17 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from agent.protocol import TASK_FRAME_MARGIN_BYTES, frame_limit_for
 from cloudtaskd import redact
 from cloudtaskd.errors import ConfigError
+from cloudtaskd.taskfile import DEFAULT_MAX_TASK_BYTES
 
 DEFAULT_LEASE_TTL_S = 60.0
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_RETRY_BACKOFF_S = 2.0
 DEFAULT_RETRY_BACKOFF_MAX_S = 300.0
 DEFAULT_IDLE_TIMEOUT_S = 30.0
+MAX_FRAME_BYTES = 256 * 1024 * 1024
 
 
 class Secret(str):
@@ -83,7 +86,10 @@ class AgentsConfig:
     listen_port: int = field(default=0, metadata=_range(0, 65535))  # 0 = any free port
     # Address agents dial; empty = ws://<listen_host>:<port>/v1/agent
     public_url: str = ""
-    max_message_bytes: int = field(default=4 * 1024 * 1024, metadata=_range(1024, 256 * 1024 * 1024))
+    # The largest websocket frame, each way, in bytes: what the daemon reads from an agent, and what the
+    # agents it starts read from it. 0: follows queue.max_task_bytes (max(4 MiB, max_task_bytes +
+    # 8 KiB)), so that every accepted task can be delivered; Config resolves it, code never sees 0.
+    max_message_bytes: int = field(default=0, metadata=_range(0, MAX_FRAME_BYTES))
     lease_ttl_s: float = field(default=DEFAULT_LEASE_TTL_S, metadata=_range(1, 86400))
     # Leases handed out per dispatch round, across all agents
     lease_batch_max: int = field(default=4096, metadata=_range(1, 100_000))
@@ -106,6 +112,10 @@ class QueueConfig:
     retry_backoff_max_s: float = field(default=DEFAULT_RETRY_BACKOFF_MAX_S, metadata=_range(0, 86400))
     # Per-task timeout when neither the task nor cloudtask.yaml gives one; 0 = none
     task_timeout_s: float = field(default=0.0, metadata=_range(0, 7 * 86400))
+    # The largest task an upload accepts, in bytes: its line (or array element) in the task file, and
+    # its data as stored. agents.max_message_bytes follows it.
+    max_task_bytes: int = field(default=DEFAULT_MAX_TASK_BYTES,
+                                metadata=_range(1024, MAX_FRAME_BYTES - TASK_FRAME_MARGIN_BYTES))
 
 
 @dataclass(frozen=True)
@@ -283,6 +293,13 @@ class Config:
     source: str = field(default="<defaults>", metadata={"internal": True})
     # What load_config found that works but is probably a mistake; logged once logging is set up.
     warnings: tuple[ConfigWarning, ...] = field(default=(), metadata={"internal": True})
+
+    def __post_init__(self) -> None:
+        # agents.max_message_bytes 0 follows the task limit, however the Config was made (a file,
+        # defaults, dataclasses.replace in tests): every reader sees the frame limit in force.
+        if self.agents.max_message_bytes == 0:
+            object.__setattr__(self, "agents", replace(
+                self.agents, max_message_bytes=frame_limit_for(self.queue.max_task_bytes)))
 
     @property
     def state_path(self) -> Path:
@@ -510,6 +527,14 @@ def _check(config: Config) -> list[ConfigWarning]:
             "config_agents_plaintext", ("agents.tls", "agents.listen_host"),
             f"agents.tls is off and agents listen on {agents.listen_host}: agent tokens and task data cross "
             "the network unencrypted"))
+
+    needed = queue.max_task_bytes + TASK_FRAME_MARGIN_BYTES
+    if agents.max_message_bytes < needed:
+        raise ConfigError(src, "agents.max_message_bytes", f"must be at least queue.max_task_bytes + "
+                                                           f"{TASK_FRAME_MARGIN_BYTES} ({needed}), so that every task "
+                                                           f"an upload accepts can be delivered to an agent; got "
+                                                           f"{agents.max_message_bytes} (leave it out to follow "
+                                                           "queue.max_task_bytes)")
 
     if queue.retry_backoff_max_s < queue.retry_backoff_s:
         raise ConfigError(src, "queue.retry_backoff_max_s", "must be at least queue.retry_backoff_s "

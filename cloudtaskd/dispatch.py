@@ -20,17 +20,22 @@ import structlog
 
 from agent import jsonx
 from agent.protocol import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    GRANT_HEAD,
     Ack,
     Complete,
     Draining,
     DrainRequest,
     Fail,
+    Failure,
     Handback,
     Heartbeat,
     LeaseRef,
     LeaseRequest,
     Revoke,
     encode,
+    grant_frames,
+    wire_len,
 )
 from cloudtaskd import queue
 from cloudtaskd.config import Config
@@ -60,6 +65,13 @@ class Session:
     stats: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     waiting_since: float = 0.0  # monotonic: when its credit last became non-zero (the lease wait metric)
     ack_in_grant: bool = False  # the agent reads a round's acks inside its grant (protocol.ACK_IN_GRANT)
+    # The largest frame the agent reads (its hello; an agent that does not say reads the old default):
+    # grants are packed under it, a task that fits in no frame is never sent.
+    max_frame_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # The longest grant frame sent on this connection (characters, and its UTF-8 bytes), for the reason
+    # given when deliveries keep getting lost with the connection.
+    largest_grant_chars: int = 0
+    largest_grant_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -88,6 +100,9 @@ class Dispatcher:
         # looks at these, not at every connection (2,000 agents, most of them busy, made the scan
         # of all sessions a good part of each round). Entries without credit are dropped lazily.
         self._wanting: dict[int, dict[Session, None]] = defaultdict(dict)
+        # How each instance's last connection ended: (close code, largest grant frame in bytes, the
+        # agent's frame limit), for the reason given when deliveries keep getting lost.
+        self._last_close: dict[str, tuple[int | None, int, int]] = {}
         self.rounds = 0
 
     # ---- inputs, from the hub and the API ----
@@ -263,8 +278,17 @@ class Dispatcher:
                 if inst in combined and (inst in out.accepted or inst in out.refused):
                     ok, refused = jsonx.dumps(out.accepted.get(inst, [])), jsonx.dumps(out.refused.get(inst, []))
                     acks = f',"ok":{ok},"refused":{refused}'
-                w.session.send('{"t":"grant","tasks":[' + ",".join(granted) + "]" + acks + "}")
-                n_granted += len(granted)
+                # As many frames as the agent's limit needs (one, unless the tasks are big): a frame
+                # over it closes the connection (1009) and the same grant would go out again after the
+                # reconnect, for ever (issue 13).
+                frames, oversize = grant_frames(granted, w.session.max_frame_bytes, acks)
+                for frame in frames:
+                    w.session.send(frame)
+                    if len(frame) > w.session.largest_grant_chars:  # a few times a connection: encode then
+                        w.session.largest_grant_chars, w.session.largest_grant_bytes = len(frame), wire_len(frame)
+                if oversize:
+                    self._undeliverable(w.session, [granted[i] for i in oversize])
+                n_granted += len(granted) - len(oversize)
                 self.metrics.lease_wait.observe(sent_at - w.session.waiting_since)
                 w.session.waiting_since = sent_at  # credit left over waits anew from here
             if len(granted) < w.n:
@@ -279,6 +303,27 @@ class Dispatcher:
         if out.expired:
             # The agent may still be working on these: tell it to stop, its report would be refused.
             self.revoke(out.expired)
+
+    def _undeliverable(self, session: Session, tasks: list[str]) -> None:
+        """Tasks leased to a connection whose agent reads no frame large enough for them (an agent
+        started with a smaller limit than the task limit, an older one): never sent. Each fails
+        its attempt with a reason that says so (the next attempt may reach an agent that takes it;
+        the last one makes it dead), through the next round like an agent's own report."""
+        for task in tasks:
+            task_id, token = queue.granted_ref(task)
+            size = len(GRANT_HEAD) + 2 + wire_len(task)
+            error = (f"could not be delivered to instance {session.instance_id}: the grant frame ({size} bytes) "
+                     f"exceeds the agent's limit of {session.max_frame_bytes} bytes (start the agent with "
+                     "--max-message-bytes to fit queue.max_task_bytes, or lower that limit)")
+            log.warning("task_undeliverable", task=task_id, instance=session.instance_id, frame_bytes=size,
+                        agent_limit_bytes=session.max_frame_bytes)
+            self._reports.failed.append((session.instance_id, Failure(task_id, token, error, True, 0.0)))
+        session.credit += len(tasks)  # never reached the agent: its credit still waits for tasks
+        self._wake.set()
+
+    def closed(self, session: Session, close_code: int | None) -> None:
+        """A connection ended (the hub): how, kept for the reason of a delivery lost with it."""
+        self._last_close[session.instance_id] = (close_code, session.largest_grant_bytes, session.max_frame_bytes)
 
     def _round_tx(self, tx: Tx, reports: queue.Reports, wants: list[_Want], timers: bool) -> queue.RoundResult:
         out = queue.RoundResult()
@@ -305,7 +350,29 @@ class Dispatcher:
         if old is not None:
             old.superseded = True
             old.credit = 0
-        kept, dropped, requeued = await self.store.write(queue.reclaim, instance_id, held, self.ttl_s, urgent=True)
-        for pool in requeued:
+        out = await self.store.write(queue.reclaim, instance_id, held, self.ttl_s, urgent=True)
+        if not out.undelivered:
+            self._last_close.pop(instance_id, None)
+        for pool in out.requeued_pools:
             self.notify_work(pool)
-        return kept, dropped
+        if out.undelivered:
+            # Granted, and gone before the agent held them, MAX_LOST_GRANTS times in a row: sending
+            # them again would loop (a frame the agent refuses, an agent that dies of the grant).
+            # Their attempt fails, through the next round like an agent's own report.
+            reason = self._lost_reason(instance_id)
+            for task_id, token in out.undelivered:
+                log.warning("task_undeliverable", task=task_id, instance=instance_id, reason=reason)
+                self._reports.failed.append((instance_id, Failure(task_id, token, reason, True, 0.0)))
+            self._wake.set()
+        return out.kept, out.dropped
+
+    def _lost_reason(self, instance_id: str) -> str:
+        code, largest, limit = self._last_close.pop(instance_id, (None, 0, 0))
+        # An agent refusing a frame closes with 1009 on its side, but its reader drops the socket with
+        # the frame unread, so the daemon mostly sees 1006: say what was sent and what the agent reads.
+        how = f"its connection closed (code {int(code)})" if code is not None else "its connection was lost"
+        sent = (f"; the largest grant frame sent on it was {largest} bytes, the agent reads {limit}"
+                if largest else "")
+        return (f"could not be delivered to instance {instance_id}: {how} before the agent held the task, "
+                f"{queue.MAX_LOST_GRANTS} times in a row{sent} (a frame too big for the agent closes the "
+                "connection, as does an agent that dies of the task)")

@@ -20,6 +20,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from agent.protocol import (
     ACK_IN_GRANT,
     CREDIT_IN_REPORT,
+    DEFAULT_MAX_MESSAGE_BYTES,
     FEATURES,
     Draining,
     ErrorMessage,
@@ -167,7 +168,9 @@ class AgentHub:
         kept, dropped = await self.dispatcher.reclaim(hello.instance, hello.held)
         outbox = Outbox(ws)
         session = Session(hello.instance, pool_id, hello.slots, outbox.send,
-                          ack_in_grant=ACK_IN_GRANT in hello.features)
+                          ack_in_grant=ACK_IN_GRANT in hello.features,
+                          # An agent that does not say reads what every agent read before it said.
+                          max_frame_bytes=hello.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES)
         # The daemon reads credit in reports from any agent; it puts acks in grants only for an
         # agent that said it reads them (an older one would miss its acks).
         features = [f for f in FEATURES if f == CREDIT_IN_REPORT or f in hello.features]
@@ -178,7 +181,8 @@ class AgentHub:
             # It was told to drain before this reconnect: say it again, grant it nothing.
             self.dispatcher.drain(hello.instance)
         pump = asyncio.get_running_loop().create_task(outbox.pump(), name=f"outbox-{hello.instance}")
-        log_.info("agent_connected", peer=peer, slots=hello.slots, kept=len(kept), dropped=len(dropped))
+        log_.info("agent_connected", peer=peer, slots=hello.slots, kept=len(kept), dropped=len(dropped),
+                  max_message_bytes=session.max_frame_bytes)
         if self.on_connect is not None:
             await self.on_connect(hello.instance)
         reason = "closed"
@@ -223,6 +227,7 @@ class AgentHub:
             with suppress(asyncio.CancelledError, Exception):
                 await pump
             self.dispatcher.detach(session)
+            self.dispatcher.closed(session, ws.close_code)
             with suppress(Exception):
                 await self.store.write(_seen, hello.instance)
             log_.info("agent_disconnected", reason=reason, close_code=ws.close_code)

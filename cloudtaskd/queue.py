@@ -12,6 +12,7 @@ thousands of tasks/s.
 from __future__ import annotations
 
 import random
+import re
 import sqlite3
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -35,6 +36,9 @@ for _src, _dst in [
 
 STAGE_BATCH = 5000
 COMMIT_CHUNK = 50_000
+# A lease granted and then not held by the agent at its next hello this many times in a row (the
+# grant lost with its connection) fails the attempt instead of requeueing it once more.
+MAX_LOST_GRANTS = 3
 
 
 def backoff_s(failures: int, base_s: float, max_s: float) -> float:
@@ -236,7 +240,8 @@ def apply_reports(
                 extend.append((task_id, token))
             else:
                 out.lost[inst].append(task_id)
-        bulk(db, "UPDATE tasks SET lease_expires_at = r.value->>0 FROM json_each(?) AS r"
+        # A heartbeat listing the task proves its grant arrived: its lost deliveries start again from 0.
+        bulk(db, "UPDATE tasks SET lease_expires_at = r.value->>0, lost_grants = 0 FROM json_each(?) AS r"
              " WHERE tasks.id = r.value->>1 AND tasks.attempt = r.value->>2 AND tasks.state = 'leased'",
              [(now + ttl_s, tid, tok) for tid, tok in extend])
 
@@ -303,12 +308,12 @@ def apply_reports(
             tx.event(E.FAILED_DEAD.value, job_id=row[1], task_id=f.id, instance_id=inst, detail=f.error[:500])
         out.accepted[inst].append(f.id)
     if fail_rows:
-        bulk(db, "UPDATE tasks SET state = 'failed', failures = failures + 1, error = r.value->>0,"
+        bulk(db, "UPDATE tasks SET state = 'failed', failures = failures + 1, lost_grants = 0, error = r.value->>0,"
              " run_at = r.value->>1, duration_s = r.value->>2, instance_id = r.value->>3, lease_expires_at = NULL"
              " FROM json_each(?) AS r WHERE tasks.id = r.value->>4 AND tasks.attempt = r.value->>5"
              " AND tasks.state = 'leased'", fail_rows)
     if dead_rows:
-        bulk(db, "UPDATE tasks SET state = 'dead', failures = failures + 1, error = r.value->>0,"
+        bulk(db, "UPDATE tasks SET state = 'dead', failures = failures + 1, lost_grants = 0, error = r.value->>0,"
              " finished_at = r.value->>1, duration_s = r.value->>2, instance_id = r.value->>3,"
              " lease_expires_at = NULL FROM json_each(?) AS r WHERE tasks.id = r.value->>4"
              " AND tasks.attempt = r.value->>5 AND tasks.state = 'leased'", dead_rows)
@@ -376,11 +381,33 @@ def lease_many(tx: Tx, pool_id: int, wants: list[tuple[str, int]], ttl_s: float)
     return out
 
 
-def reclaim(tx: Tx, instance_id: str, held: list[LeaseRef], ttl_s: float) -> tuple[list[int], list[int], set[int]]:
+@dataclass(slots=True)
+class Reclaimed:
+    kept: list[int]  # leases the agent listed and still holds
+    dropped: list[int]  # leases it listed that are no longer its own: it must drop them
+    requeued_pools: set[int]  # pools that gained work from leases it did not list
+    # Leases (task, token) it did not list for the MAX_LOST_GRANTS-th time in a row: left leased to it,
+    # for the caller to fail (a delivery that keeps failing is an error, not a loop).
+    undelivered: list[LeaseRef]
+
+
+def granted_ref(encoded: str) -> LeaseRef:
+    """(task id, token) of a task object as lease_many encodes it (the rare path: an undeliverable task)."""
+    match = _GRANTED_REF.match(encoded)
+    if match is None:
+        raise ValueError(f"not a task object encoded by lease_many: {encoded[:60]!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+_GRANTED_REF = re.compile(r'\{"id":(\d+),"token":(\d+),')
+
+
+def reclaim(tx: Tx, instance_id: str, held: list[LeaseRef], ttl_s: float) -> Reclaimed:
     """A (re)connecting agent lists every lease it holds. The valid ones are kept (re-pointed and
     extended); leases the daemon has on record for this instance that the agent does not list were
-    lost on the way (a grant cut off by the network, an agent restarted) and go back to the queue
-    at once, without counting an attempt. Returns (kept, dropped, pools that gained work)."""
+    lost on the way (a grant cut off by the network, refused as too big, an agent restarted) and go
+    back to the queue at once, without counting an attempt, unless that happened MAX_LOST_GRANTS
+    times in a row: those are returned as undelivered, still leased, for the caller to fail."""
     current = _current(tx.db, [h[0] for h in held]) if held else {}
     kept, dropped = [], []
     for task_id, token in held:
@@ -397,14 +424,17 @@ def reclaim(tx: Tx, instance_id: str, held: list[LeaseRef], ttl_s: float) -> tup
     kept_ids = {k[2] for k in kept}
     orphans = [
         r for r in tx.db.execute(
-            "SELECT id, job_id, attempt, pool_id FROM tasks INDEXED BY tasks_leased_by"
+            "SELECT id, job_id, attempt, pool_id, lost_grants FROM tasks INDEXED BY tasks_leased_by"
             " WHERE state = 'leased' AND lease_expires_at IS NOT NULL AND instance_id = ?",
             (instance_id,),
         ).fetchall()
         if r[0] not in kept_ids
     ]
-    pools = _requeue(tx, [(*r, instance_id) for r in orphans], "not held by the agent when it connected")
-    return [k[2] for k in kept], dropped, pools
+    lost = [r for r in orphans if r[4] + 1 < MAX_LOST_GRANTS]
+    pools = _requeue(tx, [(*r[:4], instance_id) for r in lost], "not held by the agent when it connected")
+    tx.db.executemany("UPDATE tasks SET lost_grants = lost_grants + 1 WHERE id = ?", [(r[0],) for r in lost])
+    undelivered = [(r[0], r[2]) for r in orphans if r[4] + 1 >= MAX_LOST_GRANTS]
+    return Reclaimed([k[2] for k in kept], dropped, pools, undelivered)
 
 
 def _requeue(tx: Tx, rows: list[tuple[Any, ...]], detail: str) -> set[int]:

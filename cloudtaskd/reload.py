@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any
 
+from agent.protocol import TASK_FRAME_MARGIN_BYTES
 from cloudtaskd.config import Config
 
 # Key paths (a prefix ending in "." covers a whole section) that take effect without a restart,
@@ -20,7 +21,8 @@ LIVE_KEYS = (
     "log_level",  # logging is configured again
     "scaling.",  # the reconciler reads config.scaling at every tick
     "workers.",  # the bundle store reads its caps at each upload and prune
-    "queue.",  # retry backoff: the dispatcher's next round; max_attempts, task_timeout_s: new jobs
+    "queue.",  # retry backoff: the dispatcher's next round; max_attempts, task_timeout_s: new jobs;
+    # max_task_bytes: the next upload (only while it fits the agents' frame limit in force, see plan)
     "agents.lease_batch_max",  # the dispatcher's next round
     "agents.max_connections_per_instance",  # checked at each new connection
     "agents.max_messages_per_s",  # a new connection's rate; connected agents keep theirs
@@ -84,6 +86,13 @@ def plan(old: Config, new: Config, providers: dict[str, int]) -> ReloadPlan:
             live = new.agents.lease_ttl_s >= old.agents.lease_ttl_s
             if not live:
                 reasons[key] = "a shorter lease needs connected agents to reconnect (they heartbeat at the old pace)"
+        elif key == "queue.max_task_bytes":
+            # Agents read frames up to the limit they were started with (agents.max_message_bytes waits
+            # for a restart): a task bigger than that could be accepted but never delivered.
+            live = new.queue.max_task_bytes + TASK_FRAME_MARGIN_BYTES <= config.agents.max_message_bytes
+            if not live:
+                reasons[key] = (f"agents read frames of at most {config.agents.max_message_bytes} bytes until a "
+                                "restart, too small for tasks of this size")
         if live:
             config = _with(config, key, _get(new, key))
             applied.append(key)

@@ -18,6 +18,8 @@ from typing import Any, Final
 
 import orjson
 
+# The default of queue.max_task_bytes: the largest task an upload accepts. Agents the daemon starts
+# read frames of at least this plus protocol.TASK_FRAME_MARGIN_BYTES, so an accepted task is deliverable.
 DEFAULT_MAX_TASK_BYTES: Final = 1_048_576
 MAX_ID_CHARS: Final = 512
 MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
@@ -229,6 +231,7 @@ class TaskFileParser:
     def _parse_lines(self, lines: list[bytes]) -> list[ParsedTask]:
         out: list[ParsedTask] = []
         append, loads, line = out.append, orjson.loads, self._line
+        quarter = self.max_task_bytes // 4
         for raw in lines:
             try:
                 obj = loads(raw)
@@ -236,7 +239,10 @@ class TaskFileParser:
                 if raw.strip(_BLANK_BYTES):  # blank lines (CRLF ones too) are allowed; only they fail here
                     raise TaskFileError(line, _json_reason(exc, line, whole_line=True)) from None
             else:
-                append(to_task(obj, line))
+                task = to_task(obj, line)
+                if len(task.data_json) > quarter:
+                    self._check_stored(task)
+                append(task)
             line += 1
         self._line = line
         return out
@@ -315,7 +321,10 @@ class TaskFileParser:
                     obj = loads(raw)
                 except orjson.JSONDecodeError as exc:
                     raise TaskFileError(line, _json_reason(exc, line, whole_line=False)) from None
-                out.append(to_task(obj, line))
+                task = to_task(obj, line)
+                if len(task.data_json) > self.max_task_bytes // 4:
+                    self._check_stored(task)
+                out.append(task)
                 line += text.count("\n", pos, end)
                 state, pos = _COMMA, end
             elif ch == "]" and state == _FIRST:
@@ -375,6 +384,14 @@ class TaskFileParser:
         except ValueError:
             return TaskFileError(self._line, "not valid JSON: a number has too many digits")
         return self._too_large(self._line)
+
+    def _check_stored(self, task: ParsedTask) -> None:
+        """The data as stored (and sent to agents) within the limit too: re-encoding can grow it
+        (1e5 is stored as 100000.0), and the agents' frame limit is sized from max_task_bytes."""
+        size = len(task.data_json.encode())
+        if size > self.max_task_bytes:
+            raise TaskFileError(task.line, f'the task\'s "data" takes {size} bytes once stored, more than '
+                                           f"{self.max_task_bytes} bytes, the limit for one task")
 
     def _too_large(self, line: int) -> TaskFileError:
         return TaskFileError(line, f"the task is larger than {self.max_task_bytes} bytes, the limit for one task")

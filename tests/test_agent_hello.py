@@ -39,6 +39,7 @@ async def test_tasks_reported_but_not_acknowledged_are_listed_as_held(tmp_path: 
         await agent._session(ws)  # type: ignore[arg-type]
     hello = json.loads(ws.sent[0])
     assert hello["t"] == "hello"
+    assert hello["max_message_bytes"] == 4 * 1024 * 1024  # the frame limit it reads: grants are packed under it
     assert sorted(map(tuple, hello["held"])) == [(5, 2), (6, 1)]  # a hand-back goes back to the queue anyway
 
 

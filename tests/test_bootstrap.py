@@ -25,6 +25,7 @@ from cloudtaskd.bootstrap import (
 )
 from cloudtaskd.config import LocalProviderConfig, ProvidersConfig
 from cloudtaskd.daemon import Daemon
+from cloudtaskd.providers.base import frame_args
 from tests import sshd as sshd_mod
 from tests.conftest import UnixApi, make_config, test_runtime, wait_for
 from tests.procs import bundle
@@ -55,7 +56,7 @@ async def test_bootstrap_runs_tasks_and_is_idempotent(tmp_path: Path, sshd: sshd
         await api.request("POST", f"/v1/jobs/{job['id']}/tasks",
                           data=jsonl([{"id": i, "data": {"n": i}} for i in range(20)]).encode())
         spec = BootstrapSpec(inst["id"], inst["url"], inst["token"], 2, bundle_path, worker["spec"],
-                             ca_cert=inst["ca_cert"].encode())
+                             agent_args=frame_args(inst["max_message_bytes"]), ca_cert=inst["ca_cert"].encode())
         bootlog = BootstrapLog(tmp_path / "bootstrap.log")
         conn, host_key = await connect(target, instance=inst["id"], bootlog=bootlog)
         assert host_key.split()[:2] == sshd.public_host_key().split()[:2]  # what trust-on-first-use pins
@@ -72,6 +73,8 @@ async def test_bootstrap_runs_tasks_and_is_idempotent(tmp_path: Path, sshd: sshd
             assert str(token_mode).strip() == "600"
             ps = (await conn.run("ps -eo args", check=True)).stdout
             assert inst["token"] not in str(ps), "the token must never be on a command line"
+            # The agent reads frames as large as the daemon's largest task needs (issue 13).
+            assert f"--max-message-bytes {inst['max_message_bytes']}" in str(ps)
             await stop_agent(conn, inst["id"], grace_s=5)
             assert inst["id"] not in await running_agents(conn)
         log_text = (tmp_path / "bootstrap.log").read_text()

@@ -96,6 +96,14 @@ ERRORS = [
     ("agents:\n  public_url: http://h:1/v1/agent\n", "agents.public_url", "expected a ws:// or wss:// URL"),
     ("agents:\n  public_url: wss://h:99999/v1/agent\n", "agents.public_url", "expected a ws:// or wss:// URL"),
     ("agents:\n  public_url: ws://h:1/v1/agent\n", "agents.public_url", "agents.tls is on"),
+    # an accepted task must fit in a frame to the agents (issue 13)
+    ("agents:\n  max_message_bytes: 1048576\n", "agents.max_message_bytes",
+     "must be at least queue.max_task_bytes + 8192 (1056768), so that every task an upload accepts can be "
+     "delivered to an agent; got 1048576 (leave it out to follow queue.max_task_bytes)"),
+    ("agents:\n  max_message_bytes: 500\n", "agents.max_message_bytes", "must be at least queue.max_task_bytes"),
+    ("queue:\n  max_task_bytes: 8388608\nagents:\n  max_message_bytes: 4194304\n", "agents.max_message_bytes",
+     "(8396800)"),
+    ("queue:\n  max_task_bytes: 100\n", "queue.max_task_bytes", "must be between 1024 and"),
     ("queue:\n  retry_backoff_s: 10\n  retry_backoff_max_s: 5\n", "queue.retry_backoff_max_s",
      "must be at least queue.retry_backoff_s (10), got 5"),
     ("providers:\n  ssh:\n    hosts:\n      - key_file: /k\n", "providers.ssh.hosts[0].address", "required"),
@@ -138,6 +146,18 @@ def test_configs_that_load(tmp_path: Path, text: str) -> None:
     assert config.source == str(tmp_path / "config.yaml")
     if not text.strip("-\n") or text.startswith("#"):
         assert replace(config, source=Config().source) == Config(), "an empty file gives the defaults"
+
+
+def test_the_agents_frame_limit_follows_the_task_limit(tmp_path: Path) -> None:
+    """Raising queue.max_task_bytes raises the frame limit with it (the agents the daemon starts read
+    frames that large), unless the file sets that limit itself, high enough."""
+    assert Config().agents.max_message_bytes == 4 * 1024 * 1024
+    config = load_config(write(tmp_path, "queue:\n  max_task_bytes: 8388608\n"))
+    assert config.agents.max_message_bytes == 8388608 + 8192
+    config = load_config(write(tmp_path, "queue:\n  max_task_bytes: 2048\n"))
+    assert config.agents.max_message_bytes == 4 * 1024 * 1024  # never below the default
+    config = load_config(write(tmp_path, "agents:\n  max_message_bytes: 9000000\nqueue:\n  max_task_bytes: 8388608\n"))
+    assert config.agents.max_message_bytes == 9000000
 
 
 def test_unreadable_file(tmp_path: Path) -> None:

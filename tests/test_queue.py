@@ -176,22 +176,51 @@ async def test_handback_requeues_without_counting_an_attempt(store: Store) -> No
 async def test_reclaim_keeps_valid_leases_only(store: Store) -> None:
     await submit(store, 2)
     a, b = await lease(store, "x", 2)
-    kept, dropped, requeued = await store.write(queue.reclaim, "x", [(a["id"], a["token"]), (b["id"], 99)], 30.0)
-    assert (kept, dropped) == ([a["id"]], [b["id"]])
+    out = await store.write(queue.reclaim, "x", [(a["id"], a["token"]), (b["id"], 99)], 30.0)
+    assert (out.kept, out.dropped) == ([a["id"]], [b["id"]])
     # b was on record for x but x does not hold it (a grant lost on the way): queued again at once.
-    assert requeued == {1}
+    assert out.requeued_pools == {1} and out.undelivered == []
     assert await counts(store) == {"leased": 1, "queued": 1}
     row = await store.fetchone("SELECT failures FROM tasks WHERE id = ?", (b["id"],))
     assert row is not None and row["failures"] == 0
     await check(store)
 
 
+async def test_a_grant_lost_again_and_again_is_returned_undelivered_not_requeued(store: Store) -> None:
+    """A grant that never reaches the agent (a frame it refuses, an agent that dies of it) is requeued
+    uncounted MAX_LOST_GRANTS - 1 times in a row; the next loss leaves it leased for the caller to fail,
+    instead of a loop. A heartbeat listing the task (it arrived) starts the count again."""
+    await submit(store, 1)
+    for _ in range(queue.MAX_LOST_GRANTS - 1):
+        [t] = await lease(store, "x", 1)
+        out = await store.write(queue.reclaim, "x", [], 30.0)
+        assert out.undelivered == [] and out.requeued_pools == {1}
+    [t] = await lease(store, "x", 1)
+    out = await store.write(queue.reclaim, "x", [], 30.0)
+    assert out.undelivered == [(t["id"], t["token"])] and out.requeued_pools == set()
+    assert await counts(store) == {"leased": 1}
+    # Failed by the caller (as the dispatcher does): the attempt counts, and the next one starts afresh.
+    failure = Failure(t["id"], t["token"], "could not be delivered", True, 0.0)
+    await report(store, queue.Reports(failed=[("x", failure)]))
+    row = await store.fetchone("SELECT state, failures, lost_grants, error FROM tasks")
+    assert row is not None and (row["state"], row["failures"], row["lost_grants"]) == ("failed", 1, 0)
+    await check(store)
+
+    assert await store.write(queue.promote_due) == {1}  # no backoff here: due at once
+    [t] = await lease(store, "x", 1)
+    await store.write(queue.reclaim, "x", [], 30.0)
+    [t] = await lease(store, "x", 1)
+    await report(store, queue.Reports(heartbeat=[("x", (t["id"], t["token"]))]))  # it arrived
+    row = await store.fetchone("SELECT lost_grants FROM tasks")
+    assert row is not None and row["lost_grants"] == 0
+
+
 async def test_reclaim_leaves_other_instances_leases_alone(store: Store) -> None:
     await submit(store, 2)
     await lease(store, "x", 1)
     await lease(store, "y", 1)
-    kept, dropped, requeued = await store.write(queue.reclaim, "x", [], 30.0)
-    assert (kept, dropped, requeued) == ([], [], {1})
+    out = await store.write(queue.reclaim, "x", [], 30.0)
+    assert (out.kept, out.dropped, out.requeued_pools, out.undelivered) == ([], [], {1}, [])
     assert await counts(store) == {"leased": 1, "queued": 1}
     row = await store.fetchone("SELECT instance_id FROM tasks WHERE state = 'leased'")
     assert row is not None and row["instance_id"] == "y"
@@ -296,8 +325,8 @@ async def test_a_hello_listing_a_reported_task_keeps_its_lease_for_the_resend(st
     resent result recorded, instead of the task being requeued and run again."""
     await submit(store, 1)
     [t] = await lease(store, "inst-1", 1)
-    kept, dropped, _ = await store.write(queue.reclaim, "inst-1", [(t["id"], t["token"])], 30.0)
-    assert kept == [t["id"]] and dropped == []
+    out = await store.write(queue.reclaim, "inst-1", [(t["id"], t["token"])], 30.0)
+    assert out.kept == [t["id"]] and out.dropped == []
     out = await report(store, queue.Reports(done=[("inst-1", Success(t["id"], t["token"], {"r": 9}, 0.1))]))
     assert out.accepted["inst-1"] == [t["id"]]
     row = await store.fetchone("SELECT state, result FROM tasks WHERE id = ?", (t["id"],))

@@ -467,6 +467,21 @@ def test_reload_plan_keeps_what_is_bound_at_start() -> None:
     assert longer.applied == ("agents.lease_ttl_s",) and longer.config.agents.lease_ttl_s == 120.0
 
 
+def test_reload_raises_the_task_limit_only_while_it_fits_the_agents_frames() -> None:
+    """Agents read frames up to the limit they were started with (agents.max_message_bytes waits for
+    a restart): a task limit past it would accept tasks no agent can be given."""
+    old = Config()  # frames of 4 MiB
+    within = plan(old, replace(old, queue=replace(old.queue, max_task_bytes=2 * 1024 * 1024)), {})
+    assert within.applied == ("queue.max_task_bytes",) and within.config.queue.max_task_bytes == 2 * 1024 * 1024
+    past = replace(old, queue=replace(old.queue, max_task_bytes=8 * 1024 * 1024),
+                                 agents=replace(old.agents, max_message_bytes=0))  # as a file leaving it out
+    assert past.agents.max_message_bytes == 8 * 1024 * 1024 + 8192
+    p = plan(old, past, {})
+    assert set(p.needs_restart) == {"queue.max_task_bytes", "agents.max_message_bytes"} and p.applied == ()
+    assert p.config.queue.max_task_bytes == old.queue.max_task_bytes
+    assert "agents read frames of at most 4194304 bytes until a restart" in p.reasons["queue.max_task_bytes"]
+
+
 async def test_daemon_reload_applies_live_settings_and_warns_about_the_rest(tmp_path: Path) -> None:
     config = replace(make_config(tmp_path), providers=ProvidersConfig(local=LocalProviderConfig(max_instances=1)))
     daemon = Daemon(config, shutdown_grace_s=1)

@@ -232,6 +232,21 @@ def test_a_task_exactly_at_the_limit_is_accepted() -> None:
         parse(task + b"\n", 16, max_task_bytes=len(task) - 1)
 
 
+@pytest.mark.parametrize("array", [False, True], ids=["lines", "array"])
+def test_data_that_grows_past_the_limit_once_stored_is_refused(array: bool) -> None:
+    """The limit holds for the data as stored and sent to agents too (their frame limit is sized from
+    it): 1e5 is stored as 100000.0, so a line under the limit can hold data over it."""
+    numbers = b"[" + b",".join([b"1e5"] * 250) + b"]"  # 1,000 bytes written, 2,250 stored
+    task = b'{"id": "n", "data": ' + numbers + b"}"
+    small = b'{"id": "s", "data": 1}'
+    data = b"[" + small + b",\n" + task + b"]" if array else small + b"\n" + task + b"\n"
+    assert len(task) < 1100
+    exc = error(data, max_task_bytes=1100)
+    assert exc.line == 2 and exc.reason == ('the task\'s "data" takes 2251 bytes once stored, more than 1100 bytes, '
+                                            "the limit for one task")
+    assert [t.key for t in parse(data, max_task_bytes=2251)] == ["s", "n"]
+
+
 def test_an_oversize_task_is_refused_before_the_rest_of_the_file_is_read() -> None:
     parser = TaskFileParser(max_task_bytes=1000)
     parser.feed(b'{"id": 1, "data": "')

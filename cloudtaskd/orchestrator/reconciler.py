@@ -389,7 +389,8 @@ class Reconciler:
             spec = LaunchSpec(inst, pool_id, Path(pool["path"]), self.agent_url, token, cand.slots,
                               worker_bundle=workers / f"{pool['digest']}.tar.gz",
                               worker_spec=pool["spec"].to_dict(), offer=offer, ca_cert=self.agent_ca,
-                              bundle_limits=bundle_limits(self.config.workers))
+                              bundle_limits=bundle_limits(self.config.workers),
+                              max_message_bytes=self.config.agents.max_message_bytes)
             try:
                 # Every line the provider and the bootstrap log for this launch names it.
                 with structlog.contextvars.bound_contextvars(instance=inst, provider=provider.name, pool=pool_id):

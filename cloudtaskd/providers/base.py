@@ -34,6 +34,11 @@ class Offer:
         return f"{self.provider}/{self.zone}/{self.machine_type}/{'spot' if self.spot else 'on-demand'}"
 
 
+def frame_args(max_message_bytes: int) -> tuple[str, ...]:
+    """The agent's option to read frames as large as the daemon may send it (none for 0: its default)."""
+    return ("--max-message-bytes", str(max_message_bytes)) if max_message_bytes else ()
+
+
 def watch_args(source: str, metadata_url: str = "") -> tuple[str, ...]:
     """The agent's options to watch a cloud's spot notices (none for an empty source)."""
     if not source:
@@ -55,6 +60,9 @@ class LaunchSpec:
     offer: Offer | None = None  # what to launch; None: the provider's first offer
     ca_cert: bytes = b""  # the daemon's CA (PEM) that the agent pins; empty: agent_url is plain ws://
     bundle_limits: Limits = field(default_factory=Limits)  # the caps the instance unpacks the worker under
+    # The largest frame the agent is to read (agents.max_message_bytes, sized for the largest task);
+    # 0: the agent's own default.
+    max_message_bytes: int = 0
 
     def __repr__(self) -> str:
         return f"LaunchSpec(instance_id={self.instance_id!r}, pool_id={self.pool_id}, slots={self.slots})"

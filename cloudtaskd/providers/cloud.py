@@ -28,7 +28,7 @@ from cloudtaskd.bootstrap import (
     stop_agent,
 )
 from cloudtaskd.errors import ProviderError
-from cloudtaskd.providers.base import CloudInstance, LaunchSpec, Offer, watch_args
+from cloudtaskd.providers.base import CloudInstance, LaunchSpec, Offer, frame_args, watch_args
 from cloudtaskd.runtime import RuntimeBuilder
 
 log = structlog.get_logger("cloudtaskd.providers.cloud")
@@ -204,8 +204,8 @@ class CloudProvider:
             async with conn:
                 await bootstrap(conn, BootstrapSpec(
                     spec.instance_id, spec.agent_url, spec.token, spec.slots, spec.worker_bundle, spec.worker_spec,
-                    watch_args(self.name if offer.spot else "", s.metadata_url), spec.ca_cert,
-                    spec.bundle_limits), bootlog, self.runtime)
+                    (*frame_args(spec.max_message_bytes), *watch_args(self.name if offer.spot else "", s.metadata_url)),
+                    spec.ca_cert, spec.bundle_limits), bootlog, self.runtime)
         except Exception:
             await self.driver.delete(spec.instance_id)  # a failed bootstrap never leaves a VM running
             raise

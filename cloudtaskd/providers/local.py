@@ -19,7 +19,7 @@ from pathlib import Path
 import structlog
 
 from cloudtaskd.config import LocalProviderConfig
-from cloudtaskd.providers.base import CloudInstance, LaunchSpec, Offer, watch_args
+from cloudtaskd.providers.base import CloudInstance, LaunchSpec, Offer, frame_args, watch_args
 from cloudtaskd.redact import without_secrets
 
 log = structlog.get_logger("cloudtaskd.providers.local")
@@ -87,6 +87,7 @@ class LocalProvider:
             "--worker-dir", str(spec.worker_dir),
             "--slots", str(spec.slots),
             *ca_args,
+            *frame_args(spec.max_message_bytes),
             *watch_args(self.config.interruption_source,
                         self.config.metadata_url.replace("{instance}", spec.instance_id)),
         ]

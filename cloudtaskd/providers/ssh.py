@@ -28,7 +28,7 @@ from cloudtaskd.bootstrap import (
 )
 from cloudtaskd.config import SshHostConfig, SshProviderConfig
 from cloudtaskd.errors import ProviderError
-from cloudtaskd.providers.base import CloudInstance, LaunchSpec, Offer
+from cloudtaskd.providers.base import CloudInstance, LaunchSpec, Offer, frame_args
 from cloudtaskd.runtime import RuntimeBuilder
 
 log = structlog.get_logger("cloudtaskd.providers.ssh")
@@ -107,7 +107,8 @@ class SshProvider:
             async with conn:
                 await bootstrap(conn, BootstrapSpec(
                     spec.instance_id, spec.agent_url, spec.token, spec.slots, spec.worker_bundle, spec.worker_spec,
-                    ca_cert=spec.ca_cert, bundle_limits=spec.bundle_limits), bootlog, self.runtime)
+                    frame_args(spec.max_message_bytes), ca_cert=spec.ca_cert, bundle_limits=spec.bundle_limits),
+                    bootlog, self.runtime)
         except Exception:
             # Failed bootstrap: free the host (its log stays for `cloudtaskctl instances --logs`).
             with suppress(Exception):
