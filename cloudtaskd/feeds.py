@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
@@ -53,6 +53,7 @@ FEED_TICK_S = 0.25  # a poller reads at most this often: one read carries many d
 FEED_IDLE_S = 2.0  # without a commit a poller still looks this often (a job paused by the cost cap)
 FEED_LINGER_S = 5.0  # a poller with no followers stops after this (a reconnecting follower keeps it)
 RING_BYTES_TOTAL = 32 * 1024 * 1024  # every job's ring together; each gets its share, at least one chunk
+PAGES_BYTES = 16 * 1024 * 1024  # catch-up pages kept for the followers behind the rings
 FOLLOWERS_MAX = 1000  # follow streams at once; one more is refused (503)
 HEARTBEAT_S = 10.0  # an idle follow stream gets an empty line this often: the client knows we live
 
@@ -142,6 +143,9 @@ class ReadGate:
         self.waiting_max = waiting
         self.wait_max_s = wait_max_s
         self._slots = asyncio.Semaphore(concurrent)
+        # Streams (patient reads) take at most one slot at a time: 100 followers catching up with a
+        # job's history otherwise kept both slots and every status call waited out its 5 s and got 503.
+        self._stream_slot = asyncio.Semaphore(max(1, concurrent - 1))
         self.waiting = 0
         self.refused = 0  # reads refused with Busy since start
 
@@ -152,20 +156,21 @@ class ReadGate:
 
     @contextlib.asynccontextmanager
     async def slot(self, *, patient: bool = False) -> AsyncIterator[None]:
-        """patient: wait however long it takes (a follow stream already answering: it just slows down;
-        their number is bounded by FOLLOWERS_MAX)."""
+        """patient: wait however long it takes (a stream already answering: it just slows down; the
+        follow streams are at most FOLLOWERS_MAX), and leave a slot to the others."""
+        if patient:
+            async with self._stream_slot, self._slots:
+                yield
+            return
         if self._slots.locked():
-            if not patient and self.waiting >= self.waiting_max:
+            if self.waiting >= self.waiting_max:
                 raise self._busy(f"{self.waiting} control reads waiting")
             self.waiting += 1
             try:
-                if patient:
-                    await self._slots.acquire()
-                else:
-                    try:
-                        await asyncio.wait_for(self._slots.acquire(), self.wait_max_s)
-                    except TimeoutError:
-                        raise self._busy(f"a read waited {self.wait_max_s:g} s") from None
+                try:
+                    await asyncio.wait_for(self._slots.acquire(), self.wait_max_s)
+                except TimeoutError:
+                    raise self._busy(f"a read waited {self.wait_max_s:g} s") from None
             finally:
                 self.waiting -= 1
         else:
@@ -292,6 +297,41 @@ class ResultFeeds:
         self.feeds: dict[int, ResultFeed] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.followers = 0
+        # Catch-up pages, shared: followers that start together from the same cursor (the start of the
+        # job, typically) read the same pages, so each is read and encoded once for all of them. Only
+        # full pages are kept: events are numbered in commit order, so a full page never changes.
+        self._pages: OrderedDict[tuple[int, int], asyncio.Future[Page]] = OrderedDict()
+        self._pages_bytes = 0
+
+    async def _catch_up(self, job_id: int, after: int) -> Page:
+        key = (job_id, after)
+        fut = self._pages.get(key)
+        if fut is not None:
+            self._pages.move_to_end(key)
+            return await asyncio.shield(fut)
+        fut = asyncio.get_running_loop().create_future()
+        self._pages[key] = fut
+        try:
+            page = await self.gate.read(partial(read_finished, job_id=job_id, after=after, limit=FOLLOW_PAGE),
+                                        patient=True)
+        except BaseException as exc:
+            del self._pages[key]
+            if isinstance(exc, Exception):
+                fut.set_exception(exc)
+                fut.exception()  # retrieved: a failed page with no other reader is not an error to log
+            else:
+                fut.cancel()
+            raise
+        fut.set_result(page)
+        if not page.full:
+            del self._pages[key]  # the newest page grows still: read anew next time
+            return page
+        self._pages_bytes += sum(map(len, page.lines))
+        while self._pages_bytes > PAGES_BYTES and len(self._pages) > 1:
+            _, old = self._pages.popitem(last=False)
+            if old.done() and not old.cancelled() and old.exception() is None:
+                self._pages_bytes -= sum(map(len, old.result().lines))
+        return page
 
     def _ring_bytes(self) -> int:
         return RING_BYTES_TOTAL // max(1, len(self.feeds))
@@ -343,8 +383,7 @@ class ResultFeeds:
                 if cursor < feed.base:
                     # Behind the ring (from the start, or a slow reader): a page of our own, gated.
                     base = feed.base
-                    page = await self.gate.read(partial(read_finished, job_id=job_id, after=cursor, limit=FOLLOW_PAGE),
-                                                patient=True)
+                    page = await self._catch_up(job_id, cursor)
                     if page.lines:
                         await resp.write(b"".join(page.lines))
                     # A short page read everything up to its snapshot, which is past `base` (taken before).
