@@ -144,7 +144,8 @@ async def main() -> None:
                                      "status_loops": args.status_loops}))
         clients_out = Path(daemon.tmp.name) / "clients.out.json"
         clients = subprocess.Popen(["nice", "-n", str(args.clients_nice), sys.executable, __file__, "--clients",
-                                    str(cspec), str(clients_out)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                    str(cspec), str(clients_out)],
+                                   cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         procs.append(clients)
         await asyncio.sleep(args.warmup)
         load_rate, load_cpu = await window(db_path, job["id"], dpid, args.duration)
@@ -165,7 +166,8 @@ async def main() -> None:
               f" {load_cpu:.0f}% of a core)")
         print(f"ratio: {load_rate / quiet_rate if quiet_rate else float('nan'):.2f} (target >= 0.80)")
         print(f"status calls: {len(lat):,} in {args.duration + args.warmup:g} s,"
-              f" latency p50 {percentile(lat, 50) * 1000:.1f} ms, p99 {percentile(lat, 99) * 1000:.1f} ms, max {max(lat, default=0) * 1000:.0f} ms"
+              f" latency p50 {percentile(lat, 50) * 1000:.1f} ms, p99 {percentile(lat, 99) * 1000:.1f} ms,"
+              f" max {max(lat, default=0) * 1000:.0f} ms"
               f" (retries of 429/503 included)")
         rec = stats["received"]
         print(f"followers: results received min {min(rec, default=0):,} / max {max(rec, default=0):,};"
