@@ -281,17 +281,20 @@ class ApiClient:
         path = f"/v1/jobs/{job_id}/results"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + BUSY_BUDGET_S
+        resumable = True
         while True:
             params = {k: str(v) for k, v in (("top", top), ("after", after)) if v is not None}
             try:
                 async for result in self._lines(path, params):
-                    if top is None:
-                        after = int(result["task"])
+                    if top is None and isinstance(result.get("task"), int):
+                        after = result["task"]
                         deadline = loop.time() + BUSY_BUDGET_S  # progress: the budget starts again
+                    else:
+                        resumable = False  # newest first, or lines without their rowid: no cursor
                     yield result
                 return
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
-                if top is not None or loop.time() + RETRY_MAX_S > deadline:
+                if not resumable or loop.time() + RETRY_MAX_S > deadline:
                     raise DaemonBusy(f"cloudtaskd at {self._where()} cut the results of job {job_id}: {exc}") from exc
                 await asyncio.sleep(RETRY_FIRST_S)
 
