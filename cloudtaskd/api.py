@@ -10,6 +10,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import structlog
@@ -21,7 +22,16 @@ from cloudtaskd import __version__, costs, interruptions, queue
 from cloudtaskd.bundles import Bundles
 from cloudtaskd.config import Config
 from cloudtaskd.dispatch import Dispatcher
-from cloudtaskd.errors import BadInput, CloudtaskError, NotFound, StoreError, StoreFull, TransitionError
+from cloudtaskd.errors import (
+    BadInput,
+    Busy,
+    CloudtaskError,
+    NotFound,
+    StoreError,
+    StoreFull,
+    TransitionError,
+)
+from cloudtaskd.feeds import FOLLOWERS_MAX, RESULT_COLUMNS, ReadGate, ResultFeeds, result_line, task_dict
 from cloudtaskd.hub import token_hash
 from cloudtaskd.observe import ObserveApi
 from cloudtaskd.orchestrator.market import Market
@@ -34,6 +44,9 @@ from cloudtaskd.taskfile import TaskFileError, TaskFileParser
 log = structlog.get_logger("cloudtaskd.api")
 
 RATE_WINDOW_S = 30.0
+RATE_CACHE_S = 1.0  # a job's rate is counted at most this often, however many clients ask
+RATE_CACHE_JOBS = 1000  # rates kept; past this the stale ones are dropped
+RESULTS_PAGE = 1000  # rows per read of a results stream: bounded work per read, the gate between pages
 SETTLE_RETRY_S = 1.0  # how often an upload the store could not finish (a full disk) is tried again
 JOB_COLUMNS = ("staged", "queued", "leased", "failed", "succeeded", "dead", "cancelled")
 
@@ -65,6 +78,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return web.json_response({"error": {"type": type(exc).__name__.removeprefix("HTTP"),
                                             "message": exc.text or exc.reason, "line": None, "field": None}},
                                  status=exc.status, headers=headers)
+    except Busy as exc:
+        # Too many control requests at once: refused before any work, with when to come back.
+        resp = _error(503, exc)
+        resp.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+        return resp
     except (BadInput, WorkerSpecError) as exc:
         return _error(400, exc)
     except NotFound as exc:
@@ -110,9 +128,14 @@ def _job_id(request: web.Request) -> int:
 
 class ControlApi:
     def __init__(self, store: Store, dispatcher: Dispatcher, config: Config, agent_url: Callable[[], str],
-                 daemon_id: str, market: Market | None = None) -> None:
+                 daemon_id: str, market: Market | None = None, reads: ReadGate | None = None) -> None:
         self.market = market or Market(store, [], {})
         self.store = store
+        # Every read a request makes goes through the gate (bounded, 503 beyond); the store's own
+        # background work (settling uploads) does not.
+        self.reads = reads or ReadGate(store)
+        self.feeds = ResultFeeds(store, self.reads)
+        self._recent: dict[int, tuple[float, int, float | None]] = {}  # job -> (read at, n finished, first)
         self.dispatcher = dispatcher
         self.config = config
         self.agent_url = agent_url
@@ -121,7 +144,7 @@ class ControlApi:
         self.bundles = Bundles(store, config.state_path / "workers", config.workers)
         self._upload_locks: dict[int, asyncio.Lock] = {}
         self._settling: set[asyncio.Task[None]] = set()  # uploads finished once the store can (_settle_later)
-        self.observe = ObserveApi(store, dispatcher, daemon_id)
+        self.observe = ObserveApi(store, dispatcher, daemon_id, self.reads)
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -186,8 +209,22 @@ class ControlApi:
         log.info("job_created", job=job_id, name=name)
         return web.json_response(await self._job(job_id), status=201)
 
+    def _read_job(self, db: sqlite3.Connection, row: sqlite3.Row, instances: int, now: float) -> dict[str, Any]:
+        """A job object from its row: counters, not counts (a primary-key read). Its rate counts the
+        tasks finished in the last RATE_WINDOW_S through an index; that is kept for RATE_CACHE_S per
+        job, so a hundred clients polling a job cost one such count a second, not a hundred."""
+        job_id = row["id"]
+        cached = self._recent.get(job_id)
+        if cached is None or now - cached[0] >= RATE_CACHE_S:
+            n, first = db.execute("SELECT count(*), min(finished_at) FROM tasks WHERE job_id = ? AND finished_at >= ?",
+                                  (job_id, now - RATE_WINDOW_S)).fetchone()
+            if len(self._recent) >= RATE_CACHE_JOBS:
+                self._recent = {k: v for k, v in self._recent.items() if now - v[0] < RATE_CACHE_S}
+            cached = self._recent[job_id] = (now, n, first)
+        return _job_dict(row, cached[1:], instances, now)
+
     async def _job(self, job_id: int) -> dict[str, Any]:
-        since = time.time() - RATE_WINDOW_S
+        now = time.time()
 
         def read(db: sqlite3.Connection) -> dict[str, Any] | None:
             row = db.execute(
@@ -195,23 +232,30 @@ class ControlApi:
             ).fetchone()
             if row is None:
                 return None
-            recent = db.execute(
-                "SELECT count(*), min(finished_at) FROM tasks WHERE job_id = ? AND finished_at >= ?", (job_id, since)
-            ).fetchone()
             instances = db.execute(
                 "SELECT count(*) FROM instances WHERE pool_id = ? AND state IN ('pending', 'starting', 'running',"
                 " 'draining')", (row["pool_id"],)
             ).fetchone()[0]
-            return _job_dict(row, recent, instances)
+            return self._read_job(db, row, instances, now)
 
-        job = await self.store.read(read)
+        job = await self.reads.read(read)
         if job is None:
             raise NotFound(f"job {job_id} does not exist")
         return job
 
     async def list_jobs(self, request: web.Request) -> web.Response:
-        rows = await self.store.fetchall("SELECT id FROM jobs ORDER BY id DESC LIMIT 1000")
-        return web.json_response({"jobs": [await self._job(r["id"]) for r in rows]})
+        now = time.time()
+
+        def read(db: sqlite3.Connection) -> list[dict[str, Any]]:
+            # One read for the whole list (it was one per job): a consistent snapshot, one thread hop.
+            live = dict(db.execute(
+                "SELECT pool_id, count(*) FROM instances WHERE state IN ('pending', 'starting', 'running',"
+                " 'draining') GROUP BY pool_id").fetchall())
+            rows = db.execute("SELECT j.*, p.digest FROM jobs j JOIN pools p ON p.id = j.pool_id"
+                              " ORDER BY j.id DESC LIMIT 1000").fetchall()
+            return [self._read_job(db, r, live.get(r["pool_id"], 0), now) for r in rows]
+
+        return web.json_response({"jobs": await self.reads.read(read)})
 
     async def get_job(self, request: web.Request) -> web.Response:
         return web.json_response(await self._job(_job_id(request)))
@@ -221,7 +265,7 @@ class ControlApi:
         source = request.query.get("source", "tasks")
         lock = self._upload_locks.setdefault(job_id, asyncio.Lock())
         async with lock:
-            job = await self.store.read(lambda db: db.execute(
+            job = await self.reads.read(lambda db: db.execute(
                 "SELECT id, pool_id, max_attempts, timeout_s, state FROM jobs WHERE id = ?", (job_id,)).fetchone())
             if job is None:
                 raise NotFound(f"job {job_id} does not exist")
@@ -238,7 +282,7 @@ class ControlApi:
             try:
                 await queue.finish_upload(self.store, upload_id, job_id, commit=True)
             except StoreError:
-                row = await self.store.fetchone("SELECT state FROM uploads WHERE id = ?", (upload_id,))
+                row = await self.reads.fetchone("SELECT state FROM uploads WHERE id = ?", (upload_id,))
                 self._settle_later(upload_id, job_id, job["pool_id"])
                 if row is None or row["state"] != "committing":
                     raise  # nothing was queued: refused whole, the staged rows go when the store can
@@ -323,7 +367,7 @@ class ControlApi:
     async def retry_job(self, request: web.Request) -> web.Response:
         job_id = _job_id(request)
         n = await self.store.write(queue.retry_job, job_id)
-        row = await self.store.fetchone("SELECT pool_id FROM jobs WHERE id = ?", (job_id,))
+        row = await self.reads.fetchone("SELECT pool_id FROM jobs WHERE id = ?", (job_id,))
         if row is not None:
             self.dispatcher.notify_work(row["pool_id"])
         log.info("job_retried", job=job_id, tasks=n)
@@ -339,38 +383,48 @@ class ControlApi:
         sql = ("SELECT * FROM tasks WHERE job_id = ? AND id > ?" + (" AND state = ?" if state else "")
                + " ORDER BY id LIMIT ?")
         params: tuple[Any, ...] = (job_id, after, state, limit) if state else (job_id, after, limit)
-        rows = await self.store.fetchall(sql, params)
-        return web.json_response({"tasks": [_task_dict(r, full=True) for r in rows]})
+        rows = await self.reads.fetchall(sql, params)
+        return web.json_response({"tasks": [task_dict(r, full=True) for r in rows]})
 
     async def results(self, request: web.Request) -> web.StreamResponse:
         job_id = _job_id(request)
-        if await self.store.fetchone("SELECT 1 FROM jobs WHERE id = ?", (job_id,)) is None:
-            raise NotFound(f"job {job_id} does not exist")
+        follow = request.query.get("follow", "") not in ("", "0", "false")
         top = _int_param(request, "top")
         after = _int_param(request, "after", 0) or 0
+        cursor = _int_param(request, "cursor", 0) or 0
+        if follow and top is not None:
+            raise BadInput("follow and top cannot be combined: top is newest first, follow in finishing order",
+                           field="top")
+        if await self.reads.fetchone("SELECT 1 FROM jobs WHERE id = ?", (job_id,)) is None:
+            raise NotFound(f"job {job_id} does not exist")
+        if follow and self.feeds.followers >= FOLLOWERS_MAX:
+            raise Busy(f"cloudtaskd is busy ({self.feeds.followers} results streams followed)")
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
         if request.method == "HEAD":
             return resp  # the headers only: the client reads no body, and may be gone already
         try:
-            cols = "id, key, state, result, error, failures, instance_id, duration_s, finished_at"
-            if top is not None:
-                rows = await self.store.fetchall(
-                    f"SELECT {cols} FROM tasks WHERE job_id = ? AND finished_at IS NOT NULL"
+            if follow:
+                if not await self.feeds.follow(resp, job_id, cursor):
+                    # Stopped early (the daemon stopping, the store failing): no clean end, so the
+                    # client sees a cut stream and resumes from its cursor rather than thinking it done.
+                    if request.transport is not None:
+                        request.transport.close()
+                    return resp
+            elif top is not None:
+                rows = await self.reads.fetchall(
+                    f"SELECT {RESULT_COLUMNS} FROM tasks WHERE job_id = ? AND finished_at IS NOT NULL"
                     " AND state IN ('succeeded', 'dead', 'cancelled') ORDER BY finished_at DESC, id DESC LIMIT ?",
                     (job_id, max(0, top)),
                 )
-                await resp.write("".join(_result_line(r) for r in rows).encode())
+                await resp.write("".join(result_line(r) for r in rows).encode())
             else:
                 while True:  # page through in id order so memory stays flat for a million results
-                    rows = await self.store.fetchall(
-                        f"SELECT {cols} FROM tasks WHERE job_id = ? AND id > ?"
-                        " AND state IN ('succeeded', 'dead', 'cancelled') ORDER BY id LIMIT 5000",
-                        (job_id, after),
-                    )
+                    # patient: the stream is already answering; a busy daemon slows it, never cuts it.
+                    rows = await self.reads.read(partial(_results_page, job_id=job_id, after=after), patient=True)
                     if not rows:
                         break
-                    await resp.write("".join(_result_line(r) for r in rows).encode())
+                    await resp.write("".join(result_line(r) for r in rows).encode())
                     after = rows[-1]["id"]
             await resp.write_eof()
         except ConnectionResetError:
@@ -388,7 +442,7 @@ class ControlApi:
             rows = db.execute(f"SELECT * FROM instances{where} ORDER BY created_at DESC LIMIT 10000").fetchall()
             return [_instance_dict(r, leases.get(r["id"], 0)) for r in rows]
 
-        return web.json_response({"instances": await self.store.read(read)})
+        return web.json_response({"instances": await self.reads.read(read)})
 
     async def register_instance(self, request: web.Request) -> web.Response:
         """An externally managed agent (bring-your-own machine, benchmarks): returns its id and token."""
@@ -407,7 +461,7 @@ class ControlApi:
 
     async def drain_instance(self, request: web.Request) -> web.Response:
         inst = request.match_info["instance"]
-        row = await self.store.fetchone("SELECT state FROM instances WHERE id = ?", (inst,))
+        row = await self.reads.fetchone("SELECT state FROM instances WHERE id = ?", (inst,))
         if row is None:
             raise NotFound(f"instance {inst} does not exist")
         try:
@@ -417,14 +471,14 @@ class ControlApi:
             raise CloudtaskError(f"instance {inst} is {row['state']}: only a starting or running instance"
                                  " can be drained") from None
         self.dispatcher.drain(inst)
-        row = await self.store.fetchone("SELECT * FROM instances WHERE id = ?", (inst,))
+        row = await self.reads.fetchone("SELECT * FROM instances WHERE id = ?", (inst,))
         assert row is not None
         return web.json_response(_instance_dict(row, 0))
 
     async def instance_logs(self, request: web.Request) -> web.Response:
         """The bootstrap log (and for local instances the agent's log) kept on the control host."""
         inst = request.match_info["instance"]
-        if await self.store.fetchone("SELECT 1 FROM instances WHERE id = ?", (inst,)) is None:
+        if await self.reads.fetchone("SELECT 1 FROM instances WHERE id = ?", (inst,)) is None:
             raise NotFound(f"instance {inst} does not exist")
         parts = []
         for name, path in (("bootstrap", self.config.state_path / "instances" / inst / "bootstrap.log"),
@@ -439,11 +493,11 @@ class ControlApi:
 
     async def fleet_cost(self, request: web.Request) -> web.Response:
         now = time.time()
-        return web.json_response(await self.store.read(lambda db: costs.fleet(db, now)))
+        return web.json_response(await self.reads.read(lambda db: costs.fleet(db, now)))
 
     async def job_cost(self, request: web.Request) -> web.Response:
         job_id, now = _job_id(request), time.time()
-        found = await self.store.read(lambda db: costs.job(db, job_id, now))
+        found = await self.reads.read(lambda db: costs.job(db, job_id, now))
         if found is None:
             raise NotFound(f"no job {job_id}")
         return web.json_response(found)
@@ -471,7 +525,7 @@ class ControlApi:
             return {"window_s": interruptions.RATE_WINDOW_S, "offers": interruptions.counts(db, now),
                     "recent": [dict(r) for r in recent]}
 
-        return web.json_response(await self.store.read(read))
+        return web.json_response(await self.reads.read(read))
 
     async def prices(self, request: web.Request) -> web.Response:
         """The ranked table: what the daemon would buy for tasks of this size, cheapest slot-hour first."""
@@ -555,12 +609,12 @@ def _register_external(tx: Tx, inst: str, digest: str, slots: int, hashed: str) 
     tx.event("instance_registered", instance_id=inst)
 
 
-def _job_dict(row: sqlite3.Row, recent: sqlite3.Row, instances: int) -> dict[str, Any]:
+def _job_dict(row: sqlite3.Row, recent: tuple[int, float | None], instances: int, now: float) -> dict[str, Any]:
     counts = {c: row[f"n_{c}"] for c in JOB_COLUMNS}
     counts["total"] = sum(counts.values())
     done = counts["total"] > 0 and counts["staged"] + counts["queued"] + counts["leased"] + counts["failed"] == 0
     n_recent, first = recent[0], recent[1]
-    span = max(1.0, time.time() - first) if n_recent and first else RATE_WINDOW_S
+    span = max(1.0, now - first) if n_recent and first else RATE_WINDOW_S
     return {
         "id": row["id"], "name": row["name"], "state": row["state"], "done": done,
         "created_at": row["created_at"], "finished_at": row["finished_at"], "worker": row["digest"],
@@ -602,27 +656,10 @@ def _job_policy(raw: Any) -> Policy:
                   float(price) if price is not None else None)
 
 
-_STATUS = {"succeeded": "succeeded", "dead": "dead", "cancelled": "cancelled"}
-
-
-def _task_dict(row: sqlite3.Row, *, full: bool = False) -> dict[str, Any]:
-    out: dict[str, Any] = {"id": row["key"], "status": _STATUS.get(row["state"], row["state"])}
-    if row["state"] == "succeeded":
-        out["result"] = jsonx.loads(row["result"]) if row["result"] is not None else None
-    else:
-        out["error"] = row["error"]
-    # Attempts that ran to an outcome: hand-backs (drain, interruption) do not count.
-    attempts = row["failures"] + (1 if row["state"] == "succeeded" else 0)
-    out.update(attempts=attempts, instance=row["instance_id"], duration_s=row["duration_s"],
-               finished_at=row["finished_at"], task=row["id"])
-    if full:
-        out.update(state=row["state"], priority=row["priority"], failures=row["failures"],
-                   lease_expires_at=row["lease_expires_at"])
-    return out
-
-
-def _result_line(row: sqlite3.Row) -> str:
-    return jsonx.dumps(_task_dict(row)) + "\n"
+def _results_page(db: sqlite3.Connection, *, job_id: int, after: int) -> list[sqlite3.Row]:
+    return db.execute(f"SELECT {RESULT_COLUMNS} FROM tasks WHERE job_id = ? AND id > ?"
+                      " AND state IN ('succeeded', 'dead', 'cancelled') ORDER BY id LIMIT ?",
+                      (job_id, after, RESULTS_PAGE)).fetchall()
 
 
 def _instance_dict(row: sqlite3.Row, leases: int) -> dict[str, Any]:

@@ -49,6 +49,10 @@ SHUTDOWN_GRACE_S = 30.0
 PRUNE_INTERVAL_S = 600.0  # how often unused worker bundles are looked for
 # How long a listener's in-flight requests may run on at shutdown (aiohttp's default is 60 s each,
 # which in sequence would outlast the unit's TimeoutStopSec).
+# Connections the control listeners let wait to be accepted (aiohttp's default is 128). A unix socket
+# whose queue is full refuses at once (EAGAIN, seen by clients as "Transport endpoint is not
+# connected"): 200 clients at once while the loop was busy read as a daemon that is down (issue 13).
+CONTROL_BACKLOG = 1024
 RUNNER_SHUTDOWN_S = 5.0
 
 
@@ -158,7 +162,7 @@ class Daemon:
         unix_runner = await self._runner(unix_app)
         sock = self.config.socket_path
         prepare_socket_dir(sock, self.state_dir, cfg.socket_group, self.config.source)
-        await web.UnixSite(unix_runner, str(sock)).start()
+        await web.UnixSite(unix_runner, str(sock), backlog=CONTROL_BACKLOG).start()
         secure_socket(sock, cfg.socket_group, self.config.source)
         if not cfg.listen:
             return
@@ -175,7 +179,7 @@ class Daemon:
         else:
             assert self.tls is not None
             ctx = self.tls.server_context()
-        await web.TCPSite(tcp_runner, host.strip("[]"), int(port), ssl_context=ctx).start()
+        await web.TCPSite(tcp_runner, host.strip("[]"), int(port), ssl_context=ctx, backlog=CONTROL_BACKLOG).start()
         bound = tcp_runner.addresses[0]
         self.api_url = f"https://{_url_host(host)}:{bound[1]}"
 
@@ -379,6 +383,8 @@ class Daemon:
             with suppress(Exception):
                 await runner.cleanup()
         self._runners.clear()
+        if self.api is not None:
+            await self.api.feeds.close()  # result followers' pollers: their streams are closed already
         with suppress(Exception):
             await asyncio.wait_for(self.dispatcher.round(), timeout=5)
         for task in self._tasks:

@@ -12,9 +12,11 @@ from cloudtaskd import redact
 
 __all__ = [
     "BadInput",
+    "Busy",
     "CapacityError",
     "CloudtaskError",
     "ConfigError",
+    "DaemonBusy",
     "DaemonUnavailable",
     "InvalidRequest",
     "LeaseError",
@@ -99,6 +101,18 @@ class LeaseError(CloudtaskError):
 
 class DaemonUnavailable(CloudtaskError):
     """cloudtaskd is not reachable."""
+
+
+class Busy(CloudtaskError):
+    """cloudtaskd is busy: too many control requests at once. Try again shortly."""
+
+    def __init__(self, message: str | None = None, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DaemonBusy(CloudtaskError):
+    """cloudtaskd is running but too busy to answer: try again in a moment."""
 
 
 class ProviderError(CloudtaskError):

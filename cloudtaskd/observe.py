@@ -19,6 +19,7 @@ from aiohttp import web
 from cloudtaskd import __version__, costs
 from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.errors import BadInput
+from cloudtaskd.feeds import ReadGate
 from cloudtaskd.status_page import STATUS_HEADERS, STATUS_HTML
 from cloudtaskd.store import Store
 
@@ -63,8 +64,9 @@ def _seconds(request: web.Request, name: str) -> float:
 
 
 class ObserveApi:
-    def __init__(self, store: Store, dispatcher: Dispatcher, daemon_id: str) -> None:
+    def __init__(self, store: Store, dispatcher: Dispatcher, daemon_id: str, reads: ReadGate | None = None) -> None:
         self.store = store
+        self.reads = reads or ReadGate(store)  # the control API's reads: bounded, 503 beyond (feeds.py)
         self.dispatcher = dispatcher
         self.daemon_id = daemon_id
 
@@ -119,7 +121,7 @@ class ObserveApi:
         deadline = asyncio.get_running_loop().time() + wait_s
         while True:
             signal = self.store.events_signal()  # before the read: a commit in between still wakes us
-            events, nxt = await self.store.read(read)
+            events, nxt = await self.reads.read(read)
             remaining = deadline - asyncio.get_running_loop().time()
             if events or remaining <= 0 or self.store.stopping:
                 break
@@ -150,7 +152,7 @@ class ObserveApi:
                 " ORDER BY id DESC LIMIT ?", (STATUS_ERRORS,))]
             return {"jobs": jobs, "instances": instances, "cost": costs.fleet(db, now), "errors": errors}
 
-        body = await self.store.read(read)
+        body = await self.reads.read(read)
         body.update(version=__version__, daemon_id=self.daemon_id, now=now,
                     agents_connected=len(self.dispatcher.sessions))
         return web.json_response(body, headers={"Cache-Control": "no-store"})

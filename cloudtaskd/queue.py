@@ -151,6 +151,8 @@ def commit_upload_chunk(tx: Tx, upload_id: int, job_id: int, after_id: int = 0,
         ids = _staged_chunk(tx, job_id, after_id, limit, "UPDATE tasks SET state = 'cancelled', finished_at = ?",
                             (tx.now,))
         tx.count(job_id, S.STAGED, S.CANCELLED, len(ids))
+        for task_id in ids:  # as cancel_job: a follower of the job's results reads these events
+            tx.event(E.CANCELLED.value, job_id=job_id, task_id=task_id)
     else:
         ids = _staged_chunk(tx, job_id, after_id, limit, "UPDATE tasks SET state = 'queued'")
         tx.count(job_id, S.STAGED, S.QUEUED, len(ids))

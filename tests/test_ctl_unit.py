@@ -26,7 +26,6 @@ from cloudtaskd import logs
 from cloudtaskd.config import ApiConfig, Config
 from cloudtaskd.ctl.bundle import bundle_bytes, clone_worker, load_spec
 from cloudtaskd.ctl.client import UPLOAD_CHUNK_BYTES, ApiClient
-from cloudtaskd.ctl.commands import follow_results
 from cloudtaskd.ctl.main import _parse, main
 from cloudtaskd.ctl.output import Ctx, table
 from cloudtaskd.ctl.progress import ProgressDisplay, format_duration, format_progress
@@ -417,32 +416,6 @@ async def test_results_stream_splits_lines(fake: tuple[FakeDaemon, Path]) -> Non
         got = [r async for r in api.results(9)]
     assert [r["id"] for r in got] == ["big", "a", "b", "c"]
     assert got[0]["result"] == daemon.big
-
-
-async def test_follow_results_emits_out_of_order_completions_once() -> None:
-    # Finished rowids per poll: task 3 ends last, after 4 and 5 were already seen.
-    snapshots = [{2, 4}, {1, 2, 4, 5}, {1, 2, 3, 4, 5}]
-
-    class Api:
-        poll = -1
-
-        async def get_job(self, job_id: int) -> dict[str, Any]:
-            self.poll += 1
-            done = len(snapshots[self.poll]) == 5
-            return {"done": done, "state": "active", "counts": {"total": 5}}
-
-        async def list_tasks(self, job_id: int, *, state: str, limit: int) -> list[dict[str, Any]]:
-            unfinished = sorted({1, 2, 3, 4, 5} - snapshots[self.poll])
-            return [{"task": unfinished[0]}] if unfinished and state == "queued" else []
-
-        async def results(self, job_id: int, *, after: int) -> AsyncIterator[dict[str, Any]]:
-            for rowid in sorted(snapshots[self.poll]):
-                if rowid > after:
-                    yield {"task": rowid}
-
-    seen: list[int] = []
-    await follow_results(Api(), 1, lambda r: seen.append(r["task"]), poll_s=0)  # type: ignore[arg-type]
-    assert seen == [2, 4, 1, 5, 3]
 
 
 # ---- run, against the fake daemon --------------------------------------------------------------------

@@ -20,11 +20,9 @@ EXIT_REFRESH_FAILED = 3  # a provider's catalog could not be fetched (as main's 
 
 TTY_POLL_S = 0.2  # matches the display's redraw rate: polling faster would not show anything more
 PLAIN_POLL_S = 1.0
-RESULTS_POLL_S = 1.0
 EVENTS_WAIT_S = 25.0  # each long poll of `events --follow`; the daemon answers at once when one is recorded
 EVENTS_PAGE = 1000
 EVENTS_EMPTY_PAUSE_S = 0.5  # after an empty answer (a stopping daemon answers at once): never a busy loop
-UNFINISHED_STATES = ("staged", "queued", "leased", "failed")
 
 
 def job_finished(job: dict[str, Any]) -> bool:
@@ -105,37 +103,14 @@ async def cmd_watch(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
     return job_exit_status(job)
 
 
-async def _lowest_unfinished(api: ApiClient, job_id: int) -> int | None:
-    firsts = await asyncio.gather(*(api.list_tasks(job_id, state=s, limit=1) for s in UNFINISHED_STATES))
-    rowids = [int(tasks[0]["task"]) for tasks in firsts if tasks]
-    return min(rowids) if rowids else None
-
-
-async def follow_results(api: ApiClient, job_id: int, emit: Callable[[dict[str, Any]], None], *,
-                         poll_s: float = RESULTS_POLL_S) -> None:
+async def follow_results(api: ApiClient, job_id: int, emit: Callable[[dict[str, Any]], None]) -> None:
     """Emit each finished task once, as it finishes, until the job is finished.
 
-    Tasks finish out of id order, so paging with `after=<last id seen>` alone would skip a task
-    that finishes after a later one. The watermark is therefore the id just below the lowest
-    unfinished task (all at or below it are final), and ids above it already emitted are remembered.
-    """
-    watermark = 0
-    emitted: set[int] = set()
-    while True:
-        # Read in this order: a job finished before the stream below means the stream holds everything,
-        # and a task finished before `lowest` was taken is above the old watermark, so it is streamed.
-        finished = job_finished(await api.get_job(job_id))
-        lowest = await _lowest_unfinished(api, job_id)
-        async for result in api.results(job_id, after=watermark):
-            rowid = int(result["task"])
-            if rowid not in emitted:
-                emitted.add(rowid)
-                emit(result)
-        if finished:
-            return
-        watermark = max(watermark, lowest - 1 if lowest is not None else max(emitted, default=0))
-        emitted = {r for r in emitted if r > watermark}
-        await asyncio.sleep(poll_s)
+    One stream from the daemon, which reads a job's new results once for all its followers (they
+    used to poll: a job read, four task reads and a results stream each, every second). The stream
+    is resumed from its cursor if it breaks, without repeating or losing a line (ApiClient)."""
+    async for result in api.follow_results(job_id):
+        emit(result)
 
 
 async def cmd_results(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
