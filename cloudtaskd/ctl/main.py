@@ -19,7 +19,7 @@ from agent.workerspec import WorkerSpecError
 from cloudtaskd.config import load_config
 from cloudtaskd.ctl import commands
 from cloudtaskd.ctl.client import ApiClient
-from cloudtaskd.ctl.output import Ctx
+from cloudtaskd.ctl.output import Ctx, printable
 from cloudtaskd.ctl.run import EXIT_INTERRUPTED, cmd_run, cmd_submit
 from cloudtaskd.errors import BadInput, CloudtaskError, ConfigError, DaemonUnavailable
 
@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None, err: TextI
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
 
     def fail(status: int, message: str) -> int:
-        err.write(f"cloudtaskctl: {message}\n")
+        # An error may quote the daemon, a worker or a cloud: its controls are shown, not obeyed.
+        err.write(f"cloudtaskctl: {printable(message, lines=True)}\n")
         return status
 
     try:
