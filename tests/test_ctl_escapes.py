@@ -11,7 +11,6 @@ import re
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -64,7 +63,8 @@ def assert_no_raw_controls(text: str, what: str) -> None:
 
 
 def test_printable_escapes_every_control_and_keeps_lines_when_asked() -> None:
-    assert printable("a\x1b[2Jb\x00c\x07\r\n\t\x7f\x9b\u202ed") == "a\\x1b[2Jb\\x00c\\x07\\x0d\\x0a\\x09\\x7f\\x9b\\u202ed"
+    assert printable("a\x1b[2Jb\x00c\x07\r\n\t\x7f\x9b\u202ed") == (
+        "a\\x1b[2Jb\\x00c\\x07\\x0d\\x0a\\x09\\x7f\\x9b\\u202ed")
     assert printable("line 1\r\n\tline 2\x1b", lines=True) == "line 1\\x0d\n\tline 2\\x1b"
     assert printable("plain ünïcode ✓ 漢字") == "plain ünïcode ✓ 漢字"
     value = {"id": "".join(map(chr, range(0, 0xa0))) + "\u202e\u2066\u2028", "n": [1, None]}

@@ -159,8 +159,9 @@ async def cmd_tasks(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
         ctx.say("no tasks" + (f" in state {args.state}" if args.state else ""))
     else:
         # The id escaped before it is cut: a CR or tab in it is shown, not folded into a space.
-        rows = [[t.get("task"), shorten(printable(t.get("id")), 24), t.get("state"), t.get("attempts"), t.get("priority"),
-                 t.get("instance"), "-" if t.get("duration_s") is None else f"{t['duration_s']:.2f}s",
+        rows = [[t.get("task"), shorten(printable(t.get("id")), 24), t.get("state"), t.get("attempts"),
+                 t.get("priority"), t.get("instance"),
+                 "-" if t.get("duration_s") is None else f"{t['duration_s']:.2f}s",
                  shorten(t.get("error") if "error" in t else jsonx.dumps(t.get("result")), 50)] for t in tasks]
         ctx.say(table(("TASK", "ID", "STATE", "ATTEMPTS", "PRIORITY", "INSTANCE", "DURATION", "RESULT/ERROR"), rows))
     return EXIT_OK

@@ -14,7 +14,6 @@ from cloudtaskd.config import Config
 from cloudtaskd.ctl.client import ApiClient
 from cloudtaskd.ctl.progress import format_duration
 
-
 # What must never reach a terminal as it is: C0 controls (ESC starts the sequences that clear a
 # screen, move the cursor or retitle the window; NUL, BEL, CR hide or overwrite text), DEL, the C1
 # controls (U+009B is a one-character CSI on some terminals), and the Unicode controls that reorder
