@@ -655,6 +655,11 @@ class Runner:
         env["CLOUDTASK_TASK_ID"] = key
         env["CLOUDTASK_SLOT"] = str(slot)
         assert self.spec.command is not None
+        if "\x00" in key:
+            # An environment variable cannot hold NUL: the spawn would raise, and the task would sit
+            # leased in a slot for ever. The same on every attempt, so it is final.
+            return _failure("the task id holds a NUL character, which cannot be passed to a command worker"
+                            " in CLOUDTASK_TASK_ID", started, retryable=False)
         try:
             child = await _spawn(self.spec.command, self.worker_dir, env, _COMMAND_READER_LIMIT_BYTES,
                                  self._data_limit_bytes)

@@ -36,6 +36,7 @@ from cloudtaskd.hub import token_hash
 from cloudtaskd.observe import ObserveApi
 from cloudtaskd.orchestrator.market import Market
 from cloudtaskd.orchestrator.selection import Needs, Policy, rate_of
+from cloudtaskd.params import decimal_number, whole_number
 from cloudtaskd.providers.base import Offer
 from cloudtaskd.states import InstanceEvent
 from cloudtaskd.store import Store, Tx
@@ -107,21 +108,19 @@ def _int_param(request: web.Request, name: str, default: int | None = None, *, l
     raw = request.query.get(name)
     if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadInput(f"query parameter {name} must be an integer, got {raw!r:.80}", field=name) from None
+    value = whole_number(raw)
+    if value is None:
+        raise BadInput(f"query parameter {name} must be a whole number in ASCII digits without leading zeros,"
+                       f" got {raw!r:.80}", field=name)
     if not lo <= value <= hi:
         raise BadInput(f"query parameter {name} must be between {lo} and {hi}, got {raw!r:.80}", field=name)
     return value
 
 
 def _job_id(request: web.Request) -> int:
-    try:
-        job_id = int(request.match_info["job"])
-    except ValueError:
-        job_id = 0
-    if not 1 <= job_id <= MAX_ROWID:
+    """A job id is spelt one way only (params.py): `/v1/jobs/007` or `/v1/jobs/%207` names no job (404)."""
+    job_id = whole_number(request.match_info["job"])
+    if job_id is None or not 1 <= job_id <= MAX_ROWID:
         raise NotFound(f"no job {request.match_info['job']!r:.80}")
     return job_id
 
@@ -555,10 +554,9 @@ def _float_param(request: web.Request, name: str, default: float, *, lo: float) 
     raw = request.query.get(name)
     if raw is None or raw == "":
         return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise BadInput(f"{name}: expected a number, got {raw!r}", field=name) from None
+    value = decimal_number(raw)
+    if value is None:
+        raise BadInput(f"{name}: expected a number in ASCII digits (like 0.5), got {raw!r:.80}", field=name)
     if not math.isfinite(value) or value < lo:
         raise BadInput(f"{name}: expected a number >= {lo}, got {raw!r}", field=name)
     return value

@@ -39,6 +39,7 @@ DEFAULT_RETRY_BACKOFF_S = 2.0
 DEFAULT_RETRY_BACKOFF_MAX_S = 300.0
 DEFAULT_IDLE_TIMEOUT_S = 30.0
 MAX_FRAME_BYTES = 256 * 1024 * 1024
+DEFAULT_EXTERNAL_CONNECT_TIMEOUT_S = 3600.0
 
 
 class Secret(str):
@@ -103,6 +104,11 @@ class AgentsConfig:
     max_connections_per_instance: int = field(default=2, metadata=_range(1, 64))
     # Messages per second one agent connection may send (bursts of twice that); more are read later.
     max_messages_per_s: float = field(default=5000.0, metadata=_range(1, 1e7))
+    # An instance registered by hand (POST /v1/instances) whose agent has not connected this long
+    # after registering is ended and its token revoked: a token nobody used must not stay valid for
+    # ever. No 0/"never": the bound is the point.
+    external_connect_timeout_s: float = field(default=DEFAULT_EXTERNAL_CONNECT_TIMEOUT_S,
+                                              metadata=_range(1, 30 * 86400))
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from cloudtaskd import __version__, costs
 from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.errors import BadInput
 from cloudtaskd.feeds import ReadGate
+from cloudtaskd.params import decimal_number, whole_number
 from cloudtaskd.status_page import STATUS_HEADERS, STATUS_HTML
 from cloudtaskd.store import Store
 
@@ -41,10 +42,10 @@ def _int(request: web.Request, name: str, *, lo: int, hi: int = 2**63 - 1) -> in
     raw = request.query.get(name)
     if raw is None or raw == "":
         return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadInput(f"query parameter {name} must be an integer, got {raw!r}", field=name) from None
+    value = whole_number(raw)  # ASCII digits, one spelling: an event cursor a proxy can reason about
+    if value is None:
+        raise BadInput(f"query parameter {name} must be a whole number in ASCII digits without leading zeros,"
+                       f" got {raw!r:.80}", field=name)
     if not lo <= value <= hi:
         raise BadInput(f"query parameter {name} must be between {lo} and {hi}, got {value}", field=name)
     return value
@@ -54,10 +55,10 @@ def _seconds(request: web.Request, name: str) -> float:
     raw = request.query.get(name)
     if raw is None or raw == "":
         return 0.0
-    try:
-        value = float(raw)
-    except ValueError:
-        raise BadInput(f"query parameter {name} must be a number of seconds, got {raw!r}", field=name) from None
+    value = decimal_number(raw)
+    if value is None:
+        raise BadInput(f"query parameter {name} must be a number of seconds in ASCII digits, got {raw!r:.80}",
+                       field=name)
     if not math.isfinite(value) or value < 0:
         raise BadInput(f"query parameter {name} must be a number of seconds >= 0, got {raw!r}", field=name)
     return min(value, EVENTS_WAIT_MAX_S)

@@ -83,14 +83,15 @@ INSTANCE_TRANSITIONS: dict[tuple[InstanceState, InstanceEvent], InstanceState] =
     (IS.PENDING, IE.LAUNCHED): IS.STARTING,  # the provider accepted the launch
     (IS.PENDING, IE.LAUNCH_FAILED): IS.STOPPED,  # nothing was created; last_error says why
     (IS.STARTING, IE.AGENT_CONNECTED): IS.RUNNING,
-    (IS.STARTING, IE.START_FAILED): IS.STOPPING,  # terminate what the provider made
-    (IS.STARTING, IE.DRAIN): IS.STOPPING,  # no agent yet, nothing to drain
+    (IS.STARTING, IE.START_FAILED): IS.STOPPING,  # terminate what the provider made; an external
+    # instance whose agent never connected within agents.external_connect_timeout_s
+    (IS.STARTING, IE.DRAIN): IS.STOPPING,  # no agent yet, nothing to drain (an external one as well)
     (IS.STARTING, IE.LOST): IS.STOPPING,
     (IS.RUNNING, IE.DRAIN): IS.DRAINING,
     (IS.RUNNING, IE.LOST): IS.STOPPING,  # its leases expire on their own and requeue
     (IS.DRAINING, IE.DRAINED): IS.STOPPING,
     (IS.DRAINING, IE.LOST): IS.STOPPING,
-    (IS.STOPPING, IE.TERMINATED): IS.STOPPED,
+    (IS.STOPPING, IE.TERMINATED): IS.STOPPED,  # the provider ended it; an external one at once (no provider)
     (IS.STOPPING, IE.LOST): IS.STOPPED,  # already gone at the provider
 }
 

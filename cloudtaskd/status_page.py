@@ -3,6 +3,8 @@ no data in it. Its script fetches `GET /v1/status` every few seconds and re-rend
 
 - Everything shown is built with createElement and text nodes (`append(string)`, `textContent`):
   job names, errors and instance ids come from users and clouds, and never reach innerHTML.
+  Their control characters (C0, DEL, C1, and the bidi overrides that make text read backwards)
+  are shown as escapes (`\\x1b`, `\\u202e`), as cloudtaskctl shows them.
 - On the TCP listener every /v1/* fetch needs the bearer token: the page takes it from the URL
   fragment (`/status#token=...`; fragments never reach a server or its logs), keeps it in
   sessionStorage, removes it from the address bar, and sends it as `Authorization: Bearer`.
@@ -65,14 +67,21 @@ _SCRIPT = """
     return sessionStorage.getItem(TOKEN_KEY) || "";
   }
 
+  // As cloudtaskctl's printable(): a name or error must not reorder, hide or overwrite text.
+  const CONTROLS = /[\\x00-\\x1f\\x7f-\\x9f\\u061c\\u200e\\u200f\\u2028\\u2029\\u202a-\\u202e\\u2066-\\u2069]/g;
+  const visible = (text) => String(text).replace(CONTROLS, (ch) => {
+    const code = ch.charCodeAt(0);
+    return code < 0x100 ? "\\\\x" + code.toString(16).padStart(2, "0") : "\\\\u" + code.toString(16).padStart(4, "0");
+  });
+
   function el(tag, props, ...children) {
     const node = document.createElement(tag);
     for (const [key, value] of Object.entries(props || {})) {
       if (key === "class") node.className = value;
       else if (key.startsWith("data-")) node.setAttribute(key, String(value));
-      else node[key] = value;
+      else node[key] = key === "title" ? visible(value) : value;
     }
-    node.append(...children.map((c) => (c instanceof Node ? c : String(c ?? "-"))));
+    node.append(...children.map((c) => (c instanceof Node ? c : visible(c ?? "-"))));
     return node;
   }
 
@@ -111,8 +120,8 @@ _SCRIPT = """
   }
 
   function render(s) {
-    document.getElementById("daemon").textContent =
-      "daemon " + s.daemon_id + " · v" + s.version + " · " + s.agents_connected + " agents connected";
+    document.getElementById("daemon").textContent = visible(
+      "daemon " + s.daemon_id + " · v" + s.version + " · " + s.agents_connected + " agents connected");
     document.getElementById("updated").textContent = "updated " + new Date(s.now * 1000).toLocaleTimeString();
     document.getElementById("jobs").replaceChildren(table(
       [["ID", "num"], ["Name"], ["State"], ["Progress"], ["Queued", "num"], ["Running", "num"],

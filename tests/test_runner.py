@@ -244,6 +244,13 @@ async def test_command_missing_program() -> None:
     assert "no-such-program" in error
 
 
+async def test_command_task_id_with_nul_fails_for_good(cmd: Runner) -> None:
+    # It cannot go into CLOUDTASK_TASK_ID: an Outcome, not an exception that strands the lease.
+    error = failed(await cmd.run(0, "nul\x00id", {}, 10), retryable=False)
+    assert "NUL" in error
+    assert (await cmd.run(0, "fine", {}, 10)).ok  # the slot is free again
+
+
 async def test_slot_misuse_raises(cmd: Runner) -> None:
     with pytest.raises(ValueError, match="outside"):
         await cmd.run(1, "t", {}, None)

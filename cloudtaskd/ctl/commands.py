@@ -11,7 +11,7 @@ from typing import Any
 
 from agent import jsonx
 from cloudtaskd.ctl.client import ApiClient
-from cloudtaskd.ctl.output import Ctx, ago, shorten, table
+from cloudtaskd.ctl.output import Ctx, ago, json_line, printable, shorten, table
 from cloudtaskd.ctl.progress import ProgressDisplay, format_duration, format_progress, format_rate
 
 EXIT_OK = 0
@@ -88,8 +88,8 @@ async def cmd_status(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
         ctx.emit_json(job)
     else:
         state = "done" if job.get("done") else job.get("state")
-        ctx.say(f"job {job['id']} {job.get('name')!r}: {state}, created {ago(job.get('created_at'))}, "
-                f"worker {str(job.get('worker'))[:12]}")
+        ctx.say(printable(f"job {job['id']} {job.get('name')!r}: {state}, created {ago(job.get('created_at'))}, "
+                          f"worker {str(job.get('worker'))[:12]}"))
         ctx.say(format_progress(job, 100))
     return EXIT_OK
 
@@ -116,7 +116,7 @@ async def follow_results(api: ApiClient, job_id: int, emit: Callable[[dict[str, 
 async def cmd_results(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
     # Always JSON lines, --json or not: results are data, and a table of arbitrary JSON helps nobody.
     def emit(result: dict[str, Any]) -> None:
-        ctx.out.write(jsonx.dumps(result) + "\n")
+        ctx.out.write(json_line(result) + "\n")
 
     if args.follow:
         await follow_results(api, args.job, emit)
@@ -133,8 +133,10 @@ async def cmd_tasks(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
     elif not tasks:
         ctx.say("no tasks" + (f" in state {args.state}" if args.state else ""))
     else:
-        rows = [[t.get("task"), shorten(t.get("id"), 24), t.get("state"), t.get("attempts"), t.get("priority"),
-                 t.get("instance"), "-" if t.get("duration_s") is None else f"{t['duration_s']:.2f}s",
+        # The id escaped before it is cut: a CR or tab in it is shown, not folded into a space.
+        rows = [[t.get("task"), shorten(printable(t.get("id")), 24), t.get("state"), t.get("attempts"),
+                 t.get("priority"), t.get("instance"),
+                 "-" if t.get("duration_s") is None else f"{t['duration_s']:.2f}s",
                  shorten(t.get("error") if "error" in t else jsonx.dumps(t.get("result")), 50)] for t in tasks]
         ctx.say(table(("TASK", "ID", "STATE", "ATTEMPTS", "PRIORITY", "INSTANCE", "DURATION", "RESULT/ERROR"), rows))
     return EXIT_OK
@@ -177,7 +179,9 @@ async def cmd_instances(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> i
         if ctx.json:
             ctx.emit_json({"instance": args.logs, "logs": text})
         else:
-            ctx.say(text.rstrip("\n"))
+            # A log keeps its lines and tabs; every other control is shown escaped, and a CR that
+            # ends a line (CRLF) is dropped rather than shown on every line.
+            ctx.say(text.replace("\r\n", "\n").rstrip("\n"))
         return EXIT_OK
     instances = await api.list_instances(include_stopped=args.all)
     if ctx.json:
@@ -199,7 +203,7 @@ async def cmd_drain(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
     if ctx.json:
         ctx.emit_json(inst)
     else:
-        ctx.say(f"instance {inst['id']}: {inst.get('state')}")
+        ctx.say(printable(f"instance {inst['id']}: {inst.get('state')}"))
     return EXIT_OK
 
 
@@ -299,12 +303,12 @@ def format_event(e: dict[str, Any]) -> str:
     where = " ".join(f"{label}={e[key]}" for label, key in (("job", "job_id"), ("task", "task_id"),
                                                              ("instance", "instance_id")) if e.get(key) is not None)
     detail = " ".join(str(e["detail"]).split()) if e.get("detail") else ""  # one line, whatever it holds
-    return "  ".join(part for part in (when, f"#{e['id']}", e["kind"], where, detail) if part)
+    return printable("  ".join(part for part in (when, f"#{e['id']}", e["kind"], where, detail) if part))
 
 
 async def cmd_events(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
     def emit(event: dict[str, Any]) -> None:
-        ctx.out.write((jsonx.dumps(event) if ctx.json else format_event(event)) + "\n")
+        ctx.out.write((json_line(event) if ctx.json else format_event(event)) + "\n")
         ctx.out.flush()  # a follower's reader (a pipe, a file) sees each event as it comes
 
     await follow_events(api, emit, after=args.after, limit=args.limit, job_id=args.job, instance=args.instance,

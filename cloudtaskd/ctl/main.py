@@ -19,9 +19,10 @@ from agent.workerspec import WorkerSpecError
 from cloudtaskd.config import load_config
 from cloudtaskd.ctl import commands
 from cloudtaskd.ctl.client import ApiClient
-from cloudtaskd.ctl.output import Ctx
+from cloudtaskd.ctl.output import Ctx, printable
 from cloudtaskd.ctl.run import EXIT_INTERRUPTED, cmd_run, cmd_submit
 from cloudtaskd.errors import BadInput, CloudtaskError, ConfigError, DaemonUnavailable
+from cloudtaskd.params import whole_number
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 3
@@ -32,16 +33,21 @@ Command = Callable[[Ctx, ApiClient, argparse.Namespace], Awaitable[int]]
 
 
 def _int_in(lo: int, hi: int) -> Callable[[str], int]:
+    # As the daemon reads numbers (params.py): `+7`, `0_7`, `007`, ` 7` or a full-width 7 is refused
+    # here, not quietly taken as 7.
     def parse(raw: str) -> int:
-        try:
-            value = int(raw)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {raw!r}") from None
+        value = whole_number(raw)
+        if value is None:
+            raise argparse.ArgumentTypeError(f"expected a whole number in ASCII digits without leading zeros,"
+                                             f" got {raw!r}")
         if not lo <= value <= hi:
             raise argparse.ArgumentTypeError(f"expected a number between {lo} and {hi}, got {value}")
         return value
 
     return parse
+
+
+_job_arg = _int_in(1, 2**63 - 1)
 
 
 def _global_options(*, suppress: bool) -> argparse.ArgumentParser:
@@ -101,27 +107,27 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--results", default=DEFAULT_RESULTS, metavar="FILE",
                            help=f"where to write one JSON line per task (default: {DEFAULT_RESULTS})")
 
-    add("status", "all jobs, or one").add_argument("job", nargs="?", type=int, metavar="JOB")
-    add("watch", "show a job's progress until it is done").add_argument("job", type=int, metavar="JOB")
+    add("status", "all jobs, or one").add_argument("job", nargs="?", type=_job_arg, metavar="JOB")
+    add("watch", "show a job's progress until it is done").add_argument("job", type=_job_arg, metavar="JOB")
     p = add("results", "finished tasks' results as JSON lines")
-    p.add_argument("job", type=int, metavar="JOB")
+    p.add_argument("job", type=_job_arg, metavar="JOB")
     p.add_argument("--top", type=_int_in(0, 10_000_000), metavar="N", help="the N most recently finished")
     p.add_argument("--follow", action="store_true", help="keep printing results as tasks finish, until done")
     p = add("tasks", "list a job's tasks")
-    p.add_argument("job", type=int, metavar="JOB")
+    p.add_argument("job", type=_job_arg, metavar="JOB")
     p.add_argument("--state", choices=TASK_STATES)
     p.add_argument("--limit", type=_int_in(1, 10_000), default=100, metavar="N")
-    add("retry", "queue a job's dead and cancelled tasks again").add_argument("job", type=int, metavar="JOB")
+    add("retry", "queue a job's dead and cancelled tasks again").add_argument("job", type=_job_arg, metavar="JOB")
     p = add("resume", "let a job paused at its max_total_cost go on")
-    p.add_argument("job", type=int, metavar="JOB")
+    p.add_argument("job", type=_job_arg, metavar="JOB")
     p.add_argument("--max-total-cost", type=float, metavar="USD", help="the new cap (above what is spent)")
-    add("cancel", "cancel what is unfinished in a job").add_argument("job", type=int, metavar="JOB")
+    add("cancel", "cancel what is unfinished in a job").add_argument("job", type=_job_arg, metavar="JOB")
     p = add("instances", "list instances, or show one's bootstrap log")
     p.add_argument("--all", action="store_true", help="include stopped ones")
     p.add_argument("--logs", metavar="ID", help="print the bootstrap/agent log kept for instance ID")
     add("drain", "let an instance finish its tasks, then stop it").add_argument("instance", metavar="INSTANCE")
     add("cost", "what the fleet has cost, and a job's spend and estimate to finish").add_argument(
-        "job", nargs="?", type=int, metavar="JOB")
+        "job", nargs="?", type=_job_arg, metavar="JOB")
     p = add("catalog", "show the offers and prices the daemon knows, or fetch them anew from the clouds")
     p.add_argument("action", nargs="?", choices=("show", "refresh"), default="show")
     add("interruptions", "spot interruptions per offer, and the latest notices")
@@ -192,7 +198,8 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None, err: TextI
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
 
     def fail(status: int, message: str) -> int:
-        err.write(f"cloudtaskctl: {message}\n")
+        # An error may quote the daemon, a worker or a cloud: its controls are shown, not obeyed.
+        err.write(f"cloudtaskctl: {printable(message, lines=True)}\n")
         return status
 
     try:

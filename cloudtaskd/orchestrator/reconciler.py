@@ -117,17 +117,40 @@ class Reconciler:
                 await self._sync(provider, now)
             except Exception as exc:  # one provider's outage must not stop the others
                 log.warning("provider_sync_failed", provider=provider.name, error=str(exc))
-        await self._end_drained_external()
+        await self._end_external(now)
 
-    async def _end_drained_external(self) -> None:
-        """A machine registered by hand (POST /v1/instances) that was drained ends once its agent
-        has gone holding nothing: its token is revoked like any other instance's."""
+    async def _end_external(self, now: float) -> None:
+        """Machines registered by hand (POST /v1/instances) have no provider to sync with, so their
+        ends are decided here, and each revokes the token like any other instance's:
+        - drained, once the agent has gone holding nothing;
+        - never connected within agents.external_connect_timeout_s of registering (a token handed
+          out and never used must not stay valid for ever);
+        - stopping (drained before it ever connected, or either of the above): nothing to
+          terminate, so stopped at once rather than left `stopping` for ever."""
+        timeout_s = self.config.agents.external_connect_timeout_s
         rows = await self.store.fetchall(
-            "SELECT i.id FROM instances i WHERE i.provider = 'external' AND i.state = 'draining'"
-            " AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.state = 'leased' AND t.instance_id = i.id)")
+            "SELECT i.id, i.state, i.state_changed_at,"
+            " EXISTS (SELECT 1 FROM tasks t WHERE t.state = 'leased' AND t.instance_id = i.id) AS holds"
+            " FROM instances i WHERE i.provider = 'external' AND i.state IN ('starting', 'draining', 'stopping')")
         for row in rows:
-            if row["id"] not in self.dispatcher.sessions and await self._move(row["id"], InstanceEvent.DRAINED):
-                await self._move(row["id"], InstanceEvent.TERMINATED)
+            inst, state = row["id"], InstanceState(row["state"])
+            if state == InstanceState.DRAINING:
+                if row["holds"] or inst in self.dispatcher.sessions:
+                    continue
+                ended = await self._move(inst, InstanceEvent.DRAINED)
+            elif state == InstanceState.STARTING:
+                # A STARTING external row has not moved since it was registered. A hello racing this
+                # loses cleanly: both are guarded transitions out of STARTING, and only one matches.
+                if now - row["state_changed_at"] <= timeout_s:
+                    continue
+                ended = await self._move(
+                    inst, InstanceEvent.START_FAILED,
+                    error=f"its agent did not connect within {timeout_s:g} s of registering"
+                          " (agents.external_connect_timeout_s); the token is revoked: register the machine again")
+            else:
+                ended = True
+            if ended:
+                await self._move(inst, InstanceEvent.TERMINATED)
 
     async def _sync(self, provider: Provider, now: float) -> None:
         cloud = {c.instance_id: c for c in await provider.list_instances()}
