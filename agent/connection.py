@@ -90,8 +90,12 @@ class Agent:
                  prefetch: int | None = None, drain_grace_s: float = DEFAULT_DRAIN_GRACE_S,
                  spec: WorkerSpec | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  interruption_source: str = "", metadata_url: str | None = None,
-                 interruption_margin_s: float = DEFAULT_INTERRUPTION_MARGIN_S, ca_file: Path | None = None) -> None:
+                 interruption_margin_s: float = DEFAULT_INTERRUPTION_MARGIN_S, ca_file: Path | None = None,
+                 url_file: Path | None = None) -> None:
         self.url = url
+        # Read again before each connection when given: a tunnel re-established by the daemon (after
+        # a dropped SSH connection or its restart) may listen on another local port.
+        self.url_file = url_file
         self.instance = instance
         self.token = token
         self.worker_dir = worker_dir
@@ -220,12 +224,24 @@ class Agent:
 
     # ---- connection ----
 
+    def _reread_url(self) -> None:
+        if self.url_file is None:
+            return
+        try:
+            url = self.url_file.read_text().strip()
+        except OSError:
+            return  # not written yet or being replaced: the last one known stays
+        if url and url != self.url:
+            log("agent_url_changed", url=url)
+            self.url = url
+
     async def _connect_loop(self) -> None:
         delay = RECONNECT_MIN_S
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
         ws_timeout = aiohttp.ClientWSTimeout(ws_close=WS_CLOSE_TIMEOUT_S)
         async with aiohttp.ClientSession(timeout=timeout) as http:
             while not self.done.is_set():
+                self._reread_url()
                 try:
                     async with http.ws_connect(self.url, heartbeat=20, max_msg_size=self.max_message_bytes,
                                                ssl=self.ssl, timeout=ws_timeout) as ws:

@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slots", type=int, default=0, help="concurrent tasks (default: CPUs / cpus_per_task)")
     parser.add_argument("--prefetch", type=int, default=None, help="extra leases held ready (default: slots)")
     parser.add_argument("--token-file", type=Path, help="read the token from this file (mode 600)")
+    parser.add_argument("--url-file", type=Path,
+                        help="read the URL from this file before each connection (a tunnel's port may change)")
     parser.add_argument("--ca-file", type=Path, help="the daemon's CA certificate (PEM): trust only it for wss://")
     parser.add_argument("--stats-file", type=Path, help="write lease round-trip times and counts here at exit")
     parser.add_argument("--drain-grace", type=float, default=60.0, help="seconds to finish work on SIGTERM")
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         agent = Agent(args.url, args.instance, token, worker_dir, slots, prefetch=args.prefetch,
                       drain_grace_s=args.drain_grace, spec=spec, interruption_source=args.interruption_source or "",
                       metadata_url=args.metadata_url, interruption_margin_s=args.interruption_margin,
-                      ca_file=args.ca_file, max_message_bytes=args.max_message_bytes)
+                      ca_file=args.ca_file, max_message_bytes=args.max_message_bytes, url_file=args.url_file)
         agents.append(agent)
         return await agent.run()
 

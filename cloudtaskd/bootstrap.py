@@ -9,6 +9,8 @@ while the first is alive. The remote layout, under `~/.cloudtask/<instance>/`:
     venv/                `python3 -m venv --without-pip` (no ensurepip needed): the agent's and the
                          worker's environment; a .pth puts the runtime on its path, bin/pip runs its pip
     token                the agent's token (mode 600; never on a command line)
+    agent.url            where the agent dials the daemon; read again before each reconnection
+                         (a tunnel's port, tunnels.py)
     agent.pid, agent.log
 
 and, shared by the instances of one host, `~/.cloudtask/runtime/<digest>/lib`: the agent's
@@ -25,6 +27,7 @@ import json
 import shlex
 import tarfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -36,7 +39,9 @@ import structlog
 from agent.bundle import Limits
 from agent.workerspec import RESOLVED_SPEC_FILE
 from cloudtaskd.errors import CloudtaskError
+from cloudtaskd.providers.base import LaunchSpec
 from cloudtaskd.runtime import RuntimeBuilder, RuntimeUnavailable, Target
+from cloudtaskd.tunnels import Tunnels
 
 log = structlog.get_logger("cloudtaskd.bootstrap")
 
@@ -204,6 +209,8 @@ async def bootstrap(conn: asyncssh.SSHClientConnection, spec: BootstrapSpec, boo
         await sftp.put(str(spec.worker_bundle), f"{base}/worker.tar.gz")
         async with sftp.open(f"{base}/worker.json", "w") as f:
             await f.write(json.dumps(spec.worker_spec))
+        async with sftp.open(f"{base}/agent.url", "w") as f:  # rewritten when its tunnel moves
+            await f.write(spec.agent_url + "\n")
         async with sftp.open(f"{base}/token", "w") as f:
             await f.write(spec.token)
         await sftp.chmod(f"{base}/token", 0o600)
@@ -239,7 +246,8 @@ async def bootstrap(conn: asyncssh.SSHClientConnection, spec: BootstrapSpec, boo
         f"PATH=\"$PWD/venv/bin:$PATH\" VIRTUAL_ENV=\"$PWD/venv\""
         f" CLOUDTASK_AGENT_TOKEN=$(cat token)"
         f" PYTHONPATH=agentpkg setsid nohup venv/bin/python -m agent.main"
-        f" --url {q(spec.agent_url)} --instance {q(inst)} --worker-dir worker --slots {spec.slots}{extra}"
+        f" --url {q(spec.agent_url)} --url-file agent.url --instance {q(inst)} --worker-dir worker"
+        f" --slots {spec.slots}{extra}"
         f" >>agent.log 2>&1 </dev/null & echo $! > agent.pid; cat agent.pid; fi"
     )
     out = await _run(conn, bootlog, inst, "start agent", start)
@@ -249,6 +257,26 @@ async def bootstrap(conn: asyncssh.SSHClientConnection, spec: BootstrapSpec, boo
         raise DeployError(inst, "start agent", f"could not read the agent's pid from {out!r:.200}") from None
     log.info("agent_bootstrapped", instance=inst, pid=pid)
     return pid
+
+
+async def install(conn: asyncssh.SSHClientConnection, launch: LaunchSpec, make_spec: Callable[[str], BootstrapSpec],
+                  bootlog: BootstrapLog, runtime: RuntimeBuilder, tunnels: Tunnels | None,
+                  reconnect: Callable[[], Awaitable[asyncssh.SSHClientConnection]]) -> int:
+    """Bootstrap over `conn` and, when agents come through tunnels, open the instance's tunnel on it
+    first and hand the connection to `tunnels` to keep; otherwise close it. `launch` is the
+    LaunchSpec (its agent_url is used when there is no tunnel)."""
+    adopted = False
+    try:
+        url = launch.agent_url if tunnels is None else await tunnels.open(launch.instance_id, conn)
+        pid = await bootstrap(conn, make_spec(url), bootlog, runtime)
+        if tunnels is not None:
+            bootlog.write(f"# agent tunnel: {url} on the instance, carried over this SSH connection")
+            tunnels.keep(launch.instance_id, reconnect, conn, url)
+            adopted = True
+        return pid
+    finally:
+        if not adopted:
+            conn.close()
 
 
 async def stop_agent(conn: asyncssh.SSHClientConnection, instance: str, grace_s: float = 30.0) -> str:

@@ -42,6 +42,7 @@ from cloudtaskd.reload import ReloadPlan, plan
 from cloudtaskd.runtime import RuntimeBuilder
 from cloudtaskd.service import Systemd, watchdog
 from cloudtaskd.store import Store, Tx
+from cloudtaskd.tunnels import Tunnels
 
 log = structlog.get_logger("cloudtaskd")
 
@@ -65,6 +66,9 @@ class Daemon:
         self.dispatcher = Dispatcher(self.store, config)
         # The agent's packages for instances, per (Python, CPU), built on first need (runtime.py).
         self.runtime = RuntimeBuilder(self.state_dir / "runtime", tuple(config.providers.ssh.pip_args))
+        # Without agents.public_url, ssh and cloud instances' agents come through SSH tunnels
+        # (tunnels.py); the destination is set once the agent listener is bound.
+        self.tunnels: Tunnels | None = None if config.agents.public_url else Tunnels("127.0.0.1", 0, "wss")
         self.hub = AgentHub(self.store, self.dispatcher, config.agents.max_message_bytes,
                             max_connections_per_instance=config.agents.max_connections_per_instance,
                             max_messages_per_s=config.agents.max_messages_per_s)
@@ -107,6 +111,10 @@ class Daemon:
         scheme = "wss" if ssl_ctx is not None else "ws"
         self.agent_url = agents.public_url or f"{scheme}://{_url_host(agents.listen_host)}:{port}/v1/agent"
         self.agent_ca = self.tls.ca_cert.read_bytes() if ssl_ctx is not None and self.tls is not None else b""
+        if self.tunnels is not None:
+            self.tunnels.dest_host = _url_host(agents.listen_host).strip("[]")
+            self.tunnels.dest_port, self.tunnels.scheme = port, scheme
+            await self._tunnel_existing()
 
         api = ControlApi(self.store, self.dispatcher, self.config, lambda: self.agent_url, self.daemon_id,
                          self.market)
@@ -133,7 +141,7 @@ class Daemon:
                               f"agents.tls is on, so agents dial wss://…, got {agents.public_url!r}")
         if not agents.tls and not api.listen:
             return None
-        names = [agents.listen_host, *agents.tls_names]
+        names = [agents.listen_host, "127.0.0.1", *agents.tls_names]  # 127.0.0.1: a tunnel's end on an instance
         if agents.public_url:
             names.append(urlsplit(agents.public_url).hostname or "")
         if api.listen:
@@ -190,13 +198,13 @@ class Daemon:
         ssh = self.config.providers.ssh
         if ssh.hosts:
             pins = AddressPins(self.store)
-            provider = SshProvider(ssh, self.state_dir, pins.get, pins.set, self.runtime)
+            provider = SshProvider(ssh, self.state_dir, pins.get, pins.set, self.runtime, self.tunnels)
             out.append((provider, provider.max_instances))
         for cfg, make in self._cloud_drivers():
             if cfg.enabled and cfg.max_instances > 0:
                 settings = self._cloud_settings(cfg)
                 out.append((CloudProvider(make(), settings, self.daemon_id, self.state_dir,
-                                          InstancePins(self.store), self.runtime), cfg.max_instances))
+                                          InstancePins(self.store), self.runtime, self.tunnels), cfg.max_instances))
         local = self.config.providers.local
         if local.enabled and local.max_instances > 0:
             out.append((LocalProvider(local, self.state_dir), local.max_instances))
@@ -300,6 +308,18 @@ class Daemon:
                 log.warning("bundle_prune_failed", error=str(exc))
             await asyncio.sleep(min(PRUNE_INTERVAL_S, self.config.workers.unused_ttl_s / 2))
 
+    async def _tunnel_existing(self) -> None:
+        """After a restart: the tunnels of instances whose agents are out there, set up again (their
+        agents read the new port from agent.url and reconnect)."""
+        assert self.tunnels is not None
+        by_name = {p.name: p for p, _ in self.providers if hasattr(p, "ssh")}
+        rows = await self.store.fetchall(
+            "SELECT id, provider FROM instances WHERE state IN ('starting', 'running', 'draining')")
+        for row in rows:
+            provider = by_name.get(row["provider"])
+            if provider is not None:
+                self.tunnels.keep(row["id"], partial(provider.ssh, row["id"]))
+
     def _spawn(self, name: str, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
 
@@ -396,6 +416,8 @@ class Daemon:
         if self.reconciler is not None:
             with suppress(Exception):
                 await self.reconciler.abandon_launches()
+        if self.tunnels is not None:
+            await self.tunnels.close_all()
         for provider, _ in self.providers:
             with suppress(Exception):
                 await provider.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import pytest
 import yaml
 
 from tests import foreign_host as fh
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_for
 
 pytestmark = [
     pytest.mark.skipif(fh.unavailable() is not None, reason=str(fh.unavailable())),
@@ -60,8 +61,8 @@ def test_cloudtaskctl_run_on_a_foreign_host(tmp_path: Path, host: fh.ForeignHost
     config.write_text(yaml.safe_dump({
         "state_dir": str(state),
         "scaling": {"tick_s": 0.2},
-        # Agents dial our end of the veth: the foreign host's 127.0.0.1 is its own.
-        "agents": {"listen_host": host.net.host_ip},
+        # No agents section: the daemon listens on our 127.0.0.1 only, which the foreign host cannot
+        # reach (its 127.0.0.1 is its own); its agent comes through the SSH tunnel.
         "providers": {
             "local": {"enabled": False},
             "ssh": {"hosts": [{"address": host.address, "port": 22, "user": "root", "key_file": str(host.client_key),
@@ -87,6 +88,67 @@ def test_cloudtaskctl_run_on_a_foreign_host(tmp_path: Path, host: fh.ForeignHost
     assert {r["python"] for r in results} == {host.python_version()}
     assert all(r["prefix"].endswith("/venv") for r in results), results[0]
     assert all(r["pip"] for r in results)
+    log = "".join(p.read_text() for p in logs)
+    assert "# agent tunnel: wss://127.0.0.1:" in log, log[-2000:]
     # Cleaned up: no agent left in the namespace but sshd.
     leftovers = host.run("ls /root/.cloudtask").stdout.split()
     assert [d for d in leftovers if d.startswith("ssh-")] == [], leftovers
+
+
+async def test_daemon_killed_mid_job_tunnels_come_back_and_each_task_runs_once(
+        tmp_path: Path, host: fh.ForeignHost) -> None:
+    """SIGKILL the daemon while the foreign host's agent works through its tunnel: the restarted
+    daemon (on a new agent port: listen_port 0, as the example config) sets the tunnel up again, the
+    agent reads the new port from agent.url and reconnects with its leases, and the job finishes
+    with every task recorded once."""
+    from tests.procs import DaemonProcess, bundle
+    from tests.test_crash import connected_agents, running_ids
+
+    daemon = DaemonProcess(tmp_path, {
+        "scaling": {"tick_s": 0.2, "idle_timeout_s": 120},
+        "agents": {"lease_ttl_s": 20},
+        "providers": {
+            "local": {"enabled": False},
+            "ssh": {"hosts": [{"address": host.address, "port": 22, "user": "root", "key_file": str(host.client_key),
+                               "cpus": 2, "host_key": host.public_host_key()}]},
+        },
+    })
+    n = 60
+    await daemon.start()
+    try:
+        worker = await daemon.post("/v1/workers", data=bundle({
+            "cloudtask.yaml": "mode: command\ncommand: python3 w.py\n",
+            "w.py": "import json, sys, time\nt = json.load(sys.stdin)\ntime.sleep(0.2)\n"
+                    "print(json.dumps(t['data']['n']))\n"}))
+        job = await daemon.post("/v1/jobs", json={"worker": worker["digest"], "max_attempts": 10})
+        await daemon.post(f"/v1/jobs/{job['id']}/tasks",
+                          data="".join(json.dumps({"id": f"t{i}", "data": {"n": i}}) + "\n" for i in range(n)).encode())
+
+        async def progress(at_least: int) -> bool:
+            j = await daemon.get(f"/v1/jobs/{job['id']}")
+            return bool(j["counts"]["succeeded"] >= at_least)
+        await wait_for(lambda: progress(n // 4), timeout=120, message="a quarter done through the tunnel")
+        before = await running_ids(daemon)
+        assert len(before) == 1
+        daemon.kill()
+        await daemon.start()
+
+        async def back() -> bool:
+            return await running_ids(daemon) == before and await connected_agents(daemon) == 1
+        await wait_for(back, timeout=90, message="the same agent back through a new tunnel")
+        await wait_for(lambda: progress(n), timeout=180, message="the job finished after the restart")
+        results = [json.loads(line) for line in (await daemon.get(f"/v1/jobs/{job['id']}/results")).splitlines()]
+    finally:
+        await daemon.stop()
+    assert sorted(r["result"] for r in results) == list(range(n))
+    db = sqlite3.connect(daemon.state_dir / "cloudtask.db")
+    try:
+        assert db.execute("SELECT count(*) FROM events WHERE kind = 'task_succeeded'").fetchone()[0] == n
+        once = db.execute("SELECT count(*) FROM (SELECT task_id FROM events WHERE kind = 'task_succeeded'"
+                          " GROUP BY task_id HAVING count(*) != 1)").fetchone()[0]
+        assert once == 0
+    finally:
+        db.close()
+    # The restarted daemon's tunnel listens on another port; the agent read it from agent.url.
+    agent_log = host.run("cat /root/.cloudtask/ssh-*/agent.log").stdout
+    assert agent_log.count('"agent_connected"') >= 2 and '"agent_url_changed"' in agent_log, agent_log[-2000:]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -23,13 +24,14 @@ from cloudtaskd.bootstrap import (
     BootstrapLog,
     BootstrapSpec,
     SshTarget,
-    bootstrap,
     connect,
+    install,
     stop_agent,
 )
 from cloudtaskd.errors import ProviderError
 from cloudtaskd.providers.base import CloudInstance, LaunchSpec, Offer, frame_args, watch_args
 from cloudtaskd.runtime import RuntimeBuilder
+from cloudtaskd.tunnels import Tunnels
 
 log = structlog.get_logger("cloudtaskd.providers.cloud")
 
@@ -121,9 +123,10 @@ class CloudProvider:
     """A cloud driver plus SSH bootstrap, behind the common Provider interface."""
 
     def __init__(self, driver: CloudDriver, settings: CloudSettings, daemon_id: str, state_dir: Path,
-                 pins: HostKeyPins, runtime: RuntimeBuilder) -> None:
+                 pins: HostKeyPins, runtime: RuntimeBuilder, tunnels: Tunnels | None = None) -> None:
         self.driver = driver
         self.runtime = runtime
+        self.tunnels = tunnels  # None: agents dial agents.public_url directly
         self.pins = pins
         # Read once at start: a missing key is a config error to report before any VM is made.
         self.public_key = Path(f"{settings.ssh_key_file}.pub").read_text().strip()
@@ -198,18 +201,28 @@ class CloudProvider:
             vm = got
         if spec.worker_bundle is None:
             raise ProviderError(self.name, "launch", "no worker bundle to install")
+        bundle = spec.worker_bundle
         bootlog = BootstrapLog(self.logs / spec.instance_id / "bootstrap.log")
         try:
             conn = await self._connect(vm, bootlog=bootlog)
-            async with conn:
-                await bootstrap(conn, BootstrapSpec(
-                    spec.instance_id, spec.agent_url, spec.token, spec.slots, spec.worker_bundle, spec.worker_spec,
-                    (*frame_args(spec.max_message_bytes), *watch_args(self.name if offer.spot else "", s.metadata_url)),
-                    spec.ca_cert, spec.bundle_limits), bootlog, self.runtime)
+            await install(conn, spec, lambda url: BootstrapSpec(
+                spec.instance_id, url, spec.token, spec.slots, bundle, spec.worker_spec,
+                (*frame_args(spec.max_message_bytes), *watch_args(self.name if offer.spot else "", s.metadata_url)),
+                spec.ca_cert, spec.bundle_limits),
+                bootlog, self.runtime, self.tunnels, partial(self.ssh, spec.instance_id))
         except Exception:
+            if self.tunnels is not None:
+                await self.tunnels.close(spec.instance_id)
             await self.driver.delete(spec.instance_id)  # a failed bootstrap never leaves a VM running
             raise
         return CloudInstance(spec.instance_id, vm.cloud_id, address=vm.public_ip)
+
+    async def ssh(self, instance_id: str) -> asyncssh.SSHClientConnection:
+        """A new connection to the instance's VM (its tunnel's), host key pinned."""
+        vm = await self.driver.get(instance_id)
+        if vm is None or vm.state != "running":
+            raise ProviderError(self.name, "ssh", f"{instance_id} is not running ({vm.state if vm else 'gone'})")
+        return await self._connect(vm, wait_s=30)
 
     async def terminate(self, instance_id: str) -> None:
         vm = await self.driver.get(instance_id)
@@ -220,6 +233,8 @@ class CloudProvider:
                     await stop_agent(conn, instance_id)
             except Exception as exc:
                 log.info("agent_stop_skipped", instance=instance_id, reason=str(exc))
+        if self.tunnels is not None:  # after the agent stopped: it drained through the tunnel
+            await self.tunnels.close(instance_id)
         await self.driver.delete(instance_id)
 
     async def list_instances(self) -> list[CloudInstance]:

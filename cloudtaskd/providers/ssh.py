@@ -12,6 +12,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
+from functools import partial
 from pathlib import Path
 
 import asyncssh
@@ -21,8 +22,8 @@ from cloudtaskd.bootstrap import (
     BootstrapLog,
     BootstrapSpec,
     SshTarget,
-    bootstrap,
     connect,
+    install,
     running_agents,
     stop_agent,
 )
@@ -30,6 +31,7 @@ from cloudtaskd.config import SshHostConfig, SshProviderConfig
 from cloudtaskd.errors import ProviderError
 from cloudtaskd.providers.base import CloudInstance, LaunchSpec, Offer, frame_args
 from cloudtaskd.runtime import RuntimeBuilder
+from cloudtaskd.tunnels import Tunnels
 
 log = structlog.get_logger("cloudtaskd.providers.ssh")
 
@@ -43,9 +45,10 @@ class SshProvider:
     name = "ssh"
 
     def __init__(self, config: SshProviderConfig, state_dir: Path, get_pin: PinGet, set_pin: PinSet,
-                 runtime: RuntimeBuilder) -> None:
+                 runtime: RuntimeBuilder, tunnels: Tunnels | None = None) -> None:
         self.hosts = list(config.hosts)
         self.runtime = runtime
+        self.tunnels = tunnels  # None: agents dial agents.public_url directly
         self.dir = state_dir / "ssh"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.logs = state_dir / "instances"
@@ -101,14 +104,14 @@ class SshProvider:
                 (self.dir / f"{spec.instance_id}.json").write_text(json.dumps({"host": _hid(host)}))
         if spec.worker_bundle is None:
             raise ProviderError(self.name, "launch", "no worker bundle to install")
+        bundle = spec.worker_bundle
         bootlog = BootstrapLog(self.logs / spec.instance_id / "bootstrap.log")
         try:
             conn = await self._connect(host, spec.instance_id, wait_s=60, bootlog=bootlog)
-            async with conn:
-                await bootstrap(conn, BootstrapSpec(
-                    spec.instance_id, spec.agent_url, spec.token, spec.slots, spec.worker_bundle, spec.worker_spec,
-                    frame_args(spec.max_message_bytes), ca_cert=spec.ca_cert, bundle_limits=spec.bundle_limits),
-                    bootlog, self.runtime)
+            await install(conn, spec, lambda url: BootstrapSpec(
+                spec.instance_id, url, spec.token, spec.slots, bundle, spec.worker_spec,
+                frame_args(spec.max_message_bytes), ca_cert=spec.ca_cert, bundle_limits=spec.bundle_limits),
+                bootlog, self.runtime, self.tunnels, partial(self.ssh, spec.instance_id))
         except Exception:
             # Failed bootstrap: free the host (its log stays for `cloudtaskctl instances --logs`).
             with suppress(Exception):
@@ -116,15 +119,27 @@ class SshProvider:
             raise
         return CloudInstance(spec.instance_id, f"{host.user}@{host.address}:{host.port}", address=host.address)
 
+    async def ssh(self, instance_id: str) -> asyncssh.SSHClientConnection:
+        """A new connection to the instance's host (its tunnel's), host key pinned."""
+        host_id = self._records().get(instance_id)
+        host = next((h for h in self.hosts if _hid(h) == host_id), None)
+        if host is None:
+            raise ProviderError(self.name, "ssh", f"{instance_id} has no host assigned")
+        return await self._connect(host, instance_id, wait_s=30)
+
     async def terminate(self, instance_id: str) -> None:
         host_id = self._records().get(instance_id)
         if host_id is None:
+            if self.tunnels is not None:
+                await self.tunnels.close(instance_id)
             return
         host = next((h for h in self.hosts if _hid(h) == host_id), None)
         if host is not None:
             conn = await self._connect(host, instance_id, wait_s=30)
             async with conn:
                 last_words = await stop_agent(conn, instance_id)
+            if self.tunnels is not None:  # after the agent stopped: it drained through the tunnel
+                await self.tunnels.close(instance_id)
             if last_words.strip():
                 BootstrapLog(self.logs / instance_id / "bootstrap.log").write(f"# agent.log, last lines:\n{last_words}")
         with suppress(FileNotFoundError):
