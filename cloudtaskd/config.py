@@ -528,6 +528,14 @@ def _check(config: Config) -> list[ConfigWarning]:
         if agents.tls and url.scheme != "wss":
             raise ConfigError(src, "agents.public_url", "agents.tls is on, so agents dial wss://…, "
                                                         f"got {agents.public_url!r}")
+        remote = [name for name, on in (("ssh", bool(p.ssh.hosts)), ("aws", p.aws.enabled), ("gcp", p.gcp.enabled),
+                                        ("azure", p.azure.enabled)) if on]
+        if remote and _is_loopback(url.hostname):
+            # The agents of machines elsewhere would dial their own loopback and never connect.
+            raise ConfigError(src, "agents.public_url", f"{agents.public_url!r} is a loopback address, which the "
+                              f"machines of providers.{remote[0]} cannot reach: set the address they can dial (and "
+                              "agents.listen_host to listen on it), or remove agents.public_url to have their agents "
+                              "come through the daemon's SSH connections")
     if not agents.tls and not _is_loopback(agents.listen_host):
         warnings.append(ConfigWarning(
             "config_agents_plaintext", ("agents.tls", "agents.listen_host"),

@@ -96,6 +96,12 @@ ERRORS = [
     ("agents:\n  public_url: http://h:1/v1/agent\n", "agents.public_url", "expected a ws:// or wss:// URL"),
     ("agents:\n  public_url: wss://h:99999/v1/agent\n", "agents.public_url", "expected a ws:// or wss:// URL"),
     ("agents:\n  public_url: ws://h:1/v1/agent\n", "agents.public_url", "agents.tls is on"),
+    # Machines elsewhere would dial their own loopback: refused, naming what to set instead.
+    ("agents:\n  public_url: wss://127.0.0.1:9/v1/agent\nproviders:\n  ssh:\n    hosts:\n"
+     "      - {address: 10.0.0.5, key_file: k}\n", "agents.public_url",
+     "a loopback address, which the machines of providers.ssh cannot reach"),
+    ("agents:\n  public_url: wss://localhost:9/v1/agent\nproviders:\n  aws:\n    enabled: true\n",
+     "agents.public_url", "machines of providers.aws cannot reach"),
     # an accepted task must fit in a frame to the agents (issue 13)
     ("agents:\n  max_message_bytes: 1048576\n", "agents.max_message_bytes",
      "must be at least queue.max_task_bytes + 8192 (1056768), so that every task an upload accepts can be "
