@@ -8,7 +8,6 @@ exception that stops the loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import secrets
@@ -174,6 +173,7 @@ class Reconciler:
             # Gone, or still listed but stopped (a preempted GCP VM stays TERMINATED, an evicted
             # Azure VM deallocated, a reclaimed EC2 instance terminated for an hour).
             stopped = present and not cloud[inst].running
+            terminated = False
             if not present or stopped:
                 spot = bool(row["spot"] or row["interrupted_at"])
                 if state in (InstanceState.RUNNING, InstanceState.DRAINING) and spot:
@@ -188,12 +188,19 @@ class Reconciler:
                         error = "its spot capacity was reclaimed before the agent connected"
                     elif state == InstanceState.STARTING:
                         # Stopped first: an ssh host then adds the agent's last log lines to its output.
-                        with contextlib.suppress(Exception):  # _terminate below retries and records it
+                        try:
                             await self._provider_of(inst).terminate(inst)
+                            terminated = True
+                        except Exception:
+                            pass  # _terminate below tries again and records why it failed
                         error = "the agent exited before connecting: " + self._output(inst)
                         self._start_failed(row["pool_id"], now, provider.name, "AgentExited")
                 await self._move(inst, event, error=error)
-                await self._terminate(inst)
+                if terminated:
+                    await self._move(inst, InstanceEvent.TERMINATED)
+                    self._idle_since.pop(inst, None)
+                else:
+                    await self._terminate(inst)
                 continue
             if state == InstanceState.DRAINING and inst not in self.dispatcher.sessions:
                 # Its agent has gone. Holding nothing, it finished draining: stop paying for the
