@@ -588,6 +588,9 @@ def _check(config: Config) -> list[ConfigWarning]:
             if value and not value.startswith(prefix):
                 # A name or a VPC id here would only fail at the first launch, as a bad request.
                 raise ConfigError(src, f"providers.aws.{key}", f"expected {what} ({prefix}...), got {value!r}")
+        if p.aws.subnet_id and p.aws.zones:
+            raise ConfigError(src, "providers.aws.zones", "a subnet lies in one zone: with providers.aws.subnet_id, "
+                              "leave zones empty (and zone empty, or the subnet's zone)")
     _together(src, "providers.azure", p.azure.enabled,
               {"tenant_id": p.azure.tenant_id, "client_id": p.azure.client_id, "client_secret": p.azure.client_secret},
               " (a service principal), or none for DefaultAzureCredential")

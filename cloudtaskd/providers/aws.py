@@ -305,7 +305,7 @@ class AwsDriver:
                                             "AssociatePublicIpAddress": True}]
         else:
             params["SecurityGroupIds"] = [group]
-        if first.zone and first.zone != self.region:
+        if first.zone and first.zone != self.region and not self.subnet_id:  # a subnet has its own zone
             params["Placement"] = {"AvailabilityZone": first.zone}
         if first.spot:
             params["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": {
