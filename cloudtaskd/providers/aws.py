@@ -323,7 +323,8 @@ class AwsDriver:
             untagged = [str(inst["InstanceId"]) for inst, o in zip(instances, outcomes, strict=True)
                         if isinstance(o, ProviderError)]
             await self._terminate_quietly(untagged)  # never left running without its instance id
-        log.info("aws_instances_launched", count=n, type=first.machine_type, zone=first.zone, spot=first.spot)
+        launched = sum(not isinstance(o, ProviderError) for o in outcomes)
+        log.info("aws_instances_launched", count=launched, type=first.machine_type, zone=first.zone, spot=first.spot)
         return outcomes
 
     async def _tag(self, inst: dict[str, Any], req: CreateRequest) -> CloudVm | ProviderError:
