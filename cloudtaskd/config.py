@@ -224,6 +224,12 @@ class AwsProviderConfig(CloudProviderConfig):
     endpoint_url: str = ""  # an emulator (e.g. moto) instead of AWS
     pricing_endpoint_url: str = ""  # an emulator of the Pricing API (on-demand prices) instead of AWS's
     machine_type: str = "t3.small"
+    # Where VMs go when the region has no default VPC (or not there): a subnet (subnet-...), in
+    # which each VM gets a public address; empty: the default VPC.
+    subnet_id: str = ""
+    # A security group of one's own (sg-..., in the subnet's VPC) allowing SSH from this host;
+    # empty: one made per daemon (SSH from anywhere) in the VMs' VPC.
+    security_group_id: str = ""
 
     @property
     def placement(self) -> str:
@@ -583,6 +589,16 @@ def _check(config: Config) -> list[ConfigWarning]:
                                           f"providers.{name} is enabled with max_instances 0: it never launches"))
     _together(src, "providers.aws", p.aws.enabled, {"access_key": p.aws.access_key, "secret_key": p.aws.secret_key},
               ", or neither for the standard AWS credential chain")
+    if p.aws.enabled:
+        for key, prefix, what in (("subnet_id", "subnet-", "a subnet id"), ("security_group_id", "sg-",
+                                                                           "a security group id")):
+            value = getattr(p.aws, key)
+            if value and not value.startswith(prefix):
+                # A name or a VPC id here would only fail at the first launch, as a bad request.
+                raise ConfigError(src, f"providers.aws.{key}", f"expected {what} ({prefix}...), got {value!r}")
+        if p.aws.subnet_id and p.aws.zones:
+            raise ConfigError(src, "providers.aws.zones", "a subnet lies in one zone: with providers.aws.subnet_id, "
+                              "leave zones empty (and zone empty, or the subnet's zone)")
     _together(src, "providers.azure", p.azure.enabled,
               {"tenant_id": p.azure.tenant_id, "client_id": p.azure.client_id, "client_secret": p.azure.client_secret},
               " (a service principal), or none for DefaultAzureCredential")

@@ -219,7 +219,8 @@ class Daemon:
 
             c = p.aws
             return AwsDriver(c.region, daemon_id, access_key=c.access_key or None, secret_key=c.secret_key or None,
-                             endpoint_url=c.endpoint_url or None, image=c.image or None)
+                             endpoint_url=c.endpoint_url or None, image=c.image or None,
+                             subnet_id=c.subnet_id or None, security_group_id=c.security_group_id or None)
 
         def azure() -> CloudDriver:
             from cloudtaskd.providers.azure import AzureDriver

@@ -251,3 +251,230 @@ async def test_a_stock_out_is_reported_at_once_and_a_transient_error_retried(mot
         assert len(tokens) == 2 and tokens[0] == tokens[1]  # the retry cannot launch twice
     finally:
         await d.close()
+
+
+# ---- issue 14: real clouds on the first try ----
+
+NOT_FOUND = ("InvalidInstanceID.NotFound", 400, "The instance ID 'i-0123456789abcdef0' does not exist")
+
+
+def tags_of(item: dict[str, Any]) -> dict[str, str]:
+    return {t["Key"]: t["Value"] for t in item.get("Tags", [])}
+
+
+async def test_a_single_launch_is_tagged_by_run_instances_itself(driver: AwsDriver, moto: MotoEc2) -> None:
+    """A batch of one carries its instance id from the first moment (TagSpecifications), on the
+    instance and on its volumes: no CreateTags that EC2's eventual consistency could refuse."""
+    moto.fail_if = lambda action, _: NOT_FOUND if action == "CreateTags" else None
+    vm = await driver.create(req("aws-s1"))
+    assert vm.instance_id == "aws-s1" and moto.calls["CreateTags"] == 0
+    inst = await describe(driver, vm.cloud_id)
+    assert tags_of(inst)[TAG_INSTANCE] == "aws-s1" and tags_of(inst)[TAG_DAEMON] == "daemon1"
+    ec2 = await driver._client()
+    volumes = (await ec2.describe_volumes(Filters=[{"Name": "attachment.instance-id",
+                                                    "Values": [vm.cloud_id]}]))["Volumes"]
+    assert volumes and all(tags_of(v).get(TAG_DAEMON) == "daemon1" for v in volumes)
+
+
+async def test_tagging_a_batch_is_retried_while_ec2_does_not_know_the_instance_yet(
+        driver: AwsDriver, moto: MotoEc2, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CreateTags straight after RunInstances answers InvalidInstanceID.NotFound for a while: the
+    batch is not failed for it, each instance is tagged once EC2 knows it."""
+    from cloudtaskd.providers import aws
+
+    monkeypatch.setattr(aws, "TAG_RETRY_S", 0.01)
+    refusals = {"left": 3}
+
+    def not_yet(action: str, _: dict[str, list[str]]) -> tuple[str, int, str] | None:
+        if action == "CreateTags" and refusals["left"] > 0:
+            refusals["left"] -= 1
+            return NOT_FOUND
+        return None
+
+    moto.fail_if = not_yet
+    vms = await asyncio.gather(driver.create(req("aws-t1")), driver.create(req("aws-t2")))
+    assert moto.calls["RunInstances"] == 1 and moto.calls["CreateTags"] == 2 + 3
+    assert {v.instance_id for v in await driver.list()} == {"aws-t1", "aws-t2"}
+    assert {tags_of(await describe(driver, v.cloud_id))[TAG_INSTANCE] for v in vms} == {"aws-t1", "aws-t2"}
+
+
+async def test_an_instance_that_cannot_be_tagged_fails_alone_and_is_terminated(
+        driver: AwsDriver, moto: MotoEc2, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cloudtaskd.errors import InvalidRequest
+    from cloudtaskd.providers import aws
+
+    monkeypatch.setattr(aws, "TAG_RETRY_S", 0.01)
+    moto.fail_if = lambda action, p: NOT_FOUND if action == "CreateTags" and p.get("Tag.1.Value") == ["aws-u1"] \
+        else None
+    bad, good = await asyncio.gather(driver.create(req("aws-u1")), driver.create(req("aws-u2")),
+                                     return_exceptions=True)
+    assert isinstance(bad, InvalidRequest) and "InvalidInstanceID.NotFound" in str(bad)
+    assert not isinstance(good, BaseException) and good.instance_id == "aws-u2"
+    assert moto.calls["CreateTags"] == 1 + aws.TAG_ATTEMPTS  # bounded
+    assert [v.instance_id for v in await driver.list()] == ["aws-u2"]  # nothing untagged left running
+
+
+async def test_console_output_falls_back_when_latest_is_refused(driver: AwsDriver, moto: MotoEc2) -> None:
+    """Non-Nitro types (t2, m4, c4, r4...) refuse GetConsoleOutput with Latest=true: the buffered
+    output is read instead, and the launch goes on with the keys it publishes."""
+    vm = await driver.create(req("aws-n1", machine_type="t2.micro"))
+    moto.console = console_with_keys(PUBKEY)
+    moto.fail_if = lambda action, p: (
+        ("UnsupportedOperation", 400, "This instance type does not support retrieving the latest console logs.")
+        if action == "GetConsoleOutput" and p.get("Latest") == ["true"] else None)
+    assert await driver.host_keys("aws-n1") == [PUBKEY.rsplit(" ", 1)[0]]
+    calls = [p for a, p in moto.params if a == "GetConsoleOutput"]
+    assert [c.get("Latest") for c in calls] == [["true"], None] and calls[1]["InstanceId"] == [vm.cloud_id]
+
+
+async def reconciler_for(driver: AwsDriver, tmp_path: Path, store: Any) -> Any:
+    """A reconciler whose only provider is `driver` (SSH to a VM fails at once: no agent runs on moto)."""
+    from cloudtaskd.config import Config
+    from cloudtaskd.dispatch import Dispatcher
+    from cloudtaskd.orchestrator.reconciler import Reconciler
+    from cloudtaskd.pins import InstancePins
+    from cloudtaskd.providers.cloud import CloudProvider, CloudSettings
+
+    key = tmp_path / "id"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    provider = CloudProvider(driver, CloudSettings("t3.micro", REGION, False, 2, "ubuntu", key,
+                                                   ssh_address_override="127.0.0.1:1"), "daemon1",
+                             tmp_path, InstancePins(store), test_runtime())
+
+    async def no_ssh(*_: Any, **__: Any) -> Any:
+        raise OSError("no sshd on moto")
+
+    provider._connect = no_ssh  # type: ignore[method-assign]  # the agent stop is not under test
+    config = Config(state_dir=str(tmp_path))
+    return Reconciler(store, Dispatcher(store, config), [(provider, 5)], config, "ws://x")
+
+
+async def test_a_vm_with_only_the_daemon_tag_is_listed_and_terminated(driver: AwsDriver, tmp_path: Path) -> None:
+    """A VM carrying the daemon's tag but no instance id (tagging never happened: the race, or a
+    crash in between) is listed under its cloud id and terminated by the reconciler, unless a
+    launch of this process is in flight (it may be that launch's, about to be tagged)."""
+    from cloudtaskd.store import Store
+
+    ec2 = await driver._client()
+    made = await ec2.run_instances(ImageId=driver.image, InstanceType="t3.micro", MinCount=1, MaxCount=1,
+                                   TagSpecifications=[{"ResourceType": "instance", "Tags": [
+                                       {"Key": TAG_DAEMON, "Value": "daemon1"}]}])
+    cloud_id = made["Instances"][0]["InstanceId"]
+    assert [(v.instance_id, v.cloud_id) for v in await driver.list()] == [("", cloud_id)]
+    store = Store(tmp_path / "db.sqlite")
+    await store.open()
+    try:
+        reconciler = await reconciler_for(driver, tmp_path, store)
+        listed = await reconciler.providers["aws"].list_instances()
+        assert [(c.instance_id, c.anonymous) for c in listed] == [(cloud_id, True)]
+        reconciler._launching.add("aws-inflight")
+        await reconciler.sync(now=1e9)
+        assert (await describe(driver, cloud_id))["State"]["Name"] == "running"  # maybe that launch's
+        reconciler._launching.clear()
+        await reconciler.sync(now=1e9)
+        assert (await describe(driver, cloud_id))["State"]["Name"] == "terminated"
+        assert await driver.list() == []
+    finally:
+        await store.close()
+
+
+async def test_a_launch_cut_by_a_crash_does_not_stay_pending(driver: AwsDriver, tmp_path: Path) -> None:
+    """The daemon died between recording a launch (a PENDING row) and the provider's answer: the
+    next sync ends the row with a reason, and terminates the VM the cloud made for it, if any."""
+    from cloudtaskd.store import Store
+
+    made = await driver.create(req("aws-crash1"))  # the provider got as far as making the VM
+    store = Store(tmp_path / "db.sqlite")
+    await store.open()
+    try:
+        for inst in ("aws-crash1", "aws-crash2"):  # aws-crash2: the crash came before RunInstances
+            await store.write(lambda tx, inst=inst: tx.db.execute(
+                "INSERT INTO instances (id, provider, pool_id, state, slots, token_hash, created_at,"
+                " state_changed_at) VALUES (?, 'aws', NULL, 'pending', 2, 'x', 0, ?)", (inst, tx.now)))
+        reconciler = await reconciler_for(driver, tmp_path, store)
+        await reconciler.sync(now=1e9)
+        rows = {r["id"]: r for r in await store.fetchall("SELECT id, state, last_error FROM instances")}
+        assert {i: r["state"] for i, r in rows.items()} == {"aws-crash1": "stopped", "aws-crash2": "stopped"}
+        assert "daemon stopped during its launch" in rows["aws-crash1"]["last_error"]
+        assert "terminated" in rows["aws-crash1"]["last_error"]
+        assert "before the provider reported a VM" in rows["aws-crash2"]["last_error"]
+        assert (await describe(driver, made.cloud_id))["State"]["Name"] == "terminated"
+    finally:
+        await store.close()
+
+
+async def test_a_launch_in_flight_is_not_taken_for_a_crashed_one(driver: AwsDriver, tmp_path: Path) -> None:
+    from cloudtaskd.store import Store
+
+    await driver.create(req("aws-busy"))
+    store = Store(tmp_path / "db.sqlite")
+    await store.open()
+    try:
+        await store.write(lambda tx: tx.db.execute(
+            "INSERT INTO instances (id, provider, pool_id, state, slots, token_hash, created_at,"
+            " state_changed_at) VALUES ('aws-busy', 'aws', NULL, 'pending', 2, 'x', 0, ?)", (tx.now,)))
+        reconciler = await reconciler_for(driver, tmp_path, store)
+        reconciler._launching.add("aws-busy")
+        await reconciler.sync(now=1e9)
+        row = await store.fetchone("SELECT state FROM instances WHERE id = 'aws-busy'")
+        assert row is not None and row["state"] == "pending"
+        assert [v.instance_id for v in await driver.list()] == ["aws-busy"]
+    finally:
+        await store.close()
+
+
+NO_DEFAULT_VPC = ("VPCIdNotSpecified", 400, "No default VPC for this user")
+
+
+def no_default_vpc(action: str, p: dict[str, list[str]]) -> tuple[str, int, str] | None:
+    """EC2 in a region where this account has no default VPC: what needs one is refused."""
+    if action == "CreateSecurityGroup" and "VpcId" not in p:
+        return NO_DEFAULT_VPC
+    if action == "RunInstances" and "SubnetId" not in p and "NetworkInterface.1.SubnetId" not in p:
+        return NO_DEFAULT_VPC
+    return None
+
+
+async def test_no_default_vpc_is_an_error_naming_the_keys_to_set(driver: AwsDriver, moto: MotoEc2) -> None:
+    from cloudtaskd.errors import InvalidRequest
+
+    moto.fail_if = no_default_vpc
+    with pytest.raises(InvalidRequest, match="VPCIdNotSpecified") as info:
+        await driver.create(req("aws-v1"))
+    assert "providers.aws.subnet_id" in str(info.value) and "providers.aws.security_group_id" in str(info.value)
+    # A group of one's own, still no subnet: RunInstances is refused the same way, as clearly.
+    driver.security_group_id = "sg-12345678"
+    with pytest.raises(InvalidRequest, match=r"VPCIdNotSpecified.*providers\.aws\.subnet_id"):
+        await driver.create(req("aws-v2"))
+
+
+async def test_subnet_id_and_security_group_id_place_the_vm(driver: AwsDriver, moto: MotoEc2) -> None:
+    """Without a default VPC, subnet_id is enough: the SSH group is made in the subnet's VPC and the
+    VM gets a public address there; security_group_id replaces the group the daemon would make."""
+    ec2 = await driver._client()
+    vpc = (await ec2.create_vpc(CidrBlock="10.7.0.0/16"))["Vpc"]["VpcId"]
+    subnet = (await ec2.create_subnet(VpcId=vpc, CidrBlock="10.7.1.0/24"))["Subnet"]["SubnetId"]
+    moto.fail_if = no_default_vpc
+    driver.subnet_id = subnet
+    vm = await driver.create(req("aws-w1"))
+    inst = await describe(driver, vm.cloud_id)
+    assert inst["SubnetId"] == subnet and inst["VpcId"] == vpc and inst.get("PublicIpAddress")
+    groups = (await ec2.describe_security_groups(Filters=[{"Name": "vpc-id", "Values": [vpc]}]))["SecurityGroups"]
+    made = [g for g in groups if g["GroupName"] == "cloudtask-ssh-daemon1"]
+    assert made
+    run = [p for a, p in moto.params if a == "RunInstances"][-1]
+    assert run["NetworkInterface.1.SubnetId"] == [subnet]
+    assert run["NetworkInterface.1.SecurityGroupId.1"] == [made[0]["GroupId"]]
+    assert run["NetworkInterface.1.AssociatePublicIpAddress"] == ["true"]
+
+    own = (await ec2.create_security_group(GroupName="mine", Description="ssh", VpcId=vpc))["GroupId"]
+    other = AwsDriver(REGION, "daemon9", endpoint_url=moto.url, max_attempts=1, image=driver.image,
+                      subnet_id=subnet, security_group_id=own)
+    try:
+        before = moto.calls["CreateSecurityGroup"]
+        await other.create(CreateRequest("aws-w2", "daemon9", "t3.micro", REGION, False, "u", PUBKEY))
+        assert moto.calls["CreateSecurityGroup"] == before
+        run = [p for a, p in moto.params if a == "RunInstances"][-1]
+        assert run["NetworkInterface.1.SecurityGroupId.1"] == [own]
+    finally:
+        await other.close()

@@ -120,6 +120,12 @@ ERRORS = [
      "required when providers.aws.enabled is true"),
     ("providers:\n  aws:\n    enabled: true\n    access_key: AKIAEXAMPLEEXAMPLE\n", "providers.aws.secret_key",
      "required with providers.aws.access_key"),
+    ("providers:\n  aws:\n    enabled: true\n    subnet_id: vpc-0abc\n", "providers.aws.subnet_id",
+     "expected a subnet id (subnet-...), got 'vpc-0abc'"),
+    ("providers:\n  aws:\n    enabled: true\n    subnet_id: subnet-0abc\n    zones: [us-east-1b]\n",
+     "providers.aws.zones", "a subnet lies in one zone"),
+    ("providers:\n  aws:\n    enabled: true\n    security_group_id: cloudtask-ssh\n", "providers.aws.security_group_id",
+     "expected a security group id (sg-...)"),
     ("providers:\n  gcp:\n    enabled: true\n", "providers.gcp.project_id", "required when providers.gcp.enabled"),
     ("providers:\n  azure:\n    enabled: true\n", "providers.azure.subscription_id", "required when"),
     ("providers:\n  azure:\n    enabled: true\n    subscription_id: s\n    tenant_id: t\n",
@@ -146,6 +152,8 @@ def test_errors_name_file_and_key(tmp_path: Path, text: str | bytes, key: str, e
     "providers:\n  aws:\n    access_key: x\n",  # a disabled cloud's keys are not checked together
     "api:\n  listen: '[::1]:0'\n  token: 0123456789abcdef\n",
     "providers:\n  gcp:\n    enabled: true\n    project_id: p\n",
+    "providers:\n  aws:\n    enabled: true\n    subnet_id: subnet-0abc\n    security_group_id: sg-0abc\n",
+    "providers:\n  aws:\n    enabled: true\n    subnet_id: subnet-0abc\n",  # the SSH group is made in its VPC
 ])
 def test_configs_that_load(tmp_path: Path, text: str) -> None:
     config = load_config(write(tmp_path, text))

@@ -163,7 +163,10 @@ class Reconciler:
             inst, state = row["id"], InstanceState(row["state"])
             known.add(inst)
             present = inst in cloud
-            if state == InstanceState.PENDING or inst in self._launching:
+            if inst in self._launching:
+                continue
+            if state == InstanceState.PENDING:
+                await self._abandoned_launch(provider, inst, made=present)
                 continue
             if state == InstanceState.STOPPING:
                 await self._terminate(inst)
@@ -222,12 +225,42 @@ class Reconciler:
                                  + self._output(inst))
                 self._start_failed(row["pool_id"], now, provider.name, "StartTimeout")
                 await self._terminate(inst)
+        launching_here = any(i.startswith(f"{provider.name}-") for i in self._launching)
         for inst in cloud.keys() - known:
             if inst in self._launching:
                 continue
-            # Tagged as ours but with no live row: left over from a crash. Never leave it running.
-            log.warning("leaked_instance_terminated", instance=inst, provider=provider.name)
-            await provider.terminate(inst)
+            if cloud[inst].anonymous and launching_here:
+                # Ours but not yet named: possibly a launch of this process between making the VM
+                # and tagging it. Once no launch is in flight, an anonymous VM is a leak.
+                continue
+            # Tagged as ours but with no live row (left over from a crash), or with no instance id
+            # at all (its tagging never happened): never leave it running.
+            log.warning("leaked_instance_terminated", instance=inst, provider=provider.name,
+                        cloud_id=cloud[inst].cloud_id)
+            try:
+                await provider.terminate(inst)
+            except Exception as exc:  # the next sync lists it again and retries; the others go on
+                log.warning("leaked_instance_terminate_failed", instance=inst, provider=provider.name,
+                            error=redact(str(exc)))
+
+    async def _abandoned_launch(self, provider: Provider, inst: str, *, made: bool) -> None:
+        """A PENDING row that no launch of this process is making: the daemon died between recording
+        the launch and hearing the provider's answer. It is not adopted: its agent token exists only
+        as a hash and how far the bootstrap went is unknown. The row ends with the reason, and what
+        the provider made for it is terminated. A VM the provider lists only later (clouds are
+        eventually consistent) then has no live row, and a later sync terminates it as leaked."""
+        error = ("the daemon stopped during its launch; the VM the provider had made for it is terminated" if made
+                 else "the daemon stopped during its launch, before the provider reported a VM for it")
+        if not await self._move(inst, InstanceEvent.LAUNCH_FAILED, error=error):
+            return  # a launch finished meanwhile: the row is no longer PENDING, and is its own
+        log.warning("abandoned_launch_ended", instance=inst, provider=provider.name, vm_found=made)
+        if made:
+            try:
+                with structlog.contextvars.bound_contextvars(instance=inst, provider=provider.name):
+                    await provider.terminate(inst)
+            except Exception as exc:  # the row is STOPPED: the next sync retries it as a leak
+                log.warning("leaked_instance_terminate_failed", instance=inst, provider=provider.name,
+                            error=redact(str(exc)))
 
     async def _interrupted(self, inst: str, *, noticed: bool) -> None:
         """A spot instance is gone (the cloud took it, with or without a notice first): what it still
@@ -474,9 +507,9 @@ class Reconciler:
 
     async def abandon_launches(self) -> int:
         """After the reconciler's task is cancelled: a launch it was making when the daemon stopped
-        is recorded as failed. Its row would otherwise stay PENDING for ever (sync skips PENDING rows,
-        and so would never terminate what the provider made); STOPPED, whatever the provider made
-        still carries our tag, so the next daemon terminates it as leaked."""
+        is recorded as failed at once (after a crash, the next daemon's first sync does the same:
+        `_abandoned_launch`). STOPPED, whatever the provider made still carries our tag, so the
+        next daemon terminates it as leaked."""
         rows = await self.store.fetchall("SELECT id FROM instances WHERE state = 'pending'")
         for r in rows:
             await self._move(r["id"], InstanceEvent.LAUNCH_FAILED, error="the daemon stopped during the launch")

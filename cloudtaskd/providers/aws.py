@@ -4,9 +4,17 @@ Credentials: `access_key`/`secret_key` from the config, else the standard AWS ch
 variables, shared files, instance roles). `endpoint_url` points every call at an emulator.
 
 Batching: creates that arrive within BATCH_WINDOW_S for the same (type, zone, market) go out as
-one RunInstances with Min/MaxCount = n; each instance is then tagged with its own cloudtask
-instance id. A crash between the two leaves instances with only the daemon tag, which the
-reconciler terminates as unknown: a batch can leak nothing.
+one RunInstances with Min/MaxCount = n. Every instance and its volumes get the daemon's tag in the
+RunInstances call itself (TagSpecifications). A batch of one gets its cloudtask instance id there
+too; in a larger batch each instance is then tagged with its own id by CreateTags, retried while
+EC2 does not know the new instance yet (`InvalidInstanceID.NotFound`: its API is eventually
+consistent). An instance that could not be tagged is terminated at once; a crash in between
+leaves it with only the daemon tag, and `list` reports it under its cloud id (i-...), which
+`get`/`delete` accept, so the reconciler terminates it as unknown: a batch can leak nothing.
+
+Networking: the region's default VPC, unless `subnet_id` is set (then the VM gets a public address
+in that subnet and the SSH group is made in its VPC) or `security_group_id` names a group of one's
+own. A region without a default VPC fails with an error naming both keys.
 """
 
 from __future__ import annotations
@@ -36,6 +44,11 @@ log = structlog.get_logger("cloudtaskd.providers.aws")
 
 BATCH_WINDOW_S = 0.05
 LAUNCH_RETRY_S = 0.5  # first pause before retrying a transient RunInstances failure (then doubling)
+# CreateTags on an instance RunInstances has just returned can meet EC2's eventual consistency:
+# retried on InvalidInstanceID.NotFound, pausing TAG_RETRY_S doubling, TAG_ATTEMPTS calls in all
+# (about 15 s, past the few seconds AWS documents for a new id to propagate).
+TAG_RETRY_S = 0.25
+TAG_ATTEMPTS = 7
 UBUNTU_OWNER = "099720109477"  # Canonical
 UBUNTU_IMAGE_NAME = "ubuntu/images/hvm-ssd*/ubuntu-jammy-22.04-amd64-server-*"
 SECURITY_GROUP = "cloudtask-ssh"
@@ -59,6 +72,14 @@ AUTH_CODES = {"AuthFailure", "UnauthorizedOperation", "InvalidClientTokenId", "S
               "OptInRequired", "Blocked", "ExpiredToken", "AccessDenied"}
 TRANSIENT_CODES = {"RequestLimitExceeded", "Throttling", "ThrottlingException", "InternalError", "ServiceUnavailable",
                    "Unavailable", "InternalFailure"}
+# What EC2 answers when a call needs a VPC and the region has no default one ("No default VPC for
+# this user"), or when the default VPC has no subnet (MissingInput: "No subnets found for the
+# default VPC ..."; MissingInput is also a generic code, so only with a message about a VPC/subnet).
+NO_VPC_CODES = {"VPCIdNotSpecified", "VPCResourceNotSpecified"}
+NO_VPC_ADVICE = ("the region has no default VPC (or it has no subnet) for this account: set providers.aws.subnet_id "
+                 "(a subnet to start VMs in) and, if you keep your own rules, providers.aws.security_group_id "
+                 "(a group in that subnet's VPC allowing SSH from this host)")
+NOT_FOUND_CODE = "InvalidInstanceID.NotFound"
 
 
 def classify(exc: BaseException, op: str) -> ProviderError:
@@ -84,6 +105,8 @@ def classify(exc: BaseException, op: str) -> ProviderError:
         code, message = str(err.get("Code", "")), str(err.get("Message", ""))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
         text = f"{code}: {message}"
+        if code in NO_VPC_CODES or (code == "MissingInput" and ("VPC" in message or "subnet" in message)):
+            return InvalidRequest("aws", op, f"{text}: {NO_VPC_ADVICE}")
         if code in CAPACITY_CODES:
             return CapacityError("aws", op, text)
         if code in QUOTA_CODES:
@@ -106,11 +129,14 @@ class AwsDriver:
     name = "aws"
 
     def __init__(self, region: str, daemon_id: str, *, access_key: str | None = None, secret_key: str | None = None,
-                 endpoint_url: str | None = None, max_attempts: int = 5, image: str | None = None) -> None:
+                 endpoint_url: str | None = None, max_attempts: int = 5, image: str | None = None,
+                 subnet_id: str | None = None, security_group_id: str | None = None) -> None:
         self.region = region
         self.daemon_id = daemon_id
         self.endpoint_url = endpoint_url or None
         self.image = image
+        self.subnet_id = subnet_id or None  # None: the region's default VPC
+        self.security_group_id = security_group_id or None  # None: one made per daemon (SSH in)
         self._creds = {"aws_access_key_id": access_key, "aws_secret_access_key": secret_key} if access_key else {}
         self._max_attempts = max_attempts
         self._stack: AsyncExitStack | None = None
@@ -177,7 +203,7 @@ class AwsDriver:
                 try:
                     image = req.image or self.image or await self._ubuntu_image(ec2)
                     key_name = await self._key_pair(ec2, req.ssh_public_key)
-                    group = await self._security_group(ec2)
+                    group = self.security_group_id or await self._security_group(ec2)
                 except Exception as exc:
                     raise classify(exc, "prepare") from exc
                 self._setup = (image, key_name, group)
@@ -201,13 +227,20 @@ class AwsDriver:
         return name
 
     async def _security_group(self, ec2: Any) -> str:
+        """The daemon's SSH group: in the default VPC, or in subnet_id's VPC (a group belongs to one VPC)."""
         name = f"{SECURITY_GROUP}-{self.daemon_id}"
-        found = await ec2.describe_security_groups(Filters=[{"Name": "group-name", "Values": [name]}])
+        filters = [{"Name": "group-name", "Values": [name]}]
+        vpc: dict[str, str] = {}
+        if self.subnet_id:
+            subnets = await ec2.describe_subnets(SubnetIds=[self.subnet_id])
+            vpc = {"VpcId": str(subnets["Subnets"][0]["VpcId"])}
+            filters.append({"Name": "vpc-id", "Values": [vpc["VpcId"]]})
+        found = await ec2.describe_security_groups(Filters=filters)
         if found.get("SecurityGroups"):
             return str(found["SecurityGroups"][0]["GroupId"])
         made = await ec2.create_security_group(GroupName=name, Description="cloudtask: SSH from the control host",
                                                TagSpecifications=[{"ResourceType": "security-group", "Tags": [
-                                                   {"Key": TAG_DAEMON, "Value": self.daemon_id}]}])
+                                                   {"Key": TAG_DAEMON, "Value": self.daemon_id}]}], **vpc)
         group = str(made["GroupId"])
         await ec2.authorize_security_group_ingress(GroupId=group, IpPermissions=[{
             "IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}])
@@ -234,49 +267,94 @@ class AwsDriver:
         if not batch.requests:
             return
         try:
-            vms = await self._run_batch(batch.requests)
+            outcomes = await self._run_batch(batch.requests)
         except Exception as exc:
             err = classify(exc, "launch")
             for f in batch.futures:
                 if not f.done():
                     f.set_exception(err)
             return
-        for f, vm in zip(batch.futures, vms, strict=True):
-            if not f.done():
-                f.set_result(vm)
+        for f, outcome in zip(batch.futures, outcomes, strict=True):
+            if f.done():
+                continue
+            if isinstance(outcome, ProviderError):
+                f.set_exception(outcome)
+            else:
+                f.set_result(outcome)
 
-    async def _run_batch(self, reqs: list[CreateRequest]) -> list[CloudVm]:
+    async def _run_batch(self, reqs: list[CreateRequest]) -> builtins.list[CloudVm | ProviderError]:
+        """One RunInstances for the batch; per request its VM, or why it has none."""
         first = reqs[0]
         image, key_name, group = await self._prepare(first)
-        ec2 = await self._client()
         n = len(reqs)
+        ours = [{"Key": TAG_DAEMON, "Value": self.daemon_id}]
+        if n == 1:  # tagged with its instance id as it is made: nothing can see it untagged
+            ours.append({"Key": TAG_INSTANCE, "Value": first.instance_id})
         params: dict[str, Any] = {
             "ImageId": image, "InstanceType": first.machine_type, "MinCount": n, "MaxCount": n,
-            "KeyName": key_name, "SecurityGroupIds": [group],
+            "KeyName": key_name,
             # Same ids, same token: a retried call (after a timeout) does not launch twice.
             "ClientToken": hashlib.sha256(",".join(sorted(r.instance_id for r in reqs)).encode()).hexdigest()[:64],
-            "TagSpecifications": [{"ResourceType": "instance", "Tags": [
-                {"Key": TAG_DAEMON, "Value": self.daemon_id}, {"Key": "Name", "Value": "cloudtask"}]}],
+            "TagSpecifications": [{"ResourceType": "instance", "Tags": [*ours, {"Key": "Name", "Value": "cloudtask"}]},
+                                  {"ResourceType": "volume", "Tags": ours}],
         }
-        if first.zone and first.zone != self.region:
+        if self.subnet_id:
+            # A subnet of one's own often does not map public addresses on launch; the daemon
+            # reaches the VM over SSH at its public address, so it asks for one.
+            params["NetworkInterfaces"] = [{"DeviceIndex": 0, "SubnetId": self.subnet_id, "Groups": [group],
+                                            "AssociatePublicIpAddress": True}]
+        else:
+            params["SecurityGroupIds"] = [group]
+        if first.zone and first.zone != self.region and not self.subnet_id:  # a subnet has its own zone
             params["Placement"] = {"AvailabilityZone": first.zone}
         if first.spot:
             params["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": {
                 "SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}}
         out = await self._run_instances(params)
         instances = out.get("Instances", [])
-        vms = []
-        for req, inst in zip(reqs, instances, strict=False):
+        if len(instances) != n:
+            await self._terminate_quietly([str(i["InstanceId"]) for i in instances])
+            raise CapacityError("aws", "launch", f"asked for {n} instances, got {len(instances)}")
+        if n == 1:
+            outcomes: builtins.list[CloudVm | ProviderError] = [self._vm(instances[0], first.instance_id)]
+        else:
+            outcomes = list(await asyncio.gather(*(self._tag(inst, req) for req, inst in zip(reqs, instances,
+                                                                                            strict=True))))
+            untagged = [str(inst["InstanceId"]) for inst, o in zip(instances, outcomes, strict=True)
+                        if isinstance(o, ProviderError)]
+            await self._terminate_quietly(untagged)  # never left running without its instance id
+        launched = sum(not isinstance(o, ProviderError) for o in outcomes)
+        log.info("aws_instances_launched", count=launched, type=first.machine_type, zone=first.zone, spot=first.spot)
+        return outcomes
+
+    async def _tag(self, inst: dict[str, Any], req: CreateRequest) -> CloudVm | ProviderError:
+        """Tag a just-made instance with its instance id, retrying while EC2 does not know it yet."""
+        ec2 = await self._client()
+        delay = TAG_RETRY_S
+        for attempt in range(1, TAG_ATTEMPTS + 1):
             try:
-                await ec2.create_tags(Resources=[inst["InstanceId"]], Tags=[{"Key": TAG_INSTANCE,
-                                                                             "Value": req.instance_id}])
+                await ec2.create_tags(Resources=[inst["InstanceId"]],
+                                      Tags=[{"Key": TAG_INSTANCE, "Value": req.instance_id}])
+                return self._vm(inst, req.instance_id)
             except Exception as exc:
-                raise classify(exc, "tag") from exc
-            vms.append(self._vm(inst, req.instance_id))
-        if len(vms) != n:
-            raise CapacityError("aws", "launch", f"asked for {n} instances, got {len(vms)}")
-        log.info("aws_instances_launched", count=n, type=first.machine_type, zone=first.zone, spot=first.spot)
-        return vms
+                err = classify(exc, "tag")
+                code = _error_code(exc)
+                if attempt == TAG_ATTEMPTS or not (code == NOT_FOUND_CODE or isinstance(err, TransientProviderError)):
+                    log.warning("aws_tag_failed", cloud_id=inst["InstanceId"], instance=req.instance_id,
+                                attempts=attempt, error=str(err))
+                    return err
+                await asyncio.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    async def _terminate_quietly(self, cloud_ids: builtins.list[str]) -> None:
+        """Best effort: what this fails to end carries our daemon tag, and the reconciler ends it."""
+        if not cloud_ids:
+            return
+        try:
+            await (await self._client()).terminate_instances(InstanceIds=cloud_ids)
+        except Exception as exc:
+            log.warning("aws_terminate_failed", cloud_ids=cloud_ids, error=str(classify(exc, "terminate")))
 
     def _vm(self, inst: dict[str, Any], instance_id: str | None = None) -> CloudVm:
         tags = {t["Key"]: t["Value"] for t in inst.get("Tags", [])}
@@ -306,14 +384,14 @@ class AwsDriver:
         return vms
 
     async def get(self, instance_id: str) -> CloudVm | None:
-        found = await self._describe([{"Name": f"tag:{TAG_INSTANCE}", "Values": [instance_id]}])
+        found = await self._describe(_id_filter(instance_id))
         return found[0] if found else None
 
     async def list(self) -> list[CloudVm]:
         return await self._describe([])
 
     async def delete(self, instance_id: str) -> None:
-        found = await self._describe([{"Name": f"tag:{TAG_INSTANCE}", "Values": [instance_id]}])
+        found = await self._describe(_id_filter(instance_id))
         if not found:
             return
         ec2 = await self._client()
@@ -331,10 +409,32 @@ class AwsDriver:
             return []
         ec2 = await self._client()
         try:
-            out = await ec2.get_console_output(InstanceId=vm.cloud_id, Latest=True)
+            try:
+                out = await ec2.get_console_output(InstanceId=vm.cloud_id, Latest=True)
+            except Exception as exc:
+                # Latest (the live serial output, at once) exists only on Nitro types; older ones
+                # (t2, m4, c4, r4, ...) refuse it as a bad request (UnsupportedOperation). Their
+                # buffered output, posted a few minutes after boot, holds the same keys.
+                if not isinstance(classify(exc, "describe"), InvalidRequest):
+                    raise
+                log.info("aws_console_latest_refused", instance=instance_id, error=_error_code(exc))
+                out = await ec2.get_console_output(InstanceId=vm.cloud_id)
         except Exception as exc:
             raise classify(exc, "describe") from exc
         return console_host_keys(str(out.get("Output") or ""))
+
+
+def _error_code(exc: BaseException) -> str:
+    response = getattr(exc, "response", None)
+    return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
+
+
+def _id_filter(instance_id: str) -> list[dict[str, Any]]:
+    """Find a VM by our instance id (its tag), or by its EC2 id (i-...) when it never got that tag.
+    Ours are `aws-<hex>`, so the two never collide; either way only the daemon's tagged VMs match."""
+    if instance_id.startswith("i-"):
+        return [{"Name": "instance-id", "Values": [instance_id]}]
+    return [{"Name": f"tag:{TAG_INSTANCE}", "Values": [instance_id]}]
 
 
 def console_host_keys(output: str) -> list[str]:

@@ -74,6 +74,9 @@ class CloudInstance:
     cloud_id: str
     running: bool = True
     address: str | None = None
+    # Carries the daemon's tag but no instance id (instance_id is then the cloud id): a launch in
+    # flight between making the VM and tagging it, or one a crash cut there. Never a record's.
+    anonymous: bool = False
 
 
 class Provider(Protocol):

@@ -55,7 +55,7 @@ class CreateRequest:
 
 @dataclass(frozen=True, slots=True)
 class CloudVm:
-    instance_id: str
+    instance_id: str  # "": the VM carries the daemon's tag but not (yet) an instance id
     cloud_id: str
     state: str  # one of VM_STATES
     public_ip: str | None = None
@@ -71,14 +71,18 @@ class CloudDriver(Protocol):
         """Create one VM; idempotent by req.instance_id (a repeat returns the existing VM)."""
         ...
 
-    async def get(self, instance_id: str) -> CloudVm | None: ...
+    async def get(self, instance_id: str) -> CloudVm | None:
+        """By our instance id; a driver whose VMs can lack it (see `list`) also by the VM's cloud_id."""
+        ...
 
     async def delete(self, instance_id: str) -> None:
-        """Delete the VM and what was made for it (NIC, IP, disk); idempotent."""
+        """Delete the VM and what was made for it (NIC, IP, disk); idempotent. Accepts what `get` does."""
         ...
 
     async def list(self) -> list[CloudVm]:
-        """Every non-terminated VM tagged with this daemon's id."""
+        """Every non-terminated VM tagged with this daemon's id, including any without an instance
+        id (instance_id "": a launch between making the VM and tagging it, or one that crashed
+        there). Those are reported, never hidden: nothing else would ever terminate them."""
         ...
 
     async def close(self) -> None: ...
@@ -226,7 +230,8 @@ class CloudProvider:
 
     async def terminate(self, instance_id: str) -> None:
         vm = await self.driver.get(instance_id)
-        if vm is not None and vm.state == "running":
+        # A VM that never got its instance id was never bootstrapped: there is no agent to stop.
+        if vm is not None and vm.state == "running" and vm.instance_id:
             try:  # let the agent drain and go before the machine does
                 conn = await self._connect(vm, wait_s=10)
                 async with conn:
@@ -238,8 +243,10 @@ class CloudProvider:
         await self.driver.delete(instance_id)
 
     async def list_instances(self) -> list[CloudInstance]:
-        return [CloudInstance(vm.instance_id, vm.cloud_id, running=vm.state in ("pending", "running"),
-                              address=vm.public_ip) for vm in await self.driver.list()]
+        # A VM with our daemon's tag but no instance id is listed under its cloud id (which the
+        # driver's get/delete accept), so the reconciler sees it as unknown and terminates it.
+        return [CloudInstance(vm.instance_id or vm.cloud_id, vm.cloud_id, running=vm.state in ("pending", "running"),
+                              address=vm.public_ip, anonymous=not vm.instance_id) for vm in await self.driver.list()]
 
     def output_tail(self, instance_id: str) -> str | None:
         return BootstrapLog(self.logs / instance_id / "bootstrap.log").tail()
