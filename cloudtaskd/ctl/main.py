@@ -1,7 +1,8 @@
 """cloudtaskctl's entry point: arguments, config, and one place that turns errors into exit statuses.
 
 Exit statuses: 0 all succeeded / done, 1 a job ended with tasks that did not succeed, 2 bad input
-(arguments, config, worker, task file), 3 daemon unavailable or any other failure, 130 interrupted.
+(arguments, config, worker, task file), 3 daemon unavailable or any other failure, 4 the job was
+paused because no instance can start for it (launches fail the same way every time), 130 interrupted.
 """
 
 from __future__ import annotations

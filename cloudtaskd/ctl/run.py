@@ -218,10 +218,12 @@ async def _run(ctx: Ctx, args: argparse.Namespace, state: _RunState) -> int:
     with tempfile.TemporaryDirectory(prefix="cloudtaskctl-") as tmp:
         bundle = await _prepare_worker(args, Path(tmp))
         api = await _connect(ctx, state)
+        # Taken before the job exists: a launch that fails while the tasks upload is shown too.
+        failures_after = int((await api.events_page(tail=1))["next"])
         job, accepted = await _submit(ctx, api, args, tasks, bundle, state)
     if not ctx.json:
         ctx.note(f"job {job['id']}: {accepted} tasks queued")
-    job = await follow_job(api, job["id"], ProgressDisplay(ctx.err))
+    job = await follow_job(api, job["id"], ProgressDisplay(ctx.err), failures_after=failures_after)
     written = await _write_results(api, job["id"], results)
     elapsed_s = time.monotonic() - state.started_at
     if ctx.json:
