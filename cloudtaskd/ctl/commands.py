@@ -13,6 +13,7 @@ from agent import jsonx
 from cloudtaskd.ctl.client import ApiClient
 from cloudtaskd.ctl.output import Ctx, ago, json_line, printable, shorten, table
 from cloudtaskd.ctl.progress import ProgressDisplay, format_duration, format_progress, format_rate
+from cloudtaskd.errors import NotFound
 from cloudtaskd.orchestrator.failures import key_line
 
 EXIT_OK = 0
@@ -68,18 +69,28 @@ class FailureFeed:
         self.job_id = job_id
         self.cursor = after
         self.next_read = 0.0
+        self.off = False
 
     async def poll(self, now: float) -> list[dict[str, Any]]:
-        if now < self.next_read:
+        if self.off or now < self.next_read:
             return []
         self.next_read = now + FAILURES_POLL_S
-        if self.cursor is None:
-            self.cursor = int((await self.api.events_page(tail=1))["next"])
+        try:
+            if self.cursor is None:
+                self.cursor = await events_cursor(self.api)
+                return []
+            page = await self.api.events_page(after=self.cursor, limit=EVENTS_PAGE, job_id=self.job_id,
+                                              kinds=FAILURE_KINDS)
+        except NotFound:
+            self.off = True  # a daemon without an events API: the progress bar alone, as before
             return []
-        page = await self.api.events_page(after=self.cursor, limit=EVENTS_PAGE, job_id=self.job_id,
-                                          kinds=FAILURE_KINDS)
         self.cursor = int(page["next"])
         return list(page["events"])
+
+
+async def events_cursor(api: ApiClient) -> int:
+    """The cursor past every event recorded so far."""
+    return int((await api.events_page(tail=1))["next"])
 
 
 async def follow_job(api: ApiClient, job_id: int, display: ProgressDisplay | None,
