@@ -385,10 +385,16 @@ class AwsDriver:
                 out.append(CheckResult("aws", f"image {self.image}", "ok", str(images[0].get("Name", ""))))
             else:
                 out.append(CheckResult("aws", "image", "ok", f"Ubuntu 22.04: {await self._ubuntu_image(ec2)}"))
+        except InvalidRequest as exc:
+            out.append(CheckResult("aws", f"image {self.image or '(Ubuntu 22.04)'}", "FAIL",
+                                   f"{exc}: set providers.aws.image to an AMI id that exists in {self.region}"))
         except Exception as exc:
-            out.append(fail(f"image {self.image or '(Ubuntu 22.04)'}", exc,
-                            f"set providers.aws.image to an AMI id that exists in {self.region}"))
-        name = f"{SECURITY_GROUP}-{self.daemon_id}"
+            if "InvalidAMIID" not in str(exc):
+                out.append(fail(f"image {self.image}", exc, "allow ec2:DescribeImages"))
+            else:
+                out.append(CheckResult("aws", f"image {self.image}", "FAIL", f"no such image in {self.region}:"
+                                       " set providers.aws.image to an AMI id that exists there"))
+        name = f"{SECURITY_GROUP}-<daemon id>"
         try:
             groups = (await ec2.describe_security_groups(
                 Filters=[{"Name": "group-name", "Values": [f"{SECURITY_GROUP}-*"]}])).get("SecurityGroups", [])
