@@ -620,6 +620,7 @@ def _job_dict(row: sqlite3.Row, recent: tuple[int, float | None], instances: int
         "instances": instances, "max_attempts": row["max_attempts"], "timeout_s": row["timeout_s"],
         "max_instances": row["max_instances"], "policy": json.loads(row["policy"] or "{}"),
         "max_total_cost": row["max_total_cost"], "state_reason": row["state_reason"],
+        "pause_cause": row["pause_cause"],
     }
 
 

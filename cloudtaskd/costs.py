@@ -88,7 +88,8 @@ def pause_over_budget(tx: Tx, horizon_s: float) -> list[tuple[int, int, str]]:
             continue
         message = (f"paused: ${spent:.4f} spent of max_total_cost ${cap:.4f} (at ${rate:.4f}/h it would pass it"
                    f" within {horizon_s:.0f} s); raise it to go on: cloudtaskctl resume {job_id} --max-total-cost USD")
-        tx.db.execute("UPDATE jobs SET state = 'paused', state_reason = ? WHERE id = ? AND state = 'active'",
+        tx.db.execute("UPDATE jobs SET state = 'paused', state_reason = ?, pause_cause = 'budget'"
+                      " WHERE id = ? AND state = 'active'",
                       (message, job_id))
         tx.event("job_paused", job_id=job_id, detail=message)
         paused.append((job_id, pool_id, message))
@@ -108,6 +109,7 @@ def resume(tx: Tx, job_id: int, max_total_cost: float | None) -> None:
     if cap is not None and cap <= spent:
         raise BadInput(f"max_total_cost: ${cap:.4f} is not above the ${spent:.4f} already spent",
                        field="max_total_cost")
-    tx.db.execute("UPDATE jobs SET state = 'active', state_reason = NULL, max_total_cost = ? WHERE id = ?",
+    tx.db.execute("UPDATE jobs SET state = 'active', state_reason = NULL, pause_cause = NULL, max_total_cost = ?"
+                  " WHERE id = ?",
                   (cap, job_id))
     tx.event("job_resumed", job_id=job_id, detail=f"max_total_cost={cap}")

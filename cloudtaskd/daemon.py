@@ -370,6 +370,7 @@ class Daemon:
             self.api.bundles.config = config.workers
         if self.reconciler is not None:
             self.reconciler.config = config
+            self.reconciler.failures.clear()  # blocked launches get a fresh try with the new config
             for name in limits:
                 limit = getattr(getattr(config.providers, name, None), "max_instances", None)
                 if isinstance(limit, int):  # not ssh's: one instance per configured host

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import sqlite3
 import time
 from typing import Any
@@ -27,13 +28,15 @@ from cloudtaskd.store import Store
 EVENTS_LIMIT = 1000
 EVENTS_LIMIT_MAX = 10_000
 EVENTS_WAIT_MAX_S = 30.0  # a long poll answers within this, events or not
+EVENTS_KINDS_MAX = 20
+_KIND = re.compile(r"[a-z][a-z0-9_]{0,63}")
 STATUS_JOBS = 50
 STATUS_ERRORS = 20
 # The events the status page lists as errors. Migration 009 indexes exactly these kinds (a partial
 # index, so the newest few are found without a scan of millions of lease events); a kind added here
 # needs a migration that re-creates the index, or the query falls back to a scan.
 ERROR_KINDS = ("task_failed", "task_dead", "lease_expired", "lease_expired_dead", "instance_launch_failed",
-               "instance_start_failed", "instance_lost", "job_paused", "spot_interruption")
+               "instance_start_failed", "instance_lost", "job_paused", "spot_interruption", "offer_blocked")
 ERROR_KINDS_SQL = " OR ".join(f"kind = '{k}'" for k in ERROR_KINDS)  # as the index's WHERE, term for term
 
 
@@ -97,12 +100,22 @@ class ObserveApi:
         limit = _int(request, "limit", lo=1, hi=EVENTS_LIMIT_MAX) or EVENTS_LIMIT
         job = _int(request, "job", lo=0)
         instance = request.query.get("instance") or None
+        kinds = [k for k in (request.query.get("kind") or "").split(",") if k]
+        if any(not _KIND.fullmatch(k) for k in kinds) or len(kinds) > EVENTS_KINDS_MAX:
+            raise BadInput(f"query parameter kind must be up to {EVENTS_KINDS_MAX} event names (snake_case),"
+                           " comma-separated", field="kind")
         wait_s = _seconds(request, "wait") if tail is None else 0.0
         where = ""
         params: list[Any] = []
+        if kinds:
+            where += f" AND kind IN ({', '.join('?' * len(kinds))})"
+            params.extend(kinds)
         if job is not None:
-            where += " AND job_id = ?"
-            params.append(job)
+            # The job's own events, and those of the instances serving its worker (launched and
+            # failed for it): what a person following the job wants to see.
+            where += (" AND (job_id = ? OR instance_id IN"
+                      " (SELECT i.id FROM instances i JOIN jobs j ON j.pool_id = i.pool_id WHERE j.id = ?))")
+            params.extend((job, job))
         if instance is not None:
             where += " AND instance_id = ?"
             params.append(instance)

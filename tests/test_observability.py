@@ -387,7 +387,10 @@ async def test_events_after_and_instance_filters(daemon: tuple[Daemon, UnixApi])
     rc, out, err = await ctl(d, "events", "--job", str(job_id))  # the human form: one line per event
     assert rc == 0, err
     lines = out.splitlines()
-    assert len(lines) == 1 and "job_created" in lines[0] and f"job={job_id}" in lines[0] and '"filters"' in lines[0]
+    # The job's own events and those of the instances serving its worker (this registered one).
+    assert len(lines) == 2, lines
+    assert "job_created" in lines[0] and f"job={job_id}" in lines[0] and '"filters"' in lines[0]
+    assert "instance_registered" in lines[1] and f"instance={inst['id']}" in lines[1]
 
 
 async def test_a_long_poll_answers_when_an_event_is_recorded(daemon: tuple[Daemon, UnixApi]) -> None:

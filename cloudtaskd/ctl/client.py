@@ -372,10 +372,12 @@ class ApiClient:
 
     async def events_page(self, *, after: int | None = None, tail: int | None = None, limit: int | None = None,
                           job_id: int | None = None, instance: str | None = None,
-                          wait_s: float | None = None) -> dict[str, Any]:
+                          wait_s: float | None = None, kinds: tuple[str, ...] = ()) -> dict[str, Any]:
         """{"events": [...], "next": cursor}: events after a cursor (held up to wait_s for new ones),
-        or the newest `tail`."""
+        or the newest `tail`; only these `kinds` when given."""
         params = {k: str(v) for k, v in (("after", after), ("tail", tail), ("limit", limit), ("job", job_id),
                                          ("instance", instance), ("wait", wait_s)) if v is not None}
+        if kinds:
+            params["kind"] = ",".join(kinds)
         result: dict[str, Any] = await self._call("GET", "/v1/events", params=params)
         return result

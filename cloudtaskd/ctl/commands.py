@@ -13,9 +13,14 @@ from agent import jsonx
 from cloudtaskd.ctl.client import ApiClient
 from cloudtaskd.ctl.output import Ctx, ago, json_line, printable, shorten, table
 from cloudtaskd.ctl.progress import ProgressDisplay, format_duration, format_progress, format_rate
+from cloudtaskd.errors import NotFound
+from cloudtaskd.orchestrator.failures import key_line
 
 EXIT_OK = 0
 EXIT_INCOMPLETE = 1  # the job ended, but not every task succeeded
+# The job was paused because no instance can start for it: every offer's launches failed the same
+# way, again and again (a bad image, a missing package, refused credentials, a worker setup that fails).
+EXIT_BLOCKED = 4
 EXIT_REFRESH_FAILED = 3  # a provider's catalog could not be fetched (as main's EXIT_FAILED)
 
 TTY_POLL_S = 0.2  # matches the display's redraw rate: polling faster would not show anything more
@@ -23,6 +28,9 @@ PLAIN_POLL_S = 1.0
 EVENTS_WAIT_S = 25.0  # each long poll of `events --follow`; the daemon answers at once when one is recorded
 EVENTS_PAGE = 1000
 EVENTS_EMPTY_PAUSE_S = 0.5  # after an empty answer (a stopping daemon answers at once): never a busy loop
+# What `run` and `watch` print as it happens, above the progress bar.
+FAILURE_KINDS = ("instance_launch_failed", "instance_start_failed", "offer_blocked")
+FAILURES_POLL_S = 1.0
 
 
 def job_finished(job: dict[str, Any]) -> bool:
@@ -34,15 +42,73 @@ def job_finished(job: dict[str, Any]) -> bool:
 
 def job_exit_status(job: dict[str, Any]) -> int:
     counts = job["counts"]
+    if job.get("state") == "paused" and job.get("pause_cause") == "launch_failures" and not job.get("done"):
+        return EXIT_BLOCKED
     return EXIT_OK if counts.get("total") and counts.get("succeeded") == counts.get("total") else EXIT_INCOMPLETE
 
 
+def format_failure(e: dict[str, Any]) -> str:
+    """One line for a failed launch or start, or a blocked offer: the instance, its provider and
+    the reason's key line (the whole text is in `cloudtaskctl events` and `instances --logs`)."""
+    inst = str(e.get("instance_id") or "")
+    reason = key_line(e.get("detail"))
+    if e["kind"] == "offer_blocked":
+        text = f"launches stopped: {' '.join(str(e.get('detail') or '').split())}"
+    else:
+        what = "launch failed" if e["kind"] == "instance_launch_failed" else "start failed"
+        text = f"{what}: {inst} ({inst.split('-', 1)[0]}): {reason}"
+    return printable(text)
+
+
+class FailureFeed:
+    """The job's failed launches and starts as they are recorded, read from the events API with a
+    cursor (from the moment it is made: what failed before is in `cloudtaskctl events`)."""
+
+    def __init__(self, api: ApiClient, job_id: int, after: int | None = None) -> None:
+        self.api = api
+        self.job_id = job_id
+        self.cursor = after
+        self.next_read = 0.0
+        self.off = False
+
+    async def poll(self, now: float) -> list[dict[str, Any]]:
+        if self.off or now < self.next_read:
+            return []
+        self.next_read = now + FAILURES_POLL_S
+        try:
+            if self.cursor is None:
+                self.cursor = await events_cursor(self.api)
+                return []
+            page = await self.api.events_page(after=self.cursor, limit=EVENTS_PAGE, job_id=self.job_id,
+                                              kinds=FAILURE_KINDS)
+        except NotFound:
+            self.off = True  # a daemon without an events API: the progress bar alone, as before
+            return []
+        self.cursor = int(page["next"])
+        return list(page["events"])
+
+
+async def events_cursor(api: ApiClient) -> int:
+    """The cursor past every event recorded so far."""
+    return int((await api.events_page(tail=1))["next"])
+
+
 async def follow_job(api: ApiClient, job_id: int, display: ProgressDisplay | None,
-                     on_change: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Poll the job until it is finished; returns its final state."""
+                     on_change: Callable[[dict[str, Any]], None] | None = None,
+                     on_failure: Callable[[dict[str, Any]], None] | None = None,
+                     failures_after: int | None = None) -> dict[str, Any]:
+    """Poll the job until it is finished; returns its final state. Each failed launch or start of
+    an instance for it goes to `on_failure`, else is printed above the progress bar."""
     poll_s = TTY_POLL_S if display is not None and display.tty else PLAIN_POLL_S
     last_key: tuple[Any, ...] | None = None
+    failures = FailureFeed(api, job_id, failures_after) if display is not None or on_failure is not None else None
     while True:
+        if failures is not None:
+            for event in await failures.poll(time.monotonic()):
+                if on_failure is not None:
+                    on_failure(event)
+                elif display is not None:
+                    display.message(format_failure(event))
         job = await api.get_job(job_id)
         key = _progress_key(job)
         if on_change is not None and key != last_key:
@@ -97,9 +163,11 @@ async def cmd_status(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
 async def cmd_watch(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
     if ctx.json:
         # Scripts get each change as one JSON line instead of a redrawn bar.
-        job = await follow_job(api, args.job, None, on_change=ctx.emit_json)
+        job = await follow_job(api, args.job, None, on_change=ctx.emit_json, on_failure=ctx.emit_json)
     else:
         job = await follow_job(api, args.job, ProgressDisplay(ctx.err))
+        if job.get("state") == "paused" and job.get("state_reason"):
+            ctx.note(f"job {job['id']} {job['state_reason']}")
     return job_exit_status(job)
 
 

@@ -1,7 +1,8 @@
 """cloudtaskctl's entry point: arguments, config, and one place that turns errors into exit statuses.
 
 Exit statuses: 0 all succeeded / done, 1 a job ended with tasks that did not succeed, 2 bad input
-(arguments, config, worker, task file), 3 daemon unavailable or any other failure, 130 interrupted.
+(arguments, config, worker, task file), 3 daemon unavailable or any other failure, 4 the job was
+paused because no instance can start for it (launches fail the same way every time), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import asyncio
 import os
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TextIO
 
 from agent.workerspec import WorkerSpecError
+from cloudtaskd.check import run_checks
 from cloudtaskd.config import load_config
 from cloudtaskd.ctl import commands
 from cloudtaskd.ctl.client import ApiClient
@@ -26,6 +28,7 @@ from cloudtaskd.params import whole_number
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 3
+EXIT_CHECK_FAILED = 1  # `check`: some check failed
 TASK_STATES = ("staged", "queued", "leased", "failed", "succeeded", "dead", "cancelled")
 DEFAULT_RESULTS = "results.jsonl"
 
@@ -107,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--results", default=DEFAULT_RESULTS, metavar="FILE",
                            help=f"where to write one JSON line per task (default: {DEFAULT_RESULTS})")
 
+    add("check", "before anything is spent: whether each enabled provider can work (no daemon needed)")
     add("status", "all jobs, or one").add_argument("job", nargs="?", type=_job_arg, metavar="JOB")
     add("watch", "show a job's progress until it is done").add_argument("job", type=_job_arg, metavar="JOB")
     p = add("results", "finished tasks' results as JSON lines")
@@ -180,7 +184,19 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+async def cmd_check(ctx: Ctx, args: argparse.Namespace) -> int:
+    results = await run_checks(ctx.config)
+    if ctx.json:
+        ctx.emit_json({"checks": [asdict(r) for r in results]})
+    else:
+        for r in results:
+            ctx.say(printable(r.line()))
+    return EXIT_CHECK_FAILED if any(r.status == "FAIL" for r in results) else 0
+
+
 async def _dispatch(ctx: Ctx, args: argparse.Namespace) -> int:
+    if args.command == "check":
+        return await cmd_check(ctx, args)
     if args.command == "run":
         return await cmd_run(ctx, args)
     if args.command == "submit":

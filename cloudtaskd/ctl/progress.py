@@ -127,6 +127,16 @@ class ProgressDisplay:
             self.stream.write(f"job {job.get('id')}: {format_progress(job, PLAIN_WIDTH)}\n")
         self.stream.flush()
 
+    def message(self, line: str) -> None:
+        """A line of its own above the progress line (a failed launch): the bar is redrawn under it
+        at the next update."""
+        if self.tty and self._drawn:
+            self.stream.write("\r" + " " * self._drawn + "\r")
+            self._drawn = 0
+            self._last_draw = -math.inf
+        self.stream.write(line + "\n")
+        self.stream.flush()
+
     def finish(self, job: dict[str, Any] | None = None) -> None:
         """Draw the final state (if given) and end the line, so what follows starts on its own."""
         if job is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -18,10 +19,10 @@ from typing import IO, Any, Protocol
 from agent import jsonx
 from cloudtaskd.ctl.bundle import clone_worker, load_spec, write_bundle
 from cloudtaskd.ctl.client import ApiClient
-from cloudtaskd.ctl.commands import follow_job, job_exit_status
+from cloudtaskd.ctl.commands import events_cursor, follow_job, job_exit_status
 from cloudtaskd.ctl.output import Ctx
 from cloudtaskd.ctl.progress import ProgressDisplay, format_duration
-from cloudtaskd.errors import BadInput, CloudtaskError, DaemonUnavailable
+from cloudtaskd.errors import BadInput, CloudtaskError, DaemonUnavailable, NotFound
 
 EXIT_INTERRUPTED = 130
 CANCEL_TIMEOUT_S = 10.0
@@ -101,6 +102,21 @@ def job_policy(args: argparse.Namespace) -> dict[str, Any] | None:
     if getattr(args, "max_price_per_hour", None):
         policy["max_price_per_hour"] = args.max_price_per_hour
     return policy or None
+
+
+async def _precheck(ctx: Ctx) -> None:
+    """The cheap part of `cloudtaskctl check` (config, agents' address, credentials) before a daemon
+    of this run's own launches anything: a refused credential stops the run here, not after boots."""
+    from cloudtaskd.check import run_checks
+
+    results = await run_checks(ctx.config, cheap=True)
+    for r in results:
+        if r.status != "ok":
+            ctx.note(r.line())
+    failed = [r for r in results if r.status == "FAIL"]
+    if failed:
+        raise CloudtaskError("stopped before launching anything: " + "; ".join(
+            f"{r.provider}: {r.what}: {r.detail}" for r in failed) + " (`cloudtaskctl check` checks everything)")
 
 
 async def _submit(ctx: Ctx, api: ApiClient, args: argparse.Namespace, tasks: Path, bundle: Path,
@@ -218,10 +234,16 @@ async def _run(ctx: Ctx, args: argparse.Namespace, state: _RunState) -> int:
     with tempfile.TemporaryDirectory(prefix="cloudtaskctl-") as tmp:
         bundle = await _prepare_worker(args, Path(tmp))
         api = await _connect(ctx, state)
+        if state.daemon is not None:
+            await _precheck(ctx)
+        # Taken before the job exists: a launch that fails while the tasks upload is shown too.
+        failures_after: int | None = None
+        with contextlib.suppress(NotFound):  # a daemon without an events API
+            failures_after = await events_cursor(api)
         job, accepted = await _submit(ctx, api, args, tasks, bundle, state)
     if not ctx.json:
         ctx.note(f"job {job['id']}: {accepted} tasks queued")
-    job = await follow_job(api, job["id"], ProgressDisplay(ctx.err))
+    job = await follow_job(api, job["id"], ProgressDisplay(ctx.err), failures_after=failures_after)
     written = await _write_results(api, job["id"], results)
     elapsed_s = time.monotonic() - state.started_at
     if ctx.json:

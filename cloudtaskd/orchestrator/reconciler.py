@@ -29,6 +29,7 @@ from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.errors import ProviderError, StoreFull, TransitionError
 from cloudtaskd.hub import token_hash
 from cloudtaskd.orchestrator.backoff import OfferBackoff
+from cloudtaskd.orchestrator.failures import Blocked, LaunchFailures
 from cloudtaskd.orchestrator.market import Market
 from cloudtaskd.orchestrator.scaling import Decision, InstanceView, PoolView, Targets, decide
 from cloudtaskd.orchestrator.selection import Candidate, Needs, Policy, combine
@@ -65,6 +66,8 @@ class Reconciler:
         # pool -> (consecutive instances that died before their agent connected, no launch before)
         self._start_failures: dict[int, tuple[int, float]] = {}
         self.backoff = OfferBackoff()
+        self.failures = LaunchFailures()  # (pool, offer) pairs whose launches fail the same way every time
+        self._stuck: set[int] = set()  # pools whose jobs were paused because no offer could start them
         self._waiting_since: dict[int, float] = {}  # pool -> since when it has had queued tasks
         self.paused = False  # set while the daemon stops: no new launches
         self._wake = asyncio.Event()
@@ -155,7 +158,8 @@ class Reconciler:
         cloud = {c.instance_id: c for c in await provider.list_instances()}
         rows = await self.store.fetchall(
             "SELECT id, pool_id, state, created_at, state_changed_at, interrupted_at,"
-            " json_extract(offer, '$.spot') AS spot FROM instances WHERE provider = ? AND state != 'stopped'",
+            " json_extract(offer, '$.spot') AS spot, json_extract(offer, '$.key') AS offer_key"
+            " FROM instances WHERE provider = ? AND state != 'stopped'",
             (provider.name,),
         )
         known = set()
@@ -173,6 +177,7 @@ class Reconciler:
                 continue
             if state == InstanceState.RUNNING:
                 self._start_failures.pop(row["pool_id"], None)
+                self.failures.reset(row["pool_id"], row["offer_key"] or "")
             # Gone, or still listed but stopped (a preempted GCP VM stays TERMINATED, an evicted
             # Azure VM deallocated, a reclaimed EC2 instance terminated for an hour).
             stopped = present and not cloud[inst].running
@@ -183,6 +188,7 @@ class Reconciler:
                     await self._interrupted(inst, noticed=row["interrupted_at"] is not None)
                 event = InstanceEvent.DRAINED if state == InstanceState.DRAINING else InstanceEvent.LOST
                 error = None
+                agent_exited = False
                 if event == InstanceEvent.LOST:
                     error = "instance is gone" if not stopped else "instance stopped at its provider"
                     if state == InstanceState.STARTING and spot and stopped:
@@ -198,7 +204,10 @@ class Reconciler:
                             pass  # _terminate below tries again and records why it failed
                         error = "the agent exited before connecting: " + self._output(inst)
                         self._start_failed(row["pool_id"], now, provider.name, "AgentExited")
+                        agent_exited = True
                 await self._move(inst, event, error=error)
+                if agent_exited and error is not None:
+                    await self._count_failure(row["pool_id"], row["offer_key"] or "", inst, error)
                 if terminated:
                     await self._move(inst, InstanceEvent.TERMINATED)
                     self._idle_since.pop(inst, None)
@@ -220,10 +229,11 @@ class Reconciler:
                     await self._terminate(inst)
                     continue
             if state == InstanceState.STARTING and now - row["state_changed_at"] > self.config.scaling.start_timeout_s:
-                await self._move(inst, InstanceEvent.START_FAILED,
-                                 error=f"agent did not connect within {self.config.scaling.start_timeout_s:.0f} s: "
-                                 + self._output(inst))
+                error = (f"agent did not connect within {self.config.scaling.start_timeout_s:.0f} s: "
+                         + self._output(inst))
+                await self._move(inst, InstanceEvent.START_FAILED, error=error)
                 self._start_failed(row["pool_id"], now, provider.name, "StartTimeout")
+                await self._count_failure(row["pool_id"], row["offer_key"] or "", inst, error)
                 await self._terminate(inst)
         launching_here = any(i.startswith(f"{provider.name}-") for i in self._launching)
         for inst in cloud.keys() - known:
@@ -322,10 +332,61 @@ class Reconciler:
 
     # ---- scale ----
 
-    def candidates(self, needs: Needs, policy: Policy, now: float) -> list[Candidate]:
-        """Ranked offers this pool may buy now: backed-off offers are left out."""
+    def candidates(self, needs: Needs, policy: Policy, now: float, pool_id: int | None = None) -> list[Candidate]:
+        """Ranked offers this pool may buy now: backed-off offers, and those blocked for this pool
+        because its launches there fail the same way every time, are left out."""
         ranked = self.market.rank(needs, policy)
-        return [c for c in ranked if not self.backoff.blocked(c.offer.key, now)]
+        return [c for c in ranked if not self.backoff.blocked(c.offer.key, now)
+                and (pool_id is None or not self.failures.is_blocked(pool_id, c.offer.key))]
+
+    def _stuck_pool(self, pool_id: int, needs: Needs, policy: Policy) -> list[Blocked]:
+        """The blocks that leave this pool no offer at all (none: some offer may still serve it)."""
+        ranked = self.market.rank(needs, policy)
+        if not ranked or not all(self.failures.is_blocked(pool_id, c.offer.key) for c in ranked):
+            return []
+        keys = {c.offer.key for c in ranked}
+        return [b for b in self.failures.blocked(pool_id) if b.offer in keys]
+
+    async def _count_failure(self, pool_id: int, offer_key: str, inst: str, error: str) -> None:
+        """A launch or start failed for a reason that may not pass: count it, and block the (pool,
+        offer) when it is the BLOCK_AFTER-th in a row with the same cause."""
+        blocked = self.failures.failed(pool_id, offer_key, error)
+        if blocked is None:
+            return
+        detail = (f"offer {blocked.offer}: {blocked.count} launches in a row failed the same way, so no more are"
+                  f" made there for this worker: {blocked.reason}. Fix the cause (the image, the host, the"
+                  f" credentials or the worker's setup; `cloudtaskctl instances --logs {inst}` has the whole log),"
+                  " then `cloudtaskctl resume JOB`, submit again or reload the config to try again")
+
+        def tx_(tx: Tx) -> None:
+            jobs = [r[0] for r in tx.db.execute(
+                "SELECT id FROM jobs WHERE pool_id = ? AND state = 'active'", (pool_id,)).fetchall()]
+            for job_id in jobs or [None]:
+                tx.event("offer_blocked", job_id=job_id, instance_id=inst, detail=detail)
+
+        await self.store.write(tx_)
+        log.warning("offer_blocked", pool=pool_id, offer=blocked.offer, consecutive=blocked.count,
+                    reason=blocked.reason)
+
+    async def _pause_stuck(self, pool_id: int, blocks: list[Blocked]) -> None:
+        """No offer can start this pool's worker any more, and none of its instances lives: its jobs
+        are paused with the reasons, rather than left waiting for ever with `instances 0`."""
+        reasons = "; ".join(f"{b.offer}: {b.reason}" for b in blocks)
+        message = (f"paused: no instance can start for this job: every offer failed {blocks[0].count} times in a row"
+                   f" the same way ({reasons}). Fix the cause, then `cloudtaskctl resume JOB`")
+
+        def tx_(tx: Tx) -> list[int]:
+            jobs = [r[0] for r in tx.db.execute(
+                "SELECT id FROM jobs WHERE pool_id = ? AND state = 'active'", (pool_id,)).fetchall()]
+            for job_id in jobs:
+                tx.db.execute("UPDATE jobs SET state = 'paused', state_reason = ?, pause_cause = 'launch_failures'"
+                              " WHERE id = ? AND state = 'active'", (message.replace("JOB", str(job_id)), job_id))
+                tx.event("job_paused", job_id=job_id, detail=message.replace("JOB", str(job_id)))
+            return jobs
+
+        jobs = await self.store.write(tx_)
+        self._stuck.add(pool_id)
+        log.warning("job_blocked", pool=pool_id, jobs=jobs, reason=reasons)
 
     async def pool_views(self, now: float) -> list[tuple[PoolView, dict[str, Any]]]:
         def read(db: Any) -> tuple[list[Any], list[Any], dict[str, int], dict[int, float], dict[int, list[Policy]]]:
@@ -392,12 +453,19 @@ class Reconciler:
             if p["job_max"]:
                 limit = min(limit, p["job_max"])
             needs = Needs(spec.cpus_per_task, spec.memory_per_task)
+            policy = combine(policies.get(p["id"], []))
+            if p["id"] in self._stuck:
+                # Its jobs were paused for blocked launches and one is active again (resumed, or a
+                # new job of the same worker): it gets a fresh try everywhere.
+                self._stuck.discard(p["id"])
+                for b in self.failures.clear(p["id"]):
+                    log.info("offer_unblocked", pool=p["id"], offer=b.offer)
             views.append((
                 PoolView(
                     pool_id=p["id"],
                     outstanding=p["outstanding"] or 0,
                     max_instances=limit,
-                    candidates=self.candidates(needs, combine(policies.get(p["id"], [])), now),
+                    candidates=self.candidates(needs, policy, now, p["id"]),
                     provider_room=room,
                     provider_spare=spare,
                     instances=by_pool.get(p["id"], []),
@@ -406,7 +474,8 @@ class Reconciler:
                     waiting_s=now - self._waiting_since.get(p["id"], now),
                     budget_per_hour=budget,
                 ),
-                {"path": p["path"], "spec": spec, "digest": p["digest"]},
+                {"path": p["path"], "spec": spec, "digest": p["digest"],
+                 "stuck": self._stuck_pool(p["id"], needs, policy)},
             ))
         return views
 
@@ -418,6 +487,9 @@ class Reconciler:
             decision: Decision = decide(view, now, targets)
             for inst in decision.drain:
                 await self.drain(inst)
+            if extra["stuck"] and not view.instances:
+                await self._pause_stuck(view.pool_id, extra["stuck"])
+                continue
             if now < self._start_failures.get(view.pool_id, (0, 0.0))[1]:
                 continue
             launches = [self._launch(self.providers[c.offer.provider], view.pool_id, c, extra)
@@ -465,6 +537,11 @@ class Reconciler:
                     self._offer_failed(offer, exc, time.time())
                 else:  # the machine came but the install failed: the worker may be broken
                     self._start_failed(pool_id, time.time(), provider.name, type(exc).__name__)
+                if isinstance(exc, ProviderError) and exc.retryable:
+                    # Capacity, throttling, a host in use: passes by itself, and breaks a streak.
+                    self.failures.reset(pool_id, offer.key)
+                else:
+                    await self._count_failure(pool_id, offer.key, inst, str(exc))
                 return
             self.backoff.succeeded(offer.key)
             await self.store.write(lambda tx: tx.transition_instance(

@@ -26,7 +26,7 @@ import hashlib
 from collections import defaultdict
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -39,6 +39,9 @@ from cloudtaskd.errors import (
     TransientProviderError,
 )
 from cloudtaskd.providers.cloud import TAG_DAEMON, TAG_INSTANCE, CloudVm, CreateRequest
+
+if TYPE_CHECKING:
+    from cloudtaskd.check import CheckResult
 
 log = structlog.get_logger("cloudtaskd.providers.aws")
 
@@ -422,6 +425,96 @@ class AwsDriver:
         except Exception as exc:
             raise classify(exc, "describe") from exc
         return console_host_keys(str(out.get("Output") or ""))
+
+    # ---- cloudtaskctl check ----
+
+    async def check(self, *, machine_types: tuple[str, ...], zones: tuple[str, ...], max_instances: int, cpus: int,
+                    cheap: bool = False) -> builtins.list[CheckResult]:
+        """Credentials, then (unless cheap) the region's zones, the instance types, the image, the
+        SSH rule and the vCPU quota: each a line with what to fix."""
+        from cloudtaskd.check import CheckResult
+
+        def fail(what: str, exc: BaseException, fix: str) -> CheckResult:
+            return CheckResult("aws", what, "FAIL", f"{classify(exc, 'check')}; {fix}")
+
+        out: builtins.list[CheckResult] = []
+        ec2 = await self._client()
+        try:
+            found = await ec2.describe_availability_zones()
+        except Exception as exc:
+            return [fail("credentials", exc, "set providers.aws.access_key/secret_key or the AWS_* variables,"
+                                             f" and check that region {self.region} is enabled for the account")]
+        names = {z["ZoneName"] for z in found.get("AvailabilityZones", [])}
+        out.append(CheckResult("aws", "credentials", "ok", f"region {self.region}, {len(names)} zones"))
+        if cheap:
+            return out
+        for zone in zones:
+            if zone and zone not in names and zone != self.region:
+                out.append(CheckResult("aws", f"zone {zone}", "FAIL", f"not a zone of {self.region}: one of"
+                                       f" {', '.join(sorted(names))} (providers.aws.zone / zones)"))
+        for machine_type in dict.fromkeys(machine_types):
+            try:
+                got = await ec2.describe_instance_types(InstanceTypes=[machine_type])
+                ok = bool(got.get("InstanceTypes"))
+            except Exception as exc:
+                if "InvalidInstanceType" not in str(exc):
+                    out.append(fail(f"instance type {machine_type}", exc, "try again, or check the permissions"))
+                    continue
+                ok = False
+            out.append(CheckResult("aws", f"instance type {machine_type}", "ok") if ok else CheckResult(
+                "aws", f"instance type {machine_type}", "FAIL",
+                f"{self.region} has no such type: fix providers.aws.machine_type / machine_types"))
+        try:
+            if self.image:
+                images = (await ec2.describe_images(ImageIds=[self.image])).get("Images", [])
+                if not images:
+                    raise InvalidRequest("aws", "check", f"image {self.image} not found")
+                out.append(CheckResult("aws", f"image {self.image}", "ok", str(images[0].get("Name", ""))))
+            else:
+                out.append(CheckResult("aws", "image", "ok", f"Ubuntu 22.04: {await self._ubuntu_image(ec2)}"))
+        except InvalidRequest as exc:
+            out.append(CheckResult("aws", f"image {self.image or '(Ubuntu 22.04)'}", "FAIL",
+                                   f"{exc}: set providers.aws.image to an AMI id that exists in {self.region}"))
+        except Exception as exc:
+            if "InvalidAMIID" not in str(exc):
+                out.append(fail(f"image {self.image}", exc, "allow ec2:DescribeImages"))
+            else:
+                out.append(CheckResult("aws", f"image {self.image}", "FAIL", f"no such image in {self.region}:"
+                                       " set providers.aws.image to an AMI id that exists there"))
+        name = f"{SECURITY_GROUP}-<daemon id>"
+        try:
+            groups = (await ec2.describe_security_groups(
+                Filters=[{"Name": "group-name", "Values": [f"{SECURITY_GROUP}-*"]}])).get("SecurityGroups", [])
+            ssh = [g for g in groups if any(p.get("IpProtocol") in ("tcp", "-1") and p.get("FromPort", 0) <= 22
+                                            <= p.get("ToPort", 65535) for p in g.get("IpPermissions", []))]
+            if ssh or not groups:
+                out.append(CheckResult("aws", "ssh rule", "ok", f"security group {name} admits tcp/22" if ssh else
+                                       f"security group {name} (tcp/22 from anywhere) is made at the first launch"))
+            else:
+                out.append(CheckResult("aws", "ssh rule", "FAIL", f"security group {groups[0]['GroupName']} does not"
+                                       " admit tcp/22: add the rule, or delete the group to have it made again"))
+        except Exception as exc:
+            out.append(fail("ssh rule", exc, "allow ec2:DescribeSecurityGroups"))
+        out.append(await self._quota_check(max_instances * cpus))
+        return out
+
+    async def _quota_check(self, vcpus: int) -> CheckResult:
+        """The On-Demand standard-instance vCPU quota (L-1216C47A) against what max_instances may use."""
+        from cloudtaskd.check import CheckResult
+
+        try:
+            async with self.session().client("service-quotas", endpoint_url=self.endpoint_url,
+                                             config=self.client_config()) as sq:
+                got = await sq.get_service_quota(ServiceCode="ec2", QuotaCode="L-1216C47A")
+            value = float(got["Quota"]["Value"])
+        except Exception as exc:
+            return CheckResult("aws", "quota", "warn", f"could not read the EC2 vCPU quota ({type(exc).__name__}):"
+                                                       f" make sure it allows {vcpus} vCPUs (max_instances x cpus)")
+        if value < vcpus:
+            return CheckResult("aws", "quota", "FAIL", f"the on-demand vCPU quota is {value:g}, below the {vcpus} that"
+                                                       " max_instances x cpus needs: ask AWS for more, or lower"
+                                                       " max_instances")
+        return CheckResult("aws", "quota", "ok", f"{value:g} on-demand vCPUs, {vcpus} needed at most")
 
 
 def _error_code(exc: BaseException) -> str:

@@ -116,6 +116,11 @@ class SshProvider:
             # Failed bootstrap: free the host (its log stays for `cloudtaskctl instances --logs`).
             with suppress(Exception):
                 await self.terminate(spec.instance_id)
+            # Even when that could not connect (a refused key, a host key that does not match): the
+            # host would otherwise stay "in use" for ever and offer nothing. An agent the bootstrap
+            # may have left there is ours by its tag: the next sync lists it and stops it as leaked.
+            with suppress(FileNotFoundError):
+                (self.dir / f"{spec.instance_id}.json").unlink()
             raise
         return CloudInstance(spec.instance_id, f"{host.user}@{host.address}:{host.port}", address=host.address)
 

@@ -1,0 +1,116 @@
+"""`cloudtaskctl check`: before anything is spent, whether each enabled provider can work.
+
+Runs without a daemon, from the config: for each enabled provider its own checks (a cloud's live
+inside its driver module, behind `async def check(...) -> list[CheckResult]`; a provider without
+any says so), then how agents will reach the daemon. Each line is ok, warn or FAIL with what to
+fix. `cheap` keeps to what costs no more than a round trip (the config, the agents' address, the
+credentials): what `cloudtaskctl run` checks before it launches anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+from cloudtaskd.config import Config
+
+Status = Literal["ok", "warn", "FAIL"]
+CONNECT_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    provider: str  # "config", "agents", or a provider's name
+    what: str  # "credentials", "instance type t3.small", "host 10.0.0.5:22"
+    status: Status
+    detail: str = ""  # what was found, and for warn/FAIL what to fix
+
+    def line(self) -> str:
+        return f"{self.status:<4}  {self.provider}: {self.what}" + (f": {self.detail}" if self.detail else "")
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _enabled(config: Config) -> list[str]:
+    p = config.providers
+    names = ["local"] if p.local.enabled and p.local.max_instances > 0 else []
+    if p.ssh.hosts:
+        names.append("ssh")
+    names += [n for n in ("aws", "gcp", "azure") if getattr(p, n).enabled and getattr(p, n).max_instances > 0]
+    return names
+
+
+def agents_check(config: Config) -> CheckResult:
+    """How agents reach the daemon: remote instances cannot dial a loopback address."""
+    a = config.agents
+    url = a.public_url or f"{'wss' if a.tls else 'ws'}://{a.listen_host}:{a.listen_port or '<a free port>'}/v1/agent"
+    remote = [n for n in _enabled(config) if n != "local"]
+    if remote and not a.public_url and _loopback(a.listen_host):
+        return CheckResult("agents", "address", "warn",
+                           f"agents dial {url}, which {', '.join(remote)} instances cannot reach (it is this host's"
+                           " loopback): set agents.listen_host to an address they can reach, or agents.public_url")
+    return CheckResult("agents", "address", "ok", f"agents dial {url}")
+
+
+async def _ssh_host(address: str, port: int, key_file: str, cheap: bool) -> list[CheckResult]:
+    where = f"host {address}:{port}"
+    out: list[CheckResult] = []
+    if not key_file or not os.access(key_file, os.R_OK):
+        out.append(CheckResult("ssh", where, "FAIL", f"key_file {key_file or '(none)'} is not readable: set"
+                                                     " providers.ssh.hosts[].key_file to the private key"))
+        return out
+    if cheap:
+        return [CheckResult("ssh", where, "ok", f"key {key_file}")]
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(address, port), CONNECT_TIMEOUT_S)
+        writer.close()
+        out.append(CheckResult("ssh", where, "ok", "answers on its SSH port"))
+    except (OSError, TimeoutError) as exc:
+        out.append(CheckResult("ssh", where, "FAIL", f"no answer on port {port} ({exc or 'timed out'}): start sshd"
+                                                     " there, or fix the address or port, or a firewall in between"))
+    return out
+
+
+async def _cloud(config: Config, name: str, cheap: bool) -> list[CheckResult]:
+    if name != "aws":
+        # GCP and Azure answer `check` with their catalog at `cloudtaskctl catalog refresh` for now.
+        return [CheckResult(name, "checks", "warn", "no checks for this provider yet: try a small job first")]
+    from cloudtaskd.providers.aws import AwsDriver
+
+    c = config.providers.aws
+    driver = AwsDriver(c.region, "check", access_key=c.access_key or None, secret_key=c.secret_key or None,
+                       endpoint_url=c.endpoint_url or None, image=c.image or None, max_attempts=2)
+    try:
+        return await driver.check(machine_types=(c.machine_type, *c.machine_types), zones=c.zones or (
+            (c.zone,) if c.zone else ()), max_instances=c.max_instances, cpus=c.cpus, cheap=cheap)
+    finally:
+        await driver.close()
+
+
+async def run_checks(config: Config, *, cheap: bool = False) -> list[CheckResult]:
+    enabled = _enabled(config)
+    out = [CheckResult("config", config.source, "ok" if enabled else "FAIL",
+                       f"providers: {', '.join(enabled)}" if enabled else
+                       "no provider can start an instance: enable one (providers.local.enabled, providers.ssh.hosts,"
+                       " providers.aws.enabled ...) with max_instances above 0")]
+    groups = []
+    if "local" in enabled:
+        groups.append(asyncio.sleep(0, [CheckResult("local", "this host", "ok",
+                                                    f"{config.providers.local.cpus or os.cpu_count()} cpus")]))
+    for h in config.providers.ssh.hosts if "ssh" in enabled else ():
+        groups.append(_ssh_host(h.address, h.port, h.key_file, cheap))
+    for name in ("aws", "gcp", "azure"):
+        if name in enabled:
+            groups.append(_cloud(config, name, cheap))
+    for group in await asyncio.gather(*groups):
+        out.extend(group)
+    out.append(agents_check(config))
+    return out
