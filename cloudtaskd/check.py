@@ -14,6 +14,7 @@ import ipaddress
 import os
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import urlsplit
 
 from cloudtaskd.config import Config
 
@@ -49,15 +50,20 @@ def _enabled(config: Config) -> list[str]:
 
 
 def agents_check(config: Config) -> CheckResult:
-    """How agents reach the daemon: remote instances cannot dial a loopback address."""
+    """How agents reach the daemon: through the SSH tunnels (no public_url), or dialling public_url,
+    which remote instances cannot do at a loopback address (the config loader refuses that)."""
     a = config.agents
-    url = a.public_url or f"{'wss' if a.tls else 'ws'}://{a.listen_host}:{a.listen_port or '<a free port>'}/v1/agent"
     remote = [n for n in _enabled(config) if n != "local"]
-    if remote and not a.public_url and _loopback(a.listen_host):
-        return CheckResult("agents", "address", "warn",
-                           f"agents dial {url}, which {', '.join(remote)} instances cannot reach (it is this host's"
-                           " loopback): set agents.listen_host to an address they can reach, or agents.public_url")
-    return CheckResult("agents", "address", "ok", f"agents dial {url}")
+    if not a.public_url:
+        how = (f"{', '.join(remote)} instances' agents come through the daemon's SSH connections (tunnels: no "
+               "inbound port needed here)") if remote else "local agents dial this host's loopback"
+        return CheckResult("agents", "address", "ok", how)
+    if remote and _loopback((urlsplit(a.public_url).hostname or "").strip("[]")):
+        return CheckResult("agents", "address", "FAIL",
+                           f"agents dial {a.public_url}, which {', '.join(remote)} instances cannot reach (it is this "
+                           "host's loopback): set agents.public_url to an address they can reach, or remove it")
+    return CheckResult("agents", "address", "ok",
+                       f"agents dial {a.public_url}: its port must be open to them (agents.listen_port fixed)")
 
 
 async def _ssh_host(address: str, port: int, key_file: str, cheap: bool) -> list[CheckResult]:
