@@ -220,7 +220,7 @@ async def test_a_custom_network_without_a_subnetwork_is_refused_as_gce_does(gce:
     gce.add_network("corp", auto=False, subnetworks={"us-central1": {"corp-a"}})
     d = make_driver(gce, network="corp")
     try:
-        with pytest.raises(InvalidRequest, match="Subnetwork should be specified.*providers.gcp.subnetwork"):
+        with pytest.raises(InvalidRequest, match=r"Subnetwork should be specified.*providers\.gcp\.subnetwork"):
             await d.create(req("gcp-s1"))
     finally:
         await d.close()

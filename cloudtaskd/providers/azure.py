@@ -21,6 +21,7 @@ making them (ARM's lists lag its writes).
 from __future__ import annotations
 
 import asyncio
+import builtins
 import re
 import time
 from collections.abc import Callable
@@ -433,7 +434,7 @@ class AzureDriver:
     def _tag(self, resource: Any, key: str) -> str:
         return str((resource.get("tags") or {}).get(key, ""))
 
-    async def _sweep_orphans(self, compute: Any, network: Any, with_vm: set[str], ips: list[Any]) -> None:
+    async def _sweep_orphans(self, compute: Any, network: Any, with_vm: set[str], ips: builtins.list[Any]) -> None:
         """Delete our NICs, IPs and disks whose instance has no VM (see Orphans above). A failure
         here only logs: the VMs listed matter more, and the next sync tries again."""
         rg = self.resource_group
