@@ -193,3 +193,57 @@ async def test_a_job_on_aws_runs_on_a_foreign_host(tmp_path: Path, host: fh.Fore
     finally:
         await api.close()
         await daemon.stop()
+
+
+async def test_a_dropped_ssh_connection_brings_the_tunnel_back(tmp_path: Path, host: fh.ForeignHost) -> None:
+    """The SSH connection that carries an agent's tunnel is cut (its sshd session process killed on
+    the host, as a network blip or an sshd restart would): the daemon connects again with the pinned
+    key, forwards a new port, writes it to agent.url, and the agent reconnects and finishes the job."""
+    from cloudtaskd.config import LocalProviderConfig, ProvidersConfig, SshHostConfig, SshProviderConfig
+    from cloudtaskd.daemon import Daemon
+    from tests.conftest import UnixApi, make_config
+
+    ssh_host = SshHostConfig(address=host.address, port=22, user="root", key_file=str(host.client_key), cpus=2,
+                             host_key=host.public_host_key())
+    config = replace(make_config(tmp_path, idle_timeout_s=60), providers=ProvidersConfig(
+        local=LocalProviderConfig(enabled=False), ssh=SshProviderConfig(hosts=(ssh_host,))))
+    daemon = Daemon(config, shutdown_grace_s=5)
+    await daemon.start()
+    api = UnixApi(config.socket_path)
+    try:
+        from tests.procs import bundle
+        from tests.test_daemon_e2e import finished, jsonl, results
+
+        _, worker = await api.request("POST", "/v1/workers", data=bundle({
+            "cloudtask.yaml": "mode: python\nfunction: w:run\n", "w.py": "def run(i, d):\n    return d['n']\n"}))
+
+        async def job(n: int) -> dict[str, Any]:
+            _, j = await api.request("POST", "/v1/jobs", json={"worker": worker["digest"]})
+            await api.request("POST", f"/v1/jobs/{j['id']}/tasks",
+                              data=jsonl([{"id": i, "data": {"n": i}} for i in range(n)]).encode())
+            await wait_for(lambda: finished(api, j["id"]), timeout=120, message=f"job {j['id']} finished")
+            return await results(api, j["id"])
+
+        first = await job(4)
+        assert sorted(r["result"] for r in first.values()) == [0, 1, 2, 3]
+        assert daemon.tunnels is not None
+        (inst,) = daemon.tunnels.ports()
+        # sshd's per-connection processes on the host: everything in its namespace named sshd but
+        # the listener.
+        listener = int((host.root / "run" / "sshd-ct.pid").read_text())
+        sessions = [p for p in host.net.pids() if p != listener
+                    and Path(f"/proc/{p}/comm").read_text().strip() == "sshd"]
+        assert sessions, "no sshd session process found for the tunnel"
+        for pid in sessions:
+            os.kill(pid, 9)
+
+        async def moved() -> bool:
+            tunnels = daemon.tunnels
+            return tunnels is not None and tunnels.opened(inst) >= 2 and inst in daemon.dispatcher.sessions
+        await wait_for(moved, timeout=60, message="the tunnel set up again and the agent back through it")
+        second = await job(6)
+        assert sorted(r["result"] for r in second.values()) == list(range(6))
+        assert {r["instance"] for r in second.values()} == {inst}, "the same agent, not a replacement"
+    finally:
+        await api.close()
+        await daemon.stop()
