@@ -106,7 +106,7 @@ async def test_create_spot_and_on_demand_with_tags_and_key(driver: AzureDriver, 
     assert props["priority"] == "Spot" and props["evictionPolicy"] == "Delete"
     assert props["billingProfile"]["maxPrice"] == -1
     assert props["storageProfile"]["osDisk"]["deleteOption"] == "Delete"
-    assert props["storageProfile"]["imageReference"]["offer"] == "0001-com-ubuntu-server-jammy"
+    assert props["storageProfile"]["imageReference"]["offer"] == "ubuntu-24_04-lts"
     linux = props["osProfile"]["linuxConfiguration"]
     assert linux["disablePasswordAuthentication"] is True
     assert linux["ssh"]["publicKeys"] == [{"path": "/home/ubuntu/.ssh/authorized_keys", "keyData": PUBKEY}]
