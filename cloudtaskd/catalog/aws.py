@@ -1,4 +1,4 @@
-"""AWS offers from AWS's own APIs: sizes from DescribeInstanceTypes, zones from
+"""AWS offers from AWS's own APIs: sizes and CPU architecture from DescribeInstanceTypes, zones from
 DescribeInstanceTypeOfferings, spot prices from DescribeSpotPriceHistory (the latest per zone),
 on-demand prices from the Pricing API (Linux, shared tenancy, no pre-installed software).
 

@@ -1,4 +1,4 @@
-"""Azure offers from Azure's own APIs: sizes and zones from the Resource SKUs API (through the
+"""Azure offers from Azure's own APIs: sizes, CPU architecture and zones from the Resource SKUs API (through the
 driver's compute client), spot and on-demand prices from the public Retail Prices API (no auth).
 
 Only the types the config allows are priced: the Retail Prices API is asked once per type, with a

@@ -1,6 +1,7 @@
-"""GCP offers from Google's own APIs: sizes from Compute Engine `machineTypes.get` (per allowed type
-and zone, through the driver's endpoint, credentials and thread pool), prices from the Cloud Billing
-Catalog API (`GET {billing_endpoint}/v1/services/6F81-5844-456A/skus`, every page, USD).
+"""GCP offers from Google's own APIs: sizes and CPU architecture from Compute Engine
+`machineTypes.get` (per allowed type and zone, through the driver's endpoint, credentials and thread
+pool), prices from the Cloud Billing Catalog API (`GET {billing_endpoint}/v1/services/6F81-5844-456A/skus`,
+every page, USD).
 
 Pricing rule. Compute Engine bills a predefined machine type as its vCPUs times a per-vCPU-hour
 price plus its memory (GiB) times a per-GiB-hour price, both per machine series and region, and
