@@ -33,4 +33,10 @@ fi
 "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[dev]'
+# The tests' foreign host (docs/testing.md): a Debian root with its own python3 3.9, built once and
+# cached outside the checkout. Needs root (debootstrap, then mounts and namespaces in the tests).
+if [[ $(id -u) -eq 0 ]]; then
+  .venv/bin/python -m tests.foreign_host build ||
+    echo "install.sh: warning: the foreign host root was not built; its tests will try again" >&2
+fi
 echo "installed: run the tests with  .venv/bin/pytest"

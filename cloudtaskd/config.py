@@ -247,6 +247,11 @@ class GcpProviderConfig(CloudProviderConfig):
     # The Cloud Billing Catalog API (list prices; needs the Cloud Billing API enabled); an emulator in tests.
     billing_endpoint: str = "https://cloudbilling.googleapis.com"
     machine_type: str = "e2-standard-2"
+    # The VPC network for the VMs (a name in project_id, or `projects/HOST/global/networks/NAME`), and
+    # its subnetwork (a name in the zone's region, or a path); custom-mode networks need one.
+    network: str = "default"
+    subnetwork: str = ""
+    disk_type: str = ""  # the boot disk's type; empty: chosen per machine series (pd-/hyperdisk-balanced)
 
     @property
     def placement(self) -> str:

@@ -235,7 +235,8 @@ class Daemon:
 
             c = p.gcp
             return GcpDriver(c.project_id, c.zone, daemon_id, credentials_file=c.credentials_file or None,
-                             api_endpoint=c.api_endpoint or None, image=c.image or None)
+                             api_endpoint=c.api_endpoint or None, image=c.image or None, network=c.network,
+                             subnetwork=c.subnetwork or None, disk_type=c.disk_type or None)
 
         return [(p.aws, aws), (p.gcp, gcp), (p.azure, azure)]
 

@@ -33,7 +33,7 @@ from cloudtaskd.errors import CloudtaskError
 log = structlog.get_logger("cloudtaskd.runtime")
 
 # What the agent imports beyond the standard library, and pip for the worker's own `setup`.
-PACKAGES = ("aiohttp>=3.9,<4", "pip")
+PACKAGES = ("aiohttp>=3.10.7,<4", "pip")  # the floor pyproject.toml names for the daemon too
 MIN_PYTHON = (3, 9)
 ARCHES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 GLIBC_PLATFORM = "manylinux_2_17"  # glibc 2.17+: every mainstream image of the last ten years

@@ -4,7 +4,13 @@ It stores any resource by its path (case-insensitive, as ARM is) and answers the
 PUT -> 201 + `Azure-AsyncOperation`, DELETE -> 202 + `Location`/`Azure-AsyncOperation` (204 when
 absent), each operation InProgress on its first poll and Succeeded (or Failed) on the next; GET -> the
 resource, or a 404 with an ARM error body; a path with an odd number of segments lists its children.
-VMs get an instance view (`?$expand=instanceView` or `/instanceView`).
+VMs get an instance view (`?$expand=instanceView` or `/instanceView`). A VM's PUT makes its managed
+OS disk as Azure does (`Microsoft.Compute/disks/<osDisk.name>`, attached, without the VM's tags), and
+its DELETE takes the disk along when `deleteOption` is Delete. PATCH merges (tags replaced whole).
+
+`stall_vm_creates()`: the next VM PUT arrives and waits; `release_vm_create(accept)` lets it go on, or
+answers it without making anything, as a PUT whose sender died before ARM took it (the daemon
+crashed between its NIC and its VM).
 
 Failures a test can ask for on the next VM create: an allocation failure (a failed LRO that leaves
 the VM behind in the Failed state, as Azure does) or a quota refusal (409 OperationNotAllowed).
@@ -16,6 +22,7 @@ keep only that location), in pages of `sku_page_size` linked by `nextLink`, or `
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -24,6 +31,7 @@ from typing import Any
 from aiohttp import web
 
 VM_TYPE = "microsoft.compute/virtualmachines"
+DISK_TYPE = "microsoft.compute/disks"
 SKUS_SUFFIX = "/providers/microsoft.compute/skus"
 
 
@@ -46,6 +54,10 @@ class ArmStandin:
     sku_error: tuple[int, str] | None = None  # (HTTP status, ARM error code) for every SKU list
     sku_filters: list[str] = field(default_factory=list)  # the `$filter` of each first-page SKU request
     url: str = ""
+    vm_create_arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    _stall_vm: bool = False
+    _vm_gate: asyncio.Event = field(default_factory=asyncio.Event)
+    _vm_accept: bool = True
     _ops: dict[str, _Operation] = field(default_factory=dict)
     _runner: web.AppRunner | None = None
 
@@ -59,7 +71,17 @@ class ArmStandin:
         port = self._runner.addresses[0][1]
         self.url = f"http://127.0.0.1:{port}"
 
+    def stall_vm_creates(self) -> None:
+        self._stall_vm, self._vm_accept = True, True
+        self.vm_create_arrived.clear()
+        self._vm_gate.clear()
+
+    def release_vm_create(self, accept: bool) -> None:
+        self._stall_vm, self._vm_accept = False, accept
+        self._vm_gate.set()
+
     async def stop(self) -> None:
+        self.release_vm_create(False)
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -100,6 +122,14 @@ class ArmStandin:
             return self._poll(key.rsplit("/", 1)[-1])
         if request.method == "PUT":
             return await self._put(request, path)
+        if request.method == "PATCH":
+            if key not in self.resources:
+                return self._error(404, "ResourceNotFound", f"The Resource '{key}' was not found.")
+            body = await request.json()
+            resource = self.resources[key]
+            resource.update({k: v for k, v in body.items() if k != "properties"})
+            resource["properties"].update(body.get("properties") or {})
+            return web.json_response(resource, status=200, headers=self._operation(key, "PATCH"))
         if request.method == "DELETE":
             if key not in self.resources:
                 return web.Response(status=204)
@@ -114,17 +144,34 @@ class ArmStandin:
         body = await request.json()
         key = path.lower()
         failure = None
-        if key.rsplit("/", 2)[-2] == VM_TYPE.rsplit("/", 1)[-1] and self.fail_next_vm is not None:
+        is_vm = key.rsplit("/", 2)[-2] == VM_TYPE.rsplit("/", 1)[-1]
+        if is_vm and self._stall_vm:
+            self.vm_create_arrived.set()
+            await self._vm_gate.wait()
+            if not self._vm_accept:
+                return self._error(503, "ServiceUnavailable", "the request never reached ARM")
+        if is_vm and self.fail_next_vm is not None:
             failure, self.fail_next_vm = self.fail_next_vm, None
         if failure is not None and failure[0] == "quota":
             return self._error(409, failure[1], "Operation could not be completed as it results in exceeding "
                                                 "approved standardDSv5Family Cores quota.")
         resource = self.put(path, body, provisioning_state="Creating")
+        if is_vm:
+            self._os_disk(resource)
         error = None
         if failure is not None:
             error = {"code": failure[1], "message": "Allocation failed. We do not have sufficient capacity "
                                                     "for the requested VM size in this region."}
         return web.json_response(resource, status=201, headers=self._operation(key, "PUT", error))
+
+    def _os_disk(self, vm: dict[str, Any]) -> None:
+        os_disk = vm["properties"].setdefault("storageProfile", {}).setdefault("osDisk", {})
+        name = os_disk.setdefault("name", f"{vm['name']}_OsDisk_1_{uuid.uuid4().hex}")
+        rg_path = vm["id"].split("/providers/", 1)[0]
+        disk = self.put(f"{rg_path}/providers/Microsoft.Compute/disks/{name}", {
+            "location": vm.get("location"), "managedBy": vm["id"], "sku": {"name": "StandardSSD_LRS"},
+            "properties": {"osType": "Linux", "diskState": "Attached", "timeCreated": "2024-01-01T00:00:00Z"}})
+        os_disk.setdefault("managedDisk", {})["id"] = disk["id"]
 
     def _poll(self, op_id: str) -> web.Response:
         op = self._ops.get(op_id)
@@ -135,7 +182,10 @@ class ArmStandin:
             return web.json_response({"status": "InProgress"})
         resource = self.resources.get(op.resource)
         if op.method == "DELETE":
-            self.resources.pop(op.resource, None)
+            gone = self.resources.pop(op.resource, None)
+            os_disk = ((gone or {}).get("properties") or {}).get("storageProfile", {}).get("osDisk", {})
+            if os_disk.get("deleteOption") == "Delete" and os_disk.get("managedDisk", {}).get("id"):
+                self.resources.pop(os_disk["managedDisk"]["id"].lower(), None)
         elif resource is not None:
             resource["properties"]["provisioningState"] = "Failed" if op.error else "Succeeded"
         if op.error:

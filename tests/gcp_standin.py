@@ -19,6 +19,9 @@ Tests can:
   nothing, and its operation finishes DONE with `error.errors[{code}]` (a stock-out, a quota);
 - `hold(method)`: the next call of a method waits until the test releases it;
 - `publish_host_keys(name, {type: blob})`: guest attributes under `hostkeys/`;
+- shape the VPC: `networks` (name -> Network), `add_network(...)`, `del networks[name]`; the
+  project starts with the auto-mode `default` network and the four rules GCE makes with it
+  (`default-allow-ssh` among them); `firewalls` holds every rule by name;
 - set `machine_types` (zone -> machine type resources; MACHINE_TYPES by default);
 - read `calls` (method, HTTP method, path, body) to assert what the client sent.
 """
@@ -109,9 +112,24 @@ class Gate:
 
 
 @dataclass
+class Network:
+    auto: bool = True  # auto mode: a subnet in every region, named after the network
+    subnetworks: dict[str, set[str]] = field(default_factory=dict)  # region -> names (custom mode)
+
+
+# What GCE answers when an instance's machine series and boot disk type do not go together, by series.
+PD_TYPES = {"pd-standard", "pd-balanced", "pd-ssd", "pd-extreme"}
+REFUSED_DISKS: dict[str, set[str]] = {
+    **{s: PD_TYPES for s in ("c4", "c4a", "c4d", "n4", "n4a", "n4d", "x4", "m4", "a4", "h4d")},
+    "c3": {"pd-standard"}, "c3d": {"pd-standard"}, "h3": {"pd-standard", "pd-ssd"},
+    **{s: {"hyperdisk-balanced"} for s in ("e2", "n1", "n2", "n2d", "c2", "c2d", "t2d", "t2a", "a2", "g2", "custom")},
+}
+
+
+@dataclass
 class _Operation:
     name: str
-    zone: str
+    zone: str | None  # None: a global operation
     kind: str
     target: str
     polls: int = 0
@@ -123,11 +141,14 @@ class _Operation:
         return "PENDING" if self.polls == 0 else "RUNNING" if self.polls == 1 else "DONE"
 
     def json(self, base: str) -> dict[str, Any]:
+        scope = f"{base}/zones/{self.zone}" if self.zone else f"{base}/global"
         body: dict[str, Any] = {"kind": "compute#operation", "id": str(abs(hash(self.name)) % 10**18),
-                                "name": self.name, "zone": f"{base}/zones/{self.zone}", "operationType": self.kind,
+                                "name": self.name, "operationType": self.kind,
                                 "targetLink": self.target, "status": self.status,
                                 "progress": 100 if self.status == "DONE" else 0,
-                                "selfLink": f"{base}/zones/{self.zone}/operations/{self.name}"}
+                                "selfLink": f"{scope}/operations/{self.name}"}
+        if self.zone:
+            body["zone"] = scope
         if self.status == "DONE" and self.error is not None:
             code, message, status = self.error
             body["error"] = {"errors": [{"code": code, "message": message}]}
@@ -145,6 +166,8 @@ class ComputeStandin:
         self.default_host_keys: dict[str, str] = {}  # published for every instance without keys of its own
         self.machine_types: dict[str, list[dict[str, Any]]] = copy.deepcopy(MACHINE_TYPES)  # zone -> types
         self.calls: list[Call] = []
+        self.networks: dict[str, Network] = {"default": Network()}
+        self.firewalls: dict[str, dict[str, Any]] = {}  # name -> firewall resource (network as a full URL)
         self.page_size = 500  # list and aggregatedList answer in pages of this many
         self.gets_to_running = 2  # a new instance is RUNNING after this many gets (PROVISIONING, STAGING before)
         self._ops: dict[str, _Operation] = {}
@@ -165,6 +188,15 @@ class ComputeStandin:
         self._thread = threading.Thread(target=self._serve, args=(ready,), name="compute-standin", daemon=True)
         self._thread.start()
         self.url = await asyncio.wrap_future(ready)
+        # The rules GCE makes with the default network (tcp:22 from anywhere to every instance among them).
+        for name, allowed, ranges in (
+                ("default-allow-ssh", [{"IPProtocol": "tcp", "ports": ["22"]}], ["0.0.0.0/0"]),
+                ("default-allow-rdp", [{"IPProtocol": "tcp", "ports": ["3389"]}], ["0.0.0.0/0"]),
+                ("default-allow-icmp", [{"IPProtocol": "icmp"}], ["0.0.0.0/0"]),
+                ("default-allow-internal", [{"IPProtocol": "tcp", "ports": ["0-65535"]},
+                                            {"IPProtocol": "udp", "ports": ["0-65535"]}], ["10.128.0.0/9"])):
+            self.add_firewall("test-project", {"name": name, "network": "global/networks/default",
+                                               "allowed": allowed, "sourceRanges": ranges, "priority": 65534})
 
     def _serve(self, ready: concurrent.futures.Future[str]) -> None:
         async def main() -> None:
@@ -222,6 +254,21 @@ class ComputeStandin:
         with self.lock:
             self.host_keys[name] = dict(keys)
 
+    def add_network(self, name: str, *, auto: bool = True, subnetworks: dict[str, set[str]] | None = None) -> None:
+        with self.lock:
+            self.networks[name] = Network(auto, dict(subnetworks or {}))
+
+    def add_firewall(self, project: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A rule as `firewalls.insert` stores it: defaults filled in, the network as a full URL."""
+        base = f"{self.url}/compute/v1/projects/{project}"
+        rule = {"kind": "compute#firewall", "id": str(5000 + next(self._ids)), "direction": "INGRESS",
+                "priority": 1000, "disabled": False, "creationTimestamp": "2024-01-01T00:00:00.000-00:00",
+                **copy.deepcopy(body), "selfLink": f"{base}/global/firewalls/{body['name']}"}
+        rule["network"] = f"{base}/global/networks/{str(body.get('network') or 'default').rsplit('/', 1)[-1]}"
+        with self.lock:
+            self.firewalls[rule["name"]] = rule
+        return rule
+
     def calls_of(self, method: str) -> list[Call]:
         with self.lock:
             return [c for c in self.calls if c.method == method]
@@ -253,6 +300,10 @@ class ComputeStandin:
         r.add_post(Z + "/operations/{op}/wait", self._operation, name="zoneOperations.wait")
         r.add_get(Z + "/machineTypes", self._machine_types, name="machineTypes.list")
         r.add_get(Z + "/machineTypes/{name}", self._machine_type, name="machineTypes.get")
+        r.add_get(P + "/global/networks/{name}", self._network, name="networks.get")
+        r.add_get(P + "/global/firewalls", self._firewall_list, name="firewalls.list")
+        r.add_post(P + "/global/firewalls", self._firewall_insert, name="firewalls.insert")
+        r.add_get(P + "/global/operations/{op}", self._operation, name="globalOperations.get")
         r.add_route("*", "/{tail:.*}", self._unknown, name="unknown")
 
     @web.middleware
@@ -277,7 +328,7 @@ class ComputeStandin:
 
     def _new_op(self, request: web.Request, kind: str, target: str, error: tuple[str, str, int] | None = None,
                 on_done: Callable[[], None] | None = None) -> web.Response:
-        op = _Operation(f"operation-{uuid.uuid4().hex[:16]}", request.match_info["zone"], kind, target, 0, error,
+        op = _Operation(f"operation-{uuid.uuid4().hex[:16]}", request.match_info.get("zone"), kind, target, 0, error,
                         on_done)
         self._ops[op.name] = op
         return web.json_response(op.json(self._base(request)))
@@ -302,6 +353,39 @@ class ComputeStandin:
                     ac["natIP"] = f"198.51.100.{n % 250 + 1}"
         self.instances[(zone, inst["name"])] = inst
         return inst
+
+    def _placement_invalid(self, body: dict[str, Any], zone: str, field: str, bulk: bool) -> web.Response | None:
+        """GCE's answers to a network, subnetwork or boot disk type it cannot use (the caller holds the lock)."""
+        def invalid(what: str, value: Any, why: str) -> web.Response:
+            return web.json_response(google_error(400, f"Invalid value for field '{field}.{what}': '{value}'. {why}",
+                                                  "invalid"), status=400)
+
+        for i, nic in enumerate(body.get("networkInterfaces") or []):
+            network, subnetwork = nic.get("network"), nic.get("subnetwork")
+            name = str(network or "default").rsplit("/", 1)[-1]
+            if network and name not in self.networks:
+                return invalid(f"networkInterfaces[{i}].network", network,
+                               "The referenced network resource cannot be found.")
+            found = self.networks.get(name)
+            if subnetwork:
+                region, sub = str(subnetwork).split("/")[-3], str(subnetwork).rsplit("/", 1)[-1]
+                auto = found is not None and found.auto and sub == name
+                if not auto and (found is None or sub not in found.subnetworks.get(region, set())):
+                    return invalid(f"networkInterfaces[{i}].subnetwork", subnetwork,
+                                   "The referenced subnetwork resource cannot be found.")
+            elif found is not None and not found.auto:
+                return invalid(f"networkInterfaces[{i}]", nic, "Subnetwork should be specified for custom "
+                                                               "subnetmode network")
+        for i, disk in enumerate(body.get("disks") or []):
+            disk_type = str((disk.get("initializeParams") or {}).get("diskType") or "")
+            if disk_type and not bulk and "/diskTypes/" not in f"/{disk_type}":
+                return invalid(f"disks[{i}].initializeParams.diskType", disk_type, "The URL is malformed.")
+            kind = disk_type.rsplit("/", 1)[-1] or "pd-standard"  # GCE's default
+            machine = str(body.get("machineType", "")).rsplit("/", 1)[-1]
+            if kind in REFUSED_DISKS.get(machine.split("-", 1)[0], set()):
+                return web.json_response(google_error(400, f"[{kind}, {machine}] features are not compatible for "
+                                                           "creating instance.", "badRequest"), status=400)
+        return None
 
     def _invalid(self, body: dict[str, Any], name: str) -> web.Response | None:
         if not NAME.match(name):
@@ -343,6 +427,8 @@ class ComputeStandin:
         if (bad := self._invalid(body, name)) is not None:
             return bad
         with self.lock:
+            if (bad := self._placement_invalid(body, zone, "resource", bulk=False)) is not None:
+                return bad
             if (zone, name) in self.instances:
                 return self._conflict(zone, project, name)
             failures = self._op_failures.get("instances.insert")
@@ -364,6 +450,8 @@ class ComputeStandin:
             if (bad := self._invalid(props, name)) is not None:
                 return bad
         with self.lock:
+            if (bad := self._placement_invalid(props, zone, "resource.instanceProperties", bulk=True)) is not None:
+                return bad
             for name in names:
                 if (zone, name) in self.instances:
                     return self._conflict(zone, project, name)
@@ -518,6 +606,62 @@ class ComputeStandin:
                 return web.json_response(self._served_type(request, found[0]))
         path = f"projects/{m['project']}/zones/{m['zone']}/machineTypes/{m['name']}"
         return web.json_response(google_error(404, f"The resource '{path}' was not found", "notFound"), status=404)
+
+    async def _network(self, request: web.Request) -> web.Response:
+        m = request.match_info
+        with self.lock:
+            found = self.networks.get(m["name"])
+        link = f"{self._base(request)}/global/networks/{m['name']}"
+        if found is None:
+            path = f"projects/{m['project']}/global/networks/{m['name']}"
+            return web.json_response(google_error(404, f"The resource '{path}' was not found", "notFound"), status=404)
+        body: dict[str, Any] = {"kind": "compute#network", "id": str(abs(hash(m["name"])) % 10**12), "name": m["name"],
+                                "selfLink": link, "autoCreateSubnetworks": found.auto,
+                                "routingConfig": {"routingMode": "REGIONAL"}}
+        subnets = [f"{self._base(request)}/regions/{r}/subnetworks/{n}" for r, ns in found.subnetworks.items()
+                   for n in sorted(ns)]
+        if subnets:
+            body["subnetworks"] = subnets
+        return web.json_response(body)
+
+    async def _firewall_list(self, request: web.Request) -> web.Response:
+        expression = request.query.get("filter", "")
+        with self.lock:
+            try:
+                # One project's rules, whichever the request names (the stand-in keeps no projects apart).
+                found = [{**copy.deepcopy(r), "network": f"{self._base(request)}/global/networks/"
+                                                         f"{r['network'].rsplit('/', 1)[-1]}"}
+                         for _, r in sorted(self.firewalls.items())]
+                found = [r for r in found if self._matches(r, expression)]
+            except ValueError:
+                return web.json_response(google_error(400, f"Invalid value for field 'filter': '{expression}'. "
+                                                           "Invalid list filter expression.", "invalid"), status=400)
+        start = int(request.query.get("pageToken") or 0)
+        size = min(int(request.query.get("maxResults") or self.page_size), self.page_size)
+        body: dict[str, Any] = {"kind": "compute#firewallList", "id": "firewalls"}
+        if found[start:start + size]:
+            body["items"] = found[start:start + size]
+        if start + size < len(found):
+            body["nextPageToken"] = str(start + size)
+        return web.json_response(body)
+
+    async def _firewall_insert(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        project, name = request.match_info["project"], str(body.get("name", ""))
+        if not NAME.match(name):
+            return web.json_response(google_error(400, f"Invalid value for field 'resource.name': '{name}'.",
+                                                  "invalid"), status=400)
+        network = str(body.get("network") or "global/networks/default")
+        with self.lock:
+            if network.rsplit("/", 1)[-1] not in self.networks:
+                return web.json_response(google_error(400, f"Invalid value for field 'resource.network': '{network}'. "
+                                                           "The referenced network resource cannot be found.",
+                                                      "invalid"), status=400)
+            if name in self.firewalls:
+                return web.json_response(google_error(409, f"The resource 'projects/{project}/global/firewalls/"
+                                                           f"{name}' already exists", "alreadyExists"), status=409)
+        rule = self.add_firewall(project, body)
+        return self._new_op(request, "insert", rule["selfLink"])
 
     async def _unknown(self, request: web.Request) -> web.Response:
         return web.json_response(google_error(404, f"the stand-in does not serve {request.method} {request.path}",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -65,11 +67,11 @@ async def arm() -> AsyncIterator[ArmStandin]:
     await server.stop()
 
 
-def make_driver(arm: ArmStandin, daemon_id: str = "daemon1") -> AzureDriver:
+def make_driver(arm: ArmStandin, daemon_id: str = "daemon1", **kwargs: Any) -> AzureDriver:
     cred = FakeCredential()
     return AzureDriver(SUB, RG, LOCATION, daemon_id, base_url=arm.url, credential=cred, client_kwargs={
         "authentication_policy": PlainHttpAuth(cred, "https://management.azure.com/.default"),
-        "polling_interval": 0.01, "retry_total": 0})
+        "polling_interval": 0.01, "retry_total": 0}, **kwargs)
 
 
 @pytest.fixture
@@ -84,9 +86,14 @@ def req(instance_id: str, *, spot: bool = False, machine_type: str = "Standard_D
     return CreateRequest(instance_id, "daemon1", machine_type, LOCATION, spot, "ubuntu", PUBKEY, image, arch)
 
 
-def names(instance_id: str) -> tuple[str, str, str]:
+DISKS = f"{RG_PATH}/providers/Microsoft.Compute/disks"
+
+
+def names(instance_id: str) -> tuple[str, str, str, str]:
+    """(VM, NIC, public IP, OS disk) paths."""
     vm, nic, ip = AzureDriver.names(instance_id)
-    return (f"{COMPUTE}/{vm}", f"{NETWORK}/networkInterfaces/{nic}", f"{NETWORK}/publicIPAddresses/{ip}")
+    return (f"{COMPUTE}/{vm}", f"{NETWORK}/networkInterfaces/{nic}", f"{NETWORK}/publicIPAddresses/{ip}",
+            f"{DISKS}/{AzureDriver.disk_name(instance_id)}")
 
 
 def left_behind(arm: ArmStandin, instance_id: str) -> list[str]:
@@ -101,7 +108,7 @@ async def test_create_spot_and_on_demand_with_tags_and_key(driver: AzureDriver, 
     assert spot.public_ip and spot.public_ip.startswith("203.0.113.")
     assert not regular.spot
 
-    vm_path, nic_path, ip_path = names("az-a1")
+    vm_path, nic_path, ip_path, disk_path = names("az-a1")
     vm = arm.get(vm_path)
     assert vm is not None
     props = vm["properties"]
@@ -112,7 +119,8 @@ async def test_create_spot_and_on_demand_with_tags_and_key(driver: AzureDriver, 
     linux = props["osProfile"]["linuxConfiguration"]
     assert linux["disablePasswordAuthentication"] is True
     assert linux["ssh"]["publicKeys"] == [{"path": "/home/ubuntu/.ssh/authorized_keys", "keyData": PUBKEY}]
-    for path in (vm_path, nic_path, ip_path):
+    # Azure does not pass the VM's tags on to its OS disk: the driver tags the disk itself.
+    for path in (vm_path, nic_path, ip_path, disk_path):
         resource = arm.get(path)
         assert resource is not None, path
         assert resource["tags"] == {TAG_DAEMON: "daemon1", TAG_INSTANCE: "az-a1"}, path
@@ -160,7 +168,7 @@ async def test_get_and_list_only_our_daemon(driver: AzureDriver, arm: ArmStandin
 
 async def test_delete_removes_vm_nic_ip_and_is_idempotent(driver: AzureDriver, arm: ArmStandin) -> None:
     await driver.create(req("az-d1"))
-    assert len(left_behind(arm, "az-d1")) == 3
+    assert len(left_behind(arm, "az-d1")) == 4
     await driver.delete("az-d1")
     assert left_behind(arm, "az-d1") == []
     assert await driver.get("az-d1") is None
@@ -282,7 +290,105 @@ async def test_reconcile_deletes_orphans_after_a_crash(driver: AzureDriver, arm:
     await reconcile_after_crash(driver, "azure", "Standard_D2s_v5", LOCATION, req("az-known"),
                                 req("az-orphan", spot=True), tmp_path)
     assert left_behind(arm, "az-orphan") == []
-    assert len(left_behind(arm, "az-known")) == 3
+    assert len(left_behind(arm, "az-known")) == 4
+
+
+async def crash_between_nic_and_vm(arm: ArmStandin, instance_id: str) -> None:
+    """A daemon's create dies after the IP and NIC, before its VM PUT reached ARM."""
+    crashed = make_driver(arm)
+    arm.stall_vm_creates()
+    create = asyncio.create_task(crashed.create(req(instance_id)))
+    await asyncio.wait_for(arm.vm_create_arrived.wait(), 10)
+    create.cancel()  # the process dies: nothing of the driver's clean-up runs
+    arm.release_vm_create(accept=False)
+    with pytest.raises(asyncio.CancelledError):
+        await create
+    await crashed.close()
+    vm, nic, ip, disk = names(instance_id)
+    assert arm.get(vm) is None and arm.get(disk) is None
+    for path in (nic, ip):
+        resource = arm.get(path)
+        assert resource is not None and resource["tags"] == {TAG_DAEMON: "daemon1", TAG_INSTANCE: instance_id}
+
+
+async def test_nic_and_ip_left_by_a_crash_are_deleted_by_the_reconciler(arm: ArmStandin, tmp_path: Path) -> None:
+    """Only VMs are listed to the reconciler: the NIC and IP of a create that never reached its VM
+    are found by their tags and deleted by the next sync of the restarted daemon; a known VM's stay."""
+    from cloudtaskd.config import Config
+    from cloudtaskd.dispatch import Dispatcher
+    from cloudtaskd.orchestrator.reconciler import Reconciler
+    from cloudtaskd.pins import InstancePins
+    from cloudtaskd.providers.cloud import CloudProvider, CloudSettings
+    from cloudtaskd.store import Store
+    from tests.conftest import test_runtime
+
+    await crash_between_nic_and_vm(arm, "az-crash")
+    driver = make_driver(arm, orphan_grace_s=0)  # the restarted daemon's
+    key = tmp_path / "id"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    store = Store(tmp_path / "db.sqlite")
+    await store.open()
+    try:
+        vm = await driver.create(req("az-live"))
+        await store.write(lambda tx: tx.db.execute(
+            "INSERT INTO instances (id, provider, pool_id, state, slots, token_hash, cloud_id, created_at,"
+            " state_changed_at) VALUES ('az-live', 'azure', NULL, 'running', 2, 'x', ?, 0, ?)", (vm.cloud_id, tx.now)))
+        provider = CloudProvider(driver, CloudSettings("Standard_D2s_v5", LOCATION, False, 2, "ubuntu", key), "daemon1",
+                                 tmp_path, InstancePins(store), test_runtime())
+        config = Config(state_dir=str(tmp_path))
+        await Reconciler(store, Dispatcher(store, config), [(provider, 5)], config, "ws://x").sync(now=1e9)
+    finally:
+        await store.close()
+        await driver.close()
+    assert left_behind(arm, "az-crash") == []
+    assert len(left_behind(arm, "az-live")) == 4
+
+
+async def test_orphans_wait_out_a_grace_and_a_create_in_flight_is_no_orphan(arm: ArmStandin) -> None:
+    await crash_between_nic_and_vm(arm, "az-g1")
+    now = [1000.0]
+    driver = make_driver(arm, orphan_grace_s=60, clock=lambda: now[0])
+    try:
+        assert await driver.list() == []
+        assert len(left_behind(arm, "az-g1")) == 2  # first seen now: kept for the grace
+        now[0] += 30
+        await driver.list()
+        assert len(left_behind(arm, "az-g1")) == 2
+        now[0] += 31
+        await driver.list()
+        assert left_behind(arm, "az-g1") == []
+
+        # This driver's own create, between its NIC and its VM: not taken, whatever the grace.
+        driver.orphan_grace_s = 0
+        arm.stall_vm_creates()
+        create = asyncio.create_task(driver.create(req("az-g2")))
+        await asyncio.wait_for(arm.vm_create_arrived.wait(), 10)
+        await driver.list()
+        assert len(left_behind(arm, "az-g2")) == 2
+        arm.release_vm_create(accept=True)
+        vm = await create
+        assert vm.instance_id == "az-g2" and len(left_behind(arm, "az-g2")) == 4
+        assert [v.instance_id for v in await driver.list()] == ["az-g2"]
+    finally:
+        await driver.close()
+
+
+async def test_only_our_tagged_leftovers_are_swept(driver: AzureDriver, arm: ArmStandin) -> None:
+    """A disk of ours left alone (its VM deleted with the disk detached) goes; another daemon's
+    NIC, an untagged IP and a disk without an instance tag stay."""
+    driver.orphan_grace_s = 0
+    await driver.list()  # the resource group
+    arm.put(f"{DISKS}/ct-az-h1-osdisk", {"location": LOCATION, "tags": {TAG_DAEMON: "daemon1", TAG_INSTANCE: "az-h1"},
+                                         "properties": {"diskState": "Unattached"}})
+    arm.put(f"{NETWORK}/networkInterfaces/other-nic", {"location": LOCATION,
+                                                       "tags": {TAG_DAEMON: "daemon2", TAG_INSTANCE: "x"}})
+    arm.put(f"{NETWORK}/publicIPAddresses/mine-by-hand", {"location": LOCATION})
+    arm.put(f"{DISKS}/shared-data", {"location": LOCATION, "tags": {TAG_DAEMON: "daemon1"}})
+    assert await driver.list() == []
+    assert arm.get(f"{DISKS}/ct-az-h1-osdisk") is None
+    for kept in (f"{NETWORK}/networkInterfaces/other-nic", f"{NETWORK}/publicIPAddresses/mine-by-hand",
+                 f"{DISKS}/shared-data"):
+        assert arm.get(kept) is not None, kept
 
 
 class DaemonAzureDriver(AzureDriver):

@@ -11,7 +11,9 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -152,3 +154,42 @@ async def test_daemon_killed_mid_job_tunnels_come_back_and_each_task_runs_once(
     # The restarted daemon's tunnel listens on another port; the agent read it from agent.url.
     agent_log = host.run("cat /root/.cloudtask/ssh-*/agent.log").stdout
     assert agent_log.count('"agent_connected"') >= 2 and '"agent_url_changed"' in agent_log, agent_log[-2000:]
+
+
+@pytest.mark.usefixtures("creds")
+async def test_a_job_on_aws_runs_on_a_foreign_host(tmp_path: Path, host: fh.ForeignHost, moto: Any) -> None:
+    """The AWS path end to end on a machine that is not the control host: the daemon launches the VM
+    in (emulated) EC2, pins the host key from the console output, bootstraps the foreign host
+    (reached through the documented ssh_address_override) through its tunnel, runs the job there on
+    its Python 3.9, and terminates the idle VM."""
+    from cloudtaskd.config import AwsProviderConfig, LocalProviderConfig, ProvidersConfig
+    from cloudtaskd.daemon import Daemon
+    from tests.cloud_e2e import CloudRun
+    from tests.conftest import UnixApi, make_config
+    from tests.test_aws import console_with_keys, moto_image
+
+    moto.reset()
+    moto.console = console_with_keys(host.public_host_key())
+    aws = AwsProviderConfig(enabled=True, max_instances=1, machine_type="t3.micro", cpus=2, spot=False,
+                            image=await moto_image(moto), endpoint_url=moto.url, ssh_user="root",
+                            ssh_key_file=str(host.client_key), ssh_address_override=f"{host.address}:22")
+    config = replace(make_config(tmp_path, idle_timeout_s=0.5),
+                     providers=ProvidersConfig(local=LocalProviderConfig(enabled=False), aws=aws))
+    daemon = Daemon(config, shutdown_grace_s=5)
+    await daemon.start()
+    api = UnixApi(config.socket_path)
+    try:
+        run = CloudRun(daemon, api, None)  # type: ignore[arg-type]  # no local sshd: the foreign host's
+        res = await run.job("[d['n'] * 3, __import__('sys').version.split()[0]]", 20, timeout=240)
+        assert sorted(r["result"][0] for r in res.values()) == [3 * i for i in range(20)]
+        assert {r["result"][1] for r in res.values()} == {host.python_version()}
+        assert {r["instance"].split("-")[0] for r in res.values()} == {"aws"}
+        rows = await run.instance_rows("aws")
+        assert [r["host_key"] for r in rows] == [" ".join(host.public_host_key().split()[:2])]
+
+        async def terminated() -> bool:
+            return all(r["state"] == "stopped" for r in await run.instance_rows("aws"))
+        await run.until(terminated, "the idle VM terminated", timeout=60)
+    finally:
+        await api.close()
+        await daemon.stop()

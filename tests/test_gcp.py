@@ -23,7 +23,16 @@ from cloudtaskd.errors import (
 )
 from cloudtaskd.providers.base import ARM64, X86_64
 from cloudtaskd.providers.cloud import TAG_DAEMON, TAG_INSTANCE, CreateRequest
-from cloudtaskd.providers.gcp import DEFAULT_IMAGE, META_INSTANCES, GcpDriver, OperationError, classify, vm_name
+from cloudtaskd.providers.gcp import (
+    DEFAULT_IMAGE,
+    META_INSTANCES,
+    NETWORK_TAG,
+    GcpDriver,
+    OperationError,
+    boot_disk_type,
+    classify,
+    vm_name,
+)
 from tests.cloud_e2e import cloud_daemon, needs_sshd, reconcile_after_crash
 from tests.conftest import wait_for
 from tests.gcp_standin import ComputeStandin
@@ -97,6 +106,125 @@ async def test_create_spot_and_on_demand_with_labels_and_key(driver: GcpDriver, 
 
     got = await driver.get("gcp-a1")
     assert got is not None and got.state == "running" and got.public_ip == spot.public_ip
+
+
+async def test_os_login_off_network_tag_and_a_boot_disk_each_series_takes(driver: GcpDriver,
+                                                                           gce: ComputeStandin) -> None:
+    """OS Login would ignore the ssh-keys item; GCE's default pd-standard boot disk is refused by
+    C3, C4 and N4 (the stand-in refuses it as GCE does), so the type is set per series."""
+    await driver.create(req("gcp-o1", machine_type="e2-standard-2"))
+    await driver.create(req("gcp-o2", machine_type="c4-standard-4", spot=True))
+    await asyncio.gather(driver.create(req("gcp-o3", machine_type="n4-standard-2")),
+                         driver.create(req("gcp-o4", machine_type="n4-standard-2")))
+    e2, c4, n4 = created(gce, "gcp-o1"), created(gce, "gcp-o2"), created(gce, "gcp-o3")
+    for inst in (e2, c4, n4):
+        assert metadata(inst)["enable-oslogin"] == "FALSE"
+        assert inst["tags"]["items"] == [NETWORK_TAG]
+    assert e2["disks"][0]["initializeParams"]["diskType"] == f"zones/{ZONE}/diskTypes/pd-balanced"
+    assert c4["disks"][0]["initializeParams"]["diskType"] == f"zones/{ZONE}/diskTypes/hyperdisk-balanced"
+    [bulk] = gce.calls_of("instances.bulkInsert")  # an instance template's form: the type's name
+    assert bulk.body["instanceProperties"]["disks"][0]["initializeParams"]["diskType"] == "hyperdisk-balanced"
+    assert n4["disks"][0]["initializeParams"]["diskType"] == "hyperdisk-balanced"
+
+
+def test_boot_disk_type_per_series() -> None:
+    for machine_type in ("e2-medium", "n1-standard-1", "n2d-highmem-2", "t2a-standard-1", "c2-standard-4",
+                         "a2-highgpu-1g", "custom-4-8192", "e2-custom-4-8192"):
+        assert boot_disk_type(machine_type) == "pd-balanced", machine_type
+    for machine_type in ("c3-standard-4", "c3d-highcpu-4", "c4-standard-2", "c4a-standard-1", "n4-highmem-2",
+                         "h3-standard-88", "z3-highmem-88", "x4-960-16t", "a3-highgpu-8g"):
+        assert boot_disk_type(machine_type) == "hyperdisk-balanced", machine_type
+
+
+async def test_disk_type_from_config_overrides_the_series(gce: ComputeStandin) -> None:
+    d = make_driver(gce, disk_type="pd-ssd")
+    try:
+        await d.create(req("gcp-p1"))
+    finally:
+        await d.close()
+    assert created(gce, "gcp-p1")["disks"][0]["initializeParams"]["diskType"] == f"zones/{ZONE}/diskTypes/pd-ssd"
+
+
+async def test_a_missing_network_names_the_key(driver: GcpDriver, gce: ComputeStandin) -> None:
+    """A project with no `default` network (an organisation's policy): the create fails before any
+    insert with an error that names providers.gcp.network."""
+    with gce.lock:
+        del gce.networks["default"]
+    with pytest.raises(InvalidRequest) as info:
+        await driver.create(req("gcp-m1"))
+    text = str(info.value)
+    assert text.startswith("gcp: prepare:") and "providers.gcp.network" in text and "'default'" in text
+    assert isinstance(info.value.__cause__, api.NotFound)
+    assert not gce.calls_of("instances.insert")
+
+
+async def test_a_network_gone_after_the_check_is_classified_from_the_insert(driver: GcpDriver,
+                                                                            gce: ComputeStandin) -> None:
+    await driver.create(req("gcp-m2"))  # the network was checked, once
+    with gce.lock:
+        del gce.networks["default"]
+    with pytest.raises(InvalidRequest) as info:
+        await driver.create(req("gcp-m3"))
+    text = str(info.value)
+    assert "providers.gcp.network" in text and "The referenced network resource cannot be found" in text
+    assert gce.instance(vm_name("gcp-m3")) is None
+
+
+async def test_a_custom_network_and_subnetwork_get_a_tagged_ssh_rule_once(gce: ComputeStandin) -> None:
+    """A custom-mode network with no rule that admits SSH: one rule is made, for our tag only, and
+    a second driver finds it instead of making another."""
+    gce.add_network("corp", auto=False, subnetworks={"us-central1": {"corp-a"}})
+    # Rules that do not count: SSH to another tag, SSH on another network, disabled, another port.
+    gce.add_firewall(PROJECT, {"name": "ssh-bastion", "network": "global/networks/corp", "targetTags": ["bastion"],
+                               "sourceRanges": ["0.0.0.0/0"], "allowed": [{"IPProtocol": "tcp", "ports": ["22"]}]})
+    gce.add_firewall(PROJECT, {"name": "ssh-off", "network": "global/networks/corp", "disabled": True,
+                               "sourceRanges": ["0.0.0.0/0"], "allowed": [{"IPProtocol": "tcp", "ports": ["22"]}]})
+    gce.add_firewall(PROJECT, {"name": "https", "network": "global/networks/corp", "sourceRanges": ["0.0.0.0/0"],
+                               "allowed": [{"IPProtocol": "tcp", "ports": ["443", "8000-8080"]}]})
+    for round_ in range(2):
+        d = make_driver(gce, network="corp", subnetwork="corp-a")
+        try:
+            await d.create(req(f"gcp-n{round_}"))
+        finally:
+            await d.close()
+    [insert] = gce.calls_of("firewalls.insert")
+    rule = insert.body
+    assert rule["name"] == "cloudtask-ssh-corp" and rule["targetTags"] == [NETWORK_TAG]
+    assert rule["sourceRanges"] == ["0.0.0.0/0"] and rule["allowed"] == [{"IPProtocol": "tcp", "ports": ["22"]}]
+    assert rule["network"].endswith(f"/projects/{PROJECT}/global/networks/corp")
+    assert gce.calls_of("globalOperations.get")  # its operation polled through our own endpoint
+    [nic] = created(gce, "gcp-n0")["networkInterfaces"]
+    assert nic["network"] == "global/networks/corp" and nic["subnetwork"] == "regions/us-central1/subnetworks/corp-a"
+
+
+async def test_an_existing_rule_that_admits_ssh_is_used(gce: ComputeStandin) -> None:
+    """The default network's own default-allow-ssh, or a rule for our tag with a port range."""
+    d = make_driver(gce)
+    try:
+        await d.create(req("gcp-f1"))
+    finally:
+        await d.close()
+    gce.add_network("lab")
+    gce.add_firewall(PROJECT, {"name": "lab-ssh", "network": "global/networks/lab", "targetTags": [NETWORK_TAG],
+                               "sourceRanges": ["10.0.0.0/8", "0.0.0.0/0"],
+                               "allowed": [{"IPProtocol": "tcp", "ports": ["20-25"]}]})
+    d = make_driver(gce, network="lab")
+    try:
+        await d.create(req("gcp-f2"))
+    finally:
+        await d.close()
+    assert not gce.calls_of("firewalls.insert")
+    assert len(gce.calls_of("firewalls.list")) == 2
+
+
+async def test_a_custom_network_without_a_subnetwork_is_refused_as_gce_does(gce: ComputeStandin) -> None:
+    gce.add_network("corp", auto=False, subnetworks={"us-central1": {"corp-a"}})
+    d = make_driver(gce, network="corp")
+    try:
+        with pytest.raises(InvalidRequest, match=r"Subnetwork should be specified.*providers\.gcp\.subnetwork"):
+            await d.create(req("gcp-s1"))
+    finally:
+        await d.close()
 
 
 async def test_image_from_the_request_or_the_driver(gce: ComputeStandin) -> None:

@@ -5,16 +5,26 @@ else DefaultAzureCredential (environment, managed identity, the az CLI login). `
 every client at an emulator; `client_kwargs` go to each client as they are (tests pass their own
 authentication policy and a short polling interval there; the product's path stays https-only).
 
-Idempotency: every resource is named from our instance id (`ct-<id>-vm`, `-nic`, `-ip`), so a
-repeated create finds the VM it made before. A failed create leaves nothing behind: Azure keeps a
-VM that failed allocation as a resource in the Failed state, so create deletes it (and its NIC and
-IP) before raising.
+Idempotency: every resource is named from our instance id (`ct-<id>-vm`, `-nic`, `-ip`,
+`-osdisk`), so a repeated create finds the VM it made before. A failed create leaves nothing behind:
+Azure keeps a VM that failed allocation as a resource in the Failed state, so create deletes it (and
+its NIC, IP and disk) before raising.
+
+Orphans: the IP and NIC are made before the VM, so a daemon that dies between them (or a create
+cancelled at shutdown) leaves them with no VM, and the reconciler, which syncs from VMs, would never
+see them. Every one carries the daemon's and the instance's tags (the OS disk too: Azure does not
+pass a VM's tags on to its disk, so create tags it), and list() deletes those of ours whose
+instance has no VM, once they have been seen so for ORPHAN_GRACE_S and no create of this driver is
+making them (ARM's lists lag its writes).
 """
 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import re
+import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -40,6 +50,7 @@ VNET_PREFIX = "10.77.0.0/16"
 SUBNET_NAME = "cloudtask"
 SSH_RULE_PRIORITY = 1000
 NAME_MAX = 64  # Linux VM and computer names
+ORPHAN_GRACE_S = 180.0  # a NIC, IP or disk of ours seen this long with no VM is deleted
 
 # Instance-view codes -> VM_STATES. A power state, when there is one, says more than provisioning.
 STATUS_MAP = {
@@ -132,7 +143,8 @@ class AzureDriver:
     def __init__(self, subscription_id: str, resource_group: str, location: str, daemon_id: str, *,
                  tenant_id: str | None = None, client_id: str | None = None, client_secret: str | None = None,
                  base_url: str | None = None, credential: Any = None,
-                 client_kwargs: dict[str, Any] | None = None) -> None:
+                 client_kwargs: dict[str, Any] | None = None, orphan_grace_s: float = ORPHAN_GRACE_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         principal = {"tenant_id": tenant_id, "client_id": client_id, "client_secret": client_secret}
         missing = [f"providers.azure.{k}" for k, v in principal.items() if not v]
         if credential is None and 0 < len(missing) < len(principal):
@@ -155,6 +167,10 @@ class AzureDriver:
         self._client_lock = asyncio.Lock()
         self._subnet_id: str | None = None
         self._setup_lock = asyncio.Lock()
+        self.orphan_grace_s = orphan_grace_s
+        self._clock = clock
+        self._creating: set[str] = set()  # instance ids with a create in flight: their NIC and IP are no orphans
+        self._orphans_seen: dict[str, float] = {}  # instance id -> when first seen with resources but no VM
 
     # ---- clients ----
 
@@ -198,6 +214,11 @@ class AzureDriver:
         """(VM, NIC, public IP) names: deterministic, so a repeated create finds what it made."""
         base = "ct-" + re.sub(r"[^A-Za-z0-9-]", "-", instance_id)[: NAME_MAX - 7]
         return f"{base}-vm", f"{base}-nic", f"{base}-ip"
+
+    @staticmethod
+    def disk_name(instance_id: str) -> str:
+        """The OS disk's name (Azure would make up one with a random part)."""
+        return AzureDriver.names(instance_id)[0].removesuffix("-vm") + "-osdisk"
 
     def _tags(self, instance_id: str | None = None) -> dict[str, str]:
         tags = {TAG_DAEMON: self.daemon_id}
@@ -248,6 +269,13 @@ class AzureDriver:
     # ---- the driver contract ----
 
     async def create(self, req: CreateRequest) -> CloudVm:
+        self._creating.add(req.instance_id)
+        try:
+            return await self._create(req)
+        finally:
+            self._creating.discard(req.instance_id)
+
+    async def _create(self, req: CreateRequest) -> CloudVm:
         found = await self._find(req.instance_id)
         if found is not None:
             vm, address = found
@@ -275,8 +303,18 @@ class AzureDriver:
             err = classify(exc, "launch")
             await self._cleanup(req.instance_id, err)
             raise err from exc
+        await self._tag_disk(compute, req.instance_id, tags)
         log.info("azure_vm_created", instance=req.instance_id, vm=vm_name, size=req.machine_type, spot=req.spot)
         return self._vm(vm, _props(ip).get("ipAddress"), req.instance_id)
+
+    async def _tag_disk(self, compute: Any, instance_id: str, tags: dict[str, str]) -> None:
+        """The OS disk gets no tags from its VM: tag it, so that list() finds it if it is ever left alone."""
+        try:
+            await (await compute.disks.begin_update(self.resource_group, self.disk_name(instance_id),
+                                                    {"tags": tags})).result()
+        except Exception as exc:
+            # The VM deletes the disk with itself (deleteOption Delete); the tag only matters without one.
+            log.warning("azure_disk_tag_failed", instance=instance_id, error=str(classify(exc, "tag")))
 
     def _vm_body(self, req: CreateRequest, nic_id: str, image: dict[str, str], location: str,
                  zones: list[str] | None, tags: dict[str, str]) -> dict[str, Any]:
@@ -284,7 +322,7 @@ class AzureDriver:
         props: dict[str, Any] = {
             "hardwareProfile": {"vmSize": req.machine_type},
             "storageProfile": {"imageReference": image, "osDisk": {
-                "createOption": "FromImage", "deleteOption": "Delete",
+                "name": self.disk_name(req.instance_id), "createOption": "FromImage", "deleteOption": "Delete",
                 "managedDisk": {"storageAccountType": "StandardSSD_LRS"}}},
             "osProfile": {
                 "computerName": vm_name.removesuffix("-vm")[:NAME_MAX], "adminUsername": req.ssh_user,
@@ -379,8 +417,8 @@ class AzureDriver:
         try:
             ours = [vm async for vm in compute.virtual_machines.list(rg)
                     if (vm.get("tags") or {}).get(TAG_DAEMON) == self.daemon_id]
-            addresses = {ip.get("name"): _props(ip).get("ipAddress")
-                         async for ip in network.public_ip_addresses.list(rg)}
+            ips = [ip async for ip in network.public_ip_addresses.list(rg)]
+            addresses = {ip.get("name"): _props(ip).get("ipAddress") for ip in ips}
             # A list carries no instance view (Azure allows it only with a scale-set filter).
             views = await asyncio.gather(*(compute.virtual_machines.get(rg, vm["name"], expand="instanceView")
                                            for vm in ours), return_exceptions=True)
@@ -388,6 +426,7 @@ class AzureDriver:
             if _not_found(exc):
                 return []  # no resource group yet: nothing of ours
             raise classify(exc, "list") from exc
+        await self._sweep_orphans(compute, network, {self._tag(vm, TAG_INSTANCE) for vm in ours}, ips)
         vms = []
         for vm, view in zip(ours, views, strict=True):
             if isinstance(view, BaseException):
@@ -398,13 +437,54 @@ class AzureDriver:
             vms.append(self._vm(view, addresses.get(self.names(instance_id)[2]), instance_id or None))
         return vms
 
+    def _tag(self, resource: Any, key: str) -> str:
+        return str((resource.get("tags") or {}).get(key, ""))
+
+    async def _sweep_orphans(self, compute: Any, network: Any, with_vm: set[str], ips: builtins.list[Any]) -> None:
+        """Delete our NICs, IPs and disks whose instance has no VM (see Orphans above). A failure
+        here only logs: the VMs listed matter more, and the next sync tries again."""
+        rg = self.resource_group
+        try:
+            nics = [nic async for nic in network.network_interfaces.list(rg)]
+            disks = [disk async for disk in compute.disks.list_by_resource_group(rg)]
+        except Exception as exc:
+            log.warning("azure_orphan_sweep_failed", error=str(classify(exc, "list")))
+            return
+        # In deletion order: a NIC holds its IP; the disk stands alone.
+        leftovers: dict[str, list[tuple[Any, str]]] = {}
+        for operations, resources in ((network.network_interfaces, nics), (network.public_ip_addresses, ips),
+                                      (compute.disks, disks)):
+            for resource in resources:
+                instance_id = self._tag(resource, TAG_INSTANCE)
+                if self._tag(resource, TAG_DAEMON) != self.daemon_id or not instance_id:
+                    continue
+                if instance_id not in with_vm and instance_id not in self._creating:
+                    leftovers.setdefault(instance_id, []).append((operations, str(resource.get("name"))))
+        now = self._clock()
+        self._orphans_seen = {i: self._orphans_seen.get(i, now) for i in leftovers}
+        for instance_id, found in leftovers.items():
+            if now - self._orphans_seen[instance_id] < self.orphan_grace_s:
+                continue
+            try:
+                for operations, name in found:
+                    try:
+                        await (await operations.begin_delete(rg, name)).result()
+                    except Exception as exc:
+                        if not _not_found(exc):
+                            raise
+            except Exception as exc:
+                log.warning("azure_orphan_delete_failed", instance=instance_id, error=str(classify(exc, "terminate")))
+                continue
+            self._orphans_seen.pop(instance_id, None)
+            log.warning("azure_orphans_deleted", instance=instance_id, resources=[name for _, name in found])
+
     async def delete(self, instance_id: str) -> None:
         compute, network = await self._clients()
         vm_name, nic_name, ip_name = self.names(instance_id)
         rg = self.resource_group
         # The order matters: a NIC cannot go while a VM holds it, nor an IP while a NIC does.
         steps = ((compute.virtual_machines, vm_name), (network.network_interfaces, nic_name),
-                 (network.public_ip_addresses, ip_name))
+                 (network.public_ip_addresses, ip_name), (compute.disks, self.disk_name(instance_id)))
         for operations, name in steps:
             try:
                 await (await operations.begin_delete(rg, name)).result()

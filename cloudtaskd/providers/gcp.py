@@ -30,6 +30,21 @@ VM on its 409.
 
 No `request_id`: idempotency comes from the names. For at least an hour, a request id would also
 hand a retried create the first, failed operation (a stock-out) instead of trying again.
+
+Network (once per driver, before the first create): the VPC network `providers.gcp.network`
+(`default` unless set; projects in organisations often have none, as the org policy
+`compute.skipDefaultNetworkCreation` is common) must exist, else a create fails with an error
+naming that key. VMs go into it (and into `providers.gcp.subnetwork` when set, as custom-mode
+networks need) with a public address and the network tag `cloudtask-ssh`. The bootstrap needs SSH
+from this host: when no enabled ingress rule on that network allows tcp:22 from 0.0.0.0/0 to every
+instance or to that tag, one (`cloudtask-ssh-<network>`) is created for the tag only.
+
+OS Login: where it is on for the project (organisations often enforce it), the guest ignores the
+`ssh-keys` metadata our key is in; `enable-oslogin=FALSE` on the instance turns it off for our VMs
+(an org policy `compute.requireOsLogin` overrides that, and then the bootstrap cannot log in).
+
+Boot disk: with no type given, GCE makes pd-standard, which C3, C4, N4 and newer series refuse.
+The type is chosen per series (`boot_disk_type`), or set with `providers.gcp.disk_type`.
 """
 
 from __future__ import annotations
@@ -69,7 +84,18 @@ DEFAULT_IMAGES = {X86_64: "projects/ubuntu-os-cloud/global/images/family/ubuntu-
                   ARM64: "projects/ubuntu-os-cloud/global/images/family/ubuntu-2404-lts-arm64"}
 DEFAULT_IMAGE = DEFAULT_IMAGES[X86_64]  # the x86_64 one (what every type got before architectures were told apart)
 COMPUTE_SCOPE = "https://www.googleapis.com/auth/compute"
-NETWORK = "global/networks/default"
+DEFAULT_NETWORK = "default"
+NETWORK_TAG = "cloudtask-ssh"  # on every VM; the SSH firewall rule we make targets only this tag
+FIREWALL_PREFIX = "cloudtask-ssh"
+SSH_PORT = 22
+ANYWHERE = "0.0.0.0/0"
+# Series of the first two generations take Persistent Disk (pd-balanced: SSD-backed, the cheapest
+# that boots fast); from the third on (C3, C3D, C4, C4A, C4D, N4, H3, Z3, M3, X4, A3, ...) GCE's
+# general-purpose boot disk is Hyperdisk Balanced, and C4, C4A, C4D, N4 and X4 take no Persistent
+# Disk at all. A custom N1 type (`custom-4-8192`) has no series prefix: it is N1.
+PD_DISK = "pd-balanced"
+HYPERDISK_DISK = "hyperdisk-balanced"
+HYPERDISK_FROM_GENERATION = 3
 NAME_MAX = 63  # GCE resource names and label values
 META_INSTANCES = "cloudtask-instances"  # metadata item: JSON {VM name: exact instance id}
 CALL_TIMEOUT_S = 60.0  # one HTTP call (the library's default is 600 s)
@@ -122,8 +148,22 @@ def _first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else ""
 
 
+NETWORK_MISSING = re.compile(r"networkInterfaces\[\d+\]\.(sub)?network.*(cannot be found|not found)", re.I | re.S)
+
+
+def _network_missing(text: str, op: str) -> InvalidRequest:
+    return InvalidRequest(PROVIDER, op, "the VPC network or subnetwork for the VMs does not exist: set "
+                          "providers.gcp.network (and providers.gcp.subnetwork for a custom-mode network) to one "
+                          f"that exists (`gcloud compute networks list`); the API said: {text}")
+
+
 def _by_code(code: str, message: str, status: int, op: str) -> ProviderError:
     text = f"{code}: {message}" if code else message
+    if NETWORK_MISSING.search(message):
+        return _network_missing(text, op)
+    if "Subnetwork should be specified" in message:
+        return InvalidRequest(PROVIDER, op, f"{text}: set providers.gcp.subnetwork (a custom-mode network has no "
+                              "subnetwork in every region)")
     spot_stockout = code == "UNSUPPORTED_OPERATION" and re.search(r"spot|preemptible|capacity", message, re.I)
     if code in CAPACITY_CODES or spot_stockout or any(c in message for c in CAPACITY_CODES):
         return CapacityError(PROVIDER, op, text)
@@ -215,6 +255,43 @@ def vm_name(instance_id: str) -> str:
     return f"ct-{slug[: NAME_MAX - 12]}".rstrip("-") + f"-{digest}"
 
 
+def boot_disk_type(machine_type: str) -> str:
+    """The boot disk type every machine of this type's series accepts: pd-balanced for the
+    first two generations (E2, N1, N2, N2D, C2, C2D, T2D, T2A, A2, G2, M1, M2), hyperdisk-balanced
+    from the third on (C3, C3D, C4, C4A, C4D, N4, H3, Z3, M3, M4, X4, A3, A4)."""
+    series = machine_type.split("-", 1)[0].lower()
+    generation = re.search(r"\d+", series)
+    if generation is None:  # `custom-4-8192`: a custom N1
+        return PD_DISK
+    return HYPERDISK_DISK if int(generation.group()) >= HYPERDISK_FROM_GENERATION else PD_DISK
+
+
+def _name_of(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _admits_ssh(rule: Any, tag: str) -> bool:
+    """An enabled ingress rule that allows tcp:22 from anywhere to every instance or to `tag`."""
+    if rule.disabled or (rule.direction and str(rule.direction) != "INGRESS"):
+        return False
+    if ANYWHERE not in builtins.list(rule.source_ranges):
+        return False
+    targets, accounts = builtins.list(rule.target_tags), builtins.list(rule.target_service_accounts)
+    if accounts or (targets and tag not in targets):
+        return False
+    for allowed in rule.allowed:
+        if str(allowed.I_p_protocol).lower() not in ("tcp", "6", "all"):
+            continue
+        ports = builtins.list(allowed.ports)
+        if not ports:
+            return True  # every port
+        for spec in ports:
+            low, _, high = str(spec).partition("-")
+            if int(low) <= SSH_PORT <= int(high or low):
+                return True
+    return False
+
+
 def _zone_of(url: str) -> str:
     return url.rstrip("/").rsplit("/", 1)[-1]
 
@@ -235,6 +312,9 @@ class _Clients:
     instances: Any
     operations: Any
     read_retry: Any
+    networks: Any
+    firewalls: Any
+    global_operations: Any
 
 
 @dataclass
@@ -263,6 +343,7 @@ class GcpDriver:
 
     def __init__(self, project_id: str, zone: str, daemon_id: str, *, credentials_file: str | None = None,
                  api_endpoint: str | None = None, credentials: Any = None, image: str | None = None,
+                 network: str = DEFAULT_NETWORK, subnetwork: str | None = None, disk_type: str | None = None,
                  polling_interval_s: float = 1.0, max_workers: int = 8) -> None:
         if not project_id:
             raise ProviderAuthError(PROVIDER, "configure", "no project: set providers.gcp.project_id")
@@ -272,6 +353,10 @@ class GcpDriver:
         self.credentials_file = credentials_file or None
         self.api_endpoint = api_endpoint or None
         self.image = image or None
+        # A name in this project, or a path (`projects/HOST/global/networks/N`: a Shared VPC's).
+        self.network = network or DEFAULT_NETWORK
+        self.subnetwork = subnetwork or None
+        self.disk_type = disk_type or None
         self.polling_interval_s = polling_interval_s
         self._credentials = credentials
         self._max_workers = max_workers
@@ -283,6 +368,8 @@ class GcpDriver:
         self._where: dict[str, tuple[str, str]] = {}
         self._batches: dict[_BatchKey, _Batch] = defaultdict(_Batch)
         self._flushes: set[asyncio.Task[None]] = set()
+        self._network_ready = False
+        self._network_lock = asyncio.Lock()
 
     # ---- threads and clients ----
 
@@ -312,8 +399,12 @@ class GcpDriver:
         options = ClientOptions(api_endpoint=self.api_endpoint) if self.api_endpoint else None
         read_retry = retries.Retry(initial=0.2, maximum=5.0, multiplier=2.0, timeout=READ_RETRY_S,
                                    predicate=retries.if_exception_type(api.ServiceUnavailable, api.DeadlineExceeded))
-        return _Clients(compute_v1.InstancesClient(credentials=credentials, client_options=options),
-                        compute_v1.ZoneOperationsClient(credentials=credentials, client_options=options), read_retry)
+        def make(cls: Any) -> Any:
+            return cls(credentials=credentials, client_options=options)
+
+        return _Clients(make(compute_v1.InstancesClient), make(compute_v1.ZoneOperationsClient), read_retry,
+                        make(compute_v1.NetworksClient), make(compute_v1.FirewallsClient),
+                        make(compute_v1.GlobalOperationsClient))
 
     def _load_credentials(self, op: str) -> Any:
         if self.credentials_file:
@@ -355,18 +446,20 @@ class GcpDriver:
             if executor is not None:
                 executor.shutdown(wait=True, cancel_futures=True)
             if clients is not None:
-                clients.instances.transport.close()
-                clients.operations.transport.close()
+                for client in (clients.instances, clients.operations, clients.networks, clients.firewalls,
+                               clients.global_operations):
+                    client.transport.close()
 
         await asyncio.to_thread(shut)  # waits for calls in flight, each bounded by CALL_TIMEOUT_S
 
     # ---- operations ----
 
-    async def _wait(self, operation: Any, zone: str, op: str) -> None:
-        """Poll a zonal operation until DONE; raise its error, classified."""
+    async def _wait(self, operation: Any, zone: str | None, op: str, project: str | None = None) -> None:
+        """Poll a zonal operation (a global one when zone is None) until DONE; raise its error, classified."""
         from google.cloud import compute_v1
 
         clients = await self._clients(op)
+        project = project or self.project_id
         deadline = time.monotonic() + OPERATION_WAIT_S
         while operation.status != compute_v1.Operation.Status.DONE:
             if time.monotonic() > deadline:
@@ -374,9 +467,14 @@ class GcpDriver:
                                              f"{OPERATION_WAIT_S:.0f} s")
             await asyncio.sleep(self.polling_interval_s)
             try:
-                operation = await self._call(clients.operations.get, project=self.project_id, zone=zone,
-                                             operation=operation.name, retry=clients.read_retry,
-                                             timeout=CALL_TIMEOUT_S)
+                if zone is None:
+                    operation = await self._call(clients.global_operations.get, project=project,
+                                                 operation=operation.name, retry=clients.read_retry,
+                                                 timeout=CALL_TIMEOUT_S)
+                else:
+                    operation = await self._call(clients.operations.get, project=project, zone=zone,
+                                                 operation=operation.name, retry=clients.read_retry,
+                                                 timeout=CALL_TIMEOUT_S)
             except Exception as exc:
                 _reraise(exc, op)
         errors = builtins.list(operation.error.errors)
@@ -415,6 +513,7 @@ class GcpDriver:
         zone, image = key[0], key[3]
         results: builtins.list[CloudVm | ProviderError]
         try:
+            await self._prepare_network()
             if len(batch.requests) == 1:
                 results = [await self._insert_one(batch.requests[0], zone, image)]
             else:
@@ -432,8 +531,81 @@ class GcpDriver:
             else:
                 f.set_exception(result)
 
-    def _spec(self, req: CreateRequest, image: str, names: dict[str, str]) -> dict[str, Any]:
-        """What an Instance and a bulkInsert's InstanceProperties share."""
+    # ---- the network, once: it exists, and SSH reaches the VMs ----
+
+    def _network_project(self) -> str:
+        m = re.match(r"(?:.*/)?projects/([^/]+)/", self.network)
+        return m.group(1) if m else self.project_id
+
+    def _network_path(self) -> str:
+        return self.network if "/" in self.network else f"global/networks/{self.network}"
+
+    def _subnetwork_path(self, zone: str) -> str | None:
+        if self.subnetwork is None or "/" in self.subnetwork:
+            return self.subnetwork
+        return f"regions/{zone.rsplit('-', 1)[0]}/subnetworks/{self.subnetwork}"
+
+    async def _prepare_network(self) -> None:
+        async with self._network_lock:
+            if self._network_ready:
+                return
+            clients = await self._clients("prepare")
+            project, name = self._network_project(), _name_of(self.network)
+            try:
+                network = await self._call(clients.networks.get, project=project, network=name,
+                                           retry=clients.read_retry, timeout=CALL_TIMEOUT_S)
+            except Exception as exc:
+                if _status(exc) == 404:
+                    raise InvalidRequest(PROVIDER, "prepare", f"the VPC network {name!r} does not exist in project "
+                                         f"{project}: set providers.gcp.network to one that does (`gcloud compute "
+                                         "networks list`; organisations often have no `default` network)") from exc
+                _reraise(exc, "prepare")
+            await self._ensure_ssh_rule(clients, project, str(network.self_link) or self._network_path())
+            self._network_ready = True
+
+    async def _ensure_ssh_rule(self, clients: Any, project: str, network_link: str) -> None:
+        """Create the SSH rule for our tag unless one on this network admits it already. Without the
+        permission to read or make firewall rules this only warns: a rule may exist that we cannot
+        see, and if none does the bootstrap's SSH fails with its own error."""
+        from google.cloud import compute_v1
+
+        name = _name_of(network_link)
+        ours = f"projects/{project}/global/networks/{name}"
+
+        def rules() -> builtins.list[Any]:
+            return builtins.list(clients.firewalls.list(project=project, retry=clients.read_retry,
+                                                        timeout=CALL_TIMEOUT_S))
+
+        try:
+            found = [r for r in await self._call(rules) if str(r.network).rstrip("/").endswith(ours)]
+            if any(_admits_ssh(r, NETWORK_TAG) for r in found):
+                return
+            rule_name = f"{FIREWALL_PREFIX}-{name}"[:NAME_MAX].rstrip("-")
+            rule = compute_v1.Firewall(
+                name=rule_name, network=network_link, direction="INGRESS", priority=1000,
+                source_ranges=[ANYWHERE], target_tags=[NETWORK_TAG],
+                allowed=[compute_v1.Allowed(I_p_protocol="tcp", ports=[str(SSH_PORT)])],
+                description="cloudtask: SSH to its VMs (the agent bootstrap)")
+            try:
+                operation = await self._call(clients.firewalls.insert_unary, project=project,
+                                             firewall_resource=rule, timeout=CALL_TIMEOUT_S)
+                await self._wait(operation, None, "prepare", project)
+            except Exception as exc:
+                if not _name_taken(exc, classify(exc, "prepare")):
+                    raise
+                return  # made meanwhile by another daemon of this project
+            log.info("gcp_firewall_rule_created", rule=rule_name, network=name, tag=NETWORK_TAG)
+        except Exception as exc:
+            err = classify(exc, "prepare")
+            if not isinstance(err, ProviderAuthError):
+                raise err from exc
+            log.warning("gcp_firewall_unchecked", network=name, error=str(err),
+                        hint=f"make sure an ingress rule allows tcp:22 to the network tag {NETWORK_TAG}")
+
+    def _spec(self, req: CreateRequest, image: str, names: dict[str, str], zone: str,
+              bulk: bool) -> dict[str, Any]:
+        """What an Instance and a bulkInsert's InstanceProperties share. A bulkInsert's properties
+        name the disk type as an instance template does (`pd-balanced`); an insert, by zonal path."""
         from google.cloud import compute_v1
 
         if req.spot:
@@ -441,17 +613,27 @@ class GcpDriver:
                                                automatic_restart=False, on_host_maintenance="TERMINATE")
         else:
             scheduling = compute_v1.Scheduling(provisioning_model="STANDARD")
+        disk_type = self.disk_type or boot_disk_type(req.machine_type)
+        if not bulk and "/" not in disk_type:
+            disk_type = f"zones/{zone}/diskTypes/{disk_type}"
+        nic = compute_v1.NetworkInterface(network=self._network_path(), access_configs=[
+            compute_v1.AccessConfig(type_="ONE_TO_ONE_NAT", name="External NAT")])
+        subnetwork = self._subnetwork_path(zone)
+        if subnetwork is not None:
+            nic.subnetwork = subnetwork
         return {
             "metadata": compute_v1.Metadata(items=[
                 compute_v1.Items(key="ssh-keys", value=f"{req.ssh_user}:{req.ssh_public_key}"),
+                # OS Login, where the project turns it on, would ignore ssh-keys (our only way in).
+                compute_v1.Items(key="enable-oslogin", value="FALSE"),
                 compute_v1.Items(key="enable-guest-attributes", value="TRUE"),  # the guest publishes its host keys
                 compute_v1.Items(key=META_INSTANCES, value=json.dumps(names, sort_keys=True)),
             ]),
             "scheduling": scheduling,
             "disks": [compute_v1.AttachedDisk(boot=True, auto_delete=True, initialize_params=(
-                compute_v1.AttachedDiskInitializeParams(source_image=image)))],
-            "network_interfaces": [compute_v1.NetworkInterface(network=NETWORK, access_configs=[
-                compute_v1.AccessConfig(type_="ONE_TO_ONE_NAT", name="External NAT")])],
+                compute_v1.AttachedDiskInitializeParams(source_image=image, disk_type=disk_type)))],
+            "network_interfaces": [nic],
+            "tags": compute_v1.Tags(items=[NETWORK_TAG]),
         }
 
     def _labels(self, instance_id: str | None = None) -> dict[str, str]:
@@ -467,7 +649,7 @@ class GcpDriver:
         name = vm_name(req.instance_id)
         body = compute_v1.Instance(name=name, machine_type=f"zones/{zone}/machineTypes/{req.machine_type}",
                                    labels=self._labels(req.instance_id),
-                                   **self._spec(req, image, {name: req.instance_id}))
+                                   **self._spec(req, image, {name: req.instance_id}, zone, bulk=False))
         try:
             operation = await self._call(clients.instances.insert_unary, project=self.project_id, zone=zone,
                                          instance_resource=body, timeout=CALL_TIMEOUT_S)
@@ -493,7 +675,7 @@ class GcpDriver:
         resource = compute_v1.BulkInsertInstanceResource(
             count=n, min_count=n,  # all or nothing: a partial batch would strand the rest of the requests
             instance_properties=compute_v1.InstanceProperties(machine_type=first.machine_type, labels=self._labels(),
-                                                              **self._spec(first, image, names)),
+                                                              **self._spec(first, image, names, zone, bulk=True)),
             per_instance_properties={name: compute_v1.BulkInsertInstanceResourcePerInstanceProperties()
                                      for name in names})
         try:
