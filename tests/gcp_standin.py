@@ -404,8 +404,9 @@ class ComputeStandin:
     def _wrong_arch(self, body: dict[str, Any]) -> web.Response | None:
         """GCE's refusal of a boot image of another architecture than the machine type's."""
         name = str(body.get("machineType", "")).rsplit("/", 1)[-1]
-        with self.lock:
-            known = [t for types in self.machine_types.values() for t in types if t["name"] == name]
+        # Without the lock: some callers hold it (it is not reentrant), and tests set machine_types
+        # before they create anything.
+        known = [t for types in list(self.machine_types.values()) for t in types if t["name"] == name]
         if not known:
             return None
         machine_arch = known[0].get("architecture") or "X86_64"
