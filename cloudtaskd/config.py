@@ -198,7 +198,7 @@ class CloudProviderConfig:
     # own zone are always included.
     machine_types: tuple[str, ...] = ()
     zones: tuple[str, ...] = ()
-    image: str = ""  # empty: the latest Ubuntu 22.04 LTS image
+    image: str = ""  # empty: Ubuntu 24.04 LTS of each type's architecture; set: used for every type
     ssh_user: str = "ubuntu"
     # Private key the daemon logs in with (its .pub is installed on each VM).
     # Empty: <state_dir>/ssh/id_ed25519, created on first start.

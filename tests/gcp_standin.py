@@ -6,7 +6,9 @@ MachineTypesClient call (`/compute/v1/projects/{p}/zones/{z}/instances[...]`,
 fixture), keeps instances in memory, and answers as GCE does: a mutation
 returns an Operation that is PENDING, then RUNNING, then DONE on the next polls; an instance is
 PROVISIONING, then STAGING, then RUNNING on the next gets; each one gets a natIP; a deleted
-instance is STOPPING until its operation is DONE; errors are Google's JSON error bodies.
+instance is STOPPING until its operation is DONE; errors are Google's JSON error bodies. A boot
+image whose architecture (IMAGE_ARCHES: the Ubuntu families) the machine type's does not match is
+refused as GCE refuses it (a type without `architecture` is x86, as every non-Arm series is).
 
 It runs on its own thread and event loop, so that a driver that blocked the test's loop would be
 caught (the stand-in would still answer, and the test would see no ticks) rather than deadlock.
@@ -56,7 +58,7 @@ def google_error(status: int, message: str, reason: str | None = None, domain: s
 
 
 def machine_type(name: str, cpus: int, memory_mb: int, *, shared: bool = False,
-                 accelerators: tuple[tuple[str, int], ...] = ()) -> dict[str, Any]:
+                 accelerators: tuple[tuple[str, int], ...] = (), architecture: str = "") -> dict[str, Any]:
     """A machine type resource as `machineTypes.get` answers it (the zone and links are added when served)."""
     body: dict[str, Any] = {"kind": "compute#machineType", "id": str(abs(hash(name)) % 10**12), "name": name,
                             "description": f"{cpus} vCPUs, {memory_mb / 1024:g} GB RAM", "guestCpus": cpus,
@@ -64,6 +66,8 @@ def machine_type(name: str, cpus: int, memory_mb: int, *, shared: bool = False,
                             "maximumPersistentDisksSizeGb": "263168", "isSharedCpu": shared}
     if accelerators:
         body["accelerators"] = [{"guestAcceleratorType": t, "guestAcceleratorCount": n} for t, n in accelerators]
+    if architecture:
+        body["architecture"] = architecture
     return body
 
 
@@ -73,12 +77,19 @@ _N1_1 = machine_type("n1-standard-1", 1, 3840)
 _E2_MEDIUM = machine_type("e2-medium", 2, 4096, shared=True)  # 2 vCPUs of which 1 in time: shared-core
 _A2_1G = machine_type("a2-highgpu-1g", 12, 87040, accelerators=(("nvidia-tesla-a100", 1),))
 _E2_CUSTOM = machine_type("e2-custom-4-8192", 4, 8192)
+_T2A_2 = machine_type("t2a-standard-2", 2, 8192, architecture="ARM64")  # Ampere Altra
 # Where each type is sold: n2-standard-2 not in us-central1-b, the A2 and N1 only in us-central1-a.
 MACHINE_TYPES: dict[str, list[dict[str, Any]]] = {
-    "us-central1-a": [_E2_4, _N2_2, _N1_1, _E2_MEDIUM, _A2_1G, _E2_CUSTOM],
+    "us-central1-a": [_E2_4, _N2_2, _N1_1, _E2_MEDIUM, _A2_1G, _E2_CUSTOM, _T2A_2],
     "us-central1-b": [_E2_4, _E2_MEDIUM, _E2_CUSTOM],
     "europe-west1-b": [_E2_4, _N2_2, _E2_MEDIUM],
 }
+
+
+# The boot images whose architecture the stand-in knows (GCE knows every image's).
+_FAMILY = "projects/ubuntu-os-cloud/global/images/family/"
+IMAGE_ARCHES = {f"{_FAMILY}ubuntu-2404-lts-amd64": "X86_64", f"{_FAMILY}ubuntu-2404-lts-arm64": "ARM64",
+                f"{_FAMILY}ubuntu-2204-lts": "X86_64", f"{_FAMILY}ubuntu-2204-lts-arm64": "ARM64"}
 
 
 @dataclass
@@ -388,6 +399,23 @@ class ComputeStandin:
         if not body.get("machineType"):
             return web.json_response(google_error(400, "Invalid value for field 'resource.machineType': ''",
                                                   "invalid"), status=400)
+        return self._wrong_arch(body)
+
+    def _wrong_arch(self, body: dict[str, Any]) -> web.Response | None:
+        """GCE's refusal of a boot image of another architecture than the machine type's."""
+        name = str(body.get("machineType", "")).rsplit("/", 1)[-1]
+        # Without the lock: some callers hold it (it is not reentrant), and tests set machine_types
+        # before they create anything.
+        known = [t for types in list(self.machine_types.values()) for t in types if t["name"] == name]
+        if not known:
+            return None
+        machine_arch = known[0].get("architecture") or "X86_64"
+        for disk in body.get("disks") or []:
+            disk_arch = IMAGE_ARCHES.get(str((disk.get("initializeParams") or {}).get("sourceImage", "")))
+            if disk.get("boot") and disk_arch and disk_arch != machine_arch:
+                message = (f"Invalid resource usage: 'Requested boot disk architecture ({disk_arch}) is not "
+                           f"compatible with machine type architecture ({machine_arch}).'")
+                return web.json_response(google_error(400, message, "badRequest"), status=400)
         return None
 
     def _conflict(self, zone: str, project: str, name: str) -> web.Response:

@@ -1,5 +1,9 @@
 """moto's EC2 as a real HTTP server on 127.0.0.1, behind a small WSGI middleware that can answer
-the next call of an action with a real EC2 error (the status code AWS uses) and counts actions."""
+the next call of an action with a real EC2 error (the status code AWS uses) and counts actions.
+
+Where moto is more lenient than EC2 the middleware answers as EC2 does: RunInstances with an AMI
+whose architecture the instance type does not support is refused (400 InvalidParameterValue, EC2's
+message). `add_image` registers an AMI owned by someone else (Canonical's images, which moto lacks)."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import threading
 import urllib.request
 from collections import Counter
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -37,6 +42,13 @@ SPOT_XML = (
     'xmlns="http://ec2.amazonaws.com/doc/2016-11-15/"><requestId>test</requestId>'
     "<spotPriceHistorySet>{items}</spotPriceHistorySet><nextToken></nextToken></DescribeSpotPriceHistoryResponse>"
 )
+ARCH_MISMATCH = ("The architecture '{type_arch}' of the specified instance type does not match the architecture "
+                 "'{image_arch}' of the specified AMI. Specify an instance type and an AMI that have matching "
+                 "architectures, and try again. You can use 'describe-instance-types' or 'describe-images' to "
+                 "discover the architecture of the instance type or AMI.")
+
+
+ACCOUNT = "123456789012"  # moto's default account
 
 
 class MotoEc2:
@@ -69,6 +81,8 @@ class MotoEc2:
         failure = self.fail_next.pop(action, None)
         if failure is None and self.fail_if is not None and action:
             failure = self.fail_if(action, parse_qs(body.decode(errors="replace")))
+        if failure is None and action == "RunInstances":
+            failure = self._arch_mismatch(parse_qs(body.decode(errors="replace")))
         if failure is not None:
             code, status, message = failure
             data = ERROR_XML.format(code=code, message=message).encode()
@@ -86,6 +100,32 @@ class MotoEc2:
             start_response("200 OK", [("Content-Type", "text/xml"), ("Content-Length", str(len(data)))])
             return [data]
         return self.app(environ, start_response)
+
+    def _arch_mismatch(self, params: dict[str, list[str]]) -> tuple[str, int, str] | None:
+        """EC2's refusal of an AMI the instance type cannot boot (moto would launch it)."""
+        from moto.ec2.models import ec2_backends
+        from moto.ec2.models.instance_types import INSTANCE_TYPES
+
+        image_id, machine_type = (params.get("ImageId") or [""])[0], (params.get("InstanceType") or [""])[0]
+        ami = next((b.amis[image_id] for b in ec2_backends[ACCOUNT].values() if image_id in b.amis), None)
+        supported = INSTANCE_TYPES.get(machine_type, {}).get("ProcessorInfo", {}).get("SupportedArchitectures", [])
+        if ami is None or not ami.architecture or not supported or ami.architecture in supported:
+            return None
+        message = ARCH_MISMATCH.format(type_arch=",".join(supported), image_arch=ami.architecture)
+        return ("InvalidParameterValue", 400, message)
+
+    def add_image(self, region: str, name: str, arch: str, created: str, owner: str) -> str:
+        """Register a public AMI of another account (moto's own images are all "amazon"'s); its id."""
+        from moto.ec2.models import ec2_backends
+        from moto.ec2.models.amis import Ami
+        from moto.ec2.utils import random_ami_id
+
+        backend = ec2_backends[ACCOUNT][region]
+        ami = Ami(backend, random_ami_id(), name=name, owner_id=owner, public=True, virtualization_type="hvm",
+                  architecture=arch, creation_date=datetime.fromisoformat(created), root_device_type="ebs",
+                  hypervisor="xen", region_name=region)
+        backend.amis[ami.id] = ami
+        return str(ami.id)
 
     def start(self) -> None:
         self.thread.start()

@@ -10,13 +10,14 @@ from typing import Any
 
 import pytest
 
-from cloudtaskd.errors import CapacityError, ProviderAuthError, QuotaExceeded
+from cloudtaskd.errors import CapacityError, InvalidRequest, ProviderAuthError, ProviderError, QuotaExceeded
 from cloudtaskd.providers.aws import AwsDriver
-from cloudtaskd.providers.cloud import TAG_DAEMON, TAG_INSTANCE, CreateRequest
+from cloudtaskd.providers.base import ARM64, X86_64, LaunchSpec, Offer
+from cloudtaskd.providers.cloud import TAG_DAEMON, TAG_INSTANCE, CloudProvider, CloudSettings, CreateRequest
 from tests.cloud_e2e import CloudRun, cloud_daemon, needs_sshd, reconcile_after_crash
 from tests.conftest import test_runtime
 from tests.metadata_standin import metadata_standin
-from tests.moto_ec2 import MotoEc2
+from tests.moto_ec2 import MotoEc2, PricingStandin
 from tests.sshd import Sshd
 
 REGION = "us-east-1"
@@ -34,8 +35,8 @@ async def driver(moto: MotoEc2, creds: None) -> AsyncIterator[AwsDriver]:
     await d.close()
 
 
-def req(instance_id: str, *, spot: bool = False, machine_type: str = "t3.micro") -> CreateRequest:
-    return CreateRequest(instance_id, "daemon1", machine_type, REGION, spot, "ubuntu", PUBKEY)
+def req(instance_id: str, *, spot: bool = False, machine_type: str = "t3.micro", arch: str = X86_64) -> CreateRequest:
+    return CreateRequest(instance_id, "daemon1", machine_type, REGION, spot, "ubuntu", PUBKEY, arch=arch)
 
 
 async def describe(d: AwsDriver, cloud_id: str) -> dict[str, Any]:
@@ -478,3 +479,117 @@ async def test_subnet_id_and_security_group_id_place_the_vm(driver: AwsDriver, m
         assert run["NetworkInterface.1.SecurityGroupId.1"] == [own]
     finally:
         await other.close()
+
+
+CANONICAL = "099720109477"
+NOBLE = "ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-{}-server-{}"
+
+
+def canonical_images(moto: MotoEc2) -> dict[str, str]:
+    """Canonical's Ubuntu AMIs as EC2 names them (moto has none), with the decoys a lookup must pass by."""
+    def add(name: str, arch: str, created: str, owner: str = CANONICAL) -> str:
+        return moto.add_image(REGION, name, arch, f"{created}T00:00:00+00:00", owner)
+
+    return {
+        "amd64-older": add(NOBLE.format("amd64", "20240423"), "x86_64", "2024-04-23"),
+        "amd64": add(NOBLE.format("amd64", "20250805"), "x86_64", "2025-08-05"),
+        "arm64": add(NOBLE.format("arm64", "20250805"), "arm64", "2025-08-05"),
+        # Newer, but an older release; and the right name from an account that is not Canonical.
+        "jammy": add("ubuntu/images/hvm-ssd/ubuntu-jammy-22.04-amd64-server-20251001", "x86_64", "2025-10-01"),
+        "impostor": add(NOBLE.format("arm64", "20251101"), "arm64", "2025-11-01", owner="111122223333"),
+    }
+
+
+async def test_each_architecture_boots_its_own_ubuntu_image(moto: MotoEc2, creds: None) -> None:
+    """One driver launches Graviton and x86 types: each with Canonical's newest 24.04 AMI of its
+    architecture, each looked up once (EC2 refuses an AMI of the other architecture: the stand-in too)."""
+    moto.reset()
+    images = canonical_images(moto)
+    d = AwsDriver(REGION, "daemon1", endpoint_url=moto.url, max_attempts=1)  # no image configured
+    try:
+        arm = await d.create(req("aws-arm1", machine_type="t4g.small", arch=ARM64))
+        x86 = await d.create(req("aws-x861", machine_type="c5.large", arch=X86_64))
+        arm2 = await d.create(req("aws-arm2", machine_type="c7g.large", arch=ARM64))
+        got = {vm.instance_id: (await describe(d, vm.cloud_id))["ImageId"] for vm in (arm, x86, arm2)}
+        assert got == {"aws-arm1": images["arm64"], "aws-x861": images["amd64"], "aws-arm2": images["arm64"]}
+        assert moto.calls["DescribeImages"] == 2  # once per architecture, then cached
+        # The stand-in refuses what EC2 refuses, so the check above cannot pass by moto's leniency.
+        ec2 = await d._client()
+        with pytest.raises(Exception, match="does not match the architecture 'x86_64'"):
+            await ec2.run_instances(ImageId=images["amd64"], InstanceType="t4g.small", MinCount=1, MaxCount=1)
+    finally:
+        await d.close()
+
+
+async def test_a_configured_image_is_used_for_every_architecture(moto: MotoEc2, creds: None) -> None:
+    moto.reset()
+    images = canonical_images(moto)
+    d = AwsDriver(REGION, "daemon1", endpoint_url=moto.url, max_attempts=1, image=images["arm64"])
+    try:
+        vm = await d.create(req("aws-own1", machine_type="t4g.small", arch=ARM64))
+        assert (await describe(d, vm.cloud_id))["ImageId"] == images["arm64"]
+        assert moto.calls["DescribeImages"] == 0
+    finally:
+        await d.close()
+
+
+async def test_no_image_of_the_architecture_names_the_key_to_set(moto: MotoEc2, creds: None) -> None:
+    moto.reset()
+    moto.add_image(REGION, NOBLE.format("amd64", "20250805"), "x86_64", "2025-08-05T00:00:00+00:00", CANONICAL)
+    d = AwsDriver(REGION, "daemon1", endpoint_url=moto.url, max_attempts=1)
+    try:
+        with pytest.raises(InvalidRequest, match=r"no Ubuntu 24.04 arm64 image .*providers\.aws\.image"):
+            await d.create(req("aws-none1", machine_type="t4g.small", arch=ARM64))
+    finally:
+        await d.close()
+
+
+async def test_the_catalog_s_architecture_picks_each_launch_s_image(moto: MotoEc2, creds: None, tmp_path: Path) -> None:
+    """The chain in one daemon: the catalog (moto's DescribeInstanceTypes) cached in the state
+    database, the provider's offers from it, and launches of an Arm and an x86 type; a type the
+    catalog does not know boots the x86_64 image, with a warning saying so."""
+    from structlog.testing import capture_logs
+
+    from cloudtaskd import catalog
+    from cloudtaskd.catalog.aws import fetch_offers
+    from cloudtaskd.pins import InstancePins
+    from cloudtaskd.store import Store
+
+    moto.reset()
+    images = canonical_images(moto)
+    key = tmp_path / "id"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    pricing = PricingStandin()
+    await pricing.start()
+    store = Store(tmp_path / "db.sqlite")
+    await store.open()
+    driver = AwsDriver(REGION, "daemon1", endpoint_url=moto.url, max_attempts=1)
+    try:
+        settings = CloudSettings("t4g.small", "us-east-1a", False, 2, "ubuntu", key, machine_types=("c5.large",))
+        provider = CloudProvider(driver, settings, "daemon1", tmp_path, InstancePins(store), test_runtime())
+        offers = await fetch_offers(driver, ["t4g.small", "c5.large"], pricing_endpoint_url=pricing.url)
+        await store.write(catalog.save, "aws", offers)
+        provider.catalog = (await store.read(catalog.load))["aws"]
+        by_type = {o.machine_type: o for o in provider.offers()}
+        assert {t: o.arch for t, o in by_type.items()} == {"t4g.small": ARM64, "c5.large": X86_64}
+        unknown = Offer("aws", "m5.large", "us-east-1a", False, 2)  # no catalog entry
+
+        async def launch(instance_id: str, offer: Offer) -> str:
+            spec = LaunchSpec(instance_id, 1, tmp_path, "ws://x", "t", 2, offer=offer)
+            # No worker bundle: launch stops with an error once the VM runs, before any SSH.
+            with pytest.raises(ProviderError, match="no worker bundle"):
+                await provider.launch(spec)
+            vm = await driver.get(instance_id)
+            assert vm is not None
+            return str((await describe(driver, vm.cloud_id))["ImageId"])
+
+        with capture_logs() as logs:
+            got = await asyncio.gather(launch("aws-cat1", by_type["t4g.small"]),
+                                       launch("aws-cat2", by_type["c5.large"]), launch("aws-cat3", unknown))
+        assert got == [images["arm64"], images["amd64"], images["amd64"]]
+        [warned] = [e for e in logs if e["event"] == "instance_arch_unknown"]
+        assert warned["machine_type"] == "m5.large" and warned["assumed"] == X86_64
+    finally:
+        await driver.close()
+        await store.close()
+        await pricing.stop()

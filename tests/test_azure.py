@@ -23,6 +23,7 @@ from cloudtaskd.errors import (
     TransientProviderError,
 )
 from cloudtaskd.providers.azure import AzureDriver, classify
+from cloudtaskd.providers.base import ARM64, X86_64
 from cloudtaskd.providers.cloud import TAG_DAEMON, TAG_INSTANCE, CreateRequest
 from tests.azure_standin import ArmStandin
 from tests.cloud_e2e import cloud_daemon, needs_sshd, reconcile_after_crash
@@ -80,8 +81,9 @@ async def driver(arm: ArmStandin) -> AsyncIterator[AzureDriver]:
     await d.close()
 
 
-def req(instance_id: str, *, spot: bool = False, machine_type: str = "Standard_D2s_v5") -> CreateRequest:
-    return CreateRequest(instance_id, "daemon1", machine_type, LOCATION, spot, "ubuntu", PUBKEY)
+def req(instance_id: str, *, spot: bool = False, machine_type: str = "Standard_D2s_v5", arch: str = X86_64,
+        image: str | None = None) -> CreateRequest:
+    return CreateRequest(instance_id, "daemon1", machine_type, LOCATION, spot, "ubuntu", PUBKEY, image, arch)
 
 
 DISKS = f"{RG_PATH}/providers/Microsoft.Compute/disks"
@@ -113,7 +115,7 @@ async def test_create_spot_and_on_demand_with_tags_and_key(driver: AzureDriver, 
     assert props["priority"] == "Spot" and props["evictionPolicy"] == "Delete"
     assert props["billingProfile"]["maxPrice"] == -1
     assert props["storageProfile"]["osDisk"]["deleteOption"] == "Delete"
-    assert props["storageProfile"]["imageReference"]["offer"] == "0001-com-ubuntu-server-jammy"
+    assert props["storageProfile"]["imageReference"]["offer"] == "ubuntu-24_04-lts"
     linux = props["osProfile"]["linuxConfiguration"]
     assert linux["disablePasswordAuthentication"] is True
     assert linux["ssh"]["publicKeys"] == [{"path": "/home/ubuntu/.ssh/authorized_keys", "keyData": PUBKEY}]
@@ -427,3 +429,23 @@ async def test_a_job_on_azure_end_to_end(arm: ArmStandin, tmp_path: Path, monkey
         async def all_deleted() -> bool:
             return left_behind(arm, rows[0]["id"]) == []
         await run.until(all_deleted, "the idle VM deleted with its NIC and IP")
+
+
+async def test_each_architecture_boots_its_own_ubuntu_image_on_azure(driver: AzureDriver, arm: ArmStandin) -> None:
+    """An Ampere size and an x86 one: each VM's PUT names Canonical's Ubuntu 24.04 image of its
+    size's architecture; a configured image is sent as it is, whatever the architecture."""
+    await driver.create(req("az-arm1", machine_type="Standard_D2ps_v5", arch=ARM64))
+    await driver.create(req("az-x861", machine_type="Standard_D2s_v5", arch=X86_64))
+    await driver.create(req("az-own1", machine_type="Standard_D2ps_v5", arch=ARM64,
+                            image="Canonical:ubuntu-22_04-lts:server-arm64:latest"))
+
+    def image(instance_id: str) -> dict[str, str]:
+        vm = arm.get(names(instance_id)[0])
+        assert vm is not None
+        return dict(vm["properties"]["storageProfile"]["imageReference"])
+
+    ubuntu = {"publisher": "Canonical", "offer": "ubuntu-24_04-lts", "version": "latest"}
+    assert image("az-arm1") == {**ubuntu, "sku": "server-arm64"}
+    assert image("az-x861") == {**ubuntu, "sku": "server"}
+    assert image("az-own1") == {"publisher": "Canonical", "offer": "ubuntu-22_04-lts", "sku": "server-arm64",
+                                "version": "latest"}

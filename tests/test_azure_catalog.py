@@ -25,7 +25,8 @@ def vm_sku(name: str, cpus: int, memory_gb: float, zones: list[str], *, gpus: in
            extra: dict[str, str] | None = None, restrictions: list[dict[str, Any]] | None = None,
            locations: tuple[str, ...] = (LOCATION, "westus")) -> dict[str, Any]:
     """One VM size as the Resource SKUs API lists it (every location it is sold in)."""
-    caps = {"vCPUs": str(cpus), "MemoryGB": f"{memory_gb:g}", "LowPriorityCapable": "True", **(extra or {})}
+    caps = {"vCPUs": str(cpus), "MemoryGB": f"{memory_gb:g}", "LowPriorityCapable": "True",
+            "CpuArchitectureType": "x64", **(extra or {})}
     if gpus:
         caps["GPUs"] = str(gpus)
     return {"resourceType": "virtualMachines", "name": name, "tier": "Standard", "size": name.split("_", 1)[1],
@@ -51,6 +52,7 @@ SKUS = [
     vm_sku("Standard_B2s", 2, 4, []),  # no zones here, and no price line at all
     vm_sku("Standard_F2s_v2", 2, 4, ["1", "2", "3"], restrictions=[restriction("Location")]),
     vm_sku("Standard_D8s_v5", 8, 32, ["1"], locations=("westus",)),  # not sold in our location
+    vm_sku("Standard_D2ps_v5", 2, 8, ["1"], extra={"CpuArchitectureType": "Arm64"}),  # Ampere Altra
     {"resourceType": "disks", "name": "Standard_D2s_v5", "locations": [LOCATION],  # same name, not a VM
      "locationInfo": [{"location": LOCATION, "zones": ["1", "2", "3"]}],
      "capabilities": [{"name": "vCPUs", "value": "64"}], "restrictions": []},
@@ -211,6 +213,12 @@ async def test_offers_are_sized_zoned_and_priced_by_azure(driver: AzureDriver, a
     assert all(f["serviceName"] == "Virtual Machines" and f["armRegionName"] == LOCATION
                and f["priceType"] == "Consumption" for f in prices.filters)
     assert ("Standard_D2s_v5", PAGE_SIZE) in prices.pages  # the second page was followed
+
+
+async def test_each_size_s_architecture_comes_from_its_sku(driver: AzureDriver, prices: RetailPricesStandin) -> None:
+    """The SKU capability `CpuArchitectureType` (x64 | Arm64)."""
+    offers = await fetch_offers(driver, ["Standard_D2ps_v5", "Standard_D4s_v5"], prices_url=prices.url)
+    assert {(o.machine_type, o.arch) for o in offers} == {("Standard_D2ps_v5", "arm64"), ("Standard_D4s_v5", "x86_64")}
 
 
 async def test_no_zones_asked_gives_the_location_only(driver: AzureDriver, prices: RetailPricesStandin) -> None:

@@ -21,6 +21,7 @@ from cloudtaskd.errors import (
     QuotaExceeded,
     TransientProviderError,
 )
+from cloudtaskd.providers.base import ARM64, X86_64
 from cloudtaskd.providers.cloud import TAG_DAEMON, TAG_INSTANCE, CreateRequest
 from cloudtaskd.providers.gcp import (
     DEFAULT_IMAGE,
@@ -63,8 +64,8 @@ async def driver(gce: ComputeStandin) -> AsyncIterator[GcpDriver]:
 
 
 def req(instance_id: str, *, spot: bool = False, machine_type: str = "e2-standard-2",
-        daemon_id: str = "daemon1") -> CreateRequest:
-    return CreateRequest(instance_id, daemon_id, machine_type, ZONE, spot, "ubuntu", PUBKEY)
+        daemon_id: str = "daemon1", arch: str = X86_64) -> CreateRequest:
+    return CreateRequest(instance_id, daemon_id, machine_type, ZONE, spot, "ubuntu", PUBKEY, arch=arch)
 
 
 def metadata(inst: dict[str, Any]) -> dict[str, str]:
@@ -608,3 +609,30 @@ async def test_a_job_on_gcp_end_to_end(gce: ComputeStandin, tmp_path: Path, monk
             with gce.lock:
                 return not gce.instances
         await run.until(all_deleted, "the idle VM deleted")
+
+
+AMD64_2404 = "projects/ubuntu-os-cloud/global/images/family/ubuntu-2404-lts-amd64"
+ARM64_2404 = "projects/ubuntu-os-cloud/global/images/family/ubuntu-2404-lts-arm64"
+
+
+async def test_each_architecture_boots_its_own_ubuntu_family(driver: GcpDriver, gce: ComputeStandin) -> None:
+    """An Arm type (t2a) and an x86 one in the same zone at once: each insert names the Ubuntu 24.04
+    family of its type's architecture (the stand-in refuses a mismatch, as GCE does)."""
+    arm, x86 = await asyncio.gather(driver.create(req("gcp-arm1", machine_type="t2a-standard-2", arch=ARM64)),
+                                    driver.create(req("gcp-x861", machine_type="e2-standard-4", arch=X86_64)))
+    assert arm.instance_id == "gcp-arm1" and x86.instance_id == "gcp-x861"
+    sent = {c.body["name"]: c.body["disks"][0]["initializeParams"]["sourceImage"]
+            for c in gce.calls_of("instances.insert")}
+    assert sent == {vm_name("gcp-arm1"): ARM64_2404, vm_name("gcp-x861"): AMD64_2404}
+    with pytest.raises(InvalidRequest, match=r"boot disk architecture \(X86_64\) is not compatible"):
+        await driver.create(req("gcp-arm2", machine_type="t2a-standard-2", arch=X86_64))
+
+
+async def test_a_configured_image_is_used_for_every_architecture_on_gcp(gce: ComputeStandin) -> None:
+    d = make_driver(gce, image="projects/p/global/images/mine-arm64")
+    try:
+        await d.create(req("gcp-own1", machine_type="t2a-standard-2", arch=ARM64))
+    finally:
+        await d.close()
+    [disk] = created(gce, "gcp-own1")["disks"]
+    assert disk["initializeParams"]["sourceImage"] == "projects/p/global/images/mine-arm64"

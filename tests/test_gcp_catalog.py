@@ -234,6 +234,19 @@ async def test_the_driver_zone_alone_and_no_types(driver: GcpDriver, billing: Bi
     assert len(billing.requests) == 2  # the empty fetch asked nothing
 
 
+async def test_each_type_s_architecture_comes_from_compute_engine(driver: GcpDriver, gce: ComputeStandin,
+                                                                 billing: BillingStandin) -> None:
+    """machineTypes' `architecture` when it is set (t2a: ARM64); a type without it is x86 unless its
+    series is an Arm one (C4A here, served without the field)."""
+    from tests.gcp_standin import machine_type
+
+    gce.machine_types[ZONE].append(machine_type("c4a-standard-4", 4, 16384))
+    offers = await fetch_offers(driver, ["t2a-standard-2", "e2-standard-4", "c4a-standard-4"],
+                                billing_endpoint=billing.url)
+    assert {(o.machine_type, o.arch) for o in offers} == {
+        ("t2a-standard-2", "arm64"), ("e2-standard-4", "x86_64"), ("c4a-standard-4", "arm64")}
+
+
 class TokenCredentials(Credentials, Scoped):  # type: ignore[misc]  # google-auth's classes are untyped
     """Credentials whose token names the scopes they were given (as a service-account key's would)."""
 

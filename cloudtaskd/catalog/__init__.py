@@ -29,18 +29,18 @@ def save(tx: Tx, provider: str, offers: Sequence[Offer]) -> None:
     tx.db.execute("DELETE FROM catalog WHERE provider = ?", (provider,))
     tx.db.executemany(
         "INSERT OR REPLACE INTO catalog (provider, zone, machine_type, spot, region, cpus, memory_gb, gpus,"
-        " price_per_hour, fetched_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " price_per_hour, arch, fetched_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [(o.provider, o.zone, o.machine_type, int(o.spot), o.region, o.cpus, o.memory_gb, o.gpus, o.price_per_hour,
-          tx.now) for o in offers])
+          o.arch, tx.now) for o in offers])
     tx.event("catalog_refreshed", detail=f"{provider}: {len(offers)} offers")
 
 
 def load(db: Any) -> dict[str, list[Offer]]:
     """Every cached offer, by provider."""
     out: dict[str, list[Offer]] = {}
-    for r in db.execute("SELECT provider, zone, machine_type, spot, region, cpus, memory_gb, gpus, price_per_hour"
-                        " FROM catalog ORDER BY provider, machine_type, zone, spot DESC"):
-        out.setdefault(r[0], []).append(Offer(r[0], r[2], r[1], bool(r[3]), r[5], r[6], r[8], r[4], r[7]))
+    for r in db.execute("SELECT provider, zone, machine_type, spot, region, cpus, memory_gb, gpus, price_per_hour,"
+                        " arch FROM catalog ORDER BY provider, machine_type, zone, spot DESC"):
+        out.setdefault(r[0], []).append(Offer(r[0], r[2], r[1], bool(r[3]), r[5], r[6], r[8], r[4], r[7], arch=r[9]))
     return out
 
 

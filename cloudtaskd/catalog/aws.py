@@ -1,4 +1,4 @@
-"""AWS offers from AWS's own APIs: sizes from DescribeInstanceTypes, zones from
+"""AWS offers from AWS's own APIs: sizes and CPU architecture from DescribeInstanceTypes, zones from
 DescribeInstanceTypeOfferings, spot prices from DescribeSpotPriceHistory (the latest per zone),
 on-demand prices from the Pricing API (Linux, shared tenancy, no pre-installed software).
 
@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 
 from cloudtaskd.errors import ProviderError
-from cloudtaskd.providers.aws import AwsDriver, classify
+from cloudtaskd.providers.aws import AwsDriver, arch_of, classify
 from cloudtaskd.providers.base import Offer
 
 log = structlog.get_logger("cloudtaskd.catalog.aws")
@@ -69,9 +69,10 @@ async def fetch_offers(driver: AwsDriver, machine_types: Sequence[str], *,
         cpus = int(size.get("VCpuInfo", {}).get("DefaultVCpus", 0))
         memory_gb = float(size.get("MemoryInfo", {}).get("SizeInMiB", 0)) / 1024
         gpus = sum(int(g.get("Count", 0)) for g in size.get("GpuInfo", {}).get("Gpus", []))
+        arch = arch_of(size)
         for zone in sorted(zones.get(t, [])):
             markets = [(False, on_demand.get(t))] + ([(True, spot[(t, zone)])] if (t, zone) in spot else [])
-            offers.extend(Offer("aws", t, zone, is_spot, cpus, memory_gb, price, driver.region, gpus)
+            offers.extend(Offer("aws", t, zone, is_spot, cpus, memory_gb, price, driver.region, gpus, arch=arch)
                           for is_spot, price in markets)
     return offers
 

@@ -1,4 +1,4 @@
-"""Azure offers from Azure's own APIs: sizes and zones from the Resource SKUs API (through the
+"""Azure offers from Azure's own APIs: sizes, CPU architecture and zones from the Resource SKUs API (through the
 driver's compute client), spot and on-demand prices from the public Retail Prices API (no auth).
 
 Only the types the config allows are priced: the Retail Prices API is asked once per type, with a
@@ -17,7 +17,7 @@ import structlog
 
 from cloudtaskd.errors import ProviderError, TransientProviderError
 from cloudtaskd.providers.azure import PROVIDER, AzureDriver, classify
-from cloudtaskd.providers.base import Offer
+from cloudtaskd.providers.base import ARM64, X86_64, Offer
 
 log = structlog.get_logger("cloudtaskd.catalog.azure")
 
@@ -27,6 +27,8 @@ PRICES_MAX_PAGES = 20  # a per-type filter answers a handful of lines; more mean
 VM_RESOURCE_TYPE = "virtualMachines"
 SPOT_SUFFIX = " Spot"
 HOURLY = "1 Hour"
+# The SKU capability `CpuArchitectureType`: "x64" for Intel and AMD sizes, "Arm64" for Ampere/Cobalt ones.
+ARCHES = {"x64": X86_64, "arm64": ARM64}
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +41,7 @@ class Sku:
     gpus: int
     zones: frozenset[str]  # usable zone numbers ("1".."3") in the location
     spot_capable: bool
+    arch: str = ""  # X86_64 or ARM64; "" when the SKU does not say
 
 
 async def fetch_offers(driver: AzureDriver, machine_types: Sequence[str], *, prices_url: str = PRICES_URL,
@@ -68,7 +71,8 @@ async def fetch_offers(driver: AzureDriver, machine_types: Sequence[str], *, pri
         on_demand, spot = prices.get(t, (None, None))
         placements = [location] + [z for z in dict.fromkeys(zones) if z in sku.zones]
         markets = [(False, on_demand)] + ([(True, spot)] if spot is not None and sku.spot_capable else [])
-        offers.extend(Offer(PROVIDER, t, placement, is_spot, sku.cpus, sku.memory_gb, price, location, sku.gpus)
+        offers.extend(Offer(PROVIDER, t, placement, is_spot, sku.cpus, sku.memory_gb, price, location, sku.gpus,
+                            arch=sku.arch)
                       for placement in placements for is_spot, price in markets)
     return offers
 
@@ -125,7 +129,8 @@ def _parse_sku(name: str, sku: Mapping[str, Any], location: str) -> Sku | str:
     # Constrained-core sizes (E4-2s_v5) bill for vCPUs but run only vCPUsAvailable: slots count the latter.
     cpus = int(float(caps.get("vCPUsAvailable") or caps.get("vCPUs") or 0))
     return Sku(name=name, cpus=cpus, memory_gb=float(caps.get("MemoryGB") or 0), gpus=int(float(caps.get("GPUs") or 0)),
-               zones=frozenset(zones), spot_capable=caps.get("LowPriorityCapable", "True").lower() != "false")
+               zones=frozenset(zones), spot_capable=caps.get("LowPriorityCapable", "True").lower() != "false",
+               arch=ARCHES.get(caps.get("CpuArchitectureType", "").lower(), ""))
 
 
 # ---- prices: the Retail Prices API ----

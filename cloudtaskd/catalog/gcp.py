@@ -1,6 +1,7 @@
-"""GCP offers from Google's own APIs: sizes from Compute Engine `machineTypes.get` (per allowed type
-and zone, through the driver's endpoint, credentials and thread pool), prices from the Cloud Billing
-Catalog API (`GET {billing_endpoint}/v1/services/6F81-5844-456A/skus`, every page, USD).
+"""GCP offers from Google's own APIs: sizes and CPU architecture from Compute Engine
+`machineTypes.get` (per allowed type and zone, through the driver's endpoint, credentials and thread
+pool), prices from the Cloud Billing Catalog API (`GET {billing_endpoint}/v1/services/6F81-5844-456A/skus`,
+every page, USD).
 
 Pricing rule. Compute Engine bills a predefined machine type as its vCPUs times a per-vCPU-hour
 price plus its memory (GiB) times a per-GiB-hour price, both per machine series and region, and
@@ -46,7 +47,7 @@ import aiohttp
 import structlog
 
 from cloudtaskd.errors import ProviderAuthError, ProviderError, TransientProviderError
-from cloudtaskd.providers.base import Offer
+from cloudtaskd.providers.base import ARM64, X86_64, Offer
 from cloudtaskd.providers.gcp import CALL_TIMEOUT_S, PROVIDER, READ_RETRY_S, GcpDriver, classify
 
 log = structlog.get_logger("cloudtaskd.catalog.gcp")
@@ -66,6 +67,10 @@ DESCRIPTION = re.compile(r"^(?:Spot Preemptible |Preemptible )?(?P<series>.+?) (
 SERIES = re.compile(r"^(?P<family>[A-Z][0-9][A-Z0-9]*)(?: AMD| Arm| Intel)?(?: Predefined)? Instance$")
 SERIES_ALIASES = {"Compute optimized": "c2", "Memory-optimized Instance": "m1", "M3 Memory-optimized Instance": "m3"}
 SHARED_CORE_FAMILIES = {"f1", "g1"}
+# machineTypes' `architecture` (ARCHITECTURE_UNSPECIFIED | ARM64 | X86_64). When a type leaves it
+# unset, its series decides: T2A (Ampere Altra), C4A and N4A (Axion) are Arm; every other series is x86.
+ARCHES = {"ARM64": ARM64, "X86_64": X86_64}
+ARM_FAMILIES = {"t2a", "c4a", "n4a"}
 AUTH_HINT = ("enable the Cloud Billing API (cloudbilling.googleapis.com) in the project the credentials "
              "belong to (a user's quota project for gcloud credentials), and give them the scope cloud-platform "
              "or cloud-billing.readonly (on a GCE VM: its access scopes); no IAM role is needed to read list prices")
@@ -80,6 +85,7 @@ class MachineType:
     memory_gb: float
     gpus: int
     shared_core: bool
+    arch: str = X86_64
 
 
 def region_of(zone: str) -> str:
@@ -90,6 +96,11 @@ def region_of(zone: str) -> str:
 def family_of(machine_type: str) -> str:
     """e2-standard-4 -> e2 (the series, lower case as in the type's name)."""
     return machine_type.split("-", 1)[0].lower()
+
+
+def arch_of(machine_type: str, architecture: str) -> str:
+    """X86_64 or ARM64: the machine type's `architecture` when set, else by its series."""
+    return ARCHES.get(architecture) or (ARM64 if family_of(machine_type) in ARM_FAMILIES else X86_64)
 
 
 async def fetch_offers(driver: GcpDriver, machine_types: Sequence[str], *, billing_endpoint: str = BILLING_ENDPOINT,
@@ -113,7 +124,8 @@ async def fetch_offers(driver: GcpDriver, machine_types: Sequence[str], *, billi
             region = region_of(zone)
             for spot in (False, True):
                 price = _price(size, prices, region, spot)
-                offers.append(Offer(PROVIDER, t, zone, spot, size.cpus, size.memory_gb, price, region, size.gpus))
+                offers.append(Offer(PROVIDER, t, zone, spot, size.cpus, size.memory_gb, price, region, size.gpus,
+                                    arch=size.arch))
         _warn_unpriced(t, sizes[t], prices)
     return offers
 
@@ -219,7 +231,8 @@ async def _sizes(driver: GcpDriver, credentials: Any, types: Sequence[str],
                     raise  # the project or the zone is unknown, not the type
                 continue  # not sold in this zone (or at all)
             gpus = sum(int(a.guest_accelerator_count) for a in mt.accelerators)
-            found.append(MachineType(t, int(mt.guest_cpus), int(mt.memory_mb) / 1024, gpus, bool(mt.is_shared_cpu)))
+            found.append(MachineType(t, int(mt.guest_cpus), int(mt.memory_mb) / 1024, gpus, bool(mt.is_shared_cpu),
+                                     arch_of(t, str(mt.architecture))))
         return found
 
     client: Any = None

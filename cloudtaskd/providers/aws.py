@@ -38,6 +38,7 @@ from cloudtaskd.errors import (
     QuotaExceeded,
     TransientProviderError,
 )
+from cloudtaskd.providers.base import ARM64, X86_64
 from cloudtaskd.providers.cloud import TAG_DAEMON, TAG_INSTANCE, CloudVm, CreateRequest
 
 if TYPE_CHECKING:
@@ -53,7 +54,10 @@ LAUNCH_RETRY_S = 0.5  # first pause before retrying a transient RunInstances fai
 TAG_RETRY_S = 0.25
 TAG_ATTEMPTS = 7
 UBUNTU_OWNER = "099720109477"  # Canonical
-UBUNTU_IMAGE_NAME = "ubuntu/images/hvm-ssd*/ubuntu-jammy-22.04-amd64-server-*"
+# Canonical's AMI names: ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-<amd64|arm64>-server-<serial>.
+UBUNTU_RELEASE = "Ubuntu 24.04"
+UBUNTU_IMAGE_NAME = "ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-{arch}-server-*"
+UBUNTU_ARCH = {X86_64: "amd64", ARM64: "arm64"}  # ours -> Canonical's name part (EC2 says x86_64/arm64, as we do)
 SECURITY_GROUP = "cloudtask-ssh"
 HOST_KEYS_BEGIN = "-----BEGIN SSH HOST KEY KEYS-----"  # cloud-init prints these to the console
 HOST_KEYS_END = "-----END SSH HOST KEY KEYS-----"
@@ -146,7 +150,8 @@ class AwsDriver:
         self._ec2: Any = None
         self._ec2_once: Any = None
         self._client_lock = asyncio.Lock()
-        self._setup: tuple[str, str, str] | None = None  # (image, key name, security group id)
+        self._setup: tuple[str, str] | None = None  # (key name, security group id)
+        self._images: dict[str, str] = {}  # arch -> the default image in this region (cached per architecture)
         self._setup_lock = asyncio.Lock()
         self._batches: dict[tuple[str, str, bool], _Batch] = defaultdict(_Batch)
 
@@ -200,25 +205,41 @@ class AwsDriver:
     # ---- one-time set-up: image, key pair, security group ----
 
     async def _prepare(self, req: CreateRequest) -> tuple[str, str, str]:
+        """(image, key name, security group id) for this request: the key pair and the group are
+        made once; the default image is looked up once per architecture (a request's image, or the
+        configured one, is used as it is, whatever the architecture)."""
         async with self._setup_lock:
-            if self._setup is None:
-                ec2 = await self._client()
-                try:
-                    image = req.image or self.image or await self._ubuntu_image(ec2)
+            ec2 = await self._client()
+            try:
+                if self._setup is None:
                     key_name = await self._key_pair(ec2, req.ssh_public_key)
-                    group = self.security_group_id or await self._security_group(ec2)
-                except Exception as exc:
-                    raise classify(exc, "prepare") from exc
-                self._setup = (image, key_name, group)
-            return self._setup
+                    self._setup = (key_name, self.security_group_id or await self._security_group(ec2))
+                image = req.image or self.image
+                if not image:
+                    if req.arch not in self._images:
+                        self._images[req.arch] = await self._ubuntu_image(ec2, req.arch)
+                    image = self._images[req.arch]
+            except Exception as exc:
+                raise classify(exc, "prepare") from exc
+            return (image, *self._setup)
 
-    async def _ubuntu_image(self, ec2: Any) -> str:
+    async def _ubuntu_image(self, ec2: Any, arch: str) -> str:
+        """The newest Canonical Ubuntu LTS AMI in this region for this architecture."""
+        if arch not in UBUNTU_ARCH:
+            raise InvalidRequest("aws", "prepare", f"no default image for architecture {arch!r}: "
+                                 "set providers.aws.image")
+        name = UBUNTU_IMAGE_NAME.format(arch=UBUNTU_ARCH[arch])
         found = await ec2.describe_images(Owners=[UBUNTU_OWNER],
-                                          Filters=[{"Name": "name", "Values": [UBUNTU_IMAGE_NAME]},
+                                          Filters=[{"Name": "name", "Values": [name]},
+                                                   {"Name": "architecture", "Values": [arch]},
                                                    {"Name": "state", "Values": ["available"]}])
         images = sorted(found.get("Images", []), key=lambda i: i.get("CreationDate", ""))
         if not images:
-            raise InvalidRequest("aws", "prepare", f"no Ubuntu 22.04 image in {self.region}; set providers.aws.image")
+            raise InvalidRequest("aws", "prepare", f"no {UBUNTU_RELEASE} {arch} image ({name}, owner "
+                                 f"{UBUNTU_OWNER}) in {self.region}; set providers.aws.image to an AMI id of that "
+                                 "architecture")
+        log.info("aws_default_image", region=self.region, arch=arch, image=images[-1]["ImageId"],
+                 name=images[-1].get("Name"))
         return str(images[-1]["ImageId"])
 
     async def _key_pair(self, ec2: Any, public_key: str) -> str:
@@ -452,10 +473,12 @@ class AwsDriver:
             if zone and zone not in names and zone != self.region:
                 out.append(CheckResult("aws", f"zone {zone}", "FAIL", f"not a zone of {self.region}: one of"
                                        f" {', '.join(sorted(names))} (providers.aws.zone / zones)"))
+        arches: dict[str, None] = {}  # of the configured types: each needs a default image of its own
         for machine_type in dict.fromkeys(machine_types):
             try:
                 got = await ec2.describe_instance_types(InstanceTypes=[machine_type])
                 ok = bool(got.get("InstanceTypes"))
+                arches.update(dict.fromkeys(a for a in map(arch_of, got.get("InstanceTypes", [])) if a))
             except Exception as exc:
                 if "InvalidInstanceType" not in str(exc):
                     out.append(fail(f"instance type {machine_type}", exc, "try again, or check the permissions"))
@@ -471,9 +494,11 @@ class AwsDriver:
                     raise InvalidRequest("aws", "check", f"image {self.image} not found")
                 out.append(CheckResult("aws", f"image {self.image}", "ok", str(images[0].get("Name", ""))))
             else:
-                out.append(CheckResult("aws", "image", "ok", f"Ubuntu 22.04: {await self._ubuntu_image(ec2)}"))
+                for arch in arches or (X86_64,):
+                    out.append(CheckResult("aws", f"image ({arch})", "ok",
+                                           f"{UBUNTU_RELEASE}: {await self._ubuntu_image(ec2, arch)}"))
         except InvalidRequest as exc:
-            out.append(CheckResult("aws", f"image {self.image or '(Ubuntu 22.04)'}", "FAIL",
+            out.append(CheckResult("aws", f"image {self.image or f'({UBUNTU_RELEASE})'}", "FAIL",
                                    f"{exc}: set providers.aws.image to an AMI id that exists in {self.region}"))
         except Exception as exc:
             if "InvalidAMIID" not in str(exc):
@@ -515,6 +540,13 @@ class AwsDriver:
                                                        " max_instances x cpus needs: ask AWS for more, or lower"
                                                        " max_instances")
         return CheckResult("aws", "quota", "ok", f"{value:g} on-demand vCPUs, {vcpus} needed at most")
+
+
+def arch_of(instance_type: dict[str, Any]) -> str:
+    """X86_64 or ARM64 from DescribeInstanceTypes' `ProcessorInfo.SupportedArchitectures` (i386 |
+    x86_64 | arm64 | x86_64_mac | arm64_mac; t2.micro lists i386 and x86_64); "" for anything else."""
+    supported = set(instance_type.get("ProcessorInfo", {}).get("SupportedArchitectures") or [])
+    return ARM64 if "arm64" in supported else X86_64 if "x86_64" in supported else ""
 
 
 def _error_code(exc: BaseException) -> str:

@@ -37,12 +37,15 @@ from cloudtaskd.errors import (
     QuotaExceeded,
     TransientProviderError,
 )
+from cloudtaskd.providers.base import ARM64, X86_64
 from cloudtaskd.providers.cloud import TAG_DAEMON, TAG_INSTANCE, CloudVm, CreateRequest
 
 log = structlog.get_logger("cloudtaskd.providers.azure")
 
 PROVIDER = "azure"
-DEFAULT_IMAGE = ("Canonical", "0001-com-ubuntu-server-jammy", "22_04-lts-gen2", "latest")
+# Ubuntu 24.04 LTS per architecture (publisher, offer, sku, version), both Hyper-V generation 2.
+DEFAULT_IMAGES = {X86_64: ("Canonical", "ubuntu-24_04-lts", "server", "latest"),
+                  ARM64: ("Canonical", "ubuntu-24_04-lts", "server-arm64", "latest")}
 VNET_PREFIX = "10.77.0.0/16"
 SUBNET_NAME = "cloudtask"
 SSH_RULE_PRIORITY = 1000
@@ -339,7 +342,10 @@ class AzureDriver:
 
     def _image(self, req: CreateRequest) -> dict[str, str]:
         if not req.image:
-            publisher, offer, sku, version = DEFAULT_IMAGE
+            if req.arch not in DEFAULT_IMAGES:
+                raise InvalidRequest(PROVIDER, "launch", f"no default image for architecture {req.arch!r}: set "
+                                     "providers.azure.image")
+            publisher, offer, sku, version = DEFAULT_IMAGES[req.arch]
         elif req.image.startswith("/"):
             return {"id": req.image}  # a managed image or gallery image version
         elif len(parts := req.image.split(":")) == 4:

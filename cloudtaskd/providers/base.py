@@ -12,6 +12,12 @@ from typing import Any, Protocol
 
 from agent.bundle import Limits
 
+# An instance type's CPU architecture, as the catalog records it (each cloud's API names it its own
+# way; the catalog modules map them to these). "" in an Offer: unknown (no catalog entry).
+X86_64 = "x86_64"
+ARM64 = "arm64"
+ARCHES = (X86_64, ARM64)
+
 
 @dataclass(frozen=True, slots=True)
 class Offer:
@@ -27,6 +33,7 @@ class Offer:
     region: str = ""
     gpus: int = 0
     available: int | None = None  # how many more of exactly this can start (an ssh host: 1); None: no limit
+    arch: str = ""  # X86_64 or ARM64, from the catalog; "": unknown (a cloud launch then assumes X86_64)
 
     @property
     def key(self) -> str:

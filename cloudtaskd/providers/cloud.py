@@ -29,7 +29,7 @@ from cloudtaskd.bootstrap import (
     stop_agent,
 )
 from cloudtaskd.errors import ProviderError
-from cloudtaskd.providers.base import CloudInstance, LaunchSpec, Offer, frame_args, watch_args
+from cloudtaskd.providers.base import X86_64, CloudInstance, LaunchSpec, Offer, frame_args, watch_args
 from cloudtaskd.runtime import RuntimeBuilder
 from cloudtaskd.tunnels import Tunnels
 
@@ -50,7 +50,8 @@ class CreateRequest:
     spot: bool
     ssh_user: str
     ssh_public_key: str  # OpenSSH line, installed for ssh_user
-    image: str | None = None  # None: the driver's default Ubuntu LTS image
+    image: str | None = None  # None: the driver's default Ubuntu LTS image for `arch`
+    arch: str = X86_64  # the machine type's CPU architecture (base.ARCHES): which default image boots it
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +117,7 @@ class CloudSettings:
     ssh_key_file: Path  # private; the public half is installed on each VM
     # Test/emulator hook: reach every VM's SSH at this host:port instead of its public IP.
     ssh_address_override: str = ""
-    image: str = ""  # empty: the driver's default Ubuntu LTS image
+    image: str = ""  # empty: the driver's default Ubuntu LTS image for each type's architecture
     on_demand_fallback: bool = True
     machine_types: tuple[str, ...] = ()  # more types to choose among (sized and priced by the catalog)
     zones: tuple[str, ...] = ()  # more zones (AWS, GCP) to choose among
@@ -190,9 +191,15 @@ class CloudProvider:
     async def launch(self, spec: LaunchSpec) -> CloudInstance:
         s = self.settings
         offer = spec.offer or self.offers()[0]
+        arch = offer.arch
+        if not arch:
+            arch = X86_64
+            if not s.image:  # a configured image is used whatever the architecture
+                log.warning("instance_arch_unknown", provider=self.name, machine_type=offer.machine_type,
+                            assumed=arch, hint="no catalog entry for this type: run `cloudtaskctl catalog refresh`")
         vm = await self.driver.create(CreateRequest(
             spec.instance_id, self.daemon_id, offer.machine_type, offer.zone, offer.spot, s.ssh_user, self.public_key,
-            s.image or None))
+            s.image or None, arch))
         deadline = time.monotonic() + RUNNING_WAIT_S
         while vm.state != "running" or not (vm.public_ip or s.ssh_address_override):
             if vm.state == "terminated" or time.monotonic() > deadline:

@@ -72,13 +72,17 @@ from cloudtaskd.errors import (
     QuotaExceeded,
     TransientProviderError,
 )
+from cloudtaskd.providers.base import ARM64, X86_64
 from cloudtaskd.providers.cloud import TAG_DAEMON, TAG_INSTANCE, CloudVm, CreateRequest
 
 log = structlog.get_logger("cloudtaskd.providers.gcp")
 
 PROVIDER = "gcp"
 BATCH_WINDOW_S = 0.05
-DEFAULT_IMAGE = "projects/ubuntu-os-cloud/global/images/family/ubuntu-2204-lts"
+# Ubuntu 24.04 LTS per architecture: image families of ubuntu-os-cloud (24.04 has only these two).
+DEFAULT_IMAGES = {X86_64: "projects/ubuntu-os-cloud/global/images/family/ubuntu-2404-lts-amd64",
+                  ARM64: "projects/ubuntu-os-cloud/global/images/family/ubuntu-2404-lts-arm64"}
+DEFAULT_IMAGE = DEFAULT_IMAGES[X86_64]  # the x86_64 one (what every type got before architectures were told apart)
 COMPUTE_SCOPE = "https://www.googleapis.com/auth/compute"
 DEFAULT_NETWORK = "default"
 NETWORK_TAG = "cloudtask-ssh"  # on every VM; the SSH firewall rule we make targets only this tag
@@ -226,6 +230,13 @@ def _status(exc: BaseException) -> int:
     """The HTTP status of a google-api-core error, else 0."""
     code = getattr(exc, "code", None)
     return code if isinstance(code, int) else 0
+
+
+def default_image(arch: str) -> str:
+    """The Ubuntu LTS image family for a machine type's architecture."""
+    if arch not in DEFAULT_IMAGES:
+        raise InvalidRequest(PROVIDER, "launch", f"no default image for architecture {arch!r}: set providers.gcp.image")
+    return DEFAULT_IMAGES[arch]
 
 
 def label_value(value: str) -> str:
@@ -480,8 +491,8 @@ class GcpDriver:
         existing = await self._fetch(zone, req.instance_id, "launch")
         if existing is not None:
             return self._vm(existing, req.instance_id)  # idempotent: this instance id was already launched
-        key: _BatchKey = (zone, req.machine_type, req.spot, req.image or self.image or DEFAULT_IMAGE, req.ssh_user,
-                          req.ssh_public_key)
+        key: _BatchKey = (zone, req.machine_type, req.spot, req.image or self.image or default_image(req.arch),
+                          req.ssh_user, req.ssh_public_key)
         batch = self._batches[key]
         future: asyncio.Future[CloudVm] = asyncio.get_running_loop().create_future()
         batch.requests.append(req)
