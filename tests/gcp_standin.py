@@ -84,6 +84,31 @@ MACHINE_TYPES: dict[str, list[dict[str, Any]]] = {
 }
 
 
+@dataclass
+class Call:
+    method: str  # the API method, e.g. "instances.bulkInsert"
+    http_method: str
+    path: str
+    body: Any
+
+
+@dataclass
+class Gate:
+    arrived: threading.Event = field(default_factory=threading.Event)
+    released: threading.Event = field(default_factory=threading.Event)
+    released_by_test: bool = False
+
+    def release(self) -> None:
+        self.released_by_test = True
+        self.released.set()
+
+
+@dataclass
+class Network:
+    auto: bool = True  # auto mode: a subnet in every region, named after the network
+    subnetworks: dict[str, set[str]] = field(default_factory=dict)  # region -> names (custom mode)
+
+
 def quota(metric: str, limit: float, usage: float = 0.0) -> dict[str, Any]:
     """One entry of a Region resource's `quotas`, as `regions.get` answers it."""
     return {"metric": metric, "limit": limit, "usage": usage}
@@ -114,31 +139,6 @@ IMAGES: dict[tuple[str, str], dict[str, Any]] = {("ubuntu-os-cloud", i["name"]):
     image("ubuntu-2404-noble-amd64-v20241004", "ubuntu-2404-lts-amd64"),
     image("ubuntu-2404-noble-arm64-v20241004", "ubuntu-2404-lts-arm64", architecture="ARM64"),
 )}
-
-
-@dataclass
-class Call:
-    method: str  # the API method, e.g. "instances.bulkInsert"
-    http_method: str
-    path: str
-    body: Any
-
-
-@dataclass
-class Gate:
-    arrived: threading.Event = field(default_factory=threading.Event)
-    released: threading.Event = field(default_factory=threading.Event)
-    released_by_test: bool = False
-
-    def release(self) -> None:
-        self.released_by_test = True
-        self.released.set()
-
-
-@dataclass
-class Network:
-    auto: bool = True  # auto mode: a subnet in every region, named after the network
-    subnetworks: dict[str, set[str]] = field(default_factory=dict)  # region -> names (custom mode)
 
 
 # What GCE answers when an instance's machine series and boot disk type do not go together, by series.
