@@ -1,10 +1,10 @@
 """`cloudtaskctl check`: before anything is spent, whether each enabled provider can work.
 
 Runs without a daemon, from the config: for each enabled provider its own checks (a cloud's live
-inside its driver module, behind `async def check(...) -> list[CheckResult]`; a provider without
-any says so), then how agents will reach the daemon. Each line is ok, warn or FAIL with what to
-fix. `cheap` keeps to what costs no more than a round trip (the config, the agents' address, the
-credentials): what `cloudtaskctl run` checks before it launches anything.
+inside its driver module, behind `async def check(...) -> list[CheckResult]`), then how agents
+will reach the daemon. Each line is ok, warn or FAIL with what to fix. `cheap` keeps to what costs
+no more than a round trip (the config, the agents' address, the credentials): what `cloudtaskctl
+run` checks before it launches anything.
 """
 
 from __future__ import annotations
@@ -85,10 +85,7 @@ async def _ssh_host(address: str, port: int, key_file: str, cheap: bool) -> list
     return out
 
 
-async def _cloud(config: Config, name: str, cheap: bool) -> list[CheckResult]:
-    if name != "aws":
-        # GCP and Azure answer `check` with their catalog at `cloudtaskctl catalog refresh` for now.
-        return [CheckResult(name, "checks", "warn", "no checks for this provider yet: try a small job first")]
+async def _aws(config: Config, cheap: bool) -> list[CheckResult]:
     from cloudtaskd.providers.aws import AwsDriver
 
     c = config.providers.aws
@@ -99,6 +96,45 @@ async def _cloud(config: Config, name: str, cheap: bool) -> list[CheckResult]:
             (c.zone,) if c.zone else ()), max_instances=c.max_instances, cpus=c.cpus, cheap=cheap)
     finally:
         await driver.close()
+
+
+async def _gcp(config: Config, cheap: bool) -> list[CheckResult]:
+    from cloudtaskd.errors import ProviderError
+    from cloudtaskd.providers.gcp import GcpDriver
+
+    c = config.providers.gcp
+    try:
+        driver = GcpDriver(c.project_id, c.zone, "check", credentials_file=c.credentials_file or None,
+                           api_endpoint=c.api_endpoint or None, image=c.image or None, network=c.network,
+                           subnetwork=c.subnetwork or None, disk_type=c.disk_type or None)
+    except ProviderError as err:
+        return [CheckResult("gcp", "config", "FAIL", str(err))]
+    try:
+        return await driver.check(machine_types=(c.machine_type, *c.machine_types), zones=c.zones,
+                                  max_instances=c.max_instances, cpus=c.cpus, spot=c.spot, cheap=cheap)
+    finally:
+        await driver.close()
+
+
+async def _azure(config: Config, cheap: bool) -> list[CheckResult]:
+    from cloudtaskd.errors import ProviderError
+    from cloudtaskd.providers.azure import AzureDriver
+
+    c = config.providers.azure
+    try:
+        driver = AzureDriver(c.subscription_id, c.resource_group, c.location, "check", tenant_id=c.tenant_id or None,
+                             client_id=c.client_id or None, client_secret=c.client_secret or None,
+                             base_url=c.base_url or None)
+    except ProviderError as err:
+        return [CheckResult("azure", "config", "FAIL", str(err))]
+    try:
+        return await driver.check(machine_types=(c.machine_type, *c.machine_types), max_instances=c.max_instances,
+                                  cpus=c.cpus, spot=c.spot, image=c.image or None, cheap=cheap)
+    finally:
+        await driver.close()
+
+
+_CLOUDS = {"aws": _aws, "gcp": _gcp, "azure": _azure}
 
 
 async def run_checks(config: Config, *, cheap: bool = False) -> list[CheckResult]:
@@ -113,9 +149,9 @@ async def run_checks(config: Config, *, cheap: bool = False) -> list[CheckResult
                                                     f"{config.providers.local.cpus or os.cpu_count()} cpus")]))
     for h in config.providers.ssh.hosts if "ssh" in enabled else ():
         groups.append(_ssh_host(h.address, h.port, h.key_file, cheap))
-    for name in ("aws", "gcp", "azure"):
+    for name, check in _CLOUDS.items():
         if name in enabled:
-            groups.append(_cloud(config, name, cheap))
+            groups.append(check(config, cheap))
     for group in await asyncio.gather(*groups):
         out.extend(group)
     out.append(agents_check(config))

@@ -18,6 +18,13 @@ the VM behind in the Failed state, as Azure does) or a quota refusal (409 Operat
 Resource SKUs (`GET /subscriptions/{s}/providers/Microsoft.Compute/skus`): the `skus` a test sets,
 narrowed by a `location eq '...'` filter the way Azure narrows them (`locations` and `locationInfo`
 keep only that location), in pages of `sku_page_size` linked by `nextLink`, or `sku_error` instead.
+
+Compute usages (`GET /subscriptions/{s}/providers/Microsoft.Compute/locations/{l}/usages`): the
+`usages` of that location (USAGES by default), as `{"value": [{"name": {"value", "localizedValue"},
+"currentValue", "limit", "unit"}]}`. Marketplace images (`.../locations/{l}/publishers/{p}/
+artifacttypes/vmimage/offers/{o}/skus/{s}/versions[/{v}]`) from `images` ((publisher, offer, sku)
+-> versions, the same in every location): a list honours `$orderby=name desc` and `$top`; an
+unknown image is a 404 `NotFound` "Artifact: VMImage was not found.", as Azure answers it.
 """
 
 from __future__ import annotations
@@ -33,6 +40,32 @@ from aiohttp import web
 VM_TYPE = "microsoft.compute/virtualmachines"
 DISK_TYPE = "microsoft.compute/disks"
 SKUS_SUFFIX = "/providers/microsoft.compute/skus"
+USAGES = re.compile(r"^/subscriptions/[^/]+/providers/microsoft\.compute/locations/(?P<location>[^/]+)/usages$")
+IMAGE_VERSIONS = re.compile(r"^/subscriptions/[^/]+/providers/microsoft\.compute/locations/(?P<location>[^/]+)/"
+                            r"publishers/(?P<publisher>[^/]+)/artifacttypes/vmimage/offers/(?P<offer>[^/]+)/"
+                            r"skus/(?P<sku>[^/]+)/versions(?:/(?P<version>[^/]+))?$")
+
+
+def usage(name: str, localized: str, current: int, limit: int) -> dict[str, Any]:
+    """One Compute usage as `Usage - List` answers it."""
+    return {"unit": "Count", "currentValue": current, "limit": limit,
+            "name": {"value": name, "localizedValue": localized}}
+
+
+# A pay-as-you-go subscription's defaults in a big region (a few of the many usages Azure lists).
+USAGES_DEFAULT = [
+    usage("availabilitySets", "Availability Sets", 0, 2500),
+    usage("cores", "Total Regional vCPUs", 4, 20),
+    usage("virtualMachines", "Virtual Machines", 2, 25000),
+    usage("standardDSv5Family", "Standard DSv5 Family vCPUs", 4, 10),
+    usage("standardFSv2Family", "Standard FSv2 Family vCPUs", 0, 10),
+    usage("lowPriorityCores", "Total Regional Low-priority vCPUs", 0, 20),
+]
+IMAGES = {
+    ("canonical", "0001-com-ubuntu-server-jammy", "22_04-lts-gen2"): ["22.04.202401100", "22.04.202409270"],
+    ("canonical", "ubuntu-24_04-lts", "server"): ["24.04.202409120", "24.04.202410040"],
+    ("canonical", "ubuntu-24_04-lts", "server-arm64"): ["24.04.202410040"],
+}
 
 
 @dataclass
@@ -53,6 +86,10 @@ class ArmStandin:
     sku_page_size: int = 0  # 0: one page
     sku_error: tuple[int, str] | None = None  # (HTTP status, ARM error code) for every SKU list
     sku_filters: list[str] = field(default_factory=list)  # the `$filter` of each first-page SKU request
+    usages: dict[str, list[dict[str, Any]]] = field(  # location -> Compute usages
+        default_factory=lambda: {"eastus": [dict(u, name=dict(u["name"])) for u in USAGES_DEFAULT]})
+    images: dict[tuple[str, str, str], list[str]] = field(  # (publisher, offer, sku), lowercase -> versions
+        default_factory=lambda: {k: list(v) for k, v in IMAGES.items()})
     url: str = ""
     vm_create_arrived: asyncio.Event = field(default_factory=asyncio.Event)
     _stall_vm: bool = False
@@ -136,6 +173,10 @@ class ArmStandin:
             return web.Response(status=202, headers=self._operation(key, "DELETE"))
         if request.method == "GET" and key.endswith(SKUS_SUFFIX):
             return self._skus(request, path)
+        if request.method == "GET" and (match := USAGES.match(key)):
+            return web.json_response({"value": self.usages.get(match["location"], [])})
+        if request.method == "GET" and (match := IMAGE_VERSIONS.match(key)):
+            return self._image_versions(request, path, match)
         if request.method in ("GET", "HEAD"):
             return self._get(request, key)
         return self._error(405, "MethodNotAllowed", f"{request.method} is not supported here")
@@ -232,6 +273,21 @@ class ArmStandin:
             params = {**request.query, "$skiptoken": str(skip + size)}
             body["nextLink"] = str(request.url.with_path(path).with_query(params))
         return web.json_response(body)
+
+    def _image_versions(self, request: web.Request, path: str, match: re.Match[str]) -> web.Response:
+        versions = self.images.get((match["publisher"], match["offer"], match["sku"]))
+        version = match["version"]
+        if not versions or (version is not None and version not in versions):
+            return self._error(404, "NotFound", "Artifact: VMImage was not found.")
+        location = match["location"]
+        if version is not None:
+            return web.json_response({"location": location, "name": version, "id": path, "properties": {
+                "osImage": {"operatingSystem": "Linux"}, "hyperVGeneration": "V2",
+                "architecture": "Arm64" if "arm64" in match["sku"] else "x64"}})
+        found = sorted(versions, reverse=request.query.get("$orderby", "").lower() == "name desc")
+        if "$top" in request.query:
+            found = found[:int(request.query["$top"])]
+        return web.json_response([{"location": location, "name": v, "id": f"{path}/{v}"} for v in found])
 
     def _instance_view(self, vm: dict[str, Any]) -> dict[str, Any]:
         state = vm["properties"].get("provisioningState", "Succeeded")

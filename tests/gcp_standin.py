@@ -23,6 +23,9 @@ Tests can:
   project starts with the auto-mode `default` network and the four rules GCE makes with it
   (`default-allow-ssh` among them); `firewalls` holds every rule by name;
 - set `machine_types` (zone -> machine type resources; MACHINE_TYPES by default);
+- for `check`: `zones.get` answers for the zones of `machine_types`, `regions.get` with each
+  region's `quotas` (region -> [{metric, limit, usage}], QUOTAS by default), `images.get` and
+  `images.getFromFamily` from `images` ((project, name) -> Image; IMAGES by default: Ubuntu's);
 - read `calls` (method, HTTP method, path, body) to assert what the client sent.
 """
 
@@ -117,6 +120,38 @@ class Network:
     subnetworks: dict[str, set[str]] = field(default_factory=dict)  # region -> names (custom mode)
 
 
+def quota(metric: str, limit: float, usage: float = 0.0) -> dict[str, Any]:
+    """One entry of a Region resource's `quotas`, as `regions.get` answers it."""
+    return {"metric": metric, "limit": limit, "usage": usage}
+
+
+# A new project's quotas (a few of the dozens GCE lists), in each region of MACHINE_TYPES.
+QUOTAS: dict[str, list[dict[str, Any]]] = {
+    region: [quota("CPUS", 24.0), quota("N2_CPUS", 24.0), quota("C3_CPUS", 0.0), quota("PREEMPTIBLE_CPUS", 0.0),
+             quota("INSTANCES", 24.0), quota("IN_USE_ADDRESSES", 8.0), quota("SSD_TOTAL_GB", 500.0)]
+    for region in ("us-central1", "europe-west1")}
+
+
+def image(name: str, family: str, *, architecture: str = "X86_64", deprecated: str = "",
+          created: str = "2024-09-27T00:00:00.000-07:00") -> dict[str, Any]:
+    """An Image resource as `images.get` answers it (the project's links are added when served)."""
+    body: dict[str, Any] = {"kind": "compute#image", "id": str(abs(hash(name)) % 10**18), "name": name,
+                            "family": family, "architecture": architecture, "status": "READY", "diskSizeGb": "10",
+                            "sourceType": "RAW", "creationTimestamp": created}
+    if deprecated:
+        body["deprecated"] = {"state": deprecated}
+    return body
+
+
+IMAGES: dict[tuple[str, str], dict[str, Any]] = {("ubuntu-os-cloud", i["name"]): i for i in (
+    image("ubuntu-2204-jammy-v20240927", "ubuntu-2204-lts"),
+    image("ubuntu-2204-jammy-v20230114", "ubuntu-2204-lts", deprecated="DEPRECATED",
+          created="2023-01-14T00:00:00.000-07:00"),
+    image("ubuntu-2404-noble-amd64-v20241004", "ubuntu-2404-lts-amd64"),
+    image("ubuntu-2404-noble-arm64-v20241004", "ubuntu-2404-lts-arm64", architecture="ARM64"),
+)}
+
+
 # What GCE answers when an instance's machine series and boot disk type do not go together, by series.
 PD_TYPES = {"pd-standard", "pd-balanced", "pd-ssd", "pd-extreme"}
 REFUSED_DISKS: dict[str, set[str]] = {
@@ -166,6 +201,8 @@ class ComputeStandin:
         self.default_host_keys: dict[str, str] = {}  # published for every instance without keys of its own
         self.machine_types: dict[str, list[dict[str, Any]]] = copy.deepcopy(MACHINE_TYPES)  # zone -> types
         self.calls: list[Call] = []
+        self.quotas: dict[str, list[dict[str, Any]]] = copy.deepcopy(QUOTAS)  # region -> Region.quotas
+        self.images: dict[tuple[str, str], dict[str, Any]] = copy.deepcopy(IMAGES)  # (project, name) -> Image
         self.networks: dict[str, Network] = {"default": Network()}
         self.firewalls: dict[str, dict[str, Any]] = {}  # name -> firewall resource (network as a full URL)
         self.page_size = 500  # list and aggregatedList answer in pages of this many
@@ -304,6 +341,10 @@ class ComputeStandin:
         r.add_get(P + "/global/firewalls", self._firewall_list, name="firewalls.list")
         r.add_post(P + "/global/firewalls", self._firewall_insert, name="firewalls.insert")
         r.add_get(P + "/global/operations/{op}", self._operation, name="globalOperations.get")
+        r.add_get(Z, self._zone, name="zones.get")
+        r.add_get(P + "/regions/{region}", self._region, name="regions.get")
+        r.add_get(P + "/global/images/family/{family}", self._image_from_family, name="images.getFromFamily")
+        r.add_get(P + "/global/images/{name}", self._image, name="images.get")
         r.add_route("*", "/{tail:.*}", self._unknown, name="unknown")
 
     @web.middleware
@@ -663,6 +704,60 @@ class ComputeStandin:
                                                            f"{name}' already exists", "alreadyExists"), status=409)
         rule = self.add_firewall(project, body)
         return self._new_op(request, "insert", rule["selfLink"])
+
+    def _missing(self, request: web.Request, path: str) -> web.Response:
+        resource = f"projects/{request.match_info['project']}/{path}"
+        return web.json_response(google_error(404, f"The resource '{resource}' was not found", "notFound"), status=404)
+
+    def _zones(self) -> dict[str, str]:
+        """zone -> region: the zones the stand-in sells machine types in."""
+        with self.lock:
+            return {z: z.rsplit("-", 1)[0] for z in self.machine_types}
+
+    async def _zone(self, request: web.Request) -> web.Response:
+        zone = request.match_info["zone"]
+        region = self._zones().get(zone)
+        if region is None:
+            return self._missing(request, f"zones/{zone}")
+        base = self._base(request)
+        return web.json_response({"kind": "compute#zone", "id": str(abs(hash(zone)) % 10**12), "name": zone,
+                                  "description": zone, "status": "UP", "region": f"{base}/regions/{region}",
+                                  "selfLink": f"{base}/zones/{zone}", "availableCpuPlatforms": ["Intel Broadwell"]})
+
+    async def _region(self, request: web.Request) -> web.Response:
+        region = request.match_info["region"]
+        zones = sorted(z for z, r in self._zones().items() if r == region)
+        if not zones:
+            return self._missing(request, f"regions/{region}")
+        base = self._base(request)
+        with self.lock:
+            quotas = copy.deepcopy(self.quotas.get(region, []))
+        return web.json_response({"kind": "compute#region", "id": str(abs(hash(region)) % 10**12), "name": region,
+                                  "description": region, "status": "UP", "quotas": quotas,
+                                  "zones": [f"{base}/zones/{z}" for z in zones],
+                                  "selfLink": f"{base}/regions/{region}"})
+
+    def _served_image(self, request: web.Request, body: dict[str, Any]) -> web.Response:
+        return web.json_response({**copy.deepcopy(body),
+                                  "selfLink": f"{self._base(request)}/global/images/{body['name']}"})
+
+    async def _image(self, request: web.Request) -> web.Response:
+        m = request.match_info
+        with self.lock:
+            found = self.images.get((m["project"], m["name"]))
+        if found is None:
+            return self._missing(request, f"global/images/{m['name']}")
+        return self._served_image(request, found)
+
+    async def _image_from_family(self, request: web.Request) -> web.Response:
+        """The family's newest image that is not deprecated, as GCE answers it."""
+        m = request.match_info
+        with self.lock:
+            candidates = [i for (p, _), i in self.images.items() if p == m["project"] and i.get("family") == m["family"]
+                          and not i.get("deprecated")]
+        if not candidates:
+            return self._missing(request, f"global/images/family/{m['family']}")
+        return self._served_image(request, max(candidates, key=lambda i: str(i["creationTimestamp"])))
 
     async def _unknown(self, request: web.Request) -> web.Response:
         return web.json_response(google_error(404, f"the stand-in does not serve {request.method} {request.path}",

@@ -29,6 +29,7 @@ from typing import Any
 
 import structlog
 
+from cloudtaskd.check import CheckResult
 from cloudtaskd.errors import (
     CapacityError,
     InvalidRequest,
@@ -493,3 +494,148 @@ class AzureDriver:
                     raise classify(exc, "terminate") from exc
         log.info("azure_vm_deleted", instance=instance_id, vm=vm_name)
 
+
+    # ---- `cloudtaskctl check`: reads only, makes nothing ----
+
+    async def check(self, *, machine_types: tuple[str, ...], max_instances: int, cpus: int, spot: bool = True,
+                    image: str | None = None, cheap: bool = False) -> builtins.list[CheckResult]:
+        """Credentials (the resource group), then (unless cheap) the location and the sizes this
+        subscription may deploy there (Resource SKUs), the image, and the regional vCPU quotas
+        (Compute usages): each a line with what to fix. A missing resource group is no failure:
+        the first launch makes it."""
+        rg, location = self.resource_group, self.location
+        try:
+            await self._clients()
+            await self._resources.resource_groups.get(rg)
+            out = [CheckResult(PROVIDER, "credentials", "ok", f"subscription {self.subscription_id}, resource group "
+                               f"{rg}")]
+        except Exception as exc:
+            if not _not_found(exc):
+                return [_check_fail("credentials", exc, "set providers.azure.tenant_id, client_id and client_secret, "
+                                    "or make DefaultAzureCredential work (AZURE_* variables, a managed identity, `az "
+                                    "login`); check providers.azure.subscription_id and that the identity has a role "
+                                    "(Contributor) on it")]
+            out = [CheckResult(PROVIDER, "credentials", "ok", f"subscription {self.subscription_id}; resource group "
+                               f"{rg} is made at the first launch")]
+        if cheap:
+            return out
+        families: dict[str, str] = {}  # machine type -> its vCPU quota's name (standardDSv5Family)
+        try:
+            skus = await self._vm_skus()
+        except Exception as exc:
+            out.append(_check_fail(f"location {location}", exc, "try again, or allow Microsoft.Compute/skus/read"))
+            skus = None
+        if skus is not None:
+            out += self._check_sizes(skus, machine_types, families)
+        out.append(await self._check_image(machine_types[0] if machine_types else "", spot, image))
+        out += await self._check_quota(max_instances * cpus, spot, families)
+        return out
+
+    async def _vm_skus(self) -> dict[str, dict[str, Any]]:
+        """The VM sizes of the Resource SKUs API in this location, by lowercase name."""
+        compute, _ = await self._clients()
+        found = {}
+        async for raw in compute.resource_skus.list(filter=f"location eq '{self.location}'"):
+            sku = dict(raw)
+            if str(sku.get("resourceType", "")).lower() == "virtualmachines":
+                found[str(sku.get("name", "")).lower()] = sku
+        return found
+
+    def _check_sizes(self, skus: dict[str, dict[str, Any]], machine_types: tuple[str, ...],
+                     families: dict[str, str]) -> builtins.list[CheckResult]:
+        from cloudtaskd.catalog.azure import _parse_sku  # the catalog's reading of restrictions and capabilities
+
+        location = self.location
+        if not skus:
+            return [CheckResult(PROVIDER, f"location {location}", "FAIL", "no VM sizes there for this subscription: "
+                                "set providers.azure.location to a location name (`az account list-locations -o "
+                                "table`, the Name column: eastus, westeurope)")]
+        out = [CheckResult(PROVIDER, f"location {location}", "ok", f"{len(skus)} VM sizes")]
+        for t in dict.fromkeys(machine_types):
+            what = f"machine type {t}"
+            sku = skus.get(t.lower())
+            if sku is None:
+                out.append(CheckResult(PROVIDER, what, "FAIL", f"not offered in {location}: fix providers.azure."
+                                       f"machine_type / machine_types (`az vm list-skus -l {location} --resource-type "
+                                       "virtualMachines -o table`)"))
+                continue
+            parsed = _parse_sku(t, sku, location)
+            if isinstance(parsed, str):
+                out.append(CheckResult(PROVIDER, what, "FAIL", f"{parsed}: this subscription may not deploy it there; "
+                                       "pick another size or location, or ask Azure support to lift the restriction"))
+                continue
+            if sku.get("family"):
+                families[t] = str(sku["family"])
+            out.append(CheckResult(PROVIDER, what, "ok", f"{parsed.cpus} vCPUs, {parsed.memory_gb:g} GB"))
+        return out
+
+    async def _check_image(self, machine_type: str, spot: bool, image: str | None) -> CheckResult:
+        """The marketplace image a create would ask for (the create's own reading of providers.azure.image)."""
+        location = self.location
+        try:
+            ref = self._image(CreateRequest("check", self.daemon_id, machine_type, location, spot, "check", "",
+                                            image or None))
+        except InvalidRequest as err:
+            return CheckResult(PROVIDER, f"image {image}", "FAIL", str(err))
+        if "id" in ref:
+            return CheckResult(PROVIDER, f"image {ref['id']}", "warn", "a resource id: not checked here, make sure "
+                               f"it exists and is replicated to {location}")
+        urn = ":".join((ref["publisher"], ref["offer"], ref["sku"], ref["version"]))
+        compute, _ = await self._clients()
+        try:
+            if ref["version"].lower() == "latest":
+                found = await compute.virtual_machine_images.list(location, ref["publisher"], ref["offer"], ref["sku"],
+                                                                  top=1, orderby="name desc")
+                version = str(found[0]["name"]) if found else ""
+            else:
+                got = await compute.virtual_machine_images.get(location, ref["publisher"], ref["offer"], ref["sku"],
+                                                               ref["version"])
+                version = str(got["name"])
+        except Exception as exc:
+            if not _not_found(exc):
+                return _check_fail(f"image {urn}", exc, "try again, or allow Microsoft.Compute/locations/publishers/"
+                                   "read")
+            version = ""
+        if not version:
+            return CheckResult(PROVIDER, f"image {urn}", "FAIL", f"no such image in {location}: set "
+                               "providers.azure.image to publisher:offer:sku:version of one there (`az vm image list "
+                               f"-l {location} -p PUBLISHER --all -o table`)")
+        return CheckResult(PROVIDER, f"image {urn}", "ok", f"version {version}")
+
+    async def _check_quota(self, vcpus: int, spot: bool, families: dict[str, str]) -> builtins.list[CheckResult]:
+        """Spot VMs count against lowPriorityCores only; regular ones against cores and their
+        family's quota. Each against max_instances x cpus."""
+        compute, _ = await self._clients()
+        location = self.location
+        try:
+            usages = {str((u.get("name") or {}).get("value", "")).lower(): u
+                      async for u in compute.usage.list(location)}
+        except Exception as exc:
+            return [CheckResult(PROVIDER, "quota", "warn", f"could not read the vCPU quotas ({classify(exc, 'check')})"
+                                f": make sure {vcpus} vCPUs (max_instances x cpus) may run in {location}")]
+        names = [SPOT_QUOTA] if spot else [CORES_QUOTA, *dict.fromkeys(families.values())]
+        out = []
+        for name in names:
+            what = f"quota {name}"
+            u = usages.get(name.lower())
+            if u is None:
+                out.append(CheckResult(PROVIDER, what, "warn", f"{location} reports no {name} quota: make sure {vcpus}"
+                                       " vCPUs (max_instances x cpus) may run there"))
+                continue
+            limit, used = float(u.get("limit") or 0), float(u.get("currentValue") or 0)
+            free = limit - used
+            if free < vcpus:
+                out.append(CheckResult(PROVIDER, what, "FAIL", f"{free:g} of {limit:g} free in {location} ({used:g} in "
+                                       f"use), below the {vcpus} vCPUs max_instances x cpus may use: request more "
+                                       "(portal: Quotas > Compute), or lower providers.azure.max_instances"))
+            else:
+                out.append(CheckResult(PROVIDER, what, "ok", f"{free:g} of {limit:g} free, {vcpus} needed at most"))
+        return out
+
+
+CORES_QUOTA = "cores"  # Total Regional vCPUs (regular VMs; each family has its own quota besides)
+SPOT_QUOTA = "lowPriorityCores"  # Total Regional Low-priority (spot) vCPUs: the only one spot VMs count against
+
+
+def _check_fail(what: str, exc: BaseException, fix: str) -> CheckResult:
+    return CheckResult(PROVIDER, what, "FAIL", f"{classify(exc, 'check')}; {fix}")

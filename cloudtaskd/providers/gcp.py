@@ -64,6 +64,7 @@ from typing import Any, NoReturn, TypeVar
 
 import structlog
 
+from cloudtaskd.check import CheckResult
 from cloudtaskd.errors import (
     CapacityError,
     InvalidRequest,
@@ -292,6 +293,11 @@ def _admits_ssh(rule: Any, tag: str) -> bool:
     return False
 
 
+def _ssh_rule_name(network: str) -> str:
+    """The firewall rule the driver makes on a network without one that admits SSH."""
+    return f"{FIREWALL_PREFIX}-{network}"[:NAME_MAX].rstrip("-")
+
+
 def _zone_of(url: str) -> str:
     return url.rstrip("/").rsplit("/", 1)[-1]
 
@@ -315,6 +321,7 @@ class _Clients:
     networks: Any
     firewalls: Any
     global_operations: Any
+    make: Callable[[Any], Any]  # another client class with the same credentials and options (check's)
 
 
 @dataclass
@@ -404,7 +411,7 @@ class GcpDriver:
 
         return _Clients(make(compute_v1.InstancesClient), make(compute_v1.ZoneOperationsClient), read_retry,
                         make(compute_v1.NetworksClient), make(compute_v1.FirewallsClient),
-                        make(compute_v1.GlobalOperationsClient))
+                        make(compute_v1.GlobalOperationsClient), make)
 
     def _load_credentials(self, op: str) -> Any:
         if self.credentials_file:
@@ -550,18 +557,35 @@ class GcpDriver:
             if self._network_ready:
                 return
             clients = await self._clients("prepare")
-            project, name = self._network_project(), _name_of(self.network)
-            try:
-                network = await self._call(clients.networks.get, project=project, network=name,
-                                           retry=clients.read_retry, timeout=CALL_TIMEOUT_S)
-            except Exception as exc:
-                if _status(exc) == 404:
-                    raise InvalidRequest(PROVIDER, "prepare", f"the VPC network {name!r} does not exist in project "
-                                         f"{project}: set providers.gcp.network to one that does (`gcloud compute "
-                                         "networks list`; organisations often have no `default` network)") from exc
-                _reraise(exc, "prepare")
-            await self._ensure_ssh_rule(clients, project, str(network.self_link) or self._network_path())
+            network = await self._get_network(clients, "prepare")
+            await self._ensure_ssh_rule(clients, self._network_project(),
+                                        str(network.self_link) or self._network_path())
             self._network_ready = True
+
+    async def _get_network(self, clients: _Clients, op: str) -> Any:
+        """The VPC network for the VMs, or an InvalidRequest naming providers.gcp.network."""
+        project, name = self._network_project(), _name_of(self.network)
+        try:
+            return await self._call(clients.networks.get, project=project, network=name,
+                                    retry=clients.read_retry, timeout=CALL_TIMEOUT_S)
+        except Exception as exc:
+            if _status(exc) == 404:
+                raise InvalidRequest(PROVIDER, op, f"the VPC network {name!r} does not exist in project "
+                                     f"{project}: set providers.gcp.network to one that does (`gcloud compute "
+                                     "networks list`; organisations often have no `default` network)") from exc
+            _reraise(exc, op)
+
+    async def _ssh_rules(self, clients: _Clients, project: str, network_link: str) -> builtins.list[Any]:
+        """The enabled ingress rules on this network that admit SSH from anywhere to our VMs' tag.
+        Raises the library's own errors (the callers decide what a refusal to read them means)."""
+        ours = f"projects/{project}/global/networks/{_name_of(network_link)}"
+
+        def rules() -> builtins.list[Any]:
+            return builtins.list(clients.firewalls.list(project=project, retry=clients.read_retry,
+                                                        timeout=CALL_TIMEOUT_S))
+
+        return [r for r in await self._call(rules)
+                if str(r.network).rstrip("/").endswith(ours) and _admits_ssh(r, NETWORK_TAG)]
 
     async def _ensure_ssh_rule(self, clients: Any, project: str, network_link: str) -> None:
         """Create the SSH rule for our tag unless one on this network admits it already. Without the
@@ -570,17 +594,10 @@ class GcpDriver:
         from google.cloud import compute_v1
 
         name = _name_of(network_link)
-        ours = f"projects/{project}/global/networks/{name}"
-
-        def rules() -> builtins.list[Any]:
-            return builtins.list(clients.firewalls.list(project=project, retry=clients.read_retry,
-                                                        timeout=CALL_TIMEOUT_S))
-
         try:
-            found = [r for r in await self._call(rules) if str(r.network).rstrip("/").endswith(ours)]
-            if any(_admits_ssh(r, NETWORK_TAG) for r in found):
+            if await self._ssh_rules(clients, project, network_link):
                 return
-            rule_name = f"{FIREWALL_PREFIX}-{name}"[:NAME_MAX].rstrip("-")
+            rule_name = _ssh_rule_name(name)
             rule = compute_v1.Firewall(
                 name=rule_name, network=network_link, direction="INGRESS", priority=1000,
                 source_ranges=[ANYWHERE], target_tags=[NETWORK_TAG],
@@ -832,3 +849,219 @@ class GcpDriver:
             _reraise(exc, "describe")
         return [f"{item.key} {item.value}" for item in attrs.query_value.items
                 if item.key and item.value and item.namespace in ("", "hostkeys")]
+
+    # ---- `cloudtaskctl check`: reads only, makes nothing ----
+
+    async def check(self, *, machine_types: tuple[str, ...], zones: tuple[str, ...], max_instances: int, cpus: int,
+                    spot: bool = True, cheap: bool = False) -> builtins.list[CheckResult]:
+        """Credentials (zones.get of the zone), then (unless cheap) the zones, the machine types in
+        them, the image, the network and its SSH rule, and each region's CPU quota: each a line
+        with what to fix. A missing SSH rule is no failure: the first launch makes it."""
+        from google.cloud import compute_v1
+
+        try:
+            clients = await self._clients("check")
+        except ProviderError as err:
+            return [CheckResult(PROVIDER, "credentials", "FAIL", str(err))]
+        check = _Check(self, clients, await self._call(lambda: _CheckClients(
+            clients.make(compute_v1.ZonesClient), clients.make(compute_v1.RegionsClient),
+            clients.make(compute_v1.ImagesClient), clients.make(compute_v1.MachineTypesClient))))
+        try:
+            return await check.run(machine_types, zones, max_instances * cpus, spot, cheap)
+        finally:
+            await self._call(check.close)
+
+
+# Image paths `sourceImage` takes: a full or partial URL, `projects/P/global/images/NAME`, or
+# `.../images/family/FAMILY` (the family's newest image that is not deprecated); no project: this one.
+IMAGE_PATH = re.compile(r"^(?:https?://[^/]+/compute/v1/)?(?:projects/(?P<project>[^/]+)/)?global/images/"
+                        r"(?:(?P<family>family)/)?(?P<name>[^/]+)$")
+CPU_QUOTA = "CPUS"
+SPOT_QUOTA = "PREEMPTIBLE_CPUS"  # once granted (limit above 0), spot VMs count against it instead of CPUS
+
+
+@dataclass
+class _CheckClients:
+    zones: Any
+    regions: Any
+    images: Any
+    machine_types: Any
+
+
+@dataclass
+class _Check:
+    """One `check` run: the driver, its clients, and the clients only `check` needs."""
+
+    driver: GcpDriver
+    clients: _Clients
+    extra: _CheckClients
+
+    def close(self) -> None:
+        for client in (self.extra.zones, self.extra.regions, self.extra.images, self.extra.machine_types):
+            client.transport.close()
+
+    async def _get(self, fn: Callable[..., T], **kwargs: Any) -> T:
+        d = self.driver
+        return await d._call(fn, project=kwargs.pop("project", d.project_id), retry=self.clients.read_retry,
+                             timeout=CALL_TIMEOUT_S, **kwargs)
+
+    async def run(self, machine_types: tuple[str, ...], zones: tuple[str, ...], vcpus: int, spot: bool,
+                  cheap: bool) -> builtins.list[CheckResult]:
+        d = self.driver
+        places = builtins.list(dict.fromkeys(z for z in (d.zone, *zones) if z))
+        got = await asyncio.gather(*(self._get(self.extra.zones.get, zone=z) for z in places), return_exceptions=True)
+        first = got[0]
+        if isinstance(first, BaseException) and not _missing(first, f"zones/{d.zone}"):
+            return [_check_fail("credentials", first, f"{NO_CREDENTIALS}; check providers.gcp.project_id "
+                                                f"({d.project_id}) and that the Compute Engine API is enabled there")]
+        out = [CheckResult(PROVIDER, "credentials", "ok", f"project {d.project_id}")]
+        if cheap:
+            return out
+        found: dict[str, Any] = {}
+        for zone, result in zip(places, got, strict=True):
+            if not isinstance(result, BaseException):
+                found[zone] = result
+                if str(result.status) != "UP":
+                    out.append(CheckResult(PROVIDER, f"zone {zone}", "warn", f"status {result.status}: VMs may not "
+                                           "start there until it is UP"))
+            elif _missing(result, f"zones/{zone}"):
+                out.append(CheckResult(PROVIDER, f"zone {zone}", "FAIL", f"no such zone in project {d.project_id}: "
+                                       "fix providers.gcp.zone / zones (`gcloud compute zones list`)"))
+            else:
+                out.append(_check_fail(f"zone {zone}", result, "try again, or allow compute.zones.get"))
+        if found:
+            out += await self._machine_types(machine_types, builtins.list(found))
+        out.append(await self._image())
+        out += await self._network()
+        regions = dict.fromkeys(_name_of(str(z.region)) or zone.rsplit("-", 1)[0] for zone, z in found.items())
+        series = {t.split("-", 1)[0].upper() for t in machine_types if t}
+        for region in regions:
+            out += await self._quota(region, vcpus, series, spot)
+        return out
+
+    async def _machine_types(self, types: tuple[str, ...], zones: builtins.list[str]) -> builtins.list[CheckResult]:
+        out = []
+        for t in dict.fromkeys(types):
+            what = f"machine type {t}"
+            got = await asyncio.gather(*(self._get(self.extra.machine_types.get, zone=z, machine_type=t)
+                                         for z in zones), return_exceptions=True)
+            failed = next((r for r in got if isinstance(r, BaseException) and not _missing(r, f"machineTypes/{t}")),
+                          None)
+            sold = {z: r for z, r in zip(zones, got, strict=True) if not isinstance(r, BaseException)}
+            if failed is not None:
+                out.append(_check_fail(what, failed, "try again, or allow compute.machineTypes.get"))
+            elif not sold:
+                out.append(CheckResult(PROVIDER, what, "FAIL", f"not offered in {', '.join(zones)}: fix "
+                                       "providers.gcp.machine_type / machine_types (`gcloud compute machine-types "
+                                       f"list --zones {zones[0]}`), or add a zone that has it"))
+            else:
+                mt = next(iter(sold.values()))
+                missing = [z for z in zones if z not in sold]
+                out.append(CheckResult(PROVIDER, what, "ok", f"{mt.guest_cpus} vCPUs, {int(mt.memory_mb) / 1024:g} GB"
+                                       + (f"; not in {', '.join(missing)}" if missing else "")))
+        return out
+
+    async def _image(self) -> CheckResult:
+        d = self.driver
+        image = d.image or DEFAULT_IMAGE
+        what = f"image {image}"
+        m = IMAGE_PATH.match(image)
+        if m is None:
+            return CheckResult(PROVIDER, what, "warn", "not a path this check reads: providers.gcp.image takes "
+                               "projects/PROJECT/global/images/NAME or projects/PROJECT/global/images/family/FAMILY")
+        project, name = m["project"] or d.project_id, m["name"]
+        try:
+            if m["family"]:
+                got = await self._get(self.extra.images.get_from_family, project=project, family=name)
+            else:
+                got = await self._get(self.extra.images.get, project=project, image=name)
+        except Exception as exc:
+            if _status(exc) != 404:
+                return _check_fail(what, exc, "try again, or allow compute.images.get")
+            kind = "image family" if m["family"] else "image"
+            return CheckResult(PROVIDER, what, "FAIL", f"no {kind} {name} in project {project}: set "
+                               "providers.gcp.image to one that exists (`gcloud compute images list`)")
+        state = str(got.deprecated.state or "")
+        if state in ("OBSOLETE", "DELETED"):
+            return CheckResult(PROVIDER, what, "FAIL", f"{got.name} is {state}: set providers.gcp.image to a current "
+                               "image, or to its family (projects/PROJECT/global/images/family/FAMILY)")
+        if state == "DEPRECATED":
+            return CheckResult(PROVIDER, what, "warn", f"{got.name} is DEPRECATED: it still boots, but move "
+                               "providers.gcp.image to its replacement or to a family")
+        return CheckResult(PROVIDER, what, "ok", str(got.name))
+
+    async def _network(self) -> builtins.list[CheckResult]:
+        """The launch path's own checks (_get_network, _ssh_rules), read-only."""
+        d = self.driver
+        name = _name_of(d.network)
+        try:
+            network = await d._get_network(self.clients, "check")
+        except ProviderError as err:
+            fix = "" if isinstance(err, InvalidRequest) else "; try again, or allow compute.networks.get"
+            return [CheckResult(PROVIDER, f"network {name}", "FAIL", f"{err}{fix}")]
+        out = []
+        if d.subnetwork is None and "auto_create_subnetworks" in network and not network.auto_create_subnetworks:
+            out.append(CheckResult(PROVIDER, f"network {name}", "FAIL", "a custom-mode network: set "
+                                   "providers.gcp.subnetwork to one of its subnetworks in the zone's region"))
+        else:
+            out.append(CheckResult(PROVIDER, f"network {name}", "ok", d.subnetwork or ""))
+        try:
+            rules = await d._ssh_rules(self.clients, d._network_project(), str(network.self_link) or d._network_path())
+        except Exception as exc:
+            refused = classify(exc, "check")
+            if isinstance(refused, ProviderAuthError):
+                out.append(CheckResult(PROVIDER, "ssh rule", "warn", f"cannot read the firewall rules ({refused}): "
+                                       f"make sure one admits tcp:22 from this host to the network tag {NETWORK_TAG}"))
+            else:
+                out.append(_check_fail("ssh rule", exc, "try again"))
+            return out
+        if rules:
+            out.append(CheckResult(PROVIDER, "ssh rule", "ok", f"firewall rule {rules[0].name} admits tcp:22"))
+        else:
+            out.append(CheckResult(PROVIDER, "ssh rule", "ok", f"no rule on {name} admits tcp:22 yet: the first launch "
+                                   f"creates {_ssh_rule_name(name)} (tcp:22 from anywhere, to the network tag "
+                                   f"{NETWORK_TAG} only)"))
+        return out
+
+    async def _quota(self, region: str, vcpus: int, series: set[str], spot: bool) -> builtins.list[CheckResult]:
+        """CPUS (or PREEMPTIBLE_CPUS for spot, once granted) and each series' own CPU quota
+        (N2_CPUS, C3_CPUS, ...: where the region has one) against max_instances x cpus."""
+        try:
+            got = await self._get(self.extra.regions.get, region=region)
+        except Exception as exc:
+            return [CheckResult(PROVIDER, f"quota in {region}", "warn", f"could not read the region's quotas "
+                                f"({classify(exc, 'check')}): make sure {CPU_QUOTA} allows {vcpus} vCPUs "
+                                "(max_instances x cpus)")]
+        quotas = {str(q.metric): q for q in got.quotas}
+        spot_quota = quotas.get(SPOT_QUOTA)
+        if spot and spot_quota is not None and float(spot_quota.limit) > 0:
+            metrics = [SPOT_QUOTA]
+        else:
+            metrics = [CPU_QUOTA, *sorted(m for s in series if (m := f"{s}_{CPU_QUOTA}") in quotas)]
+        out = []
+        for metric in metrics:
+            what = f"quota {metric} in {region}"
+            q = quotas.get(metric)
+            if q is None:
+                out.append(CheckResult(PROVIDER, what, "warn", f"the region reports no {metric} quota: make sure "
+                                       f"{vcpus} vCPUs (max_instances x cpus) may run there"))
+                continue
+            limit, usage = float(q.limit), float(q.usage)
+            free = limit - usage
+            if free < vcpus:
+                out.append(CheckResult(PROVIDER, what, "FAIL", f"{free:g} of {limit:g} free ({usage:g} in use), below "
+                                       f"the {vcpus} vCPUs max_instances x cpus may use: ask for more (console: IAM "
+                                       "& Admin > Quotas), or lower providers.gcp.max_instances"))
+            else:
+                out.append(CheckResult(PROVIDER, what, "ok", f"{free:g} of {limit:g} free, {vcpus} needed at most"))
+        return out
+
+
+def _missing(exc: BaseException, path: str) -> bool:
+    """A 404 about this very resource (`zones/us-central1-a`), not the project or the zone above it:
+    GCE's message names what was not found."""
+    return _status(exc) == 404 and f"{path}' was not found" in str(getattr(exc, "message", exc))
+
+
+def _check_fail(what: str, exc: BaseException, fix: str) -> CheckResult:
+    return CheckResult(PROVIDER, what, "FAIL", f"{classify(exc, 'check')}; {fix}")
