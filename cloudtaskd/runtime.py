@@ -28,6 +28,7 @@ from pathlib import Path
 
 import structlog
 
+from cloudtaskd import subproc
 from cloudtaskd.errors import CloudtaskError
 
 log = structlog.get_logger("cloudtaskd.runtime")
@@ -103,20 +104,11 @@ class RuntimeBuilder:
                     "--python-platform", f"{target.arch}-{GLIBC_PLATFORM}", "--only-binary", ":all:",
                     *self.index_args, *PACKAGES]
             log.info("runtime_build_started", target=target.key)
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, env={**os.environ, "UV_NO_PROGRESS": "1"})
-            try:
-                out, _ = await asyncio.wait_for(proc.communicate(), BUILD_TIMEOUT_S)
-            except BaseException:
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
-                raise
-            if proc.returncode != 0:
+            code, out = await subproc.run(argv, timeout_s=BUILD_TIMEOUT_S, env={**os.environ, "UV_NO_PROGRESS": "1"})
+            if code != 0:
                 tail = out.decode(errors="replace").strip()[-1500:]
                 raise RuntimeUnavailable(f"building the agent's runtime for {target.key} failed (uv exit "
-                                    f"{proc.returncode}); the control host needs the package index, or set pip_args "
+                                    f"{code}); the control host needs the package index, or set pip_args "
                                     f"to a reachable one: {tail}")
             size = await asyncio.to_thread(_pack, staging / "lib", path)
             log.info("runtime_built", target=target.key, bytes=size)

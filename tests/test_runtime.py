@@ -46,3 +46,13 @@ async def test_a_runtime_is_built_for_the_instances_python_and_cpu(python: tuple
             head = f.read(20)
             assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == ELF_MACHINE[arch]
     assert Path(runtime.path).stat().st_size < 16 << 20
+
+
+async def test_a_build_that_cannot_reach_an_index_says_what_to_set(tmp_path: Path) -> None:
+    from cloudtaskd.runtime import RuntimeBuilder
+
+    builder = RuntimeBuilder(tmp_path / "cache", ("--no-index", "--find-links", str(tmp_path / "no-wheels-here")))
+    with pytest.raises(RuntimeUnavailable, match=r"cp39-x86_64 failed \(uv exit \d+\).*set pip_args"):
+        await builder.get(Target((3, 9), "x86_64"))
+    assert not list((tmp_path / "cache").glob("*.tar.gz")), "a failed build must leave no runtime behind"
+    assert not list((tmp_path / "cache").glob(".build-*")), "nor its staging directory"

@@ -7,7 +7,6 @@ starting a second pool of instances for an identical worker.
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import hashlib
 import io
@@ -20,6 +19,7 @@ from typing import IO
 import yaml
 
 from agent.workerspec import SPEC_FILE, WorkerSpec
+from cloudtaskd import subproc
 from cloudtaskd.errors import BadInput
 
 EXCLUDED_NAMES = frozenset({".git", "__pycache__", ".venv"})
@@ -152,22 +152,12 @@ async def clone_worker(url: str, dest: Path, *, ref: str | None = None) -> Path:
     # No prompt: a repository needing credentials must fail, not hang waiting for a password.
     env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE, env=env)
+        code, output = await subproc.run(argv, timeout_s=GIT_TIMEOUT_S, env=env)
     except FileNotFoundError:
         raise BadInput("--worker-repo needs git, which is not installed (or not on PATH)") from None
-    try:
-        _, stderr = await asyncio.wait_for(proc.communicate(), timeout=GIT_TIMEOUT_S)
-    except BaseException:
-        # Timed out or interrupted: do not leave git running behind us.
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        raise
-    if proc.returncode != 0:
-        lines = [ln for ln in stderr.decode(errors="replace").strip().splitlines() if ln.strip()]
-        detail = "; ".join(lines[-GIT_ERROR_LINES:]) or f"exit status {proc.returncode}"
+    if code != 0:
+        lines = [ln for ln in output.decode(errors="replace").strip().splitlines() if ln.strip()]
+        detail = "; ".join(lines[-GIT_ERROR_LINES:]) or f"exit status {code}"
         target = f"{url} (ref {ref})" if ref else url
         raise BadInput(f"git clone {target} failed: {detail}")
     return dest
