@@ -33,6 +33,16 @@ class CheckResult:
         return f"{self.status:<4}  {self.provider}: {self.what}" + (f": {self.detail}" if self.detail else "")
 
 
+def quota_result(provider: str, what: str, limit: float, used: float, needed: int, *, where: str,
+                 fix: str) -> CheckResult:
+    """A vCPU quota against what max_instances x cpus may use; `fix` says where to ask for more."""
+    free = limit - used
+    if free < needed:
+        return CheckResult(provider, what, "FAIL", f"{free:g} of {limit:g} free{where} ({used:g} in use), below the "
+                           f"{needed} vCPUs max_instances x cpus may use: {fix}")
+    return CheckResult(provider, what, "ok", f"{free:g} of {limit:g} free, {needed} needed at most")
+
+
 def _loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback

@@ -29,7 +29,7 @@ from typing import Any
 
 import structlog
 
-from cloudtaskd.check import CheckResult
+from cloudtaskd.check import CheckResult, quota_result
 from cloudtaskd.errors import (
     CapacityError,
     InvalidRequest,
@@ -622,14 +622,9 @@ class AzureDriver:
                 out.append(CheckResult(PROVIDER, what, "warn", f"{location} reports no {name} quota: make sure {vcpus}"
                                        " vCPUs (max_instances x cpus) may run there"))
                 continue
-            limit, used = float(u.get("limit") or 0), float(u.get("currentValue") or 0)
-            free = limit - used
-            if free < vcpus:
-                out.append(CheckResult(PROVIDER, what, "FAIL", f"{free:g} of {limit:g} free in {location} ({used:g} in "
-                                       f"use), below the {vcpus} vCPUs max_instances x cpus may use: request more "
-                                       "(portal: Quotas > Compute), or lower providers.azure.max_instances"))
-            else:
-                out.append(CheckResult(PROVIDER, what, "ok", f"{free:g} of {limit:g} free, {vcpus} needed at most"))
+            out.append(quota_result(PROVIDER, what, float(u.get("limit") or 0), float(u.get("currentValue") or 0),
+                                    vcpus, where=f" in {location}", fix="request more (portal: Quotas > Compute), or "
+                                    "lower providers.azure.max_instances"))
         return out
 
 

@@ -64,7 +64,7 @@ from typing import Any, NoReturn, TypeVar
 
 import structlog
 
-from cloudtaskd.check import CheckResult
+from cloudtaskd.check import CheckResult, quota_result
 from cloudtaskd.errors import (
     CapacityError,
     InvalidRequest,
@@ -1046,14 +1046,9 @@ class _Check:
                 out.append(CheckResult(PROVIDER, what, "warn", f"the region reports no {metric} quota: make sure "
                                        f"{vcpus} vCPUs (max_instances x cpus) may run there"))
                 continue
-            limit, usage = float(q.limit), float(q.usage)
-            free = limit - usage
-            if free < vcpus:
-                out.append(CheckResult(PROVIDER, what, "FAIL", f"{free:g} of {limit:g} free ({usage:g} in use), below "
-                                       f"the {vcpus} vCPUs max_instances x cpus may use: ask for more (console: IAM "
-                                       "& Admin > Quotas), or lower providers.gcp.max_instances"))
-            else:
-                out.append(CheckResult(PROVIDER, what, "ok", f"{free:g} of {limit:g} free, {vcpus} needed at most"))
+            out.append(quota_result(PROVIDER, what, float(q.limit), float(q.usage), vcpus, where="",
+                                    fix="ask for more (console: IAM & Admin > Quotas), or lower "
+                                    "providers.gcp.max_instances"))
         return out
 
 
