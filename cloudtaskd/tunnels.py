@@ -71,7 +71,7 @@ class Tunnels:
             return
         tunnel = _Tunnel(instance_id, connect, conn)
         if conn is not None:
-            tunnel.port, tunnel.opened = int(url.rsplit(":", 1)[1].split("/")[0]), 1
+            tunnel.port, tunnel.opened = _port_of(url), 1
             tunnel.ready.set()
         self._tunnels[instance_id] = tunnel
         tunnel.task = asyncio.get_running_loop().create_task(self._supervise(tunnel), name=f"tunnel-{instance_id}")
@@ -102,7 +102,7 @@ class Tunnels:
                     await asyncio.sleep(delay)
                     delay = min(RETRY_MAX_S, delay * 2)
                     continue
-                tunnel.port = int(url.rsplit(":", 1)[1].split("/")[0])
+                tunnel.port = _port_of(url)
                 tunnel.opened += 1
                 tunnel.ready.set()
                 log.info("tunnel_opened", instance=tunnel.instance_id, port=tunnel.port, times=tunnel.opened)
@@ -128,6 +128,10 @@ class Tunnels:
     async def close_all(self) -> None:
         self._closed = True
         await asyncio.gather(*(self.close(i) for i in list(self._tunnels)))
+
+
+def _port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/")[0])  # wss://127.0.0.1:PORT/v1/agent
 
 
 async def _write_url(conn: asyncssh.SSHClientConnection, instance_id: str, url: str) -> None:
