@@ -310,6 +310,9 @@ class Config:
     source: str = field(default="<defaults>", metadata={"internal": True})
     # What load_config found that works but is probably a mistake; logged once logging is set up.
     warnings: tuple[ConfigWarning, ...] = field(default=(), metadata={"internal": True})
+    # The clouds written in the original spec's form, a top-level `aws:` section rather than
+    # providers.aws: messages about them name the keys as the file has them.
+    seed_sections: tuple[str, ...] = field(default=(), metadata={"internal": True})
 
     def __post_init__(self) -> None:
         # agents.max_message_bytes 0 follows the task limit, however the Config was made (a file,
@@ -328,6 +331,10 @@ class Config:
 
     def with_state_dir(self, path: str | Path) -> Config:
         return replace(self, state_dir=str(path))
+
+    def provider_path(self, cloud: str) -> str:
+        """The key path of a cloud's section as the file wrote it: `aws` (seed form) or `providers.aws`."""
+        return cloud if cloud in self.seed_sections else f"providers.{cloud}"
 
 
 def default_state_dir() -> Path:
@@ -399,21 +406,24 @@ def _interpolate(value: str, ctx: _Load, path: str) -> str:
     return _VAR.sub(sub, value)
 
 
-def _build(cls: type[Any], raw: Any, ctx: _Load, path: str) -> Any:
+def _build(cls: type[Any], raw: Any, ctx: _Load, path: str, aliases: tuple[str, ...] = ()) -> Any:
+    """A dataclass from a mapping. `aliases` are more keys the caller reads itself: accepted here, and
+    offered in the unknown-key message."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(ctx.source, path or "(top level)", f"expected a mapping, got {_got(raw)}")
     hints = get_type_hints(cls)
     known = {f.name: f for f in fields(cls) if not f.metadata.get("internal")}
+    accepted = [*known, *aliases]
     for key in raw:
         if not isinstance(key, str):
             raise ConfigError(ctx.source, path or "(top level)", f"keys must be names, got {_got(key)}")
-        if key not in known:
+        if key not in accepted:
             where = f"{path}.{key}" if path else key
-            close = difflib.get_close_matches(key, known, n=1)
+            close = difflib.get_close_matches(key, accepted, n=1)
             guess = f"did you mean {close[0]}? " if close else ""
-            raise ConfigError(ctx.source, where, f"unknown key ({guess}expected one of: {', '.join(sorted(known))})")
+            raise ConfigError(ctx.source, where, f"unknown key ({guess}expected one of: {', '.join(sorted(accepted))})")
     values: dict[str, Any] = {}
     for name, f in known.items():
         if name not in raw:
@@ -421,6 +431,34 @@ def _build(cls: type[Any], raw: Any, ctx: _Load, path: str) -> Any:
         where = f"{path}.{name}" if path else name
         values[name] = _coerce(hints[name], raw[name], f.metadata, ctx, where)
     return cls(**values)
+
+
+# The original spec's form: a top-level section per cloud, which enables it. Each is read as the
+# providers.<cloud> section it stands for, with every key that one accepts (the spec's own keys are
+# a subset of them), and errors name the keys as written (`aws.region`).
+SEED_SECTIONS = ("aws", "gcp", "azure")
+
+
+def _build_config(raw: Any, ctx: _Load) -> Config:
+    """The whole file: Config's own keys, then any seed-form cloud sections folded into providers."""
+    seeds = {k: raw[k] for k in SEED_SECTIONS if k in raw} if isinstance(raw, dict) else {}
+    rest = {k: v for k, v in raw.items() if k not in seeds} if seeds else raw
+    config: Config = _build(Config, rest, ctx, "", aliases=SEED_SECTIONS)
+    if not seeds:
+        return config
+    written = rest.get("providers")
+    clouds: dict[str, CloudProviderConfig] = {}
+    for name, section in seeds.items():
+        if isinstance(written, dict) and name in written:
+            # Two sections for one cloud: merging them would hide which value wins.
+            raise ConfigError(ctx.source, name, f"the {name} cloud is configured twice, as the top-level {name} "
+                                                f"section and as providers.{name}: keep one of them")
+        if isinstance(section, dict) and "enabled" not in section:
+            section = {"enabled": True, **section}
+        elif section is None:
+            section = {"enabled": True}
+        clouds[name] = _build(type(getattr(config.providers, name)), section, ctx, name)
+    return replace(config, providers=replace(config.providers, **clouds), seed_sections=tuple(seeds))
 
 
 def _coerce(hint: Any, value: Any, meta: Any, ctx: _Load, where: str) -> Any:
@@ -544,7 +582,7 @@ def _check(config: Config) -> list[ConfigWarning]:
         if remote and _is_loopback(url.hostname):
             # The agents of machines elsewhere would dial their own loopback and never connect.
             raise ConfigError(src, "agents.public_url", f"{agents.public_url!r} is a loopback address, which the "
-                              f"machines of providers.{remote[0]} cannot reach: set the address they can dial (and "
+                              f"machines of {config.provider_path(remote[0])} cannot reach: set the address they can dial (and "
                               "agents.listen_host to listen on it), or remove agents.public_url to have their agents "
                               "come through the daemon's SSH connections")
     if not agents.tls and not _is_loopback(agents.listen_host):
@@ -578,6 +616,7 @@ def _check(config: Config) -> list[ConfigWarning]:
             raise ConfigError(src, where, f"the same host as providers.ssh.hosts[{first}] "
                                           f"({host.address}:{host.port}): one agent runs per host, list it once")
 
+    at = {name: config.provider_path(name) for name in SEED_SECTIONS}  # the key paths as the file wrote them
     clouds: tuple[tuple[str, CloudProviderConfig, tuple[str, ...]], ...] = (
         ("aws", p.aws, ("region", "machine_type")),
         ("gcp", p.gcp, ("project_id", "zone", "machine_type")),
@@ -586,13 +625,15 @@ def _check(config: Config) -> list[ConfigWarning]:
     for name, cloud, required in clouds:
         if not cloud.enabled:
             continue
+        why_on = (f"the top-level {name} section is given" if name in config.seed_sections
+                  else f"providers.{name}.enabled is true")
         for key in required:
             if not getattr(cloud, key):
-                raise ConfigError(src, f"providers.{name}.{key}", f"required when providers.{name}.enabled is true")
+                raise ConfigError(src, f"{at[name]}.{key}", f"required when {why_on}")
         if cloud.max_instances == 0:
-            warnings.append(ConfigWarning("config_cloud_unused", (f"providers.{name}.max_instances",),
-                                          f"providers.{name} is enabled with max_instances 0: it never launches"))
-    _together(src, "providers.aws", p.aws.enabled, {"access_key": p.aws.access_key, "secret_key": p.aws.secret_key},
+            warnings.append(ConfigWarning("config_cloud_unused", (f"{at[name]}.max_instances",),
+                                          f"{at[name]} is enabled with max_instances 0: it never launches"))
+    _together(src, at["aws"], p.aws.enabled, {"access_key": p.aws.access_key, "secret_key": p.aws.secret_key},
               ", or neither for the standard AWS credential chain")
     if p.aws.enabled:
         for key, prefix, what in (("subnet_id", "subnet-", "a subnet id"), ("security_group_id", "sg-",
@@ -600,11 +641,11 @@ def _check(config: Config) -> list[ConfigWarning]:
             value = getattr(p.aws, key)
             if value and not value.startswith(prefix):
                 # A name or a VPC id here would only fail at the first launch, as a bad request.
-                raise ConfigError(src, f"providers.aws.{key}", f"expected {what} ({prefix}...), got {value!r}")
+                raise ConfigError(src, f"{at['aws']}.{key}", f"expected {what} ({prefix}...), got {value!r}")
         if p.aws.subnet_id and p.aws.zones:
-            raise ConfigError(src, "providers.aws.zones", "a subnet lies in one zone: with providers.aws.subnet_id, "
+            raise ConfigError(src, f"{at['aws']}.zones", f"a subnet lies in one zone: with {at['aws']}.subnet_id, "
                               "leave zones empty (and zone empty, or the subnet's zone)")
-    _together(src, "providers.azure", p.azure.enabled,
+    _together(src, at["azure"], p.azure.enabled,
               {"tenant_id": p.azure.tenant_id, "client_id": p.azure.client_id, "client_secret": p.azure.client_secret},
               " (a service principal), or none for DefaultAzureCredential")
 
@@ -678,7 +719,7 @@ def load_config(path: str | Path | None) -> Config:
         column = f" (column {mark.column + 1})" if mark is not None else ""
         raise ConfigError(source, where, f"not valid YAML: {getattr(exc, 'problem', exc)}{column}") from exc
     ctx = _Load(source)
-    config: Config = replace(_build(Config, raw, ctx, ""), source=source)
+    config = replace(_build_config(raw, ctx), source=source)
     for _, value in secrets_of(config):
         redact.register(value.reveal())
     warnings = _check(config)
