@@ -434,3 +434,115 @@ def test_the_readable_warning_is_logged_without_values(tmp_path: Path) -> None:
     assert line["log_level"] == "warning" and line["file"] == str(path) and line["mode"] == "0644"
     assert line["keys"] == ["api.token", "providers.aws.secret_key"]
     assert "literal-" not in repr(logs)
+
+
+# The original spec's form (issue 15): a top-level section per cloud, which enables it.
+SEED_AWS = "aws:\n  access_key: AKIASEEDEXAMPLE\n  secret_key: ${CT_SEED_AWS_SECRET}\n  region: eu-west-1\n"
+SEED_GCP = "gcp:\n  project_id: seed-project\n  credentials_file: /etc/cloudtask/gcp.json\n"
+SEED_AZURE = ("azure:\n  subscription_id: sub-1\n  tenant_id: tenant-1\n  client_id: client-1\n"
+              "  client_secret: ${CT_SEED_AZURE_SECRET}\n")
+
+
+@pytest.fixture
+def seed_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CT_SEED_AWS_SECRET", "seed-aws-secret-value")
+    monkeypatch.setenv("CT_SEED_AZURE_SECRET", "seed-azure-secret-value")
+
+
+def test_the_seed_aws_section_is_providers_aws(tmp_path: Path, seed_env: None) -> None:
+    config = load_config(write(tmp_path, SEED_AWS))
+    aws = config.providers.aws
+    assert aws.enabled and aws.region == "eu-west-1"
+    assert aws.access_key.reveal() == "AKIASEEDEXAMPLE" and aws.secret_key.reveal() == "seed-aws-secret-value"
+    assert not config.providers.gcp.enabled and not config.providers.azure.enabled
+    assert config.seed_sections == ("aws",)
+    # The same config as the providers form gives, but for where it was written.
+    providers_form = load_config(write(tmp_path, "providers:\n" + "".join(
+        f"  {line}\n" for line in (SEED_AWS + "  enabled: true\n").splitlines())))
+    assert config.providers == providers_form.providers
+    assert [w.keys for w in config.warnings] == [("aws.access_key",)], "named as written"
+    assert [w.keys for w in providers_form.warnings] == [("providers.aws.access_key",)]
+
+
+def test_the_seed_gcp_section_is_providers_gcp(tmp_path: Path) -> None:
+    gcp = load_config(write(tmp_path, SEED_GCP)).providers.gcp
+    assert gcp.enabled and gcp.project_id == "seed-project" and gcp.credentials_file == "/etc/cloudtask/gcp.json"
+
+
+def test_the_seed_azure_section_is_providers_azure(tmp_path: Path, seed_env: None) -> None:
+    azure = load_config(write(tmp_path, SEED_AZURE)).providers.azure
+    assert azure.enabled and (azure.subscription_id, azure.tenant_id, azure.client_id) == ("sub-1", "tenant-1",
+                                                                                           "client-1")
+    assert azure.client_secret.reveal() == "seed-azure-secret-value"
+
+
+def test_all_three_seed_sections_beside_the_other_keys(tmp_path: Path, seed_env: None) -> None:
+    text = ("state_dir: /tmp/x\nscaling:\n  max_instances: 10\nproviders:\n  local:\n    enabled: false\n"
+            + SEED_AWS + SEED_GCP + SEED_AZURE + "  location: westeurope\n")
+    path = write(tmp_path, text)
+    path.chmod(0o600)
+    config = load_config(path)
+    p = config.providers
+    assert p.aws.enabled and p.gcp.enabled and p.azure.enabled and not p.local.enabled
+    assert p.azure.location == "westeurope", "any key providers.azure takes is taken in the seed section"
+    assert config.scaling.max_instances == 10 and config.seed_sections == ("aws", "gcp", "azure")
+    assert config.warnings == ()
+
+
+def test_a_seed_section_may_switch_its_cloud_off(tmp_path: Path) -> None:
+    assert not load_config(write(tmp_path, "gcp:\n  enabled: false\n")).providers.gcp.enabled
+
+
+SEED_ERRORS = [
+    ("aws:\n  region: ''\n", "aws.region", "required when the top-level aws section is given"),
+    ("aws:\n  regoin: us-east-1\n", "aws.regoin", "unknown key (did you mean region?"),
+    ("aws:\n  max_instances: -1\n", "aws.max_instances", "must be between 0 and"),
+    ("aws:\n  access_key: AKIAEXAMPLE\n", "aws.secret_key", "required with aws.access_key"),
+    ("aws:\n  subnet_id: vpc-1\n", "aws.subnet_id", "expected a subnet id"),
+    ("aws: [us-east-1]\n", "aws", "expected a mapping"),
+    ("gcp:\n  credentials_file: /k.json\n", "gcp.project_id", "required when the top-level gcp section is given"),
+    ("gcp:\n  project_id: [p]\n", "gcp.project_id", "expected a string"),
+    ("azure:\n  tenant_id: t\n", "azure.subscription_id", "required when the top-level azure section is given"),
+    ("azure:\n  subscription_id: s\n  tenant_id: t\n", "azure.client_id", "give tenant_id, client_id, client_secret"),
+    ("azure:\n  subscription_id: s\n  client_secret: ${CT_SEED_UNSET}\n", "azure.client_secret",
+     "environment variable CT_SEED_UNSET is not set"),
+    ("aws:\n  region: us-east-1\nproviders:\n  aws:\n    enabled: true\n", "aws",
+     "the aws cloud is configured twice, as the top-level aws section and as providers.aws: keep one of them"),
+    ("gcp:\n  project_id: p\nproviders:\n  gcp: {}\n", "gcp", "configured twice"),
+    ("agents:\n  public_url: wss://127.0.0.1:9/v1/agent\naws: {}\n", "agents.public_url",
+     "which the machines of aws cannot reach"),
+    ("asw:\n  region: us-east-1\n", "asw", "did you mean aws?"),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "expected"), SEED_ERRORS,
+                         ids=[f"{i}-{row[1]}" for i, row in enumerate(SEED_ERRORS)])
+def test_seed_form_errors_name_the_keys_as_written(tmp_path: Path, text: str, key: str, expected: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: {key}: "), str(info.value)
+    assert expected in str(info.value)
+
+
+def test_seed_form_secrets_never_show(tmp_path: Path, seed_env: None) -> None:
+    from structlog.testing import capture_logs
+
+    from cloudtaskd.logs import log_config_warnings
+
+    path = write(tmp_path, SEED_AWS.replace("${CT_SEED_AWS_SECRET}", "seed-literal-secret") + SEED_AZURE)
+    path.chmod(0o644)
+    config = load_config(path)
+    hidden = ("seed-literal-secret", "AKIASEEDEXAMPLE", "seed-azure-secret-value")
+    assert not any(v in repr(config) for v in hidden) and "<SECRET>" in repr(config)
+    warning = readable_warning(config)
+    assert warning is not None and warning.keys == ("aws.access_key", "aws.secret_key")
+    with capture_logs() as logs:
+        log_config_warnings(config)
+    assert not any(v in repr(logs) for v in hidden)
+    # Registered for redaction, like every secret: gone from any line this process writes.
+    assert redact.redact("key seed-literal-secret and seed-azure-secret-value") == "key <SECRET> and <SECRET>"
+    # A wrong value under a seed secret key is refused without being shown.
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "aws:\n  secret_key: 987654321987654321\n"))
+    assert "987654321" not in str(info.value) and "aws.secret_key" in str(info.value)
