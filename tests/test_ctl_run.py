@@ -6,11 +6,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from tests.moto_ec2 import MotoEc2
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,3 +93,51 @@ def test_run_with_worker_repo(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     results = read_results(tmp_path / "results.jsonl")
     assert len(results) == 50 and results["7"]["result"] == {"square": 49}
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed (install.sh installs it)")
+def test_run_with_a_seed_form_config_launches_on_aws(tmp_path: Path, moto: MotoEc2, creds: None) -> None:
+    """Issue 15: `run --config config.yaml --tasks tasks.json --worker-repo URL --max-instances 10` with
+    the original spec's top-level `aws:` section starts the job on AWS (moto's EC2 standing in)."""
+    import boto3
+
+    moto.reset()
+    image = boto3.client("ec2", region_name="us-east-1", endpoint_url=moto.url).describe_images(
+        Owners=["amazon"])["Images"][0]["ImageId"]
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / "examples" / "stream-worker", repo)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "-C", str(repo)]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "worker"], check=True)
+    tasks = tmp_path / "tasks.json"
+    tasks.write_text(json.dumps([{"id": i, "data": {"n": i}} for i in range(5)]))
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"state_dir: {tmp_path / 'state'}\nscaling:\n  tick_s: 0.2\nproviders:\n  local:\n    enabled: false\n"
+        "aws:\n  access_key: testing\n  secret_key: ${CT_SEED_SECRET}\n  region: us-east-1\n"
+        # moto instead of AWS; its VMs never answer SSH, so the run is stopped once a launch is seen.
+        f"  endpoint_url: {moto.url}\n  image: {image}\n  ssh_address_override: 127.0.0.1:1\n")
+    config.chmod(0o600)
+    secret = "seed-secret-0123456789"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cloudtaskd.ctl", "run", "--config", str(config), "--tasks", str(tasks),
+         "--worker-repo", f"file://{repo}", "--max-instances", "10"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "CT_SEED_SECRET": secret})
+    try:
+        deadline = time.monotonic() + 60
+        while moto.calls["RunInstances"] == 0 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert moto.calls["RunInstances"] > 0, "no launch on aws was attempted"
+        assert proc.poll() is None, "the run ended before following the job"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "job 1: 5 tasks queued" in err and "cancelling job 1" in err
+    log = (tmp_path / "state" / "cloudtaskd.log").read_text()
+    assert secret not in err and secret not in log
