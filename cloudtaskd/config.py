@@ -447,7 +447,7 @@ def _build_config(raw: Any, ctx: _Load) -> Config:
     if not seeds:
         return config
     written = rest.get("providers")
-    clouds: dict[str, CloudProviderConfig] = {}
+    clouds: dict[str, Any] = {}  # name -> that cloud's own config class: keyword arguments of replace()
     for name, section in seeds.items():
         if isinstance(written, dict) and name in written:
             # Two sections for one cloud: merging them would hide which value wins.
@@ -582,9 +582,9 @@ def _check(config: Config) -> list[ConfigWarning]:
         if remote and _is_loopback(url.hostname):
             # The agents of machines elsewhere would dial their own loopback and never connect.
             raise ConfigError(src, "agents.public_url", f"{agents.public_url!r} is a loopback address, which the "
-                              f"machines of {config.provider_path(remote[0])} cannot reach: set the address they can dial (and "
-                              "agents.listen_host to listen on it), or remove agents.public_url to have their agents "
-                              "come through the daemon's SSH connections")
+                              f"machines of {config.provider_path(remote[0])} cannot reach: set the address they can "
+                              "dial (and agents.listen_host to listen on it), or remove agents.public_url to have "
+                              "their agents come through the daemon's SSH connections")
     if not agents.tls and not _is_loopback(agents.listen_host):
         warnings.append(ConfigWarning(
             "config_agents_plaintext", ("agents.tls", "agents.listen_host"),
