@@ -4,6 +4,10 @@ every agent comes back.
 CI: 50,000 tasks, ten kills (one of them in the middle of the task upload). Soak (--soak): 200,000
 tasks, thirty kills. The kills land at random moments: a random point of progress plus a random
 delay, so they fall inside dispatch rounds, commits, uploads and reconnects alike.
+
+Below it, restarts with config.example.yaml as shipped (agents.listen_port 0): the port kept or,
+taken, another one the local agent follows; an agent that never comes back replaced after
+agents.reconnect_grace_s; an agent with no daemon giving up (issue 15).
 """
 
 from __future__ import annotations
