@@ -54,6 +54,12 @@ RECONNECT_MIN_S = 0.2
 RETRYABLE_REFUSALS = frozenset({"busy"})
 RECONNECT_MAX_S = 15.0
 DEFAULT_DRAIN_GRACE_S = 60.0
+# How long an agent goes on dialling a daemon it cannot reach before it exits (EXIT_GAVE_UP). An
+# hour rides out a daemon host's reboot or a long network outage; by then the daemon (if it is
+# back) has long ended this instance (agents.reconnect_grace_s) and a machine nobody serves must
+# not run, and be paid for, for ever. The daemon gives the local agents it starts less.
+DEFAULT_GIVE_UP_AFTER_S = 3600.0
+EXIT_GAVE_UP = 3
 # Before the cloud's deadline, what still runs is stopped and handed back with this much time left
 # for the hand-back to reach the daemon.
 DEFAULT_INTERRUPTION_MARGIN_S = 10.0
@@ -91,8 +97,10 @@ class Agent:
                  spec: WorkerSpec | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  interruption_source: str = "", metadata_url: str | None = None,
                  interruption_margin_s: float = DEFAULT_INTERRUPTION_MARGIN_S, ca_file: Path | None = None,
-                 url_file: Path | None = None) -> None:
+                 url_file: Path | None = None, give_up_after_s: float = DEFAULT_GIVE_UP_AFTER_S) -> None:
         self.url = url
+        self.give_up_after_s = give_up_after_s  # 0: never
+        self.gave_up = False
         # Read again before each connection when given: a tunnel re-established by the daemon (after
         # a dropped SSH connection or its restart) may listen on another local port.
         self.url_file = url_file
@@ -160,6 +168,8 @@ class Agent:
                 t.cancel()
             await asyncio.gather(*workers, conn, *others, return_exceptions=True)
             await self.runner.close()
+        if self.gave_up:
+            return EXIT_GAVE_UP
         return 0 if conn.cancelled() or conn.exception() is None else 1
 
     def on_notice(self, notice: Notice) -> None:
@@ -239,8 +249,15 @@ class Agent:
         delay = RECONNECT_MIN_S
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
         ws_timeout = aiohttp.ClientWSTimeout(ws_close=WS_CLOSE_TIMEOUT_S)
+        unreachable_since = time.monotonic()  # since the start, or since the last session ended
         async with aiohttp.ClientSession(timeout=timeout) as http:
             while not self.done.is_set():
+                if self.give_up_after_s and time.monotonic() - unreachable_since > self.give_up_after_s:
+                    log("agent_gave_up", url=self.url, unreachable_s=round(time.monotonic() - unreachable_since, 1),
+                        held=len(self.held), exit_code=EXIT_GAVE_UP)
+                    self.gave_up = True
+                    self.done.set()
+                    return
                 self._reread_url()
                 try:
                     async with http.ws_connect(self.url, heartbeat=20, max_msg_size=self.max_message_bytes,
@@ -258,6 +275,8 @@ class Agent:
                     event = "agent_disconnected" if self._ws is not None else "agent_connect_failed"
                     log(event, error=str(exc) or type(exc).__name__, retry_in_s=round(delay, 2))
                 finally:
+                    if self._ws is not None:
+                        unreachable_since = time.monotonic()
                     self._ws = None
                 if self.done.is_set():
                     return

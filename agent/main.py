@@ -4,6 +4,9 @@
                     [--interruption-source aws|gcp|azure [--metadata-url URL]] [--max-message-bytes N]
 
 The token comes from $CLOUDTASK_AGENT_TOKEN (never argv: every local user can read argv).
+
+Exit codes: 0 drained or stopped; 1 an unexpected error; 2 the daemon refused us for good (a wrong
+or revoked token); 3 no daemon reachable for --give-up-after seconds.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from pathlib import Path
 
 from agent import interruption, jsonx
 from agent.connection import (
+    DEFAULT_GIVE_UP_AFTER_S,
     DEFAULT_INTERRUPTION_MARGIN_S,
+    EXIT_GAVE_UP,
     Agent,
     FatalAgentError,
     default_slots,
@@ -53,6 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--token-file", type=Path, help="read the token from this file (mode 600)")
     parser.add_argument("--url-file", type=Path,
                         help="read the URL from this file before each connection (a tunnel's port may change)")
+    parser.add_argument("--give-up-after", type=float, default=DEFAULT_GIVE_UP_AFTER_S,
+                        help=f"exit (code {EXIT_GAVE_UP}) after this many seconds without reaching the daemon "
+                             f"(default {DEFAULT_GIVE_UP_AFTER_S:g}; 0: never)")
     parser.add_argument("--ca-file", type=Path, help="the daemon's CA certificate (PEM): trust only it for wss://")
     parser.add_argument("--stats-file", type=Path, help="write lease round-trip times and counts here at exit")
     parser.add_argument("--drain-grace", type=float, default=60.0, help="seconds to finish work on SIGTERM")
@@ -67,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not MIN_MESSAGE_BYTES <= args.max_message_bytes <= MAX_MESSAGE_BYTES:
         parser.error(f"--max-message-bytes must be between {MIN_MESSAGE_BYTES} and {MAX_MESSAGE_BYTES}")
+    if args.give_up_after < 0:
+        parser.error("--give-up-after must be 0 (never) or more seconds")
     token = os.environ.pop("CLOUDTASK_AGENT_TOKEN", "")
     if not token and args.token_file:
         token = args.token_file.read_text().strip()
@@ -85,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
         agent = Agent(args.url, args.instance, token, worker_dir, slots, prefetch=args.prefetch,
                       drain_grace_s=args.drain_grace, spec=spec, interruption_source=args.interruption_source or "",
                       metadata_url=args.metadata_url, interruption_margin_s=args.interruption_margin,
-                      ca_file=args.ca_file, max_message_bytes=args.max_message_bytes, url_file=args.url_file)
+                      ca_file=args.ca_file, max_message_bytes=args.max_message_bytes, url_file=args.url_file,
+                      give_up_after_s=args.give_up_after)
         agents.append(agent)
         return await agent.run()
 

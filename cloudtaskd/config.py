@@ -39,6 +39,7 @@ DEFAULT_RETRY_BACKOFF_S = 2.0
 DEFAULT_RETRY_BACKOFF_MAX_S = 300.0
 DEFAULT_IDLE_TIMEOUT_S = 30.0
 MAX_FRAME_BYTES = 256 * 1024 * 1024
+DEFAULT_RECONNECT_GRACE_S = 60.0  # an agent's reconnect backoff tops out at 15 s: four tries
 DEFAULT_EXTERNAL_CONNECT_TIMEOUT_S = 3600.0
 
 
@@ -109,6 +110,10 @@ class AgentsConfig:
     # ever. No 0/"never": the bound is the point.
     external_connect_timeout_s: float = field(default=DEFAULT_EXTERNAL_CONNECT_TIMEOUT_S,
                                               metadata=_range(1, 30 * 86400))
+    # A running instance whose agent has had no connection for this long (after a daemon restart, its
+    # agent never came back; or it went silent) is lost: its leases go back to the queue at once and a
+    # replacement may start. No 0/"never": an instance nobody hears from must not hold the fleet.
+    reconnect_grace_s: float = field(default=DEFAULT_RECONNECT_GRACE_S, metadata=_range(1, 86400))
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import asyncio
 import fcntl
 import os
 import signal
+import socket
 import sys
 import uuid
 from collections.abc import Callable
@@ -55,6 +56,8 @@ PRUNE_INTERVAL_S = 600.0  # how often unused worker bundles are looked for
 # connected"): 200 clients at once while the loop was busy read as a daemon that is down (issue 13).
 CONTROL_BACKLOG = 1024
 RUNNER_SHUTDOWN_S = 5.0
+# With agents.listen_port 0: the port the agent listener got, asked for again at the next start.
+AGENT_PORT_FILE = "agent.port"
 
 
 class Daemon:
@@ -105,11 +108,16 @@ class Daemon:
         agent_app.router.add_get("/v1/agent", self.hub.handle)
         agent_runner = await self._runner(agent_app)
         ssl_ctx = self.tls.server_context() if agents.tls and self.tls is not None else None
-        site = web.TCPSite(agent_runner, agents.listen_host, agents.listen_port, ssl_context=ssl_ctx)
-        await site.start()
-        port = agent_runner.addresses[0][1]
+        sock = self._agent_socket()
+        await web.SockSite(agent_runner, sock, ssl_context=ssl_ctx).start()
+        port = int(sock.getsockname()[1])
         scheme = "wss" if ssl_ctx is not None else "ws"
         self.agent_url = agents.public_url or f"{scheme}://{_url_host(agents.listen_host)}:{port}/v1/agent"
+        for provider, _ in self.providers:
+            if isinstance(provider, LocalProvider):
+                told = provider.publish_url(self.agent_url)
+                if told:
+                    log.info("agent_url_published", url=self.agent_url, instances=told)
         self.agent_ca = self.tls.ca_cert.read_bytes() if ssl_ctx is not None and self.tls is not None else b""
         if self.tunnels is not None:
             self.tunnels.dest_host = _url_host(agents.listen_host).strip("[]")
@@ -132,6 +140,32 @@ class Daemon:
         self._spawn("bundle_pruner", self._prune_bundles(api))
         log.info("daemon_ready", agent_url=self.agent_url, socket=str(self.config.socket_path),
                  api_url=self.api_url or None)
+
+    def _agent_socket(self) -> socket.socket:
+        """The agent listener's socket. With listen_port 0 the port first chosen is kept in
+        <state_dir>/agent.port and asked for again at every start, so agents that outlived a crash
+        find the daemon where they left it; if another process holds it now, any free port, said
+        loudly (local agents and tunnels follow the new port; agents dialling public_url do not)."""
+        agents = self.config.agents
+        port_file = self.state_dir / AGENT_PORT_FILE
+        wanted = agents.listen_port
+        if wanted == 0:
+            with suppress(OSError, ValueError):
+                wanted = int(port_file.read_text().strip())
+        try:
+            sock = _listen(agents.listen_host, wanted)
+        except OSError as exc:
+            if agents.listen_port != 0:
+                raise
+            log.warning("agent_port_taken", port=wanted, error=str(exc), fallback="any free port",
+                        hint="local agents and SSH tunnels follow the new port; agents dialling a fixed "
+                             "address do not: set agents.listen_port to fix it")
+            sock = _listen(agents.listen_host, 0)
+        if agents.listen_port == 0:
+            tmp = port_file.with_name(port_file.name + ".tmp")
+            tmp.write_text(f"{sock.getsockname()[1]}\n")
+            os.replace(tmp, port_file)
+        return sock
 
     def _tls(self) -> tls.TlsFiles | None:
         """The daemon's CA and server certificate, when the agent channel or the TCP API uses TLS."""
@@ -431,6 +465,22 @@ class Daemon:
             self._lock_file.close()
             self._lock_file = None
         log.info("daemon_stopped")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (SO_REUSEADDR: a port left in TIME_WAIT by a crash binds)."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(CONTROL_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
 
 
 def _url_host(host: str) -> str:

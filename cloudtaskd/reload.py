@@ -27,6 +27,7 @@ LIVE_KEYS = (
     "agents.max_connections_per_instance",  # checked at each new connection
     "agents.max_messages_per_s",  # a new connection's rate; connected agents keep theirs
     "agents.external_connect_timeout_s",  # the reconciler's next tick
+    "agents.reconnect_grace_s",  # the reconciler's next tick
 )
 
 

@@ -61,6 +61,7 @@ class Reconciler:
         self.agent_ca = b""  # the daemon's CA certificate (PEM) agents pin; empty: TLS is off
         self.on_instance_end: Callable[[str], Awaitable[None]] | None = None
         self._idle_since: dict[str, float] = {}
+        self._absent_since: dict[str, float] = {}  # running instance -> first seen without its agent
         self._last_work: dict[int, float] = {}
         self._launching: set[str] = set()
         # pool -> (consecutive instances that died before their agent connected, no launch before)
@@ -228,6 +229,15 @@ class Reconciler:
                     await self._move(inst, InstanceEvent.DRAINED, error="drained while its agent was unreachable")
                     await self._terminate(inst)
                     continue
+            if state == InstanceState.RUNNING and inst in self.dispatcher.sessions:
+                self._absent_since.pop(inst, None)
+            elif state == InstanceState.RUNNING:
+                # Counted from this process's first look: after a restart, from the restart (the
+                # row's own timestamps say nothing about when the agent was last heard).
+                since = self._absent_since.setdefault(inst, now)
+                if now - since > self.config.agents.reconnect_grace_s:
+                    await self._agent_gone(inst)
+                    continue
             if state == InstanceState.STARTING and now - row["state_changed_at"] > self.config.scaling.start_timeout_s:
                 error = (f"agent did not connect within {self.config.scaling.start_timeout_s:.0f} s: "
                          + self._output(inst))
@@ -271,6 +281,25 @@ class Reconciler:
             except Exception as exc:  # the row is STOPPED: the next sync retries it as a leak
                 log.warning("leaked_instance_terminate_failed", instance=inst, provider=provider.name,
                             error=redact(str(exc)))
+
+    async def _agent_gone(self, inst: str) -> None:
+        """A running instance whose agent has not been connected for agents.reconnect_grace_s (it
+        never came back after a daemon restart, or went silent): lost. Its leases go back now,
+        uncounted (the task did nothing wrong), instead of waiting out their TTL; the machine is
+        terminated and the scaler starts a replacement if the work still needs one."""
+        grace = self.config.agents.reconnect_grace_s
+        self._absent_since.pop(inst, None)
+        if not await self._move(inst, InstanceEvent.LOST,
+                                error=f"its agent has not connected for {grace:g} s (agents.reconnect_grace_s)"):
+            return
+        leases, pools = await self.store.write(
+            lambda tx: queue.requeue_instance(tx, inst, "its instance's agent did not come back"))
+        log.warning("instance_agent_gone", instance=inst, grace_s=grace, requeued=len(leases))
+        for pool in pools:
+            self.dispatcher.notify_work(pool)
+        if leases:
+            self.dispatcher.revoke(leases)
+        await self._terminate(inst)
 
     async def _interrupted(self, inst: str, *, noticed: bool) -> None:
         """A spot instance is gone (the cloud took it, with or without a notice first): what it still

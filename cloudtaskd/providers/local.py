@@ -3,6 +3,11 @@
 Each agent runs in its own session (process group), so it survives a daemon crash and is
 adopted again on restart; its pid and start time are kept in `<state_dir>/local/<id>.json` so a
 recycled pid is never mistaken for it.
+
+An agent reads the daemon's address from `<state_dir>/local/<id>/agent.url` before each connection,
+and the daemon writes that file for every local agent once its listener is bound (publish_url): a
+restarted daemon on another port is found again without anyone's help. An agent that cannot reach
+any daemon for LOCAL_GIVE_UP_AFTER_S exits (a daemon that died for good must not leave it dialling).
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ from cloudtaskd.redact import without_secrets
 log = structlog.get_logger("cloudtaskd.providers.local")
 
 TERMINATE_GRACE_S = 30.0
+# A restarted daemon is back within seconds (systemd's Restart=); after five minutes without one, the
+# daemon is not coming back soon, and when it does its reconciler replaces what is missing.
+LOCAL_GIVE_UP_AFTER_S = 300.0
+URL_FILE = "agent.url"
 
 
 def _start_time(pid: int) -> str | None:
@@ -38,6 +47,13 @@ def _start_time(pid: int) -> str | None:
     if fields[0] == "Z":
         return None  # a zombie has exited
     return fields[19]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Written whole or not at all: an agent reading it meanwhile sees the old URL or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text + "\n")
+    os.replace(tmp, path)
 
 
 class LocalProvider:
@@ -70,6 +86,7 @@ class LocalProvider:
             return CloudInstance(spec.instance_id, str(pid))
         inst_dir = self.dir / spec.instance_id
         inst_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(inst_dir / URL_FILE, spec.agent_url)
         ca_args: list[str] = []
         if spec.ca_cert:
             (inst_dir / "ca.pem").write_bytes(spec.ca_cert)
@@ -83,6 +100,8 @@ class LocalProvider:
         argv = [
             sys.executable, "-m", "agent.main",
             "--url", spec.agent_url,
+            "--url-file", str(inst_dir / URL_FILE),
+            "--give-up-after", f"{LOCAL_GIVE_UP_AFTER_S:g}",
             "--instance", spec.instance_id,
             "--worker-dir", str(spec.worker_dir),
             "--slots", str(spec.slots),
@@ -104,6 +123,16 @@ class LocalProvider:
         self._record(spec.instance_id).write_text(json.dumps({"pid": proc.pid, "start": start}))
         log.info("local_agent_started", instance=spec.instance_id, pid=proc.pid, slots=spec.slots)
         return CloudInstance(spec.instance_id, str(proc.pid))
+
+    def publish_url(self, url: str) -> list[str]:
+        """Tell every live local agent where the daemon now listens (they read it before each
+        connection). Returns the instances told."""
+        told = []
+        for rec in self.dir.glob("*.json"):
+            if self._alive(rec.stem) is not None and (self.dir / rec.stem).is_dir():
+                _write_atomic(self.dir / rec.stem / URL_FILE, url)
+                told.append(rec.stem)
+        return told
 
     async def terminate(self, instance_id: str, grace_s: float = TERMINATE_GRACE_S) -> None:
         pid = self._alive(instance_id)
