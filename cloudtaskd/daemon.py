@@ -98,9 +98,13 @@ class Daemon:
         self.providers = self._providers()  # cloud resources are tagged with the daemon id
         self.market = Market(self.store, [p for p, _ in self.providers], self._catalog_fetchers())
         await self.market.load()
+        # Stored times are on the clock of the daemon that wrote them: re-based here, in case the wall
+        # clock stepped while the daemon was down (cloudtaskd.clock).
         renewed = await self.store.write(queue.extend_all_leases, self.config.agents.lease_ttl_s)
+        capped = await self.store.write(queue.cap_retry_due, self.config.queue.retry_backoff_max_s)
         await self._resume_uploads()
-        log.info("store_opened", path=str(self.store.path), leases_renewed=renewed, daemon_id=self.daemon_id)
+        log.info("store_opened", path=str(self.store.path), leases_renewed=renewed, retries_brought_forward=capped,
+                 daemon_id=self.daemon_id)
 
         self.tls = self._tls()
         agents = self.config.agents

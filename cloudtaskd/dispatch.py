@@ -46,6 +46,8 @@ from cloudtaskd.store import Store, Tx
 log = structlog.get_logger("cloudtaskd.dispatch")
 
 TIMER_INTERVAL_S = 0.5
+# A departure of the wall clock from the daemon clock logged as a step (NTP slews far less).
+WALL_STEP_NOTICE_S = 5.0
 ROUND_RETRY_S = 1.0
 
 
@@ -96,6 +98,7 @@ class Dispatcher:
         # time.monotonic(): a step of the wall clock (NTP, a VM resumed) must not stop the timers
         # (an hour back stopped lease expiry and retries for an hour) nor run them in a burst.
         self._next_timers = 0.0
+        self._wall_offset_s = 0.0  # the wall clock's step last logged (cloudtaskd.clock)
         # Connections that may want tasks, per pool, in the order they are to be served: a round
         # looks at these, not at every connection (2,000 agents, most of them busy, made the scan
         # of all sessions a good part of each round). Entries without credit are dropped lazily.
@@ -210,12 +213,15 @@ class Dispatcher:
                 self._wake.set()
 
     async def round(self) -> None:
-        now = time.time()
+        # The daemon clock, not time.time(): lease expiry and retry times are compared with it, and a
+        # step of the wall clock must neither expire every lease at once nor stall retries (issue 15).
+        now = self.store.clock.now()
         reports, self._reports = self._reports, queue.Reports()
         mono = time.monotonic()
         timers = mono >= self._next_timers
         if timers:
             self._next_timers = mono + TIMER_INTERVAL_S
+            self._note_wall_step()
         # Round robin over connections with credit: a connection served (in full or in part) goes to
         # the back of its pool's line, so a round's budget serves them in turn; with thousands of
         # agents none waits more than (agents x credit / budget) rounds.
@@ -303,6 +309,17 @@ class Dispatcher:
         if out.expired:
             # The agent may still be working on these: tell it to stop, its report would be refused.
             self.revoke(out.expired)
+
+    def _note_wall_step(self) -> None:
+        """Log a step of the wall clock once, when it first departs from the daemon clock by more
+        than WALL_STEP_NOTICE_S: times the daemon records stay on its own clock until it restarts."""
+        offset = self.store.clock.wall_offset_s()
+        if abs(offset - self._wall_offset_s) > WALL_STEP_NOTICE_S:
+            log.warning("wall_clock_stepped", offset_s=round(offset, 3),
+                        previous_offset_s=round(self._wall_offset_s, 3),
+                        note="leases and retries keep the daemon's monotonic clock; recorded times keep its"
+                             " offset at start until the daemon restarts")
+            self._wall_offset_s = offset
 
     def _undeliverable(self, session: Session, tasks: list[str]) -> None:
         """Tasks leased to a connection whose agent reads no frame large enough for them (an agent

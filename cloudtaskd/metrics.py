@@ -17,7 +17,6 @@ a series, and nothing lands in prometheus_client's global registry.
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,7 +83,7 @@ class Metrics:
     async def render(self, store: Store, *, sessions: int, rounds: int,
                      accept: str | None = None) -> tuple[bytes, str]:
         """The exposition text (or OpenMetrics, when the scraper asks for it) and its Content-Type."""
-        now = time.time()
+        now = store.clock.now()  # the clock stored times are on (cloudtaskd.clock)
         state = await store.read(lambda db: read_state(db, now))
         encoder, content_type = choose_encoder(accept or "")
         return encoder(_Scrape(self.registry, state, sessions, rounds)), content_type

@@ -12,7 +12,6 @@ import asyncio
 import math
 import re
 import sqlite3
-import time
 from typing import Any
 
 from aiohttp import web
@@ -149,7 +148,7 @@ class ObserveApi:
     async def status(self, request: web.Request) -> web.Response:
         """The status page's data: recent jobs with their counts, live instances grouped, the fleet's
         cost, the latest error events. A handful of small indexed queries: it is polled."""
-        now = time.time()
+        now = self.store.clock.now()  # the clock stored times are on (cloudtaskd.clock)
 
         def read(db: sqlite3.Connection) -> dict[str, Any]:
             jobs = [_job_summary(r) for r in db.execute(

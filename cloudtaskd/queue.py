@@ -521,9 +521,23 @@ def promote_due(tx: Tx) -> set[int]:
 
 def extend_all_leases(tx: Tx, grace_s: float) -> int:
     """At start-up: the daemon was away, so no heartbeat could land. Give every lease a fresh
-    visibility timeout, so agents that reconnect keep their work instead of racing a requeue."""
+    visibility timeout, so agents that reconnect keep their work instead of racing a requeue.
+
+    Exactly grace_s from now, not the later of that and the stored expiry: every expiry was set to
+    at most a TTL ahead of its write, so one further ahead means the wall clock stepped back while
+    the daemon was down, and keeping it would hold a dead agent's work for as long as the step."""
     return tx.db.execute(
-        "UPDATE tasks SET lease_expires_at = max(lease_expires_at, ?) WHERE state = 'leased'", (tx.now + grace_s,)
+        "UPDATE tasks SET lease_expires_at = ? WHERE state = 'leased'", (tx.now + grace_s,)
+    ).rowcount
+
+
+def cap_retry_due(tx: Tx, backoff_max_s: float) -> int:
+    """At start-up: no retry can be due later than the longest backoff (with its jitter) from now; a
+    later one was written before the wall clock stepped back across a restart, and would stall the
+    task for as long as the step. Returns how many were brought forward."""
+    due = tx.now + backoff_max_s * 1.2
+    return tx.db.execute(
+        "UPDATE tasks SET run_at = ? WHERE state = 'failed' AND run_at > ?", (due, due)
     ).rowcount
 
 

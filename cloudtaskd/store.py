@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import aiosqlite
 import structlog
 
 from agent import jsonx
+from cloudtaskd.clock import DaemonClock
 from cloudtaskd.errors import StoreError, StoreFull, TransitionError, is_no_space
 from cloudtaskd.redact import redact
 from cloudtaskd.states import (
@@ -237,8 +237,10 @@ async def _on_thread(conn: aiosqlite.Connection, fn: Callable[[sqlite3.Connectio
 
 
 class Store:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, clock: DaemonClock | None = None) -> None:
         self.path = path
+        # The time every transaction sees as tx.now: monotonic while the daemon runs (cloudtaskd.clock).
+        self.clock = clock if clock is not None else DaemonClock()
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._checkpointer: aiosqlite.Connection | None = None
@@ -246,7 +248,7 @@ class Store:
         self._write_lock = WriteLock()
         self._events_signal = asyncio.Event()
         self.stopping = False  # set by end_waits(): long polls answer at once
-        # Since when (time.time()) writes have failed for a full disk; None while they succeed. The
+        # Since when (self.clock) writes have failed for a full disk; None while they succeed. The
         # outage is logged when it starts and when it ends, not once per failed write.
         self.full_since: float | None = None
 
@@ -256,7 +258,7 @@ class Store:
         if not (is_no_space(exc) if isinstance(exc, OSError) else is_full(exc, directory)):
             return StoreError(f"{doing} failed: {exc}")
         if self.full_since is None:
-            self.full_since = time.time()
+            self.full_since = self.clock.now()
             log.error("state_disk_full", path=str(directory), free_bytes=free_bytes(directory), doing=doing,
                       error=str(exc))
         return StoreFull(directory, doing)
@@ -266,7 +268,7 @@ class Store:
         # still full: only free space on it ends the outage (else its start is logged again and again).
         if self.full_since is not None and (free_bytes(self.path.parent) or 0) >= LOW_SPACE_BYTES:
             log.warning("state_disk_writable_again", path=str(self.path.parent),
-                        outage_s=round(time.time() - self.full_since, 3))
+                        outage_s=round(self.clock.now() - self.full_since, 3))
             self.full_since = None
 
     def events_signal(self) -> asyncio.Event:
@@ -358,7 +360,7 @@ class Store:
         writer = self._writer
         if writer is None:
             raise StoreError("the store is closed")
-        stamp = time.time() if now is None else now
+        stamp = self.clock.now() if now is None else now
         wrote_events = changed = False
 
         def run(db: sqlite3.Connection) -> T:

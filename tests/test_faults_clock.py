@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from agent.connection import Agent
 from agent.protocol import Notice
 from agent.workerspec import WorkerSpec
 from tests.netproxy import Proxy
+from tests.procs import bundle
 from tests.test_faults_network import AgentProc, Rig, final_checks
 
 LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
@@ -123,3 +125,114 @@ async def test_a_spot_deadline_read_on_a_clock_an_hour_behind(tmp_path: Path) ->
     finally:
         if agent._drain_timer is not None:
             agent._drain_timer.cancel()
+
+
+# ---- the daemon's own clock (issue 15) ----------------------------------------------------------
+# The daemon runs under libfaketime, its wall clock stepped through the same kind of file; agents
+# run on the true clock. Before the fix, lease expiry and retry due times were written and compared
+# on the wall clock: +2 h expired every live lease at once (max_attempts 1: dead, "no heartbeat
+# within the visibility timeout"); -1 h stalled retries written before the step and held a killed
+# agent's leases for an hour.
+
+DAEMON_WORKER = {
+    "cloudtask.yaml": "mode: python\nfunction: w:run\n",
+    "w.py": (
+        "import asyncio, pathlib\n"
+        "async def run(task_id, data):\n"
+        "    mark = pathlib.Path(data['marks'], str(task_id))\n"
+        "    if data.get('fail_once') and not mark.exists():\n"
+        "        mark.touch()\n"
+        "        raise RuntimeError('the first attempt fails')\n"
+        "    await asyncio.sleep(data['sleep'])\n"
+        "    return {'n': data['n']}\n"
+    ),
+}
+
+
+def faked_daemon_env(offset_file: Path) -> dict[str, str]:
+    if not LIBFAKETIME.exists():
+        pytest.skip(f"libfaketime is not installed ({LIBFAKETIME}): apt-get install faketime")
+    offset_file.write_text("+0\n")
+    return {**os.environ, "LD_PRELOAD": str(LIBFAKETIME), "FAKETIME_TIMESTAMP_FILE": str(offset_file),
+            "FAKETIME_NO_CACHE": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+
+
+async def submit(rig: Rig, job: int, tasks: list[dict[str, object]]) -> None:
+    lines = "".join(json.dumps({"id": f"d{rig.submitted + i}", "data": {"n": rig.submitted + i, **t}}) + "\n"
+                    for i, t in enumerate(tasks))
+    rig.submitted += len(tasks)
+    await rig.daemon.post(f"/v1/jobs/{job}/tasks", data=lines.encode())
+
+
+async def test_daemon_clock_steps_two_hours_forward(tmp_path: Path) -> None:
+    """Mid-job, every slot busy, the daemon's clock steps 2 h forward. No lease expires, no
+    max_attempts 1 task dies, the job ends. The TTL is long (heartbeats every 10 s) so that, before
+    the fix, the expiry pass (every 0.5 s) nearly always came before a heartbeat could renew a lease."""
+    offset_file = tmp_path / "faketime"
+    env = faked_daemon_env(offset_file)
+    rig = Rig(tmp_path, lease_ttl_s=40.0, worker=DAEMON_WORKER)
+    try:
+        await rig.daemon.start(env=env)
+        worker = await rig.daemon.post("/v1/workers", data=bundle(DAEMON_WORKER))
+        rig.digest = worker["digest"]
+        job = int((await rig.daemon.post("/v1/jobs", json={"name": "fwd", "worker": rig.digest,
+                                                            "max_attempts": 1}))["id"])
+        slots = 4
+        inst = await rig.register(slots)
+        a = rig.start_agent("A", inst, inst["url"], slots)
+        await rig.until("A connected", lambda: bool(a.log("agent_connected")))
+        await submit(rig, job, [{"sleep": 4.0, "marks": str(rig.marks)} for _ in range(2 * slots)])
+        await rig.until("every slot busy", lambda: rig.count(
+            "SELECT count(*) FROM tasks WHERE state = 'leased'") == slots)
+        offset_file.write_text(f"+{2 * HOUR_S:.0f}\n")
+        await rig.until("every task done", lambda: rig.count(
+            "SELECT count(*) FROM tasks WHERE state IN ('succeeded', 'dead')") == 2 * slots, timeout_s=60)
+        assert rig.query("SELECT state, error FROM tasks WHERE state != 'succeeded'") == []
+        for kind in ("lease_expired", "lease_expired_dead", "stale_report_refused"):
+            assert rig.count("SELECT count(*) FROM events WHERE kind = ?", kind) == 0, kind
+        # The step reached the daemon (its wall clock) and what it records stayed on its own clock.
+        started = [r[0] for r in rig.query("SELECT started_at FROM tasks")]
+        assert max(started) - min(started) < HOUR_S, started
+        assert a.stop() == 0, a.tail()
+    finally:
+        await rig.stop()
+
+
+async def test_daemon_clock_steps_an_hour_back(tmp_path: Path) -> None:
+    """The daemon's clock steps 1 h back while two tasks wait out a retry backoff and a killed
+    agent holds two leases: the retries still run within their backoff, the leases expire
+    within about a TTL, and the job ends."""
+    offset_file = tmp_path / "faketime"
+    env = faked_daemon_env(offset_file)
+    backoff_s = 3.0
+    rig = Rig(tmp_path, lease_ttl_s=2.0, worker=DAEMON_WORKER,
+              queue={"retry_backoff_s": backoff_s, "retry_backoff_max_s": backoff_s})
+    try:
+        await rig.daemon.start(env=env)
+        worker = await rig.daemon.post("/v1/workers", data=bundle(DAEMON_WORKER))
+        rig.digest = worker["digest"]
+        job = int((await rig.daemon.post("/v1/jobs", json={"name": "back", "worker": rig.digest,
+                                                            "max_attempts": 5}))["id"])
+        inst = await rig.register(4)
+        a = rig.start_agent("A", inst, inst["url"], 4)
+        await rig.until("A connected", lambda: bool(a.log("agent_connected")))
+        marks = str(rig.marks)
+        await submit(rig, job, [{"sleep": 0.0, "fail_once": True, "marks": marks}] * 2
+                     + [{"sleep": 3.0, "marks": marks}] * 2)
+        await rig.until("two tasks waiting out a backoff, two running", lambda: rig.query(
+            "SELECT state, count(*) FROM tasks GROUP BY state ORDER BY state") == [("failed", 2), ("leased", 2)])
+        # A dies holding two leases, and the clock steps back before any heartbeat could land.
+        a.proc.kill()
+        a.proc.wait()
+        rig.agents.remove(a)
+        offset_file.write_text(f"-{HOUR_S:.0f}\n")
+        b_inst = await rig.register(4)
+        b = rig.start_agent("B", b_inst, b_inst["url"], 4)
+        # Backoff 3 s (+20 % jitter), lease TTL 2 s: before the fix, an hour each.
+        await rig.until("A's leases expired", lambda: rig.count(
+            "SELECT count(*) FROM events WHERE kind = 'lease_expired'") == 2, timeout_s=20)
+        await rig.until("the retries ran", lambda: rig.count(
+            "SELECT count(*) FROM tasks WHERE state = 'succeeded' AND failures = 1") == 4, timeout_s=30)
+        assert b.stop() == 0, b.tail()
+    finally:
+        await rig.stop()

@@ -95,13 +95,13 @@ class Rig:
     """A real cloudtaskd process with one worker and one job, and the agents started against it."""
 
     def __init__(self, workdir: Path, *, listen_host: str = "127.0.0.1", lease_ttl_s: float = LEASE_TTL_S,
-                 worker: dict[str, str] | None = None) -> None:
+                 worker: dict[str, str] | None = None, queue: dict[str, float] | None = None) -> None:
         self.workdir = workdir
         self.worker = worker or WORKER
         self.daemon = DaemonProcess(workdir, {
             "agents": {"listen_host": listen_host, "lease_ttl_s": lease_ttl_s},
             "providers": {"local": {"max_instances": 0}},
-            "queue": {"retry_backoff_s": 0.05, "retry_backoff_max_s": 0.2},
+            "queue": queue or {"retry_backoff_s": 0.05, "retry_backoff_max_s": 0.2},
         })
         self.marks = workdir / "marks"
         self.marks.mkdir()

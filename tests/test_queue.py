@@ -10,6 +10,7 @@ import pytest
 
 from agent.protocol import Failure, Success
 from cloudtaskd import queue
+from cloudtaskd.clock import DaemonClock
 from cloudtaskd.errors import BadInput
 from cloudtaskd.store import Store, Tx
 from cloudtaskd.taskfile import ParsedTask
@@ -362,3 +363,30 @@ async def test_the_wal_is_copied_into_the_main_file_in_the_background(tmp_path: 
         await wait_for(main_file_has_them, timeout=10, message="the rows in the main file")
     finally:
         await s.close()
+
+
+async def test_a_restart_after_the_clock_stepped_back_rebases_leases_and_retry_times(store: Store) -> None:
+    """Written before the daemon stopped, on a clock since stepped back an hour: a lease must not be
+    held for the hour (its agent may be gone) nor a retry wait it out (issue 15)."""
+    await submit(store, 2, max_attempts=3)
+    (t1,) = await lease(store, "a", 1, ttl=30, now=10_000.0)
+    (t2,) = await lease(store, "a", 1, ttl=30, now=10_000.0)
+    await store.write(queue.apply_reports, queue.Reports(failed=[("a", Failure(t2["id"], t2["token"], "x", True, 0))]),
+                      queue.RoundResult(), (10.0, 10.0), 30.0, now=10_000.0)
+    start = 10_000.0 - 3600  # the daemon starts again, the clock an hour back
+    assert await store.write(queue.extend_all_leases, 30.0, now=start) == 1
+    assert await store.write(queue.cap_retry_due, 10.0, now=start) == 1
+    assert await store.write(queue.cap_retry_due, 10.0, now=start) == 0  # not ahead of its bound: left alone
+    assert await store.write(queue.expire_leases, (0.0, 0.0), now=start + 29) == []
+    assert await store.write(queue.expire_leases, (0.0, 0.0), now=start + 30) == [(t1["id"], "a")]
+    assert await store.write(queue.promote_due, now=start + 12) == {1}
+    await check(store)
+
+
+def test_the_daemon_clock_does_not_step_with_the_wall_clock() -> None:
+    wall, mono = [1_000_000.0], [5.0]
+    clock = DaemonClock(lambda: wall[0], lambda: mono[0])
+    mono[0] += 2
+    wall[0] += 2 + 7200  # two seconds pass and the wall clock steps two hours forward
+    assert clock.now() == 1_000_002.0
+    assert clock.wall_offset_s() == 7200.0

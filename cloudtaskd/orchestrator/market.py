@@ -5,7 +5,6 @@ table a user sees is the choice the daemon makes.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import structlog
@@ -32,7 +31,7 @@ class Market:
     async def observe(self, now: float | None = None, *, force: bool = False) -> None:
         """Re-read the interruption rates observed per offer (at most once a minute unless forced:
         a new notice forces it, so the next launch already avoids that offer)."""
-        now = time.time() if now is None else now
+        now = self.store.clock.now() if now is None else now  # the clock stored times are on (cloudtaskd.clock)
         if force or now - self._rates_at >= RATES_TTL_S:
             self.rates = await self.store.read(lambda db: interruptions.rates(db, now))
             self._rates_at = now

@@ -92,7 +92,7 @@ class Reconciler:
         self._wake.set()
 
     async def tick(self, now: float | None = None) -> None:
-        now = time.time() if now is None else now
+        now = self.store.clock.now() if now is None else now  # the clock stored times are on (cloudtaskd.clock)
         await self.sync(now)
         await self.enforce_budgets()
         if not self.paused:
@@ -563,9 +563,9 @@ class Reconciler:
                 log.warning("launch_failed", instance=inst, provider=provider.name, offer=offer.key, error=str(exc))
                 await self._move(inst, InstanceEvent.LAUNCH_FAILED, error=str(exc))
                 if isinstance(exc, ProviderError):
-                    self._offer_failed(offer, exc, time.time())
+                    self._offer_failed(offer, exc, self.store.clock.now())
                 else:  # the machine came but the install failed: the worker may be broken
-                    self._start_failed(pool_id, time.time(), provider.name, type(exc).__name__)
+                    self._start_failed(pool_id, self.store.clock.now(), provider.name, type(exc).__name__)
                 if isinstance(exc, ProviderError) and exc.retryable:
                     # Capacity, throttling, a host in use: passes by itself, and breaks a streak.
                     self.failures.reset(pool_id, offer.key)
