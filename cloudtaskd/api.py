@@ -30,6 +30,7 @@ from cloudtaskd.errors import (
     StoreError,
     StoreFull,
     TransitionError,
+    no_job,
 )
 from cloudtaskd.feeds import FOLLOWERS_MAX, RESULT_COLUMNS, ReadGate, ResultFeeds, result_line, task_dict
 from cloudtaskd.hub import token_hash
@@ -239,7 +240,7 @@ class ControlApi:
 
         job = await self.reads.read(read)
         if job is None:
-            raise NotFound(f"job {job_id} does not exist")
+            raise no_job(job_id)
         return job
 
     async def list_jobs(self, request: web.Request) -> web.Response:
@@ -267,7 +268,7 @@ class ControlApi:
             job = await self.reads.read(lambda db: db.execute(
                 "SELECT id, pool_id, max_attempts, timeout_s, state FROM jobs WHERE id = ?", (job_id,)).fetchone())
             if job is None:
-                raise NotFound(f"job {job_id} does not exist")
+                raise no_job(job_id)
             job = dict(job)
             upload_id = await self.store.write(queue.create_upload, job_id)
             try:
@@ -383,6 +384,8 @@ class ControlApi:
                + " ORDER BY id LIMIT ?")
         params: tuple[Any, ...] = (job_id, after, state, limit) if state else (job_id, after, limit)
         rows = await self.reads.fetchall(sql, params)
+        if not rows and await self.reads.fetchone("SELECT 1 FROM jobs WHERE id = ?", (job_id,)) is None:
+            raise no_job(job_id)  # not an empty list: the job itself is missing
         return web.json_response({"tasks": [task_dict(r, full=True) for r in rows]})
 
     async def results(self, request: web.Request) -> web.StreamResponse:
@@ -395,7 +398,7 @@ class ControlApi:
             raise BadInput("follow and top cannot be combined: top is newest first, follow in finishing order",
                            field="top")
         if await self.reads.fetchone("SELECT 1 FROM jobs WHERE id = ?", (job_id,)) is None:
-            raise NotFound(f"job {job_id} does not exist")
+            raise no_job(job_id)
         if follow and self.feeds.followers >= FOLLOWERS_MAX:
             raise Busy(f"cloudtaskd is busy ({self.feeds.followers} results streams followed)")
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
@@ -498,7 +501,7 @@ class ControlApi:
         job_id, now = _job_id(request), time.time()
         found = await self.reads.read(lambda db: costs.job(db, job_id, now))
         if found is None:
-            raise NotFound(f"no job {job_id}")
+            raise no_job(job_id)
         return web.json_response(found)
 
     # ---- catalog and prices ----

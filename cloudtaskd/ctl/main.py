@@ -1,8 +1,9 @@
 """cloudtaskctl's entry point: arguments, config, and one place that turns errors into exit statuses.
 
-Exit statuses: 0 all succeeded / done, 1 a job ended with tasks that did not succeed, 2 bad input
-(arguments, config, worker, task file), 3 daemon unavailable or any other failure, 4 the job was
-paused because no instance can start for it (launches fail the same way every time), 130 interrupted.
+Exit statuses (EXIT_STATUSES, also in --help): 0 all succeeded / done, 1 a job ended with tasks that did
+not succeed, 2 bad input (arguments, config, worker, task file, a job or instance that does not exist),
+3 daemon unavailable or any other failure, 4 the job was paused because no instance can start for it
+(launches fail the same way every time), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from cloudtaskd.ctl import commands
 from cloudtaskd.ctl.client import ApiClient
 from cloudtaskd.ctl.output import Ctx, printable
 from cloudtaskd.ctl.run import EXIT_INTERRUPTED, cmd_run, cmd_submit
-from cloudtaskd.errors import BadInput, CloudtaskError, ConfigError, DaemonUnavailable
+from cloudtaskd.errors import BadInput, CloudtaskError, ConfigError, DaemonUnavailable, NotFound
 from cloudtaskd.params import whole_number
 
 EXIT_BAD_INPUT = 2
@@ -31,6 +32,14 @@ EXIT_FAILED = 3
 EXIT_CHECK_FAILED = 1  # `check`: some check failed
 TASK_STATES = ("staged", "queued", "leased", "failed", "succeeded", "dead", "cancelled")
 DEFAULT_RESULTS = "results.jsonl"
+
+EXIT_STATUSES = """exit status:
+  0    done: every task succeeded (or the command did what it was asked)
+  1    the job ended with tasks that did not succeed (`check`: some check failed)
+  2    bad input: arguments, config, worker, task file, or a job or instance that does not exist
+  3    the daemon is unreachable, or any other failure
+  4    no instance could start for the job: it was paused with the reason
+  130  interrupted"""
 
 Command = Callable[[Ctx, ApiClient, argparse.Namespace], Awaitable[int]]
 
@@ -80,7 +89,8 @@ def _global_options(*, suppress: bool) -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     # The global options are accepted before and after the command (`cloudtaskctl status --json`).
     parser = argparse.ArgumentParser(prog="cloudtaskctl", parents=[_global_options(suppress=False)],
-                                     description="Run and inspect cloudtask jobs.")
+                                     description="Run and inspect cloudtask jobs.", epilog=EXIT_STATUSES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     common = _global_options(suppress=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -246,7 +256,7 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None, err: TextI
         if err.isatty():
             err.write("\n")  # end a progress line the interrupt left behind
         return EXIT_INTERRUPTED
-    except (BadInput, ConfigError, WorkerSpecError) as exc:
+    except (BadInput, ConfigError, WorkerSpecError, NotFound) as exc:
         return fail(EXIT_BAD_INPUT, str(exc))
     except DaemonUnavailable as exc:
         return fail(EXIT_FAILED, f"{exc}\n  start it (`cloudtaskd --config FILE`), point at it with --socket or "

@@ -1,0 +1,41 @@
+"""cloudtaskctl's answers against a real daemon: what each command says, and its exit status, when
+the answer is not the happy one (issue 15, "Answers that mislead")."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cloudtaskd.ctl.main import main
+from cloudtaskd.daemon import Daemon
+from tests.conftest import UnixApi, make_config
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path) -> AsyncIterator[tuple[Daemon, UnixApi]]:
+    d = Daemon(make_config(tmp_path), shutdown_grace_s=5)
+    await d.start()
+    api = UnixApi(d.config.socket_path)
+    yield d, api
+    await api.close()
+    await d.stop()
+
+
+async def ctl(d: Daemon, *argv: str) -> tuple[int, str, str]:
+    """The real command line, in a thread (main runs its own event loop), against the daemon."""
+    out, err = io.StringIO(), io.StringIO()
+    status = await asyncio.to_thread(main, [*argv, "--socket", str(d.config.socket_path)], out=out, err=err)
+    return status, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize("argv", [["status", "99"], ["tasks", "99"], ["cost", "99"], ["results", "99"],
+                                  ["watch", "99"], ["cancel", "99"], ["retry", "99"], ["resume", "99"],
+                                  ["tasks", "99", "--state", "dead"]])
+async def test_an_unknown_job_is_one_answer_and_exit_2(daemon: tuple[Daemon, Any], argv: list[str]) -> None:
+    status, out, err = await ctl(daemon[0], *argv)
+    assert (status, out, err) == (2, "", "cloudtaskctl: no job 99\n")
