@@ -192,7 +192,8 @@ class ControlApi:
         if not isinstance(digest, str):
             raise BadInput("worker: expected the digest returned by POST /v1/workers", field="worker")
         opts: dict[str, Any] = {}
-        for key, lo, hi in (("max_instances", 0, 100_000), ("max_attempts", 1, 100)):
+        # max_instances 0 once meant "no limit" (as absent does) and ran the job anyway: refused now.
+        for key, lo, hi in (("max_instances", 1, 100_000), ("max_attempts", 1, 100)):
             value = body.get(key)
             if value is not None and (type(value) is not int or not lo <= value <= hi):
                 raise BadInput(f"{key}: expected an integer between {lo} and {hi}", field=key)

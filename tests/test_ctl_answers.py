@@ -15,6 +15,8 @@ from cloudtaskd.ctl.main import main
 from cloudtaskd.daemon import Daemon
 from tests.conftest import UnixApi, make_config
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 @pytest.fixture
 async def daemon(tmp_path: Path) -> AsyncIterator[tuple[Daemon, UnixApi]]:
@@ -39,3 +41,20 @@ async def ctl(d: Daemon, *argv: str) -> tuple[int, str, str]:
 async def test_an_unknown_job_is_one_answer_and_exit_2(daemon: tuple[Daemon, Any], argv: list[str]) -> None:
     status, out, err = await ctl(daemon[0], *argv)
     assert (status, out, err) == (2, "", "cloudtaskctl: no job 99\n")
+
+
+async def test_max_instances_0_is_refused_not_taken_as_no_limit(daemon: tuple[Daemon, UnixApi],
+                                                                 tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    d, api = daemon
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_text('{"id": "a", "data": {"n": 1}}\n')
+    status, _, _ = await ctl(d, "submit", "--tasks", str(tasks), "--worker", str(ROOT / "examples" / "worker"),
+                                 "--max-instances", "0")
+    usage = capsys.readouterr().err  # argparse's own error, with the subcommand's usage
+    assert status == 2 and "--max-instances" in usage and "between 1 and 100000, got 0" in usage
+    # The API too: 0 once meant "no limit" there and the job ran on an instance.
+    status_code, body = await api.request("POST", "/v1/jobs", json={"worker": "0" * 64, "max_instances": 0})
+    assert status_code == 400 and body["error"]["field"] == "max_instances"
+    _, jobs = await api.request("GET", "/v1/jobs")
+    assert jobs["jobs"] == []

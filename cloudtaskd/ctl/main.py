@@ -105,8 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
         worker.add_argument("--worker", metavar="DIR", help="worker directory holding cloudtask.yaml")
         worker.add_argument("--worker-repo", metavar="URL", help="git repository holding cloudtask.yaml")
         p.add_argument("--worker-ref", metavar="REF", help="branch or tag of --worker-repo")
-        p.add_argument("--max-instances", type=_int_in(0, 100_000), metavar="N")
-        p.add_argument("--max-attempts", type=_int_in(1, 100), metavar="N")
+        p.add_argument("--max-instances", type=_int_in(1, 100_000), metavar="N",
+                       help="at most N instances at once for this job, 1 to 100000 (default: no limit of its own;"
+                            " the config's scaling.max_instances applies to all jobs)")
+        p.add_argument("--max-attempts", type=_int_in(1, 100), metavar="N",
+                       help="attempts per task before it is dead (default: the config's queue.max_attempts)")
         p.add_argument("--name", help="job name (default: the task file's name)")
         p.add_argument("--providers", metavar="A,B", help="only these providers (e.g. aws,gcp)")
         p.add_argument("--regions", metavar="R1,R2", help="only these regions or zones")
