@@ -212,13 +212,14 @@ class ControlApi:
 
     def _read_job(self, db: sqlite3.Connection, row: sqlite3.Row, instances: int, now: float) -> dict[str, Any]:
         """A job object from its row: counters, not counts (a primary-key read). Its rate counts the
-        tasks finished in the last RATE_WINDOW_S through an index; that is kept for RATE_CACHE_S per
+        tasks finished in the last RATE_WINDOW_S through an index (work done: succeeded or dead, never
+        a cancellation, which would make a cancelled job look fast); that is kept for RATE_CACHE_S per
         job, so a hundred clients polling a job cost one such count a second, not a hundred."""
         job_id = row["id"]
         cached = self._recent.get(job_id)
         if cached is None or now - cached[0] >= RATE_CACHE_S:
-            n, first = db.execute("SELECT count(*), min(finished_at) FROM tasks WHERE job_id = ? AND finished_at >= ?",
-                                  (job_id, now - RATE_WINDOW_S)).fetchone()
+            n, first = db.execute("SELECT count(*), min(finished_at) FROM tasks WHERE job_id = ? AND finished_at >= ?"
+                                  " AND state IN ('succeeded', 'dead')", (job_id, now - RATE_WINDOW_S)).fetchone()
             if len(self._recent) >= RATE_CACHE_JOBS:
                 self._recent = {k: v for k, v in self._recent.items() if now - v[0] < RATE_CACHE_S}
             cached = self._recent[job_id] = (now, n, first)
@@ -615,10 +616,17 @@ def _job_dict(row: sqlite3.Row, recent: tuple[int, float | None], instances: int
     counts = {c: row[f"n_{c}"] for c in JOB_COLUMNS}
     counts["total"] = sum(counts.values())
     done = counts["total"] > 0 and counts["staged"] + counts["queued"] + counts["leased"] + counts["failed"] == 0
+    # What happened, once it is over: a cancelled or failed job must not read as merely `done`.
+    outcome: str | None = None
+    if row["state"] == "cancelled" and (done or not counts["total"]):
+        outcome = "cancelled"
+    elif done:
+        outcome = ("succeeded" if counts["succeeded"] == counts["total"]
+                   else "failed" if counts["dead"] else "cancelled")
     n_recent, first = recent[0], recent[1]
     span = max(1.0, now - first) if n_recent and first else RATE_WINDOW_S
     return {
-        "id": row["id"], "name": row["name"], "state": row["state"], "done": done,
+        "id": row["id"], "name": row["name"], "state": row["state"], "done": done, "outcome": outcome,
         "created_at": row["created_at"], "finished_at": row["finished_at"], "worker": row["digest"],
         "counts": counts, "rate_per_s": round(n_recent / min(span, RATE_WINDOW_S), 2) if n_recent else 0.0,
         "instances": instances, "max_attempts": row["max_attempts"], "timeout_s": row["timeout_s"],

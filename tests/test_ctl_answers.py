@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from cloudtaskd.api import RATE_CACHE_S
+from cloudtaskd.config import ScalingConfig
 from cloudtaskd.ctl.main import main
 from cloudtaskd.daemon import Daemon
 from tests.conftest import UnixApi, make_config
@@ -20,7 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 async def daemon(tmp_path: Path) -> AsyncIterator[tuple[Daemon, UnixApi]]:
-    d = Daemon(make_config(tmp_path), shutdown_grace_s=5)
+    # No instance ever starts: a job's tasks wait queued until a test says what happens to them.
+    d = Daemon(make_config(tmp_path, scaling=ScalingConfig(max_instances=0, tick_s=0.1)), shutdown_grace_s=5)
     await d.start()
     api = UnixApi(d.config.socket_path)
     yield d, api
@@ -58,3 +61,30 @@ async def test_max_instances_0_is_refused_not_taken_as_no_limit(daemon: tuple[Da
     assert status_code == 400 and body["error"]["field"] == "max_instances"
     _, jobs = await api.request("GET", "/v1/jobs")
     assert jobs["jobs"] == []
+
+
+async def submit(d: Daemon, tmp_path: Path, n: int) -> int:
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_text("".join(f'{{"id": "t{i}", "data": {{"n": {i}}}}}\n' for i in range(n)))
+    status, out, err = await ctl(d, "submit", "--tasks", str(tasks), "--worker", str(ROOT / "examples" / "worker"))
+    assert status == 0, err
+    return int(out.split()[-1]) if out.split()[-1].isdigit() else int(out.split()[1])
+
+
+async def test_status_of_a_cancelled_job_says_cancelled_with_counts_and_no_rate(daemon: tuple[Daemon, UnixApi],
+                                                                               tmp_path: Path) -> None:
+    d, _ = daemon
+    job_id = await submit(d, tmp_path, 5)
+    assert (await ctl(d, "cancel", str(job_id)))[0] == 0
+    await asyncio.sleep(RATE_CACHE_S + 0.1)  # a rate counted before the cancel is not the one checked
+    status, out, _ = await ctl(d, "status", str(job_id))
+    assert status == 0
+    first, bar = out.splitlines()
+    assert ": cancelled (0 succeeded, 0 dead, 5 cancelled of 5)" in first
+    assert "done" not in out and " 0.00/s " in bar  # cancellations are not work done
+    _, table_out, _ = await ctl(d, "status")
+    header, row = table_out.splitlines()
+    assert "CANCELLED" in header
+    assert row.split()[2:8] == ["cancelled", "5/5", "0", "0", "5", "0"]
+    _, raw, _ = await ctl(d, "status", str(job_id), "--json")
+    assert '"outcome": "cancelled"' in raw.replace('":"', '": "')

@@ -69,7 +69,8 @@ def _segments(job: dict[str, Any], labels: dict[str, str]) -> tuple[list[tuple[s
         parts.append(("retrying", f"{labels['retrying']}{int(counts['failed'])}"))
     parts.append(("rate", format_rate(rate)))
     if job.get("done"):
-        parts.append(("eta", "done"))
+        # The outcome, not a bare `done`: a cancelled or failed job is over too.
+        parts.append(("eta", str(job.get("outcome") or "done")))
     elif job.get("state") == "cancelled":
         parts.append(("eta", "cancelling"))
     elif job.get("state") == "paused":
