@@ -63,7 +63,9 @@ def test_progress_counts_rate_and_eta() -> None:
     j = job(succeeded=397, dead=3, leased=8, queued=530, staged=9, failed=53)
     j.update(rate_per_s=10.0, instances=2)
     line = format_progress(j, 160)
-    for part in ("40.0%", "400/1000", "dead 3", "running 8", "queued 539", "retrying 53", "10.0/s",
+    # Leased, not running: on one 4-slot instance 8 leases are 4 running and 4 held ready.
+    assert "running" not in line and "lsd" not in line
+    for part in ("40.0%", "400/1000", "dead 3", "leased 8", "queued 539", "retrying 53", "10.0/s",
                  "ETA 1:00", "instances 2"):
         assert part in line, (part, line)
     assert len(line) == 160

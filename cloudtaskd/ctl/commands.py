@@ -148,7 +148,7 @@ def _job_row(job: dict[str, Any]) -> list[Any]:
             format_rate(float(job.get("rate_per_s") or 0.0)), job.get("instances", 0), ago(job.get("created_at"))]
 
 
-JOB_HEADERS = ("ID", "NAME", "STATE", "FINISHED", "OK", "DEAD", "CANCELLED", "RUNNING", "WAITING", "RATE", "INSTANCES",
+JOB_HEADERS = ("ID", "NAME", "STATE", "FINISHED", "OK", "DEAD", "CANCELLED", "LEASED", "WAITING", "RATE", "INSTANCES",
                "CREATED")
 
 
