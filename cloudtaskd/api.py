@@ -384,11 +384,16 @@ class ControlApi:
         after = _int_param(request, "after", 0) or 0
         sql = ("SELECT * FROM tasks WHERE job_id = ? AND id > ?" + (" AND state = ?" if state else "")
                + " ORDER BY id LIMIT ?")
-        params: tuple[Any, ...] = (job_id, after, state, limit) if state else (job_id, after, limit)
+        # One row past the page: whether there is more, without a count over the whole job.
+        params: tuple[Any, ...] = (job_id, after, state, limit + 1) if state else (job_id, after, limit + 1)
         rows = await self.reads.fetchall(sql, params)
         if not rows and await self.reads.fetchone("SELECT 1 FROM jobs WHERE id = ?", (job_id,)) is None:
             raise no_job(job_id)  # not an empty list: the job itself is missing
-        return web.json_response({"tasks": [task_dict(r, full=True) for r in rows]})
+        more = len(rows) > limit
+        rows = rows[:limit]
+        # `next`: the `after` for the following page, null on the last one.
+        return web.json_response({"tasks": [task_dict(r, full=True) for r in rows],
+                                  "next": rows[-1]["id"] if more else None})
 
     async def results(self, request: web.Request) -> web.StreamResponse:
         job_id = _job_id(request)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 
 from cloudtaskd.api import RATE_CACHE_S
 from cloudtaskd.config import ScalingConfig
+from cloudtaskd.ctl import commands
 from cloudtaskd.ctl.main import main
 from cloudtaskd.daemon import Daemon
 from tests.conftest import UnixApi, make_config
@@ -88,3 +90,23 @@ async def test_status_of_a_cancelled_job_says_cancelled_with_counts_and_no_rate(
     assert row.split()[2:8] == ["cancelled", "5/5", "0", "0", "5", "0"]
     _, raw, _ = await ctl(d, "status", str(job_id), "--json")
     assert '"outcome": "cancelled"' in raw.replace('":"', '": "')
+
+
+async def test_tasks_pages_and_says_when_there_is_more(daemon: tuple[Daemon, UnixApi], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    d, _ = daemon
+    job_id = await submit(d, tmp_path, 250)
+    status, out, err = await ctl(d, "tasks", str(job_id))
+    rows = out.splitlines()[1:]
+    assert status == 0 and len(rows) == 100 and rows[-1].split()[1] == "t99"
+    last = rows[-1].split()[0]
+    assert err == f"cloudtaskctl: more tasks: the next page with --after {last}, or all of them with --all\n"
+    status, out, err = await ctl(d, "tasks", str(job_id), "--after", last, "--limit", "200")
+    rows = out.splitlines()[1:]
+    assert (status, err, len(rows)) == (0, "", 150) and rows[0].split()[1] == "t100"
+    # --all reads page after page (pages of 60 here, of 10,000 for real): past any one page's limit.
+    monkeypatch.setattr(commands, "TASKS_PAGE", 60)
+    status, out, err = await ctl(d, "tasks", str(job_id), "--all", "--json")
+    listing = json.loads(out)
+    assert (status, err, listing["next"]) == (0, "", None)
+    assert [t["id"] for t in listing["tasks"]] == [f"t{i}" for i in range(250)]

@@ -268,11 +268,13 @@ class ApiClient:
         return result
 
     async def list_tasks(self, job_id: int, *, state: str | None = None, limit: int | None = None,
-                         after: int | None = None) -> list[dict[str, Any]]:
+                         after: int | None = None) -> tuple[list[dict[str, Any]], int | None]:
+        """One page of a job's tasks, and the `after` of the next page (None: this was the last)."""
         params = {k: str(v) for k, v in (("state", state), ("limit", limit), ("after", after)) if v is not None}
         result = await self._call("GET", f"/v1/jobs/{job_id}/tasks", params=params)
         tasks: list[dict[str, Any]] = result["tasks"]
-        return tasks
+        following = result.get("next")
+        return tasks, int(following) if following is not None else None
 
     async def results(self, job_id: int, *, top: int | None = None,
                       after: int | None = None) -> AsyncIterator[dict[str, Any]]:

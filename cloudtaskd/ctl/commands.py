@@ -206,10 +206,17 @@ async def cmd_results(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int
     return EXIT_OK
 
 
+TASKS_PAGE = 10_000  # the API's largest page: what `tasks --all` reads at a time
+
+
 async def cmd_tasks(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
-    tasks = await api.list_tasks(args.job, state=args.state, limit=args.limit)
+    tasks, following = await api.list_tasks(args.job, state=args.state, after=args.after,
+                                            limit=TASKS_PAGE if args.all else args.limit)
+    while args.all and following is not None:
+        page, following = await api.list_tasks(args.job, state=args.state, after=following, limit=TASKS_PAGE)
+        tasks.extend(page)
     if ctx.json:
-        ctx.emit_json({"tasks": tasks})
+        ctx.emit_json({"tasks": tasks, "next": following})
     elif not tasks:
         ctx.say("no tasks" + (f" in state {args.state}" if args.state else ""))
     else:
@@ -219,6 +226,9 @@ async def cmd_tasks(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
                  "-" if t.get("duration_s") is None else f"{t['duration_s']:.2f}s",
                  shorten(t.get("error") if "error" in t else jsonx.dumps(t.get("result")), 50)] for t in tasks]
         ctx.say(table(("TASK", "ID", "STATE", "ATTEMPTS", "PRIORITY", "INSTANCE", "DURATION", "RESULT/ERROR"), rows))
+    if following is not None and not ctx.json:
+        # On stderr: the table stays data for a pipe, and the hint is still seen.
+        ctx.note(f"more tasks: the next page with --after {following}, or all of them with --all")
     return EXIT_OK
 
 

@@ -133,7 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("tasks", "list a job's tasks")
     p.add_argument("job", type=_job_arg, metavar="JOB")
     p.add_argument("--state", choices=TASK_STATES)
-    p.add_argument("--limit", type=_int_in(1, 10_000), default=100, metavar="N")
+    p.add_argument("--after", type=_int_in(0, 2**63 - 1), metavar="TASK",
+                   help="the tasks after this TASK number (the first column; a page's last)")
+    pages = p.add_mutually_exclusive_group()
+    pages.add_argument("--limit", type=_int_in(1, 10_000), default=100, metavar="N",
+                       help="at most N tasks (default: 100); when there are more, it says how to see them")
+    pages.add_argument("--all", action="store_true", help="every task, read page by page")
     add("retry", "queue a job's dead and cancelled tasks again").add_argument("job", type=_job_arg, metavar="JOB")
     p = add("resume", "let a job paused at its max_total_cost go on")
     p.add_argument("job", type=_job_arg, metavar="JOB")
