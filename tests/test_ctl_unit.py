@@ -228,6 +228,27 @@ def test_argument_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[s
     assert "usage: cloudtaskctl" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("argv", "usage", "error"), [
+    # The flag and what was typed, not the API's field and the float sent (`cpus_per_task: ... got '0.0'`).
+    (["prices", "--cpus-per-task", "0"], "cloudtaskctl prices",
+     "argument --cpus-per-task: expected a number of at least 0.01, got '0'"),
+    (["prices", "--max-price-per-hour", "-1"], "cloudtaskctl prices",
+     "argument --max-price-per-hour: expected a number in ASCII digits (like 0.5), got '-1'"),
+    (["run", "--tasks", "t", "--worker", "w", "--max-total-cost", "0"], "cloudtaskctl run",
+     "argument --max-total-cost: expected a number above 0, got '0'"),
+    (["resume", "1", "--max-total-cost", "nan"], "cloudtaskctl resume", "argument --max-total-cost: expected a number"),
+    # A refused combination prints the subcommand's usage, not the top level's.
+    (["results", "1", "--top", "3", "--follow"], "cloudtaskctl results", "--top and --follow cannot be combined"),
+    (["submit", "--tasks", "t", "--worker", "w", "--no-spot", "--no-on-demand-fallback"], "cloudtaskctl submit",
+     "--no-spot and --no-on-demand-fallback together allow nothing"),
+])
+def test_argument_errors_name_the_flag_under_the_subcommands_usage(argv: list[str], usage: str, error: str,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: {usage} ") and f"{usage}: error: {error}" in err, err
+
+
 def test_global_options_before_or_after_the_command() -> None:
     args = _parse(["--socket", "/s", "status", "--json"])
     assert (args.socket, args.json, args.config, args.job) == ("/s", True, None, None)

@@ -25,7 +25,7 @@ from cloudtaskd.ctl.client import ApiClient
 from cloudtaskd.ctl.output import Ctx, printable
 from cloudtaskd.ctl.run import EXIT_INTERRUPTED, cmd_run, cmd_submit
 from cloudtaskd.errors import BadInput, CloudtaskError, ConfigError, DaemonUnavailable, NotFound
-from cloudtaskd.params import whole_number
+from cloudtaskd.params import decimal_number, whole_number
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 3
@@ -60,6 +60,24 @@ def _int_in(lo: int, hi: int) -> Callable[[str], int]:
 
 
 _job_arg = _int_in(1, 2**63 - 1)
+
+
+def _number(*, lo: float = 0.0, above: bool = False) -> Callable[[str], float]:
+    # Checked here, as the daemon would, so the error names the flag and quotes what was typed
+    # (the daemon's named its query field and the float it was sent: `cpus_per_task: ... got '0.0'`).
+    def parse(raw: str) -> float:
+        value = decimal_number(raw)
+        if value is None or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected a number in ASCII digits (like 0.5), got {raw!r}")
+        if value < lo or (above and value == lo):
+            raise argparse.ArgumentTypeError(f"expected a number {'above' if above else 'of at least'} {lo:g},"
+                                             f" got {raw!r}")
+        return value
+
+    return parse
+
+
+_usd = _number(above=True)
 
 
 def _global_options(*, suppress: bool) -> argparse.ArgumentParser:
@@ -116,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-spot", action="store_true", help="on-demand instances only")
         p.add_argument("--no-on-demand-fallback", action="store_true",
                        help="spot only: wait for spot capacity rather than fall back to on-demand")
-        p.add_argument("--max-price-per-hour", type=float, metavar="USD", help="no instance dearer than this")
-        p.add_argument("--max-total-cost", type=float, metavar="USD",
+        p.add_argument("--max-price-per-hour", type=_usd, metavar="USD", help="no instance dearer than this")
+        p.add_argument("--max-total-cost", type=_usd, metavar="USD",
                        help="pause the job before its instances cost more than this")
         if name == "run":
             p.add_argument("--results", default=DEFAULT_RESULTS, metavar="FILE",
@@ -142,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("retry", "queue a job's dead and cancelled tasks again").add_argument("job", type=_job_arg, metavar="JOB")
     p = add("resume", "let a job paused at its max_total_cost go on")
     p.add_argument("job", type=_job_arg, metavar="JOB")
-    p.add_argument("--max-total-cost", type=float, metavar="USD", help="the new cap (above what is spent)")
+    p.add_argument("--max-total-cost", type=_usd, metavar="USD", help="the new cap (above what is spent)")
     add("cancel", "cancel what is unfinished in a job").add_argument("job", type=_job_arg, metavar="JOB")
     p = add("instances", "list instances, or show one's bootstrap log")
     p.add_argument("--all", action="store_true", help="include stopped ones")
@@ -162,13 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_int_in(1, 10_000), default=50, metavar="N",
                    help="how many events to show before following (default: 50)")
     p = add("prices", "rank what the daemon would buy for tasks of this size, cheapest task-slot-hour first")
-    p.add_argument("--cpus-per-task", type=float, default=1.0, metavar="C")
+    p.add_argument("--cpus-per-task", type=_number(lo=0.01), default=1.0, metavar="C",
+                   help="CPUs each task needs, 0.01 or more (default: 1)")
     p.add_argument("--memory-per-task", type=_int_in(0, 10_000_000), default=0, metavar="MIB")
     p.add_argument("--gpus-per-task", type=_int_in(0, 64), default=0, metavar="N")
     market = p.add_mutually_exclusive_group()
     market.add_argument("--spot", dest="spot", action="store_true", default=None, help="spot offers only")
     market.add_argument("--on-demand", dest="spot", action="store_false", help="on-demand offers only")
-    p.add_argument("--max-price-per-hour", type=float, default=0.0, metavar="USD")
+    p.add_argument("--max-price-per-hour", type=_usd, default=0.0, metavar="USD",
+                   help="no instance dearer than this (default: no limit)")
     return parser
 
 
@@ -193,13 +213,23 @@ COMMANDS: dict[str, Command] = {
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # A combination refused is the subcommand's usage error: its usage is printed, not the top level's.
+    sub = _subparser(parser, args.command)
     if args.command in ("run", "submit") and args.worker_ref and not args.worker_repo:
-        parser.error("--worker-ref needs --worker-repo")
+        sub.error("--worker-ref needs --worker-repo")
     if args.command in ("run", "submit") and args.no_spot and args.no_on_demand_fallback:
-        parser.error("--no-spot and --no-on-demand-fallback together allow nothing to run on")
+        sub.error("--no-spot and --no-on-demand-fallback together allow nothing to run on")
     if args.command == "results" and args.follow and args.top is not None:
-        parser.error("--top and --follow cannot be combined (--top is newest first, --follow in task order)")
+        sub.error("--top and --follow cannot be combined (--top is newest first, --follow in task order)")
     return args
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._subparsers._group_actions if parser._subparsers else ():  # argparse has no public way
+        if isinstance(action, argparse._SubParsersAction):
+            found: argparse.ArgumentParser = action.choices[command]
+            return found
+    return parser
 
 
 async def cmd_check(ctx: Ctx, args: argparse.Namespace) -> int:
