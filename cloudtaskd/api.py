@@ -155,6 +155,7 @@ class ControlApi:
             web.get("/v1/jobs/{job}", self.get_job),
             web.post("/v1/jobs/{job}/tasks", self.upload_tasks),
             web.post("/v1/jobs/{job}/cancel", self.cancel_job),
+            web.delete("/v1/jobs/{job}", self.withdraw_job),
             web.post("/v1/jobs/{job}/retry", self.retry_job),
             web.post("/v1/jobs/{job}/resume", self.resume_job),
             web.get("/v1/jobs/{job}/tasks", self.list_tasks),
@@ -354,6 +355,16 @@ class ControlApi:
         self.dispatcher.revoke(leased)
         log.info("job_cancelled", job=job_id, revoked=len(leased))
         return web.json_response(await self._job(job_id))
+
+    async def withdraw_job(self, request: web.Request) -> web.Response:
+        """A submission whose tasks were refused: the empty job goes, rather than stay as `cancelled 0/0`."""
+        job_id = _job_id(request)
+        async with self._upload_locks.setdefault(job_id, asyncio.Lock()):  # not while an upload stages
+            await self.store.write(queue.withdraw_job, job_id)
+        self._upload_locks.pop(job_id, None)
+        self._recent.pop(job_id, None)
+        log.info("job_withdrawn", job=job_id)
+        return web.json_response({"withdrawn": job_id})
 
     async def resume_job(self, request: web.Request) -> web.Response:
         """A job paused at its max_total_cost goes on, with a new cap when one is given."""

@@ -572,6 +572,23 @@ def retry_job(tx: Tx, job_id: int) -> int:
     return len(rows)
 
 
+def withdraw_job(tx: Tx, job_id: int) -> None:
+    """Remove a job that never held a task (its only upload was refused), with its events: a refused
+    submission leaves nothing behind. A job that holds or is receiving tasks is refused."""
+    row = tx.db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        raise no_job(job_id)
+    if tx.db.execute("SELECT 1 FROM tasks WHERE job_id = ? LIMIT 1", (job_id,)).fetchone() is not None:
+        raise BadInput(f"job {job_id} holds tasks: only a job that never received any can be withdrawn"
+                       " (cancel it instead)")
+    if tx.db.execute("SELECT 1 FROM uploads WHERE job_id = ? AND state IN ('staging', 'committing')",
+                     (job_id,)).fetchone() is not None:
+        raise BadInput(f"job {job_id} is receiving tasks: it cannot be withdrawn now")
+    tx.db.execute("DELETE FROM uploads WHERE job_id = ?", (job_id,))
+    tx.db.execute("DELETE FROM events WHERE job_id = ?", (job_id,))
+    tx.db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
+
 def check_counters(db: sqlite3.Connection) -> list[str]:
     """Compare every job's counters with the truth in tasks; returns the mismatches (empty = good)."""
     problems = []

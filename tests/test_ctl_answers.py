@@ -110,3 +110,19 @@ async def test_tasks_pages_and_says_when_there_is_more(daemon: tuple[Daemon, Uni
     listing = json.loads(out)
     assert (status, err, listing["next"]) == (0, "", None)
     assert [t["id"] for t in listing["tasks"]] == [f"t{i}" for i in range(250)]
+
+
+async def test_a_refused_upload_leaves_no_job_behind(daemon: tuple[Daemon, UnixApi], tmp_path: Path) -> None:
+    d, api = daemon
+    tasks = tmp_path / "bad.jsonl"
+    tasks.write_text('{"id": "a", "data": 1}\n{"data": 2}\n')
+    status, out, err = await ctl(d, "submit", "--tasks", str(tasks), "--worker", str(ROOT / "examples" / "worker"))
+    assert (status, out) == (2, "") and 'bad.jsonl:2: missing "id"' in err
+    assert (await ctl(d, "status"))[1] == "no jobs\n"  # not a `cancelled 0/0` job
+    _, events = await api.request("GET", "/v1/events?tail=1000")
+    assert [e for e in events["events"] if e.get("job_id") is not None] == []
+    # Only a job that never held a task can go: a real one is refused, and kept.
+    job_id = await submit(d, tmp_path, 1)
+    code, body = await api.request("DELETE", f"/v1/jobs/{job_id}")
+    assert code == 400 and "holds tasks" in body["error"]["message"]
+    assert (await ctl(d, "status", str(job_id)))[0] == 0

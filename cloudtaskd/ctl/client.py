@@ -258,6 +258,10 @@ class ApiClient:
         result: dict[str, Any] = await self._call("POST", f"/v1/jobs/{job_id}/cancel")
         return result
 
+    async def withdraw_job(self, job_id: int) -> None:
+        """Remove a job that never received a task (the daemon refuses any other)."""
+        await self._call("DELETE", f"/v1/jobs/{job_id}")
+
     async def resume_job(self, job_id: int, *, max_total_cost: float | None = None) -> dict[str, Any]:
         body = {"max_total_cost": max_total_cost} if max_total_cost is not None else {}
         result: dict[str, Any] = await self._call("POST", f"/v1/jobs/{job_id}/resume", json=body)
