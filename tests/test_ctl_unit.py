@@ -3,6 +3,7 @@ client against a small aiohttp server on a unix socket started by each test."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import io
 import json
@@ -309,6 +310,7 @@ class FakeDaemon:
             web.get("/v1/jobs/{job}", self.get_job),
             web.post("/v1/jobs/{job}/tasks", self.upload),
             web.post("/v1/jobs/{job}/cancel", self.cancel),
+            web.post("/v1/jobs/{job}/resume", self.resume),
             web.get("/v1/jobs/{job}/results", self.results),
         ]
 
@@ -362,6 +364,10 @@ class FakeDaemon:
             return _err(409, "CloudtaskError", "job 2 is busy")
         self.cancelled.append(job_id)
         return web.json_response(self._job())
+
+    async def resume(self, request: web.Request) -> web.Response:
+        return _err(400, "BadInput", "max_total_cost: $0.5000 is not above the $0.7500 already spent",
+                    field="max_total_cost")
 
     async def results(self, request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
@@ -542,3 +548,12 @@ def test_logs_are_json_lines(restore_logging: None) -> None:
     assert first["timestamp"].endswith("Z")
     assert second["event"] == "stdlib too" and second["logger"] == "aiohttp.server"
 
+
+
+async def test_a_refusal_the_daemon_names_by_field_names_the_flag(fake: tuple[FakeDaemon, Path]) -> None:
+    _, sock = fake
+    out, err = io.StringIO(), io.StringIO()
+    status = await asyncio.to_thread(main, ["resume", "1", "--max-total-cost", "0.5", "--socket", str(sock)],
+                                     out=out, err=err)
+    assert status == 2
+    assert err.getvalue() == "cloudtaskctl: --max-total-cost: $0.5000 is not above the $0.7500 already spent\n"

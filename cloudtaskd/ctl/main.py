@@ -41,6 +41,27 @@ EXIT_STATUSES = """exit status:
   4    no instance could start for the job: it was paused with the reason
   130  interrupted"""
 
+# The API names its fields; a person typed flags. A refusal the daemon names by field (one the
+# flag's own check cannot see: a cap below what is already spent) is reported under the flag.
+FLAG_FOR_FIELD = {
+    "max_instances": "--max-instances", "max_attempts": "--max-attempts", "max_total_cost": "--max-total-cost",
+    "policy.providers": "--providers", "policy.regions": "--regions",
+    "policy.max_price_per_hour": "--max-price-per-hour", "max_price_per_hour": "--max-price-per-hour",
+    "cpus_per_task": "--cpus-per-task", "memory_per_task": "--memory-per-task", "gpus_per_task": "--gpus-per-task",
+    "state": "--state", "limit": "--limit", "after": "--after", "top": "--top", "name": "--name",
+}
+
+
+def _as_flag(exc: BadInput) -> str:
+    text = str(exc)
+    flag = FLAG_FOR_FIELD.get(exc.field or "")
+    if flag is not None:
+        for prefix in (f"{exc.field}: ", f"query parameter {exc.field} "):
+            if text.startswith(prefix):
+                return f"{flag}: {text[len(prefix):]}"
+    return text
+
+
 Command = Callable[[Ctx, ApiClient, argparse.Namespace], Awaitable[int]]
 
 
@@ -294,7 +315,9 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None, err: TextI
         if err.isatty():
             err.write("\n")  # end a progress line the interrupt left behind
         return EXIT_INTERRUPTED
-    except (BadInput, ConfigError, WorkerSpecError, NotFound) as exc:
+    except BadInput as exc:
+        return fail(EXIT_BAD_INPUT, _as_flag(exc))
+    except (ConfigError, WorkerSpecError, NotFound) as exc:
         return fail(EXIT_BAD_INPUT, str(exc))
     except DaemonUnavailable as exc:
         return fail(EXIT_FAILED, f"{exc}\n  start it (`cloudtaskd --config FILE`), point at it with --socket or "
