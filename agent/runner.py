@@ -2,7 +2,8 @@
 
 - command: one `/bin/sh -c <command>` process per task. stdin gets `{"id", "data"}` then EOF; all of stdout
   is the JSON result (empty = null). Exit 0 = success, exit `PERMANENT_FAILURE_EXIT_CODE` = permanent
-  failure, any other exit or a signal = retryable failure.
+  failure, and so are the shell's 126 and 127 (cannot execute, not found); any other exit or a signal =
+  retryable failure.
 - stream: one long-lived `/bin/sh -c <command>` process per slot, started lazily and restarted when it dies
   or breaks the protocol. One JSON line in per task (`{"id", "data"}`), one JSON line out:
   `{"id", "result"}` or `{"id", "error", "retryable"}` (retryable defaults to true).
@@ -184,8 +185,11 @@ class _Child:
                     f"{self._kill_hint(code - 128)}")
         else:
             what = f"exited with code {code}"
+        return f"{what}{self.stderr_tail()}"
+
+    def stderr_tail(self) -> str:
         tail = self.stderr.text()
-        return f"{what}; stderr tail:\n{tail}" if tail else f"{what} (stderr empty)"
+        return f"; stderr tail:\n{tail}" if tail else " (stderr empty)"
 
     def _kill_hint(self, number: int) -> str:
         if number == signal.SIGKILL and not self.killed_by_agent:
@@ -195,6 +199,10 @@ class _Child:
     def out_of_memory(self) -> bool:
         """Its stderr reports a failed allocation."""
         return _OUT_OF_MEMORY.search(self.stderr.text()) is not None
+
+
+# The shell's own exit codes (POSIX): 127 the command was not found, 126 it could not be executed.
+_SHELL_CANNOT_RUN = {127: "worker command not found", 126: "worker command cannot be executed"}
 
 
 def _signal_name(number: int) -> str:
@@ -710,9 +718,15 @@ class Runner:
                 return Outcome(True, jsonx.loads(out), None, True, perf_counter() - started)
             except ValueError:
                 return _failure(f"worker exited 0 but its stdout is not JSON (write logs to stderr); stdout "
-                                f"starts with {_preview(out)}; {child.describe()}", started)
+                                f"starts with {_preview(out)}{child.stderr_tail()}", started)
         if code == PERMANENT_FAILURE_EXIT_CODE:
             return _failure(f"permanent failure: worker {child.describe()}", started, retryable=False)
+        if code in _SHELL_CANNOT_RUN:
+            # The shell could not find or execute the command: the same on every attempt and every
+            # instance, so retrying only delays the answer.
+            return _failure(f"{_SHELL_CANNOT_RUN[code]}, not retried: fix `command` in cloudtask.yaml (or the"
+                            f" worker's files), then retry the job; the worker {child.describe()}", started,
+                            retryable=False)
         if self._out_of_memory(child):
             return self._memory_failure(child, started)
         return _failure(f"worker {child.describe()}", started)

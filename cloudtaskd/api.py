@@ -30,6 +30,7 @@ from cloudtaskd.errors import (
     StoreError,
     StoreFull,
     TransitionError,
+    no_job,
 )
 from cloudtaskd.feeds import FOLLOWERS_MAX, RESULT_COLUMNS, ReadGate, ResultFeeds, result_line, task_dict
 from cloudtaskd.hub import token_hash
@@ -154,6 +155,7 @@ class ControlApi:
             web.get("/v1/jobs/{job}", self.get_job),
             web.post("/v1/jobs/{job}/tasks", self.upload_tasks),
             web.post("/v1/jobs/{job}/cancel", self.cancel_job),
+            web.delete("/v1/jobs/{job}", self.withdraw_job),
             web.post("/v1/jobs/{job}/retry", self.retry_job),
             web.post("/v1/jobs/{job}/resume", self.resume_job),
             web.get("/v1/jobs/{job}/tasks", self.list_tasks),
@@ -191,7 +193,8 @@ class ControlApi:
         if not isinstance(digest, str):
             raise BadInput("worker: expected the digest returned by POST /v1/workers", field="worker")
         opts: dict[str, Any] = {}
-        for key, lo, hi in (("max_instances", 0, 100_000), ("max_attempts", 1, 100)):
+        # max_instances 0 once meant "no limit" (as absent does) and ran the job anyway: refused now.
+        for key, lo, hi in (("max_instances", 1, 100_000), ("max_attempts", 1, 100)):
             value = body.get(key)
             if value is not None and (type(value) is not int or not lo <= value <= hi):
                 raise BadInput(f"{key}: expected an integer between {lo} and {hi}", field=key)
@@ -210,13 +213,14 @@ class ControlApi:
 
     def _read_job(self, db: sqlite3.Connection, row: sqlite3.Row, instances: int, now: float) -> dict[str, Any]:
         """A job object from its row: counters, not counts (a primary-key read). Its rate counts the
-        tasks finished in the last RATE_WINDOW_S through an index; that is kept for RATE_CACHE_S per
+        tasks finished in the last RATE_WINDOW_S through an index (work done: succeeded or dead, never
+        a cancellation, which would make a cancelled job look fast); that is kept for RATE_CACHE_S per
         job, so a hundred clients polling a job cost one such count a second, not a hundred."""
         job_id = row["id"]
         cached = self._recent.get(job_id)
         if cached is None or now - cached[0] >= RATE_CACHE_S:
-            n, first = db.execute("SELECT count(*), min(finished_at) FROM tasks WHERE job_id = ? AND finished_at >= ?",
-                                  (job_id, now - RATE_WINDOW_S)).fetchone()
+            n, first = db.execute("SELECT count(*), min(finished_at) FROM tasks WHERE job_id = ? AND finished_at >= ?"
+                                  " AND state IN ('succeeded', 'dead')", (job_id, now - RATE_WINDOW_S)).fetchone()
             if len(self._recent) >= RATE_CACHE_JOBS:
                 self._recent = {k: v for k, v in self._recent.items() if now - v[0] < RATE_CACHE_S}
             cached = self._recent[job_id] = (now, n, first)
@@ -239,7 +243,7 @@ class ControlApi:
 
         job = await self.reads.read(read)
         if job is None:
-            raise NotFound(f"job {job_id} does not exist")
+            raise no_job(job_id)
         return job
 
     async def list_jobs(self, request: web.Request) -> web.Response:
@@ -267,7 +271,7 @@ class ControlApi:
             job = await self.reads.read(lambda db: db.execute(
                 "SELECT id, pool_id, max_attempts, timeout_s, state FROM jobs WHERE id = ?", (job_id,)).fetchone())
             if job is None:
-                raise NotFound(f"job {job_id} does not exist")
+                raise no_job(job_id)
             job = dict(job)
             upload_id = await self.store.write(queue.create_upload, job_id)
             try:
@@ -352,6 +356,16 @@ class ControlApi:
         log.info("job_cancelled", job=job_id, revoked=len(leased))
         return web.json_response(await self._job(job_id))
 
+    async def withdraw_job(self, request: web.Request) -> web.Response:
+        """A submission whose tasks were refused: the empty job goes, rather than stay as `cancelled 0/0`."""
+        job_id = _job_id(request)
+        async with self._upload_locks.setdefault(job_id, asyncio.Lock()):  # not while an upload stages
+            await self.store.write(queue.withdraw_job, job_id)
+        self._upload_locks.pop(job_id, None)
+        self._recent.pop(job_id, None)
+        log.info("job_withdrawn", job=job_id)
+        return web.json_response({"withdrawn": job_id})
+
     async def resume_job(self, request: web.Request) -> web.Response:
         """A job paused at its max_total_cost goes on, with a new cap when one is given."""
         job_id = _job_id(request)
@@ -381,9 +395,16 @@ class ControlApi:
         after = _int_param(request, "after", 0) or 0
         sql = ("SELECT * FROM tasks WHERE job_id = ? AND id > ?" + (" AND state = ?" if state else "")
                + " ORDER BY id LIMIT ?")
-        params: tuple[Any, ...] = (job_id, after, state, limit) if state else (job_id, after, limit)
+        # One row past the page: whether there is more, without a count over the whole job.
+        params: tuple[Any, ...] = (job_id, after, state, limit + 1) if state else (job_id, after, limit + 1)
         rows = await self.reads.fetchall(sql, params)
-        return web.json_response({"tasks": [task_dict(r, full=True) for r in rows]})
+        if not rows and await self.reads.fetchone("SELECT 1 FROM jobs WHERE id = ?", (job_id,)) is None:
+            raise no_job(job_id)  # not an empty list: the job itself is missing
+        more = len(rows) > limit
+        rows = rows[:limit]
+        # `next`: the `after` for the following page, null on the last one.
+        return web.json_response({"tasks": [task_dict(r, full=True) for r in rows],
+                                  "next": rows[-1]["id"] if more else None})
 
     async def results(self, request: web.Request) -> web.StreamResponse:
         job_id = _job_id(request)
@@ -395,7 +416,7 @@ class ControlApi:
             raise BadInput("follow and top cannot be combined: top is newest first, follow in finishing order",
                            field="top")
         if await self.reads.fetchone("SELECT 1 FROM jobs WHERE id = ?", (job_id,)) is None:
-            raise NotFound(f"job {job_id} does not exist")
+            raise no_job(job_id)
         if follow and self.feeds.followers >= FOLLOWERS_MAX:
             raise Busy(f"cloudtaskd is busy ({self.feeds.followers} results streams followed)")
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
@@ -498,7 +519,7 @@ class ControlApi:
         job_id, now = _job_id(request), time.time()
         found = await self.reads.read(lambda db: costs.job(db, job_id, now))
         if found is None:
-            raise NotFound(f"no job {job_id}")
+            raise no_job(job_id)
         return web.json_response(found)
 
     # ---- catalog and prices ----
@@ -611,10 +632,17 @@ def _job_dict(row: sqlite3.Row, recent: tuple[int, float | None], instances: int
     counts = {c: row[f"n_{c}"] for c in JOB_COLUMNS}
     counts["total"] = sum(counts.values())
     done = counts["total"] > 0 and counts["staged"] + counts["queued"] + counts["leased"] + counts["failed"] == 0
+    # What happened, once it is over: a cancelled or failed job must not read as merely `done`.
+    outcome: str | None = None
+    if row["state"] == "cancelled" and (done or not counts["total"]):
+        outcome = "cancelled"
+    elif done:
+        outcome = ("succeeded" if counts["succeeded"] == counts["total"]
+                   else "failed" if counts["dead"] else "cancelled")
     n_recent, first = recent[0], recent[1]
     span = max(1.0, now - first) if n_recent and first else RATE_WINDOW_S
     return {
-        "id": row["id"], "name": row["name"], "state": row["state"], "done": done,
+        "id": row["id"], "name": row["name"], "state": row["state"], "done": done, "outcome": outcome,
         "created_at": row["created_at"], "finished_at": row["finished_at"], "worker": row["digest"],
         "counts": counts, "rate_per_s": round(n_recent / min(span, RATE_WINDOW_S), 2) if n_recent else 0.0,
         "instances": instances, "max_attempts": row["max_attempts"], "timeout_s": row["timeout_s"],

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
-from cloudtaskd.errors import BadInput, CloudtaskError, NotFound
+from cloudtaskd.errors import BadInput, CloudtaskError, no_job
 from cloudtaskd.store import Tx
 
 HOUR = 3600.0
@@ -100,7 +100,7 @@ def resume(tx: Tx, job_id: int, max_total_cost: float | None) -> None:
     row = tx.db.execute("SELECT state, pool_id, created_at, max_total_cost FROM jobs WHERE id = ?",
                         (job_id,)).fetchone()
     if row is None:
-        raise NotFound(f"job {job_id} does not exist")
+        raise no_job(job_id)
     state, pool_id, created_at, old_cap = row
     if state != "paused":
         raise CloudtaskError(f"job {job_id} is {state}, not paused")  # 409

@@ -63,6 +63,11 @@ class NotFound(CloudtaskError):
     """No such job, task or instance."""
 
 
+def no_job(job_id: int) -> NotFound:
+    """The one answer for a job id that names no job, whichever command asked."""
+    return NotFound(f"no job {job_id}")
+
+
 class StoreError(CloudtaskError):
     """The state database failed (disk full, corrupt, locked)."""
 

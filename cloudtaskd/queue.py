@@ -20,7 +20,7 @@ from typing import Any
 
 from agent import jsonx
 from agent.protocol import Failure, LeaseRef, Success
-from cloudtaskd.errors import BadInput, NotFound, TransitionError
+from cloudtaskd.errors import BadInput, TransitionError, no_job
 from cloudtaskd.states import TaskEvent as E
 from cloudtaskd.states import TaskState as S
 from cloudtaskd.store import Store, Tx, bulk, task_edge
@@ -57,7 +57,7 @@ def _ids_json(ids: list[int]) -> str:
 def create_upload(tx: Tx, job_id: int) -> int:
     row = tx.db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
     if row is None:
-        raise NotFound(f"job {job_id} does not exist")
+        raise no_job(job_id)
     if row[0] != "active":
         raise BadInput(f"job {job_id} is {row[0]}; tasks can only be added to an active job")
     cur = tx.db.execute(
@@ -548,7 +548,7 @@ def cancel_job(tx: Tx, job_id: int) -> list[tuple[int, str | None]]:
     """Cancel every unfinished task of a job. Returns the (task, instance) leases to revoke."""
     row = tx.db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
     if row is None:
-        raise NotFound(f"job {job_id} does not exist")
+        raise no_job(job_id)
     rows = tx.db.execute(
         "SELECT id, state, instance_id FROM tasks WHERE job_id = ? AND state IN ('queued', 'leased', 'failed')",
         (job_id,),
@@ -570,7 +570,7 @@ def retry_job(tx: Tx, job_id: int) -> int:
     """Queue dead and cancelled tasks again with a fresh failure count. Returns how many."""
     row = tx.db.execute("SELECT pool_id FROM jobs WHERE id = ?", (job_id,)).fetchone()
     if row is None:
-        raise NotFound(f"job {job_id} does not exist")
+        raise no_job(job_id)
     rows = tx.db.execute(
         "UPDATE tasks SET state = 'queued', failures = 0, finished_at = NULL, error = NULL, run_at = NULL"
         " WHERE job_id = ? AND state IN ('dead', 'cancelled') RETURNING id",
@@ -584,6 +584,23 @@ def retry_job(tx: Tx, job_id: int) -> int:
     tx.db.execute("UPDATE jobs SET state = 'active', finished_at = NULL WHERE id = ?", (job_id,))
     tx.event(E.RETRY_REQUESTED.value, job_id=job_id, detail=jsonx.dumps({"tasks": len(rows)}))
     return len(rows)
+
+
+def withdraw_job(tx: Tx, job_id: int) -> None:
+    """Remove a job that never held a task (its only upload was refused), with its events: a refused
+    submission leaves nothing behind. A job that holds or is receiving tasks is refused."""
+    row = tx.db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        raise no_job(job_id)
+    if tx.db.execute("SELECT 1 FROM tasks WHERE job_id = ? LIMIT 1", (job_id,)).fetchone() is not None:
+        raise BadInput(f"job {job_id} holds tasks: only a job that never received any can be withdrawn"
+                       " (cancel it instead)")
+    if tx.db.execute("SELECT 1 FROM uploads WHERE job_id = ? AND state IN ('staging', 'committing')",
+                     (job_id,)).fetchone() is not None:
+        raise BadInput(f"job {job_id} is receiving tasks: it cannot be withdrawn now")
+    tx.db.execute("DELETE FROM uploads WHERE job_id = ?", (job_id,))
+    tx.db.execute("DELETE FROM events WHERE job_id = ?", (job_id,))
+    tx.db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
 
 
 def check_counters(db: sqlite3.Connection) -> list[str]:

@@ -3,6 +3,7 @@ client against a small aiohttp server on a unix socket started by each test."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import io
 import json
@@ -63,7 +64,9 @@ def test_progress_counts_rate_and_eta() -> None:
     j = job(succeeded=397, dead=3, leased=8, queued=530, staged=9, failed=53)
     j.update(rate_per_s=10.0, instances=2)
     line = format_progress(j, 160)
-    for part in ("40.0%", "400/1000", "dead 3", "running 8", "queued 539", "retrying 53", "10.0/s",
+    # Leased, not running: on one 4-slot instance 8 leases are 4 running and 4 held ready.
+    assert "running" not in line and "lsd" not in line
+    for part in ("40.0%", "400/1000", "dead 3", "leased 8", "queued 539", "retrying 53", "10.0/s",
                  "ETA 1:00", "instances 2"):
         assert part in line, (part, line)
     assert len(line) == 160
@@ -226,6 +229,27 @@ def test_argument_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[s
     assert "usage: cloudtaskctl" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("argv", "usage", "error"), [
+    # The flag and what was typed, not the API's field and the float sent (`cpus_per_task: ... got '0.0'`).
+    (["prices", "--cpus-per-task", "0"], "cloudtaskctl prices",
+     "argument --cpus-per-task: expected a number of at least 0.01, got '0'"),
+    (["prices", "--max-price-per-hour", "-1"], "cloudtaskctl prices",
+     "argument --max-price-per-hour: expected a number in ASCII digits (like 0.5), got '-1'"),
+    (["run", "--tasks", "t", "--worker", "w", "--max-total-cost", "0"], "cloudtaskctl run",
+     "argument --max-total-cost: expected a number above 0, got '0'"),
+    (["resume", "1", "--max-total-cost", "nan"], "cloudtaskctl resume", "argument --max-total-cost: expected a number"),
+    # A refused combination prints the subcommand's usage, not the top level's.
+    (["results", "1", "--top", "3", "--follow"], "cloudtaskctl results", "--top and --follow cannot be combined"),
+    (["submit", "--tasks", "t", "--worker", "w", "--no-spot", "--no-on-demand-fallback"], "cloudtaskctl submit",
+     "--no-spot and --no-on-demand-fallback together allow nothing"),
+])
+def test_argument_errors_name_the_flag_under_the_subcommands_usage(argv: list[str], usage: str, error: str,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: {usage} ") and f"{usage}: error: {error}" in err, err
+
+
 def test_global_options_before_or_after_the_command() -> None:
     args = _parse(["--socket", "/s", "status", "--json"])
     assert (args.socket, args.json, args.config, args.job) == ("/s", True, None, None)
@@ -286,6 +310,7 @@ class FakeDaemon:
             web.get("/v1/jobs/{job}", self.get_job),
             web.post("/v1/jobs/{job}/tasks", self.upload),
             web.post("/v1/jobs/{job}/cancel", self.cancel),
+            web.post("/v1/jobs/{job}/resume", self.resume),
             web.get("/v1/jobs/{job}/results", self.results),
         ]
 
@@ -339,6 +364,10 @@ class FakeDaemon:
             return _err(409, "CloudtaskError", "job 2 is busy")
         self.cancelled.append(job_id)
         return web.json_response(self._job())
+
+    async def resume(self, request: web.Request) -> web.Response:
+        return _err(400, "BadInput", "max_total_cost: $0.5000 is not above the $0.7500 already spent",
+                    field="max_total_cost")
 
     async def results(self, request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
@@ -519,3 +548,12 @@ def test_logs_are_json_lines(restore_logging: None) -> None:
     assert first["timestamp"].endswith("Z")
     assert second["event"] == "stdlib too" and second["logger"] == "aiohttp.server"
 
+
+
+async def test_a_refusal_the_daemon_names_by_field_names_the_flag(fake: tuple[FakeDaemon, Path]) -> None:
+    _, sock = fake
+    out, err = io.StringIO(), io.StringIO()
+    status = await asyncio.to_thread(main, ["resume", "1", "--max-total-cost", "0.5", "--socket", str(sock)],
+                                     out=out, err=err)
+    assert status == 2
+    assert err.getvalue() == "cloudtaskctl: --max-total-cost: $0.5000 is not above the $0.7500 already spent\n"

@@ -117,6 +117,21 @@ async def test_retry_then_dead_and_permanent_failures(daemon: Any) -> None:
     assert res["flaky"]["status"] == "dead" and res["flaky"]["attempts"] == 2 and "flaky" in res["flaky"]["error"]
 
 
+@pytest.mark.parametrize(("files", "error"), [
+    ({"cloudtask.yaml": "mode: command\ncommand: ./no-such-program\n"}, "worker command not found, not retried"),
+    ({"cloudtask.yaml": "mode: command\ncommand: ./prog\n", "prog": "#!/bin/sh\necho {}\n"},
+     "worker command cannot be executed, not retried"),
+], ids=["127", "126"])
+async def test_a_command_the_shell_cannot_run_is_dead_after_one_attempt(daemon: Any, files: dict[str, str],
+                                                                         error: str) -> None:
+    _, api = daemon
+    job_id = await submit(api, files, jsonl([{"id": "t", "data": {}}]))
+    job = await wait_for(lambda: finished(api, job_id), message="job done")
+    assert job["outcome"] == "failed"
+    res = (await results(api, job_id))["t"]
+    assert res["status"] == "dead" and res["attempts"] == 1 and str(res["error"]).startswith(error)
+
+
 async def test_per_task_timeout(daemon: Any) -> None:
     _, api = daemon
     tasks = [{"id": "slow", "data": {"n": 1, "sleep": 30}, "timeout": 0.3, "max_attempts": 1},

@@ -1125,7 +1125,7 @@ def json_bodies(draw: st.DrawFn, t: ApiTarget) -> tuple[str, dict[str, Any], set
     kind = draw(st.sampled_from(["job", "instance", "resume"]))
     if kind == "job":
         body = {"worker": draw(digest), **draw(opt(
-            name=str_values(200, clean), max_instances=int_values(None, 0, 100_000, clean),
+            name=str_values(200, clean), max_instances=int_values(None, 1, 100_000, clean),
             max_attempts=int_values(None, 1, 100, clean), timeout_s=money, policy=policy, max_total_cost=money))}
         return "/v1/jobs", body, {"name", "worker", "max_instances", "max_attempts", "timeout_s", "max_total_cost",
                                   "policy"}

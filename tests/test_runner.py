@@ -167,6 +167,7 @@ async def test_command_non_json_stdout(cmd: Runner) -> None:
     error = failed(await cmd.run(0, "t", {"op": "garbage"}, 10), retryable=True)
     assert "not JSON" in error
     assert "hello, this is not JSON" in error
+    assert "exited with code 0" not in error  # "worker exited 0" says it once
 
 
 async def test_command_killed_by_signal(cmd: Runner) -> None:
@@ -237,11 +238,21 @@ async def test_command_cancelled_run_kills_the_group(cmd: Runner, tmp_path: Path
     assert (await cmd.run(0, "after", {}, 10)).ok
 
 
-async def test_command_missing_program() -> None:
+async def test_command_missing_program_fails_for_good() -> None:
+    # The shell's 127: no attempt on any instance will find it.
     r = Runner(WorkerSpec(mode="command", command="./no-such-program"), CMD_DIR, 1)
-    error = failed(await r.run(0, "t", {}, 10), retryable=True)
+    error = failed(await r.run(0, "t", {}, 10), retryable=False)
+    assert error.startswith("worker command not found, not retried")
     assert "exited with code 127" in error
     assert "no-such-program" in error
+
+
+async def test_command_not_executable_fails_for_good(tmp_path: Path) -> None:
+    (tmp_path / "prog").write_text("#!/bin/sh\necho hi\n")  # no execute bit: the shell's 126
+    r = Runner(WorkerSpec(mode="command", command="./prog"), tmp_path, 1)
+    error = failed(await r.run(0, "t", {}, 10), retryable=False)
+    assert error.startswith("worker command cannot be executed, not retried")
+    assert "exited with code 126" in error
 
 
 async def test_command_task_id_with_nul_fails_for_good(cmd: Runner) -> None:

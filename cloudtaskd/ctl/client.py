@@ -258,6 +258,10 @@ class ApiClient:
         result: dict[str, Any] = await self._call("POST", f"/v1/jobs/{job_id}/cancel")
         return result
 
+    async def withdraw_job(self, job_id: int) -> None:
+        """Remove a job that never received a task (the daemon refuses any other)."""
+        await self._call("DELETE", f"/v1/jobs/{job_id}")
+
     async def resume_job(self, job_id: int, *, max_total_cost: float | None = None) -> dict[str, Any]:
         body = {"max_total_cost": max_total_cost} if max_total_cost is not None else {}
         result: dict[str, Any] = await self._call("POST", f"/v1/jobs/{job_id}/resume", json=body)
@@ -268,11 +272,13 @@ class ApiClient:
         return result
 
     async def list_tasks(self, job_id: int, *, state: str | None = None, limit: int | None = None,
-                         after: int | None = None) -> list[dict[str, Any]]:
+                         after: int | None = None) -> tuple[list[dict[str, Any]], int | None]:
+        """One page of a job's tasks, and the `after` of the next page (None: this was the last)."""
         params = {k: str(v) for k, v in (("state", state), ("limit", limit), ("after", after)) if v is not None}
         result = await self._call("GET", f"/v1/jobs/{job_id}/tasks", params=params)
         tasks: list[dict[str, Any]] = result["tasks"]
-        return tasks
+        following = result.get("next")
+        return tasks, int(following) if following is not None else None
 
     async def results(self, job_id: int, *, top: int | None = None,
                       after: int | None = None) -> AsyncIterator[dict[str, Any]]:

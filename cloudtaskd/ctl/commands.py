@@ -123,6 +123,18 @@ async def follow_job(api: ApiClient, job_id: int, display: ProgressDisplay | Non
         await asyncio.sleep(poll_s)
 
 
+def job_state(job: dict[str, Any]) -> str:
+    """What a person should read: the outcome once the job is over (succeeded, failed, cancelled),
+    else its state (active, paused, cancelled while its leases end)."""
+    return str(job.get("outcome") or job.get("state"))
+
+
+def outcome_counts(job: dict[str, Any]) -> str:
+    c = job["counts"]
+    return (f"{c.get('succeeded', 0)} succeeded, {c.get('dead', 0)} dead, {c.get('cancelled', 0)} cancelled"
+            f" of {c.get('total', 0)}")
+
+
 def _progress_key(job: dict[str, Any]) -> tuple[Any, ...]:
     return (job.get("state"), job.get("done"), tuple(sorted(job["counts"].items())), job.get("instances"))
 
@@ -130,13 +142,14 @@ def _progress_key(job: dict[str, Any]) -> tuple[Any, ...]:
 def _job_row(job: dict[str, Any]) -> list[Any]:
     c = job["counts"]
     finished = c.get("succeeded", 0) + c.get("dead", 0) + c.get("cancelled", 0)
-    state = "done" if job.get("done") else job.get("state")
-    return [job["id"], shorten(job.get("name"), 24), state, f"{finished}/{c.get('total', 0)}", c.get("succeeded", 0),
-            c.get("dead", 0), c.get("leased", 0), c.get("queued", 0) + c.get("staged", 0) + c.get("failed", 0),
+    return [job["id"], shorten(job.get("name"), 24), job_state(job), f"{finished}/{c.get('total', 0)}",
+            c.get("succeeded", 0), c.get("dead", 0), c.get("cancelled", 0), c.get("leased", 0),
+            c.get("queued", 0) + c.get("staged", 0) + c.get("failed", 0),
             format_rate(float(job.get("rate_per_s") or 0.0)), job.get("instances", 0), ago(job.get("created_at"))]
 
 
-JOB_HEADERS = ("ID", "NAME", "STATE", "FINISHED", "OK", "DEAD", "RUNNING", "WAITING", "RATE", "INSTANCES", "CREATED")
+JOB_HEADERS = ("ID", "NAME", "STATE", "FINISHED", "OK", "DEAD", "CANCELLED", "LEASED", "WAITING", "RATE", "INSTANCES",
+               "CREATED")
 
 
 async def cmd_status(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
@@ -153,9 +166,8 @@ async def cmd_status(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
     if ctx.json:
         ctx.emit_json(job)
     else:
-        state = "done" if job.get("done") else job.get("state")
-        ctx.say(printable(f"job {job['id']} {job.get('name')!r}: {state}, created {ago(job.get('created_at'))}, "
-                          f"worker {str(job.get('worker'))[:12]}"))
+        ctx.say(printable(f"job {job['id']} {job.get('name')!r}: {job_state(job)} ({outcome_counts(job)}), created"
+                          f" {ago(job.get('created_at'))}, worker {str(job.get('worker'))[:12]}"))
         ctx.say(format_progress(job, 100))
     return EXIT_OK
 
@@ -194,10 +206,17 @@ async def cmd_results(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int
     return EXIT_OK
 
 
+TASKS_PAGE = 10_000  # the API's largest page: what `tasks --all` reads at a time
+
+
 async def cmd_tasks(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
-    tasks = await api.list_tasks(args.job, state=args.state, limit=args.limit)
+    tasks, following = await api.list_tasks(args.job, state=args.state, after=args.after,
+                                            limit=TASKS_PAGE if args.all else args.limit)
+    while args.all and following is not None:
+        page, following = await api.list_tasks(args.job, state=args.state, after=following, limit=TASKS_PAGE)
+        tasks.extend(page)
     if ctx.json:
-        ctx.emit_json({"tasks": tasks})
+        ctx.emit_json({"tasks": tasks, "next": following})
     elif not tasks:
         ctx.say("no tasks" + (f" in state {args.state}" if args.state else ""))
     else:
@@ -207,6 +226,9 @@ async def cmd_tasks(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
                  "-" if t.get("duration_s") is None else f"{t['duration_s']:.2f}s",
                  shorten(t.get("error") if "error" in t else jsonx.dumps(t.get("result")), 50)] for t in tasks]
         ctx.say(table(("TASK", "ID", "STATE", "ATTEMPTS", "PRIORITY", "INSTANCE", "DURATION", "RESULT/ERROR"), rows))
+    if following is not None and not ctx.json:
+        # On stderr: the table stays data for a pipe, and the hint is still seen.
+        ctx.note(f"more tasks: the next page with --after {following}, or all of them with --all")
     return EXIT_OK
 
 

@@ -1,8 +1,9 @@
 """cloudtaskctl's entry point: arguments, config, and one place that turns errors into exit statuses.
 
-Exit statuses: 0 all succeeded / done, 1 a job ended with tasks that did not succeed, 2 bad input
-(arguments, config, worker, task file), 3 daemon unavailable or any other failure, 4 the job was
-paused because no instance can start for it (launches fail the same way every time), 130 interrupted.
+Exit statuses (EXIT_STATUSES, also in --help): 0 all succeeded / done, 1 a job ended with tasks that did
+not succeed, 2 bad input (arguments, config, worker, task file, a job or instance that does not exist),
+3 daemon unavailable or any other failure, 4 the job was paused because no instance can start for it
+(launches fail the same way every time), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -23,14 +24,43 @@ from cloudtaskd.ctl import commands
 from cloudtaskd.ctl.client import ApiClient
 from cloudtaskd.ctl.output import Ctx, printable
 from cloudtaskd.ctl.run import EXIT_INTERRUPTED, cmd_run, cmd_submit
-from cloudtaskd.errors import BadInput, CloudtaskError, ConfigError, DaemonUnavailable
-from cloudtaskd.params import whole_number
+from cloudtaskd.errors import BadInput, CloudtaskError, ConfigError, DaemonUnavailable, NotFound
+from cloudtaskd.params import decimal_number, whole_number
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 3
 EXIT_CHECK_FAILED = 1  # `check`: some check failed
 TASK_STATES = ("staged", "queued", "leased", "failed", "succeeded", "dead", "cancelled")
 DEFAULT_RESULTS = "results.jsonl"
+
+EXIT_STATUSES = """exit status:
+  0    done: every task succeeded (or the command did what it was asked)
+  1    the job ended with tasks that did not succeed (`check`: some check failed)
+  2    bad input: arguments, config, worker, task file, or a job or instance that does not exist
+  3    the daemon is unreachable, or any other failure
+  4    no instance could start for the job: it was paused with the reason
+  130  interrupted"""
+
+# The API names its fields; a person typed flags. A refusal the daemon names by field (one the
+# flag's own check cannot see: a cap below what is already spent) is reported under the flag.
+FLAG_FOR_FIELD = {
+    "max_instances": "--max-instances", "max_attempts": "--max-attempts", "max_total_cost": "--max-total-cost",
+    "policy.providers": "--providers", "policy.regions": "--regions",
+    "policy.max_price_per_hour": "--max-price-per-hour", "max_price_per_hour": "--max-price-per-hour",
+    "cpus_per_task": "--cpus-per-task", "memory_per_task": "--memory-per-task", "gpus_per_task": "--gpus-per-task",
+    "state": "--state", "limit": "--limit", "after": "--after", "top": "--top", "name": "--name",
+}
+
+
+def _as_flag(exc: BadInput) -> str:
+    text = str(exc)
+    flag = FLAG_FOR_FIELD.get(exc.field or "")
+    if flag is not None:
+        for prefix in (f"{exc.field}: ", f"query parameter {exc.field} "):
+            if text.startswith(prefix):
+                return f"{flag}: {text[len(prefix):]}"
+    return text
+
 
 Command = Callable[[Ctx, ApiClient, argparse.Namespace], Awaitable[int]]
 
@@ -51,6 +81,24 @@ def _int_in(lo: int, hi: int) -> Callable[[str], int]:
 
 
 _job_arg = _int_in(1, 2**63 - 1)
+
+
+def _number(*, lo: float = 0.0, above: bool = False) -> Callable[[str], float]:
+    # Checked here, as the daemon would, so the error names the flag and quotes what was typed
+    # (the daemon's named its query field and the float it was sent: `cpus_per_task: ... got '0.0'`).
+    def parse(raw: str) -> float:
+        value = decimal_number(raw)
+        if value is None or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected a number in ASCII digits (like 0.5), got {raw!r}")
+        if value < lo or (above and value == lo):
+            raise argparse.ArgumentTypeError(f"expected a number {'above' if above else 'of at least'} {lo:g},"
+                                             f" got {raw!r}")
+        return value
+
+    return parse
+
+
+_usd = _number(above=True)
 
 
 def _global_options(*, suppress: bool) -> argparse.ArgumentParser:
@@ -80,7 +128,8 @@ def _global_options(*, suppress: bool) -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     # The global options are accepted before and after the command (`cloudtaskctl status --json`).
     parser = argparse.ArgumentParser(prog="cloudtaskctl", parents=[_global_options(suppress=False)],
-                                     description="Run and inspect cloudtask jobs.")
+                                     description="Run and inspect cloudtask jobs.", epilog=EXIT_STATUSES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     common = _global_options(suppress=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -95,16 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
         worker.add_argument("--worker", metavar="DIR", help="worker directory holding cloudtask.yaml")
         worker.add_argument("--worker-repo", metavar="URL", help="git repository holding cloudtask.yaml")
         p.add_argument("--worker-ref", metavar="REF", help="branch or tag of --worker-repo")
-        p.add_argument("--max-instances", type=_int_in(0, 100_000), metavar="N")
-        p.add_argument("--max-attempts", type=_int_in(1, 100), metavar="N")
+        p.add_argument("--max-instances", type=_int_in(1, 100_000), metavar="N",
+                       help="at most N instances at once for this job, 1 to 100000 (default: no limit of its own;"
+                            " the config's scaling.max_instances applies to all jobs)")
+        p.add_argument("--max-attempts", type=_int_in(1, 100), metavar="N",
+                       help="attempts per task before it is dead (default: the config's queue.max_attempts)")
         p.add_argument("--name", help="job name (default: the task file's name)")
         p.add_argument("--providers", metavar="A,B", help="only these providers (e.g. aws,gcp)")
         p.add_argument("--regions", metavar="R1,R2", help="only these regions or zones")
         p.add_argument("--no-spot", action="store_true", help="on-demand instances only")
         p.add_argument("--no-on-demand-fallback", action="store_true",
                        help="spot only: wait for spot capacity rather than fall back to on-demand")
-        p.add_argument("--max-price-per-hour", type=float, metavar="USD", help="no instance dearer than this")
-        p.add_argument("--max-total-cost", type=float, metavar="USD",
+        p.add_argument("--max-price-per-hour", type=_usd, metavar="USD", help="no instance dearer than this")
+        p.add_argument("--max-total-cost", type=_usd, metavar="USD",
                        help="pause the job before its instances cost more than this")
         if name == "run":
             p.add_argument("--results", default=DEFAULT_RESULTS, metavar="FILE",
@@ -120,11 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("tasks", "list a job's tasks")
     p.add_argument("job", type=_job_arg, metavar="JOB")
     p.add_argument("--state", choices=TASK_STATES)
-    p.add_argument("--limit", type=_int_in(1, 10_000), default=100, metavar="N")
+    p.add_argument("--after", type=_int_in(0, 2**63 - 1), metavar="TASK",
+                   help="the tasks after this TASK number (the first column; a page's last)")
+    pages = p.add_mutually_exclusive_group()
+    pages.add_argument("--limit", type=_int_in(1, 10_000), default=100, metavar="N",
+                       help="at most N tasks (default: 100); when there are more, it says how to see them")
+    pages.add_argument("--all", action="store_true", help="every task, read page by page")
     add("retry", "queue a job's dead and cancelled tasks again").add_argument("job", type=_job_arg, metavar="JOB")
     p = add("resume", "let a job paused at its max_total_cost go on")
     p.add_argument("job", type=_job_arg, metavar="JOB")
-    p.add_argument("--max-total-cost", type=float, metavar="USD", help="the new cap (above what is spent)")
+    p.add_argument("--max-total-cost", type=_usd, metavar="USD", help="the new cap (above what is spent)")
     add("cancel", "cancel what is unfinished in a job").add_argument("job", type=_job_arg, metavar="JOB")
     p = add("instances", "list instances, or show one's bootstrap log")
     p.add_argument("--all", action="store_true", help="include stopped ones")
@@ -144,13 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_int_in(1, 10_000), default=50, metavar="N",
                    help="how many events to show before following (default: 50)")
     p = add("prices", "rank what the daemon would buy for tasks of this size, cheapest task-slot-hour first")
-    p.add_argument("--cpus-per-task", type=float, default=1.0, metavar="C")
+    p.add_argument("--cpus-per-task", type=_number(lo=0.01), default=1.0, metavar="C",
+                   help="CPUs each task needs, 0.01 or more (default: 1)")
     p.add_argument("--memory-per-task", type=_int_in(0, 10_000_000), default=0, metavar="MIB")
     p.add_argument("--gpus-per-task", type=_int_in(0, 64), default=0, metavar="N")
     market = p.add_mutually_exclusive_group()
     market.add_argument("--spot", dest="spot", action="store_true", default=None, help="spot offers only")
     market.add_argument("--on-demand", dest="spot", action="store_false", help="on-demand offers only")
-    p.add_argument("--max-price-per-hour", type=float, default=0.0, metavar="USD")
+    p.add_argument("--max-price-per-hour", type=_usd, default=0.0, metavar="USD",
+                   help="no instance dearer than this (default: no limit)")
     return parser
 
 
@@ -175,13 +234,23 @@ COMMANDS: dict[str, Command] = {
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # A combination refused is the subcommand's usage error: its usage is printed, not the top level's.
+    sub = _subparser(parser, args.command)
     if args.command in ("run", "submit") and args.worker_ref and not args.worker_repo:
-        parser.error("--worker-ref needs --worker-repo")
+        sub.error("--worker-ref needs --worker-repo")
     if args.command in ("run", "submit") and args.no_spot and args.no_on_demand_fallback:
-        parser.error("--no-spot and --no-on-demand-fallback together allow nothing to run on")
+        sub.error("--no-spot and --no-on-demand-fallback together allow nothing to run on")
     if args.command == "results" and args.follow and args.top is not None:
-        parser.error("--top and --follow cannot be combined (--top is newest first, --follow in task order)")
+        sub.error("--top and --follow cannot be combined (--top is newest first, --follow in task order)")
     return args
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._subparsers._group_actions if parser._subparsers else ():  # argparse has no public way
+        if isinstance(action, argparse._SubParsersAction):
+            found: argparse.ArgumentParser = action.choices[command]
+            return found
+    return parser
 
 
 async def cmd_check(ctx: Ctx, args: argparse.Namespace) -> int:
@@ -246,7 +315,9 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None, err: TextI
         if err.isatty():
             err.write("\n")  # end a progress line the interrupt left behind
         return EXIT_INTERRUPTED
-    except (BadInput, ConfigError, WorkerSpecError) as exc:
+    except BadInput as exc:
+        return fail(EXIT_BAD_INPUT, _as_flag(exc))
+    except (ConfigError, WorkerSpecError, NotFound) as exc:
         return fail(EXIT_BAD_INPUT, str(exc))
     except DaemonUnavailable as exc:
         return fail(EXIT_FAILED, f"{exc}\n  start it (`cloudtaskd --config FILE`), point at it with --socket or "

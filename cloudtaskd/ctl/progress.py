@@ -36,16 +36,18 @@ def format_rate(per_s: float) -> str:
     return f"{per_s:.2f}/s"
 
 
+# `leased`, not `running`: an agent holds up to `slots + prefetch` leases (twice its slots by default)
+# and the daemon cannot tell a running task from one held ready, so "running 8" on 4 slots was false.
 # Long labels when the bar can still get a useful width beside them, short ones on a narrow terminal.
-LONG_LABELS = {"sep": "  ", "dead": "dead ", "cancelled": "cancelled ", "running": "running ", "queued": "queued ",
+LONG_LABELS = {"sep": "  ", "dead": "dead ", "cancelled": "cancelled ", "leased": "leased ", "queued": "queued ",
                "retrying": "retrying ", "instances": "instances "}
-SHORT_LABELS = {"sep": " ", "dead": "dead ", "cancelled": "canc ", "running": "run ", "queued": "queue ",
+SHORT_LABELS = {"sep": " ", "dead": "dead ", "cancelled": "canc ", "leased": "lsd ", "queued": "queue ",
                 "retrying": "retry ", "instances": "inst "}
 COMFORTABLE_BAR_WIDTH = 20
 
 
 # What goes first when even the short line does not fit: the least useful at a glance.
-DROP_ORDER = ("instances", "rate", "retrying", "cancelled", "queued", "running", "dead")
+DROP_ORDER = ("instances", "rate", "retrying", "cancelled", "queued", "leased", "dead")
 
 
 def _segments(job: dict[str, Any], labels: dict[str, str]) -> tuple[list[tuple[str, str]], float]:
@@ -62,14 +64,15 @@ def _segments(job: dict[str, Any], labels: dict[str, str]) -> tuple[list[tuple[s
              ("dead", f"{labels['dead']}{dead}")]
     if cancelled:
         parts.append(("cancelled", f"{labels['cancelled']}{cancelled}"))
-    parts.append(("running", f"{labels['running']}{int(counts.get('leased', 0))}"))
+    parts.append(("leased", f"{labels['leased']}{int(counts.get('leased', 0))}"))
     parts.append(("queued", f"{labels['queued']}{int(counts.get('queued', 0)) + int(counts.get('staged', 0))}"))
     if counts.get("failed"):
         # `failed` tasks are waiting out a backoff before their retry: neither queued nor over.
         parts.append(("retrying", f"{labels['retrying']}{int(counts['failed'])}"))
     parts.append(("rate", format_rate(rate)))
     if job.get("done"):
-        parts.append(("eta", "done"))
+        # The outcome, not a bare `done`: a cancelled or failed job is over too.
+        parts.append(("eta", str(job.get("outcome") or "done")))
     elif job.get("state") == "cancelled":
         parts.append(("eta", "cancelling"))
     elif job.get("state") == "paused":

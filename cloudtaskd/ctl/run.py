@@ -131,11 +131,16 @@ async def _submit(ctx: Ctx, api: ApiClient, args: argparse.Namespace, tasks: Pat
         # source= as the user typed it, so a refusal reads "tasks.json:12: ..." about their file.
         accepted = await api.upload_tasks(job["id"], tasks, source=args.tasks)
     except CloudtaskError:
-        # Nothing of the upload was queued: cancel the empty job rather than leave it waiting forever.
+        # Nothing of the upload was queued: withdraw the empty job, so nothing of a refused submission
+        # stays visible; a daemon without withdrawal (or one that refuses it) gets it cancelled instead,
+        # rather than left waiting forever.
         try:
-            await api.cancel_job(job["id"])
-        except CloudtaskError as exc:
-            ctx.note(f"could not cancel the empty job {job['id']}: {exc}")
+            await api.withdraw_job(job["id"])
+        except CloudtaskError:
+            try:
+                await api.cancel_job(job["id"])
+            except CloudtaskError as exc:
+                ctx.note(f"could not cancel the empty job {job['id']}: {exc}")
         raise
     return job, accepted
 
