@@ -7,7 +7,6 @@ import json
 import math
 import secrets
 import sqlite3
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -227,7 +226,7 @@ class ControlApi:
         return _job_dict(row, cached[1:], instances, now)
 
     async def _job(self, job_id: int) -> dict[str, Any]:
-        now = time.time()
+        now = self.store.clock.now()  # the clock stored times were written on (clock.py)
 
         def read(db: sqlite3.Connection) -> dict[str, Any] | None:
             row = db.execute(
@@ -247,7 +246,7 @@ class ControlApi:
         return job
 
     async def list_jobs(self, request: web.Request) -> web.Response:
-        now = time.time()
+        now = self.store.clock.now()  # the clock stored times were written on (clock.py)
 
         def read(db: sqlite3.Connection) -> list[dict[str, Any]]:
             # One read for the whole list (it was one per job): a consistent snapshot, one thread hop.
@@ -512,11 +511,11 @@ class ControlApi:
     # ---- cost ----
 
     async def fleet_cost(self, request: web.Request) -> web.Response:
-        now = time.time()
+        now = self.store.clock.now()  # the clock stored times were written on (clock.py)
         return web.json_response(await self.reads.read(lambda db: costs.fleet(db, now)))
 
     async def job_cost(self, request: web.Request) -> web.Response:
-        job_id, now = _job_id(request), time.time()
+        job_id, now = _job_id(request), self.store.clock.now()
         found = await self.reads.read(lambda db: costs.job(db, job_id, now))
         if found is None:
             raise no_job(job_id)
@@ -536,7 +535,7 @@ class ControlApi:
 
     async def interruptions(self, request: web.Request) -> web.Response:
         """Spot interruptions per offer over the rate window, and the latest notices."""
-        now = time.time()
+        now = self.store.clock.now()  # the clock stored times were written on (clock.py)
 
         def read(db: Any) -> dict[str, Any]:
             recent = db.execute(

@@ -16,7 +16,6 @@ import io
 import json
 import shutil
 import tempfile
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import IO
@@ -104,7 +103,7 @@ class Bundles:
     async def prune(self, now: float | None = None) -> list[str]:
         """Remove the bundles no job and no instance uses, uploaded over `unused_ttl_s` ago.
         The row goes first, in a transaction that checks again: a job created meanwhile keeps it."""
-        cutoff = (now if now is not None else time.time()) - self.config.unused_ttl_s
+        cutoff = (now if now is not None else self.store.clock.now()) - self.config.unused_ttl_s
         async with self._lock:
             gone: list[str] = await self.store.write(_delete_unused, cutoff)
             await asyncio.to_thread(self._remove_files, gone)
