@@ -461,7 +461,16 @@ class ControlApi:
             rows = db.execute(f"SELECT * FROM instances{where} ORDER BY created_at DESC LIMIT 10000").fetchall()
             return [_instance_dict(r, leases.get(r["id"], 0)) for r in rows]
 
-        return web.json_response({"instances": await self.reads.read(read)})
+        found = await self.reads.read(read)
+        # The row's last_seen_at is written at hello and at disconnect only (not per message: that
+        # would be a write per frame). An agent connected now is seen now: its websocket's heartbeat
+        # proves it alive every few seconds.
+        now, live = self.store.clock.now(), self.dispatcher.sessions
+        for inst in found:
+            inst["connected"] = inst["id"] in live
+            if inst["connected"]:
+                inst["last_seen_at"] = now
+        return web.json_response({"instances": found})
 
     async def register_instance(self, request: web.Request) -> web.Response:
         """An externally managed agent (bring-your-own machine, benchmarks): returns its id and token."""

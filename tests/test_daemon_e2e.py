@@ -208,3 +208,22 @@ async def test_sigterm_drains_the_agent_and_hands_back_without_counting(daemon: 
     assert first["state"] == "stopped" and first["last_error"] is None
     _, ev = await api.request("GET", f"/v1/events?job={job_id}&limit=10000")
     assert any(e["kind"] == "lease_handed_back" for e in ev["events"])
+
+
+async def test_a_connected_agent_is_seen_now_not_at_its_hello(daemon: Any) -> None:
+    """`instances` showed SEEN 0:51 ago for a busy connected agent: last_seen_at was its hello."""
+    d, api = daemon
+    slow = {"cloudtask.yaml": f"mode: command\ncommand: {sys.executable} w.py\n",
+            "w.py": "import json, sys, time\njson.load(sys.stdin)\ntime.sleep(0.5)\nprint(1)\n"}
+    job_id = await submit(api, slow, jsonl([{"id": i, "data": {}} for i in range(40)]))
+
+    async def busy_for_a_while() -> dict[str, Any] | None:
+        _, body = await api.request("GET", "/v1/instances")
+        running = [i for i in body["instances"] if i["state"] == "running" and i["started_at"]]
+        now = d.store.clock.now()
+        return running[0] if running and now - running[0]["started_at"] >= 2.5 else None
+    inst = await wait_for(busy_for_a_while, timeout=60, message="an agent busy for 2.5 s")
+    assert inst["connected"] is True
+    assert inst["last_seen_at"] >= d.store.clock.now() - 1.0, inst
+    assert inst["last_seen_at"] - inst["started_at"] >= 2.0, "seen at its hello, not now"
+    await api.request("POST", f"/v1/jobs/{job_id}/cancel")

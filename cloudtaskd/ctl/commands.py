@@ -280,7 +280,7 @@ async def cmd_instances(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> i
         ctx.say("no instances" + ("" if args.all else " running (--all shows stopped ones)"))
     else:
         rows = [[i["id"], i.get("provider"), i.get("state"), i.get("slots"), i.get("leases"),
-                 ago(i.get("created_at")), ago(i.get("last_seen_at")),
+                 ago(i.get("created_at")), "connected" if i.get("connected") else ago(i.get("last_seen_at")),
                  "-" if i.get("price_per_hour") is None else f"{i['price_per_hour']:.4f}",
                  shorten(i.get("last_error"), 40)] for i in instances]
         ctx.say(table(("ID", "PROVIDER", "STATE", "SLOTS", "LEASES", "CREATED", "SEEN", "PRICE/H", "LAST ERROR"),
