@@ -125,11 +125,11 @@ class ObserveApi:
             if tail is not None:
                 rows = db.execute(f"SELECT * FROM (SELECT * FROM events WHERE 1{where} ORDER BY id DESC LIMIT ?)"
                                   " ORDER BY id", (*params, tail)).fetchall()
-                return [dict(r) for r in rows], last
+                return _with_task_keys(db, rows), last
             rows = db.execute(f"SELECT * FROM events WHERE id > ?{where} ORDER BY id LIMIT ?",
                               (cursor, *params, limit)).fetchall()
             # A full page may stop short of the newest event: go on from its last row.
-            return [dict(r) for r in rows], rows[-1]["id"] if len(rows) == limit else max(cursor, last)
+            return _with_task_keys(db, rows), rows[-1]["id"] if len(rows) == limit else max(cursor, last)
 
         deadline = asyncio.get_running_loop().time() + wait_s
         while True:
@@ -189,3 +189,19 @@ def _job_summary(row: sqlite3.Row) -> dict[str, Any]:
 
 
 __all__ = ["ERROR_KINDS", "ERROR_KINDS_SQL", "ObserveApi"]
+
+
+def _with_task_keys(db: sqlite3.Connection, rows: list[sqlite3.Row]) -> list[dict[str, Any]]:
+    """Events as dicts, each task event with `task_key`: the id the user gave the task (task_id is
+    the row's), looked up once per page."""
+    events = [dict(r) for r in rows]
+    ids = sorted({e["task_id"] for e in events if e.get("task_id") is not None})
+    keys: dict[int, Any] = {}
+    for start in range(0, len(ids), 500):  # well under SQLite's bound-parameter limit
+        chunk = ids[start:start + 500]
+        keys.update(db.execute(f"SELECT id, key FROM tasks WHERE id IN ({','.join('?' * len(chunk))})",
+                               chunk).fetchall())
+    for e in events:
+        if e.get("task_id") is not None:
+            e["task_key"] = keys.get(e["task_id"])
+    return events

@@ -552,3 +552,21 @@ async def test_the_status_page_renders_updates_and_escapes(tcp_daemon: tuple[Dae
             await expect(bare.locator("#problem")).to_contain_text("Not authorised", timeout=20_000)
         finally:
             await browser.close()
+
+
+async def test_events_name_tasks_by_the_users_id(daemon: tuple[Daemon, UnixApi], tmp_path: Path) -> None:
+    """Events showed `task=227` (the row) where users know their task ids ("alpha-7")."""
+    d, api = daemon
+    flag = tmp_path / "go"
+    flag.touch()
+    job_id = await submit(api, FLAG_WORKER, [{"id": "alpha-7", "data": {"flag": str(flag), "n": 7}}], name="keys")
+
+    async def succeeded() -> list[dict[str, Any]]:
+        _, page = await api.request("GET", f"/v1/events?job={job_id}&tail=100")
+        return [e for e in page["events"] if e["kind"] == "task_succeeded"]
+    (event,) = await wait_for(succeeded, timeout=60, message="the task succeeded")
+    assert event["task_key"] == "alpha-7" and event["task_id"] != "alpha-7"
+    rc, out, err = await ctl(d, "events", "--job", str(job_id))
+    assert rc == 0, err
+    line = next(x for x in out.splitlines() if "task_succeeded" in x)
+    assert "task=alpha-7" in line and f"task={event['task_id']} " not in line + " ", line

@@ -390,7 +390,9 @@ async def follow_events(api: ApiClient, emit: Callable[[dict[str, Any]], None], 
 def format_event(e: dict[str, Any]) -> str:
     ts = float(e.get("ts") or 0.0)
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) + f".{int(ts % 1 * 1000):03d}"
-    where = " ".join(f"{label}={e[key]}" for label, key in (("job", "job_id"), ("task", "task_id"),
+    # The task as the user knows it (its id in the task file), the row id only when that is unknown.
+    task_key = "task_key" if e.get("task_key") is not None else "task_id"
+    where = " ".join(f"{label}={e[key]}" for label, key in (("job", "job_id"), ("task", task_key),
                                                              ("instance", "instance_id")) if e.get(key) is not None)
     detail = " ".join(str(e["detail"]).split()) if e.get("detail") else ""  # one line, whatever it holds
     return printable("  ".join(part for part in (when, f"#{e['id']}", e["kind"], where, detail) if part))
