@@ -569,14 +569,45 @@ class ControlApi:
             max_price_per_hour=_float_param(request, "max_price_per_hour", 0.0, lo=0.0) or None)
         await self.market.observe()
         ranked = self.market.rank(needs, policy)
-        return web.json_response({"candidates": [
+        answer: dict[str, Any] = {"candidates": [
             {**_offer_dict(c.offer), "slots": c.slots,
              "interruptions_per_hour": round(rate_of(c.offer, self.market.rates), 6),
              "cost_per_slot_hour": None if math.isinf(c.cost_per_slot_hour) else c.cost_per_slot_hour}
-            for c in ranked]})
+            for c in ranked]}
+        if not ranked:
+            answer["why"] = _why_no_offer(self.market.offers(), needs, policy)
+        return web.json_response(answer)
 
 
 # ---- helpers ----------------------------------------------------------------------------------
+
+
+def _why_no_offer(offers: list[Offer], needs: Needs, policy: Policy) -> str:
+    """The first filter that left nothing, in the order a user would check them."""
+    if not offers:
+        return "no provider is enabled that has offers (local disabled, no ssh host, no cloud with a catalog)"
+    markets = [o for o in offers if (o.spot and policy.spot) or (not o.spot and policy.on_demand)]
+    if not markets:
+        if policy.spot and not policy.on_demand:
+            return ("no enabled provider sells spot capacity (local and ssh hosts are on-demand): enable a cloud"
+                    " with spot in the config, or leave out --spot")
+        return "no enabled provider sells on-demand capacity"
+    if policy.providers:
+        markets = [o for o in markets if o.provider in policy.providers]
+    if policy.regions:
+        markets = [o for o in markets if o.region in policy.regions or o.zone in policy.regions]
+    if not markets:
+        return "no offer from the providers and regions asked for"
+    if policy.max_price_per_hour is not None:
+        priced = [o for o in markets if o.price_per_hour is None or o.price_per_hour <= policy.max_price_per_hour]
+        if not priced:
+            return f"every offer costs more than {policy.max_price_per_hour:g} USD per hour"
+    size = f"{needs.cpus_per_task:g} CPUs"
+    if needs.memory_per_task_mib:
+        size += f", {needs.memory_per_task_mib} MiB"
+    if needs.gpus_per_task:
+        size += f", {needs.gpus_per_task} GPUs"
+    return f"no offer has room for one task of {size}"
 
 
 def _float_param(request: web.Request, name: str, default: float, *, lo: float) -> float:

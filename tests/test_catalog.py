@@ -134,7 +134,7 @@ async def test_prices_through_cloudtaskctl_rank_local_then_aws_spot(moto: MotoEc
         code, text = await asyncio.to_thread(ctl, "prices", "--cpus-per-task", "1", "--on-demand")
         assert code == 0 and "spot " not in text and "on-demand" in text and "$/SLOT-H" in text
         code, text = await asyncio.to_thread(ctl, "prices", "--cpus-per-task", "8")
-        assert code == 0 and "no offer fits" in text
+        assert code == 0 and "no offer has room for one task" in text
         code, text = await asyncio.to_thread(ctl, "cost", "--json")
         assert code == 0 and json.loads(text)["fleet"] == {"spent": 0, "rate_per_hour": 0, "providers": {}}
         code, text = await asyncio.to_thread(ctl, "cost", "42")

@@ -126,3 +126,15 @@ async def test_a_refused_upload_leaves_no_job_behind(daemon: tuple[Daemon, UnixA
     code, body = await api.request("DELETE", f"/v1/jobs/{job_id}")
     assert code == 400 and "holds tasks" in body["error"]["message"]
     assert (await ctl(d, "status", str(job_id)))[0] == 0
+
+
+async def test_prices_with_no_offer_says_the_real_reason(daemon: tuple[Daemon, UnixApi]) -> None:
+    """`prices --spot` with no cloud said "no offer fits a task of this size": the reason is that
+    nothing enabled sells spot capacity."""
+    d, _ = daemon
+    status, out, _ = await ctl(d, "prices", "--spot")
+    assert status == 0 and "no enabled provider sells spot capacity" in out and "--spot" in out, out
+    status, out, _ = await ctl(d, "prices", "--cpus-per-task", "4096")
+    assert status == 0 and "no offer has room for one task of 4096 CPUs" in out, out
+    status, out, _ = await ctl(d, "prices", "--json")
+    assert status == 0 and json.loads(out)["candidates"], "the local host is offered"

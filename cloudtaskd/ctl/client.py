@@ -356,10 +356,10 @@ class ApiClient:
         result: dict[str, Any] = await self._call("GET", "/v1/catalog")
         return result
 
-    async def prices(self, params: dict[str, str]) -> list[dict[str, Any]]:
-        result = await self._call("GET", "/v1/prices", params=params)
-        candidates: list[dict[str, Any]] = result["candidates"]
-        return candidates
+    async def prices(self, params: dict[str, str]) -> dict[str, Any]:
+        """{"candidates": [...], "why": reason when there is none}."""
+        result: dict[str, Any] = await self._call("GET", "/v1/prices", params=params)
+        return result
 
     async def interruptions(self) -> dict[str, Any]:
         result: dict[str, Any] = await self._call("GET", "/v1/interruptions")

@@ -331,11 +331,12 @@ async def cmd_prices(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
         params["spot"] = "true" if args.spot else "false"
     if args.max_price_per_hour:
         params["max_price_per_hour"] = str(args.max_price_per_hour)
-    candidates = await api.prices(params)
+    answer = await api.prices(params)
+    candidates = answer["candidates"]
     if ctx.json:
-        ctx.emit_json({"candidates": candidates})
+        ctx.emit_json(answer)
     elif not candidates:
-        ctx.say("no offer fits a task of this size under these limits")
+        ctx.say(f"no offer: {answer.get('why') or 'none fits a task of this size under these limits'}")
     else:
         ctx.say(table(("PROVIDER", "REGION", "ZONE", "TYPE", "MARKET", "SLOTS", "$/H", "INT/H", "$/SLOT-H"),
                       [[c["provider"], c["region"] or "-", c["zone"], c["machine_type"],
