@@ -30,6 +30,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -98,16 +99,22 @@ class BootstrapSpec:
 def agent_package() -> bytes:
     """The agent package as a gzip'd tar (built from this installation, so versions always match)."""
     buf = io.BytesIO()
-    root = resources.files("agent")
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for entry in sorted(root.iterdir(), key=lambda e: e.name):
-            if entry.name.endswith(".py"):
-                data = entry.read_bytes()
-                info = tarfile.TarInfo(f"agent/{entry.name}")
-                info.size = len(data)
-                info.mode = 0o644
-                tar.addfile(info, io.BytesIO(data))
+        _add_sources(tar, resources.files("agent"), "agent")
     return buf.getvalue()
+
+
+def _add_sources(tar: tarfile.TarFile, folder: Traversable, name: str) -> None:
+    """Every .py file under `folder`, subpackages included, sorted so the archive is reproducible."""
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if entry.is_dir() and entry.name != "__pycache__":
+            _add_sources(tar, entry, f"{name}/{entry.name}")
+        elif entry.name.endswith(".py"):
+            data = entry.read_bytes()
+            info = tarfile.TarInfo(f"{name}/{entry.name}")
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
 
 
 class BootstrapLog:

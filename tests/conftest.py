@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
@@ -62,6 +64,21 @@ def test_runtime() -> RuntimeBuilder:
 
 
 test_runtime.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
+
+
+def interpreters() -> list[str]:
+    """Every Python on this machine (pyenv's and Debian's): instances run 3.9 and newer."""
+    found = ["/usr/bin/python3", sys.executable]
+    pyenv = Path.home() / ".pyenv" / "versions"
+    for minor in ("3.9", "3.10", "3.11", "3.12", "3.13"):
+        found += sorted(str(p / "bin" / "python") for p in pyenv.glob(f"{minor}.*") if (p / "bin" / "python").exists())
+    return [p for p in dict.fromkeys(found) if Path(p).exists()]
+
+
+def python_version(python: str) -> tuple[int, int]:
+    out = subprocess.run([python, "-c", "import sys; print(*sys.version_info[:2])"], capture_output=True,
+                         text=True, check=True).stdout.split()
+    return int(out[0]), int(out[1])
 
 
 def make_config(tmp_path: Path, **overrides: Any) -> Config:

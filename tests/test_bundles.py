@@ -23,7 +23,7 @@ from cloudtaskd.ctl.bundle import bundle_bytes
 from cloudtaskd.daemon import Daemon
 from cloudtaskd.errors import BadInput
 from tests import hostile_bundles as hostile
-from tests.conftest import ROOT, UnixApi, make_config
+from tests.conftest import ROOT, UnixApi, interpreters, make_config, python_version
 from tests.procs import bundle
 
 # Each: (name, builder(outside_dir) -> bytes, the entry the refusal names or None, words of the rule).
@@ -124,25 +124,11 @@ def test_broken_archives_are_named_as_such(tmp_path: Path) -> None:
 
 # ---- every interpreter on this machine (instances run 3.9 and newer) ----------------------------
 
-def interpreters() -> list[str]:
-    found = ["/usr/bin/python3", sys.executable]
-    pyenv = Path.home() / ".pyenv" / "versions"
-    for minor in ("3.9", "3.10", "3.11", "3.12", "3.13"):
-        found += sorted(str(p / "bin" / "python") for p in pyenv.glob(f"{minor}.*") if (p / "bin" / "python").exists())
-    return [p for p in dict.fromkeys(found) if Path(p).exists()]
-
-
-def _version(python: str) -> str:
-    return subprocess.run([python, "-c", "import sys; print(sys.version.split()[0])"], capture_output=True,
-                          text=True, check=True).stdout.strip()
-
-
 @pytest.mark.parametrize("python", interpreters())
 def test_agent_side_rules_on_every_interpreter(tmp_path: Path, python: str) -> None:
     """`python3 -m agent.bundle` (what an instance runs) refuses every hostile bundle and unpacks a
     good one, on each Python here, 3.9 (Debian 11, Amazon Linux 2023) to 3.13."""
-    version = tuple(int(x) for x in _version(python).split(".")[:2])
-    if version < (3, 9):
+    if python_version(python) < (3, 9):
         pytest.skip(f"{python} is older than the 3.9 an instance needs")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = outside_dir(tmp_path)

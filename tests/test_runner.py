@@ -4,9 +4,12 @@ that must kill whole process groups, stream restarts, abort and cancellation."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import platform
 import shlex
 import sys
+import tarfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -18,9 +21,12 @@ import pytest
 import yaml
 
 from agent import runner as runner_mod
+from agent.modes import command as command_mode
 from agent.protocol import MAX_ERROR_CHARS
 from agent.runner import ABORTED_ERROR, Outcome, PermanentFailure, Runner
 from agent.workerspec import SPEC_FILE, WorkerSpec
+from cloudtaskd.runtime import Target
+from tests.conftest import ROOT, interpreters, python_version, test_runtime
 
 WORKERS = Path(__file__).resolve().parent / "workers"
 CMD_DIR = WORKERS / "echo_cmd"
@@ -182,7 +188,7 @@ async def test_command_stderr_keeps_only_the_tail(cmd: Runner) -> None:
 
 
 async def test_command_stdout_flood_is_capped(cmd: Runner, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runner_mod, "MAX_STDOUT_BYTES", 1024 * 1024)
+    monkeypatch.setattr(command_mode, "MAX_STDOUT_BYTES", 1024 * 1024)
     error = failed(await cmd.run(0, "t", {"op": "flood"}, 30), retryable=True)
     assert "more than 1048576 bytes" in error
 
@@ -491,3 +497,52 @@ async def test_python_async_throughput(pyworker: ModuleType) -> None:
         return ok
 
     assert sum(await asyncio.gather(*(slot_loop(s) for s in range(8)))) == n
+
+
+# ---- on an instance's own Python ------------------------------------------------------------------
+
+_ON_INTERPRETER = """
+import asyncio, json, pathlib, sys
+from agent.runner import Runner
+from agent.workerspec import WorkerSpec
+
+async def main():
+    worker = pathlib.Path(sys.argv[1])
+    (worker / "failing.py").write_text(
+        "class PermanentFailure(Exception):\\n    pass\\n"
+        "def boom(key, data):\\n    raise ValueError('boom ' + key)\\n"
+        "def final(key, data):\\n    raise PermanentFailure('no ' + key)\\n")
+    out = []
+    for fn in ("boom", "final"):
+        runner = Runner(WorkerSpec.from_dict({"mode": "python", "function": "failing:" + fn}), worker, 1)
+        o = await runner.run(0, "t1", {}, 10)
+        await runner.close()
+        out.append({"ok": o.ok, "error": o.error, "retryable": o.retryable})
+    print(json.dumps(out))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("python", interpreters())
+async def test_python_mode_failures_on_every_interpreter(tmp_path: Path, python: str) -> None:
+    """A python-mode worker's exception becomes a failure with its traceback on each Python an instance
+    may have (3.9 up), with the agent's own runtime for that Python, as on a VM."""
+    version = python_version(python)
+    if version < (3, 9):
+        pytest.skip(f"{python} is older than the 3.9 an instance needs")
+    runtime = await test_runtime().get(Target(version, platform.machine()))
+    site = tmp_path / "site"
+    with tarfile.open(runtime.path) as tar:
+        tar.extractall(site, filter="data")
+    worker = tmp_path / "worker"
+    worker.mkdir()
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": f"{ROOT}{os.pathsep}{site}"}
+    run = await asyncio.create_subprocess_exec(python, "-c", _ON_INTERPRETER, str(worker), env=env, cwd=tmp_path,
+                                               stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(run.communicate(), 60)
+    assert run.returncode == 0, err.decode()
+    boom, final = json.loads(out)
+    assert not boom["ok"] and boom["retryable"], boom
+    assert boom["error"].startswith("ValueError: boom t1") and "Traceback" in boom["error"], boom["error"]
+    assert not final["ok"] and not final["retryable"] and final["error"] == "no t1", final
