@@ -534,20 +534,22 @@ class Reconciler:
                  if not (extra["stuck"] and not view.instances) and now >= self._held_until(view.pool_id)]
         # An idle instance of another worker gives its place now, rather than after idle_timeout_s.
         reclaimed = reclaim(ready, self._holders, self._limits.global_room, now, targets)
-        for pool_id, taken in reclaimed.items():
-            for inst in taken:
+        taken = {i for ids in reclaimed.values() for i in ids}
+        for pool_id, ids in reclaimed.items():
+            for inst in ids:
                 log.info("instance_reclaimed", instance=inst, for_pool=pool_id, for_jobs=self._jobs_of.get(pool_id))
                 await self.drain(inst)
         waits: dict[int, str] = {}
         for view, extra, decision in decisions:
             waits[view.pool_id] = explain(
                 view, decision, holders=self._holders, limits=self._limits, jobs_of=self._jobs_of,
-                reclaimed=[i for taken in reclaimed.values() for i in taken],
+                reclaimed=taken,
                 held_back=self._held_back(view.pool_id, now), no_offer=self._no_offer(view, extra, now))
         self.waits = waits
         for view, extra, decision in decisions:
             for inst in decision.drain:
-                await self.drain(inst)
+                if inst not in taken:  # its own pool's idle timeout may end in the same tick
+                    await self.drain(inst)
             if extra["stuck"] and not view.instances:
                 await self._pause_stuck(view.pool_id, extra["stuck"])
                 continue

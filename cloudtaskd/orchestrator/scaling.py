@@ -251,6 +251,8 @@ def reclaim(waiting: list[PoolView], holders: list[PoolView], global_room: int, 
         key=lambda i: (i.idle_since if i.idle_since is not None else now, -i.price_per_hour, i.id))
     taken: set[str] = set()
     out: dict[int, tuple[str, ...]] = {}
+    if not idle:
+        return out  # the usual case: no decide to run again
     for pool in waiting:
         if waiting_work(pool) == 0:
             continue

@@ -8,7 +8,7 @@ queued tasks and none leased. Nothing here reads the store, so answering costs n
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,7 +55,7 @@ def _whose(pools: Sequence[int], jobs_of: Mapping[int, Sequence[int]]) -> str:
     return f"the workers of jobs {names}"
 
 
-def _held(view: PoolView, holders: Sequence[PoolView], provider: str | None, reclaimed: Sequence[str],
+def _held(view: PoolView, holders: Sequence[PoolView], provider: str | None, reclaimed: Collection[str],
           jobs_of: Mapping[int, Sequence[int]]) -> str:
     """Who holds the places under a limit (provider None: the fleet-wide one), and what becomes of them."""
     held: list[tuple[int, InstanceView]] = [
@@ -76,7 +76,7 @@ def _held(view: PoolView, holders: Sequence[PoolView], provider: str | None, rec
 
 
 def explain(view: PoolView, decision: Decision, *, holders: Sequence[PoolView], limits: Limits,
-            jobs_of: Mapping[int, Sequence[int]], reclaimed: Sequence[str] = (), held_back: str | None = None,
+            jobs_of: Mapping[int, Sequence[int]], reclaimed: Collection[str] = (), held_back: str | None = None,
             no_offer: str | None = None) -> str:
     """Why this pool's queued work has nothing leased, as "waiting: …".
 
