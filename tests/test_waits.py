@@ -55,6 +55,12 @@ def test_launching_no_offer_held_back_and_the_jobs_own_limit() -> None:
     assert explain(pool, Decision(), holders=[pool], limits=LIMITS, jobs_of={},
                    held_back="the last 2 instance starts of this worker failed; the next launch in 4 s") == \
         "waiting: the last 2 instance starts of this worker failed; the next launch in 4 s"
+    up = InstanceView("local-1", "running", 2, 0, 0.0, provider="local", offer_key=LOCAL.key)
+    assert explain(view([LOCAL], {"local": 0}, up), Decision(), holders=[], limits=LIMITS, jobs_of={}) == \
+        "waiting: 1 instance of this job's worker running (local); its agent takes work at its next request"
+    shared = InstanceView("local-1", "running", 2, 4, None, provider="local", offer_key=LOCAL.key)
+    assert explain(view([LOCAL], {"local": 0}, shared), Decision(), holders=[], limits=LIMITS, jobs_of={}) == \
+        "waiting: 1 instance of this job's worker running (local), busy with tasks of its other jobs"
     gone = InstanceView("aws-1", "draining", 2, 0, None, provider="aws")
     capped = view([SPOT], {"aws": 3}, InstanceView("aws-2", "stopping", 2, 0, None, provider="aws"),
                   max_instances=1)

@@ -88,7 +88,11 @@ def explain(view: PoolView, decision: Decision, *, holders: Sequence[PoolView], 
     running = [i for i in view.instances if i.state == "running"]
     if running and any(not i.at_risk for i in running):
         kinds = ", ".join(sorted({describe_offer(i.offer_key or i.provider) for i in running}))
-        return (f"waiting: {_count(len(running), 'instance')} running ({kinds}) for this job's worker;"
+        if any(i.leases for i in running):
+            # Jobs of one worker share its instances: this one's tasks queue behind the others'.
+            return (f"waiting: {_count(len(running), 'instance')} of this job's worker running ({kinds}),"
+                    " busy with tasks of its other jobs")
+        return (f"waiting: {_count(len(running), 'instance')} of this job's worker running ({kinds});"
                 " its agent takes work at its next request")
     if held_back:
         return f"waiting: {held_back}"
