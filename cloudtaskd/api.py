@@ -35,7 +35,8 @@ from cloudtaskd.feeds import FOLLOWERS_MAX, RESULT_COLUMNS, ReadGate, ResultFeed
 from cloudtaskd.hub import token_hash
 from cloudtaskd.observe import ObserveApi
 from cloudtaskd.orchestrator.market import Market
-from cloudtaskd.orchestrator.selection import Needs, Policy, rate_of
+from cloudtaskd.orchestrator.selection import Needs, Policy, rate_of, why_no_offer
+from cloudtaskd.orchestrator.waits import job_waiting
 from cloudtaskd.params import decimal_number, whole_number
 from cloudtaskd.providers.base import Offer
 from cloudtaskd.states import InstanceEvent
@@ -144,6 +145,9 @@ class ControlApi:
         self._upload_locks: dict[int, asyncio.Lock] = {}
         self._settling: set[asyncio.Task[None]] = set()  # uploads finished once the store can (_settle_later)
         self.observe = ObserveApi(store, dispatcher, daemon_id, self.reads)
+        # Why a pool's queued work has no instance (the reconciler's last decision); set by the daemon.
+        self.waits: Callable[[int], str | None] = lambda pool_id: None
+        self.observe.waits = lambda pool_id: self.waits(pool_id)
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -223,7 +227,7 @@ class ControlApi:
             if len(self._recent) >= RATE_CACHE_JOBS:
                 self._recent = {k: v for k, v in self._recent.items() if now - v[0] < RATE_CACHE_S}
             cached = self._recent[job_id] = (now, n, first)
-        return _job_dict(row, cached[1:], instances, now)
+        return _job_dict(row, cached[1:], instances, now, job_waiting(row, self.waits))
 
     async def _job(self, job_id: int) -> dict[str, Any]:
         now = self.store.clock.now()  # the clock stored times were written on (clock.py)
@@ -575,39 +579,11 @@ class ControlApi:
              "cost_per_slot_hour": None if math.isinf(c.cost_per_slot_hour) else c.cost_per_slot_hour}
             for c in ranked]}
         if not ranked:
-            answer["why"] = _why_no_offer(self.market.offers(), needs, policy)
+            answer["why"] = why_no_offer(self.market.offers(), needs, policy)
         return web.json_response(answer)
 
 
 # ---- helpers ----------------------------------------------------------------------------------
-
-
-def _why_no_offer(offers: list[Offer], needs: Needs, policy: Policy) -> str:
-    """The first filter that left nothing, in the order a user would check them."""
-    if not offers:
-        return "no provider is enabled that has offers (local disabled, no ssh host, no cloud with a catalog)"
-    markets = [o for o in offers if (o.spot and policy.spot) or (not o.spot and policy.on_demand)]
-    if not markets:
-        if policy.spot and not policy.on_demand:
-            return ("no enabled provider sells spot capacity (local and ssh hosts are on-demand): enable a cloud"
-                    " with spot in the config, or leave out --spot")
-        return "no enabled provider sells on-demand capacity"
-    if policy.providers:
-        markets = [o for o in markets if o.provider in policy.providers]
-    if policy.regions:
-        markets = [o for o in markets if o.region in policy.regions or o.zone in policy.regions]
-    if not markets:
-        return "no offer from the providers and regions asked for"
-    if policy.max_price_per_hour is not None:
-        priced = [o for o in markets if o.price_per_hour is None or o.price_per_hour <= policy.max_price_per_hour]
-        if not priced:
-            return f"every offer costs more than {policy.max_price_per_hour:g} USD per hour"
-    size = f"{needs.cpus_per_task:g} CPUs"
-    if needs.memory_per_task_mib:
-        size += f", {needs.memory_per_task_mib} MiB"
-    if needs.gpus_per_task:
-        size += f", {needs.gpus_per_task} GPUs"
-    return f"no offer has room for one task of {size}"
 
 
 def _float_param(request: web.Request, name: str, default: float, *, lo: float) -> float:
@@ -667,7 +643,8 @@ def _register_external(tx: Tx, inst: str, digest: str, slots: int, hashed: str) 
     tx.event("instance_registered", instance_id=inst)
 
 
-def _job_dict(row: sqlite3.Row, recent: tuple[int, float | None], instances: int, now: float) -> dict[str, Any]:
+def _job_dict(row: sqlite3.Row, recent: tuple[int, float | None], instances: int, now: float,
+              waiting: str | None = None) -> dict[str, Any]:
     counts = {c: row[f"n_{c}"] for c in JOB_COLUMNS}
     counts["total"] = sum(counts.values())
     done = counts["total"] > 0 and counts["staged"] + counts["queued"] + counts["leased"] + counts["failed"] == 0
@@ -687,7 +664,7 @@ def _job_dict(row: sqlite3.Row, recent: tuple[int, float | None], instances: int
         "instances": instances, "max_attempts": row["max_attempts"], "timeout_s": row["timeout_s"],
         "max_instances": row["max_instances"], "policy": json.loads(row["policy"] or "{}"),
         "max_total_cost": row["max_total_cost"], "state_reason": row["state_reason"],
-        "pause_cause": row["pause_cause"],
+        "pause_cause": row["pause_cause"], "waiting": waiting,
     }
 
 

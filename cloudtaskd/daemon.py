@@ -138,6 +138,8 @@ class Daemon:
                                      self.market)
         self.reconciler.agent_ca = self.agent_ca
         self.reconciler.on_instance_end = self.hub.disconnect
+        reconciler = self.reconciler
+        api.waits = lambda pool_id: reconciler.waits.get(pool_id)
         self.hub.on_notice = self.reconciler.notice
         self._spawn("dispatcher", self.dispatcher.run())
         self._spawn("reconciler", self.reconciler.run())

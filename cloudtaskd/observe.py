@@ -12,6 +12,7 @@ import asyncio
 import math
 import re
 import sqlite3
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -20,6 +21,7 @@ from cloudtaskd import __version__, costs
 from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.errors import BadInput
 from cloudtaskd.feeds import ReadGate
+from cloudtaskd.orchestrator.waits import job_waiting
 from cloudtaskd.params import decimal_number, whole_number
 from cloudtaskd.status_page import STATUS_HEADERS, STATUS_HTML
 from cloudtaskd.store import Store
@@ -72,6 +74,7 @@ class ObserveApi:
         self.reads = reads or ReadGate(store)  # the control API's reads: bounded, 503 beyond (feeds.py)
         self.dispatcher = dispatcher
         self.daemon_id = daemon_id
+        self.waits: Callable[[int], str | None] = lambda pool_id: None  # see ControlApi.waits
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -151,8 +154,8 @@ class ObserveApi:
         now = self.store.clock.now()  # the clock stored times are on (cloudtaskd.clock)
 
         def read(db: sqlite3.Connection) -> dict[str, Any]:
-            jobs = [_job_summary(r) for r in db.execute(
-                "SELECT id, name, state, state_reason, created_at, finished_at, n_staged, n_queued, n_leased,"
+            jobs = [_job_summary(r, self.waits) for r in db.execute(
+                "SELECT id, pool_id, name, state, state_reason, created_at, finished_at, n_staged, n_queued, n_leased,"
                 " n_failed, n_succeeded, n_dead, n_cancelled FROM jobs ORDER BY id DESC LIMIT ?", (STATUS_JOBS,))]
             instances = [
                 {"provider": r[0], "machine_type": r[1] or "", "state": r[2], "count": r[3], "slots": r[4],
@@ -177,7 +180,7 @@ class ObserveApi:
 _COUNTS = ("staged", "queued", "leased", "failed", "succeeded", "dead", "cancelled")
 
 
-def _job_summary(row: sqlite3.Row) -> dict[str, Any]:
+def _job_summary(row: sqlite3.Row, waits: Callable[[int], str | None]) -> dict[str, Any]:
     counts = {c: row[f"n_{c}"] for c in _COUNTS}
     total = sum(counts.values())
     finished = counts["succeeded"] + counts["dead"] + counts["cancelled"]
@@ -185,7 +188,7 @@ def _job_summary(row: sqlite3.Row) -> dict[str, Any]:
     return {"id": row["id"], "name": row["name"], "state": row["state"], "state_reason": row["state_reason"],
             "done": total > 0 and finished == total, "created_at": row["created_at"],
             "finished_at": row["finished_at"], "counts": {**counts, "total": total}, "finished": finished,
-            "total": total}
+            "total": total, "waiting": job_waiting(row, waits)}
 
 
 __all__ = ["ERROR_KINDS", "ERROR_KINDS_SQL", "ObserveApi"]

@@ -42,6 +42,7 @@ td.detail { max-width: 40em; overflow-wrap: anywhere; font-family: ui-monospace,
 .bar > .ok { background: var(--ok); }
 .bar > .dead { background: var(--bad); }
 .progress-text { margin-left: 0.6em; font-variant-numeric: tabular-nums; }
+.waiting { font-size: 0.85em; white-space: normal; }
 .state-paused, .state-cancelled { color: var(--warn); }
 .state-done { color: var(--ok); }
 .cost { display: flex; gap: 2em; flex-wrap: wrap; }
@@ -105,7 +106,8 @@ _SCRIPT = """
     dead.style.width = pct(c.dead + c.cancelled) + "%";
     const progress = el("td", {},
       el("span", {class: "bar", title: pct(job.finished).toFixed(1) + "%"}, ok, dead),
-      el("span", {class: "progress-text"}, job.finished + " / " + job.total + " done"));
+      el("span", {class: "progress-text"}, job.finished + " / " + job.total + " done"),
+      ...(job.waiting ? [el("div", {class: "waiting mute"}, job.waiting)] : []));
     return el("tr", {"data-job-id": job.id, "data-finished": job.finished, "data-total": job.total,
                      "data-state": state},
       el("td", {class: "num"}, job.id),
