@@ -90,3 +90,31 @@ async def test_a_job_of_another_worker_says_why_it_waits_and_takes_the_idle_plac
     finally:
         await api.close()
         await d.stop()
+
+
+async def test_an_idle_instance_of_a_cancelled_job_stops_after_idle_timeout(tmp_path: Path) -> None:
+    """A pool no active job uses is still scaled down: its idle instance stops after idle_timeout_s,
+    instead of running (and costing) until another job needs the place."""
+    d = Daemon(make_config(tmp_path, idle_timeout_s=1.0), shutdown_grace_s=5)
+    await d.start()
+    api = UnixApi(d.config.socket_path)
+    try:
+        job = await submit(api, HELD_WORKER, jsonl([{"id": "a", "data": {"until": str(tmp_path / "never")}}]))
+
+        async def running() -> list[dict[str, Any]] | None:
+            _, body = await api.request("GET", "/v1/instances")
+            live = [i for i in body["instances"] if i["state"] == "running"]
+            return live or None
+
+        await wait_for(running, timeout=60, message="the job's instance running")
+        status, _ = await api.request("POST", f"/v1/jobs/{job}/cancel")
+        assert status == 200
+
+        async def all_stopped() -> bool:
+            _, body = await api.request("GET", "/v1/instances?all=1")
+            return bool(body["instances"]) and all(i["state"] == "stopped" for i in body["instances"])
+
+        await wait_for(all_stopped, timeout=60, message="the cancelled job's idle instance stopped")
+    finally:
+        await api.close()
+        await d.stop()

@@ -476,9 +476,12 @@ class Reconciler:
         room = {name: min(spare[name], max(0, global_room)) for name in self.providers}
         budget = scaling.max_cost_per_hour - spend if scaling.max_cost_per_hour > 0 else math.inf
         active_pools = {p["id"] for p in pools}
-        # Pools with no active job still hold their instances' places: reclaim may take them.
-        self._holders = [PoolView(pool_id, 0, 0, instances=list(views_)) for pool_id, views_ in by_pool.items()
-                         if pool_id not in active_pools]
+        # Pools with no active job (finished, cancelled, paused) still hold their instances' places:
+        # reclaim may take them, and their idle ones stop after idle_timeout_s like any other's. Their
+        # last work is when this daemon last saw some (or first saw the pool idle, after a restart).
+        self._holders = [PoolView(pool_id, 0, 0, instances=list(views_),
+                                  last_work_at=self._last_work.setdefault(pool_id, now))
+                         for pool_id, views_ in by_pool.items() if pool_id not in active_pools]
         self._jobs_of = {p["id"]: [int(j) for j in str(p["job_ids"]).split(",")] for p in pools}
         self._limits = Limits(scaling.max_instances, global_room, dict(self.limits))
         views = []
@@ -529,6 +532,10 @@ class Reconciler:
         s = self.config.scaling
         targets = Targets(s.idle_timeout_s, s.target_s, s.scale_up_after_s)
         decisions = [(view, extra, decide(view, now, targets)) for view, extra in views]
+        deciding = {view.pool_id for view, _ in views}
+        # Instances of pools no active job uses: nothing to launch, only idle ones to stop.
+        idle_elsewhere = [i for view in self._holders if view.pool_id not in deciding
+                          for i in decide(view, now, targets).drain]
         # Pools that may launch now: not held back by a start back-off, not about to be paused.
         ready = [view for view, extra, _ in decisions
                  if not (extra["stuck"] and not view.instances) and now >= self._held_until(view.pool_id)]
@@ -546,6 +553,10 @@ class Reconciler:
                 reclaimed=taken,
                 held_back=self._held_back(view.pool_id, now), no_offer=self._no_offer(view, extra, now))
         self.waits = waits
+        for inst in idle_elsewhere:
+            if inst not in taken:  # reclaimed in this tick already
+                log.info("instance_idle", instance=inst, reason="no active job uses its worker")
+                await self.drain(inst)
         for view, extra, decision in decisions:
             for inst in decision.drain:
                 if inst not in taken:  # its own pool's idle timeout may end in the same tick
