@@ -801,3 +801,44 @@ async def test_the_status_page_through_cloudtaskctl_under_load(tmp_path: Path) -
             await proc.wait()
         await api.close()
         await d.stop()
+
+
+async def test_status_page_relays_a_tls_listener_with_the_token_from_the_environment(
+        tcp_daemon: tuple[Daemon, UnixApi]) -> None:
+    """--url: the relay dials the TLS listener with the daemon's CA and CLOUDTASK_API_TOKEN; the
+    browser side is plain HTTP with the relay's own token. A daemon refusing cloudtaskctl's token is
+    said at once, not shown as a page that never loads."""
+    import aiohttp
+
+    d, _ = tcp_daemon
+    cfg = d.config.state_path.parent / "ctl.yaml"
+    cfg.write_text(f"state_dir: {d.config.state_path}\n")
+
+    async def start(token: str) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cloudtaskd.ctl", "status-page", "--config", str(cfg), "--url", d.api_url,
+            "--json", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "CLOUDTASK_API_TOKEN": token})
+
+    refused = await start("not-the-token")
+    _, err = await asyncio.wait_for(refused.communicate(), 60)
+    assert refused.returncode == 3 and "refused the API token" in err.decode(), err.decode()
+
+    proc = await start(TOKEN)
+    try:
+        assert proc.stdout is not None
+        shown = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
+        assert shown["url"].startswith("http://127.0.0.1:") and shown["daemon"] == d.api_url
+        base, token = shown["url"].split("#token=")
+        assert token != TOKEN  # the daemon's token never reaches the browser
+        async with aiohttp.ClientSession() as http:
+            async with http.get(base.removesuffix("/status") + "/v1/status/series",
+                                headers={"Authorization": f"Bearer {token}"}) as resp:
+                assert resp.status == 200 and "finished_per_s" in await resp.json()
+            async with http.get(base) as resp:
+                assert resp.status == 200 and "<script>" in await resp.text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0
