@@ -22,8 +22,8 @@ import json
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -51,7 +51,7 @@ class Sample:
 
 
 def read_sample(db: sqlite3.Connection, now: float, mono: float) -> Sample:
-    """Three small queries: the jobs' counters, live instances grouped, their price."""
+    """Two small queries: the jobs' counters; live instances and their price, grouped."""
     row = db.execute("SELECT coalesce(sum(n_succeeded), 0), coalesce(sum(n_dead), 0),"
                      " coalesce(sum(n_queued + n_failed), 0), coalesce(sum(n_leased), 0) FROM jobs").fetchone()
     instances: dict[str, int] = {}
@@ -62,7 +62,7 @@ def read_sample(db: sqlite3.Connection, now: float, mono: float) -> Sample:
         key = provider if provider in OWNED_PROVIDERS else f"{provider} {'spot' if spot else 'on-demand'}"
         instances[key] = instances.get(key, 0) + n
         if provider != "external":  # as costs.fleet: another party pays for an external machine
-            cost[provider] = cost.get(provider, 0.0) + (price or 0.0)
+            cost[provider] = round(cost.get(provider, 0.0) + (price or 0.0), 6)
     return Sample(t=now, mono=mono, succeeded=row[0], dead=row[1], queued=row[2], leased=row[3],
                   instances=instances, cost_per_hour=cost)
 
@@ -85,17 +85,17 @@ def encode(samples: list[Sample], interval_s: float, window_s: float) -> bytes:
         finished["succeeded"].append(_rate(s.succeeded, prev.succeeded, s.mono - prev.mono))
         finished["dead"].append(_rate(s.dead, prev.dead, s.mono - prev.mono))
 
-    def lines(pick: Callable[[Sample], dict[str, float]]) -> dict[str, list[float]]:
-        names = sorted({name for s in samples for name in pick(s)})
-        return {name: [pick(s).get(name, 0) for s in samples] for name in names}
+    def lines(points: list[dict[str, Any]]) -> dict[str, list[Any]]:
+        names = sorted({name for p in points for name in p})
+        return {name: [p.get(name, 0) for p in points] for name in names}
 
     body = {
         "interval_s": interval_s, "window_s": window_s, "now": samples[-1].t if samples else None,
         "t": [round(s.t, 3) for s in samples],
         "finished_per_s": finished,
         "tasks": {"queued": [s.queued for s in samples], "leased": [s.leased for s in samples]},
-        "instances": lines(lambda s: {k: float(v) for k, v in s.instances.items()}),
-        "cost_per_hour": lines(lambda s: {k: round(v, 6) for k, v in s.cost_per_hour.items()}),
+        "instances": lines([s.instances for s in samples]),
+        "cost_per_hour": lines([s.cost_per_hour for s in samples]),
     }
     return json.dumps(body, separators=(",", ":")).encode()
 
