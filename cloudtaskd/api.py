@@ -39,7 +39,8 @@ from cloudtaskd.orchestrator.selection import Needs, Policy, rate_of, why_no_off
 from cloudtaskd.orchestrator.waits import job_waiting
 from cloudtaskd.params import decimal_number, whole_number
 from cloudtaskd.providers.base import Offer
-from cloudtaskd.states import InstanceEvent
+from cloudtaskd.series import StatusSeries
+from cloudtaskd.states import InstanceEvent, job_outcome
 from cloudtaskd.store import Store, Tx
 from cloudtaskd.taskfile import TaskFileError, TaskFileParser
 
@@ -128,7 +129,8 @@ def _job_id(request: web.Request) -> int:
 
 class ControlApi:
     def __init__(self, store: Store, dispatcher: Dispatcher, config: Config, agent_url: Callable[[], str],
-                 daemon_id: str, market: Market | None = None, reads: ReadGate | None = None) -> None:
+                 daemon_id: str, market: Market | None = None, reads: ReadGate | None = None,
+                 series: StatusSeries | None = None) -> None:
         self.market = market or Market(store, [], {})
         self.store = store
         # Every read a request makes goes through the gate (bounded, 503 beyond); the store's own
@@ -144,7 +146,7 @@ class ControlApi:
         self.bundles = Bundles(store, config.state_path / "workers", config.workers)
         self._upload_locks: dict[int, asyncio.Lock] = {}
         self._settling: set[asyncio.Task[None]] = set()  # uploads finished once the store can (_settle_later)
-        self.observe = ObserveApi(store, dispatcher, daemon_id, self.reads)
+        self.observe = ObserveApi(store, dispatcher, daemon_id, self.reads, series)
         # Why a pool's queued work has no instance (the reconciler's last decision); set by the daemon.
         self.waits: Callable[[int], str | None] = lambda pool_id: None
         self.observe.waits = lambda pool_id: self.waits(pool_id)
@@ -648,13 +650,7 @@ def _job_dict(row: sqlite3.Row, recent: tuple[int, float | None], instances: int
     counts = {c: row[f"n_{c}"] for c in JOB_COLUMNS}
     counts["total"] = sum(counts.values())
     done = counts["total"] > 0 and counts["staged"] + counts["queued"] + counts["leased"] + counts["failed"] == 0
-    # What happened, once it is over: a cancelled or failed job must not read as merely `done`.
-    outcome: str | None = None
-    if row["state"] == "cancelled" and (done or not counts["total"]):
-        outcome = "cancelled"
-    elif done:
-        outcome = ("succeeded" if counts["succeeded"] == counts["total"]
-                   else "failed" if counts["dead"] else "cancelled")
+    outcome = job_outcome(row["state"], counts)
     n_recent, first = recent[0], recent[1]
     span = max(1.0, now - first) if n_recent and first else RATE_WINDOW_S
     return {

@@ -41,6 +41,7 @@ from cloudtaskd.providers.local import LocalProvider
 from cloudtaskd.providers.ssh import SshProvider
 from cloudtaskd.reload import ReloadPlan, plan
 from cloudtaskd.runtime import RuntimeBuilder
+from cloudtaskd.series import SERIES_INTERVAL_S, SERIES_WINDOW_S, StatusSeries
 from cloudtaskd.service import Systemd, watchdog
 from cloudtaskd.store import Store, Tx
 from cloudtaskd.tunnels import Tunnels
@@ -61,12 +62,15 @@ AGENT_PORT_FILE = "agent.port"
 
 
 class Daemon:
-    def __init__(self, config: Config, *, shutdown_grace_s: float = SHUTDOWN_GRACE_S) -> None:
+    def __init__(self, config: Config, *, shutdown_grace_s: float = SHUTDOWN_GRACE_S,
+                 series_interval_s: float = SERIES_INTERVAL_S, series_window_s: float = SERIES_WINDOW_S) -> None:
         self.config = config
         self.shutdown_grace_s = shutdown_grace_s
         self.state_dir = config.state_path
         self.store = Store(self.state_dir / "cloudtask.db")
         self.dispatcher = Dispatcher(self.store, config)
+        # The status page's plots (the tests sample faster and keep a shorter window).
+        self.series = StatusSeries(self.store, interval_s=series_interval_s, window_s=series_window_s)
         # The agent's packages for instances, per (Python, CPU), built on first need (runtime.py).
         self.runtime = RuntimeBuilder(self.state_dir / "runtime", tuple(config.providers.ssh.pip_args))
         # Without agents.public_url, ssh and cloud instances' agents come through SSH tunnels
@@ -129,7 +133,7 @@ class Daemon:
             await self._tunnel_existing()
 
         api = ControlApi(self.store, self.dispatcher, self.config, lambda: self.agent_url, self.daemon_id,
-                         self.market)
+                         self.market, series=self.series)
         api.agent_ca = self.agent_ca.decode()
         self.api = api
         await self._control_listeners(api)
@@ -144,6 +148,7 @@ class Daemon:
         self._spawn("dispatcher", self.dispatcher.run())
         self._spawn("reconciler", self.reconciler.run())
         self._spawn("bundle_pruner", self._prune_bundles(api))
+        self._spawn("status_series", self.series.run())
         log.info("daemon_ready", agent_url=self.agent_url, socket=str(self.config.socket_path),
                  api_url=self.api_url or None)
 

@@ -23,6 +23,8 @@ from cloudtaskd.errors import BadInput
 from cloudtaskd.feeds import ReadGate
 from cloudtaskd.orchestrator.waits import job_waiting
 from cloudtaskd.params import decimal_number, whole_number
+from cloudtaskd.series import StatusSeries
+from cloudtaskd.states import job_outcome
 from cloudtaskd.status_page import STATUS_HEADERS, STATUS_HTML
 from cloudtaskd.store import Store
 
@@ -69,8 +71,10 @@ def _seconds(request: web.Request, name: str) -> float:
 
 
 class ObserveApi:
-    def __init__(self, store: Store, dispatcher: Dispatcher, daemon_id: str, reads: ReadGate | None = None) -> None:
+    def __init__(self, store: Store, dispatcher: Dispatcher, daemon_id: str, reads: ReadGate | None = None,
+                 series: StatusSeries | None = None) -> None:
         self.store = store
+        self.series = series or StatusSeries(store)  # sampled by the daemon (an API of its own: empty)
         self.reads = reads or ReadGate(store)  # the control API's reads: bounded, 503 beyond (feeds.py)
         self.dispatcher = dispatcher
         self.daemon_id = daemon_id
@@ -81,6 +85,7 @@ class ObserveApi:
             web.get("/metrics", self.metrics),
             web.get("/v1/events", self.events),
             web.get("/v1/status", self.status),
+            web.get("/v1/status/series", self.status_series),
             web.get("/status", self.status_page),
         ]
 
@@ -163,15 +168,21 @@ class ObserveApi:
                 for r in db.execute(
                     "SELECT provider, json_extract(offer, '$.machine_type'), state, count(*), sum(slots),"
                     " sum(price_per_hour) FROM instances WHERE state != 'stopped' GROUP BY 1, 2, 3 ORDER BY 1, 2, 3")]
-            errors = [dict(r) for r in db.execute(
+            errors = _with_task_keys(db, db.execute(
                 f"SELECT * FROM events INDEXED BY events_errors WHERE {ERROR_KINDS_SQL}"
-                " ORDER BY id DESC LIMIT ?", (STATUS_ERRORS,))]
+                " ORDER BY id DESC LIMIT ?", (STATUS_ERRORS,)).fetchall())
             return {"jobs": jobs, "instances": instances, "cost": costs.fleet(db, now), "errors": errors}
 
         body = await self.reads.read(read)
         body.update(version=__version__, daemon_id=self.daemon_id, now=now,
                     agents_connected=len(self.dispatcher.sessions))
         return web.json_response(body, headers={"Cache-Control": "no-store"})
+
+    async def status_series(self, request: web.Request) -> web.Response:
+        """The last hour of the status page's plots (cloudtaskd/series.py), from memory: no database
+        read, the same bytes for every reader until the next sample."""
+        return web.Response(body=self.series.body(), content_type="application/json",
+                            headers={"Cache-Control": "no-store"})
 
     async def status_page(self, request: web.Request) -> web.Response:
         return web.Response(text=STATUS_HTML, content_type="text/html", charset="utf-8", headers=STATUS_HEADERS)
@@ -184,9 +195,11 @@ def _job_summary(row: sqlite3.Row, waits: Callable[[int], str | None]) -> dict[s
     counts = {c: row[f"n_{c}"] for c in _COUNTS}
     total = sum(counts.values())
     finished = counts["succeeded"] + counts["dead"] + counts["cancelled"]
-    # As the job object of GET /v1/jobs/{id}: done when nothing is staged, queued, leased or retrying.
+    # As the job object of GET /v1/jobs/{id}: done when nothing is staged, queued, leased or retrying;
+    # outcome once it is over (succeeded, failed, cancelled).
     return {"id": row["id"], "name": row["name"], "state": row["state"], "state_reason": row["state_reason"],
-            "done": total > 0 and finished == total, "created_at": row["created_at"],
+            "done": total > 0 and finished == total, "outcome": job_outcome(row["state"], {**counts, "total": total}),
+            "created_at": row["created_at"],
             "finished_at": row["finished_at"], "counts": {**counts, "total": total}, "finished": finished,
             "total": total, "waiting": job_waiting(row, waits)}
 

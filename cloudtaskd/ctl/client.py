@@ -42,6 +42,8 @@ Body = Callable[[], Any]  # makes the request body anew for each attempt (a stre
 # No total timeout: uploads of big task files and result streams legitimately take long. A read
 # that waits READ_TIMEOUT_S for a byte is a daemon too busy to answer.
 CALL_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S)
+# A relayed read (`cloudtaskctl status-page`): the browser asks again in a few seconds anyway.
+RELAY_TIMEOUT = aiohttp.ClientTimeout(total=15.0, sock_connect=CONNECT_TIMEOUT_S)
 # Uploads: the answer comes once the whole file is committed, which can take long on a big one.
 UPLOAD_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=None)
 
@@ -212,6 +214,21 @@ class ApiClient:
             last = b"".join(parts)
             if last.strip():
                 yield jsonx.loads(last)
+
+    async def relay(self, path: str) -> tuple[int, bytes, dict[str, str]]:
+        """GET `path` once, as it is: (status, body, headers), whatever the status. For
+        `cloudtaskctl status-page`, whose page polls again on its own: no busy retries here.
+        Raises DaemonUnavailable, or DaemonBusy when the daemon dropped the request or took too long."""
+        try:
+            async with self._http().get(self.base + path, timeout=RELAY_TIMEOUT) as resp:
+                return resp.status, await resp.read(), dict(resp.headers)
+        except aiohttp.ClientConnectorError as exc:
+            if exc.os_error.errno in DOWN_ERRNOS:
+                raise self._unavailable(exc) from exc
+            raise DaemonBusy(f"cloudtaskd at {self._where()} did not take the connection: {exc}") from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise DaemonBusy(f"cloudtaskd at {self._where()} did not answer GET {path}:"
+                             f" {str(exc) or type(exc).__name__}") from exc
 
     # ---- endpoints --------------------------------------------------------------------------
 
