@@ -135,7 +135,7 @@ CC = TypeVar("CC", bound=CloudProviderConfig)
 
 def cloud(name: str, config: type[CC], *, driver: Callable[[CC, str], CloudDriver],
           check: Callable[[CC, bool], Awaitable[list[CheckResult]]],
-          catalog: Callable[[CC, CloudDriver, Sequence[str]], Fetcher],
+          catalog: Callable[[CC, CloudDriver, Sequence[str]], Fetcher] | None,
           required: tuple[str, ...], validate: Callable[[CC, Section], list[ConfigWarning]] = _no_checks,
           ) -> ProviderDescriptor[CC]:
     """A cloud's descriptor: its driver behind CloudProvider (SSH bootstrap), its agents watching its
@@ -143,7 +143,7 @@ def cloud(name: str, config: type[CC], *, driver: Callable[[CC, str], CloudDrive
     before its own `validate`, all only when it is enabled.
 
     driver(section, daemon_id): a driver for the section. catalog(section, driver, machine_types):
-    the fetch of those types' offers."""
+    the fetch of those types' offers; None: no price catalog (its configured offers only)."""
 
     source = name  # the agent watches the notices of the cloud it runs on (agent/interruption.py)
 
@@ -158,7 +158,7 @@ def cloud(name: str, config: type[CC], *, driver: Callable[[CC, str], CloudDrive
     def fetcher(section: CC, provider: Provider) -> Fetcher:
         from cloudtaskd.providers.cloud import CloudProvider
 
-        assert isinstance(provider, CloudProvider), provider
+        assert catalog is not None and isinstance(provider, CloudProvider), provider
         s = provider.settings
         return catalog(section, provider.driver, list(dict.fromkeys((s.machine_type, *s.machine_types))))
 
@@ -176,7 +176,8 @@ def cloud(name: str, config: type[CC], *, driver: Callable[[CC, str], CloudDrive
 
     return ProviderDescriptor(
         name=name, config=config, remote=True, enabled=lambda c: c.enabled, max_instances=lambda c: c.max_instances,
-        start=start, check=check, validate=checked, catalog=fetcher, interruption_source=source, seed_section=True)
+        start=start, check=check, validate=checked, catalog=fetcher if catalog is not None else None,
+        interruption_source=source, seed_section=True)
 
 
 def _settings(c: CloudProviderConfig, env: ProviderEnv, interruption_source: str) -> CloudSettings:
