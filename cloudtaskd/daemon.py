@@ -28,17 +28,16 @@ from cloudtaskd import queue, tls
 from cloudtaskd.access import RateLimiter, bearer_auth, browser_guard, prepare_socket_dir, secure_socket
 from cloudtaskd.api import ControlApi, errors_middleware
 from cloudtaskd.catalog import Fetcher
-from cloudtaskd.config import CloudProviderConfig, Config, load_config
+from cloudtaskd.config import Config, load_config
 from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.errors import CloudtaskError, ConfigError, StoreError
 from cloudtaskd.hub import AgentHub
 from cloudtaskd.orchestrator.market import Market
 from cloudtaskd.orchestrator.reconciler import Reconciler
-from cloudtaskd.pins import AddressPins, InstancePins
+from cloudtaskd.providers import registry
 from cloudtaskd.providers.base import Provider
-from cloudtaskd.providers.cloud import CloudDriver, CloudProvider, CloudSettings
+from cloudtaskd.providers.descriptors import ProviderEnv
 from cloudtaskd.providers.local import LocalProvider
-from cloudtaskd.providers.ssh import SshProvider
 from cloudtaskd.reload import ReloadPlan, plan
 from cloudtaskd.runtime import RuntimeBuilder
 from cloudtaskd.series import SERIES_INTERVAL_S, SERIES_WINDOW_S, StatusSeries
@@ -237,96 +236,30 @@ class Daemon:
         self.api_url = f"https://{_url_host(host)}:{bound[1]}"
 
     def _providers(self) -> list[tuple[Provider, int]]:
-        """The configured providers with their instance limits, in order of preference: machines the
-        user already has (ssh) before the control host itself (local)."""
+        """The configured providers with their instance limits, in order of preference (the
+        registry's launch_order): machines elsewhere before the control host itself."""
+        env = ProviderEnv(daemon_id=self.daemon_id, state_dir=self.state_dir, store=self.store, runtime=self.runtime,
+                          tunnels=self.tunnels, source=self.config.source)
         out: list[tuple[Provider, int]] = []
-        ssh = self.config.providers.ssh
-        if ssh.hosts:
-            pins = AddressPins(self.store)
-            provider = SshProvider(ssh, self.state_dir, pins.get, pins.set, self.runtime, self.tunnels)
-            out.append((provider, provider.max_instances))
-        for cfg, make in self._cloud_drivers():
-            if cfg.enabled and cfg.max_instances > 0:
-                settings = self._cloud_settings(cfg)
-                out.append((CloudProvider(make(), settings, self.daemon_id, self.state_dir,
-                                          InstancePins(self.store), self.runtime, self.tunnels), cfg.max_instances))
-        local = self.config.providers.local
-        if local.enabled and local.max_instances > 0:
-            out.append((LocalProvider(local, self.state_dir), local.max_instances))
+        for d in registry.launch_order():
+            section = d.section(self.config.providers)
+            if d.launches(section):
+                out.append((d.start(section, env), d.max_instances(section)))
         return out
 
-    def _cloud_drivers(self) -> list[tuple[CloudProviderConfig, Callable[[], CloudDriver]]]:
-        """Each cloud's config and how to build its driver (SDKs are imported only when enabled)."""
-        p, daemon_id = self.config.providers, self.daemon_id
-
-        def aws() -> CloudDriver:
-            from cloudtaskd.providers.aws import AwsDriver
-
-            c = p.aws
-            return AwsDriver(c.region, daemon_id, access_key=c.access_key or None, secret_key=c.secret_key or None,
-                             endpoint_url=c.endpoint_url or None, image=c.image or None,
-                             subnet_id=c.subnet_id or None, security_group_id=c.security_group_id or None)
-
-        def azure() -> CloudDriver:
-            from cloudtaskd.providers.azure import AzureDriver
-
-            c = p.azure
-            return AzureDriver(c.subscription_id, c.resource_group, c.location, daemon_id,
-                               tenant_id=c.tenant_id or None, client_id=c.client_id or None,
-                               client_secret=c.client_secret or None, base_url=c.base_url or None)
-
-        def gcp() -> CloudDriver:
-            from cloudtaskd.providers.gcp import GcpDriver
-
-            c = p.gcp
-            return GcpDriver(c.project_id, c.zone, daemon_id, credentials_file=c.credentials_file or None,
-                             api_endpoint=c.api_endpoint or None, image=c.image or None, network=c.network,
-                             subnetwork=c.subnetwork or None, disk_type=c.disk_type or None)
-
-        return [(p.aws, aws), (p.gcp, gcp), (p.azure, azure)]
-
     def _catalog_fetchers(self) -> dict[str, Fetcher]:
-        """How each enabled cloud fetches its offers: only the types its config allows."""
+        """How each started provider with a catalog fetches its offers (only the types its config allows)."""
         fetchers: dict[str, Fetcher] = {}
         for provider, _ in self.providers:
-            if not isinstance(provider, CloudProvider):
-                continue
-            s = provider.settings
-            types = list(dict.fromkeys((s.machine_type, *s.machine_types)))
-            if provider.name == "aws":
-                from cloudtaskd.catalog import aws as aws_catalog
-                from cloudtaskd.providers.aws import AwsDriver
-
-                driver, pricing = provider.driver, self.config.providers.aws.pricing_endpoint_url or None
-                assert isinstance(driver, AwsDriver)
-                fetchers["aws"] = partial(aws_catalog.fetch_offers, driver, types, pricing_endpoint_url=pricing)
-            elif provider.name == "azure":
-                from cloudtaskd.catalog import azure as azure_catalog
-                from cloudtaskd.providers.azure import AzureDriver
-
-                az = provider.driver
-                assert isinstance(az, AzureDriver)
-                url = self.config.providers.azure.retail_prices_url
-                fetchers["azure"] = partial(azure_catalog.fetch_offers, az, types, prices_url=url, zones=s.zones)
-            elif provider.name == "gcp":
-                from cloudtaskd.catalog import gcp as gcp_catalog
-                from cloudtaskd.providers.gcp import GcpDriver
-
-                gce = provider.driver
-                assert isinstance(gce, GcpDriver)
-                billing = self.config.providers.gcp.billing_endpoint
-                fetchers["gcp"] = partial(gcp_catalog.fetch_offers, gce, types, billing_endpoint=billing, zones=s.zones)
+            d = registry.get(provider.name)
+            if d.catalog is not None:
+                fetchers[d.name] = d.catalog(d.section(self.config.providers), provider)
         return fetchers
 
-    def _cloud_settings(self, c: CloudProviderConfig) -> CloudSettings:
-        key = Path(c.ssh_key_file) if c.ssh_key_file else self.state_dir / "ssh" / "id_ed25519"
-        if not key.exists():
-            if c.ssh_key_file:
-                raise ConfigError(self.config.source, "ssh_key_file", f"{key} does not exist")
-            _make_key(key)
-        return CloudSettings(c.machine_type, c.placement, c.spot, c.cpus, c.ssh_user, key, c.ssh_address_override,
-                             c.image, c.on_demand_fallback,
-                             tuple(c.machine_types), tuple(c.zones), c.metadata_url)
+    @staticmethod
+    def _local_names() -> set[str]:
+        """The providers whose machines are this host (they stop with the service): not remote."""
+        return {d.name for d in registry.PROVIDERS if not d.remote}
 
     def _lock(self) -> None:
         self._lock_file = open(self.state_dir / "cloudtaskd.lock", "w")
@@ -444,7 +377,7 @@ class Daemon:
         del self._runners[1:]
         if self.reconciler is not None:
             with suppress(Exception):
-                await self.reconciler.stop_all(self.shutdown_grace_s, {LocalProvider.name} if keep_remote else None)
+                await self.reconciler.stop_all(self.shutdown_grace_s, self._local_names() if keep_remote else None)
         # Stop listening before the dispatcher, so no report arrives that nobody will commit.
         await self.hub.close_all()
         for runner in reversed(self._runners):
@@ -501,17 +434,6 @@ def _url_host(host: str) -> str:
     if host == "::":
         return "[::1]"
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
-
-
-def _make_key(path: Path) -> None:
-    """The daemon's own SSH key for the VMs it launches (ed25519, private part mode 600)."""
-    import asyncssh
-
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    key = asyncssh.generate_private_key("ssh-ed25519", comment="cloudtaskd")
-    key.write_private_key(str(path))
-    os.chmod(path, 0o600)
-    key.write_public_key(f"{path}.pub")
 
 
 def _no_change(tx: Tx) -> None:
