@@ -283,7 +283,8 @@ _SCRIPT = """
 
   function render(s) {
     document.getElementById("daemon").textContent = visible(
-      "daemon " + s.daemon_id + " · v" + s.version + " · " + s.agents_connected + (s.agents_connected === 1 ? " agent connected" : " agents connected"));
+      "daemon " + s.daemon_id + " · v" + s.version + " · " + s.agents_connected
+      + (s.agents_connected === 1 ? " agent connected" : " agents connected"));
     document.getElementById("updated").textContent = "updated " + new Date(s.now * 1000).toLocaleTimeString();
     document.getElementById("jobs").replaceChildren(table(
       [["ID", "num"], ["Name"], ["State"], ["Progress"], ["Succeeded", "num"], ["Dead", "num"],
