@@ -31,6 +31,7 @@ from cloudtaskd.catalog import Fetcher
 from cloudtaskd.config import CloudProviderConfig, Config, load_config
 from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.errors import CloudtaskError, ConfigError, StoreError
+from cloudtaskd.housekeeping import Housekeeper
 from cloudtaskd.hub import AgentHub
 from cloudtaskd.orchestrator.market import Market
 from cloudtaskd.orchestrator.reconciler import Reconciler
@@ -67,6 +68,8 @@ class Daemon:
         self.state_dir = config.state_path
         self.store = Store(self.state_dir / "cloudtask.db")
         self.dispatcher = Dispatcher(self.store, config)
+        # Cancels and deletes in chunks, the event log's retention, the database given back (issue 15).
+        self.housekeeper = Housekeeper(self.store, self.dispatcher, config)
         # The agent's packages for instances, per (Python, CPU), built on first need (runtime.py).
         self.runtime = RuntimeBuilder(self.state_dir / "runtime", tuple(config.providers.ssh.pip_args))
         # Without agents.public_url, ssh and cloud instances' agents come through SSH tunnels
@@ -129,7 +132,7 @@ class Daemon:
             await self._tunnel_existing()
 
         api = ControlApi(self.store, self.dispatcher, self.config, lambda: self.agent_url, self.daemon_id,
-                         self.market)
+                         self.market, housekeeper=self.housekeeper)
         api.agent_ca = self.agent_ca.decode()
         self.api = api
         await self._control_listeners(api)
@@ -142,6 +145,8 @@ class Daemon:
         self._spawn("dispatcher", self.dispatcher.run())
         self._spawn("reconciler", self.reconciler.run())
         self._spawn("bundle_pruner", self._prune_bundles(api))
+        # Goes on at once with a cancel or delete a crash cut short (their rows say where).
+        self._spawn("housekeeper", self.housekeeper.run())
         log.info("daemon_ready", agent_url=self.agent_url, socket=str(self.config.socket_path),
                  api_url=self.api_url or None)
 
@@ -404,6 +409,7 @@ class Daemon:
         self.dispatcher.backoff = (config.queue.retry_backoff_s, config.queue.retry_backoff_max_s)
         self.hub.max_connections_per_instance = agents.max_connections_per_instance
         self.hub.max_messages_per_s = agents.max_messages_per_s
+        self.housekeeper.config = config
         if self.api is not None:
             self.api.config = config
             self.api.bundles.config = config.workers
