@@ -23,6 +23,9 @@ from cloudtaskd.store import Store
 log = structlog.get_logger("cloudtaskd.housekeeping")
 
 CHUNK_PAUSE_S = 0.005  # between two chunks: the event loop reads what agents sent meanwhile
+# While the dispatcher is busy, the pause after a chunk is this many times the chunk's own time: the
+# housekeeper then takes at most about half of the writer (and of the one core the daemon's loop has).
+BUSY_PAUSE_RATIO = 1.0
 FAILED_RETRY_S = 5.0  # after a chunk failed (a full disk): try again this much later
 VACUUM_STEP_PAGES = 2048  # pages given back per transaction (8 MiB at 4 KiB pages, ~60 ms)
 VACUUM_MIN_PAGES = 256  # fewer free pages than this are left for SQLite to reuse
@@ -49,6 +52,7 @@ class Housekeeper:
 
     async def run(self) -> None:
         while True:
+            started, rounds = time.monotonic(), self.dispatcher.rounds
             try:
                 worked = await self.step()
             except StoreError as exc:  # a full or failing disk: the store logs it; the work waits in the db
@@ -56,7 +60,9 @@ class Housekeeper:
                 await asyncio.sleep(FAILED_RETRY_S)
                 continue
             if worked:
-                await asyncio.sleep(CHUNK_PAUSE_S)
+                busy = self.dispatcher.rounds != rounds  # agents were served meanwhile: leave them room
+                took = time.monotonic() - started
+                await asyncio.sleep(max(CHUNK_PAUSE_S, took * BUSY_PAUSE_RATIO if busy else 0.0))
                 continue
             wait = max(0.0, min(self._next_sweep, self._next_truncate if self._compact else self._next_sweep)
                        - time.monotonic())
