@@ -81,14 +81,16 @@ def purge_chunk(tx: Tx, job_id: int, limit: int = PURGE_CHUNK) -> bool:
                             " AND job_id = ? ORDER BY id LIMIT ?)",
                             (task_cursor, task_last, job_id, limit)).fetchone()[0]
         end = task_last if end is None else end
-        tx.db.execute("DELETE FROM tasks WHERE id > ? AND id <= ? AND job_id = ?", (task_cursor, end, job_id))
+        tx.db.execute("DELETE FROM tasks NOT INDEXED WHERE id > ? AND id <= ? AND job_id = ?",
+                      (task_cursor, end, job_id))
         tx.db.execute("UPDATE purges SET task_cursor = ? WHERE job_id = ?", (end, job_id))
         return False
     if event_cursor == 0:
         event_cursor = tx.db.execute("SELECT coalesce(min(id), 1) - 1 FROM events").fetchone()[0]
     if event_cursor < event_last:
         end = min(event_cursor + EVENT_SPAN, event_last)
-        tx.db.execute("DELETE FROM events WHERE id > ? AND id <= ? AND job_id = ?", (event_cursor, end, job_id))
+        tx.db.execute("DELETE FROM events NOT INDEXED WHERE id > ? AND id <= ? AND job_id = ?",
+                      (event_cursor, end, job_id))
         tx.db.execute("UPDATE purges SET event_cursor = ? WHERE job_id = ?", (end, job_id))
         return False
     tasks = tx.db.execute("DELETE FROM purges WHERE job_id = ? RETURNING tasks", (job_id,)).fetchone()[0]
@@ -117,11 +119,11 @@ def prune_events_span(tx: Tx, after: int, older_than: float, count_bound: int) -
         return after, 0, False
     end = min(after + EVENT_SPAN, last)
     # The first event in the span that is young and within the count: the walk stops before it.
-    young = tx.db.execute("SELECT min(id) FROM events WHERE id > ? AND id <= ? AND ts >= ? AND id > ?",
+    young = tx.db.execute("SELECT min(id) FROM events NOT INDEXED WHERE id > ? AND id <= ? AND ts >= ? AND id > ?",
                           (after, end, older_than, count_bound)).fetchone()[0]
     stop = young - 1 if young is not None else end
     deleted = tx.db.execute(
-        f"DELETE FROM events WHERE id > ? AND id <= ? AND NOT (kind IN ({_FINISHED_SQL})"
+        f"DELETE FROM events NOT INDEXED WHERE id > ? AND id <= ? AND NOT (kind IN ({_FINISHED_SQL})"
         " AND job_id IN (SELECT id FROM jobs))", (after, stop)).rowcount
     return stop, deleted, young is None and stop < last
 
