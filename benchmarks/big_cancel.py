@@ -6,7 +6,9 @@
 The big job's tasks are uploaded through the API (as `cloudtaskctl submit` does) and stay queued: no
 agent serves its worker. Another job, of another worker (--same-worker: of the same one, so both
 share a pool and the lease query must skip the cancelled job's queued tasks), is worked by real
-agent processes throughout. Prints the cancel's time (the API's answer, and until the last chunk),
+agent processes throughout (with --same-worker the big job's tasks come first, priority 1: the agents
+work on them until the cancel, and the lease query then skips its queued tasks, the worst case for it).
+Prints the cancel's time (the API's answer, and until the last chunk),
 the daemon's peak RSS during the cancel (VmRSS of its PID sampled every 20 ms, and VmHWM since its
 start), the other job's tasks/s before and during the cancel, and the database and WAL sizes before
 the cancel, after it, and after `DELETE /v1/jobs/ID` once the housekeeper has purged and compacted.
@@ -68,18 +70,15 @@ async def main() -> None:
         other = await daemon.post("/v1/jobs", json={"name": "other", "worker": other_worker["digest"]})
         for job, n, name in ((big, args.tasks, "big"), (other, args.other_tasks, "other")):
             path = tmp / f"{name}.jsonl"
+            priority = ',"priority":1' if name == "big" and args.same_worker else ""
             with path.open("w") as f:
                 for i in range(n):
-                    f.write(f'{{"id":"{name}{i}","data":{{"i":{i}}}}}\n')
+                    f.write(f'{{"id":"{name}{i}","data":{{"i":{i}}}{priority}}}\n')
             t0 = time.monotonic()
             with path.open("rb") as f:
                 await daemon.post(f"/v1/jobs/{job['id']}/tasks", data=f)
             print(f"uploaded {n} tasks to job {job['id']} ({name}) in {time.monotonic() - t0:.1f} s")
             path.unlink()
-        # With --same-worker the agents would lease the big job's tasks first (lower ids): the cancel
-        # starts before they connect, so what they run during it is the other job's work only.
-        if args.same_worker:
-            await daemon.post(f"/v1/jobs/{big['id']}/cancel")
         worker_dir = daemon.state_dir / "workers" / other_worker["digest"]
         ca = tmp / "ca.pem"
         for _ in range(args.agents):
@@ -91,8 +90,11 @@ async def main() -> None:
                  "--worker-dir", str(worker_dir), "--slots", str(args.slots), "--ca-file", str(ca)],
                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
-        async def succeeded() -> int:
-            return int((await daemon.get(f"/v1/jobs/{other['id']}"))["counts"]["succeeded"])
+        async def succeeded() -> int:  # work done: the other job's (--same-worker: both jobs')
+            n = int((await daemon.get(f"/v1/jobs/{other['id']}"))["counts"]["succeeded"])
+            if args.same_worker:
+                n += int((await daemon.get(f"/v1/jobs/{big['id']}"))["counts"]["succeeded"])
+            return n
 
         while True:  # until the agents are up and working
             if await succeeded() >= 1000:
@@ -114,18 +116,17 @@ async def main() -> None:
 
         sampler = asyncio.create_task(sample())
         s0, t0 = await succeeded(), time.monotonic()
-        if not args.same_worker:
-            answer = await daemon.post(f"/v1/jobs/{big['id']}/cancel")
-        else:
-            answer = await daemon.get(f"/v1/jobs/{big['id']}")
+        answer = await daemon.post(f"/v1/jobs/{big['id']}/cancel")
+        s0 = await succeeded()  # the big job's tasks that finished before the cancel are not counted
         t_answer = time.monotonic() - t0
         busy_until, busy_done = t0, s0  # the other job's progress while it still had work
         while True:
             j = await daemon.get(f"/v1/jobs/{big['id']}")
             o = await daemon.get(f"/v1/jobs/{other['id']}")
             if not o["done"]:
-                busy_until, busy_done = time.monotonic(), o["counts"]["succeeded"]
-            if not j["cancelling"] and j["counts"]["cancelled"] == args.tasks:
+                busy_until, busy_done = time.monotonic(), o["counts"]["succeeded"] + j["counts"]["succeeded"] * (
+                    args.same_worker)
+            if not j["cancelling"] and j["done"]:  # every task cancelled (or finished before the cancel)
                 break
             await asyncio.sleep(0.02)
         t_cancel = time.monotonic() - t0
@@ -137,8 +138,8 @@ async def main() -> None:
         await sampler
         c = answer.get("cancelling") or {}
         print(f"cancel: answered in {t_answer * 1000:.0f} ms ({c.get('cancelled')} of {c.get('total')} cancelled"
-              f" in the answer), all {args.tasks} cancelled after {t_cancel:.2f} s"
-              f" ({args.tasks / t_cancel:.0f} tasks/s)")
+              f" in the answer), all {j['counts']['cancelled']} cancelled after {t_cancel:.2f} s"
+              f" ({j['counts']['cancelled'] / t_cancel:.0f} tasks/s)")
         print(f"during the cancel: daemon RSS peak {max(peak):.0f} MiB (sampled every 20 ms),"
               f" other job {during_rate:.0f} tasks/s ({during_rate / before_rate:.0%} of before)")
         print(f"after the cancel: {sizes(daemon.state_dir)}")

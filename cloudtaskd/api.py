@@ -420,8 +420,9 @@ class ControlApi:
         # One row past the page: whether there is more, without a count over the whole job.
         params: tuple[Any, ...] = (job_id, after, state, limit + 1) if state else (job_id, after, limit + 1)
         rows = await self.reads.fetchall(sql, params)
-        if not rows and await self.reads.fetchone("SELECT 1 FROM jobs WHERE id = ?", (job_id,)) is None:
-            raise no_job(job_id)  # not an empty list: the job itself is missing
+        # Not an empty list: the job itself is missing (or deleted, its rows still being purged).
+        if await self.reads.fetchone("SELECT 1 FROM jobs WHERE id = ?", (job_id,)) is None:
+            raise no_job(job_id)
         more = len(rows) > limit
         rows = rows[:limit]
         # `next`: the `after` for the following page, null on the last one.
