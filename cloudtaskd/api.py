@@ -17,7 +17,7 @@ from aiohttp import web
 
 from agent import jsonx
 from agent.workerspec import WorkerSpec, WorkerSpecError
-from cloudtaskd import __version__, costs, interruptions, queue
+from cloudtaskd import __version__, costs, interruptions, queue, retention
 from cloudtaskd.bundles import Bundles
 from cloudtaskd.config import Config
 from cloudtaskd.dispatch import Dispatcher
@@ -32,6 +32,7 @@ from cloudtaskd.errors import (
     no_job,
 )
 from cloudtaskd.feeds import FOLLOWERS_MAX, RESULT_COLUMNS, ReadGate, ResultFeeds, result_line, task_dict
+from cloudtaskd.housekeeping import Housekeeper
 from cloudtaskd.hub import token_hash
 from cloudtaskd.observe import ObserveApi
 from cloudtaskd.orchestrator.market import Market
@@ -130,9 +131,11 @@ def _job_id(request: web.Request) -> int:
 class ControlApi:
     def __init__(self, store: Store, dispatcher: Dispatcher, config: Config, agent_url: Callable[[], str],
                  daemon_id: str, market: Market | None = None, reads: ReadGate | None = None,
-                 series: StatusSeries | None = None) -> None:
+                 series: StatusSeries | None = None, housekeeper: Housekeeper | None = None) -> None:
         self.market = market or Market(store, [], {})
         self.store = store
+        # Carries out cancels and deletes past their first chunk (an API without one: tests of routes).
+        self.housekeeper = housekeeper or Housekeeper(store, dispatcher, config)
         # Every read a request makes goes through the gate (bounded, 503 beyond); the store's own
         # background work (settling uploads) does not.
         self.reads = reads or ReadGate(store)
@@ -160,7 +163,7 @@ class ControlApi:
             web.get("/v1/jobs/{job}", self.get_job),
             web.post("/v1/jobs/{job}/tasks", self.upload_tasks),
             web.post("/v1/jobs/{job}/cancel", self.cancel_job),
-            web.delete("/v1/jobs/{job}", self.withdraw_job),
+            web.delete("/v1/jobs/{job}", self.delete_job),
             web.post("/v1/jobs/{job}/retry", self.retry_job),
             web.post("/v1/jobs/{job}/resume", self.resume_job),
             web.get("/v1/jobs/{job}/tasks", self.list_tasks),
@@ -229,7 +232,11 @@ class ControlApi:
             if len(self._recent) >= RATE_CACHE_JOBS:
                 self._recent = {k: v for k, v in self._recent.items() if now - v[0] < RATE_CACHE_S}
             cached = self._recent[job_id] = (now, n, first)
-        return _job_dict(row, cached[1:], instances, now, job_waiting(row, self.waits))
+        out = _job_dict(row, cached[1:], instances, now, job_waiting(row, self.waits))
+        # A cancel under way: how far it is (its tasks are cancelled in chunks, in the background).
+        pending = db.execute("SELECT total, done FROM cancels WHERE job_id = ?", (job_id,)).fetchone()
+        out["cancelling"] = {"total": pending[0], "cancelled": pending[1]} if pending is not None else None
+        return out
 
     async def _job(self, job_id: int) -> dict[str, Any]:
         now = self.store.clock.now()  # the clock stored times were written on (clock.py)
@@ -355,21 +362,36 @@ class ControlApi:
         task.add_done_callback(self._settling.discard)
 
     async def cancel_job(self, request: web.Request) -> web.Response:
+        """Marked cancelled at once (no lease from now on) and its first chunk cancelled here: a job of
+        up to retention.chunk_rows unfinished tasks is all cancelled in the answer; a bigger one goes
+        on in the background, and the answer's `cancelling` says how far it is."""
         job_id = _job_id(request)
-        leased = await self.store.write(queue.cancel_job, job_id)
-        self.dispatcher.revoke(leased)
-        log.info("job_cancelled", job=job_id, revoked=len(leased))
+        progress = await self.store.write(queue.cancel_job, job_id)
+        if not progress.finished:
+            progress = await self.store.write(queue.cancel_chunk, job_id, self.config.retention.chunk_rows)
+            self.dispatcher.revoke(progress.revoke)
+        if not progress.finished:
+            self.housekeeper.wake()
+        log.info("job_cancelled", job=job_id, tasks=progress.total, cancelled=progress.done,
+                 background=not progress.finished)
         return web.json_response(await self._job(job_id))
 
-    async def withdraw_job(self, request: web.Request) -> web.Response:
-        """A submission whose tasks were refused: the empty job goes, rather than stay as `cancelled 0/0`."""
+    async def delete_job(self, request: web.Request) -> web.Response:
+        """A job that is over goes, with its tasks, results and events (in chunks, in the background);
+        a submission whose tasks were refused goes at once, rather than stay as `cancelled 0/0`. A job
+        with unfinished tasks is refused (409): cancel it first."""
         job_id = _job_id(request)
         async with self._upload_locks.setdefault(job_id, asyncio.Lock()):  # not while an upload stages
-            await self.store.write(queue.withdraw_job, job_id)
+            deleted = await self.store.write(_delete_or_withdraw, job_id)
         self._upload_locks.pop(job_id, None)
         self._recent.pop(job_id, None)
-        log.info("job_withdrawn", job=job_id)
-        return web.json_response({"withdrawn": job_id})
+        if deleted.purging:
+            self.housekeeper.wake()
+        log.info("job_deleted", job=job_id, tasks=deleted.tasks, purging=deleted.purging)
+        body: dict[str, Any] = {"deleted": job_id, "tasks": deleted.tasks, "purging": deleted.purging}
+        if not deleted.tasks:
+            body["withdrawn"] = job_id  # the name this answer had when only empty jobs could go
+        return web.json_response(body)
 
     async def resume_job(self, request: web.Request) -> web.Response:
         """A job paused at its max_total_cost goes on, with a new cap when one is given."""
@@ -403,8 +425,9 @@ class ControlApi:
         # One row past the page: whether there is more, without a count over the whole job.
         params: tuple[Any, ...] = (job_id, after, state, limit + 1) if state else (job_id, after, limit + 1)
         rows = await self.reads.fetchall(sql, params)
-        if not rows and await self.reads.fetchone("SELECT 1 FROM jobs WHERE id = ?", (job_id,)) is None:
-            raise no_job(job_id)  # not an empty list: the job itself is missing
+        # Not an empty list: the job itself is missing (or deleted, its rows still being purged).
+        if await self.reads.fetchone("SELECT 1 FROM jobs WHERE id = ?", (job_id,)) is None:
+            raise no_job(job_id)
         more = len(rows) > limit
         rows = rows[:limit]
         # `next`: the `after` for the following page, null on the last one.
@@ -616,15 +639,28 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
+def _delete_or_withdraw(tx: Tx, job_id: int) -> retention.Deleted:
+    """A job that never held a task (its upload refused) is withdrawn whole at once; any other is deleted."""
+    held = tx.db.execute("SELECT 1 FROM tasks WHERE job_id = ? LIMIT 1", (job_id,)).fetchone() is not None
+    receiving = tx.db.execute("SELECT 1 FROM uploads WHERE job_id = ? AND state IN ('staging', 'committing')",
+                              (job_id,)).fetchone() is not None
+    if held or receiving:
+        return retention.delete_job(tx, job_id)
+    queue.withdraw_job(tx, job_id)
+    return retention.Deleted(job_id, 0, False)
+
+
 def _create_job(tx: Tx, name: str, digest: str, opts: dict[str, Any], timeout: float | None, config: Config) -> int:
     row = tx.db.execute("SELECT id, spec FROM pools WHERE digest = ?", (digest,)).fetchone()
     if row is None:
         raise BadInput(f"worker {digest[:16]!r} is unknown: upload it first (POST /v1/workers)", field="worker")
     spec = WorkerSpec.from_dict(json.loads(row[1]))
     timeout_s = timeout or spec.timeout or config.queue.task_timeout_s or None
+    # Above every id a deleted job had (retention.delete_job): an id names one job, ever.
     cur = tx.db.execute(
-        "INSERT INTO jobs (name, pool_id, state, created_at, max_attempts, timeout_s, max_instances, policy,"
-        " max_total_cost) VALUES (?, ?, 'active', ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO jobs (id, name, pool_id, state, created_at, max_attempts, timeout_s, max_instances, policy,"
+        " max_total_cost) VALUES (max(coalesce((SELECT max(id) FROM jobs), 0), coalesce((SELECT CAST(value AS"
+        " INTEGER) FROM meta WHERE key = 'last_job_id'), 0)) + 1, ?, ?, 'active', ?, ?, ?, ?, ?, ?)",
         (name, row[0], tx.now, opts["max_attempts"] or config.queue.max_attempts, timeout_s, opts["max_instances"],
          json.dumps(opts["policy"].to_dict()), opts["max_total_cost"]),
     )

@@ -132,6 +132,25 @@ class WorkersConfig:
 
 
 @dataclass(frozen=True)
+class EventsConfig:
+    """The event log (GET /v1/events, cloudtaskctl events), pruned by the housekeeper. The events that
+    record how a task of a job still held finished are its results stream's and stay with the job."""
+    max_age_s: float = field(default=7 * 86400.0, metadata=_range(60, 10 * 365 * 86400))
+    max_rows: int = field(default=1_000_000, metadata=_range(1000, 10**10))
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    # A job over (nothing unfinished) this long is deleted with its tasks, results and events; 0: never.
+    # Off by default: results are the product's output, and deleting them unasked cannot be undone.
+    finished_jobs_s: float = field(default=0.0, metadata=_range(0, 10 * 365 * 86400))
+    # Rows per transaction of a cancel, a delete or the event pruning: dispatch runs between chunks.
+    chunk_rows: int = field(default=10_000, metadata=_range(100, 1_000_000))
+    # How often the event log and finished jobs are looked at.
+    interval_s: float = field(default=60.0, metadata=_range(1, 86400))
+
+
+@dataclass(frozen=True)
 class ScalingConfig:
     max_instances: int = field(default=8, metadata=_range(0, 100_000))
     idle_timeout_s: float = field(default=DEFAULT_IDLE_TIMEOUT_S, metadata=_range(0, 86400))
@@ -182,6 +201,8 @@ class Config:
     agents: AgentsConfig = field(default_factory=AgentsConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     providers: ProvidersConfig = field(default_factory=ProvidersConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})

@@ -31,6 +31,7 @@ from cloudtaskd.catalog import Fetcher
 from cloudtaskd.config import Config, load_config
 from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.errors import CloudtaskError, ConfigError, StoreError
+from cloudtaskd.housekeeping import Housekeeper
 from cloudtaskd.hub import AgentHub
 from cloudtaskd.orchestrator.market import Market
 from cloudtaskd.orchestrator.reconciler import Reconciler
@@ -70,6 +71,8 @@ class Daemon:
         self.dispatcher = Dispatcher(self.store, config)
         # The status page's plots (the tests sample faster and keep a shorter window).
         self.series = StatusSeries(self.store, interval_s=series_interval_s, window_s=series_window_s)
+        # Cancels and deletes in chunks, the event log's retention, the database given back (issue 15).
+        self.housekeeper = Housekeeper(self.store, self.dispatcher, config)
         # The agent's packages for instances, per (Python, CPU), built on first need (runtime.py).
         self.runtime = RuntimeBuilder(self.state_dir / "runtime", tuple(config.providers.ssh.pip_args))
         # Without agents.public_url, ssh and cloud instances' agents come through SSH tunnels
@@ -132,7 +135,7 @@ class Daemon:
             await self._tunnel_existing()
 
         api = ControlApi(self.store, self.dispatcher, self.config, lambda: self.agent_url, self.daemon_id,
-                         self.market, series=self.series)
+                         self.market, series=self.series, housekeeper=self.housekeeper)
         api.agent_ca = self.agent_ca.decode()
         self.api = api
         await self._control_listeners(api)
@@ -148,6 +151,8 @@ class Daemon:
         self._spawn("reconciler", self.reconciler.run())
         self._spawn("bundle_pruner", self._prune_bundles(api))
         self._spawn("status_series", self.series.run())
+        # Goes on at once with a cancel or delete a crash cut short (their rows say where).
+        self._spawn("housekeeper", self.housekeeper.run())
         log.info("daemon_ready", agent_url=self.agent_url, socket=str(self.config.socket_path),
                  api_url=self.api_url or None)
 
@@ -344,6 +349,7 @@ class Daemon:
         self.dispatcher.backoff = (config.queue.retry_backoff_s, config.queue.retry_backoff_max_s)
         self.hub.max_connections_per_instance = agents.max_connections_per_instance
         self.hub.max_messages_per_s = agents.max_messages_per_s
+        self.housekeeper.config = config
         if self.api is not None:
             self.api.config = config
             self.api.bundles.config = config.workers

@@ -276,8 +276,14 @@ class ApiClient:
         return result
 
     async def withdraw_job(self, job_id: int) -> None:
-        """Remove a job that never received a task (the daemon refuses any other)."""
-        await self._call("DELETE", f"/v1/jobs/{job_id}")
+        """Remove a job that never received a task (its upload refused)."""
+        await self.delete_job(job_id)
+
+    async def delete_job(self, job_id: int) -> dict[str, Any]:
+        """Delete a job that is over, with its tasks, results and events (refused while it has
+        unfinished tasks: cancel it first)."""
+        result: dict[str, Any] = await self._call("DELETE", f"/v1/jobs/{job_id}")
+        return result
 
     async def resume_job(self, job_id: int, *, max_total_cost: float | None = None) -> dict[str, Any]:
         body = {"max_total_cost": max_total_cost} if max_total_cost is not None else {}

@@ -184,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", type=_job_arg, metavar="JOB")
     p.add_argument("--max-total-cost", type=_usd, metavar="USD", help="the new cap (above what is spent)")
     add("cancel", "cancel what is unfinished in a job").add_argument("job", type=_job_arg, metavar="JOB")
+    add("delete", "delete a job that is over (succeeded, failed or cancelled) with its tasks, results and events;"
+        " a job with unfinished tasks must be cancelled first").add_argument("job", type=_job_arg, metavar="JOB")
     p = add("instances", "list instances, or show one's bootstrap log")
     p.add_argument("--all", action="store_true", help="include stopped ones")
     p.add_argument("--logs", metavar="ID", help="print the bootstrap/agent log kept for instance ID")
@@ -227,6 +229,7 @@ COMMANDS: dict[str, Command] = {
     "retry": commands.cmd_retry,
     "resume": commands.cmd_resume,
     "cancel": commands.cmd_cancel,
+    "delete": commands.cmd_delete,
     "instances": commands.cmd_instances,
     "drain": commands.cmd_drain,
     "catalog": commands.cmd_catalog,
