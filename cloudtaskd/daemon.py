@@ -97,6 +97,23 @@ class Daemon:
         self.on_log_level: Callable[[str], None] | None = None
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            # Nothing half-started stays behind: listeners, background tasks, the database, the lock.
+            for runner in reversed(self._runners):
+                with suppress(Exception):
+                    await runner.cleanup()
+            self._runners.clear()
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._tasks.clear()
+            with suppress(Exception):
+                await self._close_resources()
+            raise
+
+    async def _start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock()
         await self.store.open()
@@ -256,8 +273,8 @@ class Daemon:
         """How each started provider with a catalog fetches its offers (only the types its config allows)."""
         fetchers: dict[str, Fetcher] = {}
         for provider, _ in self.providers:
-            d = registry.get(provider.name)
-            if d.catalog is not None:
+            d = registry.find(provider.name)
+            if d is not None and d.catalog is not None:  # a provider outside the registry: a test's own
                 fetchers[d.name] = d.catalog(d.section(self.config.providers), provider)
         return fetchers
 
@@ -403,6 +420,11 @@ class Daemon:
         if self.reconciler is not None:
             with suppress(Exception):
                 await self.reconciler.abandon_launches()
+        await self._close_resources()
+        log.info("daemon_stopped")
+
+    async def _close_resources(self) -> None:
+        """Tunnels, providers' clients, the database and the state lock (with the socket it guards)."""
         if self.tunnels is not None:
             await self.tunnels.close_all()
         for provider, _ in self.providers:
@@ -414,7 +436,6 @@ class Daemon:
                 self.config.socket_path.unlink()
             self._lock_file.close()
             self._lock_file = None
-        log.info("daemon_stopped")
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -35,6 +35,10 @@ def get(name: str) -> ProviderDescriptor[Any]:
         raise KeyError(f"no provider {name!r} (registered: {', '.join(_BY_NAME)})") from None
 
 
+def find(name: str) -> ProviderDescriptor[Any] | None:
+    return _BY_NAME.get(name)
+
+
 def names() -> tuple[str, ...]:
     return tuple(_BY_NAME)
 
