@@ -141,7 +141,9 @@ async def test_one_leader_and_failover_when_its_session_dies(pg_dsn: str) -> Non
             tries = leader.attempts
             await wait_for(lambda: _true(leader.attempts >= tries + 3), message="the old leader to try again")
             assert not leader.is_leader and other.is_leader
-            holders = await admin.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted")
+            holders = await admin.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")
             assert holders == 1
         finally:
             await admin.close()
