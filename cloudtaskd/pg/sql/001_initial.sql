@@ -1,4 +1,4 @@
--- PostgreSQL schema version 1: the SQLite schema as of its migration 013 (cloudtaskd/sql/001-013),
+-- PostgreSQL schema version 1: the SQLite schema as of its migration 014 (cloudtaskd/sql/001-014),
 -- translated. Applied in one transaction by pg/migrate.py; schema_migrations records it.
 -- Same tables, columns, nullability, defaults and index names (tests/test_pg_base.py compares them
 -- with a real SQLite store), so one table module can write one statement for both where it can:
@@ -161,3 +161,23 @@ CREATE TABLE interruptions (
     UNIQUE (instance_id, kind)
 );
 CREATE INDEX interruptions_noticed ON interruptions(noticed_at);
+
+-- A job being cancelled a chunk at a time, and a deleted job whose rows are removed a chunk at a
+-- time (SQLite 014; housekeeping.py). The cursors are task and event ids.
+CREATE TABLE cancels (
+    job_id     BIGINT PRIMARY KEY,
+    cursor     BIGINT NOT NULL,
+    total      INTEGER NOT NULL,
+    done       INTEGER NOT NULL DEFAULT 0,
+    started_at DOUBLE PRECISION NOT NULL
+);
+
+CREATE TABLE purges (
+    job_id       BIGINT PRIMARY KEY,
+    task_cursor  BIGINT NOT NULL,
+    task_last    BIGINT NOT NULL,
+    event_cursor BIGINT NOT NULL,
+    event_last   BIGINT NOT NULL,
+    tasks        INTEGER NOT NULL,
+    started_at   DOUBLE PRECISION NOT NULL
+);
