@@ -8,17 +8,20 @@ import ssl
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 
 from cloudtaskd.config import AgentsConfig, Config, QueueConfig, ScalingConfig
 from cloudtaskd.runtime import RuntimeBuilder
 from cloudtaskd.store import Store
+from tests import postgres as pg_mod
 from tests import sshd as sshd_mod
 from tests.moto_ec2 import MotoEc2
 
@@ -140,3 +143,39 @@ def creds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
                        ("AWS_CONFIG_FILE", str(tmp_path / "none")),
                        ("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none")), ("AWS_EC2_METADATA_DISABLED", "true")):
         monkeypatch.setenv(key, value)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[pg_mod.PostgresServer]:
+    """A real PostgreSQL (tests/postgres.py), one for the session: each test gets its own database
+    (pg_dsn). A test may restart it; it comes back on the same port with its data."""
+    reason = pg_mod.unavailable()
+    if reason is not None:
+        if os.geteuid() == 0:  # CI runs as root and install.sh installs the package: never skip there
+            pytest.fail(reason)
+        pytest.skip(reason)
+    server = pg_mod.PostgresServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+async def pg_dsn(pg_server: pg_mod.PostgresServer) -> AsyncIterator[str]:
+    """A fresh, empty database on the session's server, dropped after the test: its DSN."""
+    name = f"t{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(pg_server.dsn())
+    try:
+        await admin.execute(f"CREATE DATABASE {name} TEMPLATE template0")
+    finally:
+        await admin.close()
+    yield pg_server.dsn(name)
+    if not pg_server.running():
+        pg_server.start()  # a test that stopped it
+    admin = await asyncpg.connect(pg_server.dsn())
+    try:
+        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    finally:
+        await admin.close()
