@@ -7,6 +7,7 @@ import os
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -26,6 +27,25 @@ from tests import sshd as sshd_mod
 from tests.moto_ec2 import MotoEc2
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """A thread a test left running (an aiosqlite connection never closed, a worker pool) keeps the
+    interpreter from exiting: the run would hang after its summary, for ever in CI. Name the threads
+    and exit with the run's status, or failed if it passed (the leak is a bug of its own)."""
+    left = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if not left:
+        return
+    sys.stderr.write(f"\ntests left {len(left)} thread(s) running, which would hang the exit: "
+                     f"{', '.join(sorted(t.name for t in left))}\n")
+    sys.stderr.flush()
+    sys.stdout.flush()
+    status = int(getattr(config, "_cloudtask_exitstatus", 0)) or 1
+    os._exit(status)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config._cloudtask_exitstatus = exitstatus  # type: ignore[attr-defined]  # read at unconfigure
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
