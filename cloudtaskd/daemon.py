@@ -30,7 +30,7 @@ from cloudtaskd.api import ControlApi, errors_middleware
 from cloudtaskd.catalog import Fetcher
 from cloudtaskd.config import CloudProviderConfig, Config, load_config
 from cloudtaskd.dispatch import Dispatcher
-from cloudtaskd.errors import CloudtaskError, ConfigError, StoreError
+from cloudtaskd.errors import CloudtaskError, ConfigError, StateDirBusy, StoreError
 from cloudtaskd.hub import AgentHub
 from cloudtaskd.orchestrator.market import Market
 from cloudtaskd.orchestrator.reconciler import Reconciler
@@ -40,6 +40,7 @@ from cloudtaskd.providers.cloud import CloudDriver, CloudProvider, CloudSettings
 from cloudtaskd.providers.local import LocalProvider
 from cloudtaskd.providers.ssh import SshProvider
 from cloudtaskd.reload import ReloadPlan, plan
+from cloudtaskd.runs import Runs
 from cloudtaskd.runtime import RuntimeBuilder
 from cloudtaskd.service import Systemd, watchdog
 from cloudtaskd.store import Store, Tx
@@ -61,7 +62,11 @@ AGENT_PORT_FILE = "agent.port"
 
 
 class Daemon:
-    def __init__(self, config: Config, *, shutdown_grace_s: float = SHUTDOWN_GRACE_S) -> None:
+    def __init__(self, config: Config, *, shutdown_grace_s: float = SHUTDOWN_GRACE_S,
+                 run_grace_s: float | None = None) -> None:
+        """run_grace_s: how long after start the jobs of `cloudtaskctl run`s not attached are left alone
+        (default: api.run_attach_ttl_s, for runs of a standalone daemon to come back after its restart;
+        the daemon a run embeds passes 0: it was not running, so whoever is alive attaches at once)."""
         self.config = config
         self.shutdown_grace_s = shutdown_grace_s
         self.state_dir = config.state_path
@@ -72,6 +77,9 @@ class Daemon:
         # Without agents.public_url, ssh and cloud instances' agents come through SSH tunnels
         # (tunnels.py); the destination is set once the agent listener is bound.
         self.tunnels: Tunnels | None = None if config.agents.public_url else Tunnels("127.0.0.1", 0, "wss")
+        ttl_s = config.api.run_attach_ttl_s
+        self.runs = Runs(self.store, self.dispatcher, ttl_s=ttl_s,
+                         grace_s=ttl_s if run_grace_s is None else run_grace_s)
         self.hub = AgentHub(self.store, self.dispatcher, config.agents.max_message_bytes,
                             max_connections_per_instance=config.agents.max_connections_per_instance,
                             max_messages_per_s=config.agents.max_messages_per_s)
@@ -129,7 +137,7 @@ class Daemon:
             await self._tunnel_existing()
 
         api = ControlApi(self.store, self.dispatcher, self.config, lambda: self.agent_url, self.daemon_id,
-                         self.market)
+                         self.market, runs=self.runs)
         api.agent_ca = self.agent_ca.decode()
         self.api = api
         await self._control_listeners(api)
@@ -142,6 +150,7 @@ class Daemon:
         self._spawn("dispatcher", self.dispatcher.run())
         self._spawn("reconciler", self.reconciler.run())
         self._spawn("bundle_pruner", self._prune_bundles(api))
+        self._spawn("runs", self.runs.run())
         log.info("daemon_ready", agent_url=self.agent_url, socket=str(self.config.socket_path),
                  api_url=self.api_url or None)
 
@@ -329,7 +338,7 @@ class Daemon:
             # Not ours: stop() must then leave the running daemon's socket alone.
             self._lock_file.close()
             self._lock_file = None
-            raise CloudtaskError(f"another cloudtaskd is running on the state directory {self.state_dir}") from None
+            raise StateDirBusy(f"another cloudtaskd is running on the state directory {self.state_dir}") from None
 
     async def _resume_uploads(self) -> None:
         rows = await self.store.fetchall(

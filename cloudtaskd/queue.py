@@ -351,7 +351,10 @@ def lease_many(tx: Tx, pool_id: int, wants: list[tuple[str, int]], ttl_s: float)
     total = sum(n for _, n in wants)
     rows = tx.db.execute(
         "SELECT id, job_id, attempt, key, data, timeout_s FROM tasks INDEXED BY tasks_ready"
-        " WHERE pool_id = ? AND state = 'queued' ORDER BY priority DESC, id LIMIT ?",
+        # A paused job's tasks stay put (its budget reached, or its `cloudtaskctl run` gone), even
+        # while another job of the same worker keeps the pool's instances busy.
+        " WHERE pool_id = ? AND state = 'queued' AND job_id NOT IN (SELECT id FROM jobs WHERE state = 'paused')"
+        " ORDER BY priority DESC, id LIMIT ?",
         (pool_id, total),
     ).fetchall()
     if not rows:

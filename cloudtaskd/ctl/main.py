@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "run":
             p.add_argument("--results", default=DEFAULT_RESULTS, metavar="FILE",
                            help=f"where to write one JSON line per task (default: {DEFAULT_RESULTS})")
+            p.add_argument("--fresh", action="store_true",
+                           help="start a new job even when an earlier run of the same task file and worker left one"
+                                " unfinished (that one is cancelled); without it, that job is resumed")
 
     add("check", "before anything is spent: whether each enabled provider can work (no daemon needed)")
     add("status", "all jobs, or one").add_argument("job", nargs="?", type=_job_arg, metavar="JOB")
