@@ -414,6 +414,8 @@ async def _follow(ctx: Ctx, state: _RunState, display: ProgressDisplay, failures
             if ctx.url or (isinstance(exc, DaemonBusy) and "dropped" not in str(exc)):
                 raise
             await _attach(ctx, state)  # attached with job_id: a job held meanwhile goes on
+            # The new daemon held the jobs of runs that are gone with the old one: say which.
+            await _carrying_on(ctx, state, lambda api: _report_held(ctx, api, state))
             cursor = None
             continue
         if job["state"] == "paused" and job.get("pause_cause") == RUN_GONE and state.attached:
