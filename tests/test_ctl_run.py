@@ -234,6 +234,14 @@ def succeeded_in_db(state: Path) -> set[str]:
         db.close()
 
 
+def leased_in_db(state: Path) -> set[str]:
+    db = sqlite3.connect(state / "cloudtask.db")
+    try:
+        return {r[0] for r in db.execute("SELECT key FROM tasks WHERE state = 'leased'")}
+    finally:
+        db.close()
+
+
 def job_rows(state: Path) -> dict[int, tuple[str, str | None]]:
     db = sqlite3.connect(state / "cloudtask.db")
     try:
@@ -347,3 +355,27 @@ def test_second_run_carries_on_when_the_run_holding_the_daemon_is_killed(tmp_pat
     # The killed run's job is held, not run behind the user's back, and the survivor said so.
     assert job_rows(tmp_path / "state")[1] == ("paused", "run_gone")
     assert "job 1 (a, " in err and "`cloudtaskctl resume 1`" in err
+
+
+def test_a_killed_runs_job_is_held_not_run_ahead_of_the_next_run(tmp_path: Path, agents_reaped: None) -> None:
+    """Another task file after a killed run: the new job runs alone; the old one is named, held, untouched."""
+    worker, _ = slow_setup(tmp_path)
+    a = task_file(tmp_path, "a", 30, 0.3)
+    b = task_file(tmp_path, "b", 10, 0.2)
+    first = start_run(tmp_path, a, worker, "a.out")
+    try:
+        wait_until(lambda: len(set(executions(tmp_path, "a"))) >= 4, 90, "4 tasks started by the first run")
+    finally:
+        first.kill()
+        finish(first)
+    held_by_agent = set(executions(tmp_path, "a")) | leased_in_db(tmp_path / "state")
+    second = start_run(tmp_path, b, worker, "b.out")
+    assert finish(second) == 0, stderr_of(tmp_path, "b.out")
+    err = stderr_of(tmp_path, "b.out")
+    assert "job 1 (a, " in err and "is held, not run: `cloudtaskctl resume 1`" in err
+    assert "`cloudtaskctl cancel 1`" in err
+    check_results(tmp_path, "b.out", "b", 10)
+    # Same worker, so the same instance served both: none of the held job's tasks was leased again;
+    # only those its agent already held at the kill (running, or fetched ahead) went on.
+    assert set(executions(tmp_path, "a")) <= held_by_agent
+    assert job_rows(tmp_path / "state")[1] == ("paused", "run_gone")
