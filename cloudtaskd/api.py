@@ -153,6 +153,7 @@ class ControlApi:
         self.agent_url = agent_url
         self.agent_ca = ""  # the CA (PEM) an agent must pin to dial agent_url; empty: plain ws://
         self.daemon_id = daemon_id
+        self.embedded = False  # started by `cloudtaskctl run` for its duration (GET /v1/health says so)
         self.bundles = Bundles(store, config.state_path / "workers", config.workers)
         self._upload_locks: dict[int, asyncio.Lock] = {}
         self._settling: set[asyncio.Task[None]] = set()  # uploads finished once the store can (_settle_later)
@@ -189,7 +190,8 @@ class ControlApi:
         ]
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"ok": True, "version": __version__, "daemon_id": self.daemon_id})
+        return web.json_response({"ok": True, "version": __version__, "daemon_id": self.daemon_id,
+                                  "embedded": self.embedded})
 
     # ---- workers ----
 

@@ -62,12 +62,14 @@ AGENT_PORT_FILE = "agent.port"
 
 
 class Daemon:
-    def __init__(self, config: Config, *, shutdown_grace_s: float = SHUTDOWN_GRACE_S,
-                 run_grace_s: float | None = None) -> None:
-        """run_grace_s: how long after start the jobs of `cloudtaskctl run`s not attached are left alone
-        (default: api.run_attach_ttl_s, for runs of a standalone daemon to come back after its restart;
-        the daemon a run embeds passes 0: it was not running, so whoever is alive attaches at once)."""
+    def __init__(self, config: Config, *, shutdown_grace_s: float = SHUTDOWN_GRACE_S, embedded: bool = False) -> None:
+        """embedded: started by `cloudtaskctl run` for its duration. Jobs of runs not attached are held
+        at once (no daemon ran on the directory, so a run still alive attaches within a second), where a
+        standalone daemon gives its runs api.run_attach_ttl_s after its start to come back; and its
+        health says so, so that an attached run that loses it starts its own rather than wait for a
+        service to come back."""
         self.config = config
+        self.embedded = embedded
         self.shutdown_grace_s = shutdown_grace_s
         self.state_dir = config.state_path
         self.store = Store(self.state_dir / "cloudtask.db")
@@ -78,8 +80,7 @@ class Daemon:
         # (tunnels.py); the destination is set once the agent listener is bound.
         self.tunnels: Tunnels | None = None if config.agents.public_url else Tunnels("127.0.0.1", 0, "wss")
         ttl_s = config.api.run_attach_ttl_s
-        self.runs = Runs(self.store, self.dispatcher, ttl_s=ttl_s,
-                         grace_s=ttl_s if run_grace_s is None else run_grace_s)
+        self.runs = Runs(self.store, self.dispatcher, ttl_s=ttl_s, grace_s=0.0 if embedded else ttl_s)
         self.hub = AgentHub(self.store, self.dispatcher, config.agents.max_message_bytes,
                             max_connections_per_instance=config.agents.max_connections_per_instance,
                             max_messages_per_s=config.agents.max_messages_per_s)
@@ -139,6 +140,7 @@ class Daemon:
         api = ControlApi(self.store, self.dispatcher, self.config, lambda: self.agent_url, self.daemon_id,
                          self.market, runs=self.runs)
         api.agent_ca = self.agent_ca.decode()
+        api.embedded = self.embedded
         self.api = api
         await self._control_listeners(api)
 

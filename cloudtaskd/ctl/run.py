@@ -80,6 +80,7 @@ class _RunState:
     owner: str = field(default_factory=lambda: f"pid {os.getpid()} on {socket.gethostname()}")
     ttl_s: float = 15.0  # the daemon's api.run_attach_ttl_s, as its answer to the attachment says
     attached: bool = False  # False against a daemon without /v1/runs
+    daemon_embedded: bool = False  # the daemon attached to was started by a `cloudtaskctl run`
     heartbeat: asyncio.Task[None] | None = None
     exit_status: int | None = None  # set once the results are written: the run's work is done
 
@@ -197,11 +198,13 @@ async def cmd_submit(ctx: Ctx, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _attach(ctx: Ctx, state: _RunState) -> ApiClient:
+async def _attach(ctx: Ctx, state: _RunState, *, again: bool = False) -> ApiClient:
     """Attach to the daemon at the socket, or start one in this process for the duration of the run.
     Tried until attached (within ATTACH_TIMEOUT_S): the state directory's lock may be held by another
     run's daemon that is starting (both runs came at the same instant: it answers in a moment) or
-    stopping (its run finished just as this one came: it refuses new runs, and frees the lock soon)."""
+    stopping (its run finished just as this one came: it refuses new runs, and frees the lock soon).
+    again: the daemon this run used went away. Only one that another run embedded is replaced by one
+    of ours; a standalone daemon (a service restarting) is waited for, never raced for its lock."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + ATTACH_TIMEOUT_S
     told = False
@@ -216,6 +219,14 @@ async def _attach(ctx: Ctx, state: _RunState) -> ApiClient:
             if ctx.url:
                 raise  # a remote daemon is not started here
             unavailable = exc
+        if again and not state.daemon_embedded:
+            if loop.time() > deadline:
+                raise DaemonUnavailable(f"{unavailable} (waited {ATTACH_TIMEOUT_S:g} s for it to come back)")
+            if not told:
+                ctx.note(f"{unavailable}: waiting for it to come back")
+                told = True
+            await asyncio.sleep(LOCK_RETRY_S)
+            continue
         try:
             await _start_daemon(ctx, state, unavailable)
         except StateDirBusy as exc:
@@ -235,7 +246,8 @@ async def _attach(ctx: Ctx, state: _RunState) -> ApiClient:
 async def _register(api: ApiClient, state: _RunState) -> None:
     """Health, then attach this run (following its job, once it has one): the daemon keeps the job
     going while the run lives, and resumes it if it was held meanwhile."""
-    await api.health()
+    health = await api.health()
+    state.daemon_embedded = bool(health.get("embedded"))
     try:
         answer = await api.attach_run(state.run_id, state.owner, state.job_id)
     except NotFound:  # a daemon from before /v1/runs: no attachment, as before
@@ -262,10 +274,9 @@ async def _start_daemon(ctx: Ctx, state: _RunState, unavailable: Exception) -> N
         state.log_file = await asyncio.to_thread(log_path.open, "a")
         logs.configure(ctx.config.log_level, state.log_file)
         logs.log_config_warnings(ctx.config)
-    # run_grace_s 0: no daemon ran on this directory, so a run that is still alive attaches within a
-    # second; every other run's unfinished job is held at once, before it takes the fleet.
+    # embedded: every other run's unfinished job is held at once, before it takes the fleet.
     # Set before start(): a half-started daemon must be stopped too.
-    daemon = state.daemon = Daemon(ctx.config, run_grace_s=0.0)
+    daemon = state.daemon = Daemon(ctx.config, embedded=True)
     try:
         await daemon.start()
     except StateDirBusy:
@@ -299,7 +310,7 @@ async def _carrying_on(ctx: Ctx, state: _RunState, step: Callable[[ApiClient], A
         except (DaemonUnavailable, DaemonBusy) as exc:
             if ctx.url or (isinstance(exc, DaemonBusy) and "dropped" not in str(exc)):
                 raise
-            await _attach(ctx, state)
+            await _attach(ctx, state, again=True)
 
 
 def _sha256_file(path: Path) -> str:
@@ -334,8 +345,10 @@ async def _resume_or_submit(ctx: Ctx, api: ApiClient, args: argparse.Namespace, 
                 return await _follow_again(api, state, job), False
             await api.withdraw_job(state.job_id)  # its upload never committed
         state.job_id = None
-    earlier = [j for j in await api.list_jobs(submission=submission)
-               if not j.get("done") and j["state"] != "cancelled"]
+    # A daemon without /v1/runs knows no submissions either (it would ignore the filter): no lookup.
+    found = await api.list_jobs(submission=submission) if state.attached else []
+    earlier = [j for j in found if j.get("submission") == submission and not j.get("done")
+               and j["state"] != "cancelled"]
     for j in [j for j in earlier if not j["counts"]["total"]]:
         # An earlier run that died while its tasks uploaded: nothing of it was queued.
         with contextlib.suppress(CloudtaskError):
@@ -413,7 +426,7 @@ async def _follow(ctx: Ctx, state: _RunState, display: ProgressDisplay, failures
         except (DaemonUnavailable, DaemonBusy) as exc:
             if ctx.url or (isinstance(exc, DaemonBusy) and "dropped" not in str(exc)):
                 raise
-            await _attach(ctx, state)  # attached with job_id: a job held meanwhile goes on
+            await _attach(ctx, state, again=True)  # attached with job_id: a job held meanwhile goes on
             # The new daemon held the jobs of runs that are gone with the old one: say which.
             await _carrying_on(ctx, state, lambda api: _report_held(ctx, api, state))
             cursor = None
