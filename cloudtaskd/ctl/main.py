@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="at most N tasks (default: 100); when there are more, it says how to see them")
     pages.add_argument("--all", action="store_true", help="every task, read page by page")
     add("retry", "queue a job's dead and cancelled tasks again").add_argument("job", type=_job_arg, metavar="JOB")
-    p = add("resume", "let a job paused at its max_total_cost go on")
+    p = add("resume", "let a paused job go on (its max_total_cost reached, launches blocked, or its run gone)")
     p.add_argument("job", type=_job_arg, metavar="JOB")
     p.add_argument("--max-total-cost", type=_usd, metavar="USD", help="the new cap (above what is spent)")
     add("cancel", "cancel what is unfinished in a job").add_argument("job", type=_job_arg, metavar="JOB")
