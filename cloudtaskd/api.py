@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import secrets
 import sqlite3
 import uuid
@@ -25,6 +26,7 @@ from cloudtaskd.errors import (
     BadInput,
     Busy,
     CloudtaskError,
+    DaemonStopping,
     NotFound,
     StoreError,
     StoreFull,
@@ -40,6 +42,7 @@ from cloudtaskd.orchestrator.selection import Needs, Policy, rate_of, why_no_off
 from cloudtaskd.orchestrator.waits import job_waiting
 from cloudtaskd.params import decimal_number, whole_number
 from cloudtaskd.providers.base import Offer
+from cloudtaskd.runs import Runs
 from cloudtaskd.series import StatusSeries
 from cloudtaskd.states import InstanceEvent, job_outcome
 from cloudtaskd.store import Store, Tx
@@ -52,6 +55,10 @@ RATE_CACHE_S = 1.0  # a job's rate is counted at most this often, however many c
 RATE_CACHE_JOBS = 1000  # rates kept; past this the stale ones are dropped
 RESULTS_PAGE = 1000  # rows per read of a results stream: bounded work per read, the gate between pages
 SETTLE_RETRY_S = 1.0  # how often an upload the store could not finish (a full disk) is tried again
+# A run's id (PUT /v1/runs/ID; cloudtaskctl makes a uuid4 hex) and a submission's hash (sha256 hex).
+RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+SUBMISSION = re.compile(r"[0-9a-f]{64}")
+RUN_OWNER_MAX_CHARS = 200
 JOB_COLUMNS = ("staged", "queued", "leased", "failed", "succeeded", "dead", "cancelled")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -82,6 +89,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return web.json_response({"error": {"type": type(exc).__name__.removeprefix("HTTP"),
                                             "message": exc.text or exc.reason, "line": None, "field": None}},
                                  status=exc.status, headers=headers)
+    except DaemonStopping as exc:
+        # Not busy (no Retry-After): this daemon goes away; the client starts or finds another.
+        return _error(503, exc)
     except Busy as exc:
         # Too many control requests at once: refused before any work, with when to come back.
         resp = _error(503, exc)
@@ -131,7 +141,8 @@ def _job_id(request: web.Request) -> int:
 class ControlApi:
     def __init__(self, store: Store, dispatcher: Dispatcher, config: Config, agent_url: Callable[[], str],
                  daemon_id: str, market: Market | None = None, reads: ReadGate | None = None,
-                 series: StatusSeries | None = None, housekeeper: Housekeeper | None = None) -> None:
+                 series: StatusSeries | None = None, housekeeper: Housekeeper | None = None,
+                 runs: Runs | None = None) -> None:
         self.market = market or Market(store, [], {})
         self.store = store
         # Carries out cancels and deletes past their first chunk (an API without one: tests of routes).
@@ -143,9 +154,12 @@ class ControlApi:
         self._recent: dict[int, tuple[float, int, float | None]] = {}  # job -> (read at, n finished, first)
         self.dispatcher = dispatcher
         self.config = config
+        ttl_s = config.api.run_attach_ttl_s
+        self.runs = runs or Runs(store, dispatcher, ttl_s=ttl_s, grace_s=ttl_s)
         self.agent_url = agent_url
         self.agent_ca = ""  # the CA (PEM) an agent must pin to dial agent_url; empty: plain ws://
         self.daemon_id = daemon_id
+        self.embedded = False  # started by `cloudtaskctl run` for its duration (GET /v1/health says so)
         self.bundles = Bundles(store, config.state_path / "workers", config.workers)
         self._upload_locks: dict[int, asyncio.Lock] = {}
         self._settling: set[asyncio.Task[None]] = set()  # uploads finished once the store can (_settle_later)
@@ -178,11 +192,15 @@ class ControlApi:
             web.get("/v1/interruptions", self.interruptions),
             web.get("/v1/cost", self.fleet_cost),
             web.get("/v1/jobs/{job}/cost", self.job_cost),
+            web.get("/v1/runs", self.list_runs),
+            web.put("/v1/runs/{run}", self.attach_run),
+            web.delete("/v1/runs/{run}", self.detach_run),
             *self.observe.routes(),  # /metrics, /v1/events, /v1/status, /status
         ]
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"ok": True, "version": __version__, "daemon_id": self.daemon_id})
+        return web.json_response({"ok": True, "version": __version__, "daemon_id": self.daemon_id,
+                                  "embedded": self.embedded})
 
     # ---- workers ----
 
@@ -215,6 +233,7 @@ class ControlApi:
         if cap is not None and (type(cap) not in (int, float) or not math.isfinite(cap) or cap <= 0):
             raise BadInput("max_total_cost: expected a positive number of USD", field="max_total_cost")
         opts["max_total_cost"] = cap
+        opts["run"] = _run_body(body.get("run"))
         job_id = await self.store.write(_create_job, name, digest, opts, timeout, self.config)
         log.info("job_created", job=job_id, name=name)
         return web.json_response(await self._job(job_id), status=201)
@@ -260,14 +279,21 @@ class ControlApi:
 
     async def list_jobs(self, request: web.Request) -> web.Response:
         now = self.store.clock.now()  # the clock stored times were written on (clock.py)
+        submission = request.query.get("submission")
+        if submission is not None and not SUBMISSION.fullmatch(submission):
+            raise BadInput("submission: expected a sha256 in hex (64 characters 0-9a-f)", field="submission")
 
         def read(db: sqlite3.Connection) -> list[dict[str, Any]]:
             # One read for the whole list (it was one per job): a consistent snapshot, one thread hop.
             live = dict(db.execute(
                 "SELECT pool_id, count(*) FROM instances WHERE state IN ('pending', 'starting', 'running',"
                 " 'draining') GROUP BY pool_id").fetchall())
-            rows = db.execute("SELECT j.*, p.digest FROM jobs j JOIN pools p ON p.id = j.pool_id"
-                              " ORDER BY j.id DESC LIMIT 1000").fetchall()
+            if submission is not None:  # `cloudtaskctl run` looking for its earlier job
+                rows = db.execute("SELECT j.*, p.digest FROM jobs j JOIN pools p ON p.id = j.pool_id"
+                                  " WHERE j.submission = ? ORDER BY j.id DESC LIMIT 1000", (submission,)).fetchall()
+            else:
+                rows = db.execute("SELECT j.*, p.digest FROM jobs j JOIN pools p ON p.id = j.pool_id"
+                                  " ORDER BY j.id DESC LIMIT 1000").fetchall()
             return [self._read_job(db, r, live.get(r["pool_id"], 0), now) for r in rows]
 
         return web.json_response({"jobs": await self.reads.read(read)})
@@ -400,9 +426,33 @@ class ControlApi:
         cap = body.get("max_total_cost")
         if cap is not None and (type(cap) not in (int, float) or not math.isfinite(cap) or cap <= 0):
             raise BadInput("max_total_cost: expected a positive number of USD", field="max_total_cost")
-        await self.store.write(costs.resume, job_id, float(cap) if cap is not None else None)
+        pool_id = await self.store.write(costs.resume, job_id, float(cap) if cap is not None else None)
+        self.dispatcher.notify_work(pool_id)  # a paused job's tasks were not leased: they may be now
         log.info("job_resumed", job=job_id, max_total_cost=cap)
         return web.json_response(await self._job(job_id))
+
+    # ---- attached runs (cloudtaskd/runs.py) ----
+
+    async def list_runs(self, request: web.Request) -> web.Response:
+        return web.json_response({"runs": self.runs.listing(), "ttl_s": self.runs.ttl_s})
+
+    async def attach_run(self, request: web.Request) -> web.Response:
+        run_id = _run_id(request)
+        body = await _json_body(request)
+        owner = body.get("owner", "")
+        if not isinstance(owner, str) or len(owner) > RUN_OWNER_MAX_CHARS:
+            raise BadInput(f"owner: expected a string of at most {RUN_OWNER_MAX_CHARS} characters", field="owner")
+        job = body.get("job")
+        if job is not None and (type(job) is not int or not 1 <= job <= MAX_ROWID):
+            raise BadInput("job: expected a job id", field="job")
+        resumed = await self.runs.attach(run_id, owner, job)
+        return web.json_response({"id": run_id, "ttl_s": self.runs.ttl_s, "resumed": resumed,
+                                  "runs": self.runs.listing()})
+
+    async def detach_run(self, request: web.Request) -> web.Response:
+        run_id = _run_id(request)
+        self.runs.detach(run_id)
+        return web.json_response({"detached": run_id})
 
     async def retry_job(self, request: web.Request) -> web.Response:
         job_id = _job_id(request)
@@ -629,6 +679,30 @@ def _offer_dict(o: Offer) -> dict[str, Any]:
             "price_per_hour": o.price_per_hour}
 
 
+def _run_id(request: web.Request) -> str:
+    run_id = request.match_info["run"]
+    if not RUN_ID.fullmatch(run_id):
+        raise BadInput("run: expected 1 to 64 letters, digits, '-' or '_'", field="run")
+    return run_id
+
+
+def _run_body(raw: Any) -> dict[str, str] | None:
+    """A job's `run` object (cloudtaskctl run): the run that submitted it and what it submitted."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) - {"id", "owner", "submission"}:
+        raise BadInput("run: expected an object with id, owner and submission", field="run")
+    if not isinstance(raw.get("id"), str) or not RUN_ID.fullmatch(raw["id"]):
+        raise BadInput("run.id: expected 1 to 64 letters, digits, '-' or '_'", field="run.id")
+    owner = raw.get("owner", "")
+    if not isinstance(owner, str) or len(owner) > RUN_OWNER_MAX_CHARS:
+        raise BadInput(f"run.owner: expected a string of at most {RUN_OWNER_MAX_CHARS} characters", field="run.owner")
+    submission = raw.get("submission")
+    if submission is not None and (not isinstance(submission, str) or not SUBMISSION.fullmatch(submission)):
+        raise BadInput("run.submission: expected a sha256 in hex (64 characters 0-9a-f)", field="run.submission")
+    return {"id": raw["id"], "owner": owner, "submission": submission}
+
+
 async def _json_body(request: web.Request) -> dict[str, Any]:
     try:
         body = await request.json(loads=jsonx.loads)
@@ -659,10 +733,12 @@ def _create_job(tx: Tx, name: str, digest: str, opts: dict[str, Any], timeout: f
     # Above every id a deleted job had (retention.delete_job): an id names one job, ever.
     cur = tx.db.execute(
         "INSERT INTO jobs (id, name, pool_id, state, created_at, max_attempts, timeout_s, max_instances, policy,"
-        " max_total_cost) VALUES (max(coalesce((SELECT max(id) FROM jobs), 0), coalesce((SELECT CAST(value AS"
-        " INTEGER) FROM meta WHERE key = 'last_job_id'), 0)) + 1, ?, ?, 'active', ?, ?, ?, ?, ?, ?)",
+        " max_total_cost, run_id, run_owner, submission) VALUES (max(coalesce((SELECT max(id) FROM jobs), 0),"
+        " coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'last_job_id'), 0)) + 1, ?, ?, 'active', ?, ?,"
+        " ?, ?, ?, ?, ?, ?, ?)",
         (name, row[0], tx.now, opts["max_attempts"] or config.queue.max_attempts, timeout_s, opts["max_instances"],
-         json.dumps(opts["policy"].to_dict()), opts["max_total_cost"]),
+         json.dumps(opts["policy"].to_dict()), opts["max_total_cost"],
+         *((run["id"], run["owner"], run["submission"]) if (run := opts.get("run")) else (None, None, None))),
     )
     job_id = int(cur.lastrowid or 0)
     tx.event("job_created", job_id=job_id, detail=json.dumps({"name": name}))
@@ -697,6 +773,9 @@ def _job_dict(row: sqlite3.Row, recent: tuple[int, float | None], instances: int
         "max_instances": row["max_instances"], "policy": json.loads(row["policy"] or "{}"),
         "max_total_cost": row["max_total_cost"], "state_reason": row["state_reason"],
         "pause_cause": row["pause_cause"], "waiting": waiting,
+        # Submitted by `cloudtaskctl run`: which one (held when it is gone), and the submission's hash.
+        "run": {"id": row["run_id"], "owner": row["run_owner"]} if row["run_id"] else None,
+        "submission": row["submission"],
     }
 
 

@@ -48,6 +48,7 @@ DEFAULT_RETRY_BACKOFF_MAX_S = 300.0
 DEFAULT_IDLE_TIMEOUT_S = 30.0
 MAX_FRAME_BYTES = 256 * 1024 * 1024
 DEFAULT_RECONNECT_GRACE_S = 60.0  # an agent's reconnect backoff tops out at 15 s: four tries
+DEFAULT_RUN_ATTACH_TTL_S = 15.0  # a run renews every 5 s: three renewals missed before its job is held
 DEFAULT_EXTERNAL_CONNECT_TIMEOUT_S = 3600.0
 
 
@@ -71,6 +72,10 @@ class ApiConfig:
     # with bursts up to rate_burst; more are answered 429 with Retry-After (cloudtaskctl waits).
     rate_limit_per_s: float = field(default=100.0, metadata=_range(0.1, 1e6))
     rate_burst: int = field(default=200, metadata=_range(1, 1_000_000))
+    # A `cloudtaskctl run` attached to this daemon that has not been heard from this long is gone: its
+    # unfinished job is held (paused, never leased) until the same run is started again or it is
+    # resumed by hand (cloudtaskd/runs.py). A run renews its attachment every third of this.
+    run_attach_ttl_s: float = field(default=DEFAULT_RUN_ATTACH_TTL_S, metadata=_range(1, 3600))
 
 
 @dataclass(frozen=True)

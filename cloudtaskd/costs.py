@@ -96,7 +96,9 @@ def pause_over_budget(tx: Tx, horizon_s: float) -> list[tuple[int, int, str]]:
     return paused
 
 
-def resume(tx: Tx, job_id: int, max_total_cost: float | None) -> None:
+def resume(tx: Tx, job_id: int, max_total_cost: float | None) -> int:
+    """A paused job goes on; returns its pool. One held because its `cloudtaskctl run` is gone is the
+    user's own from now on: no run owns it, so it is not held again (cloudtaskd/runs.py)."""
     row = tx.db.execute("SELECT state, pool_id, created_at, max_total_cost FROM jobs WHERE id = ?",
                         (job_id,)).fetchone()
     if row is None:
@@ -109,7 +111,8 @@ def resume(tx: Tx, job_id: int, max_total_cost: float | None) -> None:
     if cap is not None and cap <= spent:
         raise BadInput(f"max_total_cost: ${cap:.4f} is not above the ${spent:.4f} already spent",
                        field="max_total_cost")
-    tx.db.execute("UPDATE jobs SET state = 'active', state_reason = NULL, pause_cause = NULL, max_total_cost = ?"
-                  " WHERE id = ?",
+    tx.db.execute("UPDATE jobs SET state = 'active', state_reason = NULL, pause_cause = NULL, max_total_cost = ?,"
+                  " run_id = NULL WHERE id = ?",
                   (cap, job_id))
     tx.event("job_resumed", job_id=job_id, detail=f"max_total_cost={cap}")
+    return int(pool_id)

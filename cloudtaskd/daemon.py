@@ -30,7 +30,7 @@ from cloudtaskd.api import ControlApi, errors_middleware
 from cloudtaskd.catalog import Fetcher
 from cloudtaskd.config import Config, load_config
 from cloudtaskd.dispatch import Dispatcher
-from cloudtaskd.errors import CloudtaskError, ConfigError, StoreError
+from cloudtaskd.errors import CloudtaskError, ConfigError, StateDirBusy, StoreError
 from cloudtaskd.housekeeping import Housekeeper
 from cloudtaskd.hub import AgentHub
 from cloudtaskd.orchestrator.market import Market
@@ -40,6 +40,7 @@ from cloudtaskd.providers.base import Provider
 from cloudtaskd.providers.descriptors import ProviderEnv
 from cloudtaskd.providers.local import LocalProvider
 from cloudtaskd.reload import ReloadPlan, plan
+from cloudtaskd.runs import Runs
 from cloudtaskd.runtime import RuntimeBuilder
 from cloudtaskd.series import SERIES_INTERVAL_S, SERIES_WINDOW_S, StatusSeries
 from cloudtaskd.service import Systemd, watchdog
@@ -62,9 +63,15 @@ AGENT_PORT_FILE = "agent.port"
 
 
 class Daemon:
-    def __init__(self, config: Config, *, shutdown_grace_s: float = SHUTDOWN_GRACE_S,
+    def __init__(self, config: Config, *, shutdown_grace_s: float = SHUTDOWN_GRACE_S, embedded: bool = False,
                  series_interval_s: float = SERIES_INTERVAL_S, series_window_s: float = SERIES_WINDOW_S) -> None:
+        """embedded: started by `cloudtaskctl run` for its duration. Jobs of runs not attached are held
+        at once (no daemon ran on the directory, so a run still alive attaches within a second), where a
+        standalone daemon gives its runs api.run_attach_ttl_s after its start to come back; and its
+        health says so, so that an attached run that loses it starts its own rather than wait for a
+        service to come back."""
         self.config = config
+        self.embedded = embedded
         self.shutdown_grace_s = shutdown_grace_s
         self.state_dir = config.state_path
         self.store = Store(self.state_dir / "cloudtask.db")
@@ -78,6 +85,8 @@ class Daemon:
         # Without agents.public_url, ssh and cloud instances' agents come through SSH tunnels
         # (tunnels.py); the destination is set once the agent listener is bound.
         self.tunnels: Tunnels | None = None if config.agents.public_url else Tunnels("127.0.0.1", 0, "wss")
+        ttl_s = config.api.run_attach_ttl_s
+        self.runs = Runs(self.store, self.dispatcher, ttl_s=ttl_s, grace_s=0.0 if embedded else ttl_s)
         self.hub = AgentHub(self.store, self.dispatcher, config.agents.max_message_bytes,
                             max_connections_per_instance=config.agents.max_connections_per_instance,
                             max_messages_per_s=config.agents.max_messages_per_s)
@@ -152,8 +161,9 @@ class Daemon:
             await self._tunnel_existing()
 
         api = ControlApi(self.store, self.dispatcher, self.config, lambda: self.agent_url, self.daemon_id,
-                         self.market, series=self.series, housekeeper=self.housekeeper)
+                         self.market, series=self.series, housekeeper=self.housekeeper, runs=self.runs)
         api.agent_ca = self.agent_ca.decode()
+        api.embedded = self.embedded
         self.api = api
         await self._control_listeners(api)
 
@@ -170,6 +180,7 @@ class Daemon:
         self._spawn("status_series", self.series.run())
         # Goes on at once with a cancel or delete a crash cut short (their rows say where).
         self._spawn("housekeeper", self.housekeeper.run())
+        self._spawn("runs", self.runs.run())
         log.info("daemon_ready", agent_url=self.agent_url, socket=str(self.config.socket_path),
                  api_url=self.api_url or None)
 
@@ -291,7 +302,7 @@ class Daemon:
             # Not ours: stop() must then leave the running daemon's socket alone.
             self._lock_file.close()
             self._lock_file = None
-            raise CloudtaskError(f"another cloudtaskd is running on the state directory {self.state_dir}") from None
+            raise StateDirBusy(f"another cloudtaskd is running on the state directory {self.state_dir}") from None
 
     async def _resume_uploads(self) -> None:
         rows = await self.store.fetchall(

@@ -118,6 +118,14 @@ class DaemonUnavailable(CloudtaskError):
     """cloudtaskd is not reachable."""
 
 
+class StateDirBusy(CloudtaskError):
+    """Another cloudtaskd holds the state directory's lock."""
+
+
+class DaemonStopping(DaemonUnavailable):
+    """This cloudtaskd is stopping and takes no new `cloudtaskctl run`: start one of your own."""
+
+
 class Busy(CloudtaskError):
     """cloudtaskd is busy: too many control requests at once. Try again shortly."""
 

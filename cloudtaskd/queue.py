@@ -353,7 +353,10 @@ def lease_many(tx: Tx, pool_id: int, wants: list[tuple[str, int]], ttl_s: float)
     # tasks are cancelled a chunk at a time (cancel_chunk); `cancels` is empty but during a cancel.
     rows = tx.db.execute(
         "SELECT id, job_id, attempt, key, data, timeout_s FROM tasks INDEXED BY tasks_ready"
+        # A paused job's tasks stay put (its budget reached, or its `cloudtaskctl run` gone), even
+        # while another job of the same worker keeps the pool's instances busy.
         " WHERE pool_id = ? AND state = 'queued' AND job_id NOT IN (SELECT job_id FROM cancels)"
+        " AND job_id NOT IN (SELECT id FROM jobs WHERE state = 'paused')"
         " ORDER BY priority DESC, id LIMIT ?",
         (pool_id, total),
     ).fetchall()

@@ -45,7 +45,7 @@ MIGRATIONS = ["001_initial.sql", "002_host_keys.sql", "003_instance_host_key.sql
               "005_job_policy.sql", "006_hot_indexes.sql", "007_job_state_reason.sql",
               "008_interruptions.sql", "009_error_events.sql", "010_lost_grants.sql",
               "011_finished_events.sql", "012_launch_failures.sql",
-              "013_catalog_arch.sql", "014_bounded.sql"]
+              "013_catalog_arch.sql", "014_bounded.sql", "015_runs.sql"]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 COUNTER = {state: f"n_{state.value}" for state in TaskState}

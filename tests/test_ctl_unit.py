@@ -312,7 +312,23 @@ class FakeDaemon:
             web.post("/v1/jobs/{job}/cancel", self.cancel),
             web.post("/v1/jobs/{job}/resume", self.resume),
             web.get("/v1/jobs/{job}/results", self.results),
+            web.get("/v1/jobs", self.list_jobs),
+            web.put("/v1/runs/{run}", self.attach_run),
+            web.get("/v1/runs", self.list_runs),
+            web.delete("/v1/runs/{run}", self.detach_run),
         ]
+
+    async def list_jobs(self, request: web.Request) -> web.Response:
+        return web.json_response({"jobs": []})
+
+    async def attach_run(self, request: web.Request) -> web.Response:
+        return web.json_response({"id": request.match_info["run"], "ttl_s": 15, "resumed": False, "runs": []})
+
+    async def list_runs(self, request: web.Request) -> web.Response:
+        return web.json_response({"runs": [], "ttl_s": 15})
+
+    async def detach_run(self, request: web.Request) -> web.Response:
+        return web.json_response({"detached": request.match_info["run"]})
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": True, "version": "0", "daemon_id": "fake"})
@@ -508,9 +524,10 @@ async def test_run_embeds_a_daemon_when_none_answers(tmp_path: Path, monkeypatch
     class Daemon:
         """Stands in for cloudtaskd.daemon.Daemon: serves the fake API on the configured socket."""
 
-        def __init__(self, config: Config) -> None:
+        def __init__(self, config: Config, *, embedded: bool = False) -> None:
             self.config = config
             self.runner: web.AppRunner | None = None
+            self.runs = types.SimpleNamespace(close_if_alone=lambda run_id: [])
 
         async def start(self) -> None:
             app = web.Application()

@@ -23,7 +23,7 @@ from urllib.parse import quote
 import aiohttp
 
 from agent import jsonx
-from cloudtaskd.errors import BadInput, CloudtaskError, DaemonBusy, DaemonUnavailable, NotFound
+from cloudtaskd.errors import BadInput, CloudtaskError, DaemonBusy, DaemonStopping, DaemonUnavailable, NotFound
 
 BASE_URL = "http://cloudtaskd"
 UPLOAD_CHUNK_BYTES = 1 << 20
@@ -74,6 +74,8 @@ def _error_from(status: int, body: bytes, path: str) -> CloudtaskError:
                         field=field if isinstance(field, str) else None)
     if status == 404:
         return NotFound(message)
+    if status == 503 and info.get("type") == "DaemonStopping":
+        return DaemonStopping(message)
     if status == 401:
         return CloudtaskError(f"{message} — set CLOUDTASK_API_TOKEN (or --token-file) to the daemon's api.token")
     return CloudtaskError(message)
@@ -245,10 +247,13 @@ class ApiClient:
 
     async def create_job(self, name: str, worker: str, *, max_instances: int | None = None,
                          max_attempts: int | None = None, timeout_s: float | None = None,
-                         policy: dict[str, Any] | None = None, max_total_cost: float | None = None) -> dict[str, Any]:
+                         policy: dict[str, Any] | None = None, max_total_cost: float | None = None,
+                         run: dict[str, str] | None = None) -> dict[str, Any]:
+        """run: {"id", "owner", "submission"} of the `cloudtaskctl run` submitting it (cloudtaskd/runs.py)."""
         body: dict[str, Any] = {"name": name, "worker": worker}
         for key, value in (("max_instances", max_instances), ("max_attempts", max_attempts),
-                           ("timeout_s", timeout_s), ("policy", policy), ("max_total_cost", max_total_cost)):
+                           ("timeout_s", timeout_s), ("policy", policy), ("max_total_cost", max_total_cost),
+                           ("run", run)):
             if value is not None:
                 body[key] = value
         result: dict[str, Any] = await self._call("POST", "/v1/jobs", json=body)
@@ -262,10 +267,25 @@ class ApiClient:
                                   headers={"Content-Type": "application/octet-stream"}, timeout=UPLOAD_TIMEOUT)
         return int(result["accepted"])
 
-    async def list_jobs(self) -> list[dict[str, Any]]:
-        result = await self._call("GET", "/v1/jobs")
+    async def list_jobs(self, *, submission: str | None = None) -> list[dict[str, Any]]:
+        """The newest jobs; with `submission`, only those `cloudtaskctl run` submitted with that hash."""
+        result = await self._call("GET", "/v1/jobs", params={"submission": submission} if submission else None)
         jobs: list[dict[str, Any]] = result["jobs"]
         return jobs
+
+    async def attach_run(self, run_id: str, owner: str, job_id: int | None) -> dict[str, Any]:
+        """Register (or renew) a `cloudtaskctl run` with the daemon; {"ttl_s", "resumed", "runs"}."""
+        result: dict[str, Any] = await self._call("PUT", f"/v1/runs/{quote(run_id, safe='')}",
+                                                  json={"owner": owner, "job": job_id})
+        return result
+
+    async def detach_run(self, run_id: str) -> None:
+        await self._call("DELETE", f"/v1/runs/{quote(run_id, safe='')}")
+
+    async def list_runs(self) -> list[dict[str, Any]]:
+        result = await self._call("GET", "/v1/runs")
+        runs: list[dict[str, Any]] = result["runs"]
+        return runs
 
     async def get_job(self, job_id: int) -> dict[str, Any]:
         result: dict[str, Any] = await self._call("GET", f"/v1/jobs/{job_id}")

@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "run":
             p.add_argument("--results", default=DEFAULT_RESULTS, metavar="FILE",
                            help=f"where to write one JSON line per task (default: {DEFAULT_RESULTS})")
+            p.add_argument("--fresh", action="store_true",
+                           help="start a new job even when an earlier run of the same task file and worker left one"
+                                " unfinished (that one is cancelled); without it, that job is resumed")
 
     add("check", "before anything is spent: whether each enabled provider can work (no daemon needed)")
     add("status", "all jobs, or one").add_argument("job", nargs="?", type=_job_arg, metavar="JOB")
@@ -180,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="at most N tasks (default: 100); when there are more, it says how to see them")
     pages.add_argument("--all", action="store_true", help="every task, read page by page")
     add("retry", "queue a job's dead and cancelled tasks again").add_argument("job", type=_job_arg, metavar="JOB")
-    p = add("resume", "let a job paused at its max_total_cost go on")
+    p = add("resume", "let a paused job go on (its max_total_cost reached, launches blocked, or its run gone)")
     p.add_argument("job", type=_job_arg, metavar="JOB")
     p.add_argument("--max-total-cost", type=_usd, metavar="USD", help="the new cap (above what is spent)")
     add("cancel", "cancel what is unfinished in a job").add_argument("job", type=_job_arg, metavar="JOB")

@@ -19,7 +19,7 @@ from cloudtaskd.errors import StoreError
 from cloudtaskd.pg import locks
 from cloudtaskd.pg.connect import AnyConnection, Pool
 
-MIGRATIONS = ("001_initial.sql",)
+MIGRATIONS = ("001_initial.sql", "002_runs.sql")
 SCHEMA_VERSION = len(MIGRATIONS)
 
 log = structlog.get_logger("cloudtaskd.pg")
