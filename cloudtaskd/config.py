@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from agent.protocol import TASK_FRAME_MARGIN_BYTES, frame_limit_for
+from cloudtask_wire.messages import TASK_FRAME_MARGIN_BYTES, frame_limit_for
 from cloudtaskd import redact
 from cloudtaskd.errors import ConfigError
 from cloudtaskd.taskfile import DEFAULT_MAX_TASK_BYTES

@@ -53,7 +53,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from agent import protocol
+from cloudtask_wire import messages as protocol
 from cloudtaskd import queue
 from cloudtaskd.config import ApiConfig, LocalProviderConfig, ProvidersConfig
 from cloudtaskd.daemon import Daemon
