@@ -128,12 +128,14 @@ def pack(head: str, items: list[str], tail: str, limit_bytes: int) -> list[str]:
     close the connection, and the same frame would be resent after every reconnect)."""
     frames: list[str] = []
     part: list[str] = []
-    size = len(head) + len(tail)
+    # In bytes, head and tail too: a hand-back's reason may be up to 200 characters of 4 bytes each.
+    fixed = wire_len(head) + wire_len(tail)
+    size = fixed
     for item in items:
         n = wire_len(item)
         if part and size + n + 1 > limit_bytes - FRAME_OVERHEAD:
             frames.append(head + ",".join(part) + tail)
-            part, size = [], len(head) + len(tail)
+            part, size = [], fixed
         part.append(item)
         size += n + 1
     if part:

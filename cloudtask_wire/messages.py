@@ -235,17 +235,18 @@ DaemonMessage = Union[Welcome, Ack, Grant, Revoke, DrainRequest, ErrorMessage]
 # ---- validation helpers ---------------------------------------------------------------------
 
 
-def _int(obj: dict[str, Any], key: str, *, minimum: int = 0, maximum: int = 2**62) -> int:
+# `at`: where obj sits in the message ("results[3]."), so that an error names the whole path.
+def _int(obj: dict[str, Any], key: str, *, minimum: int = 0, maximum: int = 2**62, at: str = "") -> int:
     value = obj.get(key)
     if type(value) is not int or not (minimum <= value <= maximum):
-        raise ProtocolError(f"expected an integer in [{minimum}, {maximum}], got {value!r:.60}", field=key)
+        raise ProtocolError(f"expected an integer in [{minimum}, {maximum}], got {value!r:.60}", field=at + key)
     return value
 
 
-def _num(obj: dict[str, Any], key: str, *, maximum: float) -> float:
+def _num(obj: dict[str, Any], key: str, *, maximum: float, at: str = "") -> float:
     value = obj.get(key)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= maximum:
-        raise ProtocolError(f"expected a number in [0, {maximum:g}], got {value!r:.60}", field=key)
+        raise ProtocolError(f"expected a number in [0, {maximum:g}], got {value!r:.60}", field=at + key)
     return float(value)
 
 
@@ -310,25 +311,27 @@ def parse_agent_message(raw: str | bytes) -> AgentMessage:
     if kind == "done":
         results = []
         for i, item in enumerate(_list(obj, "results")):
-            it = _obj(item, f"results[{i}]")
+            at = f"results[{i}]."
+            it = _obj(item, at[:-1])
             if "result" not in it:
-                raise ProtocolError("missing", field=f"results[{i}].result")
-            results.append(Success(_int(it, "id"), _int(it, "token"), it["result"],
-                                   _num(it, "duration_s", maximum=MAX_DURATION_S)))
+                raise ProtocolError("missing", field=f"{at}result")
+            results.append(Success(_int(it, "id", at=at), _int(it, "token", at=at), it["result"],
+                                   _num(it, "duration_s", maximum=MAX_DURATION_S, at=at)))
         return Complete(results, _credit(obj))
     if kind == "fail":
         failures = []
         for i, item in enumerate(_list(obj, "failures")):
-            it = _obj(item, f"failures[{i}]")
+            at = f"failures[{i}]."
+            it = _obj(item, at[:-1])
             retryable = it.get("retryable")
             if not isinstance(retryable, bool):
-                raise ProtocolError("expected true or false", field=f"failures[{i}].retryable")
+                raise ProtocolError("expected true or false", field=f"{at}retryable")
             error = it.get("error")
             if not isinstance(error, str):
-                raise ProtocolError("expected a string", field=f"failures[{i}].error")
+                raise ProtocolError("expected a string", field=f"{at}error")
             failures.append(
-                Failure(_int(it, "id"), _int(it, "token"), error[:MAX_ERROR_CHARS], retryable,
-                        _num(it, "duration_s", maximum=MAX_DURATION_S))
+                Failure(_int(it, "id", at=at), _int(it, "token", at=at), error[:MAX_ERROR_CHARS], retryable,
+                        _num(it, "duration_s", maximum=MAX_DURATION_S, at=at))
             )
         return Fail(failures, _credit(obj))
     if kind == "hb":
@@ -385,7 +388,9 @@ def parse_daemon_message(raw: str | bytes) -> DaemonMessage:
             return DrainRequest(obj.get("reason", ""))
         if kind == "error":
             return ErrorMessage(obj["code"], obj["message"])
-    except (KeyError, TypeError, ValueError) as exc:
+    except KeyError as exc:
+        raise ProtocolError("missing", field=str(exc.args[0])) from exc
+    except (TypeError, ValueError) as exc:
         raise ProtocolError(f"malformed daemon message: {exc}") from exc
     raise ProtocolError(f"unknown message type {kind!r:.40}", field="t")
 
