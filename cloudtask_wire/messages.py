@@ -44,7 +44,13 @@ class ProtocolError(Exception):
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         self.field = field
+        self.reason = message
         super().__init__(f"{field}: {message}" if field else message)
+
+    def within(self, where: str) -> ProtocolError:
+        """The same error with the path of the object it is in ("results[3]") before its field:
+        built only on the way out, so the usual message pays nothing for the path."""
+        return ProtocolError(self.reason, field=f"{where}.{self.field}" if self.field else where)
 
 
 LeaseRef = tuple[int, int]  # (task_id, token)
@@ -235,18 +241,17 @@ DaemonMessage = Union[Welcome, Ack, Grant, Revoke, DrainRequest, ErrorMessage]
 # ---- validation helpers ---------------------------------------------------------------------
 
 
-# `at`: where obj sits in the message ("results[3]."), so that an error names the whole path.
-def _int(obj: dict[str, Any], key: str, *, minimum: int = 0, maximum: int = 2**62, at: str = "") -> int:
+def _int(obj: dict[str, Any], key: str, *, minimum: int = 0, maximum: int = 2**62) -> int:
     value = obj.get(key)
     if type(value) is not int or not (minimum <= value <= maximum):
-        raise ProtocolError(f"expected an integer in [{minimum}, {maximum}], got {value!r:.60}", field=at + key)
+        raise ProtocolError(f"expected an integer in [{minimum}, {maximum}], got {value!r:.60}", field=key)
     return value
 
 
-def _num(obj: dict[str, Any], key: str, *, maximum: float, at: str = "") -> float:
+def _num(obj: dict[str, Any], key: str, *, maximum: float) -> float:
     value = obj.get(key)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= maximum:
-        raise ProtocolError(f"expected a number in [0, {maximum:g}], got {value!r:.60}", field=at + key)
+        raise ProtocolError(f"expected a number in [0, {maximum:g}], got {value!r:.60}", field=key)
     return float(value)
 
 
@@ -281,7 +286,7 @@ def _refs(obj: dict[str, Any], key: str) -> list[LeaseRef]:
 
 def _obj(item: Any, where: str) -> dict[str, Any]:
     if not isinstance(item, dict):
-        raise ProtocolError("expected an object", field=where)
+        raise ProtocolError("expected an object", field=where or None)
     return item
 
 
@@ -298,6 +303,25 @@ def _frame_limit(obj: dict[str, Any]) -> int:
     return value
 
 
+def _success(item: Any) -> Success:
+    it = _obj(item, "")
+    if "result" not in it:
+        raise ProtocolError("missing", field="result")
+    return Success(_int(it, "id"), _int(it, "token"), it["result"], _num(it, "duration_s", maximum=MAX_DURATION_S))
+
+
+def _failure(item: Any) -> Failure:
+    it = _obj(item, "")
+    retryable = it.get("retryable")
+    if not isinstance(retryable, bool):
+        raise ProtocolError("expected true or false", field="retryable")
+    error = it.get("error")
+    if not isinstance(error, str):
+        raise ProtocolError("expected a string", field="error")
+    return Failure(_int(it, "id"), _int(it, "token"), error[:MAX_ERROR_CHARS], retryable,
+                   _num(it, "duration_s", maximum=MAX_DURATION_S))
+
+
 def parse_agent_message(raw: str | bytes) -> AgentMessage:
     """Decode and validate one agent frame; raises ProtocolError naming the bad field."""
     try:
@@ -309,30 +333,22 @@ def parse_agent_message(raw: str | bytes) -> AgentMessage:
     if kind == "lease":
         return LeaseRequest(n=_int(obj, "n", maximum=MAX_CREDIT))
     if kind == "done":
-        results = []
-        for i, item in enumerate(_list(obj, "results")):
-            at = f"results[{i}]."
-            it = _obj(item, at[:-1])
-            if "result" not in it:
-                raise ProtocolError("missing", field=f"{at}result")
-            results.append(Success(_int(it, "id", at=at), _int(it, "token", at=at), it["result"],
-                                   _num(it, "duration_s", maximum=MAX_DURATION_S, at=at)))
+        results: list[Success] = []
+        items = _list(obj, "results")
+        try:
+            for item in items:
+                results.append(_success(item))
+        except ProtocolError as exc:
+            raise exc.within(f"results[{len(results)}]") from None  # the item that failed is the next
         return Complete(results, _credit(obj))
     if kind == "fail":
-        failures = []
-        for i, item in enumerate(_list(obj, "failures")):
-            at = f"failures[{i}]."
-            it = _obj(item, at[:-1])
-            retryable = it.get("retryable")
-            if not isinstance(retryable, bool):
-                raise ProtocolError("expected true or false", field=f"{at}retryable")
-            error = it.get("error")
-            if not isinstance(error, str):
-                raise ProtocolError("expected a string", field=f"{at}error")
-            failures.append(
-                Failure(_int(it, "id", at=at), _int(it, "token", at=at), error[:MAX_ERROR_CHARS], retryable,
-                        _num(it, "duration_s", maximum=MAX_DURATION_S, at=at))
-            )
+        failures: list[Failure] = []
+        items = _list(obj, "failures")
+        try:
+            for item in items:
+                failures.append(_failure(item))
+        except ProtocolError as exc:
+            raise exc.within(f"failures[{len(failures)}]") from None
         return Fail(failures, _credit(obj))
     if kind == "hb":
         return Heartbeat(_refs(obj, "leases"))
