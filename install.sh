@@ -15,8 +15,10 @@ fi
 # systemd (systemd-analyze verifies the unit file), chromium (the status page in a real browser),
 # passwd (useradd: a second local user tries the control socket), faketime (a clock jump on one
 # agent process), iproute2 (network namespaces: an agent host whose link is taken down), debootstrap
-# (a foreign host for the tests: a Debian root with its own older python3, see tests/foreign_host.py).
-DEBS=(git openssh-server openssh-client systemd chromium passwd faketime iproute2 debootstrap)
+# (a foreign host for the tests: a Debian root with its own older python3, see tests/foreign_host.py),
+# postgresql (the PostgreSQL backend's tests start their own server from its initdb and postgres
+# binaries on 127.0.0.1 and a free port; a cluster the package may start on 5432 is not used).
+DEBS=(git openssh-server openssh-client systemd chromium passwd faketime iproute2 debootstrap postgresql)
 missing=()
 for pkg in "${DEBS[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

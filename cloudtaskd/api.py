@@ -17,7 +17,7 @@ from aiohttp import web
 
 from cloudtask_wire import jsonx
 from cloudtask_wire.workerspec import WorkerSpec, WorkerSpecError
-from cloudtaskd import __version__, costs, interruptions, queue
+from cloudtaskd import __version__, costs, interruptions, queue, retention
 from cloudtaskd.bundles import Bundles
 from cloudtaskd.config import Config
 from cloudtaskd.dispatch import Dispatcher
@@ -32,13 +32,16 @@ from cloudtaskd.errors import (
     no_job,
 )
 from cloudtaskd.feeds import FOLLOWERS_MAX, RESULT_COLUMNS, ReadGate, ResultFeeds, result_line, task_dict
+from cloudtaskd.housekeeping import Housekeeper
 from cloudtaskd.hub import token_hash
 from cloudtaskd.observe import ObserveApi
 from cloudtaskd.orchestrator.market import Market
-from cloudtaskd.orchestrator.selection import Needs, Policy, rate_of
+from cloudtaskd.orchestrator.selection import Needs, Policy, rate_of, why_no_offer
+from cloudtaskd.orchestrator.waits import job_waiting
 from cloudtaskd.params import decimal_number, whole_number
 from cloudtaskd.providers.base import Offer
-from cloudtaskd.states import InstanceEvent
+from cloudtaskd.series import StatusSeries
+from cloudtaskd.states import InstanceEvent, job_outcome
 from cloudtaskd.store import Store, Tx
 from cloudtaskd.taskfile import TaskFileError, TaskFileParser
 
@@ -127,9 +130,12 @@ def _job_id(request: web.Request) -> int:
 
 class ControlApi:
     def __init__(self, store: Store, dispatcher: Dispatcher, config: Config, agent_url: Callable[[], str],
-                 daemon_id: str, market: Market | None = None, reads: ReadGate | None = None) -> None:
+                 daemon_id: str, market: Market | None = None, reads: ReadGate | None = None,
+                 series: StatusSeries | None = None, housekeeper: Housekeeper | None = None) -> None:
         self.market = market or Market(store, [], {})
         self.store = store
+        # Carries out cancels and deletes past their first chunk (an API without one: tests of routes).
+        self.housekeeper = housekeeper or Housekeeper(store, dispatcher, config)
         # Every read a request makes goes through the gate (bounded, 503 beyond); the store's own
         # background work (settling uploads) does not.
         self.reads = reads or ReadGate(store)
@@ -143,7 +149,10 @@ class ControlApi:
         self.bundles = Bundles(store, config.state_path / "workers", config.workers)
         self._upload_locks: dict[int, asyncio.Lock] = {}
         self._settling: set[asyncio.Task[None]] = set()  # uploads finished once the store can (_settle_later)
-        self.observe = ObserveApi(store, dispatcher, daemon_id, self.reads)
+        self.observe = ObserveApi(store, dispatcher, daemon_id, self.reads, series)
+        # Why a pool's queued work has no instance (the reconciler's last decision); set by the daemon.
+        self.waits: Callable[[int], str | None] = lambda pool_id: None
+        self.observe.waits = lambda pool_id: self.waits(pool_id)
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -154,7 +163,7 @@ class ControlApi:
             web.get("/v1/jobs/{job}", self.get_job),
             web.post("/v1/jobs/{job}/tasks", self.upload_tasks),
             web.post("/v1/jobs/{job}/cancel", self.cancel_job),
-            web.delete("/v1/jobs/{job}", self.withdraw_job),
+            web.delete("/v1/jobs/{job}", self.delete_job),
             web.post("/v1/jobs/{job}/retry", self.retry_job),
             web.post("/v1/jobs/{job}/resume", self.resume_job),
             web.get("/v1/jobs/{job}/tasks", self.list_tasks),
@@ -223,7 +232,11 @@ class ControlApi:
             if len(self._recent) >= RATE_CACHE_JOBS:
                 self._recent = {k: v for k, v in self._recent.items() if now - v[0] < RATE_CACHE_S}
             cached = self._recent[job_id] = (now, n, first)
-        return _job_dict(row, cached[1:], instances, now)
+        out = _job_dict(row, cached[1:], instances, now, job_waiting(row, self.waits))
+        # A cancel under way: how far it is (its tasks are cancelled in chunks, in the background).
+        pending = db.execute("SELECT total, done FROM cancels WHERE job_id = ?", (job_id,)).fetchone()
+        out["cancelling"] = {"total": pending[0], "cancelled": pending[1]} if pending is not None else None
+        return out
 
     async def _job(self, job_id: int) -> dict[str, Any]:
         now = self.store.clock.now()  # the clock stored times were written on (clock.py)
@@ -349,21 +362,36 @@ class ControlApi:
         task.add_done_callback(self._settling.discard)
 
     async def cancel_job(self, request: web.Request) -> web.Response:
+        """Marked cancelled at once (no lease from now on) and its first chunk cancelled here: a job of
+        up to retention.chunk_rows unfinished tasks is all cancelled in the answer; a bigger one goes
+        on in the background, and the answer's `cancelling` says how far it is."""
         job_id = _job_id(request)
-        leased = await self.store.write(queue.cancel_job, job_id)
-        self.dispatcher.revoke(leased)
-        log.info("job_cancelled", job=job_id, revoked=len(leased))
+        progress = await self.store.write(queue.cancel_job, job_id)
+        if not progress.finished:
+            progress = await self.store.write(queue.cancel_chunk, job_id, self.config.retention.chunk_rows)
+            self.dispatcher.revoke(progress.revoke)
+        if not progress.finished:
+            self.housekeeper.wake()
+        log.info("job_cancelled", job=job_id, tasks=progress.total, cancelled=progress.done,
+                 background=not progress.finished)
         return web.json_response(await self._job(job_id))
 
-    async def withdraw_job(self, request: web.Request) -> web.Response:
-        """A submission whose tasks were refused: the empty job goes, rather than stay as `cancelled 0/0`."""
+    async def delete_job(self, request: web.Request) -> web.Response:
+        """A job that is over goes, with its tasks, results and events (in chunks, in the background);
+        a submission whose tasks were refused goes at once, rather than stay as `cancelled 0/0`. A job
+        with unfinished tasks is refused (409): cancel it first."""
         job_id = _job_id(request)
         async with self._upload_locks.setdefault(job_id, asyncio.Lock()):  # not while an upload stages
-            await self.store.write(queue.withdraw_job, job_id)
+            deleted = await self.store.write(_delete_or_withdraw, job_id)
         self._upload_locks.pop(job_id, None)
         self._recent.pop(job_id, None)
-        log.info("job_withdrawn", job=job_id)
-        return web.json_response({"withdrawn": job_id})
+        if deleted.purging:
+            self.housekeeper.wake()
+        log.info("job_deleted", job=job_id, tasks=deleted.tasks, purging=deleted.purging)
+        body: dict[str, Any] = {"deleted": job_id, "tasks": deleted.tasks, "purging": deleted.purging}
+        if not deleted.tasks:
+            body["withdrawn"] = job_id  # the name this answer had when only empty jobs could go
+        return web.json_response(body)
 
     async def resume_job(self, request: web.Request) -> web.Response:
         """A job paused at its max_total_cost goes on, with a new cap when one is given."""
@@ -397,8 +425,9 @@ class ControlApi:
         # One row past the page: whether there is more, without a count over the whole job.
         params: tuple[Any, ...] = (job_id, after, state, limit + 1) if state else (job_id, after, limit + 1)
         rows = await self.reads.fetchall(sql, params)
-        if not rows and await self.reads.fetchone("SELECT 1 FROM jobs WHERE id = ?", (job_id,)) is None:
-            raise no_job(job_id)  # not an empty list: the job itself is missing
+        # Not an empty list: the job itself is missing (or deleted, its rows still being purged).
+        if await self.reads.fetchone("SELECT 1 FROM jobs WHERE id = ?", (job_id,)) is None:
+            raise no_job(job_id)
         more = len(rows) > limit
         rows = rows[:limit]
         # `next`: the `after` for the following page, null on the last one.
@@ -575,39 +604,11 @@ class ControlApi:
              "cost_per_slot_hour": None if math.isinf(c.cost_per_slot_hour) else c.cost_per_slot_hour}
             for c in ranked]}
         if not ranked:
-            answer["why"] = _why_no_offer(self.market.offers(), needs, policy)
+            answer["why"] = why_no_offer(self.market.offers(), needs, policy)
         return web.json_response(answer)
 
 
 # ---- helpers ----------------------------------------------------------------------------------
-
-
-def _why_no_offer(offers: list[Offer], needs: Needs, policy: Policy) -> str:
-    """The first filter that left nothing, in the order a user would check them."""
-    if not offers:
-        return "no provider is enabled that has offers (local disabled, no ssh host, no cloud with a catalog)"
-    markets = [o for o in offers if (o.spot and policy.spot) or (not o.spot and policy.on_demand)]
-    if not markets:
-        if policy.spot and not policy.on_demand:
-            return ("no enabled provider sells spot capacity (local and ssh hosts are on-demand): enable a cloud"
-                    " with spot in the config, or leave out --spot")
-        return "no enabled provider sells on-demand capacity"
-    if policy.providers:
-        markets = [o for o in markets if o.provider in policy.providers]
-    if policy.regions:
-        markets = [o for o in markets if o.region in policy.regions or o.zone in policy.regions]
-    if not markets:
-        return "no offer from the providers and regions asked for"
-    if policy.max_price_per_hour is not None:
-        priced = [o for o in markets if o.price_per_hour is None or o.price_per_hour <= policy.max_price_per_hour]
-        if not priced:
-            return f"every offer costs more than {policy.max_price_per_hour:g} USD per hour"
-    size = f"{needs.cpus_per_task:g} CPUs"
-    if needs.memory_per_task_mib:
-        size += f", {needs.memory_per_task_mib} MiB"
-    if needs.gpus_per_task:
-        size += f", {needs.gpus_per_task} GPUs"
-    return f"no offer has room for one task of {size}"
 
 
 def _float_param(request: web.Request, name: str, default: float, *, lo: float) -> float:
@@ -638,15 +639,28 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
+def _delete_or_withdraw(tx: Tx, job_id: int) -> retention.Deleted:
+    """A job that never held a task (its upload refused) is withdrawn whole at once; any other is deleted."""
+    held = tx.db.execute("SELECT 1 FROM tasks WHERE job_id = ? LIMIT 1", (job_id,)).fetchone() is not None
+    receiving = tx.db.execute("SELECT 1 FROM uploads WHERE job_id = ? AND state IN ('staging', 'committing')",
+                              (job_id,)).fetchone() is not None
+    if held or receiving:
+        return retention.delete_job(tx, job_id)
+    queue.withdraw_job(tx, job_id)
+    return retention.Deleted(job_id, 0, False)
+
+
 def _create_job(tx: Tx, name: str, digest: str, opts: dict[str, Any], timeout: float | None, config: Config) -> int:
     row = tx.db.execute("SELECT id, spec FROM pools WHERE digest = ?", (digest,)).fetchone()
     if row is None:
         raise BadInput(f"worker {digest[:16]!r} is unknown: upload it first (POST /v1/workers)", field="worker")
     spec = WorkerSpec.from_dict(json.loads(row[1]))
     timeout_s = timeout or spec.timeout or config.queue.task_timeout_s or None
+    # Above every id a deleted job had (retention.delete_job): an id names one job, ever.
     cur = tx.db.execute(
-        "INSERT INTO jobs (name, pool_id, state, created_at, max_attempts, timeout_s, max_instances, policy,"
-        " max_total_cost) VALUES (?, ?, 'active', ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO jobs (id, name, pool_id, state, created_at, max_attempts, timeout_s, max_instances, policy,"
+        " max_total_cost) VALUES (max(coalesce((SELECT max(id) FROM jobs), 0), coalesce((SELECT CAST(value AS"
+        " INTEGER) FROM meta WHERE key = 'last_job_id'), 0)) + 1, ?, ?, 'active', ?, ?, ?, ?, ?, ?)",
         (name, row[0], tx.now, opts["max_attempts"] or config.queue.max_attempts, timeout_s, opts["max_instances"],
          json.dumps(opts["policy"].to_dict()), opts["max_total_cost"]),
     )
@@ -667,17 +681,12 @@ def _register_external(tx: Tx, inst: str, digest: str, slots: int, hashed: str) 
     tx.event("instance_registered", instance_id=inst)
 
 
-def _job_dict(row: sqlite3.Row, recent: tuple[int, float | None], instances: int, now: float) -> dict[str, Any]:
+def _job_dict(row: sqlite3.Row, recent: tuple[int, float | None], instances: int, now: float,
+              waiting: str | None = None) -> dict[str, Any]:
     counts = {c: row[f"n_{c}"] for c in JOB_COLUMNS}
     counts["total"] = sum(counts.values())
     done = counts["total"] > 0 and counts["staged"] + counts["queued"] + counts["leased"] + counts["failed"] == 0
-    # What happened, once it is over: a cancelled or failed job must not read as merely `done`.
-    outcome: str | None = None
-    if row["state"] == "cancelled" and (done or not counts["total"]):
-        outcome = "cancelled"
-    elif done:
-        outcome = ("succeeded" if counts["succeeded"] == counts["total"]
-                   else "failed" if counts["dead"] else "cancelled")
+    outcome = job_outcome(row["state"], counts)
     n_recent, first = recent[0], recent[1]
     span = max(1.0, now - first) if n_recent and first else RATE_WINDOW_S
     return {
@@ -687,7 +696,7 @@ def _job_dict(row: sqlite3.Row, recent: tuple[int, float | None], instances: int
         "instances": instances, "max_attempts": row["max_attempts"], "timeout_s": row["timeout_s"],
         "max_instances": row["max_instances"], "policy": json.loads(row["policy"] or "{}"),
         "max_total_cost": row["max_total_cost"], "state_reason": row["state_reason"],
-        "pause_cause": row["pause_cause"],
+        "pause_cause": row["pause_cause"], "waiting": waiting,
     }
 
 

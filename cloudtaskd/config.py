@@ -19,18 +19,26 @@ import math
 import os
 import re
 import stat
+import sys
 import types
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass, replace
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Union, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
 import yaml
 
 from cloudtask_wire.messages import TASK_FRAME_MARGIN_BYTES, frame_limit_for
 from cloudtaskd import redact
+from cloudtaskd.configtypes import NO_SECRET
+from cloudtaskd.configtypes import ConfigWarning as ConfigWarning  # re-exported: part of this module's interface
+from cloudtaskd.configtypes import Secret as Secret  # re-exported, as above
+from cloudtaskd.configtypes import bounds as _range
+from cloudtaskd.configtypes import num as _num
 from cloudtaskd.errors import ConfigError
+from cloudtaskd.providers import registry
+from cloudtaskd.providers.descriptors import Section
 from cloudtaskd.taskfile import DEFAULT_MAX_TASK_BYTES
 
 DEFAULT_LEASE_TTL_S = 60.0
@@ -41,23 +49,6 @@ DEFAULT_IDLE_TIMEOUT_S = 30.0
 MAX_FRAME_BYTES = 256 * 1024 * 1024
 DEFAULT_RECONNECT_GRACE_S = 60.0  # an agent's reconnect backoff tops out at 15 s: four tries
 DEFAULT_EXTERNAL_CONNECT_TIMEOUT_S = 3600.0
-
-
-class Secret(str):
-    """A string that never shows itself in repr/str formatting of containers or logs."""
-
-    def __repr__(self) -> str:
-        return "<SECRET>"
-
-    def reveal(self) -> str:
-        return str.__str__(self)
-
-
-NO_SECRET = Secret("")
-
-
-def _range(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
-    return {"range": (lo, hi)}
 
 
 @dataclass(frozen=True)
@@ -141,6 +132,25 @@ class WorkersConfig:
 
 
 @dataclass(frozen=True)
+class EventsConfig:
+    """The event log (GET /v1/events, cloudtaskctl events), pruned by the housekeeper. The events that
+    record how a task of a job still held finished are its results stream's and stay with the job."""
+    max_age_s: float = field(default=7 * 86400.0, metadata=_range(60, 10 * 365 * 86400))
+    max_rows: int = field(default=1_000_000, metadata=_range(1000, 10**10))
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    # A job over (nothing unfinished) this long is deleted with its tasks, results and events; 0: never.
+    # Off by default: results are the product's output, and deleting them unasked cannot be undone.
+    finished_jobs_s: float = field(default=0.0, metadata=_range(0, 10 * 365 * 86400))
+    # Rows per transaction of a cancel, a delete or the event pruning: dispatch runs between chunks.
+    chunk_rows: int = field(default=10_000, metadata=_range(100, 1_000_000))
+    # How often the event log and finished jobs are looked at.
+    interval_s: float = field(default=60.0, metadata=_range(1, 86400))
+
+
+@dataclass(frozen=True)
 class ScalingConfig:
     max_instances: int = field(default=8, metadata=_range(0, 100_000))
     idle_timeout_s: float = field(default=DEFAULT_IDLE_TIMEOUT_S, metadata=_range(0, 86400))
@@ -157,148 +167,29 @@ class ScalingConfig:
     max_cost_per_hour: float = field(default=0.0, metadata=_range(0, 1e9))
 
 
-@dataclass(frozen=True)
-class LocalProviderConfig:
-    enabled: bool = True
-    max_instances: int = field(default=1, metadata=_range(0, 1024))
-    # CPUs one local instance offers; 0 = all of this host's CPUs
-    cpus: int = field(default=0, metadata=_range(0, 4096))
-    # Rehearse spot interruptions locally: local agents watch this cloud's notices at metadata_url
-    # (a stand-in that serves them; "{instance}" in it becomes the instance id). Empty: no watcher.
-    interruption_source: str = field(default="", metadata={"choices": ("", "aws", "gcp", "azure")})
-    metadata_url: str = ""
+# One section per registered provider (cloudtaskd/providers/registry.py), each its descriptor's own
+# typed class: a new provider brings its section with it, and this module names none of them.
+if TYPE_CHECKING:
+    @dataclass(frozen=True)
+    class ProvidersConfig:  # what mypy sees: the sections are typed where they are read, via descriptor.section
+        def __init__(self, **sections: Any) -> None: ...
+
+        def __getattr__(self, name: str) -> Any: ...
+else:
+    ProvidersConfig = make_dataclass(
+        "ProvidersConfig", [(d.name, d.config, field(default_factory=d.config)) for d in registry.PROVIDERS],
+        frozen=True)
+    ProvidersConfig.__module__ = __name__  # make_dataclass's own module= is Python 3.12+
 
 
-@dataclass(frozen=True)
-class SshHostConfig:
-    address: str = ""
-    port: int = field(default=22, metadata=_range(1, 65535))
-    user: str = "root"
-    key_file: str = ""  # private key the daemon logs in with
-    cpus: int = field(default=1, metadata=_range(1, 4096))  # slots = cpus / cpus_per_task
-    # The host's public key (an OpenSSH line). Empty: trust on first use, then pinned in the database.
-    host_key: str = ""
-
-
-@dataclass(frozen=True)
-class SshProviderConfig:
-    hosts: tuple[SshHostConfig, ...] = ()
-    # Extra pip arguments for installing aiohttp in the agent's virtualenv (a mirror, a wheelhouse).
-    pip_args: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class CloudProviderConfig:
-    """What every cloud shares: the offer to launch, and how the daemon reaches a new VM over SSH."""
-
-    enabled: bool = False
-    max_instances: int = field(default=4, metadata=_range(0, 100_000))
-    machine_type: str = ""
-    cpus: int = field(default=2, metadata=_range(1, 4096))  # of machine_type: slots = cpus / cpus_per_task
-    spot: bool = True
-    # With spot: fall back to on-demand while no spot offer has capacity (back to spot when it returns).
-    on_demand_fallback: bool = True
-    # More instance types and zones to choose among, cheapest task-slot-hour first; their sizes and
-    # prices come from the catalog (`cloudtaskctl catalog refresh`). machine_type and the provider's
-    # own zone are always included.
-    machine_types: tuple[str, ...] = ()
-    zones: tuple[str, ...] = ()
-    image: str = ""  # empty: Ubuntu 24.04 LTS of each type's architecture; set: used for every type
-    ssh_user: str = "ubuntu"
-    # Private key the daemon logs in with (its .pub is installed on each VM).
-    # Empty: <state_dir>/ssh/id_ed25519, created on first start.
-    ssh_key_file: str = ""
-    # Emulators and tests only: reach every VM's SSH at host:port instead of its public address.
-    ssh_address_override: str = ""
-    # Tests only: where agents on spot VMs read interruption notices, instead of the cloud's own
-    # metadata service (169.254.169.254 / metadata.google.internal).
-    metadata_url: str = ""
-
-    @property
-    def placement(self) -> str:
-        """Where VMs go, in the cloud's own terms (an AWS zone or region, a GCP zone, an Azure location)."""
-        return ""
-
-
-@dataclass(frozen=True)
-class AwsProviderConfig(CloudProviderConfig):
-    region: str = "us-east-1"
-    zone: str = ""  # availability zone; empty: any in the region
-    access_key: Secret = NO_SECRET  # empty: the standard AWS credential chain
-    secret_key: Secret = NO_SECRET
-    endpoint_url: str = ""  # an emulator (e.g. moto) instead of AWS
-    pricing_endpoint_url: str = ""  # an emulator of the Pricing API (on-demand prices) instead of AWS's
-    machine_type: str = "t3.small"
-    # Where VMs go when the region has no default VPC (or not there): a subnet (subnet-...), in
-    # which each VM gets a public address; empty: the default VPC.
-    subnet_id: str = ""
-    # A security group of one's own (sg-..., in the subnet's VPC) allowing SSH from this host;
-    # empty: one made per daemon (SSH from anywhere) in the VMs' VPC.
-    security_group_id: str = ""
-
-    @property
-    def placement(self) -> str:
-        return self.zone or self.region
-
-
-@dataclass(frozen=True)
-class GcpProviderConfig(CloudProviderConfig):
-    project_id: str = ""
-    zone: str = "us-central1-a"
-    # Service-account JSON. Empty: Application Default Credentials (GOOGLE_APPLICATION_CREDENTIALS,
-    # the gcloud user file, the metadata server).
-    credentials_file: str = ""
-    api_endpoint: str = ""  # an emulator, scheme included (http://127.0.0.1:PORT)
-    # The Cloud Billing Catalog API (list prices; needs the Cloud Billing API enabled); an emulator in tests.
-    billing_endpoint: str = "https://cloudbilling.googleapis.com"
-    machine_type: str = "e2-standard-2"
-    # The VPC network for the VMs (a name in project_id, or `projects/HOST/global/networks/NAME`), and
-    # its subnetwork (a name in the zone's region, or a path); custom-mode networks need one.
-    network: str = "default"
-    subnetwork: str = ""
-    disk_type: str = ""  # the boot disk's type; empty: chosen per machine series (pd-/hyperdisk-balanced)
-
-    @property
-    def placement(self) -> str:
-        return self.zone
-
-
-@dataclass(frozen=True)
-class AzureProviderConfig(CloudProviderConfig):
-    subscription_id: str = ""
-    resource_group: str = "cloudtask"
-    location: str = "eastus"
-    # A service principal (ClientSecretCredential) when all three are set, else DefaultAzureCredential.
-    tenant_id: str = ""
-    client_id: str = ""
-    client_secret: Secret = NO_SECRET
-    base_url: str = ""  # an emulator instead of https://management.azure.com
-    # The public Retail Prices API (no credentials); an emulator's address in tests.
-    retail_prices_url: str = "https://prices.azure.com/api/retail/prices"
-    machine_type: str = "Standard_D2s_v5"
-
-    @property
-    def placement(self) -> str:
-        return self.location
-
-
-@dataclass(frozen=True)
-class ProvidersConfig:
-    local: LocalProviderConfig = field(default_factory=LocalProviderConfig)
-    ssh: SshProviderConfig = field(default_factory=SshProviderConfig)
-    aws: AwsProviderConfig = field(default_factory=AwsProviderConfig)
-    gcp: GcpProviderConfig = field(default_factory=GcpProviderConfig)
-    azure: AzureProviderConfig = field(default_factory=AzureProviderConfig)
-
-
-@dataclass(frozen=True)
-class ConfigWarning:
-    """A config that loads and works but is probably a mistake. Never carries a secret's value."""
-
-    event: str  # stable snake_case: the log event (config_secrets_readable)
-    keys: tuple[str, ...]  # the key paths concerned
-    message: str  # what, and what to do
-    extra: tuple[tuple[str, str], ...] = ()  # more log fields (the file's mode)
+def __getattr__(name: str) -> Any:
+    """The providers' section classes (LocalProviderConfig, SshHostConfig, ...) by the names they had
+    when this module defined them: each now lives with its provider's descriptor."""
+    for d in registry.PROVIDERS:
+        found = getattr(sys.modules[d.config.__module__], name, None)
+        if name.endswith("Config") and isinstance(found, type):
+            return found
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -310,6 +201,8 @@ class Config:
     agents: AgentsConfig = field(default_factory=AgentsConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     providers: ProvidersConfig = field(default_factory=ProvidersConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})
@@ -397,10 +290,6 @@ def _got(value: Any, secret: bool = False) -> str:
     return f"{kind} {value!r:.{_SHOWN_CHARS}}"
 
 
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
-
-
 def _interpolate(value: str, ctx: _Load, path: str) -> str:
     def sub(match: re.Match[str]) -> str:
         name = match.group(1)
@@ -438,10 +327,11 @@ def _build(cls: type[Any], raw: Any, ctx: _Load, path: str, aliases: tuple[str, 
     return cls(**values)
 
 
-# The original spec's form: a top-level section per cloud, which enables it. Each is read as the
-# providers.<cloud> section it stands for, with every key that one accepts (the spec's own keys are
-# a subset of them), and errors name the keys as written (`aws.region`).
-SEED_SECTIONS = ("aws", "gcp", "azure")
+# The original spec's form: a top-level section per cloud, which enables it (the clouds whose
+# descriptors say seed_section). Each is read as the providers.<cloud> section it stands for, with
+# every key that one accepts (the spec's own keys are a subset of them), and errors name the keys as
+# written (`aws.region`).
+SEED_SECTIONS = registry.seed_sections()
 
 
 def _build_config(raw: Any, ctx: _Load) -> Config:
@@ -462,7 +352,7 @@ def _build_config(raw: Any, ctx: _Load) -> Config:
             section = {"enabled": True, **section}
         elif section is None:
             section = {"enabled": True}
-        clouds[name] = _build(type(getattr(config.providers, name)), section, ctx, name)
+        clouds[name] = _build(registry.get(name).config, section, ctx, name)
     return replace(config, providers=replace(config.providers, **clouds), seed_sections=tuple(seeds))
 
 
@@ -550,7 +440,8 @@ def _check(config: Config) -> list[ConfigWarning]:
     probably a mistake."""
     src = config.source
     warnings: list[ConfigWarning] = []
-    api, agents, queue, p = config.api, config.agents, config.queue, config.providers
+    api, agents, queue = config.api, config.agents, config.queue
+    sections = [(d, d.section(config.providers)) for d in registry.PROVIDERS]
 
     if bool(api.tls_cert) != bool(api.tls_key):
         given, missing = ("tls_cert", "tls_key") if api.tls_cert else ("tls_key", "tls_cert")
@@ -582,8 +473,7 @@ def _check(config: Config) -> list[ConfigWarning]:
         if agents.tls and url.scheme != "wss":
             raise ConfigError(src, "agents.public_url", "agents.tls is on, so agents dial wss://…, "
                                                         f"got {agents.public_url!r}")
-        remote = [name for name, on in (("ssh", bool(p.ssh.hosts)), ("aws", p.aws.enabled), ("gcp", p.gcp.enabled),
-                                        ("azure", p.azure.enabled)) if on]
+        remote = [d.name for d, section in sections if d.remote and d.enabled(section)]
         if remote and _is_loopback(url.hostname):
             # The agents of machines elsewhere would dial their own loopback and never connect.
             raise ConfigError(src, "agents.public_url", f"{agents.public_url!r} is a loopback address, which the "
@@ -609,69 +499,17 @@ def _check(config: Config) -> list[ConfigWarning]:
                                                             f"({_num(queue.retry_backoff_s)}), got "
                                                             f"{_num(queue.retry_backoff_max_s)}")
 
-    seen: dict[tuple[str, int], int] = {}
-    for i, host in enumerate(p.ssh.hosts):
-        where = f"providers.ssh.hosts[{i}]"
-        if not host.address:
-            raise ConfigError(src, f"{where}.address", "required: the host's name or IP address")
-        if not host.key_file:
-            raise ConfigError(src, f"{where}.key_file", "required: the private key the daemon logs in with")
-        first = seen.setdefault((host.address, host.port), i)
-        if first != i:
-            raise ConfigError(src, where, f"the same host as providers.ssh.hosts[{first}] "
-                                          f"({host.address}:{host.port}): one agent runs per host, list it once")
+    for d, section in sections:  # each provider's own keys that need each other, named as the file has them
+        at = config.provider_path(d.name)
+        warnings += d.validate(section, Section(source=src, at=at, seed=d.name in config.seed_sections))
 
-    at = {name: config.provider_path(name) for name in SEED_SECTIONS}  # the key paths as the file wrote them
-    clouds: tuple[tuple[str, CloudProviderConfig, tuple[str, ...]], ...] = (
-        ("aws", p.aws, ("region", "machine_type")),
-        ("gcp", p.gcp, ("project_id", "zone", "machine_type")),
-        ("azure", p.azure, ("subscription_id", "resource_group", "location", "machine_type")),
-    )
-    for name, cloud, required in clouds:
-        if not cloud.enabled:
-            continue
-        why_on = (f"the top-level {name} section is given" if name in config.seed_sections
-                  else f"providers.{name}.enabled is true")
-        for key in required:
-            if not getattr(cloud, key):
-                raise ConfigError(src, f"{at[name]}.{key}", f"required when {why_on}")
-        if cloud.max_instances == 0:
-            warnings.append(ConfigWarning("config_cloud_unused", (f"{at[name]}.max_instances",),
-                                          f"{at[name]} is enabled with max_instances 0: it never launches"))
-    _together(src, at["aws"], p.aws.enabled, {"access_key": p.aws.access_key, "secret_key": p.aws.secret_key},
-              ", or neither for the standard AWS credential chain")
-    if p.aws.enabled:
-        for key, prefix, what in (("subnet_id", "subnet-", "a subnet id"), ("security_group_id", "sg-",
-                                                                           "a security group id")):
-            value = getattr(p.aws, key)
-            if value and not value.startswith(prefix):
-                # A name or a VPC id here would only fail at the first launch, as a bad request.
-                raise ConfigError(src, f"{at['aws']}.{key}", f"expected {what} ({prefix}...), got {value!r}")
-        if p.aws.subnet_id and p.aws.zones:
-            raise ConfigError(src, f"{at['aws']}.zones", f"a subnet lies in one zone: with {at['aws']}.subnet_id, "
-                              "leave zones empty (and zone empty, or the subnet's zone)")
-    _together(src, at["azure"], p.azure.enabled,
-              {"tenant_id": p.azure.tenant_id, "client_id": p.azure.client_id, "client_secret": p.azure.client_secret},
-              " (a service principal), or none for DefaultAzureCredential")
-
-    can_launch = (bool(p.ssh.hosts) or (p.local.enabled and p.local.max_instances > 0)
-                  or any(c.enabled and c.max_instances > 0 for _, c, _ in clouds))
+    can_launch = any(d.launches(section) for d, section in sections)
     if config.scaling.max_instances == 0 or not can_launch:
         warnings.append(ConfigWarning(
             "config_no_instances", ("scaling.max_instances", "providers"),
             "no instance can ever start (scaling.max_instances is 0 or no provider is enabled): only agents "
             "registered from outside will run tasks"))
     return warnings
-
-
-def _together(source: str, prefix: str, enabled: bool, keys: dict[str, str], otherwise: str) -> None:
-    """Keys that only work as a set: all given, or none."""
-    given = [k for k, v in keys.items() if v]
-    if enabled and 0 < len(given) < len(keys):
-        missing = [k for k in keys if k not in given]
-        raise ConfigError(source, f"{prefix}.{missing[0]}",
-                          f"required with {', '.join(f'{prefix}.{k}' for k in given)}: give "
-                          f"{', '.join(keys)} together{otherwise}")
 
 
 def _secrets_readable(source: str, st: os.stat_result, keys: list[str]) -> ConfigWarning | None:

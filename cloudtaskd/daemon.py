@@ -28,19 +28,20 @@ from cloudtaskd import queue, tls
 from cloudtaskd.access import RateLimiter, bearer_auth, browser_guard, prepare_socket_dir, secure_socket
 from cloudtaskd.api import ControlApi, errors_middleware
 from cloudtaskd.catalog import Fetcher
-from cloudtaskd.config import CloudProviderConfig, Config, load_config
+from cloudtaskd.config import Config, load_config
 from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.errors import CloudtaskError, ConfigError, StoreError
+from cloudtaskd.housekeeping import Housekeeper
 from cloudtaskd.hub import AgentHub
 from cloudtaskd.orchestrator.market import Market
 from cloudtaskd.orchestrator.reconciler import Reconciler
-from cloudtaskd.pins import AddressPins, InstancePins
+from cloudtaskd.providers import registry
 from cloudtaskd.providers.base import Provider
-from cloudtaskd.providers.cloud import CloudDriver, CloudProvider, CloudSettings
+from cloudtaskd.providers.descriptors import ProviderEnv
 from cloudtaskd.providers.local import LocalProvider
-from cloudtaskd.providers.ssh import SshProvider
 from cloudtaskd.reload import ReloadPlan, plan
 from cloudtaskd.runtime import RuntimeBuilder
+from cloudtaskd.series import SERIES_INTERVAL_S, SERIES_WINDOW_S, StatusSeries
 from cloudtaskd.service import Systemd, watchdog
 from cloudtaskd.store import Store, Tx
 from cloudtaskd.tunnels import Tunnels
@@ -61,12 +62,17 @@ AGENT_PORT_FILE = "agent.port"
 
 
 class Daemon:
-    def __init__(self, config: Config, *, shutdown_grace_s: float = SHUTDOWN_GRACE_S) -> None:
+    def __init__(self, config: Config, *, shutdown_grace_s: float = SHUTDOWN_GRACE_S,
+                 series_interval_s: float = SERIES_INTERVAL_S, series_window_s: float = SERIES_WINDOW_S) -> None:
         self.config = config
         self.shutdown_grace_s = shutdown_grace_s
         self.state_dir = config.state_path
         self.store = Store(self.state_dir / "cloudtask.db")
         self.dispatcher = Dispatcher(self.store, config)
+        # The status page's plots (the tests sample faster and keep a shorter window).
+        self.series = StatusSeries(self.store, interval_s=series_interval_s, window_s=series_window_s)
+        # Cancels and deletes in chunks, the event log's retention, the database given back (issue 15).
+        self.housekeeper = Housekeeper(self.store, self.dispatcher, config)
         # The agent's packages for instances, per (Python, CPU), built on first need (runtime.py).
         self.runtime = RuntimeBuilder(self.state_dir / "runtime", tuple(config.providers.ssh.pip_args))
         # Without agents.public_url, ssh and cloud instances' agents come through SSH tunnels
@@ -91,6 +97,23 @@ class Daemon:
         self.on_log_level: Callable[[str], None] | None = None
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            # Nothing half-started stays behind: listeners, background tasks, the database, the lock.
+            for runner in reversed(self._runners):
+                with suppress(Exception):
+                    await runner.cleanup()
+            self._runners.clear()
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._tasks.clear()
+            with suppress(Exception):
+                await self._close_resources()
+            raise
+
+    async def _start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock()
         await self.store.open()
@@ -129,7 +152,7 @@ class Daemon:
             await self._tunnel_existing()
 
         api = ControlApi(self.store, self.dispatcher, self.config, lambda: self.agent_url, self.daemon_id,
-                         self.market)
+                         self.market, series=self.series, housekeeper=self.housekeeper)
         api.agent_ca = self.agent_ca.decode()
         self.api = api
         await self._control_listeners(api)
@@ -138,10 +161,15 @@ class Daemon:
                                      self.market)
         self.reconciler.agent_ca = self.agent_ca
         self.reconciler.on_instance_end = self.hub.disconnect
+        reconciler = self.reconciler
+        api.waits = lambda pool_id: reconciler.waits.get(pool_id)
         self.hub.on_notice = self.reconciler.notice
         self._spawn("dispatcher", self.dispatcher.run())
         self._spawn("reconciler", self.reconciler.run())
         self._spawn("bundle_pruner", self._prune_bundles(api))
+        self._spawn("status_series", self.series.run())
+        # Goes on at once with a cancel or delete a crash cut short (their rows say where).
+        self._spawn("housekeeper", self.housekeeper.run())
         log.info("daemon_ready", agent_url=self.agent_url, socket=str(self.config.socket_path),
                  api_url=self.api_url or None)
 
@@ -230,96 +258,30 @@ class Daemon:
         self.api_url = f"https://{_url_host(host)}:{bound[1]}"
 
     def _providers(self) -> list[tuple[Provider, int]]:
-        """The configured providers with their instance limits, in order of preference: machines the
-        user already has (ssh) before the control host itself (local)."""
+        """The configured providers with their instance limits, in order of preference (the
+        registry's launch_order): machines elsewhere before the control host itself."""
+        env = ProviderEnv(daemon_id=self.daemon_id, state_dir=self.state_dir, store=self.store, runtime=self.runtime,
+                          tunnels=self.tunnels, source=self.config.source)
         out: list[tuple[Provider, int]] = []
-        ssh = self.config.providers.ssh
-        if ssh.hosts:
-            pins = AddressPins(self.store)
-            provider = SshProvider(ssh, self.state_dir, pins.get, pins.set, self.runtime, self.tunnels)
-            out.append((provider, provider.max_instances))
-        for cfg, make in self._cloud_drivers():
-            if cfg.enabled and cfg.max_instances > 0:
-                settings = self._cloud_settings(cfg)
-                out.append((CloudProvider(make(), settings, self.daemon_id, self.state_dir,
-                                          InstancePins(self.store), self.runtime, self.tunnels), cfg.max_instances))
-        local = self.config.providers.local
-        if local.enabled and local.max_instances > 0:
-            out.append((LocalProvider(local, self.state_dir), local.max_instances))
+        for d in registry.launch_order():
+            section = d.section(self.config.providers)
+            if d.launches(section):
+                out.append((d.start(section, env), d.max_instances(section)))
         return out
 
-    def _cloud_drivers(self) -> list[tuple[CloudProviderConfig, Callable[[], CloudDriver]]]:
-        """Each cloud's config and how to build its driver (SDKs are imported only when enabled)."""
-        p, daemon_id = self.config.providers, self.daemon_id
-
-        def aws() -> CloudDriver:
-            from cloudtaskd.providers.aws import AwsDriver
-
-            c = p.aws
-            return AwsDriver(c.region, daemon_id, access_key=c.access_key or None, secret_key=c.secret_key or None,
-                             endpoint_url=c.endpoint_url or None, image=c.image or None,
-                             subnet_id=c.subnet_id or None, security_group_id=c.security_group_id or None)
-
-        def azure() -> CloudDriver:
-            from cloudtaskd.providers.azure import AzureDriver
-
-            c = p.azure
-            return AzureDriver(c.subscription_id, c.resource_group, c.location, daemon_id,
-                               tenant_id=c.tenant_id or None, client_id=c.client_id or None,
-                               client_secret=c.client_secret or None, base_url=c.base_url or None)
-
-        def gcp() -> CloudDriver:
-            from cloudtaskd.providers.gcp import GcpDriver
-
-            c = p.gcp
-            return GcpDriver(c.project_id, c.zone, daemon_id, credentials_file=c.credentials_file or None,
-                             api_endpoint=c.api_endpoint or None, image=c.image or None, network=c.network,
-                             subnetwork=c.subnetwork or None, disk_type=c.disk_type or None)
-
-        return [(p.aws, aws), (p.gcp, gcp), (p.azure, azure)]
-
     def _catalog_fetchers(self) -> dict[str, Fetcher]:
-        """How each enabled cloud fetches its offers: only the types its config allows."""
+        """How each started provider with a catalog fetches its offers (only the types its config allows)."""
         fetchers: dict[str, Fetcher] = {}
         for provider, _ in self.providers:
-            if not isinstance(provider, CloudProvider):
-                continue
-            s = provider.settings
-            types = list(dict.fromkeys((s.machine_type, *s.machine_types)))
-            if provider.name == "aws":
-                from cloudtaskd.catalog import aws as aws_catalog
-                from cloudtaskd.providers.aws import AwsDriver
-
-                driver, pricing = provider.driver, self.config.providers.aws.pricing_endpoint_url or None
-                assert isinstance(driver, AwsDriver)
-                fetchers["aws"] = partial(aws_catalog.fetch_offers, driver, types, pricing_endpoint_url=pricing)
-            elif provider.name == "azure":
-                from cloudtaskd.catalog import azure as azure_catalog
-                from cloudtaskd.providers.azure import AzureDriver
-
-                az = provider.driver
-                assert isinstance(az, AzureDriver)
-                url = self.config.providers.azure.retail_prices_url
-                fetchers["azure"] = partial(azure_catalog.fetch_offers, az, types, prices_url=url, zones=s.zones)
-            elif provider.name == "gcp":
-                from cloudtaskd.catalog import gcp as gcp_catalog
-                from cloudtaskd.providers.gcp import GcpDriver
-
-                gce = provider.driver
-                assert isinstance(gce, GcpDriver)
-                billing = self.config.providers.gcp.billing_endpoint
-                fetchers["gcp"] = partial(gcp_catalog.fetch_offers, gce, types, billing_endpoint=billing, zones=s.zones)
+            d = registry.find(provider.name)
+            if d is not None and d.catalog is not None:  # a provider outside the registry: a test's own
+                fetchers[d.name] = d.catalog(d.section(self.config.providers), provider)
         return fetchers
 
-    def _cloud_settings(self, c: CloudProviderConfig) -> CloudSettings:
-        key = Path(c.ssh_key_file) if c.ssh_key_file else self.state_dir / "ssh" / "id_ed25519"
-        if not key.exists():
-            if c.ssh_key_file:
-                raise ConfigError(self.config.source, "ssh_key_file", f"{key} does not exist")
-            _make_key(key)
-        return CloudSettings(c.machine_type, c.placement, c.spot, c.cpus, c.ssh_user, key, c.ssh_address_override,
-                             c.image, c.on_demand_fallback,
-                             tuple(c.machine_types), tuple(c.zones), c.metadata_url)
+    @staticmethod
+    def _local_names() -> set[str]:
+        """The providers whose machines are this host (they stop with the service): not remote."""
+        return {d.name for d in registry.PROVIDERS if not d.remote}
 
     def _lock(self) -> None:
         self._lock_file = open(self.state_dir / "cloudtaskd.lock", "w")
@@ -404,6 +366,7 @@ class Daemon:
         self.dispatcher.backoff = (config.queue.retry_backoff_s, config.queue.retry_backoff_max_s)
         self.hub.max_connections_per_instance = agents.max_connections_per_instance
         self.hub.max_messages_per_s = agents.max_messages_per_s
+        self.housekeeper.config = config
         if self.api is not None:
             self.api.config = config
             self.api.bundles.config = config.workers
@@ -437,7 +400,7 @@ class Daemon:
         del self._runners[1:]
         if self.reconciler is not None:
             with suppress(Exception):
-                await self.reconciler.stop_all(self.shutdown_grace_s, {LocalProvider.name} if keep_remote else None)
+                await self.reconciler.stop_all(self.shutdown_grace_s, self._local_names() if keep_remote else None)
         # Stop listening before the dispatcher, so no report arrives that nobody will commit.
         await self.hub.close_all()
         for runner in reversed(self._runners):
@@ -457,6 +420,11 @@ class Daemon:
         if self.reconciler is not None:
             with suppress(Exception):
                 await self.reconciler.abandon_launches()
+        await self._close_resources()
+        log.info("daemon_stopped")
+
+    async def _close_resources(self) -> None:
+        """Tunnels, providers' clients, the database and the state lock (with the socket it guards)."""
         if self.tunnels is not None:
             await self.tunnels.close_all()
         for provider, _ in self.providers:
@@ -468,7 +436,6 @@ class Daemon:
                 self.config.socket_path.unlink()
             self._lock_file.close()
             self._lock_file = None
-        log.info("daemon_stopped")
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -494,17 +461,6 @@ def _url_host(host: str) -> str:
     if host == "::":
         return "[::1]"
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
-
-
-def _make_key(path: Path) -> None:
-    """The daemon's own SSH key for the VMs it launches (ed25519, private part mode 600)."""
-    import asyncssh
-
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    key = asyncssh.generate_private_key("ssh-ed25519", comment="cloudtaskd")
-    key.write_private_key(str(path))
-    os.chmod(path, 0o600)
-    key.write_public_key(f"{path}.pub")
 
 
 def _no_change(tx: Tx) -> None:

@@ -18,6 +18,7 @@ __all__ = [
     "ConfigError",
     "DaemonBusy",
     "DaemonUnavailable",
+    "DatabaseUnavailable",
     "InvalidRequest",
     "LeaseError",
     "NotFound",
@@ -94,6 +95,15 @@ class StoreFull(StoreError):
         what = f" while {doing}" if doing else ""
         super().__init__(f"the state disk is full: no space left at {self.path}{what}. Free space on that "
                          f"filesystem (or give state_dir a bigger one); {advice}.")
+
+
+class DatabaseUnavailable(StoreError):
+    """PostgreSQL could not be reached or refused us: check the `database` setting and the server."""
+
+    def __init__(self, dsn: str, message: str, *, retryable: bool) -> None:
+        self.dsn = dsn  # shown form: the password is <SECRET>
+        self.retryable = retryable  # True: the server may be back soon (down, restarting, full)
+        super().__init__(f"{message} (database: {dsn})")
 
 
 class TransitionError(StoreError):

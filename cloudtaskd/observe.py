@@ -12,6 +12,7 @@ import asyncio
 import math
 import re
 import sqlite3
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -20,7 +21,10 @@ from cloudtaskd import __version__, costs
 from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.errors import BadInput
 from cloudtaskd.feeds import ReadGate
+from cloudtaskd.orchestrator.waits import job_waiting
 from cloudtaskd.params import decimal_number, whole_number
+from cloudtaskd.series import StatusSeries
+from cloudtaskd.states import job_outcome
 from cloudtaskd.status_page import STATUS_HEADERS, STATUS_HTML
 from cloudtaskd.store import Store
 
@@ -67,17 +71,21 @@ def _seconds(request: web.Request, name: str) -> float:
 
 
 class ObserveApi:
-    def __init__(self, store: Store, dispatcher: Dispatcher, daemon_id: str, reads: ReadGate | None = None) -> None:
+    def __init__(self, store: Store, dispatcher: Dispatcher, daemon_id: str, reads: ReadGate | None = None,
+                 series: StatusSeries | None = None) -> None:
         self.store = store
+        self.series = series or StatusSeries(store)  # sampled by the daemon (an API of its own: empty)
         self.reads = reads or ReadGate(store)  # the control API's reads: bounded, 503 beyond (feeds.py)
         self.dispatcher = dispatcher
         self.daemon_id = daemon_id
+        self.waits: Callable[[int], str | None] = lambda pool_id: None  # see ControlApi.waits
 
     def routes(self) -> list[web.RouteDef]:
         return [
             web.get("/metrics", self.metrics),
             web.get("/v1/events", self.events),
             web.get("/v1/status", self.status),
+            web.get("/v1/status/series", self.status_series),
             web.get("/status", self.status_page),
         ]
 
@@ -151,8 +159,8 @@ class ObserveApi:
         now = self.store.clock.now()  # the clock stored times are on (cloudtaskd.clock)
 
         def read(db: sqlite3.Connection) -> dict[str, Any]:
-            jobs = [_job_summary(r) for r in db.execute(
-                "SELECT id, name, state, state_reason, created_at, finished_at, n_staged, n_queued, n_leased,"
+            jobs = [_job_summary(r, self.waits) for r in db.execute(
+                "SELECT id, pool_id, name, state, state_reason, created_at, finished_at, n_staged, n_queued, n_leased,"
                 " n_failed, n_succeeded, n_dead, n_cancelled FROM jobs ORDER BY id DESC LIMIT ?", (STATUS_JOBS,))]
             instances = [
                 {"provider": r[0], "machine_type": r[1] or "", "state": r[2], "count": r[3], "slots": r[4],
@@ -160,15 +168,21 @@ class ObserveApi:
                 for r in db.execute(
                     "SELECT provider, json_extract(offer, '$.machine_type'), state, count(*), sum(slots),"
                     " sum(price_per_hour) FROM instances WHERE state != 'stopped' GROUP BY 1, 2, 3 ORDER BY 1, 2, 3")]
-            errors = [dict(r) for r in db.execute(
+            errors = _with_task_keys(db, db.execute(
                 f"SELECT * FROM events INDEXED BY events_errors WHERE {ERROR_KINDS_SQL}"
-                " ORDER BY id DESC LIMIT ?", (STATUS_ERRORS,))]
+                " ORDER BY id DESC LIMIT ?", (STATUS_ERRORS,)).fetchall())
             return {"jobs": jobs, "instances": instances, "cost": costs.fleet(db, now), "errors": errors}
 
         body = await self.reads.read(read)
         body.update(version=__version__, daemon_id=self.daemon_id, now=now,
                     agents_connected=len(self.dispatcher.sessions))
         return web.json_response(body, headers={"Cache-Control": "no-store"})
+
+    async def status_series(self, request: web.Request) -> web.Response:
+        """The last hour of the status page's plots (cloudtaskd/series.py), from memory: no database
+        read, the same bytes for every reader until the next sample."""
+        return web.Response(body=self.series.body(), content_type="application/json",
+                            headers={"Cache-Control": "no-store"})
 
     async def status_page(self, request: web.Request) -> web.Response:
         return web.Response(text=STATUS_HTML, content_type="text/html", charset="utf-8", headers=STATUS_HEADERS)
@@ -177,15 +191,17 @@ class ObserveApi:
 _COUNTS = ("staged", "queued", "leased", "failed", "succeeded", "dead", "cancelled")
 
 
-def _job_summary(row: sqlite3.Row) -> dict[str, Any]:
+def _job_summary(row: sqlite3.Row, waits: Callable[[int], str | None]) -> dict[str, Any]:
     counts = {c: row[f"n_{c}"] for c in _COUNTS}
     total = sum(counts.values())
     finished = counts["succeeded"] + counts["dead"] + counts["cancelled"]
-    # As the job object of GET /v1/jobs/{id}: done when nothing is staged, queued, leased or retrying.
+    # As the job object of GET /v1/jobs/{id}: done when nothing is staged, queued, leased or retrying;
+    # outcome once it is over (succeeded, failed, cancelled).
     return {"id": row["id"], "name": row["name"], "state": row["state"], "state_reason": row["state_reason"],
-            "done": total > 0 and finished == total, "created_at": row["created_at"],
+            "done": total > 0 and finished == total, "outcome": job_outcome(row["state"], {**counts, "total": total}),
+            "created_at": row["created_at"],
             "finished_at": row["finished_at"], "counts": {**counts, "total": total}, "finished": finished,
-            "total": total}
+            "total": total, "waiting": job_waiting(row, waits)}
 
 
 __all__ = ["ERROR_KINDS", "ERROR_KINDS_SQL", "ObserveApi"]

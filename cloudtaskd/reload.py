@@ -21,6 +21,8 @@ LIVE_KEYS = (
     "log_level",  # logging is configured again
     "scaling.",  # the reconciler reads config.scaling at every tick
     "workers.",  # the bundle store reads its caps at each upload and prune
+    "events.",  # the housekeeper reads them at each pruning
+    "retention.",  # the housekeeper reads them at each chunk and sweep
     "queue.",  # retry backoff: the dispatcher's next round; max_attempts, task_timeout_s: new jobs;
     # max_task_bytes: the next upload (only while it fits the agents' frame limit in force, see plan)
     "agents.lease_batch_max",  # the dispatcher's next round

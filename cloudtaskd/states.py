@@ -114,3 +114,20 @@ def task_target(event: TaskEvent) -> TaskState:
 def instance_next(state: InstanceState, event: InstanceEvent) -> InstanceState | None:
     """The state an instance moves to, or None when the edge is not legal."""
     return INSTANCE_TRANSITIONS.get((state, event))
+
+
+def job_outcome(state: str, counts: dict[str, int]) -> str | None:
+    """What happened to a job, once it is over: succeeded (every task), failed (some dead),
+    cancelled; None while it still has work. `counts` holds a count per TaskState and `total`.
+    One answer for the API, cloudtaskctl and the status page: a cancelled or failed job must never
+    read as merely `done`."""
+    total = counts.get("total", 0)
+    waiting = sum(counts.get(s, 0) for s in (S.STAGED, S.QUEUED, S.LEASED, S.FAILED))
+    done = total > 0 and waiting == 0
+    if state == "cancelled" and (done or not total):
+        return "cancelled"
+    if not done:
+        return None
+    if counts.get(S.SUCCEEDED, 0) == total:
+        return "succeeded"
+    return "failed" if counts.get(S.DEAD, 0) else "cancelled"

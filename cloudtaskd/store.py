@@ -15,6 +15,7 @@ import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -44,12 +45,19 @@ MIGRATIONS = ["001_initial.sql", "002_host_keys.sql", "003_instance_host_key.sql
               "005_job_policy.sql", "006_hot_indexes.sql", "007_job_state_reason.sql",
               "008_interruptions.sql", "009_error_events.sql", "010_lost_grants.sql",
               "011_finished_events.sql", "012_launch_failures.sql",
-              "013_catalog_arch.sql"]
+              "013_catalog_arch.sql", "014_bounded.sql"]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 COUNTER = {state: f"n_{state.value}" for state in TaskState}
 CHECKPOINT_INTERVAL_S = 0.5  # how often the WAL is copied into the main file, off the writer's path
 WRITER_CHECKPOINT_PAGES = 10_000  # the writer checkpoints (and restarts the WAL) past this many pages
+
+WAL_SIZE_LIMIT_BYTES = 64 << 20
+# An older database (auto_vacuum off) is rebuilt with auto_vacuum=INCREMENTAL at open when it is at
+# most this big: a VACUUM copies the whole file, a few seconds for this much. A bigger one is left
+# as it is, with a warning saying how to convert it while the daemon is stopped (docs/reliability.md).
+AUTO_VACUUM_CONVERT_MAX_BYTES = 256 << 20
+WAL_TRUNCATE_BUSY_MS = 100  # a WAL truncation waits this long for the writer and readers, then tries later
 
 SQLITE_IOERR = 10
 SQLITE_FULL = 13
@@ -85,6 +93,10 @@ def _migration_sql(name: str) -> str:
 
 
 def _configure(db: sqlite3.Connection) -> None:
+    # First: a new database file takes it when its first table is made (after journal_mode=WAL has
+    # written the header it could not). Pages freed by deletions then go back to the filesystem
+    # through incremental_vacuum (Store.vacuum_step); an older database is converted at open.
+    db.execute("PRAGMA auto_vacuum=INCREMENTAL")
     # WAL: readers never block the writer. synchronous=FULL: a commit is on disk before we
     # acknowledge anything (NORMAL could lose the last commits on power loss).
     db.execute("PRAGMA journal_mode=WAL")
@@ -93,6 +105,9 @@ def _configure(db: sqlite3.Connection) -> None:
     db.execute("PRAGMA busy_timeout=10000")
     db.execute("PRAGMA cache_size=-16000")  # 16 MiB page cache: bounded RSS with a big queue
     db.execute("PRAGMA temp_store=MEMORY")
+    # A WAL that grew during a burst (a million-task cancel or delete) is cut back to this when it
+    # next starts over, instead of keeping its largest size on disk for ever.
+    db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")
 
 
 def _migrate(db: sqlite3.Connection) -> int:
@@ -113,6 +128,28 @@ def _migrate(db: sqlite3.Connection) -> int:
             db.execute("ROLLBACK")
             raise
     return SCHEMA_VERSION
+
+
+def _convert_auto_vacuum(path: Path, db: sqlite3.Connection) -> None:
+    """A database made before auto_vacuum was set keeps every page it ever used: rebuild it once with
+    auto_vacuum=INCREMENTAL when that is quick and the disk has room for the copy, else say how."""
+    if db.execute("PRAGMA auto_vacuum").fetchone()[0] != 0:
+        return
+    size = path.stat().st_size
+    wal = path.with_name(path.name + "-wal")
+    size += wal.stat().st_size if wal.exists() else 0
+    left = free_bytes(path.parent)
+    how = (f"stop cloudtaskd and run: sqlite3 {path} 'PRAGMA auto_vacuum=INCREMENTAL; VACUUM;'"
+           " (it needs free space for a copy of the file)")
+    if size > AUTO_VACUUM_CONVERT_MAX_BYTES or (left is not None and left < 2 * size + LOW_SPACE_BYTES):
+        log.warning("store_auto_vacuum_off", path=str(path), size_bytes=size, free_bytes=left,
+                    why="space freed by deletions stays inside the file until it is converted", fix=how)
+        return
+    db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+    db.execute("VACUUM")  # the copy goes through the WAL: cut it back at once (nobody else is connected yet)
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    log.info("store_auto_vacuum_enabled", path=str(path), size_before_bytes=size,
+             size_after_bytes=path.stat().st_size)
 
 
 def _split_sql(script: str) -> list[str]:
@@ -145,13 +182,16 @@ class Tx:
     touches 10,000 tasks writes one UPDATE per job, not one per task.
     """
 
-    __slots__ = ("_deltas", "db", "events", "now")
+    __slots__ = ("_deltas", "db", "events", "now", "sql_events")
 
     def __init__(self, db: sqlite3.Connection, now: float) -> None:
         self.db = db
         self.now = now
         self.events: list[tuple[float, str, int | None, int | None, str | None, str | None]] = []
         self._deltas: dict[int, dict[str, int]] = {}
+        # Set by a statement that wrote event rows itself (INSERT ... SELECT, a chunk of a cancel):
+        # the commit wakes the event followers as for rows written through event().
+        self.sql_events = False
 
     def event(self, kind: str, *, job_id: int | None = None, task_id: int | None = None,
               instance_id: str | None = None, detail: str | None = None) -> None:
@@ -298,6 +338,7 @@ class Store:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._writer = await self._connect()
             await _on_thread(self._writer, _migrate)
+            await _on_thread(self._writer, partial(_convert_auto_vacuum, self.path))
             # Checkpoints mostly off the writer's path: with a big database the commit that crossed
             # the WAL's 1,000 pages copied them into the main file and fsynced it, holding up a
             # dispatch round (a third of the writer's time at 2,000 agents). A connection of its
@@ -338,6 +379,54 @@ class Store:
         row = await _on_thread(conn, lambda db: db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
         return int(row[1]), int(row[2])
 
+    async def free_pages(self) -> tuple[int, int]:
+        """(pages on the freelist, page size): what deletions left inside the file."""
+        row = await self.read(lambda db: (db.execute("PRAGMA freelist_count").fetchone()[0],
+                                          db.execute("PRAGMA page_size").fetchone()[0]))
+        return int(row[0]), int(row[1])
+
+    async def vacuum_step(self, pages: int) -> int:
+        """Give up to `pages` free pages back to the filesystem (auto_vacuum=INCREMENTAL): one short
+        write on the writer, between the dispatcher's rounds. Returns the free pages left."""
+        writer = self._writer
+        if writer is None:
+            raise StoreError("the store is closed")
+
+        def run(db: sqlite3.Connection) -> int:
+            # executescript steps the pragma to its end: execute() stops after its first page.
+            db.executescript(f"PRAGMA incremental_vacuum({int(pages)});")
+            return int(db.execute("PRAGMA freelist_count").fetchone()[0])
+
+        async with self._write_lock.hold():
+            try:
+                return await _on_thread(writer, run)
+            except sqlite3.Error as exc:
+                raise self._failed(exc, "vacuuming the state database") from exc
+
+    async def truncate_wal(self) -> bool:
+        """Copy the WAL into the main file and cut it to zero bytes (after big deletions), waiting at
+        most WAL_TRUNCATE_BUSY_MS for the writer and readers: False when they were busy (try later)."""
+        conn = self._checkpointer
+        if conn is None:
+            raise StoreError("the store is closed")
+
+        def run(db: sqlite3.Connection) -> bool:
+            db.execute(f"PRAGMA busy_timeout={WAL_TRUNCATE_BUSY_MS}")
+            try:
+                return bool(db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0)
+            finally:
+                db.execute("PRAGMA busy_timeout=10000")
+
+        try:
+            return await _on_thread(conn, run)
+        except sqlite3.Error as exc:
+            raise self._failed(exc, "checkpointing the state database") from exc
+
+    def file_bytes(self) -> tuple[int, int]:
+        """(main file, WAL) sizes in bytes."""
+        wal = self.path.with_name(self.path.name + "-wal")
+        return (self.path.stat().st_size if self.path.exists() else 0, wal.stat().st_size if wal.exists() else 0)
+
     async def _checkpoint_loop(self) -> None:
         failing = False
         while True:
@@ -370,7 +459,7 @@ class Store:
                 before = db.total_changes
                 tx = Tx(db, stamp)
                 out = fn(tx, *args)
-                wrote_events = bool(tx.events)
+                wrote_events = bool(tx.events) or tx.sql_events
                 tx.flush()
                 db.execute("COMMIT")
                 changed = db.total_changes != before

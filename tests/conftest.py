@@ -7,22 +7,45 @@ import os
 import ssl
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 
 from cloudtaskd.config import AgentsConfig, Config, QueueConfig, ScalingConfig
 from cloudtaskd.runtime import RuntimeBuilder
 from cloudtaskd.store import Store
+from tests import postgres as pg_mod
 from tests import sshd as sshd_mod
 from tests.moto_ec2 import MotoEc2
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """A thread a test left running (an aiosqlite connection never closed, a worker pool) keeps the
+    interpreter from exiting: the run would hang after its summary, for ever in CI. Name the threads
+    and exit with the run's status, or failed if it passed (the leak is a bug of its own)."""
+    left = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if not left:
+        return
+    sys.stderr.write(f"\ntests left {len(left)} thread(s) running, which would hang the exit: "
+                     f"{', '.join(sorted(t.name for t in left))}\n")
+    sys.stderr.flush()
+    sys.stdout.flush()
+    status = int(getattr(config, "_cloudtask_exitstatus", 0)) or 1
+    os._exit(status)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config._cloudtask_exitstatus = exitstatus  # type: ignore[attr-defined]  # read at unconfigure
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -140,3 +163,39 @@ def creds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
                        ("AWS_CONFIG_FILE", str(tmp_path / "none")),
                        ("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none")), ("AWS_EC2_METADATA_DISABLED", "true")):
         monkeypatch.setenv(key, value)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[pg_mod.PostgresServer]:
+    """A real PostgreSQL (tests/postgres.py), one for the session: each test gets its own database
+    (pg_dsn). A test may restart it; it comes back on the same port with its data."""
+    reason = pg_mod.unavailable()
+    if reason is not None:
+        if os.geteuid() == 0:  # CI runs as root and install.sh installs the package: never skip there
+            pytest.fail(reason)
+        pytest.skip(reason)
+    server = pg_mod.PostgresServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+async def pg_dsn(pg_server: pg_mod.PostgresServer) -> AsyncIterator[str]:
+    """A fresh, empty database on the session's server, dropped after the test: its DSN."""
+    name = f"t{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(pg_server.dsn())
+    try:
+        await admin.execute(f"CREATE DATABASE {name} TEMPLATE template0")
+    finally:
+        await admin.close()
+    yield pg_server.dsn(name)
+    if not pg_server.running():
+        pg_server.start()  # a test that stopped it
+    admin = await asyncpg.connect(pg_server.dsn())
+    try:
+        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    finally:
+        await admin.close()

@@ -270,8 +270,8 @@ async def test_daemon_builds_the_service_principal_from_config(tmp_path: Path) -
     assert "s3cr3t-value" not in repr(config)
     daemon = Daemon(config)
     daemon.daemon_id = "d-test"
-    [factory] = [f for c, f in daemon._cloud_drivers() if c is azure]
-    driver = factory()
+    [provider] = [p for p, _ in daemon._providers() if p.name == "azure"]  # as the daemon starts it
+    driver = provider.driver
     assert isinstance(driver, AzureDriver)
     try:
         await driver._clients()

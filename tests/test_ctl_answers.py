@@ -42,6 +42,7 @@ async def ctl(d: Daemon, *argv: str) -> tuple[int, str, str]:
 
 @pytest.mark.parametrize("argv", [["status", "99"], ["tasks", "99"], ["cost", "99"], ["results", "99"],
                                   ["watch", "99"], ["cancel", "99"], ["retry", "99"], ["resume", "99"],
+                                  ["delete", "99"],
                                   ["tasks", "99", "--state", "dead"]])
 async def test_an_unknown_job_is_one_answer_and_exit_2(daemon: tuple[Daemon, Any], argv: list[str]) -> None:
     status, out, err = await ctl(daemon[0], *argv)
@@ -121,10 +122,10 @@ async def test_a_refused_upload_leaves_no_job_behind(daemon: tuple[Daemon, UnixA
     assert (await ctl(d, "status"))[1] == "no jobs\n"  # not a `cancelled 0/0` job
     _, events = await api.request("GET", "/v1/events?tail=1000")
     assert [e for e in events["events"] if e.get("job_id") is not None] == []
-    # Only a job that never held a task can go: a real one is refused, and kept.
+    # A job with unfinished tasks is refused, and kept.
     job_id = await submit(d, tmp_path, 1)
     code, body = await api.request("DELETE", f"/v1/jobs/{job_id}")
-    assert code == 400 and "holds tasks" in body["error"]["message"]
+    assert code == 409 and "cancel it first" in body["error"]["message"]
     assert (await ctl(d, "status", str(job_id)))[0] == 0
 
 

@@ -4,6 +4,7 @@ and `cloudtaskctl events --follow`, and the status page in headless Chromium."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import signal
@@ -461,7 +462,9 @@ async def test_the_status_summary_over_the_socket_needs_no_token(daemon: tuple[D
     assert status == 200
     job = next(j for j in body["jobs"] if j["id"] == job_id)
     assert job["name"] == "broken" and job["finished"] == job["total"] == 1 and job["counts"]["dead"] == 1
-    assert any(e["kind"] == "task_dead" and e["job_id"] == job_id and "flag" in e["detail"] for e in body["errors"])
+    assert job["outcome"] == "failed"  # as GET /v1/jobs/{id} says it: never a bare `done`
+    assert any(e["kind"] == "task_dead" and e["job_id"] == job_id and "flag" in e["detail"] and e["task_key"] == "bad"
+               for e in body["errors"])
     assert set(body["cost"]) >= {"spent", "rate_per_hour", "providers"}
     status, html = await api.request("GET", "/status")
     assert status == 200 and "<script>" in html and "broken" not in html  # the shell holds no data
@@ -526,13 +529,14 @@ async def test_the_status_page_renders_updates_and_escapes(tcp_daemon: tuple[Dae
             await page.goto(f"{d.api_url}/status#token={TOKEN}")
             row = page.locator(f'tr[data-job-id="{job_id}"]')
             await expect(row).to_contain_text("render me", timeout=20_000)
-            await expect(row.locator(".progress-text")).to_have_text("0 / 4 done", timeout=20_000)
+            await expect(row.locator(".progress-text")).to_have_text("0 of 4 finished (0 succeeded)", timeout=20_000)
             assert "token" not in page.url  # out of the address bar and the history
             assert await page.evaluate("sessionStorage.getItem('cloudtask.status.token')") == TOKEN
 
             flag.touch()  # the tasks finish: the page follows without a reload
-            await expect(row.locator(".progress-text")).to_have_text("4 / 4 done", timeout=30_000)
-            await expect(row).to_have_attribute("data-state", "done")
+            await expect(row.locator(".progress-text")).to_have_text("4 of 4 finished (4 succeeded)", timeout=30_000)
+            await expect(row).to_have_attribute("data-state", "succeeded")
+            await expect(row.locator(".badge")).to_have_text("succeeded")
             assert await page.evaluate("performance.getEntriesByType('navigation').length") == 1
 
             evil_cell = page.locator(f'tr[data-job-id="{evil_id}"] td.name')
@@ -570,3 +574,271 @@ async def test_events_name_tasks_by_the_users_id(daemon: tuple[Daemon, UnixApi],
     assert rc == 0, err
     line = next(x for x in out.splitlines() if "task_succeeded" in x)
     assert "task=alpha-7" in line and f"task={event['task_id']} " not in line + " ", line
+
+
+# ---- the plots and `cloudtaskctl status-page` -------------------------------------------------
+
+
+async def test_the_series_samples_counters_instances_and_cost(tmp_path: Path) -> None:
+    """Known rows in, exact columns out: finished per second from the jobs' counters between two
+    samples, queued and running, live instances by provider and market, cost per hour by provider."""
+    from cloudtaskd.series import StatusSeries
+
+    store = Store(tmp_path / "db.sqlite")
+    await store.open()
+    try:
+        def rows(tx: Any) -> None:
+            db = tx.db
+            db.execute("INSERT INTO pools (id, digest, spec, path, created_at) VALUES (1, 'd', '{}', '/', 0)")
+            db.execute("INSERT INTO jobs (id, name, pool_id, state, created_at, max_attempts, n_staged, n_queued,"
+                       " n_leased, n_failed, n_succeeded, n_dead, n_cancelled) VALUES (1, 'j', 1, 'active', 0, 3,"
+                       " 0, 100, 8, 2, 10, 1, 0)")
+            for inst, provider, spot, state, price in (
+                    ("aws-a", "aws", True, "running", 0.10), ("aws-b", "aws", True, "starting", 0.10),
+                    ("aws-c", "aws", False, "running", 0.30), ("aws-d", "aws", True, "stopped", 5.0),
+                    ("gcp-a", "gcp", False, "running", 0.05), ("local-a", "local", False, "running", 0.0),
+                    ("ext-a", "external", None, "running", 7.0)):
+                offer = json.dumps({"spot": spot} if spot is not None else {})
+                db.execute("INSERT INTO instances (id, provider, pool_id, state, slots, token_hash, offer,"
+                           " price_per_hour, created_at, state_changed_at) VALUES (?, ?, 1, ?, 2, 'h', ?, ?, 0, 0)",
+                           (inst, provider, state, offer, price))
+
+        await store.write(rows)
+        series = StatusSeries(store, interval_s=1.0, window_s=3.0)
+        await series.take()
+        await store.write(lambda tx: tx.db.execute(
+            "UPDATE jobs SET n_queued = 60, n_succeeded = 50, n_dead = 2 WHERE id = 1"))
+        await series.take()
+        body = json.loads(series.body())
+        assert series.body() is series.body()  # encoded once per sample, whoever reads it
+        assert len(body["t"]) == 2 and body["window_s"] == 3.0 and body["interval_s"] == 1.0
+        succeeded, dead = body["finished_per_s"]["succeeded"], body["finished_per_s"]["dead"]
+        assert succeeded[0] is None and dead[0] is None  # nothing to difference the first with
+        assert succeeded[1] > 0 and dead[1] > 0 and succeeded[1] == pytest.approx(40 * dead[1], rel=1e-2)
+        assert body["tasks"] == {"queued": [102, 62], "leased": [8, 8]}
+        assert body["instances"] == {"aws on-demand": [1, 1], "aws spot": [2, 2], "external": [1, 1],
+                                     "gcp on-demand": [1, 1], "local": [1, 1]}
+        cost = {k: v[-1] for k, v in body["cost_per_hour"].items()}
+        assert cost == {"aws": pytest.approx(0.50), "gcp": pytest.approx(0.05), "local": 0.0}  # not external's
+        for _ in range(3):
+            await series.take()
+        assert len(json.loads(series.body())["t"]) == 3  # the window's worth, no more
+    finally:
+        await store.close()
+
+
+# Tasks sleep a little, or fail at once: one worker (one pool) serves a busy, a failed and a cancelled job.
+LOAD_WORKER = {
+    "cloudtask.yaml": "mode: python\nfunction: work:run\n",
+    "work.py": (
+        "import asyncio\n"
+        "async def run(task_id, data):\n"
+        "    if data.get('fail'):\n"
+        "        raise ValueError('cannot parse record ' + task_id)\n"
+        "    await asyncio.sleep(data.get('s', 0))\n"
+        "    return {'n': data['n']}\n"
+    ),
+}
+
+
+async def submit_load(api: UnixApi, digest: str, name: str, tasks: list[dict[str, Any]], **opts: Any) -> int:
+    status, job = await api.request("POST", "/v1/jobs", json={"name": name, "worker": digest, **opts})
+    assert status == 201, job
+    text = "".join(json.dumps(t) + "\n" for t in tasks)
+    status, body = await api.request("POST", f"/v1/jobs/{job['id']}/tasks", data=io.BytesIO(text.encode()))
+    assert status == 200, body
+    return int(job["id"])
+
+
+async def job_outcome(api: UnixApi, job_id: int, outcome: str) -> dict[str, Any] | None:
+    _, job = await api.request("GET", f"/v1/jobs/{job_id}")
+    return job if job["outcome"] == outcome else None
+
+
+def check_png(path: Path) -> tuple[int, int]:
+    """A PNG that decodes as one (signature, IHDR) and is not a blank sliver: its size."""
+    import struct
+    import zlib
+
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    length, kind = struct.unpack(">I4s", data[8:16])
+    assert kind == b"IHDR" and length == 13
+    width, height = struct.unpack(">II", data[16:24])
+    assert zlib.crc32(data[12:29]) == struct.unpack(">I", data[29:33])[0]  # the header's CRC holds
+    assert width >= 800 and height >= 600, (width, height)
+    assert len(data) > 20_000, len(data)  # a blank page of this size compresses to a few kB
+    return width, height
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed at /usr/bin/chromium "
+                                                 "(install.sh installs it); the status page needs a browser")
+@pytest.mark.timeout(300)
+async def test_the_status_page_through_cloudtaskctl_under_load(tmp_path: Path) -> None:
+    """`cloudtaskctl status-page` serves the page on 127.0.0.1 over plain HTTP, relayed to the unix
+    socket: no CA and no daemon token in the browser. Under load — a job running, one failed (dead
+    tasks), one cancelled — the plots carry data, each job reads as what happened to it, and the
+    screenshots (light and dark) are real PNGs. CLOUDTASK_SCREENSHOTS=DIR copies them there
+    (docs/img holds one set)."""
+    import shutil
+
+    import aiohttp
+    from playwright.async_api import async_playwright, expect
+
+    d = Daemon(config(tmp_path), shutdown_grace_s=5, series_interval_s=0.5, series_window_s=120)
+    await d.start()
+    api = UnixApi(d.config.socket_path)
+    proc: asyncio.subprocess.Process | None = None
+    try:
+        status, worker = await api.request("POST", "/v1/workers", data=bundle(LOAD_WORKER))
+        assert status == 200, worker
+        digest = worker["digest"]
+        failed = await submit_load(api, digest, "nightly-import", [
+            {"id": f"rec-{i}", "data": {"n": i, "fail": i % 3 == 0}} for i in range(12)], max_attempts=1)
+        await wait_for(lambda: job_outcome(api, failed, "failed"), timeout=90, message="a failed job")
+        cancelled = await submit_load(api, digest, "resize-thumbnails", [
+            {"id": f"img-{i}", "data": {"n": i, "s": 0.05}} for i in range(400)])
+        status, _ = await api.request("POST", f"/v1/jobs/{cancelled}/cancel")
+        assert status == 200
+        await wait_for(lambda: job_outcome(api, cancelled, "cancelled"), timeout=90, message="a cancelled job")
+        running = await submit_load(api, digest, "render-frames", [
+            {"id": f"frame-{i}", "data": {"n": i, "s": 0.05}} for i in range(20_000)])
+
+        proc = await ctl_proc(d, "status-page", "--port", "0")
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        assert line.startswith("status page: http://127.0.0.1:"), line
+        url = line.split(": ", 1)[1].strip()
+        base, token = url.split("#token=")
+        origin = base.removesuffix("/status")
+
+        # The relay: read-only routes only, its own token for the data, local host names only.
+        async with aiohttp.ClientSession() as http:
+            async with http.get(origin + "/v1/status") as resp:
+                assert resp.status == 401
+            async with http.get(origin + "/v1/status", headers={"Authorization": f"Bearer {token}"}) as resp:
+                assert resp.status == 200 and any(j["id"] == failed for j in (await resp.json())["jobs"])
+            async with http.get(origin + "/status") as resp:
+                assert resp.status == 200 and "script-src 'sha256-" in resp.headers["Content-Security-Policy"]
+            async with http.get(origin + "/v1/jobs", headers={"Authorization": f"Bearer {token}"}) as resp:
+                assert resp.status == 404
+            async with http.post(origin + f"/v1/jobs/{running}/cancel",
+                                 headers={"Authorization": f"Bearer {token}"}) as resp:
+                assert resp.status in (404, 405)
+            async with http.get(origin + "/status", headers={"Host": "evil.example:80"}) as resp:
+                assert resp.status == 403
+
+        # Enough of the hour for every plot to have a line: the running job finishing tasks.
+        async def busy_series() -> dict[str, Any] | None:
+            _, s = await api.request("GET", "/v1/status/series")
+            rates = [v for v in s["finished_per_s"]["succeeded"] if v]
+            return s if len(s["t"]) >= 40 and len(rates) >= 20 and s["instances"].get("local") else None
+        series = await wait_for(busy_series, timeout=120, message="40 samples, 20 with tasks finishing")
+        assert max(series["tasks"]["queued"]) > 0 and max(series["tasks"]["leased"]) > 0
+        _, job = await api.request("GET", f"/v1/jobs/{running}")
+        assert job["outcome"] is None and job["counts"]["succeeded"] > 0  # still running: under load
+
+        shots = tmp_path / "screenshots"
+        shots.mkdir()
+        async with async_playwright() as pw:
+            browser = await pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            try:
+                for scheme in ("light", "dark"):
+                    context = await browser.new_context(viewport={"width": 1280, "height": 900},
+                                                        color_scheme=scheme)
+                    page = await context.new_page()
+                    await page.goto(url)
+                    await expect(page.locator("body")).to_have_attribute("data-auth", "ok", timeout=20_000)
+                    assert "token" not in page.url
+
+                    row = page.locator(f'tr[data-job-id="{failed}"]')
+                    await expect(row).to_have_attribute("data-state", "failed", timeout=20_000)
+                    await expect(row.locator(".badge")).to_have_text("failed")
+                    await expect(row.locator(".progress-text")).to_have_text(
+                        "12 of 12 finished (8 succeeded, 4 dead)")
+                    row = page.locator(f'tr[data-job-id="{cancelled}"]')
+                    await expect(row).to_have_attribute("data-state", "cancelled")
+                    await expect(row.locator(".badge")).to_have_text("cancelled")
+                    await expect(row.locator(".progress-text")).to_contain_text("cancelled)")
+                    row = page.locator(f'tr[data-job-id="{running}"]')
+                    await expect(row).to_have_attribute("data-state", "running")
+                    await expect(row.locator(".progress-text")).to_contain_text(" of 20000 finished (")
+                    assert await page.locator(".badge.done, .state-done").count() == 0
+
+                    # Every plot drawn, with data in its lines: finished per second (succeeded),
+                    # queued and leased, the local instance, and cost (local: $0/h).
+                    for chart_id, name in (("finished", "succeeded"), ("tasks", "queued"), ("tasks", "leased"),
+                                           ("instances", "local"), ("cost", "local")):
+                        path = page.locator(f'svg[data-chart="{chart_id}"] path[data-series="{name}"]')
+                        await expect(path).to_have_count(1, timeout=20_000)
+                        assert int(await path.get_attribute("data-values") or 0) >= 20, (chart_id, name)
+                        assert len((await path.get_attribute("d") or "").split("L")) >= 20
+                    for chart_id in ("finished", "tasks", "instances", "cost"):
+                        chart = page.locator(f'div.chart[data-chart="{chart_id}"]')
+                        assert await chart.locator("svg text").count() >= 10  # axis labels and unit
+                        assert await chart.locator(".legend [data-series]").count() >= 1
+                    assert await page.locator("#charts-title").text_content() == "Last 2 min"
+
+                    shot = shots / f"status-page-{scheme}.png"
+                    await page.screenshot(path=str(shot), full_page=True)
+                    check_png(shot)
+                    await context.close()
+            finally:
+                await browser.close()
+        keep = os.environ.get("CLOUDTASK_SCREENSHOTS")
+        if keep:
+            for shot in shots.iterdir():
+                shutil.copy(shot, Path(keep) / shot.name)
+
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: the normal way to stop it
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err.decode()
+        assert "status page stopped" in out.decode() and b"Traceback" not in err
+        proc = None
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await api.close()
+        await d.stop()
+
+
+async def test_status_page_relays_a_tls_listener_with_the_token_from_the_environment(
+        tcp_daemon: tuple[Daemon, UnixApi]) -> None:
+    """--url: the relay dials the TLS listener with the daemon's CA and CLOUDTASK_API_TOKEN; the
+    browser side is plain HTTP with the relay's own token. A daemon refusing cloudtaskctl's token is
+    said at once, not shown as a page that never loads."""
+    import aiohttp
+
+    d, _ = tcp_daemon
+    cfg = d.config.state_path.parent / "ctl.yaml"
+    cfg.write_text(f"state_dir: {d.config.state_path}\n")
+
+    async def start(token: str) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cloudtaskd.ctl", "status-page", "--config", str(cfg), "--url", d.api_url,
+            "--json", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "CLOUDTASK_API_TOKEN": token})
+
+    refused = await start("not-the-token")
+    _, err = await asyncio.wait_for(refused.communicate(), 60)
+    assert refused.returncode == 3 and "refused the API token" in err.decode(), err.decode()
+
+    proc = await start(TOKEN)
+    try:
+        assert proc.stdout is not None
+        shown = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
+        assert shown["url"].startswith("http://127.0.0.1:") and shown["daemon"] == d.api_url
+        base, token = shown["url"].split("#token=")
+        assert token != TOKEN  # the daemon's token never reaches the browser
+        async with aiohttp.ClientSession() as http:
+            async with http.get(base.removesuffix("/status") + "/v1/status/series",
+                                headers={"Authorization": f"Bearer {token}"}) as resp:
+                assert resp.status == 200 and "finished_per_s" in await resp.json()
+            async with http.get(base) as resp:
+                assert resp.status == 200 and "<script>" in await resp.text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0

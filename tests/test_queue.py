@@ -230,8 +230,8 @@ async def test_reclaim_leaves_other_instances_leases_alone(store: Store) -> None
 async def test_cancel_and_retry(store: Store) -> None:
     await submit(store, 3)
     (t,) = await lease(store, "a", 1)
-    leased = await store.write(queue.cancel_job, 1)
-    assert leased == [(t["id"], "a")]
+    progress = await queue.cancel_all(store, 1)
+    assert progress.revoke == [(t["id"], "a")]
     assert await counts(store) == {"cancelled": 3}
     out = await report(store, queue.Reports(done=[("a", Success(t["id"], t["token"], 1, 0.0))]))
     assert out.refused["a"] == [t["id"]]  # a cancelled task takes no result
@@ -264,7 +264,7 @@ async def test_cancel_during_an_upload_leaves_nothing_runnable(store: Store) -> 
     upload = await store.write(queue.create_upload, 1)
     await store.write(queue.stage_tasks, job, [ParsedTask(i + 1, f"t{i}", "{}", 0, None, None) for i in range(3)],
                       "tasks.json")
-    await store.write(queue.cancel_job, 1)
+    await queue.cancel_all(store, 1)
     await queue.finish_upload(store, upload, 1, commit=True)
     assert await lease(store, "inst-1", 10) == []
     row = await store.fetchone("SELECT state, n_staged, n_queued, n_cancelled FROM jobs WHERE id = 1")

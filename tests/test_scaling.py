@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cloudtaskd.orchestrator.scaling import Decision, InstanceView, PoolView, Targets, decide
+from cloudtaskd.orchestrator.scaling import Decision, InstanceView, PoolView, Targets, decide, reclaim
 from cloudtaskd.orchestrator.selection import Needs, Policy, rank
 from cloudtaskd.providers.base import Offer
 
@@ -184,3 +184,58 @@ def test_the_place_a_displaced_instance_frees_goes_to_the_cheap_offer_only() -> 
     d = decide(pool(20, [SPOT, ON_DEMAND, pricey_gcp], {"aws": 0, "gcp": 4}, instances=[*od, running],
                     max_instances=8, mean_task_s=60_000), 0.0, T)
     assert launched(d) == [pricey_gcp.key]  # 20 tasks: 12 kept + 4 (od3's place, for spot) + 4 from GCP
+
+
+# ---- reclaim: an idle instance of another worker gives its place when a limit binds ----
+
+def _other(*instances: InstanceView, outstanding: int = 0) -> PoolView:
+    """Another worker's pool: its instances, and its outstanding work (queued + leased)."""
+    return PoolView(2, outstanding, 1, [], {}, list(instances), last_work_at=99.0)
+
+
+IDLE_LOCAL = InstanceView("local-x", "running", 2, 0, 99.0, provider="local")
+
+
+def test_at_the_instance_limit_an_idle_instance_of_another_worker_is_drained_at_once() -> None:
+    # Local allows one instance and job X's worker holds it, idle for 1 s (idle_timeout_s is 60).
+    waiting = pool(4, [LOCAL], {"local": 0}, provider_spare={"local": 0})
+    assert decide(waiting, 100.0, T) == Decision()  # on its own the waiting pool can buy nothing
+    assert reclaim([waiting], [waiting, _other(IDLE_LOCAL)], 5, 100.0, T) == {1: ("local-x",)}
+    # The fleet-wide limit binds instead (local itself would allow more): the same.
+    waiting = pool(4, [LOCAL], {"local": 0}, provider_spare={"local": 3})
+    assert reclaim([waiting], [waiting, _other(IDLE_LOCAL)], 0, 100.0, T) == {1: ("local-x",)}
+
+
+def test_an_instance_whose_worker_still_has_work_waiting_is_not_taken() -> None:
+    waiting = pool(4, [LOCAL], {"local": 0}, provider_spare={"local": 0})
+    # Its worker has a task queued (or retrying): the instance is about to be busy again.
+    assert reclaim([waiting], [waiting, _other(IDLE_LOCAL, outstanding=1)], 5, 100.0, T) == {}
+    # Busy: it holds a lease.
+    busy = InstanceView("local-x", "running", 2, 1, None, provider="local")
+    assert reclaim([waiting], [waiting, _other(busy, outstanding=1)], 5, 100.0, T) == {}
+
+
+def test_without_a_binding_limit_an_idle_instance_waits_out_its_idle_timeout() -> None:
+    # Two tasks, one 2-slot instance covers them and there is room for it: it buys its own.
+    waiting = pool(2, [LOCAL], {"local": 1}, provider_spare={"local": 1})
+    assert launched(decide(waiting, 100.0, T)) == [LOCAL.key]
+    assert reclaim([waiting], [waiting, _other(IDLE_LOCAL)], 5, 100.0, T) == {}
+    # ... and the other worker's pool drains it only after idle_timeout_s (60 s) without work.
+    other = _other(IDLE_LOCAL)
+    assert decide(other, 100.0, T) == Decision()
+    assert decide(other, 160.0, T) == Decision(drain=("local-x",))
+
+
+def test_the_jobs_own_limit_or_a_place_already_freeing_takes_nothing_more() -> None:
+    mine = InstanceView("local-a", "running", 2, 2, None, provider="local")
+    # The waiting job allows one instance and has it: another worker's place would not help it.
+    capped = pool(8, [LOCAL], {"local": 0}, instances=[mine], max_instances=1, provider_spare={"local": 0})
+    assert reclaim([capped], [capped, _other(IDLE_LOCAL)], 5, 100.0, T) == {}
+    # One instance of another worker is already draining: its place is on its way, one need, one drain.
+    draining = InstanceView("local-y", "draining", 2, 0, None, provider="local")
+    waiting = pool(2, [LOCAL], {"local": 0}, provider_spare={"local": 0})
+    assert reclaim([waiting], [waiting, _other(draining, IDLE_LOCAL)], 5, 100.0, T) == {}
+    # Three places wanted, two idle instances: both go (the longest idle first).
+    older = InstanceView("local-z", "running", 2, 0, 50.0, provider="local")
+    waiting = pool(6, [LOCAL], {"local": 0}, provider_spare={"local": 0})
+    assert reclaim([waiting], [waiting, _other(IDLE_LOCAL, older)], 5, 100.0, T) == {1: ("local-z", "local-x")}

@@ -42,6 +42,8 @@ Body = Callable[[], Any]  # makes the request body anew for each attempt (a stre
 # No total timeout: uploads of big task files and result streams legitimately take long. A read
 # that waits READ_TIMEOUT_S for a byte is a daemon too busy to answer.
 CALL_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S)
+# A relayed read (`cloudtaskctl status-page`): the browser asks again in a few seconds anyway.
+RELAY_TIMEOUT = aiohttp.ClientTimeout(total=15.0, sock_connect=CONNECT_TIMEOUT_S)
 # Uploads: the answer comes once the whole file is committed, which can take long on a big one.
 UPLOAD_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=None)
 
@@ -213,6 +215,21 @@ class ApiClient:
             if last.strip():
                 yield jsonx.loads(last)
 
+    async def relay(self, path: str) -> tuple[int, bytes, dict[str, str]]:
+        """GET `path` once, as it is: (status, body, headers), whatever the status. For
+        `cloudtaskctl status-page`, whose page polls again on its own: no busy retries here.
+        Raises DaemonUnavailable, or DaemonBusy when the daemon dropped the request or took too long."""
+        try:
+            async with self._http().get(self.base + path, timeout=RELAY_TIMEOUT) as resp:
+                return resp.status, await resp.read(), dict(resp.headers)
+        except aiohttp.ClientConnectorError as exc:
+            if exc.os_error.errno in DOWN_ERRNOS:
+                raise self._unavailable(exc) from exc
+            raise DaemonBusy(f"cloudtaskd at {self._where()} did not take the connection: {exc}") from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise DaemonBusy(f"cloudtaskd at {self._where()} did not answer GET {path}:"
+                             f" {str(exc) or type(exc).__name__}") from exc
+
     # ---- endpoints --------------------------------------------------------------------------
 
     async def health(self) -> dict[str, Any]:
@@ -259,8 +276,14 @@ class ApiClient:
         return result
 
     async def withdraw_job(self, job_id: int) -> None:
-        """Remove a job that never received a task (the daemon refuses any other)."""
-        await self._call("DELETE", f"/v1/jobs/{job_id}")
+        """Remove a job that never received a task (its upload refused)."""
+        await self.delete_job(job_id)
+
+    async def delete_job(self, job_id: int) -> dict[str, Any]:
+        """Delete a job that is over, with its tasks, results and events (refused while it has
+        unfinished tasks: cancel it first)."""
+        result: dict[str, Any] = await self._call("DELETE", f"/v1/jobs/{job_id}")
+        return result
 
     async def resume_job(self, job_id: int, *, max_total_cost: float | None = None) -> dict[str, Any]:
         body = {"max_total_cost": max_total_cost} if max_total_cost is not None else {}

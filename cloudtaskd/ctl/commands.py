@@ -125,7 +125,10 @@ async def follow_job(api: ApiClient, job_id: int, display: ProgressDisplay | Non
 
 def job_state(job: dict[str, Any]) -> str:
     """What a person should read: the outcome once the job is over (succeeded, failed, cancelled),
-    else its state (active, paused, cancelled while its leases end)."""
+    else its state (active, paused, cancelling while its tasks are cancelled in chunks, cancelled
+    while its leases end)."""
+    if not job.get("outcome") and job.get("cancelling"):
+        return "cancelling"
     return str(job.get("outcome") or job.get("state"))
 
 
@@ -258,8 +261,26 @@ async def cmd_cancel(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
     job = await api.cancel_job(args.job)
     if ctx.json:
         ctx.emit_json(job)
+    elif job.get("cancelling"):
+        # A big job: no lease is granted for it any more, and its tasks are cancelled in the background.
+        c = job["cancelling"]
+        ctx.say(f"job {job['id']} cancelling: {c['cancelled']} of {c['total']} tasks cancelled so far; no task"
+                f" of it is started any more, the rest are cancelled in the background"
+                f" (cloudtaskctl status {job['id']} shows how far)")
     else:
         ctx.say(_job_line("cancelled", job))
+    return EXIT_OK
+
+
+async def cmd_delete(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
+    answer = await api.delete_job(args.job)
+    if ctx.json:
+        ctx.emit_json(answer)
+    elif answer.get("purging"):
+        n = int(answer.get("tasks") or 0)
+        ctx.say(f"job {args.job} deleted: its {n} task{'s' if n != 1 else ''}, results and events are being removed")
+    else:
+        ctx.say(f"job {args.job} deleted (it held no tasks)")
     return EXIT_OK
 
 

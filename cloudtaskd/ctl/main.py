@@ -24,6 +24,7 @@ from cloudtaskd.ctl import commands
 from cloudtaskd.ctl.client import ApiClient
 from cloudtaskd.ctl.output import Ctx, printable
 from cloudtaskd.ctl.run import EXIT_INTERRUPTED, cmd_run, cmd_submit
+from cloudtaskd.ctl.status_page import cmd_status_page
 from cloudtaskd.errors import BadInput, CloudtaskError, ConfigError, DaemonUnavailable, NotFound
 from cloudtaskd.params import decimal_number, whole_number
 
@@ -183,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", type=_job_arg, metavar="JOB")
     p.add_argument("--max-total-cost", type=_usd, metavar="USD", help="the new cap (above what is spent)")
     add("cancel", "cancel what is unfinished in a job").add_argument("job", type=_job_arg, metavar="JOB")
+    add("delete", "delete a job that is over (succeeded, failed or cancelled) with its tasks, results and events;"
+        " a job with unfinished tasks must be cancelled first").add_argument("job", type=_job_arg, metavar="JOB")
     p = add("instances", "list instances, or show one's bootstrap log")
     p.add_argument("--all", action="store_true", help="include stopped ones")
     p.add_argument("--logs", metavar="ID", help="print the bootstrap/agent log kept for instance ID")
@@ -200,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="events after this event id (default: the newest --limit)")
     p.add_argument("--limit", type=_int_in(1, 10_000), default=50, metavar="N",
                    help="how many events to show before following (default: 50)")
+    p = add("status-page", "serve the status page on http://127.0.0.1:PORT, relayed to the daemon (no CA, no token"
+                           " to enter), until Ctrl-C")
+    p.add_argument("--port", type=_int_in(0, 65535), default=0, metavar="PORT",
+                   help="the local port (default: 0, any free one; the address is printed)")
+    p.add_argument("--open", action="store_true", help="open the page in this machine's browser")
     p = add("prices", "rank what the daemon would buy for tasks of this size, cheapest task-slot-hour first")
     p.add_argument("--cpus-per-task", type=_number(lo=0.01), default=1.0, metavar="C",
                    help="CPUs each task needs, 0.01 or more (default: 1)")
@@ -221,6 +229,7 @@ COMMANDS: dict[str, Command] = {
     "retry": commands.cmd_retry,
     "resume": commands.cmd_resume,
     "cancel": commands.cmd_cancel,
+    "delete": commands.cmd_delete,
     "instances": commands.cmd_instances,
     "drain": commands.cmd_drain,
     "catalog": commands.cmd_catalog,
@@ -228,6 +237,7 @@ COMMANDS: dict[str, Command] = {
     "prices": commands.cmd_prices,
     "interruptions": commands.cmd_interruptions,
     "events": commands.cmd_events,
+    "status-page": cmd_status_page,
 }
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -69,7 +70,9 @@ def _segments(job: dict[str, Any], labels: dict[str, str]) -> tuple[list[tuple[s
     if counts.get("failed"):
         # `failed` tasks are waiting out a backoff before their retry: neither queued nor over.
         parts.append(("retrying", f"{labels['retrying']}{int(counts['failed'])}"))
-    parts.append(("rate", format_rate(rate)))
+    waiting = job.get("waiting") if not job.get("done") and not (total > 0 and rate > 0) else None
+    if not waiting:
+        parts.append(("rate", format_rate(rate)))  # while nothing runs it is 0: the reason says more
     if job.get("done"):
         # The outcome, not a bare `done`: a cancelled or failed job is over too.
         parts.append(("eta", str(job.get("outcome") or "done")))
@@ -79,16 +82,33 @@ def _segments(job: dict[str, Any], labels: dict[str, str]) -> tuple[list[tuple[s
         parts.append(("eta", "paused"))
     elif total > 0 and rate > 0:
         parts.append(("eta", f"ETA {format_duration(remaining / rate)}"))
+    elif waiting:
+        # Queued work and nothing leased: the daemon's reason (an instance limit, a launch, no offer).
+        parts.append(("eta", str(waiting)))
     else:
         parts.append(("eta", "ETA --"))  # nothing uploaded yet, or nothing finished lately: no honest estimate
     parts.append(("instances", f"{labels['instances']}{int(job.get('instances') or 0)}"))
     return parts, fraction
 
 
+def _fit_waiting(parts: list[tuple[str, str]], sep: str, room: int) -> list[tuple[str, str]]:
+    """A waiting reason is cut (with an ellipsis) to leave the line within `room`; never below a word."""
+    over = len(sep.join(t for _, t in parts)) - room
+    out = []
+    for key, text in parts:
+        if key == "eta" and over > 0 and text.startswith("waiting"):
+            keep = max(len("waiting"), len(text) - over - 1)
+            text = text if keep >= len(text) else text[:keep].rstrip(" ,;:") + "…"
+        out.append((key, text))
+    return out
+
+
 def format_progress(job: dict[str, Any], width: int) -> str:
-    """One line for a job, at most `width` characters; the bar takes whatever room is left."""
+    """One line for a job, at most `width` characters; the bar takes whatever room is left (a waiting
+    reason is shortened before the bar is)."""
     for labels, min_bar in ((LONG_LABELS, COMFORTABLE_BAR_WIDTH), (SHORT_LABELS, MIN_BAR_WIDTH)):
         parts, fraction = _segments(job, labels)
+        parts = _fit_waiting(parts, labels["sep"], width - 3 - min_bar)
         text = labels["sep"].join(t for _, t in parts)
         bar_width = width - len(text) - 3  # "[", "]" and a space
         if bar_width >= min_bar:
@@ -103,6 +123,10 @@ def format_progress(job: dict[str, Any], width: int) -> str:
     return text.strip()[:max(0, width)]
 
 
+def _kind(reason: str) -> str:
+    return re.sub(r"[0-9.]+", "#", reason)
+
+
 class ProgressDisplay:
     """Writes progress lines to a stream; call `update` as often as you like, it rate-limits itself."""
 
@@ -114,12 +138,20 @@ class ProgressDisplay:
         self.clock = clock
         self._last_draw = -math.inf
         self._drawn = 0  # characters on the current terminal line, to blank out when shorter
+        self._said = ""  # the last waiting reason written in full above the line (its kind)
 
     def update(self, job: dict[str, Any], *, force: bool = False) -> None:
         now = self.clock()
         if not force and now - self._last_draw < self.interval_s:
             return
         self._last_draw = now
+        waiting = str(job.get("waiting") or "")
+        if self.tty and waiting and _kind(waiting) != self._said:
+            # The line may have to cut the reason: it is written whole above it once, and again
+            # only when it changes in kind (not for each second of a countdown in it).
+            self._said = _kind(waiting)
+            self.message(f"job {job.get('id')} {waiting}")
+            self._last_draw = now
         if self.tty:
             # One column short of the terminal: writing the last column makes some terminals wrap.
             width = shutil.get_terminal_size((80, 24)).columns - 1
@@ -127,7 +159,9 @@ class ProgressDisplay:
             self.stream.write("\r" + line + " " * max(0, self._drawn - len(line)))
             self._drawn = len(line)
         else:
-            self.stream.write(f"job {job.get('id')}: {format_progress(job, PLAIN_WIDTH)}\n")
+            # A log keeps the whole waiting reason: the line grows rather than cut it.
+            width = PLAIN_WIDTH + len(str(job.get("waiting") or ""))
+            self.stream.write(f"job {job.get('id')}: {format_progress(job, width)}\n")
         self.stream.flush()
 
     def message(self, line: str) -> None:

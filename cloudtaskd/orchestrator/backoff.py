@@ -19,6 +19,10 @@ class OfferBackoff:
     def blocked(self, key: str, now: float) -> bool:
         return self._state.get(key, (0, 0.0))[1] > now
 
+    def until(self, key: str) -> float:
+        """When the offer may be tried again (0: now)."""
+        return self._state.get(key, (0, 0.0))[1]
+
     def refused(self, key: str, now: float) -> float | None:
         """Record a refusal; returns the new delay, or None when already backing off."""
         count, until = self._state.get(key, (0, 0.0))

@@ -31,8 +31,9 @@ from cloudtaskd.hub import token_hash
 from cloudtaskd.orchestrator.backoff import OfferBackoff
 from cloudtaskd.orchestrator.failures import Blocked, LaunchFailures
 from cloudtaskd.orchestrator.market import Market
-from cloudtaskd.orchestrator.scaling import Decision, InstanceView, PoolView, Targets, decide
-from cloudtaskd.orchestrator.selection import Candidate, Needs, Policy, combine
+from cloudtaskd.orchestrator.scaling import InstanceView, PoolView, Targets, decide, reclaim
+from cloudtaskd.orchestrator.selection import Candidate, Needs, Policy, combine, why_no_offer
+from cloudtaskd.orchestrator.waits import Limits, explain
 from cloudtaskd.providers.base import LaunchSpec, Offer, Provider
 from cloudtaskd.redact import redact
 from cloudtaskd.states import InstanceEvent, InstanceState
@@ -71,6 +72,14 @@ class Reconciler:
         self._stuck: set[int] = set()  # pools whose jobs were paused because no offer could start them
         self._waiting_since: dict[int, float] = {}  # pool -> since when it has had queued tasks
         self.paused = False  # set while the daemon stops: no new launches
+        # pool -> why its queued work has no instance, from the last tick's decision (waits.explain):
+        # the API reads it for a job with queued tasks and none leased.
+        self.waits: dict[int, str] = {}
+        # The whole fleet as the last pool_views saw it: every pool's instances (those of pools with
+        # no active job too), their active jobs, and the limits: what reclaim and explain look across.
+        self._holders: list[PoolView] = []
+        self._jobs_of: dict[int, list[int]] = {}
+        self._limits = Limits(config.scaling.max_instances, config.scaling.max_instances, dict(self.limits))
         self._wake = asyncio.Event()
 
     async def run(self) -> None:
@@ -466,6 +475,15 @@ class Reconciler:
         spare = {name: max(0, self.limits[name] - live_per_provider[name]) for name in self.providers}
         room = {name: min(spare[name], max(0, global_room)) for name in self.providers}
         budget = scaling.max_cost_per_hour - spend if scaling.max_cost_per_hour > 0 else math.inf
+        active_pools = {p["id"] for p in pools}
+        # Pools with no active job (finished, cancelled, paused) still hold their instances' places:
+        # reclaim may take them, and their idle ones stop after idle_timeout_s like any other's. Their
+        # last work is when this daemon last saw some (or first saw the pool idle, after a restart).
+        self._holders = [PoolView(pool_id, 0, 0, instances=list(views_),
+                                  last_work_at=self._last_work.setdefault(pool_id, now))
+                         for pool_id, views_ in by_pool.items() if pool_id not in active_pools]
+        self._jobs_of = {p["id"]: [int(j) for j in str(p["job_ids"]).split(",")] for p in pools}
+        self._limits = Limits(scaling.max_instances, global_room, dict(self.limits))
         views = []
         for p in pools:
             spec = WorkerSpec.from_dict(json.loads(p["spec"]))
@@ -504,28 +522,79 @@ class Reconciler:
                     budget_per_hour=budget,
                 ),
                 {"path": p["path"], "spec": spec, "digest": p["digest"],
-                 "stuck": self._stuck_pool(p["id"], needs, policy)},
+                 "stuck": self._stuck_pool(p["id"], needs, policy), "needs": needs, "policy": policy},
             ))
+        self._holders += [v for v, _ in views]
         return views
 
     async def scale(self, now: float) -> None:
         views = await self.pool_views(now)
         s = self.config.scaling
         targets = Targets(s.idle_timeout_s, s.target_s, s.scale_up_after_s)
-        for view, extra in views:
-            decision: Decision = decide(view, now, targets)
-            for inst in decision.drain:
+        decisions = [(view, extra, decide(view, now, targets)) for view, extra in views]
+        deciding = {view.pool_id for view, _ in views}
+        # Instances of pools no active job uses: nothing to launch, only idle ones to stop.
+        idle_elsewhere = [i for view in self._holders if view.pool_id not in deciding
+                          for i in decide(view, now, targets).drain]
+        # Pools that may launch now: not held back by a start back-off, not about to be paused.
+        ready = [view for view, extra, _ in decisions
+                 if not (extra["stuck"] and not view.instances) and now >= self._held_until(view.pool_id)]
+        # An idle instance of another worker gives its place now, rather than after idle_timeout_s.
+        reclaimed = reclaim(ready, self._holders, self._limits.global_room, now, targets)
+        taken = {i for ids in reclaimed.values() for i in ids}
+        for pool_id, ids in reclaimed.items():
+            for inst in ids:
+                log.info("instance_reclaimed", instance=inst, for_pool=pool_id, for_jobs=self._jobs_of.get(pool_id))
                 await self.drain(inst)
+        waits: dict[int, str] = {}
+        for view, extra, decision in decisions:
+            waits[view.pool_id] = explain(
+                view, decision, holders=self._holders, limits=self._limits, jobs_of=self._jobs_of,
+                reclaimed=taken,
+                held_back=self._held_back(view.pool_id, now), no_offer=self._no_offer(view, extra, now))
+        self.waits = waits
+        for inst in idle_elsewhere:
+            if inst not in taken:  # reclaimed in this tick already
+                log.info("instance_idle", instance=inst, reason="no active job uses its worker")
+                await self.drain(inst)
+        for view, extra, decision in decisions:
+            for inst in decision.drain:
+                if inst not in taken:  # its own pool's idle timeout may end in the same tick
+                    await self.drain(inst)
             if extra["stuck"] and not view.instances:
                 await self._pause_stuck(view.pool_id, extra["stuck"])
                 continue
-            if now < self._start_failures.get(view.pool_id, (0, 0.0))[1]:
+            if now < self._held_until(view.pool_id):
                 continue
             launches = [self._launch(self.providers[c.offer.provider], view.pool_id, c, extra)
                         for c in decision.launch]
             if launches:
                 # Concurrently: each provider batches what arrives together (one RunInstances per type and zone).
                 await asyncio.gather(*launches)
+
+    def _held_until(self, pool_id: int) -> float:
+        return self._start_failures.get(pool_id, (0, 0.0))[1]
+
+    def _held_back(self, pool_id: int, now: float) -> str | None:
+        count, until = self._start_failures.get(pool_id, (0, 0.0))
+        if now >= until:
+            return None
+        return (f"the last {count} instance start{'s' if count != 1 else ''} of this worker failed; the next launch"
+                f" in {math.ceil(until - now)} s (`cloudtaskctl events --job JOB` says why)")
+
+    def _no_offer(self, view: PoolView, extra: dict[str, Any], now: float) -> str | None:
+        """Why a pool has no candidate: nothing fits, or every offer that does is backed off or blocked.
+        Only worked out when there is none."""
+        if view.candidates:
+            return None
+        ranked = self.market.rank(extra["needs"], extra["policy"])
+        if not ranked:
+            return why_no_offer(self.market.offers(), extra["needs"], extra["policy"])
+        if all(self.failures.is_blocked(view.pool_id, c.offer.key) for c in ranked):
+            return "launches of this worker failed the same way on every offer that fits (see `cloudtaskctl events`)"
+        backed_off = [self.backoff.until(c.offer.key) for c in ranked if self.backoff.blocked(c.offer.key, now)]
+        wait = f"; the next try in {math.ceil(min(backed_off) - now)} s" if backed_off else ""
+        return f"every offer that fits was refused by its provider (capacity or quota) and is backing off{wait}"
 
     async def drain(self, inst: str) -> bool:
         moved = await self._move(inst, InstanceEvent.DRAIN)

@@ -12,6 +12,10 @@ rebalance recommendation) do not count: their replacement starts now, from anoth
 one is on sale, and they are drained once it is up (never before: an at-risk instance still
 works). Idle instances beyond the need are drained, the dearest first; one holding leases never is.
 
+An instance runs one worker. When a pool with work waiting cannot buy an instance because an
+instance limit binds, an idle instance of another worker with nothing queued is drained at once
+(`reclaim`), not after `idle_timeout_s`: its place is worth more to the work that waits.
+
 When the instance limit is what stops the fleet from covering the need, bigger instances finish
 sooner for the same money: an offer up to SLOT_TOLERANCE dearer per slot-hour is then preferred
 for its slots (the fleet simulator showed the cheapest-only choice filling the limit with small
@@ -21,7 +25,7 @@ instances).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cloudtaskd.orchestrator.selection import Candidate
 from cloudtaskd.providers.base import Offer
@@ -220,3 +224,67 @@ def _surplus(active: list[InstanceView], capacity: int, need: int, now: float,
         capacity -= inst.slots
         drain.append(inst.id)
     return tuple(drain)
+
+
+def waiting_work(pool: PoolView) -> int:
+    """Tasks of the pool no instance holds: queued, or waiting out a retry's back-off."""
+    return max(0, pool.outstanding - sum(i.leases for i in pool.instances))
+
+
+FREEING = ("draining", "stopping")  # states whose place under the limits is on its way back
+
+
+def reclaim(waiting: list[PoolView], holders: list[PoolView], global_room: int, now: float,
+            targets: Targets) -> dict[int, tuple[str, ...]]:
+    """Idle instances of other workers to drain now so that pools with work waiting get their places.
+
+    waiting: the pools that may launch now (in the order to serve them); holders: every pool with
+    live instances, active or not. An instance is taken only when it runs, holds no lease, and its
+    own pool has nothing waiting; and only when its place lets the waiting pool buy an instance it
+    cannot buy now (an instance limit or the hourly budget binds, not the job's own limit). Places
+    already on their way back (draining or stopping instances of other pools) are counted first, so
+    an instance is not drained twice over for the same need. Returns pool id -> instances drained
+    for it."""
+    idle = sorted(
+        (i for p in holders if waiting_work(p) == 0 for i in p.instances
+         if i.state == "running" and i.leases == 0),
+        key=lambda i: (i.idle_since if i.idle_since is not None else now, -i.price_per_hour, i.id))
+    taken: set[str] = set()
+    out: dict[int, tuple[str, ...]] = {}
+    if not idle:
+        return out  # the usual case: no decide to run again
+    for pool in waiting:
+        if waiting_work(pool) == 0:
+            continue
+        freed = [i for p in holders if p.pool_id != pool.pool_id for i in p.instances if i.state in FREEING]
+        launches = len(decide(_with_freed(pool, freed, global_room), now, targets).launch)
+        mine: list[str] = []
+        while True:
+            # One try per provider is enough: idle places of one provider free the same limits.
+            tried: set[str] = set()
+            for inst in idle:
+                if inst.id in taken or inst.provider in tried:
+                    continue
+                tried.add(inst.provider)
+                more = len(decide(_with_freed(pool, [*freed, inst], global_room), now, targets).launch)
+                if more > launches:
+                    freed.append(inst)
+                    taken.add(inst.id)
+                    mine.append(inst.id)
+                    launches = more
+                    break
+            else:
+                break
+        if mine:
+            out[pool.pool_id] = tuple(mine)
+    return out
+
+
+def _with_freed(pool: PoolView, freed: list[InstanceView], global_room: int) -> PoolView:
+    """The pool as it would be with these instances' places free under every limit they count against."""
+    spare = dict(pool.provider_room if pool.provider_spare is None else pool.provider_spare)
+    for inst in freed:
+        spare[inst.provider] = spare.get(inst.provider, 0) + 1
+    fleet = global_room + len(freed)
+    return replace(pool, provider_spare=spare, provider_room={name: max(0, min(n, fleet)) for name, n in spare.items()},
+                   budget_per_hour=pool.budget_per_hour + sum(i.price_per_hour for i in freed))

@@ -142,3 +142,31 @@ def rank(offers: Iterable[Offer], needs: Needs, policy: Policy, *, rates: Mappin
     # Ties: more slots per instance first (fewer boots, fewer SSH bootstraps), then a stable name.
     priced.sort(key=lambda c: (c.cost_per_slot_hour, -c.slots, c.offer.key))
     return priced + unpriced
+
+
+def why_no_offer(offers: list[Offer], needs: Needs, policy: Policy) -> str:
+    """The first filter that left nothing, in the order a user would check them."""
+    if not offers:
+        return "no provider is enabled that has offers (local disabled, no ssh host, no cloud with a catalog)"
+    markets = [o for o in offers if (o.spot and policy.spot) or (not o.spot and policy.on_demand)]
+    if not markets:
+        if policy.spot and not policy.on_demand:
+            return ("no enabled provider sells spot capacity (local and ssh hosts are on-demand): enable a cloud"
+                    " with spot in the config, or leave out --spot")
+        return "no enabled provider sells on-demand capacity"
+    if policy.providers:
+        markets = [o for o in markets if o.provider in policy.providers]
+    if policy.regions:
+        markets = [o for o in markets if o.region in policy.regions or o.zone in policy.regions]
+    if not markets:
+        return "no offer from the providers and regions asked for"
+    if policy.max_price_per_hour is not None:
+        priced = [o for o in markets if o.price_per_hour is None or o.price_per_hour <= policy.max_price_per_hour]
+        if not priced:
+            return f"every offer costs more than {policy.max_price_per_hour:g} USD per hour"
+    size = f"{needs.cpus_per_task:g} CPUs"
+    if needs.memory_per_task_mib:
+        size += f", {needs.memory_per_task_mib} MiB"
+    if needs.gpus_per_task:
+        size += f", {needs.gpus_per_task} GPUs"
+    return f"no offer has room for one task of {size}"

@@ -122,6 +122,8 @@ class CloudSettings:
     machine_types: tuple[str, ...] = ()  # more types to choose among (sized and priced by the catalog)
     zones: tuple[str, ...] = ()  # more zones (AWS, GCP) to choose among
     metadata_url: str = ""  # tests: where agents read spot notices instead of the cloud's metadata service
+    # The agent's watcher of spot notices on this cloud's VMs (its descriptor's); empty: none.
+    interruption_source: str = ""
 
 
 class CloudProvider:
@@ -214,12 +216,12 @@ class CloudProvider:
             raise ProviderError(self.name, "launch", "no worker bundle to install")
         bundle = spec.worker_bundle
         bootlog = BootstrapLog(self.logs / spec.instance_id / "bootstrap.log")
+        watch = watch_args(s.interruption_source if offer.spot else "", s.metadata_url)
         try:
             conn = await self._connect(vm, bootlog=bootlog)
             await install(conn, spec, lambda url: BootstrapSpec(
                 spec.instance_id, url, spec.token, spec.slots, bundle, spec.worker_spec,
-                (*frame_args(spec.max_message_bytes), *watch_args(self.name if offer.spot else "", s.metadata_url)),
-                spec.ca_cert, spec.bundle_limits),
+                (*frame_args(spec.max_message_bytes), *watch), spec.ca_cert, spec.bundle_limits),
                 bootlog, self.runtime, self.tunnels, partial(self.ssh, spec.instance_id))
         except Exception:
             if self.tunnels is not None:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import structlog
 
-from cloudtaskd.config import LocalProviderConfig
 from cloudtaskd.providers.base import CloudInstance, LaunchSpec, Offer, frame_args, watch_args
+from cloudtaskd.providers.descriptors.local import LocalProviderConfig
 from cloudtaskd.redact import without_secrets
 
 log = structlog.get_logger("cloudtaskd.providers.local")

@@ -27,9 +27,9 @@ from cloudtaskd.bootstrap import (
     running_agents,
     stop_agent,
 )
-from cloudtaskd.config import SshHostConfig, SshProviderConfig
 from cloudtaskd.errors import ProviderError
 from cloudtaskd.providers.base import CloudInstance, LaunchSpec, Offer, frame_args
+from cloudtaskd.providers.descriptors.ssh import SshHostConfig, SshProviderConfig
 from cloudtaskd.runtime import RuntimeBuilder
 from cloudtaskd.tunnels import Tunnels
 

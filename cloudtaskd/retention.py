@@ -1,0 +1,141 @@
+"""What the daemon lets go of: deleted jobs' rows, old events, finished jobs past their retention.
+
+Each function here is one short write transaction (`Store.write`) over a bounded chunk of rows; the
+housekeeper (housekeeping.py) calls them one at a time, so a million rows never hold the writer and
+dispatch runs between chunks. Rows are walked in rowid order from a cursor kept in the database (a
+restart goes on where the last chunk ended) or, for the event log, in memory (a restart walks it again).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+
+from cloudtask_wire import jsonx
+from cloudtaskd.errors import CloudtaskError, no_job
+from cloudtaskd.feeds import FINISHED_KINDS
+from cloudtaskd.queue import first_task_cursor
+from cloudtaskd.store import Tx
+
+PURGE_CHUNK = 10_000  # task rows per delete transaction (housekeeping.chunk_rows in the daemon)
+# Event rows looked at per transaction: a span of rowids, not a count of matches, so a step over a
+# stretch where little matches (another job's events) is as short as one where everything does.
+EVENT_SPAN = 20_000
+_FINISHED_SQL = ", ".join(f"'{k}'" for k in FINISHED_KINDS)
+
+
+@dataclass(slots=True)
+class Deleted:
+    job_id: int
+    tasks: int  # how many tasks it held (removed in the background when `purging`)
+    purging: bool
+
+
+def delete_job(tx: Tx, job_id: int) -> Deleted:
+    """Delete a job that is over: its row goes now (the API answers "no job N" from this commit on),
+    its tasks, results and events a chunk at a time (purge_chunk). A job with unfinished tasks, or
+    being cancelled or receiving an upload, is refused: what runs must be cancelled first."""
+    row = tx.db.execute("SELECT state, n_staged, n_queued, n_leased, n_failed, n_succeeded, n_dead, n_cancelled"
+                        " FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        raise no_job(job_id)
+    state, staged, queued, leased, failed = row[:5]
+    total = sum(row[1:])
+    pending = tx.db.execute("SELECT total, done FROM cancels WHERE job_id = ?", (job_id,)).fetchone()
+    if pending is not None:
+        raise CloudtaskError(f"job {job_id} is being cancelled ({pending[1]} of {pending[0]} tasks so far):"
+                             " delete it once the cancel is done")
+    receiving = tx.db.execute("SELECT 1 FROM uploads WHERE job_id = ? AND state IN ('staging', 'committing')",
+                              (job_id,)).fetchone() is not None
+    unfinished = staged + queued + leased + failed
+    if unfinished or receiving:
+        what = f"{unfinished} unfinished task{'s' if unfinished != 1 else ''}" if unfinished else "an upload under way"
+        raise CloudtaskError(f"job {job_id} is {state} with {what}: cancel it first (cloudtaskctl cancel {job_id}),"
+                             " then delete it")
+    task_last = tx.db.execute("SELECT coalesce(max(id), 0) FROM tasks").fetchone()[0]
+    event_last = tx.db.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+    cursor = first_task_cursor(tx.db, job_id) if total else task_last
+    tx.db.execute("DELETE FROM uploads WHERE job_id = ?", (job_id,))
+    tx.db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+    # Ids are not reused after a delete: a newer job with this id would be taken for the old one by
+    # whoever kept it (a script, a results file), and its rows would fall under this purge.
+    tx.db.execute("INSERT INTO meta (key, value) VALUES ('last_job_id', ?) ON CONFLICT (key) DO UPDATE"
+                  " SET value = max(CAST(value AS INTEGER), excluded.value)", (job_id,))
+    tx.db.execute("INSERT INTO purges (job_id, task_cursor, task_last, event_cursor, event_last, tasks, started_at)"
+                  " VALUES (?, ?, ?, 0, ?, ?, ?)", (job_id, cursor, task_last, event_last, total, tx.now))
+    # Not under the job's id: this event outlives the purge of its events.
+    tx.event("job_deleted", detail=jsonx.dumps({"job": job_id, "tasks": total}))
+    return Deleted(job_id, total, True)
+
+
+def purge_chunk(tx: Tx, job_id: int, limit: int = PURGE_CHUNK) -> bool:
+    """Remove the next chunk of a deleted job's tasks, then of its events. True once all are gone."""
+    row = tx.db.execute("SELECT task_cursor, task_last, event_cursor, event_last FROM purges WHERE job_id = ?",
+                        (job_id,)).fetchone()
+    if row is None:
+        return True
+    task_cursor, task_last, event_cursor, event_last = row
+    if task_cursor < task_last:
+        # NOT INDEXED: a rowid walk from the cursor (queue._staged_chunk says why).
+        end = tx.db.execute("SELECT max(id) FROM (SELECT id FROM tasks NOT INDEXED WHERE id > ? AND id <= ?"
+                            " AND job_id = ? ORDER BY id LIMIT ?)",
+                            (task_cursor, task_last, job_id, limit)).fetchone()[0]
+        end = task_last if end is None else end
+        tx.db.execute("DELETE FROM tasks NOT INDEXED WHERE id > ? AND id <= ? AND job_id = ?",
+                      (task_cursor, end, job_id))
+        tx.db.execute("UPDATE purges SET task_cursor = ? WHERE job_id = ?", (end, job_id))
+        return False
+    if event_cursor == 0:
+        event_cursor = tx.db.execute("SELECT coalesce(min(id), 1) - 1 FROM events").fetchone()[0]
+    if event_cursor < event_last:
+        end = min(event_cursor + EVENT_SPAN, event_last)
+        tx.db.execute("DELETE FROM events NOT INDEXED WHERE id > ? AND id <= ? AND job_id = ?",
+                      (event_cursor, end, job_id))
+        tx.db.execute("UPDATE purges SET event_cursor = ? WHERE job_id = ?", (end, job_id))
+        return False
+    tasks = tx.db.execute("DELETE FROM purges WHERE job_id = ? RETURNING tasks", (job_id,)).fetchone()[0]
+    tx.event("job_purged", detail=jsonx.dumps({"job": job_id, "tasks": tasks}))
+    return True
+
+
+def purges_pending(db: sqlite3.Connection) -> list[int]:
+    return [r[0] for r in db.execute("SELECT job_id FROM purges ORDER BY started_at").fetchall()]
+
+
+def event_prune_bound(db: sqlite3.Connection, max_rows: int) -> int:
+    """Events at or below this id are past the count limit: every id above it is among the newest
+    max_rows ever written (ids only grow, so this needs no count over the table)."""
+    return max(0, int(db.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]) - max_rows)
+
+
+def prune_events_span(tx: Tx, after: int, older_than: float, count_bound: int) -> tuple[int, int, bool]:
+    """Delete, among the next EVENT_SPAN event ids after `after`, those older than `older_than` (the
+    daemon clock) or at or below `count_bound`, except the events that record how a task of a job
+    still held finished: the job's results stream (GET /v1/jobs/{id}/results?follow=1) reads them, so
+    they stay as long as the job does. Returns (new cursor, rows deleted, whether to go on: False once
+    the span met an event to keep for its age, since later ones are younger)."""
+    last = tx.db.execute("SELECT max(id) FROM events").fetchone()[0]
+    if last is None or after >= last:
+        return after, 0, False
+    end = min(after + EVENT_SPAN, last)
+    # The first event in the span that is young and within the count: the walk stops before it.
+    young = tx.db.execute("SELECT min(id) FROM events NOT INDEXED WHERE id > ? AND id <= ? AND ts >= ? AND id > ?",
+                          (after, end, older_than, count_bound)).fetchone()[0]
+    stop = young - 1 if young is not None else end
+    deleted = tx.db.execute(
+        f"DELETE FROM events NOT INDEXED WHERE id > ? AND id <= ? AND NOT (kind IN ({_FINISHED_SQL})"
+        " AND job_id IN (SELECT id FROM jobs))", (after, stop)).rowcount
+    return stop, deleted, young is None and stop < last
+
+
+def finished_jobs_before(db: sqlite3.Connection, cutoff: float, limit: int = 100) -> list[int]:
+    """Jobs over (nothing unfinished, no cancel or upload under way) that finished before `cutoff`
+    (the daemon clock): the job's finished_at when it has one (a cancel), else its last task's."""
+    rows = db.execute(
+        "SELECT j.id FROM jobs j WHERE j.n_staged + j.n_queued + j.n_leased + j.n_failed = 0"
+        " AND j.id NOT IN (SELECT job_id FROM cancels)"
+        " AND NOT EXISTS (SELECT 1 FROM uploads u WHERE u.job_id = j.id AND u.state IN ('staging', 'committing'))"
+        " AND coalesce(j.finished_at, (SELECT max(t.finished_at) FROM tasks t WHERE t.job_id = j.id"
+        " AND t.finished_at IS NOT NULL), j.created_at) < ?"
+        " ORDER BY j.id LIMIT ?", (cutoff, limit)).fetchall()
+    return [r[0] for r in rows]
