@@ -10,8 +10,7 @@ import asyncio
 import sys
 from typing import Any
 
-# @dataclass(**SLOTS): slots (less memory per message, faster attributes) where dataclass has them.
-SLOTS: dict[str, Any] = {"slots": True} if sys.version_info >= (3, 10) else {}
+from cloudtask_wire.compat import SLOTS  # one definition, shared with the wire's messages
 
 if sys.version_info >= (3, 11):
     from datetime import UTC

@@ -24,10 +24,13 @@ from typing import Any
 
 import aiohttp
 
-from agent import interruption, jsonx
+from agent import interruption
 from agent.compat import SLOTS
 from agent.logline import log
-from agent.protocol import (
+from agent.runner import Outcome, Runner
+from cloudtask_wire import frames, jsonx
+from cloudtask_wire.frames import FRAME_OVERHEAD, wire_len
+from cloudtask_wire.messages import (
     CREDIT_IN_REPORT,
     DEFAULT_MAX_MESSAGE_BYTES,
     FEATURES,
@@ -35,18 +38,21 @@ from agent.protocol import (
     Draining,
     DrainRequest,
     ErrorMessage,
+    Failure,
     Grant,
     GrantedTask,
+    Heartbeat,
     Hello,
     Notice,
+    Report,
+    Returned,
     Revoke,
+    Success,
     Welcome,
     encode,
     parse_daemon_message,
-    wire_len,
 )
-from agent.runner import Outcome, Runner
-from agent.workerspec import RESOLVED_SPEC_FILE, WorkerSpec
+from cloudtask_wire.workerspec import RESOLVED_SPEC_FILE, WorkerSpec
 
 RECONNECT_MIN_S = 0.2
 # The daemon's refusals that pass (too many connections for now): try again with backoff. Any other
@@ -75,7 +81,6 @@ ACK_WAIT_S = 5.0
 SILENCE_MIN_S = 10.0
 # The close handshake of a connection we leave: a dead one never answers (aiohttp waits 10 s).
 WS_CLOSE_TIMEOUT_S = 2.0
-FRAME_OVERHEAD = 256  # a frame's own JSON around its items, with room to spare
 MAX_ERROR_CHARS = 64 * 1024  # a failure's message beyond this is cut (a worker's whole stderr)
 
 
@@ -133,8 +138,8 @@ class Agent:
         self.ready: deque[int] = deque()  # granted, not yet started
         self.free_slots = list(range(slots))
         self._ready_event = asyncio.Event()
-        self._pending: list[dict[str, Any]] = []  # reports not yet sent on this connection
-        self._unacked: dict[int, dict[str, Any]] = {}  # sent, waiting for an ack
+        self._pending: list[Report] = []  # reports not yet sent on this connection
+        self._unacked: dict[int, Report] = {}  # sent, waiting for an ack
         self._credit_owed = 0
         self._flush_event = asyncio.Event()
         self._ws: aiohttp.ClientWebSocketResponse | None = None
@@ -284,13 +289,13 @@ class Agent:
                 delay = min(RECONNECT_MAX_S, delay * 2)
 
     async def _session(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        held = [[tid, h.task.token] for tid, h in self.held.items()]
+        held = [(tid, h.task.token) for tid, h in self.held.items()]
         # A task whose result is reported but not acknowledged is still leased to us as far as the
         # daemon knows: listed, it keeps the lease for the resent report (unlisted, it would be
         # requeued and run again, and the report refused).
-        held += [[r["id"], r["token"]] for r in (*self._unacked.values(), *self._pending)
-                 if r["kind"] in ("done", "fail") and r["id"] not in self.held]
-        await ws.send_str(encode(Hello(self.instance, self.token, self.slots, [(a, b) for a, b in held],
+        held += [(r.id, r.token) for r in (*self._unacked.values(), *self._pending)
+                 if not isinstance(r, Returned) and r.id not in self.held]
+        await ws.send_str(encode(Hello(self.instance, self.token, self.slots, held,
                                        features=list(FEATURES), max_message_bytes=self.max_message_bytes)))
         first = await ws.receive(timeout=30)
         if first.type != aiohttp.WSMsgType.TEXT:
@@ -402,7 +407,7 @@ class Agent:
         if ws is not None and not ws.closed:
             asyncio.get_running_loop().create_task(ws.send_str(frame))
 
-    def _report(self, tid: int, report: dict[str, Any]) -> None:
+    def _report(self, report: Report) -> None:
         self._pending.append(report)
         self._flush_event.set()
 
@@ -410,7 +415,7 @@ class Agent:
         held = self.held.pop(tid, None)
         if held is None:
             return
-        self._report(tid, {"kind": "handback", "id": tid, "token": held.task.token})
+        self._report(Returned(tid, held.task.token))
 
     async def _flush_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         while True:
@@ -419,63 +424,58 @@ class Agent:
             self._flush_event.clear()
             pending, self._pending = self._pending, []
             for r in pending:
-                self._unacked[r["id"]] = r
+                self._unacked[r.id] = r
             credit = 0
             if self._credit_owed > 0 and not self.draining:
                 credit, self._credit_owed = self._credit_owed, 0
                 self._credit_sent.append([time.monotonic(), credit])
             if not await self._send_reports(ws, pending, credit if self._credit_in_report else 0) and credit:
-                await ws.send_str(f'{{"t":"lease","n":{credit}}}')
+                await ws.send_str(frames.lease_frame(credit))
 
-    async def _send_reports(self, ws: aiohttp.ClientWebSocketResponse, pending: list[dict[str, Any]],
+    async def _send_reports(self, ws: aiohttp.ClientWebSocketResponse, pending: list[Report],
                             credit: int = 0) -> bool:
         """One frame per kind when it fits under the daemon's message limit (the usual case: one
         encode); else the items packed into several frames, and a result no frame can carry
         turned into a permanent failure (an oversized frame closes the connection and would be
         resent after every reconnect). `credit` rides in the one done frame when there is one
         (CREDIT_IN_REPORT); returns whether it did, else the caller sends a lease frame."""
-        done = [{"id": r["id"], "token": r["token"], "result": r["result"], "duration_s": r["duration_s"]}
-                for r in pending if r["kind"] == "done"]
-        failed = [{"id": r["id"], "token": r["token"], "error": r["error"][:MAX_ERROR_CHARS],
-                   "retryable": r["retryable"], "duration_s": r["duration_s"]} for r in pending if r["kind"] == "fail"]
-        back = [[r["id"], r["token"]] for r in pending if r["kind"] == "handback"]
+        done = [r for r in pending if type(r) is Success]
+        failed = [r for r in pending if type(r) is Failure]
+        back = [(r.id, r.token) for r in pending if type(r) is Returned]
         limit = self.send_limit_bytes - FRAME_OVERHEAD
         sent_credit = False
         if done:
-            frame = jsonx.dumps({"t": "done", "results": done, "n": credit} if credit else
-                                {"t": "done", "results": done})
+            frame = frames.done_frame(done, credit)
             if wire_len(frame) <= limit:
                 await ws.send_str(frame)
                 sent_credit = bool(credit)
             else:
                 items = []
-                for d in done:
-                    item = jsonx.dumps(d)
+                for s in done:
+                    item = frames.success_item(s)
                     if wire_len(item) > limit:
-                        failure = {"id": d["id"], "token": d["token"], "retryable": False,
-                                   "duration_s": d["duration_s"],
-                                   "error": f"the result is {wire_len(item)} bytes, over the daemon's message "
-                                            f"limit ({self.send_limit_bytes} bytes)"}
-                        self._unacked[d["id"]] = {"kind": "fail", **failure}
+                        failure = Failure(s.id, s.token, f"the result is {wire_len(item)} bytes, over the daemon's "
+                                          f"message limit ({self.send_limit_bytes} bytes)", False, s.duration_s)
+                        self._unacked[s.id] = failure
                         failed.append(failure)
                     else:
                         items.append(item)
-                for frame in pack('{"t":"done","results":[', items, "]}", self.send_limit_bytes):
+                for frame in frames.pack(frames.DONE_HEAD, items, frames.DONE_TAIL, self.send_limit_bytes):
                     await ws.send_str(frame)
-        reason = jsonx.dumps((self.drain_reason or "draining") if self.draining else "released")
-        for head, objs, tail in (('{"t":"fail","failures":[', failed, "]}"),
-                                 ('{"t":"handback","leases":[', back, f'],"reason":{reason}}}')):
-            if objs:
-                for frame in pack(head, [jsonx.dumps(o) for o in objs], tail, self.send_limit_bytes):
-                    await ws.send_str(frame)
+        for frame in frames.fail_frames(failed, self.send_limit_bytes):
+            await ws.send_str(frame)
+        if back:
+            reason = (self.drain_reason or "draining") if self.draining else "released"
+            for frame in frames.handback_frames(back, reason, self.send_limit_bytes):
+                await ws.send_str(frame)
         return sent_credit
 
     async def _heartbeat_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_s)
-            refs = [[tid, h.task.token] for tid, h in self.held.items()]
+            refs = [(tid, h.task.token) for tid, h in self.held.items()]
             if refs:
-                await ws.send_str(jsonx.dumps({"t": "hb", "leases": refs}))
+                await ws.send_str(encode(Heartbeat(refs)))
             await ws.ping()  # the daemon's pong is what proves the connection alive (see _session)
 
     # ---- running tasks ----
@@ -515,33 +515,16 @@ class Agent:
         if held is None:
             return  # revoked while running: the daemon no longer wants this result
         self.completed += 1
+        duration_s = round(outcome.duration_s, 6)
         if outcome.ok:
-            self._report(tid, {"kind": "done", "id": tid, "token": held.task.token, "result": outcome.result,
-                               "duration_s": round(outcome.duration_s, 6)})
+            self._report(Success(tid, held.task.token, outcome.result, duration_s))
         else:
-            self._report(tid, {"kind": "fail", "id": tid, "token": held.task.token,
-                               "error": outcome.error or "failed", "retryable": outcome.retryable,
-                               "duration_s": round(outcome.duration_s, 6)})
+            # Cut here, not at the daemon (which keeps less): a worker's whole stderr must not
+            # sit in memory until acked, nor fill frames.
+            error = (outcome.error or "failed")[:MAX_ERROR_CHARS]
+            self._report(Failure(tid, held.task.token, error, outcome.retryable, duration_s))
         if not self.draining:
             self._credit_owed += 1
-
-
-def pack(head: str, items: list[str], tail: str, limit: int) -> list[str]:
-    """Encoded items as few frames as fit under the daemon's message limit (a bigger frame would
-    close the connection, and the same frame would be resent after every reconnect)."""
-    frames: list[str] = []
-    part: list[str] = []
-    size = len(head) + len(tail)
-    for item in items:
-        n = wire_len(item)
-        if part and size + n + 1 > limit - FRAME_OVERHEAD:
-            frames.append(head + ",".join(part) + tail)
-            part, size = [], len(head) + len(tail)
-        part.append(item)
-        size += n + 1
-    if part:
-        frames.append(head + ",".join(part) + tail)
-    return frames
 
 
 def load_spec(worker_dir: Path) -> WorkerSpec:

@@ -23,9 +23,10 @@ from urllib.parse import quote
 
 import aiohttp
 
-from agent import jsonx, logline
+from agent import logline
 from agent.compat import SLOTS, UTC
-from agent.protocol import Notice
+from cloudtask_wire import jsonx
+from cloudtask_wire.messages import Notice
 
 SOURCES = ("aws", "gcp", "azure")
 DEFAULT_METADATA_URLS: dict[str, str] = {"aws": "http://169.254.169.254", "gcp": "http://metadata.google.internal",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from agent import jsonx
+from cloudtask_wire import jsonx
 
 
 def log(event: str, **fields: Any) -> None:

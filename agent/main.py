@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from agent import interruption, jsonx
+from agent import interruption
 from agent.connection import (
     DEFAULT_GIVE_UP_AFTER_S,
     DEFAULT_INTERRUPTION_MARGIN_S,
@@ -29,7 +29,8 @@ from agent.connection import (
     load_spec,
 )
 from agent.logline import log
-from agent.protocol import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES, MIN_MESSAGE_BYTES
+from cloudtask_wire import jsonx
+from cloudtask_wire.messages import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES, MIN_MESSAGE_BYTES
 
 SETUP_MARKER = ".cloudtask-setup-done"
 

@@ -7,7 +7,7 @@ from time import perf_counter
 from typing import Any
 
 from agent.compat import SLOTS
-from agent.protocol import MAX_ERROR_CHARS
+from cloudtask_wire.messages import MAX_ERROR_CHARS
 
 ABORTED_ERROR = "aborted"
 

@@ -23,7 +23,7 @@ from agent.modes.function import FunctionMode
 from agent.modes.stream import STREAM_LINE_LIMIT_BYTES, StreamMode
 from agent.outcome import ABORTED_ERROR, Outcome, PermanentFailure
 from agent.process import KILL_GRACE_S, STDERR_TAIL_CHARS, shell_command
-from agent.workerspec import WorkerSpec
+from cloudtask_wire.workerspec import WorkerSpec
 
 MODES: dict[str, type[Mode]] = {"command": CommandMode, "stream": StreamMode, "python": FunctionMode}
 

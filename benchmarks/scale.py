@@ -42,8 +42,8 @@ from typing import Any
 import aiohttp
 from _common import ROOT, DaemonProcess, bundle, cpu_seconds, peak_rss_mb, percentile
 
-from agent import jsonx
-from agent.protocol import CREDIT_IN_REPORT, FEATURES, Hello, encode
+from cloudtask_wire import jsonx
+from cloudtask_wire.messages import CREDIT_IN_REPORT, FEATURES, Hello, encode
 
 WORKER = {"cloudtask.yaml": "mode: python\nfunction: noop:run\n", "noop.py": "async def run(i, d):\n    return None\n"}
 CONNECT_CONCURRENCY = 100  # per simulator process: the daemon admits 1024 unauthenticated at once

@@ -16,8 +16,8 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from agent import jsonx
-from agent.workerspec import WorkerSpec, WorkerSpecError
+from cloudtask_wire import jsonx
+from cloudtask_wire.workerspec import WorkerSpec, WorkerSpecError
 from cloudtaskd import __version__, costs, interruptions, queue, retention
 from cloudtaskd.bundles import Bundles
 from cloudtaskd.config import Config

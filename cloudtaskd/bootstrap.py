@@ -5,6 +5,7 @@ meaning (the files are the same bytes), reuses the virtualenv, and does not star
 while the first is alive. The remote layout, under `~/.cloudtask/<instance>/`:
 
     agentpkg/agent/...   this project's agent package (stdlib + aiohttp)
+    agentpkg/cloudtask_wire/...  the wire codec the agent speaks (stdlib), the same the daemon imports
     worker/              the worker bundle, unpacked by agent/bundle.py's rules
     venv/                `python3 -m venv --without-pip` (no ensurepip needed): the agent's and the
                          worker's environment; a .pth puts the runtime on its path, bin/pip runs its pip
@@ -38,7 +39,7 @@ import asyncssh
 import structlog
 
 from agent.bundle import Limits
-from agent.workerspec import RESOLVED_SPEC_FILE
+from cloudtask_wire.workerspec import RESOLVED_SPEC_FILE
 from cloudtaskd.errors import CloudtaskError
 from cloudtaskd.providers.base import LaunchSpec
 from cloudtaskd.runtime import RuntimeBuilder, RuntimeUnavailable, Target
@@ -50,6 +51,8 @@ SSH_WAIT_S = 300.0
 SSH_RETRY_MIN_S = 1.0
 SSH_RETRY_MAX_S = 15.0
 COMMAND_TIMEOUT_S = 900.0
+# What an instance imports of this project (put on its PYTHONPATH as agentpkg/).
+AGENT_PACKAGES = ("agent", "cloudtask_wire")
 AGENT_LOG_TAIL_LINES = 20  # kept from an agent's log when it is stopped: why it exited
 
 
@@ -97,10 +100,12 @@ class BootstrapSpec:
 
 
 def agent_package() -> bytes:
-    """The agent package as a gzip'd tar (built from this installation, so versions always match)."""
+    """The agent's packages as a gzip'd tar: the agent and the wire codec it shares with the daemon
+    (built from this installation, so the two ends always speak the same version)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        _add_sources(tar, resources.files("agent"), "agent")
+        for package in AGENT_PACKAGES:
+            _add_sources(tar, resources.files(package), package)
     return buf.getvalue()
 
 

@@ -24,7 +24,7 @@ import structlog
 import yaml
 
 from agent import bundle as rules
-from agent.workerspec import SPEC_FILE, WorkerSpec
+from cloudtask_wire.workerspec import SPEC_FILE, WorkerSpec
 from cloudtaskd.config import WorkersConfig
 from cloudtaskd.errors import BadInput, StoreFull, is_no_space
 from cloudtaskd.store import Store, Tx

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from agent.protocol import TASK_FRAME_MARGIN_BYTES, frame_limit_for
+from cloudtask_wire.messages import TASK_FRAME_MARGIN_BYTES, frame_limit_for
 from cloudtaskd import redact
 from cloudtaskd.configtypes import NO_SECRET
 from cloudtaskd.configtypes import ConfigWarning as ConfigWarning  # re-exported: part of this module's interface

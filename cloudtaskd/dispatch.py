@@ -18,10 +18,9 @@ from typing import Any
 
 import structlog
 
-from agent import jsonx
-from agent.protocol import (
+from cloudtask_wire.frames import GRANT_HEAD, ack_fields, grant_frames, task_ref, wire_len
+from cloudtask_wire.messages import (
     DEFAULT_MAX_MESSAGE_BYTES,
-    GRANT_HEAD,
     Ack,
     Complete,
     Draining,
@@ -34,8 +33,6 @@ from agent.protocol import (
     LeaseRequest,
     Revoke,
     encode,
-    grant_frames,
-    wire_len,
 )
 from cloudtaskd import queue
 from cloudtaskd.config import Config
@@ -282,8 +279,7 @@ class Dispatcher:
                 inst = w.session.instance_id
                 acks = ""
                 if inst in combined and (inst in out.accepted or inst in out.refused):
-                    ok, refused = jsonx.dumps(out.accepted.get(inst, [])), jsonx.dumps(out.refused.get(inst, []))
-                    acks = f',"ok":{ok},"refused":{refused}'
+                    acks = ack_fields(out.accepted.get(inst, []), out.refused.get(inst, []))
                 # As many frames as the agent's limit needs (one, unless the tasks are big): a frame
                 # over it closes the connection (1009) and the same grant would go out again after the
                 # reconnect, for ever (issue 13).
@@ -327,7 +323,7 @@ class Dispatcher:
         its attempt with a reason that says so (the next attempt may reach an agent that takes it;
         the last one makes it dead), through the next round like an agent's own report."""
         for task in tasks:
-            task_id, token = queue.granted_ref(task)
+            task_id, token = task_ref(task)
             size = len(GRANT_HEAD) + 2 + wire_len(task)
             error = (f"could not be delivered to instance {session.instance_id}: the grant frame ({size} bytes) "
                      f"exceeds the agent's limit of {session.max_frame_bytes} bytes (start the agent with "

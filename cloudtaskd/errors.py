@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import errno
 
-from agent.protocol import ProtocolError  # the wire's own error type, re-exported (one source)
+from cloudtask_wire.messages import ProtocolError  # the wire's own error type, re-exported (one source)
 from cloudtaskd import redact
 
 __all__ = [

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import structlog
 from aiohttp import web
 
-from agent import jsonx
+from cloudtask_wire import jsonx
 from cloudtaskd.errors import Busy, StoreError
 from cloudtaskd.states import TaskEvent as E
 from cloudtaskd.store import Store

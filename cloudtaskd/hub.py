@@ -17,7 +17,7 @@ from contextlib import suppress
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from agent.protocol import (
+from cloudtask_wire.messages import (
     ACK_IN_GRANT,
     CREDIT_IN_REPORT,
     DEFAULT_MAX_MESSAGE_BYTES,

@@ -12,14 +12,14 @@ thousands of tasks/s.
 from __future__ import annotations
 
 import random
-import re
 import sqlite3
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent import jsonx
-from agent.protocol import Failure, LeaseRef, Success
+from cloudtask_wire import jsonx
+from cloudtask_wire.frames import task_entry
+from cloudtask_wire.messages import Failure, LeaseRef, Success
 from cloudtaskd.errors import BadInput, CloudtaskError, TransitionError, no_job
 from cloudtaskd.states import TaskEvent as E
 from cloudtaskd.states import TaskState as S
@@ -346,8 +346,8 @@ def lease_many(tx: Tx, pool_id: int, wants: list[tuple[str, int]], ttl_s: float)
     """Lease queued tasks of one pool to several instances at once: (instance, n) in the order they
     are served, best tasks (priority, then age) first. One indexed SELECT for the whole round and
     one executemany, rather than a statement per connection: with thousands of agents a round
-    serves hundreds of them. Returns encoded task objects per instance (the stored data JSON is
-    spliced in verbatim, never decoded and re-encoded)."""
+    serves hundreds of them. Returns task entries per instance (frames.task_entry: the stored data
+    JSON is spliced in verbatim, never decoded and re-encoded)."""
     total = sum(n for _, n in wants)
     # A job being cancelled gets no lease from the moment its cancel is committed, though its queued
     # tasks are cancelled a chunk at a time (cancel_chunk); `cancels` is empty but during a cancel.
@@ -365,7 +365,6 @@ def lease_many(tx: Tx, pool_id: int, wants: list[tuple[str, int]], ttl_s: float)
     now, expires = tx.now, tx.now + ttl_s
     updates = []
     out: dict[str, list[str]] = {}
-    dumps = jsonx.dumps
     event, count = tx.event, tx.count
     granted = E.LEASE_GRANTED.value
     i = 0
@@ -380,9 +379,7 @@ def lease_many(tx: Tx, pool_id: int, wants: list[tuple[str, int]], ttl_s: float)
             updates.append((token, expires, instance_id, now, task_id))
             count(job_id, S.QUEUED, S.LEASED)
             event(granted, job_id=job_id, task_id=task_id, instance_id=instance_id, detail=str(token))
-            encoded.append(
-                f'{{"id":{task_id},"token":{token},"key":{dumps(key)},"timeout_s":{dumps(timeout_s)},"data":{data}}}'
-            )
+            encoded.append(task_entry(task_id, token, key, timeout_s, data))
     bulk(tx.db, "UPDATE tasks SET state = 'leased', attempt = r.value->>0, lease_expires_at = r.value->>1,"
          " instance_id = r.value->>2, started_at = r.value->>3 FROM json_each(?) AS r"
          " WHERE tasks.id = r.value->>4 AND tasks.state = 'queued'", updates)
@@ -397,17 +394,6 @@ class Reclaimed:
     # Leases (task, token) it did not list for the MAX_LOST_GRANTS-th time in a row: left leased to it,
     # for the caller to fail (a delivery that keeps failing is an error, not a loop).
     undelivered: list[LeaseRef]
-
-
-def granted_ref(encoded: str) -> LeaseRef:
-    """(task id, token) of a task object as lease_many encodes it (the rare path: an undeliverable task)."""
-    match = _GRANTED_REF.match(encoded)
-    if match is None:
-        raise ValueError(f"not a task object encoded by lease_many: {encoded[:60]!r}")
-    return int(match.group(1)), int(match.group(2))
-
-
-_GRANTED_REF = re.compile(r'\{"id":(\d+),"token":(\d+),')
 
 
 def reclaim(tx: Tx, instance_id: str, held: list[LeaseRef], ttl_s: float) -> Reclaimed:

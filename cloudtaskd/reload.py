@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any
 
-from agent.protocol import TASK_FRAME_MARGIN_BYTES
+from cloudtask_wire.messages import TASK_FRAME_MARGIN_BYTES
 from cloudtaskd.config import Config
 
 # Key paths (a prefix ending in "." covers a whole section) that take effect without a restart,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 
-from agent import jsonx
+from cloudtask_wire import jsonx
 from cloudtaskd.errors import CloudtaskError, no_job
 from cloudtaskd.feeds import FINISHED_KINDS
 from cloudtaskd.queue import first_task_cursor

@@ -23,7 +23,7 @@ from typing import Any, ParamSpec, TypeVar
 import aiosqlite
 import structlog
 
-from agent import jsonx
+from cloudtask_wire import jsonx
 from cloudtaskd.clock import DaemonClock
 from cloudtaskd.errors import StoreError, StoreFull, TransitionError, is_no_space
 from cloudtaskd.redact import redact

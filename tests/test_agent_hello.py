@@ -10,7 +10,8 @@ import aiohttp
 import pytest
 
 from agent.connection import Agent
-from agent.workerspec import WorkerSpec
+from cloudtask_wire.messages import Failure, Returned, Success
+from cloudtask_wire.workerspec import WorkerSpec
 
 
 class CapturingSocket:
@@ -31,9 +32,8 @@ async def test_tasks_reported_but_not_acknowledged_are_listed_as_held(tmp_path: 
     (tmp_path / "w.py").write_text("def run(i, d):\n    return d\n")
     spec = WorkerSpec.from_dict({"mode": "python", "function": "w:run"})
     agent = Agent("ws://127.0.0.1:1/v1/agent", "inst-1", "token", tmp_path, 2, spec=spec)
-    agent._unacked = {5: {"kind": "done", "id": 5, "token": 2, "result": 1, "duration_s": 0.1}}
-    agent._pending = [{"kind": "fail", "id": 6, "token": 1, "error": "x", "retryable": True, "duration_s": 0.1},
-                      {"kind": "handback", "id": 7, "token": 3}]
+    agent._unacked = {5: Success(5, 2, 1, 0.1)}
+    agent._pending = [Failure(6, 1, "x", True, 0.1), Returned(7, 3)]
     ws = CapturingSocket()
     with pytest.raises(aiohttp.ClientError):
         await agent._session(ws)  # type: ignore[arg-type]
@@ -44,7 +44,7 @@ async def test_tasks_reported_but_not_acknowledged_are_listed_as_held(tmp_path: 
 
 
 def test_reports_are_packed_into_frames_under_the_limit() -> None:
-    from agent.connection import FRAME_OVERHEAD, pack
+    from cloudtask_wire.frames import FRAME_OVERHEAD, pack
 
     items = [json.dumps({"id": i, "token": 1, "result": "x" * 300, "duration_s": 0.1}) for i in range(50)]
     frames = pack('{"t":"done","results":[', items, "]}", 4096)
@@ -61,8 +61,7 @@ async def test_a_result_no_frame_can_carry_fails_permanently_instead_of_looping(
 
     spec = WorkerSpec.from_dict({"mode": "python", "function": "w:run"})
     agent = Agent("ws://127.0.0.1:1/v1/agent", "inst-1", "token", tmp_path, 2, spec=spec, max_message_bytes=4096)
-    agent._pending = [{"kind": "done", "id": 1, "token": 1, "result": "y" * 5000, "duration_s": 0.1},
-                      {"kind": "done", "id": 2, "token": 1, "result": "small", "duration_s": 0.1}]
+    agent._pending = [Success(1, 1, "y" * 5000, 0.1), Success(2, 1, "small", 0.1)]
     ws = CapturingSocket()
     agent._flush_event.set()
     flusher = asyncio.create_task(agent._flush_loop(ws))  # type: ignore[arg-type]
@@ -78,4 +77,4 @@ async def test_a_result_no_frame_can_carry_fails_permanently_instead_of_looping(
     assert [r["id"] for r in done] == [2]
     assert [(r["id"], r["retryable"]) for r in failed] == [(1, False)]
     assert "over the daemon's message limit" in failed[0]["error"]
-    assert agent._unacked[1]["kind"] == "fail"  # a resend after a reconnect is the same failure
+    assert isinstance(agent._unacked[1], Failure)  # a resend after a reconnect is the same failure

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.connection import Agent
-from agent.workerspec import WorkerSpec
+from cloudtask_wire.workerspec import WorkerSpec
 from cloudtaskd.config import LocalProviderConfig, ProvidersConfig
 from cloudtaskd.daemon import Daemon
 from tests.conftest import UnixApi, make_config, wait_for

@@ -31,7 +31,7 @@ import aiohttp
 import pytest
 import yaml
 
-from agent.workerspec import RESOLVED_SPEC_FILE, WorkerSpec
+from cloudtask_wire.workerspec import RESOLVED_SPEC_FILE, WorkerSpec
 from cloudtaskd import queue
 from tests.conftest import wait_for
 from tests.procs import ROOT, DaemonProcess, bundle, free_port

@@ -22,7 +22,7 @@ import pytest
 import structlog
 from aiohttp import web
 
-from agent.workerspec import WorkerSpecError
+from cloudtask_wire.workerspec import WorkerSpecError
 from cloudtaskd import logs
 from cloudtaskd.config import ApiConfig, Config
 from cloudtaskd.ctl.bundle import bundle_bytes, clone_worker, load_spec

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.protocol import Handback, LeaseRequest, ProtocolError, parse_agent_message
+from cloudtask_wire.messages import Handback, LeaseRequest, ProtocolError, parse_agent_message
 from cloudtaskd import queue
 from cloudtaskd.dispatch import Dispatcher, Session
 from cloudtaskd.store import Store, Tx
@@ -70,7 +70,7 @@ async def test_a_report_that_breaks_a_round_does_not_stop_the_dispatcher(store: 
 def test_lease_references_out_of_range_are_refused_by_the_parser() -> None:
     import pytest
 
-    from agent.protocol import ProtocolError
+    from cloudtask_wire.messages import ProtocolError
 
     for bad in (2**63, -1):
         with pytest.raises(ProtocolError, match=r"leases\[0\]"):
@@ -171,7 +171,15 @@ async def test_credit_in_a_report_and_acks_in_a_grant_halve_the_frames(store: St
 
 
 def test_protocol_features_are_offered_and_parsed() -> None:
-    from agent.protocol import ACK_IN_GRANT, CREDIT_IN_REPORT, Complete, Fail, Grant, Hello, parse_daemon_message
+    from cloudtask_wire.messages import (
+        ACK_IN_GRANT,
+        CREDIT_IN_REPORT,
+        Complete,
+        Fail,
+        Grant,
+        Hello,
+        parse_daemon_message,
+    )
 
     hello = parse_agent_message(json.dumps({"t": "hello", "instance": "i", "token": "x", "slots": 1, "held": [],
                                             "version": 1, "features": [ACK_IN_GRANT, "something-newer"]}))

@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 
 from agent.connection import Agent
-from agent.protocol import Notice
-from agent.workerspec import WorkerSpec
+from cloudtask_wire.messages import Notice
+from cloudtask_wire.workerspec import WorkerSpec
 from tests.netproxy import Proxy
 from tests.procs import bundle
 from tests.test_faults_network import AgentProc, Rig, final_checks

@@ -1,6 +1,6 @@
 """Fuzzing the daemon's two doors with hypothesis, against a real daemon.
 
-The agent websocket: after a hello, frames of every message type of agent/protocol.py with hostile
+The agent websocket: after a hello, frames of every message type of cloudtask_wire/messages.py with hostile
 field values (integers out of range and of the wrong type, NaN and infinities, unicode, strings near
 the field and frame limits, JSON nested past what can be stored, unknown task ids, another agent's
 leases, stale tokens, duplicates), random JSON, invalid UTF-8, binary and oversized frames, bad
@@ -53,7 +53,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from agent import protocol
+from cloudtask_wire import messages as protocol
 from cloudtaskd import queue
 from cloudtaskd.config import ApiConfig, LocalProviderConfig, ProvidersConfig
 from cloudtaskd.daemon import Daemon
@@ -577,7 +577,7 @@ def frames(draw: st.DrawFn, k: Known, *, kind: str | None = None, clean: bool = 
 
 
 def valid_message(obj: Any) -> bool:
-    """The oracle: docs/protocol.md's message shapes with agent/protocol.py's documented limits, written
+    """The oracle: docs/protocol.md's message shapes with cloudtask_wire/messages.py's documented limits, written
     out independently of the parser under test."""
     def is_int(v: Any, lo: int = 0, hi: int = I62) -> bool:
         return type(v) is int and lo <= v <= hi

@@ -1,4 +1,4 @@
-"""Grant packing (protocol.grant_frames): every frame under the agent's limit in UTF-8 bytes, each
+"""Grant packing (cloudtask_wire.frames.grant_frames): every frame under the agent's limit in UTF-8 bytes, each
 task exactly once and in order, the acks in the first frame, a task too big for any frame set aside."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ import random
 
 import pytest
 
-from agent.protocol import GRANT_HEAD, TASK_FRAME_MARGIN_BYTES, frame_limit_for, grant_frames, parse_daemon_message
+from cloudtask_wire.frames import GRANT_HEAD, grant_frames
+from cloudtask_wire.messages import TASK_FRAME_MARGIN_BYTES, frame_limit_for, parse_daemon_message
 
 
 def task(i: int, data_chars: int, char: str = "x") -> str:
@@ -88,7 +89,7 @@ def test_the_frame_limit_fits_the_largest_task_alone() -> None:
 def test_the_hello_carries_the_agents_frame_limit() -> None:
     """Said: the daemon packs under it. Not said (an older agent) or 0: the old default is assumed.
     Below 1 KiB: a protocol error naming the field."""
-    from agent.protocol import Hello, ProtocolError, encode, parse_agent_message
+    from cloudtask_wire.messages import Hello, ProtocolError, encode, parse_agent_message
 
     said = parse_agent_message(encode(Hello("i", "t", 2, [], max_message_bytes=65536)))
     assert isinstance(said, Hello) and said.max_message_bytes == 65536

@@ -19,8 +19,8 @@ import pytest
 from agent import interruption
 from agent.connection import Agent
 from agent.interruption import Notice, watch
-from agent.protocol import Notice as NoticeMessage
-from agent.workerspec import WorkerSpec
+from cloudtask_wire.messages import Notice as NoticeMessage
+from cloudtask_wire.workerspec import WorkerSpec
 from tests.metadata_standin import MetadataStandin, metadata_standin
 
 POLL_S = 0.05

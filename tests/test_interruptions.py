@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from agent.protocol import Notice, ProtocolError, encode, parse_agent_message
+from cloudtask_wire.messages import Notice, ProtocolError, encode, parse_agent_message
 from cloudtaskd import interruptions, queue
 from cloudtaskd.config import Config
 from cloudtaskd.dispatch import Dispatcher

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.workerspec import WorkerSpec
+from cloudtask_wire.workerspec import WorkerSpec
 from cloudtaskd.config import ApiConfig, Config, LocalProviderConfig, ProvidersConfig, Secret
 from cloudtaskd.daemon import Daemon
 from cloudtaskd.dispatch import Dispatcher

@@ -96,7 +96,8 @@ async def test_migrate_is_idempotent_and_safe_from_two_replicas_at_once(pg_dsn: 
     conns = [await asyncpg.connect(pg_dsn) for _ in range(3)]
     try:
         # Two replicas starting together: one applies, the other waits on the lock and finds it done.
-        assert await asyncio.gather(pgmigrate.migrate(conns[0]), pgmigrate.migrate(conns[1])) == [pgmigrate.SCHEMA_VERSION] * 2
+        both = await asyncio.gather(pgmigrate.migrate(conns[0]), pgmigrate.migrate(conns[1]))
+        assert both == [pgmigrate.SCHEMA_VERSION] * 2
         pool = await pgconnect.create_pool(pg_dsn)
         try:
             assert await pgmigrate.migrate(pool) == pgmigrate.SCHEMA_VERSION  # again: nothing to do

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from agent.protocol import Failure, Success
+from cloudtask_wire.messages import Failure, Success
 from cloudtaskd import queue
 from cloudtaskd.clock import DaemonClock
 from cloudtaskd.errors import BadInput

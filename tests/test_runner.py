@@ -22,9 +22,9 @@ import yaml
 
 from agent import runner as runner_mod
 from agent.modes import command as command_mode
-from agent.protocol import MAX_ERROR_CHARS
 from agent.runner import ABORTED_ERROR, Outcome, PermanentFailure, Runner
-from agent.workerspec import SPEC_FILE, WorkerSpec
+from cloudtask_wire.messages import MAX_ERROR_CHARS
+from cloudtask_wire.workerspec import SPEC_FILE, WorkerSpec
 from cloudtaskd.runtime import Target
 from tests.conftest import ROOT, interpreters, python_version, test_runtime
 
@@ -504,7 +504,7 @@ async def test_python_async_throughput(pyworker: ModuleType) -> None:
 _ON_INTERPRETER = """
 import asyncio, json, pathlib, sys
 from agent.runner import Runner
-from agent.workerspec import WorkerSpec
+from cloudtask_wire.workerspec import WorkerSpec
 
 async def main():
     worker = pathlib.Path(sys.argv[1])

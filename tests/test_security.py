@@ -25,7 +25,7 @@ from aiohttp import web
 from cryptography import x509
 
 from agent.connection import RETRYABLE_REFUSALS, Agent
-from agent.workerspec import WorkerSpec
+from cloudtask_wire.workerspec import WorkerSpec
 from cloudtaskd import tls
 from cloudtaskd.access import RateLimiter
 from cloudtaskd.config import ApiConfig, LocalProviderConfig, ProvidersConfig, Secret

@@ -10,7 +10,7 @@ from typing import Any
 
 from agent import process
 from agent.outcome import Outcome, failure
-from agent.workerspec import WorkerSpec
+from cloudtask_wire.workerspec import WorkerSpec
 
 
 class SlotFlags:

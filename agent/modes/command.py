@@ -12,10 +12,11 @@ import signal
 from time import perf_counter
 from typing import Any
 
-from agent import jsonx, process
+from agent import process
 from agent.modes.base import ProcessMode
 from agent.outcome import ABORTED_ERROR, Outcome, failure, success
-from agent.protocol import PERMANENT_FAILURE_EXIT_CODE
+from cloudtask_wire import jsonx
+from cloudtask_wire.messages import PERMANENT_FAILURE_EXIT_CODE
 
 MAX_STDOUT_BYTES = 16 * 1024 * 1024  # a larger result fails the task
 _READER_LIMIT_BYTES = 64 * 1024

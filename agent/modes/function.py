@@ -20,11 +20,12 @@ from pathlib import Path
 from time import perf_counter
 from typing import Any
 
-from agent import compat, jsonx
+from agent import compat
 from agent.logline import log
 from agent.modes.base import Mode, SlotFlags
 from agent.outcome import ABORTED_ERROR, Outcome, failure, success
-from agent.workerspec import WorkerSpec
+from cloudtask_wire import jsonx
+from cloudtask_wire.workerspec import WorkerSpec
 
 _TRACEBACK_TAIL_CHARS = 1500
 # Results of these types always encode; anything else is checked before it reaches a batched report.

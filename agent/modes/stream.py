@@ -12,9 +12,10 @@ import signal
 from time import perf_counter
 from typing import Any
 
-from agent import compat, jsonx, process
+from agent import compat, process
 from agent.modes.base import ProcessMode
 from agent.outcome import ABORTED_ERROR, Outcome, failure, success
+from cloudtask_wire import jsonx
 
 STREAM_LINE_LIMIT_BYTES = 64 * 1024 * 1024  # the longest answer line accepted
 

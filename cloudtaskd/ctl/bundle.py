@@ -18,7 +18,7 @@ from typing import IO
 
 import yaml
 
-from agent.workerspec import SPEC_FILE, WorkerSpec
+from cloudtask_wire.workerspec import SPEC_FILE, WorkerSpec
 from cloudtaskd import subproc
 from cloudtaskd.errors import BadInput
 

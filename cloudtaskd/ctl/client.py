@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from agent import jsonx
+from cloudtask_wire import jsonx
 from cloudtaskd.errors import BadInput, CloudtaskError, DaemonBusy, DaemonStopping, DaemonUnavailable, NotFound
 
 BASE_URL = "http://cloudtaskd"

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from agent import jsonx
+from cloudtask_wire import jsonx
 from cloudtaskd.ctl.client import ApiClient
 from cloudtaskd.ctl.output import Ctx, ago, json_line, printable, shorten, table
 from cloudtaskd.ctl.progress import ProgressDisplay, format_duration, format_progress, format_rate

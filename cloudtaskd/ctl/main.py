@@ -17,7 +17,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TextIO
 
-from agent.workerspec import WorkerSpecError
+from cloudtask_wire.workerspec import WorkerSpecError
 from cloudtaskd.check import run_checks
 from cloudtaskd.config import load_config
 from cloudtaskd.ctl import commands

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from agent import jsonx
+from cloudtask_wire import jsonx
 from cloudtaskd.config import Config
 from cloudtaskd.ctl.client import ApiClient
 from cloudtaskd.ctl.progress import format_duration

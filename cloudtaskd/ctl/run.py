@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol, TypeVar
 
-from agent import jsonx
+from cloudtask_wire import jsonx
 from cloudtaskd.ctl.bundle import clone_worker, load_spec, write_bundle
 from cloudtaskd.ctl.client import ApiClient
 from cloudtaskd.ctl.commands import events_cursor, follow_job, job_exit_status

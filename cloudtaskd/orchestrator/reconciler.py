@@ -21,7 +21,7 @@ from typing import Any
 
 import structlog
 
-from agent.workerspec import WorkerSpec
+from cloudtask_wire.workerspec import WorkerSpec
 from cloudtaskd import costs, interruptions, queue
 from cloudtaskd.bundles import bundle_limits
 from cloudtaskd.config import Config

@@ -1,7 +1,9 @@
-"""The agent <-> daemon wire protocol: one JSON object per websocket text frame.
+"""The agent <-> daemon messages: one JSON object per websocket text frame.
 
-This module is the single source of truth for message shapes; cloudtaskd imports it.
-See docs/protocol.md for the prose description and the sequence of a session.
+Every message shape is defined here, once, as a dataclass whose fields map one to one onto JSON
+keys: `encode` writes any of them, `parse_agent_message`/`parse_daemon_message` read them back.
+The busy frames (grants, reports, credit) are written by frames.py's fast encoders, which must
+equal `encode` parsed back. See docs/protocol.md for the prose and the sequence of a session.
 
 Every message has a type field "t". Task references on the wire are [task_id, token] pairs:
 the token is the task's attempt number at lease time and fences stale reports.
@@ -12,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from agent import jsonx
-from agent.compat import SLOTS
+from cloudtask_wire import jsonx
+from cloudtask_wire.compat import SLOTS
 
 PROTOCOL_VERSION = 1
 MAX_CREDIT = 100_000  # one lease request's n
@@ -42,7 +44,13 @@ class ProtocolError(Exception):
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         self.field = field
+        self.reason = message
         super().__init__(f"{field}: {message}" if field else message)
+
+    def within(self, where: str) -> ProtocolError:
+        """The same error with the path of the object it is in ("results[3]") before its field:
+        built only on the way out, so the usual message pays nothing for the path."""
+        return ProtocolError(self.reason, field=f"{where}.{self.field}" if self.field else where)
 
 
 LeaseRef = tuple[int, int]  # (task_id, token)
@@ -110,6 +118,18 @@ class Failure:
     error: str
     retryable: bool
     duration_s: float
+
+
+@dataclass(frozen=True, **SLOTS)
+class Returned:
+    """A lease handed back: one item of a Handback, which carries it as an [id, token] pair. The
+    agent keeps its reports as Success, Failure or Returned until the daemon acks them."""
+
+    id: int
+    token: int
+
+
+Report = Union[Success, Failure, Returned]
 
 
 @dataclass(frozen=True, **SLOTS)
@@ -266,7 +286,7 @@ def _refs(obj: dict[str, Any], key: str) -> list[LeaseRef]:
 
 def _obj(item: Any, where: str) -> dict[str, Any]:
     if not isinstance(item, dict):
-        raise ProtocolError("expected an object", field=where)
+        raise ProtocolError("expected an object", field=where or None)
     return item
 
 
@@ -283,6 +303,25 @@ def _frame_limit(obj: dict[str, Any]) -> int:
     return value
 
 
+def _success(item: Any) -> Success:
+    it = _obj(item, "")
+    if "result" not in it:
+        raise ProtocolError("missing", field="result")
+    return Success(_int(it, "id"), _int(it, "token"), it["result"], _num(it, "duration_s", maximum=MAX_DURATION_S))
+
+
+def _failure(item: Any) -> Failure:
+    it = _obj(item, "")
+    retryable = it.get("retryable")
+    if not isinstance(retryable, bool):
+        raise ProtocolError("expected true or false", field="retryable")
+    error = it.get("error")
+    if not isinstance(error, str):
+        raise ProtocolError("expected a string", field="error")
+    return Failure(_int(it, "id"), _int(it, "token"), error[:MAX_ERROR_CHARS], retryable,
+                   _num(it, "duration_s", maximum=MAX_DURATION_S))
+
+
 def parse_agent_message(raw: str | bytes) -> AgentMessage:
     """Decode and validate one agent frame; raises ProtocolError naming the bad field."""
     try:
@@ -294,28 +333,22 @@ def parse_agent_message(raw: str | bytes) -> AgentMessage:
     if kind == "lease":
         return LeaseRequest(n=_int(obj, "n", maximum=MAX_CREDIT))
     if kind == "done":
-        results = []
-        for i, item in enumerate(_list(obj, "results")):
-            it = _obj(item, f"results[{i}]")
-            if "result" not in it:
-                raise ProtocolError("missing", field=f"results[{i}].result")
-            results.append(Success(_int(it, "id"), _int(it, "token"), it["result"],
-                                   _num(it, "duration_s", maximum=MAX_DURATION_S)))
+        results: list[Success] = []
+        items = _list(obj, "results")
+        try:
+            for item in items:
+                results.append(_success(item))
+        except ProtocolError as exc:
+            raise exc.within(f"results[{len(results)}]") from None  # the item that failed is the next
         return Complete(results, _credit(obj))
     if kind == "fail":
-        failures = []
-        for i, item in enumerate(_list(obj, "failures")):
-            it = _obj(item, f"failures[{i}]")
-            retryable = it.get("retryable")
-            if not isinstance(retryable, bool):
-                raise ProtocolError("expected true or false", field=f"failures[{i}].retryable")
-            error = it.get("error")
-            if not isinstance(error, str):
-                raise ProtocolError("expected a string", field=f"failures[{i}].error")
-            failures.append(
-                Failure(_int(it, "id"), _int(it, "token"), error[:MAX_ERROR_CHARS], retryable,
-                        _num(it, "duration_s", maximum=MAX_DURATION_S))
-            )
+        failures: list[Failure] = []
+        items = _list(obj, "failures")
+        try:
+            for item in items:
+                failures.append(_failure(item))
+        except ProtocolError as exc:
+            raise exc.within(f"failures[{len(failures)}]") from None
         return Fail(failures, _credit(obj))
     if kind == "hb":
         return Heartbeat(_refs(obj, "leases"))
@@ -371,7 +404,9 @@ def parse_daemon_message(raw: str | bytes) -> DaemonMessage:
             return DrainRequest(obj.get("reason", ""))
         if kind == "error":
             return ErrorMessage(obj["code"], obj["message"])
-    except (KeyError, TypeError, ValueError) as exc:
+    except KeyError as exc:
+        raise ProtocolError("missing", field=str(exc.args[0])) from exc
+    except (TypeError, ValueError) as exc:
         raise ProtocolError(f"malformed daemon message: {exc}") from exc
     raise ProtocolError(f"unknown message type {kind!r:.40}", field="t")
 
@@ -380,50 +415,6 @@ def frame_limit_for(max_task_bytes: int) -> int:
     """The frame limit that carries any task of up to max_task_bytes alone, and never less than the
     default (frames of several small tasks are fewer with it)."""
     return max(DEFAULT_MAX_MESSAGE_BYTES, max_task_bytes + TASK_FRAME_MARGIN_BYTES)
-
-
-def wire_len(text: str) -> int:
-    """A frame's size on the wire (UTF-8 bytes), which is what websocket limits count: one character
-    may take up to 4. isascii() is O(1) in CPython: the usual frame costs nothing."""
-    return len(text) if text.isascii() else len(text.encode())
-
-
-GRANT_HEAD = '{"t":"grant","tasks":['
-
-
-def grant_frames(tasks: list[str], limit_bytes: int, acks: str = "") -> tuple[list[str], list[int]]:
-    """Encoded task objects (spliced in verbatim, as lease_many writes them) as grant frames each
-    smaller than limit_bytes in UTF-8 (a websocket refuses a frame of max_msg_size bytes or more), in
-    order, each task once. `acks` (',"ok":[..],"refused":[..]' or "") rides in the first frame, alone
-    when it would not fit beside the first task (acks are not split: a round acks the reports one
-    agent sent since the last, a few ids per task it holds). Returns (frames, indexes of tasks that
-    fit in no frame even alone: the caller must not send them).
-
-    The usual round costs one sum of str lengths: while 4 bytes a character fit, nothing is encoded."""
-    fixed = len(GRANT_HEAD) + 2 + len(acks)  # "]" and "}"
-    chars = sum(map(len, tasks)) + len(tasks) + fixed
-    if chars * 4 < limit_bytes:
-        return [GRANT_HEAD + ",".join(tasks) + "]" + acks + "}"], []
-    frames: list[str] = []
-    oversize: list[int] = []
-    part: list[str] = []
-    base = len(GRANT_HEAD) + 2
-    extra = wire_len(acks)  # what the first frame carries beyond its tasks
-    size = base + extra
-    for i, task in enumerate(tasks):
-        n = wire_len(task) + 1  # its comma
-        if base + n >= limit_bytes:
-            oversize.append(i)
-            continue
-        if size + n >= limit_bytes:
-            # Close the frame so far; with no task in it yet it carries only the acks.
-            frames.append(GRANT_HEAD + ",".join(part) + "]" + (acks if extra else "") + "}")
-            part, size, extra = [], base, 0
-        part.append(task)
-        size += n
-    if part or extra:
-        frames.append(GRANT_HEAD + ",".join(part) + "]" + (acks if extra else "") + "}")
-    return frames, oversize
 
 
 def encode(msg: AgentMessage | DaemonMessage) -> str:

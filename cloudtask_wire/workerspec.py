@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from agent.compat import SLOTS
+from cloudtask_wire.compat import SLOTS
 
 MODES = ("command", "stream", "python")
 SPEC_FILE = "cloudtask.yaml"
