@@ -15,7 +15,7 @@ fi
 # systemd (systemd-analyze verifies the unit file), chromium (the status page in a real browser),
 # passwd (useradd: a second local user tries the control socket), faketime (a clock jump on one
 # agent process), iproute2 (network namespaces: an agent host whose link is taken down), debootstrap
-# (a foreign host for the tests: a Debian root with its own older python3, see tests/foreign_host.py),
+# (a foreign host for the tests: a Debian root with its own older python3, see tests/fakes/foreign_host.py),
 # postgresql (the PostgreSQL backend's tests start their own server from its initdb and postgres
 # binaries on 127.0.0.1 and a free port; a cluster the package may start on 5432 is not used).
 DEBS=(git openssh-server openssh-client systemd chromium passwd faketime iproute2 debootstrap postgresql)
@@ -38,7 +38,7 @@ fi
 # The tests' foreign host (docs/testing.md): a Debian root with its own python3 3.9, built once and
 # cached outside the checkout. Needs root (debootstrap, then mounts and namespaces in the tests).
 if [[ $(id -u) -eq 0 ]]; then
-  .venv/bin/python -m tests.foreign_host build ||
+  .venv/bin/python -m tests.fakes.foreign_host build ||
     echo "install.sh: warning: the foreign host root was not built; its tests will try again" >&2
 fi
 echo "installed: run the tests with  .venv/bin/pytest"

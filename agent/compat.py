@@ -16,7 +16,7 @@ if sys.version_info >= (3, 11):
     from datetime import UTC
 
     timeout = asyncio.timeout
-else:  # exercised on the foreign host's 3.9 (tests/test_foreign_host.py)
+else:  # exercised on the foreign host's 3.9 (tests/integration/test_foreign_host.py)
     from datetime import timezone
 
     from async_timeout import timeout  # aiohttp's own dependency below 3.11, in every runtime

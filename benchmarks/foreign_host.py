@@ -1,4 +1,4 @@
-"""What runs on an instance, measured on a foreign host (tests/foreign_host.py: Debian 11, python3
+"""What runs on an instance, measured on a foreign host (tests/fakes/foreign_host.py: Debian 11, python3
 3.9, its own network namespace): how long a bootstrap takes, and what the SSH tunnel costs.
 
     python benchmarks/foreign_host.py [--tasks 20000] [--rounds 2] [--slots 8]   (as root)
@@ -29,8 +29,8 @@ from cloudtaskd.bootstrap import BootstrapLog, BootstrapSpec, SshTarget, connect
 from cloudtaskd.config import AgentsConfig, LocalProviderConfig, ProvidersConfig
 from cloudtaskd.daemon import Daemon
 from cloudtaskd.providers.base import LaunchSpec
-from tests import foreign_host as fh
 from tests.conftest import UnixApi, make_config, test_runtime, wait_for
+from tests.fakes import foreign_host as fh
 from tests.procs import free_port
 
 NOOP = {"cloudtask.yaml": "mode: python\nfunction: noop:run\n", "noop.py": "async def run(i, d):\n    return None\n"}

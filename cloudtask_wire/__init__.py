@@ -2,7 +2,7 @@
 
     messages.py    every message type, the general encoder, and the parsers (errors name the field)
     frames.py      the fast encoders of the busy frames (grants, reports, credit), which splice
-                   pre-encoded JSON; each equals the general encoding parsed back (tests/test_wire.py)
+                   pre-encoded JSON; each equals the general encoding parsed back (tests/unit/wire/test_wire.py)
     workerspec.py  the worker description (cloudtask.yaml / worker.json) both sides validate
     jsonx.py       JSON: orjson when installed, the standard library otherwise
 

@@ -3,7 +3,7 @@
 Thousands of tasks a second go through these, so they write JSON text directly: a granted task's
 data is the JSON the store already holds, spliced in verbatim (never decoded and encoded again),
 and a round's grant is one join. Each encoder here must equal messages.encode() of the message it
-stands for, parsed back (tests/test_wire.py checks every one); a new field goes into the message
+stands for, parsed back (tests/unit/wire/test_wire.py checks every one); a new field goes into the message
 dataclass first, then here.
 """
 

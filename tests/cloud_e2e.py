@@ -17,9 +17,9 @@ from cloudtaskd.config import CloudProviderConfig, LocalProviderConfig, Provider
 from cloudtaskd.daemon import Daemon
 from cloudtaskd.providers.cloud import CloudDriver, CloudProvider, CloudSettings, CloudVm, CreateRequest
 from tests.conftest import UnixApi, make_config, test_runtime, wait_for
+from tests.fakes.sshd import Sshd, available
+from tests.integration.test_daemon_e2e import finished, jsonl, results
 from tests.procs import bundle
-from tests.sshd import Sshd, available
-from tests.test_daemon_e2e import finished, jsonl, results
 
 needs_sshd = pytest.mark.skipif(available() is not None, reason="needs a real sshd")
 

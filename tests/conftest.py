@@ -22,9 +22,9 @@ import pytest
 from cloudtaskd.config import AgentsConfig, Config, QueueConfig, ScalingConfig
 from cloudtaskd.runtime import RuntimeBuilder
 from cloudtaskd.store import Store
-from tests import postgres as pg_mod
-from tests import sshd as sshd_mod
-from tests.moto_ec2 import MotoEc2
+from tests.fakes import postgres as pg_mod
+from tests.fakes import sshd as sshd_mod
+from tests.fakes.moto_ec2 import MotoEc2
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -149,7 +149,7 @@ class UnixApi:
 
 @pytest.fixture(scope="session")
 def moto() -> Iterator[MotoEc2]:
-    """moto's EC2 as a real HTTP server (tests/moto_ec2.py), one for the session: tests reset it."""
+    """moto's EC2 as a real HTTP server (tests/fakes/moto_ec2.py), one for the session: tests reset it."""
     server = MotoEc2()
     server.start()
     yield server
@@ -167,7 +167,7 @@ def creds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[pg_mod.PostgresServer]:
-    """A real PostgreSQL (tests/postgres.py), one for the session: each test gets its own database
+    """A real PostgreSQL (tests/fakes/postgres.py), one for the session: each test gets its own database
     (pg_dsn). A test may restart it; it comes back on the same port with its data."""
     reason = pg_mod.unavailable()
     if reason is not None:

@@ -1,4 +1,4 @@
-"""A worker that misbehaves on request, for tests/test_faults_workers.py, in all three modes:
+"""A worker that misbehaves on request, for tests/integration/test_faults_workers.py, in all three modes:
 
     python3 faulty.py command      one process per task (task on stdin, result on stdout)
     python3 -u faulty.py stream    one process per slot, one JSON line in and out per task
