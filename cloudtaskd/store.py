@@ -357,6 +357,11 @@ class Store:
             if isinstance(err, StoreFull):
                 raise StoreFull(err.path, err.doing, advice="then start cloudtaskd again") from exc
             raise err from exc
+        except BaseException:
+            # A refusal of our own (a schema newer than this code) or a cancellation: the connections
+            # opened so far are closed, or their threads keep the process from exiting.
+            await self.close()
+            raise
 
     async def close(self) -> None:
         if self._checkpoints is not None:

@@ -1,0 +1,150 @@
+"""The control API's handlers (api.py) through aiohttp's test server on 127.0.0.1, on a real Store:
+job creation, parameters refused with the field named, unknown jobs, cancel and delete answers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from cloudtaskd.api import ControlApi, errors_middleware
+from cloudtaskd.dispatch import Dispatcher
+from cloudtaskd.store import Store
+from tests.conftest import make_config
+from tests.procs import bundle
+
+WORKER = bundle({"cloudtask.yaml": "mode: command\ncommand: python3 worker.py\ntimeout: 30\n",
+                 "worker.py": "print('{}')\n"})
+
+
+def make_api(store: Store, tmp_path: Path) -> ControlApi:
+    """The one place the ControlApi is built: its constructor's collaborators are changing."""
+    config = make_config(tmp_path)
+    return ControlApi(store, Dispatcher(store, config), config, lambda: "ws://127.0.0.1:1/v1/agent", "test-daemon")
+
+
+@pytest.fixture
+async def client(store: Store, tmp_path: Path) -> AsyncIterator[TestClient[web.Request, web.Application]]:
+    api = make_api(store, tmp_path)
+    app = web.Application(middlewares=[errors_middleware])
+    app.add_routes(api.routes())
+    async with TestClient(TestServer(app, host="127.0.0.1")) as c:
+        yield c
+    await api.feeds.close()
+
+
+Client = TestClient[web.Request, web.Application]
+
+
+async def call(client: Client, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+    async with client.request(method, path, **kwargs) as resp:
+        return resp.status, await resp.json()
+
+
+async def worker(client: Client) -> str:
+    status, body = await call(client, "POST", "/v1/workers", data=WORKER)
+    assert status == 200, body
+    return str(body["digest"])
+
+
+async def job(client: Client, tasks: int = 0, **fields: Any) -> dict[str, Any]:
+    status, body = await call(client, "POST", "/v1/jobs", json={"worker": await worker(client), **fields})
+    assert status == 201, body
+    if tasks:
+        lines = "".join(json.dumps({"id": f"t{i}", "data": {"n": i}}) + "\n" for i in range(tasks))
+        status, accepted = await call(client, "POST", f"/v1/jobs/{body['id']}/tasks", data=lines.encode())
+        assert (status, accepted) == (200, {"accepted": tasks})
+    return dict(body)
+
+
+async def test_a_job_is_created_and_read_back(client: Client, store: Store) -> None:
+    digest = await worker(client)
+    status, created = await call(client, "POST", "/v1/jobs", json={
+        "worker": digest, "name": "render", "max_attempts": 5, "max_instances": 2, "timeout_s": 12.5})
+    assert status == 201, created
+    assert created["name"] == "render" and created["state"] == "active"
+    row = await store.fetchone("SELECT name, state, max_attempts, max_instances, timeout_s FROM jobs WHERE id = ?",
+                               (created["id"],))
+    assert row is not None and tuple(row) == ("render", "active", 5, 2, 12.5)
+
+    status, read = await call(client, "GET", f"/v1/jobs/{created['id']}")
+    assert status == 200 and read["id"] == created["id"] and read["name"] == "render"
+    status, listed = await call(client, "GET", "/v1/jobs")
+    assert status == 200 and [j["id"] for j in listed["jobs"]] == [created["id"]]
+
+
+@pytest.mark.parametrize(("field", "value", "says"), [
+    ("max_instances", 0, "expected an integer between 1 and 100000"),
+    ("max_attempts", 101, "expected an integer between 1 and 100"),
+    ("max_attempts", "3", "expected an integer between 1 and 100"),
+    ("timeout_s", -1, "expected a positive number"),
+    ("max_total_cost", 0, "expected a positive number of USD"),
+    ("name", "x" * 201, "expected a string of at most 200 characters"),
+])
+async def test_a_bad_parameter_is_refused_naming_its_field(
+        client: Client, store: Store, field: str, value: Any, says: str) -> None:
+    digest = await worker(client)
+    status, body = await call(client, "POST", "/v1/jobs", json={"worker": digest, field: value})
+    assert status == 400, body
+    assert body["error"]["type"] == "BadInput" and body["error"]["field"] == field
+    assert body["error"]["message"] == f"{field}: {says}"
+    assert await store.fetchone("SELECT id FROM jobs") is None  # nothing half-made
+
+
+async def test_a_job_needs_a_known_worker(client: Client) -> None:
+    status, body = await call(client, "POST", "/v1/jobs", json={"name": "j"})
+    assert (status, body["error"]["field"]) == (400, "worker")
+    status, body = await call(client, "POST", "/v1/jobs", json={"worker": "ab" * 32})
+    assert (status, body["error"]["field"]) == (400, "worker")
+    assert "is unknown: upload it first (POST /v1/workers)" in body["error"]["message"]
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("GET", "/v1/jobs/99"), ("POST", "/v1/jobs/99/cancel"), ("DELETE", "/v1/jobs/99"),
+    ("POST", "/v1/jobs/99/tasks"), ("GET", "/v1/jobs/99/tasks"),
+])
+async def test_a_job_that_does_not_exist_is_404_no_job_n(client: Client, method: str, path: str) -> None:
+    await job(client)  # job 1 exists; 99 does not
+    status, body = await call(client, method, path, data=b'{"id": "a"}\n' if path.endswith("tasks") else None)
+    assert status == 404, body
+    assert (body["error"]["type"], body["error"]["message"]) == ("NotFound", "no job 99")
+
+
+async def test_cancel_answers_the_cancelled_job_and_delete_then_takes_it(client: Client, store: Store) -> None:
+    created = await job(client, tasks=3)
+    job_id = created["id"]
+    status, body = await call(client, "DELETE", f"/v1/jobs/{job_id}")  # unfinished tasks: cancel first
+    assert status == 409, body
+    assert body["error"]["message"] == (f"job {job_id} is active with 3 unfinished tasks: cancel it first"
+                                        f" (cloudtaskctl cancel {job_id}), then delete it")
+
+    status, cancelled = await call(client, "POST", f"/v1/jobs/{job_id}/cancel")
+    assert status == 200, cancelled
+    # every task is cancelled in the answer; the cancel itself ends with the housekeeper's next chunk
+    assert cancelled["state"] == "cancelled" and cancelled["cancelling"] == {"total": 3, "cancelled": 3}
+    states = {r["state"] for r in await store.fetchall("SELECT state FROM tasks WHERE job_id = ?", (job_id,))}
+    assert states == {"cancelled"}
+    status, body = await call(client, "DELETE", f"/v1/jobs/{job_id}")
+    assert status == 409, body
+    assert body["error"]["message"] == (f"job {job_id} is being cancelled (3 of 3 tasks so far):"
+                                        " delete it once the cancel is done")
+    status, again = await call(client, "POST", f"/v1/jobs/{job_id}/cancel")  # again: its next chunk ends it
+    assert (status, again["state"], again["cancelling"]) == (200, "cancelled", None)
+    status, deleted = await call(client, "DELETE", f"/v1/jobs/{job_id}")
+    assert status == 200, deleted
+    assert (deleted["deleted"], deleted["tasks"]) == (job_id, 3)
+    status, body = await call(client, "GET", f"/v1/jobs/{job_id}")
+    assert (status, body["error"]["message"]) == (404, f"no job {job_id}")
+
+
+async def test_a_job_that_never_got_tasks_is_withdrawn_whole(client: Client, store: Store) -> None:
+    created = await job(client)
+    status, body = await call(client, "DELETE", f"/v1/jobs/{created['id']}")
+    assert status == 200, body
+    assert body == {"deleted": created["id"], "tasks": 0, "purging": False, "withdrawn": created["id"]}
+    assert await store.fetchone("SELECT id FROM jobs") is None
