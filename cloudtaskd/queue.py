@@ -593,13 +593,10 @@ def cancel_chunk(tx: Tx, job_id: int, limit: int = CANCEL_CHUNK) -> CancelProgre
     cursor, total, done = pending
     # NOT INDEXED: a rowid walk from the cursor (through the (job_id, key) index each chunk would
     # rescan every row already passed, as _staged_chunk explains).
-    end = tx.db.execute("SELECT max(id) FROM (SELECT id FROM tasks NOT INDEXED WHERE id > ? AND job_id = ?"
-                        " ORDER BY id LIMIT ?)", (cursor, job_id, limit)).fetchone()[0]
+    end, seen = tx.db.execute("SELECT max(id), count(*) FROM (SELECT id FROM tasks NOT INDEXED WHERE id > ?"
+                              " AND job_id = ? ORDER BY id LIMIT ?)", (cursor, job_id, limit)).fetchone()
     if end is None:
-        tx.db.execute("DELETE FROM cancels WHERE job_id = ?", (job_id,))
-        tx.db.execute("UPDATE jobs SET finished_at = ? WHERE id = ?", (tx.now, job_id))
-        tx.event("job_cancel_finished", job_id=job_id, detail=jsonx.dumps({"tasks": done}))
-        return CancelProgress(job_id, total, done, True)
+        return _cancel_finished(tx, job_id, total, done)
     window = (cursor, end, job_id)
     # Every statement on the window NOT INDEXED: a rowid range. Left to itself SQLite takes the
     # (job_id, key) index and reads all of the job's entries per chunk (a 1M-task cancel took 220 s).
@@ -619,8 +616,20 @@ def cancel_chunk(tx: Tx, job_id: int, limit: int = CANCEL_CHUNK) -> CancelProgre
         tx.sql_events = True
         tx.db.execute("UPDATE tasks NOT INDEXED SET state = 'cancelled', finished_at = ?, lease_expires_at = NULL,"
                       f" run_at = NULL WHERE {in_window}", (tx.now, *window))
+    if seen < limit:
+        # The window held the job's last tasks: the cancel ends in this transaction, so a delete
+        # right after a small job's cancel is not refused as "being cancelled".
+        return _cancel_finished(tx, job_id, total, done + n, revoke)
     tx.db.execute("UPDATE cancels SET cursor = ?, done = done + ? WHERE job_id = ?", (end, n, job_id))
     return CancelProgress(job_id, total, done + n, False, revoke)
+
+
+def _cancel_finished(tx: Tx, job_id: int, total: int, done: int,
+                     revoke: list[tuple[int, str | None]] | None = None) -> CancelProgress:
+    tx.db.execute("DELETE FROM cancels WHERE job_id = ?", (job_id,))
+    tx.db.execute("UPDATE jobs SET finished_at = ? WHERE id = ?", (tx.now, job_id))
+    tx.event("job_cancel_finished", job_id=job_id, detail=jsonx.dumps({"tasks": done}))
+    return CancelProgress(job_id, total, done, True, revoke or [])
 
 
 async def cancel_all(store: Store, job_id: int, limit: int = CANCEL_CHUNK) -> CancelProgress:
