@@ -12,36 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
 from cloudtaskd.config import Config
 from cloudtaskd.providers import registry
+from cloudtaskd.providers.checks import CheckResult as CheckResult  # re-exported: cloudtaskctl check
+from cloudtaskd.providers.checks import quota_result as quota_result  # re-exported, as above
 from cloudtaskd.providers.descriptors import ProviderDescriptor
-
-Status = Literal["ok", "warn", "FAIL"]
-
-
-@dataclass(frozen=True, slots=True)
-class CheckResult:
-    provider: str  # "config", "agents", or a provider's name
-    what: str  # "credentials", "instance type t3.small", "host 10.0.0.5:22"
-    status: Status
-    detail: str = ""  # what was found, and for warn/FAIL what to fix
-
-    def line(self) -> str:
-        return f"{self.status:<4}  {self.provider}: {self.what}" + (f": {self.detail}" if self.detail else "")
-
-
-def quota_result(provider: str, what: str, limit: float, used: float, needed: int, *, where: str,
-                 fix: str) -> CheckResult:
-    """A vCPU quota against what max_instances x cpus may use; `fix` says where to ask for more."""
-    free = limit - used
-    if free < needed:
-        return CheckResult(provider, what, "FAIL", f"{free:g} of {limit:g} free{where} ({used:g} in use), below the "
-                           f"{needed} vCPUs max_instances x cpus may use: {fix}")
-    return CheckResult(provider, what, "ok", f"{free:g} of {limit:g} free, {needed} needed at most")
 
 
 def _loopback(host: str) -> bool:

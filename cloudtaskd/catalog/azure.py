@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import structlog
 
 from cloudtaskd.errors import ProviderError, TransientProviderError
-from cloudtaskd.providers.azure import PROVIDER, AzureDriver, classify
-from cloudtaskd.providers.base import ARM64, X86_64, Offer
+from cloudtaskd.providers.azure import PROVIDER, AzureDriver, Sku, classify, parse_sku
+from cloudtaskd.providers.base import Offer
 
 log = structlog.get_logger("cloudtaskd.catalog.azure")
 
@@ -27,21 +26,6 @@ PRICES_MAX_PAGES = 20  # a per-type filter answers a handful of lines; more mean
 VM_RESOURCE_TYPE = "virtualMachines"
 SPOT_SUFFIX = " Spot"
 HOURLY = "1 Hour"
-# The SKU capability `CpuArchitectureType`: "x64" for Intel and AMD sizes, "Arm64" for Ampere/Cobalt ones.
-ARCHES = {"x64": X86_64, "arm64": ARM64}
-
-
-@dataclass(frozen=True, slots=True)
-class Sku:
-    """One VM size in one location, as the Resource SKUs API describes it for this subscription."""
-
-    name: str
-    cpus: int
-    memory_gb: float
-    gpus: int
-    zones: frozenset[str]  # usable zone numbers ("1".."3") in the location
-    spot_capable: bool
-    arch: str = ""  # X86_64 or ARM64; "" when the SKU does not say
 
 
 async def fetch_offers(driver: AzureDriver, machine_types: Sequence[str], *, prices_url: str = PRICES_URL,
@@ -93,7 +77,7 @@ async def _skus(driver: AzureDriver, types: Sequence[str]) -> dict[str, Sku]:
             name = wanted.get(str(sku.get("name", "")).lower())
             if name is None or str(sku.get("resourceType", "")).lower() != VM_RESOURCE_TYPE.lower():
                 continue
-            parsed = _parse_sku(name, sku, location)
+            parsed = parse_sku(name, sku, location)
             if isinstance(parsed, str):
                 restricted[name] = parsed
             else:
@@ -107,30 +91,6 @@ async def _skus(driver: AzureDriver, types: Sequence[str]) -> dict[str, Sku]:
         elif t not in found:
             log.warning("catalog_unknown_type", provider=PROVIDER, machine_type=t, location=location)
     return found
-
-
-def _parse_sku(name: str, sku: Mapping[str, Any], location: str) -> Sku | str:
-    """The SKU, or why this subscription cannot deploy it in `location`."""
-    zones: set[str] = set()
-    for info in sku.get("locationInfo") or []:
-        if str(info.get("location", "")).lower() == location.lower():
-            zones.update(str(z) for z in info.get("zones") or [])
-    for r in sku.get("restrictions") or []:
-        info = r.get("restrictionInfo") or {}
-        places = [str(p).lower() for p in (info.get("locations") or r.get("values") or [])]
-        if location.lower() not in places:
-            continue
-        kind = str(r.get("type", ""))
-        if kind == "Location":
-            return f"{r.get('reasonCode') or 'restricted'} in {location}"
-        if kind == "Zone":
-            zones.difference_update(str(z) for z in info.get("zones") or [])
-    caps = {str(c.get("name", "")): str(c.get("value", "")) for c in sku.get("capabilities") or []}
-    # Constrained-core sizes (E4-2s_v5) bill for vCPUs but run only vCPUsAvailable: slots count the latter.
-    cpus = int(float(caps.get("vCPUsAvailable") or caps.get("vCPUs") or 0))
-    return Sku(name=name, cpus=cpus, memory_gb=float(caps.get("MemoryGB") or 0), gpus=int(float(caps.get("GPUs") or 0)),
-               zones=frozenset(zones), spot_capable=caps.get("LowPriorityCapable", "True").lower() != "false",
-               arch=ARCHES.get(caps.get("CpuArchitectureType", "").lower(), ""))
 
 
 # ---- prices: the Retail Prices API ----

@@ -42,7 +42,7 @@ from cloudtaskd.providers.base import ARM64, X86_64
 from cloudtaskd.providers.cloud import TAG_DAEMON, TAG_INSTANCE, CloudVm, CreateRequest
 
 if TYPE_CHECKING:
-    from cloudtaskd.check import CheckResult
+    from cloudtaskd.providers.checks import CheckResult
 
 log = structlog.get_logger("cloudtaskd.providers.aws")
 
@@ -453,7 +453,7 @@ class AwsDriver:
                     cheap: bool = False) -> builtins.list[CheckResult]:
         """Credentials, then (unless cheap) the region's zones, the instance types, the image, the
         SSH rule and the vCPU quota: each a line with what to fix."""
-        from cloudtaskd.check import CheckResult
+        from cloudtaskd.providers.checks import CheckResult
 
         def fail(what: str, exc: BaseException, fix: str) -> CheckResult:
             return CheckResult("aws", what, "FAIL", f"{classify(exc, 'check')}; {fix}")
@@ -525,7 +525,7 @@ class AwsDriver:
 
     async def _quota_check(self, vcpus: int) -> CheckResult:
         """The On-Demand standard-instance vCPU quota (L-1216C47A) against what max_instances may use."""
-        from cloudtaskd.check import CheckResult
+        from cloudtaskd.providers.checks import CheckResult
 
         try:
             async with self.session().client("service-quotas", endpoint_url=self.endpoint_url,

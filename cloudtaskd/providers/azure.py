@@ -24,12 +24,12 @@ import asyncio
 import builtins
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
-from cloudtaskd.check import CheckResult, quota_result
 from cloudtaskd.errors import (
     CapacityError,
     InvalidRequest,
@@ -39,6 +39,7 @@ from cloudtaskd.errors import (
     TransientProviderError,
 )
 from cloudtaskd.providers.base import ARM64, X86_64
+from cloudtaskd.providers.checks import CheckResult, quota_result
 from cloudtaskd.providers.cloud import TAG_DAEMON, TAG_INSTANCE, CloudVm, CreateRequest
 
 log = structlog.get_logger("cloudtaskd.providers.azure")
@@ -543,7 +544,6 @@ class AzureDriver:
 
     def _check_sizes(self, skus: dict[str, dict[str, Any]], machine_types: tuple[str, ...],
                      families: dict[str, str]) -> builtins.list[CheckResult]:
-        from cloudtaskd.catalog.azure import _parse_sku  # the catalog's reading of restrictions and capabilities
 
         location = self.location
         if not skus:
@@ -559,7 +559,7 @@ class AzureDriver:
                                        f"machine_type / machine_types (`az vm list-skus -l {location} --resource-type "
                                        "virtualMachines -o table`)"))
                 continue
-            parsed = _parse_sku(t, sku, location)
+            parsed = parse_sku(t, sku, location)
             if isinstance(parsed, str):
                 out.append(CheckResult(PROVIDER, what, "FAIL", f"{parsed}: this subscription may not deploy it there; "
                                        "pick another size or location, or ask Azure support to lift the restriction"))
@@ -634,3 +634,46 @@ SPOT_QUOTA = "lowPriorityCores"  # Total Regional Low-priority (spot) vCPUs: the
 
 def _check_fail(what: str, exc: BaseException, fix: str) -> CheckResult:
     return CheckResult(PROVIDER, what, "FAIL", f"{classify(exc, 'check')}; {fix}")
+
+
+# ---- the Resource SKUs API: what a size is, and whether this subscription may deploy it ----
+
+# The SKU capability `CpuArchitectureType`: "x64" for Intel and AMD sizes, "Arm64" for Ampere/Cobalt ones.
+ARCHES = {"x64": X86_64, "arm64": ARM64}
+
+
+@dataclass(frozen=True, slots=True)
+class Sku:
+    """One VM size in one location, as the Resource SKUs API describes it for this subscription."""
+
+    name: str
+    cpus: int
+    memory_gb: float
+    gpus: int
+    zones: frozenset[str]  # usable zone numbers ("1".."3") in the location
+    spot_capable: bool
+    arch: str = ""  # X86_64 or ARM64; "" when the SKU does not say
+
+
+def parse_sku(name: str, sku: Mapping[str, Any], location: str) -> Sku | str:
+    """The SKU, or why this subscription cannot deploy it in `location`."""
+    zones: set[str] = set()
+    for info in sku.get("locationInfo") or []:
+        if str(info.get("location", "")).lower() == location.lower():
+            zones.update(str(z) for z in info.get("zones") or [])
+    for r in sku.get("restrictions") or []:
+        info = r.get("restrictionInfo") or {}
+        places = [str(p).lower() for p in (info.get("locations") or r.get("values") or [])]
+        if location.lower() not in places:
+            continue
+        kind = str(r.get("type", ""))
+        if kind == "Location":
+            return f"{r.get('reasonCode') or 'restricted'} in {location}"
+        if kind == "Zone":
+            zones.difference_update(str(z) for z in info.get("zones") or [])
+    caps = {str(c.get("name", "")): str(c.get("value", "")) for c in sku.get("capabilities") or []}
+    # Constrained-core sizes (E4-2s_v5) bill for vCPUs but run only vCPUsAvailable: slots count the latter.
+    cpus = int(float(caps.get("vCPUsAvailable") or caps.get("vCPUs") or 0))
+    return Sku(name=name, cpus=cpus, memory_gb=float(caps.get("MemoryGB") or 0), gpus=int(float(caps.get("GPUs") or 0)),
+               zones=frozenset(zones), spot_capable=caps.get("LowPriorityCapable", "True").lower() != "false",
+               arch=ARCHES.get(caps.get("CpuArchitectureType", "").lower(), ""))

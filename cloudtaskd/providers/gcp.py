@@ -64,7 +64,6 @@ from typing import Any, NoReturn, TypeVar
 
 import structlog
 
-from cloudtaskd.check import CheckResult, quota_result
 from cloudtaskd.errors import (
     CapacityError,
     InvalidRequest,
@@ -74,6 +73,7 @@ from cloudtaskd.errors import (
     TransientProviderError,
 )
 from cloudtaskd.providers.base import ARM64, X86_64
+from cloudtaskd.providers.checks import CheckResult, quota_result
 from cloudtaskd.providers.cloud import TAG_DAEMON, TAG_INSTANCE, CloudVm, CreateRequest
 
 log = structlog.get_logger("cloudtaskd.providers.gcp")

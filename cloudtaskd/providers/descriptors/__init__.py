@@ -23,8 +23,8 @@ from cloudtaskd.errors import ConfigError
 
 if TYPE_CHECKING:
     from cloudtaskd.catalog import Fetcher
-    from cloudtaskd.check import CheckResult
     from cloudtaskd.providers.base import Provider
+    from cloudtaskd.providers.checks import CheckResult
     from cloudtaskd.providers.cloud import CloudDriver, CloudSettings
     from cloudtaskd.runtime import RuntimeBuilder
     from cloudtaskd.store import Store

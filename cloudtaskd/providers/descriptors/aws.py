@@ -14,7 +14,7 @@ from cloudtaskd.providers.descriptors import CloudProviderConfig, Section, cloud
 
 if TYPE_CHECKING:
     from cloudtaskd.catalog import Fetcher
-    from cloudtaskd.check import CheckResult
+    from cloudtaskd.providers.checks import CheckResult
     from cloudtaskd.providers.cloud import CloudDriver
 
 

@@ -14,7 +14,7 @@ from cloudtaskd.providers.descriptors import CloudProviderConfig, Section, cloud
 
 if TYPE_CHECKING:
     from cloudtaskd.catalog import Fetcher
-    from cloudtaskd.check import CheckResult
+    from cloudtaskd.providers.checks import CheckResult
     from cloudtaskd.providers.cloud import CloudDriver
 
 
@@ -61,9 +61,9 @@ def _catalog(c: AzureProviderConfig, driver: CloudDriver, machine_types: Sequenc
 
 
 async def _check(c: AzureProviderConfig, cheap: bool) -> list[CheckResult]:
-    from cloudtaskd.check import CheckResult
     from cloudtaskd.errors import ProviderError
     from cloudtaskd.providers.azure import AzureDriver
+    from cloudtaskd.providers.checks import CheckResult
 
     try:
         driver = AzureDriver(c.subscription_id, c.resource_group, c.location, "check", tenant_id=c.tenant_id or None,

@@ -12,7 +12,7 @@ from cloudtaskd.providers.descriptors import CloudProviderConfig, cloud
 
 if TYPE_CHECKING:
     from cloudtaskd.catalog import Fetcher
-    from cloudtaskd.check import CheckResult
+    from cloudtaskd.providers.checks import CheckResult
     from cloudtaskd.providers.cloud import CloudDriver
 
 
@@ -55,8 +55,8 @@ def _catalog(c: GcpProviderConfig, driver: CloudDriver, machine_types: Sequence[
 
 
 async def _check(c: GcpProviderConfig, cheap: bool) -> list[CheckResult]:
-    from cloudtaskd.check import CheckResult
     from cloudtaskd.errors import ProviderError
+    from cloudtaskd.providers.checks import CheckResult
     from cloudtaskd.providers.gcp import GcpDriver
 
     try:

@@ -12,8 +12,8 @@ from cloudtaskd.errors import ConfigError
 from cloudtaskd.providers.descriptors import ProviderDescriptor, ProviderEnv, Section
 
 if TYPE_CHECKING:
-    from cloudtaskd.check import CheckResult
     from cloudtaskd.providers.base import Provider
+    from cloudtaskd.providers.checks import CheckResult
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def _start(c: LocalProviderConfig, env: ProviderEnv) -> Provider:
 
 
 async def _check(c: LocalProviderConfig, cheap: bool) -> list[CheckResult]:
-    from cloudtaskd.check import CheckResult
+    from cloudtaskd.providers.checks import CheckResult
 
     return [CheckResult("local", "this host", "ok", f"{c.cpus or os.cpu_count()} cpus")]
 

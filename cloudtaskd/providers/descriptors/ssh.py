@@ -13,8 +13,8 @@ from cloudtaskd.errors import ConfigError
 from cloudtaskd.providers.descriptors import ProviderDescriptor, ProviderEnv, Section
 
 if TYPE_CHECKING:
-    from cloudtaskd.check import CheckResult
     from cloudtaskd.providers.base import Provider
+    from cloudtaskd.providers.checks import CheckResult
 
 CONNECT_TIMEOUT_S = 5.0  # `cloudtaskctl check`: how long a host's SSH port may take to answer
 
@@ -68,7 +68,7 @@ async def _check(c: SshProviderConfig, cheap: bool) -> list[CheckResult]:
 
 
 async def _check_host(host: SshHostConfig, cheap: bool) -> list[CheckResult]:
-    from cloudtaskd.check import CheckResult
+    from cloudtaskd.providers.checks import CheckResult
 
     address, port, key_file = host.address, host.port, host.key_file
     where = f"host {address}:{port}"
