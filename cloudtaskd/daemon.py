@@ -27,12 +27,15 @@ from aiohttp import web
 from cloudtaskd import queue, tls
 from cloudtaskd.access import RateLimiter, bearer_auth, browser_guard, prepare_socket_dir, secure_socket
 from cloudtaskd.api import ControlApi, errors_middleware
+from cloudtaskd.bundles import Bundles
 from cloudtaskd.catalog import Fetcher
 from cloudtaskd.config import Config, load_config
 from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.errors import CloudtaskError, ConfigError, StateDirBusy, StoreError
 from cloudtaskd.housekeeping import Housekeeper
 from cloudtaskd.hub import AgentHub
+from cloudtaskd.interruptions import Recorded
+from cloudtaskd.metrics import Metrics
 from cloudtaskd.orchestrator.market import Market
 from cloudtaskd.orchestrator.reconciler import Reconciler
 from cloudtaskd.providers import registry
@@ -45,6 +48,7 @@ from cloudtaskd.runtime import RuntimeBuilder
 from cloudtaskd.series import SERIES_INTERVAL_S, SERIES_WINDOW_S, StatusSeries
 from cloudtaskd.service import Systemd, watchdog
 from cloudtaskd.store import Store, Tx
+from cloudtaskd.submissions import resume_uploads
 from cloudtaskd.tunnels import Tunnels
 
 log = structlog.get_logger("cloudtaskd")
@@ -75,7 +79,9 @@ class Daemon:
         self.shutdown_grace_s = shutdown_grace_s
         self.state_dir = config.state_path
         self.store = Store(self.state_dir / "cloudtask.db")
-        self.dispatcher = Dispatcher(self.store, config)
+        # The daemon's one Metrics, passed to each part that records into it.
+        self.metrics = Metrics()
+        self.dispatcher = Dispatcher(self.store, config, metrics=self.metrics)
         # The status page's plots (the tests sample faster and keep a shorter window).
         self.series = StatusSeries(self.store, interval_s=series_interval_s, window_s=series_window_s)
         # Cancels and deletes in chunks, the event log's retention, the database given back (issue 15).
@@ -87,9 +93,11 @@ class Daemon:
         self.tunnels: Tunnels | None = None if config.agents.public_url else Tunnels("127.0.0.1", 0, "wss")
         ttl_s = config.api.run_attach_ttl_s
         self.runs = Runs(self.store, self.dispatcher, ttl_s=ttl_s, grace_s=0.0 if embedded else ttl_s)
-        self.hub = AgentHub(self.store, self.dispatcher, config.agents.max_message_bytes,
-                            max_connections_per_instance=config.agents.max_connections_per_instance,
-                            max_messages_per_s=config.agents.max_messages_per_s)
+        # The hub and the reconciler call each other: the reconciler closes an ended instance's
+        # connections (hub.disconnect, passed to it), the hub tells the reconciler of a spot notice
+        # (through _spot_notice: the reconciler is built once the agent listener is bound).
+        self.hub = AgentHub(store=self.store, dispatcher=self.dispatcher, config=config, on_notice=self._spot_notice)
+        self.bundles = Bundles(self.store, self.state_dir / "workers", config.workers)
         self.agent_url = ""
         self.agent_ca = b""  # the CA agents pin (PEM); empty when the agent channel is plain
         self.api_url = ""  # the TCP control listener, when configured
@@ -134,7 +142,7 @@ class Daemon:
         # clock stepped while the daemon was down (cloudtaskd.clock).
         renewed = await self.store.write(queue.extend_all_leases, self.config.agents.lease_ttl_s)
         capped = await self.store.write(queue.cap_retry_due, self.config.queue.retry_backoff_max_s)
-        await self._resume_uploads()
+        await resume_uploads(self.store)
         log.info("store_opened", path=str(self.store.path), leases_renewed=renewed, retries_brought_forward=capped,
                  daemon_id=self.daemon_id)
 
@@ -160,23 +168,21 @@ class Daemon:
             self.tunnels.dest_port, self.tunnels.scheme = port, scheme
             await self._tunnel_existing()
 
-        api = ControlApi(self.store, self.dispatcher, self.config, lambda: self.agent_url, self.daemon_id,
-                         self.market, series=self.series, housekeeper=self.housekeeper, runs=self.runs)
-        api.agent_ca = self.agent_ca.decode()
-        api.embedded = self.embedded
-        self.api = api
+        reconciler = self.reconciler = Reconciler(
+            store=self.store, dispatcher=self.dispatcher, providers=self.providers, config=self.config,
+            agent_url=self.agent_url, metrics=self.metrics, sessions=self.dispatcher.sessions, market=self.market,
+            agent_ca=self.agent_ca, on_instance_end=self.hub.disconnect)
+        api = self.api = ControlApi(
+            store=self.store, dispatcher=self.dispatcher, config=self.config, metrics=self.metrics,
+            sessions=self.dispatcher.sessions, market=self.market, series=self.series, housekeeper=self.housekeeper,
+            runs=self.runs, bundles=self.bundles, waits=lambda pool_id: reconciler.waits.get(pool_id),
+            daemon_id=self.daemon_id, agent_url=lambda: self.agent_url, agent_ca=self.agent_ca.decode(),
+            embedded=self.embedded)
         await self._control_listeners(api)
 
-        self.reconciler = Reconciler(self.store, self.dispatcher, self.providers, self.config, self.agent_url,
-                                     self.market)
-        self.reconciler.agent_ca = self.agent_ca
-        self.reconciler.on_instance_end = self.hub.disconnect
-        reconciler = self.reconciler
-        api.waits = lambda pool_id: reconciler.waits.get(pool_id)
-        self.hub.on_notice = self.reconciler.notice
         self._spawn("dispatcher", self.dispatcher.run())
-        self._spawn("reconciler", self.reconciler.run())
-        self._spawn("bundle_pruner", self._prune_bundles(api))
+        self._spawn("reconciler", reconciler.run())
+        self._spawn("bundle_pruner", self._prune_bundles())
         self._spawn("status_series", self.series.run())
         # Goes on at once with a cancel or delete a crash cut short (their rows say where).
         self._spawn("housekeeper", self.housekeeper.run())
@@ -304,19 +310,16 @@ class Daemon:
             self._lock_file = None
             raise StateDirBusy(f"another cloudtaskd is running on the state directory {self.state_dir}") from None
 
-    async def _resume_uploads(self) -> None:
-        rows = await self.store.fetchall(
-            "SELECT id, job_id, state FROM uploads WHERE state IN ('staging', 'committing')")
-        for r in rows:
-            # Committing: it was validated whole, finish it. Staging: the client never got an ack.
-            await queue.finish_upload(self.store, r["id"], r["job_id"], commit=r["state"] == "committing")
-            log.info("upload_resumed", upload=r["id"], job=r["job_id"], outcome=r["state"])
+    async def _spot_notice(self, recorded: Recorded) -> None:
+        """The hub recorded a spot notice: the reconciler replaces the instance now (none before start)."""
+        if self.reconciler is not None:
+            await self.reconciler.notice(recorded)
 
-    async def _prune_bundles(self, api: ControlApi) -> None:
+    async def _prune_bundles(self) -> None:
         """Worker bundles no job uses are removed once old enough (the state disk is not a dump)."""
         while True:
             try:
-                await api.bundles.prune()
+                await self.bundles.prune()
             except StoreError as exc:  # a full or failing disk: the store says so; try again later
                 log.warning("bundle_prune_failed", error=str(exc))
             await asyncio.sleep(min(PRUNE_INTERVAL_S, self.config.workers.unused_ttl_s / 2))
@@ -371,23 +374,15 @@ class Daemon:
         config = self.config = result.config
         if "log_level" in result.applied and self.on_log_level is not None:
             self.on_log_level(config.log_level)  # first, so the lines below show at the new level
-        # Whoever copied a value at start is given the new one; the rest read self.config's.
-        agents = config.agents
-        self.dispatcher.ttl_s, self.dispatcher.batch_max = agents.lease_ttl_s, agents.lease_batch_max
-        self.dispatcher.backoff = (config.queue.retry_backoff_s, config.queue.retry_backoff_max_s)
-        self.hub.max_connections_per_instance = agents.max_connections_per_instance
-        self.hub.max_messages_per_s = agents.max_messages_per_s
-        self.housekeeper.config = config
+        # Each part takes what it reads from the new config (the API its bundle store's caps too).
+        self.dispatcher.apply_config(config)
+        self.hub.apply_config(config)
+        self.housekeeper.apply_config(config)
+        self.bundles.apply_config(config.workers)
         if self.api is not None:
-            self.api.config = config
-            self.api.bundles.config = config.workers
+            self.api.apply_config(config)
         if self.reconciler is not None:
-            self.reconciler.config = config
-            self.reconciler.failures.clear()  # blocked launches get a fresh try with the new config
-            for name in limits:
-                limit = getattr(getattr(config.providers, name, None), "max_instances", None)
-                if isinstance(limit, int):  # not ssh's: one instance per configured host
-                    limits[name] = limit
+            self.reconciler.apply_config(config)
         for key in result.needs_restart:
             log.warning("config_change_needs_restart", key=key,
                         reason=result.reasons.get(key, "bound when the daemon starts"))
