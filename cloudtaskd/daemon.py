@@ -85,14 +85,14 @@ class Daemon:
         # The status page's plots (the tests sample faster and keep a shorter window).
         self.series = StatusSeries(self.store, interval_s=series_interval_s, window_s=series_window_s)
         # Cancels and deletes in chunks, the event log's retention, the database given back (issue 15).
-        self.housekeeper = Housekeeper(self.store, self.dispatcher, config)
+        self.housekeeper = Housekeeper(store=self.store, dispatcher=self.dispatcher, config=config)
         # The agent's packages for instances, per (Python, CPU), built on first need (runtime.py).
         self.runtime = RuntimeBuilder(self.state_dir / "runtime", tuple(config.providers.ssh.pip_args))
         # Without agents.public_url, ssh and cloud instances' agents come through SSH tunnels
         # (tunnels.py); the destination is set once the agent listener is bound.
         self.tunnels: Tunnels | None = None if config.agents.public_url else Tunnels("127.0.0.1", 0, "wss")
         ttl_s = config.api.run_attach_ttl_s
-        self.runs = Runs(self.store, self.dispatcher, ttl_s=ttl_s, grace_s=0.0 if embedded else ttl_s)
+        self.runs = Runs(store=self.store, dispatcher=self.dispatcher, ttl_s=ttl_s, grace_s=0.0 if embedded else ttl_s)
         # The hub and the reconciler call each other: the reconciler closes an ended instance's
         # connections (hub.disconnect, passed to it), the hub tells the reconciler of a spot notice
         # (through _spot_notice: the reconciler is built once the agent listener is bound).

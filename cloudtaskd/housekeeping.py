@@ -34,7 +34,8 @@ TRUNCATE_RETRY_S = 1.0  # the writer or a reader was busy: try the truncation ag
 
 
 class Housekeeper:
-    def __init__(self, store: Store, dispatcher: Dispatcher, config: Config) -> None:
+    def __init__(self, *, store: Store, dispatcher: Dispatcher, config: Config) -> None:
+        """dispatcher: its round count (housekeeping yields to busy rounds) and revokes of cancelled leases."""
         self.store = store
         self.dispatcher = dispatcher
         self.config = config  # events.*, retention.* are read at each use
