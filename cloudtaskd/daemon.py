@@ -9,9 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fcntl
-import os
 import signal
-import socket
 import sys
 import uuid
 from collections.abc import Callable
@@ -19,7 +17,6 @@ from contextlib import suppress
 from functools import partial
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import urlsplit
 
 import structlog
 from aiohttp import web
@@ -35,6 +32,7 @@ from cloudtaskd.errors import CloudtaskError, ConfigError, StateDirBusy, StoreEr
 from cloudtaskd.housekeeping import Housekeeper
 from cloudtaskd.hub import AgentHub
 from cloudtaskd.interruptions import Recorded
+from cloudtaskd.listeners import CONTROL_BACKLOG, RUNNER_SHUTDOWN_S, agent_socket, tls_files, url_host
 from cloudtaskd.metrics import Metrics
 from cloudtaskd.orchestrator.market import Market
 from cloudtaskd.orchestrator.reconciler import Reconciler
@@ -55,15 +53,6 @@ log = structlog.get_logger("cloudtaskd")
 
 SHUTDOWN_GRACE_S = 30.0
 PRUNE_INTERVAL_S = 600.0  # how often unused worker bundles are looked for
-# How long a listener's in-flight requests may run on at shutdown (aiohttp's default is 60 s each,
-# which in sequence would outlast the unit's TimeoutStopSec).
-# Connections the control listeners let wait to be accepted (aiohttp's default is 128). A unix socket
-# whose queue is full refuses at once (EAGAIN, seen by clients as "Transport endpoint is not
-# connected"): 200 clients at once while the loop was busy read as a daemon that is down (issue 13).
-CONTROL_BACKLOG = 1024
-RUNNER_SHUTDOWN_S = 5.0
-# With agents.listen_port 0: the port the agent listener got, asked for again at the next start.
-AGENT_PORT_FILE = "agent.port"
 
 
 class Daemon:
@@ -146,17 +135,17 @@ class Daemon:
         log.info("store_opened", path=str(self.store.path), leases_renewed=renewed, retries_brought_forward=capped,
                  daemon_id=self.daemon_id)
 
-        self.tls = self._tls()
+        self.tls = tls_files(self.config, self.daemon_id)
         agents = self.config.agents
         agent_app = web.Application(client_max_size=agents.max_message_bytes)
         agent_app.router.add_get("/v1/agent", self.hub.handle)
         agent_runner = await self._runner(agent_app)
         ssl_ctx = self.tls.server_context() if agents.tls and self.tls is not None else None
-        sock = self._agent_socket()
+        sock = agent_socket(self.state_dir, self.config.agents)
         await web.SockSite(agent_runner, sock, ssl_context=ssl_ctx).start()
         port = int(sock.getsockname()[1])
         scheme = "wss" if ssl_ctx is not None else "ws"
-        self.agent_url = agents.public_url or f"{scheme}://{_url_host(agents.listen_host)}:{port}/v1/agent"
+        self.agent_url = agents.public_url or f"{scheme}://{url_host(agents.listen_host)}:{port}/v1/agent"
         for provider, _ in self.providers:
             if isinstance(provider, LocalProvider):
                 told = provider.publish_url(self.agent_url)
@@ -164,7 +153,7 @@ class Daemon:
                     log.info("agent_url_published", url=self.agent_url, instances=told)
         self.agent_ca = self.tls.ca_cert.read_bytes() if ssl_ctx is not None and self.tls is not None else b""
         if self.tunnels is not None:
-            self.tunnels.dest_host = _url_host(agents.listen_host).strip("[]")
+            self.tunnels.dest_host = url_host(agents.listen_host).strip("[]")
             self.tunnels.dest_port, self.tunnels.scheme = port, scheme
             await self._tunnel_existing()
 
@@ -189,47 +178,6 @@ class Daemon:
         self._spawn("runs", self.runs.run())
         log.info("daemon_ready", agent_url=self.agent_url, socket=str(self.config.socket_path),
                  api_url=self.api_url or None)
-
-    def _agent_socket(self) -> socket.socket:
-        """The agent listener's socket. With listen_port 0 the port first chosen is kept in
-        <state_dir>/agent.port and asked for again at every start, so agents that outlived a crash
-        find the daemon where they left it; if another process holds it now, any free port, said
-        loudly (local agents and tunnels follow the new port; agents dialling public_url do not)."""
-        agents = self.config.agents
-        port_file = self.state_dir / AGENT_PORT_FILE
-        wanted = agents.listen_port
-        if wanted == 0:
-            with suppress(OSError, ValueError):
-                wanted = int(port_file.read_text().strip())
-        try:
-            sock = _listen(agents.listen_host, wanted)
-        except OSError as exc:
-            if agents.listen_port != 0:
-                raise
-            log.warning("agent_port_taken", port=wanted, error=str(exc), fallback="any free port",
-                        hint="local agents and SSH tunnels follow the new port; agents dialling a fixed "
-                             "address do not: set agents.listen_port to fix it")
-            sock = _listen(agents.listen_host, 0)
-        if agents.listen_port == 0:
-            tmp = port_file.with_name(port_file.name + ".tmp")
-            tmp.write_text(f"{sock.getsockname()[1]}\n")
-            os.replace(tmp, port_file)
-        return sock
-
-    def _tls(self) -> tls.TlsFiles | None:
-        """The daemon's CA and server certificate, when the agent channel or the TCP API uses TLS."""
-        agents, api = self.config.agents, self.config.api
-        if agents.tls and agents.public_url and not agents.public_url.startswith("wss://"):
-            raise ConfigError(self.config.source, "agents.public_url",
-                              f"agents.tls is on, so agents dial wss://…, got {agents.public_url!r}")
-        if not agents.tls and not api.listen:
-            return None
-        names = [agents.listen_host, "127.0.0.1", *agents.tls_names]  # 127.0.0.1: a tunnel's end on an instance
-        if agents.public_url:
-            names.append(urlsplit(agents.public_url).hostname or "")
-        if api.listen:
-            names.append(api.listen.rsplit(":", 1)[0])
-        return tls.ensure(self.state_dir / "tls", names, label=self.daemon_id)
 
     async def _runner(self, app: web.Application) -> web.AppRunner:
         """A set-up runner for one listener, stopped with the daemon (the agent listener first)."""
@@ -272,7 +220,7 @@ class Daemon:
             ctx = self.tls.server_context()
         await web.TCPSite(tcp_runner, host.strip("[]"), int(port), ssl_context=ctx, backlog=CONTROL_BACKLOG).start()
         bound = tcp_runner.addresses[0]
-        self.api_url = f"https://{_url_host(host)}:{bound[1]}"
+        self.api_url = f"https://{url_host(host)}:{bound[1]}"
 
     def _providers(self) -> list[tuple[Provider, int]]:
         """The configured providers with their instance limits, in order of preference (the
@@ -442,31 +390,6 @@ class Daemon:
                 self.config.socket_path.unlink()
             self._lock_file.close()
             self._lock_file = None
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on host:port (SO_REUSEADDR: a port left in TIME_WAIT by a crash binds)."""
-    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, _, _, _, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(addr)
-        sock.listen(CONTROL_BACKLOG)
-    except OSError:
-        sock.close()
-        raise
-    sock.setblocking(False)
-    return sock
-
-
-def _url_host(host: str) -> str:
-    """A listen address as a URL host: a wildcard means "this machine", IPv6 gets brackets."""
-    if host in ("", "0.0.0.0"):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def _no_change(tx: Tx) -> None:
