@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import re
@@ -17,11 +16,11 @@ import structlog
 from aiohttp import web
 
 from cloudtask_wire import jsonx
-from cloudtask_wire.workerspec import WorkerSpec, WorkerSpecError
+from cloudtask_wire.workerspec import WorkerSpecError
 from cloudtaskd import __version__, costs, interruptions, queue, retention
 from cloudtaskd.bundles import Bundles
 from cloudtaskd.config import Config
-from cloudtaskd.dispatch import Dispatcher
+from cloudtaskd.dispatch import AgentSessions, Dispatcher
 from cloudtaskd.errors import (
     BadInput,
     Busy,
@@ -36,6 +35,7 @@ from cloudtaskd.errors import (
 from cloudtaskd.feeds import FOLLOWERS_MAX, RESULT_COLUMNS, ReadGate, ResultFeeds, result_line, task_dict
 from cloudtaskd.housekeeping import Housekeeper
 from cloudtaskd.hub import token_hash
+from cloudtaskd.metrics import Metrics
 from cloudtaskd.observe import ObserveApi
 from cloudtaskd.orchestrator.market import Market
 from cloudtaskd.orchestrator.selection import Needs, Policy, rate_of, why_no_offer
@@ -46,7 +46,7 @@ from cloudtaskd.runs import Runs
 from cloudtaskd.series import StatusSeries
 from cloudtaskd.states import InstanceEvent, job_outcome
 from cloudtaskd.store import Store, Tx
-from cloudtaskd.taskfile import TaskFileError, TaskFileParser
+from cloudtaskd.submissions import Submissions
 
 log = structlog.get_logger("cloudtaskd.api")
 
@@ -54,7 +54,6 @@ RATE_WINDOW_S = 30.0
 RATE_CACHE_S = 1.0  # a job's rate is counted at most this often, however many clients ask
 RATE_CACHE_JOBS = 1000  # rates kept; past this the stale ones are dropped
 RESULTS_PAGE = 1000  # rows per read of a results stream: bounded work per read, the gate between pages
-SETTLE_RETRY_S = 1.0  # how often an upload the store could not finish (a full disk) is tried again
 # A run's id (PUT /v1/runs/ID; cloudtaskctl makes a uuid4 hex) and a submission's hash (sha256 hex).
 RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 SUBMISSION = re.compile(r"[0-9a-f]{64}")
@@ -139,34 +138,42 @@ def _job_id(request: web.Request) -> int:
 
 
 class ControlApi:
-    def __init__(self, store: Store, dispatcher: Dispatcher, config: Config, agent_url: Callable[[], str],
-                 daemon_id: str, market: Market | None = None, reads: ReadGate | None = None,
-                 series: StatusSeries | None = None, housekeeper: Housekeeper | None = None,
-                 runs: Runs | None = None) -> None:
-        self.market = market or Market(store, [], {})
+    def __init__(self, *, store: Store, dispatcher: Dispatcher, config: Config, metrics: Metrics,
+                 sessions: AgentSessions, market: Market, series: StatusSeries, housekeeper: Housekeeper,
+                 runs: Runs, bundles: Bundles, waits: Callable[[int], str | None], daemon_id: str,
+                 agent_url: Callable[[], str], agent_ca: str = "", embedded: bool = False,
+                 reads: ReadGate | None = None) -> None:
+        """dispatcher: told of new work, revoked leases and drains; sessions: the connected agents
+        (read only); housekeeper: carries out cancels and deletes past their first chunk; waits: why a
+        pool's queued work has no instance (the reconciler's last decision); agent_ca: the CA (PEM) an
+        agent must pin to dial agent_url, empty for plain ws://; embedded: started by `cloudtaskctl
+        run` for its duration (GET /v1/health says so)."""
+        self.market = market
         self.store = store
-        # Carries out cancels and deletes past their first chunk (an API without one: tests of routes).
-        self.housekeeper = housekeeper or Housekeeper(store, dispatcher, config)
+        self.housekeeper = housekeeper
         # Every read a request makes goes through the gate (bounded, 503 beyond); the store's own
         # background work (settling uploads) does not.
         self.reads = reads or ReadGate(store)
         self.feeds = ResultFeeds(store, self.reads)
         self._recent: dict[int, tuple[float, int, float | None]] = {}  # job -> (read at, n finished, first)
         self.dispatcher = dispatcher
+        self.sessions = sessions
         self.config = config
-        ttl_s = config.api.run_attach_ttl_s
-        self.runs = runs or Runs(store, dispatcher, ttl_s=ttl_s, grace_s=ttl_s)
+        self.runs = runs
         self.agent_url = agent_url
-        self.agent_ca = ""  # the CA (PEM) an agent must pin to dial agent_url; empty: plain ws://
+        self.agent_ca = agent_ca
         self.daemon_id = daemon_id
-        self.embedded = False  # started by `cloudtaskctl run` for its duration (GET /v1/health says so)
-        self.bundles = Bundles(store, config.state_path / "workers", config.workers)
-        self._upload_locks: dict[int, asyncio.Lock] = {}
-        self._settling: set[asyncio.Task[None]] = set()  # uploads finished once the store can (_settle_later)
-        self.observe = ObserveApi(store, dispatcher, daemon_id, self.reads, series)
-        # Why a pool's queued work has no instance (the reconciler's last decision); set by the daemon.
-        self.waits: Callable[[int], str | None] = lambda pool_id: None
-        self.observe.waits = lambda pool_id: self.waits(pool_id)
+        self.embedded = embedded
+        self.bundles = bundles
+        self.submissions = Submissions(store=store, reads=self.reads, dispatcher=dispatcher, config=config)
+        self.waits = waits
+        self.observe = ObserveApi(store=store, dispatcher=dispatcher, metrics=metrics, sessions=sessions,
+                                  daemon_id=daemon_id, reads=self.reads, series=series, waits=waits)
+
+    def apply_config(self, config: Config) -> None:
+        """On reload: read at each request (queue.*, agents.* a registration reports)."""
+        self.config = config
+        self.submissions.apply_config(config)
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -234,8 +241,7 @@ class ControlApi:
             raise BadInput("max_total_cost: expected a positive number of USD", field="max_total_cost")
         opts["max_total_cost"] = cap
         opts["run"] = _run_body(body.get("run"))
-        job_id = await self.store.write(_create_job, name, digest, opts, timeout, self.config)
-        log.info("job_created", job=job_id, name=name)
+        job_id = await self.submissions.create_job(name, digest, opts, timeout)
         return web.json_response(await self._job(job_id), status=201)
 
     def _read_job(self, db: sqlite3.Connection, row: sqlite3.Row, instances: int, now: float) -> dict[str, Any]:
@@ -304,88 +310,8 @@ class ControlApi:
     async def upload_tasks(self, request: web.Request) -> web.Response:
         job_id = _job_id(request)
         source = request.query.get("source", "tasks")
-        lock = self._upload_locks.setdefault(job_id, asyncio.Lock())
-        async with lock:
-            job = await self.reads.read(lambda db: db.execute(
-                "SELECT id, pool_id, max_attempts, timeout_s, state FROM jobs WHERE id = ?", (job_id,)).fetchone())
-            if job is None:
-                raise no_job(job_id)
-            job = dict(job)
-            upload_id = await self.store.write(queue.create_upload, job_id)
-            try:
-                n = await self._stage(request, job, source)
-            except BaseException as exc:
-                # Refused (or the client went away): nothing of this upload may stay behind.
-                await self._discard(upload_id, job_id, job["pool_id"])
-                if isinstance(exc, TaskFileError):
-                    raise BadInput(f"{source}:{exc.line}: {exc.reason}", line=exc.line) from None
-                raise
-            try:
-                await queue.finish_upload(self.store, upload_id, job_id, commit=True)
-            except StoreError:
-                row = await self.reads.fetchone("SELECT state FROM uploads WHERE id = ?", (upload_id,))
-                self._settle_later(upload_id, job_id, job["pool_id"])
-                if row is None or row["state"] != "committing":
-                    raise  # nothing was queued: refused whole, the staged rows go when the store can
-                # Past its first chunk an upload is validated and decided: the rest is queued later.
-                log.warning("upload_commit_deferred", upload=upload_id, job=job_id, tasks=n)
-        self.dispatcher.notify_work(job["pool_id"])
-        log.info("tasks_accepted", job=job_id, tasks=n, source=source)
+        n = await self.submissions.upload(job_id, request.content.iter_chunked(1 << 20), source)
         return web.json_response({"accepted": n})
-
-    async def _stage(self, request: web.Request, job: dict[str, Any], source: str) -> int:
-        parser = TaskFileParser(self.config.queue.max_task_bytes)
-        pending: list[Any] = []
-        total = 0
-        async for chunk in request.content.iter_chunked(1 << 20):
-            pending.extend(parser.feed(chunk))
-            while len(pending) >= queue.STAGE_BATCH:
-                batch, pending = pending[: queue.STAGE_BATCH], pending[queue.STAGE_BATCH:]
-                await self.store.write(queue.stage_tasks, job, batch, source)
-                total += len(batch)
-        pending.extend(parser.finish())
-        for i in range(0, len(pending), queue.STAGE_BATCH):
-            batch = pending[i: i + queue.STAGE_BATCH]
-            await self.store.write(queue.stage_tasks, job, batch, source)
-            total += len(batch)
-        if total == 0:
-            raise BadInput(f"{source}: the file holds no tasks")
-        return total
-
-    async def _discard(self, upload_id: int, job_id: int, pool_id: int) -> None:
-        async def discard() -> None:
-            try:
-                await queue.finish_upload(self.store, upload_id, job_id, commit=False)
-            except StoreError:  # a full disk can refuse the delete too: never leave staged rows behind
-                self._settle_later(upload_id, job_id, pool_id)
-
-        # Shielded: a client that hangs up mid-upload cancels this handler, not the clean-up.
-        await asyncio.shield(discard())
-
-    def _settle_later(self, upload_id: int, job_id: int, pool_id: int) -> None:
-        """Finish an upload the store could not finish (a full disk) once it can, in the background:
-        a staging one is discarded, a committing one queued, as a restart would (Daemon._resume_uploads).
-        Each attempt holds the job's upload lock, since a chunk step works on all of the job's staged rows."""
-
-        async def settle() -> None:
-            while not self.store.stopping:
-                await asyncio.sleep(SETTLE_RETRY_S)
-                try:
-                    async with self._upload_locks.setdefault(job_id, asyncio.Lock()):
-                        row = await self.store.fetchone("SELECT state FROM uploads WHERE id = ?", (upload_id,))
-                        state = row["state"] if row is not None else None
-                        if state in ("staging", "committing"):
-                            await queue.finish_upload(self.store, upload_id, job_id, commit=state == "committing")
-                except StoreError:
-                    continue  # the store logs the outage; try again
-                if state == "committing":
-                    self.dispatcher.notify_work(pool_id)
-                log.info("upload_settled", upload=upload_id, job=job_id, outcome=state)
-                return
-
-        task = asyncio.get_running_loop().create_task(settle(), name=f"settle-upload-{upload_id}")
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
 
     async def cancel_job(self, request: web.Request) -> web.Response:
         """Marked cancelled at once (no lease from now on) and its first chunk cancelled here: a job of
@@ -407,9 +333,9 @@ class ControlApi:
         a submission whose tasks were refused goes at once, rather than stay as `cancelled 0/0`. A job
         with unfinished tasks is refused (409): cancel it first."""
         job_id = _job_id(request)
-        async with self._upload_locks.setdefault(job_id, asyncio.Lock()):  # not while an upload stages
+        async with self.submissions.lock(job_id):  # not while an upload stages
             deleted = await self.store.write(_delete_or_withdraw, job_id)
-        self._upload_locks.pop(job_id, None)
+        self.submissions.forget(job_id)
         self._recent.pop(job_id, None)
         if deleted.purging:
             self.housekeeper.wake()
@@ -544,7 +470,7 @@ class ControlApi:
         # The row's last_seen_at is written at hello and at disconnect only (not per message: that
         # would be a write per frame). An agent connected now is seen now: its websocket's heartbeat
         # proves it alive every few seconds.
-        now, live = self.store.clock.now(), self.dispatcher.sessions
+        now, live = self.store.clock.now(), self.sessions
         for inst in found:
             inst["connected"] = inst["id"] in live
             if inst["connected"]:
@@ -722,27 +648,6 @@ def _delete_or_withdraw(tx: Tx, job_id: int) -> retention.Deleted:
         return retention.delete_job(tx, job_id)
     queue.withdraw_job(tx, job_id)
     return retention.Deleted(job_id, 0, False)
-
-
-def _create_job(tx: Tx, name: str, digest: str, opts: dict[str, Any], timeout: float | None, config: Config) -> int:
-    row = tx.db.execute("SELECT id, spec FROM pools WHERE digest = ?", (digest,)).fetchone()
-    if row is None:
-        raise BadInput(f"worker {digest[:16]!r} is unknown: upload it first (POST /v1/workers)", field="worker")
-    spec = WorkerSpec.from_dict(json.loads(row[1]))
-    timeout_s = timeout or spec.timeout or config.queue.task_timeout_s or None
-    # Above every id a deleted job had (retention.delete_job): an id names one job, ever.
-    cur = tx.db.execute(
-        "INSERT INTO jobs (id, name, pool_id, state, created_at, max_attempts, timeout_s, max_instances, policy,"
-        " max_total_cost, run_id, run_owner, submission) VALUES (max(coalesce((SELECT max(id) FROM jobs), 0),"
-        " coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'last_job_id'), 0)) + 1, ?, ?, 'active', ?, ?,"
-        " ?, ?, ?, ?, ?, ?, ?)",
-        (name, row[0], tx.now, opts["max_attempts"] or config.queue.max_attempts, timeout_s, opts["max_instances"],
-         json.dumps(opts["policy"].to_dict()), opts["max_total_cost"],
-         *((run["id"], run["owner"], run["submission"]) if (run := opts.get("run")) else (None, None, None))),
-    )
-    job_id = int(cur.lastrowid or 0)
-    tx.event("job_created", job_id=job_id, detail=json.dumps({"name": name}))
-    return job_id
 
 
 def _register_external(tx: Tx, inst: str, digest: str, slots: int, hashed: str) -> None:

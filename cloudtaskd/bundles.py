@@ -52,6 +52,10 @@ class Bundles:
         self.config = config
         self._lock = asyncio.Lock()
 
+    def apply_config(self, config: WorkersConfig) -> None:
+        """On reload: the caps are read at each upload and prune."""
+        self.config = config
+
     @property
     def limits(self) -> rules.Limits:
         return bundle_limits(self.config)

@@ -9,9 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fcntl
-import os
 import signal
-import socket
 import sys
 import uuid
 from collections.abc import Callable
@@ -19,7 +17,6 @@ from contextlib import suppress
 from functools import partial
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import urlsplit
 
 import structlog
 from aiohttp import web
@@ -27,12 +24,16 @@ from aiohttp import web
 from cloudtaskd import queue, tls
 from cloudtaskd.access import RateLimiter, bearer_auth, browser_guard, prepare_socket_dir, secure_socket
 from cloudtaskd.api import ControlApi, errors_middleware
+from cloudtaskd.bundles import Bundles
 from cloudtaskd.catalog import Fetcher
 from cloudtaskd.config import Config, load_config
 from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.errors import CloudtaskError, ConfigError, StateDirBusy, StoreError
 from cloudtaskd.housekeeping import Housekeeper
 from cloudtaskd.hub import AgentHub
+from cloudtaskd.interruptions import Recorded
+from cloudtaskd.listeners import CONTROL_BACKLOG, RUNNER_SHUTDOWN_S, agent_socket, tls_files, url_host
+from cloudtaskd.metrics import Metrics
 from cloudtaskd.orchestrator.market import Market
 from cloudtaskd.orchestrator.reconciler import Reconciler
 from cloudtaskd.providers import registry
@@ -45,21 +46,13 @@ from cloudtaskd.runtime import RuntimeBuilder
 from cloudtaskd.series import SERIES_INTERVAL_S, SERIES_WINDOW_S, StatusSeries
 from cloudtaskd.service import Systemd, watchdog
 from cloudtaskd.store import Store, Tx
+from cloudtaskd.submissions import resume_uploads
 from cloudtaskd.tunnels import Tunnels
 
 log = structlog.get_logger("cloudtaskd")
 
 SHUTDOWN_GRACE_S = 30.0
 PRUNE_INTERVAL_S = 600.0  # how often unused worker bundles are looked for
-# How long a listener's in-flight requests may run on at shutdown (aiohttp's default is 60 s each,
-# which in sequence would outlast the unit's TimeoutStopSec).
-# Connections the control listeners let wait to be accepted (aiohttp's default is 128). A unix socket
-# whose queue is full refuses at once (EAGAIN, seen by clients as "Transport endpoint is not
-# connected"): 200 clients at once while the loop was busy read as a daemon that is down (issue 13).
-CONTROL_BACKLOG = 1024
-RUNNER_SHUTDOWN_S = 5.0
-# With agents.listen_port 0: the port the agent listener got, asked for again at the next start.
-AGENT_PORT_FILE = "agent.port"
 
 
 class Daemon:
@@ -75,21 +68,25 @@ class Daemon:
         self.shutdown_grace_s = shutdown_grace_s
         self.state_dir = config.state_path
         self.store = Store(self.state_dir / "cloudtask.db")
-        self.dispatcher = Dispatcher(self.store, config)
+        # The daemon's one Metrics, passed to each part that records into it.
+        self.metrics = Metrics()
+        self.dispatcher = Dispatcher(self.store, config, metrics=self.metrics)
         # The status page's plots (the tests sample faster and keep a shorter window).
         self.series = StatusSeries(self.store, interval_s=series_interval_s, window_s=series_window_s)
         # Cancels and deletes in chunks, the event log's retention, the database given back (issue 15).
-        self.housekeeper = Housekeeper(self.store, self.dispatcher, config)
+        self.housekeeper = Housekeeper(store=self.store, dispatcher=self.dispatcher, config=config)
         # The agent's packages for instances, per (Python, CPU), built on first need (runtime.py).
         self.runtime = RuntimeBuilder(self.state_dir / "runtime", tuple(config.providers.ssh.pip_args))
         # Without agents.public_url, ssh and cloud instances' agents come through SSH tunnels
         # (tunnels.py); the destination is set once the agent listener is bound.
         self.tunnels: Tunnels | None = None if config.agents.public_url else Tunnels("127.0.0.1", 0, "wss")
         ttl_s = config.api.run_attach_ttl_s
-        self.runs = Runs(self.store, self.dispatcher, ttl_s=ttl_s, grace_s=0.0 if embedded else ttl_s)
-        self.hub = AgentHub(self.store, self.dispatcher, config.agents.max_message_bytes,
-                            max_connections_per_instance=config.agents.max_connections_per_instance,
-                            max_messages_per_s=config.agents.max_messages_per_s)
+        self.runs = Runs(store=self.store, dispatcher=self.dispatcher, ttl_s=ttl_s, grace_s=0.0 if embedded else ttl_s)
+        # The hub and the reconciler call each other: the reconciler closes an ended instance's
+        # connections (hub.disconnect, passed to it), the hub tells the reconciler of a spot notice
+        # (through _spot_notice: the reconciler is built once the agent listener is bound).
+        self.hub = AgentHub(store=self.store, dispatcher=self.dispatcher, config=config, on_notice=self._spot_notice)
+        self.bundles = Bundles(self.store, self.state_dir / "workers", config.workers)
         self.agent_url = ""
         self.agent_ca = b""  # the CA agents pin (PEM); empty when the agent channel is plain
         self.api_url = ""  # the TCP control listener, when configured
@@ -134,21 +131,21 @@ class Daemon:
         # clock stepped while the daemon was down (cloudtaskd.clock).
         renewed = await self.store.write(queue.extend_all_leases, self.config.agents.lease_ttl_s)
         capped = await self.store.write(queue.cap_retry_due, self.config.queue.retry_backoff_max_s)
-        await self._resume_uploads()
+        await resume_uploads(self.store)
         log.info("store_opened", path=str(self.store.path), leases_renewed=renewed, retries_brought_forward=capped,
                  daemon_id=self.daemon_id)
 
-        self.tls = self._tls()
+        self.tls = tls_files(self.config, self.daemon_id)
         agents = self.config.agents
         agent_app = web.Application(client_max_size=agents.max_message_bytes)
         agent_app.router.add_get("/v1/agent", self.hub.handle)
         agent_runner = await self._runner(agent_app)
         ssl_ctx = self.tls.server_context() if agents.tls and self.tls is not None else None
-        sock = self._agent_socket()
+        sock = agent_socket(self.state_dir, self.config.agents)
         await web.SockSite(agent_runner, sock, ssl_context=ssl_ctx).start()
         port = int(sock.getsockname()[1])
         scheme = "wss" if ssl_ctx is not None else "ws"
-        self.agent_url = agents.public_url or f"{scheme}://{_url_host(agents.listen_host)}:{port}/v1/agent"
+        self.agent_url = agents.public_url or f"{scheme}://{url_host(agents.listen_host)}:{port}/v1/agent"
         for provider, _ in self.providers:
             if isinstance(provider, LocalProvider):
                 told = provider.publish_url(self.agent_url)
@@ -156,74 +153,31 @@ class Daemon:
                     log.info("agent_url_published", url=self.agent_url, instances=told)
         self.agent_ca = self.tls.ca_cert.read_bytes() if ssl_ctx is not None and self.tls is not None else b""
         if self.tunnels is not None:
-            self.tunnels.dest_host = _url_host(agents.listen_host).strip("[]")
+            self.tunnels.dest_host = url_host(agents.listen_host).strip("[]")
             self.tunnels.dest_port, self.tunnels.scheme = port, scheme
             await self._tunnel_existing()
 
-        api = ControlApi(self.store, self.dispatcher, self.config, lambda: self.agent_url, self.daemon_id,
-                         self.market, series=self.series, housekeeper=self.housekeeper, runs=self.runs)
-        api.agent_ca = self.agent_ca.decode()
-        api.embedded = self.embedded
-        self.api = api
+        reconciler = self.reconciler = Reconciler(
+            store=self.store, dispatcher=self.dispatcher, providers=self.providers, config=self.config,
+            agent_url=self.agent_url, metrics=self.metrics, sessions=self.dispatcher.sessions, market=self.market,
+            agent_ca=self.agent_ca, on_instance_end=self.hub.disconnect)
+        api = self.api = ControlApi(
+            store=self.store, dispatcher=self.dispatcher, config=self.config, metrics=self.metrics,
+            sessions=self.dispatcher.sessions, market=self.market, series=self.series, housekeeper=self.housekeeper,
+            runs=self.runs, bundles=self.bundles, waits=lambda pool_id: reconciler.waits.get(pool_id),
+            daemon_id=self.daemon_id, agent_url=lambda: self.agent_url, agent_ca=self.agent_ca.decode(),
+            embedded=self.embedded)
         await self._control_listeners(api)
 
-        self.reconciler = Reconciler(self.store, self.dispatcher, self.providers, self.config, self.agent_url,
-                                     self.market)
-        self.reconciler.agent_ca = self.agent_ca
-        self.reconciler.on_instance_end = self.hub.disconnect
-        reconciler = self.reconciler
-        api.waits = lambda pool_id: reconciler.waits.get(pool_id)
-        self.hub.on_notice = self.reconciler.notice
         self._spawn("dispatcher", self.dispatcher.run())
-        self._spawn("reconciler", self.reconciler.run())
-        self._spawn("bundle_pruner", self._prune_bundles(api))
+        self._spawn("reconciler", reconciler.run())
+        self._spawn("bundle_pruner", self._prune_bundles())
         self._spawn("status_series", self.series.run())
         # Goes on at once with a cancel or delete a crash cut short (their rows say where).
         self._spawn("housekeeper", self.housekeeper.run())
         self._spawn("runs", self.runs.run())
         log.info("daemon_ready", agent_url=self.agent_url, socket=str(self.config.socket_path),
                  api_url=self.api_url or None)
-
-    def _agent_socket(self) -> socket.socket:
-        """The agent listener's socket. With listen_port 0 the port first chosen is kept in
-        <state_dir>/agent.port and asked for again at every start, so agents that outlived a crash
-        find the daemon where they left it; if another process holds it now, any free port, said
-        loudly (local agents and tunnels follow the new port; agents dialling public_url do not)."""
-        agents = self.config.agents
-        port_file = self.state_dir / AGENT_PORT_FILE
-        wanted = agents.listen_port
-        if wanted == 0:
-            with suppress(OSError, ValueError):
-                wanted = int(port_file.read_text().strip())
-        try:
-            sock = _listen(agents.listen_host, wanted)
-        except OSError as exc:
-            if agents.listen_port != 0:
-                raise
-            log.warning("agent_port_taken", port=wanted, error=str(exc), fallback="any free port",
-                        hint="local agents and SSH tunnels follow the new port; agents dialling a fixed "
-                             "address do not: set agents.listen_port to fix it")
-            sock = _listen(agents.listen_host, 0)
-        if agents.listen_port == 0:
-            tmp = port_file.with_name(port_file.name + ".tmp")
-            tmp.write_text(f"{sock.getsockname()[1]}\n")
-            os.replace(tmp, port_file)
-        return sock
-
-    def _tls(self) -> tls.TlsFiles | None:
-        """The daemon's CA and server certificate, when the agent channel or the TCP API uses TLS."""
-        agents, api = self.config.agents, self.config.api
-        if agents.tls and agents.public_url and not agents.public_url.startswith("wss://"):
-            raise ConfigError(self.config.source, "agents.public_url",
-                              f"agents.tls is on, so agents dial wss://…, got {agents.public_url!r}")
-        if not agents.tls and not api.listen:
-            return None
-        names = [agents.listen_host, "127.0.0.1", *agents.tls_names]  # 127.0.0.1: a tunnel's end on an instance
-        if agents.public_url:
-            names.append(urlsplit(agents.public_url).hostname or "")
-        if api.listen:
-            names.append(api.listen.rsplit(":", 1)[0])
-        return tls.ensure(self.state_dir / "tls", names, label=self.daemon_id)
 
     async def _runner(self, app: web.Application) -> web.AppRunner:
         """A set-up runner for one listener, stopped with the daemon (the agent listener first)."""
@@ -266,7 +220,7 @@ class Daemon:
             ctx = self.tls.server_context()
         await web.TCPSite(tcp_runner, host.strip("[]"), int(port), ssl_context=ctx, backlog=CONTROL_BACKLOG).start()
         bound = tcp_runner.addresses[0]
-        self.api_url = f"https://{_url_host(host)}:{bound[1]}"
+        self.api_url = f"https://{url_host(host)}:{bound[1]}"
 
     def _providers(self) -> list[tuple[Provider, int]]:
         """The configured providers with their instance limits, in order of preference (the
@@ -304,19 +258,16 @@ class Daemon:
             self._lock_file = None
             raise StateDirBusy(f"another cloudtaskd is running on the state directory {self.state_dir}") from None
 
-    async def _resume_uploads(self) -> None:
-        rows = await self.store.fetchall(
-            "SELECT id, job_id, state FROM uploads WHERE state IN ('staging', 'committing')")
-        for r in rows:
-            # Committing: it was validated whole, finish it. Staging: the client never got an ack.
-            await queue.finish_upload(self.store, r["id"], r["job_id"], commit=r["state"] == "committing")
-            log.info("upload_resumed", upload=r["id"], job=r["job_id"], outcome=r["state"])
+    async def _spot_notice(self, recorded: Recorded) -> None:
+        """The hub recorded a spot notice: the reconciler replaces the instance now (none before start)."""
+        if self.reconciler is not None:
+            await self.reconciler.notice(recorded)
 
-    async def _prune_bundles(self, api: ControlApi) -> None:
+    async def _prune_bundles(self) -> None:
         """Worker bundles no job uses are removed once old enough (the state disk is not a dump)."""
         while True:
             try:
-                await api.bundles.prune()
+                await self.bundles.prune()
             except StoreError as exc:  # a full or failing disk: the store says so; try again later
                 log.warning("bundle_prune_failed", error=str(exc))
             await asyncio.sleep(min(PRUNE_INTERVAL_S, self.config.workers.unused_ttl_s / 2))
@@ -371,23 +322,15 @@ class Daemon:
         config = self.config = result.config
         if "log_level" in result.applied and self.on_log_level is not None:
             self.on_log_level(config.log_level)  # first, so the lines below show at the new level
-        # Whoever copied a value at start is given the new one; the rest read self.config's.
-        agents = config.agents
-        self.dispatcher.ttl_s, self.dispatcher.batch_max = agents.lease_ttl_s, agents.lease_batch_max
-        self.dispatcher.backoff = (config.queue.retry_backoff_s, config.queue.retry_backoff_max_s)
-        self.hub.max_connections_per_instance = agents.max_connections_per_instance
-        self.hub.max_messages_per_s = agents.max_messages_per_s
-        self.housekeeper.config = config
+        # Each part takes what it reads from the new config (the API its bundle store's caps too).
+        self.dispatcher.apply_config(config)
+        self.hub.apply_config(config)
+        self.housekeeper.apply_config(config)
+        self.bundles.apply_config(config.workers)
         if self.api is not None:
-            self.api.config = config
-            self.api.bundles.config = config.workers
+            self.api.apply_config(config)
         if self.reconciler is not None:
-            self.reconciler.config = config
-            self.reconciler.failures.clear()  # blocked launches get a fresh try with the new config
-            for name in limits:
-                limit = getattr(getattr(config.providers, name, None), "max_instances", None)
-                if isinstance(limit, int):  # not ssh's: one instance per configured host
-                    limits[name] = limit
+            self.reconciler.apply_config(config)
         for key in result.needs_restart:
             log.warning("config_change_needs_restart", key=key,
                         reason=result.reasons.get(key, "bound when the daemon starts"))
@@ -447,31 +390,6 @@ class Daemon:
                 self.config.socket_path.unlink()
             self._lock_file.close()
             self._lock_file = None
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on host:port (SO_REUSEADDR: a port left in TIME_WAIT by a crash binds)."""
-    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, _, _, _, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(addr)
-        sock.listen(CONTROL_BACKLOG)
-    except OSError:
-        sock.close()
-        raise
-    sock.setblocking(False)
-    return sock
-
-
-def _url_host(host: str) -> str:
-    """A listen address as a URL host: a wildcard means "this machine", IPv6 gets brackets."""
-    if host in ("", "0.0.0.0"):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def _no_change(tx: Tx) -> None:

@@ -14,7 +14,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -73,6 +73,17 @@ class Session:
     largest_grant_bytes: int = 0
 
 
+class AgentSessions(Protocol):
+    """The connected agents, by instance id, read-only: what the reconciler and the control API
+    may know of the dispatcher's sessions (Dispatcher.sessions is one)."""
+
+    def __contains__(self, instance_id: object, /) -> bool: ...
+
+    def __len__(self) -> int: ...
+
+    def get(self, instance_id: str, /) -> Session | None: ...
+
+
 @dataclass(slots=True)
 class _Want:
     session: Session
@@ -80,13 +91,15 @@ class _Want:
 
 
 class Dispatcher:
-    def __init__(self, store: Store, config: Config, metrics: Metrics | None = None) -> None:
+    def __init__(self, store: Store, config: Config, *, metrics: Metrics | None = None) -> None:
+        """metrics: the daemon's one Metrics (the daemon passes the same object to the reconciler and
+        the control API); a dispatcher of its own (tests) records into one of its own."""
         self.store = store
-        # The daemon's one Metrics: the API, hub and reconciler reach it through the dispatcher.
         self.metrics = metrics if metrics is not None else Metrics()
-        self.ttl_s = config.agents.lease_ttl_s
-        self.batch_max = config.agents.lease_batch_max
-        self.backoff = (config.queue.retry_backoff_s, config.queue.retry_backoff_max_s)
+        self.ttl_s = 0.0
+        self.batch_max = 0
+        self.backoff = (0.0, 0.0)
+        self.apply_config(config)
         self.sessions: dict[str, Session] = {}
         self._reports = queue.Reports()
         self._wake = asyncio.Event()
@@ -104,6 +117,12 @@ class Dispatcher:
         # agent's frame limit), for the reason given when deliveries keep getting lost.
         self._last_close: dict[str, tuple[int | None, int, int]] = {}
         self.rounds = 0
+
+    def apply_config(self, config: Config) -> None:
+        """At start and on reload: the lease length, round size and retry backoff for the next round."""
+        self.ttl_s = config.agents.lease_ttl_s
+        self.batch_max = config.agents.lease_batch_max
+        self.backoff = (config.queue.retry_backoff_s, config.queue.retry_backoff_max_s)
 
     # ---- inputs, from the hub and the API ----
 

@@ -34,10 +34,11 @@ TRUNCATE_RETRY_S = 1.0  # the writer or a reader was busy: try the truncation ag
 
 
 class Housekeeper:
-    def __init__(self, store: Store, dispatcher: Dispatcher, config: Config) -> None:
+    def __init__(self, *, store: Store, dispatcher: Dispatcher, config: Config) -> None:
+        """dispatcher: its round count (housekeeping yields to busy rounds) and revokes of cancelled leases."""
         self.store = store
         self.dispatcher = dispatcher
-        self.config = config  # replaced on reload: events.*, retention.* are read at each use
+        self.config = config  # events.*, retention.* are read at each use
         self._wake = asyncio.Event()
         self._next_sweep = 0.0  # monotonic: when events and finished jobs are looked at next
         self._event_cursor = 0  # the event log is pruned up to here (in memory: a restart walks it again)
@@ -49,6 +50,10 @@ class Housekeeper:
     def wake(self) -> None:
         """A cancel or a delete was recorded: start on it now."""
         self._wake.set()
+
+    def apply_config(self, config: Config) -> None:
+        """On reload: the new events.* and retention.* from the next chunk and sweep on."""
+        self.config = config
 
     async def run(self) -> None:
         while True:

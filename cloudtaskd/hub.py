@@ -33,6 +33,7 @@ from cloudtask_wire.messages import (
 )
 from cloudtaskd import interruptions
 from cloudtaskd.access import TokenBucket
+from cloudtaskd.config import Config
 from cloudtaskd.dispatch import Dispatcher, Session
 from cloudtaskd.errors import TransitionError
 from cloudtaskd.states import InstanceEvent, InstanceState
@@ -80,22 +81,30 @@ class Outbox:
 
 
 class AgentHub:
-    def __init__(self, store: Store, dispatcher: Dispatcher, max_message_bytes: int,
-                 on_connect: Callable[[str], Awaitable[None]] | None = None, *,
-                 max_connections_per_instance: int = 2, max_messages_per_s: float = 5000.0) -> None:
+    def __init__(self, *, store: Store, dispatcher: Dispatcher, config: Config,
+                 on_notice: Callable[[interruptions.Recorded], Awaitable[None]] | None = None,
+                 on_connect: Callable[[str], Awaitable[None]] | None = None) -> None:
+        """on_notice: told of each new interruption notice once it is recorded (the reconciler:
+        replace the instance now); on_connect: told of each agent that said hello."""
         self.store = store
         self.dispatcher = dispatcher
-        self.max_message_bytes = max_message_bytes
-        self.max_connections_per_instance = max_connections_per_instance
-        self.max_messages_per_s = max_messages_per_s
+        # Bound at start: a listener's frame limit and what agents were told stay until a restart.
+        self.max_message_bytes = config.agents.max_message_bytes
+        self.max_connections_per_instance = 0
+        self.max_messages_per_s = 0.0
+        self.apply_config(config)
         self.sockets: set[web.WebSocketResponse] = set()
         self.by_instance: dict[str, set[web.WebSocketResponse]] = {}
         self._instance_of: dict[web.WebSocketResponse, str] = {}
         self._closing: set[asyncio.Task[bool]] = set()
         self.throttled = 0  # times an agent connection was read more slowly for its message rate
         self.on_connect = on_connect
-        # Told of each new interruption notice once it is recorded (the reconciler: replace it now).
-        self.on_notice: Callable[[interruptions.Recorded], Awaitable[None]] | None = None
+        self.on_notice = on_notice
+
+    def apply_config(self, config: Config) -> None:
+        """At start and on reload: checked at each new connection (connected agents keep their rate)."""
+        self.max_connections_per_instance = config.agents.max_connections_per_instance
+        self.max_messages_per_s = config.agents.max_messages_per_s
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if len(self.sockets) - len(self._instance_of) >= MAX_UNAUTHENTICATED:  # _instance_of: authenticated

@@ -18,9 +18,10 @@ from typing import Any
 from aiohttp import web
 
 from cloudtaskd import __version__, costs
-from cloudtaskd.dispatch import Dispatcher
+from cloudtaskd.dispatch import AgentSessions, Dispatcher
 from cloudtaskd.errors import BadInput
 from cloudtaskd.feeds import ReadGate
+from cloudtaskd.metrics import Metrics
 from cloudtaskd.orchestrator.waits import job_waiting
 from cloudtaskd.params import decimal_number, whole_number
 from cloudtaskd.series import StatusSeries
@@ -71,27 +72,33 @@ def _seconds(request: web.Request, name: str) -> float:
 
 
 class ObserveApi:
-    def __init__(self, store: Store, dispatcher: Dispatcher, daemon_id: str, reads: ReadGate | None = None,
-                 series: StatusSeries | None = None) -> None:
+    def __init__(self, *, store: Store, dispatcher: Dispatcher, metrics: Metrics, sessions: AgentSessions,
+                 daemon_id: str, reads: ReadGate, series: StatusSeries,
+                 waits: Callable[[int], str | None]) -> None:
+        """dispatcher: its round count; metrics: what /metrics renders; sessions: the connected agents
+        (read only); reads: the control API's gate; waits: why a pool's queued work has no instance
+        (the reconciler's last decision)."""
         self.store = store
-        self.series = series or StatusSeries(store)  # sampled by the daemon (an API of its own: empty)
-        self.reads = reads or ReadGate(store)  # the control API's reads: bounded, 503 beyond (feeds.py)
+        self.series = series
+        self.reads = reads
         self.dispatcher = dispatcher
+        self.metrics = metrics
+        self.sessions = sessions
         self.daemon_id = daemon_id
-        self.waits: Callable[[int], str | None] = lambda pool_id: None  # see ControlApi.waits
+        self.waits = waits
 
     def routes(self) -> list[web.RouteDef]:
         return [
-            web.get("/metrics", self.metrics),
+            web.get("/metrics", self.prometheus),
             web.get("/v1/events", self.events),
             web.get("/v1/status", self.status),
             web.get("/v1/status/series", self.status_series),
             web.get("/status", self.status_page),
         ]
 
-    async def metrics(self, request: web.Request) -> web.Response:
-        body, content_type = await self.dispatcher.metrics.render(
-            self.store, sessions=len(self.dispatcher.sessions), rounds=self.dispatcher.rounds,
+    async def prometheus(self, request: web.Request) -> web.Response:
+        body, content_type = await self.metrics.render(
+            self.store, sessions=len(self.sessions), rounds=self.dispatcher.rounds,
             accept=request.headers.get("Accept"))
         return web.Response(body=body, headers={"Content-Type": content_type})
 
@@ -175,7 +182,7 @@ class ObserveApi:
 
         body = await self.reads.read(read)
         body.update(version=__version__, daemon_id=self.daemon_id, now=now,
-                    agents_connected=len(self.dispatcher.sessions))
+                    agents_connected=len(self.sessions))
         return web.json_response(body, headers={"Cache-Control": "no-store"})
 
     async def status_series(self, request: web.Request) -> web.Response:

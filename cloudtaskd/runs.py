@@ -87,7 +87,7 @@ def hold_orphans(tx: Tx, live_runs: list[str], live_jobs: list[int]) -> list[tup
 
 
 class Runs:
-    def __init__(self, store: Store, dispatcher: Dispatcher, *, ttl_s: float, grace_s: float,
+    def __init__(self, *, store: Store, dispatcher: Dispatcher, ttl_s: float, grace_s: float,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.dispatcher = dispatcher

@@ -102,7 +102,10 @@ async def reconcile_after_crash(driver: CloudDriver, name: str, machine_type: st
             "INSERT INTO instances (id, provider, pool_id, state, slots, token_hash, cloud_id, created_at,"
             " state_changed_at) VALUES (?, ?, NULL, 'running', 2, 'x', ?, 0, ?)",
             (known.instance_id, name, vm.cloud_id, tx.now)))
-        reconciler = Reconciler(store, Dispatcher(store, config), [(provider, 5)], config, "ws://x")
+        dispatcher = Dispatcher(store, config)
+        reconciler = Reconciler(store=store, dispatcher=dispatcher, providers=[(provider, 5)], config=config,
+                                agent_url="ws://x", metrics=dispatcher.metrics,
+                                sessions=dispatcher.sessions)
         await reconciler.sync(now=1e9)
         assert {v.instance_id for v in await driver.list()} == {known.instance_id}
         return orphan_vm

@@ -25,9 +25,10 @@ from cloudtask_wire.workerspec import WorkerSpec
 from cloudtaskd import costs, interruptions, queue
 from cloudtaskd.bundles import bundle_limits
 from cloudtaskd.config import Config
-from cloudtaskd.dispatch import Dispatcher
+from cloudtaskd.dispatch import AgentSessions, Dispatcher
 from cloudtaskd.errors import ProviderError, StoreFull, TransitionError
 from cloudtaskd.hub import token_hash
+from cloudtaskd.metrics import Metrics
 from cloudtaskd.orchestrator.backoff import OfferBackoff
 from cloudtaskd.orchestrator.failures import Blocked, LaunchFailures
 from cloudtaskd.orchestrator.market import Market
@@ -49,18 +50,26 @@ DRAIN_UNREACHABLE_S = 30.0
 
 
 class Reconciler:
-    def __init__(self, store: Store, dispatcher: Dispatcher, providers: list[tuple[Provider, int]], config: Config,
-                 agent_url: str, market: Market | None = None) -> None:
-        """providers: (provider, its max_instances), in order of preference."""
+    def __init__(self, *, store: Store, dispatcher: Dispatcher, providers: list[tuple[Provider, int]],
+                 config: Config, agent_url: str, metrics: Metrics, sessions: AgentSessions,
+                 market: Market | None = None, agent_ca: bytes = b"",
+                 on_instance_end: Callable[[str], Awaitable[None]] | None = None) -> None:
+        """providers: (provider, its max_instances), in order of preference. dispatcher: told of
+        work, revoked leases and drains; sessions: which agents are connected (read only); metrics:
+        where failed launches are counted; agent_ca: the daemon's CA certificate (PEM) agents pin,
+        empty when TLS is off; on_instance_end: told of each instance that ends (the hub closes
+        its connections)."""
         self.market = market or Market(store, [p for p, _ in providers], {})
         self.store = store
         self.dispatcher = dispatcher
+        self.sessions = sessions
+        self.metrics = metrics
         self.providers = {p.name: p for p, _ in providers}
         self.limits = {p.name: limit for p, limit in providers}
         self.config = config
         self.agent_url = agent_url
-        self.agent_ca = b""  # the daemon's CA certificate (PEM) agents pin; empty: TLS is off
-        self.on_instance_end: Callable[[str], Awaitable[None]] | None = None
+        self.agent_ca = agent_ca
+        self.on_instance_end = on_instance_end
         self._idle_since: dict[str, float] = {}
         self._absent_since: dict[str, float] = {}  # running instance -> first seen without its agent
         self._last_work: dict[int, float] = {}
@@ -81,6 +90,17 @@ class Reconciler:
         self._jobs_of: dict[int, list[int]] = {}
         self._limits = Limits(config.scaling.max_instances, config.scaling.max_instances, dict(self.limits))
         self._wake = asyncio.Event()
+
+    def apply_config(self, config: Config) -> None:
+        """On reload: scaling.* and agents.* are read at the next tick; blocked launches get a fresh
+        try with the new config; a running provider's max_instances takes effect (not ssh's: one
+        instance per configured host)."""
+        self.config = config
+        self.failures.clear()
+        for name in self.limits:
+            limit = getattr(getattr(config.providers, name, None), "max_instances", None)
+            if isinstance(limit, int):
+                self.limits[name] = limit
 
     async def run(self) -> None:
         while True:
@@ -147,7 +167,7 @@ class Reconciler:
         for row in rows:
             inst, state = row["id"], InstanceState(row["state"])
             if state == InstanceState.DRAINING:
-                if row["holds"] or inst in self.dispatcher.sessions:
+                if row["holds"] or inst in self.sessions:
                     continue
                 ended = await self._move(inst, InstanceEvent.DRAINED)
             elif state == InstanceState.STARTING:
@@ -224,7 +244,7 @@ class Reconciler:
                 else:
                     await self._terminate(inst)
                 continue
-            if state == InstanceState.DRAINING and inst not in self.dispatcher.sessions:
+            if state == InstanceState.DRAINING and inst not in self.sessions:
                 # Its agent has gone. Holding nothing, it finished draining: stop paying for the
                 # machine now. Still holding leases past a grace: unreachable; the leases expire
                 # and are retried, and the machine itself must not run on.
@@ -238,7 +258,7 @@ class Reconciler:
                     await self._move(inst, InstanceEvent.DRAINED, error="drained while its agent was unreachable")
                     await self._terminate(inst)
                     continue
-            if state == InstanceState.RUNNING and inst in self.dispatcher.sessions:
+            if state == InstanceState.RUNNING and inst in self.sessions:
                 self._absent_since.pop(inst, None)
             elif state == InstanceState.RUNNING:
                 # Counted from this process's first look: after a restart, from the restart (the
@@ -337,7 +357,7 @@ class Reconciler:
 
     def _start_failed(self, pool_id: int, now: float, provider: str, kind: str) -> None:
         """An instance died before its agent connected: back off, or a broken worker would spin."""
-        self.dispatcher.metrics.provisioning_failed(provider, kind)
+        self.metrics.provisioning_failed(provider, kind)
         count = self._start_failures.get(pool_id, (0, 0.0))[0] + 1
         delay = min(START_BACKOFF_MAX_S, START_BACKOFF_S * 2 ** (count - 1))
         self._start_failures[pool_id] = (count, now + delay)
@@ -605,7 +625,7 @@ class Reconciler:
 
     def _offer_failed(self, offer: Offer, exc: ProviderError, now: float) -> None:
         """Capacity, quota or any provider refusal: this offer backs off, the next-best takes over."""
-        self.dispatcher.metrics.provisioning_failed(offer.provider, type(exc).__name__)
+        self.metrics.provisioning_failed(offer.provider, type(exc).__name__)
         delay = self.backoff.refused(offer.key, now)
         if delay is not None:
             log.warning("offer_backed_off", offer=offer.key, error=type(exc).__name__,
@@ -665,7 +685,7 @@ class Reconciler:
                 await self.drain(r["id"])
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and any(  # noqa: ASYNC110 - polls sessions owned by the hub
-            self.dispatcher.sessions.get(r["id"]) is not None for r in rows
+            self.sessions.get(r["id"]) is not None for r in rows
         ):
             await asyncio.sleep(0.05)
         for r in rows:

@@ -60,7 +60,7 @@ async def test_cancel_in_chunks_leaves_others_dispatching_and_cancels_each_task_
     (held,) = [json.loads(t) for t in await store.write(queue.lease, "inst-a", 1, 1, 30.0)]  # big's first
     assert held["key"] == "t0"
     config = make_config(tmp_path, retention=RetentionConfig(chunk_rows=500))
-    keeper = Housekeeper(store, Dispatcher(store, config), config)
+    keeper = Housekeeper(store=store, dispatcher=Dispatcher(store, config), config=config)
 
     progress = await store.write(queue.cancel_job, big)
     assert (progress.total, progress.done, progress.finished) == (20_000, 0, False)
@@ -143,7 +143,7 @@ async def test_events_pruned_by_age_and_count_keeping_a_held_jobs_results(store:
                       + [(old, "task_succeeded", 99)] * 1000 + [(young, "lease_granted", job)] * 3000)
     config = make_config(tmp_path, events=EventsConfig(max_age_s=3600, max_rows=2000),
                          retention=RetentionConfig(chunk_rows=500))
-    keeper = Housekeeper(store, Dispatcher(store, config), config)
+    keeper = Housekeeper(store=store, dispatcher=Dispatcher(store, config), config=config)
     monkey_span = retention.EVENT_SPAN
     retention.EVENT_SPAN = 700  # several spans: the walk goes on across transactions
     try:
@@ -221,7 +221,7 @@ async def test_finished_jobs_expire_after_retention(store: Store, tmp_path: Path
     await queue.cancel_all(store, done_job)
     live_job = await _submit(store, 1, 50)
     config = make_config(tmp_path, retention=RetentionConfig(finished_jobs_s=60, chunk_rows=100, interval_s=1))
-    keeper = Housekeeper(store, Dispatcher(store, config), config)
+    keeper = Housekeeper(store=store, dispatcher=Dispatcher(store, config), config=config)
     await keeper.step()  # the sweep: nothing finished an hour ago yet
     assert await store.fetchone("SELECT 1 FROM purges") is None
     keeper.config = replace(config, retention=replace(config.retention, finished_jobs_s=0))

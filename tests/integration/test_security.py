@@ -398,9 +398,9 @@ async def test_a_stopped_instance_loses_its_connection_even_when_terminate_fails
     d, api, digest = daemon
     inst = await register(api, digest)
     flaky = _Flaky(inst["id"])
-    reconciler = Reconciler(d.store, d.dispatcher, [(flaky, 1)], d.config,  # type: ignore[list-item]
-                            d.agent_url)
-    reconciler.on_instance_end = d.hub.disconnect
+    reconciler = Reconciler(store=d.store, dispatcher=d.dispatcher, providers=[(flaky, 1)],  # type: ignore[list-item]
+                            config=d.config, agent_url=d.agent_url, metrics=d.metrics,
+                            sessions=d.dispatcher.sessions, on_instance_end=d.hub.disconnect)
     async with aiohttp.ClientSession() as http:
         ws = await http.ws_connect(inst["url"], ssl=agent_ssl(inst))
         assert (await hello(ws, inst))["t"] == "welcome"

@@ -347,7 +347,9 @@ async def reconciler_for(driver: AwsDriver, tmp_path: Path, store: Any) -> Any:
 
     provider._connect = no_ssh  # type: ignore[method-assign]  # the agent stop is not under test
     config = Config(state_dir=str(tmp_path))
-    return Reconciler(store, Dispatcher(store, config), [(provider, 5)], config, "ws://x")
+    disp = Dispatcher(store, config)
+    return Reconciler(store=store, dispatcher=disp, providers=[(provider, 5)], config=config, agent_url="ws://x",
+                      metrics=disp.metrics, sessions=disp.sessions)
 
 
 async def test_a_vm_with_only_the_daemon_tag_is_listed_and_terminated(driver: AwsDriver, tmp_path: Path) -> None:

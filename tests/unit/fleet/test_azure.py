@@ -336,7 +336,8 @@ async def test_nic_and_ip_left_by_a_crash_are_deleted_by_the_reconciler(arm: Arm
         provider = CloudProvider(driver, CloudSettings("Standard_D2s_v5", LOCATION, False, 2, "ubuntu", key), "daemon1",
                                  tmp_path, InstancePins(store), test_runtime())
         config = Config(state_dir=str(tmp_path))
-        await Reconciler(store, Dispatcher(store, config), [(provider, 5)], config, "ws://x").sync(now=1e9)
+        await Reconciler(store=store, dispatcher=(disp := Dispatcher(store, config)), providers=[(provider, 5)],
+                         config=config, agent_url="ws://x", metrics=disp.metrics, sessions=disp.sessions).sync(now=1e9)
     finally:
         await store.close()
         await driver.close()

@@ -171,7 +171,9 @@ async def test_a_spot_vm_listed_as_stopped_is_an_interruption_not_a_failure(db: 
     provider = Listed([CloudInstance("aws-a", "i-a", running=False), CloudInstance("aws-b", "i-b"),
                        CloudInstance("aws-boot", "i-boot", running=False)])
     config = Config(state_dir=str(tmp_path))
-    reconciler = Reconciler(db, Dispatcher(db, config), [(provider, 5)], config, "ws://x")  # type: ignore[list-item]
+    reconciler = Reconciler(store=db, dispatcher=(disp := Dispatcher(db, config)),  # type: ignore[list-item]
+                            providers=[(provider, 5)], config=config, agent_url="ws://x", metrics=disp.metrics,
+                            sessions=disp.sessions)
     await reconciler.sync(now=50.0)
 
     tasks = {r["id"]: (r["state"], r["failures"]) for r in await db.fetchall("SELECT id, state, failures FROM tasks")}

@@ -134,7 +134,9 @@ async def test_the_same_failure_three_times_blocks_the_offer_and_pauses_the_job(
     provider = _Scripted([DeployError(f"fake-{i:012x}", "environment", ENSUREPIP.format(inst=f"fake-{i:012x}",
                                                                                          minor=9 + i))
                           for i in range(3)])
-    reconciler = Reconciler(d.store, d.dispatcher, [(provider, 4)], d.config, d.agent_url)  # type: ignore[list-item]
+    reconciler = Reconciler(store=d.store, dispatcher=d.dispatcher, providers=[(provider, 4)],  # type: ignore[list-item]
+                            config=d.config, agent_url=d.agent_url, metrics=d.metrics,
+                            sessions=d.dispatcher.sessions)
     job_id = await job_with_tasks(api, digest, 1)
     now = await _ticks(reconciler, 6, time.time())
     assert provider.launches == 3 and await _launched(api) == 3  # then no more
@@ -166,7 +168,9 @@ async def test_failures_that_pass_or_differ_do_not_block(daemon: tuple[Daemon, U
         DeployError("fake-000000000001", "ssh", "10.0.0.1:22 did not answer within 300 s"),
         DeployError("fake-000000000002", "environment", "exit code 1: No module named venv"),
     ])
-    reconciler = Reconciler(d.store, d.dispatcher, [(provider, 4)], d.config, d.agent_url)  # type: ignore[list-item]
+    reconciler = Reconciler(store=d.store, dispatcher=d.dispatcher, providers=[(provider, 4)],  # type: ignore[list-item]
+                            config=d.config, agent_url=d.agent_url, metrics=d.metrics,
+                            sessions=d.dispatcher.sessions)
     job_id = await job_with_tasks(api, digest, 1)
     await _ticks(reconciler, 10, time.time())
     assert provider.launches == 10

@@ -60,8 +60,10 @@ class FakeProvider:
 def make_reconciler(store: Store, provider: FakeProvider, tmp_path: Path, **scaling: float) -> Reconciler:
     """The one place the reconciler is built (its constructor's collaborators may change)."""
     config = Config(state_dir=str(tmp_path / "state"), scaling=replace(ScalingConfig(), **scaling))
-    return Reconciler(store, Dispatcher(store, config), [(provider, 5)], config,  # type: ignore[list-item]
-                      "ws://127.0.0.1:1/v1/agent")
+    dispatcher = Dispatcher(store, config)
+    return Reconciler(store=store, dispatcher=dispatcher, providers=[(provider, 5)],  # type: ignore[list-item]
+                      config=config, agent_url="ws://127.0.0.1:1/v1/agent", metrics=dispatcher.metrics,
+                      sessions=dispatcher.sessions)
 
 
 @pytest.fixture

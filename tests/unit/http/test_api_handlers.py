@@ -13,7 +13,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from cloudtaskd.api import ControlApi, errors_middleware
+from cloudtaskd.bundles import Bundles
 from cloudtaskd.dispatch import Dispatcher
+from cloudtaskd.housekeeping import Housekeeper
+from cloudtaskd.orchestrator.market import Market
+from cloudtaskd.runs import Runs
+from cloudtaskd.series import StatusSeries
 from cloudtaskd.store import Store
 from tests.conftest import make_config
 from tests.procs import bundle
@@ -25,7 +30,14 @@ WORKER = bundle({"cloudtask.yaml": "mode: command\ncommand: python3 worker.py\nt
 def make_api(store: Store, tmp_path: Path) -> ControlApi:
     """The one place the ControlApi is built: its constructor's collaborators are changing."""
     config = make_config(tmp_path)
-    return ControlApi(store, Dispatcher(store, config), config, lambda: "ws://127.0.0.1:1/v1/agent", "test-daemon")
+    dispatcher = Dispatcher(store, config)
+    return ControlApi(
+        store=store, dispatcher=dispatcher, config=config, metrics=dispatcher.metrics, sessions=dispatcher.sessions,
+        market=Market(store, [], {}), series=StatusSeries(store), housekeeper=Housekeeper(
+            store=store, dispatcher=dispatcher, config=config),
+        runs=Runs(store=store, dispatcher=dispatcher, ttl_s=15.0, grace_s=15.0),
+        bundles=Bundles(store, tmp_path / "workers", config.workers), waits=lambda pool_id: None,
+        daemon_id="test-daemon", agent_url=lambda: "ws://127.0.0.1:1/v1/agent")
 
 
 @pytest.fixture

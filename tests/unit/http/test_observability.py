@@ -304,14 +304,15 @@ async def test_failed_launches_and_starts_count_by_provider_and_kind(tmp_path: P
         cfg = Config(state_dir=str(tmp_path))
         provider = Refusing([QuotaExceeded("refusing", "launch", "vCPU quota"),
                              CapacityError("refusing", "launch", "no capacity"), RuntimeError("install failed")])
-        reconciler = Reconciler(store, Dispatcher(store, cfg), [(provider, 5)], cfg,  # type: ignore[list-item]
-                                "ws://x")
+        reconciler = Reconciler(store=store, dispatcher=(disp := Dispatcher(store, cfg)),  # type: ignore[list-item]
+                                providers=[(provider, 5)], config=cfg, agent_url="ws://x", metrics=disp.metrics,
+                                sessions=disp.sessions)
         cand = Candidate(provider.offers()[0], 1, 0.0)
         pool = {"path": str(tmp_path), "digest": "d",
                 "spec": WorkerSpec.from_dict({"mode": "python", "function": "work:run"})}
         for _ in range(3):
             await reconciler._launch(provider, 1, cand, pool)  # type: ignore[arg-type]
-        text, _ = await reconciler.dispatcher.metrics.render(store, sessions=0, rounds=0)
+        text, _ = await reconciler.metrics.render(store, sessions=0, rounds=0)
         samples, _ = parse(text.decode())
         errors = {dict(k[1])["kind"]: v for k, v in samples.items() if k[0] == "cloudtask_provisioning_errors_total"}
         # A ProviderError by its class; anything else (an install that failed) by its own.

@@ -1,0 +1,174 @@
+"""Job creation and task uploads: a job row made from a known worker, and an upload's tasks
+staged in batches, then committed whole or discarded; an upload the store could not finish (a
+full disk) is settled in the background once it can, as a restart would (resume_uploads).
+
+The control API's routes parse the request and call these; each job's uploads (and its deletion)
+take the job's lock, since a chunk step works on all of the job's staged rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import structlog
+
+from cloudtask_wire.workerspec import WorkerSpec
+from cloudtaskd import queue
+from cloudtaskd.config import Config
+from cloudtaskd.dispatch import Dispatcher
+from cloudtaskd.errors import BadInput, StoreError, no_job
+from cloudtaskd.feeds import ReadGate
+from cloudtaskd.store import Store, Tx
+from cloudtaskd.taskfile import TaskFileError, TaskFileParser
+
+log = structlog.get_logger("cloudtaskd.submissions")
+
+SETTLE_RETRY_S = 1.0  # how often an upload the store could not finish (a full disk) is tried again
+
+
+class Submissions:
+    def __init__(self, *, store: Store, reads: ReadGate, dispatcher: Dispatcher, config: Config) -> None:
+        """reads: the control API's read gate (an upload's first read is a request's); dispatcher:
+        told of work once tasks are queued."""
+        self.store = store
+        self.reads = reads
+        self.dispatcher = dispatcher
+        self.config = config  # queue.* read at each job and upload
+        self._upload_locks: dict[int, asyncio.Lock] = {}
+        self._settling: set[asyncio.Task[None]] = set()  # uploads finished once the store can (_settle_later)
+
+    def apply_config(self, config: Config) -> None:
+        """On reload: queue.max_attempts, task_timeout_s for new jobs, max_task_bytes for the next upload."""
+        self.config = config
+
+    def lock(self, job_id: int) -> asyncio.Lock:
+        """The job's upload lock: held while one of its uploads stages or settles, and while it is deleted."""
+        return self._upload_locks.setdefault(job_id, asyncio.Lock())
+
+    def forget(self, job_id: int) -> None:
+        """The job is gone: its lock with it."""
+        self._upload_locks.pop(job_id, None)
+
+    async def create_job(self, name: str, digest: str, opts: dict[str, Any], timeout: float | None) -> int:
+        job_id = await self.store.write(_create_job, name, digest, opts, timeout, self.config)
+        log.info("job_created", job=job_id, name=name)
+        return job_id
+
+    async def upload(self, job_id: int, chunks: AsyncIterator[bytes], source: str) -> int:
+        """The tasks of a task file (chunks of its bytes) added to the job whole, or none of them;
+        returns how many. A refused file is a BadInput naming its line."""
+        async with self.lock(job_id):
+            job = await self.reads.read(lambda db: db.execute(
+                "SELECT id, pool_id, max_attempts, timeout_s, state FROM jobs WHERE id = ?", (job_id,)).fetchone())
+            if job is None:
+                raise no_job(job_id)
+            job = dict(job)
+            upload_id = await self.store.write(queue.create_upload, job_id)
+            try:
+                n = await self._stage(chunks, job, source)
+            except BaseException as exc:
+                # Refused (or the client went away): nothing of this upload may stay behind.
+                await self._discard(upload_id, job_id, job["pool_id"])
+                if isinstance(exc, TaskFileError):
+                    raise BadInput(f"{source}:{exc.line}: {exc.reason}", line=exc.line) from None
+                raise
+            try:
+                await queue.finish_upload(self.store, upload_id, job_id, commit=True)
+            except StoreError:
+                row = await self.reads.fetchone("SELECT state FROM uploads WHERE id = ?", (upload_id,))
+                self._settle_later(upload_id, job_id, job["pool_id"])
+                if row is None or row["state"] != "committing":
+                    raise  # nothing was queued: refused whole, the staged rows go when the store can
+                # Past its first chunk an upload is validated and decided: the rest is queued later.
+                log.warning("upload_commit_deferred", upload=upload_id, job=job_id, tasks=n)
+        self.dispatcher.notify_work(job["pool_id"])
+        log.info("tasks_accepted", job=job_id, tasks=n, source=source)
+        return n
+
+    async def _stage(self, chunks: AsyncIterator[bytes], job: dict[str, Any], source: str) -> int:
+        parser = TaskFileParser(self.config.queue.max_task_bytes)
+        pending: list[Any] = []
+        total = 0
+        async for chunk in chunks:
+            pending.extend(parser.feed(chunk))
+            while len(pending) >= queue.STAGE_BATCH:
+                batch, pending = pending[: queue.STAGE_BATCH], pending[queue.STAGE_BATCH:]
+                await self.store.write(queue.stage_tasks, job, batch, source)
+                total += len(batch)
+        pending.extend(parser.finish())
+        for i in range(0, len(pending), queue.STAGE_BATCH):
+            batch = pending[i: i + queue.STAGE_BATCH]
+            await self.store.write(queue.stage_tasks, job, batch, source)
+            total += len(batch)
+        if total == 0:
+            raise BadInput(f"{source}: the file holds no tasks")
+        return total
+
+    async def _discard(self, upload_id: int, job_id: int, pool_id: int) -> None:
+        async def discard() -> None:
+            try:
+                await queue.finish_upload(self.store, upload_id, job_id, commit=False)
+            except StoreError:  # a full disk can refuse the delete too: never leave staged rows behind
+                self._settle_later(upload_id, job_id, pool_id)
+
+        # Shielded: a client that hangs up mid-upload cancels this handler, not the clean-up.
+        await asyncio.shield(discard())
+
+    def _settle_later(self, upload_id: int, job_id: int, pool_id: int) -> None:
+        """Finish an upload the store could not finish (a full disk) once it can, in the background:
+        a staging one is discarded, a committing one queued, as a restart would (resume_uploads).
+        Each attempt holds the job's upload lock, since a chunk step works on all of the job's staged rows."""
+
+        async def settle() -> None:
+            while not self.store.stopping:
+                await asyncio.sleep(SETTLE_RETRY_S)
+                try:
+                    async with self.lock(job_id):
+                        row = await self.store.fetchone("SELECT state FROM uploads WHERE id = ?", (upload_id,))
+                        state = row["state"] if row is not None else None
+                        if state in ("staging", "committing"):
+                            await queue.finish_upload(self.store, upload_id, job_id, commit=state == "committing")
+                except StoreError:
+                    continue  # the store logs the outage; try again
+                if state == "committing":
+                    self.dispatcher.notify_work(pool_id)
+                log.info("upload_settled", upload=upload_id, job=job_id, outcome=state)
+                return
+
+        task = asyncio.get_running_loop().create_task(settle(), name=f"settle-upload-{upload_id}")
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+
+async def resume_uploads(store: Store) -> None:
+    """At start: uploads a crash (or a full disk) left unfinished are finished as their rows say."""
+    rows = await store.fetchall(
+        "SELECT id, job_id, state FROM uploads WHERE state IN ('staging', 'committing')")
+    for r in rows:
+        # Committing: it was validated whole, finish it. Staging: the client never got an ack.
+        await queue.finish_upload(store, r["id"], r["job_id"], commit=r["state"] == "committing")
+        log.info("upload_resumed", upload=r["id"], job=r["job_id"], outcome=r["state"])
+
+
+def _create_job(tx: Tx, name: str, digest: str, opts: dict[str, Any], timeout: float | None, config: Config) -> int:
+    row = tx.db.execute("SELECT id, spec FROM pools WHERE digest = ?", (digest,)).fetchone()
+    if row is None:
+        raise BadInput(f"worker {digest[:16]!r} is unknown: upload it first (POST /v1/workers)", field="worker")
+    spec = WorkerSpec.from_dict(json.loads(row[1]))
+    timeout_s = timeout or spec.timeout or config.queue.task_timeout_s or None
+    # Above every id a deleted job had (retention.delete_job): an id names one job, ever.
+    cur = tx.db.execute(
+        "INSERT INTO jobs (id, name, pool_id, state, created_at, max_attempts, timeout_s, max_instances, policy,"
+        " max_total_cost, run_id, run_owner, submission) VALUES (max(coalesce((SELECT max(id) FROM jobs), 0),"
+        " coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'last_job_id'), 0)) + 1, ?, ?, 'active', ?, ?,"
+        " ?, ?, ?, ?, ?, ?, ?)",
+        (name, row[0], tx.now, opts["max_attempts"] or config.queue.max_attempts, timeout_s, opts["max_instances"],
+         json.dumps(opts["policy"].to_dict()), opts["max_total_cost"],
+         *((run["id"], run["owner"], run["submission"]) if (run := opts.get("run")) else (None, None, None))),
+    )
+    job_id = int(cur.lastrowid or 0)
+    tx.event("job_created", job_id=job_id, detail=json.dumps({"name": name}))
+    return job_id
