@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import structlog
 from aiohttp import web
 
-from cloudtaskd import queue, tls
+from cloudtaskd import tls
 from cloudtaskd.access import RateLimiter, bearer_auth, browser_guard, prepare_socket_dir, secure_socket
 from cloudtaskd.api import ControlApi, errors_middleware
 from cloudtaskd.catalog import Fetcher
@@ -45,6 +45,7 @@ from cloudtaskd.runtime import RuntimeBuilder
 from cloudtaskd.series import SERIES_INTERVAL_S, SERIES_WINDOW_S, StatusSeries
 from cloudtaskd.service import Systemd, watchdog
 from cloudtaskd.store import Store, Tx
+from cloudtaskd.tables import tasks as queue
 from cloudtaskd.tunnels import Tunnels
 
 log = structlog.get_logger("cloudtaskd")

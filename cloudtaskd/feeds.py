@@ -37,6 +37,7 @@ from cloudtask_wire import jsonx
 from cloudtaskd.errors import Busy, StoreError
 from cloudtaskd.states import TaskEvent as E
 from cloudtaskd.store import Store
+from cloudtaskd.tables.tasks import RESULT_COLUMNS
 
 log = structlog.get_logger("cloudtaskd.feeds")
 
@@ -60,7 +61,6 @@ HEARTBEAT_S = 10.0  # an idle follow stream gets an empty line this often: the c
 # The events that finish a task, in migration 010's order; each maps to the state it leaves the task in.
 FINISHED_KINDS = (E.SUCCEEDED.value, E.FAILED_DEAD.value, E.LEASE_EXPIRED_DEAD.value, E.CANCELLED.value)
 FINISHED_KINDS_SQL = " OR ".join(f"kind = '{k}'" for k in FINISHED_KINDS)  # as the index's WHERE
-RESULT_COLUMNS = "id, key, state, result, error, failures, instance_id, duration_s, finished_at"
 _READ_FINISHED = (
     f"SELECT e.id AS seq, e.kind AS kind, {', '.join('t.' + c for c in RESULT_COLUMNS.split(', '))}"
     f" FROM (SELECT id, kind, task_id FROM events INDEXED BY events_finished WHERE job_id = ? AND id > ?"

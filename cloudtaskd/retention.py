@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from cloudtask_wire import jsonx
 from cloudtaskd.errors import CloudtaskError, no_job
 from cloudtaskd.feeds import FINISHED_KINDS
-from cloudtaskd.queue import first_task_cursor
 from cloudtaskd.store import Tx
+from cloudtaskd.tables.tasks import first_task_cursor
 
 PURGE_CHUNK = 10_000  # task rows per delete transaction (housekeeping.chunk_rows in the daemon)
 # Event rows looked at per transaction: a span of rowids, not a count of matches, so a step over a

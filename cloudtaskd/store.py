@@ -28,6 +28,7 @@ from cloudtaskd.clock import DaemonClock
 from cloudtaskd.errors import StoreError, StoreFull, TransitionError, is_no_space
 from cloudtaskd.redact import redact
 from cloudtaskd.states import (
+    COUNTER,
     INSTANCE_TRANSITIONS,
     TASK_TRANSITIONS,
     InstanceEvent,
@@ -48,7 +49,6 @@ MIGRATIONS = ["001_initial.sql", "002_host_keys.sql", "003_instance_host_key.sql
               "013_catalog_arch.sql", "014_bounded.sql", "015_runs.sql"]
 SCHEMA_VERSION = len(MIGRATIONS)
 
-COUNTER = {state: f"n_{state.value}" for state in TaskState}
 CHECKPOINT_INTERVAL_S = 0.5  # how often the WAL is copied into the main file, off the writer's path
 WRITER_CHECKPOINT_PAGES = 10_000  # the writer checkpoints (and restarts the WAL) past this many pages
 
@@ -263,7 +263,7 @@ def bulk(db: sqlite3.Connection, sql: str, rows: Sequence[Sequence[Any]]) -> Non
 
 
 def task_edge(src: TaskState, dst: TaskState) -> None:
-    """Assert an edge is in the table (the bulk SQL in queue.py states its edges through this)."""
+    """Assert an edge is in the table (the bulk SQL in tables/tasks.py states its edges through this)."""
     if not any(s == src and d == dst for (s, _), d in TASK_TRANSITIONS.items()):
         raise AssertionError(f"illegal task transition {src} -> {dst}")
 

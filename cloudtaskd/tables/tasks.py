@@ -20,6 +20,7 @@ from typing import Any
 from cloudtask_wire import jsonx
 from cloudtask_wire.frames import task_entry
 from cloudtask_wire.messages import Failure, LeaseRef, Success
+from cloudtaskd import states
 from cloudtaskd.errors import BadInput, CloudtaskError, TransitionError, no_job
 from cloudtaskd.states import TaskEvent as E
 from cloudtaskd.states import TaskState as S
@@ -537,7 +538,7 @@ def cap_retry_due(tx: Tx, backoff_max_s: float) -> int:
 
 
 CANCEL_CHUNK = 10_000  # tasks per cancel transaction (housekeeping.chunk_rows in the daemon)
-OPEN_STATES_SQL = "('queued', 'leased', 'failed')"  # what a cancel moves to cancelled (staged: the upload does)
+OPEN_STATES_SQL = states.sql_in(states.OPEN_TASK_STATES)  # what a cancel moves to cancelled
 
 
 @dataclass(slots=True)
@@ -640,6 +641,10 @@ def cancels_pending(db: sqlite3.Connection) -> list[int]:
     return [r[0] for r in db.execute("SELECT job_id FROM cancels ORDER BY started_at").fetchall()]
 
 
+# The states a user's retry queues again: every one with a RETRY_REQUESTED edge.
+_RETRYABLE_SQL = states.sql_in(states.task_sources(E.RETRY_REQUESTED))
+
+
 def retry_job(tx: Tx, job_id: int) -> int:
     """Queue dead and cancelled tasks again with a fresh failure count. Returns how many."""
     row = tx.db.execute("SELECT pool_id FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -651,7 +656,7 @@ def retry_job(tx: Tx, job_id: int) -> int:
                              " retry it once the cancel is done")
     rows = tx.db.execute(
         "UPDATE tasks SET state = 'queued', failures = 0, finished_at = NULL, error = NULL, run_at = NULL"
-        " WHERE job_id = ? AND state IN ('dead', 'cancelled') RETURNING id",
+        f" WHERE job_id = ? AND state IN {_RETRYABLE_SQL} RETURNING id",
         (job_id,),
     ).fetchall()
     counts = tx.db.execute("SELECT n_dead, n_cancelled FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -693,3 +698,44 @@ def check_counters(db: sqlite3.Connection) -> list[str]:
             if row[i + 1] != truth.get((row[0], s.value), 0):
                 problems.append(f"job {row[0]} n_{s.value}={row[i + 1]} but {truth.get((row[0], s.value), 0)} rows")
     return problems
+
+
+# ---- reads for the control API and the reconciler ------------------------------------------------
+
+_LEASED_SQL = states.sql_lit(S.LEASED)
+_WORKED_SQL = states.sql_in(states.WORKED_TASK_STATES)
+_TERMINAL_SQL = states.sql_in(states.TERMINAL_TASK_STATES)
+# A task's result line (feeds.task_dict): the columns the results streams read.
+RESULT_COLUMNS = "id, key, state, result, error, failures, instance_id, duration_s, finished_at"
+
+
+def leases_by_instance(db: sqlite3.Connection) -> dict[str, int]:
+    """How many leases each instance holds now (instances holding none are absent)."""
+    return dict(db.execute(
+        f"SELECT instance_id, count(*) FROM tasks WHERE state = {_LEASED_SQL} GROUP BY instance_id").fetchall())
+
+
+def leases_held(db: sqlite3.Connection, instance_id: str) -> int:
+    return int(db.execute(f"SELECT count(*) FROM tasks WHERE state = {_LEASED_SQL} AND instance_id = ?",
+                          (instance_id,)).fetchone()[0])
+
+
+def recent_worked(db: sqlite3.Connection, job_id: int, since: float) -> tuple[int, float | None]:
+    """(tasks of the job that finished an attempt since `since`, the first such finish): work done,
+    succeeded or dead, never a cancellation (which would make a cancelled job look fast)."""
+    n, first = db.execute(f"SELECT count(*), min(finished_at) FROM tasks WHERE job_id = ? AND finished_at >= ?"
+                          f" AND state IN {_WORKED_SQL}", (job_id, since)).fetchone()
+    return int(n), first
+
+
+def latest_results(db: sqlite3.Connection, job_id: int, top: int) -> list[sqlite3.Row]:
+    """The `top` results finished last, newest first."""
+    return db.execute(f"SELECT {RESULT_COLUMNS} FROM tasks WHERE job_id = ? AND finished_at IS NOT NULL"
+                      f" AND state IN {_TERMINAL_SQL} ORDER BY finished_at DESC, id DESC LIMIT ?",
+                      (job_id, max(0, top))).fetchall()
+
+
+def results_page(db: sqlite3.Connection, job_id: int, after: int, limit: int) -> list[sqlite3.Row]:
+    """Up to `limit` finished tasks of the job past rowid `after`, in id order."""
+    return db.execute(f"SELECT {RESULT_COLUMNS} FROM tasks WHERE job_id = ? AND id > ?"
+                      f" AND state IN {_TERMINAL_SQL} ORDER BY id LIMIT ?", (job_id, after, limit)).fetchall()
