@@ -35,6 +35,7 @@ from aiohttp import web
 
 from cloudtask_wire import jsonx
 from cloudtaskd.errors import Busy, StoreError
+from cloudtaskd.states import COUNTER, TERMINAL_TASK_STATES, WAITING_TASK_STATES
 from cloudtaskd.states import TaskEvent as E
 from cloudtaskd.store import Store
 from cloudtaskd.tables.tasks import RESULT_COLUMNS
@@ -92,10 +93,13 @@ def result_line(row: sqlite3.Row) -> str:
     return jsonx.dumps(task_dict(row)) + "\n"
 
 
+_JOB_COUNTS = f"SELECT state, {', '.join(COUNTER.values())} FROM jobs WHERE id = ?"
+
+
 def job_finished(row: sqlite3.Row) -> bool:
     """As cloudtaskctl's job_finished: done, paused at its cost cap, or cancelled before any task came."""
-    open_ = row["n_staged"] + row["n_queued"] + row["n_leased"] + row["n_failed"]
-    total = open_ + row["n_succeeded"] + row["n_dead"] + row["n_cancelled"]
+    open_ = sum(row[COUNTER[s]] for s in WAITING_TASK_STATES)
+    total = open_ + sum(row[COUNTER[s]] for s in TERMINAL_TASK_STATES)
     return bool((total > 0 and open_ == 0) or row["state"] == "paused" or (row["state"] == "cancelled" and total == 0))
 
 
@@ -123,8 +127,7 @@ def read_finished(db: sqlite3.Connection, job_id: int, after: int, limit: int) -
         seqs.append(row["seq"])
         lines.append((jsonx.dumps(d) + "\n").encode())
     full = len(rows) >= limit
-    job = db.execute("SELECT state, n_staged, n_queued, n_leased, n_failed, n_succeeded, n_dead, n_cancelled"
-                     " FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    job = db.execute(_JOB_COUNTS, (job_id,)).fetchone()
     return Page(seqs, lines, rows[-1]["seq"] if rows else after, full,
                 job is None or (not full and job_finished(job)))
 

@@ -6,10 +6,13 @@ states.INSTANCE_TRANSITIONS; this module adds rows and answers the reconciler's 
 from __future__ import annotations
 
 import sqlite3
+from typing import TYPE_CHECKING, Any
 
 from cloudtaskd.states import InstanceState as IS
 from cloudtaskd.states import TaskState, sql_lit
-from cloudtaskd.store import Tx
+
+if TYPE_CHECKING:  # store.py imports this module for Tx.transition_instance
+    from cloudtaskd.store import Tx
 
 EXTERNAL = "external"  # the provider of a machine its owner runs (POST /v1/instances), not the daemon
 _LEASED_SQL = sql_lit(TaskState.LEASED)
@@ -37,3 +40,17 @@ def externals_to_settle(db: sqlite3.Connection) -> list[sqlite3.Row]:
         f" EXISTS (SELECT 1 FROM tasks t WHERE t.state = {_LEASED_SQL} AND t.instance_id = i.id) AS holds"
         " FROM instances i WHERE i.provider = ? AND i.state IN (?, ?, ?)",
         (EXTERNAL, IS.STARTING.value, IS.DRAINING.value, IS.STOPPING.value)).fetchall()
+
+
+def state_of(db: sqlite3.Connection, instance_id: str) -> str | None:
+    row = db.execute("SELECT state FROM instances WHERE id = ?", (instance_id,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def set_if_state(db: sqlite3.Connection, instance_id: str, current: IS, columns: dict[str, Any]) -> bool:
+    """Set columns of one instance if it is still `current`: False when it moved meanwhile. The
+    column names come from the daemon's own code (Tx.transition_instance), never from a request."""
+    assignments = ", ".join(f"{k} = ?" for k in columns)
+    cur = db.execute(f"UPDATE instances SET {assignments} WHERE id = ? AND state = ?",
+                     (*columns.values(), instance_id, current.value))
+    return cur.rowcount == 1
