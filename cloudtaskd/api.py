@@ -17,7 +17,7 @@ from aiohttp import web
 
 from cloudtask_wire import jsonx
 from cloudtask_wire.workerspec import WorkerSpecError
-from cloudtaskd import __version__, costs, interruptions, queue, retention
+from cloudtaskd import __version__, costs, interruptions, retention
 from cloudtaskd.bundles import Bundles
 from cloudtaskd.config import Config
 from cloudtaskd.dispatch import AgentSessions, Dispatcher
@@ -32,7 +32,7 @@ from cloudtaskd.errors import (
     TransitionError,
     no_job,
 )
-from cloudtaskd.feeds import FOLLOWERS_MAX, RESULT_COLUMNS, ReadGate, ResultFeeds, result_line, task_dict
+from cloudtaskd.feeds import FOLLOWERS_MAX, ReadGate, ResultFeeds, result_line, task_dict
 from cloudtaskd.housekeeping import Housekeeper
 from cloudtaskd.hub import token_hash
 from cloudtaskd.metrics import Metrics
@@ -44,9 +44,19 @@ from cloudtaskd.params import decimal_number, whole_number
 from cloudtaskd.providers.base import Offer
 from cloudtaskd.runs import Runs
 from cloudtaskd.series import StatusSeries
-from cloudtaskd.states import InstanceEvent, job_outcome
+from cloudtaskd.states import (
+    COUNTER,
+    TASK_STATE_NAMES,
+    TASK_STATES,
+    WAITING_TASK_STATES,
+    InstanceEvent,
+    InstanceState,
+    job_outcome,
+)
 from cloudtaskd.store import Store, Tx
 from cloudtaskd.submissions import Submissions
+from cloudtaskd.tables import instances
+from cloudtaskd.tables import tasks as queue
 
 log = structlog.get_logger("cloudtaskd.api")
 
@@ -58,7 +68,6 @@ RESULTS_PAGE = 1000  # rows per read of a results stream: bounded work per read,
 RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 SUBMISSION = re.compile(r"[0-9a-f]{64}")
 RUN_OWNER_MAX_CHARS = 200
-JOB_COLUMNS = ("staged", "queued", "leased", "failed", "succeeded", "dead", "cancelled")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -252,8 +261,7 @@ class ControlApi:
         job_id = row["id"]
         cached = self._recent.get(job_id)
         if cached is None or now - cached[0] >= RATE_CACHE_S:
-            n, first = db.execute("SELECT count(*), min(finished_at) FROM tasks WHERE job_id = ? AND finished_at >= ?"
-                                  " AND state IN ('succeeded', 'dead')", (job_id, now - RATE_WINDOW_S)).fetchone()
+            n, first = queue.recent_worked(db, job_id, now - RATE_WINDOW_S)
             if len(self._recent) >= RATE_CACHE_JOBS:
                 self._recent = {k: v for k, v in self._recent.items() if now - v[0] < RATE_CACHE_S}
             cached = self._recent[job_id] = (now, n, first)
@@ -392,8 +400,8 @@ class ControlApi:
     async def list_tasks(self, request: web.Request) -> web.Response:
         job_id = _job_id(request)
         state = request.query.get("state")
-        if state is not None and state not in JOB_COLUMNS:
-            raise BadInput(f"state: expected one of {', '.join(JOB_COLUMNS)}", field="state")
+        if state is not None and state not in TASK_STATE_NAMES:
+            raise BadInput(f"state: expected one of {', '.join(TASK_STATE_NAMES)}", field="state")
         limit = min(_int_param(request, "limit", 100) or 100, 10_000)
         after = _int_param(request, "after", 0) or 0
         sql = ("SELECT * FROM tasks WHERE job_id = ? AND id > ?" + (" AND state = ?" if state else "")
@@ -436,11 +444,7 @@ class ControlApi:
                         request.transport.close()
                     return resp
             elif top is not None:
-                rows = await self.reads.fetchall(
-                    f"SELECT {RESULT_COLUMNS} FROM tasks WHERE job_id = ? AND finished_at IS NOT NULL"
-                    " AND state IN ('succeeded', 'dead', 'cancelled') ORDER BY finished_at DESC, id DESC LIMIT ?",
-                    (job_id, max(0, top)),
-                )
+                rows = await self.reads.read(partial(queue.latest_results, job_id=job_id, top=top))
                 await resp.write("".join(result_line(r) for r in rows).encode())
             else:
                 while True:  # page through in id order so memory stays flat for a million results
@@ -461,8 +465,7 @@ class ControlApi:
         where = "" if request.query.get("all") else " WHERE state != 'stopped'"
 
         def read(db: sqlite3.Connection) -> list[dict[str, Any]]:
-            leases = dict(db.execute(
-                "SELECT instance_id, count(*) FROM tasks WHERE state = 'leased' GROUP BY instance_id").fetchall())
+            leases = queue.leases_by_instance(db)
             rows = db.execute(f"SELECT * FROM instances{where} ORDER BY created_at DESC LIMIT 10000").fetchall()
             return [_instance_dict(r, leases.get(r["id"], 0)) for r in rows]
 
@@ -654,19 +657,16 @@ def _register_external(tx: Tx, inst: str, digest: str, slots: int, hashed: str) 
     row = tx.db.execute("SELECT id FROM pools WHERE digest = ?", (digest,)).fetchone()
     if row is None:
         raise BadInput(f"worker {digest[:16]!r} is unknown", field="worker")
-    tx.db.execute(
-        "INSERT INTO instances (id, provider, pool_id, state, slots, token_hash, created_at, state_changed_at)"
-        " VALUES (?, 'external', ?, 'starting', ?, ?, ?, ?)",
-        (inst, row[0], slots, hashed, tx.now, tx.now),
-    )
+    instances.add(tx, inst, provider=instances.EXTERNAL, pool_id=row[0], state=InstanceState.STARTING,
+                  slots=slots, token_hash=hashed)
     tx.event("instance_registered", instance_id=inst)
 
 
 def _job_dict(row: sqlite3.Row, recent: tuple[int, float | None], instances: int, now: float,
               waiting: str | None = None) -> dict[str, Any]:
-    counts = {c: row[f"n_{c}"] for c in JOB_COLUMNS}
+    counts = {s.value: row[COUNTER[s]] for s in TASK_STATES}
     counts["total"] = sum(counts.values())
-    done = counts["total"] > 0 and counts["staged"] + counts["queued"] + counts["leased"] + counts["failed"] == 0
+    done = counts["total"] > 0 and sum(counts[s] for s in WAITING_TASK_STATES) == 0
     outcome = job_outcome(row["state"], counts)
     n_recent, first = recent[0], recent[1]
     span = max(1.0, now - first) if n_recent and first else RATE_WINDOW_S
@@ -716,9 +716,7 @@ def _job_policy(raw: Any) -> Policy:
 
 
 def _results_page(db: sqlite3.Connection, *, job_id: int, after: int) -> list[sqlite3.Row]:
-    return db.execute(f"SELECT {RESULT_COLUMNS} FROM tasks WHERE job_id = ? AND id > ?"
-                      " AND state IN ('succeeded', 'dead', 'cancelled') ORDER BY id LIMIT ?",
-                      (job_id, after, RESULTS_PAGE)).fetchall()
+    return queue.results_page(db, job_id, after, RESULTS_PAGE)
 
 
 def _instance_dict(row: sqlite3.Row, leases: int) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import sqlite3
 from typing import Any
 
 from cloudtaskd.errors import BadInput, CloudtaskError, no_job
+from cloudtaskd.states import COUNTER, OPEN_TASK_STATES
 from cloudtaskd.store import Tx
 
 HOUR = 3600.0
@@ -30,8 +31,7 @@ def fleet(db: sqlite3.Connection, now: float) -> dict[str, Any]:
 
 
 def job(db: sqlite3.Connection, job_id: int, now: float) -> dict[str, Any] | None:
-    j = db.execute("SELECT id, pool_id, n_queued, n_leased, n_failed, n_succeeded, n_dead FROM jobs WHERE id = ?",
-                   (job_id,)).fetchone()
+    j = db.execute(f"SELECT id, pool_id, {', '.join(COUNTER.values())} FROM jobs WHERE id = ?", (job_id,)).fetchone()
     if j is None:
         return None
     task = db.execute(
@@ -51,7 +51,7 @@ def job(db: sqlite3.Connection, job_id: int, now: float) -> dict[str, Any] | Non
         (j["pool_id"],)).fetchone()
     pool_cost, pool_task_cost = (pool["cost"] or 0.0) / HOUR, (pool_task["spent"] or 0.0) / HOUR
     overhead = pool_cost / pool_task_cost if pool_task_cost > 0 else 1.0
-    remaining = j["n_queued"] + j["n_leased"] + j["n_failed"]
+    remaining = sum(j[COUNTER[s]] for s in OPEN_TASK_STATES)
     estimate = None
     if task["n"] and remaining:
         mean_s = (task["busy"] or 0.0) / task["n"]

@@ -21,7 +21,7 @@ from typing import IO, Any
 import structlog
 from aiohttp import web
 
-from cloudtaskd import queue, tls
+from cloudtaskd import tls
 from cloudtaskd.access import RateLimiter, bearer_auth, browser_guard, prepare_socket_dir, secure_socket
 from cloudtaskd.api import ControlApi, errors_middleware
 from cloudtaskd.bundles import Bundles
@@ -47,6 +47,7 @@ from cloudtaskd.series import SERIES_INTERVAL_S, SERIES_WINDOW_S, StatusSeries
 from cloudtaskd.service import Systemd, watchdog
 from cloudtaskd.store import Store, Tx
 from cloudtaskd.submissions import resume_uploads
+from cloudtaskd.tables import tasks as queue
 from cloudtaskd.tunnels import Tunnels
 
 log = structlog.get_logger("cloudtaskd")

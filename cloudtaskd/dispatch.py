@@ -34,11 +34,11 @@ from cloudtask_wire.messages import (
     Revoke,
     encode,
 )
-from cloudtaskd import queue
 from cloudtaskd.config import Config
 from cloudtaskd.errors import StoreError, StoreFull
 from cloudtaskd.metrics import Metrics
 from cloudtaskd.store import Store, Tx
+from cloudtaskd.tables import tasks as queue
 
 log = structlog.get_logger("cloudtaskd.dispatch")
 

@@ -35,8 +35,10 @@ from aiohttp import web
 
 from cloudtask_wire import jsonx
 from cloudtaskd.errors import Busy, StoreError
+from cloudtaskd.states import COUNTER, TERMINAL_TASK_STATES, WAITING_TASK_STATES
 from cloudtaskd.states import TaskEvent as E
 from cloudtaskd.store import Store
+from cloudtaskd.tables.tasks import RESULT_COLUMNS
 
 log = structlog.get_logger("cloudtaskd.feeds")
 
@@ -60,7 +62,6 @@ HEARTBEAT_S = 10.0  # an idle follow stream gets an empty line this often: the c
 # The events that finish a task, in migration 010's order; each maps to the state it leaves the task in.
 FINISHED_KINDS = (E.SUCCEEDED.value, E.FAILED_DEAD.value, E.LEASE_EXPIRED_DEAD.value, E.CANCELLED.value)
 FINISHED_KINDS_SQL = " OR ".join(f"kind = '{k}'" for k in FINISHED_KINDS)  # as the index's WHERE
-RESULT_COLUMNS = "id, key, state, result, error, failures, instance_id, duration_s, finished_at"
 _READ_FINISHED = (
     f"SELECT e.id AS seq, e.kind AS kind, {', '.join('t.' + c for c in RESULT_COLUMNS.split(', '))}"
     f" FROM (SELECT id, kind, task_id FROM events INDEXED BY events_finished WHERE job_id = ? AND id > ?"
@@ -92,10 +93,13 @@ def result_line(row: sqlite3.Row) -> str:
     return jsonx.dumps(task_dict(row)) + "\n"
 
 
+_JOB_COUNTS = f"SELECT state, {', '.join(COUNTER.values())} FROM jobs WHERE id = ?"
+
+
 def job_finished(row: sqlite3.Row) -> bool:
     """As cloudtaskctl's job_finished: done, paused at its cost cap, or cancelled before any task came."""
-    open_ = row["n_staged"] + row["n_queued"] + row["n_leased"] + row["n_failed"]
-    total = open_ + row["n_succeeded"] + row["n_dead"] + row["n_cancelled"]
+    open_ = sum(row[COUNTER[s]] for s in WAITING_TASK_STATES)
+    total = open_ + sum(row[COUNTER[s]] for s in TERMINAL_TASK_STATES)
     return bool((total > 0 and open_ == 0) or row["state"] == "paused" or (row["state"] == "cancelled" and total == 0))
 
 
@@ -123,8 +127,7 @@ def read_finished(db: sqlite3.Connection, job_id: int, after: int, limit: int) -
         seqs.append(row["seq"])
         lines.append((jsonx.dumps(d) + "\n").encode())
     full = len(rows) >= limit
-    job = db.execute("SELECT state, n_staged, n_queued, n_leased, n_failed, n_succeeded, n_dead, n_cancelled"
-                     " FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    job = db.execute(_JOB_COUNTS, (job_id,)).fetchone()
     return Page(seqs, lines, rows[-1]["seq"] if rows else after, full,
                 job is None or (not full and job_finished(job)))
 

@@ -14,11 +14,12 @@ import time
 
 import structlog
 
-from cloudtaskd import queue, retention
+from cloudtaskd import retention
 from cloudtaskd.config import Config
 from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.errors import CloudtaskError, StoreError
 from cloudtaskd.store import Store
+from cloudtaskd.tables import tasks as queue
 
 log = structlog.get_logger("cloudtaskd.housekeeping")
 

@@ -27,7 +27,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from cloudtaskd import costs
-from cloudtaskd.states import TaskState
+from cloudtaskd.states import COUNTER, TERMINAL_TASK_STATES, WAITING_TASK_STATES, TaskState, counter_sum
 from cloudtaskd.store import Store
 
 # From a busy round's few milliseconds to an agent that waited minutes for work to arrive.
@@ -35,7 +35,9 @@ LEASE_WAIT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                         300.0, 900.0)
 JOB_STATES = ("active", "done", "paused", "cancelled")
 INSTANCE_STATES = ("pending", "starting", "running", "draining", "stopping")
-_TASK_COLUMNS = ", ".join(f"sum(n_{s.value})" for s in TaskState)
+_TASK_COLUMNS = ", ".join(f"sum({COUNTER[s]})" for s in TaskState)
+_WAITING = counter_sum(WAITING_TASK_STATES)
+_FINISHED = counter_sum(TERMINAL_TASK_STATES)
 
 
 class Metrics:
@@ -106,8 +108,8 @@ def read_state(db: sqlite3.Connection, now: float) -> State:
     out = State(tasks=dict.fromkeys((s.value for s in TaskState), 0), jobs=dict.fromkeys(JOB_STATES, 0))
     # "done": active with nothing left to run, as cloudtaskctl status shows it.
     for row in db.execute(
-            "SELECT CASE WHEN state = 'active' AND n_staged + n_queued + n_leased + n_failed = 0"
-            " AND n_succeeded + n_dead + n_cancelled > 0 THEN 'done' ELSE state END,"
+            f"SELECT CASE WHEN state = 'active' AND {_WAITING} = 0"
+            f" AND {_FINISHED} > 0 THEN 'done' ELSE state END,"
             f" count(*), {_TASK_COLUMNS} FROM jobs GROUP BY 1"):
         out.jobs[row[0]] = out.jobs.get(row[0], 0) + row[1]
         for state, n in zip(TaskState, row[2:], strict=True):

@@ -25,7 +25,7 @@ from cloudtaskd.metrics import Metrics
 from cloudtaskd.orchestrator.waits import job_waiting
 from cloudtaskd.params import decimal_number, whole_number
 from cloudtaskd.series import StatusSeries
-from cloudtaskd.states import job_outcome
+from cloudtaskd.states import COUNTER, TASK_STATES, TERMINAL_TASK_STATES, job_outcome
 from cloudtaskd.status_page import STATUS_HEADERS, STATUS_HTML
 from cloudtaskd.store import Store
 
@@ -195,13 +195,10 @@ class ObserveApi:
         return web.Response(text=STATUS_HTML, content_type="text/html", charset="utf-8", headers=STATUS_HEADERS)
 
 
-_COUNTS = ("staged", "queued", "leased", "failed", "succeeded", "dead", "cancelled")
-
-
 def _job_summary(row: sqlite3.Row, waits: Callable[[int], str | None]) -> dict[str, Any]:
-    counts = {c: row[f"n_{c}"] for c in _COUNTS}
+    counts = {s.value: row[COUNTER[s]] for s in TASK_STATES}
     total = sum(counts.values())
-    finished = counts["succeeded"] + counts["dead"] + counts["cancelled"]
+    finished = sum(counts[s] for s in TERMINAL_TASK_STATES)
     # As the job object of GET /v1/jobs/{id}: done when nothing is staged, queued, leased or retrying;
     # outcome once it is over (succeeded, failed, cancelled).
     return {"id": row["id"], "name": row["name"], "state": row["state"], "state_reason": row["state_reason"],

@@ -14,8 +14,12 @@ from dataclasses import dataclass
 from cloudtask_wire import jsonx
 from cloudtaskd.errors import CloudtaskError, no_job
 from cloudtaskd.feeds import FINISHED_KINDS
-from cloudtaskd.queue import first_task_cursor
+from cloudtaskd.states import COUNTER, TASK_STATES, WAITING_TASK_STATES, counter_sum
 from cloudtaskd.store import Tx
+from cloudtaskd.tables.tasks import first_task_cursor
+
+_COUNTERS = ", ".join(COUNTER[s] for s in TASK_STATES)
+_WAITING_J = counter_sum(WAITING_TASK_STATES, "j.")
 
 PURGE_CHUNK = 10_000  # task rows per delete transaction (housekeeping.chunk_rows in the daemon)
 # Event rows looked at per transaction: a span of rowids, not a count of matches, so a step over a
@@ -35,19 +39,18 @@ def delete_job(tx: Tx, job_id: int) -> Deleted:
     """Delete a job that is over: its row goes now (the API answers "no job N" from this commit on),
     its tasks, results and events a chunk at a time (purge_chunk). A job with unfinished tasks, or
     being cancelled or receiving an upload, is refused: what runs must be cancelled first."""
-    row = tx.db.execute("SELECT state, n_staged, n_queued, n_leased, n_failed, n_succeeded, n_dead, n_cancelled"
-                        " FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    row = tx.db.execute(f"SELECT state, {_COUNTERS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
     if row is None:
         raise no_job(job_id)
-    state, staged, queued, leased, failed = row[:5]
-    total = sum(row[1:])
+    state, counts = row[0], dict(zip(TASK_STATES, row[1:], strict=True))
+    total = sum(counts.values())
     pending = tx.db.execute("SELECT total, done FROM cancels WHERE job_id = ?", (job_id,)).fetchone()
     if pending is not None:
         raise CloudtaskError(f"job {job_id} is being cancelled ({pending[1]} of {pending[0]} tasks so far):"
                              " delete it once the cancel is done")
     receiving = tx.db.execute("SELECT 1 FROM uploads WHERE job_id = ? AND state IN ('staging', 'committing')",
                               (job_id,)).fetchone() is not None
-    unfinished = staged + queued + leased + failed
+    unfinished = sum(counts[s] for s in WAITING_TASK_STATES)
     if unfinished or receiving:
         what = f"{unfinished} unfinished task{'s' if unfinished != 1 else ''}" if unfinished else "an upload under way"
         raise CloudtaskError(f"job {job_id} is {state} with {what}: cancel it first (cloudtaskctl cancel {job_id}),"
@@ -132,7 +135,7 @@ def finished_jobs_before(db: sqlite3.Connection, cutoff: float, limit: int = 100
     """Jobs over (nothing unfinished, no cancel or upload under way) that finished before `cutoff`
     (the daemon clock): the job's finished_at when it has one (a cancel), else its last task's."""
     rows = db.execute(
-        "SELECT j.id FROM jobs j WHERE j.n_staged + j.n_queued + j.n_leased + j.n_failed = 0"
+        f"SELECT j.id FROM jobs j WHERE {_WAITING_J} = 0"
         " AND j.id NOT IN (SELECT job_id FROM cancels)"
         " AND NOT EXISTS (SELECT 1 FROM uploads u WHERE u.job_id = j.id AND u.state IN ('staging', 'committing'))"
         " AND coalesce(j.finished_at, (SELECT max(t.finished_at) FROM tasks t WHERE t.job_id = j.id"

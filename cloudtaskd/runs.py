@@ -28,7 +28,10 @@ import structlog
 
 from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.errors import DaemonStopping, no_job
+from cloudtaskd.states import WAITING_TASK_STATES, counter_sum
 from cloudtaskd.store import Store, Tx
+
+_WAITING = counter_sum(WAITING_TASK_STATES)  # a job's unfinished tasks
 
 log = structlog.get_logger("cloudtaskd.runs")
 
@@ -75,7 +78,7 @@ def hold_orphans(tx: Tx, live_runs: list[str], live_jobs: list[int]) -> list[tup
     held = []
     for job_id, run_id, owner in tx.db.execute(
             "SELECT id, run_id, run_owner FROM jobs WHERE run_id IS NOT NULL AND state = 'active'"
-            " AND n_staged + n_queued + n_leased + n_failed > 0").fetchall():
+            f" AND {_WAITING} > 0").fetchall():
         if run_id in live_runs or job_id in live_jobs:
             continue
         reason = held_reason(job_id, owner)

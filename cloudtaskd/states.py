@@ -54,7 +54,34 @@ TASK_TRANSITIONS: dict[tuple[TaskState, TaskEvent], TaskState] = {
     (S.CANCELLED, E.RETRY_REQUESTED): S.QUEUED,
 }
 
-TERMINAL_TASK_STATES = frozenset({S.SUCCEEDED, S.DEAD, S.CANCELLED})
+# Everything else is built from these, in TaskState's order: the API's counts, cloudtaskctl's
+# --state choices, the jobs table's counter columns, and every `state IN (...)` the SQL uses.
+TASK_STATES: tuple[TaskState, ...] = tuple(TaskState)
+TASK_STATE_NAMES: tuple[str, ...] = tuple(s.value for s in TaskState)
+# Finished: nothing moves a task out of these but a user's retry.
+TERMINAL_TASK_STATES: tuple[TaskState, ...] = (S.SUCCEEDED, S.DEAD, S.CANCELLED)
+# Not finished: a job is done when it has none of these.
+WAITING_TASK_STATES: tuple[TaskState, ...] = tuple(s for s in TaskState if s not in TERMINAL_TASK_STATES)
+# What a cancel moves to cancelled (staged tasks: the upload's own cancel does).
+OPEN_TASK_STATES: tuple[TaskState, ...] = (S.QUEUED, S.LEASED, S.FAILED)
+# Work done (an attempt ended, never a cancellation): what a job's rate counts.
+WORKED_TASK_STATES: tuple[TaskState, ...] = (S.SUCCEEDED, S.DEAD)
+
+# How cloudtaskctl's progress line shows each state: (segment, long label, short label). Tasks of
+# states sharing a segment are counted together (staged tasks are as good as queued to a user;
+# failed ones wait out a backoff, so they read as retrying).
+TASK_STATE_LABELS: dict[TaskState, tuple[str, str, str]] = {
+    S.STAGED: ("queued", "queued ", "queue "),
+    S.QUEUED: ("queued", "queued ", "queue "),
+    S.LEASED: ("leased", "leased ", "lsd "),
+    S.FAILED: ("retrying", "retrying ", "retry "),
+    S.SUCCEEDED: ("succeeded", "succeeded ", "ok "),
+    S.DEAD: ("dead", "dead ", "dead "),
+    S.CANCELLED: ("cancelled", "cancelled ", "canc "),
+}
+
+# The jobs table keeps one counter column per task state (migration 001): n_<state>.
+COUNTER: dict[TaskState, str] = {state: f"n_{state.value}" for state in TaskState}
 
 
 class InstanceState(StrEnum):
@@ -99,6 +126,21 @@ TERMINAL_INSTANCE_STATES = frozenset({IS.STOPPED})
 LIVE_INSTANCE_STATES = frozenset({IS.PENDING, IS.STARTING, IS.RUNNING, IS.DRAINING, IS.STOPPING})
 
 
+def sql_in(states: tuple[TaskState, ...] | frozenset[TaskState]) -> str:
+    """`('queued', 'leased')`: the text of an SQL IN list, built once at import by whoever needs it."""
+    return "(" + ", ".join(f"'{s.value}'" for s in sorted(states, key=TASK_STATES.index)) + ")"
+
+
+def sql_lit(state: TaskState) -> str:
+    """`'leased'`: one state as an SQL string literal (so no SQL outside the tables types it)."""
+    return f"'{state.value}'"
+
+
+def counter_sum(states: tuple[TaskState, ...], prefix: str = "") -> str:
+    """`n_queued + n_leased`: the sum of the jobs table's counters for those states (prefix: `j.`)."""
+    return " + ".join(f"{prefix}{COUNTER[s]}" for s in states)
+
+
 def task_sources(event: TaskEvent) -> tuple[TaskState, ...]:
     """The states an event may move a task out of (for `WHERE state IN (...)`)."""
     return tuple(src for (src, ev) in TASK_TRANSITIONS if ev == event)
@@ -122,7 +164,7 @@ def job_outcome(state: str, counts: dict[str, int]) -> str | None:
     One answer for the API, cloudtaskctl and the status page: a cancelled or failed job must never
     read as merely `done`."""
     total = counts.get("total", 0)
-    waiting = sum(counts.get(s, 0) for s in (S.STAGED, S.QUEUED, S.LEASED, S.FAILED))
+    waiting = sum(counts.get(s, 0) for s in WAITING_TASK_STATES)
     done = total > 0 and waiting == 0
     if state == "cancelled" and (done or not total):
         return "cancelled"

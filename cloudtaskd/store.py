@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
@@ -23,17 +23,18 @@ from typing import Any, ParamSpec, TypeVar
 import aiosqlite
 import structlog
 
-from cloudtask_wire import jsonx
 from cloudtaskd.clock import DaemonClock
 from cloudtaskd.errors import StoreError, StoreFull, TransitionError, is_no_space
 from cloudtaskd.redact import redact
 from cloudtaskd.states import (
+    COUNTER,
     INSTANCE_TRANSITIONS,
     TASK_TRANSITIONS,
     InstanceEvent,
     InstanceState,
     TaskState,
 )
+from cloudtaskd.tables import events, instances, jobs
 from cloudtaskd.writelock import WriteLock
 
 log = structlog.get_logger("cloudtaskd.store")
@@ -48,7 +49,6 @@ MIGRATIONS = ["001_initial.sql", "002_host_keys.sql", "003_instance_host_key.sql
               "013_catalog_arch.sql", "014_bounded.sql", "015_runs.sql"]
 SCHEMA_VERSION = len(MIGRATIONS)
 
-COUNTER = {state: f"n_{state.value}" for state in TaskState}
 CHECKPOINT_INTERVAL_S = 0.5  # how often the WAL is copied into the main file, off the writer's path
 WRITER_CHECKPOINT_PAGES = 10_000  # the writer checkpoints (and restarts the WAL) past this many pages
 
@@ -211,22 +211,20 @@ class Tx:
         for job_id, delta in self._deltas.items():
             delta = {k: v for k, v in delta.items() if v}
             if delta:
-                sets = ", ".join(f"{col} = {col} + ?" for col in delta)
-                self.db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*delta.values(), job_id))
+                jobs.add_to_counters(self.db, job_id, delta)
         self._deltas.clear()
         if self.events:
-            bulk(self.db, "INSERT INTO events (ts, kind, job_id, task_id, instance_id, detail) SELECT r.value->>0,"
-                 " r.value->>1, r.value->>2, r.value->>3, r.value->>4, r.value->>5 FROM json_each(?) AS r", self.events)
+            events.insert_many(self.db, self.events)
             self.events = []
 
     def transition_instance(self, instance_id: str, event: InstanceEvent, *, error: str | None = None,
                             **columns: Any) -> InstanceState:
         """Move one instance along a legal edge, guarded by its current state; raises on a lost race."""
         sources = [src for (src, ev) in INSTANCE_TRANSITIONS if ev == event]
-        row = self.db.execute("SELECT state FROM instances WHERE id = ?", (instance_id,)).fetchone()
-        if row is None:
+        state = instances.state_of(self.db, instance_id)
+        if state is None:
             raise TransitionError(f"instance {instance_id} does not exist")
-        current = InstanceState(row[0])
+        current = InstanceState(state)
         if current not in sources:
             raise TransitionError(f"instance {instance_id} is {current}; {event} needs one of {sources}")
         target = INSTANCE_TRANSITIONS[(current, event)]
@@ -238,32 +236,14 @@ class Tx:
         if target in (InstanceState.STOPPING, InstanceState.STOPPED):
             sets["token_hash"] = ""  # revoked: no hash matches it
 
-        assignments = ", ".join(f"{k} = ?" for k in sets)
-        cur = self.db.execute(
-            f"UPDATE instances SET {assignments} WHERE id = ? AND state = ?",
-            (*sets.values(), instance_id, current.value),
-        )
-        if cur.rowcount != 1:
+        if not instances.set_if_state(self.db, instance_id, current, sets):
             raise TransitionError(f"instance {instance_id} changed state concurrently")
         self.event(event.value, instance_id=instance_id, detail=error)
         return target
 
 
-BULK_CHUNK = 20_000
-
-
-def bulk(db: sqlite3.Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-    """executemany as one statement per chunk: `sql` reads its rows as r.value->>0, r.value->>1, ...
-    from `json_each(?) AS r`. sqlite3 lets go of the GIL around every step, and executemany takes a
-    step per row; with the event loop busy on thousands of agent connections, each time the writer
-    thread wants the GIL back it can wait out a switch interval, and a dispatch round of 4,000 tasks
-    took a second (benchmarks/scale.py). One statement is one step."""
-    for i in range(0, len(rows), BULK_CHUNK):
-        db.execute(sql, (jsonx.dumps(rows[i:i + BULK_CHUNK]),))
-
-
 def task_edge(src: TaskState, dst: TaskState) -> None:
-    """Assert an edge is in the table (the bulk SQL in queue.py states its edges through this)."""
+    """Assert an edge is in the table (the bulk SQL in tables/tasks.py states its edges through this)."""
     if not any(s == src and d == dst for (s, _), d in TASK_TRANSITIONS.items()):
         raise AssertionError(f"illegal task transition {src} -> {dst}")
 

@@ -16,12 +16,12 @@ from typing import Any
 import structlog
 
 from cloudtask_wire.workerspec import WorkerSpec
-from cloudtaskd import queue
 from cloudtaskd.config import Config
 from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.errors import BadInput, StoreError, no_job
 from cloudtaskd.feeds import ReadGate
 from cloudtaskd.store import Store, Tx
+from cloudtaskd.tables import tasks as queue
 from cloudtaskd.taskfile import TaskFileError, TaskFileParser
 
 log = structlog.get_logger("cloudtaskd.submissions")

@@ -27,11 +27,12 @@ from cloudtaskd.ctl.run import EXIT_INTERRUPTED, cmd_run, cmd_submit
 from cloudtaskd.ctl.status_page import cmd_status_page
 from cloudtaskd.errors import BadInput, CloudtaskError, ConfigError, DaemonUnavailable, NotFound
 from cloudtaskd.params import decimal_number, whole_number
+from cloudtaskd.states import TASK_STATE_NAMES
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 3
 EXIT_CHECK_FAILED = 1  # `check`: some check failed
-TASK_STATES = ("staged", "queued", "leased", "failed", "succeeded", "dead", "cancelled")
+TASK_STATES = TASK_STATE_NAMES
 DEFAULT_RESULTS = "results.jsonl"
 
 EXIT_STATUSES = """exit status:

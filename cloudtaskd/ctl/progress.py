@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from cloudtaskd.states import TASK_STATE_LABELS, TERMINAL_TASK_STATES
+
 TTY_INTERVAL_S = 0.2  # at most ~5 redraws a second: faster is flicker, not information
 PLAIN_INTERVAL_S = 10.0  # a log file or a CI console wants a line now and then, not a stream
 PLAIN_WIDTH = 100
@@ -40,10 +42,8 @@ def format_rate(per_s: float) -> str:
 # `leased`, not `running`: an agent holds up to `slots + prefetch` leases (twice its slots by default)
 # and the daemon cannot tell a running task from one held ready, so "running 8" on 4 slots was false.
 # Long labels when the bar can still get a useful width beside them, short ones on a narrow terminal.
-LONG_LABELS = {"sep": "  ", "dead": "dead ", "cancelled": "cancelled ", "leased": "leased ", "queued": "queued ",
-               "retrying": "retrying ", "instances": "instances "}
-SHORT_LABELS = {"sep": " ", "dead": "dead ", "cancelled": "canc ", "leased": "lsd ", "queued": "queue ",
-                "retrying": "retry ", "instances": "inst "}
+LONG_LABELS = {"sep": "  ", **{seg: long for seg, long, _ in TASK_STATE_LABELS.values()}, "instances": "instances "}
+SHORT_LABELS = {"sep": " ", **{seg: short for seg, _, short in TASK_STATE_LABELS.values()}, "instances": "inst "}
 COMFORTABLE_BAR_WIDTH = 20
 
 
@@ -51,11 +51,16 @@ COMFORTABLE_BAR_WIDTH = 20
 DROP_ORDER = ("instances", "rate", "retrying", "cancelled", "queued", "leased", "dead")
 
 
+def _segment(counts: dict[str, int], segment: str) -> int:
+    """The tasks shown in one segment of the line: every state labelled with it (states.TASK_STATE_LABELS)."""
+    return sum(int(counts.get(s.value, 0)) for s, (seg, _, _) in TASK_STATE_LABELS.items() if seg == segment)
+
+
 def _segments(job: dict[str, Any], labels: dict[str, str]) -> tuple[list[tuple[str, str]], float]:
     counts: dict[str, int] = job.get("counts") or {}
     total = int(counts.get("total", 0))
-    dead, cancelled = int(counts.get("dead", 0)), int(counts.get("cancelled", 0))
-    finished = int(counts.get("succeeded", 0)) + dead + cancelled
+    dead, cancelled = _segment(counts, "dead"), _segment(counts, "cancelled")
+    finished = sum(int(counts.get(s, 0)) for s in TERMINAL_TASK_STATES)
     remaining = max(0, total - finished)
     rate = float(job.get("rate_per_s") or 0.0)
     fraction = finished / total if total else 0.0
@@ -65,11 +70,12 @@ def _segments(job: dict[str, Any], labels: dict[str, str]) -> tuple[list[tuple[s
              ("dead", f"{labels['dead']}{dead}")]
     if cancelled:
         parts.append(("cancelled", f"{labels['cancelled']}{cancelled}"))
-    parts.append(("leased", f"{labels['leased']}{int(counts.get('leased', 0))}"))
-    parts.append(("queued", f"{labels['queued']}{int(counts.get('queued', 0)) + int(counts.get('staged', 0))}"))
-    if counts.get("failed"):
+    parts.append(("leased", f"{labels['leased']}{_segment(counts, 'leased')}"))
+    parts.append(("queued", f"{labels['queued']}{_segment(counts, 'queued')}"))
+    retrying = _segment(counts, "retrying")
+    if retrying:
         # `failed` tasks are waiting out a backoff before their retry: neither queued nor over.
-        parts.append(("retrying", f"{labels['retrying']}{int(counts['failed'])}"))
+        parts.append(("retrying", f"{labels['retrying']}{retrying}"))
     waiting = job.get("waiting") if not job.get("done") and not (total > 0 and rate > 0) else None
     if not waiting:
         parts.append(("rate", format_rate(rate)))  # while nothing runs it is 0: the reason says more

@@ -16,13 +16,14 @@ import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Collection
 from contextlib import suppress
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from cloudtask_wire.workerspec import WorkerSpec
-from cloudtaskd import costs, interruptions, queue
+from cloudtaskd import costs, interruptions
 from cloudtaskd.bundles import bundle_limits
 from cloudtaskd.config import Config
 from cloudtaskd.dispatch import AgentSessions, Dispatcher
@@ -37,10 +38,14 @@ from cloudtaskd.orchestrator.selection import Candidate, Needs, Policy, combine,
 from cloudtaskd.orchestrator.waits import Limits, explain
 from cloudtaskd.providers.base import LaunchSpec, Offer, Provider
 from cloudtaskd.redact import redact
-from cloudtaskd.states import InstanceEvent, InstanceState
+from cloudtaskd.states import OPEN_TASK_STATES, InstanceEvent, InstanceState, counter_sum
 from cloudtaskd.store import Store, Tx
+from cloudtaskd.tables import instances
+from cloudtaskd.tables import tasks as queue
 
 log = structlog.get_logger("cloudtaskd.reconciler")
+
+_OPEN_COUNTERS = counter_sum(OPEN_TASK_STATES, "j.")  # a pool's outstanding tasks, summed over its jobs
 
 RECENT_TASKS = 200  # finished tasks per job that estimate the task duration
 BUDGET_HORIZON_S = 60.0  # a job is paused when its spend would pass max_total_cost within this
@@ -160,10 +165,7 @@ class Reconciler:
         - stopping (drained before it ever connected, or either of the above): nothing to
           terminate, so stopped at once rather than left `stopping` for ever."""
         timeout_s = self.config.agents.external_connect_timeout_s
-        rows = await self.store.fetchall(
-            "SELECT i.id, i.state, i.state_changed_at,"
-            " EXISTS (SELECT 1 FROM tasks t WHERE t.state = 'leased' AND t.instance_id = i.id) AS holds"
-            " FROM instances i WHERE i.provider = 'external' AND i.state IN ('starting', 'draining', 'stopping')")
+        rows = await self.store.read(instances.externals_to_settle)
         for row in rows:
             inst, state = row["id"], InstanceState(row["state"])
             if state == InstanceState.DRAINING:
@@ -248,9 +250,8 @@ class Reconciler:
                 # Its agent has gone. Holding nothing, it finished draining: stop paying for the
                 # machine now. Still holding leases past a grace: unreachable; the leases expire
                 # and are retried, and the machine itself must not run on.
-                held = await self.store.fetchone(
-                    "SELECT count(*) AS n FROM tasks WHERE state = 'leased' AND instance_id = ?", (inst,))
-                if held is not None and held["n"] == 0:
+                held = await self.store.read(partial(queue.leases_held, instance_id=inst))
+                if held == 0:
                     await self._move(inst, InstanceEvent.DRAINED)
                     await self._terminate(inst)
                     continue
@@ -449,7 +450,7 @@ class Reconciler:
     async def pool_views(self, now: float) -> list[tuple[PoolView, dict[str, Any]]]:
         def read(db: Any) -> tuple[list[Any], list[Any], dict[str, int], dict[int, float], dict[int, list[Policy]]]:
             pools = db.execute(
-                "SELECT p.id, p.digest, p.spec, p.path, sum(j.n_queued + j.n_leased + j.n_failed) AS outstanding,"
+                f"SELECT p.id, p.digest, p.spec, p.path, sum({_OPEN_COUNTERS}) AS outstanding,"
                 " sum(j.n_queued) AS queued, max(coalesce(j.max_instances, 0)) AS job_max,"
                 " group_concat(j.id) AS job_ids"
                 " FROM pools p JOIN jobs j ON j.pool_id = p.id WHERE j.state = 'active' GROUP BY p.id"
@@ -459,8 +460,7 @@ class Reconciler:
                 " json_extract(offer, '$.key') AS offer_key FROM instances"
                 " WHERE state NOT IN ('stopped') AND provider != 'external'"
             ).fetchall()
-            leases = dict(db.execute(
-                "SELECT instance_id, count(*) FROM tasks WHERE state = 'leased' GROUP BY instance_id").fetchall())
+            leases = queue.leases_by_instance(db)
             policies: dict[int, list[Policy]] = defaultdict(list)
             for pool_id, raw in db.execute("SELECT pool_id, policy FROM jobs WHERE state = 'active'"):
                 policies[pool_id].append(Policy.from_dict(json.loads(raw or "{}")))
@@ -715,9 +715,6 @@ def _insert_instance(tx: Tx, inst: str, pool_id: int, cand: Candidate, hashed: s
     o = cand.offer
     offer = json.dumps({"provider": o.provider, "machine_type": o.machine_type, "zone": o.zone, "region": o.region,
                         "spot": o.spot, "cpus": o.cpus, "memory_gb": o.memory_gb, "gpus": o.gpus, "key": o.key})
-    tx.db.execute(
-        "INSERT INTO instances (id, provider, pool_id, state, slots, token_hash, offer, price_per_hour, created_at,"
-        " state_changed_at) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
-        (inst, o.provider, pool_id, cand.slots, hashed, offer, o.price_per_hour or 0.0, tx.now, tx.now),
-    )
+    instances.add(tx, inst, provider=o.provider, pool_id=pool_id, state=InstanceState.PENDING, slots=cand.slots,
+                  token_hash=hashed, offer=offer, price_per_hour=o.price_per_hour or 0.0)
     tx.event("instance_requested", instance_id=inst, detail=f"pool={pool_id} slots={cand.slots} offer={o.key}")

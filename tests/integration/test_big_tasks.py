@@ -12,9 +12,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from cloudtaskd import queue
 from cloudtaskd.config import LocalProviderConfig, ProvidersConfig
 from cloudtaskd.daemon import Daemon
+from cloudtaskd.tables import tasks as queue
 from tests.conftest import UnixApi, agent_ssl, make_config, wait_for
 from tests.integration.test_daemon_e2e import finished, jsonl, results
 from tests.procs import bundle

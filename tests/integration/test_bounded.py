@@ -12,11 +12,12 @@ from typing import Any
 
 import pytest
 
-from cloudtaskd import queue, retention
+from cloudtaskd import retention
 from cloudtaskd.config import Config, EventsConfig, RetentionConfig, ScalingConfig
 from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.housekeeping import Housekeeper
 from cloudtaskd.store import Store, Tx
+from cloudtaskd.tables import tasks as queue
 from cloudtaskd.taskfile import ParsedTask
 from tests import paths
 from tests.conftest import make_config, wait_for

@@ -30,8 +30,9 @@ from typing import Any
 import pytest
 import yaml
 
-from cloudtaskd import queue, tls
+from cloudtaskd import tls
 from cloudtaskd.ctl.main import EXIT_FAILED
+from cloudtaskd.tables import tasks as queue
 from tests import paths
 from tests.conftest import UnixApi, wait_for
 from tests.integration.test_service import NotifySocket, events, service_env

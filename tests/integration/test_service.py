@@ -26,7 +26,6 @@ import pytest
 import yaml
 from structlog.testing import capture_logs
 
-from cloudtaskd import queue
 from cloudtaskd.config import (
     AgentsConfig,
     AwsProviderConfig,
@@ -40,6 +39,7 @@ from cloudtaskd.daemon import SHUTDOWN_GRACE_S, Daemon
 from cloudtaskd.providers.local import TERMINATE_GRACE_S
 from cloudtaskd.reload import changed_keys, plan
 from cloudtaskd.service import Notifier, Systemd, watchdog
+from cloudtaskd.tables import tasks as queue
 from tests import paths
 from tests.conftest import make_config, wait_for
 from tests.integration.test_daemon_e2e import jsonl

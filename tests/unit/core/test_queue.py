@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from cloudtask_wire.messages import Failure, Success
-from cloudtaskd import queue
 from cloudtaskd.clock import DaemonClock
 from cloudtaskd.errors import BadInput
 from cloudtaskd.store import Store, Tx
+from cloudtaskd.tables import tasks as queue
 from cloudtaskd.taskfile import ParsedTask
 from tests.conftest import wait_for
 

@@ -4,7 +4,7 @@ hand back, expire, retry, cancel.
 Each function here runs inside one write transaction (`Store.write`) and moves tasks only
 along the edges of `states.TASK_TRANSITIONS`, guarded by `WHERE state = ... AND attempt = ?`
 so a report carrying a stale fencing token can never overwrite a newer attempt. Reports are
-checked in one SELECT per batch and applied with one statement over a JSON array (store.bulk):
+checked in one SELECT per batch and applied with one statement over a JSON array (tables.bulk):
 the work per task is a few microseconds of C, which is what lets one daemon core dispatch tens of
 thousands of tasks/s.
 """
@@ -15,15 +15,17 @@ import random
 import sqlite3
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from cloudtask_wire import jsonx
 from cloudtask_wire.frames import task_entry
 from cloudtask_wire.messages import Failure, LeaseRef, Success
+from cloudtaskd import states
 from cloudtaskd.errors import BadInput, CloudtaskError, TransitionError, no_job
 from cloudtaskd.states import TaskEvent as E
 from cloudtaskd.states import TaskState as S
-from cloudtaskd.store import Store, Tx, bulk, task_edge
+from cloudtaskd.store import Store, Tx, task_edge
+from cloudtaskd.tables.bulk import bulk
 from cloudtaskd.taskfile import ParsedTask
 
 # Every bulk statement below names its edge once, checked against the table at import.
@@ -208,21 +210,40 @@ class RoundResult:
     expired: list[tuple[int, str | None]] = field(default_factory=list)  # (task, instance) leases timed out
 
 
-def _current(db: sqlite3.Connection, ids: list[int]) -> dict[int, tuple[Any, ...]]:
-    # One row of JSON, not a row per task: one sqlite3 step, one GIL hand-back (see store.bulk).
-    text = db.execute(
-        "SELECT json_group_array(json_array(id, job_id, state, attempt, failures, max_attempts, pool_id,"
-        " instance_id)) FROM tasks WHERE id IN (SELECT value FROM json_each(?))",
-        (_ids_json(ids),),
-    ).fetchone()[0]
-    return {r[0]: tuple(r) for r in jsonx.loads(text)}
+class Live(NamedTuple):
+    """A task as a round's reports find it (_current): the columns the fence and the counters need."""
+
+    id: int
+    job_id: int
+    state: str
+    attempt: int  # the fencing token of its lease
+    failures: int
+    max_attempts: int
+    pool_id: int
+    instance_id: str | None
 
 
-def _holds(row: tuple[Any, ...] | None, token: int, instance_id: str) -> bool:
+_LIVE_SQL = (f"SELECT json_group_array(json_array({', '.join(Live._fields)}))"
+             " FROM tasks WHERE id IN (SELECT value FROM json_each(?))")
+_new_tuple = tuple.__new__  # Live from a decoded list at tuple speed: Live(*r) costs twice as much
+
+
+def _current(db: sqlite3.Connection, ids: list[int]) -> dict[int, Live]:
+    # One row of JSON, not a row per task: one sqlite3 step, one GIL hand-back (see tables.bulk).
+    text = db.execute(_LIVE_SQL, (_ids_json(ids),)).fetchone()[0]
+    return {r[0]: _new_tuple(Live, r) for r in jsonx.loads(text)}
+
+
+def _moved(row: Live, state: S) -> Live:
+    """The row as the round leaves it (a duplicate report in the same batch then finds it moved)."""
+    return _new_tuple(Live, (row.id, row.job_id, state, *row[3:]))
+
+
+def _holds(row: Live | None, token: int, instance_id: str) -> bool:
     """The fence, on a _current row: leased, on this attempt, to this instance. Tokens are attempt
     numbers, easy to guess, so another instance's report, heartbeat or hello (a bug, a compromised
     machine) must not land on a lease it does not hold."""
-    return row is not None and row[2] == S.LEASED and row[3] == token and row[7] == instance_id
+    return row is not None and row.state == S.LEASED and row.attempt == token and row.instance_id == instance_id
 
 
 def apply_reports(
@@ -250,21 +271,21 @@ def apply_reports(
     refs = [s.id for _, s in reports.done] + [f.id for _, f in reports.failed] + [r[0] for _, r in reports.handback]
     cur = _current(db, refs) if refs else {}
 
-    def valid(inst: str, task_id: int, token: int, recorded: tuple[S, ...]) -> tuple[Any, ...] | None:
+    def valid(inst: str, task_id: int, token: int, recorded: tuple[S, ...]) -> Live | None:
         row = cur.get(task_id)
         if _holds(row, token, inst):
             return row
         # A resend of a report we already recorded (the ack was lost) is acknowledged, not refused:
         # only when the task is where that very report would have put it. A done report for a task
         # that expired or was requeued in between was not recorded, and the agent must hear so.
-        if row is not None and row[3] == token and row[2] in recorded:
+        if row is not None and row.attempt == token and row.state in recorded:
             out.accepted[inst].append(task_id)
         else:
             out.refused[inst].append(task_id)
             tx.event("stale_report_refused", task_id=task_id, instance_id=inst,
-                     job_id=row[1] if row else None,
-                     detail=jsonx.dumps({"token": token, "current": row[3] if row else None,
-                                         "state": row[2] if row else None}))
+                     job_id=row.job_id if row else None,
+                     detail=jsonx.dumps({"token": token, "current": row.attempt if row else None,
+                                         "state": row.state if row else None}))
         return None
 
     done_rows = []
@@ -281,10 +302,10 @@ def apply_reports(
             failed = [*failed, (inst, Failure(s.id, s.token, f"the result could not be stored: {exc}"
                                               " (JSON nested too deeply?)", False, s.duration_s))]
             continue
-        cur[s.id] = (*row[:2], S.SUCCEEDED, *row[3:])  # a duplicate in the same batch is now stale
+        cur[s.id] = _moved(row, S.SUCCEEDED)  # a duplicate in the same batch is now stale
         done_rows.append((result, now, s.duration_s, inst, s.id, s.token))
-        tx.count(row[1], S.LEASED, S.SUCCEEDED)
-        tx.event(E.SUCCEEDED.value, job_id=row[1], task_id=s.id, instance_id=inst)
+        tx.count(row.job_id, S.LEASED, S.SUCCEEDED)
+        tx.event(E.SUCCEEDED.value, job_id=row.job_id, task_id=s.id, instance_id=inst)
         out.accepted[inst].append(s.id)
     if done_rows:
         bulk(db, "UPDATE tasks SET state = 'succeeded', result = r.value->>0, finished_at = r.value->>1,"
@@ -296,18 +317,18 @@ def apply_reports(
         row = valid(inst, f.id, f.token, (S.FAILED, S.DEAD))
         if row is None:
             continue
-        failures = row[4] + 1
-        if f.retryable and failures < row[5]:
-            cur[f.id] = (*row[:2], S.FAILED, *row[3:])
+        failures = row.failures + 1
+        if f.retryable and failures < row.max_attempts:
+            cur[f.id] = _moved(row, S.FAILED)
             run_at = now + backoff_s(failures, *backoff)
             fail_rows.append((f.error, run_at, f.duration_s, inst, f.id, f.token))
-            tx.count(row[1], S.LEASED, S.FAILED)
-            tx.event(E.FAILED_RETRYABLE.value, job_id=row[1], task_id=f.id, instance_id=inst, detail=f.error[:500])
+            tx.count(row.job_id, S.LEASED, S.FAILED)
+            tx.event(E.FAILED_RETRYABLE.value, job_id=row.job_id, task_id=f.id, instance_id=inst, detail=f.error[:500])
         else:
-            cur[f.id] = (*row[:2], S.DEAD, *row[3:])
+            cur[f.id] = _moved(row, S.DEAD)
             dead_rows.append((f.error, now, f.duration_s, inst, f.id, f.token))
-            tx.count(row[1], S.LEASED, S.DEAD)
-            tx.event(E.FAILED_DEAD.value, job_id=row[1], task_id=f.id, instance_id=inst, detail=f.error[:500])
+            tx.count(row.job_id, S.LEASED, S.DEAD)
+            tx.event(E.FAILED_DEAD.value, job_id=row.job_id, task_id=f.id, instance_id=inst, detail=f.error[:500])
         out.accepted[inst].append(f.id)
     if fail_rows:
         bulk(db, "UPDATE tasks SET state = 'failed', failures = failures + 1, lost_grants = 0, error = r.value->>0,"
@@ -325,12 +346,12 @@ def apply_reports(
         row = valid(inst, task_id, token, (S.QUEUED,))
         if row is None:
             continue
-        cur[task_id] = (*row[:2], S.QUEUED, *row[3:])
+        cur[task_id] = _moved(row, S.QUEUED)
         back_rows.append((task_id, token))
-        tx.count(row[1], S.LEASED, S.QUEUED)
-        tx.event(E.HANDED_BACK.value, job_id=row[1], task_id=task_id, instance_id=inst)
+        tx.count(row.job_id, S.LEASED, S.QUEUED)
+        tx.event(E.HANDED_BACK.value, job_id=row.job_id, task_id=task_id, instance_id=inst)
         out.accepted[inst].append(task_id)
-        out.requeued_pools.add(row[6])
+        out.requeued_pools.add(row.pool_id)
     if back_rows:
         bulk(db, "UPDATE tasks SET state = 'queued', instance_id = NULL, lease_expires_at = NULL"
              " FROM json_each(?) AS r WHERE tasks.id = r.value->>0 AND tasks.attempt = r.value->>1"
@@ -537,7 +558,7 @@ def cap_retry_due(tx: Tx, backoff_max_s: float) -> int:
 
 
 CANCEL_CHUNK = 10_000  # tasks per cancel transaction (housekeeping.chunk_rows in the daemon)
-OPEN_STATES_SQL = "('queued', 'leased', 'failed')"  # what a cancel moves to cancelled (staged: the upload does)
+OPEN_STATES_SQL = states.sql_in(states.OPEN_TASK_STATES)  # what a cancel moves to cancelled
 
 
 @dataclass(slots=True)
@@ -649,6 +670,10 @@ def cancels_pending(db: sqlite3.Connection) -> list[int]:
     return [r[0] for r in db.execute("SELECT job_id FROM cancels ORDER BY started_at").fetchall()]
 
 
+# The states a user's retry queues again: every one with a RETRY_REQUESTED edge.
+_RETRYABLE_SQL = states.sql_in(states.task_sources(E.RETRY_REQUESTED))
+
+
 def retry_job(tx: Tx, job_id: int) -> int:
     """Queue dead and cancelled tasks again with a fresh failure count. Returns how many."""
     row = tx.db.execute("SELECT pool_id FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -660,7 +685,7 @@ def retry_job(tx: Tx, job_id: int) -> int:
                              " retry it once the cancel is done")
     rows = tx.db.execute(
         "UPDATE tasks SET state = 'queued', failures = 0, finished_at = NULL, error = NULL, run_at = NULL"
-        " WHERE job_id = ? AND state IN ('dead', 'cancelled') RETURNING id",
+        f" WHERE job_id = ? AND state IN {_RETRYABLE_SQL} RETURNING id",
         (job_id,),
     ).fetchall()
     counts = tx.db.execute("SELECT n_dead, n_cancelled FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -702,3 +727,44 @@ def check_counters(db: sqlite3.Connection) -> list[str]:
             if row[i + 1] != truth.get((row[0], s.value), 0):
                 problems.append(f"job {row[0]} n_{s.value}={row[i + 1]} but {truth.get((row[0], s.value), 0)} rows")
     return problems
+
+
+# ---- reads for the control API and the reconciler ------------------------------------------------
+
+_LEASED_SQL = states.sql_lit(S.LEASED)
+_WORKED_SQL = states.sql_in(states.WORKED_TASK_STATES)
+_TERMINAL_SQL = states.sql_in(states.TERMINAL_TASK_STATES)
+# A task's result line (feeds.task_dict): the columns the results streams read.
+RESULT_COLUMNS = "id, key, state, result, error, failures, instance_id, duration_s, finished_at"
+
+
+def leases_by_instance(db: sqlite3.Connection) -> dict[str, int]:
+    """How many leases each instance holds now (instances holding none are absent)."""
+    return dict(db.execute(
+        f"SELECT instance_id, count(*) FROM tasks WHERE state = {_LEASED_SQL} GROUP BY instance_id").fetchall())
+
+
+def leases_held(db: sqlite3.Connection, instance_id: str) -> int:
+    return int(db.execute(f"SELECT count(*) FROM tasks WHERE state = {_LEASED_SQL} AND instance_id = ?",
+                          (instance_id,)).fetchone()[0])
+
+
+def recent_worked(db: sqlite3.Connection, job_id: int, since: float) -> tuple[int, float | None]:
+    """(tasks of the job that finished an attempt since `since`, the first such finish): work done,
+    succeeded or dead, never a cancellation (which would make a cancelled job look fast)."""
+    n, first = db.execute(f"SELECT count(*), min(finished_at) FROM tasks WHERE job_id = ? AND finished_at >= ?"
+                          f" AND state IN {_WORKED_SQL}", (job_id, since)).fetchone()
+    return int(n), first
+
+
+def latest_results(db: sqlite3.Connection, job_id: int, top: int) -> list[sqlite3.Row]:
+    """The `top` results finished last, newest first."""
+    return db.execute(f"SELECT {RESULT_COLUMNS} FROM tasks WHERE job_id = ? AND finished_at IS NOT NULL"
+                      f" AND state IN {_TERMINAL_SQL} ORDER BY finished_at DESC, id DESC LIMIT ?",
+                      (job_id, max(0, top))).fetchall()
+
+
+def results_page(db: sqlite3.Connection, job_id: int, after: int, limit: int) -> list[sqlite3.Row]:
+    """Up to `limit` finished tasks of the job past rowid `after`, in id order."""
+    return db.execute(f"SELECT {RESULT_COLUMNS} FROM tasks WHERE job_id = ? AND id > ?"
+                      f" AND state IN {_TERMINAL_SQL} ORDER BY id LIMIT ?", (job_id, after, limit)).fetchall()
