@@ -55,7 +55,7 @@ from cloudtaskd.states import (
 )
 from cloudtaskd.store import Store, Tx
 from cloudtaskd.submissions import Submissions
-from cloudtaskd.tables import instances
+from cloudtaskd.tables import cancels, instances, jobs, pools, uploads
 from cloudtaskd.tables import tasks as queue
 
 log = structlog.get_logger("cloudtaskd.api")
@@ -267,17 +267,15 @@ class ControlApi:
             cached = self._recent[job_id] = (now, n, first)
         out = _job_dict(row, cached[1:], instances, now, job_waiting(row, self.waits))
         # A cancel under way: how far it is (its tasks are cancelled in chunks, in the background).
-        pending = db.execute("SELECT total, done FROM cancels WHERE job_id = ?", (job_id,)).fetchone()
-        out["cancelling"] = {"total": pending[0], "cancelled": pending[1]} if pending is not None else None
+        pending = cancels.pending(db, job_id)
+        out["cancelling"] = {"total": pending.total, "cancelled": pending.done} if pending is not None else None
         return out
 
     async def _job(self, job_id: int) -> dict[str, Any]:
         now = self.store.clock.now()  # the clock stored times were written on (clock.py)
 
         def read(db: sqlite3.Connection) -> dict[str, Any] | None:
-            row = db.execute(
-                "SELECT j.*, p.digest FROM jobs j JOIN pools p ON p.id = j.pool_id WHERE j.id = ?", (job_id,)
-            ).fetchone()
+            row = jobs.with_worker(db, job_id)
             if row is None:
                 return None
             instances = db.execute(
@@ -302,12 +300,8 @@ class ControlApi:
             live = dict(db.execute(
                 "SELECT pool_id, count(*) FROM instances WHERE state IN ('pending', 'starting', 'running',"
                 " 'draining') GROUP BY pool_id").fetchall())
-            if submission is not None:  # `cloudtaskctl run` looking for its earlier job
-                rows = db.execute("SELECT j.*, p.digest FROM jobs j JOIN pools p ON p.id = j.pool_id"
-                                  " WHERE j.submission = ? ORDER BY j.id DESC LIMIT 1000", (submission,)).fetchall()
-            else:
-                rows = db.execute("SELECT j.*, p.digest FROM jobs j JOIN pools p ON p.id = j.pool_id"
-                                  " ORDER BY j.id DESC LIMIT 1000").fetchall()
+            # submission: `cloudtaskctl run` looking for its earlier job
+            rows = jobs.newest_with_worker(db, submission)
             return [self._read_job(db, r, live.get(r["pool_id"], 0), now) for r in rows]
 
         return web.json_response({"jobs": await self.reads.read(read)})
@@ -391,9 +385,9 @@ class ControlApi:
     async def retry_job(self, request: web.Request) -> web.Response:
         job_id = _job_id(request)
         n = await self.store.write(queue.retry_job, job_id)
-        row = await self.reads.fetchone("SELECT pool_id FROM jobs WHERE id = ?", (job_id,))
-        if row is not None:
-            self.dispatcher.notify_work(row["pool_id"])
+        pool_id = await self.reads.read(lambda db: jobs.pool_of(db, job_id))
+        if pool_id is not None:
+            self.dispatcher.notify_work(pool_id)
         log.info("job_retried", job=job_id, tasks=n)
         return web.json_response(await self._job(job_id))
 
@@ -410,7 +404,7 @@ class ControlApi:
         params: tuple[Any, ...] = (job_id, after, state, limit + 1) if state else (job_id, after, limit + 1)
         rows = await self.reads.fetchall(sql, params)
         # Not an empty list: the job itself is missing (or deleted, its rows still being purged).
-        if await self.reads.fetchone("SELECT 1 FROM jobs WHERE id = ?", (job_id,)) is None:
+        if not await self.reads.read(lambda db: jobs.exists(db, job_id)):
             raise no_job(job_id)
         more = len(rows) > limit
         rows = rows[:limit]
@@ -427,7 +421,7 @@ class ControlApi:
         if follow and top is not None:
             raise BadInput("follow and top cannot be combined: top is newest first, follow in finishing order",
                            field="top")
-        if await self.reads.fetchone("SELECT 1 FROM jobs WHERE id = ?", (job_id,)) is None:
+        if not await self.reads.read(lambda db: jobs.exists(db, job_id)):
             raise no_job(job_id)
         if follow and self.feeds.followers >= FOLLOWERS_MAX:
             raise Busy(f"cloudtaskd is busy ({self.feeds.followers} results streams followed)")
@@ -645,19 +639,17 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
 def _delete_or_withdraw(tx: Tx, job_id: int) -> retention.Deleted:
     """A job that never held a task (its upload refused) is withdrawn whole at once; any other is deleted."""
     held = tx.db.execute("SELECT 1 FROM tasks WHERE job_id = ? LIMIT 1", (job_id,)).fetchone() is not None
-    receiving = tx.db.execute("SELECT 1 FROM uploads WHERE job_id = ? AND state IN ('staging', 'committing')",
-                              (job_id,)).fetchone() is not None
-    if held or receiving:
+    if held or uploads.receiving(tx.db, job_id):
         return retention.delete_job(tx, job_id)
     queue.withdraw_job(tx, job_id)
     return retention.Deleted(job_id, 0, False)
 
 
 def _register_external(tx: Tx, inst: str, digest: str, slots: int, hashed: str) -> None:
-    row = tx.db.execute("SELECT id FROM pools WHERE digest = ?", (digest,)).fetchone()
-    if row is None:
+    pool_id = pools.id_of(tx.db, digest)
+    if pool_id is None:
         raise BadInput(f"worker {digest[:16]!r} is unknown", field="worker")
-    instances.add(tx, inst, provider=instances.EXTERNAL, pool_id=row[0], state=InstanceState.STARTING,
+    instances.add(tx, inst, provider=instances.EXTERNAL, pool_id=pool_id, state=InstanceState.STARTING,
                   slots=slots, token_hash=hashed)
     tx.event("instance_registered", instance_id=inst)
 

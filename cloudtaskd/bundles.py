@@ -28,16 +28,11 @@ from cloudtask_wire.workerspec import SPEC_FILE, WorkerSpec
 from cloudtaskd.config import WorkersConfig
 from cloudtaskd.errors import BadInput, StoreFull, is_no_space
 from cloudtaskd.store import Store, Tx
+from cloudtaskd.tables import pools
 
 log = structlog.get_logger("cloudtaskd.bundles")
 
 SPOOL_IN_MEMORY_BYTES = 16 * 1024 * 1024
-# Pools that a job or an instance that has not ended still needs; the rest may go once old enough.
-_UNUSED = (
-    "SELECT p.id, p.digest FROM pools p WHERE p.created_at < ?"
-    " AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.pool_id = p.id)"
-    " AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.pool_id = p.id)"
-)
 
 
 def bundle_limits(config: WorkersConfig) -> rules.Limits:
@@ -129,11 +124,12 @@ class Bundles:
 
 
 def _delete_unused(tx: Tx, cutoff: float) -> list[str]:
-    rows = tx.db.execute(_UNUSED, (cutoff,)).fetchall()
-    tx.db.executemany("DELETE FROM pools WHERE id = ?", [(r[0],) for r in rows])
-    for _, digest in rows:
-        tx.event("worker_pruned", detail=json.dumps({"digest": digest}))
-    return [str(r[1]) for r in rows]
+    # Pools that a job or an instance row still names stay; the rest may go once old enough.
+    unused = pools.unused_before(tx.db, cutoff)
+    pools.delete_many(tx, [r["id"] for r in unused])
+    for r in unused:
+        tx.event("worker_pruned", detail=json.dumps({"digest": r["digest"]}))
+    return [str(r["digest"]) for r in unused]
 
 
 def _save(buf: IO[bytes], path: Path) -> None:
@@ -167,14 +163,10 @@ def _read_spec(worker_dir: Path) -> WorkerSpec:
 
 
 def _upsert_pool(tx: Tx, digest: str, spec: WorkerSpec, path: str) -> int:
-    row = tx.db.execute("SELECT id FROM pools WHERE digest = ?", (digest,)).fetchone()
-    if row is not None:
+    pool_id = pools.id_of(tx.db, digest)
+    if pool_id is not None:
         # Uploaded again: its age starts anew, so the pruner does not take it from under the
         # job about to be created for it.
-        tx.db.execute("UPDATE pools SET created_at = ? WHERE id = ?", (tx.now, row[0]))
-        return int(row[0])
-    cur = tx.db.execute(
-        "INSERT INTO pools (digest, spec, path, created_at) VALUES (?, ?, ?, ?)",
-        (digest, json.dumps(spec.to_dict()), path, tx.now),
-    )
-    return int(cur.lastrowid or 0)
+        pools.touch(tx, pool_id)
+        return pool_id
+    return pools.add(tx, digest, json.dumps(spec.to_dict()), path)

@@ -15,6 +15,7 @@ from typing import Any
 from cloudtaskd.errors import BadInput, CloudtaskError, no_job
 from cloudtaskd.states import COUNTER, OPEN_TASK_STATES
 from cloudtaskd.store import Tx
+from cloudtaskd.tables import jobs
 
 HOUR = 3600.0
 
@@ -31,7 +32,7 @@ def fleet(db: sqlite3.Connection, now: float) -> dict[str, Any]:
 
 
 def job(db: sqlite3.Connection, job_id: int, now: float) -> dict[str, Any] | None:
-    j = db.execute(f"SELECT id, pool_id, {', '.join(COUNTER.values())} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    j = jobs.counters(db, job_id)
     if j is None:
         return None
     task = db.execute(
@@ -80,17 +81,14 @@ def pause_over_budget(tx: Tx, horizon_s: float) -> list[tuple[int, int, str]]:
     `max_total_cost` within `horizon_s` at their current rate: before it is exceeded, since
     draining takes a while. Returns (job, pool, message) for each job paused now."""
     paused = []
-    for job_id, pool_id, created, cap in tx.db.execute(
-            "SELECT id, pool_id, created_at, max_total_cost FROM jobs WHERE state = 'active'"
-            " AND max_total_cost IS NOT NULL").fetchall():
+    for row in jobs.active_capped(tx.db):
+        job_id, pool_id, created, cap = row["id"], row["pool_id"], row["created_at"], row["max_total_cost"]
         spent, rate = pool_spend(tx.db, pool_id, created, tx.now)
         if spent + rate * horizon_s / HOUR < cap:
             continue
         message = (f"paused: ${spent:.4f} spent of max_total_cost ${cap:.4f} (at ${rate:.4f}/h it would pass it"
                    f" within {horizon_s:.0f} s); raise it to go on: cloudtaskctl resume {job_id} --max-total-cost USD")
-        tx.db.execute("UPDATE jobs SET state = 'paused', state_reason = ?, pause_cause = 'budget'"
-                      " WHERE id = ? AND state = 'active'",
-                      (message, job_id))
+        jobs.pause(tx, job_id, message, jobs.BUDGET)
         tx.event("job_paused", job_id=job_id, detail=message)
         paused.append((job_id, pool_id, message))
     return paused
@@ -99,20 +97,17 @@ def pause_over_budget(tx: Tx, horizon_s: float) -> list[tuple[int, int, str]]:
 def resume(tx: Tx, job_id: int, max_total_cost: float | None) -> int:
     """A paused job goes on; returns its pool. One held because its `cloudtaskctl run` is gone is the
     user's own from now on: no run owns it, so it is not held again (cloudtaskd/runs.py)."""
-    row = tx.db.execute("SELECT state, pool_id, created_at, max_total_cost FROM jobs WHERE id = ?",
-                        (job_id,)).fetchone()
+    row = jobs.budget(tx.db, job_id)
     if row is None:
         raise no_job(job_id)
-    state, pool_id, created_at, old_cap = row
-    if state != "paused":
+    state, pool_id, created_at, old_cap = row["state"], row["pool_id"], row["created_at"], row["max_total_cost"]
+    if state != jobs.PAUSED:
         raise CloudtaskError(f"job {job_id} is {state}, not paused")  # 409
     cap = max_total_cost if max_total_cost is not None else old_cap
     spent, _ = pool_spend(tx.db, pool_id, created_at, tx.now)
     if cap is not None and cap <= spent:
         raise BadInput(f"max_total_cost: ${cap:.4f} is not above the ${spent:.4f} already spent",
                        field="max_total_cost")
-    tx.db.execute("UPDATE jobs SET state = 'active', state_reason = NULL, pause_cause = NULL, max_total_cost = ?,"
-                  " run_id = NULL WHERE id = ?",
-                  (cap, job_id))
+    jobs.resume_with_cap(tx, job_id, cap)
     tx.event("job_resumed", job_id=job_id, detail=f"max_total_cost={cap}")
     return int(pool_id)

@@ -47,6 +47,7 @@ from cloudtaskd.series import SERIES_INTERVAL_S, SERIES_WINDOW_S, StatusSeries
 from cloudtaskd.service import Systemd, watchdog
 from cloudtaskd.store import Store, Tx
 from cloudtaskd.submissions import resume_uploads
+from cloudtaskd.tables import meta
 from cloudtaskd.tables import tasks as queue
 from cloudtaskd.tunnels import Tunnels
 
@@ -398,11 +399,11 @@ def _no_change(tx: Tx) -> None:
 
 
 def _daemon_id(tx: Tx) -> str:
-    row = tx.db.execute("SELECT value FROM meta WHERE key = 'daemon_id'").fetchone()
-    if row is not None:
-        return str(row[0])
+    known = meta.get(tx.db, meta.DAEMON_ID)
+    if known is not None:
+        return known
     value = uuid.uuid4().hex[:16]
-    tx.db.execute("INSERT INTO meta (key, value) VALUES ('daemon_id', ?)", (value,))
+    meta.add(tx, meta.DAEMON_ID, value)
     return value
 
 

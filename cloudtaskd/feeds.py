@@ -38,6 +38,7 @@ from cloudtaskd.errors import Busy, StoreError
 from cloudtaskd.states import COUNTER, TERMINAL_TASK_STATES, WAITING_TASK_STATES
 from cloudtaskd.states import TaskEvent as E
 from cloudtaskd.store import Store
+from cloudtaskd.tables import jobs
 from cloudtaskd.tables.tasks import RESULT_COLUMNS
 
 log = structlog.get_logger("cloudtaskd.feeds")
@@ -93,9 +94,6 @@ def result_line(row: sqlite3.Row) -> str:
     return jsonx.dumps(task_dict(row)) + "\n"
 
 
-_JOB_COUNTS = f"SELECT state, {', '.join(COUNTER.values())} FROM jobs WHERE id = ?"
-
-
 def job_finished(row: sqlite3.Row) -> bool:
     """As cloudtaskctl's job_finished: done, paused at its cost cap, or cancelled before any task came."""
     open_ = sum(row[COUNTER[s]] for s in WAITING_TASK_STATES)
@@ -127,7 +125,7 @@ def read_finished(db: sqlite3.Connection, job_id: int, after: int, limit: int) -
         seqs.append(row["seq"])
         lines.append((jsonx.dumps(d) + "\n").encode())
     full = len(rows) >= limit
-    job = db.execute(_JOB_COUNTS, (job_id,)).fetchone()
+    job = jobs.counters(db, job_id)
     return Page(seqs, lines, rows[-1]["seq"] if rows else after, full,
                 job is None or (not full and job_finished(job)))
 

@@ -19,6 +19,7 @@ from cloudtaskd.config import Config
 from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.errors import CloudtaskError, StoreError
 from cloudtaskd.store import Store
+from cloudtaskd.tables import cancels, jobs, purges
 from cloudtaskd.tables import tasks as queue
 
 log = structlog.get_logger("cloudtaskd.housekeeping")
@@ -81,18 +82,18 @@ class Housekeeper:
     async def step(self) -> bool:
         """One chunk of the most pressing work; False when there was nothing to do now."""
         chunk = self.config.retention.chunk_rows
-        cancels = await self.store.read(queue.cancels_pending)
-        if cancels:
-            progress = await self.store.write(queue.cancel_chunk, cancels[0], chunk)
+        cancelling = await self.store.read(cancels.jobs)
+        if cancelling:
+            progress = await self.store.write(queue.cancel_chunk, cancelling[0], chunk)
             self.dispatcher.revoke(progress.revoke)
             if progress.finished:
                 log.info("job_cancel_finished", job=progress.job_id, tasks=progress.done)
                 self._compact = True
             return True
-        purges = await self.store.read(retention.purges_pending)
-        if purges:
-            if await self.store.write(retention.purge_chunk, purges[0], chunk):
-                log.info("job_purged", job=purges[0])
+        purging = await self.store.read(purges.jobs)
+        if purging:
+            if await self.store.write(retention.purge_chunk, purging[0], chunk):
+                log.info("job_purged", job=purging[0])
                 self._compact = True
             return True
         if self._pruning:
@@ -113,7 +114,7 @@ class Housekeeper:
         if keep_s <= 0:
             return
         cutoff = self.store.clock.now() - keep_s
-        for job_id in await self.store.read(lambda db: retention.finished_jobs_before(db, cutoff)):
+        for job_id in await self.store.read(lambda db: jobs.finished_before(db, cutoff)):
             try:
                 deleted = await self.store.write(retention.delete_job, job_id)
             except CloudtaskError as exc:  # it changed since the read (a retry, an upload): kept

@@ -27,17 +27,15 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from cloudtaskd import costs
-from cloudtaskd.states import COUNTER, TERMINAL_TASK_STATES, WAITING_TASK_STATES, TaskState, counter_sum
+from cloudtaskd.states import COUNTER, TaskState
 from cloudtaskd.store import Store
+from cloudtaskd.tables import jobs
 
 # From a busy round's few milliseconds to an agent that waited minutes for work to arrive.
 LEASE_WAIT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                         300.0, 900.0)
 JOB_STATES = ("active", "done", "paused", "cancelled")
 INSTANCE_STATES = ("pending", "starting", "running", "draining", "stopping")
-_TASK_COLUMNS = ", ".join(f"sum({COUNTER[s]})" for s in TaskState)
-_WAITING = counter_sum(WAITING_TASK_STATES)
-_FINISHED = counter_sum(TERMINAL_TASK_STATES)
 
 
 class Metrics:
@@ -107,13 +105,10 @@ def read_state(db: sqlite3.Connection, now: float) -> State:
     instance for the fleet cost, interruptions. The tasks table is never read."""
     out = State(tasks=dict.fromkeys((s.value for s in TaskState), 0), jobs=dict.fromkeys(JOB_STATES, 0))
     # "done": active with nothing left to run, as cloudtaskctl status shows it.
-    for row in db.execute(
-            f"SELECT CASE WHEN state = 'active' AND {_WAITING} = 0"
-            f" AND {_FINISHED} > 0 THEN 'done' ELSE state END,"
-            f" count(*), {_TASK_COLUMNS} FROM jobs GROUP BY 1"):
-        out.jobs[row[0]] = out.jobs.get(row[0], 0) + row[1]
-        for state, n in zip(TaskState, row[2:], strict=True):
-            out.tasks[state.value] += n or 0
+    for row in jobs.count_by_state(db):
+        out.jobs[row["state"]] = out.jobs.get(row["state"], 0) + row["jobs"]
+        for state in TaskState:
+            out.tasks[state.value] += row[COUNTER[state]] or 0
     out.instances = [(r[0], r[1] or "", r[2], r[3]) for r in db.execute(
         "SELECT provider, json_extract(offer, '$.machine_type'), state, count(*) FROM instances"
         " WHERE state != 'stopped' GROUP BY 1, 2, 3")]

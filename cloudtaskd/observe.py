@@ -28,6 +28,7 @@ from cloudtaskd.series import StatusSeries
 from cloudtaskd.states import COUNTER, TASK_STATES, TERMINAL_TASK_STATES, job_outcome
 from cloudtaskd.status_page import STATUS_HEADERS, STATUS_HTML
 from cloudtaskd.store import Store
+from cloudtaskd.tables import jobs
 
 EVENTS_LIMIT = 1000
 EVENTS_LIMIT_MAX = 10_000
@@ -166,9 +167,7 @@ class ObserveApi:
         now = self.store.clock.now()  # the clock stored times are on (cloudtaskd.clock)
 
         def read(db: sqlite3.Connection) -> dict[str, Any]:
-            jobs = [_job_summary(r, self.waits) for r in db.execute(
-                "SELECT id, pool_id, name, state, state_reason, created_at, finished_at, n_staged, n_queued, n_leased,"
-                " n_failed, n_succeeded, n_dead, n_cancelled FROM jobs ORDER BY id DESC LIMIT ?", (STATUS_JOBS,))]
+            recent = [_job_summary(r, self.waits) for r in jobs.newest_summaries(db, STATUS_JOBS)]
             instances = [
                 {"provider": r[0], "machine_type": r[1] or "", "state": r[2], "count": r[3], "slots": r[4],
                  "price_per_hour": r[5] or 0.0}
@@ -178,7 +177,7 @@ class ObserveApi:
             errors = _with_task_keys(db, db.execute(
                 f"SELECT * FROM events INDEXED BY events_errors WHERE {ERROR_KINDS_SQL}"
                 " ORDER BY id DESC LIMIT ?", (STATUS_ERRORS,)).fetchall())
-            return {"jobs": jobs, "instances": instances, "cost": costs.fleet(db, now), "errors": errors}
+            return {"jobs": recent, "instances": instances, "cost": costs.fleet(db, now), "errors": errors}
 
         body = await self.reads.read(read)
         body.update(version=__version__, daemon_id=self.daemon_id, now=now,

@@ -14,12 +14,10 @@ from dataclasses import dataclass
 from cloudtask_wire import jsonx
 from cloudtaskd.errors import CloudtaskError, no_job
 from cloudtaskd.feeds import FINISHED_KINDS
-from cloudtaskd.states import COUNTER, TASK_STATES, WAITING_TASK_STATES, counter_sum
+from cloudtaskd.states import COUNTER, TASK_STATES, WAITING_TASK_STATES
 from cloudtaskd.store import Tx
+from cloudtaskd.tables import cancels, jobs, meta, purges, uploads
 from cloudtaskd.tables.tasks import first_task_cursor
-
-_COUNTERS = ", ".join(COUNTER[s] for s in TASK_STATES)
-_WAITING_J = counter_sum(WAITING_TASK_STATES, "j.")
 
 PURGE_CHUNK = 10_000  # task rows per delete transaction (housekeeping.chunk_rows in the daemon)
 # Event rows looked at per transaction: a span of rowids, not a count of matches, so a step over a
@@ -39,17 +37,16 @@ def delete_job(tx: Tx, job_id: int) -> Deleted:
     """Delete a job that is over: its row goes now (the API answers "no job N" from this commit on),
     its tasks, results and events a chunk at a time (purge_chunk). A job with unfinished tasks, or
     being cancelled or receiving an upload, is refused: what runs must be cancelled first."""
-    row = tx.db.execute(f"SELECT state, {_COUNTERS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    row = jobs.counters(tx.db, job_id)
     if row is None:
         raise no_job(job_id)
-    state, counts = row[0], dict(zip(TASK_STATES, row[1:], strict=True))
+    state, counts = row["state"], {s: row[COUNTER[s]] for s in TASK_STATES}
     total = sum(counts.values())
-    pending = tx.db.execute("SELECT total, done FROM cancels WHERE job_id = ?", (job_id,)).fetchone()
+    pending = cancels.pending(tx.db, job_id)
     if pending is not None:
-        raise CloudtaskError(f"job {job_id} is being cancelled ({pending[1]} of {pending[0]} tasks so far):"
+        raise CloudtaskError(f"job {job_id} is being cancelled ({pending.done} of {pending.total} tasks so far):"
                              " delete it once the cancel is done")
-    receiving = tx.db.execute("SELECT 1 FROM uploads WHERE job_id = ? AND state IN ('staging', 'committing')",
-                              (job_id,)).fetchone() is not None
+    receiving = uploads.receiving(tx.db, job_id)
     unfinished = sum(counts[s] for s in WAITING_TASK_STATES)
     if unfinished or receiving:
         what = f"{unfinished} unfinished task{'s' if unfinished != 1 else ''}" if unfinished else "an upload under way"
@@ -58,14 +55,12 @@ def delete_job(tx: Tx, job_id: int) -> Deleted:
     task_last = tx.db.execute("SELECT coalesce(max(id), 0) FROM tasks").fetchone()[0]
     event_last = tx.db.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
     cursor = first_task_cursor(tx.db, job_id) if total else task_last
-    tx.db.execute("DELETE FROM uploads WHERE job_id = ?", (job_id,))
-    tx.db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+    uploads.delete_of_job(tx, job_id)
+    jobs.delete(tx, job_id)
     # Ids are not reused after a delete: a newer job with this id would be taken for the old one by
     # whoever kept it (a script, a results file), and its rows would fall under this purge.
-    tx.db.execute("INSERT INTO meta (key, value) VALUES ('last_job_id', ?) ON CONFLICT (key) DO UPDATE"
-                  " SET value = max(CAST(value AS INTEGER), excluded.value)", (job_id,))
-    tx.db.execute("INSERT INTO purges (job_id, task_cursor, task_last, event_cursor, event_last, tasks, started_at)"
-                  " VALUES (?, ?, ?, 0, ?, ?, ?)", (job_id, cursor, task_last, event_last, total, tx.now))
+    meta.raise_last_job_id(tx, job_id)
+    purges.start(tx, job_id, task_cursor=cursor, task_last=task_last, event_last=event_last, tasks=total)
     # Not under the job's id: this event outlives the purge of its events.
     tx.event("job_deleted", detail=jsonx.dumps({"job": job_id, "tasks": total}))
     return Deleted(job_id, total, True)
@@ -73,11 +68,10 @@ def delete_job(tx: Tx, job_id: int) -> Deleted:
 
 def purge_chunk(tx: Tx, job_id: int, limit: int = PURGE_CHUNK) -> bool:
     """Remove the next chunk of a deleted job's tasks, then of its events. True once all are gone."""
-    row = tx.db.execute("SELECT task_cursor, task_last, event_cursor, event_last FROM purges WHERE job_id = ?",
-                        (job_id,)).fetchone()
-    if row is None:
+    at = purges.cursors(tx.db, job_id)
+    if at is None:
         return True
-    task_cursor, task_last, event_cursor, event_last = row
+    task_cursor, task_last, event_cursor, event_last = at.task_cursor, at.task_last, at.event_cursor, at.event_last
     if task_cursor < task_last:
         # NOT INDEXED: a rowid walk from the cursor (queue._staged_chunk says why).
         end = tx.db.execute("SELECT max(id) FROM (SELECT id FROM tasks NOT INDEXED WHERE id > ? AND id <= ?"
@@ -86,7 +80,7 @@ def purge_chunk(tx: Tx, job_id: int, limit: int = PURGE_CHUNK) -> bool:
         end = task_last if end is None else end
         tx.db.execute("DELETE FROM tasks NOT INDEXED WHERE id > ? AND id <= ? AND job_id = ?",
                       (task_cursor, end, job_id))
-        tx.db.execute("UPDATE purges SET task_cursor = ? WHERE job_id = ?", (end, job_id))
+        purges.set_task_cursor(tx, job_id, end)
         return False
     if event_cursor == 0:
         event_cursor = tx.db.execute("SELECT coalesce(min(id), 1) - 1 FROM events").fetchone()[0]
@@ -94,15 +88,11 @@ def purge_chunk(tx: Tx, job_id: int, limit: int = PURGE_CHUNK) -> bool:
         end = min(event_cursor + EVENT_SPAN, event_last)
         tx.db.execute("DELETE FROM events NOT INDEXED WHERE id > ? AND id <= ? AND job_id = ?",
                       (event_cursor, end, job_id))
-        tx.db.execute("UPDATE purges SET event_cursor = ? WHERE job_id = ?", (end, job_id))
+        purges.set_event_cursor(tx, job_id, end)
         return False
-    tasks = tx.db.execute("DELETE FROM purges WHERE job_id = ? RETURNING tasks", (job_id,)).fetchone()[0]
+    tasks = purges.finish(tx, job_id)
     tx.event("job_purged", detail=jsonx.dumps({"job": job_id, "tasks": tasks}))
     return True
-
-
-def purges_pending(db: sqlite3.Connection) -> list[int]:
-    return [r[0] for r in db.execute("SELECT job_id FROM purges ORDER BY started_at").fetchall()]
 
 
 def event_prune_bound(db: sqlite3.Connection, max_rows: int) -> int:
@@ -129,16 +119,3 @@ def prune_events_span(tx: Tx, after: int, older_than: float, count_bound: int) -
         f"DELETE FROM events NOT INDEXED WHERE id > ? AND id <= ? AND NOT (kind IN ({_FINISHED_SQL})"
         " AND job_id IN (SELECT id FROM jobs))", (after, stop)).rowcount
     return stop, deleted, young is None and stop < last
-
-
-def finished_jobs_before(db: sqlite3.Connection, cutoff: float, limit: int = 100) -> list[int]:
-    """Jobs over (nothing unfinished, no cancel or upload under way) that finished before `cutoff`
-    (the daemon clock): the job's finished_at when it has one (a cancel), else its last task's."""
-    rows = db.execute(
-        f"SELECT j.id FROM jobs j WHERE {_WAITING_J} = 0"
-        " AND j.id NOT IN (SELECT job_id FROM cancels)"
-        " AND NOT EXISTS (SELECT 1 FROM uploads u WHERE u.job_id = j.id AND u.state IN ('staging', 'committing'))"
-        " AND coalesce(j.finished_at, (SELECT max(t.finished_at) FROM tasks t WHERE t.job_id = j.id"
-        " AND t.finished_at IS NOT NULL), j.created_at) < ?"
-        " ORDER BY j.id LIMIT ?", (cutoff, limit)).fetchall()
-    return [r[0] for r in rows]

@@ -28,10 +28,8 @@ import structlog
 
 from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.errors import DaemonStopping, no_job
-from cloudtaskd.states import WAITING_TASK_STATES, counter_sum
 from cloudtaskd.store import Store, Tx
-
-_WAITING = counter_sum(WAITING_TASK_STATES)  # a job's unfinished tasks
+from cloudtaskd.tables import jobs
 
 log = structlog.get_logger("cloudtaskd.runs")
 
@@ -59,16 +57,15 @@ def held_reason(job_id: int, owner: str | None) -> str:
 
 def attach_job(tx: Tx, job_id: int, run_id: str, owner: str) -> tuple[bool, int]:
     """The job is this run's from now on; held for a gone run, it goes on. Returns (resumed, pool)."""
-    row = tx.db.execute("SELECT state, pause_cause, pool_id, run_id FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    row = jobs.run_of(tx.db, job_id)
     if row is None:
         raise no_job(job_id)
-    state, cause, pool_id, old_run = row
-    if old_run != run_id:
-        tx.db.execute("UPDATE jobs SET run_id = ?, run_owner = ? WHERE id = ?", (run_id, owner, job_id))
-    if state != "paused" or cause != RUN_GONE:
+    pool_id = int(row["pool_id"])
+    if row["run_id"] != run_id:
+        jobs.set_run(tx, job_id, run_id, owner)
+    if row["state"] != jobs.PAUSED or row["pause_cause"] != RUN_GONE:
         return False, pool_id
-    tx.db.execute("UPDATE jobs SET state = 'active', state_reason = NULL, pause_cause = NULL"
-                  " WHERE id = ? AND state = 'paused' AND pause_cause = ?", (job_id, RUN_GONE))
+    jobs.resume_held(tx, job_id, RUN_GONE)
     tx.event("job_resumed", job_id=job_id, detail=f"a cloudtaskctl run attached again ({owner})")
     return True, pool_id
 
@@ -76,14 +73,12 @@ def attach_job(tx: Tx, job_id: int, run_id: str, owner: str) -> tuple[bool, int]
 def hold_orphans(tx: Tx, live_runs: list[str], live_jobs: list[int]) -> list[tuple[int, str | None]]:
     """Pause every unfinished active job of a run that is not alive. Returns (job, owner) per job held."""
     held = []
-    for job_id, run_id, owner in tx.db.execute(
-            "SELECT id, run_id, run_owner FROM jobs WHERE run_id IS NOT NULL AND state = 'active'"
-            f" AND {_WAITING} > 0").fetchall():
-        if run_id in live_runs or job_id in live_jobs:
+    for row in jobs.unfinished_of_runs(tx.db):
+        job_id, owner = row["id"], row["run_owner"]
+        if row["run_id"] in live_runs or job_id in live_jobs:
             continue
         reason = held_reason(job_id, owner)
-        tx.db.execute("UPDATE jobs SET state = 'paused', state_reason = ?, pause_cause = ?"
-                      " WHERE id = ? AND state = 'active'", (reason, RUN_GONE, job_id))
+        jobs.pause(tx, job_id, reason, RUN_GONE)
         tx.event("job_paused", job_id=job_id, detail=reason)
         held.append((job_id, owner))
     return held

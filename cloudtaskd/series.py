@@ -29,6 +29,7 @@ import structlog
 
 from cloudtaskd.errors import StoreError
 from cloudtaskd.store import Store
+from cloudtaskd.tables import jobs
 
 log = structlog.get_logger("cloudtaskd.series")
 
@@ -52,8 +53,7 @@ class Sample:
 
 def read_sample(db: sqlite3.Connection, now: float, mono: float) -> Sample:
     """Two small queries: the jobs' counters; live instances and their price, grouped."""
-    row = db.execute("SELECT coalesce(sum(n_succeeded), 0), coalesce(sum(n_dead), 0),"
-                     " coalesce(sum(n_queued + n_failed), 0), coalesce(sum(n_leased), 0) FROM jobs").fetchone()
+    row = jobs.totals(db)
     instances: dict[str, int] = {}
     cost: dict[str, float] = {}
     for provider, spot, n, price in db.execute(
@@ -63,7 +63,8 @@ def read_sample(db: sqlite3.Connection, now: float, mono: float) -> Sample:
         instances[key] = instances.get(key, 0) + n
         if provider != "external":  # as costs.fleet: another party pays for an external machine
             cost[provider] = round(cost.get(provider, 0.0) + (price or 0.0), 6)
-    return Sample(t=now, mono=mono, succeeded=row[0], dead=row[1], queued=row[2], leased=row[3],
+    return Sample(t=now, mono=mono, succeeded=row["succeeded"], dead=row["dead"], queued=row["queued"],
+                  leased=row["leased"],
                   instances=instances, cost_per_hour=cost)
 
 

@@ -21,6 +21,7 @@ from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.errors import BadInput, StoreError, no_job
 from cloudtaskd.feeds import ReadGate
 from cloudtaskd.store import Store, Tx
+from cloudtaskd.tables import jobs, pools, uploads
 from cloudtaskd.tables import tasks as queue
 from cloudtaskd.taskfile import TaskFileError, TaskFileParser
 
@@ -61,11 +62,10 @@ class Submissions:
         """The tasks of a task file (chunks of its bytes) added to the job whole, or none of them;
         returns how many. A refused file is a BadInput naming its line."""
         async with self.lock(job_id):
-            job = await self.reads.read(lambda db: db.execute(
-                "SELECT id, pool_id, max_attempts, timeout_s, state FROM jobs WHERE id = ?", (job_id,)).fetchone())
-            if job is None:
+            row = await self.reads.read(lambda db: jobs.for_upload(db, job_id))
+            if row is None:
                 raise no_job(job_id)
-            job = dict(job)
+            job = dict(row)
             upload_id = await self.store.write(queue.create_upload, job_id)
             try:
                 n = await self._stage(chunks, job, source)
@@ -78,9 +78,9 @@ class Submissions:
             try:
                 await queue.finish_upload(self.store, upload_id, job_id, commit=True)
             except StoreError:
-                row = await self.reads.fetchone("SELECT state FROM uploads WHERE id = ?", (upload_id,))
+                state = await self.reads.read(lambda db: uploads.state_of(db, upload_id))
                 self._settle_later(upload_id, job_id, job["pool_id"])
-                if row is None or row["state"] != "committing":
+                if state != uploads.COMMITTING:
                     raise  # nothing was queued: refused whole, the staged rows go when the store can
                 # Past its first chunk an upload is validated and decided: the rest is queued later.
                 log.warning("upload_commit_deferred", upload=upload_id, job=job_id, tasks=n)
@@ -127,13 +127,13 @@ class Submissions:
                 await asyncio.sleep(SETTLE_RETRY_S)
                 try:
                     async with self.lock(job_id):
-                        row = await self.store.fetchone("SELECT state FROM uploads WHERE id = ?", (upload_id,))
-                        state = row["state"] if row is not None else None
-                        if state in ("staging", "committing"):
-                            await queue.finish_upload(self.store, upload_id, job_id, commit=state == "committing")
+                        state = await self.store.read(lambda db: uploads.state_of(db, upload_id))
+                        if state in uploads.RECEIVING:
+                            await queue.finish_upload(self.store, upload_id, job_id,
+                                                      commit=state == uploads.COMMITTING)
                 except StoreError:
                     continue  # the store logs the outage; try again
-                if state == "committing":
+                if state == uploads.COMMITTING:
                     self.dispatcher.notify_work(pool_id)
                 log.info("upload_settled", upload=upload_id, job=job_id, outcome=state)
                 return
@@ -145,30 +145,22 @@ class Submissions:
 
 async def resume_uploads(store: Store) -> None:
     """At start: uploads a crash (or a full disk) left unfinished are finished as their rows say."""
-    rows = await store.fetchall(
-        "SELECT id, job_id, state FROM uploads WHERE state IN ('staging', 'committing')")
-    for r in rows:
+    for r in await store.read(uploads.unfinished):
         # Committing: it was validated whole, finish it. Staging: the client never got an ack.
-        await queue.finish_upload(store, r["id"], r["job_id"], commit=r["state"] == "committing")
+        await queue.finish_upload(store, r["id"], r["job_id"], commit=r["state"] == uploads.COMMITTING)
         log.info("upload_resumed", upload=r["id"], job=r["job_id"], outcome=r["state"])
 
 
 def _create_job(tx: Tx, name: str, digest: str, opts: dict[str, Any], timeout: float | None, config: Config) -> int:
-    row = tx.db.execute("SELECT id, spec FROM pools WHERE digest = ?", (digest,)).fetchone()
-    if row is None:
+    pool = pools.by_digest(tx.db, digest)
+    if pool is None:
         raise BadInput(f"worker {digest[:16]!r} is unknown: upload it first (POST /v1/workers)", field="worker")
-    spec = WorkerSpec.from_dict(json.loads(row[1]))
+    spec = WorkerSpec.from_dict(json.loads(pool["spec"]))
     timeout_s = timeout or spec.timeout or config.queue.task_timeout_s or None
-    # Above every id a deleted job had (retention.delete_job): an id names one job, ever.
-    cur = tx.db.execute(
-        "INSERT INTO jobs (id, name, pool_id, state, created_at, max_attempts, timeout_s, max_instances, policy,"
-        " max_total_cost, run_id, run_owner, submission) VALUES (max(coalesce((SELECT max(id) FROM jobs), 0),"
-        " coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'last_job_id'), 0)) + 1, ?, ?, 'active', ?, ?,"
-        " ?, ?, ?, ?, ?, ?, ?)",
-        (name, row[0], tx.now, opts["max_attempts"] or config.queue.max_attempts, timeout_s, opts["max_instances"],
-         json.dumps(opts["policy"].to_dict()), opts["max_total_cost"],
-         *((run["id"], run["owner"], run["submission"]) if (run := opts.get("run")) else (None, None, None))),
-    )
-    job_id = int(cur.lastrowid or 0)
+    run = opts.get("run") or {}
+    job_id = jobs.create(tx, name=name, pool_id=pool["id"],
+                         max_attempts=opts["max_attempts"] or config.queue.max_attempts, timeout_s=timeout_s, max_instances=opts["max_instances"],
+                         policy=json.dumps(opts["policy"].to_dict()), max_total_cost=opts["max_total_cost"],
+                         run_id=run.get("id"), run_owner=run.get("owner"), submission=run.get("submission"))
     tx.event("job_created", job_id=job_id, detail=json.dumps({"name": name}))
     return job_id

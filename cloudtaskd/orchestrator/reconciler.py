@@ -38,14 +38,15 @@ from cloudtaskd.orchestrator.selection import Candidate, Needs, Policy, combine,
 from cloudtaskd.orchestrator.waits import Limits, explain
 from cloudtaskd.providers.base import LaunchSpec, Offer, Provider
 from cloudtaskd.redact import redact
-from cloudtaskd.states import OPEN_TASK_STATES, InstanceEvent, InstanceState, counter_sum
+from cloudtaskd.states import InstanceEvent, InstanceState
 from cloudtaskd.store import Store, Tx
 from cloudtaskd.tables import instances
+from cloudtaskd.tables import jobs as job_rows
+from cloudtaskd.tables import pools as pool_rows
 from cloudtaskd.tables import tasks as queue
 
 log = structlog.get_logger("cloudtaskd.reconciler")
 
-_OPEN_COUNTERS = counter_sum(OPEN_TASK_STATES, "j.")  # a pool's outstanding tasks, summed over its jobs
 
 RECENT_TASKS = 200  # finished tasks per job that estimate the task duration
 BUDGET_HORIZON_S = 60.0  # a job is paused when its spend would pass max_total_cost within this
@@ -140,8 +141,7 @@ class Reconciler:
         paused = await self.store.write(costs.pause_over_budget, horizon)
         for job_id, pool_id, message in paused:
             log.warning("job_paused", job=job_id, reason=message)
-            still = await self.store.fetchone("SELECT 1 FROM jobs WHERE pool_id = ? AND state = 'active'", (pool_id,))
-            if still is None:
+            if not await self.store.read(partial(job_rows.any_active, pool_id=pool_id)):
                 for row in await self.store.fetchall(
                         "SELECT id FROM instances WHERE pool_id = ? AND state = 'running'", (pool_id,)):
                     await self.drain(row["id"])
@@ -418,8 +418,7 @@ class Reconciler:
                   " then `cloudtaskctl resume JOB`, submit again or reload the config to try again")
 
         def tx_(tx: Tx) -> None:
-            jobs = [r[0] for r in tx.db.execute(
-                "SELECT id FROM jobs WHERE pool_id = ? AND state = 'active'", (pool_id,)).fetchall()]
+            jobs: list[int | None] = [*job_rows.active_ids(tx.db, pool_id)]
             for job_id in jobs or [None]:
                 tx.event("offer_blocked", job_id=job_id, instance_id=inst, detail=detail)
 
@@ -435,11 +434,9 @@ class Reconciler:
                    f" the same way ({reasons}). Fix the cause, then `cloudtaskctl resume JOB`")
 
         def tx_(tx: Tx) -> list[int]:
-            jobs = [r[0] for r in tx.db.execute(
-                "SELECT id FROM jobs WHERE pool_id = ? AND state = 'active'", (pool_id,)).fetchall()]
+            jobs = job_rows.active_ids(tx.db, pool_id)
             for job_id in jobs:
-                tx.db.execute("UPDATE jobs SET state = 'paused', state_reason = ?, pause_cause = 'launch_failures'"
-                              " WHERE id = ? AND state = 'active'", (message.replace("JOB", str(job_id)), job_id))
+                job_rows.pause(tx, job_id, message.replace("JOB", str(job_id)), job_rows.LAUNCH_FAILURES)
                 tx.event("job_paused", job_id=job_id, detail=message.replace("JOB", str(job_id)))
             return jobs
 
@@ -449,12 +446,7 @@ class Reconciler:
 
     async def pool_views(self, now: float) -> list[tuple[PoolView, dict[str, Any]]]:
         def read(db: Any) -> tuple[list[Any], list[Any], dict[str, int], dict[int, float], dict[int, list[Policy]]]:
-            pools = db.execute(
-                f"SELECT p.id, p.digest, p.spec, p.path, sum({_OPEN_COUNTERS}) AS outstanding,"
-                " sum(j.n_queued) AS queued, max(coalesce(j.max_instances, 0)) AS job_max,"
-                " group_concat(j.id) AS job_ids"
-                " FROM pools p JOIN jobs j ON j.pool_id = p.id WHERE j.state = 'active' GROUP BY p.id"
-            ).fetchall()
+            pools = pool_rows.with_active_jobs(db)
             instances = db.execute(
                 "SELECT id, provider, pool_id, state, slots, price_per_hour, at_risk_since IS NOT NULL AS at_risk,"
                 " json_extract(offer, '$.key') AS offer_key FROM instances"
@@ -462,8 +454,8 @@ class Reconciler:
             ).fetchall()
             leases = queue.leases_by_instance(db)
             policies: dict[int, list[Policy]] = defaultdict(list)
-            for pool_id, raw in db.execute("SELECT pool_id, policy FROM jobs WHERE state = 'active'"):
-                policies[pool_id].append(Policy.from_dict(json.loads(raw or "{}")))
+            for row in job_rows.active_policies(db):
+                policies[row["pool_id"]].append(Policy.from_dict(json.loads(row["policy"] or "{}")))
             durations = {}
             for p in pools:
                 # The latest results say how long a task takes now: per job, so that the index on

@@ -25,6 +25,7 @@ from cloudtaskd.errors import BadInput, CloudtaskError, TransitionError, no_job
 from cloudtaskd.states import TaskEvent as E
 from cloudtaskd.states import TaskState as S
 from cloudtaskd.store import Store, Tx, task_edge
+from cloudtaskd.tables import cancels, jobs, uploads
 from cloudtaskd.tables.bulk import bulk
 from cloudtaskd.taskfile import ParsedTask
 
@@ -57,15 +58,12 @@ def _ids_json(ids: list[int]) -> str:
 
 
 def create_upload(tx: Tx, job_id: int) -> int:
-    row = tx.db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
-    if row is None:
+    state = jobs.state_of(tx.db, job_id)
+    if state is None:
         raise no_job(job_id)
-    if row[0] != "active":
-        raise BadInput(f"job {job_id} is {row[0]}; tasks can only be added to an active job")
-    cur = tx.db.execute(
-        "INSERT INTO uploads (job_id, state, created_at) VALUES (?, 'staging', ?)", (job_id, tx.now)
-    )
-    return int(cur.lastrowid or 0)
+    if state != jobs.ACTIVE:
+        raise BadInput(f"job {job_id} is {state}; tasks can only be added to an active job")
+    return uploads.create(tx, job_id)
 
 
 def stage_tasks(tx: Tx, job: dict[str, Any], batch: list[ParsedTask], source: str) -> None:
@@ -95,8 +93,7 @@ def stage_tasks(tx: Tx, job: dict[str, Any], batch: list[ParsedTask], source: st
     # consecutive rowids (one writer, max + 1 each), and every later row of the upload comes
     # above its own earlier rows, which stay until the commit.
     first = int(tx.db.execute("SELECT last_insert_rowid()").fetchone()[0]) - len(rows) + 1
-    tx.db.execute("UPDATE uploads SET n_tasks = n_tasks + ?, start_after = min(coalesce(start_after, ?), ?)"
-                  " WHERE job_id = ? AND state = 'staging'", (len(rows), first - 1, first - 1, job["id"]))
+    uploads.add_staged(tx, job["id"], len(rows), first - 1)
 
 
 def _duplicate_error(db: sqlite3.Connection, job_id: int, batch: list[ParsedTask], source: str) -> BadInput:
@@ -137,7 +134,7 @@ def reject_upload_chunk(tx: Tx, upload_id: int, job_id: int, after_id: int = 0,
     ids = _staged_chunk(tx, job_id, after_id, limit, "DELETE FROM tasks")
     tx.count(job_id, S.STAGED, None, len(ids))
     if len(ids) < limit:
-        tx.db.execute("UPDATE uploads SET state = 'rejected' WHERE id = ?", (upload_id,))
+        uploads.set_state(tx, upload_id, uploads.REJECTED)
         return None
     return max(ids)
 
@@ -146,9 +143,8 @@ def commit_upload_chunk(tx: Tx, upload_id: int, job_id: int, after_id: int = 0,
                         limit: int = COMMIT_CHUNK) -> int | None:
     """Make a chunk of staged tasks visible. The upload was validated whole before the first
     chunk; a crash part-way is finished at start-up. Returns the cursor, None when done."""
-    tx.db.execute("UPDATE uploads SET state = 'committing' WHERE id = ? AND state = 'staging'", (upload_id,))
-    job = tx.db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
-    if job is not None and job[0] == "cancelled":
+    uploads.set_committing(tx, upload_id)
+    if jobs.state_of(tx.db, job_id) == jobs.CANCELLED:
         # Cancelled while the upload streamed in: what arrives is recorded, as cancelled, never run.
         ids = _staged_chunk(tx, job_id, after_id, limit, "UPDATE tasks SET state = 'cancelled', finished_at = ?",
                             (tx.now,))
@@ -159,8 +155,8 @@ def commit_upload_chunk(tx: Tx, upload_id: int, job_id: int, after_id: int = 0,
         ids = _staged_chunk(tx, job_id, after_id, limit, "UPDATE tasks SET state = 'queued'")
         tx.count(job_id, S.STAGED, S.QUEUED, len(ids))
     if len(ids) < limit:
-        n = tx.db.execute("SELECT n_tasks FROM uploads WHERE id = ?", (upload_id,)).fetchone()[0]
-        tx.db.execute("UPDATE uploads SET state = 'committed' WHERE id = ?", (upload_id,))
+        n = uploads.n_tasks(tx.db, upload_id)
+        uploads.set_state(tx, upload_id, uploads.COMMITTED)
         tx.event(E.UPLOAD_COMMITTED.value, job_id=job_id, detail=jsonx.dumps({"tasks": n, "upload": upload_id}))
         return None
     return max(ids)
@@ -170,8 +166,7 @@ async def finish_upload(store: Store, upload_id: int, job_id: int, *, commit: bo
     """Queue (commit=True) or discard a staged upload, one short transaction per chunk so that
     dispatch keeps running between them."""
     step = commit_upload_chunk if commit else reject_upload_chunk
-    row = await store.fetchone("SELECT start_after FROM uploads WHERE id = ?", (upload_id,))
-    cursor: int | None = int(row[0]) if row is not None and row[0] is not None else 0
+    cursor: int | None = await store.read(lambda db: uploads.start_after(db, upload_id))
     while cursor is not None:
         cursor = await store.write(step, upload_id, job_id, cursor)
 
@@ -576,10 +571,9 @@ class CancelProgress:
 def first_task_cursor(db: sqlite3.Connection, job_id: int) -> int:
     """A rowid below every task of the job, for a walk over its tasks: from where its first upload
     began (uploads.start_after), else the lowest rowid through the (job_id, key) index (older rows)."""
-    row = db.execute("SELECT min(start_after), count(*), count(start_after) FROM uploads WHERE job_id = ?",
-                     (job_id,)).fetchone()
-    if row[1] and row[1] == row[2]:
-        return int(row[0])
+    start = uploads.job_start(db, job_id)
+    if start is not None:
+        return start
     low = db.execute("SELECT min(id) FROM tasks WHERE job_id = ?", (job_id,)).fetchone()[0]
     return int(low) - 1 if low is not None else 0
 
@@ -589,18 +583,17 @@ def cancel_job(tx: Tx, job_id: int) -> CancelProgress:
     skips the jobs in `cancels`); its unfinished tasks are cancelled by cancel_chunk, one short
     transaction each, so a million of them never hold the writer (issue 15). Cancelling a job that is
     being cancelled answers its progress."""
-    row = tx.db.execute("SELECT state, n_queued, n_leased, n_failed FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    row = jobs.counters(tx.db, job_id)
     if row is None:
         raise no_job(job_id)
-    pending = tx.db.execute("SELECT total, done FROM cancels WHERE job_id = ?", (job_id,)).fetchone()
+    pending = cancels.pending(tx.db, job_id)
     if pending is not None:
-        return CancelProgress(job_id, pending[0], pending[1], False)
-    total = row[1] + row[2] + row[3]
-    tx.db.execute("UPDATE jobs SET state = 'cancelled', finished_at = ? WHERE id = ?", (tx.now, job_id))
+        return CancelProgress(job_id, pending.total, pending.done, False)
+    total = sum(row[states.COUNTER[s]] for s in states.OPEN_TASK_STATES)
+    jobs.cancel(tx, job_id)
     tx.event("job_cancelled", job_id=job_id, detail=jsonx.dumps({"tasks": total}))
     if total:
-        tx.db.execute("INSERT INTO cancels (job_id, cursor, total, started_at) VALUES (?, ?, ?, ?)",
-                      (job_id, first_task_cursor(tx.db, job_id), total, tx.now))
+        cancels.start(tx, job_id, first_task_cursor(tx.db, job_id), total)
     return CancelProgress(job_id, total, 0, total == 0)
 
 
@@ -608,10 +601,10 @@ def cancel_chunk(tx: Tx, job_id: int, limit: int = CANCEL_CHUNK) -> CancelProgre
     """Cancel the unfinished tasks among the job's next `limit` tasks in rowid order. Everything here
     is bounded by the chunk: an event row and a counter per task are written by SQL, and only the
     chunk's leases (for the revoke) come back to Python."""
-    pending = tx.db.execute("SELECT cursor, total, done FROM cancels WHERE job_id = ?", (job_id,)).fetchone()
+    pending = cancels.pending(tx.db, job_id)
     if pending is None:  # finished meanwhile (another chunk, a restart)
         return CancelProgress(job_id, 0, 0, True)
-    cursor, total, done = pending
+    cursor, total, done = pending.cursor, pending.total, pending.done
     # NOT INDEXED: a rowid walk from the cursor (through the (job_id, key) index each chunk would
     # rescan every row already passed, as _staged_chunk explains).
     end, seen = tx.db.execute("SELECT max(id), count(*) FROM (SELECT id FROM tasks NOT INDEXED WHERE id > ?"
@@ -641,14 +634,14 @@ def cancel_chunk(tx: Tx, job_id: int, limit: int = CANCEL_CHUNK) -> CancelProgre
         # The window held the job's last tasks: the cancel ends in this transaction, so a delete
         # right after a small job's cancel is not refused as "being cancelled".
         return _cancel_finished(tx, job_id, total, done + n, revoke)
-    tx.db.execute("UPDATE cancels SET cursor = ?, done = done + ? WHERE job_id = ?", (end, n, job_id))
+    cancels.advance(tx, job_id, end, n)
     return CancelProgress(job_id, total, done + n, False, revoke)
 
 
 def _cancel_finished(tx: Tx, job_id: int, total: int, done: int,
                      revoke: list[tuple[int, str | None]] | None = None) -> CancelProgress:
-    tx.db.execute("DELETE FROM cancels WHERE job_id = ?", (job_id,))
-    tx.db.execute("UPDATE jobs SET finished_at = ? WHERE id = ?", (tx.now, job_id))
+    cancels.finish(tx, job_id)
+    jobs.set_finished(tx, job_id)
     tx.event("job_cancel_finished", job_id=job_id, detail=jsonx.dumps({"tasks": done}))
     return CancelProgress(job_id, total, done, True, revoke or [])
 
@@ -665,35 +658,30 @@ async def cancel_all(store: Store, job_id: int, limit: int = CANCEL_CHUNK) -> Ca
     return progress
 
 
-def cancels_pending(db: sqlite3.Connection) -> list[int]:
-    """Jobs whose cancel has chunks left (a restart finishes them)."""
-    return [r[0] for r in db.execute("SELECT job_id FROM cancels ORDER BY started_at").fetchall()]
-
-
 # The states a user's retry queues again: every one with a RETRY_REQUESTED edge.
 _RETRYABLE_SQL = states.sql_in(states.task_sources(E.RETRY_REQUESTED))
 
 
 def retry_job(tx: Tx, job_id: int) -> int:
     """Queue dead and cancelled tasks again with a fresh failure count. Returns how many."""
-    row = tx.db.execute("SELECT pool_id FROM jobs WHERE id = ?", (job_id,)).fetchone()
-    if row is None:
+    counts = jobs.counters(tx.db, job_id)
+    if counts is None:
         raise no_job(job_id)
-    pending = tx.db.execute("SELECT total, done FROM cancels WHERE job_id = ?", (job_id,)).fetchone()
+    pending = cancels.pending(tx.db, job_id)
     if pending is not None:  # its chunks would cancel again what a retry queued
-        raise CloudtaskError(f"job {job_id} is being cancelled ({pending[1]} of {pending[0]} tasks so far):"
+        raise CloudtaskError(f"job {job_id} is being cancelled ({pending.done} of {pending.total} tasks so far):"
                              " retry it once the cancel is done")
     rows = tx.db.execute(
         "UPDATE tasks SET state = 'queued', failures = 0, finished_at = NULL, error = NULL, run_at = NULL"
         f" WHERE job_id = ? AND state IN {_RETRYABLE_SQL} RETURNING id",
         (job_id,),
     ).fetchall()
-    counts = tx.db.execute("SELECT n_dead, n_cancelled FROM jobs WHERE id = ?", (job_id,)).fetchone()
-    tx.count(job_id, S.DEAD, S.QUEUED, counts[0])
-    tx.count(job_id, S.CANCELLED, S.QUEUED, counts[1])
-    if counts[0] + counts[1] != len(rows):
+    dead, cancelled = counts[states.COUNTER[S.DEAD]], counts[states.COUNTER[S.CANCELLED]]
+    tx.count(job_id, S.DEAD, S.QUEUED, dead)
+    tx.count(job_id, S.CANCELLED, S.QUEUED, cancelled)
+    if dead + cancelled != len(rows):
         raise TransitionError(f"job {job_id}: counters disagree with tasks; run the store check")
-    tx.db.execute("UPDATE jobs SET state = 'active', finished_at = NULL WHERE id = ?", (job_id,))
+    jobs.reactivate(tx, job_id)
     tx.event(E.RETRY_REQUESTED.value, job_id=job_id, detail=jsonx.dumps({"tasks": len(rows)}))
     return len(rows)
 
@@ -701,18 +689,16 @@ def retry_job(tx: Tx, job_id: int) -> int:
 def withdraw_job(tx: Tx, job_id: int) -> None:
     """Remove a job that never held a task (its only upload was refused), with its events: a refused
     submission leaves nothing behind. A job that holds or is receiving tasks is refused."""
-    row = tx.db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone()
-    if row is None:
+    if not jobs.exists(tx.db, job_id):
         raise no_job(job_id)
     if tx.db.execute("SELECT 1 FROM tasks WHERE job_id = ? LIMIT 1", (job_id,)).fetchone() is not None:
         raise BadInput(f"job {job_id} holds tasks: only a job that never received any can be withdrawn"
                        " (cancel it instead)")
-    if tx.db.execute("SELECT 1 FROM uploads WHERE job_id = ? AND state IN ('staging', 'committing')",
-                     (job_id,)).fetchone() is not None:
+    if uploads.receiving(tx.db, job_id):
         raise BadInput(f"job {job_id} is receiving tasks: it cannot be withdrawn now")
-    tx.db.execute("DELETE FROM uploads WHERE job_id = ?", (job_id,))
+    uploads.delete_of_job(tx, job_id)
     tx.db.execute("DELETE FROM events WHERE job_id = ?", (job_id,))
-    tx.db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+    jobs.delete(tx, job_id)
 
 
 def check_counters(db: sqlite3.Connection) -> list[str]:
@@ -721,11 +707,11 @@ def check_counters(db: sqlite3.Connection) -> list[str]:
     truth: dict[tuple[int, str], int] = {
         (r[0], r[1]): r[2] for r in db.execute("SELECT job_id, state, count(*) FROM tasks GROUP BY job_id, state")
     }
-    cols = ", ".join(f"n_{s.value}" for s in S)
-    for row in db.execute(f"SELECT id, {cols} FROM jobs"):
-        for i, s in enumerate(S):
-            if row[i + 1] != truth.get((row[0], s.value), 0):
-                problems.append(f"job {row[0]} n_{s.value}={row[i + 1]} but {truth.get((row[0], s.value), 0)} rows")
+    for row in jobs.every_counter(db):
+        for s in S:
+            n, rows = row[states.COUNTER[s]], truth.get((row["id"], s.value), 0)
+            if n != rows:
+                problems.append(f"job {row['id']} n_{s.value}={n} but {rows} rows")
     return problems
 
 

@@ -17,6 +17,7 @@ from cloudtaskd.config import Config, EventsConfig, RetentionConfig, ScalingConf
 from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.housekeeping import Housekeeper
 from cloudtaskd.store import Store, Tx
+from cloudtaskd.tables import cancels
 from cloudtaskd.tables import tasks as queue
 from cloudtaskd.taskfile import ParsedTask
 from tests import paths
@@ -67,7 +68,7 @@ async def test_cancel_in_chunks_leaves_others_dispatching_and_cancels_each_task_
     assert (progress.total, progress.done, progress.finished) == (20_000, 0, False)
     granted_between: list[dict[str, Any]] = []
     chunks = 0
-    while await store.read(queue.cancels_pending):
+    while await store.read(cancels.jobs):
         encoded = await store.write(queue.lease, "inst-b", 1 if same_pool else 2, 10, 30.0)
         granted_between += [json.loads(t) for t in encoded]
         assert await keeper.step()

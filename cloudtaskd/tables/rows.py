@@ -1,0 +1,22 @@
+"""Rows read by column name on either connection: the writer's rows are plain tuples (its row
+factory is left alone so the hot statements build no Row objects), so a table module asks for named
+rows per cursor here."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+
+def one(db: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
+    cur = db.cursor()
+    cur.row_factory = sqlite3.Row
+    row: sqlite3.Row | None = cur.execute(sql, params).fetchone()
+    return row
+
+
+def every(db: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    cur = db.cursor()
+    cur.row_factory = sqlite3.Row
+    return cur.execute(sql, params).fetchall()
