@@ -159,7 +159,8 @@ def _create_job(tx: Tx, name: str, digest: str, opts: dict[str, Any], timeout: f
     timeout_s = timeout or spec.timeout or config.queue.task_timeout_s or None
     run = opts.get("run") or {}
     job_id = jobs.create(tx, name=name, pool_id=pool["id"],
-                         max_attempts=opts["max_attempts"] or config.queue.max_attempts, timeout_s=timeout_s, max_instances=opts["max_instances"],
+                         max_attempts=opts["max_attempts"] or config.queue.max_attempts, timeout_s=timeout_s,
+                         max_instances=opts["max_instances"],
                          policy=json.dumps(opts["policy"].to_dict()), max_total_cost=opts["max_total_cost"],
                          run_id=run.get("id"), run_owner=run.get("owner"), submission=run.get("submission"))
     tx.event("job_created", job_id=job_id, detail=json.dumps({"name": name}))
