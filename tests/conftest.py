@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg
+import psycopg
 import pytest
 
 from cloudtaskd.config import AgentsConfig, Config, QueueConfig, ScalingConfig
@@ -186,7 +186,7 @@ def pg_server() -> Iterator[pg_mod.PostgresServer]:
 async def pg_dsn(pg_server: pg_mod.PostgresServer) -> AsyncIterator[str]:
     """A fresh, empty database on the session's server, dropped after the test: its DSN."""
     name = f"t{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(pg_server.dsn())
+    admin = await psycopg.AsyncConnection.connect(pg_server.dsn(), autocommit=True)
     try:
         await admin.execute(f"CREATE DATABASE {name} TEMPLATE template0")
     finally:
@@ -194,7 +194,7 @@ async def pg_dsn(pg_server: pg_mod.PostgresServer) -> AsyncIterator[str]:
     yield pg_server.dsn(name)
     if not pg_server.running():
         pg_server.start()  # a test that stopped it
-    admin = await asyncpg.connect(pg_server.dsn())
+    admin = await psycopg.AsyncConnection.connect(pg_server.dsn(), autocommit=True)
     try:
         await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
     finally:
