@@ -242,6 +242,41 @@ class Tx:
         return target
 
 
+def run_tx(db: sqlite3.Connection, now: float, fn: Callable[..., T], args: tuple[Any, ...]) -> tuple[T, bool]:
+    """The body of every write transaction, on either database (the caller begins and commits it):
+    fn(tx, *args), then the buffered counters and events. Returns fn's result and whether the
+    transaction wrote event rows (the commit then wakes the event followers)."""
+    tx = Tx(db, now)
+    out = fn(tx, *args)
+    wrote_events = bool(tx.events) or tx.sql_events
+    tx.flush()
+    return out, wrote_events
+
+
+class EventWaits:
+    """The wake-up of GET /v1/events' long polls, shared by both stores: one fresh Event per commit
+    that wrote events, the old one set."""
+
+    def __init__(self) -> None:
+        self._events_signal = asyncio.Event()
+        self.stopping = False  # set by end_waits(): long polls answer at once
+
+    def events_signal(self) -> asyncio.Event:
+        """Set once the next transaction that writes event rows has committed. Take it before
+        reading the events, so that a commit between the read and the wait is not missed."""
+        return self._events_signal
+
+    def end_waits(self) -> None:
+        """The daemon is stopping: whoever waits for events is woken and waits no more (a long
+        poll would otherwise hold the control API's shutdown for its whole wait)."""
+        self.stopping = True
+        self._events_signal.set()
+
+    def _events_committed(self) -> None:
+        signal, self._events_signal = self._events_signal, asyncio.Event()
+        signal.set()
+
+
 def task_edge(src: TaskState, dst: TaskState) -> None:
     """Assert an edge is in the table (the bulk SQL in tables/tasks.py states its edges through this)."""
     if not any(s == src and d == dst for (s, _), d in TASK_TRANSITIONS.items()):
@@ -256,8 +291,9 @@ async def _on_thread(conn: aiosqlite.Connection, fn: Callable[[sqlite3.Connectio
     return result
 
 
-class Store:
+class Store(EventWaits):
     def __init__(self, path: Path, clock: DaemonClock | None = None) -> None:
+        super().__init__()
         self.path = path
         # The time every transaction sees as tx.now: monotonic while the daemon runs (cloudtaskd.clock).
         self.clock = clock if clock is not None else DaemonClock()
@@ -266,8 +302,6 @@ class Store:
         self._checkpointer: aiosqlite.Connection | None = None
         self._checkpoints: asyncio.Task[None] | None = None
         self._write_lock = WriteLock()
-        self._events_signal = asyncio.Event()
-        self.stopping = False  # set by end_waits(): long polls answer at once
         # Since when (self.clock) writes have failed for a full disk; None while they succeed. The
         # outage is logged when it starts and when it ends, not once per failed write.
         self.full_since: float | None = None
@@ -290,17 +324,6 @@ class Store:
             log.warning("state_disk_writable_again", path=str(self.path.parent),
                         outage_s=round(self.clock.now() - self.full_since, 3))
             self.full_since = None
-
-    def events_signal(self) -> asyncio.Event:
-        """Set once the next transaction that writes event rows has committed. Take it before
-        reading the events, so that a commit between the read and the wait is not missed."""
-        return self._events_signal
-
-    def end_waits(self) -> None:
-        """The daemon is stopping: whoever waits for events is woken and waits no more (a long
-        poll would otherwise hold the control API's shutdown for its whole wait)."""
-        self.stopping = True
-        self._events_signal.set()
 
     async def _connect(self) -> aiosqlite.Connection:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, nothing implicit.
@@ -442,10 +465,7 @@ class Store:
             db.execute("BEGIN IMMEDIATE")
             try:
                 before = db.total_changes
-                tx = Tx(db, stamp)
-                out = fn(tx, *args)
-                wrote_events = bool(tx.events) or tx.sql_events
-                tx.flush()
+                out, wrote_events = run_tx(db, stamp, fn, args)
                 db.execute("COMMIT")
                 changed = db.total_changes != before
                 return out
@@ -462,9 +482,7 @@ class Store:
         if changed:  # an empty transaction (the health check) succeeds on a full disk too
             self._wrote()
         if wrote_events:
-            # Wake the long polls of GET /v1/events: one fresh Event per commit, the old one set.
-            signal, self._events_signal = self._events_signal, asyncio.Event()
-            signal.set()
+            self._events_committed()  # wake the long polls of GET /v1/events
         return out
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg
+import psycopg
 import pytest
 
 from cloudtaskd.config import AgentsConfig, Config, QueueConfig, ScalingConfig
+from cloudtaskd.pg.store import PgStore
 from cloudtaskd.runtime import RuntimeBuilder
 from cloudtaskd.store import Store
 from tests.fakes import postgres as pg_mod
@@ -124,11 +125,34 @@ def sshd(tmp_path: Path) -> Iterator[sshd_mod.Sshd]:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
+def store(sqlite_store: Store) -> Store:
+    return sqlite_store
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[Store]:
     s = Store(tmp_path / "test.db")
     await s.open()
     yield s
     await s.close()
+
+
+@pytest.fixture
+async def pg_store(pg_dsn: str) -> AsyncIterator[PgStore]:
+    """The PostgreSQL store on a fresh database of the session's server."""
+    s = PgStore(pg_dsn)
+    await s.open()
+    yield s
+    await s.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def both_stores(request: pytest.FixtureRequest) -> Store:
+    """The store on each backend in turn: a module runs its tests on both by defining
+    `store(both_stores)`. PgStore has the doors of Store; tests call it through them."""
+    if request.param == "sqlite":
+        return request.getfixturevalue("sqlite_store")  # type: ignore[no-any-return]
+    return request.getfixturevalue("pg_store")  # type: ignore[no-any-return]
 
 
 class UnixApi:
@@ -186,7 +210,7 @@ def pg_server() -> Iterator[pg_mod.PostgresServer]:
 async def pg_dsn(pg_server: pg_mod.PostgresServer) -> AsyncIterator[str]:
     """A fresh, empty database on the session's server, dropped after the test: its DSN."""
     name = f"t{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(pg_server.dsn())
+    admin = await psycopg.AsyncConnection.connect(pg_server.dsn(), autocommit=True)
     try:
         await admin.execute(f"CREATE DATABASE {name} TEMPLATE template0")
     finally:
@@ -194,7 +218,7 @@ async def pg_dsn(pg_server: pg_mod.PostgresServer) -> AsyncIterator[str]:
     yield pg_server.dsn(name)
     if not pg_server.running():
         pg_server.start()  # a test that stopped it
-    admin = await asyncpg.connect(pg_server.dsn())
+    admin = await psycopg.AsyncConnection.connect(pg_server.dsn(), autocommit=True)
     try:
         await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
     finally:

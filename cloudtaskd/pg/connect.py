@@ -10,12 +10,15 @@ text included).
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import ssl
-from typing import TYPE_CHECKING, Any, TypeAlias
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
-import asyncpg
+import psycopg
+from psycopg import errors as pgerrors
 
 from cloudtaskd import redact
 from cloudtaskd.errors import DatabaseUnavailable
@@ -26,15 +29,8 @@ APPLICATION_NAME = "cloudtaskd"  # shown in pg_stat_activity: which sessions are
 _SECRET_PARAMS = ("password", "sslpassword")  # query parameters that hold a secret
 DSN_FORM = "postgresql://USER:PASSWORD@HOST:PORT/DBNAME"
 
-if TYPE_CHECKING:  # the stubs make them generic in the record type; at run time they are not
-    Connection: TypeAlias = asyncpg.Connection[asyncpg.Record]
-    Pool: TypeAlias = asyncpg.Pool[asyncpg.Record]
-    # What a query may run on: a connection of our own or one lent by the pool.
-    AnyConnection: TypeAlias = Connection | asyncpg.pool.PoolConnectionProxy[asyncpg.Record]
-else:
-    Connection = asyncpg.Connection
-    Pool = asyncpg.Pool
-    AnyConnection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+# An async connection of ours: autocommit (no session left idle in a transaction), rows as tuples.
+Connection = psycopg.AsyncConnection[tuple[object, ...]]
 
 
 def shown(dsn: str) -> str:
@@ -80,40 +76,59 @@ def _where(dsn: str) -> str:
     return f"{hosts}{parts.path or ''}"
 
 
+# libpq reports a failed connection as an OperationalError with no SQLSTATE: its text is all there is.
+# These are libpq's and the server's own messages (English unless lc_messages says otherwise).
+_REFUSED_USER = re.compile(r"password authentication failed|no pg_hba\.conf entry|role \".*\" does not exist"
+                           r"|password supplied|SCRAM|authentication failed")
+_NO_DATABASE = re.compile(r"database \".*\" does not exist")
+_NO_SLOT = re.compile(r"too many clients|remaining connection slots")
+_STARTING = re.compile(r"the database system is (starting up|shutting down|in recovery mode)|"
+                       r"terminating connection due to administrator command")
+_NO_HOST = re.compile(r"could not translate host name")
+_TIMEOUT = re.compile(r"timeout expired")
+_REFUSED = re.compile(r"Connection refused")
+_TLS = re.compile(r"SSL|certificate")
+
+
 def translate(exc: BaseException, dsn: str, *, timeout_s: float = CONNECT_TIMEOUT_S) -> DatabaseUnavailable:
     """A connection failure as an error a person can act on (raise it `from exc`)."""
     where, user = _where(dsn), urlsplit(dsn).username or "(default user)"
     show = shown(dsn)
-    pg = asyncpg.exceptions
-    if isinstance(exc, pg.InvalidPasswordError | pg.InvalidAuthorizationSpecificationError):
+    text = str(exc)
+    if isinstance(exc, pgerrors.InvalidPassword | pgerrors.InvalidAuthorizationSpecification) or (
+            isinstance(exc, psycopg.OperationalError) and _REFUSED_USER.search(text)):
         return DatabaseUnavailable(show, f"PostgreSQL at {where} refused user {user!r}: wrong password, or no "
                                    "pg_hba.conf line lets it in; fix the user or password in `database`",
                                    retryable=False)
-    if isinstance(exc, pg.InvalidCatalogNameError):
+    if isinstance(exc, pgerrors.InvalidCatalogName) or (
+            isinstance(exc, psycopg.OperationalError) and _NO_DATABASE.search(text)):
         return DatabaseUnavailable(show, f"no such database at {where}: create it (CREATE DATABASE) or fix the "
                                    "name in `database`", retryable=False)
-    if isinstance(exc, pg.InsufficientPrivilegeError):
+    if isinstance(exc, pgerrors.InsufficientPrivilege):
         return DatabaseUnavailable(show, f"user {user!r} may not do this at {where}: {exc}; grant it the "
                                    "rights on that database (CONNECT, CREATE)", retryable=False)
-    if isinstance(exc, pg.TooManyConnectionsError):
+    if isinstance(exc, pgerrors.TooManyConnections) or (
+            isinstance(exc, psycopg.OperationalError) and _NO_SLOT.search(text)):
         return DatabaseUnavailable(show, f"PostgreSQL at {where} has no connection slot left: raise its "
                                    "max_connections or run fewer replicas; retrying", retryable=True)
-    if isinstance(exc, pg.CannotConnectNowError | pg.AdminShutdownError | pg.CrashShutdownError):
+    if isinstance(exc, pgerrors.CannotConnectNow | pgerrors.AdminShutdown | pgerrors.CrashShutdown) or (
+            isinstance(exc, psycopg.OperationalError) and _STARTING.search(text)):
         return DatabaseUnavailable(show, f"PostgreSQL at {where} is starting up or shutting down; retrying",
                                    retryable=True)
-    if isinstance(exc, socket.gaierror):
-        return DatabaseUnavailable(show, f"cannot resolve the host in {where}: {exc.strerror}; check `database`",
+    if isinstance(exc, socket.gaierror) or (isinstance(exc, psycopg.OperationalError) and _NO_HOST.search(text)):
+        return DatabaseUnavailable(show, f"cannot resolve the host in {where}: {exc}; check `database`",
                                    retryable=True)
-    if isinstance(exc, ssl.SSLError):
-        return DatabaseUnavailable(show, f"TLS to PostgreSQL at {where} failed: {exc}; check sslmode and the "
-                                   "server's certificate", retryable=False)
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, TimeoutError) or (isinstance(exc, psycopg.OperationalError) and _TIMEOUT.search(text)):
         return DatabaseUnavailable(show, f"no answer from PostgreSQL at {where} within {timeout_s:g} s: is the "
                                    "host up and its port open to this one?", retryable=True)
-    if isinstance(exc, ConnectionRefusedError):
+    if isinstance(exc, ConnectionRefusedError) or (
+            isinstance(exc, psycopg.OperationalError) and _REFUSED.search(text)):
         return DatabaseUnavailable(show, f"connection refused by {where}: is PostgreSQL running and listening "
                                    "on that address (listen_addresses, port)?", retryable=True)
-    if isinstance(exc, OSError | pg.InterfaceError | pg.PostgresConnectionError):
+    if isinstance(exc, ssl.SSLError) or (isinstance(exc, psycopg.OperationalError) and _TLS.search(text)):
+        return DatabaseUnavailable(show, f"TLS to PostgreSQL at {where} failed: {exc}; check sslmode and the "
+                                   "server's certificate", retryable=False)
+    if isinstance(exc, OSError | psycopg.OperationalError | psycopg.InterfaceError):
         return DatabaseUnavailable(show, f"lost or could not open the connection to PostgreSQL at {where}: "
                                    f"{exc}", retryable=True)
     return DatabaseUnavailable(show, f"PostgreSQL at {where} failed: {type(exc).__name__}: {exc}",
@@ -121,57 +136,57 @@ def translate(exc: BaseException, dsn: str, *, timeout_s: float = CONNECT_TIMEOU
 
 
 # What a connection attempt or a query on a broken connection can raise; anything else is a bug.
-CONNECT_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+CONNECT_ERRORS = (OSError, TimeoutError, psycopg.Error)
 
 
-def _settings(extra: dict[str, str] | None) -> dict[str, str]:
-    return {"application_name": APPLICATION_NAME, **(extra or {})}
+def options(settings: dict[str, str]) -> str:
+    """Server settings for a new session, as libpq's `options` (-c name=value each)."""
+    return " ".join(f"-c {k}={v}" for k, v in settings.items())
 
 
-async def connect(dsn: str, *, timeout_s: float = CONNECT_TIMEOUT_S,
+async def connect(dsn: str, *, timeout_s: float = CONNECT_TIMEOUT_S, application_name: str = APPLICATION_NAME,
                   server_settings: dict[str, str] | None = None) -> Connection:
-    """One dedicated connection (leader lock, LISTEN): not from a pool, so no one else's query runs on it."""
+    """One dedicated connection in autocommit (leader lock, LISTEN, migrations with their own transaction)."""
     check_dsn(dsn)
     try:
-        return await asyncpg.connect(dsn, timeout=timeout_s, server_settings=_settings(server_settings))
+        # libpq's connect_timeout counts whole seconds (at least 2) per address; wait_for bounds the total.
+        conn: Connection = await asyncio.wait_for(psycopg.AsyncConnection.connect(
+            dsn, autocommit=True, connect_timeout=max(2, round(timeout_s)), application_name=application_name,
+            options=options(server_settings or {})), timeout_s + 1)
     except CONNECT_ERRORS as exc:
         raise translate(exc, dsn, timeout_s=timeout_s) from exc
+    return conn
 
 
-async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, timeout_s: float = CONNECT_TIMEOUT_S,
-                      server_settings: dict[str, str] | None = None) -> Pool:
-    """A pool whose first connection is opened now, so a wrong URL fails at start, not at the first query."""
-    check_dsn(dsn)
-    try:
-        pool: Pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, timeout=timeout_s,
-                                               server_settings=_settings(server_settings))
-    except CONNECT_ERRORS as exc:
-        raise translate(exc, dsn, timeout_s=timeout_s) from exc
-    return pool
+async def until_lost(conn: Connection, *, ping_interval_s: float, ping_timeout_s: float,
+                     on_notify: Callable[[psycopg.Notify], None] | None = None) -> str:
+    """Return once the connection is gone, with why. Between pings it waits on the socket (for
+    notifications, if the session LISTENs): a closed socket is heard at once (the server ended the
+    session, restarted); a silent network cut only by a ping that gets no answer in time."""
+    while not conn.closed:
+        try:
+            async for note in conn.notifies(timeout=ping_interval_s):
+                if on_notify is not None:
+                    on_notify(note)
+        except CONNECT_ERRORS:
+            return "connection closed"
+        # Not wait_for: cancelling a psycopg query first asks the server to cancel it, over the very
+        # network that does not answer, and wait_for would wait for that too. The caller closes the
+        # connection, which ends the abandoned ping.
+        ping = asyncio.ensure_future(conn.execute("SELECT 1"))
+        done, _ = await asyncio.wait({ping}, timeout=ping_timeout_s)
+        if not done:
+            ping.add_done_callback(_consume)
+            ping.cancel()
+            return f"no answer to a ping within {ping_timeout_s:g} s"
+        exc = ping.exception()
+        if isinstance(exc, CONNECT_ERRORS):
+            return f"ping failed: {type(exc).__name__}"
+        if exc is not None:
+            raise exc
+    return "connection closed"
 
 
-async def until_lost(conn: Connection, *, ping_interval_s: float, ping_timeout_s: float) -> str:
-    """Return once the connection is gone, with why. A closed socket is heard at once (the server
-    ended the session, restarted); a silent network cut only by a ping that gets no answer in time."""
-    lost = asyncio.Event()
-
-    def on_close(_conn: Any) -> None:
-        lost.set()
-
-    conn.add_termination_listener(on_close)
-    try:
-        while not conn.is_closed():
-            try:
-                await asyncio.wait_for(lost.wait(), ping_interval_s)
-                return "connection closed"
-            except TimeoutError:
-                pass
-            try:
-                await asyncio.wait_for(conn.fetchval("SELECT 1"), ping_timeout_s)
-            except TimeoutError:
-                return f"no answer to a ping within {ping_timeout_s:g} s"
-            except CONNECT_ERRORS as exc:
-                return f"ping failed: {type(exc).__name__}"
-        return "connection closed"
-    finally:
-        conn.remove_termination_listener(on_close)
+def _consume(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: an abandoned ping's failure is expected, not "never retrieved"

@@ -82,8 +82,8 @@ class Leadership:
     async def _open(self) -> Connection:
         session_ms = str(int(self.session_timeout_s * 1000))
         keepalive_s = str(max(1, int(self.session_timeout_s / 4)))
-        return await connect(self.dsn, timeout_s=self.session_timeout_s, server_settings={
-            "application_name": f"cloudtaskd leader {self.name}"[:63],
+        return await connect(self.dsn, timeout_s=self.session_timeout_s,
+                             application_name=f"cloudtaskd leader {self.name}"[:63], server_settings={
             "idle_session_timeout": session_ms,
             "tcp_keepalives_idle": keepalive_s, "tcp_keepalives_interval": "1", "tcp_keepalives_count": "3",
         })
@@ -104,27 +104,31 @@ class Leadership:
                 continue
             failed_before = False
             try:
-                self.backend_pid = conn.get_server_pid()
+                self.backend_pid = conn.info.backend_pid
                 await self._hold(conn)
             except CONNECT_ERRORS as exc:
                 self._set(False, f"database connection failed: {translate(exc, self.dsn)}")
             finally:
                 self._set(False, "stopped")
                 self._conn = None
-                conn.terminate()  # close() would wait on a cut-off network; the lock goes with the session
+                # Never waits on a cut-off network (the Terminate message goes to the socket buffer);
+                # the lock goes with the session.
+                with contextlib.suppress(*CONNECT_ERRORS):
+                    await conn.close()
             if not self._resigned:
                 await asyncio.sleep(self.retry_s)
 
     async def _hold(self, conn: Connection) -> None:
         while True:
             self.attempts += 1
-            if await asyncio.wait_for(conn.fetchval("SELECT pg_try_advisory_lock($1)", self.lock_id),
-                                      self.ping_timeout_s):
+            cur = await asyncio.wait_for(conn.execute("SELECT pg_try_advisory_lock(%s)", (self.lock_id,)),
+                                         self.ping_timeout_s)
+            row = await cur.fetchone()
+            if row is not None and row[0]:
                 break
             await asyncio.sleep(self.retry_s)
         self._set(True)
-        # Steps down the moment the driver hears the socket close, not at the next ping.
-        conn.add_termination_listener(lambda _c: self._set(False, "connection closed"))
+        # until_lost waits on the socket between pings: a closed one is heard at once, not at the next ping.
         reason = await until_lost(conn, ping_interval_s=self.ping_interval_s, ping_timeout_s=self.ping_timeout_s)
         self._set(False, reason)
 
@@ -133,7 +137,7 @@ class Leadership:
         its next try instead of when this one's session ends."""
         self._resigned = True
         conn = self._conn
-        if conn is not None and not conn.is_closed():
+        if conn is not None and not conn.closed:
             with contextlib.suppress(*CONNECT_ERRORS):
                 await asyncio.wait_for(conn.close(), self.ping_timeout_s)
         self._set(False, "resigned")

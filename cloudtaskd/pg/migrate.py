@@ -12,12 +12,11 @@ from __future__ import annotations
 import time
 from importlib import resources
 
-import asyncpg
 import structlog
 
 from cloudtaskd.errors import StoreError
 from cloudtaskd.pg import locks
-from cloudtaskd.pg.connect import AnyConnection, Pool
+from cloudtaskd.pg.connect import Connection
 
 MIGRATIONS = ("001_initial.sql", "002_runs.sql")
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -36,25 +35,23 @@ def migration_sql(name: str) -> str:
     return resources.files("cloudtaskd.pg").joinpath("sql", name).read_text()
 
 
-async def schema_version(conn: AnyConnection) -> int:
+async def _value(conn: Connection, sql: str) -> object:
+    row = await (await conn.execute(sql)).fetchone()
+    return None if row is None else row[0]
+
+
+async def schema_version(conn: Connection) -> int:
     """The version the database is at: 0 for an empty one."""
-    if await conn.fetchval("SELECT to_regclass('schema_migrations')") is None:
+    if await _value(conn, "SELECT to_regclass('schema_migrations')") is None:
         return 0
-    return int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations"))
+    return int(str(await _value(conn, "SELECT coalesce(max(version), 0) FROM schema_migrations")))
 
 
-async def migrate(db: Pool | AnyConnection) -> int:
+async def migrate(conn: Connection) -> int:
     """Apply what is missing; return the schema version. Refuses a database newer than this code."""
-    if not isinstance(db, asyncpg.Pool):
-        return await _migrate(db)
-    async with db.acquire() as conn:
-        return await _migrate(conn)
-
-
-async def _migrate(conn: AnyConnection) -> int:
     async with conn.transaction():
         # Released at commit or rollback, and with the session if this replica dies meanwhile.
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", locks.MIGRATE)
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (locks.MIGRATE,))
         await conn.execute(_VERSIONS_TABLE)
         current = await schema_version(conn)
         if current > SCHEMA_VERSION:
@@ -63,10 +60,11 @@ async def _migrate(conn: AnyConnection) -> int:
         for version in range(current + 1, SCHEMA_VERSION + 1):
             name = MIGRATIONS[version - 1]
             began = time.monotonic()
-            # One simple-protocol call runs the whole file's statements, inside our transaction.
+            # Without parameters psycopg sends the whole file as one simple-protocol query: all its
+            # statements run, inside our transaction.
             await conn.execute(migration_sql(name))
-            await conn.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
-                               version, name, time.time())
+            await conn.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (%s, %s, %s)",
+                               (version, name, time.time()))
             log.info("pg_schema_migrated", version=version, migration=name,
                      duration_s=round(time.monotonic() - began, 3))
     return SCHEMA_VERSION

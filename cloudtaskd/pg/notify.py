@@ -15,10 +15,11 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
+import psycopg
 import structlog
 
 from cloudtaskd.errors import DatabaseUnavailable
-from cloudtaskd.pg.connect import CONNECT_ERRORS, AnyConnection, Pool, connect, until_lost
+from cloudtaskd.pg.connect import CONNECT_ERRORS, Connection, connect, until_lost
 
 CHANNEL = "cloudtask_work"
 RECONNECT_S = 0.5
@@ -29,9 +30,14 @@ RECONNECTED = ""  # the payload a wake-up carries when it stands for "you may ha
 log = structlog.get_logger("cloudtaskd.pg")
 
 
-async def notify(db: Pool | AnyConnection, payload: str = "", *, channel: str = CHANNEL) -> None:
+async def notify(db: Connection, payload: str = "", *, channel: str = CHANNEL) -> None:
     """Send a wake-up. On a connection inside a transaction it goes out at commit."""
-    await db.execute("SELECT pg_notify($1, $2)", channel, payload)
+    await db.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+
+
+def notify_sql(channel: str = CHANNEL) -> str:
+    """The statement a table function runs inside its write transaction (one parameter: the payload)."""
+    return f"SELECT pg_notify('{channel}', ?)"
 
 
 class Listener:
@@ -39,7 +45,7 @@ class Listener:
 
     `woken` is set on each notification and each (re)connection; the consumer clears it before it
     looks at the tables, so a wake-up arriving while it looks is not lost. `on_notify(payload)` is
-    called as well, if given (from the driver's callback: it must not block).
+    called as well, if given (between the listener's reads of its socket: it must not block).
     """
 
     def __init__(self, dsn: str, *, channel: str = CHANNEL, on_notify: Callable[[str], None] | None = None,
@@ -61,16 +67,16 @@ class Listener:
         if self.on_notify is not None:
             self.on_notify(payload)
 
-    def _on_notification(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+    def _on_notification(self, note: psycopg.Notify) -> None:
         self.received += 1
-        self._wake(str(payload))
+        self._wake(note.payload)
 
     async def run(self) -> None:
         """Listen until cancelled."""
         failed_before = False
         while True:
             try:
-                conn = await connect(self.dsn, server_settings={"application_name": "cloudtaskd listener"})
+                conn = await connect(self.dsn, application_name="cloudtaskd listener")
             except DatabaseUnavailable as exc:
                 if not failed_before:
                     log.warning("pg_listener_connect_failed", channel=self.channel, error=str(exc),
@@ -79,7 +85,8 @@ class Listener:
                 await asyncio.sleep(self.reconnect_s)
                 continue
             try:
-                await conn.add_listener(self.channel, self._on_notification)
+                # The channel is ours (a constant), never a user's: LISTEN takes no parameter.
+                await conn.execute(f'LISTEN "{self.channel}"')
                 self.connections += 1
                 self.listening.set()
                 if failed_before or self.connections > 1:
@@ -87,12 +94,12 @@ class Listener:
                 failed_before = False
                 self._wake(RECONNECTED)  # anything sent while we were away is lost: look again
                 reason = await until_lost(conn, ping_interval_s=self.ping_interval_s,
-                                          ping_timeout_s=self.ping_timeout_s)
+                                          ping_timeout_s=self.ping_timeout_s, on_notify=self._on_notification)
                 log.warning("pg_listener_lost", channel=self.channel, reason=reason)
             except CONNECT_ERRORS as exc:
                 log.warning("pg_listener_lost", channel=self.channel, reason=type(exc).__name__)
             finally:
                 self.listening.clear()
                 with contextlib.suppress(*CONNECT_ERRORS):
-                    conn.terminate()
+                    await conn.close()
             await asyncio.sleep(self.reconnect_s)

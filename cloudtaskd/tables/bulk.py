@@ -1,4 +1,5 @@
-"""One statement per chunk of rows: the way every table module writes many rows."""
+"""One statement per chunk of rows: the way every table module writes many rows; and which database
+a table function runs on, where its SQL must differ."""
 
 from __future__ import annotations
 
@@ -19,3 +20,11 @@ def bulk(db: sqlite3.Connection, sql: str, rows: Sequence[Sequence[Any]]) -> Non
     took a second (benchmarks/scale.py). One statement is one step."""
     for i in range(0, len(rows), BULK_CHUNK):
         db.execute(sql, (jsonx.dumps(rows[i:i + BULK_CHUNK]),))
+
+
+def postgres(db: sqlite3.Connection) -> bool:
+    """Does this connection lead to PostgreSQL (cloudtaskd.pg.dbapi.PgDb) rather than SQLite? Where a
+    statement cannot be written once for both, the table module keeps the two forms side by side
+    and picks with this. On PostgreSQL `bulk` statements read the same JSON array as
+    `jsonb_array_elements(?::jsonb) AS r(value)`, with casts (->> gives text there)."""
+    return type(db) is not sqlite3.Connection

@@ -8,15 +8,23 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
+from cloudtaskd.tables.bulk import postgres
 
-def one(db: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
+
+def _named(db: sqlite3.Connection) -> Any:
+    """A cursor whose rows answer row["column"]: PostgreSQL's rows always do (pg/dbapi.py)."""
+    if postgres(db):
+        return db
     cur = db.cursor()
     cur.row_factory = sqlite3.Row
-    row: sqlite3.Row | None = cur.execute(sql, params).fetchone()
+    return cur
+
+
+def one(db: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
+    row: sqlite3.Row | None = _named(db).execute(sql, params).fetchone()
     return row
 
 
 def every(db: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-    cur = db.cursor()
-    cur.row_factory = sqlite3.Row
-    return cur.execute(sql, params).fetchall()
+    rows: list[sqlite3.Row] = _named(db).execute(sql, params).fetchall()
+    return rows

@@ -26,7 +26,7 @@ from cloudtaskd.states import TaskEvent as E
 from cloudtaskd.states import TaskState as S
 from cloudtaskd.store import Store, Tx, task_edge
 from cloudtaskd.tables import cancels, jobs, uploads
-from cloudtaskd.tables.bulk import bulk
+from cloudtaskd.tables.bulk import bulk, postgres
 from cloudtaskd.taskfile import ParsedTask
 
 # Every bulk statement below names its edge once, checked against the table at import.
@@ -77,23 +77,42 @@ def stage_tasks(tx: Tx, job: dict[str, Any], batch: list[ParsedTask], source: st
         for t in batch
     ]
     tx.db.execute("SAVEPOINT stage")
-    try:
-        tx.db.executemany(
-            "INSERT INTO tasks (job_id, pool_id, key, state, priority, data, timeout_s, max_attempts)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            rows,
-        )
-    except sqlite3.IntegrityError:
-        # Undo the rows of this batch inserted before the clash, then find the offending line.
-        tx.db.execute("ROLLBACK TO stage")
-        raise _duplicate_error(tx.db, job["id"], batch, source) from None
+    if postgres(tx.db):
+        # A clash skips its row instead of failing the transaction (which PostgreSQL would abort):
+        # fewer ids back than rows sent is the same refusal.
+        ids = [r[0] for r in tx.db.execute(_STAGE_PG, (jsonx.dumps(rows),)).fetchall()]
+        if len(ids) < len(rows):
+            tx.db.execute("ROLLBACK TO stage")
+            raise _duplicate_error(tx.db, job["id"], batch, source)
+        # Ids come from a sequence shared by the replicas: not consecutive, but each above the
+        # upload's start while its rows stay staged.
+        first = min(ids)
+    else:
+        try:
+            tx.db.executemany(
+                "INSERT INTO tasks (job_id, pool_id, key, state, priority, data, timeout_s, max_attempts)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+        except sqlite3.IntegrityError:
+            # Undo the rows of this batch inserted before the clash, then find the offending line.
+            tx.db.execute("ROLLBACK TO stage")
+            raise _duplicate_error(tx.db, job["id"], batch, source) from None
+        # Where the commit's rowid walk starts: below this batch's first row. A batch's rows take
+        # consecutive rowids (one writer, max + 1 each), and every later row of the upload comes
+        # above its own earlier rows, which stay until the commit.
+        first = int(tx.db.execute("SELECT last_insert_rowid()").fetchone()[0]) - len(rows) + 1
     tx.db.execute("RELEASE stage")
     tx.count(job["id"], None, S.STAGED, len(rows))
-    # Where the commit's rowid walk starts: below this batch's first row. A batch's rows take
-    # consecutive rowids (one writer, max + 1 each), and every later row of the upload comes
-    # above its own earlier rows, which stay until the commit.
-    first = int(tx.db.execute("SELECT last_insert_rowid()").fetchone()[0]) - len(rows) + 1
     uploads.add_staged(tx, job["id"], len(rows), first - 1)
+
+
+_STAGE_PG = (
+    "INSERT INTO tasks (job_id, pool_id, key, state, priority, data, timeout_s, max_attempts)"
+    " SELECT (r.value->>0)::bigint, (r.value->>1)::bigint, r.value->>2, r.value->>3, (r.value->>4)::int,"
+    " r.value->>5, (r.value->>6)::float8, (r.value->>7)::int"
+    " FROM jsonb_array_elements(?::jsonb) WITH ORDINALITY AS r(value, n) ORDER BY n"
+    " ON CONFLICT (job_id, key) DO NOTHING RETURNING id")
 
 
 def _duplicate_error(db: sqlite3.Connection, job_id: int, batch: list[ParsedTask], source: str) -> BadInput:
@@ -103,10 +122,11 @@ def _duplicate_error(db: sqlite3.Connection, job_id: int, batch: list[ParsedTask
             return BadInput(f"{source}:{t.line}: duplicate id {t.key!r} (first given at line {seen[t.key]})",
                             line=t.line, field="id")
         seen[t.key] = t.line
+    keys = ("SELECT jsonb_array_elements_text(?::jsonb)" if postgres(db) else "SELECT value FROM json_each(?)")
     existing = {
         r[0]
         for r in db.execute(
-            "SELECT key FROM tasks WHERE job_id = ? AND key IN (SELECT value FROM json_each(?))",
+            f"SELECT key FROM tasks WHERE job_id = ? AND key IN ({keys})",
             (job_id, jsonx.dumps(list(seen))),
         )
     }
@@ -123,9 +143,14 @@ def _staged_chunk(tx: Tx, job_id: int, after_id: int, limit: int, action: str,
     # the upload began. Through the (job_id, key) index each chunk would rescan every row already
     # moved (quadratic over a million-task upload); a partial index on staged rows costs ~30 %
     # of ingest speed.
-    sql = (f"{action} WHERE id IN (SELECT id FROM tasks NOT INDEXED WHERE id > ? AND job_id = ?"
+    sql = (f"{action} WHERE id IN (SELECT id FROM tasks{_not_indexed(tx.db)} WHERE id > ? AND job_id = ?"
            " AND state = 'staged' ORDER BY id LIMIT ?) RETURNING id")
     return [r[0] for r in tx.db.execute(sql, (*params, after_id, job_id, limit)).fetchall()]
+
+
+def _not_indexed(db: sqlite3.Connection) -> str:
+    """SQLite's hint for a rowid walk (see _staged_chunk); PostgreSQL's planner walks the primary key."""
+    return "" if postgres(db) else " NOT INDEXED"
 
 
 def reject_upload_chunk(tx: Tx, upload_id: int, job_id: int, after_id: int = 0,
@@ -220,10 +245,15 @@ class Live(NamedTuple):
 
 _LIVE_SQL = (f"SELECT json_group_array(json_array({', '.join(Live._fields)}))"
              " FROM tasks WHERE id IN (SELECT value FROM json_each(?))")
+# Locked until the round commits, in id order (two replicas' rounds wait, never deadlock, on one row):
+# what the fence read is what the round's UPDATEs find, whatever another replica does meanwhile.
+_LIVE_SQL_PG = f"SELECT {', '.join(Live._fields)} FROM tasks WHERE id = ANY(?::bigint[]) ORDER BY id FOR UPDATE"
 _new_tuple = tuple.__new__  # Live from a decoded list at tuple speed: Live(*r) costs twice as much
 
 
 def _current(db: sqlite3.Connection, ids: list[int]) -> dict[int, Live]:
+    if postgres(db):
+        return {r[0]: _new_tuple(Live, r) for r in db.execute(_LIVE_SQL_PG, (ids,)).fetchall()}
     # One row of JSON, not a row per task: one sqlite3 step, one GIL hand-back (see tables.bulk).
     text = db.execute(_LIVE_SQL, (_ids_json(ids),)).fetchone()[0]
     return {r[0]: _new_tuple(Live, r) for r in jsonx.loads(text)}
@@ -241,10 +271,59 @@ def _holds(row: Live | None, token: int, instance_id: str) -> bool:
     return row is not None and row.state == S.LEASED and row.attempt == token and row.instance_id == instance_id
 
 
+# The round's bulk statements, (SQLite, PostgreSQL): the same JSON rows, read by json_each there and
+# jsonb_array_elements here, whose ->> gives text that PostgreSQL wants cast to the column's type.
+_EXTEND = (
+    "UPDATE tasks SET lease_expires_at = r.value->>0, lost_grants = 0 FROM json_each(?) AS r"
+    " WHERE tasks.id = r.value->>1 AND tasks.attempt = r.value->>2 AND tasks.state = 'leased'",
+    "UPDATE tasks SET lease_expires_at = (r.value->>0)::float8, lost_grants = 0"
+    " FROM jsonb_array_elements(?::jsonb) AS r(value)"
+    " WHERE tasks.id = (r.value->>1)::bigint AND tasks.attempt = (r.value->>2)::int AND tasks.state = 'leased'",
+)
+_SUCCEEDED = (
+    "UPDATE tasks SET state = 'succeeded', result = r.value->>0, finished_at = r.value->>1,"
+    " duration_s = r.value->>2, instance_id = r.value->>3, lease_expires_at = NULL FROM json_each(?) AS r"
+    " WHERE tasks.id = r.value->>4 AND tasks.attempt = r.value->>5 AND tasks.state = 'leased'",
+    "UPDATE tasks SET state = 'succeeded', result = r.value->>0, finished_at = (r.value->>1)::float8,"
+    " duration_s = (r.value->>2)::float8, instance_id = r.value->>3, lease_expires_at = NULL"
+    " FROM jsonb_array_elements(?::jsonb) AS r(value)"
+    " WHERE tasks.id = (r.value->>4)::bigint AND tasks.attempt = (r.value->>5)::int AND tasks.state = 'leased'",
+)
+_FAILED = (
+    "UPDATE tasks SET state = 'failed', failures = failures + 1, lost_grants = 0, error = r.value->>0,"
+    " run_at = r.value->>1, duration_s = r.value->>2, instance_id = r.value->>3, lease_expires_at = NULL"
+    " FROM json_each(?) AS r WHERE tasks.id = r.value->>4 AND tasks.attempt = r.value->>5"
+    " AND tasks.state = 'leased'",
+    "UPDATE tasks SET state = 'failed', failures = failures + 1, lost_grants = 0, error = r.value->>0,"
+    " run_at = (r.value->>1)::float8, duration_s = (r.value->>2)::float8, instance_id = r.value->>3,"
+    " lease_expires_at = NULL FROM jsonb_array_elements(?::jsonb) AS r(value)"
+    " WHERE tasks.id = (r.value->>4)::bigint AND tasks.attempt = (r.value->>5)::int AND tasks.state = 'leased'",
+)
+_DEAD = (
+    "UPDATE tasks SET state = 'dead', failures = failures + 1, lost_grants = 0, error = r.value->>0,"
+    " finished_at = r.value->>1, duration_s = r.value->>2, instance_id = r.value->>3,"
+    " lease_expires_at = NULL FROM json_each(?) AS r WHERE tasks.id = r.value->>4"
+    " AND tasks.attempt = r.value->>5 AND tasks.state = 'leased'",
+    "UPDATE tasks SET state = 'dead', failures = failures + 1, lost_grants = 0, error = r.value->>0,"
+    " finished_at = (r.value->>1)::float8, duration_s = (r.value->>2)::float8, instance_id = r.value->>3,"
+    " lease_expires_at = NULL FROM jsonb_array_elements(?::jsonb) AS r(value)"
+    " WHERE tasks.id = (r.value->>4)::bigint AND tasks.attempt = (r.value->>5)::int AND tasks.state = 'leased'",
+)
+_HANDED_BACK = (
+    "UPDATE tasks SET state = 'queued', instance_id = NULL, lease_expires_at = NULL"
+    " FROM json_each(?) AS r WHERE tasks.id = r.value->>0 AND tasks.attempt = r.value->>1"
+    " AND tasks.state = 'leased'",
+    "UPDATE tasks SET state = 'queued', instance_id = NULL, lease_expires_at = NULL"
+    " FROM jsonb_array_elements(?::jsonb) AS r(value)"
+    " WHERE tasks.id = (r.value->>0)::bigint AND tasks.attempt = (r.value->>1)::int AND tasks.state = 'leased'",
+)
+
+
 def apply_reports(
     tx: Tx, reports: Reports, out: RoundResult, backoff: tuple[float, float], ttl_s: float
 ) -> None:
     db, now = tx.db, tx.now
+    pg = postgres(db)
     # Heartbeats first: an agent's heartbeat listing a task, then its report for that task, can
     # land in one round; applied after the report, the heartbeat would find the task finished and
     # revoke a lease the agent already gave up.
@@ -259,9 +338,7 @@ def apply_reports(
             else:
                 out.lost[inst].append(task_id)
         # A heartbeat listing the task proves its grant arrived: its lost deliveries start again from 0.
-        bulk(db, "UPDATE tasks SET lease_expires_at = r.value->>0, lost_grants = 0 FROM json_each(?) AS r"
-             " WHERE tasks.id = r.value->>1 AND tasks.attempt = r.value->>2 AND tasks.state = 'leased'",
-             [(now + ttl_s, tid, tok) for tid, tok in extend])
+        bulk(db, _EXTEND[pg], [(now + ttl_s, tid, tok) for tid, tok in extend])
 
     refs = [s.id for _, s in reports.done] + [f.id for _, f in reports.failed] + [r[0] for _, r in reports.handback]
     cur = _current(db, refs) if refs else {}
@@ -303,9 +380,7 @@ def apply_reports(
         tx.event(E.SUCCEEDED.value, job_id=row.job_id, task_id=s.id, instance_id=inst)
         out.accepted[inst].append(s.id)
     if done_rows:
-        bulk(db, "UPDATE tasks SET state = 'succeeded', result = r.value->>0, finished_at = r.value->>1,"
-             " duration_s = r.value->>2, instance_id = r.value->>3, lease_expires_at = NULL FROM json_each(?) AS r"
-             " WHERE tasks.id = r.value->>4 AND tasks.attempt = r.value->>5 AND tasks.state = 'leased'", done_rows)
+        bulk(db, _SUCCEEDED[pg], done_rows)
 
     fail_rows, dead_rows = [], []
     for inst, f in failed:
@@ -326,15 +401,9 @@ def apply_reports(
             tx.event(E.FAILED_DEAD.value, job_id=row.job_id, task_id=f.id, instance_id=inst, detail=f.error[:500])
         out.accepted[inst].append(f.id)
     if fail_rows:
-        bulk(db, "UPDATE tasks SET state = 'failed', failures = failures + 1, lost_grants = 0, error = r.value->>0,"
-             " run_at = r.value->>1, duration_s = r.value->>2, instance_id = r.value->>3, lease_expires_at = NULL"
-             " FROM json_each(?) AS r WHERE tasks.id = r.value->>4 AND tasks.attempt = r.value->>5"
-             " AND tasks.state = 'leased'", fail_rows)
+        bulk(db, _FAILED[pg], fail_rows)
     if dead_rows:
-        bulk(db, "UPDATE tasks SET state = 'dead', failures = failures + 1, lost_grants = 0, error = r.value->>0,"
-             " finished_at = r.value->>1, duration_s = r.value->>2, instance_id = r.value->>3,"
-             " lease_expires_at = NULL FROM json_each(?) AS r WHERE tasks.id = r.value->>4"
-             " AND tasks.attempt = r.value->>5 AND tasks.state = 'leased'", dead_rows)
+        bulk(db, _DEAD[pg], dead_rows)
 
     back_rows = []
     for inst, (task_id, token) in reports.handback:
@@ -348,9 +417,7 @@ def apply_reports(
         out.accepted[inst].append(task_id)
         out.requeued_pools.add(row.pool_id)
     if back_rows:
-        bulk(db, "UPDATE tasks SET state = 'queued', instance_id = NULL, lease_expires_at = NULL"
-             " FROM json_each(?) AS r WHERE tasks.id = r.value->>0 AND tasks.attempt = r.value->>1"
-             " AND tasks.state = 'leased'", back_rows)
+        bulk(db, _HANDED_BACK[pg], back_rows)
 
 
 def lease(tx: Tx, instance_id: str, pool_id: int, n: int, ttl_s: float) -> list[str]:
@@ -367,15 +434,8 @@ def lease_many(tx: Tx, pool_id: int, wants: list[tuple[str, int]], ttl_s: float)
     total = sum(n for _, n in wants)
     # A job being cancelled gets no lease from the moment its cancel is committed, though its queued
     # tasks are cancelled a chunk at a time (cancel_chunk); `cancels` is empty but during a cancel.
-    rows = tx.db.execute(
-        "SELECT id, job_id, attempt, key, data, timeout_s FROM tasks INDEXED BY tasks_ready"
-        # A paused job's tasks stay put (its budget reached, or its `cloudtaskctl run` gone), even
-        # while another job of the same worker keeps the pool's instances busy.
-        " WHERE pool_id = ? AND state = 'queued' AND job_id NOT IN (SELECT job_id FROM cancels)"
-        " AND job_id NOT IN (SELECT id FROM jobs WHERE state = 'paused')"
-        " ORDER BY priority DESC, id LIMIT ?",
-        (pool_id, total),
-    ).fetchall()
+    pg = postgres(tx.db)
+    rows = tx.db.execute(_READY[pg], (pool_id, total)).fetchall()
     if not rows:
         return {}
     now, expires = tx.now, tx.now + ttl_s
@@ -396,10 +456,30 @@ def lease_many(tx: Tx, pool_id: int, wants: list[tuple[str, int]], ttl_s: float)
             count(job_id, S.QUEUED, S.LEASED)
             event(granted, job_id=job_id, task_id=task_id, instance_id=instance_id, detail=str(token))
             encoded.append(task_entry(task_id, token, key, timeout_s, data))
-    bulk(tx.db, "UPDATE tasks SET state = 'leased', attempt = r.value->>0, lease_expires_at = r.value->>1,"
-         " instance_id = r.value->>2, started_at = r.value->>3 FROM json_each(?) AS r"
-         " WHERE tasks.id = r.value->>4 AND tasks.state = 'queued'", updates)
+    bulk(tx.db, _LEASED[pg], updates)
     return out
+
+
+# A paused job's tasks stay put (its budget reached, or its `cloudtaskctl run` gone), even while
+# another job of the same worker keeps the pool's instances busy.
+_READY_WHERE = (" WHERE pool_id = ? AND state = 'queued' AND job_id NOT IN (SELECT job_id FROM cancels)"
+                " AND job_id NOT IN (SELECT id FROM jobs WHERE state = 'paused')"
+                " ORDER BY priority DESC, id LIMIT ?")
+_READY = (
+    "SELECT id, job_id, attempt, key, data, timeout_s FROM tasks INDEXED BY tasks_ready" + _READY_WHERE,
+    # SKIP LOCKED: rows another replica's round is leasing are passed over, never waited for nor
+    # leased twice (its lock is held until its commit, and a row it committed as leased no longer
+    # matches state = 'queued' when re-read under the lock).
+    "SELECT id, job_id, attempt, key, data, timeout_s FROM tasks" + _READY_WHERE + " FOR UPDATE OF tasks SKIP LOCKED",
+)
+_LEASED = (
+    "UPDATE tasks SET state = 'leased', attempt = r.value->>0, lease_expires_at = r.value->>1,"
+    " instance_id = r.value->>2, started_at = r.value->>3 FROM json_each(?) AS r"
+    " WHERE tasks.id = r.value->>4 AND tasks.state = 'queued'",
+    "UPDATE tasks SET state = 'leased', attempt = (r.value->>0)::int, lease_expires_at = (r.value->>1)::float8,"
+    " instance_id = r.value->>2, started_at = (r.value->>3)::float8 FROM jsonb_array_elements(?::jsonb) AS r(value)"
+    " WHERE tasks.id = (r.value->>4)::bigint AND tasks.state = 'queued'",
+)
 
 
 @dataclass(slots=True)
@@ -434,7 +514,7 @@ def reclaim(tx: Tx, instance_id: str, held: list[LeaseRef], ttl_s: float) -> Rec
     kept_ids = {k[2] for k in kept}
     orphans = [
         r for r in tx.db.execute(
-            "SELECT id, job_id, attempt, pool_id, lost_grants FROM tasks INDEXED BY tasks_leased_by"
+            f"SELECT id, job_id, attempt, pool_id, lost_grants FROM tasks{_leased_by(tx.db)}"
             " WHERE state = 'leased' AND lease_expires_at IS NOT NULL AND instance_id = ?",
             (instance_id,),
         ).fetchall()
@@ -445,6 +525,11 @@ def reclaim(tx: Tx, instance_id: str, held: list[LeaseRef], ttl_s: float) -> Rec
     tx.db.executemany("UPDATE tasks SET lost_grants = lost_grants + 1 WHERE id = ?", [(r[0],) for r in lost])
     undelivered = [(r[0], r[2]) for r in orphans if r[4] + 1 >= MAX_LOST_GRANTS]
     return Reclaimed([k[2] for k in kept], dropped, pools, undelivered)
+
+
+def _leased_by(db: sqlite3.Connection) -> str:
+    """SQLite's hint to take the index of an instance's leases; PostgreSQL's planner finds it alone."""
+    return "" if postgres(db) else " INDEXED BY tasks_leased_by"
 
 
 def _requeue(tx: Tx, rows: list[tuple[Any, ...]], detail: str) -> set[int]:
@@ -465,7 +550,7 @@ def requeue_instance(tx: Tx, instance_id: str, detail: str) -> tuple[list[tuple[
     """Everything an instance holds goes back now, uncounted (the cloud took the machine: an
     interruption is never a task failure). Returns ((task, instance) leases, pools that gained work)."""
     rows = tx.db.execute(
-        "SELECT id, job_id, attempt, pool_id, instance_id FROM tasks INDEXED BY tasks_leased_by"
+        f"SELECT id, job_id, attempt, pool_id, instance_id FROM tasks{_leased_by(tx.db)}"
         " WHERE state = 'leased' AND instance_id = ?", (instance_id,)).fetchall()
     return [(r[0], r[4]) for r in rows], _requeue(tx, rows, detail)
 
@@ -607,8 +692,9 @@ def cancel_chunk(tx: Tx, job_id: int, limit: int = CANCEL_CHUNK) -> CancelProgre
     cursor, total, done = pending.cursor, pending.total, pending.done
     # NOT INDEXED: a rowid walk from the cursor (through the (job_id, key) index each chunk would
     # rescan every row already passed, as _staged_chunk explains).
-    end, seen = tx.db.execute("SELECT max(id), count(*) FROM (SELECT id FROM tasks NOT INDEXED WHERE id > ?"
-                              " AND job_id = ? ORDER BY id LIMIT ?)", (cursor, job_id, limit)).fetchone()
+    walk = _not_indexed(tx.db)
+    end, seen = tx.db.execute(f"SELECT max(id), count(*) FROM (SELECT id FROM tasks{walk} WHERE id > ?"
+                              " AND job_id = ? ORDER BY id LIMIT ?) AS w", (cursor, job_id, limit)).fetchone()
     if end is None:
         return _cancel_finished(tx, job_id, total, done)
     window = (cursor, end, job_id)
@@ -616,19 +702,19 @@ def cancel_chunk(tx: Tx, job_id: int, limit: int = CANCEL_CHUNK) -> CancelProgre
     # (job_id, key) index and reads all of the job's entries per chunk (a 1M-task cancel took 220 s).
     in_window = f"id > ? AND id <= ? AND job_id = ? AND state IN {OPEN_STATES_SQL}"
     n = 0
-    counts = tx.db.execute(f"SELECT state, count(*) FROM tasks NOT INDEXED WHERE {in_window} GROUP BY state",
+    counts = tx.db.execute(f"SELECT state, count(*) FROM tasks{walk} WHERE {in_window} GROUP BY state",
                            window).fetchall()
     for state, count in counts:
         tx.count(job_id, S(state), S.CANCELLED, count)
         n += count
     revoke = [(r[0], r[1]) for r in tx.db.execute(
-        f"SELECT id, instance_id FROM tasks NOT INDEXED WHERE {in_window} AND state = 'leased'", window).fetchall()]
+        f"SELECT id, instance_id FROM tasks{walk} WHERE {in_window} AND state = 'leased'", window).fetchall()]
     if n:
         # As a cancel always did: a task_cancelled event per task (results followers read them).
         tx.db.execute(f"INSERT INTO events (ts, kind, job_id, task_id, instance_id) SELECT ?, '{E.CANCELLED.value}',"
-                      f" job_id, id, instance_id FROM tasks NOT INDEXED WHERE {in_window}", (tx.now, *window))
+                      f" job_id, id, instance_id FROM tasks{walk} WHERE {in_window}", (tx.now, *window))
         tx.sql_events = True
-        tx.db.execute("UPDATE tasks NOT INDEXED SET state = 'cancelled', finished_at = ?, lease_expires_at = NULL,"
+        tx.db.execute(f"UPDATE tasks{walk} SET state = 'cancelled', finished_at = ?, lease_expires_at = NULL,"
                       f" run_at = NULL WHERE {in_window}", (tx.now, *window))
     if seen < limit:
         # The window held the job's last tasks: the cancel ends in this transaction, so a delete

@@ -8,6 +8,7 @@ import sqlite3
 from typing import TYPE_CHECKING
 
 from cloudtaskd.tables import rows
+from cloudtaskd.tables.bulk import postgres
 
 if TYPE_CHECKING:  # store.py's Tx; tables/tasks.py imports this module
     from cloudtaskd.store import Tx
@@ -18,13 +19,16 @@ _RECEIVING_SQL = "('staging', 'committing')"
 
 
 def create(tx: Tx, job_id: int) -> int:
-    cur = tx.db.execute("INSERT INTO uploads (job_id, state, created_at) VALUES (?, 'staging', ?)", (job_id, tx.now))
-    return int(cur.lastrowid or 0)
+    cur = tx.db.execute("INSERT INTO uploads (job_id, state, created_at) VALUES (?, 'staging', ?) RETURNING id",
+                        (job_id, tx.now))
+    return int(cur.fetchone()[0])
 
 
 def add_staged(tx: Tx, job_id: int, n: int, start_after: int) -> None:
     """n more tasks staged for the job's staging upload, none of them at or below `start_after`."""
-    tx.db.execute("UPDATE uploads SET n_tasks = n_tasks + ?, start_after = min(coalesce(start_after, ?), ?)"
+    # SQLite's two-argument min() is PostgreSQL's least().
+    smaller = "least" if postgres(tx.db) else "min"
+    tx.db.execute(f"UPDATE uploads SET n_tasks = n_tasks + ?, start_after = {smaller}(coalesce(start_after, ?), ?)"
                   " WHERE job_id = ? AND state = 'staging'", (n, start_after, start_after, job_id))
 
 

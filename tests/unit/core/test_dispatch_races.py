@@ -17,6 +17,12 @@ from tests.conftest import make_config
 from tests.unit.core.test_queue import submit
 
 
+@pytest.fixture
+def store(both_stores: Store) -> Store:
+    """Every test here runs on SQLite and on PostgreSQL."""
+    return both_stores
+
+
 async def test_a_round_never_grants_to_a_connection_a_newer_hello_replaced(store: Store, tmp_path: Path) -> None:
     """A round picks the old connection (it has credit), waits for the writer; meanwhile the
     agent's new connection says hello (reclaim) and is attached. The grant must not go out on the

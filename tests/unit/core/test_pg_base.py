@@ -9,8 +9,9 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-import asyncpg
+import psycopg
 import pytest
 from structlog.testing import capture_logs
 
@@ -32,6 +33,20 @@ def _forget_secrets() -> Iterator[None]:
     redact.forget_all()
     yield
     redact.forget_all()
+
+
+async def _connect(dsn: str) -> psycopg.AsyncConnection[Any]:
+    return await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+
+
+async def _value(conn: psycopg.AsyncConnection[Any], sql: str, params: tuple[Any, ...] = ()) -> Any:
+    row = await (await conn.execute(sql, params)).fetchone()
+    return None if row is None else row[0]
+
+
+async def _rows(conn: psycopg.AsyncConnection[Any], sql: str) -> list[dict[str, Any]]:
+    cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+    return await (await cur.execute(sql)).fetchall()
 
 
 async def _stop(*tasks: asyncio.Task[None]) -> None:
@@ -67,12 +82,12 @@ async def test_schema_matches_sqlite(pg_dsn: str, tmp_path: Path) -> None:
         "SELECT name, sql LIKE '% WHERE %' FROM sqlite_master WHERE type='index' AND sql IS NOT NULL")}
     lite.close()
 
-    conn = await asyncpg.connect(pg_dsn)
+    conn = await _connect(pg_dsn)
     try:
         assert await pgmigrate.migrate(conn) == pgmigrate.SCHEMA_VERSION
-        rows = await conn.fetch("SELECT table_name, column_name, data_type, is_nullable, column_default, "
+        rows = await _rows(conn, "SELECT table_name, column_name, data_type, is_nullable, column_default, "
                                 "is_identity FROM information_schema.columns WHERE table_schema = 'public'")
-        indexes = {r["indexname"]: " WHERE " in r["indexdef"] for r in await conn.fetch(
+        indexes = {r["indexname"]: " WHERE " in r["indexdef"] for r in await _rows(conn,
             "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'")}
     finally:
         await conn.close()
@@ -93,19 +108,19 @@ async def test_schema_matches_sqlite(pg_dsn: str, tmp_path: Path) -> None:
 
 
 async def test_migrate_is_idempotent_and_safe_from_two_replicas_at_once(pg_dsn: str) -> None:
-    conns = [await asyncpg.connect(pg_dsn) for _ in range(3)]
+    conns = [await _connect(pg_dsn) for _ in range(3)]
     try:
         # Two replicas starting together: one applies, the other waits on the lock and finds it done.
         both = await asyncio.gather(pgmigrate.migrate(conns[0]), pgmigrate.migrate(conns[1]))
         assert both == [pgmigrate.SCHEMA_VERSION] * 2
-        pool = await pgconnect.create_pool(pg_dsn)
+        again = await pgconnect.connect(pg_dsn)
         try:
-            assert await pgmigrate.migrate(pool) == pgmigrate.SCHEMA_VERSION  # again: nothing to do
+            assert await pgmigrate.migrate(again) == pgmigrate.SCHEMA_VERSION  # again: nothing to do
         finally:
-            await pool.close()
-        assert await conns[2].fetchval("SELECT count(*) FROM schema_migrations") == pgmigrate.SCHEMA_VERSION
+            await again.close()
+        assert await _value(conns[2], "SELECT count(*) FROM schema_migrations") == pgmigrate.SCHEMA_VERSION
         tables = sum(pgmigrate.migration_sql(m).count("CREATE TABLE ") for m in pgmigrate.MIGRATIONS)
-        assert await conns[2].fetchval("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == tables + 1
+        assert await _value(conns[2], "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == tables + 1
         # A database a newer cloudtaskd upgraded is refused, not written to.
         await conns[2].execute("INSERT INTO schema_migrations VALUES (99, '099_future.sql', 0)")
         with pytest.raises(StoreError, match="newer than this cloudtaskd"):
@@ -132,10 +147,10 @@ async def test_one_leader_and_failover_when_its_session_dies(pg_dsn: str) -> Non
         await wait_for(lambda: _true(other.attempts >= tries + 3), message="the other to try again")
         assert leader.is_leader and not other.is_leader
 
-        admin = await asyncpg.connect(pg_dsn)
+        admin = await _connect(pg_dsn)
         try:
             killed_at = time.monotonic()
-            assert await admin.fetchval("SELECT pg_terminate_backend($1)", leader.backend_pid)
+            assert await _value(admin, "SELECT pg_terminate_backend(%s)", (leader.backend_pid,))
             await wait_for(lambda: _true(other.is_leader), timeout=5, message="the other to take over")
             failover_s = time.monotonic() - killed_at
             assert leader.stepped_down.is_set() and not leader.is_leader
@@ -143,7 +158,7 @@ async def test_one_leader_and_failover_when_its_session_dies(pg_dsn: str) -> Non
             tries = leader.attempts
             await wait_for(lambda: _true(leader.attempts >= tries + 3), message="the old leader to try again")
             assert not leader.is_leader and other.is_leader
-            holders = await admin.fetchval(
+            holders = await _value(admin,
                 "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
                 " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")
             assert holders == 1
@@ -193,15 +208,17 @@ async def test_notify_wakes_a_listener_on_another_connection(pg_dsn: str) -> Non
     payloads: list[str] = []
     listener = Listener(pg_dsn, on_notify=payloads.append)
     task = asyncio.create_task(listener.run())
-    pool = await pgconnect.create_pool(pg_dsn)
+    conn = await pgconnect.connect(pg_dsn)
     try:
         await wait_for(lambda: _true(listener.listening.is_set()), message="LISTEN")
-        async with pool.acquire() as conn, conn.transaction():
+        async with conn.transaction():
             await notify(conn, "pool-7")
+            await asyncio.sleep(0.2)
+            assert "pool-7" not in payloads  # delivered at commit, not before
         await wait_for(lambda: _true("pool-7" in payloads), message="the notification")
         assert listener.received == 1
     finally:
-        await pool.close()
+        await conn.close()
         await _stop(task)
 
 
@@ -217,7 +234,7 @@ async def test_listener_carries_on_across_a_server_restart(pg_dsn: str, pg_serve
         await wait_for(lambda: _true(listener.connections >= 2 and listener.listening.is_set()),
                        message="the listener to reconnect")
         assert payloads[-1] == ""  # the reconnection itself woke it: what was sent meanwhile is lost
-        conn = await asyncpg.connect(pg_dsn)
+        conn = await _connect(pg_dsn)
         try:
             await notify(conn, "after-restart")
         finally:
@@ -248,7 +265,7 @@ async def test_dsn_password_never_in_errors_or_logs(pg_server: PostgresServer) -
     }
     for dsn, (says, retryable) in cases.items():
         with pytest.raises(DatabaseUnavailable) as caught:
-            await pgconnect.create_pool(dsn, timeout_s=5)
+            await pgconnect.connect(dsn, timeout_s=5)
         text = f"{caught.value} {caught.value!r} {caught.value.dsn}"
         assert says in str(caught.value), text
         assert caught.value.retryable is retryable, text

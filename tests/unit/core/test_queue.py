@@ -17,6 +17,12 @@ from cloudtaskd.taskfile import ParsedTask
 from tests.conftest import wait_for
 
 
+@pytest.fixture
+def store(both_stores: Store) -> Store:
+    """Every test here runs on SQLite and on PostgreSQL."""
+    return both_stores
+
+
 def _setup_job(tx: Tx, max_attempts: int = 3) -> dict[str, Any]:
     tx.db.execute("INSERT INTO pools (digest, spec, path, created_at) VALUES ('d', '{\"mode\":\"python\"}', '/', 0)")
     tx.db.execute(

@@ -18,6 +18,12 @@ from cloudtaskd.store import COUNTER, MIGRATIONS, SCHEMA_VERSION, Store, Tx
 from tests.conftest import wait_for
 
 
+@pytest.fixture
+def store(both_stores: Store) -> Store:
+    """Every test here runs on SQLite and on PostgreSQL."""
+    return both_stores
+
+
 def _aiosqlite_threads() -> list[threading.Thread]:
     # aiosqlite runs each connection on a thread of its own, named after its worker function
     return [t for t in threading.enumerate() if "_connection_worker_thread" in t.name and t.is_alive()]
@@ -31,8 +37,8 @@ def _user_version(path: Path) -> int:
 def _add_job(tx: Tx) -> int:
     tx.db.execute("INSERT INTO pools (digest, spec, path, created_at) VALUES ('d', '{}', '/', 0)")
     cur = tx.db.execute("INSERT INTO jobs (name, pool_id, state, created_at, max_attempts)"
-                        " VALUES ('j', 1, 'active', 0, 3)")
-    return int(cur.lastrowid or 0)
+                        " VALUES ('j', 1, 'active', 0, 3) RETURNING id")
+    return int(cur.fetchone()[0])
 
 
 def _add_instance(tx: Tx, instance_id: str = "i-1", state: InstanceState = InstanceState.PENDING) -> None:

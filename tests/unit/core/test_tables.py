@@ -32,7 +32,9 @@ def main_table(sql: str) -> str | None:
     not the statement's); None when the text is not a statement."""
     if m := _WRITTEN.search(sql):
         return m.group(1)
-    if re.search(r"\bSELECT\b", sql) and (m := _READ.search(sql)):
+    # A fragment (" WHERE ... IN (SELECT ...)") is part of a statement whose head is nearby: its
+    # subquery's table is not the statement's.
+    if re.match(r"\s*(SELECT|WITH)\b", sql) and (m := _READ.search(sql)):
         return m.group(1)
     return None
 
