@@ -23,5 +23,8 @@ def add(tx: Tx, key: str, value: str) -> None:
 
 def raise_last_job_id(tx: Tx, job_id: int) -> None:
     """meta.last_job_id is at least job_id from now on."""
+    # Compared as numbers: the column is text, and in SQLite any text sorts above any number, so a
+    # plain max() once lowered '41' to '7' and a deleted job's id could come back.
     tx.db.execute("INSERT INTO meta (key, value) VALUES ('last_job_id', ?) ON CONFLICT (key) DO UPDATE"
-                  " SET value = max(CAST(value AS INTEGER), excluded.value)", (job_id,))
+                  " SET value = CASE WHEN CAST(excluded.value AS BIGINT) > CAST(meta.value AS BIGINT)"
+                  " THEN excluded.value ELSE meta.value END", (str(job_id),))
