@@ -56,6 +56,7 @@ from cloudtaskd.states import (
 from cloudtaskd.store import Store, Tx
 from cloudtaskd.submissions import Submissions
 from cloudtaskd.tables import cancels, instances, jobs, pools, uploads
+from cloudtaskd.tables import interruptions as interruption_rows
 from cloudtaskd.tables import tasks as queue
 
 log = structlog.get_logger("cloudtaskd.api")
@@ -63,6 +64,7 @@ log = structlog.get_logger("cloudtaskd.api")
 RATE_WINDOW_S = 30.0
 RATE_CACHE_S = 1.0  # a job's rate is counted at most this often, however many clients ask
 RATE_CACHE_JOBS = 1000  # rates kept; past this the stale ones are dropped
+INTERRUPTIONS_RECENT = 50  # the latest notices GET /v1/interruptions lists
 RESULTS_PAGE = 1000  # rows per read of a results stream: bounded work per read, the gate between pages
 # A run's id (PUT /v1/runs/ID; cloudtaskctl makes a uuid4 hex) and a submission's hash (sha256 hex).
 RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -278,11 +280,7 @@ class ControlApi:
             row = jobs.with_worker(db, job_id)
             if row is None:
                 return None
-            instances = db.execute(
-                "SELECT count(*) FROM instances WHERE pool_id = ? AND state IN ('pending', 'starting', 'running',"
-                " 'draining')", (row["pool_id"],)
-            ).fetchone()[0]
-            return self._read_job(db, row, instances, now)
+            return self._read_job(db, row, instances.active_in_pool(db, row["pool_id"]), now)
 
         job = await self.reads.read(read)
         if job is None:
@@ -297,9 +295,7 @@ class ControlApi:
 
         def read(db: sqlite3.Connection) -> list[dict[str, Any]]:
             # One read for the whole list (it was one per job): a consistent snapshot, one thread hop.
-            live = dict(db.execute(
-                "SELECT pool_id, count(*) FROM instances WHERE state IN ('pending', 'starting', 'running',"
-                " 'draining') GROUP BY pool_id").fetchall())
+            live = instances.active_by_pool(db)
             # submission: `cloudtaskctl run` looking for its earlier job
             rows = jobs.newest_with_worker(db, submission)
             return [self._read_job(db, r, live.get(r["pool_id"], 0), now) for r in rows]
@@ -456,11 +452,11 @@ class ControlApi:
     # ---- instances ----
 
     async def list_instances(self, request: web.Request) -> web.Response:
-        where = "" if request.query.get("all") else " WHERE state != 'stopped'"
+        stopped = bool(request.query.get("all"))
 
         def read(db: sqlite3.Connection) -> list[dict[str, Any]]:
             leases = queue.leases_by_instance(db)
-            rows = db.execute(f"SELECT * FROM instances{where} ORDER BY created_at DESC LIMIT 10000").fetchall()
+            rows = instances.listing(db, stopped=stopped)
             return [_instance_dict(r, leases.get(r["id"], 0)) for r in rows]
 
         found = await self.reads.read(read)
@@ -491,24 +487,24 @@ class ControlApi:
 
     async def drain_instance(self, request: web.Request) -> web.Response:
         inst = request.match_info["instance"]
-        row = await self.reads.fetchone("SELECT state FROM instances WHERE id = ?", (inst,))
-        if row is None:
+        state = await self.reads.read(partial(instances.state_of, instance_id=inst))
+        if state is None:
             raise NotFound(f"instance {inst} does not exist")
         try:
             await self.store.write(lambda tx: tx.transition_instance(inst, InstanceEvent.DRAIN))
         except TransitionError:
             # Already draining, stopping or stopped: a conflict with its state (409), not a store failure.
-            raise CloudtaskError(f"instance {inst} is {row['state']}: only a starting or running instance"
+            raise CloudtaskError(f"instance {inst} is {state}: only a starting or running instance"
                                  " can be drained") from None
         self.dispatcher.drain(inst)
-        row = await self.reads.fetchone("SELECT * FROM instances WHERE id = ?", (inst,))
+        row = await self.reads.read(partial(instances.get, instance_id=inst))
         assert row is not None
         return web.json_response(_instance_dict(row, 0))
 
     async def instance_logs(self, request: web.Request) -> web.Response:
         """The bootstrap log (and for local instances the agent's log) kept on the control host."""
         inst = request.match_info["instance"]
-        if await self.reads.fetchone("SELECT 1 FROM instances WHERE id = ?", (inst,)) is None:
+        if not await self.reads.read(partial(instances.exists, instance_id=inst)):
             raise NotFound(f"instance {inst} does not exist")
         parts = []
         for name, path in (("bootstrap", self.config.state_path / "instances" / inst / "bootstrap.log"),
@@ -549,9 +545,7 @@ class ControlApi:
         now = self.store.clock.now()  # the clock stored times were written on (clock.py)
 
         def read(db: Any) -> dict[str, Any]:
-            recent = db.execute(
-                "SELECT instance_id, offer_key, kind, source, noticed_at, deadline, detail FROM interruptions"
-                " ORDER BY id DESC LIMIT 50").fetchall()
+            recent = interruption_rows.recent(db, INTERRUPTIONS_RECENT)
             return {"window_s": interruptions.RATE_WINDOW_S, "offers": interruptions.counts(db, now),
                     "recent": [dict(r) for r in recent]}
 

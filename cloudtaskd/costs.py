@@ -15,18 +15,14 @@ from typing import Any
 from cloudtaskd.errors import BadInput, CloudtaskError, no_job
 from cloudtaskd.states import COUNTER, OPEN_TASK_STATES
 from cloudtaskd.store import Tx
-from cloudtaskd.tables import jobs
+from cloudtaskd.tables import instances, jobs
 
 HOUR = 3600.0
 
 
 def fleet(db: sqlite3.Connection, now: float) -> dict[str, Any]:
-    rows = db.execute(
-        "SELECT provider, count(*) AS n, sum(price_per_hour * (coalesce(ended_at, ?) - created_at)) AS spent,"
-        " sum(CASE WHEN state != 'stopped' THEN price_per_hour ELSE 0 END) AS rate"
-        " FROM instances WHERE provider != 'external' GROUP BY provider", (now,)).fetchall()
     providers = {r["provider"]: {"instances": r["n"], "spent": (r["spent"] or 0.0) / HOUR,
-                                 "rate_per_hour": r["rate"] or 0.0} for r in rows}
+                                 "rate_per_hour": r["rate"] or 0.0} for r in instances.spend_by_provider(db, now)}
     return {"spent": sum(p["spent"] for p in providers.values()),
             "rate_per_hour": sum(p["rate_per_hour"] for p in providers.values()), "providers": providers}
 
@@ -41,11 +37,7 @@ def job(db: sqlite3.Connection, job_id: int, now: float) -> dict[str, Any] | Non
         " WHERE t.job_id = ? AND t.finished_at IS NOT NULL AND t.duration_s IS NOT NULL", (job_id,)).fetchone()
     spent = (task["spent"] or 0.0) / HOUR
     # The pool's instances: what they cost, and how much of it was task time (any job's).
-    pool = db.execute(
-        "SELECT sum(price_per_hour * (coalesce(ended_at, ?) - created_at)) AS cost,"
-        " sum(CASE WHEN state != 'stopped' THEN price_per_hour ELSE 0 END) AS rate,"
-        " sum(CASE WHEN state != 'stopped' THEN slots ELSE 0 END) AS live_slots"
-        " FROM instances WHERE pool_id = ?", (now, j["pool_id"])).fetchone()
+    pool = instances.pool_cost(db, j["pool_id"], now)
     pool_task = db.execute(
         "SELECT sum(t.duration_s * i.price_per_hour / i.slots) AS spent FROM tasks t"
         " JOIN instances i ON i.id = t.instance_id WHERE i.pool_id = ? AND t.duration_s IS NOT NULL",
@@ -68,12 +60,8 @@ def job(db: sqlite3.Connection, job_id: int, now: float) -> dict[str, Any] | Non
 
 def pool_spend(db: sqlite3.Connection, pool_id: int, since: float, now: float) -> tuple[float, float]:
     """(USD spent by the pool's instances since `since`, USD per hour its live instances cost now)."""
-    row = db.execute(
-        "SELECT sum(price_per_hour * max(0, coalesce(ended_at, ?) - max(created_at, ?))) AS spent,"
-        " sum(CASE WHEN state != 'stopped' THEN price_per_hour ELSE 0 END) AS rate"
-        " FROM instances WHERE pool_id = ? AND (ended_at IS NULL OR ended_at > ?)",
-        (now, since, pool_id, since)).fetchone()
-    return (row[0] or 0.0) / HOUR, row[1] or 0.0  # by position: the writer's rows are plain tuples
+    spend = instances.pool_spend_since(db, pool_id, since, now)
+    return spend.price_seconds / HOUR, spend.rate_per_hour
 
 
 def pause_over_budget(tx: Tx, horizon_s: float) -> list[tuple[int, int, str]]:

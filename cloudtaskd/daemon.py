@@ -47,7 +47,7 @@ from cloudtaskd.series import SERIES_INTERVAL_S, SERIES_WINDOW_S, StatusSeries
 from cloudtaskd.service import Systemd, watchdog
 from cloudtaskd.store import Store, Tx
 from cloudtaskd.submissions import resume_uploads
-from cloudtaskd.tables import meta
+from cloudtaskd.tables import instances, meta
 from cloudtaskd.tables import tasks as queue
 from cloudtaskd.tunnels import Tunnels
 
@@ -279,8 +279,7 @@ class Daemon:
         agents read the new port from agent.url and reconnect)."""
         assert self.tunnels is not None
         by_name = {p.name: p for p, _ in self.providers if hasattr(p, "ssh")}
-        rows = await self.store.fetchall(
-            "SELECT id, provider FROM instances WHERE state IN ('starting', 'running', 'draining')")
+        rows = await self.store.read(instances.with_agents)
         for row in rows:
             provider = by_name.get(row["provider"])
             if provider is not None:

@@ -38,8 +38,7 @@ from cloudtaskd.errors import Busy, StoreError
 from cloudtaskd.states import COUNTER, TERMINAL_TASK_STATES, WAITING_TASK_STATES
 from cloudtaskd.states import TaskEvent as E
 from cloudtaskd.store import Store
-from cloudtaskd.tables import jobs
-from cloudtaskd.tables.tasks import RESULT_COLUMNS
+from cloudtaskd.tables import events, jobs
 
 log = structlog.get_logger("cloudtaskd.feeds")
 
@@ -60,13 +59,7 @@ PAGES_BYTES = 16 * 1024 * 1024  # catch-up pages kept for the followers behind t
 FOLLOWERS_MAX = 1000  # follow streams at once; one more is refused (503)
 HEARTBEAT_S = 10.0  # an idle follow stream gets an empty line this often: the client knows we live
 
-# The events that finish a task, in migration 010's order; each maps to the state it leaves the task in.
-FINISHED_KINDS = (E.SUCCEEDED.value, E.FAILED_DEAD.value, E.LEASE_EXPIRED_DEAD.value, E.CANCELLED.value)
-FINISHED_KINDS_SQL = " OR ".join(f"kind = '{k}'" for k in FINISHED_KINDS)  # as the index's WHERE
-_READ_FINISHED = (
-    f"SELECT e.id AS seq, e.kind AS kind, {', '.join('t.' + c for c in RESULT_COLUMNS.split(', '))}"
-    f" FROM (SELECT id, kind, task_id FROM events INDEXED BY events_finished WHERE job_id = ? AND id > ?"
-    f" AND ({FINISHED_KINDS_SQL}) ORDER BY id LIMIT ?) AS e JOIN tasks t ON t.id = e.task_id ORDER BY e.id")
+# Each event that finishes a task (events.FINISHED_KINDS) maps to the state it leaves the task in.
 _KIND_STATE = {E.SUCCEEDED.value: "succeeded", E.FAILED_DEAD.value: "dead", E.LEASE_EXPIRED_DEAD.value: "dead",
                E.CANCELLED.value: "cancelled"}
 
@@ -114,7 +107,7 @@ def read_finished(db: sqlite3.Connection, job_id: int, after: int, limit: int) -
     """Up to `limit` results finished after event `after`, in the order they finished. A task finished
     again since (retried) is sent at its latest finish only: an event whose outcome is not the task's
     state now is skipped."""
-    rows = db.execute(_READ_FINISHED, (job_id, after, limit)).fetchall()
+    rows = events.finished(db, job_id, after, limit)
     seqs: list[int] = []
     lines: list[bytes] = []
     for row in rows:
@@ -128,11 +121,6 @@ def read_finished(db: sqlite3.Connection, job_id: int, after: int, limit: int) -
     job = jobs.counters(db, job_id)
     return Page(seqs, lines, rows[-1]["seq"] if rows else after, full,
                 job is None or (not full and job_finished(job)))
-
-
-def newest_finished(db: sqlite3.Connection, job_id: int) -> int:
-    return int(db.execute(f"SELECT coalesce(max(id), 0) FROM events INDEXED BY events_finished WHERE job_id = ?"
-                          f" AND ({FINISHED_KINDS_SQL})", (job_id,)).fetchone()[0])
 
 
 class ReadGate:
@@ -238,7 +226,7 @@ class ResultFeed:
         loop = asyncio.get_running_loop()
         idle_since: float | None = None
         try:
-            self.seq = self.base = await self.store.read(lambda db: newest_finished(db, self.job_id))
+            self.seq = self.base = await self.store.read(lambda db: events.newest_finished(db, self.job_id))
             while not self.store.stopping:
                 signal = self.store.events_signal()
                 after = self.seq
@@ -404,5 +392,5 @@ class ResultFeeds:
                     await resp.write(b"\n")  # an idle stream shows it is alive; blank lines are skipped
 
 
-__all__ = ["FINISHED_KINDS", "ReadGate", "ResultFeeds", "job_finished", "read_finished", "result_line",
+__all__ = ["ReadGate", "ResultFeeds", "job_finished", "read_finished", "result_line",
            "task_dict"]

@@ -13,6 +13,7 @@ import hmac
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
+from functools import partial
 
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -38,6 +39,7 @@ from cloudtaskd.dispatch import Dispatcher, Session
 from cloudtaskd.errors import TransitionError
 from cloudtaskd.states import InstanceEvent, InstanceState
 from cloudtaskd.store import Store, Tx
+from cloudtaskd.tables import instances
 
 log = structlog.get_logger("cloudtaskd.hub")
 
@@ -238,7 +240,7 @@ class AgentHub:
             self.dispatcher.detach(session)
             self.dispatcher.closed(session, ws.close_code)
             with suppress(Exception):
-                await self.store.write(_seen, hello.instance)
+                await self.store.write(instances.touch, hello.instance)
             log_.info("agent_disconnected", reason=reason, close_code=ws.close_code)
 
     async def _notice(self, instance_id: str, notice: Notice) -> None:
@@ -265,8 +267,8 @@ class AgentHub:
         hashed = token_hash(hello.token)
         # Checked on the reader first: a flood of bad hellos must not queue write transactions
         # ahead of the dispatcher's.
-        row = await self.store.fetchone("SELECT token_hash FROM instances WHERE id = ?", (hello.instance,))
-        if row is None or not hmac.compare_digest(row["token_hash"], hashed):
+        known = await self.store.read(partial(instances.token_hash_of, instance_id=hello.instance))
+        if known is None or not hmac.compare_digest(known, hashed):
             return None
         # urgent, like the dispatcher's rounds: behind a stream of them an ordinary write waits a round
         # each time, and 2,000 agents reconnecting took two minutes (benchmarks/scale.py)
@@ -280,12 +282,10 @@ class AgentHub:
 
 def _authenticate_tx(tx: Tx, instance_id: str, hashed: str) -> tuple[int, bool] | None:
     """(pool, draining) for a valid instance token, else None."""
-    row = tx.db.execute(
-        "SELECT state, token_hash, pool_id FROM instances WHERE id = ?", (instance_id,)
-    ).fetchone()
-    if row is None or not hmac.compare_digest(row[1], hashed):
+    row = instances.auth_of(tx, instance_id)
+    if row is None or not hmac.compare_digest(row.token_hash, hashed):
         return None
-    state = InstanceState(row[0])
+    state = row.state
     if state == InstanceState.STARTING:
         try:
             tx.transition_instance(instance_id, InstanceEvent.AGENT_CONNECTED, started_at=tx.now)
@@ -293,9 +293,5 @@ def _authenticate_tx(tx: Tx, instance_id: str, hashed: str) -> tuple[int, bool] 
             return None
     elif state not in (InstanceState.RUNNING, InstanceState.DRAINING):
         return None
-    tx.db.execute("UPDATE instances SET last_seen_at = ? WHERE id = ?", (tx.now, instance_id))
-    return int(row[2]), state == InstanceState.DRAINING
-
-
-def _seen(tx: Tx, instance_id: str) -> None:
-    tx.db.execute("UPDATE instances SET last_seen_at = ? WHERE id = ?", (tx.now, instance_id))
+    instances.touch(tx, instance_id)
+    return int(row.pool_id), state == InstanceState.DRAINING

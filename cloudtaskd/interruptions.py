@@ -20,8 +20,10 @@ from cloudtaskd.errors import TransitionError
 from cloudtaskd.orchestrator.selection import interruption_rate
 from cloudtaskd.states import InstanceEvent, InstanceState
 from cloudtaskd.store import Tx
+from cloudtaskd.tables import instances
+from cloudtaskd.tables import interruptions as table
 
-INTERRUPTION = "interruption"
+INTERRUPTION = table.INTERRUPTION
 REBALANCE = "rebalance"
 # Rates are observed over this window: a zone that was short of capacity last month says little now.
 RATE_WINDOW_S = 7 * 86400.0
@@ -40,18 +42,17 @@ def record(tx: Tx, instance_id: str, kind: str, source: str, deadline: float | N
            detail: str) -> Recorded | None:
     """Record a notice once per instance and kind; an interruption also drains the instance (it
     takes no new leases, and the scaler counts it out so its replacement starts now)."""
-    row = tx.db.execute("SELECT state, offer FROM instances WHERE id = ?", (instance_id,)).fetchone()
+    row = instances.state_and_offer(tx, instance_id)
     if row is None:
         return None
-    state, offer = InstanceState(row[0]), json.loads(row[1] or "{}")
+    state, offer = row.state, json.loads(row.offer)
     key = str(offer.get("key") or f"{instance_id.split('-', 1)[0]}/?/?/?")
-    cur = tx.db.execute(
-        "INSERT OR IGNORE INTO interruptions (instance_id, offer_key, kind, source, noticed_at, deadline, detail)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)", (instance_id, key, kind, source, tx.now, deadline, detail[:200]))
-    if cur.rowcount == 0:
+    if not table.add(tx, instance_id, key, kind, source, deadline, detail[:200]):
         return Recorded(instance_id, key, kind, new=False, drained=False)
-    column = "interrupted_at" if kind == INTERRUPTION else "at_risk_since"
-    tx.db.execute(f"UPDATE instances SET {column} = coalesce({column}, ?) WHERE id = ?", (tx.now, instance_id))
+    if kind == INTERRUPTION:
+        instances.mark_interrupted(tx, instance_id)
+    else:
+        instances.mark_at_risk(tx, instance_id)
     when = "" if deadline is None else f" in {max(0.0, deadline - tx.now):.0f} s"
     tx.event(f"spot_{kind}", instance_id=instance_id, detail=f"{source}: {detail}{when} ({key})"[:500])
     drained = False
@@ -67,16 +68,9 @@ def record(tx: Tx, instance_id: str, kind: str, source: str, deadline: float | N
 def counts(db: sqlite3.Connection, now: float, window_s: float = RATE_WINDOW_S) -> list[dict[str, Any]]:
     """Per offer, over the instances of the last window: instances, instance-hours (launch to end
     or now), interruptions and rebalance recommendations (each instance counted once)."""
-    rows = db.execute(
-        "SELECT json_extract(offer, '$.key'), json_extract(offer, '$.spot'), count(*),"
-        " sum(max(0.0, coalesce(ended_at, ?) - created_at)) / 3600.0,"
-        " sum(interrupted_at IS NOT NULL), sum(at_risk_since IS NOT NULL)"
-        " FROM instances WHERE coalesce(ended_at, ?) >= ? AND json_extract(offer, '$.key') IS NOT NULL"
-        " GROUP BY 1, 2 ORDER BY 5 DESC, 1",
-        (now, now, now - window_s),
-    ).fetchall()
-    return [{"offer": r[0], "spot": bool(r[1]), "instances": r[2], "instance_hours": round(r[3], 3),
-             "interruptions": r[4], "rebalances": r[5]} for r in rows]
+    return [{"offer": r["offer"], "spot": bool(r["spot"]), "instances": r["n"], "instance_hours": round(r["hours"], 3),
+             "interruptions": r["interrupted"], "rebalances": r["at_risk"]}
+            for r in instances.offer_history(db, now, now - window_s)]
 
 
 def rates(db: sqlite3.Connection, now: float, window_s: float = RATE_WINDOW_S) -> dict[str, float]:

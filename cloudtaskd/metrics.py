@@ -29,7 +29,7 @@ from prometheus_client.registry import Collector
 from cloudtaskd import costs
 from cloudtaskd.states import COUNTER, TaskState
 from cloudtaskd.store import Store
-from cloudtaskd.tables import jobs
+from cloudtaskd.tables import instances, interruptions, jobs
 
 # From a busy round's few milliseconds to an agent that waited minutes for work to arrive.
 LEASE_WAIT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -109,13 +109,9 @@ def read_state(db: sqlite3.Connection, now: float) -> State:
         out.jobs[row["state"]] = out.jobs.get(row["state"], 0) + row["jobs"]
         for state in TaskState:
             out.tasks[state.value] += row[COUNTER[state]] or 0
-    out.instances = [(r[0], r[1] or "", r[2], r[3]) for r in db.execute(
-        "SELECT provider, json_extract(offer, '$.machine_type'), state, count(*) FROM instances"
-        " WHERE state != 'stopped' GROUP BY 1, 2, 3")]
+    out.instances = [(r["provider"], r["machine_type"] or "", r["state"], r["n"]) for r in instances.live_counts(db)]
     out.fleet = costs.fleet(db, now)
-    out.interruptions = {r[0]: r[1] for r in db.execute(
-        "SELECT substr(offer_key, 1, instr(offer_key, '/') - 1), count(*) FROM interruptions"
-        " WHERE kind = 'interruption' GROUP BY 1")}
+    out.interruptions = interruptions.interruptions_by_provider(db)
     return out
 
 
@@ -145,11 +141,11 @@ def _families(s: State, sessions: int, rounds: int) -> Iterator[Metric]:
     for state, n in s.jobs.items():
         jobs.add_metric([state], n)
     yield jobs
-    instances = GaugeMetricFamily("cloudtask_instances", "Live (not stopped) instances by provider, machine type"
-                                  " and state.", labels=["provider", "machine_type", "state"])
+    live = GaugeMetricFamily("cloudtask_instances", "Live (not stopped) instances by provider, machine type"
+                             " and state.", labels=["provider", "machine_type", "state"])
     for provider, machine_type, state, n in s.instances:
-        instances.add_metric([provider, machine_type, state], n)
-    yield instances
+        live.add_metric([provider, machine_type, state], n)
+    yield live
     rate = GaugeMetricFamily("cloudtask_cost_per_hour_usd", "What the live instances cost per hour, by provider"
                              " (list prices).", labels=["provider"])
     spent = GaugeMetricFamily("cloudtask_spent_usd", "What every instance has cost so far, from launch request to"

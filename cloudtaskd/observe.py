@@ -28,7 +28,7 @@ from cloudtaskd.series import StatusSeries
 from cloudtaskd.states import COUNTER, TASK_STATES, TERMINAL_TASK_STATES, job_outcome
 from cloudtaskd.status_page import STATUS_HEADERS, STATUS_HTML
 from cloudtaskd.store import Store
-from cloudtaskd.tables import jobs
+from cloudtaskd.tables import events, instances, jobs
 
 EVENTS_LIMIT = 1000
 EVENTS_LIMIT_MAX = 10_000
@@ -37,12 +37,6 @@ EVENTS_KINDS_MAX = 20
 _KIND = re.compile(r"[a-z][a-z0-9_]{0,63}")
 STATUS_JOBS = 50
 STATUS_ERRORS = 20
-# The events the status page lists as errors. Migration 009 indexes exactly these kinds (a partial
-# index, so the newest few are found without a scan of millions of lease events); a kind added here
-# needs a migration that re-creates the index, or the query falls back to a scan.
-ERROR_KINDS = ("task_failed", "task_dead", "lease_expired", "lease_expired_dead", "instance_launch_failed",
-               "instance_start_failed", "instance_lost", "job_paused", "spot_interruption", "offer_blocked")
-ERROR_KINDS_SQL = " OR ".join(f"kind = '{k}'" for k in ERROR_KINDS)  # as the index's WHERE, term for term
 
 
 def _int(request: web.Request, name: str, *, lo: int, hi: int = 2**63 - 1) -> int | None:
@@ -120,46 +114,30 @@ class ObserveApi:
             raise BadInput(f"query parameter kind must be up to {EVENTS_KINDS_MAX} event names (snake_case),"
                            " comma-separated", field="kind")
         wait_s = _seconds(request, "wait") if tail is None else 0.0
-        where = ""
-        params: list[Any] = []
-        if kinds:
-            where += f" AND kind IN ({', '.join('?' * len(kinds))})"
-            params.extend(kinds)
-        if job is not None:
-            # The job's own events, and those of the instances serving its worker (launched and
-            # failed for it): what a person following the job wants to see.
-            where += (" AND (job_id = ? OR instance_id IN"
-                      " (SELECT i.id FROM instances i JOIN jobs j ON j.pool_id = i.pool_id WHERE j.id = ?))")
-            params.extend((job, job))
-        if instance is not None:
-            where += " AND instance_id = ?"
-            params.append(instance)
+        where = events.Filter(kinds=kinds, job=job, instance=instance)
         cursor = after or 0
 
         def read(db: sqlite3.Connection) -> tuple[list[dict[str, Any]], int]:
-            last = db.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+            last = events.last_id(db)
             if tail is not None:
-                rows = db.execute(f"SELECT * FROM (SELECT * FROM events WHERE 1{where} ORDER BY id DESC LIMIT ?)"
-                                  " ORDER BY id", (*params, tail)).fetchall()
-                return _with_task_keys(db, rows), last
-            rows = db.execute(f"SELECT * FROM events WHERE id > ?{where} ORDER BY id LIMIT ?",
-                              (cursor, *params, limit)).fetchall()
+                return _with_task_keys(db, events.tail(db, where, tail)), last
+            rows = events.page(db, cursor, where, limit)
             # A full page may stop short of the newest event: go on from its last row.
             return _with_task_keys(db, rows), rows[-1]["id"] if len(rows) == limit else max(cursor, last)
 
         deadline = asyncio.get_running_loop().time() + wait_s
         while True:
             signal = self.store.events_signal()  # before the read: a commit in between still wakes us
-            events, nxt = await self.reads.read(read)
+            found, nxt = await self.reads.read(read)
             remaining = deadline - asyncio.get_running_loop().time()
-            if events or remaining <= 0 or self.store.stopping:
+            if found or remaining <= 0 or self.store.stopping:
                 break
             cursor = nxt
             try:
                 await asyncio.wait_for(signal.wait(), remaining)
             except TimeoutError:
                 break  # nothing was recorded since the read: its empty answer stands
-        return web.json_response({"events": events, "next": nxt})
+        return web.json_response({"events": found, "next": nxt})
 
     async def status(self, request: web.Request) -> web.Response:
         """The status page's data: recent jobs with their counts, live instances grouped, the fleet's
@@ -168,16 +146,12 @@ class ObserveApi:
 
         def read(db: sqlite3.Connection) -> dict[str, Any]:
             recent = [_job_summary(r, self.waits) for r in jobs.newest_summaries(db, STATUS_JOBS)]
-            instances = [
-                {"provider": r[0], "machine_type": r[1] or "", "state": r[2], "count": r[3], "slots": r[4],
-                 "price_per_hour": r[5] or 0.0}
-                for r in db.execute(
-                    "SELECT provider, json_extract(offer, '$.machine_type'), state, count(*), sum(slots),"
-                    " sum(price_per_hour) FROM instances WHERE state != 'stopped' GROUP BY 1, 2, 3 ORDER BY 1, 2, 3")]
-            errors = _with_task_keys(db, db.execute(
-                f"SELECT * FROM events INDEXED BY events_errors WHERE {ERROR_KINDS_SQL}"
-                " ORDER BY id DESC LIMIT ?", (STATUS_ERRORS,)).fetchall())
-            return {"jobs": recent, "instances": instances, "cost": costs.fleet(db, now), "errors": errors}
+            live = [
+                {"provider": r["provider"], "machine_type": r["machine_type"] or "", "state": r["state"],
+                 "count": r["n"], "slots": r["slots"], "price_per_hour": r["price_per_hour"] or 0.0}
+                for r in instances.live_by_type(db)]
+            errors = _with_task_keys(db, events.latest_errors(db, STATUS_ERRORS))
+            return {"jobs": recent, "instances": live, "cost": costs.fleet(db, now), "errors": errors}
 
         body = await self.reads.read(read)
         body.update(version=__version__, daemon_id=self.daemon_id, now=now,
@@ -207,20 +181,20 @@ def _job_summary(row: sqlite3.Row, waits: Callable[[int], str | None]) -> dict[s
             "total": total, "waiting": job_waiting(row, waits)}
 
 
-__all__ = ["ERROR_KINDS", "ERROR_KINDS_SQL", "ObserveApi"]
+__all__ = ["ObserveApi"]
 
 
 def _with_task_keys(db: sqlite3.Connection, rows: list[sqlite3.Row]) -> list[dict[str, Any]]:
     """Events as dicts, each task event with `task_key`: the id the user gave the task (task_id is
     the row's), looked up once per page."""
-    events = [dict(r) for r in rows]
-    ids = sorted({e["task_id"] for e in events if e.get("task_id") is not None})
+    out = [dict(r) for r in rows]
+    ids = sorted({e["task_id"] for e in out if e.get("task_id") is not None})
     keys: dict[int, Any] = {}
     for start in range(0, len(ids), 500):  # well under SQLite's bound-parameter limit
         chunk = ids[start:start + 500]
         keys.update(db.execute(f"SELECT id, key FROM tasks WHERE id IN ({','.join('?' * len(chunk))})",
                                chunk).fetchall())
-    for e in events:
+    for e in out:
         if e.get("task_id") is not None:
             e["task_key"] = keys.get(e["task_id"])
-    return events
+    return out

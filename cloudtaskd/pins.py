@@ -4,7 +4,10 @@ cloud hands to someone else once they are gone."""
 
 from __future__ import annotations
 
+from functools import partial
+
 from cloudtaskd.store import Store, Tx
+from cloudtaskd.tables import host_keys, instances
 
 
 class AddressPins:
@@ -12,13 +15,11 @@ class AddressPins:
         self.store = store
 
     async def get(self, address: str, port: int) -> str | None:
-        row = await self.store.fetchone("SELECT key FROM host_keys WHERE address = ? AND port = ?", (address, port))
-        return str(row["key"]) if row is not None else None
+        return await self.store.read(partial(host_keys.get, address=address, port=port))
 
     async def set(self, address: str, port: int, key: str) -> None:
         def pin(tx: Tx) -> None:
-            tx.db.execute("INSERT OR IGNORE INTO host_keys (address, port, key, pinned_at) VALUES (?, ?, ?, ?)",
-                          (address, port, key, tx.now))
+            host_keys.pin(tx, address, port, key)
             tx.event("host_key_pinned", detail=f"{address}:{port}")
         await self.store.write(pin)
 
@@ -28,14 +29,10 @@ class InstancePins:
         self.store = store
 
     async def get(self, instance_id: str) -> str | None:
-        row = await self.store.fetchone("SELECT host_key FROM instances WHERE id = ?", (instance_id,))
-        return str(row["host_key"]) if row is not None and row["host_key"] else None
+        return await self.store.read(partial(instances.host_key, instance_id=instance_id))
 
     async def set(self, instance_id: str, key: str) -> None:
         def pin(tx: Tx) -> None:
-            # First pin wins: a later, different key must never replace it silently.
-            cur = tx.db.execute("UPDATE instances SET host_key = ? WHERE id = ? AND host_key IS NULL",
-                                (key, instance_id))
-            if cur.rowcount:
+            if instances.pin_host_key(tx, instance_id, key):  # first pin wins
                 tx.event("host_key_pinned", instance_id=instance_id)
         await self.store.write(pin)

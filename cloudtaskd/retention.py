@@ -13,17 +13,15 @@ from dataclasses import dataclass
 
 from cloudtask_wire import jsonx
 from cloudtaskd.errors import CloudtaskError, no_job
-from cloudtaskd.feeds import FINISHED_KINDS
 from cloudtaskd.states import COUNTER, TASK_STATES, WAITING_TASK_STATES
 from cloudtaskd.store import Tx
-from cloudtaskd.tables import cancels, jobs, meta, purges, uploads
+from cloudtaskd.tables import cancels, events, jobs, meta, purges, uploads
 from cloudtaskd.tables.tasks import first_task_cursor
 
 PURGE_CHUNK = 10_000  # task rows per delete transaction (housekeeping.chunk_rows in the daemon)
 # Event rows looked at per transaction: a span of rowids, not a count of matches, so a step over a
 # stretch where little matches (another job's events) is as short as one where everything does.
 EVENT_SPAN = 20_000
-_FINISHED_SQL = ", ".join(f"'{k}'" for k in FINISHED_KINDS)
 
 
 @dataclass(slots=True)
@@ -53,7 +51,7 @@ def delete_job(tx: Tx, job_id: int) -> Deleted:
         raise CloudtaskError(f"job {job_id} is {state} with {what}: cancel it first (cloudtaskctl cancel {job_id}),"
                              " then delete it")
     task_last = tx.db.execute("SELECT coalesce(max(id), 0) FROM tasks").fetchone()[0]
-    event_last = tx.db.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+    event_last = events.last_id(tx.db)
     cursor = first_task_cursor(tx.db, job_id) if total else task_last
     uploads.delete_of_job(tx, job_id)
     jobs.delete(tx, job_id)
@@ -83,11 +81,10 @@ def purge_chunk(tx: Tx, job_id: int, limit: int = PURGE_CHUNK) -> bool:
         purges.set_task_cursor(tx, job_id, end)
         return False
     if event_cursor == 0:
-        event_cursor = tx.db.execute("SELECT coalesce(min(id), 1) - 1 FROM events").fetchone()[0]
+        event_cursor = events.cursor_before_first(tx.db)
     if event_cursor < event_last:
         end = min(event_cursor + EVENT_SPAN, event_last)
-        tx.db.execute("DELETE FROM events NOT INDEXED WHERE id > ? AND id <= ? AND job_id = ?",
-                      (event_cursor, end, job_id))
+        events.delete_job_span(tx, job_id, event_cursor, end)
         purges.set_event_cursor(tx, job_id, end)
         return False
     tasks = purges.finish(tx, job_id)
@@ -98,7 +95,7 @@ def purge_chunk(tx: Tx, job_id: int, limit: int = PURGE_CHUNK) -> bool:
 def event_prune_bound(db: sqlite3.Connection, max_rows: int) -> int:
     """Events at or below this id are past the count limit: every id above it is among the newest
     max_rows ever written (ids only grow, so this needs no count over the table)."""
-    return max(0, int(db.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]) - max_rows)
+    return max(0, events.last_id(db) - max_rows)
 
 
 def prune_events_span(tx: Tx, after: int, older_than: float, count_bound: int) -> tuple[int, int, bool]:
@@ -107,15 +104,12 @@ def prune_events_span(tx: Tx, after: int, older_than: float, count_bound: int) -
     still held finished: the job's results stream (GET /v1/jobs/{id}/results?follow=1) reads them, so
     they stay as long as the job does. Returns (new cursor, rows deleted, whether to go on: False once
     the span met an event to keep for its age, since later ones are younger)."""
-    last = tx.db.execute("SELECT max(id) FROM events").fetchone()[0]
-    if last is None or after >= last:
+    last = events.last_id(tx.db)
+    if after >= last:  # none, or none after the cursor
         return after, 0, False
     end = min(after + EVENT_SPAN, last)
     # The first event in the span that is young and within the count: the walk stops before it.
-    young = tx.db.execute("SELECT min(id) FROM events NOT INDEXED WHERE id > ? AND id <= ? AND ts >= ? AND id > ?",
-                          (after, end, older_than, count_bound)).fetchone()[0]
+    young = events.first_young(tx, after, end, older_than, count_bound)
     stop = young - 1 if young is not None else end
-    deleted = tx.db.execute(
-        f"DELETE FROM events NOT INDEXED WHERE id > ? AND id <= ? AND NOT (kind IN ({_FINISHED_SQL})"
-        " AND job_id IN (SELECT id FROM jobs))", (after, stop)).rowcount
+    deleted = events.prune_span(tx, after, stop)
     return stop, deleted, young is None and stop < last

@@ -29,7 +29,7 @@ import structlog
 
 from cloudtaskd.errors import StoreError
 from cloudtaskd.store import Store
-from cloudtaskd.tables import jobs
+from cloudtaskd.tables import instances, jobs
 
 log = structlog.get_logger("cloudtaskd.series")
 
@@ -54,18 +54,16 @@ class Sample:
 def read_sample(db: sqlite3.Connection, now: float, mono: float) -> Sample:
     """Two small queries: the jobs' counters; live instances and their price, grouped."""
     row = jobs.totals(db)
-    instances: dict[str, int] = {}
+    live: dict[str, int] = {}
     cost: dict[str, float] = {}
-    for provider, spot, n, price in db.execute(
-            "SELECT provider, coalesce(json_extract(offer, '$.spot'), 0), count(*), sum(price_per_hour)"
-            " FROM instances WHERE state != 'stopped' GROUP BY 1, 2"):
+    for r in instances.live_by_market(db):
+        provider, spot, n, price = r["provider"], r["spot"], r["n"], r["price_per_hour"]
         key = provider if provider in OWNED_PROVIDERS else f"{provider} {'spot' if spot else 'on-demand'}"
-        instances[key] = instances.get(key, 0) + n
+        live[key] = live.get(key, 0) + n
         if provider != "external":  # as costs.fleet: another party pays for an external machine
             cost[provider] = round(cost.get(provider, 0.0) + (price or 0.0), 6)
     return Sample(t=now, mono=mono, succeeded=row["succeeded"], dead=row["dead"], queued=row["queued"],
-                  leased=row["leased"],
-                  instances=instances, cost_per_hour=cost)
+                  leased=row["leased"], instances=live, cost_per_hour=cost)
 
 
 def _rate(now: int, before: int, seconds: float) -> float:

@@ -7,6 +7,7 @@ transition that is not written down here cannot happen. Terminal states have no 
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from enum import StrEnum
 
 
@@ -124,14 +125,21 @@ INSTANCE_TRANSITIONS: dict[tuple[InstanceState, InstanceEvent], InstanceState] =
 
 TERMINAL_INSTANCE_STATES = frozenset({IS.STOPPED})
 LIVE_INSTANCE_STATES = frozenset({IS.PENDING, IS.STARTING, IS.RUNNING, IS.DRAINING, IS.STOPPING})
+# A job's instances as the API and the status page count them: launched for its worker and not on
+# their way out (a stopping one is being terminated and serves no one).
+ACTIVE_INSTANCE_STATES: tuple[InstanceState, ...] = (IS.PENDING, IS.STARTING, IS.RUNNING, IS.DRAINING)
+# Those whose agent may be out there, connected or about to be (a restarted daemon sets up their tunnels).
+AGENT_INSTANCE_STATES: tuple[InstanceState, ...] = (IS.STARTING, IS.RUNNING, IS.DRAINING)
 
 
-def sql_in(states: tuple[TaskState, ...] | frozenset[TaskState]) -> str:
-    """`('queued', 'leased')`: the text of an SQL IN list, built once at import by whoever needs it."""
-    return "(" + ", ".join(f"'{s.value}'" for s in sorted(states, key=TASK_STATES.index)) + ")"
+def sql_in(states: Collection[TaskState] | Collection[InstanceState]) -> str:
+    """`('queued', 'leased')`: the text of an SQL IN list, in the enum's order, built once at import by
+    whoever needs it (task or instance states)."""
+    order: list[StrEnum] = [*TaskState, *InstanceState]
+    return "(" + ", ".join(f"'{s.value}'" for s in sorted(states, key=order.index)) + ")"
 
 
-def sql_lit(state: TaskState) -> str:
+def sql_lit(state: TaskState | InstanceState) -> str:
     """`'leased'`: one state as an SQL string literal (so no SQL outside the tables types it)."""
     return f"'{state.value}'"
 

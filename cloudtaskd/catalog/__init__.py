@@ -14,6 +14,7 @@ from typing import Any
 
 from cloudtaskd.providers.base import Offer
 from cloudtaskd.store import Store, Tx
+from cloudtaskd.tables import catalog as table
 
 Fetcher = Callable[[], Awaitable[list[Offer]]]
 
@@ -26,28 +27,25 @@ class Refreshed:
 
 
 def save(tx: Tx, provider: str, offers: Sequence[Offer]) -> None:
-    tx.db.execute("DELETE FROM catalog WHERE provider = ?", (provider,))
-    tx.db.executemany(
-        "INSERT OR REPLACE INTO catalog (provider, zone, machine_type, spot, region, cpus, memory_gb, gpus,"
-        " price_per_hour, arch, fetched_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [(o.provider, o.zone, o.machine_type, int(o.spot), o.region, o.cpus, o.memory_gb, o.gpus, o.price_per_hour,
-          o.arch, tx.now) for o in offers])
+    table.replace(tx, provider, offers)
     tx.event("catalog_refreshed", detail=f"{provider}: {len(offers)} offers")
 
 
 def load(db: Any) -> dict[str, list[Offer]]:
     """Every cached offer, by provider."""
     out: dict[str, list[Offer]] = {}
-    for r in db.execute("SELECT provider, zone, machine_type, spot, region, cpus, memory_gb, gpus, price_per_hour,"
-                        " arch FROM catalog ORDER BY provider, machine_type, zone, spot DESC"):
-        out.setdefault(r[0], []).append(Offer(r[0], r[2], r[1], bool(r[3]), r[5], r[6], r[8], r[4], r[7], arch=r[9]))
+    for r in table.offers(db):
+        out.setdefault(r["provider"], []).append(Offer(
+            provider=r["provider"], machine_type=r["machine_type"], zone=r["zone"], spot=bool(r["spot"]),
+            cpus=r["cpus"], memory_gb=r["memory_gb"], price_per_hour=r["price_per_hour"], region=r["region"],
+            gpus=r["gpus"], arch=r["arch"]))
     return out
 
 
 def ages(db: Any, now: float | None = None) -> dict[str, float]:
     """Seconds since each provider's catalog was fetched."""
     now = time.time() if now is None else now
-    return {r[0]: now - r[1] for r in db.execute("SELECT provider, min(fetched_at) FROM catalog GROUP BY provider")}
+    return {provider: now - at for provider, at in table.fetched_at(db).items()}
 
 
 async def refresh(store: Store, fetchers: dict[str, Fetcher]) -> list[Refreshed]:

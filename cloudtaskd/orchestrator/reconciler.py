@@ -142,9 +142,8 @@ class Reconciler:
         for job_id, pool_id, message in paused:
             log.warning("job_paused", job=job_id, reason=message)
             if not await self.store.read(partial(job_rows.any_active, pool_id=pool_id)):
-                for row in await self.store.fetchall(
-                        "SELECT id FROM instances WHERE pool_id = ? AND state = 'running'", (pool_id,)):
-                    await self.drain(row["id"])
+                for inst in await self.store.read(partial(instances.running_in_pool, pool_id=pool_id)):
+                    await self.drain(inst)
 
     # ---- sync ----
 
@@ -188,12 +187,7 @@ class Reconciler:
 
     async def _sync(self, provider: Provider, now: float) -> None:
         cloud = {c.instance_id: c for c in await provider.list_instances()}
-        rows = await self.store.fetchall(
-            "SELECT id, pool_id, state, created_at, state_changed_at, interrupted_at,"
-            " json_extract(offer, '$.spot') AS spot, json_extract(offer, '$.key') AS offer_key"
-            " FROM instances WHERE provider = ? AND state != 'stopped'",
-            (provider.name,),
-        )
+        rows = await self.store.read(partial(instances.live_of_provider, provider=provider.name))
         known = set()
         for row in rows:
             inst, state = row["id"], InstanceState(row["state"])
@@ -383,8 +377,7 @@ class Reconciler:
                 await provider.terminate(inst)
         except Exception as exc:  # stays STOPPING; retried next tick
             message = redact(f"terminate failed: {exc}")  # a cloud SDK's text may quote a credential
-            await self.store.write(lambda tx: tx.db.execute(
-                "UPDATE instances SET last_error = ? WHERE id = ?", (message, inst)))
+            await self.store.write(instances.set_last_error, inst, message)
             return
         await self._move(inst, InstanceEvent.TERMINATED)
         self._idle_since.pop(inst, None)
@@ -447,11 +440,7 @@ class Reconciler:
     async def pool_views(self, now: float) -> list[tuple[PoolView, dict[str, Any]]]:
         def read(db: Any) -> tuple[list[Any], list[Any], dict[str, int], dict[int, float], dict[int, list[Policy]]]:
             pools = pool_rows.with_active_jobs(db)
-            instances = db.execute(
-                "SELECT id, provider, pool_id, state, slots, price_per_hour, at_risk_since IS NOT NULL AS at_risk,"
-                " json_extract(offer, '$.key') AS offer_key FROM instances"
-                " WHERE state NOT IN ('stopped') AND provider != 'external'"
-            ).fetchall()
+            fleet = instances.launched_live(db)
             leases = queue.leases_by_instance(db)
             policies: dict[int, list[Policy]] = defaultdict(list)
             for row in job_rows.active_policies(db):
@@ -465,13 +454,13 @@ class Reconciler:
                     " AND duration_s IS NOT NULL ORDER BY finished_at DESC LIMIT ?", (int(job), RECENT_TASKS))]
                 if recent:
                     durations[p["id"]] = sum(recent) / len(recent)
-            return pools, instances, leases, durations, policies
+            return pools, fleet, leases, durations, policies
 
-        pools, instances, leases, durations, policies = await self.store.read(read)
+        pools, fleet, leases, durations, policies = await self.store.read(read)
         by_pool: dict[int, list[InstanceView]] = defaultdict(list)
         live_per_provider: dict[str, int] = defaultdict(int)
         spend = 0.0
-        for r in instances:
+        for r in fleet:
             live_per_provider[r["provider"]] += 1
             spend += r["price_per_hour"] or 0.0
             n = leases.get(r["id"], 0)
@@ -483,7 +472,7 @@ class Reconciler:
                 r["id"], r["state"], r["slots"], n, self._idle_since.get(r["id"]) if not n else None,
                 r["price_per_hour"] or 0.0, bool(r["at_risk"]), r["provider"], r["offer_key"] or ""))
         scaling = self.config.scaling
-        global_room = scaling.max_instances - len(instances)
+        global_room = scaling.max_instances - len(fleet)
         spare = {name: max(0, self.limits[name] - live_per_provider[name]) for name in self.providers}
         room = {name: min(spare[name], max(0, global_room)) for name in self.providers}
         budget = scaling.max_cost_per_hour - spend if scaling.max_cost_per_hour > 0 else math.inf
@@ -669,9 +658,8 @@ class Reconciler:
         keep their leases and reconnect to the next daemon (which extends every lease at start).
         """
         self.paused = True
-        rows = [r for r in await self.store.fetchall(
-            "SELECT id, provider, state FROM instances WHERE state != 'stopped' AND provider != 'external'")
-            if providers is None or r["provider"] in providers]
+        rows = [r for r in await self.store.read(instances.to_stop)
+                if providers is None or r["provider"] in providers]
         for r in rows:
             if r["state"] == "running":
                 await self.drain(r["id"])
@@ -681,8 +669,8 @@ class Reconciler:
         ):
             await asyncio.sleep(0.05)
         for r in rows:
-            current = await self.store.fetchone("SELECT state FROM instances WHERE id = ?", (r["id"],))
-            state = InstanceState(current["state"]) if current else InstanceState.STOPPED
+            current = await self.store.read(partial(instances.state_of, instance_id=r["id"]))
+            state = InstanceState(current) if current else InstanceState.STOPPED
             if state in (InstanceState.RUNNING, InstanceState.STARTING):
                 event = InstanceEvent.DRAIN if state == InstanceState.STARTING else InstanceEvent.LOST
                 await self._move(r["id"], event)
@@ -697,10 +685,10 @@ class Reconciler:
         is recorded as failed at once (after a crash, the next daemon's first sync does the same:
         `_abandoned_launch`). STOPPED, whatever the provider made still carries our tag, so the
         next daemon terminates it as leaked."""
-        rows = await self.store.fetchall("SELECT id FROM instances WHERE state = 'pending'")
-        for r in rows:
-            await self._move(r["id"], InstanceEvent.LAUNCH_FAILED, error="the daemon stopped during the launch")
-        return len(rows)
+        pending = await self.store.read(instances.pending)
+        for inst in pending:
+            await self._move(inst, InstanceEvent.LAUNCH_FAILED, error="the daemon stopped during the launch")
+        return len(pending)
 
 
 def _insert_instance(tx: Tx, inst: str, pool_id: int, cand: Candidate, hashed: str) -> None:

@@ -3,7 +3,7 @@
 -- (a job paused at its max_total_cost: 'budget'); cloudtaskctl run exits with its own status for it.
 ALTER TABLE jobs ADD COLUMN pause_cause TEXT;
 UPDATE jobs SET pause_cause = 'budget' WHERE state = 'paused';
--- The status page's errors index gains offer_blocked (observe.ERROR_KINDS, in the same order).
+-- The status page's errors index gains offer_blocked (tables/events.ERROR_KINDS, in the same order).
 DROP INDEX events_errors;
 CREATE INDEX events_errors ON events(id) WHERE kind = 'task_failed' OR kind = 'task_dead'
     OR kind = 'lease_expired' OR kind = 'lease_expired_dead' OR kind = 'instance_launch_failed'

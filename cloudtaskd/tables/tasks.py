@@ -25,7 +25,7 @@ from cloudtaskd.errors import BadInput, CloudtaskError, TransitionError, no_job
 from cloudtaskd.states import TaskEvent as E
 from cloudtaskd.states import TaskState as S
 from cloudtaskd.store import Store, Tx, task_edge
-from cloudtaskd.tables import cancels, jobs, uploads
+from cloudtaskd.tables import cancels, events, jobs, uploads
 from cloudtaskd.tables.bulk import bulk, postgres
 from cloudtaskd.taskfile import ParsedTask
 
@@ -711,9 +711,7 @@ def cancel_chunk(tx: Tx, job_id: int, limit: int = CANCEL_CHUNK) -> CancelProgre
         f"SELECT id, instance_id FROM tasks{walk} WHERE {in_window} AND state = 'leased'", window).fetchall()]
     if n:
         # As a cancel always did: a task_cancelled event per task (results followers read them).
-        tx.db.execute(f"INSERT INTO events (ts, kind, job_id, task_id, instance_id) SELECT ?, '{E.CANCELLED.value}',"
-                      f" job_id, id, instance_id FROM tasks{walk} WHERE {in_window}", (tx.now, *window))
-        tx.sql_events = True
+        events.add_cancelled(tx, job_id, cursor, end)
         tx.db.execute(f"UPDATE tasks{walk} SET state = 'cancelled', finished_at = ?, lease_expires_at = NULL,"
                       f" run_at = NULL WHERE {in_window}", (tx.now, *window))
     if seen < limit:
@@ -783,7 +781,7 @@ def withdraw_job(tx: Tx, job_id: int) -> None:
     if uploads.receiving(tx.db, job_id):
         raise BadInput(f"job {job_id} is receiving tasks: it cannot be withdrawn now")
     uploads.delete_of_job(tx, job_id)
-    tx.db.execute("DELETE FROM events WHERE job_id = ?", (job_id,))
+    events.delete_of_job(tx, job_id)
     jobs.delete(tx, job_id)
 
 

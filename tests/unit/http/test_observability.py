@@ -24,11 +24,11 @@ from cloudtaskd.daemon import Daemon
 from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.errors import CapacityError, QuotaExceeded
 from cloudtaskd.metrics import Metrics
-from cloudtaskd.observe import ERROR_KINDS_SQL
 from cloudtaskd.orchestrator.reconciler import Reconciler
 from cloudtaskd.orchestrator.selection import Candidate
 from cloudtaskd.providers.base import CloudInstance, LaunchSpec, Offer
 from cloudtaskd.store import Store
+from cloudtaskd.tables.events import ERROR_KINDS_SQL
 from tests.conftest import ROOT, UnixApi, make_config, wait_for
 from tests.procs import bundle
 
