@@ -394,11 +394,8 @@ class ControlApi:
             raise BadInput(f"state: expected one of {', '.join(TASK_STATE_NAMES)}", field="state")
         limit = min(_int_param(request, "limit", 100) or 100, 10_000)
         after = _int_param(request, "after", 0) or 0
-        sql = ("SELECT * FROM tasks WHERE job_id = ? AND id > ?" + (" AND state = ?" if state else "")
-               + " ORDER BY id LIMIT ?")
         # One row past the page: whether there is more, without a count over the whole job.
-        params: tuple[Any, ...] = (job_id, after, state, limit + 1) if state else (job_id, after, limit + 1)
-        rows = await self.reads.fetchall(sql, params)
+        rows = await self.reads.read(partial(queue.page, job_id=job_id, after=after, limit=limit + 1, state=state))
         # Not an empty list: the job itself is missing (or deleted, its rows still being purged).
         if not await self.reads.read(lambda db: jobs.exists(db, job_id)):
             raise no_job(job_id)
@@ -632,8 +629,7 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
 
 def _delete_or_withdraw(tx: Tx, job_id: int) -> retention.Deleted:
     """A job that never held a task (its upload refused) is withdrawn whole at once; any other is deleted."""
-    held = tx.db.execute("SELECT 1 FROM tasks WHERE job_id = ? LIMIT 1", (job_id,)).fetchone() is not None
-    if held or uploads.receiving(tx.db, job_id):
+    if queue.any_of_job(tx.db, job_id) or uploads.receiving(tx.db, job_id):
         return retention.delete_job(tx, job_id)
     queue.withdraw_job(tx, job_id)
     return retention.Deleted(job_id, 0, False)

@@ -15,7 +15,7 @@ from typing import Any
 from cloudtaskd.errors import BadInput, CloudtaskError, no_job
 from cloudtaskd.states import COUNTER, OPEN_TASK_STATES
 from cloudtaskd.store import Tx
-from cloudtaskd.tables import instances, jobs
+from cloudtaskd.tables import instances, jobs, tasks
 
 HOUR = 3600.0
 
@@ -31,18 +31,11 @@ def job(db: sqlite3.Connection, job_id: int, now: float) -> dict[str, Any] | Non
     j = jobs.counters(db, job_id)
     if j is None:
         return None
-    task = db.execute(
-        "SELECT count(*) AS n, sum(t.duration_s) AS busy, sum(t.duration_s * i.price_per_hour / i.slots) AS spent"
-        " FROM tasks t JOIN instances i ON i.id = t.instance_id"
-        " WHERE t.job_id = ? AND t.finished_at IS NOT NULL AND t.duration_s IS NOT NULL", (job_id,)).fetchone()
+    task = tasks.job_spend(db, job_id)
     spent = (task["spent"] or 0.0) / HOUR
     # The pool's instances: what they cost, and how much of it was task time (any job's).
     pool = instances.pool_cost(db, j["pool_id"], now)
-    pool_task = db.execute(
-        "SELECT sum(t.duration_s * i.price_per_hour / i.slots) AS spent FROM tasks t"
-        " JOIN instances i ON i.id = t.instance_id WHERE i.pool_id = ? AND t.duration_s IS NOT NULL",
-        (j["pool_id"],)).fetchone()
-    pool_cost, pool_task_cost = (pool["cost"] or 0.0) / HOUR, (pool_task["spent"] or 0.0) / HOUR
+    pool_cost, pool_task_cost = (pool["cost"] or 0.0) / HOUR, tasks.pool_task_spend(db, j["pool_id"]) / HOUR
     overhead = pool_cost / pool_task_cost if pool_task_cost > 0 else 1.0
     remaining = sum(j[COUNTER[s]] for s in OPEN_TASK_STATES)
     estimate = None

@@ -28,7 +28,7 @@ from cloudtaskd.series import StatusSeries
 from cloudtaskd.states import COUNTER, TASK_STATES, TERMINAL_TASK_STATES, job_outcome
 from cloudtaskd.status_page import STATUS_HEADERS, STATUS_HTML
 from cloudtaskd.store import Store
-from cloudtaskd.tables import events, instances, jobs
+from cloudtaskd.tables import events, instances, jobs, tasks
 
 EVENTS_LIMIT = 1000
 EVENTS_LIMIT_MAX = 10_000
@@ -192,8 +192,7 @@ def _with_task_keys(db: sqlite3.Connection, rows: list[sqlite3.Row]) -> list[dic
     keys: dict[int, Any] = {}
     for start in range(0, len(ids), 500):  # well under SQLite's bound-parameter limit
         chunk = ids[start:start + 500]
-        keys.update(db.execute(f"SELECT id, key FROM tasks WHERE id IN ({','.join('?' * len(chunk))})",
-                               chunk).fetchall())
+        keys.update(tasks.keys_of(db, chunk))
     for e in out:
         if e.get("task_id") is not None:
             e["task_key"] = keys.get(e["task_id"])

@@ -16,6 +16,7 @@ from cloudtaskd.errors import CloudtaskError, no_job
 from cloudtaskd.states import COUNTER, TASK_STATES, WAITING_TASK_STATES
 from cloudtaskd.store import Tx
 from cloudtaskd.tables import cancels, events, jobs, meta, purges, uploads
+from cloudtaskd.tables import tasks as task_rows
 from cloudtaskd.tables.tasks import first_task_cursor
 
 PURGE_CHUNK = 10_000  # task rows per delete transaction (housekeeping.chunk_rows in the daemon)
@@ -50,7 +51,7 @@ def delete_job(tx: Tx, job_id: int) -> Deleted:
         what = f"{unfinished} unfinished task{'s' if unfinished != 1 else ''}" if unfinished else "an upload under way"
         raise CloudtaskError(f"job {job_id} is {state} with {what}: cancel it first (cloudtaskctl cancel {job_id}),"
                              " then delete it")
-    task_last = tx.db.execute("SELECT coalesce(max(id), 0) FROM tasks").fetchone()[0]
+    task_last = task_rows.last_id(tx.db)
     event_last = events.last_id(tx.db)
     cursor = first_task_cursor(tx.db, job_id) if total else task_last
     uploads.delete_of_job(tx, job_id)
@@ -71,14 +72,7 @@ def purge_chunk(tx: Tx, job_id: int, limit: int = PURGE_CHUNK) -> bool:
         return True
     task_cursor, task_last, event_cursor, event_last = at.task_cursor, at.task_last, at.event_cursor, at.event_last
     if task_cursor < task_last:
-        # NOT INDEXED: a rowid walk from the cursor (queue._staged_chunk says why).
-        end = tx.db.execute("SELECT max(id) FROM (SELECT id FROM tasks NOT INDEXED WHERE id > ? AND id <= ?"
-                            " AND job_id = ? ORDER BY id LIMIT ?)",
-                            (task_cursor, task_last, job_id, limit)).fetchone()[0]
-        end = task_last if end is None else end
-        tx.db.execute("DELETE FROM tasks NOT INDEXED WHERE id > ? AND id <= ? AND job_id = ?",
-                      (task_cursor, end, job_id))
-        purges.set_task_cursor(tx, job_id, end)
+        purges.set_task_cursor(tx, job_id, task_rows.purge_span(tx, job_id, task_cursor, task_last, limit))
         return False
     if event_cursor == 0:
         event_cursor = events.cursor_before_first(tx.db)

@@ -447,11 +447,9 @@ class Reconciler:
                 policies[row["pool_id"]].append(Policy.from_dict(json.loads(row["policy"] or "{}")))
             durations = {}
             for p in pools:
-                # The latest results say how long a task takes now: per job, so that the index on
-                # (job_id, finished_at) serves each query without a sort however many have finished.
-                recent = [d for job in str(p["job_ids"]).split(",") for (d,) in db.execute(
-                    "SELECT duration_s FROM tasks WHERE job_id = ? AND finished_at IS NOT NULL"
-                    " AND duration_s IS NOT NULL ORDER BY finished_at DESC LIMIT ?", (int(job), RECENT_TASKS))]
+                # The latest results say how long a task takes now, per job.
+                recent = [d for job in str(p["job_ids"]).split(",")
+                          for d in queue.recent_durations(db, int(job), RECENT_TASKS)]
                 if recent:
                     durations[p["id"]] = sum(recent) / len(recent)
             return pools, fleet, leases, durations, policies

@@ -25,7 +25,7 @@ from cloudtaskd.errors import BadInput, CloudtaskError, TransitionError, no_job
 from cloudtaskd.states import TaskEvent as E
 from cloudtaskd.states import TaskState as S
 from cloudtaskd.store import Store, Tx, task_edge
-from cloudtaskd.tables import cancels, events, jobs, uploads
+from cloudtaskd.tables import cancels, events, jobs, rows, uploads
 from cloudtaskd.tables.bulk import bulk, postgres
 from cloudtaskd.taskfile import ParsedTask
 
@@ -838,3 +838,67 @@ def results_page(db: sqlite3.Connection, job_id: int, after: int, limit: int) ->
     """Up to `limit` finished tasks of the job past rowid `after`, in id order."""
     return db.execute(f"SELECT {RESULT_COLUMNS} FROM tasks WHERE job_id = ? AND id > ?"
                       f" AND state IN {_TERMINAL_SQL} ORDER BY id LIMIT ?", (job_id, after, limit)).fetchall()
+
+
+# ---- the API's, the reconciler's, costs' and retention's reads and the purge ---------------------
+
+
+def page(db: sqlite3.Connection, job_id: int, after: int, limit: int, state: str | None = None) -> list[sqlite3.Row]:
+    """Up to `limit` of the job's tasks past id `after` (in one state if given), in id order."""
+    where = " AND state = ?" if state else ""
+    params: tuple[Any, ...] = (job_id, after, state, limit) if state else (job_id, after, limit)
+    return rows.every(db, f"SELECT * FROM tasks WHERE job_id = ? AND id > ?{where} ORDER BY id LIMIT ?", params)
+
+
+def any_of_job(db: sqlite3.Connection, job_id: int) -> bool:
+    """Does the job hold a task row (staged or not)?"""
+    return db.execute("SELECT 1 FROM tasks WHERE job_id = ? LIMIT 1", (job_id,)).fetchone() is not None
+
+
+def last_id(db: sqlite3.Connection) -> int:
+    """The newest task's id (0: none); a purge walks no further."""
+    return int(db.execute("SELECT coalesce(max(id), 0) FROM tasks").fetchone()[0])
+
+
+def keys_of(db: sqlite3.Connection, ids: list[int]) -> dict[int, Any]:
+    """Task id -> the key the user gave it, for up to 500 ids (under SQLite's parameter limit)."""
+    found = db.execute(f"SELECT id, key FROM tasks WHERE id IN ({','.join('?' * len(ids))})", ids).fetchall()
+    return {int(r[0]): r[1] for r in found}
+
+
+def recent_durations(db: sqlite3.Connection, job_id: int, n: int) -> list[float]:
+    """The run times of the job's last `n` finished tasks: the index on (job_id, finished_at) serves it
+    without a sort however many have finished."""
+    return [float(r[0]) for r in db.execute(
+        "SELECT duration_s FROM tasks WHERE job_id = ? AND finished_at IS NOT NULL"
+        " AND duration_s IS NOT NULL ORDER BY finished_at DESC LIMIT ?", (job_id, n))]
+
+
+def job_spend(db: sqlite3.Connection, job_id: int) -> sqlite3.Row:
+    """The job's finished tasks: how many (n), their run time (busy) and price-seconds (spent: each
+    task's share of its instance's hourly price, times its run time)."""
+    row = rows.one(db, "SELECT count(*) AS n, sum(t.duration_s) AS busy,"
+                       " sum(t.duration_s * i.price_per_hour / i.slots) AS spent"
+                       " FROM tasks t JOIN instances i ON i.id = t.instance_id"
+                       " WHERE t.job_id = ? AND t.finished_at IS NOT NULL AND t.duration_s IS NOT NULL", (job_id,))
+    assert row is not None  # an aggregate always answers one row
+    return row
+
+
+def pool_task_spend(db: sqlite3.Connection, pool_id: int) -> float:
+    """Price-seconds of every task (any job's) run on the pool's instances."""
+    row = db.execute("SELECT sum(t.duration_s * i.price_per_hour / i.slots) FROM tasks t"
+                     " JOIN instances i ON i.id = t.instance_id WHERE i.pool_id = ? AND t.duration_s IS NOT NULL",
+                     (pool_id,)).fetchone()
+    return float(row[0] or 0.0)
+
+
+def purge_span(tx: Tx, job_id: int, after: int, last: int, limit: int) -> int:
+    """Delete the next `limit` of a deleted job's tasks with an id in (after, last]; returns where the
+    span ended (`last` when none was left). A rowid walk from the cursor (_staged_chunk says why)."""
+    walk = _not_indexed(tx.db)
+    end = tx.db.execute(f"SELECT max(id) FROM (SELECT id FROM tasks{walk} WHERE id > ? AND id <= ?"
+                        " AND job_id = ? ORDER BY id LIMIT ?) AS w", (after, last, job_id, limit)).fetchone()[0]
+    end = last if end is None else int(end)
+    tx.db.execute(f"DELETE FROM tasks{walk} WHERE id > ? AND id <= ? AND job_id = ?", (after, end, job_id))
+    return end

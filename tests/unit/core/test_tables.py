@@ -26,6 +26,7 @@ OWNERS = {
     "interruptions": "tables/interruptions.py",
     "catalog": "tables/catalog.py",
     "host_keys": "tables/host_keys.py",
+    "tasks": "tables/tasks.py",
 }
 NOT_SCANNED = ("pg",)  # the PostgreSQL backend's own statements (its schema twins, locks, notify)
 _WRITTEN = re.compile(r"\b(?:UPDATE|INSERT(?: OR \w+)? INTO|REPLACE INTO|DELETE FROM)\s+(\w+)")
@@ -39,9 +40,28 @@ def main_table(sql: str) -> str | None:
         return m.group(1)
     # A fragment (" WHERE ... IN (SELECT ...)") is part of a statement whose head is nearby: its
     # subquery's table is not the statement's.
-    if re.match(r"\s*(SELECT|WITH)\b", sql) and (m := _READ.search(sql)):
-        return m.group(1)
+    if re.match(r"\s*(SELECT|WITH)\b", sql):
+        return _top_from(sql)
     return None
+
+
+def _top_from(sql: str) -> str | None:
+    """The table after the statement's own FROM, not a subquery's in its select list or WHERE; a FROM
+    over a subquery in parentheses is that subquery's."""
+    depth = 0
+    for m in re.finditer(r"\(|\)|\bFROM\s+", sql):
+        if m.group() == "(":
+            depth += 1
+        elif m.group() == ")":
+            depth -= 1
+        elif depth == 0:
+            rest = sql[m.end():]
+            if not rest.startswith("("):
+                word = _READ.match("FROM " + rest)
+                return word.group(1) if word else None
+            return _top_from(rest[1:])
+    m = _READ.search(sql)
+    return m.group(1) if m else None
 
 
 def _strings(tree: ast.AST) -> list[tuple[int, str]]:
@@ -75,6 +95,17 @@ def test_every_statement_is_in_its_tables_module() -> None:
                        + "\n".join(found))
 
 
+async def test_every_table_has_an_owner(tmp_path: Path) -> None:
+    """A table a migration adds gets its module (and its line in OWNERS) with it."""
+    store = await _store(tmp_path)
+    try:
+        names = await store.read(lambda db: [r[0] for r in db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")])
+    finally:
+        await store.close()
+    assert sorted(names) == sorted(OWNERS)
+
+
 def test_every_owner_exists() -> None:
     assert all((PACKAGE / module).is_file() for module in OWNERS.values())
 
@@ -82,10 +113,13 @@ def test_every_owner_exists() -> None:
 def test_the_check_sees_a_statement_and_its_main_table(tmp_path: Path) -> None:
     (tmp_path / "tables").mkdir()
     (tmp_path / "tables" / "jobs.py").write_text('A = "SELECT 1 FROM jobs WHERE id = ?"\n')
+    # A subquery in the select list reads another table; the statement is the instances module's.
+    (tmp_path / "tables" / "instances.py").write_text(
+        'A = "SELECT i.id, EXISTS (SELECT 1 FROM jobs j WHERE j.pool_id = i.pool_id) FROM instances i"\n')
     (tmp_path / "m.py").write_text(
         'A = ("SELECT j.id FROM jobs j"\n     " WHERE j.state = ?")\n'
         'B = f"UPDATE pools SET created_at = {1} WHERE id = ?"\n'
-        'C = "SELECT * FROM tasks WHERE job_id IN (SELECT id FROM jobs)"\n'  # a tasks statement: not jobs'
+        'C = "SELECT * FROM sqlite_master WHERE name IN (SELECT name FROM jobs)"\n'  # not a jobs statement
         'D = "INSERT INTO meta (key, value) VALUES (?, ?)"\n'
         '"""A docstring saying jobs are read from the jobs table."""\n')
     assert [hit.split(":")[:2] for hit in misplaced(tmp_path)] == [["m.py", "1"], ["m.py", "3"], ["m.py", "5"]]
