@@ -5,6 +5,8 @@ Invariants:
 - A report (done/fail/handback) stays buffered until the daemon acks it, and is resent after a
   reconnect: a network blip never loses a finished result (the daemon treats resends idempotently).
 - Leases survive reconnects: the hello lists what we hold, the welcome says what we may keep.
+- Any replica will do: the agent is given every replica's URL (failover.py) and, when a session
+  ends, dials the others too; the hello's list of held leases lets the one it reaches reclaim them.
 - Credit: we ask for `slots + prefetch` tasks in total and one more each time a task leaves our
   hands, so the daemon pushes work as soon as it has it; we never poll.
 """
@@ -18,6 +20,7 @@ import signal
 import ssl
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ import aiohttp
 
 from agent import interruption
 from agent.compat import SLOTS
+from agent.failover import UrlRing, dial_first, parse_urls
 from agent.logline import log
 from agent.runner import Outcome, Runner
 from cloudtask_wire import frames, jsonx
@@ -97,17 +101,20 @@ class Held:
 
 
 class Agent:
-    def __init__(self, url: str, instance: str, token: str, worker_dir: Path, slots: int, *,
+    def __init__(self, url: str | Sequence[str], instance: str, token: str, worker_dir: Path, slots: int, *,
                  prefetch: int | None = None, drain_grace_s: float = DEFAULT_DRAIN_GRACE_S,
                  spec: WorkerSpec | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  interruption_source: str = "", metadata_url: str | None = None,
                  interruption_margin_s: float = DEFAULT_INTERRUPTION_MARGIN_S, ca_file: Path | None = None,
                  url_file: Path | None = None, give_up_after_s: float = DEFAULT_GIVE_UP_AFTER_S) -> None:
-        self.url = url
+        # Every replica's URL (a str may list several, comma-separated), in the order to dial them.
+        self.ring = UrlRing([url] if isinstance(url, str) else url)
+        self.url = self.ring.order()[0]  # the one dialled last, for the logs
         self.give_up_after_s = give_up_after_s  # 0: never
         self.gave_up = False
-        # Read again before each connection when given: a tunnel re-established by the daemon (after
-        # a dropped SSH connection or its restart) may listen on another local port.
+        # Read again before each connection when given (one URL or several, a line each): a tunnel
+        # re-established by the daemon (after a dropped SSH connection or its restart) may listen on
+        # another local port, a restarted local daemon on another port.
         self.url_file = url_file
         self.instance = instance
         self.token = token
@@ -243,12 +250,11 @@ class Agent:
         if self.url_file is None:
             return
         try:
-            url = self.url_file.read_text().strip()
+            urls = parse_urls(self.url_file.read_text().splitlines())
         except OSError:
             return  # not written yet or being replaced: the last one known stays
-        if url and url != self.url:
-            log("agent_url_changed", url=url)
-            self.url = url
+        if urls and self.ring.replace(urls):
+            log("agent_url_changed", url=urls[0], urls=urls)
 
     async def _connect_loop(self) -> None:
         delay = RECONNECT_MIN_S
@@ -256,6 +262,13 @@ class Agent:
         ws_timeout = aiohttp.ClientWSTimeout(ws_close=WS_CLOSE_TIMEOUT_S)
         unreachable_since = time.monotonic()  # since the start, or since the last session ended
         async with aiohttp.ClientSession(timeout=timeout) as http:
+            async def dial(url: str) -> aiohttp.ClientWebSocketResponse:
+                return await http.ws_connect(url, heartbeat=20, max_msg_size=self.max_message_bytes,
+                                             ssl=self.ssl, timeout=ws_timeout)
+
+            async def close(ws: aiohttp.ClientWebSocketResponse) -> None:
+                await ws.close()
+
             while not self.done.is_set():
                 if self.give_up_after_s and time.monotonic() - unreachable_since > self.give_up_after_s:
                     log("agent_gave_up", url=self.url, unreachable_s=round(time.monotonic() - unreachable_since, 1),
@@ -264,13 +277,18 @@ class Agent:
                     self.done.set()
                     return
                 self._reread_url()
+                url = ""
                 try:
-                    async with http.ws_connect(self.url, heartbeat=20, max_msg_size=self.max_message_bytes,
-                                               ssl=self.ssl, timeout=ws_timeout) as ws:
-                        delay = RECONNECT_MIN_S
+                    # Every URL, staggered: one that hangs does not hold the others up (failover.py).
+                    url, ws = await dial_first(self.ring.order(), dial, close=close)
+                    self.url = url
+                    delay = RECONNECT_MIN_S
+                    try:
                         await self._session(ws)
+                    finally:
+                        await ws.close()
                     if not self.done.is_set():
-                        log("agent_disconnected", close_code=ws.close_code,
+                        log("agent_disconnected", url=url, close_code=ws.close_code,
                             error=str(ws.exception() or "") or None)
                 except FatalAgentError as exc:
                     log("agent_refused", error=str(exc))
@@ -278,11 +296,13 @@ class Agent:
                     raise
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                     event = "agent_disconnected" if self._ws is not None else "agent_connect_failed"
-                    log(event, error=str(exc) or type(exc).__name__, retry_in_s=round(delay, 2))
+                    log(event, url=url or None, error=str(exc) or type(exc).__name__, retry_in_s=round(delay, 2))
                 finally:
                     if self._ws is not None:
                         unreachable_since = time.monotonic()
                     self._ws = None
+                    if url:  # it answered, then the session ended or its hello failed: the others first
+                        self.ring.lost(url)
                 if self.done.is_set():
                     return
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))

@@ -1,7 +1,11 @@
 """cloudtask-agent: the process that runs on each instance.
 
-    cloudtask-agent --url ws://daemon:port/v1/agent --instance ID --worker-dir DIR [--slots N]
+    cloudtask-agent --url ws://daemon:port/v1/agent [--url ws://replica2:port/v1/agent ...]
+                    --instance ID --worker-dir DIR [--slots N]
                     [--interruption-source aws|gcp|azure [--metadata-url URL]] [--max-message-bytes N]
+
+Several --url (or one with a comma-separated list): every replica's agent URL; the agent dials them
+in turn and moves to another when its session ends (agent/failover.py).
 
 The token comes from $CLOUDTASK_AGENT_TOKEN (never argv: every local user can read argv).
 
@@ -28,6 +32,7 @@ from agent.connection import (
     default_slots,
     load_spec,
 )
+from agent.failover import parse_urls
 from agent.logline import log
 from cloudtask_wire import jsonx
 from cloudtask_wire.messages import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES, MIN_MESSAGE_BYTES
@@ -51,14 +56,16 @@ def run_setup(command: str, worker_dir: Path, marker_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cloudtask-agent")
-    parser.add_argument("--url", required=True, help="the daemon's agent websocket URL")
+    parser.add_argument("--url", required=True, action="append",
+                        help="a daemon's agent websocket URL; repeat it (or separate by commas) for every replica's")
     parser.add_argument("--instance", required=True, help="this instance's id")
     parser.add_argument("--worker-dir", required=True, type=Path)
     parser.add_argument("--slots", type=int, default=0, help="concurrent tasks (default: CPUs / cpus_per_task)")
     parser.add_argument("--prefetch", type=int, default=None, help="extra leases held ready (default: slots)")
     parser.add_argument("--token-file", type=Path, help="read the token from this file (mode 600)")
     parser.add_argument("--url-file", type=Path,
-                        help="read the URL from this file before each connection (a tunnel's port may change)")
+                        help="read the URL(s) from this file before each connection, one a line (a tunnel's "
+                             "port may change)")
     parser.add_argument("--give-up-after", type=float, default=DEFAULT_GIVE_UP_AFTER_S,
                         help=f"exit (code {EXIT_GAVE_UP}) after this many seconds without reaching the daemon "
                              f"(default {DEFAULT_GIVE_UP_AFTER_S:g}; 0: never)")
@@ -78,6 +85,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--max-message-bytes must be between {MIN_MESSAGE_BYTES} and {MAX_MESSAGE_BYTES}")
     if args.give_up_after < 0:
         parser.error("--give-up-after must be 0 (never) or more seconds")
+    urls = parse_urls(args.url)
+    if not urls:
+        parser.error("--url: give at least one daemon URL")
     token = os.environ.pop("CLOUDTASK_AGENT_TOKEN", "")
     if not token and args.token_file:
         token = args.token_file.read_text().strip()
@@ -93,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     async def serve() -> int:
         # Made inside the loop: before 3.10 an asyncio.Event binds to the loop current when it is
         # made, and asyncio.run() starts a new one (the agent runs on 3.9 images).
-        agent = Agent(args.url, args.instance, token, worker_dir, slots, prefetch=args.prefetch,
+        agent = Agent(urls, args.instance, token, worker_dir, slots, prefetch=args.prefetch,
                       drain_grace_s=args.drain_grace, spec=spec, interruption_source=args.interruption_source or "",
                       metadata_url=args.metadata_url, interruption_margin_s=args.interruption_margin,
                       ca_file=args.ca_file, max_message_bytes=args.max_message_bytes, url_file=args.url_file,

@@ -479,7 +479,9 @@ class ControlApi:
         token = secrets.token_urlsafe(32)
         await self.store.write(_register_external, inst, digest, slots, token_hash(token))
         # max_message_bytes: what to start the agent with (--max-message-bytes) so every task fits.
-        return web.json_response({"id": inst, "token": token, "url": self.agent_url(), "ca_cert": self.agent_ca,
+        # urls: every replica's (this daemon's first), for an agent that is to fail over between them.
+        urls = list(self.config.agents.dial_urls(self.agent_url()))
+        return web.json_response({"id": inst, "token": token, "url": urls[0], "urls": urls, "ca_cert": self.agent_ca,
                                   "max_message_bytes": self.config.agents.max_message_bytes}, status=201)
 
     async def drain_instance(self, request: web.Request) -> web.Response:

@@ -10,8 +10,8 @@ while the first is alive. The remote layout, under `~/.cloudtask/<instance>/`:
     venv/                `python3 -m venv --without-pip` (no ensurepip needed): the agent's and the
                          worker's environment; a .pth puts the runtime on its path, bin/pip runs its pip
     token                the agent's token (mode 600; never on a command line)
-    agent.url            where the agent dials the daemon; read again before each reconnection
-                         (a tunnel's port, tunnels.py)
+    agent.url            where the agent dials the daemon (every replica's URL, one a line); read
+                         again before each reconnection (a tunnel's port, tunnels.py)
     agent.pid, agent.log
 
 and, shared by the instances of one host, `~/.cloudtask/runtime/<digest>/lib`: the agent's
@@ -29,7 +29,7 @@ import shlex
 import tarfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -94,6 +94,8 @@ class BootstrapSpec:
     agent_args: tuple[str, ...] = ()  # more agent options (its frame limit, its spot-notice watcher)
     ca_cert: bytes = b""  # the daemon's CA (PEM), pinned by the agent; empty: no TLS
     bundle_limits: Limits = field(default_factory=Limits)  # the worker is unpacked under these caps
+    # Every replica's agent URL, agent_url first; empty: agent_url alone (a tunnel's, or one daemon).
+    agent_urls: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return f"BootstrapSpec(instance_id={self.instance_id!r}, slots={self.slots})"
@@ -204,6 +206,7 @@ async def bootstrap(conn: asyncssh.SSHClientConnection, spec: BootstrapSpec, boo
     inst = spec.instance_id
     base = f".cloudtask/{inst}"
     q = shlex.quote
+    urls = spec.agent_urls or (spec.agent_url,)
     probe = await _run(conn, bootlog, inst, "probe", f"mkdir -p {q(base)}/agentpkg && chmod 700 .cloudtask && "
                        "uname -m && (python3 -c 'import sys; print(\"%d.%d\" % sys.version_info[:2])' || echo none)")
     words = probe.split()
@@ -222,7 +225,7 @@ async def bootstrap(conn: asyncssh.SSHClientConnection, spec: BootstrapSpec, boo
         async with sftp.open(f"{base}/worker.json", "w") as f:
             await f.write(json.dumps(spec.worker_spec))
         async with sftp.open(f"{base}/agent.url", "w") as f:  # rewritten when its tunnel moves
-            await f.write(spec.agent_url + "\n")
+            await f.write("\n".join(urls) + "\n")
         async with sftp.open(f"{base}/token", "w") as f:
             await f.write(spec.token)
         await sftp.chmod(f"{base}/token", 0o600)
@@ -258,7 +261,7 @@ async def bootstrap(conn: asyncssh.SSHClientConnection, spec: BootstrapSpec, boo
         f"PATH=\"$PWD/venv/bin:$PATH\" VIRTUAL_ENV=\"$PWD/venv\""
         f" CLOUDTASK_AGENT_TOKEN=$(cat token)"
         f" PYTHONPATH=agentpkg setsid nohup venv/bin/python -m agent.main"
-        f" --url {q(spec.agent_url)} --url-file agent.url --instance {q(inst)} --worker-dir worker"
+        f"{''.join(f' --url {q(url)}' for url in urls)} --url-file agent.url --instance {q(inst)} --worker-dir worker"
         f" --slots {spec.slots}{extra}"
         f" >>agent.log 2>&1 </dev/null & echo $! > agent.pid; cat agent.pid; fi"
     )
@@ -276,11 +279,17 @@ async def install(conn: asyncssh.SSHClientConnection, launch: LaunchSpec, make_s
                   reconnect: Callable[[], Awaitable[asyncssh.SSHClientConnection]]) -> int:
     """Bootstrap over `conn` and, when agents come through tunnels, open the instance's tunnel on it
     first and hand the connection to `tunnels` to keep; otherwise close it. `launch` is the
-    LaunchSpec (its agent_url is used when there is no tunnel)."""
+    LaunchSpec (its agent URLs, every replica's, are used when there is no tunnel; a tunnelled
+    agent is given its tunnel only: the tunnel is carried by this daemon's SSH connection)."""
     adopted = False
     try:
-        url = launch.agent_url if tunnels is None else await tunnels.open(launch.instance_id, conn)
-        pid = await bootstrap(conn, make_spec(url), bootlog, runtime)
+        if tunnels is None:
+            url = launch.agent_url
+            spec = replace(make_spec(url), agent_urls=launch.dial_urls)
+        else:
+            url = await tunnels.open(launch.instance_id, conn)
+            spec = make_spec(url)
+        pid = await bootstrap(conn, spec, bootlog, runtime)
         if tunnels is not None:
             bootlog.write(f"# agent tunnel: {url} on the instance, carried over this SSH connection")
             tunnels.keep(launch.instance_id, reconnect, conn, url)

@@ -84,6 +84,10 @@ class AgentsConfig:
     listen_port: int = field(default=0, metadata=_range(0, 65535))  # 0 = any free port
     # Address agents dial; empty = ws://<listen_host>:<port>/v1/agent
     public_url: str = ""
+    # Every replica's agent URL (docs/replicas.md): the agents this daemon starts are given this
+    # daemon's own URL first, then these; they move to another when their session ends. Empty:
+    # this daemon's URL alone. Agents behind SSH tunnels are given their tunnel only.
+    urls: tuple[str, ...] = ()
     # The largest websocket frame, each way, in bytes: what the daemon reads from an agent, and what the
     # agents it starts read from it. 0: follows queue.max_task_bytes (max(4 MiB, max_task_bytes +
     # 8 KiB)), so that every accepted task can be delivered; Config resolves it, code never sees 0.
@@ -110,6 +114,11 @@ class AgentsConfig:
     # agent never came back; or it went silent) is lost: its leases go back to the queue at once and a
     # replacement may start. No 0/"never": an instance nobody hears from must not hold the fleet.
     reconnect_grace_s: float = field(default=DEFAULT_RECONNECT_GRACE_S, metadata=_range(1, 86400))
+
+    def dial_urls(self, own: str) -> tuple[str, ...]:
+        """What an agent this daemon starts is given: its own agent URL first (its agents spread
+        over the replicas that started them), then every other replica's from `urls`."""
+        return (own, *(url for url in self.urls if url != own))
 
 
 @dataclass(frozen=True)
@@ -430,6 +439,28 @@ def _listen_address(source: str, value: str) -> None:
                                                 f"0.0.0.0:8443, [::1]:8443), got {value!r}")
 
 
+def _agent_url(config: Config, key: str, value: str, remote: list[str]) -> None:
+    """An address agents dial (agents.public_url, an entry of agents.urls): refused, naming the key,
+    when it cannot work."""
+    src = config.source
+    url = urlsplit(value)
+    try:
+        url.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        url = url._replace(netloc="")
+    if url.scheme not in ("ws", "wss") or not url.hostname:
+        raise ConfigError(src, key, f"expected a ws:// or wss:// URL with a host (agents dial it), got {value!r}")
+    if config.agents.tls and url.scheme != "wss":
+        raise ConfigError(src, key, f"agents.tls is on, so agents dial wss://…, got {value!r}")
+    if remote and _is_loopback(url.hostname):
+        # The agents of machines elsewhere would dial their own loopback and never connect.
+        how = ("set the replica's address they can dial" if key.startswith("agents.urls") else
+               "set the address they can dial (and agents.listen_host to listen on it), or remove agents.public_url "
+               "to have their agents come through the daemon's SSH connections")
+        raise ConfigError(src, key, f"{value!r} is a loopback address, which the machines of "
+                          f"{config.provider_path(remote[0])} cannot reach: {how}")
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -466,25 +497,22 @@ def _check(config: Config) -> list[ConfigWarning]:
             warnings.append(ConfigWarning("config_keys_unused", unused,
                                           f"{', '.join(unused)} only serve api.listen, which is empty"))
 
+    remote = [d.name for d, section in sections if d.remote and d.enabled(section)]
     if agents.public_url:
-        url = urlsplit(agents.public_url)
-        try:
-            url.port  # noqa: B018 - parsing the port is the check
-        except ValueError:
-            url = url._replace(netloc="")
-        if url.scheme not in ("ws", "wss") or not url.hostname:
-            raise ConfigError(src, "agents.public_url", "expected a ws:// or wss:// URL with a host "
-                                                        f"(agents dial it), got {agents.public_url!r}")
-        if agents.tls and url.scheme != "wss":
-            raise ConfigError(src, "agents.public_url", "agents.tls is on, so agents dial wss://…, "
-                                                        f"got {agents.public_url!r}")
-        remote = [d.name for d, section in sections if d.remote and d.enabled(section)]
-        if remote and _is_loopback(url.hostname):
-            # The agents of machines elsewhere would dial their own loopback and never connect.
-            raise ConfigError(src, "agents.public_url", f"{agents.public_url!r} is a loopback address, which the "
-                              f"machines of {config.provider_path(remote[0])} cannot reach: set the address they can "
-                              "dial (and agents.listen_host to listen on it), or remove agents.public_url to have "
-                              "their agents come through the daemon's SSH connections")
+        _agent_url(config, "agents.public_url", agents.public_url, remote)
+    for i, value in enumerate(agents.urls):
+        # Remote agents are given agents.urls only when they dial directly (public_url set).
+        _agent_url(config, f"agents.urls[{i}]", value, remote if agents.public_url else [])
+        if value in agents.urls[:i]:
+            first = agents.urls.index(value)
+            raise ConfigError(src, f"agents.urls[{i}]", f"{value!r} is listed twice (agents.urls[{first}] too): "
+                                                        "list each replica's agent URL once")
+    if agents.urls and not agents.public_url and remote:
+        warnings.append(ConfigWarning(
+            "config_agents_urls_tunnelled", ("agents.urls", "agents.public_url"),
+            f"agents.public_url is empty, so the agents of {', '.join(remote)} instances come through this daemon's "
+            "SSH tunnels and are given their tunnel only, not agents.urls: set agents.public_url to have them dial "
+            "the replicas directly"))
     if not agents.tls and not _is_loopback(agents.listen_host):
         warnings.append(ConfigWarning(
             "config_agents_plaintext", ("agents.tls", "agents.listen_host"),

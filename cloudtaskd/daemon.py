@@ -150,9 +150,10 @@ class Daemon:
         self.agent_url = agents.public_url or f"{scheme}://{url_host(agents.listen_host)}:{port}/v1/agent"
         for provider, _ in self.providers:
             if isinstance(provider, LocalProvider):
-                told = provider.publish_url(self.agent_url)
+                told = provider.publish_urls(agents.dial_urls(self.agent_url))
                 if told:
-                    log.info("agent_url_published", url=self.agent_url, instances=told)
+                    log.info("agent_url_published", url=self.agent_url, urls=list(agents.dial_urls(self.agent_url)),
+                             instances=told)
         self.agent_ca = self.tls.ca_cert.read_bytes() if ssl_ctx is not None and self.tls is not None else b""
         if self.tunnels is not None:
             self.tunnels.dest_host = url_host(agents.listen_host).strip("[]")

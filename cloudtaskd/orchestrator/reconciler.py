@@ -622,7 +622,8 @@ class Reconciler:
                               worker_bundle=workers / f"{pool['digest']}.tar.gz",
                               worker_spec=pool["spec"].to_dict(), offer=offer, ca_cert=self.agent_ca,
                               bundle_limits=bundle_limits(self.config.workers),
-                              max_message_bytes=self.config.agents.max_message_bytes)
+                              max_message_bytes=self.config.agents.max_message_bytes,
+                              agent_urls=self.config.agents.dial_urls(self.agent_url))
             try:
                 # Every line the provider and the bootstrap log for this launch names it.
                 with structlog.contextvars.bound_contextvars(instance=inst, provider=provider.name, pool=pool_id):

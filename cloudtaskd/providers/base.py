@@ -70,6 +70,13 @@ class LaunchSpec:
     # The largest frame the agent is to read (agents.max_message_bytes, sized for the largest task);
     # 0: the agent's own default.
     max_message_bytes: int = 0
+    # Every replica's agent URL, agent_url first (AgentsConfig.dial_urls); empty: agent_url alone.
+    # Agents behind an SSH tunnel are given their tunnel's URL instead.
+    agent_urls: tuple[str, ...] = ()
+
+    @property
+    def dial_urls(self) -> tuple[str, ...]:
+        return self.agent_urls or (self.agent_url,)
 
     def __repr__(self) -> str:
         return f"LaunchSpec(instance_id={self.instance_id!r}, pool_id={self.pool_id}, slots={self.slots})"

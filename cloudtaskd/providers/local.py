@@ -4,9 +4,10 @@ Each agent runs in its own session (process group), so it survives a daemon cras
 adopted again on restart; its pid and start time are kept in `<state_dir>/local/<id>.json` so a
 recycled pid is never mistaken for it.
 
-An agent reads the daemon's address from `<state_dir>/local/<id>/agent.url` before each connection,
-and the daemon writes that file for every local agent once its listener is bound (publish_url): a
-restarted daemon on another port is found again without anyone's help. An agent that cannot reach
+An agent reads the daemon's address (every replica's, one a line, this daemon's first) from
+`<state_dir>/local/<id>/agent.url` before each connection, and the daemon writes that file for every
+local agent once its listener is bound (publish_urls): a restarted daemon on another port is found
+again without anyone's help. An agent that cannot reach
 any daemon for LOCAL_GIVE_UP_AFTER_S exits (a daemon that died for good must not leave it dialling).
 """
 
@@ -86,7 +87,7 @@ class LocalProvider:
             return CloudInstance(spec.instance_id, str(pid))
         inst_dir = self.dir / spec.instance_id
         inst_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(inst_dir / URL_FILE, spec.agent_url)
+        _write_atomic(inst_dir / URL_FILE, "\n".join(spec.dial_urls))
         ca_args: list[str] = []
         if spec.ca_cert:
             (inst_dir / "ca.pem").write_bytes(spec.ca_cert)
@@ -99,7 +100,7 @@ class LocalProvider:
         }
         argv = [
             sys.executable, "-m", "agent.main",
-            "--url", spec.agent_url,
+            *(arg for url in spec.dial_urls for arg in ("--url", url)),
             "--url-file", str(inst_dir / URL_FILE),
             "--give-up-after", f"{LOCAL_GIVE_UP_AFTER_S:g}",
             "--instance", spec.instance_id,
@@ -124,13 +125,13 @@ class LocalProvider:
         log.info("local_agent_started", instance=spec.instance_id, pid=proc.pid, slots=spec.slots)
         return CloudInstance(spec.instance_id, str(proc.pid))
 
-    def publish_url(self, url: str) -> list[str]:
-        """Tell every live local agent where the daemon now listens (they read it before each
-        connection). Returns the instances told."""
+    def publish_urls(self, urls: tuple[str, ...]) -> list[str]:
+        """Tell every live local agent where the daemon (and each replica) now listens: they read
+        it before each connection. Returns the instances told."""
         told = []
         for rec in self.dir.glob("*.json"):
             if self._alive(rec.stem) is not None and (self.dir / rec.stem).is_dir():
-                _write_atomic(self.dir / rec.stem / URL_FILE, url)
+                _write_atomic(self.dir / rec.stem / URL_FILE, "\n".join(urls))
                 told.append(rec.stem)
         return told
 

@@ -103,6 +103,16 @@ ERRORS = [
      "a loopback address, which the machines of providers.ssh cannot reach"),
     ("agents:\n  public_url: wss://localhost:9/v1/agent\nproviders:\n  aws:\n    enabled: true\n",
      "agents.public_url", "machines of providers.aws cannot reach"),
+    # every replica's agent URL (issue 17): each entry named by its index
+    ("agents:\n  urls: [wss://a:1/v1/agent, https://b:1/v1/agent]\n", "agents.urls[1]",
+     "expected a ws:// or wss:// URL with a host (agents dial it), got 'https://b:1/v1/agent'"),
+    ("agents:\n  urls: [ws://a:1/v1/agent]\n", "agents.urls[0]", "agents.tls is on, so agents dial wss://"),
+    ("agents:\n  urls: [wss://a:1/v1/agent, wss://b:1/v1/agent, wss://a:1/v1/agent]\n", "agents.urls[2]",
+     "'wss://a:1/v1/agent' is listed twice (agents.urls[0] too)"),
+    ("agents:\n  urls: wss://a:1/v1/agent\n", "agents.urls", "expected a list"),
+    ("agents:\n  public_url: wss://a:1/v1/agent\n  urls: [wss://a:1/v1/agent, 'wss://[::1]:2/v1/agent']\n"
+     "providers:\n  aws:\n    enabled: true\n", "agents.urls[1]",
+     "a loopback address, which the machines of providers.aws cannot reach: set the replica's address"),
     # an accepted task must fit in a frame to the agents (issue 13)
     ("agents:\n  max_message_bytes: 1048576\n", "agents.max_message_bytes",
      "must be at least queue.max_task_bytes + 8192 (1056768), so that every task an upload accepts can be "
@@ -218,6 +228,22 @@ def test_warnings_for_what_works_but_is_probably_wrong(tmp_path: Path) -> None:
     assert events["config_cloud_unused"].keys == ("providers.gcp.max_instances",)
     assert "0123456789abcdef" not in repr(config.warnings)
     assert load_config(write(tmp_path, "agents:\n  tls: false\n")).warnings == (), "loopback is fine"
+
+
+def test_agents_are_given_this_daemons_url_first_then_every_other_replicas(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "agents:\n  urls: [wss://a:1/v1/agent, wss://b:1/v1/agent]\n"))
+    assert config.agents.urls == ("wss://a:1/v1/agent", "wss://b:1/v1/agent")
+    assert config.agents.dial_urls("wss://b:1/v1/agent") == ("wss://b:1/v1/agent", "wss://a:1/v1/agent")
+    assert config.agents.dial_urls("wss://c:1/v1/agent") == ("wss://c:1/v1/agent", "wss://a:1/v1/agent",
+                                                             "wss://b:1/v1/agent")
+    assert load_config(write(tmp_path, "")).agents.dial_urls("wss://c:1/v1/agent") == ("wss://c:1/v1/agent",)
+    # A loopback replica is fine for local agents, and tunnelled agents are given their tunnel only:
+    # loaded, with a warning that they do not get the list.
+    tunnelled = load_config(write(tmp_path, "agents:\n  urls: [wss://127.0.0.1:1/v1/agent]\n"
+                                            "providers:\n  aws:\n    enabled: true\n    region: r\n"
+                                            "    machine_type: m\n"))
+    (warning,) = [w for w in tunnelled.warnings if w.event == "config_agents_urls_tunnelled"]
+    assert warning.keys == ("agents.urls", "agents.public_url") and "given their tunnel only" in warning.message
 
 
 def test_missing_file(tmp_path: Path) -> None:
