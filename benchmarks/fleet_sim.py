@@ -48,17 +48,17 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from cloudtaskd.config import ScalingConfig  # noqa: E402
-from cloudtaskd.orchestrator.backoff import OfferBackoff  # noqa: E402
-from cloudtaskd.orchestrator.reconciler import RECENT_TASKS  # noqa: E402
-from cloudtaskd.orchestrator.scaling import Decision, InstanceView, PoolView, Targets, decide  # noqa: E402
-from cloudtaskd.orchestrator.selection import (  # noqa: E402
+from cloudtaskd.fleet.orchestrator.backoff import OfferBackoff  # noqa: E402
+from cloudtaskd.fleet.orchestrator.reconciler import RECENT_TASKS  # noqa: E402
+from cloudtaskd.fleet.orchestrator.scaling import Decision, InstanceView, PoolView, Targets, decide  # noqa: E402
+from cloudtaskd.fleet.orchestrator.selection import (  # noqa: E402
     Candidate,
     Needs,
     Policy,
     interruption_rate,
     rank,
 )
-from cloudtaskd.providers.base import Offer  # noqa: E402
+from cloudtaskd.fleet.providers.base import Offer  # noqa: E402
 
 DEFAULT_TASKS = 20_000
 DEFAULT_MEAN_TASK_S = 60.0

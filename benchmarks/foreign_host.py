@@ -25,10 +25,10 @@ from typing import Any
 
 from _common import DaemonProcess, bundle, cpu_seconds
 
-from cloudtaskd.bootstrap import BootstrapLog, BootstrapSpec, SshTarget, connect, install
 from cloudtaskd.config import AgentsConfig, LocalProviderConfig, ProvidersConfig
 from cloudtaskd.daemon import Daemon
-from cloudtaskd.providers.base import LaunchSpec
+from cloudtaskd.fleet.bootstrap import BootstrapLog, BootstrapSpec, SshTarget, connect, install
+from cloudtaskd.fleet.providers.base import LaunchSpec
 from tests.conftest import UnixApi, make_config, test_runtime, wait_for
 from tests.fakes import foreign_host as fh
 from tests.procs import free_port

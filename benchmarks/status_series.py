@@ -1,4 +1,4 @@
-"""What the status page's plots cost the daemon (cloudtaskd.series).
+"""What the status page's plots cost the daemon (cloudtaskd.http.series).
 
     python benchmarks/status_series.py [--jobs 100] [--live 2000] [--instances 20000]
 
@@ -19,8 +19,8 @@ from typing import Any
 
 import _common  # noqa: F401 - puts the repository on sys.path
 
-from cloudtaskd.series import Sample, encode, read_sample
-from cloudtaskd.store import Store
+from cloudtaskd.core.store import Store
+from cloudtaskd.http.series import Sample, encode, read_sample
 
 
 async def sample_ms(jobs: int, live: int, instances: int, rounds: int = 200) -> float:

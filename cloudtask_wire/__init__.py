@@ -6,6 +6,6 @@
     workerspec.py  the worker description (cloudtask.yaml / worker.json) both sides validate
     jsonx.py       JSON: orjson when installed, the standard library otherwise
 
-Ships to instances beside the agent (cloudtaskd/bootstrap.py), so like the agent it keeps to Python
+Ships to instances beside the agent (cloudtaskd/fleet/bootstrap.py), so like the agent it keeps to Python
 3.9 and the standard library; see docs/protocol.md for the messages in prose.
 """

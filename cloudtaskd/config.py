@@ -36,10 +36,10 @@ from cloudtaskd.configtypes import ConfigWarning as ConfigWarning  # re-exported
 from cloudtaskd.configtypes import Secret as Secret  # re-exported, as above
 from cloudtaskd.configtypes import bounds as _range
 from cloudtaskd.configtypes import num as _num
+from cloudtaskd.core.taskfile import DEFAULT_MAX_TASK_BYTES
 from cloudtaskd.errors import ConfigError
-from cloudtaskd.providers import registry
-from cloudtaskd.providers.descriptors import Section
-from cloudtaskd.taskfile import DEFAULT_MAX_TASK_BYTES
+from cloudtaskd.fleet.providers import registry
+from cloudtaskd.fleet.providers.descriptors import Section
 
 DEFAULT_LEASE_TTL_S = 60.0
 DEFAULT_MAX_ATTEMPTS = 3
@@ -74,7 +74,7 @@ class ApiConfig:
     rate_burst: int = field(default=200, metadata=_range(1, 1_000_000))
     # A `cloudtaskctl run` attached to this daemon that has not been heard from this long is gone: its
     # unfinished job is held (paused, never leased) until the same run is started again or it is
-    # resumed by hand (cloudtaskd/runs.py). A run renews its attachment every third of this.
+    # resumed by hand (cloudtaskd/http/runs.py). A run renews its attachment every third of this.
     run_attach_ttl_s: float = field(default=DEFAULT_RUN_ATTACH_TTL_S, metadata=_range(1, 3600))
 
 
@@ -181,7 +181,7 @@ class ScalingConfig:
     max_cost_per_hour: float = field(default=0.0, metadata=_range(0, 1e9))
 
 
-# One section per registered provider (cloudtaskd/providers/registry.py), each its descriptor's own
+# One section per registered provider (cloudtaskd/fleet/providers/registry.py), each its descriptor's own
 # typed class: a new provider brings its section with it, and this module names none of them.
 if TYPE_CHECKING:
     @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The building blocks of a typed config section, shared by config.py and the providers' own sections.
 
-A leaf module: each provider's descriptor (cloudtaskd/providers/descriptors/) defines its section
+A leaf module: each provider's descriptor (cloudtaskd/fleet/providers/descriptors/) defines its section
 with these without importing config.py, which builds `providers:` from the registry of descriptors.
 """
 

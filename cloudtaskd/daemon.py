@@ -22,34 +22,34 @@ import structlog
 from aiohttp import web
 
 from cloudtaskd import tls
-from cloudtaskd.access import RateLimiter, bearer_auth, browser_guard, prepare_socket_dir, secure_socket
-from cloudtaskd.api import ControlApi, errors_middleware
-from cloudtaskd.bundles import Bundles
-from cloudtaskd.catalog import Fetcher
 from cloudtaskd.config import Config, load_config
-from cloudtaskd.dispatch import Dispatcher
+from cloudtaskd.core.dispatch import Dispatcher
+from cloudtaskd.core.housekeeping import Housekeeper
+from cloudtaskd.core.hub import AgentHub
+from cloudtaskd.core.store import Store, Tx
+from cloudtaskd.core.tables import instances, meta
+from cloudtaskd.core.tables import tasks as queue
 from cloudtaskd.errors import CloudtaskError, ConfigError, StateDirBusy, StoreError
-from cloudtaskd.housekeeping import Housekeeper
-from cloudtaskd.hub import AgentHub
-from cloudtaskd.interruptions import Recorded
+from cloudtaskd.fleet.catalog import Fetcher
+from cloudtaskd.fleet.interruptions import Recorded
+from cloudtaskd.fleet.orchestrator.market import Market
+from cloudtaskd.fleet.orchestrator.reconciler import Reconciler
+from cloudtaskd.fleet.providers import registry
+from cloudtaskd.fleet.providers.base import Provider
+from cloudtaskd.fleet.providers.descriptors import ProviderEnv
+from cloudtaskd.fleet.providers.local import LocalProvider
+from cloudtaskd.fleet.runtime import RuntimeBuilder
+from cloudtaskd.fleet.tunnels import Tunnels
+from cloudtaskd.http.access import RateLimiter, bearer_auth, browser_guard, prepare_socket_dir, secure_socket
+from cloudtaskd.http.api import ControlApi, errors_middleware
+from cloudtaskd.http.bundles import Bundles
+from cloudtaskd.http.metrics import Metrics
+from cloudtaskd.http.runs import Runs
+from cloudtaskd.http.series import SERIES_INTERVAL_S, SERIES_WINDOW_S, StatusSeries
+from cloudtaskd.http.submissions import resume_uploads
 from cloudtaskd.listeners import CONTROL_BACKLOG, RUNNER_SHUTDOWN_S, agent_socket, tls_files, url_host
-from cloudtaskd.metrics import Metrics
-from cloudtaskd.orchestrator.market import Market
-from cloudtaskd.orchestrator.reconciler import Reconciler
-from cloudtaskd.providers import registry
-from cloudtaskd.providers.base import Provider
-from cloudtaskd.providers.descriptors import ProviderEnv
-from cloudtaskd.providers.local import LocalProvider
 from cloudtaskd.reload import ReloadPlan, plan
-from cloudtaskd.runs import Runs
-from cloudtaskd.runtime import RuntimeBuilder
-from cloudtaskd.series import SERIES_INTERVAL_S, SERIES_WINDOW_S, StatusSeries
 from cloudtaskd.service import Systemd, watchdog
-from cloudtaskd.store import Store, Tx
-from cloudtaskd.submissions import resume_uploads
-from cloudtaskd.tables import instances, meta
-from cloudtaskd.tables import tasks as queue
-from cloudtaskd.tunnels import Tunnels
 
 log = structlog.get_logger("cloudtaskd")
 
@@ -130,7 +130,7 @@ class Daemon:
         self.market = Market(self.store, [p for p, _ in self.providers], self._catalog_fetchers())
         await self.market.load()
         # Stored times are on the clock of the daemon that wrote them: re-based here, in case the wall
-        # clock stepped while the daemon was down (cloudtaskd.clock).
+        # clock stepped while the daemon was down (cloudtaskd.core.clock).
         renewed = await self.store.write(queue.extend_all_leases, self.config.agents.lease_ttl_s)
         capped = await self.store.write(queue.cap_retry_due, self.config.queue.retry_backoff_max_s)
         await resume_uploads(self.store)

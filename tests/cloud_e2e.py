@@ -15,7 +15,7 @@ import pytest
 
 from cloudtaskd.config import CloudProviderConfig, LocalProviderConfig, ProvidersConfig
 from cloudtaskd.daemon import Daemon
-from cloudtaskd.providers.cloud import CloudDriver, CloudProvider, CloudSettings, CloudVm, CreateRequest
+from cloudtaskd.fleet.providers.cloud import CloudDriver, CloudProvider, CloudSettings, CloudVm, CreateRequest
 from tests.conftest import UnixApi, make_config, test_runtime, wait_for
 from tests.fakes.sshd import Sshd, available
 from tests.integration.test_daemon_e2e import finished, jsonl, results
@@ -83,10 +83,10 @@ async def reconcile_after_crash(driver: CloudDriver, name: str, machine_type: st
     `orphan` and recording it), run one reconcile, and check that only `known` is listed still.
     Returns the orphan's VM as created, for the cloud-specific checks."""
     from cloudtaskd.config import Config
-    from cloudtaskd.dispatch import Dispatcher
-    from cloudtaskd.orchestrator.reconciler import Reconciler
-    from cloudtaskd.pins import InstancePins
-    from cloudtaskd.store import Store
+    from cloudtaskd.core.dispatch import Dispatcher
+    from cloudtaskd.core.store import Store
+    from cloudtaskd.fleet.orchestrator.reconciler import Reconciler
+    from cloudtaskd.fleet.pins import InstancePins
 
     key = tmp_path / "id"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)

@@ -20,9 +20,9 @@ import psycopg
 import pytest
 
 from cloudtaskd.config import AgentsConfig, Config, QueueConfig, ScalingConfig
-from cloudtaskd.pg.store import PgStore
-from cloudtaskd.runtime import RuntimeBuilder
-from cloudtaskd.store import Store
+from cloudtaskd.core.pg.store import PgStore
+from cloudtaskd.core.store import Store
+from cloudtaskd.fleet.runtime import RuntimeBuilder
 from tests.fakes import postgres as pg_mod
 from tests.fakes import sshd as sshd_mod
 from tests.fakes.moto_ec2 import MotoEc2

@@ -249,7 +249,7 @@ class ApiClient:
                          max_attempts: int | None = None, timeout_s: float | None = None,
                          policy: dict[str, Any] | None = None, max_total_cost: float | None = None,
                          run: dict[str, str] | None = None) -> dict[str, Any]:
-        """run: {"id", "owner", "submission"} of the `cloudtaskctl run` submitting it (cloudtaskd/runs.py)."""
+        """run: {"id", "owner", "submission"} of the `cloudtaskctl run` submitting it (cloudtaskd/http/runs.py)."""
         body: dict[str, Any] = {"name": name, "worker": worker}
         for key, value in (("max_instances", max_instances), ("max_attempts", max_attempts),
                            ("timeout_s", timeout_s), ("policy", policy), ("max_total_cost", max_total_cost),

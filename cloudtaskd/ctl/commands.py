@@ -14,7 +14,7 @@ from cloudtaskd.ctl.client import ApiClient
 from cloudtaskd.ctl.output import Ctx, ago, json_line, printable, shorten, table
 from cloudtaskd.ctl.progress import ProgressDisplay, format_duration, format_progress, format_rate
 from cloudtaskd.errors import NotFound
-from cloudtaskd.orchestrator.failures import key_line
+from cloudtaskd.fleet.orchestrator.failures import key_line
 
 EXIT_OK = 0
 EXIT_INCOMPLETE = 1  # the job ended, but not every task succeeded

@@ -18,16 +18,16 @@ from pathlib import Path
 from typing import TextIO
 
 from cloudtask_wire.workerspec import WorkerSpecError
-from cloudtaskd.check import run_checks
 from cloudtaskd.config import load_config
+from cloudtaskd.core.states import TASK_STATE_NAMES
 from cloudtaskd.ctl import commands
 from cloudtaskd.ctl.client import ApiClient
 from cloudtaskd.ctl.output import Ctx, printable
 from cloudtaskd.ctl.run import EXIT_INTERRUPTED, cmd_run, cmd_submit
 from cloudtaskd.ctl.status_page import cmd_status_page
 from cloudtaskd.errors import BadInput, CloudtaskError, ConfigError, DaemonUnavailable, NotFound
-from cloudtaskd.params import decimal_number, whole_number
-from cloudtaskd.states import TASK_STATE_NAMES
+from cloudtaskd.fleet.check import run_checks
+from cloudtaskd.http.params import decimal_number, whole_number
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 3

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from cloudtaskd.states import TASK_STATE_LABELS, TERMINAL_TASK_STATES
+from cloudtaskd.core.states import TASK_STATE_LABELS, TERMINAL_TASK_STATES
 
 TTY_INTERVAL_S = 0.2  # at most ~5 redraws a second: faster is flicker, not information
 PLAIN_INTERVAL_S = 10.0  # a log file or a CI console wants a line now and then, not a stream

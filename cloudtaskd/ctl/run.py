@@ -2,7 +2,7 @@
 `run` then follows the job to its end (with a daemon of its own when none answers) and writes results.
 
 A `run` attaches to its daemon (PUT /v1/runs/ID, renewed every third of the daemon's ttl;
-cloudtaskd/runs.py). That is what lets:
+cloudtaskd/http/runs.py). That is what lets:
 - the same command started again find its unfinished job (the task file's and worker's hash, stored
   as the job's `submission`) and resume it, where it used to queue the work twice;
 - the daemon hold the job of a run that is gone, instead of running it silently ahead of the next;
@@ -75,7 +75,7 @@ class _RunState:
     job_id: int | None = None
     interrupted: bool = False
     started_at: float = field(default_factory=time.monotonic)
-    # This run as the daemon knows it (cloudtaskd/runs.py).
+    # This run as the daemon knows it (cloudtaskd/http/runs.py).
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     owner: str = field(default_factory=lambda: f"pid {os.getpid()} on {socket.gethostname()}")
     ttl_s: float = 15.0  # the daemon's api.run_attach_ttl_s, as its answer to the attachment says
@@ -143,7 +143,7 @@ def job_policy(args: argparse.Namespace) -> dict[str, Any] | None:
 async def _precheck(ctx: Ctx) -> None:
     """The cheap part of `cloudtaskctl check` (config, agents' address, credentials) before a daemon
     of this run's own launches anything: a refused credential stops the run here, not after boots."""
-    from cloudtaskd.check import run_checks
+    from cloudtaskd.fleet.check import run_checks
 
     results = await run_checks(ctx.config, cheap=True)
     for r in results:

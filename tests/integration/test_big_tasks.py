@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 
 from cloudtaskd.config import LocalProviderConfig, ProvidersConfig
+from cloudtaskd.core.tables import tasks as queue
 from cloudtaskd.daemon import Daemon
-from cloudtaskd.tables import tasks as queue
 from tests.conftest import UnixApi, agent_ssl, make_config, wait_for
 from tests.integration.test_daemon_e2e import finished, jsonl, results
 from tests.procs import bundle

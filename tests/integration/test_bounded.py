@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 
-from cloudtaskd import retention
 from cloudtaskd.config import Config, EventsConfig, RetentionConfig, ScalingConfig
-from cloudtaskd.dispatch import Dispatcher
-from cloudtaskd.housekeeping import Housekeeper
-from cloudtaskd.store import Store, Tx
-from cloudtaskd.tables import cancels
-from cloudtaskd.tables import tasks as queue
-from cloudtaskd.taskfile import ParsedTask
+from cloudtaskd.core import retention
+from cloudtaskd.core.dispatch import Dispatcher
+from cloudtaskd.core.housekeeping import Housekeeper
+from cloudtaskd.core.store import Store, Tx
+from cloudtaskd.core.tables import cancels
+from cloudtaskd.core.tables import tasks as queue
+from cloudtaskd.core.taskfile import ParsedTask
 from tests import paths
 from tests.conftest import make_config, wait_for
 from tests.procs import DaemonProcess, bundle

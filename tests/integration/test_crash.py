@@ -32,7 +32,7 @@ import pytest
 import yaml
 
 from cloudtask_wire.workerspec import RESOLVED_SPEC_FILE, WorkerSpec
-from cloudtaskd.tables import tasks as queue
+from cloudtaskd.core.tables import tasks as queue
 from tests import paths
 from tests.conftest import wait_for
 from tests.procs import ROOT, DaemonProcess, bundle, free_port

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from cloudtaskd.providers.local import _start_time
+from cloudtaskd.fleet.providers.local import _start_time
 from tests import paths
 from tests.fakes.moto_ec2 import MotoEc2
 

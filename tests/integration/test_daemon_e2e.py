@@ -102,7 +102,7 @@ async def test_each_mode_runs_a_job_to_the_end(daemon: Any, worker: dict[str, st
         _, body = await api.request("GET", "/v1/instances")
         return body["instances"] == []
     await wait_for(stopped, message="idle instance stopped")
-    assert await d.store.read(__import__("cloudtaskd.tables.tasks", fromlist=["x"]).check_counters) == []
+    assert await d.store.read(__import__("cloudtaskd.core.tables.tasks", fromlist=["x"]).check_counters) == []
 
 
 async def test_retry_then_dead_and_permanent_failures(daemon: Any) -> None:

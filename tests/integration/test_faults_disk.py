@@ -31,8 +31,8 @@ import pytest
 import yaml
 
 from cloudtaskd import tls
+from cloudtaskd.core.tables import tasks as queue
 from cloudtaskd.ctl.main import EXIT_FAILED
-from cloudtaskd.tables import tasks as queue
 from tests import paths
 from tests.conftest import UnixApi, wait_for
 from tests.integration.test_service import NotifySocket, events, service_env

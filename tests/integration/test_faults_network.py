@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from cloudtaskd.tables import tasks as queue
+from cloudtaskd.core.tables import tasks as queue
 from tests.conftest import wait_for
 from tests.fakes import netns as netns_mod
 from tests.fakes.netns import Netns

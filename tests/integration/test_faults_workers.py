@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from agent.runner import shell_command
-from cloudtaskd.tables import tasks as queue
+from cloudtaskd.core.tables import tasks as queue
 from tests import paths
 from tests.conftest import wait_for
 from tests.procs import DaemonProcess, bundle, free_port

@@ -55,8 +55,8 @@ from structlog.testing import capture_logs
 
 from cloudtask_wire import messages as protocol
 from cloudtaskd.config import ApiConfig, LocalProviderConfig, ProvidersConfig
+from cloudtaskd.core.tables import tasks as queue
 from cloudtaskd.daemon import Daemon
-from cloudtaskd.tables import tasks as queue
 from tests.conftest import UnixApi, agent_ssl, make_config, wait_for
 from tests.integration.test_daemon_e2e import PY_WORKER
 from tests.procs import ROOT, bundle

@@ -27,14 +27,14 @@ from cryptography import x509
 from agent.connection import RETRYABLE_REFUSALS, Agent
 from cloudtask_wire.workerspec import WorkerSpec
 from cloudtaskd import tls
-from cloudtaskd.access import RateLimiter
 from cloudtaskd.config import ApiConfig, LocalProviderConfig, ProvidersConfig, Secret
+from cloudtaskd.core.states import InstanceEvent
 from cloudtaskd.ctl.main import main as ctl_main
 from cloudtaskd.daemon import Daemon
 from cloudtaskd.errors import CloudtaskError, ProviderError
-from cloudtaskd.orchestrator.reconciler import Reconciler
-from cloudtaskd.providers.base import CloudInstance
-from cloudtaskd.states import InstanceEvent
+from cloudtaskd.fleet.orchestrator.reconciler import Reconciler
+from cloudtaskd.fleet.providers.base import CloudInstance
+from cloudtaskd.http.access import RateLimiter
 from tests.conftest import UnixApi, agent_ssl, make_config, wait_for
 from tests.fakes.netproxy import Proxy
 from tests.integration.test_daemon_e2e import PY_WORKER
@@ -454,7 +454,7 @@ async def test_requests_a_web_page_could_make_are_refused(daemon: tuple[Daemon, 
 
 async def test_secrets_in_an_event_detail_are_redacted(tmp_path: Path) -> None:
     from cloudtaskd import redact
-    from cloudtaskd.store import Store
+    from cloudtaskd.core.store import Store
 
     store = Store(tmp_path / "db.sqlite")
     await store.open()
@@ -475,7 +475,7 @@ async def test_secrets_in_an_event_detail_are_redacted(tmp_path: Path) -> None:
 
 async def test_too_many_connections_waiting_to_authenticate_get_503(
         daemon: tuple[Daemon, UnixApi, str], monkeypatch: pytest.MonkeyPatch) -> None:
-    from cloudtaskd import hub
+    from cloudtaskd.core import hub
 
     _, api, digest = daemon
     inst = await register(api, digest)

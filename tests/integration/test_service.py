@@ -35,11 +35,11 @@ from cloudtaskd.config import (
     QueueConfig,
     Secret,
 )
+from cloudtaskd.core.tables import tasks as queue
 from cloudtaskd.daemon import SHUTDOWN_GRACE_S, Daemon
-from cloudtaskd.providers.local import TERMINATE_GRACE_S
+from cloudtaskd.fleet.providers.local import TERMINATE_GRACE_S
 from cloudtaskd.reload import changed_keys, plan
 from cloudtaskd.service import Notifier, Systemd, watchdog
-from cloudtaskd.tables import tasks as queue
 from tests import paths
 from tests.conftest import make_config, wait_for
 from tests.integration.test_daemon_e2e import jsonl

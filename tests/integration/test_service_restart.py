@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 
-from cloudtaskd.bootstrap import SshTarget, connect, running_agents, stop_agent
 from cloudtaskd.config import (
     AgentsConfig,
     LocalProviderConfig,
@@ -27,6 +26,7 @@ from cloudtaskd.config import (
     SshProviderConfig,
 )
 from cloudtaskd.daemon import Daemon
+from cloudtaskd.fleet.bootstrap import SshTarget, connect, running_agents, stop_agent
 from tests import paths
 from tests.conftest import UnixApi, make_config, wait_for
 from tests.fakes import sshd as sshd_mod

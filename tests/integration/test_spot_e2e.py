@@ -21,7 +21,7 @@ import pytest
 
 from cloudtaskd.config import LocalProviderConfig, ProvidersConfig
 from cloudtaskd.daemon import Daemon
-from cloudtaskd.providers.local import LocalProvider
+from cloudtaskd.fleet.providers.local import LocalProvider
 from tests.conftest import UnixApi, make_config, wait_for
 from tests.fakes.metadata_standin import MetadataFleet, iso_z, rfc1123
 from tests.integration.test_daemon_e2e import finished, jsonl, submit

@@ -25,7 +25,7 @@ from agent.modes import command as command_mode
 from agent.runner import ABORTED_ERROR, Outcome, PermanentFailure, Runner
 from cloudtask_wire.messages import MAX_ERROR_CHARS
 from cloudtask_wire.workerspec import SPEC_FILE, WorkerSpec
-from cloudtaskd.runtime import Target
+from cloudtaskd.fleet.runtime import Target
 from tests import paths
 from tests.conftest import ROOT, interpreters, python_version, test_runtime
 

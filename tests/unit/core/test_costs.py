@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from cloudtaskd import costs
-from cloudtaskd.store import Store, Tx
+from cloudtaskd.core import costs
+from cloudtaskd.core.store import Store, Tx
 
 
 def world(tx: Tx) -> None:

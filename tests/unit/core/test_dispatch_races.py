@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from cloudtask_wire.messages import Handback, LeaseRequest, ProtocolError, parse_agent_message
-from cloudtaskd.dispatch import Dispatcher, Session
-from cloudtaskd.store import Store, Tx
-from cloudtaskd.tables import tasks as queue
+from cloudtaskd.core.dispatch import Dispatcher, Session
+from cloudtaskd.core.store import Store, Tx
+from cloudtaskd.core.tables import tasks as queue
 from tests.conftest import make_config
 from tests.unit.core.test_queue import submit
 

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from cloudtaskd.providers.base import Offer
-from cloudtaskd.states import ACTIVE_INSTANCE_STATES, LIVE_INSTANCE_STATES, InstanceState
-from cloudtaskd.store import Store, Tx
-from cloudtaskd.tables import catalog, events, host_keys, instances, interruptions
+from cloudtaskd.core.states import ACTIVE_INSTANCE_STATES, LIVE_INSTANCE_STATES, InstanceState
+from cloudtaskd.core.store import Store, Tx
+from cloudtaskd.core.tables import catalog, events, host_keys, instances, interruptions
+from cloudtaskd.fleet.providers.base import Offer
 
 # id, provider, pool, state, slots, price, created_at, ended_at, offer
 FLEET = [

@@ -16,12 +16,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from cloudtaskd import redact
+from cloudtaskd.core.pg import connect as pgconnect
+from cloudtaskd.core.pg import migrate as pgmigrate
+from cloudtaskd.core.pg.leader import Leadership
+from cloudtaskd.core.pg.notify import Listener, notify
+from cloudtaskd.core.store import Store
 from cloudtaskd.errors import DatabaseUnavailable, StoreError
-from cloudtaskd.pg import connect as pgconnect
-from cloudtaskd.pg import migrate as pgmigrate
-from cloudtaskd.pg.leader import Leadership
-from cloudtaskd.pg.notify import Listener, notify
-from cloudtaskd.store import Store
 from tests.conftest import wait_for
 from tests.fakes.netproxy import Proxy
 from tests.fakes.postgres import PASSWORD, PostgresServer

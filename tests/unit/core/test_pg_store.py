@@ -10,10 +10,10 @@ from collections import Counter
 from typing import Any
 
 from cloudtask_wire.messages import Success
-from cloudtaskd.pg.dbapi import to_pg
-from cloudtaskd.pg.store import PgStore
-from cloudtaskd.store import Tx
-from cloudtaskd.tables import tasks as queue
+from cloudtaskd.core.pg.dbapi import to_pg
+from cloudtaskd.core.pg.store import PgStore
+from cloudtaskd.core.store import Tx
+from cloudtaskd.core.tables import tasks as queue
 from tests.unit.core.test_queue import submit
 
 TASKS = 600

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 
 from cloudtask_wire.messages import Failure, Success
-from cloudtaskd.clock import DaemonClock
+from cloudtaskd.core.clock import DaemonClock
+from cloudtaskd.core.store import Store, Tx
+from cloudtaskd.core.tables import tasks as queue
+from cloudtaskd.core.taskfile import ParsedTask
 from cloudtaskd.errors import BadInput
-from cloudtaskd.store import Store, Tx
-from cloudtaskd.tables import tasks as queue
-from cloudtaskd.taskfile import ParsedTask
 from tests.conftest import wait_for
 
 
@@ -346,7 +346,7 @@ async def test_the_wal_is_copied_into_the_main_file_in_the_background(tmp_path: 
     import shutil
     import sqlite3
 
-    from cloudtaskd import store as store_mod
+    from cloudtaskd.core import store as store_mod
 
     s = Store(tmp_path / "db" / "t.db")
     await s.open()

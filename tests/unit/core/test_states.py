@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cloudtaskd.states import (
+from cloudtaskd.core.states import (
     INSTANCE_TRANSITIONS,
     TASK_TRANSITIONS,
     TERMINAL_INSTANCE_STATES,
@@ -16,7 +16,7 @@ from cloudtaskd.states import (
     instance_next,
     task_sources,
 )
-from cloudtaskd.store import task_edge
+from cloudtaskd.core.store import task_edge
 
 
 def test_every_task_state_is_reachable_and_non_terminal_ones_can_leave() -> None:

@@ -1,5 +1,5 @@
-"""Task states are written down once, in cloudtaskd/states.py: no SQL outside the table modules
-(cloudtaskd/tables/) types a task state as a string literal, and every hand list of states is gone.
+"""Task states are written down once, in cloudtaskd/core/states.py: no SQL outside the table modules
+(cloudtaskd/core/tables/) types a task state as a string literal, and every hand list of states is gone.
 A new state is then states.py plus a migration (docs/architecture.md)."""
 
 from __future__ import annotations
@@ -8,15 +8,15 @@ import ast
 import re
 from pathlib import Path
 
-from cloudtaskd import states
+from cloudtaskd.core import states
+from cloudtaskd.core.states import COUNTER, TASK_STATE_LABELS, TaskState
 from cloudtaskd.ctl import progress
 from cloudtaskd.ctl.main import TASK_STATES as CTL_TASK_STATES
-from cloudtaskd.states import COUNTER, TASK_STATE_LABELS, TaskState
 from tests import paths
 
 PACKAGE = paths.ROOT / "cloudtaskd"
-ALLOWED = {PACKAGE / "states.py"}
-ALLOWED_DIRS = {PACKAGE / "tables"}
+ALLOWED = {PACKAGE / "core" / "states.py"}
+ALLOWED_DIRS = {PACKAGE / "core" / "tables"}
 SQL = re.compile(r"\b(SELECT|UPDATE|INSERT|DELETE|WHERE)\b|\b(AND|IN|OR|SET)\b")
 LITERAL = re.compile("'(" + "|".join(s.value for s in TaskState) + ")'")
 
@@ -47,8 +47,8 @@ def sql_state_literals(root: Path) -> list[str]:
 
 def test_no_task_state_literal_in_sql_outside_the_tables() -> None:
     found = sql_state_literals(PACKAGE)
-    assert not found, ("task states typed into SQL: build them from cloudtaskd/states.py (states.sql_in,"
-                       " states.sql_lit) or move the statement into cloudtaskd/tables/:\n" + "\n".join(found))
+    assert not found, ("task states typed into SQL: build them from cloudtaskd/core/states.py (states.sql_in,"
+                       " states.sql_lit) or move the statement into cloudtaskd/core/tables/:\n" + "\n".join(found))
 
 
 def test_the_check_sees_a_literal(tmp_path: Path) -> None:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from cloudtaskd.clock import DaemonClock
+from cloudtaskd.core.clock import DaemonClock
+from cloudtaskd.core.states import InstanceEvent, InstanceState, TaskState
+from cloudtaskd.core.store import COUNTER, MIGRATIONS, SCHEMA_VERSION, Store, Tx
 from cloudtaskd.errors import StoreError, TransitionError
-from cloudtaskd.states import InstanceEvent, InstanceState, TaskState
-from cloudtaskd.store import COUNTER, MIGRATIONS, SCHEMA_VERSION, Store, Tx
 from tests.conftest import wait_for
 
 

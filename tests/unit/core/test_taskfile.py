@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cloudtaskd.taskfile import ParsedTask, TaskFileError, TaskFileParser
+from cloudtaskd.core.taskfile import ParsedTask, TaskFileError, TaskFileParser
 
 
 def parse(data: bytes, step: int | None = None, max_task_bytes: int = 1_048_576) -> list[ParsedTask]:

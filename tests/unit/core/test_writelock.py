@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from cloudtaskd.writelock import WriteLock
+from cloudtaskd.core.writelock import WriteLock
 
 
 async def test_an_urgent_waiter_goes_before_ordinary_ones_which_keep_their_order() -> None:

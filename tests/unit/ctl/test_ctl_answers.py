@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from cloudtaskd.api import RATE_CACHE_S
 from cloudtaskd.config import ScalingConfig
 from cloudtaskd.ctl import commands
 from cloudtaskd.ctl.main import main
 from cloudtaskd.daemon import Daemon
+from cloudtaskd.http.api import RATE_CACHE_S
 from tests import paths
 from tests.conftest import UnixApi, make_config
 

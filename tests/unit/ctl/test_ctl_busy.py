@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from cloudtaskd.api import errors_middleware
 from cloudtaskd.ctl import client as client_mod
 from cloudtaskd.ctl.client import ApiClient
 from cloudtaskd.ctl.commands import follow_results
 from cloudtaskd.ctl.main import main
 from cloudtaskd.ctl.run import _write_results
 from cloudtaskd.errors import Busy, DaemonBusy
+from cloudtaskd.http.api import errors_middleware
 
 
 def line(task: int, **extra: Any) -> bytes:

@@ -14,9 +14,9 @@ import structlog
 
 from cloudtaskd import logs, redact
 from cloudtaskd.config import Secret, load_config
+from cloudtaskd.core.states import InstanceEvent, InstanceState
+from cloudtaskd.core.store import Store
 from cloudtaskd.errors import ConfigError, ProviderError
-from cloudtaskd.states import InstanceEvent, InstanceState
-from cloudtaskd.store import Store
 
 # Secrets as a config holds them: one in the file, one from the environment, one with characters
 # JSON escapes (a quote, a backslash, a non-ASCII letter).

@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from cloudtaskd.bundles import Bundles
 from cloudtaskd.config import Config
-from cloudtaskd.dispatch import Dispatcher
+from cloudtaskd.core.dispatch import Dispatcher
+from cloudtaskd.core.hub import AgentHub
+from cloudtaskd.core.store import Store
 from cloudtaskd.errors import NotFound
-from cloudtaskd.feeds import ReadGate
-from cloudtaskd.hub import AgentHub
-from cloudtaskd.metrics import Metrics
-from cloudtaskd.orchestrator.reconciler import Reconciler
-from cloudtaskd.store import Store
-from cloudtaskd.submissions import Submissions
+from cloudtaskd.fleet.orchestrator.reconciler import Reconciler
+from cloudtaskd.http.bundles import Bundles
+from cloudtaskd.http.feeds import ReadGate
+from cloudtaskd.http.metrics import Metrics
+from cloudtaskd.http.submissions import Submissions
 from tests.conftest import make_config
 
 

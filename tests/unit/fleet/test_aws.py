@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from cloudtaskd.errors import CapacityError, InvalidRequest, ProviderAuthError, ProviderError, QuotaExceeded
-from cloudtaskd.providers.aws import AwsDriver
-from cloudtaskd.providers.base import ARM64, X86_64, LaunchSpec, Offer
-from cloudtaskd.providers.cloud import TAG_DAEMON, TAG_INSTANCE, CloudProvider, CloudSettings, CreateRequest
+from cloudtaskd.fleet.providers.aws import AwsDriver
+from cloudtaskd.fleet.providers.base import ARM64, X86_64, LaunchSpec, Offer
+from cloudtaskd.fleet.providers.cloud import TAG_DAEMON, TAG_INSTANCE, CloudProvider, CloudSettings, CreateRequest
 from tests.cloud_e2e import CloudRun, cloud_daemon, needs_sshd, reconcile_after_crash
 from tests.conftest import test_runtime
 from tests.fakes.metadata_standin import metadata_standin
@@ -180,7 +180,7 @@ def console_with_keys(*keys: str) -> str:
 def test_host_keys_are_read_from_the_console_output() -> None:
     import base64
 
-    from cloudtaskd.providers.aws import console_host_keys
+    from cloudtaskd.fleet.providers.aws import console_host_keys
 
     ed, ecdsa = PUBKEY.rsplit(" ", 1)[0], "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTY="
     text = console_with_keys(ed, ecdsa)
@@ -195,11 +195,11 @@ async def test_a_published_host_key_that_does_not_match_is_refused(driver: AwsDr
                                                                     tmp_path: Path) -> None:
     """The cloud publishes the VM's host key; the machine that answers SSH has another one (an
     interception): the bootstrap refuses before logging in, and the VM is terminated."""
-    from cloudtaskd.bootstrap import HostKeyMismatch
-    from cloudtaskd.pins import InstancePins
-    from cloudtaskd.providers.base import LaunchSpec
-    from cloudtaskd.providers.cloud import CloudProvider, CloudSettings
-    from cloudtaskd.store import Store
+    from cloudtaskd.core.store import Store
+    from cloudtaskd.fleet.bootstrap import HostKeyMismatch
+    from cloudtaskd.fleet.pins import InstancePins
+    from cloudtaskd.fleet.providers.base import LaunchSpec
+    from cloudtaskd.fleet.providers.cloud import CloudProvider, CloudSettings
     from tests.fakes.sshd import Sshd
 
     sshd = Sshd(tmp_path / "sshd")
@@ -281,7 +281,7 @@ async def test_tagging_a_batch_is_retried_while_ec2_does_not_know_the_instance_y
         driver: AwsDriver, moto: MotoEc2, monkeypatch: pytest.MonkeyPatch) -> None:
     """CreateTags straight after RunInstances answers InvalidInstanceID.NotFound for a while: the
     batch is not failed for it, each instance is tagged once EC2 knows it."""
-    from cloudtaskd.providers import aws
+    from cloudtaskd.fleet.providers import aws
 
     monkeypatch.setattr(aws, "TAG_RETRY_S", 0.01)
     refusals = {"left": 3}
@@ -302,7 +302,7 @@ async def test_tagging_a_batch_is_retried_while_ec2_does_not_know_the_instance_y
 async def test_an_instance_that_cannot_be_tagged_fails_alone_and_is_terminated(
         driver: AwsDriver, moto: MotoEc2, monkeypatch: pytest.MonkeyPatch) -> None:
     from cloudtaskd.errors import InvalidRequest
-    from cloudtaskd.providers import aws
+    from cloudtaskd.fleet.providers import aws
 
     monkeypatch.setattr(aws, "TAG_RETRY_S", 0.01)
     moto.fail_if = lambda action, p: NOT_FOUND if action == "CreateTags" and p.get("Tag.1.Value") == ["aws-u1"] \
@@ -331,10 +331,10 @@ async def test_console_output_falls_back_when_latest_is_refused(driver: AwsDrive
 async def reconciler_for(driver: AwsDriver, tmp_path: Path, store: Any) -> Any:
     """A reconciler whose only provider is `driver` (SSH to a VM fails at once: no agent runs on moto)."""
     from cloudtaskd.config import Config
-    from cloudtaskd.dispatch import Dispatcher
-    from cloudtaskd.orchestrator.reconciler import Reconciler
-    from cloudtaskd.pins import InstancePins
-    from cloudtaskd.providers.cloud import CloudProvider, CloudSettings
+    from cloudtaskd.core.dispatch import Dispatcher
+    from cloudtaskd.fleet.orchestrator.reconciler import Reconciler
+    from cloudtaskd.fleet.pins import InstancePins
+    from cloudtaskd.fleet.providers.cloud import CloudProvider, CloudSettings
 
     key = tmp_path / "id"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
@@ -356,7 +356,7 @@ async def test_a_vm_with_only_the_daemon_tag_is_listed_and_terminated(driver: Aw
     """A VM carrying the daemon's tag but no instance id (tagging never happened: the race, or a
     crash in between) is listed under its cloud id and terminated by the reconciler, unless a
     launch of this process is in flight (it may be that launch's, about to be tagged)."""
-    from cloudtaskd.store import Store
+    from cloudtaskd.core.store import Store
 
     ec2 = await driver._client()
     made = await ec2.run_instances(ImageId=driver.image, InstanceType="t3.micro", MinCount=1, MaxCount=1,
@@ -384,7 +384,7 @@ async def test_a_vm_with_only_the_daemon_tag_is_listed_and_terminated(driver: Aw
 async def test_a_launch_cut_by_a_crash_does_not_stay_pending(driver: AwsDriver, tmp_path: Path) -> None:
     """The daemon died between recording a launch (a PENDING row) and the provider's answer: the
     next sync ends the row with a reason, and terminates the VM the cloud made for it, if any."""
-    from cloudtaskd.store import Store
+    from cloudtaskd.core.store import Store
 
     made = await driver.create(req("aws-crash1"))  # the provider got as far as making the VM
     store = Store(tmp_path / "db.sqlite")
@@ -407,7 +407,7 @@ async def test_a_launch_cut_by_a_crash_does_not_stay_pending(driver: AwsDriver, 
 
 
 async def test_a_launch_in_flight_is_not_taken_for_a_crashed_one(driver: AwsDriver, tmp_path: Path) -> None:
-    from cloudtaskd.store import Store
+    from cloudtaskd.core.store import Store
 
     await driver.create(req("aws-busy"))
     store = Store(tmp_path / "db.sqlite")
@@ -552,10 +552,10 @@ async def test_the_catalog_s_architecture_picks_each_launch_s_image(moto: MotoEc
     catalog does not know boots the x86_64 image, with a warning saying so."""
     from structlog.testing import capture_logs
 
-    from cloudtaskd import catalog
-    from cloudtaskd.catalog.aws import fetch_offers
-    from cloudtaskd.pins import InstancePins
-    from cloudtaskd.store import Store
+    from cloudtaskd.core.store import Store
+    from cloudtaskd.fleet import catalog
+    from cloudtaskd.fleet.catalog.aws import fetch_offers
+    from cloudtaskd.fleet.pins import InstancePins
 
     moto.reset()
     images = canonical_images(moto)

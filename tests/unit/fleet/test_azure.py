@@ -22,9 +22,9 @@ from cloudtaskd.errors import (
     QuotaExceeded,
     TransientProviderError,
 )
-from cloudtaskd.providers.azure import AzureDriver, classify
-from cloudtaskd.providers.base import ARM64, X86_64
-from cloudtaskd.providers.cloud import TAG_DAEMON, TAG_INSTANCE, CreateRequest
+from cloudtaskd.fleet.providers.azure import AzureDriver, classify
+from cloudtaskd.fleet.providers.base import ARM64, X86_64
+from cloudtaskd.fleet.providers.cloud import TAG_DAEMON, TAG_INSTANCE, CreateRequest
 from tests.cloud_e2e import cloud_daemon, needs_sshd, reconcile_after_crash
 from tests.fakes.azure_standin import ArmStandin
 from tests.procs import free_port
@@ -315,11 +315,11 @@ async def test_nic_and_ip_left_by_a_crash_are_deleted_by_the_reconciler(arm: Arm
     """Only VMs are listed to the reconciler: the NIC and IP of a create that never reached its VM
     are found by their tags and deleted by the next sync of the restarted daemon; a known VM's stay."""
     from cloudtaskd.config import Config
-    from cloudtaskd.dispatch import Dispatcher
-    from cloudtaskd.orchestrator.reconciler import Reconciler
-    from cloudtaskd.pins import InstancePins
-    from cloudtaskd.providers.cloud import CloudProvider, CloudSettings
-    from cloudtaskd.store import Store
+    from cloudtaskd.core.dispatch import Dispatcher
+    from cloudtaskd.core.store import Store
+    from cloudtaskd.fleet.orchestrator.reconciler import Reconciler
+    from cloudtaskd.fleet.pins import InstancePins
+    from cloudtaskd.fleet.providers.cloud import CloudProvider, CloudSettings
     from tests.conftest import test_runtime
 
     await crash_between_nic_and_vm(arm, "az-crash")
@@ -394,7 +394,7 @@ async def test_only_our_tagged_leftovers_are_swept(driver: AzureDriver, arm: Arm
 
 class DaemonAzureDriver(AzureDriver):
     """The daemon's own driver, with the test credential and plain-http policy of make_driver:
-    monkeypatched over cloudtaskd.providers.azure.AzureDriver by the daemon-level tests."""
+    monkeypatched over cloudtaskd.fleet.providers.azure.AzureDriver by the daemon-level tests."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         cred = FakeCredential()
@@ -409,7 +409,7 @@ async def test_a_job_on_azure_end_to_end(arm: ArmStandin, tmp_path: Path, monkey
     """The daemon creates a VM through the ARM stand-in, bootstraps it over SSH (a local OpenSSH,
     reached through ssh_address_override; the host key trusted on first use and pinned on the
     instance), runs the job, then deletes the idle VM with its NIC and IP."""
-    import cloudtaskd.providers.azure as azure_module
+    import cloudtaskd.fleet.providers.azure as azure_module
     from cloudtaskd.config import AzureProviderConfig
 
     monkeypatch.setattr(azure_module, "AzureDriver", DaemonAzureDriver)

@@ -11,9 +11,9 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from cloudtaskd.catalog.azure import fetch_offers
 from cloudtaskd.errors import ProviderAuthError, ProviderError, TransientProviderError
-from cloudtaskd.providers.azure import AzureDriver
+from cloudtaskd.fleet.catalog.azure import fetch_offers
+from cloudtaskd.fleet.providers.azure import AzureDriver
 from tests.fakes.azure_standin import ArmStandin
 from tests.procs import free_port
 from tests.unit.fleet.test_azure import LOCATION, make_driver
@@ -280,10 +280,10 @@ async def test_the_daemon_refreshes_azure_and_ranks_its_offers(arm: ArmStandin, 
     ranks them by price per slot-hour (spot D2s_v5 at 0.018 / 2 slots first)."""
     from dataclasses import replace
 
-    import cloudtaskd.providers.azure as azure_module
+    import cloudtaskd.fleet.providers.azure as azure_module
     from cloudtaskd.config import AzureProviderConfig, LocalProviderConfig, ProvidersConfig
     from cloudtaskd.daemon import Daemon
-    from cloudtaskd.orchestrator.selection import Needs, Policy
+    from cloudtaskd.fleet.orchestrator.selection import Needs, Policy
     from tests.unit.fleet.test_azure import SUB, DaemonAzureDriver
 
     monkeypatch.setattr(azure_module, "AzureDriver", DaemonAzureDriver)

@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 
-from cloudtaskd.bootstrap import (
+from cloudtaskd.config import LocalProviderConfig, ProvidersConfig
+from cloudtaskd.daemon import Daemon
+from cloudtaskd.fleet.bootstrap import (
     BootstrapLog,
     BootstrapSpec,
     HostKeyMismatch,
@@ -23,9 +25,7 @@ from cloudtaskd.bootstrap import (
     running_agents,
     stop_agent,
 )
-from cloudtaskd.config import LocalProviderConfig, ProvidersConfig
-from cloudtaskd.daemon import Daemon
-from cloudtaskd.providers.base import frame_args
+from cloudtaskd.fleet.providers.base import frame_args
 from tests import paths
 from tests.conftest import UnixApi, make_config, test_runtime, wait_for
 from tests.fakes import sshd as sshd_mod
@@ -102,7 +102,7 @@ async def test_pinned_host_key_mismatch_is_refused(tmp_path: Path, sshd: sshd_mo
 
 
 async def test_waits_for_ssh_then_gives_up_with_a_clear_error(tmp_path: Path) -> None:
-    from cloudtaskd.bootstrap import DeployError
+    from cloudtaskd.fleet.bootstrap import DeployError
     from tests.procs import free_port
 
     key = tmp_path / "k"
@@ -206,7 +206,7 @@ async def test_instance_unpacks_by_the_agents_rules(tmp_path: Path, sshd: sshd_m
     """The same rules on the instance's side: a hostile bundle that reached a machine some other
     way than the daemon's checks is refused there by `python3 -m agent.bundle`, nothing written
     outside the instance's directory; the step and the rule are in the error."""
-    from cloudtaskd.bootstrap import DeployError
+    from cloudtaskd.fleet.bootstrap import DeployError
     from tests import hostile_bundles as hostile
 
     outside = tmp_path / "outside"

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from cloudtaskd import costs
-from cloudtaskd.store import Store, Tx
+from cloudtaskd.core import costs
+from cloudtaskd.core.store import Store, Tx
 from tests.integration.test_daemon_e2e import daemon, submit  # noqa: F401 - daemon is a fixture
 
 

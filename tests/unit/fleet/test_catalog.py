@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from cloudtaskd import catalog
-from cloudtaskd.catalog.aws import fetch_offers, on_demand_price
-from cloudtaskd.providers.aws import AwsDriver
-from cloudtaskd.providers.base import Offer
-from cloudtaskd.store import Store
+from cloudtaskd.core.store import Store
+from cloudtaskd.fleet import catalog
+from cloudtaskd.fleet.catalog.aws import fetch_offers, on_demand_price
+from cloudtaskd.fleet.providers.aws import AwsDriver
+from cloudtaskd.fleet.providers.base import Offer
 from tests.fakes.moto_ec2 import MotoEc2, PricingStandin
 
 REGION = "us-east-1"

@@ -89,7 +89,7 @@ def test_local_only_passes(tmp_path: Path) -> None:
 
 @pytest.fixture
 async def gce(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[ComputeStandin]:
-    import cloudtaskd.providers.gcp as gcp_module
+    import cloudtaskd.fleet.providers.gcp as gcp_module
 
     class AnonymousGcpDriver(gcp_module.GcpDriver):
         """The driver check builds, with anonymous credentials (the stand-in checks none)."""
@@ -112,7 +112,7 @@ def gcp(gce: ComputeStandin, **over: object) -> dict[str, object]:
 
 
 async def test_a_good_gcp_config_passes(tmp_path: Path, gce: ComputeStandin) -> None:
-    from cloudtaskd.providers.gcp import DEFAULT_IMAGE
+    from cloudtaskd.fleet.providers.gcp import DEFAULT_IMAGE
 
     rc, lines = await asyncio.to_thread(check, tmp_path, gcp(gce, machine_types=["n2-standard-2"],
                                                              zones=["us-central1-b"]))
@@ -177,7 +177,7 @@ def azure_sku(name: str, cpus: int, memory_gb: int, family: str) -> dict[str, An
 
 @pytest.fixture
 async def arm(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[ArmStandin]:
-    import cloudtaskd.providers.azure as azure_module
+    import cloudtaskd.fleet.providers.azure as azure_module
 
     monkeypatch.setattr(azure_module, "AzureDriver", DaemonAzureDriver)  # its test credential over plain http
     server = ArmStandin()

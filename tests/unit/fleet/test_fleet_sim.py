@@ -10,8 +10,8 @@ from types import ModuleType
 
 import pytest
 
-from cloudtaskd.orchestrator.selection import Needs
-from cloudtaskd.providers.base import Offer
+from cloudtaskd.fleet.orchestrator.selection import Needs
+from cloudtaskd.fleet.providers.base import Offer
 from tests import paths
 
 

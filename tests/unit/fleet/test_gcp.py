@@ -21,9 +21,9 @@ from cloudtaskd.errors import (
     QuotaExceeded,
     TransientProviderError,
 )
-from cloudtaskd.providers.base import ARM64, X86_64
-from cloudtaskd.providers.cloud import TAG_DAEMON, TAG_INSTANCE, CreateRequest
-from cloudtaskd.providers.gcp import (
+from cloudtaskd.fleet.providers.base import ARM64, X86_64
+from cloudtaskd.fleet.providers.cloud import TAG_DAEMON, TAG_INSTANCE, CreateRequest
+from cloudtaskd.fleet.providers.gcp import (
     DEFAULT_IMAGE,
     META_INSTANCES,
     NETWORK_TAG,
@@ -545,7 +545,7 @@ async def test_calls_do_not_block_the_event_loop(driver: GcpDriver, gce: Compute
 
 
 async def test_close_fails_creates_not_sent_yet(gce: ComputeStandin, monkeypatch: pytest.MonkeyPatch) -> None:
-    import cloudtaskd.providers.gcp as gcp_module
+    import cloudtaskd.fleet.providers.gcp as gcp_module
 
     monkeypatch.setattr(gcp_module, "BATCH_WINDOW_S", 60.0)  # the batch stays open until close()
     d = make_driver(gce)
@@ -579,7 +579,7 @@ async def test_a_job_on_gcp_end_to_end(gce: ComputeStandin, tmp_path: Path, monk
     """The daemon creates a spot VM through the Compute Engine stand-in, pins the host key the VM
     publishes in its guest attributes, bootstraps it over SSH (a local OpenSSH reached through
     ssh_address_override), runs the job, then deletes the idle VM."""
-    import cloudtaskd.providers.gcp as gcp_module
+    import cloudtaskd.fleet.providers.gcp as gcp_module
     from cloudtaskd.config import GcpProviderConfig
     from tests.fakes.sshd import Sshd
 

@@ -13,9 +13,9 @@ from aiohttp import web
 from google.auth.credentials import AnonymousCredentials, Credentials, Scoped
 from structlog.testing import capture_logs
 
-from cloudtaskd.catalog.gcp import BILLING_SCOPE, COMPUTE_SERVICE_ID, fetch_offers
 from cloudtaskd.errors import InvalidRequest, ProviderAuthError, ProviderError, TransientProviderError
-from cloudtaskd.providers.gcp import GcpDriver
+from cloudtaskd.fleet.catalog.gcp import BILLING_SCOPE, COMPUTE_SERVICE_ID, fetch_offers
+from cloudtaskd.fleet.providers.gcp import GcpDriver
 from tests.fakes.gcp_standin import ComputeStandin
 from tests.procs import free_port
 from tests.unit.fleet.test_gcp import PROJECT, ZONE, make_driver
@@ -369,10 +369,10 @@ async def test_the_daemon_refreshes_gcp_and_ranks_its_offers(gce: ComputeStandin
     first, before spot n2-standard-2 at 0.0235 / 2)."""
     from dataclasses import replace
 
-    import cloudtaskd.providers.gcp as gcp_module
+    import cloudtaskd.fleet.providers.gcp as gcp_module
     from cloudtaskd.config import GcpProviderConfig, LocalProviderConfig, ProvidersConfig
     from cloudtaskd.daemon import Daemon
-    from cloudtaskd.orchestrator.selection import Needs, Policy
+    from cloudtaskd.fleet.orchestrator.selection import Needs, Policy
     from tests.conftest import make_config
 
     class DaemonGcpDriver(GcpDriver):

@@ -9,15 +9,15 @@ from typing import Any
 import pytest
 
 from cloudtask_wire.messages import Notice, ProtocolError, encode, parse_agent_message
-from cloudtaskd import interruptions
 from cloudtaskd.config import Config
-from cloudtaskd.dispatch import Dispatcher
-from cloudtaskd.orchestrator.market import Market
-from cloudtaskd.orchestrator.reconciler import Reconciler
-from cloudtaskd.orchestrator.selection import PRIOR_HOURS, PRIOR_SPOT_RATE_PER_H, Needs, Policy
-from cloudtaskd.providers.base import CloudInstance, Offer
-from cloudtaskd.store import Store, Tx
-from cloudtaskd.tables import tasks as queue
+from cloudtaskd.core.dispatch import Dispatcher
+from cloudtaskd.core.store import Store, Tx
+from cloudtaskd.core.tables import tasks as queue
+from cloudtaskd.fleet import interruptions
+from cloudtaskd.fleet.orchestrator.market import Market
+from cloudtaskd.fleet.orchestrator.reconciler import Reconciler
+from cloudtaskd.fleet.orchestrator.selection import PRIOR_HOURS, PRIOR_SPOT_RATE_PER_H, Needs, Policy
+from cloudtaskd.fleet.providers.base import CloudInstance, Offer
 
 CHEAP = Offer("aws", "t3.small", "us-east-1a", True, 2, 4.0, 0.0100, "us-east-1")
 DEARER = Offer("aws", "t3.small", "us-east-1b", True, 2, 4.0, 0.0101, "us-east-1")

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from cloudtaskd.orchestrator.selection import Policy, combine
+from cloudtaskd.fleet.orchestrator.selection import Policy, combine
 from tests.conftest import wait_for
 from tests.integration.test_daemon_e2e import daemon, finished, jsonl, submit  # noqa: F401 - daemon is a fixture
 

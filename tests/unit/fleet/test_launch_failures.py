@@ -18,15 +18,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cloudtaskd.bootstrap import DeployError
 from cloudtaskd.config import LocalProviderConfig, ProvidersConfig
 from cloudtaskd.ctl.commands import EXIT_BLOCKED, format_failure, job_exit_status
 from cloudtaskd.ctl.progress import ProgressDisplay
 from cloudtaskd.daemon import Daemon
 from cloudtaskd.errors import CapacityError, InvalidRequest
-from cloudtaskd.orchestrator.failures import LaunchFailures, cause, key_line
-from cloudtaskd.orchestrator.reconciler import Reconciler
-from cloudtaskd.providers.base import CloudInstance, LaunchSpec, Offer
+from cloudtaskd.fleet.bootstrap import DeployError
+from cloudtaskd.fleet.orchestrator.failures import LaunchFailures, cause, key_line
+from cloudtaskd.fleet.orchestrator.reconciler import Reconciler
+from cloudtaskd.fleet.providers.base import CloudInstance, LaunchSpec, Offer
 from tests import paths
 from tests.conftest import UnixApi, make_config
 from tests.fakes import sshd as sshd_mod

@@ -6,11 +6,11 @@ import subprocess
 from pathlib import Path
 
 from cloudtaskd.config import LocalProviderConfig, SshHostConfig, SshProviderConfig
-from cloudtaskd.providers.base import Offer
-from cloudtaskd.providers.cloud import CloudProvider, CloudSettings, CloudVm, CreateRequest
-from cloudtaskd.providers.local import LocalProvider
-from cloudtaskd.providers.ssh import SshProvider
-from cloudtaskd.runtime import RuntimeBuilder
+from cloudtaskd.fleet.providers.base import Offer
+from cloudtaskd.fleet.providers.cloud import CloudProvider, CloudSettings, CloudVm, CreateRequest
+from cloudtaskd.fleet.providers.local import LocalProvider
+from cloudtaskd.fleet.providers.ssh import SshProvider
+from cloudtaskd.fleet.runtime import RuntimeBuilder
 
 
 class NoCloud:

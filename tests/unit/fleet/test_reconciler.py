@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from cloudtaskd.config import Config, ScalingConfig
-from cloudtaskd.dispatch import Dispatcher
+from cloudtaskd.core.dispatch import Dispatcher
+from cloudtaskd.core.store import Store, Tx
 from cloudtaskd.errors import CapacityError
-from cloudtaskd.orchestrator.reconciler import Reconciler
-from cloudtaskd.providers.base import CloudInstance, LaunchSpec, Offer
-from cloudtaskd.store import Store, Tx
+from cloudtaskd.fleet.orchestrator.reconciler import Reconciler
+from cloudtaskd.fleet.providers.base import CloudInstance, LaunchSpec, Offer
 
 NAME = "fake"
 OFFER = Offer(NAME, "m1", "z1", spot=False, cpus=2, memory_gb=4.0, price_per_hour=0.0)

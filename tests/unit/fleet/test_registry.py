@@ -1,5 +1,5 @@
 """The provider registry: every provider is one descriptor, and config loading, the daemon and
-`cloudtaskctl check` know providers only through it (cloudtaskd/providers/registry.py)."""
+`cloudtaskctl check` know providers only through it (cloudtaskd/fleet/providers/registry.py)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 from cloudtaskd import config as config_module
-from cloudtaskd.check import run_checks
 from cloudtaskd.config import Config, ProvidersConfig, load_config
+from cloudtaskd.core.store import Store
 from cloudtaskd.daemon import Daemon
-from cloudtaskd.providers import registry
-from cloudtaskd.providers.descriptors import ProviderEnv
-from cloudtaskd.runtime import RuntimeBuilder
-from cloudtaskd.store import Store
+from cloudtaskd.fleet.check import run_checks
+from cloudtaskd.fleet.providers import registry
+from cloudtaskd.fleet.providers.descriptors import ProviderEnv
+from cloudtaskd.fleet.runtime import RuntimeBuilder
 from tests import paths
 from tests.conftest import make_config
 
@@ -95,7 +95,8 @@ def test_only_the_registry_names_providers() -> None:
     """The modules that loop over the registry hold no provider's name as a literal: a name switch
     there would be a second place to touch for a new cloud."""
     names = set(registry.names())
-    for module in ("config.py", "daemon.py", "check.py", "reload.py", "interruptions.py", "catalog/__init__.py"):
+    for module in ("config.py", "daemon.py", "fleet/check.py", "reload.py", "fleet/interruptions.py",
+                   "fleet/catalog/__init__.py"):
         tree = ast.parse((ROOT / "cloudtaskd" / module).read_text())
         # An attribute's name (hasattr(p, "ssh"): a method) is not a provider's.
         attributes = {id(n.args[1]) for n in ast.walk(tree) if isinstance(n, ast.Call) and len(n.args) > 1
@@ -119,8 +120,8 @@ def test_daemon_starts_the_registrys_providers_remote_first(tmp_path: Path) -> N
 NEW_CLOUD = '''
 import asyncio, dataclasses, sys, tempfile
 from pathlib import Path
-from cloudtaskd.providers import registry
-from cloudtaskd.providers.descriptors import CloudProviderConfig, cloud
+from cloudtaskd.fleet.providers import registry
+from cloudtaskd.fleet.providers.descriptors import CloudProviderConfig, cloud
 
 @dataclasses.dataclass(frozen=True)
 class NimbusConfig(CloudProviderConfig):
@@ -128,7 +129,7 @@ class NimbusConfig(CloudProviderConfig):
     machine_type: str = "n1"
 
 async def check(c, cheap):
-    from cloudtaskd.check import CheckResult
+    from cloudtaskd.fleet.check import CheckResult
     return [CheckResult("nimbus", "credentials", "ok", c.region)]
 
 def no_driver(c, daemon_id):
@@ -138,7 +139,7 @@ NIMBUS = cloud("nimbus", NimbusConfig, driver=no_driver, check=check, catalog=No
 registry.PROVIDERS = (*registry.PROVIDERS, NIMBUS)  # the one line a new cloud adds
 registry._BY_NAME["nimbus"] = NIMBUS
 
-from cloudtaskd.check import run_checks
+from cloudtaskd.fleet.check import run_checks
 from cloudtaskd.config import load_config
 from cloudtaskd.errors import ConfigError
 

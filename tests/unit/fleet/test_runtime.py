@@ -1,4 +1,4 @@
-"""The agent's runtime for instances (cloudtaskd/runtime.py): what an instance's probe is turned
+"""The agent's runtime for instances (cloudtaskd/fleet/runtime.py): what an instance's probe is turned
 into, and runtimes built for a Python and a CPU other than the control host's own."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cloudtaskd.runtime import RuntimeUnavailable, Target
+from cloudtaskd.fleet.runtime import RuntimeUnavailable, Target
 from tests.conftest import test_runtime
 
 ELF_MACHINE = {"x86_64": 62, "aarch64": 183}  # e_machine: EM_X86_64, EM_AARCH64
@@ -49,7 +49,7 @@ async def test_a_runtime_is_built_for_the_instances_python_and_cpu(python: tuple
 
 
 async def test_a_build_that_cannot_reach_an_index_says_what_to_set(tmp_path: Path) -> None:
-    from cloudtaskd.runtime import RuntimeBuilder
+    from cloudtaskd.fleet.runtime import RuntimeBuilder
 
     builder = RuntimeBuilder(tmp_path / "cache", ("--no-index", "--find-links", str(tmp_path / "no-wheels-here")))
     with pytest.raises(RuntimeUnavailable, match=r"cp39-x86_64 failed \(uv exit \d+\).*set pip_args"):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from cloudtaskd.orchestrator.scaling import Decision, InstanceView, PoolView, Targets, decide, reclaim
-from cloudtaskd.orchestrator.selection import Needs, Policy, rank
-from cloudtaskd.providers.base import Offer
+from cloudtaskd.fleet.orchestrator.scaling import Decision, InstanceView, PoolView, Targets, decide, reclaim
+from cloudtaskd.fleet.orchestrator.selection import Needs, Policy, rank
+from cloudtaskd.fleet.providers.base import Offer
 
 LOCAL = Offer("local", "local", "localhost", False, 2, None, 0.0)
 SPOT = Offer("aws", "c5.xlarge", "us-east-1a", True, 4, 8, 0.068, "us-east-1")

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from cloudtaskd.orchestrator.selection import (
+from cloudtaskd.fleet.orchestrator.selection import (
     PRIOR_SPOT_RATE_PER_H,
     Needs,
     Policy,
@@ -15,7 +15,7 @@ from cloudtaskd.orchestrator.selection import (
     rank,
     slots_on,
 )
-from cloudtaskd.providers.base import Offer
+from cloudtaskd.fleet.providers.base import Offer
 
 
 def offer(provider: str, machine_type: str, cpus: int, mem_gb: float, price: float | None, *, spot: bool = False,

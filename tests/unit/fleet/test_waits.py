@@ -7,10 +7,10 @@ import io
 from typing import Any
 
 from cloudtaskd.ctl.progress import ProgressDisplay, format_progress
-from cloudtaskd.orchestrator.scaling import Decision, InstanceView, PoolView
-from cloudtaskd.orchestrator.selection import Needs, Policy, rank
-from cloudtaskd.orchestrator.waits import Limits, explain, job_waiting
-from cloudtaskd.providers.base import Offer
+from cloudtaskd.fleet.orchestrator.scaling import Decision, InstanceView, PoolView
+from cloudtaskd.fleet.orchestrator.selection import Needs, Policy, rank
+from cloudtaskd.fleet.orchestrator.waits import Limits, explain, job_waiting
+from cloudtaskd.fleet.providers.base import Offer
 
 LOCAL = Offer("local", "local", "localhost", False, 2, None, 0.0)
 SPOT = Offer("aws", "m7i.large", "us-east-1a", True, 2, 8, 0.04, "us-east-1")

@@ -12,14 +12,14 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from cloudtaskd.api import ControlApi, errors_middleware
-from cloudtaskd.bundles import Bundles
-from cloudtaskd.dispatch import Dispatcher
-from cloudtaskd.housekeeping import Housekeeper
-from cloudtaskd.orchestrator.market import Market
-from cloudtaskd.runs import Runs
-from cloudtaskd.series import StatusSeries
-from cloudtaskd.store import Store
+from cloudtaskd.core.dispatch import Dispatcher
+from cloudtaskd.core.housekeeping import Housekeeper
+from cloudtaskd.core.store import Store
+from cloudtaskd.fleet.orchestrator.market import Market
+from cloudtaskd.http.api import ControlApi, errors_middleware
+from cloudtaskd.http.bundles import Bundles
+from cloudtaskd.http.runs import Runs
+from cloudtaskd.http.series import StatusSeries
 from tests.conftest import make_config
 from tests.procs import bundle
 

@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from cloudtaskd import feeds
+from cloudtaskd.core.store import Store
 from cloudtaskd.ctl.client import ApiClient
 from cloudtaskd.daemon import Daemon
 from cloudtaskd.errors import Busy
-from cloudtaskd.feeds import ReadGate
-from cloudtaskd.store import Store
+from cloudtaskd.http import feeds
+from cloudtaskd.http.feeds import ReadGate
 from tests.conftest import make_config, wait_for
 from tests.procs import bundle
 

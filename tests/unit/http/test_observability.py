@@ -20,15 +20,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cloudtask_wire.workerspec import WorkerSpec
 from cloudtaskd.config import ApiConfig, Config, LocalProviderConfig, ProvidersConfig, Secret
+from cloudtaskd.core.dispatch import Dispatcher
+from cloudtaskd.core.store import Store
+from cloudtaskd.core.tables.events import ERROR_KINDS_SQL
 from cloudtaskd.daemon import Daemon
-from cloudtaskd.dispatch import Dispatcher
 from cloudtaskd.errors import CapacityError, QuotaExceeded
-from cloudtaskd.metrics import Metrics
-from cloudtaskd.orchestrator.reconciler import Reconciler
-from cloudtaskd.orchestrator.selection import Candidate
-from cloudtaskd.providers.base import CloudInstance, LaunchSpec, Offer
-from cloudtaskd.store import Store
-from cloudtaskd.tables.events import ERROR_KINDS_SQL
+from cloudtaskd.fleet.orchestrator.reconciler import Reconciler
+from cloudtaskd.fleet.orchestrator.selection import Candidate
+from cloudtaskd.fleet.providers.base import CloudInstance, LaunchSpec, Offer
+from cloudtaskd.http.metrics import Metrics
 from tests.conftest import ROOT, UnixApi, make_config, wait_for
 from tests.procs import bundle
 
@@ -583,7 +583,7 @@ async def test_events_name_tasks_by_the_users_id(daemon: tuple[Daemon, UnixApi],
 async def test_the_series_samples_counters_instances_and_cost(tmp_path: Path) -> None:
     """Known rows in, exact columns out: finished per second from the jobs' counters between two
     samples, queued and running, live instances by provider and market, cost per hour by provider."""
-    from cloudtaskd.series import StatusSeries
+    from cloudtaskd.http.series import StatusSeries
 
     store = Store(tmp_path / "db.sqlite")
     await store.open()

@@ -17,7 +17,7 @@ from yarl import URL
 from cloudtaskd.config import LocalProviderConfig, ProvidersConfig
 from cloudtaskd.ctl.main import main
 from cloudtaskd.daemon import Daemon
-from cloudtaskd.params import decimal_number, whole_number
+from cloudtaskd.http.params import decimal_number, whole_number
 from tests.conftest import make_config
 from tests.integration.test_daemon_e2e import PY_WORKER
 from tests.procs import bundle

@@ -202,7 +202,7 @@ def test_a_daemon_frame_missing_a_key_names_it() -> None:
 
 
 def test_the_agent_package_ships_the_wire_codec() -> None:
-    from cloudtaskd.bootstrap import agent_package
+    from cloudtaskd.fleet.bootstrap import agent_package
 
     names = set(tarfile.open(fileobj=io.BytesIO(agent_package())).getnames())
     for module in ("__init__", "messages", "frames", "jsonx", "workerspec", "compat"):
@@ -228,7 +228,7 @@ print(json.dumps({"grant": grant, "done": done}))
 async def test_the_codec_imports_and_encodes_alike_on_every_instance_python(tmp_path: Path, python: str) -> None:
     """From the agent package alone (as an instance unpacks it), without orjson: the frames it writes
     parse to the same messages as the daemon's."""
-    from cloudtaskd.bootstrap import agent_package
+    from cloudtaskd.fleet.bootstrap import agent_package
 
     if python_version(python) < (3, 9):
         pytest.skip(f"{python} is older than the 3.9 an instance needs")

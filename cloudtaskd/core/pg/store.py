@@ -1,0 +1,172 @@
+"""The store on PostgreSQL: the same doors as cloudtaskd.core.store.Store (write, read, fetchall,
+fetchone, the events signal), over psycopg sync connections.
+
+As with SQLite, a write is a plain function run on the writer's own thread: `fn(tx, *args)` with
+the same `Tx` (store.run_tx), one transaction, one thread hop, whatever the round holds. The
+connection is wrapped (pg.dbapi.PgDb) so the table functions run on it unchanged; where the SQL
+must differ, the table module holds both forms side by side.
+
+Writes run in READ COMMITTED; leasing takes its rows with FOR UPDATE SKIP LOCKED and reports
+lock the rows they check (tables/tasks.py), so replicas writing the same database at once never
+hand one task to two agents nor record a report on a lease another replica moved. Reads run in
+REPEATABLE READ: one snapshot per read, as SQLite's read transaction gives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from typing import Any, TypeVar, cast
+
+import psycopg
+import structlog
+
+from cloudtaskd.core.clock import DaemonClock
+from cloudtaskd.core.pg import migrate
+from cloudtaskd.core.pg.connect import APPLICATION_NAME, CONNECT_TIMEOUT_S, check_dsn, connect, shown, translate
+from cloudtaskd.core.pg.dbapi import PgDb, row_factory
+from cloudtaskd.core.store import EventWaits, run_tx
+from cloudtaskd.core.writelock import WriteLock
+from cloudtaskd.errors import StoreError
+
+log = structlog.get_logger("cloudtaskd.core.pg")
+
+T = TypeVar("T")
+
+
+class _Session:
+    """One sync connection and the one thread that uses it (psycopg connections are not shared
+    between threads mid-transaction); reopened at the next use after it broke."""
+
+    def __init__(self, dsn: str, name: str, isolation: psycopg.IsolationLevel) -> None:
+        self.dsn = dsn
+        self.name = name
+        self.isolation = isolation
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pgstore-{name}")
+        self.db: PgDb | None = None
+
+    def _open(self) -> PgDb:
+        conn: psycopg.Connection[Any] = psycopg.connect(
+            self.dsn, autocommit=False, connect_timeout=max(2, round(CONNECT_TIMEOUT_S)),
+            application_name=f"{APPLICATION_NAME} {self.name}", row_factory=row_factory)
+        conn.isolation_level = self.isolation
+        return PgDb(conn)
+
+    def db_now(self) -> PgDb:
+        """The open connection, on the session's thread; a broken one is replaced (a server restart)."""
+        if self.db is None or self.db.conn.closed or self.db.conn.broken:
+            if self.db is not None:
+                with suppress(psycopg.Error):
+                    self.db.conn.close()
+                log.warning("pg_store_reconnecting", session=self.name, dsn=shown(self.dsn))
+            self.db = None
+            self.db = self._open()
+        return self.db
+
+    async def run(self, fn: Callable[[PgDb], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.thread, lambda: fn(self.db_now()))
+
+    def close(self) -> None:
+        if self.db is not None:
+            with suppress(psycopg.Error):
+                self.db.conn.close()
+            self.db = None
+
+
+class PgStore(EventWaits):
+    def __init__(self, dsn: str, clock: DaemonClock | None = None) -> None:
+        super().__init__()
+        self.dsn = dsn
+        self.clock = clock if clock is not None else DaemonClock()
+        self._writer: _Session | None = None
+        self._reader: _Session | None = None
+        self._write_lock = WriteLock()
+        self.full_since: float | None = None  # the SQLite store's disk-full outage: never here
+
+    def __repr__(self) -> str:
+        return f"PgStore({shown(self.dsn)!r})"
+
+    async def open(self) -> None:
+        check_dsn(self.dsn)
+        conn = await connect(self.dsn, application_name=f"{APPLICATION_NAME} migrate")
+        try:
+            await migrate.migrate(conn)
+        finally:
+            await conn.close()
+        self._writer = _Session(self.dsn, "writer", psycopg.IsolationLevel.READ_COMMITTED)
+        self._reader = _Session(self.dsn, "reader", psycopg.IsolationLevel.REPEATABLE_READ)
+        try:
+            await self._writer.run(lambda db: None)  # a wrong URL fails at open, not at the first write
+            await self._reader.run(lambda db: None)
+        except psycopg.Error as exc:
+            await self.close()
+            raise translate(exc, self.dsn) from exc
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        for session in (self._reader, self._writer):
+            if session is not None:
+                await asyncio.get_running_loop().run_in_executor(session.thread, session.close)
+                session.thread.shutdown(wait=True)
+        self._reader = self._writer = None
+
+    async def write(self, fn: Callable[..., T], *args: Any, now: float | None = None, urgent: bool = False) -> T:
+        """Run fn(tx, *args) in one transaction on the writer thread; commit or roll back (Store.write)."""
+        writer = self._writer
+        if writer is None:
+            raise StoreError("the store is closed")
+        stamp = self.clock.now() if now is None else now
+
+        def run(db: PgDb) -> tuple[T, bool]:
+            try:
+                # PgDb offers the part of sqlite3.Connection the table functions use; typed as one
+                # so that they keep one signature for both databases.
+                out = run_tx(cast(sqlite3.Connection, db), stamp, fn, args)
+                db.conn.commit()
+                return out
+            except BaseException:
+                with suppress(psycopg.Error):
+                    db.conn.rollback()
+                raise
+
+        async with self._write_lock.hold(urgent=urgent):
+            try:
+                out, wrote_events = await writer.run(run)
+            except psycopg.DataError:
+                # A value the statement cannot take (an id past bigint from a broken report): as
+                # SQLite's OverflowError, a bug to drop with its round, not an outage to retry.
+                raise
+            except psycopg.Error as exc:
+                raise StoreError(f"writing to the database {shown(self.dsn)} failed: {exc}") from exc
+        if wrote_events:
+            self._events_committed()  # wake the long polls of GET /v1/events
+        return out
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run fn(db) on the reader connection inside one read transaction (a consistent snapshot)."""
+        reader = self._reader
+        if reader is None:
+            raise StoreError("the store is closed")
+
+        def run(db: PgDb) -> T:
+            try:
+                return fn(cast(sqlite3.Connection, db))
+            finally:
+                with suppress(psycopg.Error):
+                    db.conn.rollback()  # read only: nothing to keep; ends the snapshot
+
+        try:
+            return await reader.run(run)
+        except psycopg.Error as exc:
+            raise StoreError(f"reading the database {shown(self.dsn)} failed: {exc}") from exc
+
+    async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        return await self.read(lambda db: db.execute(sql, tuple(params)).fetchall())
+
+    async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
+        return await self.read(lambda db: db.execute(sql, tuple(params)).fetchone())

@@ -1,0 +1,1 @@
+"""The fleet: providers, their catalogs, the orchestrator and the agent bootstrap."""

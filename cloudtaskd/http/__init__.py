@@ -1,0 +1,1 @@
+"""The control API's HTTP surface: routes, submissions, bundles, runs and what it shows."""

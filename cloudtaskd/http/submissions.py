@@ -1,0 +1,167 @@
+"""Job creation and task uploads: a job row made from a known worker, and an upload's tasks
+staged in batches, then committed whole or discarded; an upload the store could not finish (a
+full disk) is settled in the background once it can, as a restart would (resume_uploads).
+
+The control API's routes parse the request and call these; each job's uploads (and its deletion)
+take the job's lock, since a chunk step works on all of the job's staged rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import structlog
+
+from cloudtask_wire.workerspec import WorkerSpec
+from cloudtaskd.config import Config
+from cloudtaskd.core.dispatch import Dispatcher
+from cloudtaskd.core.store import Store, Tx
+from cloudtaskd.core.tables import jobs, pools, uploads
+from cloudtaskd.core.tables import tasks as queue
+from cloudtaskd.core.taskfile import TaskFileError, TaskFileParser
+from cloudtaskd.errors import BadInput, StoreError, no_job
+from cloudtaskd.http.feeds import ReadGate
+
+log = structlog.get_logger("cloudtaskd.http.submissions")
+
+SETTLE_RETRY_S = 1.0  # how often an upload the store could not finish (a full disk) is tried again
+
+
+class Submissions:
+    def __init__(self, *, store: Store, reads: ReadGate, dispatcher: Dispatcher, config: Config) -> None:
+        """reads: the control API's read gate (an upload's first read is a request's); dispatcher:
+        told of work once tasks are queued."""
+        self.store = store
+        self.reads = reads
+        self.dispatcher = dispatcher
+        self.config = config  # queue.* read at each job and upload
+        self._upload_locks: dict[int, asyncio.Lock] = {}
+        self._settling: set[asyncio.Task[None]] = set()  # uploads finished once the store can (_settle_later)
+
+    def apply_config(self, config: Config) -> None:
+        """On reload: queue.max_attempts, task_timeout_s for new jobs, max_task_bytes for the next upload."""
+        self.config = config
+
+    def lock(self, job_id: int) -> asyncio.Lock:
+        """The job's upload lock: held while one of its uploads stages or settles, and while it is deleted."""
+        return self._upload_locks.setdefault(job_id, asyncio.Lock())
+
+    def forget(self, job_id: int) -> None:
+        """The job is gone: its lock with it."""
+        self._upload_locks.pop(job_id, None)
+
+    async def create_job(self, name: str, digest: str, opts: dict[str, Any], timeout: float | None) -> int:
+        job_id = await self.store.write(_create_job, name, digest, opts, timeout, self.config)
+        log.info("job_created", job=job_id, name=name)
+        return job_id
+
+    async def upload(self, job_id: int, chunks: AsyncIterator[bytes], source: str) -> int:
+        """The tasks of a task file (chunks of its bytes) added to the job whole, or none of them;
+        returns how many. A refused file is a BadInput naming its line."""
+        async with self.lock(job_id):
+            row = await self.reads.read(lambda db: jobs.for_upload(db, job_id))
+            if row is None:
+                raise no_job(job_id)
+            job = dict(row)
+            upload_id = await self.store.write(queue.create_upload, job_id)
+            try:
+                n = await self._stage(chunks, job, source)
+            except BaseException as exc:
+                # Refused (or the client went away): nothing of this upload may stay behind.
+                await self._discard(upload_id, job_id, job["pool_id"])
+                if isinstance(exc, TaskFileError):
+                    raise BadInput(f"{source}:{exc.line}: {exc.reason}", line=exc.line) from None
+                raise
+            try:
+                await queue.finish_upload(self.store, upload_id, job_id, commit=True)
+            except StoreError:
+                state = await self.reads.read(lambda db: uploads.state_of(db, upload_id))
+                self._settle_later(upload_id, job_id, job["pool_id"])
+                if state != uploads.COMMITTING:
+                    raise  # nothing was queued: refused whole, the staged rows go when the store can
+                # Past its first chunk an upload is validated and decided: the rest is queued later.
+                log.warning("upload_commit_deferred", upload=upload_id, job=job_id, tasks=n)
+        self.dispatcher.notify_work(job["pool_id"])
+        log.info("tasks_accepted", job=job_id, tasks=n, source=source)
+        return n
+
+    async def _stage(self, chunks: AsyncIterator[bytes], job: dict[str, Any], source: str) -> int:
+        parser = TaskFileParser(self.config.queue.max_task_bytes)
+        pending: list[Any] = []
+        total = 0
+        async for chunk in chunks:
+            pending.extend(parser.feed(chunk))
+            while len(pending) >= queue.STAGE_BATCH:
+                batch, pending = pending[: queue.STAGE_BATCH], pending[queue.STAGE_BATCH:]
+                await self.store.write(queue.stage_tasks, job, batch, source)
+                total += len(batch)
+        pending.extend(parser.finish())
+        for i in range(0, len(pending), queue.STAGE_BATCH):
+            batch = pending[i: i + queue.STAGE_BATCH]
+            await self.store.write(queue.stage_tasks, job, batch, source)
+            total += len(batch)
+        if total == 0:
+            raise BadInput(f"{source}: the file holds no tasks")
+        return total
+
+    async def _discard(self, upload_id: int, job_id: int, pool_id: int) -> None:
+        async def discard() -> None:
+            try:
+                await queue.finish_upload(self.store, upload_id, job_id, commit=False)
+            except StoreError:  # a full disk can refuse the delete too: never leave staged rows behind
+                self._settle_later(upload_id, job_id, pool_id)
+
+        # Shielded: a client that hangs up mid-upload cancels this handler, not the clean-up.
+        await asyncio.shield(discard())
+
+    def _settle_later(self, upload_id: int, job_id: int, pool_id: int) -> None:
+        """Finish an upload the store could not finish (a full disk) once it can, in the background:
+        a staging one is discarded, a committing one queued, as a restart would (resume_uploads).
+        Each attempt holds the job's upload lock, since a chunk step works on all of the job's staged rows."""
+
+        async def settle() -> None:
+            while not self.store.stopping:
+                await asyncio.sleep(SETTLE_RETRY_S)
+                try:
+                    async with self.lock(job_id):
+                        state = await self.store.read(lambda db: uploads.state_of(db, upload_id))
+                        if state in uploads.RECEIVING:
+                            await queue.finish_upload(self.store, upload_id, job_id,
+                                                      commit=state == uploads.COMMITTING)
+                except StoreError:
+                    continue  # the store logs the outage; try again
+                if state == uploads.COMMITTING:
+                    self.dispatcher.notify_work(pool_id)
+                log.info("upload_settled", upload=upload_id, job=job_id, outcome=state)
+                return
+
+        task = asyncio.get_running_loop().create_task(settle(), name=f"settle-upload-{upload_id}")
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+
+async def resume_uploads(store: Store) -> None:
+    """At start: uploads a crash (or a full disk) left unfinished are finished as their rows say."""
+    for r in await store.read(uploads.unfinished):
+        # Committing: it was validated whole, finish it. Staging: the client never got an ack.
+        await queue.finish_upload(store, r["id"], r["job_id"], commit=r["state"] == uploads.COMMITTING)
+        log.info("upload_resumed", upload=r["id"], job=r["job_id"], outcome=r["state"])
+
+
+def _create_job(tx: Tx, name: str, digest: str, opts: dict[str, Any], timeout: float | None, config: Config) -> int:
+    pool = pools.by_digest(tx.db, digest)
+    if pool is None:
+        raise BadInput(f"worker {digest[:16]!r} is unknown: upload it first (POST /v1/workers)", field="worker")
+    spec = WorkerSpec.from_dict(json.loads(pool["spec"]))
+    timeout_s = timeout or spec.timeout or config.queue.task_timeout_s or None
+    run = opts.get("run") or {}
+    job_id = jobs.create(tx, name=name, pool_id=pool["id"],
+                         max_attempts=opts["max_attempts"] or config.queue.max_attempts, timeout_s=timeout_s,
+                         max_instances=opts["max_instances"],
+                         policy=json.dumps(opts["policy"].to_dict()), max_total_cost=opts["max_total_cost"],
+                         run_id=run.get("id"), run_owner=run.get("owner"), submission=run.get("submission"))
+    tx.event("job_created", job_id=job_id, detail=json.dumps({"name": name}))
+    return job_id
