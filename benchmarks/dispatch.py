@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from _common import ROOT, DaemonProcess, bundle, cpu_seconds, peak_rss_mb, percentile
@@ -34,40 +35,53 @@ WORKERS = {
 }
 
 
-async def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tasks", type=int, default=200_000)
-    ap.add_argument("--agents", type=int, default=2)
-    ap.add_argument("--slots", type=int, default=64)
-    ap.add_argument("--prefetch", type=int, default=512)
-    ap.add_argument("--mode", choices=sorted(WORKERS), default="python")
-    args = ap.parse_args()
+@dataclass(frozen=True)
+class DispatchRun:
+    """One run's figures; benchmarks/procrastinate_compare.py runs it beside another queue."""
 
+    tasks: int
+    succeeded: int
+    queue_s: float  # upload start to the job's tasks committed
+    dispatch_s: float  # tasks committed to the last result (the agents were connected before)
+    total_s: float  # upload start to the last result
+    lease_rtts_s: list[float]  # each credit's round trip to its grant, as the agents measured it
+    daemon_cpu_s: float
+    daemon_rss_mb: float
+    agent_rss_mb: list[float]
+
+    @property
+    def tasks_per_s(self) -> float:
+        return self.succeeded / self.dispatch_s
+
+
+async def run_dispatch(*, tasks: int, agents: int, slots: int, prefetch: int = 512,
+                       mode: str = "python") -> DispatchRun:
+    """Run `tasks` no-op tasks through a fresh daemon (its own temp state dir) and `agents` agent processes."""
     daemon = DaemonProcess({"providers": {"local": {"max_instances": 0}}, "agents": {"lease_ttl_s": 120}})
     await daemon.start()
     assert daemon.proc is not None
-    agents: list[tuple[subprocess.Popen[bytes], Path]] = []
+    procs: list[tuple[subprocess.Popen[bytes], Path]] = []
     try:
-        worker = await daemon.post("/v1/workers", data=bundle(WORKERS[args.mode]))
+        worker = await daemon.post("/v1/workers", data=bundle(WORKERS[mode]))
         job = await daemon.post("/v1/jobs", json={"name": "bench", "worker": worker["digest"]})
         tasks_file = Path(daemon.tmp.name) / "tasks.jsonl"
         with tasks_file.open("w") as f:
-            for i in range(args.tasks):
+            for i in range(tasks):
                 f.write(f'{{"id":"t{i}","data":{{"i":{i}}}}}\n')
         worker_dir = daemon.state_dir / "workers" / worker["digest"]
-        for a in range(args.agents):
-            inst = await daemon.post("/v1/instances", json={"worker": worker["digest"], "slots": args.slots})
+        for a in range(agents):
+            inst = await daemon.post("/v1/instances", json={"worker": worker["digest"], "slots": slots})
             stats = Path(daemon.tmp.name) / f"agent{a}.json"
             ca = Path(daemon.tmp.name) / "ca.pem"
             ca.write_text(inst["ca_cert"])
             env = {**os.environ, "CLOUDTASK_AGENT_TOKEN": inst["token"], "PYTHONPATH": str(ROOT)}
             proc = subprocess.Popen(
                 [sys.executable, "-m", "agent.main", "--url", inst["url"], "--instance", inst["id"],
-                 "--worker-dir", str(worker_dir), "--slots", str(args.slots), "--prefetch", str(args.prefetch),
+                 "--worker-dir", str(worker_dir), "--slots", str(slots), "--prefetch", str(prefetch),
                  "--stats-file", str(stats), "--ca-file", str(ca)],
                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )
-            agents.append((proc, stats))
+            procs.append((proc, stats))
         cpu0 = cpu_seconds(daemon.proc.pid)
         with tasks_file.open("rb") as f:
             t0 = time.monotonic()
@@ -81,32 +95,47 @@ async def main() -> None:
         t_end = time.monotonic()
         cpu = cpu_seconds(daemon.proc.pid) - cpu0
         daemon_rss = peak_rss_mb(daemon.proc.pid)
-        agent_rss = [peak_rss_mb(p.pid) for p, _ in agents]
-        for p, _ in agents:
+        agent_rss = [peak_rss_mb(p.pid) for p, _ in procs]
+        for p, _ in procs:
             p.send_signal(signal.SIGTERM)
         rtts: list[float] = []
-        for p, stats in agents:
+        for p, stats in procs:
             p.wait(timeout=60)
             rtts += json.loads(stats.read_text())["lease_rtts_s"]
-        succeeded = j["counts"]["succeeded"]
-        dispatch_s = t_end - t_queued
-        print(f"mode={args.mode} tasks={args.tasks} agents={args.agents} slots={args.slots} prefetch={args.prefetch}")
-        print(f"upload+queue: {t_queued - t0:.2f} s ({args.tasks / (t_queued - t0):,.0f} tasks/s)")
-        print(f"dispatched end to end: {succeeded} in {dispatch_s:.2f} s = {succeeded / dispatch_s:,.0f} tasks/s"
-              f" (upload start to last result: {succeeded / (t_end - t0):,.0f} tasks/s)")
-        print(f"lease round trip: p50 {percentile(rtts, 50) * 1000:.2f} ms, p99 {percentile(rtts, 99) * 1000:.2f} ms"
-              f" ({len(rtts)} samples)")
-        print(f"daemon: peak RSS {daemon_rss:.0f} MiB, CPU {cpu:.1f} s ({cpu / (t_end - t0) * 100:.0f}% of a core)")
-        print("agents: peak RSS " + ", ".join(f"{r:.0f} MiB" for r in agent_rss))
-        if succeeded != args.tasks:
-            print(f"ERROR: {args.tasks - succeeded} tasks did not succeed", file=sys.stderr)
-            sys.exit(1)
+        return DispatchRun(tasks=tasks, succeeded=j["counts"]["succeeded"], queue_s=t_queued - t0,
+                           dispatch_s=t_end - t_queued, total_s=t_end - t0, lease_rtts_s=rtts,
+                           daemon_cpu_s=cpu, daemon_rss_mb=daemon_rss, agent_rss_mb=agent_rss)
     finally:
-        for p, _ in agents:
+        for p, _ in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
         await daemon.stop()
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tasks", type=int, default=200_000)
+    ap.add_argument("--agents", type=int, default=2)
+    ap.add_argument("--slots", type=int, default=64)
+    ap.add_argument("--prefetch", type=int, default=512)
+    ap.add_argument("--mode", choices=sorted(WORKERS), default="python")
+    args = ap.parse_args()
+
+    r = await run_dispatch(tasks=args.tasks, agents=args.agents, slots=args.slots, prefetch=args.prefetch,
+                           mode=args.mode)
+    print(f"mode={args.mode} tasks={args.tasks} agents={args.agents} slots={args.slots} prefetch={args.prefetch}")
+    print(f"upload+queue: {r.queue_s:.2f} s ({args.tasks / r.queue_s:,.0f} tasks/s)")
+    print(f"dispatched end to end: {r.succeeded} in {r.dispatch_s:.2f} s = {r.tasks_per_s:,.0f} tasks/s"
+          f" (upload start to last result: {r.succeeded / r.total_s:,.0f} tasks/s)")
+    print(f"lease round trip: p50 {percentile(r.lease_rtts_s, 50) * 1000:.2f} ms,"
+          f" p99 {percentile(r.lease_rtts_s, 99) * 1000:.2f} ms ({len(r.lease_rtts_s)} samples)")
+    print(f"daemon: peak RSS {r.daemon_rss_mb:.0f} MiB, CPU {r.daemon_cpu_s:.1f} s"
+          f" ({r.daemon_cpu_s / r.total_s * 100:.0f}% of a core)")
+    print("agents: peak RSS " + ", ".join(f"{m:.0f} MiB" for m in r.agent_rss_mb))
+    if r.succeeded != args.tasks:
+        print(f"ERROR: {args.tasks - r.succeeded} tasks did not succeed", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
