@@ -25,7 +25,7 @@ from cloudtaskd.metrics import Metrics
 from cloudtaskd.orchestrator.waits import job_waiting
 from cloudtaskd.params import decimal_number, whole_number
 from cloudtaskd.series import StatusSeries
-from cloudtaskd.states import COUNTER, TASK_STATES, TERMINAL_TASK_STATES, job_outcome
+from cloudtaskd.states import COUNTER, TASK_STATES, TERMINAL_TASK_STATES, job_done, job_outcome
 from cloudtaskd.status_page import STATUS_HEADERS, STATUS_HTML
 from cloudtaskd.store import Store
 from cloudtaskd.tables import events, instances, jobs, tasks
@@ -174,8 +174,10 @@ def _job_summary(row: sqlite3.Row, waits: Callable[[int], str | None]) -> dict[s
     finished = sum(counts[s] for s in TERMINAL_TASK_STATES)
     # As the job object of GET /v1/jobs/{id}: done when nothing is staged, queued, leased or retrying;
     # outcome once it is over (succeeded, failed, cancelled).
+    is_open = row["is_open"] == jobs.OPEN
     return {"id": row["id"], "name": row["name"], "state": row["state"], "state_reason": row["state_reason"],
-            "done": total > 0 and finished == total, "outcome": job_outcome(row["state"], {**counts, "total": total}),
+            "done": job_done(row["state"], {**counts, "total": total}, is_open), "open": is_open,
+            "outcome": job_outcome(row["state"], {**counts, "total": total}, is_open),
             "created_at": row["created_at"],
             "finished_at": row["finished_at"], "counts": {**counts, "total": total}, "finished": finished,
             "total": total, "waiting": job_waiting(row, waits)}

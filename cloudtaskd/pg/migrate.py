@@ -18,7 +18,7 @@ from cloudtaskd.errors import StoreError
 from cloudtaskd.pg import locks
 from cloudtaskd.pg.connect import Connection
 
-MIGRATIONS = ("001_initial.sql", "002_runs.sql")
+MIGRATIONS = ("001_initial.sql", "002_runs.sql", "003_open_jobs.sql")
 SCHEMA_VERSION = len(MIGRATIONS)
 
 log = structlog.get_logger("cloudtaskd.pg")
