@@ -100,6 +100,9 @@ async def test_an_open_job_runs_single_tasks_stays_open_when_idle_and_finishes_o
     assert by_key["k"]["task"] == k_id and by_key["k"]["result"] == {"double": 20}
     assert {by_key[f"r-{i}"]["task"] for i in (1, 2, 3)} == set(copies)
     assert not (await get_job(api, job_id))["done"]
+    # Every task finished, but open: not over, so not deleted (nor purged by retention).
+    status, body = await api.request("DELETE", f"/v1/jobs/{job_id}")
+    assert status == 409 and "close it first" in body["error"]["message"], body
 
     # A follower of the results stays on while the job is open, and ends once it is closed and done.
     follower = asyncio.create_task(results(api, job_id, "?follow=1"))
