@@ -211,7 +211,7 @@ async def test_a_bad_single_task_is_refused_naming_its_field_and_nothing_is_lost
 async def test_a_duplicate_id_is_refused_and_the_first_task_kept(client: Client) -> None:
     j = await job(client, open=True)
     status, first = await enqueue(client, j["id"], {"id": "same", "data": 1})
-    assert status == 201
+    assert status == 201 and first["key"] == "same"
     status, body = await enqueue(client, j["id"], {"id": "same", "data": 2})
     assert status == 400 and body["error"]["field"] == "id" and "duplicate id 'same'" in body["error"]["message"]
     # Copies clashing with a task already there are refused whole: none of them is queued.
