@@ -45,6 +45,9 @@ def delete_job(tx: Tx, job_id: int) -> Deleted:
     if pending is not None:
         raise CloudtaskError(f"job {job_id} is being cancelled ({pending.done} of {pending.total} tasks so far):"
                              " delete it once the cancel is done")
+    if row["is_open"] == jobs.OPEN and state != jobs.CANCELLED:
+        raise CloudtaskError(f"job {job_id} is open for more tasks: close it first (cloudtaskctl close {job_id}),"
+                             " then delete it once its tasks are done")
     receiving = uploads.receiving(tx.db, job_id)
     unfinished = sum(counts[s] for s in WAITING_TASK_STATES)
     if unfinished or receiving:

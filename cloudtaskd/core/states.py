@@ -166,14 +166,22 @@ def instance_next(state: InstanceState, event: InstanceEvent) -> InstanceState |
     return INSTANCE_TRANSITIONS.get((state, event))
 
 
-def job_outcome(state: str, counts: dict[str, int]) -> str | None:
-    """What happened to a job, once it is over: succeeded (every task), failed (some dead),
-    cancelled; None while it still has work. `counts` holds a count per TaskState and `total`.
-    One answer for the API, cloudtaskctl and the status page: a cancelled or failed job must never
-    read as merely `done`."""
+def job_done(state: str, counts: dict[str, int], is_open: bool = False) -> bool:
+    """Nothing left to do: no task staged, queued, leased or failed (waiting to retry), at least one
+    task, and not open for more (an open job is done only once closed; a cancelled one takes no more).
+    `counts` holds a count per TaskState and `total`."""
     total = counts.get("total", 0)
     waiting = sum(counts.get(s, 0) for s in WAITING_TASK_STATES)
-    done = total > 0 and waiting == 0
+    return total > 0 and waiting == 0 and (not is_open or state == "cancelled")
+
+
+def job_outcome(state: str, counts: dict[str, int], is_open: bool = False) -> str | None:
+    """What happened to a job, once it is over: succeeded (every task), failed (some dead),
+    cancelled; None while it still has work, or is open for more (is_open). `counts` holds a count
+    per TaskState and `total`. One answer for the API, cloudtaskctl and the status page: a cancelled
+    or failed job must never read as merely `done`."""
+    total = counts.get("total", 0)
+    done = job_done(state, counts, is_open)
     if state == "cancelled" and (done or not total):
         return "cancelled"
     if not done:

@@ -42,11 +42,13 @@ _FIRST, _ELEMENT, _COMMA, _END = range(4)
 
 
 class TaskFileError(ValueError):
-    """A task file was refused; `line` is where the offending task starts."""
+    """A task file was refused; `line` is where the offending task starts, `field` the task's key at
+    fault when one is (id, data, priority, timeout, max_attempts, or an unknown one)."""
 
-    def __init__(self, line: int, reason: str) -> None:
+    def __init__(self, line: int, reason: str, field: str | None = None) -> None:
         self.line = line
         self.reason = reason
+        self.field = field
         super().__init__(f"line {line}: {reason}")
 
 
@@ -78,39 +80,64 @@ def to_task(obj: Any, line: int) -> ParsedTask:
     _check_keys(obj, line)
     priority = obj.get("priority", 0)
     if type(priority) is not int or not MIN_PRIORITY <= priority <= MAX_PRIORITY:
-        raise TaskFileError(line, f'"priority" must be an integer between {MIN_PRIORITY} and {MAX_PRIORITY}')
+        raise TaskFileError(line, f'"priority" must be an integer between {MIN_PRIORITY} and {MAX_PRIORITY}',
+                            "priority")
     timeout = obj.get("timeout")
     # orjson never yields NaN or infinity, so "> 0" is the whole test for a usable number.
     if timeout is not None and (type(timeout) not in (int, float) or not timeout > 0):
-        raise TaskFileError(line, '"timeout" must be a positive number of seconds')
+        raise TaskFileError(line, '"timeout" must be a positive number of seconds', "timeout")
     attempts = obj.get("max_attempts")
     if attempts is not None and (type(attempts) is not int or not MIN_ATTEMPTS <= attempts <= MAX_ATTEMPTS):
-        raise TaskFileError(line, f'"max_attempts" must be an integer between {MIN_ATTEMPTS} and {MAX_ATTEMPTS}')
+        raise TaskFileError(line, f'"max_attempts" must be an integer between {MIN_ATTEMPTS} and {MAX_ATTEMPTS}',
+                            "max_attempts")
     return ParsedTask(line, key, _data_json(obj.get("data"), line), priority,
                       None if timeout is None else float(timeout), attempts)
+
+
+def parse_task(body: bytes, max_task_bytes: int = DEFAULT_MAX_TASK_BYTES) -> ParsedTask:
+    """One task object sent alone (POST /v1/jobs/{id}/tasks as application/json, a standing queue's
+    enqueue): the fields of one line of a task file, checked the same way, except that "id" may be
+    left out (the key is then "", and the daemon names the task by its row id). TaskFileError (line 1)
+    names the field at fault."""
+    if len(body) > max_task_bytes:
+        raise TaskFileError(1, f"the task is larger than {max_task_bytes} bytes, the limit for one task")
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise TaskFileError(1, _json_reason(exc, 1, whole_line=True)) from None
+    if type(obj) is dict and "id" not in obj:
+        task = to_task({**obj, "id": "-"}, 1)  # every other field as a file's line is checked
+        task.key = ""
+    else:
+        task = to_task(obj, 1)
+    size = len(task.data_json.encode())
+    if size > max_task_bytes:
+        raise TaskFileError(1, f'the task\'s "data" takes {size} bytes once stored, more than {max_task_bytes}'
+                               " bytes, the limit for one task", "data")
+    return task
 
 
 def _data_json(data: Any, line: int) -> str:
     try:
         return orjson.dumps(data).decode()
     except orjson.JSONEncodeError:  # orjson writes less nesting than it reads
-        raise TaskFileError(line, '"data" is nested too deeply to store') from None
+        raise TaskFileError(line, '"data" is nested too deeply to store', "data") from None
 
 
 def _check_keys(obj: dict[str, Any], line: int) -> None:
     for name in obj:
         if name not in TASK_KEYS:
-            raise TaskFileError(line, f"unknown key {name!r} (a task may have: {_KEYS_HELP})")
+            raise TaskFileError(line, f"unknown key {name!r} (a task may have: {_KEYS_HELP})", name)
 
 
 def _id_error(obj: dict[str, Any], line: int) -> TaskFileError:
     _check_keys(obj, line)  # a misspelt "id" is better reported as the unknown key it is
     if "id" not in obj:
-        return TaskFileError(line, 'missing "id"')
+        return TaskFileError(line, 'missing "id"', "id")
     key = obj["id"]
     if type(key) is str:
-        return TaskFileError(line, f'"id" must be a non-empty string of at most {MAX_ID_CHARS} characters')
-    return TaskFileError(line, f'"id" must be a string or an integer, found {_kind(key)}')
+        return TaskFileError(line, f'"id" must be a non-empty string of at most {MAX_ID_CHARS} characters', "id")
+    return TaskFileError(line, f'"id" must be a string or an integer, found {_kind(key)}', "id")
 
 
 def _kind(value: Any) -> str:

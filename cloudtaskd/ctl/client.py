@@ -248,9 +248,12 @@ class ApiClient:
     async def create_job(self, name: str, worker: str, *, max_instances: int | None = None,
                          max_attempts: int | None = None, timeout_s: float | None = None,
                          policy: dict[str, Any] | None = None, max_total_cost: float | None = None,
-                         run: dict[str, str] | None = None) -> dict[str, Any]:
-        """run: {"id", "owner", "submission"} of the `cloudtaskctl run` submitting it (cloudtaskd/http/runs.py)."""
+                         run: dict[str, str] | None = None, open_: bool = False) -> dict[str, Any]:
+        """run: {"id", "owner", "submission"} of the `cloudtaskctl run` submitting it (cloudtaskd/http/runs.py);
+        open_: a standing queue, active until closed (close_job)."""
         body: dict[str, Any] = {"name": name, "worker": worker}
+        if open_:
+            body["open"] = True
         for key, value in (("max_instances", max_instances), ("max_attempts", max_attempts),
                            ("timeout_s", timeout_s), ("policy", policy), ("max_total_cost", max_total_cost),
                            ("run", run)):
@@ -266,6 +269,18 @@ class ApiClient:
                                   body=lambda: _file_chunks(tasks_file),
                                   headers={"Content-Type": "application/octet-stream"}, timeout=UPLOAD_TIMEOUT)
         return int(result["accepted"])
+
+    async def enqueue(self, job_id: int, task: bytes, *, iterations: int | None = None) -> dict[str, Any]:
+        """One task object (JSON text) queued in the job: {"id", "key"}; with iterations, that many
+        copies: {"ids", "keys"}."""
+        params = {"iterations": str(iterations)} if iterations is not None else None
+        result: dict[str, Any] = await self._call("POST", f"/v1/jobs/{job_id}/tasks", params=params,
+                                                  body=lambda: task, headers={"Content-Type": "application/json"})
+        return result
+
+    async def close_job(self, job_id: int) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("POST", f"/v1/jobs/{job_id}/close")
+        return result
 
     async def list_jobs(self, *, submission: str | None = None) -> list[dict[str, Any]]:
         """The newest jobs; with `submission`, only those `cloudtaskctl run` submitted with that hash."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -125,10 +126,12 @@ async def follow_job(api: ApiClient, job_id: int, display: ProgressDisplay | Non
 
 def job_state(job: dict[str, Any]) -> str:
     """What a person should read: the outcome once the job is over (succeeded, failed, cancelled),
-    else its state (active, paused, cancelling while its tasks are cancelled in chunks, cancelled
-    while its leases end)."""
+    else its state (active, open for more tasks, paused, cancelling while its tasks are cancelled in
+    chunks, cancelled while its leases end)."""
     if not job.get("outcome") and job.get("cancelling"):
         return "cancelling"
+    if job.get("open") and job.get("state") == "active":
+        return "open"  # a standing queue: active until `cloudtaskctl close`
     return str(job.get("outcome") or job.get("state"))
 
 
@@ -254,6 +257,27 @@ async def cmd_retry(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
         ctx.emit_json(job)
     else:
         ctx.say(_job_line("retried", job))
+    return EXIT_OK
+
+
+async def cmd_enqueue(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
+    # `-`: the task from stdin (a script's pipe, or a task too big for a command line).
+    raw = sys.stdin.buffer.read() if args.data == "-" else args.data.encode()
+    answer = await api.enqueue(args.job, raw, iterations=args.iterations)
+    if ctx.json:
+        ctx.emit_json(answer)
+    else:
+        for task_id in answer.get("ids") or [answer["id"]]:
+            ctx.say(str(task_id))
+    return EXIT_OK
+
+
+async def cmd_close(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
+    job = await api.close_job(args.job)
+    if ctx.json:
+        ctx.emit_json(job)
+    else:
+        ctx.say(_job_line("closed", job))
     return EXIT_OK
 
 

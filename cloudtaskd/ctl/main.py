@@ -51,6 +51,7 @@ FLAG_FOR_FIELD = {
     "policy.max_price_per_hour": "--max-price-per-hour", "max_price_per_hour": "--max-price-per-hour",
     "cpus_per_task": "--cpus-per-task", "memory_per_task": "--memory-per-task", "gpus_per_task": "--gpus-per-task",
     "state": "--state", "limit": "--limit", "after": "--after", "top": "--top", "name": "--name",
+    "iterations": "--iterations",
 }
 
 
@@ -141,7 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (("run", "submit a job, follow it to the end, write its results"),
                             ("submit", "submit a job and print its id at once")):
         p = add(name, help_text)
-        p.add_argument("--tasks", required=True, metavar="FILE", help="tasks as a JSON array or JSON Lines")
+        if name == "submit":
+            p.add_argument("--tasks", metavar="FILE", help="tasks as a JSON array or JSON Lines (optional with --open)")
+            p.add_argument("--open", action="store_true",
+                           help="a standing queue: the job stays active when its tasks are done, taking more"
+                                " (`cloudtaskctl enqueue`), until `cloudtaskctl close JOB`")
+        else:
+            p.add_argument("--tasks", required=True, metavar="FILE", help="tasks as a JSON array or JSON Lines")
         worker = p.add_mutually_exclusive_group(required=True)
         worker.add_argument("--worker", metavar="DIR", help="worker directory holding cloudtask.yaml")
         worker.add_argument("--worker-repo", metavar="URL", help="git repository holding cloudtask.yaml")
@@ -187,6 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("resume", "let a paused job go on (its max_total_cost reached, launches blocked, or its run gone)")
     p.add_argument("job", type=_job_arg, metavar="JOB")
     p.add_argument("--max-total-cost", type=_usd, metavar="USD", help="the new cap (above what is spent)")
+    p = add("enqueue", "queue one task in a job (a standing queue's enqueue) and print its task number")
+    p.add_argument("job", type=_job_arg, metavar="JOB")
+    p.add_argument("--data", required=True, metavar="TASK",
+                   help='the task object, as one line of a task file: {"id": ..., "data": ...} ("id" may be left'
+                        " out: the task is then named by its number); - reads it from stdin")
+    p.add_argument("--iterations", type=_int_in(1, 10_000), metavar="N",
+                   help="queue N copies (ids suffixed -1 .. -N); prints N task numbers")
+    add("close", "close an open job: it takes no more tasks and finishes once those it has are done").add_argument(
+        "job", type=_job_arg, metavar="JOB")
     add("cancel", "cancel what is unfinished in a job").add_argument("job", type=_job_arg, metavar="JOB")
     add("delete", "delete a job that is over (succeeded, failed or cancelled) with its tasks, results and events;"
         " a job with unfinished tasks must be cancelled first").add_argument("job", type=_job_arg, metavar="JOB")
@@ -233,6 +249,8 @@ COMMANDS: dict[str, Command] = {
     "retry": commands.cmd_retry,
     "resume": commands.cmd_resume,
     "cancel": commands.cmd_cancel,
+    "enqueue": commands.cmd_enqueue,
+    "close": commands.cmd_close,
     "delete": commands.cmd_delete,
     "instances": commands.cmd_instances,
     "drain": commands.cmd_drain,
@@ -254,6 +272,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         sub.error("--worker-ref needs --worker-repo")
     if args.command in ("run", "submit") and args.no_spot and args.no_on_demand_fallback:
         sub.error("--no-spot and --no-on-demand-fallback together allow nothing to run on")
+    if args.command == "submit" and args.tasks is None and not args.open:
+        sub.error("--tasks is required (or --open, for a standing queue fed by `cloudtaskctl enqueue`)")
     if args.command == "results" and args.follow and args.top is not None:
         sub.error("--top and --follow cannot be combined (--top is newest first, --follow in task order)")
     return args

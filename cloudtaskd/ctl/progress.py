@@ -76,7 +76,8 @@ def _segments(job: dict[str, Any], labels: dict[str, str]) -> tuple[list[tuple[s
     if retrying:
         # `failed` tasks are waiting out a backoff before their retry: neither queued nor over.
         parts.append(("retrying", f"{labels['retrying']}{retrying}"))
-    waiting = job.get("waiting") if not job.get("done") and not (total > 0 and rate > 0) else None
+    idle_open = bool(job.get("open")) and not remaining  # a standing queue with nothing to do now
+    waiting = job.get("waiting") if not job.get("done") and not (total > 0 and rate > 0) and not idle_open else None
     if not waiting:
         parts.append(("rate", format_rate(rate)))  # while nothing runs it is 0: the reason says more
     if job.get("done"):
@@ -86,7 +87,10 @@ def _segments(job: dict[str, Any], labels: dict[str, str]) -> tuple[list[tuple[s
         parts.append(("eta", "cancelling"))
     elif job.get("state") == "paused":
         parts.append(("eta", "paused"))
-    elif total > 0 and rate > 0:
+    elif idle_open:
+        parts.append(("eta", "open: waiting for tasks"))  # a standing queue, idle: more may come any time
+    elif total > 0 and rate > 0 and not job.get("open"):
+        # An open job's end is not known (more tasks may come), so no ETA: its rate says how it goes.
         parts.append(("eta", f"ETA {format_duration(remaining / rate)}"))
     elif waiting:
         # Queued work and nothing leased: the daemon's reason (an instance limit, a launch, no offer).

@@ -162,7 +162,7 @@ async def _submit(ctx: Ctx, api: ApiClient, args: argparse.Namespace, tasks: Pat
         digest = str((await api.upload_worker(bundle))["digest"])
     job = await api.create_job(args.name or tasks.stem, digest, max_instances=args.max_instances,
                                max_attempts=args.max_attempts, policy=job_policy(args),
-                               max_total_cost=args.max_total_cost, run=run)
+                               max_total_cost=args.max_total_cost, run=run, open_=getattr(args, "open", False))
     if state is not None:
         state.job_id = job["id"]
     try:
@@ -184,17 +184,28 @@ async def _submit(ctx: Ctx, api: ApiClient, args: argparse.Namespace, tasks: Pat
 
 
 async def cmd_submit(ctx: Ctx, args: argparse.Namespace) -> int:
-    tasks = _check_tasks_file(args.tasks)
+    tasks = _check_tasks_file(args.tasks) if args.tasks is not None else None
     with tempfile.TemporaryDirectory(prefix="cloudtaskctl-") as tmp:
         bundle = await _prepare_worker(args, Path(tmp))
         async with ctx.client() as api:
-            job, accepted = await _submit(ctx, api, args, tasks, bundle)
+            if tasks is None:  # --open alone: an empty standing queue, fed by `cloudtaskctl enqueue`
+                digest = str((await api.upload_worker(bundle))["digest"])
+                job = await api.create_job(args.name or "queue", digest, max_instances=args.max_instances,
+                                           max_attempts=args.max_attempts, policy=job_policy(args),
+                                           max_total_cost=args.max_total_cost, open_=True)
+                accepted = 0
+            else:
+                job, accepted = await _submit(ctx, api, args, tasks, bundle)
             job = await api.get_job(job["id"])
     if ctx.json:
         ctx.emit_json(job)
     else:
         ctx.say(str(job["id"]))
-        ctx.note(f"job {job['id']}: {accepted} tasks queued; follow it with `cloudtaskctl watch {job['id']}`")
+        if job.get("open"):
+            ctx.note(f"job {job['id']}: open, {accepted} tasks queued; add more with `cloudtaskctl enqueue"
+                     f" {job['id']} --data TASK`, end it with `cloudtaskctl close {job['id']}`")
+        else:
+            ctx.note(f"job {job['id']}: {accepted} tasks queued; follow it with `cloudtaskctl watch {job['id']}`")
     return 0
 
 

@@ -27,9 +27,9 @@ from cloudtaskd.core.states import (
     COUNTER,
     TASK_STATE_NAMES,
     TASK_STATES,
-    WAITING_TASK_STATES,
     InstanceEvent,
     InstanceState,
+    job_done,
     job_outcome,
 )
 from cloudtaskd.core.store import Store, Tx
@@ -197,6 +197,7 @@ class ControlApi:
             web.get("/v1/jobs/{job}", self.get_job),
             web.post("/v1/jobs/{job}/tasks", self.upload_tasks),
             web.post("/v1/jobs/{job}/cancel", self.cancel_job),
+            web.post("/v1/jobs/{job}/close", self.close_job),
             web.delete("/v1/jobs/{job}", self.delete_job),
             web.post("/v1/jobs/{job}/retry", self.retry_job),
             web.post("/v1/jobs/{job}/resume", self.resume_job),
@@ -254,6 +255,10 @@ class ControlApi:
             raise BadInput("max_total_cost: expected a positive number of USD", field="max_total_cost")
         opts["max_total_cost"] = cap
         opts["run"] = _run_body(body.get("run"))
+        is_open = body.get("open", False)
+        if type(is_open) is not bool:
+            raise BadInput("open: expected true (a standing queue, active until closed) or false", field="open")
+        opts["open"] = is_open
         job_id = await self.submissions.create_job(name, digest, opts, timeout)
         return web.json_response(await self._job(job_id), status=201)
 
@@ -309,9 +314,30 @@ class ControlApi:
 
     async def upload_tasks(self, request: web.Request) -> web.Response:
         job_id = _job_id(request)
+        if request.content_type == "application/json":
+            return await self.enqueue_task(request, job_id)
+        if "iterations" in request.query:
+            raise BadInput("iterations: only a single task (Content-Type: application/json) is repeated;"
+                           " a task file lists its tasks", field="iterations")
         source = request.query.get("source", "tasks")
         n = await self.submissions.upload(job_id, request.content.iter_chunked(1 << 20), source)
         return web.json_response({"accepted": n})
+
+    async def enqueue_task(self, request: web.Request, job_id: int) -> web.Response:
+        """One task object as the body (a standing queue's enqueue), queued in one transaction:
+        201 {"id": row id, "key"}; with ?iterations=N that many copies, {"ids": [...], "keys": [...]}."""
+        iterations = _int_param(request, "iterations", lo=1, hi=queue.MAX_ITERATIONS)
+        # The body whole: one task, at most queue.max_task_bytes (aiohttp refuses past its 1 MiB limit).
+        done = await self.submissions.enqueue(job_id, await request.read(), iterations)
+        if iterations is None:
+            return web.json_response({"id": done[0][0], "key": done[0][1]}, status=201)
+        return web.json_response({"ids": [t[0] for t in done], "keys": [t[1] for t in done]}, status=201)
+
+    async def close_job(self, request: web.Request) -> web.Response:
+        """An open job takes no more tasks and finishes once those it has are done."""
+        job_id = _job_id(request)
+        await self.submissions.close(job_id)
+        return web.json_response(await self._job(job_id))
 
     async def cancel_job(self, request: web.Request) -> web.Response:
         """Marked cancelled at once (no lease from now on) and its first chunk cancelled here: a job of
@@ -652,12 +678,14 @@ def _job_dict(row: sqlite3.Row, recent: tuple[int, float | None], instances: int
               waiting: str | None = None) -> dict[str, Any]:
     counts = {s.value: row[COUNTER[s]] for s in TASK_STATES}
     counts["total"] = sum(counts.values())
-    done = counts["total"] > 0 and sum(counts[s] for s in WAITING_TASK_STATES) == 0
-    outcome = job_outcome(row["state"], counts)
+    is_open = row["is_open"] == jobs.OPEN
+    done = job_done(row["state"], counts, is_open)
+    outcome = job_outcome(row["state"], counts, is_open)
     n_recent, first = recent[0], recent[1]
     span = max(1.0, now - first) if n_recent and first else RATE_WINDOW_S
     return {
         "id": row["id"], "name": row["name"], "state": row["state"], "done": done, "outcome": outcome,
+        "open": is_open,
         "created_at": row["created_at"], "finished_at": row["finished_at"], "worker": row["digest"],
         "counts": counts, "rate_per_s": round(n_recent / min(span, RATE_WINDOW_S), 2) if n_recent else 0.0,
         "instances": instances, "max_attempts": row["max_attempts"], "timeout_s": row["timeout_s"],

@@ -88,10 +88,12 @@ def result_line(row: sqlite3.Row) -> str:
 
 
 def job_finished(row: sqlite3.Row) -> bool:
-    """As cloudtaskctl's job_finished: done, paused at its cost cap, or cancelled before any task came."""
+    """As cloudtaskctl's job_finished: done (an open job once closed), paused at its cost cap, or
+    cancelled before any task came."""
     open_ = sum(row[COUNTER[s]] for s in WAITING_TASK_STATES)
     total = open_ + sum(row[COUNTER[s]] for s in TERMINAL_TASK_STATES)
-    return bool((total > 0 and open_ == 0) or row["state"] == "paused" or (row["state"] == "cancelled" and total == 0))
+    done = total > 0 and open_ == 0 and (row["is_open"] != jobs.OPEN or row["state"] == "cancelled")
+    return bool(done or row["state"] == "paused" or (row["state"] == "cancelled" and total == 0))
 
 
 @dataclass(slots=True)

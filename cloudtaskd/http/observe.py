@@ -20,7 +20,7 @@ from aiohttp import web
 from cloudtaskd import __version__
 from cloudtaskd.core import costs
 from cloudtaskd.core.dispatch import AgentSessions, Dispatcher
-from cloudtaskd.core.states import COUNTER, TASK_STATES, TERMINAL_TASK_STATES, job_outcome
+from cloudtaskd.core.states import COUNTER, TASK_STATES, TERMINAL_TASK_STATES, job_done, job_outcome
 from cloudtaskd.core.store import Store
 from cloudtaskd.core.tables import events, instances, jobs, tasks
 from cloudtaskd.errors import BadInput
@@ -175,8 +175,10 @@ def _job_summary(row: sqlite3.Row, waits: Callable[[int], str | None]) -> dict[s
     finished = sum(counts[s] for s in TERMINAL_TASK_STATES)
     # As the job object of GET /v1/jobs/{id}: done when nothing is staged, queued, leased or retrying;
     # outcome once it is over (succeeded, failed, cancelled).
+    is_open = row["is_open"] == jobs.OPEN
     return {"id": row["id"], "name": row["name"], "state": row["state"], "state_reason": row["state_reason"],
-            "done": total > 0 and finished == total, "outcome": job_outcome(row["state"], {**counts, "total": total}),
+            "done": job_done(row["state"], {**counts, "total": total}, is_open), "open": is_open,
+            "outcome": job_outcome(row["state"], {**counts, "total": total}, is_open),
             "created_at": row["created_at"],
             "finished_at": row["finished_at"], "counts": {**counts, "total": total}, "finished": finished,
             "total": total, "waiting": job_waiting(row, waits)}

@@ -18,11 +18,12 @@ import structlog
 from cloudtask_wire.workerspec import WorkerSpec
 from cloudtaskd.config import Config
 from cloudtaskd.core.dispatch import Dispatcher
+from cloudtaskd.core.states import COUNTER
 from cloudtaskd.core.store import Store, Tx
 from cloudtaskd.core.tables import jobs, pools, uploads
 from cloudtaskd.core.tables import tasks as queue
-from cloudtaskd.core.taskfile import TaskFileError, TaskFileParser
-from cloudtaskd.errors import BadInput, StoreError, no_job
+from cloudtaskd.core.taskfile import TaskFileError, TaskFileParser, parse_task
+from cloudtaskd.errors import BadInput, CloudtaskError, StoreError, no_job
 from cloudtaskd.http.feeds import ReadGate
 
 log = structlog.get_logger("cloudtaskd.http.submissions")
@@ -73,7 +74,7 @@ class Submissions:
                 # Refused (or the client went away): nothing of this upload may stay behind.
                 await self._discard(upload_id, job_id, job["pool_id"])
                 if isinstance(exc, TaskFileError):
-                    raise BadInput(f"{source}:{exc.line}: {exc.reason}", line=exc.line) from None
+                    raise BadInput(f"{source}:{exc.line}: {exc.reason}", line=exc.line, field=exc.field) from None
                 raise
             try:
                 await queue.finish_upload(self.store, upload_id, job_id, commit=True)
@@ -87,6 +88,26 @@ class Submissions:
         self.dispatcher.notify_work(job["pool_id"])
         log.info("tasks_accepted", job=job_id, tasks=n, source=source)
         return n
+
+    async def enqueue(self, job_id: int, body: bytes, iterations: int | None) -> list[tuple[int, str]]:
+        """A standing queue's enqueue: one task object (or `iterations` copies), validated as a task
+        file's line and queued in one write transaction, no upload staged; returns each task's
+        (row id, key). Not under the job's upload lock: it touches no staged row, and a queue must
+        not wait behind a big file's upload."""
+        try:
+            task = parse_task(body, self.config.queue.max_task_bytes)
+        except TaskFileError as exc:
+            raise BadInput(f"task: {exc.reason}", field=exc.field) from None
+        done = await self.store.write(queue.enqueue, job_id, task, iterations)
+        self.dispatcher.notify_work(done.pool_id)
+        log.debug("tasks_enqueued", job=job_id, tasks=len(done.tasks), first=done.tasks[0][0])
+        return done.tasks
+
+    async def close(self, job_id: int) -> None:
+        """An open job takes no more tasks; it finishes once those it has are done (one that never
+        got a task is cancelled: there is nothing to finish)."""
+        await self.store.write(_close_job, job_id)
+        log.info("job_closed", job=job_id)
 
     async def _stage(self, chunks: AsyncIterator[bytes], job: dict[str, Any], source: str) -> int:
         parser = TaskFileParser(self.config.queue.max_task_bytes)
@@ -162,6 +183,23 @@ def _create_job(tx: Tx, name: str, digest: str, opts: dict[str, Any], timeout: f
                          max_attempts=opts["max_attempts"] or config.queue.max_attempts, timeout_s=timeout_s,
                          max_instances=opts["max_instances"],
                          policy=json.dumps(opts["policy"].to_dict()), max_total_cost=opts["max_total_cost"],
-                         run_id=run.get("id"), run_owner=run.get("owner"), submission=run.get("submission"))
-    tx.event("job_created", job_id=job_id, detail=json.dumps({"name": name}))
+                         run_id=run.get("id"), run_owner=run.get("owner"), submission=run.get("submission"),
+                         is_open=bool(opts.get("open")))
+    tx.event("job_created", job_id=job_id, detail=json.dumps({"name": name, "open": bool(opts.get("open"))}))
     return job_id
+
+
+def _close_job(tx: Tx, job_id: int) -> None:
+    row = jobs.counters(tx.db, job_id)
+    if row is None:
+        raise no_job(job_id)
+    if row["is_open"] is None:
+        raise CloudtaskError(f"job {job_id} was not created open: there is nothing to close"
+                             " (a job created with open: true, or `cloudtaskctl submit --open`, is)")
+    if not jobs.close(tx, job_id):
+        return  # closed already: the same answer again
+    tx.event("job_closed", job_id=job_id)
+    if row["state"] != jobs.CANCELLED and not any(row[c] for c in COUNTER.values()):
+        # Closed before any task came: nothing to run or finish, so it ends as a withdrawn submission would.
+        jobs.cancel(tx, job_id)
+        jobs.set_reason(tx, job_id, "closed before any task was added")

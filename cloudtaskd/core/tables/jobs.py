@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # store.py imports this module for Tx.flush
     from cloudtaskd.core.store import Tx
 
 ACTIVE, PAUSED, CANCELLED = "active", "paused", "cancelled"  # jobs.state
+OPEN, CLOSED = 1, 0  # jobs.is_open of a job created open (NULL: an ordinary job)
 BUDGET, LAUNCH_FAILURES = "budget", "launch_failures"  # jobs.pause_cause (runs.RUN_GONE is the third)
 
 _COUNTER_COLUMNS = frozenset(COUNTER.values())
@@ -39,16 +40,16 @@ def add_to_counters(db: sqlite3.Connection, job_id: int, delta: dict[str, int]) 
 
 def create(tx: Tx, *, name: str, pool_id: int, max_attempts: int, timeout_s: float | None,
            max_instances: int | None, policy: str, max_total_cost: float | None, run_id: str | None,
-           run_owner: str | None, submission: str | None) -> int:
+           run_owner: str | None, submission: str | None, is_open: bool = False) -> int:
     """A new active job; its id is above every id a deleted job had (meta.last_job_id), so an id
-    names one job, ever."""
+    names one job, ever. is_open: a standing queue, active until closed (migration 016)."""
     cur = tx.db.execute(
         "INSERT INTO jobs (id, name, pool_id, state, created_at, max_attempts, timeout_s, max_instances, policy,"
-        " max_total_cost, run_id, run_owner, submission) VALUES (max(coalesce((SELECT max(id) FROM jobs), 0),"
+        " max_total_cost, run_id, run_owner, submission, is_open) VALUES (max(coalesce((SELECT max(id) FROM jobs), 0),"
         " coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'last_job_id'), 0)) + 1, ?, ?, 'active', ?, ?,"
-        " ?, ?, ?, ?, ?, ?, ?)",
+        " ?, ?, ?, ?, ?, ?, ?, ?)",
         (name, pool_id, tx.now, max_attempts, timeout_s, max_instances, policy, max_total_cost,
-         run_id, run_owner, submission),
+         run_id, run_owner, submission, OPEN if is_open else None),
     )
     return int(cur.lastrowid or 0)
 
@@ -59,6 +60,15 @@ def delete(tx: Tx, job_id: int) -> None:
 
 def cancel(tx: Tx, job_id: int) -> None:
     tx.db.execute("UPDATE jobs SET state = 'cancelled', finished_at = ? WHERE id = ?", (tx.now, job_id))
+
+
+def close(tx: Tx, job_id: int) -> bool:
+    """An open job takes no more tasks and finishes once those it has are done; False if it was not open."""
+    return tx.db.execute("UPDATE jobs SET is_open = 0 WHERE id = ? AND is_open = 1", (job_id,)).rowcount == 1
+
+
+def set_reason(tx: Tx, job_id: int, reason: str) -> None:
+    tx.db.execute("UPDATE jobs SET state_reason = ? WHERE id = ?", (reason, job_id))
 
 
 def set_finished(tx: Tx, job_id: int) -> None:
@@ -111,13 +121,14 @@ def pool_of(db: sqlite3.Connection, job_id: int) -> int | None:
 
 
 def counters(db: sqlite3.Connection, job_id: int) -> sqlite3.Row | None:
-    """id, state, pool_id and every counter column (n_<state>) of one job."""
-    return rows.one(db, f"SELECT id, state, pool_id, {_COUNTERS} FROM jobs WHERE id = ?", (job_id,))
+    """id, state, pool_id, is_open and every counter column (n_<state>) of one job."""
+    return rows.one(db, f"SELECT id, state, pool_id, is_open, {_COUNTERS} FROM jobs WHERE id = ?", (job_id,))
 
 
 def for_upload(db: sqlite3.Connection, job_id: int) -> sqlite3.Row | None:
-    """What staging a task needs of its job: id, pool_id, max_attempts, timeout_s, state."""
-    return rows.one(db, "SELECT id, pool_id, max_attempts, timeout_s, state FROM jobs WHERE id = ?", (job_id,))
+    """What staging a task needs of its job: id, pool_id, max_attempts, timeout_s, state, is_open."""
+    return rows.one(db, "SELECT id, pool_id, max_attempts, timeout_s, state, is_open FROM jobs WHERE id = ?",
+                    (job_id,))
 
 
 def budget(db: sqlite3.Connection, job_id: int) -> sqlite3.Row | None:
@@ -147,8 +158,9 @@ def newest_with_worker(db: sqlite3.Connection, submission: str | None = None, li
 
 
 def newest_summaries(db: sqlite3.Connection, limit: int) -> list[sqlite3.Row]:
-    """The status page's jobs: id, pool_id, name, state, state_reason, created_at, finished_at, counters."""
-    return rows.every(db, "SELECT id, pool_id, name, state, state_reason, created_at, finished_at,"
+    """The status page's jobs: id, pool_id, name, state, state_reason, created_at, finished_at, is_open,
+    counters."""
+    return rows.every(db, "SELECT id, pool_id, name, state, state_reason, created_at, finished_at, is_open,"
                           f" {_COUNTERS} FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
 
 
@@ -179,10 +191,11 @@ def unfinished_of_runs(db: sqlite3.Connection) -> list[sqlite3.Row]:
 
 
 def finished_before(db: sqlite3.Connection, cutoff: float, limit: int = 100) -> list[int]:
-    """Jobs over (nothing unfinished, no cancel or upload under way) that finished before `cutoff`
-    (the daemon clock): the job's finished_at when it has one (a cancel), else its last task's."""
+    """Jobs over (nothing unfinished, not open for more, no cancel or upload under way) that finished
+    before `cutoff` (the daemon clock): the job's finished_at when it has one (a cancel), else its
+    last task's."""
     found = db.execute(
-        f"SELECT j.id FROM jobs j WHERE {_WAITING_J} = 0"
+        f"SELECT j.id FROM jobs j WHERE {_WAITING_J} = 0 AND (coalesce(j.is_open, 0) = 0 OR j.state = 'cancelled')"
         " AND j.id NOT IN (SELECT job_id FROM cancels)"
         f" AND NOT EXISTS (SELECT 1 FROM uploads u WHERE u.job_id = j.id AND u.state IN {_RECEIVING})"
         " AND coalesce(j.finished_at, (SELECT max(t.finished_at) FROM tasks t WHERE t.job_id = j.id"
@@ -192,10 +205,11 @@ def finished_before(db: sqlite3.Connection, cutoff: float, limit: int = 100) -> 
 
 
 def count_by_state(db: sqlite3.Connection) -> list[sqlite3.Row]:
-    """Per job state (`done`: active with every task finished, as cloudtaskctl status shows it):
+    """Per job state (`done`: active with every task finished and not open, as cloudtaskctl status shows it):
     `state`, `jobs`, and the sum of each counter column (n_<state>)."""
     sums = ", ".join(f"sum({COUNTER[s]}) AS {COUNTER[s]}" for s in TASK_STATES)
-    return rows.every(db, f"SELECT CASE WHEN state = 'active' AND {_WAITING} = 0 AND {_FINISHED} > 0 THEN 'done'"
+    return rows.every(db, f"SELECT CASE WHEN state = 'active' AND {_WAITING} = 0 AND {_FINISHED} > 0"
+                          " AND coalesce(is_open, 0) = 0 THEN 'done'"
                           f" ELSE state END AS state, count(*) AS jobs, {sums} FROM jobs GROUP BY 1")
 
 

@@ -12,6 +12,7 @@ thousands of tasks/s.
 from __future__ import annotations
 
 import random
+import secrets
 import sqlite3
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from cloudtaskd.core.states import TaskState as S
 from cloudtaskd.core.store import Store, Tx, task_edge
 from cloudtaskd.core.tables import cancels, events, jobs, rows, uploads
 from cloudtaskd.core.tables.bulk import bulk, postgres
-from cloudtaskd.core.taskfile import ParsedTask
+from cloudtaskd.core.taskfile import MAX_ID_CHARS, ParsedTask
 from cloudtaskd.errors import BadInput, CloudtaskError, TransitionError, no_job
 
 # Every bulk statement below names its edge once, checked against the table at import.
@@ -113,6 +114,100 @@ _STAGE_PG = (
     " r.value->>5, (r.value->>6)::float8, (r.value->>7)::int"
     " FROM jsonb_array_elements(?::jsonb) WITH ORDINALITY AS r(value, n) ORDER BY n"
     " ON CONFLICT (job_id, key) DO NOTHING RETURNING id")
+
+
+# ---- a standing queue: single tasks, queued as they come ----------------------------------------
+
+MAX_ITERATIONS = 10_000  # copies of one task a single request may queue (?iterations=N)
+
+
+class Enqueued(NamedTuple):
+    """A single-task request's outcome: the job's pool (to wake dispatch) and each task's (row id, key)."""
+
+    pool_id: int
+    tasks: list[tuple[int, str]]
+
+
+_QUEUED = states.sql_lit(S.QUEUED)
+# The rows are queued at once (no staging: a single request is validated whole before it is sent).
+# A clash on (job_id, key) skips its row rather than fail the statement: fewer rows back is the refusal.
+_ENQUEUE = (
+    "INSERT INTO tasks (job_id, pool_id, key, state, priority, data, timeout_s, max_attempts)"
+    f" SELECT r.value->>0, r.value->>1, r.value->>2, {_QUEUED}, r.value->>3, r.value->>4, r.value->>5,"
+    " r.value->>6 FROM json_each(?) AS r WHERE true"  # WHERE: SQLite's parser needs it before ON CONFLICT
+    " ON CONFLICT (job_id, key) DO NOTHING RETURNING id, key",
+    "INSERT INTO tasks (job_id, pool_id, key, state, priority, data, timeout_s, max_attempts)"
+    f" SELECT (r.value->>0)::bigint, (r.value->>1)::bigint, r.value->>2, {_QUEUED}, (r.value->>3)::int,"
+    " r.value->>4, (r.value->>5)::float8, (r.value->>6)::int"
+    " FROM jsonb_array_elements(?::jsonb) WITH ORDINALITY AS r(value, n) ORDER BY n"
+    " ON CONFLICT (job_id, key) DO NOTHING RETURNING id, key",
+)
+# A task sent without an id is named by its row id, known once inserted. A user's key in the same job
+# that spells that number leaves the row out (NOT EXISTS): fewer rows back is the refusal.
+_NAME_BY_ID = (
+    "UPDATE tasks SET key = CAST(id AS TEXT) WHERE id IN (SELECT value FROM json_each(?))"
+    " AND NOT EXISTS (SELECT 1 FROM tasks AS t WHERE t.job_id = tasks.job_id AND t.key = CAST(tasks.id AS TEXT))"
+    " RETURNING id, key",
+    "UPDATE tasks SET key = CAST(id AS TEXT) WHERE id = ANY(?::bigint[])"
+    " AND NOT EXISTS (SELECT 1 FROM tasks AS t WHERE t.job_id = tasks.job_id AND t.key = CAST(tasks.id AS TEXT))"
+    " RETURNING id, key",
+)
+
+
+def enqueue(tx: Tx, job_id: int, task: ParsedTask, iterations: int | None = None) -> Enqueued:
+    """Queue one task (or `iterations` copies of it) in this one transaction: a standing queue's
+    enqueue, with a task file's validation (done by the caller) and its refusal of a duplicate id.
+    Keys: the task's id; with `iterations`, that id suffixed -1 .. -N; a task without an id is named
+    by its row id. Nothing is queued when any copy is refused."""
+    job = jobs.for_upload(tx.db, job_id)
+    if job is None:
+        raise no_job(job_id)
+    if job["state"] != jobs.ACTIVE:
+        raise BadInput(f"job {job_id} is {job['state']}; tasks can only be added to an active job")
+    if job["is_open"] == jobs.CLOSED:
+        raise BadInput(f"job {job_id} is closed: it takes no more tasks (create another open job for more)")
+    n = 1 if iterations is None else iterations
+    if not 1 <= n <= MAX_ITERATIONS:
+        raise BadInput(f"iterations must be between 1 and {MAX_ITERATIONS}, got {n}", field="iterations")
+    auto = not task.key
+    if auto:
+        # Placeholders, unique to this request (replicas insert at once on PostgreSQL), renamed below.
+        stamp = f"\x01{secrets.token_hex(8)}:"
+        keys = [f"{stamp}{i}" for i in range(n)]
+    elif iterations is None:
+        keys = [task.key]
+    else:
+        keys = [f"{task.key}-{i}" for i in range(1, n + 1)]
+        if len(keys[-1]) > MAX_ID_CHARS:
+            raise BadInput(f'"id" with its iteration suffix ({keys[-1][-8:]!r}) is longer than {MAX_ID_CHARS}'
+                           " characters: give a shorter id", field="id")
+    timeout_s = task.timeout_s if task.timeout_s is not None else job["timeout_s"]
+    attempts = task.max_attempts or job["max_attempts"]
+    rows = [(job_id, job["pool_id"], key, task.priority, task.data_json, timeout_s, attempts) for key in keys]
+    pg = postgres(tx.db)
+    tx.db.execute("SAVEPOINT enqueue")
+    got = tx.db.execute(_ENQUEUE[pg], (jsonx.dumps(rows),)).fetchall()
+    if len(got) < len(rows):
+        tx.db.execute("ROLLBACK TO enqueue")
+        taken = sorted(set(keys) - {r[1] for r in got})
+        raise BadInput(f"duplicate id {taken[0]!r}: the job already has a task with this id", field="id")
+    ids = [int(r[0]) for r in got]
+    if auto:
+        named = tx.db.execute(_NAME_BY_ID[pg], (ids if pg else jsonx.dumps(ids),)).fetchall()
+        if len(named) < len(ids):
+            tx.db.execute("ROLLBACK TO enqueue")
+            clash = sorted(set(ids) - {int(r[0]) for r in named})[0]
+            raise BadInput(f"the task would be named {clash}, its number, but the job already has a task with"
+                           ' that id: give the task an "id" of its own', field="id")
+        out = sorted((int(r[0]), str(r[1])) for r in named)
+    else:
+        order = {key: i for i, key in enumerate(keys)}
+        out = sorted(((int(r[0]), str(r[1])) for r in got), key=lambda t: order[t[1]])
+    tx.db.execute("RELEASE enqueue")
+    tx.count(job_id, None, S.QUEUED, n)
+    # Where a walk over the job's tasks starts (a cancel, a delete's purge): below these rows too.
+    uploads.cover(tx, job_id, min(ids) - 1, n)
+    return Enqueued(int(job["pool_id"]), out)
 
 
 def _duplicate_error(db: sqlite3.Connection, job_id: int, batch: list[ParsedTask], source: str) -> BadInput:

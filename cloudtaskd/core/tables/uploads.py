@@ -32,6 +32,17 @@ def add_staged(tx: Tx, job_id: int, n: int, start_after: int) -> None:
                   " WHERE job_id = ? AND state = 'staging'", (n, start_after, start_after, job_id))
 
 
+def cover(tx: Tx, job_id: int, start_after: int, n: int) -> None:
+    """Tasks queued directly (a standing queue's single tasks, tables/tasks.enqueue), none at or below
+    `start_after`: a walk over the job's tasks from job_start must not miss them. A committed row
+    records where they begin, unless one already starts below them (then nothing is written: a
+    queue's later tasks only come above its first)."""
+    tx.db.execute("INSERT INTO uploads (job_id, state, created_at, n_tasks, start_after)"
+                  " SELECT ?, 'committed', ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM uploads WHERE job_id = ?"
+                  " AND start_after IS NOT NULL AND start_after <= ?)",
+                  (job_id, tx.now, n, start_after, job_id, start_after))
+
+
 def set_committing(tx: Tx, upload_id: int) -> None:
     """Decided: queued whole from now on (a staging upload only)."""
     tx.db.execute("UPDATE uploads SET state = 'committing' WHERE id = ? AND state = 'staging'", (upload_id,))

@@ -12,7 +12,7 @@ from cloudtask_wire.messages import Failure, Success
 from cloudtaskd.core.clock import DaemonClock
 from cloudtaskd.core.store import Store, Tx
 from cloudtaskd.core.tables import tasks as queue
-from cloudtaskd.core.taskfile import ParsedTask
+from cloudtaskd.core.taskfile import ParsedTask, parse_task
 from cloudtaskd.errors import BadInput
 from tests.conftest import wait_for
 
@@ -396,3 +396,25 @@ def test_the_daemon_clock_does_not_step_with_the_wall_clock() -> None:
     wall[0] += 2 + 7200  # two seconds pass and the wall clock steps two hours forward
     assert clock.now() == 1_000_002.0
     assert clock.wall_offset_s() == 7200.0
+
+
+# ---- a standing queue's single tasks (tables/tasks.enqueue) -----------------------------------------
+
+
+async def test_single_tasks_are_queued_at_once_leased_and_refused_whole_on_a_duplicate(store: Store) -> None:
+    await store.write(_setup_job)
+    one = await store.write(queue.enqueue, 1, parse_task(b'{"id": "a", "data": {"n": 1}, "priority": 2}'))
+    auto = await store.write(queue.enqueue, 1, parse_task(b'{"data": {"n": 2}}'))
+    copies = await store.write(queue.enqueue, 1, parse_task(b'{"id": "c", "data": 3}'), 3)
+    assert one.tasks[0][1] == "a" and auto.tasks == [(auto.tasks[0][0], str(auto.tasks[0][0]))]
+    assert [k for _, k in copies.tasks] == ["c-1", "c-2", "c-3"] and one.pool_id == 1
+    # A copy clashing with a task already there: none of the request is queued.
+    with pytest.raises(BadInput, match="duplicate id 'c-1'"):
+        await store.write(queue.enqueue, 1, parse_task(b'{"id": "c"}'), 4)  # c-4 is new, and not queued either
+    assert await counts(store) == {"queued": 5}
+    assert await store.read(queue.check_counters) == []
+    leased = await lease(store, "i-1", 10)
+    assert leased[0]["id"] == one.tasks[0][0]  # the highest priority first, as any queued task
+    assert sorted(t["id"] for t in leased) == sorted(i for r in (one, auto, copies) for i, _ in r.tasks)
+    # Where a walk over the job's tasks starts (a cancel, a purge) is below every one of them.
+    assert await store.read(lambda db: queue.first_task_cursor(db, 1)) < min(t["id"] for t in leased)

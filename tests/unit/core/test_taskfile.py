@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cloudtaskd.core.taskfile import ParsedTask, TaskFileError, TaskFileParser
+from cloudtaskd.core.taskfile import ParsedTask, TaskFileError, TaskFileParser, parse_task
 
 
 def parse(data: bytes, step: int | None = None, max_task_bytes: int = 1_048_576) -> list[ParsedTask]:
@@ -284,3 +284,43 @@ def test_a_large_file_streams_in_chunks(fmt: str) -> None:
     assert [t.key for t in tasks] == [f"t{i}" for i in range(50_000)]
     assert tasks[-1].data_json == '{"n":49999}'
     assert tasks[-1].line == (50_001 if fmt == "array" else 50_000)
+
+
+# ---- one task alone (a standing queue's enqueue: taskfile.parse_task) ---------------------------
+
+
+def test_a_single_task_is_read_as_one_line_of_a_file_with_its_id_optional() -> None:
+    task = parse_task(b'{"id": "a", "data": {"n": 1}, "priority": 3, "timeout": 2, "max_attempts": 4}')
+    assert (task.key, task.data_json, task.priority, task.timeout_s, task.max_attempts) == ("a", '{"n":1}', 3, 2.0, 4)
+    assert parse_task(b'{"id": 7}').key == "7"
+    # Without an id: the key is left to the daemon (the task's number); the rest is checked all the same.
+    auto = parse_task(b' {"data": [1, 2]} \n')
+    assert (auto.key, auto.data_json, auto.line) == ("", "[1,2]", 1)
+    assert parse_task(b"{}").data_json == "null"
+
+
+@pytest.mark.parametrize(("body", "field", "reason"), [
+    (b'{"id": "a", "prio": 1}', "prio", "unknown key 'prio'"),
+    (b'{"prio": 1}', "prio", "unknown key 'prio'"),
+    (b'{"priority": 2000}', "priority", '"priority" must be an integer between -1000 and 1000'),
+    (b'{"timeout": 0}', "timeout", '"timeout" must be a positive number'),
+    (b'{"max_attempts": "3"}', "max_attempts", '"max_attempts" must be an integer'),
+    (b'{"id": ""}', "id", '"id" must be a non-empty string'),
+    (b'{"id": [1]}', "id", '"id" must be a string or an integer, found an array'),
+    (b'[{"id": "a"}]', None, "expected a task object"),
+    (b'{"id": "a"} {"id": "b"}', None, "not valid JSON"),
+    (b"", None, "not valid JSON"),
+])
+def test_a_bad_single_task_names_its_field(body: bytes, field: str | None, reason: str) -> None:
+    with pytest.raises(TaskFileError) as caught:
+        parse_task(body)
+    assert caught.value.field == field and caught.value.reason.startswith(reason), caught.value.reason
+
+
+def test_a_single_task_over_the_size_limit_is_refused() -> None:
+    with pytest.raises(TaskFileError, match="larger than 100 bytes"):
+        parse_task(b'{"data": "' + b"x" * 100 + b'"}', max_task_bytes=100)
+    # Stored bigger than sent (1e5 is stored as 100000.0): the stored size counts.
+    with pytest.raises(TaskFileError, match="once stored") as caught:
+        parse_task(b'{"data": [' + b",".join([b"1e5"] * 20) + b"]}", max_task_bytes=120)
+    assert caught.value.field == "data"

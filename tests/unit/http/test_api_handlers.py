@@ -155,3 +155,106 @@ async def test_a_job_that_never_got_tasks_is_withdrawn_whole(client: Client, sto
     assert status == 200, body
     assert body == {"deleted": created["id"], "tasks": 0, "purging": False, "withdrawn": created["id"]}
     assert await store.fetchone("SELECT id FROM jobs") is None
+
+
+# ---- a standing queue: single tasks (issue 17) ----------------------------------------------------
+
+
+async def enqueue(client: Client, job_id: int, task: Any, query: str = "") -> tuple[int, Any]:
+    return await call(client, "POST", f"/v1/jobs/{job_id}/tasks{query}", json=task)
+
+
+async def keys_and_counts(client: Client, job_id: int) -> tuple[list[str], dict[str, int]]:
+    _, page = await call(client, "GET", f"/v1/jobs/{job_id}/tasks?limit=1000")
+    _, body = await call(client, "GET", f"/v1/jobs/{job_id}")
+    return [t["id"] for t in page["tasks"]], body["counts"]
+
+
+async def test_a_single_task_is_queued_and_answered_with_its_id(client: Client) -> None:
+    j = await job(client, open=True)
+    status, answer = await enqueue(client, j["id"], {"id": "a", "data": {"n": 1}, "priority": 5})
+    assert status == 201 and answer["key"] == "a"
+    _, page = await call(client, "GET", f"/v1/jobs/{j['id']}/tasks")
+    [task] = page["tasks"]
+    assert (task["task"], task["id"], task["state"], task["priority"]) == (answer["id"], "a", "queued", 5)
+    # Without an id the task is named by its number; an ordinary (not open) job takes single tasks too.
+    plain = await job(client, tasks=2)
+    status, answer = await enqueue(client, plain["id"], {"data": [1, 2]})
+    assert status == 201 and answer["key"] == str(answer["id"])
+    _, body = await call(client, "GET", f"/v1/jobs/{plain['id']}")
+    assert body["counts"]["queued"] == 3 and body["open"] is False
+
+
+@pytest.mark.parametrize(("task", "field"), [
+    ({"id": "x", "prio": 1}, "prio"),
+    ({"id": "x", "priority": "high"}, "priority"),
+    ({"id": "x", "timeout": -1}, "timeout"),
+    ({"id": "x", "max_attempts": 0}, "max_attempts"),
+    ({"id": ""}, "id"),
+    ({"id": None, "data": 1}, "id"),
+    ([{"id": "x"}], None),
+])
+async def test_a_bad_single_task_is_refused_naming_its_field_and_nothing_is_lost(
+        client: Client, task: Any, field: str | None) -> None:
+    j = await job(client, open=True)
+    for key in ("a", "b"):
+        assert (await enqueue(client, j["id"], {"id": key}))[0] == 201
+    status, body = await enqueue(client, j["id"], task)
+    assert status == 400 and body["error"]["field"] == field, body
+    assert body["error"]["message"].startswith("task: ")
+    if field is not None:
+        assert f"{field!r}" in body["error"]["message"] or f'"{field}"' in body["error"]["message"]
+    keys, counts = await keys_and_counts(client, j["id"])
+    assert keys == ["a", "b"] and counts["queued"] == 2 == counts["total"]
+
+
+async def test_a_duplicate_id_is_refused_and_the_first_task_kept(client: Client) -> None:
+    j = await job(client, open=True)
+    status, first = await enqueue(client, j["id"], {"id": "same", "data": 1})
+    assert status == 201 and first["key"] == "same"
+    status, body = await enqueue(client, j["id"], {"id": "same", "data": 2})
+    assert status == 400 and body["error"]["field"] == "id" and "duplicate id 'same'" in body["error"]["message"]
+    # Copies clashing with a task already there are refused whole: none of them is queued.
+    assert (await enqueue(client, j["id"], {"id": "r-2"}))[0] == 201
+    status, body = await enqueue(client, j["id"], {"id": "r"}, "?iterations=3")
+    assert status == 400 and "duplicate id 'r-2'" in body["error"]["message"], body
+    keys, counts = await keys_and_counts(client, j["id"])
+    assert keys == ["same", "r-2"] and counts["total"] == 2
+
+
+async def test_iterations_queue_copies_with_suffixed_or_numbered_ids(client: Client) -> None:
+    j = await job(client, open=True)
+    status, answer = await enqueue(client, j["id"], {"id": "job", "data": {"x": 1}}, "?iterations=3")
+    assert status == 201 and answer["keys"] == ["job-1", "job-2", "job-3"] and len(set(answer["ids"])) == 3
+    status, auto = await enqueue(client, j["id"], {"data": {"x": 2}}, "?iterations=2")
+    assert status == 201 and auto["keys"] == [str(i) for i in auto["ids"]]
+    for query in ("?iterations=0", "?iterations=10001", "?iterations=07"):
+        status, body = await enqueue(client, j["id"], {"data": 1}, query)
+        assert status == 400 and body["error"]["field"] == "iterations", body
+    # A task file is not repeated: iterations is for a single task.
+    status, body = await call(client, "POST", f"/v1/jobs/{j['id']}/tasks?iterations=2", data=b'{"id": "f"}\n')
+    assert status == 400 and body["error"]["field"] == "iterations"
+    _, counts = await keys_and_counts(client, j["id"])
+    assert counts["queued"] == 5
+
+
+async def test_close_ends_an_open_job_and_an_ordinary_job_is_as_before(client: Client, store: Store) -> None:
+    j = await job(client, open=True)
+    assert (await enqueue(client, j["id"], {"id": "a"}))[0] == 201
+    status, closed = await call(client, "POST", f"/v1/jobs/{j['id']}/close")
+    assert status == 200 and closed["open"] is False and closed["state"] == "active"
+    status, again = await call(client, "POST", f"/v1/jobs/{j['id']}/close")
+    assert status == 200 and again["open"] is False  # closing twice is the same answer
+    status, body = await enqueue(client, j["id"], {"id": "b"})
+    assert status == 400 and "closed" in body["error"]["message"]
+    # Closed before any task came: nothing to run, so it is over (cancelled), as a withdrawn submission.
+    empty = await job(client, open=True)
+    status, body = await call(client, "POST", f"/v1/jobs/{empty['id']}/close")
+    assert status == 200 and (body["state"], body["outcome"]) == ("cancelled", "cancelled"), body
+    # An ordinary job has nothing to close, and its tasks' end is its end as before.
+    plain = await job(client, tasks=1)
+    status, body = await call(client, "POST", f"/v1/jobs/{plain['id']}/close")
+    assert status == 409 and "not created open" in body["error"]["message"]
+    status, body = await call(client, "POST", "/v1/jobs", json={"worker": await worker(client), "open": 1})
+    assert status == 400 and body["error"]["field"] == "open"
+

@@ -1,4 +1,4 @@
--- PostgreSQL schema version 1: the SQLite schema as of its migration 014 (cloudtaskd/sql/001-014),
+-- PostgreSQL schema version 1: the SQLite schema as of its migration 014 (cloudtaskd/core/sql/001-014),
 -- translated. Applied in one transaction by pg/migrate.py; schema_migrations records it.
 -- Same tables, columns, nullability, defaults and index names (tests/test_pg_base.py compares them
 -- with a real SQLite store), so one table module can write one statement for both where it can:
