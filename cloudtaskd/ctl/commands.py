@@ -161,11 +161,9 @@ async def cmd_status(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
         database = (await api.status()).get("database", "")  # which one: host and name, never a password
         if ctx.json:
             ctx.emit_json({"jobs": jobs, "database": database})
-        elif not jobs:
-            ctx.say(f"no jobs (database: {printable(database)})")
         else:
-            ctx.say(table(JOB_HEADERS, [_job_row(j) for j in jobs]))
-            ctx.say(f"database: {printable(database)}")
+            ctx.say(table(JOB_HEADERS, [_job_row(j) for j in jobs]) if jobs else "no jobs")
+            ctx.note(f"database: {database}")  # stderr: the table stays what scripts parse
         return EXIT_OK
     job = await api.get_job(args.job)
     if ctx.json:
