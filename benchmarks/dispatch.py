@@ -2,6 +2,10 @@
 processes over the websocket, with durable state (WAL, synchronous=FULL).
 
     python benchmarks/dispatch.py [--tasks 200000] [--agents 2] [--slots 64] [--mode python|stream]
+                                  [--database sqlite|pg|postgresql://USER:PASSWORD@HOST:PORT/DBNAME]
+
+--database pg starts a PostgreSQL of its own (tests/fakes/postgres.py: Debian's postgresql package,
+127.0.0.1, a free port, a temp dir, fsync and synchronous_commit on) and runs the daemon on a fresh database there.
 
 Prints tasks/s (first grant to last commit), lease round-trip p50/p99 as the agents measured it,
 the daemon's peak RSS and CPU, and each agent's peak RSS.
@@ -17,6 +21,8 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
+from contextlib import ExitStack
 from pathlib import Path
 
 from _common import ROOT, DaemonProcess, bundle, cpu_seconds, peak_rss_mb, percentile
@@ -41,9 +47,38 @@ async def main() -> None:
     ap.add_argument("--slots", type=int, default=64)
     ap.add_argument("--prefetch", type=int, default=512)
     ap.add_argument("--mode", choices=sorted(WORKERS), default="python")
+    ap.add_argument("--database", default="sqlite",
+                    help="sqlite (default), pg (a PostgreSQL started here) or a postgresql:// URL")
     args = ap.parse_args()
 
-    daemon = DaemonProcess({"providers": {"local": {"max_instances": 0}}, "agents": {"lease_ttl_s": 120}})
+    with ExitStack() as stack:
+        database = "sqlite" if args.database == "sqlite" else (
+            own_postgres(stack) if args.database == "pg" else args.database)
+        await run(args, database)
+
+
+def own_postgres(stack: ExitStack) -> str:
+    """A PostgreSQL server for this run only, stopped at the end: a fresh database's URL."""
+    sys.path.insert(0, str(ROOT))
+    import psycopg
+
+    from tests.fakes.postgres import PostgresServer, unavailable
+
+    reason = unavailable()
+    if reason is not None:
+        sys.exit(f"--database pg: {reason}")
+    server = PostgresServer(fsync=True)  # durable commits, as SQLite's synchronous=FULL
+    stack.callback(server.cleanup)
+    server.start()
+    name = f"bench{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(server.dsn(), autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    return server.dsn(name)
+
+
+async def run(args: argparse.Namespace, database: str) -> None:
+    daemon = DaemonProcess({"providers": {"local": {"max_instances": 0}}, "agents": {"lease_ttl_s": 120},
+                            "database": database})
     await daemon.start()
     assert daemon.proc is not None
     agents: list[tuple[subprocess.Popen[bytes], Path]] = []
@@ -90,7 +125,8 @@ async def main() -> None:
             rtts += json.loads(stats.read_text())["lease_rtts_s"]
         succeeded = j["counts"]["succeeded"]
         dispatch_s = t_end - t_queued
-        print(f"mode={args.mode} tasks={args.tasks} agents={args.agents} slots={args.slots} prefetch={args.prefetch}")
+        print(f"mode={args.mode} tasks={args.tasks} agents={args.agents} slots={args.slots} prefetch={args.prefetch}"
+              f" database={'sqlite' if database == 'sqlite' else 'postgresql'}")
         print(f"upload+queue: {t_queued - t0:.2f} s ({args.tasks / (t_queued - t0):,.0f} tasks/s)")
         print(f"dispatched end to end: {succeeded} in {dispatch_s:.2f} s = {succeeded / dispatch_s:,.0f} tasks/s"
               f" (upload start to last result: {succeeded / (t_end - t0):,.0f} tasks/s)")
