@@ -2,6 +2,7 @@
 processes over the websocket, with durable state (WAL, synchronous=FULL).
 
     python benchmarks/dispatch.py [--tasks 200000] [--agents 2] [--slots 64] [--mode python|stream]
+                                  [--database sqlite|pg|postgresql://...]
 
 Prints tasks/s (first grant to last commit), lease round-trip p50/p99 as the agents measured it,
 the daemon's peak RSS and CPU, and each agent's peak RSS.
@@ -17,6 +18,8 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,9 +58,11 @@ class DispatchRun:
 
 
 async def run_dispatch(*, tasks: int, agents: int, slots: int, prefetch: int = 512,
-                       mode: str = "python") -> DispatchRun:
-    """Run `tasks` no-op tasks through a fresh daemon (its own temp state dir) and `agents` agent processes."""
-    daemon = DaemonProcess({"providers": {"local": {"max_instances": 0}}, "agents": {"lease_ttl_s": 120}})
+                       mode: str = "python", database: str = "sqlite") -> DispatchRun:
+    """Run `tasks` no-op tasks through a fresh daemon (its own temp state dir) and `agents` agent
+    processes; `database`: sqlite (in the state dir) or a postgresql:// URL."""
+    daemon = DaemonProcess({"providers": {"local": {"max_instances": 0}}, "agents": {"lease_ttl_s": 120},
+                            "database": database})
     await daemon.start()
     assert daemon.proc is not None
     procs: list[tuple[subprocess.Popen[bytes], Path]] = []
@@ -120,11 +125,17 @@ async def main() -> None:
     ap.add_argument("--slots", type=int, default=64)
     ap.add_argument("--prefetch", type=int, default=512)
     ap.add_argument("--mode", choices=sorted(WORKERS), default="python")
+    ap.add_argument("--database", default="sqlite",
+                    help="sqlite (default), pg (a PostgreSQL started here) or a postgresql:// URL")
     args = ap.parse_args()
 
-    r = await run_dispatch(tasks=args.tasks, agents=args.agents, slots=args.slots, prefetch=args.prefetch,
-                           mode=args.mode)
-    print(f"mode={args.mode} tasks={args.tasks} agents={args.agents} slots={args.slots} prefetch={args.prefetch}")
+    with ExitStack() as stack:
+        database = "sqlite" if args.database == "sqlite" else (
+            own_postgres(stack) if args.database == "pg" else args.database)
+        r = await run_dispatch(tasks=args.tasks, agents=args.agents, slots=args.slots, prefetch=args.prefetch,
+                               mode=args.mode, database=database)
+    print(f"mode={args.mode} tasks={args.tasks} agents={args.agents} slots={args.slots} prefetch={args.prefetch}"
+          f" database={'sqlite' if database == 'sqlite' else 'postgresql'}")
     print(f"upload+queue: {r.queue_s:.2f} s ({args.tasks / r.queue_s:,.0f} tasks/s)")
     print(f"dispatched end to end: {r.succeeded} in {r.dispatch_s:.2f} s = {r.tasks_per_s:,.0f} tasks/s"
           f" (upload start to last result: {r.succeeded / r.total_s:,.0f} tasks/s)")
@@ -136,6 +147,31 @@ async def main() -> None:
     if r.succeeded != args.tasks:
         print(f"ERROR: {args.tasks - r.succeeded} tasks did not succeed", file=sys.stderr)
         sys.exit(1)
+
+
+
+
+
+
+
+
+def own_postgres(stack: ExitStack) -> str:
+    """A PostgreSQL server for this run only, stopped at the end: a fresh database's URL."""
+    sys.path.insert(0, str(ROOT))
+    import psycopg
+
+    from tests.fakes.postgres import PostgresServer, unavailable
+
+    reason = unavailable()
+    if reason is not None:
+        sys.exit(f"--database pg: {reason}")
+    server = PostgresServer(fsync=True)  # durable commits, as SQLite's synchronous=FULL
+    stack.callback(server.cleanup)
+    server.start()
+    name = f"bench{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(server.dsn(), autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    return server.dsn(name)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union, get_args, get_origin, get_type_hints
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import yaml
 
@@ -210,6 +210,9 @@ def __getattr__(name: str) -> Any:
 class Config:
     # Where the database, sockets, worker bundles and logs live; empty = per-user default
     state_dir: str = ""
+    # The database: empty or "sqlite" = the embedded SQLite file in state_dir; or a PostgreSQL URL,
+    # postgresql://USER:${PGPASSWORD}@HOST:PORT/DBNAME (docs/replicas.md). A Secret: it holds the password.
+    database: Secret = field(default=NO_SECRET, metadata={"dsn": True})
     log_level: str = field(default="info", metadata={"choices": ("debug", "info", "warning", "error")})
     api: ApiConfig = field(default_factory=ApiConfig)
     agents: AgentsConfig = field(default_factory=AgentsConfig)
@@ -241,6 +244,11 @@ class Config:
     def socket_path(self) -> Path:
         return Path(self.api.socket) if self.api.socket else self.state_path / "cloudtaskd.sock"
 
+    @property
+    def postgres(self) -> bool:
+        """Does the daemon keep its state in PostgreSQL (`database`) rather than SQLite in state_dir?"""
+        return self.database.reveal() not in SQLITE_VALUES
+
     def with_state_dir(self, path: str | Path) -> Config:
         return replace(self, state_dir=str(path))
 
@@ -259,6 +267,7 @@ def default_state_dir() -> Path:
     return Path(base) / "cloudtask"
 
 
+SQLITE_VALUES = ("", "sqlite")  # `database` values meaning the embedded SQLite file
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # A `<<` key merges another mapping in (YAML anchors): its keys are not duplicates of the others.
 _MERGE_TAG = "tag:yaml.org,2002:merge"
@@ -408,7 +417,8 @@ def _coerce(hint: Any, value: Any, meta: Any, ctx: _Load, where: str) -> Any:
         if not isinstance(value, str):
             quote = " (quote it to make it a string)" if isinstance(value, int | float) else ""
             raise ConfigError(source, where, f"expected a string, got {_got(value, secret)}{quote}")
-        if secret and _VAR.sub("", value).strip():
+        written = _dsn_password(value) if meta.get("dsn") else value  # a URL's secret is its password
+        if secret and _VAR.sub("", written).strip():
             ctx.literal_secrets.append(where)
         value = _interpolate(value, ctx, where)
         choices = meta.get("choices")
@@ -430,6 +440,43 @@ def secrets_of(obj: Any, path: str = "") -> Iterator[tuple[str, Secret]]:
         for f in fields(obj):
             if not f.metadata.get("internal"):
                 yield from secrets_of(getattr(obj, f.name), f"{path}.{f.name}" if path else f.name)
+
+
+def _dsn_password(value: str) -> str:
+    """The password part of a database URL as written (`${PGPASSWORD}`, a literal, or nothing)."""
+    try:
+        return urlsplit(value).password or ""
+    except ValueError:
+        return value  # malformed: _database refuses it; counted as a literal secret meanwhile
+
+
+def _database(source: str, value: str) -> None:
+    """`database`: "sqlite" or a PostgreSQL URL with a host and a database name. Errors show the URL
+    with its password as <SECRET>."""
+    if value in SQLITE_VALUES:
+        return
+    form = "postgresql://USER:${PGPASSWORD}@HOST:PORT/DBNAME, or sqlite"
+    try:
+        url = urlsplit(value)
+        url.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        raise ConfigError(source, "database", f"expected {form}; the URL is malformed (a port that is no "
+                                              "number?)") from None  # the cause may quote the password
+    from cloudtaskd.core.pg.connect import SCHEMES, shown  # psycopg only when PostgreSQL is configured
+
+    if url.scheme not in SCHEMES:
+        raise ConfigError(source, "database", f"expected {form}, got a URL with scheme {url.scheme!r} "
+                                              f"({shown(value)})")
+    if not url.hostname:
+        raise ConfigError(source, "database", f"the URL names no host: write {form} (got {shown(value)})")
+    if not url.path.strip("/"):
+        raise ConfigError(source, "database", f"the URL names no database: write {form} (got {shown(value)}); "
+                                              "create it first (docs/replicas.md)")
+    if not url.username:
+        raise ConfigError(source, "database", f"the URL names no user: write {form} (got {shown(value)})")
+    if url.password:
+        redact.register(unquote(url.password))  # from now on kept out of every log line and error
+        redact.register(url.password)
 
 
 def _listen_address(source: str, value: str) -> None:
@@ -477,6 +524,7 @@ def _check(config: Config) -> list[ConfigWarning]:
     src = config.source
     warnings: list[ConfigWarning] = []
     api, agents, queue = config.api, config.agents, config.queue
+    _database(src, config.database.reveal())
     sections = [(d, d.section(config.providers)) for d in registry.PROVIDERS]
 
     if bool(api.tls_cert) != bool(api.tls_key):
@@ -596,7 +644,9 @@ def load_config(path: str | Path | None) -> Config:
         raise ConfigError(source, where, f"not valid YAML: {getattr(exc, 'problem', exc)}{column}") from exc
     ctx = _Load(source)
     config = replace(_build_config(raw, ctx), source=source)
-    for _, value in secrets_of(config):
+    for key, value in secrets_of(config):
+        if key == "database":
+            continue  # its password is registered by _check (the rest of the URL is no secret)
         redact.register(value.reveal())
     warnings = _check(config)
     readable = _secrets_readable(source, st, ctx.literal_secrets)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from functools import partial
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import structlog
 from aiohttp import web
@@ -26,6 +26,7 @@ from cloudtaskd.config import Config, load_config
 from cloudtaskd.core.dispatch import Dispatcher
 from cloudtaskd.core.housekeeping import Housekeeper
 from cloudtaskd.core.hub import AgentHub
+from cloudtaskd.core.pg.store import PgStore
 from cloudtaskd.core.store import Store, Tx
 from cloudtaskd.core.tables import instances, meta
 from cloudtaskd.core.tables import tasks as queue
@@ -57,6 +58,15 @@ SHUTDOWN_GRACE_S = 30.0
 PRUNE_INTERVAL_S = 600.0  # how often unused worker bundles are looked for
 
 
+def make_store(config: Config) -> Store:
+    """The store the `database` key names: the embedded SQLite file in state_dir, or PostgreSQL."""
+    if config.postgres:
+        # PgStore has every door of Store and runs the same table functions (the store, table and API
+        # tests run on both); typed as Store so that every part takes either.
+        return cast(Store, PgStore(config.database.reveal()))
+    return Store(config.state_path / "cloudtask.db")
+
+
 class Daemon:
     def __init__(self, config: Config, *, shutdown_grace_s: float = SHUTDOWN_GRACE_S, embedded: bool = False,
                  series_interval_s: float = SERIES_INTERVAL_S, series_window_s: float = SERIES_WINDOW_S) -> None:
@@ -69,7 +79,7 @@ class Daemon:
         self.embedded = embedded
         self.shutdown_grace_s = shutdown_grace_s
         self.state_dir = config.state_path
-        self.store = Store(self.state_dir / "cloudtask.db")
+        self.store = make_store(config)
         # The daemon's one Metrics, passed to each part that records into it.
         self.metrics = Metrics()
         self.dispatcher = Dispatcher(self.store, config, metrics=self.metrics)
@@ -134,7 +144,7 @@ class Daemon:
         renewed = await self.store.write(queue.extend_all_leases, self.config.agents.lease_ttl_s)
         capped = await self.store.write(queue.cap_retry_due, self.config.queue.retry_backoff_max_s)
         await resume_uploads(self.store)
-        log.info("store_opened", path=str(self.store.path), leases_renewed=renewed, retries_brought_forward=capped,
+        log.info("store_opened", database=self.store.describe(), leases_renewed=renewed, retries_brought_forward=capped,
                  daemon_id=self.daemon_id)
 
         self.tls = tls_files(self.config, self.daemon_id)

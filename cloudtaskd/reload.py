@@ -97,6 +97,9 @@ def plan(old: Config, new: Config, providers: dict[str, int]) -> ReloadPlan:
             if not live:
                 reasons[key] = (f"agents read frames of at most {config.agents.max_message_bytes} bytes until a "
                                 "restart, too small for tasks of this size")
+        elif key == "database":
+            reasons[key] = ("the daemon's state lives in that database: restart needed (the new database does not "
+                            "hold this one's jobs; nothing is copied over)")
         if live:
             config = _with(config, key, _get(new, key))
             applied.append(key)

@@ -430,6 +430,10 @@ class Store(EventWaits):
         except sqlite3.Error as exc:
             raise self._failed(exc, "checkpointing the state database") from exc
 
+    def describe(self) -> str:
+        """Which database, as the status page and logs show it."""
+        return f"sqlite {self.path}"
+
     def file_bytes(self) -> tuple[int, int]:
         """(main file, WAL) sizes in bytes."""
         wal = self.path.with_name(self.path.name + "-wal")

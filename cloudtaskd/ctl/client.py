@@ -282,6 +282,11 @@ class ApiClient:
         result: dict[str, Any] = await self._call("POST", f"/v1/jobs/{job_id}/close")
         return result
 
+    async def status(self) -> dict[str, Any]:
+        """The status page's data: recent jobs, live instances, cost, errors, the daemon and its database."""
+        result: dict[str, Any] = await self._call("GET", "/v1/status")
+        return result
+
     async def list_jobs(self, *, submission: str | None = None) -> list[dict[str, Any]]:
         """The newest jobs; with `submission`, only those `cloudtaskctl run` submitted with that hash."""
         result = await self._call("GET", "/v1/jobs", params={"submission": submission} if submission else None)

@@ -161,12 +161,12 @@ JOB_HEADERS = ("ID", "NAME", "STATE", "FINISHED", "OK", "DEAD", "CANCELLED", "LE
 async def cmd_status(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
     if args.job is None:
         jobs = await api.list_jobs()
+        database = (await api.status()).get("database", "")  # which one: host and name, never a password
         if ctx.json:
-            ctx.emit_json({"jobs": jobs})
-        elif not jobs:
-            ctx.say("no jobs")
+            ctx.emit_json({"jobs": jobs, "database": database})
         else:
-            ctx.say(table(JOB_HEADERS, [_job_row(j) for j in jobs]))
+            ctx.say(table(JOB_HEADERS, [_job_row(j) for j in jobs]) if jobs else "no jobs")
+            ctx.note(f"database: {database}")  # stderr: the table stays what scripts parse
         return EXIT_OK
     job = await api.get_job(args.job)
     if ctx.json:

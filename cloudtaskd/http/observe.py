@@ -155,7 +155,7 @@ class ObserveApi:
             return {"jobs": recent, "instances": live, "cost": costs.fleet(db, now), "errors": errors}
 
         body = await self.reads.read(read)
-        body.update(version=__version__, daemon_id=self.daemon_id, now=now,
+        body.update(version=__version__, daemon_id=self.daemon_id, database=self.store.describe(), now=now,
                     agents_connected=len(self.sessions))
         return web.json_response(body, headers={"Cache-Control": "no-store"})
 

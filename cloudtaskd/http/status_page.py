@@ -283,7 +283,7 @@ _SCRIPT = """
 
   function render(s) {
     document.getElementById("daemon").textContent = visible(
-      "daemon " + s.daemon_id + " · v" + s.version + " · " + s.agents_connected
+      "daemon " + s.daemon_id + " · v" + s.version + " · " + s.database + " · " + s.agents_connected
       + (s.agents_connected === 1 ? " agent connected" : " agents connected"));
     document.getElementById("updated").textContent = "updated " + new Date(s.now * 1000).toLocaleTimeString();
     document.getElementById("jobs").replaceChildren(table(

@@ -70,7 +70,8 @@ def check_dsn(dsn: str) -> None:
         redact.register(password)
 
 
-def _where(dsn: str) -> str:
+def where(dsn: str) -> str:
+    """host:port/dbname of a URL: where it leads, with no user or password."""
     parts = urlsplit(dsn)
     hosts = parts.netloc.rpartition("@")[2] or "the local socket"
     return f"{hosts}{parts.path or ''}"
@@ -92,46 +93,46 @@ _TLS = re.compile(r"SSL|certificate")
 
 def translate(exc: BaseException, dsn: str, *, timeout_s: float = CONNECT_TIMEOUT_S) -> DatabaseUnavailable:
     """A connection failure as an error a person can act on (raise it `from exc`)."""
-    where, user = _where(dsn), urlsplit(dsn).username or "(default user)"
+    at, user = where(dsn), urlsplit(dsn).username or "(default user)"
     show = shown(dsn)
     text = str(exc)
     if isinstance(exc, pgerrors.InvalidPassword | pgerrors.InvalidAuthorizationSpecification) or (
             isinstance(exc, psycopg.OperationalError) and _REFUSED_USER.search(text)):
-        return DatabaseUnavailable(show, f"PostgreSQL at {where} refused user {user!r}: wrong password, or no "
+        return DatabaseUnavailable(show, f"PostgreSQL at {at} refused user {user!r}: wrong password, or no "
                                    "pg_hba.conf line lets it in; fix the user or password in `database`",
                                    retryable=False)
     if isinstance(exc, pgerrors.InvalidCatalogName) or (
             isinstance(exc, psycopg.OperationalError) and _NO_DATABASE.search(text)):
-        return DatabaseUnavailable(show, f"no such database at {where}: create it (CREATE DATABASE) or fix the "
+        return DatabaseUnavailable(show, f"no such database at {at}: create it (CREATE DATABASE) or fix the "
                                    "name in `database`", retryable=False)
     if isinstance(exc, pgerrors.InsufficientPrivilege):
-        return DatabaseUnavailable(show, f"user {user!r} may not do this at {where}: {exc}; grant it the "
+        return DatabaseUnavailable(show, f"user {user!r} may not do this at {at}: {exc}; grant it the "
                                    "rights on that database (CONNECT, CREATE)", retryable=False)
     if isinstance(exc, pgerrors.TooManyConnections) or (
             isinstance(exc, psycopg.OperationalError) and _NO_SLOT.search(text)):
-        return DatabaseUnavailable(show, f"PostgreSQL at {where} has no connection slot left: raise its "
+        return DatabaseUnavailable(show, f"PostgreSQL at {at} has no connection slot left: raise its "
                                    "max_connections or run fewer replicas; retrying", retryable=True)
     if isinstance(exc, pgerrors.CannotConnectNow | pgerrors.AdminShutdown | pgerrors.CrashShutdown) or (
             isinstance(exc, psycopg.OperationalError) and _STARTING.search(text)):
-        return DatabaseUnavailable(show, f"PostgreSQL at {where} is starting up or shutting down; retrying",
+        return DatabaseUnavailable(show, f"PostgreSQL at {at} is starting up or shutting down; retrying",
                                    retryable=True)
     if isinstance(exc, socket.gaierror) or (isinstance(exc, psycopg.OperationalError) and _NO_HOST.search(text)):
-        return DatabaseUnavailable(show, f"cannot resolve the host in {where}: {exc}; check `database`",
+        return DatabaseUnavailable(show, f"cannot resolve the host in {at}: {exc}; check `database`",
                                    retryable=True)
     if isinstance(exc, TimeoutError) or (isinstance(exc, psycopg.OperationalError) and _TIMEOUT.search(text)):
-        return DatabaseUnavailable(show, f"no answer from PostgreSQL at {where} within {timeout_s:g} s: is the "
+        return DatabaseUnavailable(show, f"no answer from PostgreSQL at {at} within {timeout_s:g} s: is the "
                                    "host up and its port open to this one?", retryable=True)
     if isinstance(exc, ConnectionRefusedError) or (
             isinstance(exc, psycopg.OperationalError) and _REFUSED.search(text)):
-        return DatabaseUnavailable(show, f"connection refused by {where}: is PostgreSQL running and listening "
+        return DatabaseUnavailable(show, f"connection refused by {at}: is PostgreSQL running and listening "
                                    "on that address (listen_addresses, port)?", retryable=True)
     if isinstance(exc, ssl.SSLError) or (isinstance(exc, psycopg.OperationalError) and _TLS.search(text)):
-        return DatabaseUnavailable(show, f"TLS to PostgreSQL at {where} failed: {exc}; check sslmode and the "
+        return DatabaseUnavailable(show, f"TLS to PostgreSQL at {at} failed: {exc}; check sslmode and the "
                                    "server's certificate", retryable=False)
     if isinstance(exc, OSError | psycopg.OperationalError | psycopg.InterfaceError):
-        return DatabaseUnavailable(show, f"lost or could not open the connection to PostgreSQL at {where}: "
+        return DatabaseUnavailable(show, f"lost or could not open the connection to PostgreSQL at {at}: "
                                    f"{exc}", retryable=True)
-    return DatabaseUnavailable(show, f"PostgreSQL at {where} failed: {type(exc).__name__}: {exc}",
+    return DatabaseUnavailable(show, f"PostgreSQL at {at} failed: {type(exc).__name__}: {exc}",
                                retryable=False)
 
 

@@ -23,10 +23,19 @@ from typing import Any, TypeVar, cast
 
 import psycopg
 import structlog
+from psycopg.types.string import TextLoader
 
 from cloudtaskd.core.clock import DaemonClock
 from cloudtaskd.core.pg import migrate
-from cloudtaskd.core.pg.connect import APPLICATION_NAME, CONNECT_TIMEOUT_S, check_dsn, connect, shown, translate
+from cloudtaskd.core.pg.connect import (
+    APPLICATION_NAME,
+    CONNECT_TIMEOUT_S,
+    check_dsn,
+    connect,
+    shown,
+    translate,
+    where,
+)
 from cloudtaskd.core.pg.dbapi import PgDb, row_factory
 from cloudtaskd.core.store import EventWaits, run_tx
 from cloudtaskd.core.writelock import WriteLock
@@ -35,6 +44,8 @@ from cloudtaskd.errors import StoreError
 log = structlog.get_logger("cloudtaskd.core.pg")
 
 T = TypeVar("T")
+
+PAGE_BYTES = 8192  # PostgreSQL's block size, for free_pages' answer
 
 
 class _Session:
@@ -53,6 +64,9 @@ class _Session:
             self.dsn, autocommit=False, connect_timeout=max(2, round(CONNECT_TIMEOUT_S)),
             application_name=f"{APPLICATION_NAME} {self.name}", row_factory=row_factory)
         conn.isolation_level = self.isolation
+        # JSONB (instances.offer) read back as its text, as SQLite gives its JSON column: one type for
+        # the readers of both databases (the API's instance object, Tx's state_and_offer).
+        conn.adapters.register_loader("jsonb", TextLoader)
         return PgDb(conn)
 
     def db_now(self) -> PgDb:
@@ -114,6 +128,30 @@ class PgStore(EventWaits):
                 await asyncio.get_running_loop().run_in_executor(session.thread, session.close)
                 session.thread.shutdown(wait=True)
         self._reader = self._writer = None
+
+    def describe(self) -> str:
+        """Which database, as the status page and logs show it: host, port and name, no user or password."""
+        return f"postgresql {where(self.dsn)}"
+
+    # The SQLite store's file housekeeping (cloudtaskd.core.housekeeping), on a server that does that
+    # job itself: autovacuum reclaims dead rows and keeps freed space for reuse, the server's
+    # checkpointer empties its WAL. The housekeeper calls them on both stores; here they find
+    # nothing to do.
+
+    async def checkpoint(self) -> tuple[int, int]:
+        return 0, 0
+
+    async def free_pages(self) -> tuple[int, int]:
+        return 0, PAGE_BYTES
+
+    async def vacuum_step(self, pages: int) -> int:
+        return 0
+
+    async def truncate_wal(self) -> bool:
+        return True
+
+    def file_bytes(self) -> tuple[int, int]:
+        return 0, 0  # no file of ours: the database's size is the server's (pg_database_size)
 
     async def write(self, fn: Callable[..., T], *args: Any, now: float | None = None, urgent: bool = False) -> T:
         """Run fn(tx, *args) in one transaction on the writer thread; commit or roll back (Store.write)."""

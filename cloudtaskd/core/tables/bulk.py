@@ -22,6 +22,12 @@ def bulk(db: sqlite3.Connection, sql: str, rows: Sequence[Sequence[Any]]) -> Non
         db.execute(sql, (jsonx.dumps(rows[i:i + BULK_CHUNK]),))
 
 
+def sqlite_hint(db: sqlite3.Connection, hint: str) -> str:
+    """An SQLite planner hint (` INDEXED BY x`, ` NOT INDEXED`) in this statement on SQLite; nothing on
+    PostgreSQL, which has no such hints and plans these statements well by itself."""
+    return "" if postgres(db) else hint
+
+
 def postgres(db: sqlite3.Connection) -> bool:
     """Does this connection lead to PostgreSQL (cloudtaskd.core.pg.dbapi.PgDb) rather than SQLite? Where a
     statement cannot be written once for both, the table module keeps the two forms side by side

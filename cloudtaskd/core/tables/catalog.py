@@ -17,8 +17,12 @@ def replace(tx: Tx, provider: str, offers: Sequence[Offer]) -> None:
     so the previous catalog stays whole)."""
     tx.db.execute("DELETE FROM catalog WHERE provider = ?", (provider,))
     tx.db.executemany(
-        "INSERT OR REPLACE INTO catalog (provider, zone, machine_type, spot, region, cpus, memory_gb, gpus,"
-        " price_per_hour, arch, fetched_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        # An offer listed twice in one fetch: the last one stands (both databases' upsert).
+        "INSERT INTO catalog (provider, zone, machine_type, spot, region, cpus, memory_gb, gpus,"
+        " price_per_hour, arch, fetched_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (provider, zone, machine_type, spot) DO UPDATE SET region = excluded.region,"
+        " cpus = excluded.cpus, memory_gb = excluded.memory_gb, gpus = excluded.gpus,"
+        " price_per_hour = excluded.price_per_hour, arch = excluded.arch, fetched_at = excluded.fetched_at",
         [(o.provider, o.zone, o.machine_type, int(o.spot), o.region, o.cpus, o.memory_gb, o.gpus, o.price_per_hour,
           o.arch, tx.now) for o in offers])
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cloudtaskd.core.states import OPEN_TASK_STATES, TaskEvent, sql_in
-from cloudtaskd.core.tables.bulk import bulk, postgres
+from cloudtaskd.core.tables.bulk import bulk, postgres, sqlite_hint
 
 if TYPE_CHECKING:
     from cloudtaskd.core.store import Tx
@@ -88,14 +88,15 @@ def page(db: sqlite3.Connection, after: int, where: Filter, limit: int) -> list[
 def tail(db: sqlite3.Connection, where: Filter, n: int) -> list[sqlite3.Row]:
     """The newest `n` matching events, oldest first."""
     terms, params = where.sql()
-    rows: list[sqlite3.Row] = db.execute(f"SELECT * FROM (SELECT * FROM events WHERE 1{terms} ORDER BY id DESC"
-                                         " LIMIT ?) ORDER BY id", (*params, n)).fetchall()
+    rows: list[sqlite3.Row] = db.execute(f"SELECT * FROM (SELECT * FROM events WHERE true{terms} ORDER BY id DESC"
+                                         " LIMIT ?) AS newest ORDER BY id", (*params, n)).fetchall()
     return rows
 
 
 def latest_errors(db: sqlite3.Connection, limit: int) -> list[sqlite3.Row]:
     """The newest error events (ERROR_KINDS), newest first, through their partial index."""
-    rows: list[sqlite3.Row] = db.execute(f"SELECT * FROM events INDEXED BY events_errors WHERE {ERROR_KINDS_SQL}"
+    hint = sqlite_hint(db, " INDEXED BY events_errors")  # PostgreSQL picks its partial index by itself
+    rows: list[sqlite3.Row] = db.execute(f"SELECT * FROM events{hint} WHERE {ERROR_KINDS_SQL}"
                                          " ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
     return rows
 
@@ -104,24 +105,26 @@ def latest_errors(db: sqlite3.Connection, limit: int) -> list[sqlite3.Row]:
 
 
 @functools.cache
-def _finished_sql() -> str:
+def _finished_sql(hint: str) -> str:
     # Built on first use: tables/tasks.py (the result columns) imports the store, which imports this.
     from cloudtaskd.core.tables.tasks import RESULT_COLUMNS
     return (f"SELECT e.id AS seq, e.kind AS kind, {', '.join('t.' + c for c in RESULT_COLUMNS.split(', '))}"
-            f" FROM (SELECT id, kind, task_id FROM events INDEXED BY events_finished WHERE job_id = ? AND id > ?"
+            f" FROM (SELECT id, kind, task_id FROM events{hint} WHERE job_id = ? AND id > ?"
             f" AND ({FINISHED_KINDS_SQL}) ORDER BY id LIMIT ?) AS e JOIN tasks t ON t.id = e.task_id ORDER BY e.id")
 
 
 def finished(db: sqlite3.Connection, job_id: int, after: int, limit: int) -> list[sqlite3.Row]:
     """Up to `limit` task-finishing events of a job after id `after`, in order, each with its task's
     result columns now (tables.tasks.RESULT_COLUMNS) and `seq` (the event's id) and `kind`."""
-    rows: list[sqlite3.Row] = db.execute(_finished_sql(), (job_id, after, limit)).fetchall()
+    rows: list[sqlite3.Row] = db.execute(_finished_sql(sqlite_hint(db, " INDEXED BY events_finished")),
+                                         (job_id, after, limit)).fetchall()
     return rows
 
 
 def newest_finished(db: sqlite3.Connection, job_id: int) -> int:
     """The id of the job's latest task-finishing event (0: none)."""
-    return int(db.execute(f"SELECT coalesce(max(id), 0) FROM events INDEXED BY events_finished WHERE job_id = ?"
+    hint = sqlite_hint(db, " INDEXED BY events_finished")
+    return int(db.execute(f"SELECT coalesce(max(id), 0) FROM events{hint} WHERE job_id = ?"
                           f" AND ({FINISHED_KINDS_SQL})", (job_id,)).fetchone()[0])
 
 
@@ -132,7 +135,7 @@ def add_cancelled(tx: Tx, job_id: int, after: int, end: int) -> None:
     """A task_cancelled event for each open task of the job with an id in (after, end]: by SQL, one
     statement per chunk (a 1M-task cancel writes no event row from Python). NOT INDEXED: a rowid
     range (tables/tasks.py's cancel_chunk says why)."""
-    walk = "" if postgres(tx.db) else " NOT INDEXED"
+    walk = sqlite_hint(tx.db, " NOT INDEXED")
     tx.db.execute("INSERT INTO events (ts, kind, job_id, task_id, instance_id) SELECT ?,"
                   f" '{TaskEvent.CANCELLED.value}', job_id, id, instance_id FROM tasks{walk}"
                   f" WHERE id > ? AND id <= ? AND job_id = ? AND state IN {_OPEN_SQL}", (tx.now, after, end, job_id))
@@ -154,14 +157,15 @@ def cursor_before_first(db: sqlite3.Connection) -> int:
 
 def delete_job_span(tx: Tx, job_id: int, after: int, end: int) -> None:
     """A deleted job's events with an id in (after, end] (a rowid walk, NOT INDEXED)."""
-    walk = "" if postgres(tx.db) else " NOT INDEXED"
+    walk = sqlite_hint(tx.db, " NOT INDEXED")
     tx.db.execute(f"DELETE FROM events{walk} WHERE id > ? AND id <= ? AND job_id = ?", (after, end, job_id))
 
 
 def first_young(tx: Tx, after: int, end: int, older_than: float, count_bound: int) -> int | None:
     """The first id in (after, end] of an event neither older than `older_than` nor at or below
     `count_bound`: a pruning walk stops before it. None: every event there may go."""
-    row = tx.db.execute("SELECT min(id) FROM events NOT INDEXED WHERE id > ? AND id <= ? AND ts >= ? AND id > ?",
+    walk = sqlite_hint(tx.db, " NOT INDEXED")  # a rowid range; PostgreSQL walks its primary key
+    row = tx.db.execute(f"SELECT min(id) FROM events{walk} WHERE id > ? AND id <= ? AND ts >= ? AND id > ?",
                         (after, end, older_than, count_bound)).fetchone()
     return None if row[0] is None else int(row[0])
 
@@ -169,6 +173,7 @@ def first_young(tx: Tx, after: int, end: int, older_than: float, count_bound: in
 def prune_span(tx: Tx, after: int, stop: int) -> int:
     """Delete the events with an id in (after, stop] but those that finished a task of a job still
     held (its results stream reads them); returns how many went."""
+    walk = sqlite_hint(tx.db, " NOT INDEXED")
     return int(tx.db.execute(
-        f"DELETE FROM events NOT INDEXED WHERE id > ? AND id <= ? AND NOT (kind IN ({_FINISHED_IN})"
+        f"DELETE FROM events{walk} WHERE id > ? AND id <= ? AND NOT (kind IN ({_FINISHED_IN})"
         " AND job_id IN (SELECT id FROM jobs))", (after, stop)).rowcount)

@@ -17,5 +17,5 @@ def get(db: sqlite3.Connection, address: str, port: int) -> str | None:
 
 def pin(tx: Tx, address: str, port: int, key: str) -> None:
     """Pin a key unless one is pinned for this address: the first pin stays."""
-    tx.db.execute("INSERT OR IGNORE INTO host_keys (address, port, key, pinned_at) VALUES (?, ?, ?, ?)",
-                  (address, port, key, tx.now))
+    tx.db.execute("INSERT INTO host_keys (address, port, key, pinned_at) VALUES (?, ?, ?, ?)"
+                  " ON CONFLICT (address, port) DO NOTHING", (address, port, key, tx.now))

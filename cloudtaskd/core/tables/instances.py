@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cloudtaskd.core.states import ACTIVE_INSTANCE_STATES, AGENT_INSTANCE_STATES, TaskState, sql_in, sql_lit
 from cloudtaskd.core.states import InstanceState as IS
+from cloudtaskd.core.tables.bulk import postgres
 
 if TYPE_CHECKING:  # store.py imports this module for Tx.transition_instance
     from cloudtaskd.core.store import Tx
@@ -25,6 +26,20 @@ _PENDING = sql_lit(IS.PENDING)
 _EXTERNAL = f"'{EXTERNAL}'"
 _ACTIVE = sql_in(ACTIVE_INSTANCE_STATES)
 _AGENTS = sql_in(AGENT_INSTANCE_STATES)
+
+
+def _offer(db: sqlite3.Connection, key: str) -> str:
+    """A field of the offer an instance was launched on, as SQL: SQLite's JSON text through json_extract
+    (true is 1 there), PostgreSQL's JSONB column through ->> (text), spot cast to 0/1 as SQLite gives it."""
+    if not postgres(db):
+        return f"json_extract(offer, '$.{key}')"
+    if key == "spot":
+        return "CAST(CAST(offer->>'spot' AS BOOLEAN) AS INTEGER)"
+    return f"(offer->>'{key}')"
+
+
+def _larger(db: sqlite3.Connection) -> str:
+    return "greatest" if postgres(db) else "max"  # SQLite's two-argument max() is PostgreSQL's greatest()
 
 
 # ---- one machine ------------------------------------------------------------------------------
@@ -163,7 +178,7 @@ def live_of_provider(db: sqlite3.Connection, provider: str) -> list[sqlite3.Row]
     state_changed_at, interrupted_at, and from the offer `spot` and `offer_key`."""
     rows: list[sqlite3.Row] = db.execute(
         "SELECT id, pool_id, state, created_at, state_changed_at, interrupted_at,"
-        " json_extract(offer, '$.spot') AS spot, json_extract(offer, '$.key') AS offer_key"
+        f" {_offer(db, 'spot')} AS spot, {_offer(db, 'key')} AS offer_key"
         f" FROM instances WHERE provider = ? AND state != {_STOPPED}",
         (provider,),
     ).fetchall()
@@ -181,7 +196,7 @@ def launched_live(db: sqlite3.Connection) -> list[sqlite3.Row]:
     pool_id, state, slots, price_per_hour, at_risk, offer_key."""
     rows: list[sqlite3.Row] = db.execute(
         "SELECT id, provider, pool_id, state, slots, price_per_hour, at_risk_since IS NOT NULL AS at_risk,"
-        " json_extract(offer, '$.key') AS offer_key FROM instances"
+        f" {_offer(db, 'key')} AS offer_key FROM instances"
         f" WHERE state NOT IN ({_STOPPED}) AND provider != {_EXTERNAL}"
     ).fetchall()
     return rows
@@ -225,7 +240,7 @@ def listing(db: sqlite3.Connection, *, stopped: bool, limit: int = 10_000) -> li
 def live_by_type(db: sqlite3.Connection) -> list[sqlite3.Row]:
     """Instances not stopped, grouped: provider, machine_type, state, n, slots, price_per_hour (summed)."""
     rows: list[sqlite3.Row] = db.execute(
-        "SELECT provider, json_extract(offer, '$.machine_type') AS machine_type, state, count(*) AS n,"
+        f"SELECT provider, {_offer(db, 'machine_type')} AS machine_type, state, count(*) AS n,"
         " sum(slots) AS slots, sum(price_per_hour) AS price_per_hour"
         f" FROM instances WHERE state != {_STOPPED} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3").fetchall()
     return rows
@@ -234,7 +249,7 @@ def live_by_type(db: sqlite3.Connection) -> list[sqlite3.Row]:
 def live_counts(db: sqlite3.Connection) -> list[sqlite3.Row]:
     """Instances not stopped, counted by provider, machine_type and state (n): the metrics' gauge."""
     rows: list[sqlite3.Row] = db.execute(
-        "SELECT provider, json_extract(offer, '$.machine_type') AS machine_type, state, count(*) AS n FROM instances"
+        f"SELECT provider, {_offer(db, 'machine_type')} AS machine_type, state, count(*) AS n FROM instances"
         f" WHERE state != {_STOPPED} GROUP BY 1, 2, 3").fetchall()
     return rows
 
@@ -242,7 +257,7 @@ def live_counts(db: sqlite3.Connection) -> list[sqlite3.Row]:
 def live_by_market(db: sqlite3.Connection) -> list[sqlite3.Row]:
     """Instances not stopped by provider and spot (0/1): n, price_per_hour (summed)."""
     rows: list[sqlite3.Row] = db.execute(
-        "SELECT provider, coalesce(json_extract(offer, '$.spot'), 0) AS spot, count(*) AS n,"
+        f"SELECT provider, coalesce({_offer(db, 'spot')}, 0) AS spot, count(*) AS n,"
         f" sum(price_per_hour) AS price_per_hour FROM instances WHERE state != {_STOPPED} GROUP BY 1, 2").fetchall()
     return rows
 
@@ -279,7 +294,7 @@ def pool_spend_since(db: sqlite3.Connection, pool_id: int, since: float, now: fl
     """What a pool's instances cost from `since` to now (the part of each life inside that span), and
     their rate now. Runs on the writer too (a budget check), whose rows are tuples."""
     row = db.execute(
-        "SELECT sum(price_per_hour * max(0, coalesce(ended_at, ?) - max(created_at, ?))) AS spent,"
+        f"SELECT sum(price_per_hour * {_larger(db)}(0, coalesce(ended_at, ?) - {_larger(db)}(created_at, ?))) AS spent,"
         f" sum(CASE WHEN state != {_STOPPED} THEN price_per_hour ELSE 0 END) AS rate"
         " FROM instances WHERE pool_id = ? AND (ended_at IS NULL OR ended_at > ?)",
         (now, since, pool_id, since)).fetchone()
@@ -291,10 +306,11 @@ def offer_history(db: sqlite3.Connection, now: float, since: float) -> list[sqli
     `hours` (launch to end or now), `interrupted` and `at_risk` (each instance counted once); the
     most interrupted first."""
     rows: list[sqlite3.Row] = db.execute(
-        "SELECT json_extract(offer, '$.key') AS offer, json_extract(offer, '$.spot') AS spot, count(*) AS n,"
-        " sum(max(0.0, coalesce(ended_at, ?) - created_at)) / 3600.0 AS hours,"
-        " sum(interrupted_at IS NOT NULL) AS interrupted, sum(at_risk_since IS NOT NULL) AS at_risk"
-        " FROM instances WHERE coalesce(ended_at, ?) >= ? AND json_extract(offer, '$.key') IS NOT NULL"
+        f"SELECT {_offer(db, 'key')} AS offer, {_offer(db, 'spot')} AS spot, count(*) AS n,"
+        f" sum({_larger(db)}(0.0, coalesce(ended_at, ?) - created_at)) / 3600.0 AS hours,"
+        # count(x) counts the rows where x is not null: sum(x IS NOT NULL) in both dialects.
+        " count(interrupted_at) AS interrupted, count(at_risk_since) AS at_risk"
+        f" FROM instances WHERE coalesce(ended_at, ?) >= ? AND {_offer(db, 'key')} IS NOT NULL"
         " GROUP BY 1, 2 ORDER BY 5 DESC, 1",
         (now, now, since),
     ).fetchall()

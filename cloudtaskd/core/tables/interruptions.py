@@ -6,6 +6,8 @@ from __future__ import annotations
 import sqlite3
 from typing import TYPE_CHECKING
 
+from cloudtaskd.core.tables.bulk import postgres
+
 if TYPE_CHECKING:
     from cloudtaskd.core.store import Tx
 
@@ -17,8 +19,9 @@ def add(tx: Tx, instance_id: str, offer_key: str, kind: str, source: str, deadli
     """Record a notice noticed now; False when this instance already has one of this kind (an agent
     resends it after a reconnect)."""
     cur = tx.db.execute(
-        "INSERT OR IGNORE INTO interruptions (instance_id, offer_key, kind, source, noticed_at, deadline, detail)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)", (instance_id, offer_key, kind, source, tx.now, deadline, detail))
+        "INSERT INTO interruptions (instance_id, offer_key, kind, source, noticed_at, deadline, detail)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (instance_id, kind) DO NOTHING",
+        (instance_id, offer_key, kind, source, tx.now, deadline, detail))
     return cur.rowcount != 0
 
 
@@ -32,6 +35,9 @@ def recent(db: sqlite3.Connection, limit: int) -> list[sqlite3.Row]:
 
 def interruptions_by_provider(db: sqlite3.Connection) -> dict[str, int]:
     """Interruptions (not rebalances) ever recorded, by provider (the offer key's first part)."""
+    # PostgreSQL has no instr(); split_part is its way to the text before the first '/'.
+    provider = ("split_part(offer_key, '/', 1)" if postgres(db) else
+                "substr(offer_key, 1, instr(offer_key, '/') - 1)")
     return {r["provider"]: r["n"] for r in db.execute(
-        "SELECT substr(offer_key, 1, instr(offer_key, '/') - 1) AS provider, count(*) AS n FROM interruptions"
+        f"SELECT {provider} AS provider, count(*) AS n FROM interruptions"
         f" WHERE kind = '{INTERRUPTION}' GROUP BY 1")}

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from cloudtaskd.core.states import COUNTER, TASK_STATES, TERMINAL_TASK_STATES, WAITING_TASK_STATES, counter_sum
 from cloudtaskd.core.tables import rows
+from cloudtaskd.core.tables.bulk import postgres
 
 if TYPE_CHECKING:  # store.py imports this module for Tx.flush
     from cloudtaskd.core.store import Tx
@@ -43,15 +44,17 @@ def create(tx: Tx, *, name: str, pool_id: int, max_attempts: int, timeout_s: flo
            run_owner: str | None, submission: str | None, is_open: bool = False) -> int:
     """A new active job; its id is above every id a deleted job had (meta.last_job_id), so an id
     names one job, ever. is_open: a standing queue, active until closed (migration 016)."""
+    larger = "greatest" if postgres(tx.db) else "max"  # SQLite's two-argument max() is PostgreSQL's greatest()
     cur = tx.db.execute(
         "INSERT INTO jobs (id, name, pool_id, state, created_at, max_attempts, timeout_s, max_instances, policy,"
-        " max_total_cost, run_id, run_owner, submission, is_open) VALUES (max(coalesce((SELECT max(id) FROM jobs), 0),"
-        " coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'last_job_id'), 0)) + 1, ?, ?, 'active', ?, ?,"
-        " ?, ?, ?, ?, ?, ?, ?, ?)",
+        " max_total_cost, run_id, run_owner, submission, is_open)"
+        f" VALUES ({larger}(coalesce((SELECT max(id) FROM jobs), 0),"
+        " coalesce((SELECT CAST(value AS BIGINT) FROM meta WHERE key = 'last_job_id'), 0)) + 1, ?, ?, 'active', ?, ?,"
+        " ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
         (name, pool_id, tx.now, max_attempts, timeout_s, max_instances, policy, max_total_cost,
          run_id, run_owner, submission, OPEN if is_open else None),
     )
-    return int(cur.lastrowid or 0)
+    return int(cur.fetchone()[0])
 
 
 def delete(tx: Tx, job_id: int) -> None:
@@ -207,7 +210,8 @@ def finished_before(db: sqlite3.Connection, cutoff: float, limit: int = 100) -> 
 def count_by_state(db: sqlite3.Connection) -> list[sqlite3.Row]:
     """Per job state (`done`: active with every task finished and not open, as cloudtaskctl status shows it):
     `state`, `jobs`, and the sum of each counter column (n_<state>)."""
-    sums = ", ".join(f"sum({COUNTER[s]}) AS {COUNTER[s]}" for s in TASK_STATES)
+    # CAST: PostgreSQL sums BIGINT columns as NUMERIC (a Decimal in Python); whole numbers on both.
+    sums = ", ".join(f"CAST(sum({COUNTER[s]}) AS BIGINT) AS {COUNTER[s]}" for s in TASK_STATES)
     return rows.every(db, f"SELECT CASE WHEN state = 'active' AND {_WAITING} = 0 AND {_FINISHED} > 0"
                           " AND coalesce(is_open, 0) = 0 THEN 'done'"
                           f" ELSE state END AS state, count(*) AS jobs, {sums} FROM jobs GROUP BY 1")
@@ -215,9 +219,10 @@ def count_by_state(db: sqlite3.Connection) -> list[sqlite3.Row]:
 
 def totals(db: sqlite3.Connection) -> sqlite3.Row:
     """Over every job: succeeded, dead, queued (with those waiting out a retry), leased."""
-    row = rows.one(db, "SELECT coalesce(sum(n_succeeded), 0) AS succeeded, coalesce(sum(n_dead), 0) AS dead,"
-                       " coalesce(sum(n_queued + n_failed), 0) AS queued, coalesce(sum(n_leased), 0) AS leased"
-                       " FROM jobs")
+    row = rows.one(db, "SELECT CAST(coalesce(sum(n_succeeded), 0) AS BIGINT) AS succeeded,"
+                       " CAST(coalesce(sum(n_dead), 0) AS BIGINT) AS dead,"
+                       " CAST(coalesce(sum(n_queued + n_failed), 0) AS BIGINT) AS queued,"
+                       " CAST(coalesce(sum(n_leased), 0) AS BIGINT) AS leased FROM jobs")
     assert row is not None  # an aggregate without GROUP BY answers one row
     return row
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from cloudtaskd.core.states import OPEN_TASK_STATES, counter_sum
 from cloudtaskd.core.tables import rows
+from cloudtaskd.core.tables.bulk import postgres
 
 if TYPE_CHECKING:
     from cloudtaskd.core.store import Tx
@@ -26,9 +27,9 @@ def by_digest(db: sqlite3.Connection, digest: str) -> sqlite3.Row | None:
 
 
 def add(tx: Tx, digest: str, spec: str, path: str) -> int:
-    cur = tx.db.execute("INSERT INTO pools (digest, spec, path, created_at) VALUES (?, ?, ?, ?)",
+    cur = tx.db.execute("INSERT INTO pools (digest, spec, path, created_at) VALUES (?, ?, ?, ?) RETURNING id",
                         (digest, spec, path, tx.now))
-    return int(cur.lastrowid or 0)
+    return int(cur.fetchone()[0])
 
 
 def touch(tx: Tx, pool_id: int) -> None:
@@ -50,7 +51,10 @@ def delete_many(tx: Tx, ids: list[int]) -> None:
 def with_active_jobs(db: sqlite3.Connection) -> list[sqlite3.Row]:
     """Each pool that has an active job: id, digest, spec, path, `outstanding` (its active jobs' open
     tasks), `queued`, `job_max` (its jobs' largest max_instances, 0: none) and `job_ids` (comma-separated)."""
-    return rows.every(db, f"SELECT p.id, p.digest, p.spec, p.path, sum({_OPEN_COUNTERS}) AS outstanding,"
-                          " sum(j.n_queued) AS queued, max(coalesce(j.max_instances, 0)) AS job_max,"
-                          " group_concat(j.id) AS job_ids"
+    # CAST: PostgreSQL sums BIGINT as NUMERIC; its group_concat is string_agg, of text.
+    ids = "string_agg(CAST(j.id AS TEXT), ',' ORDER BY j.id)" if postgres(db) else "group_concat(j.id)"
+    return rows.every(db, "SELECT p.id, p.digest, p.spec, p.path,"
+                          f" CAST(sum({_OPEN_COUNTERS}) AS BIGINT) AS outstanding,"
+                          " CAST(sum(j.n_queued) AS BIGINT) AS queued, max(coalesce(j.max_instances, 0)) AS job_max,"
+                          f" {ids} AS job_ids"
                           " FROM pools p JOIN jobs j ON j.pool_id = p.id WHERE j.state = 'active' GROUP BY p.id")

@@ -41,6 +41,12 @@ def world(tx: Tx) -> None:
 
 
 @pytest.fixture
+def store(both_stores: Store) -> Store:
+    """Every test here runs on SQLite and on PostgreSQL."""
+    return both_stores
+
+
+@pytest.fixture
 async def db(store: Store) -> Store:
     await store.write(world, now=0.0)
     return store

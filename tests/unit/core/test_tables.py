@@ -1,11 +1,13 @@
 """Each table's SQL lives in its owning module (docs/architecture.md, "The tables"), and the table
-functions do what their names say, on a real SQLite store."""
+functions do what their names say, on a real SQLite store and a real PostgreSQL."""
 
 from __future__ import annotations
 
 import ast
 import re
 from pathlib import Path
+
+import pytest
 
 from cloudtaskd.core.store import Store, Tx
 from cloudtaskd.core.tables import cancels, jobs, meta, pools, purges, rows, uploads
@@ -97,7 +99,8 @@ def test_every_statement_is_in_its_tables_module() -> None:
 
 async def test_every_table_has_an_owner(tmp_path: Path) -> None:
     """A table a migration adds gets its module (and its line in OWNERS) with it."""
-    store = await _store(tmp_path)
+    store = Store(tmp_path / "cloudtask.db")
+    await store.open()
     try:
         names = await store.read(lambda db: [r[0] for r in db.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")])
@@ -128,10 +131,10 @@ def test_the_check_sees_a_statement_and_its_main_table(tmp_path: Path) -> None:
 # ---- the table functions on a real store ----------------------------------------------------------
 
 
-async def _store(tmp_path: Path) -> Store:
-    store = Store(tmp_path / "cloudtask.db")
-    await store.open()
-    return store
+@pytest.fixture
+def store(both_stores: Store) -> Store:
+    """The table functions run on SQLite and on PostgreSQL."""
+    return both_stores
 
 
 def _job(tx: Tx, pool_id: int, name: str = "j") -> int:
@@ -139,138 +142,110 @@ def _job(tx: Tx, pool_id: int, name: str = "j") -> int:
                        policy="{}", max_total_cost=None, run_id="r1", run_owner="pid 1 on h", submission=None)
 
 
-async def test_jobs_ids_are_not_reused_and_rows_are_named_on_the_writer(tmp_path: Path) -> None:
-    store = await _store(tmp_path)
-    try:
-        def make(tx: Tx) -> tuple[int, int, int]:
-            pool_id = pools.add(tx, "d1", "{}", "/w")
-            first = _job(tx, pool_id)
-            meta.raise_last_job_id(tx, 7)
-            meta.raise_last_job_id(tx, 41)
-            meta.raise_last_job_id(tx, 7)  # a lower id deleted later: compared as numbers, 41 stays
-            return pool_id, first, _job(tx, pool_id)
+async def test_jobs_ids_are_not_reused_and_rows_are_named_on_the_writer(store: Store) -> None:
+    def make(tx: Tx) -> tuple[int, int, int]:
+        pool_id = pools.add(tx, "d1", "{}", "/w")
+        first = _job(tx, pool_id)
+        meta.raise_last_job_id(tx, 7)
+        meta.raise_last_job_id(tx, 41)
+        meta.raise_last_job_id(tx, 7)  # a lower id deleted later: compared as numbers, 41 stays
+        return pool_id, first, _job(tx, pool_id)
 
-        pool_id, first, second = await store.write(make, now=5.0)
-        assert (first, second) == (1, 42)
-        # The writer's rows are plain tuples; a table function still answers by column name.
-        row = await store.write(lambda tx: jobs.counters(tx.db, second))
-        assert row is not None
-        assert (row["id"], row["state"], row["pool_id"], row["n_queued"]) == (42, "active", pool_id, 0)
-        assert await store.read(lambda db: meta.get(db, meta.LAST_JOB_ID)) == "41"
-        assert [r["digest"] for r in await store.read(lambda db: jobs.newest_with_worker(db))] == ["d1", "d1"]
-        assert await store.read(lambda db: jobs.active_ids(db, pool_id)) == [1, 42]
-    finally:
-        await store.close()
+    pool_id, first, second = await store.write(make, now=5.0)
+    assert (first, second) == (1, 42)
+    # The writer's rows are plain tuples; a table function still answers by column name.
+    row = await store.write(lambda tx: jobs.counters(tx.db, second))
+    assert row is not None
+    assert (row["id"], row["state"], row["pool_id"], row["n_queued"]) == (42, "active", pool_id, 0)
+    assert await store.read(lambda db: meta.get(db, meta.LAST_JOB_ID)) == "41"
+    assert [r["digest"] for r in await store.read(lambda db: jobs.newest_with_worker(db))] == ["d1", "d1"]
+    assert await store.read(lambda db: jobs.active_ids(db, pool_id)) == [1, 42]
 
 
-async def test_jobs_pause_only_an_active_job_and_resume_only_its_cause(tmp_path: Path) -> None:
-    store = await _store(tmp_path)
-    try:
-        job_id = await store.write(lambda tx: _job(tx, pools.add(tx, "d", "{}", "/")))
-        assert await store.write(lambda tx: jobs.pause(tx, job_id, "over budget", jobs.BUDGET)) is True
-        assert await store.write(lambda tx: jobs.pause(tx, job_id, "again", jobs.LAUNCH_FAILURES)) is False
-        await store.write(lambda tx: jobs.resume_held(tx, job_id, "run_gone"))  # another cause: stays paused
-        row = await store.read(lambda db: jobs.run_of(db, job_id))
-        assert row is not None and (row["state"], row["pause_cause"], row["run_id"]) == ("paused", "budget", "r1")
-        await store.write(lambda tx: jobs.resume_held(tx, job_id, jobs.BUDGET))
-        assert await store.read(lambda db: jobs.state_of(db, job_id)) == "active"
-        await store.write(lambda tx: jobs.resume_with_cap(tx, job_id, 2.5))
-        budget = await store.read(lambda db: jobs.budget(db, job_id))
-        assert budget is not None and budget["max_total_cost"] == 2.5
-        assert await store.read(lambda db: jobs.run_of(db, job_id)["run_id"]) is None  # type: ignore[index]
-    finally:
-        await store.close()
+async def test_jobs_pause_only_an_active_job_and_resume_only_its_cause(store: Store) -> None:
+    job_id = await store.write(lambda tx: _job(tx, pools.add(tx, "d", "{}", "/")))
+    assert await store.write(lambda tx: jobs.pause(tx, job_id, "over budget", jobs.BUDGET)) is True
+    assert await store.write(lambda tx: jobs.pause(tx, job_id, "again", jobs.LAUNCH_FAILURES)) is False
+    await store.write(lambda tx: jobs.resume_held(tx, job_id, "run_gone"))  # another cause: stays paused
+    row = await store.read(lambda db: jobs.run_of(db, job_id))
+    assert row is not None and (row["state"], row["pause_cause"], row["run_id"]) == ("paused", "budget", "r1")
+    await store.write(lambda tx: jobs.resume_held(tx, job_id, jobs.BUDGET))
+    assert await store.read(lambda db: jobs.state_of(db, job_id)) == "active"
+    await store.write(lambda tx: jobs.resume_with_cap(tx, job_id, 2.5))
+    budget = await store.read(lambda db: jobs.budget(db, job_id))
+    assert budget is not None and budget["max_total_cost"] == 2.5
+    assert await store.read(lambda db: jobs.run_of(db, job_id)["run_id"]) is None  # type: ignore[index]
 
 
-async def test_jobs_counts_by_state_name_their_columns(tmp_path: Path) -> None:
-    store = await _store(tmp_path)
-    try:
-        def make(tx: Tx) -> None:
-            pool_id = pools.add(tx, "d", "{}", "/")
-            done, running = _job(tx, pool_id), _job(tx, pool_id)
-            jobs.add_to_counters(tx.db, done, {"n_succeeded": 3, "n_dead": 1})
-            jobs.add_to_counters(tx.db, running, {"n_queued": 2, "n_leased": 1, "n_succeeded": 1})
+async def test_jobs_counts_by_state_name_their_columns(store: Store) -> None:
+    def make(tx: Tx) -> None:
+        pool_id = pools.add(tx, "d", "{}", "/")
+        done, running = _job(tx, pool_id), _job(tx, pool_id)
+        jobs.add_to_counters(tx.db, done, {"n_succeeded": 3, "n_dead": 1})
+        jobs.add_to_counters(tx.db, running, {"n_queued": 2, "n_leased": 1, "n_succeeded": 1})
 
-        await store.write(make)
-        by_state = {r["state"]: r for r in await store.read(jobs.count_by_state)}
-        assert set(by_state) == {"done", "active"}
-        assert (by_state["done"]["jobs"], by_state["done"]["n_succeeded"], by_state["done"]["n_dead"]) == (1, 3, 1)
-        totals = await store.read(jobs.totals)
-        assert (totals["succeeded"], totals["dead"], totals["queued"], totals["leased"]) == (4, 1, 2, 1)
-    finally:
-        await store.close()
+    await store.write(make)
+    by_state = {r["state"]: r for r in await store.read(jobs.count_by_state)}
+    assert set(by_state) == {"done", "active"}
+    assert (by_state["done"]["jobs"], by_state["done"]["n_succeeded"], by_state["done"]["n_dead"]) == (1, 3, 1)
+    totals = await store.read(jobs.totals)
+    assert (totals["succeeded"], totals["dead"], totals["queued"], totals["leased"]) == (4, 1, 2, 1)
 
 
-async def test_pools_unused_are_those_no_job_or_instance_names(tmp_path: Path) -> None:
-    store = await _store(tmp_path)
-    try:
-        def make(tx: Tx) -> tuple[int, int]:
-            used, unused = pools.add(tx, "used", "{}", "/u"), pools.add(tx, "unused", "{}", "/n")
-            _job(tx, used)
-            return used, unused
+async def test_pools_unused_are_those_no_job_or_instance_names(store: Store) -> None:
+    def make(tx: Tx) -> tuple[int, int]:
+        used, unused = pools.add(tx, "used", "{}", "/u"), pools.add(tx, "unused", "{}", "/n")
+        _job(tx, used)
+        return used, unused
 
-        used, unused = await store.write(make, now=10.0)
-        assert await store.read(lambda db: pools.id_of(db, "used")) == used
-        assert [r["digest"] for r in await store.read(lambda db: pools.unused_before(db, 11.0))] == ["unused"]
-        await store.write(lambda tx: pools.touch(tx, unused), now=20.0)  # uploaded again: young again
-        assert await store.read(lambda db: pools.unused_before(db, 11.0)) == []
-        await store.write(lambda tx: pools.delete_many(tx, [unused]))
-        assert await store.read(lambda db: pools.by_digest(db, "unused")) is None
-    finally:
-        await store.close()
+    used, unused = await store.write(make, now=10.0)
+    assert await store.read(lambda db: pools.id_of(db, "used")) == used
+    assert [r["digest"] for r in await store.read(lambda db: pools.unused_before(db, 11.0))] == ["unused"]
+    await store.write(lambda tx: pools.touch(tx, unused), now=20.0)  # uploaded again: young again
+    assert await store.read(lambda db: pools.unused_before(db, 11.0)) == []
+    await store.write(lambda tx: pools.delete_many(tx, [unused]))
+    assert await store.read(lambda db: pools.by_digest(db, "unused")) is None
 
 
-async def test_uploads_receiving_until_they_end_and_where_a_job_starts(tmp_path: Path) -> None:
-    store = await _store(tmp_path)
-    try:
-        job_id = await store.write(lambda tx: _job(tx, pools.add(tx, "d", "{}", "/")))
-        first = await store.write(lambda tx: uploads.create(tx, job_id))
-        await store.write(lambda tx: uploads.add_staged(tx, job_id, 5, 100))
-        await store.write(lambda tx: uploads.add_staged(tx, job_id, 5, 90))
-        assert await store.read(lambda db: (uploads.receiving(db, job_id), uploads.n_tasks(db, first),
-                                            uploads.start_after(db, first))) == (True, 10, 90)
-        assert [r["id"] for r in await store.read(uploads.unfinished)] == [first]
-        await store.write(lambda tx: uploads.set_committing(tx, first))
-        await store.write(lambda tx: uploads.set_state(tx, first, uploads.COMMITTED))
-        assert await store.read(lambda db: (uploads.receiving(db, job_id), uploads.state_of(db, first))) == (
-            False, "committed")
-        assert await store.read(lambda db: uploads.job_start(db, job_id)) == 90
-        await store.write(lambda tx: uploads.create(tx, job_id))  # nothing staged yet: no start known
-        assert await store.read(lambda db: uploads.job_start(db, job_id)) is None
-        await store.write(lambda tx: uploads.delete_of_job(tx, job_id))
-        assert await store.read(uploads.unfinished) == []
-    finally:
-        await store.close()
+async def test_uploads_receiving_until_they_end_and_where_a_job_starts(store: Store) -> None:
+    job_id = await store.write(lambda tx: _job(tx, pools.add(tx, "d", "{}", "/")))
+    first = await store.write(lambda tx: uploads.create(tx, job_id))
+    await store.write(lambda tx: uploads.add_staged(tx, job_id, 5, 100))
+    await store.write(lambda tx: uploads.add_staged(tx, job_id, 5, 90))
+    assert await store.read(lambda db: (uploads.receiving(db, job_id), uploads.n_tasks(db, first),
+                                        uploads.start_after(db, first))) == (True, 10, 90)
+    assert [r["id"] for r in await store.read(uploads.unfinished)] == [first]
+    await store.write(lambda tx: uploads.set_committing(tx, first))
+    await store.write(lambda tx: uploads.set_state(tx, first, uploads.COMMITTED))
+    assert await store.read(lambda db: (uploads.receiving(db, job_id), uploads.state_of(db, first))) == (
+        False, "committed")
+    assert await store.read(lambda db: uploads.job_start(db, job_id)) == 90
+    await store.write(lambda tx: uploads.create(tx, job_id))  # nothing staged yet: no start known
+    assert await store.read(lambda db: uploads.job_start(db, job_id)) is None
+    await store.write(lambda tx: uploads.delete_of_job(tx, job_id))
+    assert await store.read(uploads.unfinished) == []
 
 
-async def test_cancels_and_purges_keep_their_cursors(tmp_path: Path) -> None:
-    store = await _store(tmp_path)
-    try:
-        def make(tx: Tx) -> None:
-            cancels.start(tx, 1, 10, 100)
-            cancels.advance(tx, 1, 50, 30)
-            purges.start(tx, 2, task_cursor=5, task_last=500, event_last=900, tasks=77)
-            purges.set_task_cursor(tx, 2, 500)
-            purges.set_event_cursor(tx, 2, 40)
+async def test_cancels_and_purges_keep_their_cursors(store: Store) -> None:
+    def make(tx: Tx) -> None:
+        cancels.start(tx, 1, 10, 100)
+        cancels.advance(tx, 1, 50, 30)
+        purges.start(tx, 2, task_cursor=5, task_last=500, event_last=900, tasks=77)
+        purges.set_task_cursor(tx, 2, 500)
+        purges.set_event_cursor(tx, 2, 40)
 
-        await store.write(make)
-        assert await store.read(lambda db: cancels.pending(db, 1)) == cancels.Pending(cursor=50, total=100, done=30)
-        assert await store.read(lambda db: purges.cursors(db, 2)) == purges.Cursors(500, 500, 40, 900)
-        assert await store.read(cancels.jobs) == [1] and await store.read(purges.jobs) == [2]
-        assert await store.write(lambda tx: purges.finish(tx, 2)) == 77
-        await store.write(lambda tx: cancels.finish(tx, 1))
-        assert await store.read(lambda db: (cancels.pending(db, 1), purges.cursors(db, 2))) == (None, None)
-    finally:
-        await store.close()
+    await store.write(make)
+    assert await store.read(lambda db: cancels.pending(db, 1)) == cancels.Pending(cursor=50, total=100, done=30)
+    assert await store.read(lambda db: purges.cursors(db, 2)) == purges.Cursors(500, 500, 40, 900)
+    assert await store.read(cancels.jobs) == [1] and await store.read(purges.jobs) == [2]
+    assert await store.write(lambda tx: purges.finish(tx, 2)) == 77
+    await store.write(lambda tx: cancels.finish(tx, 1))
+    assert await store.read(lambda db: (cancels.pending(db, 1), purges.cursors(db, 2))) == (None, None)
 
 
-async def test_meta_keeps_a_key_once(tmp_path: Path) -> None:
-    store = await _store(tmp_path)
-    try:
-        assert await store.read(lambda db: meta.get(db, meta.DAEMON_ID)) is None
-        await store.write(lambda tx: meta.add(tx, meta.DAEMON_ID, "abc"))
-        assert await store.read(lambda db: meta.get(db, meta.DAEMON_ID)) == "abc"
-        row = await store.read(lambda db: rows.one(db, "SELECT key, value FROM meta"))
-        assert row is not None and dict(row) == {"key": "daemon_id", "value": "abc"}
-    finally:
-        await store.close()
+async def test_meta_keeps_a_key_once(store: Store) -> None:
+    assert await store.read(lambda db: meta.get(db, meta.DAEMON_ID)) is None
+    await store.write(lambda tx: meta.add(tx, meta.DAEMON_ID, "abc"))
+    assert await store.read(lambda db: meta.get(db, meta.DAEMON_ID)) == "abc"
+    row = await store.read(lambda db: rows.one(db, "SELECT key, value FROM meta"))
+    assert row is not None and dict(row) == {"key": "daemon_id", "value": "abc"}

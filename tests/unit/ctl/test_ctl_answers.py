@@ -120,7 +120,9 @@ async def test_a_refused_upload_leaves_no_job_behind(daemon: tuple[Daemon, UnixA
     tasks.write_text('{"id": "a", "data": 1}\n{"data": 2}\n')
     status, out, err = await ctl(d, "submit", "--tasks", str(tasks), "--worker", str(ROOT / "examples" / "worker"))
     assert (status, out) == (2, "") and 'bad.jsonl:2: missing "id"' in err
-    assert (await ctl(d, "status"))[1] == "no jobs\n"  # not a `cancelled 0/0` job
+    _, out, err = await ctl(d, "status")
+    assert out == "no jobs\n"  # not a `cancelled 0/0` job
+    assert f"database: sqlite {d.config.state_path / 'cloudtask.db'}" in err  # which one, on stderr
     _, events = await api.request("GET", "/v1/events?tail=1000")
     assert [e for e in events["events"] if e.get("job_id") is not None] == []
     # A job with unfinished tasks is refused, and kept.

@@ -573,3 +573,67 @@ def test_seed_form_secrets_never_show(tmp_path: Path, seed_env: None) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, "aws:\n  secret_key: 987654321987654321\n"))
     assert "987654321" not in str(info.value) and "aws.secret_key" in str(info.value)
+
+
+# ---- `database`: SQLite in state_dir, or a PostgreSQL URL (issue 17) ----
+
+PG_PASSWORD = "pg-secret-in-the-url-9f3a"
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("mysql://u:PW@h:5432/db", "expected postgresql://USER:${PGPASSWORD}@HOST:PORT/DBNAME, or sqlite"),
+    ("postgresql://u:PW@:5432/db", "the URL names no host"),
+    ("postgresql://u:PW@db.example:5432/", "the URL names no database"),
+    ("postgresql://u:PW@db.example:5432", "the URL names no database"),
+    ("postgresql://:PW@db.example:5432/db", "the URL names no user"),
+    ("postgresql://u:PW@db.example:port/db", "the URL is malformed"),
+    ("sqlite3", "expected postgresql://"),
+])
+def test_a_database_url_that_cannot_work_is_refused_naming_the_key_never_its_password(
+        tmp_path: Path, value: str, expected: str) -> None:
+    path = write(tmp_path, f"database: '{value.replace('PW', PG_PASSWORD)}'\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: database: "), message
+    assert expected in message, message
+    assert PG_PASSWORD not in message
+
+
+@pytest.mark.parametrize("text", ["", "database: sqlite\n", "database: ''\n"])
+def test_the_database_is_sqlite_by_default(tmp_path: Path, text: str) -> None:
+    config = load_config(write(tmp_path, text))
+    assert not config.postgres
+
+
+def test_a_postgresql_url_takes_its_password_from_the_environment_and_never_shows_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CT_TEST_PGPASSWORD", PG_PASSWORD)
+    path = write(tmp_path, "database: postgresql://cloudtask:${CT_TEST_PGPASSWORD}@db.example:5432/cloudtask\n")
+    path.chmod(0o644)  # readable by all: fine, the password is not in the file
+    config = load_config(path)
+    assert config.postgres
+    assert config.database.reveal() == f"postgresql://cloudtask:{PG_PASSWORD}@db.example:5432/cloudtask"
+    assert PG_PASSWORD not in repr(config) and PG_PASSWORD not in f"{config.database!r}"
+    assert redact.redact(f"connect failed for {PG_PASSWORD}") == "connect failed for <SECRET>"
+    assert redact.redact("the database sqlite at db.example") == "the database sqlite at db.example"  # only the pw
+    assert readable_warning(config) is None
+
+
+def test_a_password_written_in_the_database_url_is_a_secret_in_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, f"database: postgresql://cloudtask:{PG_PASSWORD}@db.example/cloudtask\n")
+    path.chmod(0o644)
+    warning = readable_warning(load_config(path))
+    assert warning is not None and warning.keys == ("database",)
+    assert PG_PASSWORD not in warning.message
+
+
+def test_a_reload_cannot_move_the_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cloudtaskd.reload import plan
+
+    monkeypatch.setenv("CT_TEST_PGPASSWORD", PG_PASSWORD)
+    old = load_config(write(tmp_path, "database: sqlite\n"))
+    new = load_config(write(tmp_path, "database: postgresql://u:${CT_TEST_PGPASSWORD}@db.example/ct\n"))
+    result = plan(old, new, {})
+    assert result.needs_restart == ("database",) and result.config.database == old.database
+    assert "restart needed" in result.reasons["database"]

@@ -41,6 +41,12 @@ def make_api(store: Store, tmp_path: Path) -> ControlApi:
 
 
 @pytest.fixture
+def store(both_stores: Store) -> Store:
+    """Every test here runs on SQLite and on PostgreSQL."""
+    return both_stores
+
+
+@pytest.fixture
 async def client(store: Store, tmp_path: Path) -> AsyncIterator[TestClient[web.Request, web.Application]]:
     api = make_api(store, tmp_path)
     app = web.Application(middlewares=[errors_middleware])
