@@ -198,7 +198,7 @@ else:
 
 def __getattr__(name: str) -> Any:
     """The providers' section classes (LocalProviderConfig, SshHostConfig, ...) by the names they had
-    when this module defined them: each now lives with its provider's descriptor."""
+    when this module defined them: each now lives in its provider's module in providers/sections/."""
     for d in registry.PROVIDERS:
         found = getattr(sys.modules[d.config.__module__], name, None)
         if name.endswith("Config") and isinstance(found, type):
@@ -534,7 +534,8 @@ def _check(config: Config) -> list[ConfigWarning]:
 
     for d, section in sections:  # each provider's own keys that need each other, named as the file has them
         at = config.provider_path(d.name)
-        warnings += d.validate(section, Section(source=src, at=at, seed=d.name in config.seed_sections))
+        warnings += d.validate(section, Section(source=src, at=at, seed=d.name in config.seed_sections,
+                                                interruption_sources=registry.interruption_sources()))
 
     can_launch = any(d.launches(section) for d, section in sections)
     if config.scaling.max_instances == 0 or not can_launch:
