@@ -181,8 +181,8 @@ class ScalingConfig:
     max_cost_per_hour: float = field(default=0.0, metadata=_range(0, 1e9))
 
 
-# One section per registered provider (cloudtaskd/fleet/providers/registry.py), each its descriptor's own
-# typed class: a new provider brings its section with it, and this module names none of them.
+# One section per registered provider (cloudtaskd/fleet/providers/registry.py), each its descriptor's
+# typed class (providers/sections/): a new provider brings its section with it, and this module names none of them.
 if TYPE_CHECKING:
     @dataclass(frozen=True)
     class ProvidersConfig:  # what mypy sees: the sections are typed where they are read, via descriptor.section
