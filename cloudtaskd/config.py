@@ -181,8 +181,8 @@ class ScalingConfig:
     max_cost_per_hour: float = field(default=0.0, metadata=_range(0, 1e9))
 
 
-# One section per registered provider (cloudtaskd/fleet/providers/registry.py), each its descriptor's own
-# typed class: a new provider brings its section with it, and this module names none of them.
+# One section per registered provider (cloudtaskd/fleet/providers/registry.py), each its descriptor's
+# typed class (providers/sections/): a new provider brings its section with it, and this module names none of them.
 if TYPE_CHECKING:
     @dataclass(frozen=True)
     class ProvidersConfig:  # what mypy sees: the sections are typed where they are read, via descriptor.section
@@ -198,7 +198,7 @@ else:
 
 def __getattr__(name: str) -> Any:
     """The providers' section classes (LocalProviderConfig, SshHostConfig, ...) by the names they had
-    when this module defined them: each now lives with its provider's descriptor."""
+    when this module defined them: each now lives in its provider's module in providers/sections/."""
     for d in registry.PROVIDERS:
         found = getattr(sys.modules[d.config.__module__], name, None)
         if name.endswith("Config") and isinstance(found, type):
@@ -582,7 +582,8 @@ def _check(config: Config) -> list[ConfigWarning]:
 
     for d, section in sections:  # each provider's own keys that need each other, named as the file has them
         at = config.provider_path(d.name)
-        warnings += d.validate(section, Section(source=src, at=at, seed=d.name in config.seed_sections))
+        warnings += d.validate(section, Section(source=src, at=at, seed=d.name in config.seed_sections,
+                                                interruption_sources=registry.interruption_sources()))
 
     can_launch = any(d.launches(section) for d, section in sections)
     if config.scaling.max_instances == 0 or not can_launch:

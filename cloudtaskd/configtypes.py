@@ -1,7 +1,7 @@
 """The building blocks of a typed config section, shared by config.py and the providers' own sections.
 
-A leaf module: each provider's descriptor (cloudtaskd/fleet/providers/descriptors/) defines its section
-with these without importing config.py, which builds `providers:` from the registry of descriptors.
+A leaf module: each provider's section (cloudtaskd/fleet/providers/sections/) is defined with these
+without importing config.py, which builds `providers:` from the registry of descriptors.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from pathlib import Path
 import structlog
 
 from cloudtaskd.fleet.providers.base import CloudInstance, LaunchSpec, Offer, frame_args, watch_args
-from cloudtaskd.fleet.providers.descriptors.local import LocalProviderConfig
+from cloudtaskd.fleet.providers.sections.local import LocalProviderConfig
 from cloudtaskd.redact import without_secrets
 
 log = structlog.get_logger("cloudtaskd.fleet.providers.local")

@@ -2,8 +2,9 @@
 
 Config loading (the `providers:` section and the top-level seed sections), the daemon (which
 providers start, their catalogs, which ones a service stop keeps running) and `cloudtaskctl check`
-loop over PROVIDERS; nothing else names a provider. A new cloud is its own modules (a descriptor in
-descriptors/, its driver, its catalog) plus one line here. docs/architecture.md says more.
+loop over PROVIDERS; nothing else names a provider. A new cloud is its own modules (its section in
+sections/, its driver, a descriptor in descriptors/, its catalog) plus one line here; no descriptor
+imports this module. docs/architecture.md says more.
 """
 
 from __future__ import annotations

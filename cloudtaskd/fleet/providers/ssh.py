@@ -29,7 +29,7 @@ from cloudtaskd.fleet.bootstrap import (
     stop_agent,
 )
 from cloudtaskd.fleet.providers.base import CloudInstance, LaunchSpec, Offer, frame_args
-from cloudtaskd.fleet.providers.descriptors.ssh import SshHostConfig, SshProviderConfig
+from cloudtaskd.fleet.providers.sections.ssh import SshHostConfig, SshProviderConfig
 from cloudtaskd.fleet.runtime import RuntimeBuilder
 from cloudtaskd.fleet.tunnels import Tunnels
 

@@ -106,6 +106,23 @@ def test_only_the_registry_names_providers() -> None:
         assert not literals & names, f"cloudtaskd/{module} names {sorted(literals & names)}"
 
 
+def test_a_provider_stands_on_three_floors() -> None:
+    """Section, driver, descriptor, registry: each imports only downward (lazy imports included), so
+    a provider's modules never import each other in a circle and a driver never needs its descriptor."""
+    base = "cloudtaskd.fleet.providers"
+    floors = {f"{base}.sections": 0, base: 1, f"{base}.descriptors": 2, f"{base}.registry": 3}
+
+    def floor(module: str) -> int:  # the longest prefix's: sections.aws is a section, not a driver
+        found = [p for p in floors if module == p or module.startswith(f"{p}.")]
+        return floors[max(found, key=len)] if found else -1
+
+    for path in sorted((ROOT / "cloudtaskd" / "fleet" / "providers").rglob("*.py")):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        imported = {n.module or "" for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom)}
+        above = sorted(m for m in imported if floor(m) > floor(module))
+        assert not above, f"{path.relative_to(ROOT)} imports {above}, which stand above it"
+
+
 def test_daemon_starts_the_registrys_providers_remote_first(tmp_path: Path) -> None:
     config = replace(make_config(tmp_path), providers=ProvidersConfig(
         **{name: registry.get(name).config(**{k: v for k, v in MINIMAL[name].items() if k != "hosts"})
@@ -121,7 +138,8 @@ NEW_CLOUD = '''
 import asyncio, dataclasses, sys, tempfile
 from pathlib import Path
 from cloudtaskd.fleet.providers import registry
-from cloudtaskd.fleet.providers.descriptors import CloudProviderConfig, cloud
+from cloudtaskd.fleet.providers.descriptors import cloud
+from cloudtaskd.fleet.providers.sections import CloudProviderConfig
 
 @dataclasses.dataclass(frozen=True)
 class NimbusConfig(CloudProviderConfig):

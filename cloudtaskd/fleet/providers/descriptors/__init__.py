@@ -1,11 +1,14 @@
 """What the daemon knows of a provider without importing it: one descriptor per provider.
 
-A descriptor names the provider, its config section (a frozen dataclass the generic loader in
-config.py reads, plus the cross-key checks types cannot say), how to start it, how to fetch its
-catalog, how `cloudtaskctl check` checks it, and which spot-notice watcher its agents run. Each
-provider's module here exports one as `DESCRIPTOR`; cloudtaskd/fleet/providers/registry.py lists them,
-and config loading, the daemon and `cloudtaskctl check` loop over that list instead of naming
-providers. (SkyPilot's sky/provision/__init__.py routing is the model.)
+A descriptor names the provider, its config section (the frozen dataclass in sections/ that the
+generic loader in config.py reads, plus the cross-key checks types cannot say), how to start it, how
+to fetch its catalog, how `cloudtaskctl check` checks it, and which spot-notice watcher its agents
+run. Each provider's module here exports one as `DESCRIPTOR`; cloudtaskd/fleet/providers/registry.py
+lists them, and config loading, the daemon and `cloudtaskctl check` loop over that list instead of
+naming providers. (SkyPilot's sky/provision/__init__.py routing is the model.)
+
+A provider stands on three floors: its section (sections/<name>.py) at the bottom, its driver
+(<name>.py) above it, its descriptor here on top; each imports only downward.
 
 These modules stay light: a cloud SDK, asyncssh and the drivers are imported inside the functions
 that need them, so loading a config costs no SDK import and an unused cloud never loads its own.
@@ -14,12 +17,13 @@ that need them, so loading a config costs no SDK import and an unused cloud neve
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from cloudtaskd.configtypes import ConfigWarning, bounds
+from cloudtaskd.configtypes import ConfigWarning
 from cloudtaskd.errors import ConfigError
+from cloudtaskd.fleet.providers.sections import CloudProviderConfig
 
 if TYPE_CHECKING:
     from cloudtaskd.core.store import Store
@@ -52,6 +56,10 @@ class Section:
     source: str  # the config file
     at: str  # its key path as written: providers.aws, or aws in the top-level (seed) form
     seed: bool  # written as a top-level section, which enables the cloud
+    # The spot-notice watchers of every registered provider (registry.interruption_sources), given
+    # by the loader: a section that rehearses one (providers.local) checks against it without
+    # importing the registry, which imports every descriptor.
+    interruption_sources: tuple[str, ...] = ()
 
     def why_on(self, name: str) -> str:
         return f"the top-level {name} section is given" if self.seed else f"providers.{name}.enabled is true"
@@ -96,39 +104,6 @@ class ProviderDescriptor(Generic[C]):
 
 
 # ---- what every cloud shares ----
-
-@dataclass(frozen=True)
-class CloudProviderConfig:
-    """What every cloud shares: the offer to launch, and how the daemon reaches a new VM over SSH."""
-
-    enabled: bool = False
-    max_instances: int = field(default=4, metadata=bounds(0, 100_000))
-    machine_type: str = ""
-    cpus: int = field(default=2, metadata=bounds(1, 4096))  # of machine_type: slots = cpus / cpus_per_task
-    spot: bool = True
-    # With spot: fall back to on-demand while no spot offer has capacity (back to spot when it returns).
-    on_demand_fallback: bool = True
-    # More instance types and zones to choose among, cheapest task-slot-hour first; their sizes and
-    # prices come from the catalog (`cloudtaskctl catalog refresh`). machine_type and the provider's
-    # own zone are always included.
-    machine_types: tuple[str, ...] = ()
-    zones: tuple[str, ...] = ()
-    image: str = ""  # empty: Ubuntu 24.04 LTS of each type's architecture; set: used for every type
-    ssh_user: str = "ubuntu"
-    # Private key the daemon logs in with (its .pub is installed on each VM).
-    # Empty: <state_dir>/ssh/id_ed25519, created on first start.
-    ssh_key_file: str = ""
-    # Emulators and tests only: reach every VM's SSH at host:port instead of its public address.
-    ssh_address_override: str = ""
-    # Tests only: where agents on spot VMs read interruption notices, instead of the cloud's own
-    # metadata service (169.254.169.254 / metadata.google.internal).
-    metadata_url: str = ""
-
-    @property
-    def placement(self) -> str:
-        """Where VMs go, in the cloud's own terms (an AWS zone or region, a GCP zone, an Azure location)."""
-        return ""
-
 
 CC = TypeVar("CC", bound=CloudProviderConfig)
 

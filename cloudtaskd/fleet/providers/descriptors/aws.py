@@ -1,42 +1,21 @@
-"""AWS as the daemon sees it: the `providers.aws` section, and how to build its driver (providers/aws.py),
-catalog (catalog/aws.py) and checks. boto is imported only when one of them runs."""
+"""AWS as the daemon sees it: its section (sections/aws.py) checked, and how to build its driver
+(providers/aws.py), catalog (catalog/aws.py) and checks. boto is imported only when one of them runs."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
-from cloudtaskd.configtypes import NO_SECRET, ConfigWarning, Secret, together
+from cloudtaskd.configtypes import ConfigWarning, together
 from cloudtaskd.errors import ConfigError
-from cloudtaskd.fleet.providers.descriptors import CloudProviderConfig, Section, cloud
+from cloudtaskd.fleet.providers.descriptors import Section, cloud
+from cloudtaskd.fleet.providers.sections.aws import AwsProviderConfig
 
 if TYPE_CHECKING:
     from cloudtaskd.fleet.catalog import Fetcher
     from cloudtaskd.fleet.providers.checks import CheckResult
     from cloudtaskd.fleet.providers.cloud import CloudDriver
-
-
-@dataclass(frozen=True)
-class AwsProviderConfig(CloudProviderConfig):
-    region: str = "us-east-1"
-    zone: str = ""  # availability zone; empty: any in the region
-    access_key: Secret = NO_SECRET  # empty: the standard AWS credential chain
-    secret_key: Secret = NO_SECRET
-    endpoint_url: str = ""  # an emulator (e.g. moto) instead of AWS
-    pricing_endpoint_url: str = ""  # an emulator of the Pricing API (on-demand prices) instead of AWS's
-    machine_type: str = "t3.small"
-    # Where VMs go when the region has no default VPC (or not there): a subnet (subnet-...), in
-    # which each VM gets a public address; empty: the default VPC.
-    subnet_id: str = ""
-    # A security group of one's own (sg-..., in the subnet's VPC) allowing SSH from this host;
-    # empty: one made per daemon (SSH from anywhere) in the VMs' VPC.
-    security_group_id: str = ""
-
-    @property
-    def placement(self) -> str:
-        return self.zone or self.region
 
 
 def _validate(c: AwsProviderConfig, where: Section) -> list[ConfigWarning]:

@@ -1,40 +1,21 @@
-"""Azure as the daemon sees it: the `providers.azure` section, and how to build its driver
+"""Azure as the daemon sees it: its section (sections/azure.py) checked, and how to build its driver
 (providers/azure.py), catalog (catalog/azure.py) and checks. The Azure SDK is imported only when one
 of them runs."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
-from cloudtaskd.configtypes import NO_SECRET, ConfigWarning, Secret, together
-from cloudtaskd.fleet.providers.descriptors import CloudProviderConfig, Section, cloud
+from cloudtaskd.configtypes import ConfigWarning, together
+from cloudtaskd.fleet.providers.descriptors import Section, cloud
+from cloudtaskd.fleet.providers.sections.azure import AzureProviderConfig
 
 if TYPE_CHECKING:
     from cloudtaskd.fleet.catalog import Fetcher
     from cloudtaskd.fleet.providers.checks import CheckResult
     from cloudtaskd.fleet.providers.cloud import CloudDriver
-
-
-@dataclass(frozen=True)
-class AzureProviderConfig(CloudProviderConfig):
-    subscription_id: str = ""
-    resource_group: str = "cloudtask"
-    location: str = "eastus"
-    # A service principal (ClientSecretCredential) when all three are set, else DefaultAzureCredential.
-    tenant_id: str = ""
-    client_id: str = ""
-    client_secret: Secret = NO_SECRET
-    base_url: str = ""  # an emulator instead of https://management.azure.com
-    # The public Retail Prices API (no credentials); an emulator's address in tests.
-    retail_prices_url: str = "https://prices.azure.com/api/retail/prices"
-    machine_type: str = "Standard_D2s_v5"
-
-    @property
-    def placement(self) -> str:
-        return self.location
 
 
 def _validate(c: AzureProviderConfig, where: Section) -> list[ConfigWarning]:

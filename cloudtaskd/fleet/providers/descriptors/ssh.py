@@ -1,40 +1,23 @@
-"""Machines the user already has, reached over SSH: the `providers.ssh` section, its hosts, and their
-agents bootstrapped by providers/ssh.py (asyncssh is imported only when it starts or is checked)."""
+"""Machines the user already has, reached over SSH: its section (sections/ssh.py) checked, its hosts
+checked, and their agents bootstrapped by providers/ssh.py (asyncssh is imported only when it starts
+or is checked)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from cloudtaskd.configtypes import ConfigWarning, bounds
+from cloudtaskd.configtypes import ConfigWarning
 from cloudtaskd.errors import ConfigError
 from cloudtaskd.fleet.providers.descriptors import ProviderDescriptor, ProviderEnv, Section
+from cloudtaskd.fleet.providers.sections.ssh import SshHostConfig, SshProviderConfig
 
 if TYPE_CHECKING:
     from cloudtaskd.fleet.providers.base import Provider
     from cloudtaskd.fleet.providers.checks import CheckResult
 
 CONNECT_TIMEOUT_S = 5.0  # `cloudtaskctl check`: how long a host's SSH port may take to answer
-
-
-@dataclass(frozen=True)
-class SshHostConfig:
-    address: str = ""
-    port: int = field(default=22, metadata=bounds(1, 65535))
-    user: str = "root"
-    key_file: str = ""  # private key the daemon logs in with
-    cpus: int = field(default=1, metadata=bounds(1, 4096))  # slots = cpus / cpus_per_task
-    # The host's public key (an OpenSSH line). Empty: trust on first use, then pinned in the database.
-    host_key: str = ""
-
-
-@dataclass(frozen=True)
-class SshProviderConfig:
-    hosts: tuple[SshHostConfig, ...] = ()
-    # Extra pip arguments for installing aiohttp in the agent's virtualenv (a mirror, a wheelhouse).
-    pip_args: tuple[str, ...] = ()
 
 
 def _validate(c: SshProviderConfig, where: Section) -> list[ConfigWarning]:
