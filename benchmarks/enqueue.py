@@ -1,11 +1,11 @@
 """A standing queue's enqueue rate (issue 17): single-task POSTs per second into an open job.
 
-    python benchmarks/enqueue.py [--clients 8] [--duration 10] [--iterations 1] [--rate-limit 1000000]
+    python benchmarks/enqueue.py [--clients 8] [--duration 10] [--copies 1] [--rate-limit 1000000]
 
 A real cloudtaskd process (durable state, the control socket) with an open job and no instance (the
 tasks stay queued, so only the enqueue path is measured). --clients concurrent clients, each on its
 own connection, POST one task object at a time (`Content-Type: application/json`, each with an id of
-its own, so the duplicate-id check is exercised) back to back for --duration s; --iterations N asks
+its own, so the duplicate-id check is exercised) back to back for --duration s; --copies N asks
 for N copies per request. The API's rate limit is per unix uid (`api.rate_limit_per_s`, 100 by
 default): every client here is the same uid, so it is raised to --rate-limit to measure the daemon,
 not the limit. Printed: requests/s, tasks/s, latency p50/p99, and the job's queued count (every
@@ -24,10 +24,10 @@ from _common import DaemonProcess, bundle, cpu_seconds, percentile
 WORKER = {"cloudtask.yaml": "mode: python\nfunction: noop:run\n", "noop.py": "async def run(i, d):\n    return None\n"}
 
 
-async def client(socket: str, job_id: int, n: int, stop_at: float, iterations: int,
+async def client(socket: str, job_id: int, n: int, stop_at: float, copies: int,
                  latencies: list[float]) -> int:
     answered = 0
-    query = f"?iterations={iterations}" if iterations > 1 else ""
+    query = f"?copies={copies}" if copies > 1 else ""
     async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=socket)) as http:
         i = 0
         while time.monotonic() < stop_at:
@@ -47,7 +47,7 @@ async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--duration", type=float, default=10.0)
-    p.add_argument("--iterations", type=int, default=1)
+    p.add_argument("--copies", type=int, default=1)
     p.add_argument("--rate-limit", type=float, default=1e6)
     args = p.parse_args()
     daemon = DaemonProcess({"providers": {"local": {"max_instances": 0}},
@@ -61,18 +61,18 @@ async def main() -> None:
         cpu0 = cpu_seconds(daemon.proc.pid)
         t0 = time.monotonic()
         stop_at = t0 + args.duration
-        counts = await asyncio.gather(*(client(str(daemon.socket), job["id"], n, stop_at, args.iterations,
+        counts = await asyncio.gather(*(client(str(daemon.socket), job["id"], n, stop_at, args.copies,
                                                latencies) for n in range(args.clients)))
         elapsed = time.monotonic() - t0
         cpu = cpu_seconds(daemon.proc.pid) - cpu0
         requests = sum(counts)
         queued = (await daemon.get(f"/v1/jobs/{job['id']}"))["counts"]["queued"]
-        print(f"clients={args.clients} iterations={args.iterations} duration={elapsed:.1f}s")
-        print(f"enqueue: {requests / elapsed:,.0f} requests/s, {requests * args.iterations / elapsed:,.0f} tasks/s;"
+        print(f"clients={args.clients} copies={args.copies} duration={elapsed:.1f}s")
+        print(f"enqueue: {requests / elapsed:,.0f} requests/s, {requests * args.copies / elapsed:,.0f} tasks/s;"
               f" latency p50 {percentile(latencies, 50) * 1000:.1f} ms, p99 {percentile(latencies, 99) * 1000:.1f} ms")
-        print(f"daemon CPU {cpu / elapsed * 100:.0f}% of a core; queued {queued} of {requests * args.iterations}"
+        print(f"daemon CPU {cpu / elapsed * 100:.0f}% of a core; queued {queued} of {requests * args.copies}"
               " answered")
-        assert queued == requests * args.iterations
+        assert queued == requests * args.copies
     finally:
         await daemon.stop()
 

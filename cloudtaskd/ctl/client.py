@@ -270,10 +270,10 @@ class ApiClient:
                                   headers={"Content-Type": "application/octet-stream"}, timeout=UPLOAD_TIMEOUT)
         return int(result["accepted"])
 
-    async def enqueue(self, job_id: int, task: bytes, *, iterations: int | None = None) -> dict[str, Any]:
-        """One task object (JSON text) queued in the job: {"id", "key"}; with iterations, that many
+    async def enqueue(self, job_id: int, task: bytes, *, copies: int | None = None) -> dict[str, Any]:
+        """One task object (JSON text) queued in the job: {"id", "key"}; with copies, that many
         copies: {"ids", "keys"}."""
-        params = {"iterations": str(iterations)} if iterations is not None else None
+        params = {"copies": str(copies)} if copies is not None else None
         result: dict[str, Any] = await self._call("POST", f"/v1/jobs/{job_id}/tasks", params=params,
                                                   body=lambda: task, headers={"Content-Type": "application/json"})
         return result

@@ -263,7 +263,7 @@ async def cmd_retry(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
 async def cmd_enqueue(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
     # `-`: the task from stdin (a script's pipe, or a task too big for a command line).
     raw = sys.stdin.buffer.read() if args.data == "-" else args.data.encode()
-    answer = await api.enqueue(args.job, raw, iterations=args.iterations)
+    answer = await api.enqueue(args.job, raw, copies=args.copies)
     if ctx.json:
         ctx.emit_json(answer)
     else:

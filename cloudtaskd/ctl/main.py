@@ -51,7 +51,7 @@ FLAG_FOR_FIELD = {
     "policy.max_price_per_hour": "--max-price-per-hour", "max_price_per_hour": "--max-price-per-hour",
     "cpus_per_task": "--cpus-per-task", "memory_per_task": "--memory-per-task", "gpus_per_task": "--gpus-per-task",
     "state": "--state", "limit": "--limit", "after": "--after", "top": "--top", "name": "--name",
-    "iterations": "--iterations",
+    "copies": "--copies",
 }
 
 
@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="TASK",
                    help='the task object, as one line of a task file: {"id": ..., "data": ...} ("id" may be left'
                         " out: the task is then named by its number); - reads it from stdin")
-    p.add_argument("--iterations", type=_int_in(1, 10_000), metavar="N",
+    p.add_argument("--copies", type=_int_in(1, 10_000), metavar="N",
                    help="queue N copies (ids suffixed -1 .. -N); prints N task numbers")
     add("close", "close an open job: it takes no more tasks and finishes once those it has are done").add_argument(
         "job", type=_job_arg, metavar="JOB")

@@ -316,20 +316,20 @@ class ControlApi:
         job_id = _job_id(request)
         if request.content_type == "application/json":
             return await self.enqueue_task(request, job_id)
-        if "iterations" in request.query:
-            raise BadInput("iterations: only a single task (Content-Type: application/json) is repeated;"
-                           " a task file lists its tasks", field="iterations")
+        if "copies" in request.query:
+            raise BadInput("copies: only a single task (Content-Type: application/json) is repeated;"
+                           " a task file lists its tasks", field="copies")
         source = request.query.get("source", "tasks")
         n = await self.submissions.upload(job_id, request.content.iter_chunked(1 << 20), source)
         return web.json_response({"accepted": n})
 
     async def enqueue_task(self, request: web.Request, job_id: int) -> web.Response:
         """One task object as the body (a standing queue's enqueue), queued in one transaction:
-        201 {"id": row id, "key"}; with ?iterations=N that many copies, {"ids": [...], "keys": [...]}."""
-        iterations = _int_param(request, "iterations", lo=1, hi=queue.MAX_ITERATIONS)
+        201 {"id": row id, "key"}; with ?copies=N that many copies, {"ids": [...], "keys": [...]}."""
+        copies = _int_param(request, "copies", lo=1, hi=queue.MAX_COPIES)
         # The body whole: one task, at most queue.max_task_bytes (aiohttp refuses past its 1 MiB limit).
-        done = await self.submissions.enqueue(job_id, await request.read(), iterations)
-        if iterations is None:
+        done = await self.submissions.enqueue(job_id, await request.read(), copies)
+        if copies is None:
             return web.json_response({"id": done[0][0], "key": done[0][1]}, status=201)
         return web.json_response({"ids": [t[0] for t in done], "keys": [t[1] for t in done]}, status=201)
 

@@ -89,8 +89,8 @@ class Submissions:
         log.info("tasks_accepted", job=job_id, tasks=n, source=source)
         return n
 
-    async def enqueue(self, job_id: int, body: bytes, iterations: int | None) -> list[tuple[int, str]]:
-        """A standing queue's enqueue: one task object (or `iterations` copies), validated as a task
+    async def enqueue(self, job_id: int, body: bytes, copies: int | None) -> list[tuple[int, str]]:
+        """A standing queue's enqueue: one task object (or `copies` copies), validated as a task
         file's line and queued in one write transaction, no upload staged; returns each task's
         (row id, key). Not under the job's upload lock: it touches no staged row, and a queue must
         not wait behind a big file's upload."""
@@ -98,7 +98,7 @@ class Submissions:
             task = parse_task(body, self.config.queue.max_task_bytes)
         except TaskFileError as exc:
             raise BadInput(f"task: {exc.reason}", field=exc.field) from None
-        done = await self.store.write(queue.enqueue, job_id, task, iterations)
+        done = await self.store.write(queue.enqueue, job_id, task, copies)
         self.dispatcher.notify_work(done.pool_id)
         log.debug("tasks_enqueued", job=job_id, tasks=len(done.tasks), first=done.tasks[0][0])
         return done.tasks

@@ -87,7 +87,7 @@ async def test_an_open_job_runs_single_tasks_stays_open_when_idle_and_finishes_o
     assert status == 0, err
     k_id = int(out.strip())
     status, out, err = await ctl(d, "enqueue", str(job_id), "--data", '{"id": "r", "data": {"n": 20}}',
-                                 "--iterations", "3")
+                                 "--copies", "3")
     assert status == 0, err
     copies = [int(line) for line in out.split()]
     assert len(copies) == 3 and k_id not in copies

@@ -128,9 +128,12 @@ def counters(db: sqlite3.Connection, job_id: int) -> sqlite3.Row | None:
     return rows.one(db, f"SELECT id, state, pool_id, is_open, {_COUNTERS} FROM jobs WHERE id = ?", (job_id,))
 
 
-def for_upload(db: sqlite3.Connection, job_id: int) -> sqlite3.Row | None:
-    """What staging a task needs of its job: id, pool_id, max_attempts, timeout_s, state, is_open."""
-    return rows.one(db, "SELECT id, pool_id, max_attempts, timeout_s, state, is_open FROM jobs WHERE id = ?",
+def for_upload(db: sqlite3.Connection, job_id: int, *, hold: bool = False) -> sqlite3.Row | None:
+    """What staging a task needs of its job: id, pool_id, max_attempts, timeout_s, state, is_open.
+    hold: on PostgreSQL, share-lock the row to the end of the transaction, so a close or cancel on
+    another replica waits for the tasks being added (or they wait for it, and see it)."""
+    lock = " FOR SHARE" if hold and postgres(db) else ""  # SQLite: one writer, nothing to race
+    return rows.one(db, f"SELECT id, pool_id, max_attempts, timeout_s, state, is_open FROM jobs WHERE id = ?{lock}",
                     (job_id,))
 
 

@@ -118,7 +118,7 @@ _STAGE_PG = (
 
 # ---- a standing queue: single tasks, queued as they come ----------------------------------------
 
-MAX_ITERATIONS = 10_000  # copies of one task a single request may queue (?iterations=N)
+MAX_COPIES = 10_000  # copies of one task a single request may queue (?copies=N)
 
 
 class Enqueued(NamedTuple):
@@ -154,27 +154,27 @@ _NAME_BY_ID = (
 )
 
 
-def enqueue(tx: Tx, job_id: int, task: ParsedTask, iterations: int | None = None) -> Enqueued:
-    """Queue one task (or `iterations` copies of it) in this one transaction: a standing queue's
+def enqueue(tx: Tx, job_id: int, task: ParsedTask, copies: int | None = None) -> Enqueued:
+    """Queue one task (or `copies` copies of it) in this one transaction: a standing queue's
     enqueue, with a task file's validation (done by the caller) and its refusal of a duplicate id.
-    Keys: the task's id; with `iterations`, that id suffixed -1 .. -N; a task without an id is named
+    Keys: the task's id; with `copies`, that id suffixed -1 .. -N; a task without an id is named
     by its row id. Nothing is queued when any copy is refused."""
-    job = jobs.for_upload(tx.db, job_id)
+    job = jobs.for_upload(tx.db, job_id, hold=True)
     if job is None:
         raise no_job(job_id)
     if job["state"] != jobs.ACTIVE:
         raise BadInput(f"job {job_id} is {job['state']}; tasks can only be added to an active job")
     if job["is_open"] == jobs.CLOSED:
         raise BadInput(f"job {job_id} is closed: it takes no more tasks (create another open job for more)")
-    n = 1 if iterations is None else iterations
-    if not 1 <= n <= MAX_ITERATIONS:
-        raise BadInput(f"iterations must be between 1 and {MAX_ITERATIONS}, got {n}", field="iterations")
+    n = 1 if copies is None else copies
+    if not 1 <= n <= MAX_COPIES:
+        raise BadInput(f"copies must be between 1 and {MAX_COPIES}, got {n}", field="copies")
     auto = not task.key
     if auto:
         # Placeholders, unique to this request (replicas insert at once on PostgreSQL), renamed below.
         stamp = f"\x01{secrets.token_hex(8)}:"
         keys = [f"{stamp}{i}" for i in range(n)]
-    elif iterations is None:
+    elif copies is None:
         keys = [task.key]
     else:
         keys = [f"{task.key}-{i}" for i in range(1, n + 1)]

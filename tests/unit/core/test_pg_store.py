@@ -9,12 +9,17 @@ import time
 from collections import Counter
 from typing import Any
 
+import pytest
+
 from cloudtask_wire.messages import Success
 from cloudtaskd.core.pg.dbapi import to_pg
 from cloudtaskd.core.pg.store import PgStore
 from cloudtaskd.core.store import Tx
+from cloudtaskd.core.tables import jobs
 from cloudtaskd.core.tables import tasks as queue
-from tests.unit.core.test_queue import submit
+from cloudtaskd.core.taskfile import parse_task
+from cloudtaskd.errors import BadInput
+from tests.unit.core.test_queue import _setup_job, submit
 
 TASKS = 600
 PER_LEASE = 7
@@ -106,3 +111,28 @@ async def test_rows_read_by_index_and_by_name(pg_store: PgStore) -> None:
     assert row is not None
     assert (row[0], row["two"], row["three"]) == (1, "two", "3?")
     assert tuple(row) == (1, "two", "3?") and row.keys() == ["one", "two", "three"]
+
+
+def _close_and_hold(tx: Tx) -> bool:
+    closed = jobs.close(tx, 1)
+    time.sleep(0.6)  # on the writer's thread, inside the transaction: the other replica enqueues meanwhile
+    return closed
+
+
+async def test_a_close_on_one_replica_and_an_enqueue_on_another_never_add_a_task_to_a_closed_job(
+        pg_dsn: str) -> None:
+    a, b = PgStore(pg_dsn), PgStore(pg_dsn)
+    await a.open()
+    await b.open()
+    try:
+        await a.write(_setup_job)
+        await a.write(lambda tx: tx.db.execute("UPDATE jobs SET is_open = 1 WHERE id = 1"))
+        closing = asyncio.create_task(a.write(_close_and_hold))
+        await asyncio.sleep(0.2)  # the close holds its row lock now
+        with pytest.raises(BadInput, match="closed"):
+            await b.write(queue.enqueue, 1, parse_task(b'{"id": "late", "data": 1}'))
+        assert await closing is True
+        assert await a.fetchall("SELECT id FROM tasks") == []
+    finally:
+        await a.close()
+        await b.close()

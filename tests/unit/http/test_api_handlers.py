@@ -222,24 +222,24 @@ async def test_a_duplicate_id_is_refused_and_the_first_task_kept(client: Client)
     assert status == 400 and body["error"]["field"] == "id" and "duplicate id 'same'" in body["error"]["message"]
     # Copies clashing with a task already there are refused whole: none of them is queued.
     assert (await enqueue(client, j["id"], {"id": "r-2"}))[0] == 201
-    status, body = await enqueue(client, j["id"], {"id": "r"}, "?iterations=3")
+    status, body = await enqueue(client, j["id"], {"id": "r"}, "?copies=3")
     assert status == 400 and "duplicate id 'r-2'" in body["error"]["message"], body
     keys, counts = await keys_and_counts(client, j["id"])
     assert keys == ["same", "r-2"] and counts["total"] == 2
 
 
-async def test_iterations_queue_copies_with_suffixed_or_numbered_ids(client: Client) -> None:
+async def test_copies_queue_copies_with_suffixed_or_numbered_ids(client: Client) -> None:
     j = await job(client, open=True)
-    status, answer = await enqueue(client, j["id"], {"id": "job", "data": {"x": 1}}, "?iterations=3")
+    status, answer = await enqueue(client, j["id"], {"id": "job", "data": {"x": 1}}, "?copies=3")
     assert status == 201 and answer["keys"] == ["job-1", "job-2", "job-3"] and len(set(answer["ids"])) == 3
-    status, auto = await enqueue(client, j["id"], {"data": {"x": 2}}, "?iterations=2")
+    status, auto = await enqueue(client, j["id"], {"data": {"x": 2}}, "?copies=2")
     assert status == 201 and auto["keys"] == [str(i) for i in auto["ids"]]
-    for query in ("?iterations=0", "?iterations=10001", "?iterations=07"):
+    for query in ("?copies=0", "?copies=10001", "?copies=07"):
         status, body = await enqueue(client, j["id"], {"data": 1}, query)
-        assert status == 400 and body["error"]["field"] == "iterations", body
-    # A task file is not repeated: iterations is for a single task.
-    status, body = await call(client, "POST", f"/v1/jobs/{j['id']}/tasks?iterations=2", data=b'{"id": "f"}\n')
-    assert status == 400 and body["error"]["field"] == "iterations"
+        assert status == 400 and body["error"]["field"] == "copies", body
+    # A task file is not repeated: copies is for a single task.
+    status, body = await call(client, "POST", f"/v1/jobs/{j['id']}/tasks?copies=2", data=b'{"id": "f"}\n')
+    assert status == 400 and body["error"]["field"] == "copies"
     _, counts = await keys_and_counts(client, j["id"])
     assert counts["queued"] == 5
 
