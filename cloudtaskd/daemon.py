@@ -26,6 +26,7 @@ from cloudtaskd.config import Config, load_config
 from cloudtaskd.core.dispatch import Dispatcher
 from cloudtaskd.core.housekeeping import Housekeeper
 from cloudtaskd.core.hub import AgentHub
+from cloudtaskd.core.metrics import Metrics
 from cloudtaskd.core.pg.store import PgStore
 from cloudtaskd.core.store import Store, Tx
 from cloudtaskd.core.tables import instances, meta
@@ -44,7 +45,6 @@ from cloudtaskd.fleet.tunnels import Tunnels
 from cloudtaskd.http.access import RateLimiter, bearer_auth, browser_guard, prepare_socket_dir, secure_socket
 from cloudtaskd.http.api import ControlApi, errors_middleware
 from cloudtaskd.http.bundles import Bundles
-from cloudtaskd.http.metrics import Metrics
 from cloudtaskd.http.runs import Runs
 from cloudtaskd.http.series import SERIES_INTERVAL_S, SERIES_WINDOW_S, StatusSeries
 from cloudtaskd.http.submissions import resume_uploads

@@ -35,10 +35,10 @@ from cloudtask_wire.messages import (
     encode,
 )
 from cloudtaskd.config import Config
+from cloudtaskd.core.metrics import Metrics
 from cloudtaskd.core.store import Store, Tx
 from cloudtaskd.core.tables import tasks as queue
 from cloudtaskd.errors import StoreError, StoreFull
-from cloudtaskd.http.metrics import Metrics
 
 log = structlog.get_logger("cloudtaskd.core.dispatch")
 

@@ -34,12 +34,12 @@ from cloudtask_wire.messages import (
 )
 from cloudtaskd.config import Config
 from cloudtaskd.core.dispatch import Dispatcher, Session
+from cloudtaskd.core.ratelimit import TokenBucket
 from cloudtaskd.core.states import InstanceEvent, InstanceState
 from cloudtaskd.core.store import Store, Tx
 from cloudtaskd.core.tables import instances
 from cloudtaskd.errors import TransitionError
 from cloudtaskd.fleet import interruptions
-from cloudtaskd.http.access import TokenBucket
 
 log = structlog.get_logger("cloudtaskd.core.hub")
 

@@ -189,3 +189,9 @@ def job_outcome(state: str, counts: dict[str, int], is_open: bool = False) -> st
     if counts.get(S.SUCCEEDED, 0) == total:
         return "succeeded"
     return "failed" if counts.get(S.DEAD, 0) else "cancelled"
+
+
+def task_edge(src: TaskState, dst: TaskState) -> None:
+    """Assert an edge is in the table (the bulk SQL in tables/tasks.py states its edges through this)."""
+    if not any(s == src and d == dst for (s, _), d in TASK_TRANSITIONS.items()):
+        raise AssertionError(f"illegal task transition {src} -> {dst}")

@@ -27,12 +27,12 @@ from cloudtaskd.core.clock import DaemonClock
 from cloudtaskd.core.states import (
     COUNTER,
     INSTANCE_TRANSITIONS,
-    TASK_TRANSITIONS,
     InstanceEvent,
     InstanceState,
     TaskState,
 )
 from cloudtaskd.core.tables import events, instances, jobs
+from cloudtaskd.core.tables.tx import Tx as Tx  # what callers annotate a transaction with
 from cloudtaskd.core.writelock import WriteLock
 from cloudtaskd.errors import StoreError, StoreFull, TransitionError, is_no_space
 from cloudtaskd.redact import redact
@@ -175,8 +175,9 @@ class EventRow:
     detail: str | None = None
 
 
-class Tx:
-    """One write transaction on the writer thread: statement helpers, events and counters.
+class Transaction:
+    """One write transaction on the writer thread (the table modules see it as tables.tx.Tx):
+    statement helpers, events and counters.
 
     Counter deltas and events are buffered and written at commit, so a transaction that
     touches 10,000 tasks writes one UPDATE per job, not one per task.
@@ -246,7 +247,7 @@ def run_tx(db: sqlite3.Connection, now: float, fn: Callable[..., T], args: tuple
     """The body of every write transaction, on either database (the caller begins and commits it):
     fn(tx, *args), then the buffered counters and events. Returns fn's result and whether the
     transaction wrote event rows (the commit then wakes the event followers)."""
-    tx = Tx(db, now)
+    tx = Transaction(db, now)
     out = fn(tx, *args)
     wrote_events = bool(tx.events) or tx.sql_events
     tx.flush()
@@ -275,12 +276,6 @@ class EventWaits:
     def _events_committed(self) -> None:
         signal, self._events_signal = self._events_signal, asyncio.Event()
         signal.set()
-
-
-def task_edge(src: TaskState, dst: TaskState) -> None:
-    """Assert an edge is in the table (the bulk SQL in tables/tasks.py states its edges through this)."""
-    if not any(s == src and d == dst for (s, _), d in TASK_TRANSITIONS.items()):
-        raise AssertionError(f"illegal task transition {src} -> {dst}")
 
 
 async def _on_thread(conn: aiosqlite.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:

@@ -26,6 +26,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from cloudtaskd.core.ratelimit import TokenBucket
 from cloudtaskd.errors import ConfigError
 
 log = structlog.get_logger("cloudtaskd.http.access")
@@ -98,27 +99,6 @@ def client_key(request: web.Request) -> str:
         except OSError:
             return "unix"
     return f"ip:{request.remote}"
-
-
-class TokenBucket:
-    """`per_s` on average, bursts of up to `burst`."""
-
-    __slots__ = ("at", "burst", "per_s", "tokens")
-
-    def __init__(self, per_s: float, burst: float, now: float) -> None:
-        self.per_s = per_s
-        self.burst = burst
-        self.tokens = burst
-        self.at = now
-
-    def take(self, now: float) -> float:
-        """0 and one token spent if there is one, else the seconds until there will be."""
-        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.per_s)
-        self.at = now
-        if self.tokens < 1.0:
-            return (1.0 - self.tokens) / self.per_s
-        self.tokens -= 1.0
-        return 0.0
 
 
 class RateLimiter:

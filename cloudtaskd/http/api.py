@@ -23,6 +23,7 @@ from cloudtaskd.core import costs, retention
 from cloudtaskd.core.dispatch import AgentSessions, Dispatcher
 from cloudtaskd.core.housekeeping import Housekeeper
 from cloudtaskd.core.hub import token_hash
+from cloudtaskd.core.metrics import Metrics
 from cloudtaskd.core.states import (
     COUNTER,
     TASK_STATE_NAMES,
@@ -54,7 +55,6 @@ from cloudtaskd.fleet.orchestrator.waits import job_waiting
 from cloudtaskd.fleet.providers.base import Offer
 from cloudtaskd.http.bundles import Bundles
 from cloudtaskd.http.feeds import FOLLOWERS_MAX, ReadGate, ResultFeeds, result_line, task_dict
-from cloudtaskd.http.metrics import Metrics
 from cloudtaskd.http.observe import ObserveApi
 from cloudtaskd.http.params import decimal_number, whole_number
 from cloudtaskd.http.runs import Runs

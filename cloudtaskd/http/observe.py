@@ -20,13 +20,13 @@ from aiohttp import web
 from cloudtaskd import __version__
 from cloudtaskd.core import costs
 from cloudtaskd.core.dispatch import AgentSessions, Dispatcher
+from cloudtaskd.core.metrics import Metrics
 from cloudtaskd.core.states import COUNTER, TASK_STATES, TERMINAL_TASK_STATES, job_done, job_outcome
 from cloudtaskd.core.store import Store
 from cloudtaskd.core.tables import events, instances, jobs, tasks
 from cloudtaskd.errors import BadInput
 from cloudtaskd.fleet.orchestrator.waits import job_waiting
 from cloudtaskd.http.feeds import ReadGate
-from cloudtaskd.http.metrics import Metrics
 from cloudtaskd.http.params import decimal_number, whole_number
 from cloudtaskd.http.series import StatusSeries
 from cloudtaskd.http.status_page import STATUS_HEADERS, STATUS_HTML

@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 from cloudtaskd.core.states import OPEN_TASK_STATES, TaskEvent, sql_in
 from cloudtaskd.core.tables.bulk import bulk, postgres, sqlite_hint
+from cloudtaskd.core.tables.rows import RESULT_COLUMNS
 
 if TYPE_CHECKING:
-    from cloudtaskd.core.store import Tx
+    from cloudtaskd.core.tables.tx import Tx
 
 # (ts, kind, job_id, task_id, instance_id, detail): the order Tx.event buffers a row in.
 _INSERT = ("INSERT INTO events (ts, kind, job_id, task_id, instance_id, detail) SELECT r.value->>0,"
@@ -106,8 +107,7 @@ def latest_errors(db: sqlite3.Connection, limit: int) -> list[sqlite3.Row]:
 
 @functools.cache
 def _finished_sql(hint: str) -> str:
-    # Built on first use: tables/tasks.py (the result columns) imports the store, which imports this.
-    from cloudtaskd.core.tables.tasks import RESULT_COLUMNS
+    # One statement per hint (SQLite's partial index by name; none on PostgreSQL), built once.
     return (f"SELECT e.id AS seq, e.kind AS kind, {', '.join('t.' + c for c in RESULT_COLUMNS.split(', '))}"
             f" FROM (SELECT id, kind, task_id FROM events{hint} WHERE job_id = ? AND id > ?"
             f" AND ({FINISHED_KINDS_SQL}) ORDER BY id LIMIT ?) AS e JOIN tasks t ON t.id = e.task_id ORDER BY e.id")
@@ -115,7 +115,7 @@ def _finished_sql(hint: str) -> str:
 
 def finished(db: sqlite3.Connection, job_id: int, after: int, limit: int) -> list[sqlite3.Row]:
     """Up to `limit` task-finishing events of a job after id `after`, in order, each with its task's
-    result columns now (tables.tasks.RESULT_COLUMNS) and `seq` (the event's id) and `kind`."""
+    result columns now (tables.rows.RESULT_COLUMNS) and `seq` (the event's id) and `kind`."""
     rows: list[sqlite3.Row] = db.execute(_finished_sql(sqlite_hint(db, " INDEXED BY events_finished")),
                                          (job_id, after, limit)).fetchall()
     return rows

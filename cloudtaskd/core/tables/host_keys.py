@@ -7,7 +7,7 @@ import sqlite3
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from cloudtaskd.core.store import Tx
+    from cloudtaskd.core.tables.tx import Tx
 
 
 def get(db: sqlite3.Connection, address: str, port: int) -> str | None:

@@ -16,7 +16,7 @@ from cloudtaskd.core.states import InstanceState as IS
 from cloudtaskd.core.tables.bulk import postgres
 
 if TYPE_CHECKING:  # store.py imports this module for Tx.transition_instance
-    from cloudtaskd.core.store import Tx
+    from cloudtaskd.core.tables.tx import Tx
 
 EXTERNAL = "external"  # the provider of a machine its owner runs (POST /v1/instances), not the daemon
 _LEASED_SQL = sql_lit(TaskState.LEASED)

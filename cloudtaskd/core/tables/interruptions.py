@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from cloudtaskd.core.tables.bulk import postgres
 
 if TYPE_CHECKING:
-    from cloudtaskd.core.store import Tx
+    from cloudtaskd.core.tables.tx import Tx
 
 INTERRUPTION = "interruption"  # a kind: the cloud takes the instance ("rebalance": it may)
 

@@ -13,7 +13,7 @@ from cloudtaskd.core.tables import rows
 from cloudtaskd.core.tables.bulk import postgres
 
 if TYPE_CHECKING:  # store.py imports this module for Tx.flush
-    from cloudtaskd.core.store import Tx
+    from cloudtaskd.core.tables.tx import Tx
 
 ACTIVE, PAUSED, CANCELLED = "active", "paused", "cancelled"  # jobs.state
 OPEN, CLOSED = 1, 0  # jobs.is_open of a job created open (NULL: an ordinary job)

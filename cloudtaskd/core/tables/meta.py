@@ -6,7 +6,7 @@ import sqlite3
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from cloudtaskd.core.store import Tx
+    from cloudtaskd.core.tables.tx import Tx
 
 DAEMON_ID = "daemon_id"  # this state directory's daemon, as the API and the agents know it
 LAST_JOB_ID = "last_job_id"  # the highest id a deleted job had: job ids are not reused (tables/jobs.create)

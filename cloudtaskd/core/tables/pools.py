@@ -11,7 +11,7 @@ from cloudtaskd.core.tables import rows
 from cloudtaskd.core.tables.bulk import postgres
 
 if TYPE_CHECKING:
-    from cloudtaskd.core.store import Tx
+    from cloudtaskd.core.tables.tx import Tx
 
 _OPEN_COUNTERS = counter_sum(OPEN_TASK_STATES, "j.")  # a pool's outstanding tasks, summed over its jobs
 

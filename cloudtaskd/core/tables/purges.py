@@ -7,7 +7,7 @@ import sqlite3
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
-    from cloudtaskd.core.store import Tx
+    from cloudtaskd.core.tables.tx import Tx
 
 
 class Cursors(NamedTuple):

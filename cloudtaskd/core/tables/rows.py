@@ -28,3 +28,8 @@ def one(db: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> sqlite3
 def every(db: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
     rows: list[sqlite3.Row] = _named(db).execute(sql, params).fetchall()
     return rows
+
+
+# The tasks' columns of a result line: the results pages (tables/tasks.py) and the feed of a job's
+# results in the order they finished (tables/events.py) read the same.
+RESULT_COLUMNS = "id, key, state, result, error, failures, instance_id, duration_s, finished_at"

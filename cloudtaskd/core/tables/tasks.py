@@ -24,9 +24,11 @@ from cloudtask_wire.messages import Failure, LeaseRef, Success
 from cloudtaskd.core import states
 from cloudtaskd.core.states import TaskEvent as E
 from cloudtaskd.core.states import TaskState as S
-from cloudtaskd.core.store import Store, Tx, task_edge
+from cloudtaskd.core.states import task_edge
 from cloudtaskd.core.tables import cancels, events, jobs, rows, uploads
 from cloudtaskd.core.tables.bulk import bulk, postgres
+from cloudtaskd.core.tables.rows import RESULT_COLUMNS
+from cloudtaskd.core.tables.tx import Doors, Tx
 from cloudtaskd.core.taskfile import MAX_ID_CHARS, ParsedTask
 from cloudtaskd.errors import BadInput, CloudtaskError, TransitionError, no_job
 
@@ -282,7 +284,7 @@ def commit_upload_chunk(tx: Tx, upload_id: int, job_id: int, after_id: int = 0,
     return max(ids)
 
 
-async def finish_upload(store: Store, upload_id: int, job_id: int, *, commit: bool) -> None:
+async def finish_upload(store: Doors, upload_id: int, job_id: int, *, commit: bool) -> None:
     """Queue (commit=True) or discard a staged upload, one short transaction per chunk so that
     dispatch keeps running between them."""
     step = commit_upload_chunk if commit else reject_upload_chunk
@@ -825,7 +827,7 @@ def _cancel_finished(tx: Tx, job_id: int, total: int, done: int,
     return CancelProgress(job_id, total, done, True, revoke or [])
 
 
-async def cancel_all(store: Store, job_id: int, limit: int = CANCEL_CHUNK) -> CancelProgress:
+async def cancel_all(store: Doors, job_id: int, limit: int = CANCEL_CHUNK) -> CancelProgress:
     """Cancel a job to its end here, chunk after chunk (tests, tools): the daemon leaves the chunks
     after the first to its housekeeper. The returned revoke holds every chunk's leases."""
     progress = await store.write(cancel_job, job_id)
@@ -900,7 +902,6 @@ _LEASED_SQL = states.sql_lit(S.LEASED)
 _WORKED_SQL = states.sql_in(states.WORKED_TASK_STATES)
 _TERMINAL_SQL = states.sql_in(states.TERMINAL_TASK_STATES)
 # A task's result line (feeds.task_dict): the columns the results streams read.
-RESULT_COLUMNS = "id, key, state, result, error, failures, instance_id, duration_s, finished_at"
 
 
 def leases_by_instance(db: sqlite3.Connection) -> dict[str, int]:

@@ -11,7 +11,7 @@ from cloudtaskd.core.tables import rows
 from cloudtaskd.core.tables.bulk import postgres
 
 if TYPE_CHECKING:  # store.py's Tx; tables/tasks.py imports this module
-    from cloudtaskd.core.store import Tx
+    from cloudtaskd.core.tables.tx import Tx
 
 STAGING, COMMITTING, COMMITTED, REJECTED = "staging", "committing", "committed", "rejected"
 RECEIVING = (STAGING, COMMITTING)  # an upload under way: its job may not be deleted or withdrawn

@@ -27,6 +27,7 @@ from cloudtaskd.config import Config
 from cloudtaskd.core import costs
 from cloudtaskd.core.dispatch import AgentSessions, Dispatcher
 from cloudtaskd.core.hub import token_hash
+from cloudtaskd.core.metrics import Metrics
 from cloudtaskd.core.states import InstanceEvent, InstanceState
 from cloudtaskd.core.store import Store, Tx
 from cloudtaskd.core.tables import instances
@@ -43,7 +44,6 @@ from cloudtaskd.fleet.orchestrator.selection import Candidate, Needs, Policy, co
 from cloudtaskd.fleet.orchestrator.waits import Limits, explain
 from cloudtaskd.fleet.providers.base import LaunchSpec, Offer, Provider
 from cloudtaskd.http.bundles import bundle_limits
-from cloudtaskd.http.metrics import Metrics
 from cloudtaskd.redact import redact
 
 log = structlog.get_logger("cloudtaskd.reconciler")

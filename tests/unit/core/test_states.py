@@ -14,9 +14,9 @@ from cloudtaskd.core.states import (
     TaskEvent,
     TaskState,
     instance_next,
+    task_edge,
     task_sources,
 )
-from cloudtaskd.core.store import task_edge
 
 
 def test_every_task_state_is_reachable_and_non_terminal_ones_can_leave() -> None:

@@ -13,12 +13,12 @@ import pytest
 from cloudtaskd.config import Config
 from cloudtaskd.core.dispatch import Dispatcher
 from cloudtaskd.core.hub import AgentHub
+from cloudtaskd.core.metrics import Metrics
 from cloudtaskd.core.store import Store
 from cloudtaskd.errors import NotFound
 from cloudtaskd.fleet.orchestrator.reconciler import Reconciler
 from cloudtaskd.http.bundles import Bundles
 from cloudtaskd.http.feeds import ReadGate
-from cloudtaskd.http.metrics import Metrics
 from cloudtaskd.http.submissions import Submissions
 from tests.conftest import make_config
 

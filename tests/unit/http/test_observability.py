@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cloudtask_wire.workerspec import WorkerSpec
 from cloudtaskd.config import ApiConfig, Config, LocalProviderConfig, ProvidersConfig, Secret
 from cloudtaskd.core.dispatch import Dispatcher
+from cloudtaskd.core.metrics import Metrics
 from cloudtaskd.core.store import Store
 from cloudtaskd.core.tables.events import ERROR_KINDS_SQL
 from cloudtaskd.daemon import Daemon
@@ -28,7 +29,6 @@ from cloudtaskd.errors import CapacityError, QuotaExceeded
 from cloudtaskd.fleet.orchestrator.reconciler import Reconciler
 from cloudtaskd.fleet.orchestrator.selection import Candidate
 from cloudtaskd.fleet.providers.base import CloudInstance, LaunchSpec, Offer
-from cloudtaskd.http.metrics import Metrics
 from tests.conftest import ROOT, UnixApi, make_config, wait_for
 from tests.procs import bundle
 
