@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import psycopg
 import pytest
 
@@ -106,7 +107,12 @@ async def _logged(daemon: DaemonProcess, event: str) -> bool:
 
 async def _done(daemon: DaemonProcess, job_id: int, timeout: float) -> dict[str, Any]:
     async def done() -> dict[str, Any] | None:
-        j = await daemon.get(f"/v1/jobs/{job_id}")
+        try:
+            j = await daemon.get(f"/v1/jobs/{job_id}")
+        except aiohttp.ClientResponseError as exc:
+            if exc.status == 503:  # the database restarting: the API says so, and answers again after
+                return None
+            raise
         return j if j["done"] else None
     return await wait_for(done, timeout=timeout, interval=0.5, message=f"job {job_id} done")  # type: ignore[no-any-return]
 
