@@ -10,7 +10,6 @@ import time
 from typing import Any
 
 import psycopg
-import pytest
 
 from cloudtaskd.core.pg import replica
 from cloudtaskd.core.pg.leader import Leadership
