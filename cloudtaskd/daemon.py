@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fcntl
+import os
 import signal
+import socket
 import sys
 import uuid
 from collections.abc import Callable
@@ -27,6 +29,9 @@ from cloudtaskd.core.dispatch import Dispatcher
 from cloudtaskd.core.housekeeping import Housekeeper
 from cloudtaskd.core.hub import AgentHub
 from cloudtaskd.core.metrics import Metrics
+from cloudtaskd.core.pg import replica
+from cloudtaskd.core.pg.leader import Leadership
+from cloudtaskd.core.pg.notify import Listener
 from cloudtaskd.core.pg.store import PgStore
 from cloudtaskd.core.store import Store, Tx
 from cloudtaskd.core.tables import instances, meta
@@ -109,6 +114,9 @@ class Daemon:
         self._lock_file: IO[str] | None = None
         self.providers: list[tuple[Provider, int]] = []
         self.reconciler: Reconciler | None = None
+        # Replicas on PostgreSQL only (None on SQLite: one daemon, always the orchestrator).
+        self.leadership: Leadership | None = None
+        self.broadcaster: replica.Broadcaster | None = None
         self.api: ControlApi | None = None
         self.failed = asyncio.Event()
         # Told the new level when a reload changes log_level (serve(): logging set up again).
@@ -173,7 +181,8 @@ class Daemon:
         reconciler = self.reconciler = Reconciler(
             store=self.store, dispatcher=self.dispatcher, providers=self.providers, config=self.config,
             agent_url=self.agent_url, metrics=self.metrics, sessions=self.dispatcher.sessions, market=self.market,
-            agent_ca=self.agent_ca, on_instance_end=self.hub.disconnect)
+            agent_ca=self.agent_ca, on_instance_end=self.hub.disconnect,
+            presence_ttl_s=replica.PRESENCE_TTL_S if self.config.postgres else None)
         api = self.api = ControlApi(
             store=self.store, dispatcher=self.dispatcher, config=self.config, metrics=self.metrics,
             sessions=self.dispatcher.sessions, market=self.market, series=self.series, housekeeper=self.housekeeper,
@@ -183,7 +192,10 @@ class Daemon:
         await self._control_listeners(api)
 
         self._spawn("dispatcher", self.dispatcher.run())
-        self._spawn("reconciler", reconciler.run())
+        if self.config.postgres:
+            self._replicate(reconciler)
+        else:
+            self._spawn("reconciler", reconciler.run())
         self._spawn("bundle_pruner", self._prune_bundles())
         self._spawn("status_series", self.series.run())
         # Goes on at once with a cancel or delete a crash cut short (their rows say where).
@@ -191,6 +203,26 @@ class Daemon:
         self._spawn("runs", self.runs.run())
         log.info("daemon_ready", agent_url=self.agent_url, socket=str(self.config.socket_path),
                  api_url=self.api_url or None)
+
+    def _replicate(self, reconciler: Reconciler) -> None:
+        """On PostgreSQL, each replica contends for the orchestrator and runs it only while it leads
+        (leader.py); tells the others of work it made ready and listens for theirs (notify.py); writes
+        its agents' presence for the leader; and looks for work every few seconds regardless. The
+        dispatcher, the housekeeping and the control API run on every replica (docs/replicas.md)."""
+        dsn = self.config.database.reveal()
+        self.leadership = Leadership(dsn, name=f"{socket.gethostname()}:{os.getpid()}")
+        gate = replica.LeaderGate(self.leadership, reconciler.run, name="reconciler")
+        self.leadership.on_change = gate.on_change
+        broadcaster = self.broadcaster = replica.Broadcaster(dsn)
+        self.dispatcher.on_work = broadcaster.announce
+        wake = partial(self.dispatcher.notify_work, announce=False)
+        listener = Listener(dsn, on_notify=lambda payload: replica.woken(payload, wake))
+        self._spawn("leadership", self.leadership.run())
+        self._spawn("reconciler", gate.run())
+        self._spawn("pg_notify", broadcaster.run())
+        self._spawn("pg_listener", listener.run())
+        self._spawn("presence", replica.presence(self.store, lambda: list(self.dispatcher.sessions)))
+        self._spawn("repoll", replica.repoll(lambda: self.dispatcher.notify_work(announce=False)))
 
     async def _runner(self, app: web.Application) -> web.AppRunner:
         """A set-up runner for one listener, stopped with the daemon (the agent listener first)."""
@@ -364,6 +396,11 @@ class Daemon:
             with suppress(Exception):
                 await runner.cleanup()
         del self._runners[1:]
+        if self.leadership is not None:
+            # Another replica takes the orchestrator at its next try, not when this session ends; the
+            # gate cancels this one's reconciler loop at once (stop_all below is this host's only).
+            with suppress(Exception):
+                await self.leadership.resign()
         if self.reconciler is not None:
             with suppress(Exception):
                 await self.reconciler.stop_all(self.shutdown_grace_s, self._local_names() if keep_remote else None)
@@ -393,6 +430,8 @@ class Daemon:
         """Tunnels, providers' clients, the database and the state lock (with the socket it guards)."""
         if self.tunnels is not None:
             await self.tunnels.close_all()
+        if self.broadcaster is not None:
+            await self.broadcaster.close()
         for provider, _ in self.providers:
             with suppress(Exception):
                 await provider.close()

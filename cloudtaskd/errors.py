@@ -110,6 +110,18 @@ class TransitionError(StoreError):
     """A state change found its row in another state than expected: a lost race, refused cleanly."""
 
 
+class FleetFull(StoreError):
+    """No launch: the fleet is at scaling.max_instances or the provider's max_instances, counted over
+    every replica's instances in the database (one quota pool)."""
+
+    def __init__(self, limit_key: str, limit: int, live: int) -> None:
+        self.limit_key = limit_key  # the config key whose limit was reached
+        self.limit = limit
+        self.live = live
+        super().__init__(f"{limit_key} is {limit} and {live} instances are live: no launch until one ends"
+                         f" (raise {limit_key} to allow more)")
+
+
 class LeaseError(CloudtaskError):
     """A lease report was refused (stale fencing token, or the task is no longer leased)."""
 

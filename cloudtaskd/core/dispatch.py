@@ -101,6 +101,7 @@ class Dispatcher:
         self.backoff = (0.0, 0.0)
         self.apply_config(config)
         self.sessions: dict[str, Session] = {}
+        self.on_work: Callable[[int | None], None] | None = None  # replicas: Broadcaster.announce
         self._reports = queue.Reports()
         self._wake = asyncio.Event()
         self._pool_gen: dict[int, int] = defaultdict(int)
@@ -170,8 +171,11 @@ class Dispatcher:
         self._wanting[session.pool_id][session] = None
         return session.pool_id not in self._pool_empty
 
-    def notify_work(self, pool_id: int | None = None) -> None:
-        """Tasks became queued (upload, retry, requeue): connections waiting with credit get them."""
+    def notify_work(self, pool_id: int | None = None, *, announce: bool = True) -> None:
+        """Tasks became queued (upload, retry, requeue): connections waiting with credit get them.
+        With replicas, `on_work` announces it to the others (announce=False: the wake-up came from one)."""
+        if announce and self.on_work is not None:
+            self.on_work(pool_id)
         pools = [pool_id] if pool_id is not None else list(self._pool_empty)
         for p in pools:
             self._pool_gen[p] += 1

@@ -10,3 +10,4 @@ _PREFIX = int.from_bytes(b"ctsk") << 32
 
 MIGRATE = _PREFIX | 1  # held (per transaction) while the schema is checked and upgraded
 LEADER = _PREFIX | 2  # held (per session) by the one replica that runs the orchestrator
+QUOTA = _PREFIX | 3  # held (per transaction) while a launch counts the live instances and inserts its row

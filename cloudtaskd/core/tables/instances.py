@@ -11,9 +11,11 @@ from __future__ import annotations
 import sqlite3
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from cloudtaskd.core.pg import locks
 from cloudtaskd.core.states import ACTIVE_INSTANCE_STATES, AGENT_INSTANCE_STATES, TaskState, sql_in, sql_lit
 from cloudtaskd.core.states import InstanceState as IS
 from cloudtaskd.core.tables.bulk import postgres
+from cloudtaskd.errors import FleetFull
 
 if TYPE_CHECKING:  # store.py imports this module for Tx.transition_instance
     from cloudtaskd.core.tables.tx import Tx
@@ -115,6 +117,30 @@ def touch(tx: Tx, instance_id: str) -> None:
     tx.db.execute("UPDATE instances SET last_seen_at = ? WHERE id = ?", (tx.now, instance_id))
 
 
+def touch_many(tx: Tx, instance_ids: list[str]) -> None:
+    """These agents are connected to this replica now. On PostgreSQL each replica writes this for its
+    own agents every few seconds, so the leader knows which agents live on another replica."""
+    if instance_ids:
+        tx.db.execute(f"UPDATE instances SET last_seen_at = ? WHERE id IN ({','.join('?' * len(instance_ids))})",
+                      (tx.now, *instance_ids))
+
+
+def reserve_place(tx: Tx, provider: str, *, max_total: int, max_provider: int) -> None:
+    """Refuse a launch over scaling.max_instances or the provider's max_instances (FleetFull), counting
+    every live instance in the database, whoever launched it. Run in the transaction that inserts the
+    row: on PostgreSQL under a transaction-scoped advisory lock, so two replicas launching at once
+    (even two leaders for a moment) count each other's rows; SQLite has a single writer already."""
+    if postgres(tx.db):
+        tx.db.execute("SELECT pg_advisory_xact_lock(?)", (locks.QUOTA,))
+    live, mine = tx.db.execute(
+        "SELECT count(*), coalesce(sum(CASE WHEN provider = ? THEN 1 ELSE 0 END), 0)"
+        f" FROM instances WHERE state != {_STOPPED} AND provider != {_EXTERNAL}", (provider,)).fetchone()
+    if live >= max_total:
+        raise FleetFull("scaling.max_instances", max_total, int(live))
+    if mine >= max_provider:
+        raise FleetFull(f"providers.{provider}.max_instances", max_provider, int(mine))
+
+
 def with_agents(db: sqlite3.Connection) -> list[sqlite3.Row]:
     """(id, provider) of the instances whose agent is out there or coming: starting, running, draining."""
     rows: list[sqlite3.Row] = db.execute(f"SELECT id, provider FROM instances WHERE state IN {_AGENTS}").fetchall()
@@ -177,7 +203,7 @@ def live_of_provider(db: sqlite3.Connection, provider: str) -> list[sqlite3.Row]
     """One provider's instances not stopped, as its sync needs them: id, pool_id, state, created_at,
     state_changed_at, interrupted_at, and from the offer `spot` and `offer_key`."""
     rows: list[sqlite3.Row] = db.execute(
-        "SELECT id, pool_id, state, created_at, state_changed_at, interrupted_at,"
+        "SELECT id, pool_id, state, created_at, state_changed_at, interrupted_at, last_seen_at,"
         f" {_offer(db, 'spot')} AS spot, {_offer(db, 'key')} AS offer_key"
         f" FROM instances WHERE provider = ? AND state != {_STOPPED}",
         (provider,),

@@ -659,17 +659,25 @@ def requeue_interrupted(tx: Tx) -> tuple[list[tuple[int, str | None]], set[int]]
     rows = tx.db.execute(
         "SELECT t.id, t.job_id, t.attempt, t.pool_id, t.instance_id FROM tasks t"
         " JOIN instances i ON i.id = t.instance_id"
-        " WHERE t.state = 'leased' AND t.lease_expires_at <= ? AND i.interrupted_at IS NOT NULL",
+        " WHERE t.state = 'leased' AND t.lease_expires_at <= ? AND i.interrupted_at IS NOT NULL"
+        f"{_sweep_lock(tx.db, 'OF t ')}",
         (tx.now,),
     ).fetchall()
     return [(r[0], r[4]) for r in rows], _requeue(tx, rows, "its instance was interrupted")
+
+
+def _sweep_lock(db: Any, of: str = "") -> str:
+    """Replicas sweep expired leases at once: on PostgreSQL each locks the rows it will count (and
+    skips those another sweep, or a heartbeat renewing them, holds), so a lease is counted expired
+    once and never after its renewal committed. SQLite has one writer: nothing to add."""
+    return f" FOR UPDATE {of}SKIP LOCKED" if postgres(db) else ""
 
 
 def expire_leases(tx: Tx, backoff: tuple[float, float]) -> list[tuple[int, str | None]]:
     """Leases past their visibility timeout count as a failed attempt. Returns (task, instance)."""
     rows = tx.db.execute(
         "SELECT id, job_id, attempt, failures, max_attempts, instance_id FROM tasks"
-        " WHERE state = 'leased' AND lease_expires_at <= ?",
+        f" WHERE state = 'leased' AND lease_expires_at <= ?{_sweep_lock(tx.db)}",
         (tx.now,),
     ).fetchall()
     retry, dead = [], []

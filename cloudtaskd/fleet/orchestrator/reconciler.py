@@ -34,7 +34,7 @@ from cloudtaskd.core.tables import instances
 from cloudtaskd.core.tables import jobs as job_rows
 from cloudtaskd.core.tables import pools as pool_rows
 from cloudtaskd.core.tables import tasks as queue
-from cloudtaskd.errors import ProviderError, StoreFull, TransitionError
+from cloudtaskd.errors import FleetFull, ProviderError, StoreFull, TransitionError
 from cloudtaskd.fleet import interruptions
 from cloudtaskd.fleet.orchestrator.backoff import OfferBackoff
 from cloudtaskd.fleet.orchestrator.failures import Blocked, LaunchFailures
@@ -42,7 +42,7 @@ from cloudtaskd.fleet.orchestrator.market import Market
 from cloudtaskd.fleet.orchestrator.scaling import InstanceView, PoolView, Targets, decide, reclaim
 from cloudtaskd.fleet.orchestrator.selection import Candidate, Needs, Policy, combine, why_no_offer
 from cloudtaskd.fleet.orchestrator.waits import Limits, explain
-from cloudtaskd.fleet.providers.base import LaunchSpec, Offer, Provider
+from cloudtaskd.fleet.providers.base import CloudInstance, LaunchSpec, Offer, Provider
 from cloudtaskd.http.bundles import bundle_limits
 from cloudtaskd.redact import redact
 
@@ -60,12 +60,15 @@ class Reconciler:
     def __init__(self, *, store: Store, dispatcher: Dispatcher, providers: list[tuple[Provider, int]],
                  config: Config, agent_url: str, metrics: Metrics, sessions: AgentSessions,
                  market: Market | None = None, agent_ca: bytes = b"",
-                 on_instance_end: Callable[[str], Awaitable[None]] | None = None) -> None:
+                 on_instance_end: Callable[[str], Awaitable[None]] | None = None,
+                 presence_ttl_s: float | None = None) -> None:
         """providers: (provider, its max_instances), in order of preference. dispatcher: told of
         work, revoked leases and drains; sessions: which agents are connected (read only); metrics:
         where failed launches are counted; agent_ca: the daemon's CA certificate (PEM) agents pin,
         empty when TLS is off; on_instance_end: told of each instance that ends (the hub closes
-        its connections)."""
+        its connections). presence_ttl_s (replicas on PostgreSQL): an agent is connected if this
+        replica holds its session, or another replica wrote its last_seen_at within this long
+        (Presence, daemon.py); None (SQLite, one daemon): only this process's sessions count."""
         self.market = market or Market(store, [p for p, _ in providers], {})
         self.store = store
         self.dispatcher = dispatcher
@@ -77,6 +80,7 @@ class Reconciler:
         self.agent_url = agent_url
         self.agent_ca = agent_ca
         self.on_instance_end = on_instance_end
+        self.presence_ttl_s = presence_ttl_s
         self._idle_since: dict[str, float] = {}
         self._absent_since: dict[str, float] = {}  # running instance -> first seen without its agent
         self._last_work: dict[int, float] = {}
@@ -196,6 +200,13 @@ class Reconciler:
             present = inst in cloud
             if inst in self._launching:
                 continue
+            if not present and self._elsewhere(provider, inst):
+                # A local agent of another replica's host: this provider cannot list it. It is
+                # taken as there while its agent is connected to some replica (below).
+                if state in (InstanceState.PENDING, InstanceState.STOPPING):
+                    continue  # the replica that launched it ends it (its own first sync, or its stop)
+                present = True
+                cloud[inst] = CloudInstance(inst, "")
             if state == InstanceState.PENDING:
                 await self._abandoned_launch(provider, inst, made=present)
                 continue
@@ -241,7 +252,8 @@ class Reconciler:
                 else:
                     await self._terminate(inst)
                 continue
-            if state == InstanceState.DRAINING and inst not in self.sessions:
+            connected = self._connected(inst, row, now)
+            if state == InstanceState.DRAINING and not connected:
                 # Its agent has gone. Holding nothing, it finished draining: stop paying for the
                 # machine now. Still holding leases past a grace: unreachable; the leases expire
                 # and are retried, and the machine itself must not run on.
@@ -254,7 +266,7 @@ class Reconciler:
                     await self._move(inst, InstanceEvent.DRAINED, error="drained while its agent was unreachable")
                     await self._terminate(inst)
                     continue
-            if state == InstanceState.RUNNING and inst in self.sessions:
+            if state == InstanceState.RUNNING and connected:
                 self._absent_since.pop(inst, None)
             elif state == InstanceState.RUNNING:
                 # Counted from this process's first look: after a restart, from the restart (the
@@ -287,6 +299,18 @@ class Reconciler:
             except Exception as exc:  # the next sync lists it again and retries; the others go on
                 log.warning("leaked_instance_terminate_failed", instance=inst, provider=provider.name,
                             error=redact(str(exc)))
+
+    def _elsewhere(self, provider: Provider, inst: str) -> bool:
+        """With replicas: an instance of a host-bound provider (local) that another replica's host runs."""
+        owns = getattr(provider, "owns", None)
+        return self.presence_ttl_s is not None and owns is not None and not owns(inst)
+
+    def _connected(self, inst: str, row: Any, now: float) -> bool:
+        """Its agent is connected to this replica, or (replicas) was seen by another one lately."""
+        if inst in self.sessions:
+            return True
+        seen = row["last_seen_at"]
+        return self.presence_ttl_s is not None and seen is not None and now - seen < self.presence_ttl_s
 
     async def _abandoned_launch(self, provider: Provider, inst: str, *, made: bool) -> None:
         """A PENDING row that no launch of this process is making: the daemon died between recording
@@ -617,7 +641,14 @@ class Reconciler:
         offer = cand.offer
         self._launching.add(inst)
         try:
-            await self.store.write(_insert_instance, inst, pool_id, cand, token_hash(token))
+            try:
+                await self.store.write(_insert_instance, inst, pool_id, cand, token_hash(token),
+                                       self.config.scaling.max_instances, self.limits[provider.name])
+            except FleetFull as exc:
+                # Another replica's launches (or a leader that has just stepped down) took the room this
+                # tick's view saw: nothing was inserted, the next tick decides again from the rows.
+                log.info("launch_refused_full", provider=provider.name, pool=pool_id, reason=str(exc))
+                return
             workers = self.config.state_path / "workers"
             spec = LaunchSpec(inst, pool_id, Path(pool["path"]), self.agent_url, token, cand.slots,
                               worker_bundle=workers / f"{pool['digest']}.tar.gz",
@@ -659,7 +690,8 @@ class Reconciler:
         """
         self.paused = True
         rows = [r for r in await self.store.read(instances.to_stop)
-                if providers is None or r["provider"] in providers]
+                if (providers is None or r["provider"] in providers)
+                and not (r["provider"] in self.providers and self._elsewhere(self.providers[r["provider"]], r["id"]))]
         for r in rows:
             if r["state"] == "running":
                 await self.drain(r["id"])
@@ -691,8 +723,12 @@ class Reconciler:
         return len(pending)
 
 
-def _insert_instance(tx: Tx, inst: str, pool_id: int, cand: Candidate, hashed: str) -> None:
+def _insert_instance(tx: Tx, inst: str, pool_id: int, cand: Candidate, hashed: str, max_total: int,
+                     max_provider: int) -> None:
     o = cand.offer
+    # The row is written before the provider is asked (an orchestrator taking over adopts or ends it),
+    # and only if the one pool of places, counted over every replica's rows, has room.
+    instances.reserve_place(tx, o.provider, max_total=max_total, max_provider=max_provider)
     offer = json.dumps({"provider": o.provider, "machine_type": o.machine_type, "zone": o.zone, "region": o.region,
                         "spot": o.spot, "cpus": o.cpus, "memory_gb": o.memory_gb, "gpus": o.gpus, "key": o.key})
     instances.add(tx, inst, provider=o.provider, pool_id=pool_id, state=InstanceState.PENDING, slots=cand.slots,

@@ -125,6 +125,11 @@ class LocalProvider:
         log.info("local_agent_started", instance=spec.instance_id, pid=proc.pid, slots=spec.slots)
         return CloudInstance(spec.instance_id, str(proc.pid))
 
+    def owns(self, instance_id: str) -> bool:
+        """Launched on this host (its directory is here, alive or not). Replicas on other hosts each
+        have a local provider of their own: the leader judges their local agents by presence alone."""
+        return (self.dir / instance_id).is_dir()
+
     def publish_urls(self, urls: tuple[str, ...]) -> list[str]:
         """Tell every live local agent where the daemon (and each replica) now listens: they read
         it before each connection. Returns the instances told."""
