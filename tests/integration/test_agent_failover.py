@@ -188,7 +188,9 @@ async def test_agent_moves_to_the_next_daemon_when_its_daemon_is_killed_keeping_
 
     connected = log_events(agent_log, "agent_connected")
     assert [c["url"] for c in connected] == urls, connected
-    assert connected[1]["kept"] > 0 and connected[1]["dropped"] == 0, "B kept the leases the hello listed"
+    # Dropped on B: only tasks whose result A committed but had not acknowledged when it died (the
+    # agent lists them so the lease holds for the resent report); each still has one result above.
+    assert connected[1]["kept"] > 0, "B kept the leases the hello listed"
     kinds = event_counts(daemon.state_dir / "cloudtask.db")
     assert kinds.get("lease_expired", 0) == 0, kinds
     assert kinds.get("stale_report_refused", 0) == 0, kinds
