@@ -3,7 +3,7 @@
 
     pip install -e '.[bench]'
     python benchmarks/procrastinate_compare.py [--tasks 20000] [--workers 2] [--concurrency 64]
-                                               [--ours sqlite] [--runs 3]
+                                               [--ours sqlite] [--ours postgresql] [--runs 3]
 
 procrastinate's side: a real PostgreSQL (tests/fakes/postgres.py: Debian's package, initdb in a temp dir,
 127.0.0.1, a free port, stopped by PID), a fresh database per run with procrastinate's schema applied,
@@ -20,11 +20,12 @@ empty), until all are done. It prints:
 `--ours sqlite` interleaves our side, run by benchmarks/dispatch.py's run_dispatch with `--workers`
 agents of `--concurrency` slots each and the same N: enqueue (upload+queue) tasks/s, processing
 tasks/s (tasks committed to the last result) and the agents' lease round trip p50/p99 (a credit sent
-to its grant received: the nearest thing to procrastinate's fetch). `--ours postgresql` is the hook for
-the PostgreSQL store and refuses until that store exists.
+to its grant received: the nearest thing to procrastinate's fetch). `--ours postgresql` runs our
+daemon with `database:` on the same PostgreSQL server as procrastinate (a fresh database each run).
 
-PostgreSQL runs as the fake's defaults: fsync, synchronous_commit and full_page_writes off, while our
-SQLite side is durable (WAL, synchronous=FULL): that favours procrastinate, and the report says so.
+PostgreSQL runs as the fake's defaults: fsync, synchronous_commit and full_page_writes off (for both
+queues on it), while our SQLite side is durable (WAL, synchronous=FULL): that favours the PostgreSQL
+sides, and the report says so.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import metadata
@@ -225,11 +227,22 @@ async def _ours_sqlite(server: PostgresServer, *, tasks: int, workers: int, conc
                    note=f"daemon CPU {r.daemon_cpu_s:.1f} s over {r.total_s:.1f} s")
 
 
+async def _ours_postgresql(server: PostgresServer, *, tasks: int, workers: int, concurrency: int,
+                           prefetch: int) -> Figures:
+    """Our daemon with `database:` on the same PostgreSQL server as procrastinate's, a fresh database."""
+    database = f"ours_{uuid.uuid4().hex[:8]}"
+    await _admin(server, f"CREATE DATABASE {database}")
+    r = await run_dispatch(tasks=tasks, agents=workers, slots=concurrency, prefetch=prefetch,
+                           database=server.dsn(database))
+    if r.succeeded != tasks:
+        raise SystemExit(f"ours postgresql: {r.succeeded} of {tasks} tasks succeeded")
+    return Figures(side="ours postgresql", done=r.succeeded, enqueue_per_s=tasks / r.queue_s,
+                   processing_per_s=r.tasks_per_s, latency_name="lease round trip", latency_s=r.lease_rtts_s,
+                   note=f"daemon CPU {r.daemon_cpu_s:.1f} s over {r.total_s:.1f} s")
+
+
 OursRunner = Callable[..., Awaitable[Figures]]
-# HOOK (issue 17): cloudtaskd's PostgreSQL store. When it lands, give run_dispatch a `database:` config
-# (server.dsn(...) of a fresh database, as run_procrastinate makes) and put the runner here; until then
-# the option refuses rather than print a figure that is not ours on PostgreSQL.
-OURS: dict[str, OursRunner | None] = {"sqlite": _ours_sqlite, "postgresql": None}
+OURS: dict[str, OursRunner] = {"sqlite": _ours_sqlite, "postgresql": _ours_postgresql}
 
 
 # --- the session ----------------------------------------------------------------------------------------
@@ -268,7 +281,7 @@ async def compare(args: argparse.Namespace, server: PostgresServer) -> None:
     print(_machine_note(server))
     print(f"tasks={args.tasks} procrastinate: workers={args.workers} concurrency={args.concurrency} "
           f"pool={pool_size} batch={args.batch} analyze={'yes' if args.analyze else 'no'}"
-          + (f"; ours {args.ours}: agents={args.workers} slots={args.concurrency} prefetch={args.prefetch}"
+          + (f"; ours {', '.join(args.ours)}: agents={args.workers} slots={args.concurrency} prefetch={args.prefetch}"
              if args.ours else ""), flush=True)
     results: dict[str, list[Figures]] = {}
     with tempfile.TemporaryDirectory(prefix="cloudtask-bench-procrastinate-") as tmp:
@@ -278,11 +291,9 @@ async def compare(args: argparse.Namespace, server: PostgresServer) -> None:
                                                concurrency=args.concurrency, pool_size=pool_size,
                                                batch=args.batch, analyze=args.analyze, workdir=Path(tmp))]
             print(f"run {run}/{args.runs} {figures[-1].line()}", flush=True)
-            if args.ours:
-                runner = OURS[args.ours]
-                assert runner is not None  # refused in main()
-                figures.append(await runner(server, tasks=args.tasks, workers=args.workers,
-                                            concurrency=args.concurrency, prefetch=args.prefetch))
+            for ours in args.ours or ():
+                figures.append(await OURS[ours](server, tasks=args.tasks, workers=args.workers,
+                                                concurrency=args.concurrency, prefetch=args.prefetch))
                 print(f"run {run}/{args.runs} {figures[-1].line()}", flush=True)
             for f in figures:
                 results.setdefault(f.side, []).append(f)
@@ -304,7 +315,8 @@ def main() -> None:
     ap.add_argument("--no-analyze", dest="analyze", action="store_false",
                     help="leave procrastinate_jobs without planner statistics after deferring (a fresh table)")
     ap.add_argument("--prefetch", type=int, default=512, help="our agents' prefetch (with --ours)")
-    ap.add_argument("--ours", choices=sorted(OURS), help="also run cloudtask's dispatch on this store, interleaved")
+    ap.add_argument("--ours", choices=sorted(OURS), action="append",
+                    help="also run cloudtask's dispatch on this store, interleaved (repeatable)")
     ap.add_argument("--runs", type=int, default=1)
     # Internal: how the session starts each procrastinate worker process.
     ap.add_argument("--worker-process", action="store_true", help=argparse.SUPPRESS)
@@ -315,9 +327,6 @@ def main() -> None:
     if args.worker_process:
         asyncio.run(worker_process(args.dsn, args.concurrency, args.pool_size, args.stats_file))
         return
-    if args.ours and OURS[args.ours] is None:
-        raise SystemExit(f"--ours {args.ours}: cloudtaskd has no {args.ours} store yet (issue 17), so there is no "
-                         "figure of ours to measure; use --ours sqlite, or leave --ours out")
     for flag, value in (("--tasks", args.tasks), ("--workers", args.workers), ("--concurrency", args.concurrency),
                         ("--batch", args.batch), ("--runs", args.runs)):
         if value < 1:
