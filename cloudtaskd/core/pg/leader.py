@@ -71,8 +71,8 @@ class Leadership:
         return self.leading.is_set()
 
     def _reach(self, ok: bool, reason: str = "") -> None:
-        if ok == self.reachable.is_set() and ok != self.unreachable.is_set():
-            return
+        if self._resigned or (ok == self.reachable.is_set() and ok != self.unreachable.is_set()):
+            return  # resigned: this replica is stopping and closed the probe itself
         if ok:
             self.unreachable.clear()
             self.reachable.set()

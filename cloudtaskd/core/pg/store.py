@@ -53,7 +53,7 @@ PAGE_BYTES = 8192  # PostgreSQL's block size, for free_pages' answer
 # reports being fenced) that every other replica's SKIP LOCKED then passes over: the server ends
 # such a session after this long idle in its transaction. Our transactions run in one go on the
 # session's thread, never waiting on a person or the network in between.
-IDLE_IN_TRANSACTION_S = 10
+IDLE_IN_TRANSACTION_S = 5  # and meanwhile another replica's round waits on those rows (FOR UPDATE)
 # The server also drops a peer that vanished (a host gone, a cable pulled) by TCP keepalives.
 SERVER_SETTINGS = {
     "idle_in_transaction_session_timeout": str(IDLE_IN_TRANSACTION_S * 1000),
