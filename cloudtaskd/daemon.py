@@ -218,6 +218,11 @@ class Daemon:
         wake = partial(self.dispatcher.notify_work, announce=False)
         listener = Listener(dsn, on_notify=lambda payload: replica.woken(payload, wake))
         self._spawn("leadership", self.leadership.run())
+        store = self.store
+        assert isinstance(store, PgStore)
+        self._spawn("pg_cutoff", replica.cutoff(
+            self.leadership, abort_store=store.abort_sessions,
+            close_agents=partial(self.hub.close_all, b"this replica cannot reach the database: use another")))
         self._spawn("reconciler", gate.run())
         self._spawn("pg_notify", broadcaster.run())
         self._spawn("pg_listener", listener.run())

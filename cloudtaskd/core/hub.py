@@ -274,10 +274,12 @@ class AgentHub:
         # each time, and 2,000 agents reconnecting took two minutes (benchmarks/scale.py)
         return await self.store.write(_authenticate_tx, hello.instance, hashed, urgent=True)
 
-    async def close_all(self) -> None:
-        for ws in list(self.sockets):
+    async def close_all(self, message: bytes = b"daemon shutting down") -> None:
+        async def close(ws: web.WebSocketResponse) -> None:
             with suppress(Exception):
-                await ws.close(code=WSCloseCode.GOING_AWAY, message=b"daemon shutting down")
+                await ws.close(code=WSCloseCode.GOING_AWAY, message=message)
+        # At once, not one after another: each close waits for its agent's answer.
+        await asyncio.gather(*(close(ws) for ws in list(self.sockets)))
 
 
 def _authenticate_tx(tx: Tx, instance_id: str, hashed: str) -> tuple[int, bool] | None:

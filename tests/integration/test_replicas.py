@@ -7,25 +7,34 @@ agents registered on the other replica by hand (given that replica's URL first).
   (results and the tasks table), the orchestrator moves to the survivor within 10 s (measured), and
   no instance is launched again or leaked (the local agents of the dead replica are adopted).
 - PostgreSQL restarted mid-job: the replicas and the agents carry on, nothing lost or doubled.
+- The leader cut off from the database (its path black-holed: packets swallowed, nothing refused):
+  it steps down and stops leasing before the other leads, its agents move to the other, the job
+  ends with each task once; back on the network it follows.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import psycopg
 import pytest
 
+from cloudtaskd.core.pg.leader import PING_INTERVAL_S, PING_TIMEOUT_S, RETRY_S, SESSION_TIMEOUT_S
 from tests.conftest import wait_for
+from tests.fakes.netproxy import Proxy
 from tests.fakes.postgres import PostgresServer
 from tests.integration.test_agent_failover import log_events, start_agent, stop_agent
 from tests.procs import DaemonProcess, bundle, free_port
@@ -53,12 +62,14 @@ def _config(dsn: str, port: int, urls: list[str]) -> dict[str, Any]:
 class Pair:
     """Replica A (started first: it leads) and replica B, with B's hand-registered agents."""
 
-    def __init__(self, tmp: Path, dsn: str) -> None:
+    def __init__(self, tmp: Path, dsn: str, *, a_dsn: str | None = None,
+                 worker: dict[str, str] = WORKER) -> None:
         self.ports = free_port(), free_port()
         urls = [_url(p) for p in self.ports]
         (tmp / "a").mkdir()
         (tmp / "b").mkdir()
-        self.a = DaemonProcess(tmp / "a", _config(dsn, self.ports[0], urls))
+        self.worker = worker
+        self.a = DaemonProcess(tmp / "a", _config(a_dsn or dsn, self.ports[0], urls))
         self.b = DaemonProcess(tmp / "b", _config(dsn, self.ports[1], urls))
         self.tmp = tmp
         self.agents: list[subprocess.Popen[bytes]] = []
@@ -73,7 +84,7 @@ class Pair:
             shutil.copy2(self.a.state_dir / "tls" / name, self.b.state_dir / "tls" / name)
         await self.b.start()
         for d in (self.a, self.b):  # bundles live in each replica's state directory
-            self.digest = (await d.post("/v1/workers", data=bundle(WORKER)))["digest"]
+            self.digest = (await d.post("/v1/workers", data=bundle(self.worker)))["digest"]
         for i in range(HAND_AGENTS):
             inst = await self.b.post("/v1/instances", json={"worker": self.digest, "slots": 4})
             assert inst["urls"][0] == _url(self.ports[1])
@@ -207,3 +218,142 @@ async def test_postgresql_restarted_mid_job(tmp_path: Path, pg_server: PostgresS
         assert all(a.poll() is None for a in pair.agents), "a hand-started agent gave up"
     finally:
         await pair.close()
+
+
+SLOW_WORKER = {"cloudtask.yaml": "mode: python\nfunction: w:run\n",
+               "w.py": "import time\n\ndef run(task_id, data):\n    time.sleep(0.05)\n    return data\n"}
+STEP_DOWN_BOUND_S = PING_INTERVAL_S + PING_TIMEOUT_S + 1.5  # + a second for the log line and the poll
+
+
+class ThreadedProxy:
+    """The proxy on an event loop of its own thread: the test's loop blocks at times (DaemonProcess.stop
+    waits on the process), and a proxy stalled with it would cut the replica off from its database."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="netproxy", daemon=True)
+        self.proxy = Proxy(host, port)
+
+    def start(self) -> int:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.proxy.start(), self.loop).result(10)
+        return self.proxy.port
+
+    def blackhole(self) -> None:
+        self.loop.call_soon_threadsafe(self.proxy.blackhole)
+
+    def resume(self) -> None:
+        self.loop.call_soon_threadsafe(self.proxy.resume)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.proxy.stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def _since(daemon: DaemonProcess, event: str, t0_wall: float) -> float | None:
+    """Seconds from t0_wall to the first `event` logged at or after it, or None."""
+    for entry in log_events(daemon.log_path, event):
+        ts = datetime.fromisoformat(entry["timestamp"]).timestamp()
+        if ts >= t0_wall:
+            return ts - t0_wall
+    return None
+
+
+@pytest.mark.timeout(150)
+async def test_the_leader_cut_off_from_the_database_steps_down_and_its_agents_move(
+        tmp_path: Path, pg_server: PostgresServer, pg_dsn: str) -> None:
+    n = 2_000
+    proxy = ThreadedProxy(pg_server.host, pg_server.port)
+    proxy_port = proxy.start()
+    parts = urlsplit(pg_dsn)
+    a_dsn = urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{pg_server.port}", f":{proxy_port}")))
+    pair = Pair(tmp_path, pg_dsn, a_dsn=a_dsn, worker=SLOW_WORKER)
+    began = time.monotonic()
+    try:
+        await pair.start()
+        job_id = await pair.submit(n)
+        print(f"replicas and agents up in {time.monotonic() - began:.1f} s")
+
+        async def started() -> bool:
+            j = await pair.b.get(f"/v1/jobs/{job_id}")
+            return bool(j["counts"]["succeeded"] >= n // 5)
+        await wait_for(started, timeout=60, interval=0.1, message="a fifth of the tasks done")
+        launched = _instances(pg_dsn)
+        a_agents = pair.local_pids(pair.a)
+        assert set(a_agents) == {i for i, _ in launched} and len(launched) == LOCAL_AGENTS
+
+        proxy.blackhole()
+        cut_wall = time.time()
+        print(f"cut {time.monotonic() - began:.1f} s after the start")
+
+        async def stepped_down() -> float | None:
+            return _since(pair.a, "leader_work_stopped", cut_wall)
+        down_s = await wait_for(stepped_down, timeout=15, interval=0.05, message="A's reconciler stopped")
+        assert down_s < STEP_DOWN_BOUND_S, f"A stepped down {down_s:.2f} s after the cut"
+        # A's agents' grants are what A commits: look at the tasks its agents hold, through B's path.
+
+        async def b_leads() -> float | None:
+            return _since(pair.b, "leader_work_started", cut_wall)
+        led_s = await wait_for(b_leads, timeout=30, interval=0.05, message="B's reconciler running")
+        assert led_s > down_s, "B led before A had stepped down: two leaders"
+        # The server gives the lock away only when it ends A's session (idle_session_timeout counts
+        # from A's last ping, at most ping_interval_s before the cut).
+        assert led_s >= SESSION_TIMEOUT_S - PING_INTERVAL_S - 0.5, f"B led {led_s:.2f} s after the cut"
+
+        on_b: dict[str, float] = {}  # A's agent: when it connected to B, in seconds after the cut
+
+        async def agents_moved() -> float | None:
+            for e in log_events(pair.b.log_path, "agent_connected"):
+                ts = datetime.fromisoformat(e["timestamp"]).timestamp()
+                if ts >= cut_wall and e.get("instance") in a_agents:
+                    on_b.setdefault(e["instance"], ts - cut_wall)
+            return max(on_b.values()) if set(on_b) == set(a_agents) else None
+        moved_s = await wait_for(agents_moved, timeout=30, interval=0.1, message="A's agents on B")
+        print(f"cut off: A stepped down {down_s:.2f} s, B led {led_s:.2f} s, A's agents on B {moved_s:.2f} s"
+              " after the black hole")
+
+        await _done(pair.b, job_id, timeout=60)
+        await _check_once(pair.b, pg_dsn, job_id, n)
+        with psycopg.connect(pg_dsn) as conn:
+            # Each grant raised the task's attempt (its fencing token) by one: a task leased twice
+            # would have more grants than its attempt says.
+            doubled = conn.execute(
+                "SELECT t.id, t.attempt, count(e.id) FROM tasks t LEFT JOIN events e ON e.task_id = t.id"
+                " AND e.kind = 'lease_granted' WHERE t.job_id = %s GROUP BY t.id, t.attempt"
+                " HAVING count(e.id) <> t.attempt", (job_id,)).fetchall()
+            assert doubled == [], f"grants and fencing tokens disagree: {doubled[:5]}"
+            # Nothing A's agents were granted after A was cut off came from A: A commits nothing.
+            # (after they moved, B grants them work; before, no grant for them at all)
+            for inst, on_b_s in on_b.items():  # (B attaches an agent just before it logs agent_connected)
+                late = conn.execute(
+                    "SELECT count(*) FROM events WHERE kind = 'lease_granted' AND instance_id = %s"
+                    " AND ts > %s AND ts < %s", (inst, cut_wall + 0.5, cut_wall + on_b_s - 0.2)).fetchone()
+                assert late is not None and late[0] == 0, f"{late[0]} grants to {inst} while it was on A"
+        assert _instances(pg_dsn) == launched, "an instance was launched again or ended"
+        assert pair.local_pids(pair.b) == {}, "B launched an instance of its own"
+
+        proxy.resume()
+        print(f"job done {time.time() - cut_wall:.1f} s after the cut")
+
+        async def a_answers() -> bool:
+            try:
+                await pair.a.get(f"/v1/jobs/{job_id}")
+            except aiohttp.ClientResponseError:
+                return False
+            return True
+        await wait_for(a_answers, timeout=40, interval=0.5, message="A back on the database")
+        back = time.monotonic()
+        async def a_probe_back() -> bool:
+            return _since(pair.a, "pg_reachable_again", cut_wall) is not None
+        await wait_for(a_probe_back, timeout=15, message="A's database probe answering again")
+        while time.monotonic() - back < 3 * RETRY_S:  # A tries for the lock (retry_s) and must not get it
+            assert len(log_events(pair.a.log_path, "leader_work_started")) == 1, "A leads again while B leads"
+            await asyncio.sleep(0.2)
+        assert len(log_events(pair.b.log_path, "leader_work_stopped")) == 0
+        print(f"A back and following {time.time() - cut_wall:.1f} s after the cut")
+    finally:
+        await pair.close()
+        proxy.stop()
+        print(f"stopped {time.monotonic() - began:.1f} s after the start")

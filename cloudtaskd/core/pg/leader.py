@@ -11,6 +11,10 @@ The leader itself steps down at once when its connection closes, and when a ping
 within `ping_timeout_s`: a leader cut off from the database stops before the server gives the
 lock away (ping_interval_s + ping_timeout_s < session_timeout_s), so two never lead at once.
 
+Its session is also this replica's probe of the database: `reachable` is set while that session
+answers and `unreachable` from the moment it stops answering (a ping unanswered, the connection
+lost or not opened) until it answers again; replica.cutoff() acts on them, leader or not.
+
 Stepping down is seen through `leading` (an Event, set while this replica leads), `stepped_down`
 (set from the moment it stops leading until it leads again) and `on_change(bool)`, called on
 each change: the orchestrator's supervisor cancels its work on False.
@@ -54,6 +58,8 @@ class Leadership:
         self.on_change = on_change
         self.leading = asyncio.Event()
         self.stepped_down = asyncio.Event()
+        self.reachable = asyncio.Event()
+        self.unreachable = asyncio.Event()
         self.terms = 0  # how many times this replica became leader
         self.attempts = 0  # tries for the lock
         self.backend_pid: int | None = None  # the server process of the session holding (or trying for) the lock
@@ -63,6 +69,17 @@ class Leadership:
     @property
     def is_leader(self) -> bool:
         return self.leading.is_set()
+
+    def _reach(self, ok: bool, reason: str = "") -> None:
+        if self._resigned or (ok == self.reachable.is_set() and ok != self.unreachable.is_set()):
+            return  # resigned: this replica is stopping and closed the probe itself
+        if ok:
+            self.unreachable.clear()
+            self.reachable.set()
+        else:
+            self.reachable.clear()
+            self.unreachable.set()
+            log.warning("pg_unreachable", replica=self.name, reason=reason)
 
     def _set(self, leading: bool, reason: str = "") -> None:
         if leading == self.leading.is_set():
@@ -100,6 +117,7 @@ class Leadership:
                     log.warning("pg_leader_connect_failed", replica=self.name, error=str(exc),
                                 retryable=exc.retryable)
                 failed_before = True
+                self._reach(False, str(exc))
                 await asyncio.sleep(self.retry_s)
                 continue
             failed_before = False
@@ -107,7 +125,9 @@ class Leadership:
                 self.backend_pid = conn.info.backend_pid
                 await self._hold(conn)
             except CONNECT_ERRORS as exc:
-                self._set(False, f"database connection failed: {translate(exc, self.dsn)}")
+                reason = f"database connection failed: {translate(exc, self.dsn)}"
+                self._reach(False, reason)
+                self._set(False, reason)
             finally:
                 self._set(False, "stopped")
                 self._conn = None
@@ -124,12 +144,14 @@ class Leadership:
             cur = await asyncio.wait_for(conn.execute("SELECT pg_try_advisory_lock(%s)", (self.lock_id,)),
                                          self.ping_timeout_s)
             row = await cur.fetchone()
+            self._reach(True)
             if row is not None and row[0]:
                 break
             await asyncio.sleep(self.retry_s)
         self._set(True)
         # until_lost waits on the socket between pings: a closed one is heard at once, not at the next ping.
         reason = await until_lost(conn, ping_interval_s=self.ping_interval_s, ping_timeout_s=self.ping_timeout_s)
+        self._reach(False, reason)
         self._set(False, reason)
 
     async def resign(self) -> None:

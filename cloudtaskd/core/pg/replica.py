@@ -4,6 +4,8 @@
   and cancels it the moment it steps down, so no launch follows the loss.
 - `Broadcaster`: work that became ready here (an upload, an enqueue, a retry, a requeue) is
   announced on `cloudtask_work`, so every replica's dispatcher wakes (notify.py's Listener).
+- `cutoff()`: a replica whose database stops answering fails what waits on it at once and, if the
+  database stays away, sends its agents to the other replicas (their `agents.urls`).
 - `presence()`: each replica writes `last_seen_at` of its connected agents every few seconds, so
   the leader tells an agent connected to another replica from one that is gone.
 
@@ -29,6 +31,7 @@ PRESENCE_INTERVAL_S = 1.0  # how often a replica writes its agents' last_seen_at
 PRESENCE_TTL_S = 6.0  # an agent not written for this long is on no replica (clocks of replicas within ~1 s: NTP)
 REPOLL_S = 2.0  # a replica looks for work this often even without a wake-up (the listener misses some)
 RECONNECT_S = 0.5
+CUTOFF_AGENTS_S = 2.0  # the database unreachable this long: this replica's agents go to another
 
 log = structlog.get_logger("cloudtaskd.core.pg")
 
@@ -114,6 +117,26 @@ class Broadcaster:
         if self._conn is not None:
             with contextlib.suppress(*CONNECT_ERRORS):
                 await self._conn.close()
+
+
+async def cutoff(leadership: Leadership, *, abort_store: Callable[[], None],
+                 close_agents: Callable[[], Awaitable[None]], agents_after_s: float = CUTOFF_AGENTS_S) -> None:
+    """While the database does not answer this replica (leadership's session is the probe), nothing
+    of this replica's can be committed: no lease granted, no report recorded. Its blocked reads and
+    writes are failed at once (a dead socket may otherwise hold them forever), and after
+    agents_after_s its agents are closed, so they dial the replicas that can still serve them; the
+    hello's reclaim keeps their leases there. A replica still cut off refuses them again (its hello
+    needs the database), so they stay on the others until it is back."""
+    while True:
+        await leadership.unreachable.wait()
+        abort_store()
+        try:
+            await asyncio.wait_for(leadership.reachable.wait(), agents_after_s)
+        except TimeoutError:
+            log.warning("pg_cut_off_agents_sent_away", after_s=agents_after_s)
+            await close_agents()
+            await leadership.reachable.wait()
+        log.info("pg_reachable_again")
 
 
 def woken(payload: str, wake: Callable[[int | None], None]) -> None:

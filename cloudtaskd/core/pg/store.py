@@ -15,6 +15,8 @@ REPEATABLE READ: one snapshot per read, as SQLite's read transaction gives.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import sqlite3
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +34,7 @@ from cloudtaskd.core.pg.connect import (
     CONNECT_TIMEOUT_S,
     check_dsn,
     connect,
+    options,
     shown,
     translate,
     where,
@@ -46,6 +49,16 @@ log = structlog.get_logger("cloudtaskd.core.pg")
 T = TypeVar("T")
 
 PAGE_BYTES = 8192  # PostgreSQL's block size, for free_pages' answer
+# A replica cut off mid-transaction leaves its session holding row locks (leases being granted,
+# reports being fenced) that every other replica's SKIP LOCKED then passes over: the server ends
+# such a session after this long idle in its transaction. Our transactions run in one go on the
+# session's thread, never waiting on a person or the network in between.
+IDLE_IN_TRANSACTION_S = 5  # and meanwhile another replica's round waits on those rows (FOR UPDATE)
+# The server also drops a peer that vanished (a host gone, a cable pulled) by TCP keepalives.
+SERVER_SETTINGS = {
+    "idle_in_transaction_session_timeout": str(IDLE_IN_TRANSACTION_S * 1000),
+    "tcp_keepalives_idle": "5", "tcp_keepalives_interval": "1", "tcp_keepalives_count": "3",
+}
 
 
 class _Session:
@@ -62,7 +75,8 @@ class _Session:
     def _open(self) -> PgDb:
         conn: psycopg.Connection[Any] = psycopg.connect(
             self.dsn, autocommit=False, connect_timeout=max(2, round(CONNECT_TIMEOUT_S)),
-            application_name=f"{APPLICATION_NAME} {self.name}", row_factory=row_factory)
+            application_name=f"{APPLICATION_NAME} {self.name}", row_factory=row_factory,
+            options=options(SERVER_SETTINGS))
         conn.isolation_level = self.isolation
         # JSONB (instances.offer) read back as its text, as SQLite gives its JSON column: one type for
         # the readers of both databases (the API's instance object, Tx's state_and_offer).
@@ -82,6 +96,17 @@ class _Session:
 
     async def run(self, fn: Callable[[PgDb], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.thread, lambda: fn(self.db_now()))
+
+    def abort(self) -> None:
+        """From any thread: shut the socket down, so a call blocked on it (an answer a cut-off network
+        swallows) fails now, and the next use opens a new connection. Only the shutdown, on a
+        duplicate of the descriptor: the session's own thread still owns (and closes) the connection."""
+        db = self.db
+        if db is None or db.conn.closed:
+            return
+        with suppress(OSError, psycopg.Error):
+            with socket.socket(fileno=os.dup(db.conn.pgconn.socket)) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         if self.db is not None:
@@ -128,6 +153,13 @@ class PgStore(EventWaits):
                 await asyncio.get_running_loop().run_in_executor(session.thread, session.close)
                 session.thread.shutdown(wait=True)
         self._reader = self._writer = None
+
+    def abort_sessions(self) -> None:
+        """The database stopped answering (replica.cutoff): fail the reads and writes waiting on it
+        now, rather than when TCP gives up (never, behind a proxy or NAT that swallows packets)."""
+        for session in (self._writer, self._reader):
+            if session is not None:
+                session.abort()
 
     def describe(self) -> str:
         """Which database, as the status page and logs show it: host, port and name, no user or password."""

@@ -136,3 +136,86 @@ async def test_a_close_on_one_replica_and_an_enqueue_on_another_never_add_a_task
     finally:
         await a.close()
         await b.close()
+
+
+SWEPT = 200  # expired leases both replicas' sweeps find at once
+SWEEP_HOLD_S = 0.5  # a sweep (or a renewal) that keeps its transaction open while the other replica sweeps
+
+
+def _expire_and_hold(tx: Tx) -> tuple[list[int], list[int]]:
+    interrupted, _ = queue.requeue_interrupted(tx)
+    expired = queue.expire_leases(tx, (0.0, 0.0))
+    time.sleep(SWEEP_HOLD_S)  # on the writer's thread, inside the transaction: the other replica sweeps meanwhile
+    return [t for t, _ in interrupted], [t for t, _ in expired]
+
+
+def _interrupted_instance(tx: Tx) -> None:
+    tx.db.execute("INSERT INTO instances (id, provider, state, slots, token_hash, created_at, state_changed_at,"
+                  " interrupted_at) VALUES ('i-spot', 'local', 'running', 4, 'h', 0, 0, 0)")
+
+
+async def test_two_replicas_sweeping_the_same_expired_leases_count_each_expiry_once(pg_dsn: str) -> None:
+    """Every replica's dispatcher sweeps expired leases: two sweeps over the same rows at once
+    (FOR UPDATE SKIP LOCKED) count each expiry once: one failure per task, one event, counters
+    equal to the rows. The same for an interrupted instance's leases (requeued uncounted, once)."""
+    a, b = PgStore(pg_dsn), PgStore(pg_dsn)
+    await a.open()
+    await b.open()
+    try:
+        await submit(a, SWEPT)
+        await a.write(_interrupted_instance)
+        past = time.time() - 100
+        await a.write(queue.lease, "i-1", 1, SWEPT // 2, 1.0, now=past)  # expired 99 s ago
+        await a.write(queue.lease, "i-spot", 1, SWEPT // 2, 1.0, now=past)
+        first = asyncio.create_task(a.write(_expire_and_hold))
+        await asyncio.sleep(SWEEP_HOLD_S / 3)  # A's sweep holds its rows now
+        second = await b.write(_expire_and_hold)
+        swept = [await first, second]
+        interrupted = [t for i, _ in swept for t in i]
+        expired = [t for _, e in swept for t in e]
+        assert len(interrupted) == len(set(interrupted)) == SWEPT // 2, "an interrupted lease requeued twice"
+        assert len(expired) == len(set(expired)) == SWEPT // 2, "an expiry counted by both replicas"
+        rows = await a.fetchall("SELECT state, failures, count(*) AS n FROM tasks GROUP BY state, failures"
+                                " ORDER BY state")
+        assert [(r["state"], r["failures"], r["n"]) for r in rows] == [
+            ("failed", 1, SWEPT // 2), ("queued", 0, SWEPT // 2)]
+        events = await a.fetchall("SELECT kind, count(*) AS n, count(DISTINCT task_id) AS tasks FROM events"
+                                  " WHERE kind IN ('lease_expired', 'lease_handed_back') GROUP BY kind ORDER BY kind")
+        assert [(r["kind"], r["n"], r["tasks"]) for r in events] == [
+            ("lease_expired", SWEPT // 2, SWEPT // 2), ("lease_handed_back", SWEPT // 2, SWEPT // 2)]
+        assert await a.read(queue.check_counters) == []
+    finally:
+        await a.close()
+        await b.close()
+
+
+def _renew_and_hold(tx: Tx, refs: list[tuple[int, int]], out: queue.RoundResult) -> None:
+    reports = queue.Reports(heartbeat=[("i-1", ref) for ref in refs])
+    queue.apply_reports(tx, reports, out, (0.0, 0.0), 30.0)
+    time.sleep(SWEEP_HOLD_S)  # the renewal is not committed yet while the other replica sweeps
+
+
+async def test_a_lease_renewed_on_one_replica_is_not_expired_by_the_others_sweep(pg_dsn: str) -> None:
+    """A heartbeat renews expired-looking leases in a round on replica A while B's sweep runs: the
+    sweep passes over the rows the renewal holds, so the renewed leases stay leased, uncounted."""
+    a, b = PgStore(pg_dsn), PgStore(pg_dsn)
+    await a.open()
+    await b.open()
+    try:
+        await submit(a, SWEPT)
+        granted = await a.write(queue.lease, "i-1", 1, SWEPT, 1.0, now=time.time() - 100)
+        refs = [(t["id"], t["token"]) for t in map(json.loads, granted)]
+        out = queue.RoundResult()
+        renewal = asyncio.create_task(a.write(_renew_and_hold, refs, out))
+        await asyncio.sleep(SWEEP_HOLD_S / 3)  # the renewal holds its rows now, not committed
+        _, expired = await b.write(_expire_and_hold)
+        await renewal
+        assert expired == [], f"{len(expired)} renewed leases expired by the other replica's sweep"
+        assert dict(out.lost) == {}
+        rows = await a.fetchall("SELECT state, failures, count(*) AS n FROM tasks GROUP BY state, failures")
+        assert [(r["state"], r["failures"], r["n"]) for r in rows] == [("leased", 0, SWEPT)]
+        assert await a.fetchone("SELECT 1 FROM events WHERE kind = 'lease_expired'") is None
+        assert await a.read(queue.check_counters) == []
+    finally:
+        await a.close()
+        await b.close()
