@@ -196,7 +196,8 @@ async def main() -> None:
           " agents moved after SIGKILL | survivor leads |")
     print("|---|---|---|---|---|---|---|")
     for i, (one, two, fail) in enumerate(rows, start=1):
-        moved = f"{min(fail.moves_s):.2f} to {max(fail.moves_s):.2f} s" if fail else "-"
+        moved = "-" if fail is None else (f"{fail.moves_s[0]:.2f} s" if len(fail.moves_s) == 1 else
+                                          f"{min(fail.moves_s):.2f} to {max(fail.moves_s):.2f} s")
         leads = f"{fail.leads_s:.2f} s" if fail else "-"
         print(f"| {i} | {one.tasks_per_s:,.0f} | {_ms(one)} | {two.tasks_per_s:,.0f} | {_ms(two)} | {moved}"
               f" | {leads} |")
