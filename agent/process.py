@@ -317,11 +317,17 @@ async def release(child: Child) -> None:
     child.transport.close()
 
 
-def kill_now(child: Child) -> None:
-    """For cancellation: no awaiting allowed, so no grace either."""
+async def kill_on_cancel(child: Child) -> None:
+    """For cancellation: SIGKILL the group at once, no grace, then wait for the leader's exit before
+    closing the transport. Closed first, the killed process was reaped only if the event loop still
+    ran when it died: otherwise a zombie until the agent exits (and Popen's ResourceWarning)."""
     child.killed_by_agent = True
     killpg(child.pgid, signal.SIGKILL)
-    child.transport.close()
+    try:
+        if not child.exited.done():
+            await asyncio.wait((child.exited,), timeout=KILL_GRACE_S)
+    finally:
+        child.transport.close()
 
 
 async def feed(stdin: asyncio.StreamWriter, payload: bytes) -> None:

@@ -2,7 +2,7 @@
 processes over the websocket, with durable state (WAL, synchronous=FULL).
 
     python benchmarks/dispatch.py [--tasks 200000] [--agents 2] [--slots 64] [--mode python|stream]
-                                  [--database sqlite|pg|postgresql://...]
+                                  [--database sqlite|pg|postgresql://...] [--replicas 1]
 
 Prints tasks/s (first grant to last commit), lease round-trip p50/p99 as the agents measured it,
 the daemon's peak RSS and CPU, and each agent's peak RSS.
@@ -19,11 +19,17 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
+import yaml
 from _common import ROOT, DaemonProcess, bundle, cpu_seconds, peak_rss_mb, percentile
+
+from tests.procs import free_port, share_ca
 
 WORKERS = {
     "python": {
@@ -57,65 +63,175 @@ class DispatchRun:
         return self.succeeded / self.dispatch_s
 
 
-async def run_dispatch(*, tasks: int, agents: int, slots: int, prefetch: int = 512,
-                       mode: str = "python", database: str = "sqlite") -> DispatchRun:
-    """Run `tasks` no-op tasks through a fresh daemon (its own temp state dir) and `agents` agent
-    processes; `database`: sqlite (in the state dir) or a postgresql:// URL."""
-    daemon = DaemonProcess({"providers": {"local": {"max_instances": 0}}, "agents": {"lease_ttl_s": 120},
-                            "database": database})
-    await daemon.start()
-    assert daemon.proc is not None
-    procs: list[tuple[subprocess.Popen[bytes], Path]] = []
+@dataclass(frozen=True)
+class AgentProc:
+    proc: subprocess.Popen[bytes]
+    replica: int  # the daemon it was registered on, and dials first
+    stats: Path  # --stats-file: lease_rtts_s at its exit
+    log: Path  # its stdout: JSON lines (agent_connected with its url)
+
+
+async def start_replicas(database: str, replicas: int = 1, *, log_level: str = "warning",
+                         lead_first: bool = False) -> list[DaemonProcess]:
+    """`replicas` daemons on one database (more than one needs PostgreSQL), each with its own temp
+    state dir and agent port, every agent URL in `agents.urls`: the first is started first (with
+    `lead_first`, until it leads the orchestrator: needs log_level info), then the others with its
+    TLS CA copied in. No instances are launched (local max_instances 0): agents are started by hand."""
+    if replicas > 1 and database == "sqlite":
+        raise ValueError("replicas > 1 needs a postgresql:// database: SQLite holds one daemon a state directory")
+    ports = [free_port() for _ in range(replicas)]
+    urls = [f"wss://127.0.0.1:{p}/v1/agent" for p in ports]  # as agent_url reads them back
+    daemons = [DaemonProcess({"providers": {"local": {"max_instances": 0}}, "database": database,
+                              "log_level": log_level,
+                              "agents": {"lease_ttl_s": 120, "listen_port": port, "urls": urls}})
+               for port in ports]
     try:
-        worker = await daemon.post("/v1/workers", data=bundle(WORKERS[mode]))
-        job = await daemon.post("/v1/jobs", json={"name": "bench", "worker": worker["digest"]})
-        tasks_file = Path(daemon.tmp.name) / "tasks.jsonl"
-        with tasks_file.open("w") as f:
-            for i in range(tasks):
-                f.write(f'{{"id":"t{i}","data":{{"i":{i}}}}}\n')
-        worker_dir = daemon.state_dir / "workers" / worker["digest"]
-        for a in range(agents):
-            inst = await daemon.post("/v1/instances", json={"worker": worker["digest"], "slots": slots})
-            stats = Path(daemon.tmp.name) / f"agent{a}.json"
-            ca = Path(daemon.tmp.name) / "ca.pem"
-            ca.write_text(inst["ca_cert"])
-            env = {**os.environ, "CLOUDTASK_AGENT_TOKEN": inst["token"], "PYTHONPATH": str(ROOT)}
+        await daemons[0].start()
+        if lead_first:
+            await until(lambda: logged_at(daemons[0].log_path, "leader_work_started"), 30, "the first replica leading")
+        for d in daemons[1:]:
+            share_ca(daemons[0], d)
+            await d.start()
+    except BaseException:
+        for d in daemons:
+            await d.stop()
+        raise
+    return daemons
+
+
+def agent_url(daemon: DaemonProcess) -> str:
+    """The agent URL a replica from start_replicas listens at."""
+    port = yaml.safe_load(daemon.config_path.read_text())["agents"]["listen_port"]
+    return f"wss://127.0.0.1:{port}/v1/agent"
+
+
+async def start_agents(daemons: list[DaemonProcess], digest: str, *, agents: int, slots: int,
+                       prefetch: int) -> list[AgentProc]:
+    """Agent processes spread evenly: agent a registered on replica a % len(daemons), given that
+    replica's URL list (its own first, then the others: docs/replicas.md)."""
+    out = []
+    for a in range(agents):
+        r = a % len(daemons)
+        daemon = daemons[r]
+        inst = await daemon.post("/v1/instances", json={"worker": digest, "slots": slots})
+        workdir = Path(daemon.tmp.name) / f"agent{a}"
+        workdir.mkdir()
+        (workdir / "ca.pem").write_text(inst["ca_cert"])
+        env = {**os.environ, "CLOUDTASK_AGENT_TOKEN": inst["token"], "PYTHONPATH": str(ROOT)}
+        with (workdir / "agent.log").open("wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "agent.main", "--url", inst["url"], "--instance", inst["id"],
-                 "--worker-dir", str(worker_dir), "--slots", str(slots), "--prefetch", str(prefetch),
-                 "--stats-file", str(stats), "--ca-file", str(ca)],
-                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                [sys.executable, "-m", "agent.main", *(arg for url in inst["urls"] for arg in ("--url", url)),
+                 "--instance", inst["id"], "--worker-dir", str(daemon.state_dir / "workers" / digest),
+                 "--slots", str(slots), "--prefetch", str(prefetch), "--stats-file", str(workdir / "stats.json"),
+                 "--ca-file", str(workdir / "ca.pem")],
+                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=workdir,
             )
-            procs.append((proc, stats))
-        cpu0 = cpu_seconds(daemon.proc.pid)
+        out.append(AgentProc(proc, r, workdir / "stats.json", workdir / "agent.log"))
+    return out
+
+
+def stop_agents(agents: list[AgentProc]) -> list[float]:
+    """SIGTERM each agent and gather the lease round trips its stats file holds."""
+    for a in agents:
+        a.proc.send_signal(signal.SIGTERM)
+    rtts: list[float] = []
+    for a in agents:
+        a.proc.wait(timeout=60)
+        rtts += json.loads(a.stats.read_text())["lease_rtts_s"]
+    return rtts
+
+
+def kill_agents(agents: list[AgentProc]) -> None:
+    for a in agents:
+        if a.proc.poll() is None:
+            a.proc.kill()
+            a.proc.wait()
+
+
+async def upload_worker(daemons: list[DaemonProcess], mode: str) -> str:
+    """The worker bundle uploaded to every replica (each keeps bundles in its own state dir)."""
+    digest = ""
+    for d in daemons:
+        digest = (await d.post("/v1/workers", data=bundle(WORKERS[mode])))["digest"]
+    return digest
+
+
+def write_tasks(path: Path, tasks: int) -> Path:
+    with path.open("w") as f:
+        for i in range(tasks):
+            f.write(f'{{"id":"t{i}","data":{{"i":{i}}}}}\n')
+    return path
+
+
+async def run_dispatch(*, tasks: int, agents: int, slots: int, prefetch: int = 512,
+                       mode: str = "python", database: str = "sqlite", replicas: int = 1) -> DispatchRun:
+    """Run `tasks` no-op tasks through fresh daemons (their own temp state dirs) and `agents` agent
+    processes; `database`: sqlite (in the state dir) or a postgresql:// URL; `replicas` > 1: that
+    many daemons on that database, the agents spread evenly over them (benchmarks/replicas.py).
+    daemon_cpu_s sums the replicas; daemon_rss_mb is the largest."""
+    daemons = await start_replicas(database, replicas)
+    procs: list[AgentProc] = []
+    try:
+        digest = await upload_worker(daemons, mode)
+        first = daemons[0]
+        job = await first.post("/v1/jobs", json={"name": "bench", "worker": digest})
+        tasks_file = write_tasks(Path(first.tmp.name) / "tasks.jsonl", tasks)
+        procs = await start_agents(daemons, digest, agents=agents, slots=slots, prefetch=prefetch)
+        pids = [d.proc.pid for d in daemons if d.proc is not None]
+        cpu0 = sum(cpu_seconds(pid) for pid in pids)
         with tasks_file.open("rb") as f:
             t0 = time.monotonic()
-            await daemon.post(f"/v1/jobs/{job['id']}/tasks", data=f)
+            await first.post(f"/v1/jobs/{job['id']}/tasks", data=f)
         t_queued = time.monotonic()
         while True:
-            j = await daemon.get(f"/v1/jobs/{job['id']}")
+            j = await first.get(f"/v1/jobs/{job['id']}")
             if j["done"]:
                 break
             await asyncio.sleep(0.05)
         t_end = time.monotonic()
-        cpu = cpu_seconds(daemon.proc.pid) - cpu0
-        daemon_rss = peak_rss_mb(daemon.proc.pid)
-        agent_rss = [peak_rss_mb(p.pid) for p, _ in procs]
-        for p, _ in procs:
-            p.send_signal(signal.SIGTERM)
-        rtts: list[float] = []
-        for p, stats in procs:
-            p.wait(timeout=60)
-            rtts += json.loads(stats.read_text())["lease_rtts_s"]
+        cpu = sum(cpu_seconds(pid) for pid in pids) - cpu0
+        daemon_rss = max(peak_rss_mb(pid) for pid in pids)
+        agent_rss = [peak_rss_mb(a.proc.pid) for a in procs]
+        rtts = stop_agents(procs)
         return DispatchRun(tasks=tasks, succeeded=j["counts"]["succeeded"], queue_s=t_queued - t0,
                            dispatch_s=t_end - t_queued, total_s=t_end - t0, lease_rtts_s=rtts,
                            daemon_cpu_s=cpu, daemon_rss_mb=daemon_rss, agent_rss_mb=agent_rss)
     finally:
-        for p, _ in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        await daemon.stop()
+        kill_agents(procs)
+        for d in daemons:
+            await d.stop()
+
+
+def logged_at(path: Path, event: str) -> list[float]:
+    """Wall-clock times (s) of a daemon's or agent's log lines for `event`: the daemon's ISO
+    `timestamp`, the agent's `ts`."""
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else ():
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(e, dict) or e.get("event") != event:
+            continue
+        if "ts" in e:
+            out.append(float(e["ts"]))
+        elif "timestamp" in e:
+            out.append(datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp())
+    return out
+
+
+async def until(check: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.02) -> Any:
+    """Poll `check` (sync or async) until it answers something truthy; exit naming `what` at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = check()
+        if asyncio.iscoroutine(got):
+            got = await got
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(interval_s)
 
 
 async def main() -> None:
@@ -127,15 +243,18 @@ async def main() -> None:
     ap.add_argument("--mode", choices=sorted(WORKERS), default="python")
     ap.add_argument("--database", default="sqlite",
                     help="sqlite (default), pg (a PostgreSQL started here) or a postgresql:// URL")
+    ap.add_argument("--replicas", type=int, default=1,
+                    help="daemons on the one PostgreSQL database, the agents spread over them (needs --database pg"
+                         " or a URL; benchmarks/replicas.py compares 1 and 2)")
     args = ap.parse_args()
 
     with ExitStack() as stack:
         database = "sqlite" if args.database == "sqlite" else (
             own_postgres(stack) if args.database == "pg" else args.database)
         r = await run_dispatch(tasks=args.tasks, agents=args.agents, slots=args.slots, prefetch=args.prefetch,
-                               mode=args.mode, database=database)
+                               mode=args.mode, database=database, replicas=args.replicas)
     print(f"mode={args.mode} tasks={args.tasks} agents={args.agents} slots={args.slots} prefetch={args.prefetch}"
-          f" database={'sqlite' if database == 'sqlite' else 'postgresql'}")
+          f" database={'sqlite' if database == 'sqlite' else 'postgresql'} replicas={args.replicas}")
     print(f"upload+queue: {r.queue_s:.2f} s ({args.tasks / r.queue_s:,.0f} tasks/s)")
     print(f"dispatched end to end: {r.succeeded} in {r.dispatch_s:.2f} s = {r.tasks_per_s:,.0f} tasks/s"
           f" (upload start to last result: {r.succeeded / r.total_s:,.0f} tasks/s)")
@@ -149,29 +268,33 @@ async def main() -> None:
         sys.exit(1)
 
 
-
-
-
-
-
-
 def own_postgres(stack: ExitStack) -> str:
     """A PostgreSQL server for this run only, stopped at the end: a fresh database's URL."""
-    sys.path.insert(0, str(ROOT))
-    import psycopg
+    return new_database(postgres_server(stack))
 
+
+def postgres_server(stack: ExitStack) -> Any:
+    """A PostgreSQL server (tests.fakes.postgres.PostgresServer) started for this session, durable
+    (fsync on, as SQLite's synchronous=FULL), stopped and removed when `stack` closes."""
     from tests.fakes.postgres import PostgresServer, unavailable
 
     reason = unavailable()
     if reason is not None:
         sys.exit(f"--database pg: {reason}")
-    server = PostgresServer(fsync=True)  # durable commits, as SQLite's synchronous=FULL
+    server = PostgresServer(fsync=True)
     stack.callback(server.cleanup)
     server.start()
+    return server
+
+
+def new_database(server: Any) -> str:
+    """A fresh database on `server`: each run starts on empty tables."""
+    import psycopg
+
     name = f"bench{uuid.uuid4().hex[:8]}"
     with psycopg.connect(server.dsn(), autocommit=True) as admin:
         admin.execute(f"CREATE DATABASE {name}")
-    return server.dsn(name)
+    return str(server.dsn(name))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import shutil
 import signal
 import socket
 import subprocess
@@ -104,3 +105,11 @@ class DaemonProcess:
             await self.session.close()
             self.session = None
         return self.proc.returncode if self.proc is not None else 0
+
+
+def share_ca(first: DaemonProcess, other: DaemonProcess) -> None:
+    """Copy a started replica's TLS CA into another's state dir before its first start: agents pin
+    one CA, so any replica can take them (docs/replicas.md)."""
+    (other.state_dir / "tls").mkdir(parents=True, mode=0o700, exist_ok=True)
+    for name in ("ca.pem", "ca.key"):
+        shutil.copy2(first.state_dir / "tls" / name, other.state_dir / "tls" / name)

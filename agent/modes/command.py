@@ -59,9 +59,9 @@ class CommandMode(ProcessMode):
             feeder.cancel()  # still blocked only if the worker never read its stdin
             await asyncio.wait((feeder, reader, child.stderr_task))
         except asyncio.CancelledError:
-            process.kill_now(child)
             feeder.cancel()
             reader.cancel()
+            await process.kill_on_cancel(child)
             raise
         finally:
             self.children[slot] = None

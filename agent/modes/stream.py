@@ -52,8 +52,8 @@ class StreamMode(ProcessMode):
         except asyncio.CancelledError:
             child_now = self.children[slot]
             if child_now is not None:
-                process.kill_now(child_now)
                 self.children[slot] = None
+                await process.kill_on_cancel(child_now)
             raise
 
         if aborted[slot]:

@@ -18,7 +18,6 @@ import asyncio
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -37,7 +36,7 @@ from tests.conftest import wait_for
 from tests.fakes.netproxy import Proxy
 from tests.fakes.postgres import PostgresServer
 from tests.integration.test_agent_failover import log_events, start_agent, stop_agent
-from tests.procs import DaemonProcess, bundle, free_port
+from tests.procs import DaemonProcess, bundle, free_port, share_ca
 
 WORKER = {"cloudtask.yaml": "mode: python\nfunction: w:run\n", "w.py": "def run(task_id, data):\n    return data\n"}
 LOCAL_AGENTS = 2
@@ -78,10 +77,7 @@ class Pair:
     async def start(self) -> None:
         await self.a.start()
         await wait_for(lambda: _logged(self.a, "leader_work_started"), timeout=20, message="A leads")
-        # One CA for both: agents pin it (docs/replicas.md).
-        (self.b.state_dir / "tls").mkdir(parents=True, mode=0o700)
-        for name in ("ca.pem", "ca.key"):
-            shutil.copy2(self.a.state_dir / "tls" / name, self.b.state_dir / "tls" / name)
+        share_ca(self.a, self.b)
         await self.b.start()
         for d in (self.a, self.b):  # bundles live in each replica's state directory
             self.digest = (await d.post("/v1/workers", data=bundle(self.worker)))["digest"]

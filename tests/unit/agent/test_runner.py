@@ -547,3 +547,16 @@ async def test_python_mode_failures_on_every_interpreter(tmp_path: Path, python:
     assert not boom["ok"] and boom["retryable"], boom
     assert boom["error"].startswith("ValueError: boom t1") and "Traceback" in boom["error"], boom["error"]
     assert not final["ok"] and not final["retryable"] and final["error"] == "no t1", final
+
+
+async def test_a_worker_killed_on_cancel_is_reaped_before_its_transport_closes(tmp_path: Path) -> None:
+    """Cancelling a task kills its worker's group and waits for the exit: closed first, the transport
+    left a process the loop might never reap (a zombie, and Popen's ResourceWarning at exit)."""
+    from agent import process
+
+    child = await process.spawn("sleep 30", tmp_path, dict(os.environ), 1 << 16, None)
+    await process.kill_on_cancel(child)
+    assert child.exited.done()
+    assert child.transport.get_returncode() == -9
+    stat = Path(f"/proc/{child.pgid}/stat")
+    assert not stat.exists(), stat.read_text()  # reaped: not even a zombie
