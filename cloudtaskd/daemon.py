@@ -45,9 +45,9 @@ from cloudtaskd.fleet.providers import registry
 from cloudtaskd.fleet.providers.base import Provider
 from cloudtaskd.fleet.providers.descriptors import ProviderEnv
 from cloudtaskd.fleet.providers.local import LocalProvider
-from cloudtaskd.fleet.retunnel import orphans, retunnel, tunnel_all
+from cloudtaskd.fleet.retunnel import SshOf, orphans, retunnel, tunnel_all
 from cloudtaskd.fleet.runtime import RuntimeBuilder
-from cloudtaskd.fleet.tunnels import Connect, Tunnels
+from cloudtaskd.fleet.tunnels import Tunnels
 from cloudtaskd.http.access import RateLimiter, bearer_auth, browser_guard, prepare_socket_dir, secure_socket
 from cloudtaskd.http.api import ControlApi, errors_middleware
 from cloudtaskd.http.bundles import Bundles
@@ -343,7 +343,7 @@ class Daemon:
                            presence_ttl_s=replica.PRESENCE_TTL_S)
         tunnel_all(self.tunnels, rows, self._ssh_connectors())
 
-    def _ssh_connectors(self) -> dict[str, Callable[[str], Connect]]:
+    def _ssh_connectors(self) -> dict[str, SshOf]:
         """provider name -> its `ssh(instance_id)`, for the providers whose agents can be tunnelled."""
         return {p.name: p.ssh for p, _ in self.providers if hasattr(p, "ssh")}
 

@@ -16,25 +16,28 @@ a dead replica's bootstraps ends by the orchestrator's start timeout.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from functools import partial
 from typing import Any
 
+import asyncssh
 import structlog
 
 from cloudtaskd.core.states import InstanceState
 from cloudtaskd.core.store import Store
 from cloudtaskd.core.tables import instances
 from cloudtaskd.errors import StoreError
-from cloudtaskd.fleet.tunnels import Connect, Tunnels
+from cloudtaskd.fleet.tunnels import Tunnels
 
 log = structlog.get_logger("cloudtaskd.fleet.retunnel")
 
 RETUNNEL_INTERVAL_S = 1.0
 
+SshOf = Callable[[str], Awaitable[asyncssh.SSHClientConnection]]  # a provider's ssh(instance_id)
 
-def orphans(rows: Sequence[Mapping[str, Any]], *, here: Collection[str], tunnelled: Collection[str],
-            now: float, presence_ttl_s: float) -> list[Mapping[str, Any]]:
+
+def orphans(rows: Sequence[Any], *, here: Collection[str], tunnelled: Collection[str],
+            now: float, presence_ttl_s: float) -> list[Any]:
     """The rows (instances.with_agents) whose agent no replica holds: not connected here, not
     tunnelled here, not written present by another replica lately, and past their bootstrap."""
     out = []
@@ -48,8 +51,8 @@ def orphans(rows: Sequence[Mapping[str, Any]], *, here: Collection[str], tunnell
     return out
 
 
-def tunnel_all(tunnels: Tunnels, rows: Sequence[Mapping[str, Any]],
-               connectors: Mapping[str, Callable[[str], Connect]]) -> list[str]:
+def tunnel_all(tunnels: Tunnels, rows: Sequence[Any],
+               connectors: Mapping[str, SshOf]) -> list[str]:
     """Keep a tunnel to each row's instance whose provider connects over SSH; returns their ids."""
     kept = []
     for row in rows:
@@ -60,7 +63,7 @@ def tunnel_all(tunnels: Tunnels, rows: Sequence[Mapping[str, Any]],
     return kept
 
 
-async def retunnel(store: Store, tunnels: Tunnels, connectors: Mapping[str, Callable[[str], Connect]],
+async def retunnel(store: Store, tunnels: Tunnels, connectors: Mapping[str, SshOf],
                    here: Callable[[], Collection[str]], presence_ttl_s: float,
                    interval_s: float = RETUNNEL_INTERVAL_S) -> None:
     """While this replica leads: tunnel the agents of gone replicas (see the module's docstring)."""
