@@ -45,6 +45,7 @@ from cloudtaskd.fleet.providers import registry
 from cloudtaskd.fleet.providers.base import Provider
 from cloudtaskd.fleet.providers.descriptors import ProviderEnv
 from cloudtaskd.fleet.providers.local import LocalProvider
+from cloudtaskd.fleet.retunnel import SshOf, orphans, retunnel, tunnel_all
 from cloudtaskd.fleet.runtime import RuntimeBuilder
 from cloudtaskd.fleet.tunnels import Tunnels
 from cloudtaskd.http.access import RateLimiter, bearer_auth, browser_guard, prepare_socket_dir, secure_socket
@@ -211,7 +212,7 @@ class Daemon:
         dispatcher, the housekeeping and the control API run on every replica (docs/replicas.md)."""
         dsn = self.config.database.reveal()
         self.leadership = Leadership(dsn, name=f"{socket.gethostname()}:{os.getpid()}")
-        gate = replica.LeaderGate(self.leadership, reconciler.run, name="reconciler")
+        gate = replica.LeaderGate(self.leadership, partial(self._lead, reconciler), name="reconciler")
         self.leadership.on_change = gate.on_change
         broadcaster = self.broadcaster = replica.Broadcaster(dsn)
         self.dispatcher.on_work = broadcaster.announce
@@ -228,6 +229,15 @@ class Daemon:
         self._spawn("pg_listener", listener.run())
         self._spawn("presence", replica.presence(self.store, lambda: list(self.dispatcher.sessions)))
         self._spawn("repoll", replica.repoll(lambda: self.dispatcher.notify_work(announce=False)))
+
+    async def _lead(self, reconciler: Reconciler) -> None:
+        """What the leader runs: the orchestrator and, with tunnels, the re-tunnelling of the agents
+        of replicas that are gone (fleet/retunnel.py). Both are cancelled when it steps down."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(reconciler.run())
+            if self.tunnels is not None:
+                group.create_task(retunnel(self.store, self.tunnels, self._ssh_connectors(),
+                                           lambda: self.dispatcher.sessions, replica.PRESENCE_TTL_S))
 
     async def _runner(self, app: web.Application) -> web.AppRunner:
         """A set-up runner for one listener, stopped with the daemon (the agent listener first)."""
@@ -324,14 +334,18 @@ class Daemon:
 
     async def _tunnel_existing(self) -> None:
         """After a restart: the tunnels of instances whose agents are out there, set up again (their
-        agents read the new port from agent.url and reconnect)."""
+        agents read the new port from agent.url and reconnect). On PostgreSQL only those of agents
+        no live replica holds: the others stay on their replica's tunnel (fleet/retunnel.py)."""
         assert self.tunnels is not None
-        by_name = {p.name: p for p, _ in self.providers if hasattr(p, "ssh")}
         rows = await self.store.read(instances.with_agents)
-        for row in rows:
-            provider = by_name.get(row["provider"])
-            if provider is not None:
-                self.tunnels.keep(row["id"], partial(provider.ssh, row["id"]))
+        if self.config.postgres:
+            rows = orphans(rows, here=(), tunnelled=(), now=self.store.clock.now(),
+                           presence_ttl_s=replica.PRESENCE_TTL_S)
+        tunnel_all(self.tunnels, rows, self._ssh_connectors())
+
+    def _ssh_connectors(self) -> dict[str, SshOf]:
+        """provider name -> its `ssh(instance_id)`, for the providers whose agents can be tunnelled."""
+        return {p.name: p.ssh for p, _ in self.providers if hasattr(p, "ssh")}
 
     def _spawn(self, name: str, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)

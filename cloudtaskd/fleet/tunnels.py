@@ -76,6 +76,9 @@ class Tunnels:
         self._tunnels[instance_id] = tunnel
         tunnel.task = asyncio.get_running_loop().create_task(self._supervise(tunnel), name=f"tunnel-{instance_id}")
 
+    def __contains__(self, instance_id: object) -> bool:
+        return instance_id in self._tunnels
+
     def ports(self) -> dict[str, int]:
         return {i: t.port for i, t in self._tunnels.items() if t.ready.is_set()}
 

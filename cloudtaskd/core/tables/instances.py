@@ -142,8 +142,10 @@ def reserve_place(tx: Tx, provider: str, *, max_total: int, max_provider: int) -
 
 
 def with_agents(db: sqlite3.Connection) -> list[sqlite3.Row]:
-    """(id, provider) of the instances whose agent is out there or coming: starting, running, draining."""
-    rows: list[sqlite3.Row] = db.execute(f"SELECT id, provider FROM instances WHERE state IN {_AGENTS}").fetchall()
+    """(id, provider, state, last_seen_at) of the instances whose agent is out there or coming:
+    starting, running, draining (last_seen_at: when a replica last wrote it connected, touch_many)."""
+    rows: list[sqlite3.Row] = db.execute(
+        f"SELECT id, provider, state, last_seen_at FROM instances WHERE state IN {_AGENTS}").fetchall()
     return rows
 
 

@@ -126,11 +126,31 @@ class SshProvider:
 
     async def ssh(self, instance_id: str) -> asyncssh.SSHClientConnection:
         """A new connection to the instance's host (its tunnel's), host key pinned."""
-        host_id = self._records().get(instance_id)
-        host = next((h for h in self.hosts if _hid(h) == host_id), None)
+        host = await self._host_of(instance_id)
         if host is None:
-            raise ProviderError(self.name, "ssh", f"{instance_id} has no host assigned")
+            raise ProviderError(self.name, "ssh", f"{instance_id} has no host assigned and runs on no configured host")
         return await self._connect(host, instance_id, wait_s=30)
+
+    async def _host_of(self, instance_id: str) -> SshHostConfig | None:
+        """The host of the instance: our record of it, or (launched by another replica, whose records
+        are in its own state directory) the configured host its agent runs on, recorded here from now
+        on, so this replica can also stop it (docs/replicas.md)."""
+        host_id = self._records().get(instance_id)
+        if host_id is not None:
+            return next((h for h in self.hosts if _hid(h) == host_id), None)
+        for host in self.hosts:
+            try:
+                conn = await self._connect(host, instance_id, wait_s=LIST_CONNECT_WAIT_S)
+                async with conn:
+                    ids = await running_agents(conn)
+            except Exception as exc:  # that host away: the caller's next try asks again
+                log.warning("ssh_host_unreachable", host=_hid(host), instance=instance_id, error=str(exc))
+                continue
+            if instance_id in ids:
+                (self.dir / f"{instance_id}.json").write_text(json.dumps({"host": _hid(host)}))
+                log.info("ssh_instance_adopted", instance=instance_id, host=_hid(host))
+                return host
+        return None
 
     async def terminate(self, instance_id: str) -> None:
         host_id = self._records().get(instance_id)
