@@ -104,7 +104,8 @@ class Daemon:
         # connections (hub.disconnect, passed to it), the hub tells the reconciler of a spot notice
         # (through _spot_notice: the reconciler is built once the agent listener is bound).
         self.hub = AgentHub(store=self.store, dispatcher=self.dispatcher, config=config, on_notice=self._spot_notice)
-        self.bundles = Bundles(self.store, self.state_dir / "workers", config.workers)
+        self.bundles = Bundles(self.store, self.state_dir / "workers", config.workers,
+                               shared=isinstance(self.store, PgStore))
         self.agent_url = ""
         self.agent_ca = b""  # the CA agents pin (PEM); empty when the agent channel is plain
         self.api_url = ""  # the TCP control listener, when configured
@@ -183,7 +184,8 @@ class Daemon:
             store=self.store, dispatcher=self.dispatcher, providers=self.providers, config=self.config,
             agent_url=self.agent_url, metrics=self.metrics, sessions=self.dispatcher.sessions, market=self.market,
             agent_ca=self.agent_ca, on_instance_end=self.hub.disconnect,
-            presence_ttl_s=replica.PRESENCE_TTL_S if self.config.postgres else None)
+            presence_ttl_s=replica.PRESENCE_TTL_S if self.config.postgres else None,
+            worker_dir=self.bundles.ensure)
         api = self.api = ControlApi(
             store=self.store, dispatcher=self.dispatcher, config=self.config, metrics=self.metrics,
             sessions=self.dispatcher.sessions, market=self.market, series=self.series, housekeeper=self.housekeeper,

@@ -259,6 +259,7 @@ class ControlApi:
         if type(is_open) is not bool:
             raise BadInput("open: expected true (a standing queue, active until closed) or false", field="open")
         opts["open"] = is_open
+        await self.bundles.ensure(digest)  # received by another replica: its files here first
         job_id = await self.submissions.create_job(name, digest, opts, timeout)
         return web.json_response(await self._job(job_id), status=201)
 
@@ -505,6 +506,7 @@ class ControlApi:
             raise BadInput("slots: expected an integer between 1 and 100000", field="slots")
         inst = f"external-{uuid.uuid4().hex[:12]}"
         token = secrets.token_urlsafe(32)
+        await self.bundles.ensure(digest)  # its agent reads the worker from this state directory
         await self.store.write(_register_external, inst, digest, slots, token_hash(token))
         # max_message_bytes: what to start the agent with (--max-message-bytes) so every task fits.
         # urls: every replica's (this daemon's first), for an agent that is to fail over between them.

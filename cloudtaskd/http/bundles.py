@@ -4,6 +4,10 @@ Layout under `state_dir/workers/`: `<sha256>/` the unpacked worker (read by the 
 `worker.json` beside `cloudtask.yaml`), `<sha256>.tar.gz` the bundle as uploaded (copied to the
 machines that other providers start). A row in `pools` per bundle; jobs and instances point at it.
 
+On PostgreSQL (`shared`) the tarball is also kept in the `bundles` table, written with the pool row:
+a replica that needs a worker another received (a job created on it, its leader launching, agents
+registered on it) materializes it from there first (`ensure`), checked against its digest.
+
 The rules a bundle must keep are `agent/bundle.py`'s, here and on every instance alike.
 """
 
@@ -14,6 +18,7 @@ import contextlib
 import hashlib
 import io
 import json
+import re
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
@@ -27,12 +32,16 @@ from agent import bundle as rules
 from cloudtask_wire.workerspec import SPEC_FILE, WorkerSpec
 from cloudtaskd.config import WorkersConfig
 from cloudtaskd.core.store import Store, Tx
+from cloudtaskd.core.tables import bundles as bundle_rows
 from cloudtaskd.core.tables import pools
-from cloudtaskd.errors import BadInput, StoreFull, is_no_space
+from cloudtaskd.core.tables.bulk import postgres
+from cloudtaskd.errors import BadInput, StoreError, StoreFull, is_no_space
 
 log = structlog.get_logger("cloudtaskd.http.bundles")
 
 SPOOL_IN_MEMORY_BYTES = 16 * 1024 * 1024
+SHARED_MAX_BYTES = 1024**3 - 1024**2  # PostgreSQL's bytea holds up to 1 GiB
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 def bundle_limits(config: WorkersConfig) -> rules.Limits:
@@ -41,10 +50,11 @@ def bundle_limits(config: WorkersConfig) -> rules.Limits:
 
 
 class Bundles:
-    def __init__(self, store: Store, workers_dir: Path, config: WorkersConfig) -> None:
+    def __init__(self, store: Store, workers_dir: Path, config: WorkersConfig, *, shared: bool = False) -> None:
         self.store = store
         self.dir = workers_dir
         self.config = config
+        self.shared = shared  # PostgreSQL: replicas share the bundles through the database
         self._lock = asyncio.Lock()
 
     def apply_config(self, config: WorkersConfig) -> None:
@@ -66,12 +76,17 @@ class Bundles:
                     size += len(chunk)
                     if size > cap:
                         raise BadInput(f"worker bundle is larger than {cap} bytes (workers.max_upload_bytes)")
+                    if self.shared and size > SHARED_MAX_BYTES:
+                        raise BadInput(f"worker bundle is larger than {SHARED_MAX_BYTES} bytes, the most the "
+                                       "replicas share through PostgreSQL (a bytea value): make it smaller")
                     digest.update(chunk)
                     buf.write(chunk)
                 hexdigest = digest.hexdigest()
                 async with self._lock:  # prune() must not remove this digest's files in between
                     spec = await asyncio.to_thread(self._store, buf, hexdigest)
-                    pool_id = await self.store.write(_upsert_pool, hexdigest, spec, str(self.dir / hexdigest))
+                    tarball = await asyncio.to_thread(_read_all, buf) if self.shared else None
+                    pool_id = await self.store.write(_upsert_pool, hexdigest, spec, str(self.dir / hexdigest),
+                                                     tarball)
         except OSError as exc:
             if is_no_space(exc):
                 raise StoreFull(self.dir, "storing a worker bundle") from exc
@@ -93,6 +108,43 @@ class Bundles:
             buf.seek(0)
             _save(buf, tarball)
         return _read_spec(target)
+
+    async def ensure(self, digest: str) -> Path:
+        """The unpacked worker of `digest` in this state directory, materialized from the database
+        first when another replica received it. BadInput when no replica has it."""
+        if not self.shared:
+            return self.dir / digest
+        if not _DIGEST.fullmatch(digest):  # it names a path below
+            raise BadInput("worker: expected the sha256 digest returned by POST /v1/workers", field="worker")
+        target = self.dir / digest
+        if _complete(self.dir, digest):
+            return target
+        async with self._lock:  # once: a second caller finds the files the first made
+            if _complete(self.dir, digest):
+                return target
+            data = await self.store.read(lambda db: bundle_rows.tarball(db, digest))
+            if data is None:
+                raise BadInput(f"worker {digest[:16]!r} is unknown: upload it first (POST /v1/workers)",
+                               field="worker")
+            try:
+                await asyncio.to_thread(self.materialize, data, digest)
+            except OSError as exc:
+                if is_no_space(exc):
+                    raise StoreFull(self.dir, "materializing a worker bundle") from exc
+                raise
+        log.info("worker_materialized", digest=digest[:12], bytes=len(data))
+        return target
+
+    def materialize(self, data: bytes, digest: str) -> WorkerSpec:
+        """Unpack and keep the tarball `data` as the worker `digest`, refused unless its sha256 is
+        that digest (a corrupt or substituted copy never reaches an instance)."""
+        got = hashlib.sha256(data).hexdigest()
+        if got != digest:
+            log.error("worker_digest_mismatch", digest=digest[:12], got=got[:12])
+            raise StoreError(f"the stored worker bundle {digest[:16]} has sha256 {got[:16]}: "
+                             "refused; upload the worker again (POST /v1/workers)")
+        self._spool_dir()
+        return self._store(io.BytesIO(data), digest)
 
     def _spool_dir(self) -> str:
         # Spooled past 16 MiB onto the state disk, not /tmp (often a small tmpfs).
@@ -123,10 +175,21 @@ class Bundles:
                     leftover.unlink(missing_ok=True)
 
 
+def _complete(workers: Path, digest: str) -> bool:
+    return (workers / digest).is_dir() and (workers / f"{digest}.tar.gz").is_file()
+
+
+def _read_all(buf: IO[bytes]) -> bytes:
+    buf.seek(0)
+    return buf.read()
+
+
 def _delete_unused(tx: Tx, cutoff: float) -> list[str]:
     # Pools that a job or an instance row still names stay; the rest may go once old enough.
     unused = pools.unused_before(tx.db, cutoff)
     pools.delete_many(tx, [r["id"] for r in unused])
+    if postgres(tx.db):
+        bundle_rows.delete_many(tx, [str(r["digest"]) for r in unused])
     for r in unused:
         tx.event("worker_pruned", detail=json.dumps({"digest": r["digest"]}))
     return [str(r["digest"]) for r in unused]
@@ -162,7 +225,9 @@ def _read_spec(worker_dir: Path) -> WorkerSpec:
     return spec
 
 
-def _upsert_pool(tx: Tx, digest: str, spec: WorkerSpec, path: str) -> int:
+def _upsert_pool(tx: Tx, digest: str, spec: WorkerSpec, path: str, tarball: bytes | None) -> int:
+    if tarball is not None:
+        bundle_rows.put(tx, digest, tarball)
     pool_id = pools.id_of(tx.db, digest)
     if pool_id is not None:
         # Uploaded again: its age starts anew, so the pruner does not take it from under the

@@ -15,6 +15,7 @@ agents registered on the other replica by hand (given that replica's URL first).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 import os
@@ -62,7 +63,7 @@ class Pair:
     """Replica A (started first: it leads) and replica B, with B's hand-registered agents."""
 
     def __init__(self, tmp: Path, dsn: str, *, a_dsn: str | None = None,
-                 worker: dict[str, str] = WORKER) -> None:
+                 worker: dict[str, str] = WORKER, upload_on: str = "ab") -> None:
         self.ports = free_port(), free_port()
         urls = [_url(p) for p in self.ports]
         (tmp / "a").mkdir()
@@ -73,21 +74,22 @@ class Pair:
         self.tmp = tmp
         self.agents: list[subprocess.Popen[bytes]] = []
         self.digest = ""
+        self.upload_on = upload_on  # which replicas receive the worker: the others take it from the database
 
     async def start(self) -> None:
         await self.a.start()
         await wait_for(lambda: _logged(self.a, "leader_work_started"), timeout=20, message="A leads")
         share_ca(self.a, self.b)
         await self.b.start()
-        for d in (self.a, self.b):  # bundles live in each replica's state directory
+        for d in (self.a if name == "a" else self.b for name in self.upload_on):
             self.digest = (await d.post("/v1/workers", data=bundle(self.worker)))["digest"]
         for i in range(HAND_AGENTS):
             inst = await self.b.post("/v1/instances", json={"worker": self.digest, "slots": 4})
             assert inst["urls"][0] == _url(self.ports[1])
             self.agents.append(start_agent(self.tmp / f"hand{i}", self.b, inst, self.digest, inst["urls"]))
 
-    async def submit(self, n: int) -> int:
-        job = await self.a.post("/v1/jobs", json={"name": "replicas", "worker": self.digest, "max_attempts": 20})
+    async def submit(self, n: int, on: str = "a") -> int:
+        job = await (self.a if on == "a" else self.b).post("/v1/jobs", json={"name": "replicas", "worker": self.digest, "max_attempts": 20})
         body = "".join(json.dumps({"id": f"t{i}", "data": i}) + "\n" for i in range(n)).encode()
         await self.b.post(f"/v1/jobs/{job['id']}/tasks", data=io.BytesIO(body))  # either replica answers
         return int(job["id"])
@@ -353,3 +355,29 @@ async def test_the_leader_cut_off_from_the_database_steps_down_and_its_agents_mo
         await pair.close()
         proxy.stop()
         print(f"stopped {time.monotonic() - began:.1f} s after the start")
+
+
+@pytest.mark.parametrize("upload_on", ["a", "b"])
+async def test_a_worker_uploaded_to_one_replica_runs_on_both(tmp_path: Path, pg_dsn: str, upload_on: str) -> None:
+    """The worker goes to one replica only; the job is created on B and B's hand-registered agents
+    read the worker from B's state directory; A (the leader) launches its local agents from its own.
+    Uploaded to A: B materializes it (job, agent registration). Uploaded to B: A's leader does, to launch."""
+    n = 3_000
+    pair = Pair(tmp_path, pg_dsn, upload_on=upload_on)
+    try:
+        await pair.start()
+        job_id = await pair.submit(n, on="b")
+        await _done(pair.b, job_id, timeout=180)
+        await _check_once(pair.a, pg_dsn, job_id, n)
+        other = pair.b if upload_on == "a" else pair.a
+        assert log_events(other.log_path, "worker_materialized"), "the other replica took it from the database"
+        for d in (pair.a, pair.b):
+            workers = d.state_dir / "workers"
+            assert (workers / pair.digest / "cloudtask.yaml").is_file()
+            assert hashlib.sha256((workers / f"{pair.digest}.tar.gz").read_bytes()).hexdigest() == pair.digest
+        with psycopg.connect(pg_dsn) as conn:
+            ran = dict(conn.execute("SELECT i.provider, count(*) FROM tasks t JOIN instances i ON i.id = t.instance_id"
+                                    " WHERE t.job_id = %s GROUP BY i.provider", (job_id,)).fetchall())
+        assert set(ran) == {"local", "external"}, f"both replicas' agents ran tasks: {ran}"
+    finally:
+        await pair.close()

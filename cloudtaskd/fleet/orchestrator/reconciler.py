@@ -34,7 +34,7 @@ from cloudtaskd.core.tables import instances
 from cloudtaskd.core.tables import jobs as job_rows
 from cloudtaskd.core.tables import pools as pool_rows
 from cloudtaskd.core.tables import tasks as queue
-from cloudtaskd.errors import FleetFull, ProviderError, StoreFull, TransitionError
+from cloudtaskd.errors import BadInput, FleetFull, ProviderError, StoreError, StoreFull, TransitionError
 from cloudtaskd.fleet import interruptions
 from cloudtaskd.fleet.orchestrator.backoff import OfferBackoff
 from cloudtaskd.fleet.orchestrator.failures import Blocked, LaunchFailures
@@ -61,14 +61,17 @@ class Reconciler:
                  config: Config, agent_url: str, metrics: Metrics, sessions: AgentSessions,
                  market: Market | None = None, agent_ca: bytes = b"",
                  on_instance_end: Callable[[str], Awaitable[None]] | None = None,
-                 presence_ttl_s: float | None = None) -> None:
+                 presence_ttl_s: float | None = None,
+                 worker_dir: Callable[[str], Awaitable[Path]] | None = None) -> None:
         """providers: (provider, its max_instances), in order of preference. dispatcher: told of
         work, revoked leases and drains; sessions: which agents are connected (read only); metrics:
         where failed launches are counted; agent_ca: the daemon's CA certificate (PEM) agents pin,
         empty when TLS is off; on_instance_end: told of each instance that ends (the hub closes
         its connections). presence_ttl_s (replicas on PostgreSQL): an agent is connected if this
         replica holds its session, or another replica wrote its last_seen_at within this long
-        (Presence, daemon.py); None (SQLite, one daemon): only this process's sessions count."""
+        (Presence, daemon.py); None (SQLite, one daemon): only this process's sessions count.
+        worker_dir: the unpacked worker of a digest in this replica's state directory, materialized
+        from the database when another replica received it (Bundles.ensure); None: the pool's path."""
         self.market = market or Market(store, [p for p, _ in providers], {})
         self.store = store
         self.dispatcher = dispatcher
@@ -81,6 +84,7 @@ class Reconciler:
         self.agent_ca = agent_ca
         self.on_instance_end = on_instance_end
         self.presence_ttl_s = presence_ttl_s
+        self.worker_dir = worker_dir
         self._idle_since: dict[str, float] = {}
         self._absent_since: dict[str, float] = {}  # running instance -> first seen without its agent
         self._last_work: dict[int, float] = {}
@@ -639,6 +643,12 @@ class Reconciler:
         inst = f"{provider.name}-{uuid.uuid4().hex[:12]}"
         token = secrets.token_urlsafe(32)
         offer = cand.offer
+        try:
+            worker = await self.worker_dir(pool["digest"]) if self.worker_dir else Path(pool["path"])
+        except (BadInput, StoreError, OSError) as exc:
+            # Nothing inserted: the next tick tries again (the worker may be pruned, or the disk full).
+            log.warning("launch_no_worker", provider=provider.name, pool=pool_id, error=str(exc))
+            return
         self._launching.add(inst)
         try:
             try:
@@ -650,7 +660,7 @@ class Reconciler:
                 log.info("launch_refused_full", provider=provider.name, pool=pool_id, reason=str(exc))
                 return
             workers = self.config.state_path / "workers"
-            spec = LaunchSpec(inst, pool_id, Path(pool["path"]), self.agent_url, token, cand.slots,
+            spec = LaunchSpec(inst, pool_id, worker, self.agent_url, token, cand.slots,
                               worker_bundle=workers / f"{pool['digest']}.tar.gz",
                               worker_spec=pool["spec"].to_dict(), offer=offer, ca_cert=self.agent_ca,
                               bundle_limits=bundle_limits(self.config.workers),

@@ -29,6 +29,7 @@ OWNERS = {
     "catalog": "core/tables/catalog.py",
     "host_keys": "core/tables/host_keys.py",
     "tasks": "core/tables/tasks.py",
+    "bundles": "core/tables/bundles.py",
 }
 NOT_SCANNED = ("core/pg/",)  # the PostgreSQL backend's own statements (its schema twins, locks, notify)
 _WRITTEN = re.compile(r"\b(?:UPDATE|INSERT(?: OR \w+)? INTO|REPLACE INTO|DELETE FROM)\s+(\w+)")
