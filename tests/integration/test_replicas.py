@@ -89,7 +89,8 @@ class Pair:
             self.agents.append(start_agent(self.tmp / f"hand{i}", self.b, inst, self.digest, inst["urls"]))
 
     async def submit(self, n: int, on: str = "a") -> int:
-        job = await (self.a if on == "a" else self.b).post("/v1/jobs", json={"name": "replicas", "worker": self.digest, "max_attempts": 20})
+        job = await (self.a if on == "a" else self.b).post(
+            "/v1/jobs", json={"name": "replicas", "worker": self.digest, "max_attempts": 20})
         body = "".join(json.dumps({"id": f"t{i}", "data": i}) + "\n" for i in range(n)).encode()
         await self.b.post(f"/v1/jobs/{job['id']}/tasks", data=io.BytesIO(body))  # either replica answers
         return int(job["id"])
