@@ -370,15 +370,20 @@ async def test_a_worker_uploaded_to_one_replica_runs_on_both(tmp_path: Path, pg_
         job_id = await pair.submit(n, on="b")
         await _done(pair.b, job_id, timeout=180)
         await _check_once(pair.a, pg_dsn, job_id, n)
-        other = pair.b if upload_on == "a" else pair.a
-        assert log_events(other.log_path, "worker_materialized"), "the other replica took it from the database"
-        for d in (pair.a, pair.b):
-            workers = d.state_dir / "workers"
-            assert (workers / pair.digest / "cloudtask.yaml").is_file()
-            assert hashlib.sha256((workers / f"{pair.digest}.tar.gz").read_bytes()).hexdigest() == pair.digest
         with psycopg.connect(pg_dsn) as conn:
             ran = dict(conn.execute("SELECT i.provider, count(*) FROM tasks t JOIN instances i ON i.id = t.instance_id"
                                     " WHERE t.job_id = %s GROUP BY i.provider", (job_id,)).fetchall())
         assert set(ran) == {"local", "external"}, f"both replicas' agents ran tasks: {ran}"
+        # The leader's local agents read the worker from the leader's own state directory.
+        for pid in pair.local_pids(pair.a).values():
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+            worker_dir = Path(argv[argv.index("--worker-dir") + 1])
+            assert worker_dir == pair.a.state_dir / "workers" / pair.digest, argv
+        for d in (pair.a, pair.b):
+            workers = d.state_dir / "workers"
+            assert (workers / pair.digest / "cloudtask.yaml").is_file()
+            assert hashlib.sha256((workers / f"{pair.digest}.tar.gz").read_bytes()).hexdigest() == pair.digest
+        other = pair.b if upload_on == "a" else pair.a
+        assert log_events(other.log_path, "worker_materialized"), "the other replica took it from the database"
     finally:
         await pair.close()
