@@ -20,6 +20,7 @@ import io
 import json
 import re
 import shutil
+import sqlite3
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -157,6 +158,8 @@ class Bundles:
         cutoff = (now if now is not None else self.store.clock.now()) - self.config.unused_ttl_s
         async with self._lock:
             gone: list[str] = await self.store.write(_delete_unused, cutoff)
+            if self.shared:  # what another replica pruned: the copies this one materialized
+                gone += await self.store.read(lambda db: _pruned_elsewhere(db, self.dir, gone))
             await asyncio.to_thread(self._remove_files, gone)
         for digest in gone:
             log.info("worker_pruned", digest=digest[:12])
@@ -177,6 +180,13 @@ class Bundles:
 
 def _complete(workers: Path, digest: str) -> bool:
     return (workers / digest).is_dir() and (workers / f"{digest}.tar.gz").is_file()
+
+
+def _pruned_elsewhere(db: sqlite3.Connection, workers: Path, gone: list[str]) -> list[str]:
+    """The digests unpacked here that no pool names any more. Under Bundles._lock no upload here
+    is between its files and its row, so a digest without a row here was pruned (by any replica)."""
+    here = [p.name for p in workers.iterdir() if _DIGEST.fullmatch(p.name)] if workers.is_dir() else []
+    return [d for d in here if d not in gone and pools.id_of(db, d) is None]
 
 
 def _read_all(buf: IO[bytes]) -> bytes:

@@ -67,10 +67,16 @@ async def test_a_replica_materializes_a_worker_another_received(pg_store: PgStor
     assert not (tmp_path / "b" / forged).exists()
 
 
-async def test_pruning_deletes_the_shared_tarball(pg_store: PgStore, tmp_path: Path) -> None:
+async def test_pruning_deletes_the_shared_tarball_and_every_replicas_copy(pg_store: PgStore, tmp_path: Path) -> None:
     store = pg_store
     a = Bundles(store, tmp_path / "a", WorkersConfig(unused_ttl_s=60), shared=True)  # type: ignore[arg-type]
+    b = Bundles(store, tmp_path / "b", WorkersConfig(unused_ttl_s=60), shared=True)  # type: ignore[arg-type]
     digest, _ = await a.receive(_chunks(bundle(WORKER)))
+    await b.ensure(digest)
+    assert await b.prune(now=store.clock.now()) == []  # still young: B keeps its copy
+    assert (tmp_path / "b" / digest).is_dir()
     assert await a.prune(now=store.clock.now() + 120) == [digest]
     row = await store.fetchone("SELECT digest FROM bundles WHERE digest = ?", (digest,))
     assert row is None
+    assert await b.prune(now=store.clock.now()) == [digest]  # pruned by A: B's copy goes at its next prune
+    assert not (tmp_path / "b" / digest).exists() and not (tmp_path / "b" / f"{digest}.tar.gz").exists()
