@@ -57,7 +57,7 @@ td.bad { color: var(--bad); font-weight: 600; }
 .badge.is-succeeded { background: var(--ok); }
 .badge.is-failed { background: var(--bad); }
 .badge.is-cancelled, .badge.is-cancelling { background: #6d6d6d; }
-.badge.is-running { background: var(--run); }
+.badge.is-running, .badge.is-open { background: var(--run); }
 .badge.is-paused { background: var(--warn); }
 .reason { display: block; font-size: 0.85em; color: var(--mute); max-width: 16em; overflow-wrap: anywhere; }
 .waiting { display: block; font-size: 0.85em; white-space: normal; }
@@ -235,7 +235,10 @@ _SCRIPT = """
     if (job.outcome) return job.outcome;  // succeeded, failed (some dead), cancelled
     if (job.state === "cancelled") return "cancelling";  // its last leases are ending
     if (job.state === "paused") return "paused";
-    return job.counts.leased ? "running" : "waiting";
+    if (job.counts.leased) return "running";
+    // A standing queue with nothing to do is not stuck: it waits for `cloudtaskctl enqueue`.
+    if (job.open && !job.counts.queued && !job.counts.failed && !job.counts.staged) return "open";
+    return "waiting";
   }
 
   function jobRow(job) {

@@ -519,6 +519,9 @@ async def test_the_status_page_renders_updates_and_escapes(tcp_daemon: tuple[Dae
     job_id = await submit(api, FLAG_WORKER, flag_tasks(flag, 4), name="render me")
     evil = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
     evil_id = await submit(api, FLAG_WORKER, [], name=evil)
+    status, queue = await api.request("POST", "/v1/jobs", json={"name": "standing", "worker": (await api.request(
+        "POST", "/v1/workers", data=bundle(FLAG_WORKER)))[1]["digest"], "open": True})
+    assert status == 201, queue
 
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -539,6 +542,10 @@ async def test_the_status_page_renders_updates_and_escapes(tcp_daemon: tuple[Dae
             await expect(row).to_have_attribute("data-state", "succeeded")
             await expect(row.locator(".badge")).to_have_text("succeeded")
             assert await page.evaluate("performance.getEntriesByType('navigation').length") == 1
+
+            # A standing queue with nothing queued is open, not waiting (nothing is stuck).
+            await expect(page.locator(f'tr[data-job-id="{queue["id"]}"] .badge')).to_have_text("open")
+            await expect(page.locator(f'tr[data-job-id="{evil_id}"] .badge')).to_have_text("waiting")
 
             evil_cell = page.locator(f'tr[data-job-id="{evil_id}"] td.name')
             assert await evil_cell.text_content() == evil
