@@ -45,7 +45,8 @@ if _out:
             _run(self)
         finally:
             p.disable()
-            p.dump_stats(os.path.join(_out, f"{os.getpid()}-thread-{id(self)}-{self.name.split()[-1].strip('()')}.prof"))
+            kind = self.name.split()[-1].strip("()")
+            p.dump_stats(os.path.join(_out, f"{os.getpid()}-thread-{id(self)}-{kind}.prof"))
     threading.Thread.run = _profiled_run
 '''
 
@@ -87,7 +88,7 @@ def daemon_threads(prof: Path) -> dict[str, pstats.Stats]:
 
 def counts(stats: pstats.Stats) -> collections.Counter[str]:
     c: collections.Counter[str] = collections.Counter()
-    for (path, _line, func), (_cc, ncalls, *_rest) in stats.stats.items():  # type: ignore[attr-defined]
+    for (_path, _line, func), (_cc, ncalls, *_rest) in stats.stats.items():  # type: ignore[attr-defined]
         # By function name, not module: a function that moved between modules is still itself.
         c[re.sub(r" at 0x[0-9a-f]+", "", func)] += ncalls
     return c
