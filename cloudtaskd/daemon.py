@@ -29,14 +29,14 @@ from cloudtaskd.core.dispatch import Dispatcher
 from cloudtaskd.core.housekeeping import Housekeeper
 from cloudtaskd.core.hub import AgentHub
 from cloudtaskd.core.metrics import Metrics
-from cloudtaskd.core.pg import replica
+from cloudtaskd.core.pg import replica, shared_ca
 from cloudtaskd.core.pg.leader import Leadership
 from cloudtaskd.core.pg.notify import Listener
 from cloudtaskd.core.pg.store import PgStore
 from cloudtaskd.core.store import Store, Tx
 from cloudtaskd.core.tables import instances, meta
 from cloudtaskd.core.tables import tasks as queue
-from cloudtaskd.errors import CloudtaskError, ConfigError, StateDirBusy, StoreError
+from cloudtaskd.errors import CloudtaskError, ConfigError, StateDirBusy, StoreError, short_sha256
 from cloudtaskd.fleet.catalog import Fetcher
 from cloudtaskd.fleet.interruptions import Recorded
 from cloudtaskd.fleet.orchestrator.market import Market
@@ -146,6 +146,14 @@ class Daemon:
         self._lock()
         await self.store.open()
         self.daemon_id = await self.store.write(_daemon_id)
+        self.tls = tls_files(self.config, self.daemon_id)
+        # Before this replica writes anything else to a shared database: one with a CA of its own must
+        # not start at all (core/pg/shared_ca.py).
+        if self.config.postgres and self.tls is not None and shared_ca.pinned(self.config):
+            own = tls.ca_fingerprint(self.tls.ca_cert)
+            first = await self.store.write(shared_ca.check, own, self.tls.ca_cert)
+            log.info("tls_ca_recorded" if first else "tls_ca_matches", ca=str(self.tls.ca_cert),
+                     sha256=short_sha256(own))
         self.providers = self._providers()  # cloud resources are tagged with the daemon id
         self.market = Market(self.store, [p for p, _ in self.providers], self._catalog_fetchers())
         await self.market.load()
@@ -157,7 +165,6 @@ class Daemon:
         log.info("store_opened", database=self.store.describe(), leases_renewed=renewed, retries_brought_forward=capped,
                  daemon_id=self.daemon_id)
 
-        self.tls = tls_files(self.config, self.daemon_id)
         agents = self.config.agents
         agent_app = web.Application(client_max_size=agents.max_message_bytes)
         agent_app.router.add_get("/v1/agent", self.hub.handle)

@@ -26,6 +26,7 @@ __all__ = [
     "ProviderAuthError",
     "ProviderError",
     "QuotaExceeded",
+    "SharedCaMismatch",
     "StoreError",
     "StoreFull",
     "TransientProviderError",
@@ -124,6 +125,29 @@ class FleetFull(StoreError):
 
 class LeaseError(CloudtaskError):
     """A lease report was refused (stale fencing token, or the task is no longer leased)."""
+
+
+class SharedCaMismatch(CloudtaskError):
+    """This replica's TLS CA is not the one the other replicas on its database use: it refuses to start."""
+
+    def __init__(self, *, own_sha256: str, recorded_sha256: str, ca_path: str, reset_sql: str) -> None:
+        self.own_sha256 = own_sha256
+        self.recorded_sha256 = recorded_sha256
+        self.ca_path = ca_path
+        tls_dir = ca_path.rsplit("/", 1)[0] if "/" in ca_path else "."
+        super().__init__(
+            f"this replica's TLS CA {ca_path} (sha256 {short_sha256(own_sha256)}) is not the CA the replicas on this"
+            f" database use (sha256 {short_sha256(recorded_sha256)}, recorded by the first replica that started):"
+            " agents pin one CA and could not fail over to this replica. Copy ca.pem and ca.key from"
+            f" <state_dir>/tls of a replica that is running into {tls_dir}/ and start this one again (it issues its"
+            " server certificate from them). Or, to make this CA the replicas' CA instead, stop every replica,"
+            f" run `{reset_sql}` on the database and start this one first; then copy its ca.pem and ca.key to the"
+            " others, and restart the instances whose agents pinned the old CA (docs/replicas.md, The shared TLS CA).")
+
+
+def short_sha256(hex_digest: str) -> str:
+    """A fingerprint as people compare it: its first 16 hex digits (64 bits: no two CAs alike by chance)."""
+    return hex_digest[:16]
 
 
 class DaemonUnavailable(CloudtaskError):

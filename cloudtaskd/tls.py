@@ -90,6 +90,13 @@ def ensure(tls_dir: Path, names: Iterable[str], *, label: str = "") -> TlsFiles:
     return files
 
 
+def ca_fingerprint(ca_cert: Path) -> str:
+    """The SHA-256 of the CA certificate's DER, in hex: what tells one CA from another (replicas
+    must share one, core/pg/shared_ca.py). The same as `openssl x509 -in ca.pem -outform DER | sha256sum`."""
+    cert = x509.load_pem_x509_certificate(ca_cert.read_bytes())
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
 def _sans(names: Iterable[str]) -> list[x509.GeneralName]:
     out: list[x509.GeneralName] = []
     seen: set[str] = set()

@@ -10,6 +10,10 @@ if TYPE_CHECKING:
 
 DAEMON_ID = "daemon_id"  # this state directory's daemon, as the API and the agents know it
 LAST_JOB_ID = "last_job_id"  # the highest id a deleted job had: job ids are not reused (tables/jobs.create)
+# On PostgreSQL, the fingerprint of the TLS CA every replica must use (core/pg/shared_ca.py).
+TLS_CA_SHA256 = "tls_ca_sha256"
+# Run by hand (psql) to forget the recorded CA, so that the next replica to start records its own.
+FORGET_TLS_CA_SQL = "DELETE FROM meta WHERE key = 'tls_ca_sha256';"
 
 
 def get(db: sqlite3.Connection, key: str) -> str | None:
@@ -19,6 +23,18 @@ def get(db: sqlite3.Connection, key: str) -> str | None:
 
 def add(tx: Tx, key: str, value: str) -> None:
     tx.db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+
+def claim(tx: Tx, key: str, value: str) -> tuple[str, bool]:
+    """The key's value, and whether this call set it: `value` if the key had none, else the one
+    already there. Two transactions claiming at once get the same answer: the second's insert waits
+    for the first's commit on the key's unique index and then does nothing, and the read that
+    follows (a statement of its own: READ COMMITTED on PostgreSQL) sees the first's row."""
+    cur = tx.db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING", (key, value))
+    inserted = cur.rowcount == 1
+    row = tx.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    assert row is not None  # inserted above or already there, and no statement deletes it
+    return str(row[0]), inserted
 
 
 def raise_last_job_id(tx: Tx, job_id: int) -> None:
