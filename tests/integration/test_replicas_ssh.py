@@ -160,7 +160,8 @@ async def test_the_survivor_retunnels_the_agent_of_a_killed_replica(tmp_path: Pa
         async def working() -> bool:
             j = await b.get(f"/v1/jobs/{job['id']}")
             return bool(j["counts"]["succeeded"] >= 20)
-        await wait_for(working, timeout=400, interval=0.2, message=f"the {machine.provider} agent working through A's tunnel")
+        await wait_for(working, timeout=400, interval=0.2,
+                       message=f"the {machine.provider} agent working through A's tunnel")
         launched = _instances(pg_dsn, machine.provider)
         assert len(launched) == 1 and launched[0][1] == "running", launched
         inst = launched[0][0]
