@@ -4,7 +4,6 @@ the answer is not the happy one (issue 15, "Answers that mislead")."""
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,11 +14,10 @@ import pytest
 from cloudtaskd.config import ScalingConfig
 from cloudtaskd.core.tables import jobs
 from cloudtaskd.ctl import commands
-from cloudtaskd.ctl.main import main
 from cloudtaskd.daemon import Daemon
 from cloudtaskd.http.api import RATE_CACHE_S
 from tests import paths
-from tests.conftest import UnixApi, make_config
+from tests.conftest import UnixApi, ctl, make_config
 
 ROOT = paths.ROOT
 
@@ -33,13 +31,6 @@ async def daemon(tmp_path: Path) -> AsyncIterator[tuple[Daemon, UnixApi]]:
     yield d, api
     await api.close()
     await d.stop()
-
-
-async def ctl(d: Daemon, *argv: str) -> tuple[int, str, str]:
-    """The real command line, in a thread (main runs its own event loop), against the daemon."""
-    out, err = io.StringIO(), io.StringIO()
-    status = await asyncio.to_thread(main, [*argv, "--socket", str(d.config.socket_path)], out=out, err=err)
-    return status, out.getvalue(), err.getvalue()
 
 
 @pytest.mark.parametrize("argv", [["status", "99"], ["tasks", "99"], ["cost", "99"], ["results", "99"],

@@ -15,7 +15,7 @@ from cloudtaskd.errors import ProviderAuthError, ProviderError, TransientProvide
 from cloudtaskd.fleet.catalog.azure import fetch_offers
 from cloudtaskd.fleet.providers.azure import AzureDriver
 from tests.fakes.azure_standin import ArmStandin
-from tests.fakes.serving import serving
+from tests.fakes.serving import serve, serving
 from tests.procs import free_port
 from tests.unit.fleet.test_azure import LOCATION
 from tests.unit.fleet.test_azure import driver as driver  # a fixture: imported, it is this module's too
@@ -111,10 +111,8 @@ class RetailPricesStandin:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get(PRICES_PATH, self._handle)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}{PRICES_PATH}"
+        self._runner, base_url = await serve(app)
+        self.url = f"{base_url}{PRICES_PATH}"
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -17,7 +17,7 @@ from cloudtaskd.errors import InvalidRequest, ProviderAuthError, ProviderError, 
 from cloudtaskd.fleet.catalog.gcp import BILLING_SCOPE, COMPUTE_SERVICE_ID, fetch_offers
 from cloudtaskd.fleet.providers.gcp import GcpDriver
 from tests.fakes.gcp_standin import ComputeStandin
-from tests.fakes.serving import serving
+from tests.fakes.serving import serve, serving
 from tests.procs import free_port
 from tests.unit.fleet.test_gcp import PROJECT, ZONE
 from tests.unit.fleet.test_gcp import driver as driver  # a fixture: imported, it is this module's too
@@ -114,10 +114,7 @@ class BillingStandin:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get(SKUS_PATH, self._handle)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        self._runner, self.url = await serve(app)
 
     async def stop(self) -> None:
         if self._runner is not None:
