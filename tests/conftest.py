@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import ssl
 import subprocess
@@ -13,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import psycopg
@@ -22,10 +23,14 @@ import pytest
 from cloudtaskd.config import AgentsConfig, Config, QueueConfig, ScalingConfig
 from cloudtaskd.core.pg.store import PgStore
 from cloudtaskd.core.store import Store
+from cloudtaskd.ctl.main import main as ctl_main
 from cloudtaskd.fleet.runtime import RuntimeBuilder
 from tests.fakes import postgres as pg_mod
 from tests.fakes import sshd as sshd_mod
 from tests.fakes.moto_ec2 import MotoEc2
+
+if TYPE_CHECKING:
+    from cloudtaskd.daemon import Daemon
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -169,6 +174,14 @@ class UnixApi:
 
     async def close(self) -> None:
         await self.session.close()
+
+
+async def ctl(d: Daemon, *argv: str) -> tuple[int, str, str]:
+    """The real command line against the daemon's socket, in a thread (main runs its own event loop):
+    (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    status = await asyncio.to_thread(ctl_main, [*argv, "--socket", str(d.config.socket_path)], out=out, err=err)
+    return status, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="session")

@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 from importlib import resources
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Generic, ParamSpec, TypeVar
 
 import aiosqlite
 import structlog
@@ -41,6 +42,7 @@ log = structlog.get_logger("cloudtaskd.core.store")
 
 P = ParamSpec("P")
 T = TypeVar("T")
+C = TypeVar("C")  # a backend's connection (or session) type
 
 MIGRATIONS = ["001_initial.sql", "002_host_keys.sql", "003_instance_host_key.sql", "004_catalog.sql",
               "005_job_policy.sql", "006_hot_indexes.sql", "007_job_state_reason.sql",
@@ -278,6 +280,67 @@ class EventWaits:
         signal.set()
 
 
+def opened(conn: C | None) -> C:
+    """A store's connection, or the error of a store that is closed (or was never opened)."""
+    if conn is None:
+        raise StoreError("the store is closed")
+    return conn
+
+
+class StoreDoors(EventWaits, ABC, Generic[C]):
+    """The doors both stores share (Store here on SQLite, pg.store.PgStore on PostgreSQL): write, read,
+    fetchall and fetchone over a writer and a reader connection of type C, the write lock, the clock
+    a transaction sees, and the wake-up of the event followers after a commit. What differs stays in
+    each backend, in `_write_tx` and `_read_tx`: how a transaction begins, ends and rolls back, which
+    snapshot a read sees, and how the driver's errors are told."""
+
+    def __init__(self, clock: DaemonClock | None) -> None:
+        super().__init__()
+        # The time every transaction sees as tx.now: monotonic while the daemon runs (cloudtaskd.core.clock).
+        self.clock = clock if clock is not None else DaemonClock()
+        self._writer: C | None = None
+        self._reader: C | None = None
+        self._write_lock = WriteLock()
+        # Since when (self.clock) writes have failed for a full disk; None while they succeed. The
+        # outage is logged when it starts and when it ends, not once per failed write. Always None
+        # on PostgreSQL, whose disk is the server's.
+        self.full_since: float | None = None
+
+    @abstractmethod
+    async def _write_tx(self, writer: C, body: Callable[[sqlite3.Connection], T]) -> T:
+        """body(db) in one write transaction on the writer's thread, committed, or rolled back when
+        it raises; a driver error raised as StoreError."""
+
+    @abstractmethod
+    async def _read_tx(self, reader: C, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """fn(db) in one read transaction (a consistent snapshot) on the reader's thread; a driver
+        error raised as StoreError."""
+
+    async def write(self, fn: Callable[..., T], *args: Any, now: float | None = None, urgent: bool = False) -> T:
+        """Run fn(tx, *args) in one transaction on the writer thread; commit or roll back.
+
+        Nothing is acknowledged to anyone before this returns: the commit is durable first.
+        urgent: served before every waiting ordinary writer (the dispatcher's rounds).
+        """
+        writer = opened(self._writer)
+        stamp = self.clock.now() if now is None else now
+        async with self._write_lock.hold(urgent=urgent):
+            out, wrote_events = await self._write_tx(writer, lambda db: run_tx(db, stamp, fn, args))
+        if wrote_events:
+            self._events_committed()  # wake the long polls of GET /v1/events
+        return out
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run fn(db) on the reader connection inside one read transaction (a consistent snapshot)."""
+        return await self._read_tx(opened(self._reader), fn)
+
+    async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        return await self.read(lambda db: db.execute(sql, tuple(params)).fetchall())
+
+    async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
+        return await self.read(lambda db: db.execute(sql, tuple(params)).fetchone())
+
+
 async def _on_thread(conn: aiosqlite.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
     """Run fn on the connection's own thread with its sqlite3 connection: one hop for a whole
     transaction. aiosqlite has no public API for this; `_execute` is stable across 0.17-0.22 and
@@ -286,20 +349,12 @@ async def _on_thread(conn: aiosqlite.Connection, fn: Callable[[sqlite3.Connectio
     return result
 
 
-class Store(EventWaits):
+class Store(StoreDoors[aiosqlite.Connection]):
     def __init__(self, path: Path, clock: DaemonClock | None = None) -> None:
-        super().__init__()
+        super().__init__(clock)
         self.path = path
-        # The time every transaction sees as tx.now: monotonic while the daemon runs (cloudtaskd.core.clock).
-        self.clock = clock if clock is not None else DaemonClock()
-        self._writer: aiosqlite.Connection | None = None
-        self._reader: aiosqlite.Connection | None = None
         self._checkpointer: aiosqlite.Connection | None = None
         self._checkpoints: asyncio.Task[None] | None = None
-        self._write_lock = WriteLock()
-        # Since when (self.clock) writes have failed for a full disk; None while they succeed. The
-        # outage is logged when it starts and when it ends, not once per failed write.
-        self.full_since: float | None = None
 
     def _failed(self, exc: sqlite3.Error | OSError, doing: str) -> StoreError:
         """The StoreError for a driver error: StoreFull (the outage noted) when the disk is full."""
@@ -376,9 +431,7 @@ class Store(EventWaits):
     async def checkpoint(self) -> tuple[int, int]:
         """Copy what the WAL holds into the main file without blocking the writer (PASSIVE):
         (frames in the WAL, frames checkpointed). Once all are, the next writer starts the WAL over."""
-        conn = self._checkpointer
-        if conn is None:
-            raise StoreError("the store is closed")
+        conn = opened(self._checkpointer)
         row = await _on_thread(conn, lambda db: db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
         return int(row[1]), int(row[2])
 
@@ -391,9 +444,7 @@ class Store(EventWaits):
     async def vacuum_step(self, pages: int) -> int:
         """Give up to `pages` free pages back to the filesystem (auto_vacuum=INCREMENTAL): one short
         write on the writer, between the dispatcher's rounds. Returns the free pages left."""
-        writer = self._writer
-        if writer is None:
-            raise StoreError("the store is closed")
+        writer = opened(self._writer)
 
         def run(db: sqlite3.Connection) -> int:
             # executescript steps the pragma to its end: execute() stops after its first page.
@@ -409,9 +460,7 @@ class Store(EventWaits):
     async def truncate_wal(self) -> bool:
         """Copy the WAL into the main file and cut it to zero bytes (after big deletions), waiting at
         most WAL_TRUNCATE_BUSY_MS for the writer and readers: False when they were busy (try later)."""
-        conn = self._checkpointer
-        if conn is None:
-            raise StoreError("the store is closed")
+        conn = opened(self._checkpointer)
 
         def run(db: sqlite3.Connection) -> bool:
             db.execute(f"PRAGMA busy_timeout={WAL_TRUNCATE_BUSY_MS}")
@@ -447,24 +496,16 @@ class Store(EventWaits):
             else:
                 failing = False
 
-    async def write(self, fn: Callable[..., T], *args: Any, now: float | None = None, urgent: bool = False) -> T:
-        """Run fn(tx, *args) in one IMMEDIATE transaction on the writer thread; commit or roll back.
-
-        Nothing is acknowledged to anyone before this returns: the commit is durable first.
-        urgent: served before every waiting ordinary writer (the dispatcher's rounds).
-        """
-        writer = self._writer
-        if writer is None:
-            raise StoreError("the store is closed")
-        stamp = self.clock.now() if now is None else now
-        wrote_events = changed = False
+    async def _write_tx(self, writer: aiosqlite.Connection, body: Callable[[sqlite3.Connection], T]) -> T:
+        """An IMMEDIATE transaction: it takes SQLite's write lock at BEGIN, not at its first write."""
+        changed = False
 
         def run(db: sqlite3.Connection) -> T:
-            nonlocal wrote_events, changed
+            nonlocal changed
             db.execute("BEGIN IMMEDIATE")
             try:
                 before = db.total_changes
-                out, wrote_events = run_tx(db, stamp, fn, args)
+                out = body(db)
                 db.execute("COMMIT")
                 changed = db.total_changes != before
                 return out
@@ -473,23 +514,15 @@ class Store(EventWaits):
                     db.execute("ROLLBACK")
                 raise
 
-        async with self._write_lock.hold(urgent=urgent):
-            try:
-                out = await _on_thread(writer, run)
-            except sqlite3.Error as exc:
-                raise self._failed(exc, "writing to the state database") from exc
+        try:
+            out = await _on_thread(writer, run)
+        except sqlite3.Error as exc:
+            raise self._failed(exc, "writing to the state database") from exc
         if changed:  # an empty transaction (the health check) succeeds on a full disk too
             self._wrote()
-        if wrote_events:
-            self._events_committed()  # wake the long polls of GET /v1/events
         return out
 
-    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run fn(db) on the reader connection inside one read transaction (a consistent snapshot)."""
-        reader = self._reader
-        if reader is None:
-            raise StoreError("the store is closed")
-
+    async def _read_tx(self, reader: aiosqlite.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
         def run(db: sqlite3.Connection) -> T:
             db.execute("BEGIN")
             try:
@@ -501,9 +534,3 @@ class Store(EventWaits):
             return await _on_thread(reader, run)
         except sqlite3.Error as exc:
             raise self._failed(exc, "reading the state database") from exc
-
-    async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        return await self.read(lambda db: db.execute(sql, tuple(params)).fetchall())
-
-    async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
-        return await self.read(lambda db: db.execute(sql, tuple(params)).fetchone())

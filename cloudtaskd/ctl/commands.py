@@ -238,26 +238,21 @@ async def cmd_tasks(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _job_line(verb: str, job: dict[str, Any]) -> str:
-    return f"job {job['id']} {verb}: {format_progress(job, 100)}"
+def _job_done(ctx: Ctx, verb: str, job: dict[str, Any]) -> int:
+    """What a command that changed one job answers: the job as JSON, or `job N VERB: progress`."""
+    if ctx.json:
+        ctx.emit_json(job)
+    else:
+        ctx.say(f"job {job['id']} {verb}: {format_progress(job, 100)}")
+    return EXIT_OK
 
 
 async def cmd_resume(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
-    job = await api.resume_job(args.job, max_total_cost=args.max_total_cost)
-    if ctx.json:
-        ctx.emit_json(job)
-    else:
-        ctx.say(_job_line("resumed", job))
-    return EXIT_OK
+    return _job_done(ctx, "resumed", await api.resume_job(args.job, max_total_cost=args.max_total_cost))
 
 
 async def cmd_retry(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
-    job = await api.retry_job(args.job)
-    if ctx.json:
-        ctx.emit_json(job)
-    else:
-        ctx.say(_job_line("retried", job))
-    return EXIT_OK
+    return _job_done(ctx, "retried", await api.retry_job(args.job))
 
 
 async def cmd_enqueue(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
@@ -273,27 +268,19 @@ async def cmd_enqueue(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int
 
 
 async def cmd_close(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
-    job = await api.close_job(args.job)
-    if ctx.json:
-        ctx.emit_json(job)
-    else:
-        ctx.say(_job_line("closed", job))
-    return EXIT_OK
+    return _job_done(ctx, "closed", await api.close_job(args.job))
 
 
 async def cmd_cancel(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
     job = await api.cancel_job(args.job)
-    if ctx.json:
-        ctx.emit_json(job)
-    elif job.get("cancelling"):
+    if job.get("cancelling") and not ctx.json:
         # A big job: no lease is granted for it any more, and its tasks are cancelled in the background.
         c = job["cancelling"]
         ctx.say(f"job {job['id']} cancelling: {c['cancelled']} of {c['total']} tasks cancelled so far; no task"
                 f" of it is started any more, the rest are cancelled in the background"
                 f" (cloudtaskctl status {job['id']} shows how far)")
-    else:
-        ctx.say(_job_line("cancelled", job))
-    return EXIT_OK
+        return EXIT_OK
+    return _job_done(ctx, "cancelled", job)
 
 
 async def cmd_delete(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:

@@ -37,6 +37,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fakes.serving import serve
+
 VM_TYPE = "microsoft.compute/virtualmachines"
 DISK_TYPE = "microsoft.compute/disks"
 SKUS_SUFFIX = "/providers/microsoft.compute/skus"
@@ -101,12 +103,7 @@ class ArmStandin:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = self._runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}"
+        self._runner, self.url = await serve(app)
 
     def stall_vm_creates(self) -> None:
         self._stall_vm, self._vm_accept = True, True

@@ -23,6 +23,8 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -95,6 +97,13 @@ class Pair:
         await self.b.post(f"/v1/jobs/{job['id']}/tasks", data=io.BytesIO(body))  # either replica answers
         return int(job["id"])
 
+    async def wait_succeeded(self, job_id: int, at_least: int, *, timeout: float, interval: float,
+                             message: str) -> None:
+        async def enough() -> bool:
+            j = await self.b.get(f"/v1/jobs/{job_id}")
+            return bool(j["counts"]["succeeded"] >= at_least)
+        await wait_for(enough, timeout=timeout, interval=interval, message=message)
+
     def local_pids(self, daemon: DaemonProcess) -> dict[str, int]:
         return {p.stem: int(json.loads(p.read_text())["pid"]) for p in (daemon.state_dir / "local").glob("*.json")}
 
@@ -109,6 +118,17 @@ class Pair:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+
+
+@asynccontextmanager
+async def running_pair(tmp: Path, dsn: str, **kwargs: Any) -> AsyncIterator[Pair]:
+    """Both replicas started (A leading) and B's agents up; everything stopped at the end, whatever failed."""
+    pair = Pair(tmp, dsn, **kwargs)
+    try:
+        await pair.start()
+        yield pair
+    finally:
+        await pair.close()
 
 
 async def _logged(daemon: DaemonProcess, event: str) -> bool:
@@ -150,15 +170,9 @@ def _instances(dsn: str) -> list[tuple[str, str]]:
 @pytest.mark.timeout(400)
 async def test_the_leader_killed_mid_job_of_50000_tasks(tmp_path: Path, pg_dsn: str) -> None:
     n = 50_000
-    pair = Pair(tmp_path, pg_dsn)
-    try:
-        await pair.start()
+    async with running_pair(tmp_path, pg_dsn) as pair:
         job_id = await pair.submit(n)
-
-        async def started() -> bool:
-            j = await pair.b.get(f"/v1/jobs/{job_id}")
-            return bool(j["counts"]["succeeded"] >= n // 4)
-        await wait_for(started, timeout=180, interval=0.2, message="a quarter of the tasks done")
+        await pair.wait_succeeded(job_id, n // 4, timeout=180, interval=0.2, message="a quarter of the tasks done")
         launched = _instances(pg_dsn)
         assert len(launched) == LOCAL_AGENTS and all(s == "running" for _, s in launched), launched
         a_agents = pair.local_pids(pair.a)
@@ -182,8 +196,6 @@ async def test_the_leader_killed_mid_job_of_50000_tasks(tmp_path: Path, pg_dsn: 
         assert after == launched, after
         assert all(_alive(pid) for pid in a_agents.values()), "an adopted agent was stopped"
         assert pair.local_pids(pair.b) == {}, "the survivor launched an instance of its own"
-    finally:
-        await pair.close()
 
 
 def _alive(pid: int) -> bool:
@@ -197,15 +209,9 @@ def _alive(pid: int) -> bool:
 @pytest.mark.timeout(300)
 async def test_postgresql_restarted_mid_job(tmp_path: Path, pg_server: PostgresServer, pg_dsn: str) -> None:
     n = 20_000
-    pair = Pair(tmp_path, pg_dsn)
-    try:
-        await pair.start()
+    async with running_pair(tmp_path, pg_dsn) as pair:
         job_id = await pair.submit(n)
-
-        async def started() -> bool:
-            j = await pair.b.get(f"/v1/jobs/{job_id}")
-            return bool(j["counts"]["succeeded"] >= n // 4)
-        await wait_for(started, timeout=120, interval=0.2, message="a quarter of the tasks done")
+        await pair.wait_succeeded(job_id, n // 4, timeout=120, interval=0.2, message="a quarter of the tasks done")
         pair_agents = pair.local_pids(pair.a)
         pg_server.restart()
 
@@ -215,8 +221,6 @@ async def test_postgresql_restarted_mid_job(tmp_path: Path, pg_server: PostgresS
         assert pair.b.proc is not None and pair.b.proc.poll() is None
         assert _instances(pg_dsn) == sorted((i, "running") for i in pair_agents), "an agent was lost or relaunched"
         assert all(a.poll() is None for a in pair.agents), "a hand-started agent gave up"
-    finally:
-        await pair.close()
 
 
 SLOW_WORKER = {"cloudtask.yaml": "mode: python\nfunction: w:run\n",
@@ -268,92 +272,86 @@ async def test_the_leader_cut_off_from_the_database_steps_down_and_its_agents_mo
     proxy_port = proxy.start()
     parts = urlsplit(pg_dsn)
     a_dsn = urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{pg_server.port}", f":{proxy_port}")))
-    pair = Pair(tmp_path, pg_dsn, a_dsn=a_dsn, worker=SLOW_WORKER)
     began = time.monotonic()
     try:
-        await pair.start()
-        job_id = await pair.submit(n)
-        print(f"replicas and agents up in {time.monotonic() - began:.1f} s")
+        async with running_pair(tmp_path, pg_dsn, a_dsn=a_dsn, worker=SLOW_WORKER) as pair:
+            job_id = await pair.submit(n)
+            print(f"replicas and agents up in {time.monotonic() - began:.1f} s")
+            await pair.wait_succeeded(job_id, n // 5, timeout=60, interval=0.1, message="a fifth of the tasks done")
+            launched = _instances(pg_dsn)
+            a_agents = pair.local_pids(pair.a)
+            assert set(a_agents) == {i for i, _ in launched} and len(launched) == LOCAL_AGENTS
 
-        async def started() -> bool:
-            j = await pair.b.get(f"/v1/jobs/{job_id}")
-            return bool(j["counts"]["succeeded"] >= n // 5)
-        await wait_for(started, timeout=60, interval=0.1, message="a fifth of the tasks done")
-        launched = _instances(pg_dsn)
-        a_agents = pair.local_pids(pair.a)
-        assert set(a_agents) == {i for i, _ in launched} and len(launched) == LOCAL_AGENTS
+            proxy.blackhole()
+            cut_wall = time.time()
+            print(f"cut {time.monotonic() - began:.1f} s after the start")
 
-        proxy.blackhole()
-        cut_wall = time.time()
-        print(f"cut {time.monotonic() - began:.1f} s after the start")
+            async def stepped_down() -> float | None:
+                return _since(pair.a, "leader_work_stopped", cut_wall)
+            down_s = await wait_for(stepped_down, timeout=15, interval=0.05, message="A's reconciler stopped")
+            assert down_s < STEP_DOWN_BOUND_S, f"A stepped down {down_s:.2f} s after the cut"
+            # A's agents' grants are what A commits: look at the tasks its agents hold, through B's path.
 
-        async def stepped_down() -> float | None:
-            return _since(pair.a, "leader_work_stopped", cut_wall)
-        down_s = await wait_for(stepped_down, timeout=15, interval=0.05, message="A's reconciler stopped")
-        assert down_s < STEP_DOWN_BOUND_S, f"A stepped down {down_s:.2f} s after the cut"
-        # A's agents' grants are what A commits: look at the tasks its agents hold, through B's path.
+            async def b_leads() -> float | None:
+                return _since(pair.b, "leader_work_started", cut_wall)
+            led_s = await wait_for(b_leads, timeout=30, interval=0.05, message="B's reconciler running")
+            assert led_s > down_s, "B led before A had stepped down: two leaders"
+            # The server gives the lock away only when it ends A's session (idle_session_timeout counts
+            # from A's last ping, at most ping_interval_s before the cut).
+            assert led_s >= SESSION_TIMEOUT_S - PING_INTERVAL_S - 0.5, f"B led {led_s:.2f} s after the cut"
 
-        async def b_leads() -> float | None:
-            return _since(pair.b, "leader_work_started", cut_wall)
-        led_s = await wait_for(b_leads, timeout=30, interval=0.05, message="B's reconciler running")
-        assert led_s > down_s, "B led before A had stepped down: two leaders"
-        # The server gives the lock away only when it ends A's session (idle_session_timeout counts
-        # from A's last ping, at most ping_interval_s before the cut).
-        assert led_s >= SESSION_TIMEOUT_S - PING_INTERVAL_S - 0.5, f"B led {led_s:.2f} s after the cut"
+            on_b: dict[str, float] = {}  # A's agent: when it connected to B, in seconds after the cut
 
-        on_b: dict[str, float] = {}  # A's agent: when it connected to B, in seconds after the cut
+            async def agents_moved() -> float | None:
+                for e in log_events(pair.b.log_path, "agent_connected"):
+                    ts = datetime.fromisoformat(e["timestamp"]).timestamp()
+                    if ts >= cut_wall and e.get("instance") in a_agents:
+                        on_b.setdefault(e["instance"], ts - cut_wall)
+                return max(on_b.values()) if set(on_b) == set(a_agents) else None
+            moved_s = await wait_for(agents_moved, timeout=30, interval=0.1, message="A's agents on B")
+            print(f"cut off: A stepped down {down_s:.2f} s, B led {led_s:.2f} s, A's agents on B {moved_s:.2f} s"
+                  " after the black hole")
 
-        async def agents_moved() -> float | None:
-            for e in log_events(pair.b.log_path, "agent_connected"):
-                ts = datetime.fromisoformat(e["timestamp"]).timestamp()
-                if ts >= cut_wall and e.get("instance") in a_agents:
-                    on_b.setdefault(e["instance"], ts - cut_wall)
-            return max(on_b.values()) if set(on_b) == set(a_agents) else None
-        moved_s = await wait_for(agents_moved, timeout=30, interval=0.1, message="A's agents on B")
-        print(f"cut off: A stepped down {down_s:.2f} s, B led {led_s:.2f} s, A's agents on B {moved_s:.2f} s"
-              " after the black hole")
+            await _done(pair.b, job_id, timeout=60)
+            await _check_once(pair.b, pg_dsn, job_id, n)
+            with psycopg.connect(pg_dsn) as conn:
+                # Each grant raised the task's attempt (its fencing token) by one: a task leased twice
+                # would have more grants than its attempt says.
+                doubled = conn.execute(
+                    "SELECT t.id, t.attempt, count(e.id) FROM tasks t LEFT JOIN events e ON e.task_id = t.id"
+                    " AND e.kind = 'lease_granted' WHERE t.job_id = %s GROUP BY t.id, t.attempt"
+                    " HAVING count(e.id) <> t.attempt", (job_id,)).fetchall()
+                assert doubled == [], f"grants and fencing tokens disagree: {doubled[:5]}"
+                # Nothing A's agents were granted after A was cut off came from A: A commits nothing.
+                # (after they moved, B grants them work; before, no grant for them at all)
+                for inst, on_b_s in on_b.items():  # (B attaches an agent just before it logs agent_connected)
+                    late = conn.execute(
+                        "SELECT count(*) FROM events WHERE kind = 'lease_granted' AND instance_id = %s"
+                        " AND ts > %s AND ts < %s", (inst, cut_wall + 0.5, cut_wall + on_b_s - 0.2)).fetchone()
+                    assert late is not None and late[0] == 0, f"{late[0]} grants to {inst} while it was on A"
+            assert _instances(pg_dsn) == launched, "an instance was launched again or ended"
+            assert pair.local_pids(pair.b) == {}, "B launched an instance of its own"
 
-        await _done(pair.b, job_id, timeout=60)
-        await _check_once(pair.b, pg_dsn, job_id, n)
-        with psycopg.connect(pg_dsn) as conn:
-            # Each grant raised the task's attempt (its fencing token) by one: a task leased twice
-            # would have more grants than its attempt says.
-            doubled = conn.execute(
-                "SELECT t.id, t.attempt, count(e.id) FROM tasks t LEFT JOIN events e ON e.task_id = t.id"
-                " AND e.kind = 'lease_granted' WHERE t.job_id = %s GROUP BY t.id, t.attempt"
-                " HAVING count(e.id) <> t.attempt", (job_id,)).fetchall()
-            assert doubled == [], f"grants and fencing tokens disagree: {doubled[:5]}"
-            # Nothing A's agents were granted after A was cut off came from A: A commits nothing.
-            # (after they moved, B grants them work; before, no grant for them at all)
-            for inst, on_b_s in on_b.items():  # (B attaches an agent just before it logs agent_connected)
-                late = conn.execute(
-                    "SELECT count(*) FROM events WHERE kind = 'lease_granted' AND instance_id = %s"
-                    " AND ts > %s AND ts < %s", (inst, cut_wall + 0.5, cut_wall + on_b_s - 0.2)).fetchone()
-                assert late is not None and late[0] == 0, f"{late[0]} grants to {inst} while it was on A"
-        assert _instances(pg_dsn) == launched, "an instance was launched again or ended"
-        assert pair.local_pids(pair.b) == {}, "B launched an instance of its own"
+            proxy.resume()
+            print(f"job done {time.time() - cut_wall:.1f} s after the cut")
 
-        proxy.resume()
-        print(f"job done {time.time() - cut_wall:.1f} s after the cut")
-
-        async def a_answers() -> bool:
-            try:
-                await pair.a.get(f"/v1/jobs/{job_id}")
-            except aiohttp.ClientResponseError:
-                return False
-            return True
-        await wait_for(a_answers, timeout=40, interval=0.5, message="A back on the database")
-        back = time.monotonic()
-        async def a_probe_back() -> bool:
-            return _since(pair.a, "pg_reachable_again", cut_wall) is not None
-        await wait_for(a_probe_back, timeout=15, message="A's database probe answering again")
-        while time.monotonic() - back < 3 * RETRY_S:  # A tries for the lock (retry_s) and must not get it
-            assert len(log_events(pair.a.log_path, "leader_work_started")) == 1, "A leads again while B leads"
-            await asyncio.sleep(0.2)
-        assert len(log_events(pair.b.log_path, "leader_work_stopped")) == 0
-        print(f"A back and following {time.time() - cut_wall:.1f} s after the cut")
+            async def a_answers() -> bool:
+                try:
+                    await pair.a.get(f"/v1/jobs/{job_id}")
+                except aiohttp.ClientResponseError:
+                    return False
+                return True
+            await wait_for(a_answers, timeout=40, interval=0.5, message="A back on the database")
+            back = time.monotonic()
+            async def a_probe_back() -> bool:
+                return _since(pair.a, "pg_reachable_again", cut_wall) is not None
+            await wait_for(a_probe_back, timeout=15, message="A's database probe answering again")
+            while time.monotonic() - back < 3 * RETRY_S:  # A tries for the lock (retry_s) and must not get it
+                assert len(log_events(pair.a.log_path, "leader_work_started")) == 1, "A leads again while B leads"
+                await asyncio.sleep(0.2)
+            assert len(log_events(pair.b.log_path, "leader_work_stopped")) == 0
+            print(f"A back and following {time.time() - cut_wall:.1f} s after the cut")
     finally:
-        await pair.close()
         proxy.stop()
         print(f"stopped {time.monotonic() - began:.1f} s after the start")
 
@@ -364,9 +362,7 @@ async def test_a_worker_uploaded_to_one_replica_runs_on_both(tmp_path: Path, pg_
     read the worker from B's state directory; A (the leader) launches its local agents from its own.
     Uploaded to A: B materializes it (job, agent registration). Uploaded to B: A's leader does, to launch."""
     n = 3_000
-    pair = Pair(tmp_path, pg_dsn, upload_on=upload_on)
-    try:
-        await pair.start()
+    async with running_pair(tmp_path, pg_dsn, upload_on=upload_on) as pair:
         job_id = await pair.submit(n, on="b")
         await _done(pair.b, job_id, timeout=180)
         await _check_once(pair.a, pg_dsn, job_id, n)
@@ -385,5 +381,3 @@ async def test_a_worker_uploaded_to_one_replica_runs_on_both(tmp_path: Path, pg_
             assert hashlib.sha256((workers / f"{pair.digest}.tar.gz").read_bytes()).hexdigest() == pair.digest
         other = pair.b if upload_on == "a" else pair.a
         assert log_events(other.log_path, "worker_materialized"), "the other replica took it from the database"
-    finally:
-        await pair.close()

@@ -6,17 +6,15 @@ N newest finished. Real daemon, real SQLite, real agent processes, the real comm
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cloudtaskd.ctl.main import main
 from cloudtaskd.ctl.progress import format_progress
 from cloudtaskd.daemon import Daemon
-from tests.conftest import UnixApi, make_config, wait_for
+from tests.conftest import UnixApi, ctl, make_config, wait_for
 from tests.integration.test_daemon_e2e import PY_WORKER
 from tests.procs import bundle
 
@@ -29,13 +27,6 @@ async def daemon(tmp_path: Path) -> Any:
     yield d, api
     await api.close()
     await d.stop()
-
-
-async def ctl(d: Daemon, *argv: str) -> tuple[int, str, str]:
-    """The real command line, in a thread (main runs its own event loop)."""
-    out, err = io.StringIO(), io.StringIO()
-    status = await asyncio.to_thread(main, [*argv, "--socket", str(d.config.socket_path)], out=out, err=err)
-    return status, out.getvalue(), err.getvalue()
 
 
 async def open_job(api: UnixApi) -> int:

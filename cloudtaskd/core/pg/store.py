@@ -1,5 +1,5 @@
 """The store on PostgreSQL: the same doors as cloudtaskd.core.store.Store (write, read, fetchall,
-fetchone, the events signal), over psycopg sync connections.
+fetchone, the events signal: both are store.StoreDoors), over psycopg sync connections.
 
 As with SQLite, a write is a plain function run on the writer's own thread: `fn(tx, *args)` with
 the same `Tx` (store.run_tx), one transaction, one thread hop, whatever the round holds. The
@@ -18,7 +18,7 @@ import asyncio
 import os
 import socket
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from typing import Any, TypeVar, cast
@@ -40,8 +40,7 @@ from cloudtaskd.core.pg.connect import (
     where,
 )
 from cloudtaskd.core.pg.dbapi import PgDb, row_factory
-from cloudtaskd.core.store import EventWaits, run_tx
-from cloudtaskd.core.writelock import WriteLock
+from cloudtaskd.core.store import StoreDoors
 from cloudtaskd.errors import StoreError
 
 log = structlog.get_logger("cloudtaskd.core.pg")
@@ -115,15 +114,10 @@ class _Session:
             self.db = None
 
 
-class PgStore(EventWaits):
+class PgStore(StoreDoors[_Session]):
     def __init__(self, dsn: str, clock: DaemonClock | None = None) -> None:
-        super().__init__()
+        super().__init__(clock)
         self.dsn = dsn
-        self.clock = clock if clock is not None else DaemonClock()
-        self._writer: _Session | None = None
-        self._reader: _Session | None = None
-        self._write_lock = WriteLock()
-        self.full_since: float | None = None  # the SQLite store's disk-full outage: never here
 
     def __repr__(self) -> str:
         return f"PgStore({shown(self.dsn)!r})"
@@ -185,18 +179,13 @@ class PgStore(EventWaits):
     def file_bytes(self) -> tuple[int, int]:
         return 0, 0  # no file of ours: the database's size is the server's (pg_database_size)
 
-    async def write(self, fn: Callable[..., T], *args: Any, now: float | None = None, urgent: bool = False) -> T:
-        """Run fn(tx, *args) in one transaction on the writer thread; commit or roll back (Store.write)."""
-        writer = self._writer
-        if writer is None:
-            raise StoreError("the store is closed")
-        stamp = self.clock.now() if now is None else now
-
-        def run(db: PgDb) -> tuple[T, bool]:
+    async def _write_tx(self, writer: _Session, body: Callable[[sqlite3.Connection], T]) -> T:
+        """A READ COMMITTED transaction, begun by the driver at the first statement."""
+        def run(db: PgDb) -> T:
             try:
                 # PgDb offers the part of sqlite3.Connection the table functions use; typed as one
                 # so that they keep one signature for both databases.
-                out = run_tx(cast(sqlite3.Connection, db), stamp, fn, args)
+                out = body(cast(sqlite3.Connection, db))
                 db.conn.commit()
                 return out
             except BaseException:
@@ -204,25 +193,17 @@ class PgStore(EventWaits):
                     db.conn.rollback()
                 raise
 
-        async with self._write_lock.hold(urgent=urgent):
-            try:
-                out, wrote_events = await writer.run(run)
-            except psycopg.DataError:
-                # A value the statement cannot take (an id past bigint from a broken report): as
-                # SQLite's OverflowError, a bug to drop with its round, not an outage to retry.
-                raise
-            except psycopg.Error as exc:
-                raise StoreError(f"writing to the database {shown(self.dsn)} failed: {exc}") from exc
-        if wrote_events:
-            self._events_committed()  # wake the long polls of GET /v1/events
-        return out
+        try:
+            return await writer.run(run)
+        except psycopg.DataError:
+            # A value the statement cannot take (an id past bigint from a broken report): as
+            # SQLite's OverflowError, a bug to drop with its round, not an outage to retry.
+            raise
+        except psycopg.Error as exc:
+            raise StoreError(f"writing to the database {shown(self.dsn)} failed: {exc}") from exc
 
-    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run fn(db) on the reader connection inside one read transaction (a consistent snapshot)."""
-        reader = self._reader
-        if reader is None:
-            raise StoreError("the store is closed")
-
+    async def _read_tx(self, reader: _Session, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """A REPEATABLE READ transaction (the reader session's level): one snapshot for all of fn."""
         def run(db: PgDb) -> T:
             try:
                 return fn(cast(sqlite3.Connection, db))
@@ -234,9 +215,3 @@ class PgStore(EventWaits):
             return await reader.run(run)
         except psycopg.Error as exc:
             raise StoreError(f"reading the database {shown(self.dsn)} failed: {exc}") from exc
-
-    async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        return await self.read(lambda db: db.execute(sql, tuple(params)).fetchall())
-
-    async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
-        return await self.read(lambda db: db.execute(sql, tuple(params)).fetchone())

@@ -4,7 +4,6 @@ the answer is not the happy one (issue 15, "Answers that mislead")."""
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,12 +12,12 @@ from typing import Any
 import pytest
 
 from cloudtaskd.config import ScalingConfig
+from cloudtaskd.core.tables import jobs
 from cloudtaskd.ctl import commands
-from cloudtaskd.ctl.main import main
 from cloudtaskd.daemon import Daemon
 from cloudtaskd.http.api import RATE_CACHE_S
 from tests import paths
-from tests.conftest import UnixApi, make_config
+from tests.conftest import UnixApi, ctl, make_config
 
 ROOT = paths.ROOT
 
@@ -32,13 +31,6 @@ async def daemon(tmp_path: Path) -> AsyncIterator[tuple[Daemon, UnixApi]]:
     yield d, api
     await api.close()
     await d.stop()
-
-
-async def ctl(d: Daemon, *argv: str) -> tuple[int, str, str]:
-    """The real command line, in a thread (main runs its own event loop), against the daemon."""
-    out, err = io.StringIO(), io.StringIO()
-    status = await asyncio.to_thread(main, [*argv, "--socket", str(d.config.socket_path)], out=out, err=err)
-    return status, out.getvalue(), err.getvalue()
 
 
 @pytest.mark.parametrize("argv", [["status", "99"], ["tasks", "99"], ["cost", "99"], ["results", "99"],
@@ -142,3 +134,27 @@ async def test_prices_with_no_offer_says_the_real_reason(daemon: tuple[Daemon, U
     assert status == 0 and "no offer has room for one task of 4096 CPUs" in out, out
     status, out, _ = await ctl(d, "prices", "--json")
     assert status == 0 and json.loads(out)["candidates"], "the local host is offered"
+
+
+async def test_the_job_commands_answer_one_line_or_the_job_as_json(daemon: tuple[Daemon, UnixApi],
+                                                                  tmp_path: Path) -> None:
+    """resume, retry, close and cancel share one shape: the job as JSON, or `job N VERB: progress`."""
+    d, _ = daemon
+    status, out, err = await ctl(d, "submit", "--open", "--worker", str(ROOT / "examples" / "worker"))
+    assert status == 0, err
+    job_id = int(out)
+    assert (await ctl(d, "enqueue", str(job_id), "--data", '{"id": "k", "data": {"n": 1}}'))[0] == 0
+    for command, verb, counts in (("resume", "resumed", "0/1  dead 0  leased 0  queued 1 "),
+                                  ("retry", "retried", "0/1  dead 0  leased 0  queued 1 "),
+                                  ("close", "closed", "0/1  dead 0  leased 0  queued 1 "),
+                                  ("cancel", "cancelled", "1/1 dead 0 canc 1 lsd 0 queue 0 ")):
+        for json_flag in ([], ["--json"]):
+            if command == "resume":  # only a paused job resumes
+                assert await d.store.write(lambda tx: jobs.pause(tx, job_id, "held by the test", jobs.BUDGET))
+            status, out, err = await ctl(d, command, str(job_id), *json_flag)
+            assert (status, err) == (0, ""), (command, err)
+            if json_flag:
+                assert json.loads(out)["id"] == job_id, (command, out)
+            else:
+                head, progress = out.split(": ", 1)
+                assert head == f"job {job_id} {verb}" and counts in progress and out.count("\n") == 1, (command, out)

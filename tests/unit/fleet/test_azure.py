@@ -59,14 +59,6 @@ class PlainHttpAuth(AsyncARMChallengeAuthenticationPolicy):
         await super().on_request(request)
 
 
-@pytest.fixture
-async def arm() -> AsyncIterator[ArmStandin]:
-    server = ArmStandin()
-    await server.start()
-    yield server
-    await server.stop()
-
-
 def make_driver(arm: ArmStandin, daemon_id: str = "daemon1", **kwargs: Any) -> AzureDriver:
     cred = FakeCredential()
     return AzureDriver(SUB, RG, LOCATION, daemon_id, base_url=arm.url, credential=cred, client_kwargs={

@@ -15,8 +15,10 @@ from cloudtaskd.errors import ProviderAuthError, ProviderError, TransientProvide
 from cloudtaskd.fleet.catalog.azure import fetch_offers
 from cloudtaskd.fleet.providers.azure import AzureDriver
 from tests.fakes.azure_standin import ArmStandin
+from tests.fakes.serving import serve, serving
 from tests.procs import free_port
-from tests.unit.fleet.test_azure import LOCATION, make_driver
+from tests.unit.fleet.test_azure import LOCATION
+from tests.unit.fleet.test_azure import driver as driver  # a fixture: imported, it is this module's too
 
 PRICES_PATH = "/api/retail/prices"
 
@@ -109,10 +111,8 @@ class RetailPricesStandin:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get(PRICES_PATH, self._handle)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}{PRICES_PATH}"
+        self._runner, base_url = await serve(app)
+        self.url = f"{base_url}{PRICES_PATH}"
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -148,24 +148,14 @@ async def arm() -> AsyncIterator[ArmStandin]:
     server = ArmStandin()
     server.skus = list(SKUS)
     server.sku_page_size = 3  # the SDK must follow nextLink to see them all
-    await server.start()
-    yield server
-    await server.stop()
+    async with serving(server):
+        yield server
 
 
 @pytest.fixture
 async def prices() -> AsyncIterator[RetailPricesStandin]:
-    server = RetailPricesStandin()
-    await server.start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
-async def driver(arm: ArmStandin) -> AsyncIterator[AzureDriver]:
-    d = make_driver(arm)
-    yield d
-    await d.close()
+    async with serving(RetailPricesStandin()) as server:
+        yield server
 
 
 ALLOWED = ["Standard_D2s_v5", "Standard_D4s_v5", "Standard_NC6s_v3", "Standard_E4-2s_v5", "Standard_B2s",

@@ -21,6 +21,7 @@ from cloudtaskd.ctl.main import main as ctl_main
 from tests.fakes.azure_standin import ArmStandin
 from tests.fakes.gcp_standin import ComputeStandin, quota
 from tests.fakes.moto_ec2 import MotoEc2
+from tests.fakes.serving import serving
 from tests.procs import free_port
 from tests.unit.fleet.test_azure import DaemonAzureDriver
 
@@ -98,10 +99,8 @@ async def gce(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[ComputeStandin]:
             super().__init__(*args, **kwargs, credentials=AnonymousCredentials())
 
     monkeypatch.setattr(gcp_module, "GcpDriver", AnonymousGcpDriver)
-    server = ComputeStandin()
-    await server.start()
-    yield server
-    await server.stop()
+    async with serving(ComputeStandin()) as server:
+        yield server
 
 
 def gcp(gce: ComputeStandin, **over: object) -> dict[str, object]:
@@ -183,9 +182,8 @@ async def arm(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[ArmStandin]:
     server = ArmStandin()
     server.skus = [azure_sku("Standard_D2s_v5", 2, 8, "standardDSv5Family"),
                    azure_sku("Standard_F4s_v2", 4, 8, "standardFSv2Family")]
-    await server.start()
-    yield server
-    await server.stop()
+    async with serving(server):
+        yield server
 
 
 def azure(arm: ArmStandin, **over: object) -> dict[str, object]:

@@ -43,14 +43,6 @@ PUBKEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBd5pjkWPRG2g1DCrDL2qVdUwq0eGnWxSO
 NO_CREDS = ("providers.gcp.credentials_file", "GOOGLE_APPLICATION_CREDENTIALS", "gcloud auth application-default login")
 
 
-@pytest.fixture
-async def gce() -> AsyncIterator[ComputeStandin]:
-    server = ComputeStandin()
-    await server.start()
-    yield server
-    await server.stop()
-
-
 def make_driver(gce: ComputeStandin, daemon_id: str = "daemon1", **kwargs: Any) -> GcpDriver:
     return GcpDriver(PROJECT, ZONE, daemon_id, api_endpoint=gce.url, credentials=AnonymousCredentials(),
                      polling_interval_s=0.01, **kwargs)

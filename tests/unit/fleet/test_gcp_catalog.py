@@ -17,8 +17,10 @@ from cloudtaskd.errors import InvalidRequest, ProviderAuthError, ProviderError, 
 from cloudtaskd.fleet.catalog.gcp import BILLING_SCOPE, COMPUTE_SERVICE_ID, fetch_offers
 from cloudtaskd.fleet.providers.gcp import GcpDriver
 from tests.fakes.gcp_standin import ComputeStandin
+from tests.fakes.serving import serve, serving
 from tests.procs import free_port
-from tests.unit.fleet.test_gcp import PROJECT, ZONE, make_driver
+from tests.unit.fleet.test_gcp import PROJECT, ZONE
+from tests.unit.fleet.test_gcp import driver as driver  # a fixture: imported, it is this module's too
 
 SKUS_PATH = f"/v1/services/{COMPUTE_SERVICE_ID}/skus"
 AMERICAS = ["us-central1", "us-east1", "us-west1"]
@@ -112,10 +114,7 @@ class BillingStandin:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get(SKUS_PATH, self._handle)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        self._runner, self.url = await serve(app)
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -136,26 +135,9 @@ class BillingStandin:
 
 
 @pytest.fixture
-async def gce() -> AsyncIterator[ComputeStandin]:
-    server = ComputeStandin()
-    await server.start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
 async def billing() -> AsyncIterator[BillingStandin]:
-    server = BillingStandin()
-    await server.start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
-async def driver(gce: ComputeStandin) -> AsyncIterator[GcpDriver]:
-    d = make_driver(gce)
-    yield d
-    await d.close()
+    async with serving(BillingStandin()) as server:
+        yield server
 
 
 def hourly(cpus: float, memory_gib: float, core: float, ram: float) -> float:
