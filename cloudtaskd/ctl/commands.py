@@ -14,7 +14,7 @@ from cloudtask_wire import jsonx
 from cloudtaskd.ctl.client import ApiClient
 from cloudtaskd.ctl.output import Ctx, ago, json_line, printable, shorten, table
 from cloudtaskd.ctl.progress import ProgressDisplay, format_duration, format_progress, format_rate
-from cloudtaskd.errors import NotFound
+from cloudtaskd.errors import BadInput, NotFound
 from cloudtaskd.fleet.orchestrator.failures import key_line
 
 EXIT_OK = 0
@@ -258,7 +258,15 @@ async def cmd_retry(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
 async def cmd_enqueue(ctx: Ctx, api: ApiClient, args: argparse.Namespace) -> int:
     # `-`: the task from stdin (a script's pipe, or a task too big for a command line).
     raw = sys.stdin.buffer.read() if args.data == "-" else args.data.encode()
-    answer = await api.enqueue(args.job, raw, copies=args.copies)
+    try:
+        answer = await api.enqueue(args.job, raw, copies=args.copies)
+    except BadInput as exc:
+        # The daemon names what it read ("task: ..."); here the user typed a flag (--copies is
+        # checked before sending).
+        what, sep, why = str(exc).partition(": ")
+        if what == "task" and sep:
+            raise BadInput(f"--data{' (stdin)' if args.data == '-' else ''}: {why}") from None
+        raise
     if ctx.json:
         ctx.emit_json(answer)
     else:

@@ -82,6 +82,10 @@ async def test_an_open_job_runs_single_tasks_stays_open_when_idle_and_finishes_o
     assert status == 0, err
     copies = [int(line) for line in out.split()]
     assert len(copies) == 3 and k_id not in copies
+    # A bad task is refused naming the flag the user typed, and queues nothing.
+    for data, named in (("nonsense", "--data: not valid JSON"), ('{"n": 1}', "--data: unknown key 'n'")):
+        status, out, err = await ctl(d, "enqueue", str(job_id), "--data", data)
+        assert status == 2 and named in err and not out, (data, status, err)
 
     async def all_eight() -> list[dict[str, Any]] | None:
         got = await results(api, job_id)
