@@ -1,7 +1,9 @@
-"""One TLS CA for every replica on a database (cloudtaskd/core/pg/shared_ca.py, issue 17), on a real
-PostgreSQL: the first replica records its CA's fingerprint, a replica with the same CA starts, one
-with another CA is refused with a message naming both and what to do, and of two first replicas
-starting at once exactly one wins (the database decides) and the other gets that same message."""
+"""What every replica on a database must share (cloudtaskd/core/pg/shared_identity.py, issue 17), on a
+real PostgreSQL. The TLS CA: the first replica records its fingerprint, a replica with the same CA
+starts, one with another CA is refused with a message naming both and what to do, and of two first
+replicas starting at once exactly one wins (the database decides) and the other gets that same
+message. The SSH key each cloud provider logs in to its VMs with: the same, per provider, for the
+providers the replica starts only."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 
 from cloudtaskd import tls
 from cloudtaskd.config import AgentsConfig, ApiConfig, Config
-from cloudtaskd.core.pg import shared_ca
+from cloudtaskd.core.pg import shared_identity
 from cloudtaskd.core.pg.store import PgStore
 from cloudtaskd.core.store import Tx
 from cloudtaskd.core.tables import meta
@@ -36,8 +38,12 @@ def _ca(tls_dir: Path) -> tuple[Path, str]:
     return files.ca_cert, hashlib.sha256(der).hexdigest()
 
 
-async def _recorded(store: PgStore) -> str | None:
-    row = await store.fetchone("SELECT value FROM meta WHERE key = ?", (meta.TLS_CA_SHA256,))
+def _check_ca(tx: Tx, sha256: str, ca_path: Path) -> bool:
+    return shared_identity.check(tx, [shared_identity.tls_ca(sha256, ca_path)])[0]
+
+
+async def _recorded(store: PgStore, key: str = meta.TLS_CA_SHA256) -> str | None:
+    row = await store.fetchone("SELECT value FROM meta WHERE key = ?", (key,))
     return None if row is None else str(row["value"])
 
 
@@ -46,7 +52,7 @@ async def test_the_first_replica_records_its_ca_and_the_same_ca_is_accepted(pg_s
     assert tls.ca_fingerprint(ca_a) == sha_a  # SHA-256 of the certificate's DER, not of the key or the PEM
     assert await _recorded(pg_store) is None
 
-    assert await pg_store.write(shared_ca.check, sha_a, ca_a) is True
+    assert await pg_store.write(_check_ca, sha_a, ca_a) is True
     assert await _recorded(pg_store) == sha_a
 
     # A second replica with the CA copied from the first (share_ca, as docs/replicas.md says).
@@ -54,7 +60,7 @@ async def test_the_first_replica_records_its_ca_and_the_same_ca_is_accepted(pg_s
     for name in ("ca.pem", "ca.key"):
         shutil.copy2(tmp_path / "a" / "tls" / name, tmp_path / "b" / "tls" / name)
     ca_b = tls.ensure(tmp_path / "b" / "tls", ["b.example"]).ca_cert
-    assert await pg_store.write(shared_ca.check, tls.ca_fingerprint(ca_b), ca_b) is False
+    assert await pg_store.write(_check_ca, tls.ca_fingerprint(ca_b), ca_b) is False
     assert await _recorded(pg_store) == sha_a
 
 
@@ -62,10 +68,10 @@ async def test_a_replica_with_another_ca_is_refused_with_what_to_do(pg_store: Pg
     ca_a, sha_a = _ca(tmp_path / "a" / "tls")
     ca_b, sha_b = _ca(tmp_path / "b" / "tls")
     assert sha_a != sha_b
-    await pg_store.write(shared_ca.check, sha_a, ca_a)
+    await pg_store.write(_check_ca, sha_a, ca_a)
 
     with pytest.raises(SharedCaMismatch) as caught:
-        await pg_store.write(shared_ca.check, sha_b, ca_b)
+        await pg_store.write(_check_ca, sha_b, ca_b)
     err = caught.value
     assert (err.own_sha256, err.recorded_sha256, err.ca_path) == (sha_b, sha_a, str(ca_b))
     msg = str(err)
@@ -77,7 +83,7 @@ async def test_a_replica_with_another_ca_is_refused_with_what_to_do(pg_store: Pg
 
     # The reset the message gives: the record forgotten, the next replica to start records its own.
     await pg_store.write(lambda tx: tx.db.execute(meta.FORGET_TLS_CA_SQL))
-    assert await pg_store.write(shared_ca.check, sha_b, ca_b) is True
+    assert await pg_store.write(_check_ca, sha_b, ca_b) is True
     assert await _recorded(pg_store) == sha_b
 
 
@@ -92,7 +98,7 @@ async def test_two_first_replicas_at_once_the_database_picks_one(pg_dsn: str, tm
 
             def first_start(tx: Tx, sha: str, path: Path, barrier: threading.Barrier = barrier) -> bool:
                 barrier.wait()  # on both writer threads: the two checks run at the same moment
-                first = shared_ca.check(tx, sha, path)
+                first = _check_ca(tx, sha, path)
                 time.sleep(HOLD_S)  # before the commit: the other's insert meets an uncommitted row
                 return first
 
@@ -114,14 +120,14 @@ async def test_two_first_replicas_at_once_the_database_picks_one(pg_dsn: str, tm
 
 def test_what_pins_the_daemons_own_ca() -> None:
     base = Config()
-    assert shared_ca.pinned(base)  # agents.tls is on by default: agents pin the daemon's CA
+    assert shared_identity.ca_pinned(base)  # agents.tls is on by default: agents pin the daemon's CA
     no_agents_tls = replace(base, agents=replace(base.agents, tls=False))
-    assert not shared_ca.pinned(no_agents_tls)
+    assert not shared_identity.ca_pinned(no_agents_tls)
     api = ApiConfig(listen="127.0.0.1:8443")
     # The TCP API served the daemon's own certificate: its clients pin ca.pem.
-    assert shared_ca.pinned(replace(no_agents_tls, api=api))
+    assert shared_identity.ca_pinned(replace(no_agents_tls, api=api))
     # A certificate of the user's own: nothing pins the daemon's CA.
-    assert not shared_ca.pinned(replace(no_agents_tls, api=replace(api, tls_cert="c.pem", tls_key="k.pem")))
+    assert not shared_identity.ca_pinned(replace(no_agents_tls, api=replace(api, tls_cert="c.pem", tls_key="k.pem")))
     # Agents always pin the daemon's CA, whatever certificate the API is given.
-    assert shared_ca.pinned(replace(base, api=replace(api, tls_cert="c.pem", tls_key="k.pem"),
+    assert shared_identity.ca_pinned(replace(base, api=replace(api, tls_cert="c.pem", tls_key="k.pem"),
                                     agents=AgentsConfig(tls=True)))
