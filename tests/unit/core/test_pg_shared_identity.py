@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import shutil
+import subprocess
 import threading
 import time
 from dataclasses import replace
@@ -25,7 +26,12 @@ from cloudtaskd.core.pg import shared_identity
 from cloudtaskd.core.pg.store import PgStore
 from cloudtaskd.core.store import Tx
 from cloudtaskd.core.tables import meta
-from cloudtaskd.errors import SharedCaMismatch, short_sha256
+from cloudtaskd.daemon import shared_identities
+from cloudtaskd.errors import SharedCaMismatch, SharedSshKeyMismatch, short_sha256
+from cloudtaskd.fleet.providers.descriptors import ProviderEnv
+from cloudtaskd.fleet.providers.sections.ssh import SshHostConfig
+from cloudtaskd.fleet.runtime import RuntimeBuilder
+from cloudtaskd.fleet.tunnels import Tunnels
 
 HOLD_S = 0.05  # the winner keeps its transaction open a moment: the loser's insert waits on its row
 RACES = 5
@@ -131,3 +137,137 @@ def test_what_pins_the_daemons_own_ca() -> None:
     # Agents always pin the daemon's CA, whatever certificate the API is given.
     assert shared_identity.ca_pinned(replace(base, api=replace(api, tls_cert="c.pem", tls_key="k.pem"),
                                     agents=AgentsConfig(tls=True)))
+
+
+# ---- the SSH key each cloud provider logs in to its VMs with ----
+
+
+def _replica(tmp_path: Path, name: str, store: PgStore, **providers: dict[str, object]) -> tuple[Config, ProviderEnv]:
+    """A replica's config (its own state_dir, agents.tls off so that only SSH keys are checked) with
+    the providers given (their section's fields), and what the daemon hands the providers it starts."""
+    base = Config(state_dir=str(tmp_path / name))
+    sections = {p: replace(getattr(base.providers, p), **fields) for p, fields in providers.items()}
+    config = replace(base, agents=replace(base.agents, tls=False), providers=replace(base.providers, **sections))
+    env = ProviderEnv(daemon_id=name, state_dir=config.state_path, store=store,  # type: ignore[arg-type]
+                      runtime=RuntimeBuilder(config.state_path / "runtime", ()), tunnels=Tunnels("127.0.0.1", 0, "wss"),
+                      source=f"{name}.yaml")
+    return config, env
+
+
+async def _start_check(store: PgStore, config: Config, env: ProviderEnv) -> dict[str, bool]:
+    """What the daemon runs at start on PostgreSQL: the replica's identities checked in one transaction."""
+    identities = shared_identities(config, None, env)
+    firsts = await store.write(shared_identity.check, identities)
+    return {i.meta_key: first for i, first in zip(identities, firsts, strict=True)}
+
+
+def _keygen(path: Path) -> str:
+    """A key pair made by OpenSSH's ssh-keygen, and its fingerprint as `ssh-keygen -lf` prints it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+    return subprocess.run(["ssh-keygen", "-lf", str(path)], check=True, capture_output=True,
+                          text=True).stdout.split()[1]
+
+
+async def _meta_keys(store: PgStore) -> dict[str, str]:
+    rows = await store.fetchall("SELECT key, value FROM meta WHERE key LIKE ?", (f"{meta.SSH_KEY_SHA256_PREFIX}%",))
+    return {str(r["key"]): str(r["value"]) for r in rows}
+
+
+AWS = {"enabled": True, "region": "us-east-1", "machine_type": "t3.micro"}
+GCP = {"enabled": True, "project_id": "p", "zone": "europe-west1-b", "machine_type": "e2-small"}
+AWS_KEY = meta.ssh_key_sha256("aws")
+GCP_KEY = meta.ssh_key_sha256("gcp")
+
+
+async def test_the_first_replica_records_its_vms_ssh_key_and_the_copied_key_is_accepted(
+        pg_store: PgStore, tmp_path: Path) -> None:
+    a, env_a = _replica(tmp_path, "a", pg_store, aws=AWS)
+    # ssh_key_file empty: the daemon's own key, made at start before the check (as a first start does).
+    assert await _start_check(pg_store, a, env_a) == {AWS_KEY: True}
+    key_a = a.state_path / "ssh" / "id_ed25519"
+    assert key_a.exists() and Path(f"{key_a}.pub").exists()
+    sha_a = subprocess.run(["ssh-keygen", "-lf", str(key_a)], check=True, capture_output=True, text=True).stdout.split()[1]
+    assert sha_a.startswith("SHA256:")
+    assert await _meta_keys(pg_store) == {AWS_KEY: sha_a}  # as ssh-keygen -lf prints it: operators compare
+
+    # Replica B with A's key pair copied into its state directory before its first start: accepted.
+    b, env_b = _replica(tmp_path, "b", pg_store, aws=AWS)
+    (b.state_path / "ssh").mkdir(parents=True)
+    for name in ("id_ed25519", "id_ed25519.pub"):
+        shutil.copy2(a.state_path / "ssh" / name, b.state_path / "ssh" / name)
+    assert await _start_check(pg_store, b, env_b) == {AWS_KEY: False}
+    # And the same key through ssh_key_file: one key file for every replica.
+    c, env_c = _replica(tmp_path, "c", pg_store, aws={**AWS, "ssh_key_file": str(key_a)})
+    assert await _start_check(pg_store, c, env_c) == {AWS_KEY: False}
+    assert await _meta_keys(pg_store) == {AWS_KEY: sha_a}
+
+
+async def test_a_replica_with_another_ssh_key_is_refused_with_what_to_do(pg_store: PgStore, tmp_path: Path) -> None:
+    a, env_a = _replica(tmp_path, "a", pg_store, aws=AWS)
+    await _start_check(pg_store, a, env_a)
+    sha_a = (await _meta_keys(pg_store))[AWS_KEY]
+    # B forgot the copy: it makes a key of its own. With agents.tls on, its CA (never recorded yet) is
+    # checked in the same transaction: refused for the key, it records nothing at all.
+    b, env_b = _replica(tmp_path, "b", pg_store, aws=AWS)
+    files_b = tls.ensure(tmp_path / "b" / "tls", [])
+    b = replace(b, agents=replace(b.agents, tls=True))
+    key_b = b.state_path / "ssh" / "id_ed25519"
+    with pytest.raises(SharedSshKeyMismatch) as caught:
+        await pg_store.write(shared_identity.check, shared_identities(b, files_b, env_b))
+    err = caught.value
+    sha_b = subprocess.run(["ssh-keygen", "-lf", str(key_b)], check=True, capture_output=True, text=True).stdout.split()[1]
+    assert sha_b != sha_a
+    assert (err.provider, err.own, err.recorded, err.path) == ("aws", sha_b, sha_a, str(key_b))
+    msg = str(err)
+    assert msg.startswith("aws: ") and sha_a in msg and sha_b in msg and str(key_b) in msg, msg
+    assert "Copy the key pair" in msg and "providers.aws.ssh_key_file" in msg, msg
+    reset = "DELETE FROM meta WHERE key = 'ssh_key_sha256:aws';"
+    assert err.reset_sql == reset and reset in msg, msg
+    assert await _meta_keys(pg_store) == {AWS_KEY: sha_a}  # the refused replica changed nothing
+    assert await _recorded(pg_store) is None  # not even the CA it claimed before its key was refused
+
+    # The reset the message gives: the record forgotten, the next replica to start records its own.
+    await pg_store.write(lambda tx: tx.db.execute(err.reset_sql))
+    assert await pg_store.write(shared_identity.check, shared_identities(b, files_b, env_b)) == [True, True]
+    assert await _meta_keys(pg_store) == {AWS_KEY: sha_b}
+    assert await _recorded(pg_store) == tls.ca_fingerprint(files_b.ca_cert)
+
+
+async def test_two_providers_with_their_own_keys_are_each_recorded_and_checked_on_their_own(
+        pg_store: PgStore, tmp_path: Path) -> None:
+    key_aws, key_gcp = tmp_path / "keys" / "aws", tmp_path / "keys" / "gcp"
+    sha_aws, sha_gcp = _keygen(key_aws), _keygen(key_gcp)
+    a, env_a = _replica(tmp_path, "a", pg_store, aws={**AWS, "ssh_key_file": str(key_aws)},
+                        gcp={**GCP, "ssh_key_file": str(key_gcp)})
+    assert await _start_check(pg_store, a, env_a) == {AWS_KEY: True, GCP_KEY: True}
+    assert await _meta_keys(pg_store) == {AWS_KEY: sha_aws, GCP_KEY: sha_gcp}
+    # B gives gcp the aws key: aws is accepted, gcp refused, naming gcp and its own setting.
+    b, env_b = _replica(tmp_path, "b", pg_store, aws={**AWS, "ssh_key_file": str(key_aws)},
+                        gcp={**GCP, "ssh_key_file": str(key_aws)})
+    with pytest.raises(SharedSshKeyMismatch) as caught:
+        await _start_check(pg_store, b, env_b)
+    assert (caught.value.provider, caught.value.own, caught.value.recorded) == ("gcp", sha_aws, sha_gcp)
+    assert "providers.gcp.ssh_key_file" in str(caught.value)
+    assert await _meta_keys(pg_store) == {AWS_KEY: sha_aws, GCP_KEY: sha_gcp}
+
+
+async def test_providers_that_do_not_start_or_whose_hosts_are_the_users_are_not_checked(
+        pg_store: PgStore, tmp_path: Path) -> None:
+    key_a = tmp_path / "keys" / "a"
+    sha_a = _keygen(key_a)
+    a, env_a = _replica(tmp_path, "a", pg_store, aws={**AWS, "ssh_key_file": str(key_a)})
+    await _start_check(pg_store, a, env_a)
+    # B: aws with the same key; gcp disabled and azure enabled with max_instances 0 (neither starts:
+    # their key files do not even exist); the ssh provider's hosts are the user's, each with its own
+    # key_file, which the hosts' own authorized_keys accept or not (docs/replicas.md).
+    missing = str(tmp_path / "nowhere" / "id_ed25519")
+    host = replace(SshHostConfig(), address="192.0.2.1", key_file=str(tmp_path / "keys" / "own"))
+    _keygen(tmp_path / "keys" / "own")
+    b, env_b = _replica(tmp_path, "b", pg_store, aws={**AWS, "ssh_key_file": str(key_a)},
+                        gcp={**GCP, "enabled": False, "ssh_key_file": missing},
+                        azure={"enabled": True, "max_instances": 0, "ssh_key_file": missing},
+                        ssh={"hosts": (host,)})
+    assert await _start_check(pg_store, b, env_b) == {AWS_KEY: False}
+    assert await _meta_keys(pg_store) == {AWS_KEY: sha_a}
+    assert not (b.state_path / "ssh").exists()  # no key of the daemon's own made for a provider not started
