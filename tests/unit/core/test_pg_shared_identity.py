@@ -161,12 +161,16 @@ async def _start_check(store: PgStore, config: Config, env: ProviderEnv) -> dict
     return {i.meta_key: first for i, first in zip(identities, firsts, strict=True)}
 
 
+def _lf(key: Path) -> str:
+    """The key's fingerprint as `ssh-keygen -lf` prints it (what an operator compares)."""
+    return subprocess.run(["ssh-keygen", "-lf", str(key)], check=True, capture_output=True, text=True).stdout.split()[1]
+
+
 def _keygen(path: Path) -> str:
-    """A key pair made by OpenSSH's ssh-keygen, and its fingerprint as `ssh-keygen -lf` prints it."""
+    """A key pair made by OpenSSH's ssh-keygen, and its fingerprint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
-    return subprocess.run(["ssh-keygen", "-lf", str(path)], check=True, capture_output=True,
-                          text=True).stdout.split()[1]
+    return _lf(path)
 
 
 async def _meta_keys(store: PgStore) -> dict[str, str]:
@@ -187,7 +191,7 @@ async def test_the_first_replica_records_its_vms_ssh_key_and_the_copied_key_is_a
     assert await _start_check(pg_store, a, env_a) == {AWS_KEY: True}
     key_a = a.state_path / "ssh" / "id_ed25519"
     assert key_a.exists() and Path(f"{key_a}.pub").exists()
-    sha_a = subprocess.run(["ssh-keygen", "-lf", str(key_a)], check=True, capture_output=True, text=True).stdout.split()[1]
+    sha_a = _lf(key_a)
     assert sha_a.startswith("SHA256:")
     assert await _meta_keys(pg_store) == {AWS_KEY: sha_a}  # as ssh-keygen -lf prints it: operators compare
 
@@ -216,7 +220,7 @@ async def test_a_replica_with_another_ssh_key_is_refused_with_what_to_do(pg_stor
     with pytest.raises(SharedSshKeyMismatch) as caught:
         await pg_store.write(shared_identity.check, shared_identities(b, files_b, env_b))
     err = caught.value
-    sha_b = subprocess.run(["ssh-keygen", "-lf", str(key_b)], check=True, capture_output=True, text=True).stdout.split()[1]
+    sha_b = _lf(key_b)
     assert sha_b != sha_a
     assert (err.provider, err.own, err.recorded, err.path) == ("aws", sha_b, sha_a, str(key_b))
     msg = str(err)
