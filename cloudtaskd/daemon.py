@@ -29,19 +29,19 @@ from cloudtaskd.core.dispatch import Dispatcher
 from cloudtaskd.core.housekeeping import Housekeeper
 from cloudtaskd.core.hub import AgentHub
 from cloudtaskd.core.metrics import Metrics
-from cloudtaskd.core.pg import replica, shared_ca
+from cloudtaskd.core.pg import replica, shared_identity
 from cloudtaskd.core.pg.leader import Leadership
 from cloudtaskd.core.pg.notify import Listener
 from cloudtaskd.core.pg.store import PgStore
 from cloudtaskd.core.store import Store, Tx
 from cloudtaskd.core.tables import instances, meta
 from cloudtaskd.core.tables import tasks as queue
-from cloudtaskd.errors import CloudtaskError, ConfigError, StateDirBusy, StoreError, short_sha256
+from cloudtaskd.errors import CloudtaskError, ConfigError, StateDirBusy, StoreError
 from cloudtaskd.fleet.catalog import Fetcher
 from cloudtaskd.fleet.interruptions import Recorded
 from cloudtaskd.fleet.orchestrator.market import Market
 from cloudtaskd.fleet.orchestrator.reconciler import Reconciler
-from cloudtaskd.fleet.providers import registry
+from cloudtaskd.fleet.providers import login_key, registry
 from cloudtaskd.fleet.providers.base import Provider
 from cloudtaskd.fleet.providers.descriptors import ProviderEnv
 from cloudtaskd.fleet.providers.local import LocalProvider
@@ -71,6 +71,19 @@ def make_store(config: Config) -> Store:
         # tests run on both); typed as Store so that every part takes either.
         return cast(Store, PgStore(config.database.reveal()))
     return Store(config.state_path / "cloudtask.db")
+
+
+def shared_identities(config: Config, tls_files: tls.TlsFiles | None,
+                      env: ProviderEnv) -> list[shared_identity.Identity]:
+    """What a replica must share with the others on its database: its TLS CA if anything pins it, and
+    the SSH key of each provider it starts whose VMs carry the daemon's key (made first if it is the
+    daemon's own and missing, so the check runs on the key the provider will use)."""
+    out: list[shared_identity.Identity] = []
+    if tls_files is not None and shared_identity.ca_pinned(config):
+        out.append(shared_identity.tls_ca(tls.ca_fingerprint(tls_files.ca_cert), tls_files.ca_cert))
+    for name, key in registry.login_keys(config.providers, env):
+        out.append(shared_identity.ssh_key(name, login_key.fingerprint(name, key, config.source), key))
+    return out
 
 
 class Daemon:
@@ -147,13 +160,11 @@ class Daemon:
         await self.store.open()
         self.daemon_id = await self.store.write(_daemon_id)
         self.tls = tls_files(self.config, self.daemon_id)
-        # Before this replica writes anything else to a shared database: one with a CA of its own must
-        # not start at all (core/pg/shared_ca.py).
-        if self.config.postgres and self.tls is not None and shared_ca.pinned(self.config):
-            own = tls.ca_fingerprint(self.tls.ca_cert)
-            first = await self.store.write(shared_ca.check, own, self.tls.ca_cert)
-            log.info("tls_ca_recorded" if first else "tls_ca_matches", ca=str(self.tls.ca_cert),
-                     sha256=short_sha256(own))
+        # Before this replica writes anything else to a shared database, opens a listener or starts a
+        # provider: one with a CA or a VMs' SSH key of its own must not start at all
+        # (core/pg/shared_identity.py).
+        if self.config.postgres:
+            await self._check_shared_identities()
         self.providers = self._providers()  # cloud resources are tagged with the daemon id
         self.market = Market(self.store, [p for p, _ in self.providers], self._catalog_fetchers())
         await self.market.load()
@@ -291,11 +302,22 @@ class Daemon:
         bound = tcp_runner.addresses[0]
         self.api_url = f"https://{url_host(host)}:{bound[1]}"
 
+    async def _check_shared_identities(self) -> None:
+        """On PostgreSQL: what this replica must share with the others, against what the database
+        records (shared_identities). Raises SharedIdentityMismatch."""
+        identities = shared_identities(self.config, self.tls, self._provider_env())
+        firsts = await self.store.write(shared_identity.check, identities)
+        for identity, first in zip(identities, firsts, strict=True):
+            log.info(f"{identity.event}_recorded" if first else f"{identity.event}_matches", **identity.log_fields)
+
+    def _provider_env(self) -> ProviderEnv:
+        return ProviderEnv(daemon_id=self.daemon_id, state_dir=self.state_dir, store=self.store, runtime=self.runtime,
+                           tunnels=self.tunnels, source=self.config.source)
+
     def _providers(self) -> list[tuple[Provider, int]]:
         """The configured providers with their instance limits, in order of preference (the
         registry's launch_order): machines elsewhere before the control host itself."""
-        env = ProviderEnv(daemon_id=self.daemon_id, state_dir=self.state_dir, store=self.store, runtime=self.runtime,
-                          tunnels=self.tunnels, source=self.config.source)
+        env = self._provider_env()
         out: list[tuple[Provider, int]] = []
         for d in registry.launch_order():
             section = d.section(self.config.providers)

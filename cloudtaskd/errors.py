@@ -27,6 +27,8 @@ __all__ = [
     "ProviderError",
     "QuotaExceeded",
     "SharedCaMismatch",
+    "SharedIdentityMismatch",
+    "SharedSshKeyMismatch",
     "StoreError",
     "StoreFull",
     "TransientProviderError",
@@ -127,10 +129,22 @@ class LeaseError(CloudtaskError):
     """A lease report was refused (stale fencing token, or the task is no longer leased)."""
 
 
-class SharedCaMismatch(CloudtaskError):
+class SharedIdentityMismatch(CloudtaskError):
+    """This replica's credentials are not the ones the other replicas on its database use: it refuses to start."""
+
+    def __init__(self, message: str, *, meta_key: str, own: str, recorded: str, path: str, reset_sql: str) -> None:
+        self.meta_key = meta_key  # where the database records the replicas' fingerprint
+        self.own = own  # this replica's fingerprint
+        self.recorded = recorded  # the one the first replica recorded
+        self.path = path  # this replica's file, which the message names
+        self.reset_sql = reset_sql  # forgets the record (the message quotes it)
+        super().__init__(message)
+
+
+class SharedCaMismatch(SharedIdentityMismatch):
     """This replica's TLS CA is not the one the other replicas on its database use: it refuses to start."""
 
-    def __init__(self, *, own_sha256: str, recorded_sha256: str, ca_path: str, reset_sql: str) -> None:
+    def __init__(self, *, own_sha256: str, recorded_sha256: str, ca_path: str, reset_sql: str, meta_key: str) -> None:
         self.own_sha256 = own_sha256
         self.recorded_sha256 = recorded_sha256
         self.ca_path = ca_path
@@ -142,7 +156,28 @@ class SharedCaMismatch(CloudtaskError):
             f" <state_dir>/tls of a replica that is running into {tls_dir}/ and start this one again (it issues its"
             " server certificate from them). Or, to make this CA the replicas' CA instead, stop every replica,"
             f" run `{reset_sql}` on the database and start this one first; then copy its ca.pem and ca.key to the"
-            " others, and restart the instances whose agents pinned the old CA (docs/replicas.md, The shared TLS CA).")
+            " others, and restart the instances whose agents pinned the old CA (docs/replicas.md, The shared TLS CA).",
+            meta_key=meta_key, own=own_sha256, recorded=recorded_sha256, path=ca_path, reset_sql=reset_sql)
+
+
+class SharedSshKeyMismatch(SharedIdentityMismatch):
+    """This replica logs in to a cloud's VMs with another SSH key than the other replicas: it refuses to start."""
+
+    def __init__(self, *, provider: str, own_fingerprint: str, recorded_fingerprint: str, key_path: str,
+                 key_setting: str, reset_sql: str, meta_key: str) -> None:
+        self.provider = provider
+        self.key_setting = key_setting  # the config key naming the file: providers.<name>.ssh_key_file
+        super().__init__(
+            f"{provider}: this replica's SSH key {key_path} ({own_fingerprint}) is not the key the replicas on this"
+            f" database log in to {provider} VMs with ({recorded_fingerprint}, recorded by the first replica that"
+            f" started): a VM carries only the public key of the replica that launched it, so this replica could"
+            f" neither re-tunnel nor stop the others' VMs. Copy the key pair ({key_path} and {key_path}.pub) from a"
+            f" replica that is running over this one's, or set {key_setting} to a copy of that key, and start this"
+            f" one again (compare with `ssh-keygen -lf {key_path}`). Or, to make this key the replicas' key instead,"
+            f" stop every replica, run `{reset_sql}` on the database and start this one first, then give its key to"
+            f" the others; {provider} VMs launched with the old key keep only that one"
+            " (docs/replicas.md, One SSH key for the clouds' VMs).",
+            meta_key=meta_key, own=own_fingerprint, recorded=recorded_fingerprint, path=key_path, reset_sql=reset_sql)
 
 
 def short_sha256(hex_digest: str) -> str:

@@ -97,6 +97,12 @@ def plan(old: Config, new: Config, providers: dict[str, int]) -> ReloadPlan:
             if not live:
                 reasons[key] = (f"agents read frames of at most {config.agents.max_message_bytes} bytes until a "
                                 "restart, too small for tasks of this size")
+        elif len(parts) == 3 and parts[0] == "providers" and parts[2] == "ssh_key_file":
+            # Not re-checked here: the provider keeps logging in with the key it started with, and its
+            # VMs carry that key's public half. The restart checks the new key against the replicas'.
+            reasons[key] = ("the provider logs in to its VMs with the key it started with until a restart; on "
+                            "PostgreSQL every replica must use the same key, which the restart checks "
+                            "(docs/replicas.md, One SSH key for the clouds' VMs)")
         elif key == "database":
             reasons[key] = ("the daemon's state lives in that database: restart needed (the new database does not "
                             "hold this one's jobs; nothing is copied over)")

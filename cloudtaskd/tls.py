@@ -92,7 +92,7 @@ def ensure(tls_dir: Path, names: Iterable[str], *, label: str = "") -> TlsFiles:
 
 def ca_fingerprint(ca_cert: Path) -> str:
     """The SHA-256 of the CA certificate's DER, in hex: what tells one CA from another (replicas
-    must share one, core/pg/shared_ca.py). The same as `openssl x509 -in ca.pem -outform DER | sha256sum`."""
+    must share one, core/pg/shared_identity.py). The same as `openssl x509 -in ca.pem -outform DER | sha256sum`."""
     cert = x509.load_pem_x509_certificate(ca_cert.read_bytes())
     return cert.fingerprint(hashes.SHA256()).hex()
 

@@ -10,10 +10,24 @@ if TYPE_CHECKING:
 
 DAEMON_ID = "daemon_id"  # this state directory's daemon, as the API and the agents know it
 LAST_JOB_ID = "last_job_id"  # the highest id a deleted job had: job ids are not reused (tables/jobs.create)
-# On PostgreSQL, the fingerprint of the TLS CA every replica must use (core/pg/shared_ca.py).
+# On PostgreSQL, the fingerprints every replica must share (core/pg/shared_identity.py): the TLS CA's,
+# and per cloud provider the SSH key it logs in to its VMs with.
 TLS_CA_SHA256 = "tls_ca_sha256"
-# Run by hand (psql) to forget the recorded CA, so that the next replica to start records its own.
-FORGET_TLS_CA_SQL = "DELETE FROM meta WHERE key = 'tls_ca_sha256';"
+SSH_KEY_SHA256_PREFIX = "ssh_key_sha256:"
+
+
+def ssh_key_sha256(provider: str) -> str:
+    """The key under which the replicas' SSH key for this provider's VMs is recorded."""
+    return f"{SSH_KEY_SHA256_PREFIX}{provider}"
+
+
+def forget_sql(key: str) -> str:
+    """Run by hand (psql) to forget a recorded fingerprint, so that the next replica to start records its own."""
+    assert "'" not in key, key  # our own constant keys: quoted as they are
+    return f"DELETE FROM meta WHERE key = '{key}';"
+
+
+FORGET_TLS_CA_SQL = forget_sql(TLS_CA_SHA256)
 
 
 def get(db: sqlite3.Connection, key: str) -> str | None:

@@ -9,9 +9,10 @@ imports this module. docs/architecture.md says more.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from cloudtaskd.fleet.providers.descriptors import ProviderDescriptor, aws, azure, gcp, local, ssh
+from cloudtaskd.fleet.providers.descriptors import ProviderDescriptor, ProviderEnv, aws, azure, gcp, local, ssh
 
 # The order of the `providers:` section, of `cloudtaskctl check`'s lines, and (remote ones first,
 # see launch_order) of the daemon's preference among equally good offers.
@@ -58,3 +59,15 @@ def launch_order() -> tuple[ProviderDescriptor[Any], ...]:
     """The daemon's preference among offers of equal worth: machines elsewhere (the user's own ssh
     hosts, then the clouds) before the control host itself, which also runs the daemon."""
     return tuple(sorted(PROVIDERS, key=lambda d: not d.remote))
+
+
+def login_keys(providers: Any, env: ProviderEnv) -> list[tuple[str, Path]]:
+    """(provider, private key) for each provider the daemon starts (as it starts them: enabled, with
+    instances allowed) whose machines carry the daemon's chosen key: the keys replicas must share.
+    A key that is the daemon's own is made here if missing."""
+    out: list[tuple[str, Path]] = []
+    for d in launch_order():
+        section = d.section(providers)
+        if d.login_key is not None and d.launches(section):
+            out.append((d.name, d.login_key(section, env)))
+    return out

@@ -637,3 +637,16 @@ def test_a_reload_cannot_move_the_database(tmp_path: Path, monkeypatch: pytest.M
     result = plan(old, new, {})
     assert result.needs_restart == ("database",) and result.config.database == old.database
     assert "restart needed" in result.reasons["database"]
+
+
+def test_a_reload_keeps_the_vms_ssh_key_until_a_restart(tmp_path: Path) -> None:
+    from cloudtaskd.reload import plan
+
+    old = load_config(write(tmp_path, "providers:\n  aws:\n    enabled: true\n    region: us-east-1\n"
+                                      "    machine_type: t3.micro\n"))
+    new = load_config(write(tmp_path, "providers:\n  aws:\n    enabled: true\n    region: us-east-1\n"
+                                      "    machine_type: t3.micro\n    ssh_key_file: /etc/cloudtask/id_ed25519\n"))
+    result = plan(old, new, {"aws": 4})
+    assert result.needs_restart == ("providers.aws.ssh_key_file",)
+    assert result.config.providers.aws.ssh_key_file == ""
+    assert "same key" in result.reasons["providers.aws.ssh_key_file"]

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from cloudtaskd.configtypes import ConfigWarning
 from cloudtaskd.errors import ConfigError
+from cloudtaskd.fleet.providers import login_key
 from cloudtaskd.fleet.providers.sections import CloudProviderConfig
 
 if TYPE_CHECKING:
@@ -90,6 +91,11 @@ class ProviderDescriptor(Generic[C]):
     interruption_source: str | None = None
     # The original spec's form: a top-level `<name>:` section enables it (config.py folds it in).
     seed_section: bool = False
+    # The SSH private key it logs in to its machines with, where the daemon chooses which public key
+    # they carry (a cloud installs it on each VM it launches), made if it is the daemon's own and
+    # missing: replicas must share it (core/pg/shared_identity.py). None: the machines' authorized keys
+    # are not the daemon's to choose (ssh: the user's hosts).
+    login_key: Callable[[C, ProviderEnv], Path] | None = None
 
     def section(self, providers: Any) -> C:
         """This provider's section of a loaded config's `providers`."""
@@ -126,7 +132,7 @@ def cloud(name: str, config: type[CC], *, driver: Callable[[CC, str], CloudDrive
         from cloudtaskd.fleet.pins import InstancePins
         from cloudtaskd.fleet.providers.cloud import CloudProvider
 
-        settings = _settings(section, env, source)  # first: a missing key file is an error before any client
+        settings = _settings(name, section, env, source)  # first: a missing key file is an error before any client
         return CloudProvider(driver(section, env.daemon_id), settings, env.daemon_id, env.state_dir,
                              InstancePins(env.store), env.runtime, env.tunnels)
 
@@ -152,30 +158,14 @@ def cloud(name: str, config: type[CC], *, driver: Callable[[CC, str], CloudDrive
     return ProviderDescriptor(
         name=name, config=config, remote=True, enabled=lambda c: c.enabled, max_instances=lambda c: c.max_instances,
         start=start, check=check, validate=checked, catalog=fetcher if catalog is not None else None,
-        interruption_source=source, seed_section=True)
+        interruption_source=source, seed_section=True,
+        login_key=lambda c, env: login_key.ensure(name, c.ssh_key_file, env.state_dir, env.source))
 
 
-def _settings(c: CloudProviderConfig, env: ProviderEnv, interruption_source: str) -> CloudSettings:
+def _settings(name: str, c: CloudProviderConfig, env: ProviderEnv, interruption_source: str) -> CloudSettings:
     from cloudtaskd.fleet.providers.cloud import CloudSettings
 
-    key = Path(c.ssh_key_file) if c.ssh_key_file else env.state_dir / "ssh" / "id_ed25519"
-    if not key.exists():
-        if c.ssh_key_file:
-            raise ConfigError(env.source, "ssh_key_file", f"{key} does not exist")
-        _make_key(key)
+    key = login_key.ensure(name, c.ssh_key_file, env.state_dir, env.source)
     return CloudSettings(c.machine_type, c.placement, c.spot, c.cpus, c.ssh_user, key, c.ssh_address_override,
                          c.image, c.on_demand_fallback, tuple(c.machine_types), tuple(c.zones), c.metadata_url,
                          interruption_source)
-
-
-def _make_key(path: Path) -> None:
-    """The daemon's own SSH key for the VMs it launches (ed25519, private part mode 600)."""
-    import os
-
-    import asyncssh
-
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    key = asyncssh.generate_private_key("ssh-ed25519", comment="cloudtaskd")
-    key.write_private_key(str(path))
-    os.chmod(path, 0o600)
-    key.write_public_key(f"{path}.pub")
