@@ -428,6 +428,10 @@ class Store(StoreDoors[aiosqlite.Connection]):
                     await conn.close()
         self._checkpointer = self._reader = self._writer = None
 
+    async def analyze(self, table: str) -> None:
+        """Nothing on SQLite: its hot statements name their index (INDEXED BY), so no planner
+        statistics steer them (PgStore.analyze refreshes PostgreSQL's after a bulk change)."""
+
     async def checkpoint(self) -> tuple[int, int]:
         """Copy what the WAL holds into the main file without blocking the writer (PASSIVE):
         (frames in the WAL, frames checkpointed). Once all are, the next writer starts the WAL over."""

@@ -18,6 +18,7 @@ import asyncio
 import os
 import socket
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
@@ -25,6 +26,7 @@ from typing import Any, TypeVar, cast
 
 import psycopg
 import structlog
+from psycopg import sql
 from psycopg.types.string import TextLoader
 
 from cloudtaskd.core.clock import DaemonClock
@@ -41,12 +43,13 @@ from cloudtaskd.core.pg.connect import (
 )
 from cloudtaskd.core.pg.dbapi import PgDb, row_factory
 from cloudtaskd.core.store import StoreDoors
-from cloudtaskd.errors import StoreError
+from cloudtaskd.errors import DatabaseUnavailable, StoreError
 
 log = structlog.get_logger("cloudtaskd.core.pg")
 
 T = TypeVar("T")
 
+ANALYZED_TABLES = frozenset({"tasks"})  # analyze(): the tables bulk changes reshape
 PAGE_BYTES = 8192  # PostgreSQL's block size, for free_pages' answer
 # A replica cut off mid-transaction leaves its session holding row locks (leases being granted,
 # reports being fenced) that every other replica's SKIP LOCKED then passes over: the server ends
@@ -166,6 +169,28 @@ class PgStore(StoreDoors[_Session]):
 
     async def checkpoint(self) -> tuple[int, int]:
         return 0, 0
+
+    async def analyze(self, table: str) -> None:
+        """Refresh the planner's statistics of `table` after a bulk change (an upload queued thousands
+        of tasks). Autovacuum does it too, but up to a minute (its naptime) or more later; meanwhile
+        the round's statements are planned for the table as it was: a hash join over every queued row
+        to update a few hundred, a sequential scan to lock the rows a report names, in every round.
+        On a connection of its own, so that the writer (and the rounds) never wait for it; SKIP_LOCKED:
+        if autovacuum is at the table right now, that will do. A failure is logged, never raised:
+        the statistics catch up later and the plans with them."""
+        if table not in ANALYZED_TABLES:
+            raise ValueError(f"not a table to analyze: {table!r}")
+        began = time.monotonic()
+        try:
+            conn = await connect(self.dsn, application_name=f"{APPLICATION_NAME} analyze")
+            try:
+                await conn.execute(sql.SQL("ANALYZE (SKIP_LOCKED) {}").format(sql.Identifier(table)))
+            finally:
+                await conn.close()
+        except (DatabaseUnavailable, psycopg.Error) as exc:
+            log.warning("pg_analyze_failed", table=table, error=str(exc))
+            return
+        log.debug("pg_analyzed", table=table, duration_s=round(time.monotonic() - began, 3))
 
     async def free_pages(self) -> tuple[int, int]:
         return 0, PAGE_BYTES

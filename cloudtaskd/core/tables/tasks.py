@@ -291,6 +291,12 @@ async def finish_upload(store: Doors, upload_id: int, job_id: int, *, commit: bo
     cursor: int | None = await store.read(lambda db: uploads.start_after(db, upload_id))
     while cursor is not None:
         cursor = await store.write(step, upload_id, job_id, cursor)
+    if commit:
+        # The round's statements on PostgreSQL are planned from its statistics of the table, which
+        # autovacuum refreshes a minute or more after a bulk change: until then a table that held few
+        # queued tasks is planned as such, and every round scans all the queued (or all the) rows to
+        # find the few hundred it leases or records (docs/performance.md, "On PostgreSQL").
+        await store.analyze("tasks")
 
 
 # ---- dispatch ---------------------------------------------------------------------------------

@@ -32,8 +32,11 @@ class Tx(Protocol):
 
 
 class Doors(Protocol):
-    """A store's two doors: a write transaction and a read, each run on the store's own thread."""
+    """A store's two doors: a write transaction and a read, each run on the store's own thread;
+    and, after a change of thousands of rows, the planner's statistics of the table refreshed."""
 
     async def write(self, fn: Callable[..., T], *args: Any, now: float | None = None, urgent: bool = False) -> T: ...
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
+
+    async def analyze(self, table: str) -> None: ...

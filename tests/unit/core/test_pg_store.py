@@ -219,3 +219,22 @@ async def test_a_lease_renewed_on_one_replica_is_not_expired_by_the_others_sweep
     finally:
         await a.close()
         await b.close()
+
+
+async def test_an_upload_refreshes_the_planner_statistics_of_tasks(pg_store: PgStore) -> None:
+    """The round's statements are planned from PostgreSQL's statistics of tasks. Autovacuum refreshes
+    them a minute or more after an upload; until then a table that had no queued task is planned as
+    such, and on 50,000 tasks every round scanned every queued row to update the few hundred it leased
+    (a hash join) and every row to lock those a report named (docs/performance.md, "On PostgreSQL").
+    The plans themselves depend on the table's size; what the upload must leave is statistics that
+    know its rows."""
+    await submit(pg_store, 5000)
+    stats = await pg_store.fetchone("SELECT reltuples FROM pg_class WHERE relname = 'tasks'")
+    assert stats is not None and stats["reltuples"] >= 4000, "the upload left tasks unanalyzed"
+
+    def queued_estimate(tx: Tx) -> str:
+        return str(tx.db.execute("EXPLAIN SELECT id FROM tasks WHERE state = 'queued'").fetchone()[0])
+
+    plan = await pg_store.write(queued_estimate)
+    estimate = int(plan.split("rows=")[1].split()[0])
+    assert estimate >= 4000, plan
