@@ -171,11 +171,13 @@ def write_tasks(path: Path, tasks: int) -> Path:
 
 
 async def run_dispatch(*, tasks: int, agents: int, slots: int, prefetch: int = 512,
-                       mode: str = "python", database: str = "sqlite", replicas: int = 1) -> DispatchRun:
+                       mode: str = "python", database: str = "sqlite", replicas: int = 1,
+                       on_queued: Callable[[], None] | None = None) -> DispatchRun:
     """Run `tasks` no-op tasks through fresh daemons (their own temp state dirs) and `agents` agent
     processes; `database`: sqlite (in the state dir) or a postgresql:// URL; `replicas` > 1: that
     many daemons on that database, the agents spread evenly over them (benchmarks/replicas.py).
-    daemon_cpu_s sums the replicas; daemon_rss_mb is the largest."""
+    daemon_cpu_s sums the replicas; daemon_rss_mb is the largest. `on_queued` is called once the
+    upload is queued, as the dispatch phase starts (benchmarks/pg_statements.py resets its counts)."""
     daemons = await start_replicas(database, replicas)
     procs: list[AgentProc] = []
     try:
@@ -190,6 +192,8 @@ async def run_dispatch(*, tasks: int, agents: int, slots: int, prefetch: int = 5
             t0 = time.monotonic()
             await first.post(f"/v1/jobs/{job['id']}/tasks", data=f)
         t_queued = time.monotonic()
+        if on_queued is not None:
+            on_queued()
         while True:
             j = await first.get(f"/v1/jobs/{job['id']}")
             if j["done"]:
