@@ -28,8 +28,8 @@ from dispatch import own_postgres
 from cloudtaskd.core.pg.store import PgStore
 from cloudtaskd.core.tables import tasks as queue
 from cloudtaskd.core.tables import uploads
-from cloudtaskd.core.taskfile import ParsedTask
 from cloudtaskd.core.tables.tx import Tx
+from cloudtaskd.core.taskfile import ParsedTask
 
 _LIMIT_FORM = ("UPDATE tasks SET state = 'queued' WHERE id IN (SELECT id FROM tasks WHERE id > %s AND job_id = %s"
                " AND state = 'staged' ORDER BY id LIMIT %s) RETURNING id")

@@ -308,6 +308,89 @@ async def test_an_upload_commits_from_its_own_first_row_whatever_others_do(store
     await check(store)
 
 
+def _second_job(tx: Tx) -> dict[str, Any]:
+    tx.db.execute("INSERT INTO jobs (name, pool_id, state, created_at, max_attempts) VALUES ('k', 1, 'active', 0, 3)")
+    return {"id": 2, "pool_id": 1, "max_attempts": 3, "timeout_s": None}
+
+
+async def _interleaved_uploads(store: Store, batches: int) -> tuple[int, int]:
+    """Two jobs' uploads staged at once, in alternating batches of 3: their ids interleave."""
+    job1 = await store.write(_setup_job, 3)
+    job2 = await store.write(_second_job)
+    up1 = await store.write(queue.create_upload, 1)
+    up2 = await store.write(queue.create_upload, 2)
+    for b in range(batches):
+        for job in (job1, job2):
+            await store.write(queue.stage_tasks, job, [ParsedTask(i + 1, f"j{job['id']}-{b}-{i}", "{}", 0, None, None)
+                                                       for i in range(3)], "t.jsonl")
+    return up1, up2
+
+
+async def _staged(store: Store, job_id: int) -> set[int]:
+    rows = await store.fetchall("SELECT id FROM tasks WHERE job_id = ? AND state = 'staged'", (job_id,))
+    return {r["id"] for r in rows}
+
+
+async def test_a_commit_moves_a_bounded_chunk_a_transaction_and_only_its_own_rows(store: Store) -> None:
+    """Chunk by chunk, with a chunk of 4: each transaction moves at most 4 rows, and on PostgreSQL
+    only rows in its own range of 4 ids (an index range scan of the primary key whose size does not
+    grow with the job: docs/performance.md), though another upload's rows sit in between. Then the
+    other upload is refused, chunk by chunk too: its rows go, the committed ones stay."""
+    up1, up2 = await _interleaved_uploads(store, batches=5)
+    pg = not isinstance(store, Store)
+    cursor, end = await store.read(lambda db: queue.upload_span(db, up1))
+    step = 4
+    chunks = 0
+    next_cursor: int | None = cursor
+    while next_cursor is not None:
+        before = await _staged(store, 1)
+        after_id = next_cursor
+        next_cursor = await store.write(queue.commit_upload_chunk, up1, 1, after_id, end, step)
+        moved = before - await _staged(store, 1)
+        assert 0 < len(moved) <= step or (pg and not moved)
+        if pg:
+            assert all(after_id < i <= after_id + step for i in moved), (after_id, sorted(moved))
+        chunks += 1
+    if pg:  # the walk covers the upload's ids once, a step a transaction
+        assert chunks == -(-(end - cursor) // step)
+    assert await _staged(store, 1) == set()
+    assert len(await _staged(store, 2)) == 15  # the other upload's rows, untouched
+    await queue.finish_upload(store, up2, 2, commit=False, limit=step)
+    assert await counts(store) == {"queued": 15}
+    assert {r["state"] for r in await store.fetchall("SELECT state FROM uploads")} == {"committed", "rejected"}
+    await check(store)
+
+
+async def test_a_commit_cut_short_is_finished_at_start(store: Store) -> None:
+    """The daemon died part-way through a commit (two chunks of 4 done): at start the upload, still
+    committing, is finished from where its rows say, once; the other job's upload stays staging."""
+    from cloudtaskd.http.submissions import resume_uploads
+
+    up1, _ = await _interleaved_uploads(store, batches=4)
+    cursor, end = await store.read(lambda db: queue.upload_span(db, up1))
+    for _ in range(2):
+        cursor = await store.write(queue.commit_upload_chunk, up1, 1, cursor, end, 4)
+        assert cursor is not None
+    assert 0 < len(await _staged(store, 1)) < 12
+    await resume_uploads(store)
+    assert await _staged(store, 1) == set()
+    # The other upload never finished staging: at start it is refused (its client had no answer).
+    assert await counts(store) == {"queued": 12}
+    ends = await store.fetchall("SELECT job_id, kind FROM events WHERE kind = 'upload_committed'")
+    assert [r["job_id"] for r in ends] == [1]
+    await check(store)
+
+
+async def test_a_cancelled_jobs_upload_commits_as_cancelled_chunk_by_chunk(store: Store) -> None:
+    up1, up2 = await _interleaved_uploads(store, batches=3)
+    await queue.cancel_all(store, 1)
+    await queue.finish_upload(store, up1, 1, commit=True, limit=2)
+    await queue.finish_upload(store, up2, 2, commit=True, limit=2)
+    assert await counts(store) == {"cancelled": 9, "queued": 9}
+    assert len(await store.fetchall("SELECT id FROM events WHERE kind = 'task_cancelled'")) == 9
+    await check(store)
+
+
 async def test_a_resent_report_is_acknowledged_only_if_it_was_recorded(store: Store) -> None:
     """The ack of a done report was lost; the agent resends it. If the task succeeded, the resend is
     acknowledged. If the task was requeued meanwhile (its lease reclaimed, then expired or handed
