@@ -428,7 +428,7 @@ class Store(StoreDoors[aiosqlite.Connection]):
                     await conn.close()
         self._checkpointer = self._reader = self._writer = None
 
-    async def analyze(self, table: str) -> None:
+    def analyze(self, table: str, rows: int) -> None:
         """Nothing on SQLite: its hot statements name their index (INDEXED BY), so no planner
         statistics steer them (PgStore.analyze refreshes PostgreSQL's after a bulk change)."""
 

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
+from functools import partial
 from typing import Any, TypeVar, cast
 
 import psycopg
@@ -43,7 +44,7 @@ from cloudtaskd.core.pg.connect import (
 )
 from cloudtaskd.core.pg.dbapi import PgDb, row_factory
 from cloudtaskd.core.store import StoreDoors
-from cloudtaskd.errors import DatabaseUnavailable, StoreError
+from cloudtaskd.errors import StoreError
 
 log = structlog.get_logger("cloudtaskd.core.pg")
 
@@ -61,16 +62,25 @@ SERVER_SETTINGS = {
     "idle_in_transaction_session_timeout": str(IDLE_IN_TRANSACTION_S * 1000),
     "tcp_keepalives_idle": "5", "tcp_keepalives_interval": "1", "tcp_keepalives_count": "3",
 }
+# The background ANALYZE (_Analyzer): it runs only when the rows changed since its last one are at
+# least this share of what the table held then (autovacuum's own analyze_scale_factor) and at least
+# ANALYZE_MIN_ROWS: a standing queue fed one small upload at a time would otherwise analyze back to
+# back, each one invalidating every session's cached plans of tasks for a change the plans survive.
+ANALYZE_SHARE = 0.1
+ANALYZE_MIN_ROWS = 1000
+ANALYZE_TIMEOUT_S = 60  # statement_timeout: the server ends an ANALYZE stuck longer (a lock, a cut-off)
 
 
 class _Session:
     """One sync connection and the one thread that uses it (psycopg connections are not shared
     between threads mid-transaction); reopened at the next use after it broke."""
 
-    def __init__(self, dsn: str, name: str, isolation: psycopg.IsolationLevel) -> None:
+    def __init__(self, dsn: str, name: str, isolation: psycopg.IsolationLevel,
+                 settings: dict[str, str] = SERVER_SETTINGS) -> None:
         self.dsn = dsn
         self.name = name
         self.isolation = isolation
+        self.settings = settings
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pgstore-{name}")
         self.db: PgDb | None = None
 
@@ -78,7 +88,7 @@ class _Session:
         conn: psycopg.Connection[Any] = psycopg.connect(
             self.dsn, autocommit=False, connect_timeout=max(2, round(CONNECT_TIMEOUT_S)),
             application_name=f"{APPLICATION_NAME} {self.name}", row_factory=row_factory,
-            options=options(SERVER_SETTINGS))
+            options=options(self.settings))
         conn.isolation_level = self.isolation
         # JSONB (instances.offer) read back as its text, as SQLite gives its JSON column: one type for
         # the readers of both databases (the API's instance object, Tx's state_and_offer).
@@ -117,10 +127,88 @@ class _Session:
             self.db = None
 
 
+class _Analyzer:
+    """The background ANALYZE: one named task per store, one ANALYZE at a time on a session of its
+    own (the store's keepalives plus a statement_timeout; PgStore.abort_sessions cuts it off with the
+    others). Requests that arrive while one runs are summed into one ANALYZE after it, so a burst of
+    uploads costs one or two. A failure is logged, never raised: the statistics catch up at the next
+    request or at autovacuum's, and the plans with them."""
+
+    def __init__(self, dsn: str) -> None:
+        self.session = _Session(dsn, "analyze", psycopg.IsolationLevel.READ_COMMITTED,
+                                {**SERVER_SETTINGS, "statement_timeout": str(ANALYZE_TIMEOUT_S * 1000)})
+        self.analyzed = 0  # ANALYZE statements run (tests, logs)
+        self._rows: dict[str, int] = {}  # rows changed since the last ANALYZE, by table
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name="pg_analyze")
+        self._task.add_done_callback(self._ended)
+
+    def request(self, table: str, rows: int) -> None:
+        self._rows[table] = self._rows.get(table, 0) + rows
+        if self._rows[table] >= ANALYZE_MIN_ROWS:
+            self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            for table in [t for t, n in self._rows.items() if n >= ANALYZE_MIN_ROWS]:
+                rows = self._rows.pop(table)
+                try:
+                    done = await self.session.run(partial(_analyze_if_large, table, rows))
+                except psycopg.Error as exc:
+                    # The database away or cut off (abort_sessions), or the statement_timeout: kept
+                    # for the next request, never retried in a loop against a database that is away.
+                    self._rows[table] = self._rows.get(table, 0) + rows
+                    log.warning("pg_analyze_failed", table=table, rows=rows, error=str(exc))
+                    continue
+                if done is None:
+                    self._rows[table] = self._rows.get(table, 0) + rows  # not enough yet for its size
+                else:
+                    self.analyzed += 1
+                    log.debug("pg_analyzed", table=table, rows=rows, duration_s=done)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            # A bug, not an outage (those are caught above): the uploads go on, unanalyzed.
+            log.error("pg_analyzer_died", error=repr(task.exception()), exc_info=task.exception())
+
+    async def close(self) -> None:
+        """End the task: a running ANALYZE is cut off (its socket shut down: no round trip to a server
+        that may not answer), and the server ends it at the latest at its statement_timeout."""
+        self._task.cancel()
+        self.session.abort()
+        await asyncio.gather(self._task, return_exceptions=True)
+        await asyncio.get_running_loop().run_in_executor(self.session.thread, self.session.close)
+        self.session.thread.shutdown(wait=True)
+
+
+def _analyze_if_large(table: str, rows: int, db: PgDb) -> float | None:
+    """On the analyzer's thread: ANALYZE `table` if `rows` is large for what it held at its last
+    ANALYZE (pg_class.reltuples, -1 never analyzed). SKIP_LOCKED: if autovacuum is at the table right
+    now, that will do. Returns how long it took, None when the table was too large to bother."""
+    conn = db.conn
+    try:
+        row = conn.execute("SELECT reltuples FROM pg_class WHERE oid = %s::regclass", (table,)).fetchone()
+        held = float(row[0]) if row is not None else -1.0
+        if held >= 0 and rows < ANALYZE_SHARE * held:
+            conn.rollback()
+            return None
+        began = time.monotonic()
+        conn.execute(sql.SQL("ANALYZE (SKIP_LOCKED) {}").format(sql.Identifier(table)))
+        conn.commit()
+        return round(time.monotonic() - began, 3)
+    except BaseException:
+        with suppress(psycopg.Error):
+            conn.rollback()
+        raise
+
+
 class PgStore(StoreDoors[_Session]):
     def __init__(self, dsn: str, clock: DaemonClock | None = None) -> None:
         super().__init__(clock)
         self.dsn = dsn
+        self._analyzer: _Analyzer | None = None
 
     def __repr__(self) -> str:
         return f"PgStore({shown(self.dsn)!r})"
@@ -134,6 +222,7 @@ class PgStore(StoreDoors[_Session]):
             await conn.close()
         self._writer = _Session(self.dsn, "writer", psycopg.IsolationLevel.READ_COMMITTED)
         self._reader = _Session(self.dsn, "reader", psycopg.IsolationLevel.REPEATABLE_READ)
+        self._analyzer = _Analyzer(self.dsn)  # its session opens at its first ANALYZE
         try:
             await self._writer.run(lambda db: None)  # a wrong URL fails at open, not at the first write
             await self._reader.run(lambda db: None)
@@ -145,6 +234,9 @@ class PgStore(StoreDoors[_Session]):
             raise
 
     async def close(self) -> None:
+        if self._analyzer is not None:
+            await self._analyzer.close()
+            self._analyzer = None
         for session in (self._reader, self._writer):
             if session is not None:
                 await asyncio.get_running_loop().run_in_executor(session.thread, session.close)
@@ -154,7 +246,8 @@ class PgStore(StoreDoors[_Session]):
     def abort_sessions(self) -> None:
         """The database stopped answering (replica.cutoff): fail the reads and writes waiting on it
         now, rather than when TCP gives up (never, behind a proxy or NAT that swallows packets)."""
-        for session in (self._writer, self._reader):
+        analyzer = self._analyzer.session if self._analyzer is not None else None
+        for session in (self._writer, self._reader, analyzer):
             if session is not None:
                 session.abort()
 
@@ -170,27 +263,18 @@ class PgStore(StoreDoors[_Session]):
     async def checkpoint(self) -> tuple[int, int]:
         return 0, 0
 
-    async def analyze(self, table: str) -> None:
-        """Refresh the planner's statistics of `table` after a bulk change (an upload queued thousands
-        of tasks). Autovacuum does it too, but up to a minute (its naptime) or more later; meanwhile
-        the round's statements are planned for the table as it was: a hash join over every queued row
-        to update a few hundred, a sequential scan to lock the rows a report names, in every round.
-        On a connection of its own, so that the writer (and the rounds) never wait for it; SKIP_LOCKED:
-        if autovacuum is at the table right now, that will do. A failure is logged, never raised:
-        the statistics catch up later and the plans with them."""
+    def analyze(self, table: str, rows: int) -> None:
+        """Ask for the planner's statistics of `table` to be refreshed after a bulk change of `rows`
+        rows (an upload queued thousands of tasks). Autovacuum does it too, but up to a minute (its
+        naptime) or more later; meanwhile the round's statements are planned for the table as it was:
+        a hash join over every queued row to update a few hundred, a sequential scan to lock the rows
+        a report names, in every round. Returns at once: the ANALYZE runs in the background
+        (_Analyzer), so neither the upload's answer nor its job's upload lock waits for it."""
         if table not in ANALYZED_TABLES:
             raise ValueError(f"not a table to analyze: {table!r}")
-        began = time.monotonic()
-        try:
-            conn = await connect(self.dsn, application_name=f"{APPLICATION_NAME} analyze")
-            try:
-                await conn.execute(sql.SQL("ANALYZE (SKIP_LOCKED) {}").format(sql.Identifier(table)))
-            finally:
-                await conn.close()
-        except (DatabaseUnavailable, psycopg.Error) as exc:
-            log.warning("pg_analyze_failed", table=table, error=str(exc))
-            return
-        log.debug("pg_analyzed", table=table, duration_s=round(time.monotonic() - began, 3))
+        if self._analyzer is None:
+            raise StoreError(f"the store {shown(self.dsn)} is not open")
+        self._analyzer.request(table, rows)
 
     async def free_pages(self) -> tuple[int, int]:
         return 0, PAGE_BYTES

@@ -335,8 +335,9 @@ async def finish_upload(store: Doors, upload_id: int, job_id: int, *, commit: bo
         # The round's statements on PostgreSQL are planned from its statistics of the table, which
         # autovacuum refreshes a minute or more after a bulk change: until then a table that held few
         # queued tasks is planned as such, and every round scans all the queued (or all the) rows to
-        # find the few hundred it leases or records (docs/performance.md, "On PostgreSQL").
-        await store.analyze("tasks")
+        # find the few hundred it leases or records (docs/performance.md, "On PostgreSQL"). Asked
+        # for, not awaited: it runs in the store's background, the answer does not wait for it.
+        store.analyze("tasks", await store.read(lambda db: uploads.n_tasks(db, upload_id)))
 
 
 # ---- dispatch ---------------------------------------------------------------------------------
