@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from typing import Any
 
+import psycopg
 import pytest
 
 from cloudtask_wire.messages import Success
@@ -229,8 +230,7 @@ async def test_an_upload_refreshes_the_planner_statistics_of_tasks(pg_store: PgS
     The plans themselves depend on the table's size; what the upload must leave is statistics that
     know its rows."""
     await submit(pg_store, 5000)
-    stats = await pg_store.fetchone("SELECT reltuples FROM pg_class WHERE relname = 'tasks'")
-    assert stats is not None and stats["reltuples"] >= 4000, "the upload left tasks unanalyzed"
+    await _analyzed(pg_store, 4000)  # in the background, after the upload's answer
 
     def queued_estimate(tx: Tx) -> str:
         return str(tx.db.execute("EXPLAIN SELECT id FROM tasks WHERE state = 'queued'").fetchone()[0])
@@ -238,3 +238,90 @@ async def test_an_upload_refreshes_the_planner_statistics_of_tasks(pg_store: PgS
     plan = await pg_store.write(queued_estimate)
     estimate = int(plan.split("rows=")[1].split()[0])
     assert estimate >= 4000, plan
+
+
+ANALYZE_DEADLINE_S = 30.0
+
+
+async def _reltuples(store: PgStore) -> float:
+    row = await store.fetchone("SELECT reltuples FROM pg_class WHERE relname = 'tasks'")
+    assert row is not None
+    return float(row["reltuples"])
+
+
+async def _analyzed(store: PgStore, rows: int) -> None:
+    """Wait (with a deadline) until the statistics of tasks know at least `rows` rows."""
+    deadline = time.monotonic() + ANALYZE_DEADLINE_S
+    while (held := await _reltuples(store)) < rows:
+        assert time.monotonic() < deadline, f"tasks still analyzed as {held:g} rows, not {rows}"
+        await asyncio.sleep(0.05)
+
+
+async def _hold_statistics(pg_dsn: str) -> psycopg.AsyncConnection[Any]:
+    """A transaction that holds the rows of tasks in pg_statistic (superuser: the test server's): an
+    ANALYZE of tasks, SKIP_LOCKED or not, then waits to write its statistics until it ends, while
+    the upload's own writes (which take no lock an ANALYZE holds) go on."""
+    conn = await psycopg.AsyncConnection.connect(pg_dsn)
+    await conn.execute("UPDATE pg_statistic SET stawidth = stawidth WHERE starelid = 'tasks'::regclass")
+    return conn
+
+
+async def _analyze_waiting(store: PgStore) -> None:
+    deadline = time.monotonic() + ANALYZE_DEADLINE_S
+    while await store.fetchone("SELECT 1 FROM pg_stat_activity WHERE application_name LIKE '%analyze'"
+                               " AND wait_event_type = 'Lock'") is None:
+        assert time.monotonic() < deadline, "the ANALYZE never came to wait for the statistics' rows"
+        await asyncio.sleep(0.05)
+
+
+async def test_an_upload_answers_while_its_analyze_waits_and_uploads_meanwhile_coalesce(
+        pg_store: PgStore, pg_dsn: str) -> None:
+    """The upload's ANALYZE runs after its answer, in the store's background: an ANALYZE held up
+    (here by a lock on the statistics' rows; in production a database that stopped answering) holds
+    up no upload, and the uploads that arrive meanwhile are analyzed together, once, after it."""
+    await submit(pg_store, 5000)
+    await _analyzed(pg_store, 4000)
+    assert pg_store._analyzer is not None
+    before = pg_store._analyzer.analyzed
+    holder = await _hold_statistics(pg_dsn)
+    try:
+        # Each upload is large for the table (>= 10 % of it): each asks for an ANALYZE.
+        await asyncio.wait_for(submit(pg_store, 1000, start=5000), ANALYZE_DEADLINE_S)
+        await _analyze_waiting(pg_store)
+        for n in range(6):
+            await asyncio.wait_for(submit(pg_store, 1000, start=6000 + 1000 * n), ANALYZE_DEADLINE_S)
+        assert pg_store._analyzer.analyzed == before, "an ANALYZE finished through the held rows"
+    finally:
+        await holder.rollback()
+        await holder.close()
+    await _analyzed(pg_store, 11_000)  # the uploads after the held ANALYZE, analyzed by the one after it
+    deadline = time.monotonic() + ANALYZE_DEADLINE_S
+    while pg_store._analyzer.analyzed < before + 2:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    assert pg_store._analyzer.analyzed == before + 2, "the uploads that arrived meanwhile were not coalesced"
+
+
+async def test_closing_the_store_ends_an_analyze_that_waits(pg_dsn: str) -> None:
+    store = PgStore(pg_dsn)
+    await store.open()
+    closed = False
+    holder: psycopg.AsyncConnection[Any] | None = None
+    try:
+        await submit(store, 5000)
+        await _analyzed(store, 4000)
+        analyzer = store._analyzer
+        assert analyzer is not None
+        holder = await _hold_statistics(pg_dsn)
+        await submit(store, 1000, start=5000)
+        await _analyze_waiting(store)
+        await asyncio.wait_for(store.close(), 10)
+        closed = True
+        assert analyzer._task.done()
+        assert analyzer.session.db is None  # its connection closed with the store
+    finally:
+        if holder is not None:
+            await holder.rollback()
+            await holder.close()
+        if not closed:
+            await store.close()
