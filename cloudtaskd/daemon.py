@@ -169,7 +169,7 @@ class Daemon:
         self.daemon_id = proposed
         self.tls = tls_files(self.config, proposed)
         identities = shared_identities(self.config, self.tls, self._provider_env()) if self.config.postgres else []
-        self.daemon_id, firsts = await self.store.write(_claim_start, proposed, identities)
+        self.daemon_id, firsts = await self.store.write(claim_start, proposed, identities)
         for identity, first in zip(identities, firsts, strict=True):
             log.info(f"{identity.event}_recorded" if first else f"{identity.event}_matches", **identity.log_fields)
         self.providers = self._providers()  # cloud resources are tagged with the daemon id
@@ -502,7 +502,7 @@ def _known_daemon_id(db: sqlite3.Connection) -> str | None:
     return meta.get(db, meta.DAEMON_ID)
 
 
-def _claim_start(tx: Tx, proposed_id: str,
+def claim_start(tx: Tx, proposed_id: str,
                  identities: Sequence[shared_identity.Identity]) -> tuple[str, list[bool]]:
     """The daemon id (the one recorded, else `proposed_id`; on PostgreSQL shared by every replica) and
     shared_identity.check's answer, in one transaction: a replica refused by the check records neither.
