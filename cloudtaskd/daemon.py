@@ -12,9 +12,10 @@ import fcntl
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from functools import partial
 from pathlib import Path
@@ -158,19 +159,27 @@ class Daemon:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock()
         await self.store.open()
-        self.daemon_id = await self.store.write(_daemon_id)
-        self.tls = tls_files(self.config, self.daemon_id)
-        # Before this replica writes anything else to a shared database, opens a listener or starts a
-        # provider: one with a CA or a VMs' SSH key of its own must not start at all
-        # (core/pg/shared_identity.py).
-        if self.config.postgres:
-            await self._check_shared_identities()
+        # The daemon id is claimed in one transaction with the shared-identity check, before this replica
+        # writes anything else to a shared database, opens a listener or starts a provider: one with a CA
+        # or a VMs' SSH key of its own must not start at all, and writes nothing but the (shared,
+        # idempotent) migrations store.open() ran (core/pg/shared_identity.py). The CA is made before
+        # that, so it carries the id this start proposes; a replica losing the first start's race to
+        # another labelled its new CA with an id not kept (only the certificate's name shows it).
+        proposed = await self.store.read(_known_daemon_id) or uuid.uuid4().hex[:16]
+        self.daemon_id = proposed
+        self.tls = tls_files(self.config, proposed)
+        identities = shared_identities(self.config, self.tls, self._provider_env()) if self.config.postgres else []
+        self.daemon_id, firsts = await self.store.write(claim_start, proposed, identities)
+        for identity, first in zip(identities, firsts, strict=True):
+            log.info(f"{identity.event}_recorded" if first else f"{identity.event}_matches", **identity.log_fields)
         self.providers = self._providers()  # cloud resources are tagged with the daemon id
         self.market = Market(self.store, [p for p, _ in self.providers], self._catalog_fetchers())
         await self.market.load()
         # Stored times are on the clock of the daemon that wrote them: re-based here, in case the wall
         # clock stepped while the daemon was down (cloudtaskd.core.clock).
-        renewed = await self.store.write(queue.extend_all_leases, self.config.agents.lease_ttl_s)
+        # Replicas: only leases of agents no live replica holds (extend_all_leases).
+        renewed = await self.store.write(queue.extend_all_leases, self.config.agents.lease_ttl_s,
+                                         replica.PRESENCE_TTL_S if self.config.postgres else None)
         capped = await self.store.write(queue.cap_retry_due, self.config.queue.retry_backoff_max_s)
         await resume_uploads(self.store)
         log.info("store_opened", database=self.store.describe(), leases_renewed=renewed, retries_brought_forward=capped,
@@ -301,14 +310,6 @@ class Daemon:
         await web.TCPSite(tcp_runner, host.strip("[]"), int(port), ssl_context=ctx, backlog=CONTROL_BACKLOG).start()
         bound = tcp_runner.addresses[0]
         self.api_url = f"https://{url_host(host)}:{bound[1]}"
-
-    async def _check_shared_identities(self) -> None:
-        """On PostgreSQL: what this replica must share with the others, against what the database
-        records (shared_identities). Raises SharedIdentityMismatch."""
-        identities = shared_identities(self.config, self.tls, self._provider_env())
-        firsts = await self.store.write(shared_identity.check, identities)
-        for identity, first in zip(identities, firsts, strict=True):
-            log.info(f"{identity.event}_recorded" if first else f"{identity.event}_matches", **identity.log_fields)
 
     def _provider_env(self) -> ProviderEnv:
         return ProviderEnv(daemon_id=self.daemon_id, state_dir=self.state_dir, store=self.store, runtime=self.runtime,
@@ -497,13 +498,18 @@ def _no_change(tx: Tx) -> None:
     """An empty write transaction: the writer connection answers."""
 
 
-def _daemon_id(tx: Tx) -> str:
-    known = meta.get(tx.db, meta.DAEMON_ID)
-    if known is not None:
-        return known
-    value = uuid.uuid4().hex[:16]
-    meta.add(tx, meta.DAEMON_ID, value)
-    return value
+def _known_daemon_id(db: sqlite3.Connection) -> str | None:
+    return meta.get(db, meta.DAEMON_ID)
+
+
+def claim_start(tx: Tx, proposed_id: str,
+                 identities: Sequence[shared_identity.Identity]) -> tuple[str, list[bool]]:
+    """The daemon id (the one recorded, else `proposed_id`; on PostgreSQL shared by every replica) and
+    shared_identity.check's answer, in one transaction: a replica refused by the check records neither.
+    Two first starts at once get one id (meta.claim), where a read then an insert failed one of them
+    on the key's unique index."""
+    daemon_id, _ = meta.claim(tx, meta.DAEMON_ID, proposed_id)
+    return daemon_id, shared_identity.check(tx, identities)
 
 
 async def serve(config: Config, *, load: Callable[[], Config] | None = None,

@@ -764,15 +764,27 @@ def promote_due(tx: Tx) -> set[int]:
     return {r[2] for r in rows}
 
 
-def extend_all_leases(tx: Tx, grace_s: float) -> int:
+def extend_all_leases(tx: Tx, grace_s: float, present_within_s: float | None = None) -> int:
     """At start-up: the daemon was away, so no heartbeat could land. Give every lease a fresh
     visibility timeout, so agents that reconnect keep their work instead of racing a requeue.
 
     Exactly grace_s from now, not the later of that and the stored expiry: every expiry was set to
     at most a TTL ahead of its write, so one further ahead means the wall clock stepped back while
-    the daemon was down, and keeping it would hold a dead agent's work for as long as the step."""
+    the daemon was down, and keeping it would hold a dead agent's work for as long as the step.
+
+    present_within_s (replicas on PostgreSQL): leave alone the leases of agents some replica wrote
+    present (instances.touch_many) within that many seconds. Those are connected to a live replica
+    and heartbeat there, or were until at most that long ago and so hold a lease's full TTL less
+    that to fail over, as after any replica's death; pushing their leases out would only keep a
+    dead agent's work from expiring on every start of a crash-looping replica."""
+    if present_within_s is None:
+        return tx.db.execute(
+            "UPDATE tasks SET lease_expires_at = ? WHERE state = 'leased'", (tx.now + grace_s,)
+        ).rowcount
     return tx.db.execute(
-        "UPDATE tasks SET lease_expires_at = ? WHERE state = 'leased'", (tx.now + grace_s,)
+        "UPDATE tasks SET lease_expires_at = ? WHERE state = 'leased' AND (instance_id IS NULL OR instance_id NOT IN"
+        " (SELECT id FROM instances WHERE last_seen_at >= ?))",
+        (tx.now + grace_s, tx.now - present_within_s),
     ).rowcount
 
 

@@ -26,7 +26,7 @@ from cloudtaskd.core.pg import shared_identity
 from cloudtaskd.core.pg.store import PgStore
 from cloudtaskd.core.store import Tx
 from cloudtaskd.core.tables import meta
-from cloudtaskd.daemon import shared_identities
+from cloudtaskd.daemon import claim_start, shared_identities
 from cloudtaskd.errors import SharedCaMismatch, SharedSshKeyMismatch, short_sha256
 from cloudtaskd.fleet.providers.descriptors import ProviderEnv
 from cloudtaskd.fleet.providers.sections.ssh import SshHostConfig
@@ -275,3 +275,45 @@ async def test_providers_that_do_not_start_or_whose_hosts_are_the_users_are_not_
     assert await _start_check(pg_store, b, env_b) == {AWS_KEY: False}
     assert await _meta_keys(pg_store) == {AWS_KEY: sha_a}
     assert not (b.state_path / "ssh").exists()  # no key of the daemon's own made for a provider not started
+
+
+async def test_two_first_replicas_at_once_claim_one_daemon_id(pg_dsn: str) -> None:
+    """The daemon id (shared by every replica of a database) is claimed, not read then inserted: two
+    first starts at the same moment both get the one the database kept, where the second's insert
+    used to fail on the key's unique index and stop that replica."""
+    stores = [PgStore(pg_dsn), PgStore(pg_dsn)]
+    for s in stores:
+        await s.open()
+    try:
+        for race in range(RACES):
+            barrier = threading.Barrier(2, timeout=10)
+
+            def first_start(tx: Tx, proposed: str, barrier: threading.Barrier = barrier) -> tuple[str, list[bool]]:
+                barrier.wait()  # on both writer threads: the two claims run at the same moment
+                out = claim_start(tx, proposed, [])
+                time.sleep(HOLD_S)  # before the commit: the other's insert meets an uncommitted row
+                return out
+
+            ids = await asyncio.gather(*(s.write(first_start, f"id-{race}-{i}") for i, s in enumerate(stores)))
+            assert ids[0] == ids[1], f"race {race}: {ids!r}"
+            assert ids[0][0] in (f"id-{race}-0", f"id-{race}-1")
+            row = await stores[0].fetchone("SELECT value FROM meta WHERE key = ?", (meta.DAEMON_ID,))
+            assert row is not None and row["value"] == ids[0][0]
+            await stores[0].write(lambda tx: tx.db.execute("DELETE FROM meta WHERE key = 'daemon_id'"))
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_a_refused_replica_claims_no_daemon_id(pg_store: PgStore, tmp_path: Path) -> None:
+    """The id and the shared identities are claimed in one transaction: a replica refused by the check
+    records neither (here the fingerprint was recorded before any id, e.g. by a reset by hand)."""
+    ca_a, sha_a = _ca(tmp_path / "a" / "tls")
+    ca_b, sha_b = _ca(tmp_path / "b" / "tls")
+    await pg_store.write(_check_ca, sha_a, ca_a)
+    with pytest.raises(SharedCaMismatch):
+        await pg_store.write(claim_start, "refused", [shared_identity.tls_ca(sha_b, ca_b)])
+    assert await _recorded(pg_store, meta.DAEMON_ID) is None
+    daemon_id, firsts = await pg_store.write(claim_start, "kept", [shared_identity.tls_ca(sha_a, ca_a)])
+    assert (daemon_id, firsts) == ("kept", [False])
+    assert await pg_store.write(claim_start, "another", []) == ("kept", [])

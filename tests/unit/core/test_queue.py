@@ -10,7 +10,9 @@ import pytest
 
 from cloudtask_wire.messages import Failure, Success
 from cloudtaskd.core.clock import DaemonClock
+from cloudtaskd.core.states import InstanceState
 from cloudtaskd.core.store import Store, Tx
+from cloudtaskd.core.tables import instances
 from cloudtaskd.core.tables import tasks as queue
 from cloudtaskd.core.taskfile import ParsedTask, parse_task
 from cloudtaskd.errors import BadInput
@@ -469,6 +471,31 @@ async def test_a_restart_after_the_clock_stepped_back_rebases_leases_and_retry_t
     assert await store.write(queue.expire_leases, (0.0, 0.0), now=start + 29) == []
     assert await store.write(queue.expire_leases, (0.0, 0.0), now=start + 30) == [(t1["id"], "a")]
     assert await store.write(queue.promote_due, now=start + 12) == {1}
+    await check(store)
+
+
+async def test_a_replica_start_extends_only_the_leases_of_agents_no_live_replica_holds(store: Store) -> None:
+    """Replicas (issue 17): "a" is connected to a live replica (written present 2 s ago), "b" and "c"
+    to none ("b" last seen long ago, "c" never). A replica starting must not push out a's lease (a
+    crash-looping replica would otherwise keep a dead agent's work from expiring, and contend with the
+    live replicas' rounds), but must b's and c's, whose agents may be reconnecting to it."""
+    await submit(store, 3)
+    (ta,) = await lease(store, "a", 1, ttl=30, now=1_000.0)
+    (tb,) = await lease(store, "b", 1, ttl=30, now=1_000.0)
+    (tc,) = await lease(store, "c", 1, ttl=30, now=1_000.0)
+
+    def agents(tx: Tx) -> None:
+        for inst in ("a", "b", "c"):
+            instances.add(tx, inst, provider="local", pool_id=1, state=InstanceState.STARTING, slots=1, token_hash="h")
+
+    await store.write(agents)
+    await store.write(instances.touch_many, ["b"], now=900.0)
+    await store.write(instances.touch_many, ["a"], now=1_018.0)
+    assert await store.write(queue.extend_all_leases, 30.0, 6.0, now=1_020.0) == 2
+    rows = await store.fetchall("SELECT id, lease_expires_at FROM tasks WHERE state = 'leased' ORDER BY id")
+    assert {r["id"]: r["lease_expires_at"] for r in rows} == {ta["id"]: 1_030.0, tb["id"]: 1_050.0, tc["id"]: 1_050.0}
+    # One daemon (SQLite): every lease, whoever was seen last.
+    assert await store.write(queue.extend_all_leases, 30.0, now=1_020.0) == 3
     await check(store)
 
 

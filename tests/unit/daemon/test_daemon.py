@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import threading
+from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,9 +15,15 @@ import pytest
 from structlog.testing import capture_logs
 
 from cloudtaskd.config import Config
+from cloudtaskd.configtypes import Secret
+from cloudtaskd.core.pg.store import PgStore
+from cloudtaskd.core.states import InstanceState
+from cloudtaskd.core.store import Tx
+from cloudtaskd.core.tables import instances, meta
 from cloudtaskd.daemon import Daemon
-from cloudtaskd.errors import ConfigError, StateDirBusy
+from cloudtaskd.errors import ConfigError, SharedCaMismatch, StateDirBusy
 from tests.conftest import make_config, wait_for
+from tests.unit.core.test_queue import lease, submit
 
 SUPERVISED = {"dispatcher", "reconciler", "bundle_pruner", "status_series", "housekeeper", "runs"}
 
@@ -133,3 +140,67 @@ async def test_a_supervised_task_that_dies_fails_the_daemon_loudly(tmp_path: Pat
     assert len(died) == 1, died
     assert died[0]["log_level"] == "error" and died[0]["task"] == "status_series"
     assert "the status series hit a bug" in died[0]["error"]
+
+
+async def test_a_replica_refused_by_the_shared_identity_check_writes_no_daemon_id(tmp_path: Path, pg_dsn: str) -> None:
+    """On PostgreSQL the daemon id is claimed in the shared-identity check's transaction: a replica whose
+    CA is not the recorded one stops before writing anything but the (shared) migrations."""
+    config = replace(_config(tmp_path), database=Secret(pg_dsn))
+    assert config.agents.tls  # so agents pin the CA and every replica must have the recorded one
+    recorded = "0" * 64  # as if another replica had recorded its CA
+    store = PgStore(pg_dsn)
+    await store.open()
+    try:
+        await store.write(lambda tx: tx.db.execute("INSERT INTO meta (key, value) VALUES (?, ?)",
+                                                   (meta.TLS_CA_SHA256, recorded)))
+        with pytest.raises(SharedCaMismatch):
+            await Daemon(config, shutdown_grace_s=1.0).start()
+        rows = await store.fetchall("SELECT key, value FROM meta ORDER BY key")
+        assert [(r["key"], r["value"]) for r in rows] == [(meta.TLS_CA_SHA256, recorded)]
+    finally:
+        await store.close()
+
+
+async def test_a_replica_starting_while_another_serves_leaves_that_ones_agents_leases_alone(
+        tmp_path: Path, pg_dsn: str) -> None:
+    """A replica's start renews only the leases of agents no live replica holds: "here" is written present
+    every half second as another replica does for its connected agents (replica.presence), so its lease
+    keeps the expiry its heartbeats gave it; "gone" was connected nowhere, so its lease gets the grace
+    a reconnection needs, as on SQLite after a restart."""
+    config = replace(_config(tmp_path), database=Secret(pg_dsn))
+    store = PgStore(pg_dsn)
+    await store.open()
+    await submit(store, 2)
+    (held,) = await lease(store, "here", 1, ttl=600.0)
+    (orphan,) = await lease(store, "gone", 1, ttl=600.0)
+
+    def agents(tx: Tx) -> None:
+        for inst in ("here", "gone"):
+            instances.add(tx, inst, provider="ssh", pool_id=1, state=InstanceState.STARTING, slots=1, token_hash="h")
+
+    await store.write(agents)
+
+    async def other_replica() -> None:
+        while True:
+            await store.write(instances.touch_many, ["here"])
+            await asyncio.sleep(0.5)
+
+    async def expiries() -> dict[int, float]:
+        rows = await store.fetchall("SELECT id, lease_expires_at FROM tasks WHERE state = 'leased'")
+        return {r["id"]: r["lease_expires_at"] for r in rows}
+
+    before = await expiries()
+    presence = asyncio.create_task(other_replica())
+    daemon = Daemon(config, shutdown_grace_s=1.0)
+    try:
+        await daemon.start()
+        after = await expiries()
+        assert after[held["id"]] == before[held["id"]]
+        # Exactly lease_ttl_s from the start: well below the 600 s its lease had.
+        assert after[orphan["id"]] < before[orphan["id"]] - 300
+    finally:
+        presence.cancel()
+        with suppress(asyncio.CancelledError):
+            await presence
+        await daemon.stop()
+        await store.close()
