@@ -96,7 +96,7 @@ async def main() -> None:
                 last = cursor
                 began = time.monotonic()
                 if args.form == "range":
-                    cursor = await store.write(queue.commit_upload_chunk, upload, 2, cursor, end, args.step)
+                    cursor = await store.write(queue.commit_upload_chunk, upload, 2, cursor, args.step)
                 else:
                     cursor = await store.write(_limit_chunk, upload, cursor, args.step)
                 times.append(time.monotonic() - began)
@@ -118,7 +118,7 @@ async def main() -> None:
 
 def _limit_chunk(tx: Tx, upload_id: int, after_id: int, limit: int) -> int | None:
     """The commit as PostgreSQL ran it before (the statement SQLite runs, without its hint)."""
-    uploads.set_committing(tx, upload_id)
+    uploads.set_committing(tx, upload_id, 2)
     ids = [r[0] for r in tx.db.execute(_LIMIT_FORM.replace("%s", "?"), (after_id, 2, limit)).fetchall()]
     tx.count(2, queue.S.STAGED, queue.S.QUEUED, len(ids))
     if len(ids) < limit:

@@ -125,6 +125,26 @@ class FleetFull(StoreError):
                          f" (raise {limit_key} to allow more)")
 
 
+class UploadBusy(CloudtaskError):
+    """Another upload of the job is under way (on this replica or another): try again once it is done."""
+
+    def __init__(self, job_id: int) -> None:
+        self.job_id = job_id
+        super().__init__(f"job {job_id} has another upload under way (one at a time per job, on every replica):"
+                         " nothing of this file was added; send it again once that upload has finished")
+
+
+class UploadSettled(CloudtaskError):
+    """The upload was settled by another cloudtaskd replica while this one received it."""
+
+    def __init__(self, job_id: int, upload_id: int | None = None) -> None:
+        self.job_id = job_id
+        self.upload_id = upload_id
+        which = f"upload {upload_id}" if upload_id is not None else "the upload"
+        super().__init__(f"{which} of job {job_id} was settled by another cloudtaskd replica (this one lost its"
+                         " hold on it, e.g. the database restarted): nothing of this file was added; send it again")
+
+
 class LeaseError(CloudtaskError):
     """A lease report was refused (stale fencing token, or the task is no longer leased)."""
 

@@ -48,7 +48,7 @@ MIGRATIONS = ["001_initial.sql", "002_host_keys.sql", "003_instance_host_key.sql
               "005_job_policy.sql", "006_hot_indexes.sql", "007_job_state_reason.sql",
               "008_interruptions.sql", "009_error_events.sql", "010_lost_grants.sql",
               "011_finished_events.sql", "012_launch_failures.sql",
-              "013_catalog_arch.sql", "014_bounded.sql", "015_runs.sql", "016_open_jobs.sql"]
+              "013_catalog_arch.sql", "014_bounded.sql", "015_runs.sql", "016_open_jobs.sql", "017_upload_end.sql"]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 CHECKPOINT_INTERVAL_S = 0.5  # how often the WAL is copied into the main file, off the writer's path

@@ -3,7 +3,10 @@ staged in batches, then committed whole or discarded; an upload the store could 
 full disk) is settled in the background once it can, as a restart would (resume_uploads).
 
 The control API's routes parse the request and call these; each job's uploads (and its deletion)
-take the job's lock, since a chunk step works on all of the job's staged rows.
+take the job's lock, since a chunk step works on all of the job's staged rows. Across replicas on
+PostgreSQL: one upload under way per job (a second is refused, UploadBusy), and the replica receiving
+an upload holds its claim until it is settled (pg/upload_claims.py), so that another replica's start
+settles only uploads whose owner is gone.
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ import structlog
 from cloudtask_wire.workerspec import WorkerSpec
 from cloudtaskd.config import Config
 from cloudtaskd.core.dispatch import Dispatcher
+from cloudtaskd.core.pg.store import PgStore
+from cloudtaskd.core.pg.upload_claims import Claim, UploadClaims
 from cloudtaskd.core.states import COUNTER
 from cloudtaskd.core.store import Store, Tx
 from cloudtaskd.core.tables import jobs, pools, uploads
 from cloudtaskd.core.tables import tasks as queue
 from cloudtaskd.core.taskfile import TaskFileError, TaskFileParser, parse_task
-from cloudtaskd.errors import BadInput, CloudtaskError, StoreError, no_job
+from cloudtaskd.errors import BadInput, CloudtaskError, StoreError, UploadSettled, no_job
 from cloudtaskd.http.feeds import ReadGate
 
 log = structlog.get_logger("cloudtaskd.http.submissions")
@@ -41,6 +46,7 @@ class Submissions:
         self.config = config  # queue.* read at each job and upload
         self._upload_locks: dict[int, asyncio.Lock] = {}
         self._settling: set[asyncio.Task[None]] = set()  # uploads finished once the store can (_settle_later)
+        self.claims = claims_of(store)
 
     def apply_config(self, config: Config) -> None:
         """On reload: queue.max_attempts, task_timeout_s for new jobs, max_task_bytes for the next upload."""
@@ -67,12 +73,18 @@ class Submissions:
             if row is None:
                 raise no_job(job_id)
             job = dict(row)
-            upload_id = await self.store.write(queue.create_upload, job_id)
+            claim = await self._claim()
+            try:
+                upload_id = await self.store.write(queue.create_upload, job_id,
+                                                   None if claim is None else claim.upload_id)
+            except BaseException:
+                await _release(claim)
+                raise
             try:
                 n = await self._stage(chunks, job, source)
             except BaseException as exc:
                 # Refused (or the client went away): nothing of this upload may stay behind.
-                await self._discard(upload_id, job_id, job["pool_id"])
+                await self._discard(upload_id, job_id, job["pool_id"], claim)
                 if isinstance(exc, TaskFileError):
                     raise BadInput(f"{source}:{exc.line}: {exc.reason}", line=exc.line, field=exc.field) from None
                 raise
@@ -80,11 +92,16 @@ class Submissions:
                 await queue.finish_upload(self.store, upload_id, job_id, commit=True)
             except StoreError:
                 state = await self.reads.read(lambda db: uploads.state_of(db, upload_id))
-                self._settle_later(upload_id, job_id, job["pool_id"])
+                self._settle_later(upload_id, job_id, job["pool_id"], claim)
                 if state != uploads.COMMITTING:
                     raise  # nothing was queued: refused whole, the staged rows go when the store can
                 # Past its first chunk an upload is validated and decided: the rest is queued later.
                 log.warning("upload_commit_deferred", upload=upload_id, job=job_id, tasks=n)
+            except BaseException:
+                await _release(claim)
+                raise
+            else:
+                await _release(claim)
         self.dispatcher.notify_work(job["pool_id"])
         log.info("tasks_accepted", job=job_id, tasks=n, source=source)
         return n
@@ -128,22 +145,41 @@ class Submissions:
             raise BadInput(f"{source}: the file holds no tasks")
         return total
 
-    async def _discard(self, upload_id: int, job_id: int, pool_id: int) -> None:
+    async def _claim(self) -> Claim | None:
+        """PostgreSQL: the claim of the next upload's id, held before its row exists."""
+        if self.claims is None:
+            return None
+        while True:
+            upload_id = await self.store.write(lambda tx: uploads.reserve_id(tx.db))
+            claim = await self.claims.take(upload_id)
+            if claim is not None:
+                return claim
+            # Not reachable in practice (a fresh id is no one's): take the next one.
+
+    async def _discard(self, upload_id: int, job_id: int, pool_id: int, claim: Claim | None) -> None:
         async def discard() -> None:
             try:
                 await queue.finish_upload(self.store, upload_id, job_id, commit=False)
             except StoreError:  # a full disk can refuse the delete too: never leave staged rows behind
-                self._settle_later(upload_id, job_id, pool_id)
+                self._settle_later(upload_id, job_id, pool_id, claim)
+                return
+            await _release(claim)
 
         # Shielded: a client that hangs up mid-upload cancels this handler, not the clean-up.
         await asyncio.shield(discard())
 
-    def _settle_later(self, upload_id: int, job_id: int, pool_id: int) -> None:
+    def _settle_later(self, upload_id: int, job_id: int, pool_id: int, claim: Claim | None) -> None:
         """Finish an upload the store could not finish (a full disk) once it can, in the background:
         a staging one is discarded, a committing one queued, as a restart would (resume_uploads).
         Each attempt holds the job's upload lock, since a chunk step works on all of the job's staged rows."""
 
         async def settle() -> None:
+            try:
+                await settle_when_possible()
+            finally:
+                await _release(claim)
+
+        async def settle_when_possible() -> None:
             while not self.store.stopping:
                 await asyncio.sleep(SETTLE_RETRY_S)
                 try:
@@ -154,6 +190,9 @@ class Submissions:
                                                       commit=state == uploads.COMMITTING)
                 except StoreError:
                     continue  # the store logs the outage; try again
+                except UploadSettled:
+                    log.warning("upload_settled_elsewhere", upload=upload_id, job=job_id)
+                    return
                 if state == uploads.COMMITTING:
                     self.dispatcher.notify_work(pool_id)
                 log.info("upload_settled", upload=upload_id, job=job_id, outcome=state)
@@ -164,11 +203,33 @@ class Submissions:
         task.add_done_callback(self._settling.discard)
 
 
+def claims_of(store: Store) -> UploadClaims | None:
+    """Uploads are claimed on PostgreSQL only: one SQLite file serves one daemon."""
+    return UploadClaims(store.dsn) if isinstance(store, PgStore) else None
+
+
+async def _release(claim: Claim | None) -> None:
+    if claim is not None:
+        await asyncio.shield(claim.release())
+
+
 async def resume_uploads(store: Store) -> None:
-    """At start: uploads a crash (or a full disk) left unfinished are finished as their rows say."""
+    """At start: uploads a crash (or a full disk) left unfinished are finished as their rows say. On
+    PostgreSQL only those whose claim this replica can take: the others' owners are alive, still
+    receiving (or settling) them."""
+    claims = claims_of(store)
     for r in await store.read(uploads.unfinished):
-        # Committing: it was validated whole, finish it. Staging: the client never got an ack.
-        await queue.finish_upload(store, r["id"], r["job_id"], commit=r["state"] == uploads.COMMITTING)
+        claim = None if claims is None else await claims.take(r["id"])
+        if claims is not None and claim is None:
+            log.info("upload_left_to_owner", upload=r["id"], job=r["job_id"], state=r["state"])
+            continue
+        try:
+            # Committing: it was validated whole, finish it. Staging: the client never got an ack.
+            await queue.finish_upload(store, r["id"], r["job_id"], commit=r["state"] == uploads.COMMITTING)
+        except UploadSettled:  # another replica rejects it meanwhile (it had lost its claim)
+            continue
+        finally:
+            await _release(claim)
         log.info("upload_resumed", upload=r["id"], job=r["job_id"], outcome=r["state"])
 
 

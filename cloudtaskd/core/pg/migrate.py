@@ -18,7 +18,7 @@ from cloudtaskd.core.pg import locks
 from cloudtaskd.core.pg.connect import Connection
 from cloudtaskd.errors import StoreError
 
-MIGRATIONS = ("001_initial.sql", "002_runs.sql", "003_open_jobs.sql", "004_bundles.sql")
+MIGRATIONS = ("001_initial.sql", "002_runs.sql", "003_open_jobs.sql", "004_bundles.sql", "005_upload_claims.sql")
 SCHEMA_VERSION = len(MIGRATIONS)
 
 log = structlog.get_logger("cloudtaskd.core.pg")

@@ -25,7 +25,7 @@ _WAITING = counter_sum(WAITING_TASK_STATES)
 _WAITING_J = counter_sum(WAITING_TASK_STATES, "j.")
 _FINISHED = counter_sum(TERMINAL_TASK_STATES)
 _WITH_WORKER = "SELECT j.*, p.digest FROM jobs j JOIN pools p ON p.id = j.pool_id"
-_RECEIVING = "('staging', 'committing')"  # uploads.RECEIVING, as SQL
+_RECEIVING = "('staging', 'committing', 'rejecting')"  # uploads.RECEIVING, as SQL
 
 
 def add_to_counters(db: sqlite3.Connection, job_id: int, delta: dict[str, int]) -> None:

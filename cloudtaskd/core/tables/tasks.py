@@ -63,13 +63,13 @@ def _ids_json(ids: list[int]) -> str:
 # ---- ingest -----------------------------------------------------------------------------------
 
 
-def create_upload(tx: Tx, job_id: int) -> int:
+def create_upload(tx: Tx, job_id: int, upload_id: int | None = None) -> int:
     state = jobs.state_of(tx.db, job_id)
     if state is None:
         raise no_job(job_id)
     if state != jobs.ACTIVE:
         raise BadInput(f"job {job_id} is {state}; tasks can only be added to an active job")
-    return uploads.create(tx, job_id)
+    return uploads.create(tx, job_id, upload_id)
 
 
 def stage_tasks(tx: Tx, job: dict[str, Any], batch: list[ParsedTask], source: str) -> None:
@@ -92,7 +92,7 @@ def stage_tasks(tx: Tx, job: dict[str, Any], batch: list[ParsedTask], source: st
             raise _duplicate_error(tx.db, job["id"], batch, source)
         # Ids come from a sequence shared by the replicas: not consecutive, but each above the
         # upload's start while its rows stay staged.
-        first = min(ids)
+        first, last = min(ids), max(ids)
     else:
         try:
             tx.db.executemany(
@@ -108,9 +108,10 @@ def stage_tasks(tx: Tx, job: dict[str, Any], batch: list[ParsedTask], source: st
         # consecutive rowids (one writer, max + 1 each), and every later row of the upload comes
         # above its own earlier rows, which stay until the commit.
         first = int(tx.db.execute("SELECT last_insert_rowid()").fetchone()[0]) - len(rows) + 1
+        last = None  # SQLite's walk has no upper bound
     tx.db.execute("RELEASE stage")
     tx.count(job["id"], None, S.STAGED, len(rows))
-    uploads.add_staged(tx, job["id"], len(rows), first - 1)
+    uploads.add_staged(tx, job["id"], len(rows), first - 1, last)
 
 
 _STAGE_PG = (
@@ -248,10 +249,11 @@ def _staged_chunk(tx: Tx, job_id: int, after_id: int, limit: int, action: str,
     return [r[0] for r in tx.db.execute(sql, (*params, after_id, job_id, limit)).fetchall()]
 
 
-def _staged_walk(tx: Tx, job_id: int, after_id: int, end_id: int, limit: int | None, action: str,
+def _staged_walk(tx: Tx, upload_id: int, job_id: int, after_id: int, limit: int | None, action: str,
                  params: tuple[Any, ...] = ()) -> tuple[list[int], int | None]:
     """The next chunk of the job's staged tasks after the cursor `after_id`, moved by `action`: their
-    ids, and the cursor after them (None: the upload's last staged row is behind it)."""
+    ids, and the cursor after them (None: the upload's last staged row is behind it). The job's
+    staged rows are this upload's: one upload under way per job (pg: uploads_one_under_way)."""
     if postgres(tx.db):
         # A range of the primary key, `limit` ids wide, however many of them are this upload's (other
         # jobs' rows may sit in between): one index range scan, the same size from the first chunk to
@@ -261,6 +263,10 @@ def _staged_walk(tx: Tx, job_id: int, after_id: int, end_id: int, limit: int | N
         # `job_id + 0`: not through the (job_id, key) index, which statistics taken before the upload
         # price at one row for this job, and which then reads the whole job every chunk (measured:
         # 0.3 - 0.6 s a chunk of 5,000 ids at 1M tasks, against 40 - 70 ms through the primary key).
+        # The walk ends at the upload's own newest row, read in this transaction (uploads.end_id).
+        end_id = uploads.end_id(tx.db, upload_id)
+        if end_id is None or end_id <= after_id:
+            return [], None
         step = limit or COMMIT_STEP_PG
         upper = after_id + step
         ids = [r[0] for r in tx.db.execute(
@@ -277,48 +283,52 @@ def _not_indexed(db: sqlite3.Connection) -> str:
     return "" if postgres(db) else " NOT INDEXED"
 
 
-def reject_upload_chunk(tx: Tx, upload_id: int, job_id: int, after_id: int = 0, end_id: int = 0,
+def reject_upload_chunk(tx: Tx, upload_id: int, job_id: int, after_id: int = 0,
                         limit: int | None = None) -> int | None:
-    """Delete a chunk of a refused upload's staged tasks. Returns the cursor, None when done.
-    `end_id`: at or above the upload's last staged row (PostgreSQL's walk stops there)."""
-    ids, cursor = _staged_walk(tx, job_id, after_id, end_id, limit, "DELETE FROM tasks")
+    """Delete a chunk of a refused upload's staged tasks. Returns the cursor, None when done (or when
+    another replica settles the upload: it is not this one's to delete)."""
+    if not uploads.set_rejecting(tx, upload_id):
+        return None
+    ids, cursor = _staged_walk(tx, upload_id, job_id, after_id, limit, "DELETE FROM tasks")
     tx.count(job_id, S.STAGED, None, len(ids))
     if cursor is None:
         uploads.set_state(tx, upload_id, uploads.REJECTED)
     return cursor
 
 
-def commit_upload_chunk(tx: Tx, upload_id: int, job_id: int, after_id: int = 0, end_id: int = 0,
+def commit_upload_chunk(tx: Tx, upload_id: int, job_id: int, after_id: int = 0,
                         limit: int | None = None) -> int | None:
     """Make a chunk of staged tasks visible. The upload was validated whole before the first
-    chunk; a crash part-way is finished at start-up. Returns the cursor, None when done.
-    `end_id`: at or above the upload's last staged row (PostgreSQL's walk stops there)."""
-    uploads.set_committing(tx, upload_id)
+    chunk; a crash part-way is finished at start-up. Returns the cursor, None when done. Raises
+    UploadSettled when another replica rejects (or rejected) it."""
+    uploads.set_committing(tx, upload_id, job_id)
     if jobs.state_of(tx.db, job_id) == jobs.CANCELLED:
         # Cancelled while the upload streamed in: what arrives is recorded, as cancelled, never run.
-        ids, cursor = _staged_walk(tx, job_id, after_id, end_id, limit,
+        ids, cursor = _staged_walk(tx, upload_id, job_id, after_id, limit,
                                    "UPDATE tasks SET state = 'cancelled', finished_at = ?", (tx.now,))
         tx.count(job_id, S.STAGED, S.CANCELLED, len(ids))
         for task_id in ids:  # as cancel_job: a follower of the job's results reads these events
             tx.event(E.CANCELLED.value, job_id=job_id, task_id=task_id)
     else:
-        ids, cursor = _staged_walk(tx, job_id, after_id, end_id, limit, "UPDATE tasks SET state = 'queued'")
+        ids, cursor = _staged_walk(tx, upload_id, job_id, after_id, limit, "UPDATE tasks SET state = 'queued'")
         tx.count(job_id, S.STAGED, S.QUEUED, len(ids))
-    if cursor is None:
+    # Two replicas may both walk a committing upload (one lost its claim): the row moves once, and
+    # only the one that ends it writes the event.
+    if cursor is None and uploads.set_state(tx, upload_id, uploads.COMMITTED):
         n = uploads.n_tasks(tx.db, upload_id)
-        uploads.set_state(tx, upload_id, uploads.COMMITTED)
         tx.event(E.UPLOAD_COMMITTED.value, job_id=job_id, detail=jsonx.dumps({"tasks": n, "upload": upload_id}))
     return cursor
 
 
 def upload_span(db: sqlite3.Connection, upload_id: int) -> tuple[int, int]:
-    """Where a commit's walk starts (below the upload's first staged row) and an id at or above its
-    last: the table's newest row. Every staged row of the upload was written before its commit (or
-    its rejection) began, and no other row joins the upload after, so this holds to the end, and it
-    holds again when a restart finishes the walk (from the start: moved rows are no longer staged).
-    An upload that staged nothing ends where it starts."""
+    """Where a walk starts (below the upload's first staged row), and where it ends as far as is known
+    now: on PostgreSQL the upload's newest staged row (the walk rereads it each chunk), on SQLite the
+    table's newest (its walk has no upper bound). Every staged row of the upload stays staged until
+    the walk moves it, so a restart finishes the walk from the start. Nothing staged: end = start."""
     start = uploads.start_after(db, upload_id)
-    return start, (last_id(db) if uploads.n_tasks(db, upload_id) else start)
+    if not uploads.n_tasks(db, upload_id):
+        return start, start
+    return start, (uploads.end_id(db, upload_id) or start) if postgres(db) else last_id(db)
 
 
 async def finish_upload(store: Doors, upload_id: int, job_id: int, *, commit: bool,
@@ -327,10 +337,10 @@ async def finish_upload(store: Doors, upload_id: int, job_id: int, *, commit: bo
     dispatch keeps running between them. `limit`: the chunk (SQLite: rows; PostgreSQL: ids of the
     walked range), else the dialect's default."""
     step = commit_upload_chunk if commit else reject_upload_chunk
-    cursor, end_id = await store.read(lambda db: upload_span(db, upload_id))
+    cursor = await store.read(lambda db: uploads.start_after(db, upload_id))
     next_cursor: int | None = cursor
     while next_cursor is not None:
-        next_cursor = await store.write(step, upload_id, job_id, next_cursor, end_id, limit)
+        next_cursor = await store.write(step, upload_id, job_id, next_cursor, limit)
     if commit:
         # The round's statements on PostgreSQL are planned from its statistics of the table, which
         # autovacuum refreshes a minute or more after a bulk change: until then a table that held few

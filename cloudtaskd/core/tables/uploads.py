@@ -9,27 +9,55 @@ from typing import TYPE_CHECKING
 
 from cloudtaskd.core.tables import rows
 from cloudtaskd.core.tables.bulk import postgres
+from cloudtaskd.errors import UploadBusy, UploadSettled
 
 if TYPE_CHECKING:  # store.py's Tx; tables/tasks.py imports this module
     from cloudtaskd.core.tables.tx import Tx
 
-STAGING, COMMITTING, COMMITTED, REJECTED = "staging", "committing", "committed", "rejected"
-RECEIVING = (STAGING, COMMITTING)  # an upload under way: its job may not be deleted or withdrawn
-_RECEIVING_SQL = "('staging', 'committing')"
+# staging -> committing -> committed, or staging -> rejecting -> rejected: a rejection claims the
+# upload (rejecting) before it deletes a row, so that a replica still receiving it (one that lost its
+# claim, pg/upload_claims.py) can neither stage nor commit it meanwhile.
+STAGING, COMMITTING, REJECTING = "staging", "committing", "rejecting"
+COMMITTED, REJECTED = "committed", "rejected"
+RECEIVING = (STAGING, COMMITTING, REJECTING)  # an upload under way: its job may not be deleted or withdrawn
+_RECEIVING_SQL = "('staging', 'committing', 'rejecting')"  # also pg/sql/005's index uploads_one_under_way
 
 
-def create(tx: Tx, job_id: int) -> int:
-    cur = tx.db.execute("INSERT INTO uploads (job_id, state, created_at) VALUES (?, 'staging', ?) RETURNING id",
-                        (job_id, tx.now))
-    return int(cur.fetchone()[0])
+def create(tx: Tx, job_id: int, upload_id: int | None = None) -> int:
+    """A staging upload of the job. On PostgreSQL `upload_id` is one reserve_id() gave (this replica
+    holds its claim already), and a job with an upload under way on any replica is refused."""
+    if not postgres(tx.db):
+        cur = tx.db.execute("INSERT INTO uploads (job_id, state, created_at) VALUES (?, 'staging', ?)"
+                            " RETURNING id", (job_id, tx.now))
+        return int(cur.fetchone()[0])
+    # ON CONFLICT: the partial unique index uploads_one_under_way, without aborting the transaction.
+    row = tx.db.execute("INSERT INTO uploads (id, job_id, state, created_at) VALUES (coalesce(?::bigint,"
+                        " nextval(pg_get_serial_sequence('uploads', 'id'))), ?, 'staging', ?)"
+                        " ON CONFLICT DO NOTHING RETURNING id", (upload_id, job_id, tx.now)).fetchone()
+    if row is None:
+        raise UploadBusy(job_id)
+    return int(row[0])
 
 
-def add_staged(tx: Tx, job_id: int, n: int, start_after: int) -> None:
-    """n more tasks staged for the job's staging upload, none of them at or below `start_after`."""
-    # SQLite's two-argument min() is PostgreSQL's least().
-    smaller = "least" if postgres(tx.db) else "min"
-    tx.db.execute(f"UPDATE uploads SET n_tasks = n_tasks + ?, start_after = {smaller}(coalesce(start_after, ?), ?)"
-                  " WHERE job_id = ? AND state = 'staging'", (n, start_after, start_after, job_id))
+def reserve_id(db: sqlite3.Connection) -> int:
+    """PostgreSQL: the id the next upload will take, so that its claim is held before its row exists
+    (a replica starting meanwhile must not find it unclaimed)."""
+    return int(db.execute("SELECT nextval(pg_get_serial_sequence('uploads', 'id'))").fetchone()[0])
+
+
+def add_staged(tx: Tx, job_id: int, n: int, start_after: int, last: int | None = None) -> None:
+    """n more tasks staged for the job's staging upload, none of them at or below `start_after`;
+    PostgreSQL: `last` the batch's newest id, where the upload's walk ends (end_id). Raises
+    UploadSettled when the job has no staging upload (another replica settled it)."""
+    if postgres(tx.db):
+        cur = tx.db.execute("UPDATE uploads SET n_tasks = n_tasks + ?, start_after = least(coalesce(start_after, ?),"
+                            " ?), end_id = greatest(coalesce(end_id, 0), ?) WHERE job_id = ? AND state = 'staging'",
+                            (n, start_after, start_after, last, job_id))
+    else:
+        cur = tx.db.execute("UPDATE uploads SET n_tasks = n_tasks + ?, start_after = min(coalesce(start_after, ?), ?)"
+                            " WHERE job_id = ? AND state = 'staging'", (n, start_after, start_after, job_id))
+    if cur.rowcount != 1:
+        raise UploadSettled(job_id)
 
 
 def cover(tx: Tx, job_id: int, start_after: int, n: int) -> None:
@@ -43,15 +71,37 @@ def cover(tx: Tx, job_id: int, start_after: int, n: int) -> None:
                   (job_id, tx.now, n, start_after, job_id, start_after))
 
 
-def set_committing(tx: Tx, upload_id: int) -> None:
-    """Decided: queued whole from now on (a staging upload only)."""
-    tx.db.execute("UPDATE uploads SET state = 'committing' WHERE id = ? AND state = 'staging'", (upload_id,))
+def set_committing(tx: Tx, upload_id: int, job_id: int) -> None:
+    """Decided: queued whole from now on. Raises UploadSettled unless it is staging or committing
+    (another replica rejects or rejected it)."""
+    cur = tx.db.execute("UPDATE uploads SET state = 'committing' WHERE id = ? AND state IN ('staging', 'committing')",
+                        (upload_id,))
+    if cur.rowcount != 1:
+        raise UploadSettled(job_id, upload_id)
 
 
-def set_state(tx: Tx, upload_id: int, state: str) -> None:
-    if state not in (COMMITTED, REJECTED):
+def set_rejecting(tx: Tx, upload_id: int) -> bool:
+    """Claim a staging upload for rejection (before any of its rows goes); False when it is no longer
+    staging or rejecting: another replica settles (or settled) it, and its rows are not ours to delete."""
+    return tx.db.execute("UPDATE uploads SET state = 'rejecting' WHERE id = ? AND state IN ('staging', 'rejecting')",
+                         (upload_id,)).rowcount == 1
+
+
+def set_state(tx: Tx, upload_id: int, state: str) -> bool:
+    """committing -> committed or rejecting -> rejected; False when another replica ended it first."""
+    before = {COMMITTED: COMMITTING, REJECTED: REJECTING}.get(state)
+    if before is None:
         raise ValueError(f"an upload ends committed or rejected, not {state}")
-    tx.db.execute("UPDATE uploads SET state = ? WHERE id = ?", (state, upload_id))
+    return tx.db.execute("UPDATE uploads SET state = ? WHERE id = ? AND state = ?",
+                         (state, upload_id, before)).rowcount == 1
+
+
+def end_id(db: sqlite3.Connection, upload_id: int) -> int | None:
+    """PostgreSQL: the upload's newest staged row (None: none staged). Read in the walk's own
+    transaction: a batch written after the walk began (a cancelled stage's, still in the executor)
+    is counted too, and none comes after the rejection's claim."""
+    row = db.execute("SELECT end_id FROM uploads WHERE id = ?", (upload_id,)).fetchone()
+    return None if row is None or row[0] is None else int(row[0])
 
 
 def n_tasks(db: sqlite3.Connection, upload_id: int) -> int:

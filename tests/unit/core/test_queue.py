@@ -347,7 +347,7 @@ async def test_a_commit_moves_a_bounded_chunk_a_transaction_and_only_its_own_row
     while next_cursor is not None:
         before = await _staged(store, 1)
         after_id = next_cursor
-        next_cursor = await store.write(queue.commit_upload_chunk, up1, 1, after_id, end, step)
+        next_cursor = await store.write(queue.commit_upload_chunk, up1, 1, after_id, step)
         moved = before - await _staged(store, 1)
         assert 0 < len(moved) <= step or (pg and not moved)
         if pg:
@@ -369,9 +369,9 @@ async def test_a_commit_cut_short_is_finished_at_start(store: Store) -> None:
     from cloudtaskd.http.submissions import resume_uploads
 
     up1, _ = await _interleaved_uploads(store, batches=4)
-    cursor, end = await store.read(lambda db: queue.upload_span(db, up1))
+    cursor = await store.read(lambda db: queue.upload_span(db, up1)[0])
     for _ in range(2):
-        cursor = await store.write(queue.commit_upload_chunk, up1, 1, cursor, end, 4)
+        cursor = await store.write(queue.commit_upload_chunk, up1, 1, cursor, 4)
         assert cursor is not None
     assert 0 < len(await _staged(store, 1)) < 12
     await resume_uploads(store)

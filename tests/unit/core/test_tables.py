@@ -217,7 +217,7 @@ async def test_uploads_receiving_until_they_end_and_where_a_job_starts(store: St
     assert await store.read(lambda db: (uploads.receiving(db, job_id), uploads.n_tasks(db, first),
                                         uploads.start_after(db, first))) == (True, 10, 90)
     assert [r["id"] for r in await store.read(uploads.unfinished)] == [first]
-    await store.write(lambda tx: uploads.set_committing(tx, first))
+    await store.write(lambda tx: uploads.set_committing(tx, first, job_id))
     await store.write(lambda tx: uploads.set_state(tx, first, uploads.COMMITTED))
     assert await store.read(lambda db: (uploads.receiving(db, job_id), uploads.state_of(db, first))) == (
         False, "committed")
