@@ -44,6 +44,17 @@ async def _handshake(port: int, ca_file: Path) -> None:
     await writer.wait_closed()
 
 
+async def _refused(daemon: DaemonProcess, with_what: str) -> None:
+    """The daemon's start fails: it exits non-zero without ever answering."""
+    try:
+        await daemon.start(timeout_s=60)
+        raise AssertionError(f"replica B started with {with_what}")
+    except RuntimeError:
+        pass
+    assert daemon.proc is not None
+    assert daemon.proc.wait(timeout=30) != 0
+
+
 async def test_a_replica_with_its_own_ca_is_refused_and_starts_once_given_the_shared_one(
         tmp_path: Path, pg_dsn: str) -> None:
     ports = free_port(), free_port()
@@ -59,13 +70,7 @@ async def test_a_replica_with_its_own_ca_is_refused_and_starts_once_given_the_sh
         assert [e["sha256"] for e in log_events(a.log_path, "tls_ca_recorded")] == [short_sha256(sha_a)]
 
         # B forgot the copy: it makes a CA of its own at start and must go no further.
-        try:
-            await b.start(timeout_s=60)
-            raise AssertionError("replica B started with a CA of its own")
-        except RuntimeError:
-            pass
-        assert b.proc is not None
-        assert b.proc.wait(timeout=30) != 0
+        await _refused(b, "a CA of its own")
         ca_b = b.state_dir / "tls" / "ca.pem"
         sha_b = tls.ca_fingerprint(ca_b)
         assert sha_b != sha_a
@@ -124,13 +129,7 @@ async def test_a_replica_with_its_own_ssh_key_for_the_vms_is_refused_and_starts_
 
         # B was given the CA (so only its key differs) but not the key: it makes its own at start.
         share_ca(a, b)
-        try:
-            await b.start(timeout_s=60)
-            raise AssertionError("replica B started with an SSH key of its own")
-        except RuntimeError:
-            pass
-        assert b.proc is not None
-        assert b.proc.wait(timeout=30) != 0
+        await _refused(b, "an SSH key of its own")
         key_b = b.state_dir / "ssh" / "id_ed25519"
         sha_b = _lf(key_b)  # made before the check, so that the check is on the key aws would use
         assert sha_b != sha_a
