@@ -13,8 +13,10 @@ import shutil
 import subprocess
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -93,35 +95,48 @@ async def test_a_replica_with_another_ca_is_refused_with_what_to_do(pg_store: Pg
     assert await _recorded(pg_store) == sha_b
 
 
-async def test_two_first_replicas_at_once_the_database_picks_one(pg_dsn: str, tmp_path: Path) -> None:
-    cas = [_ca(tmp_path / name / "tls") for name in ("a", "b")]
+@pytest.fixture
+async def two_stores(pg_dsn: str) -> AsyncIterator[list[PgStore]]:
+    """Two replicas' stores on one database."""
     stores = [PgStore(pg_dsn), PgStore(pg_dsn)]
     for s in stores:
         await s.open()
     try:
-        for race in range(RACES):
-            barrier = threading.Barrier(2, timeout=10)
-
-            def first_start(tx: Tx, sha: str, path: Path, barrier: threading.Barrier = barrier) -> bool:
-                barrier.wait()  # on both writer threads: the two checks run at the same moment
-                first = _check_ca(tx, sha, path)
-                time.sleep(HOLD_S)  # before the commit: the other's insert meets an uncommitted row
-                return first
-
-            outcomes = await asyncio.gather(
-                *(s.write(first_start, sha, path) for s, (path, sha) in zip(stores, cas, strict=True)),
-                return_exceptions=True)
-            winners = [i for i, out in enumerate(outcomes) if out is True]
-            assert len(winners) == 1, f"race {race}: {outcomes!r}"
-            winner, loser = winners[0], 1 - winners[0]
-            refused = outcomes[loser]
-            assert isinstance(refused, SharedCaMismatch), f"race {race}: {refused!r}"
-            assert (refused.own_sha256, refused.recorded_sha256) == (cas[loser][1], cas[winner][1])
-            assert await _recorded(stores[0]) == cas[winner][1]
-            await stores[0].write(lambda tx: tx.db.execute(meta.FORGET_TLS_CA_SQL))
+        yield stores
     finally:
         for s in stores:
             await s.close()
+
+
+async def at_once(stores: list[PgStore], step: Callable[..., Any], args: list[tuple[Any, ...]]) -> list[Any]:
+    """Each store's writer runs step(tx, *its args), all at the same moment, and holds its transaction
+    HOLD_S before the commit (so the other's insert meets an uncommitted row). Exceptions come back
+    as values."""
+    barrier = threading.Barrier(len(stores), timeout=10)
+
+    def held(tx: Tx, *a: Any) -> Any:
+        barrier.wait()
+        out = step(tx, *a)
+        time.sleep(HOLD_S)
+        return out
+
+    return await asyncio.gather(*(s.write(held, *a) for s, a in zip(stores, args, strict=True)),
+                                return_exceptions=True)
+
+
+async def test_two_first_replicas_at_once_the_database_picks_one(two_stores: list[PgStore], tmp_path: Path) -> None:
+    cas = [_ca(tmp_path / name / "tls") for name in ("a", "b")]
+    stores = two_stores
+    for race in range(RACES):
+        outcomes = await at_once(stores, _check_ca, [(sha, path) for path, sha in cas])
+        winners = [i for i, out in enumerate(outcomes) if out is True]
+        assert len(winners) == 1, f"race {race}: {outcomes!r}"
+        winner, loser = winners[0], 1 - winners[0]
+        refused = outcomes[loser]
+        assert isinstance(refused, SharedCaMismatch), f"race {race}: {refused!r}"
+        assert (refused.own_sha256, refused.recorded_sha256) == (cas[loser][1], cas[winner][1])
+        assert await _recorded(stores[0]) == cas[winner][1]
+        await stores[0].write(lambda tx: tx.db.execute(meta.FORGET_TLS_CA_SQL))
 
 
 def test_what_pins_the_daemons_own_ca() -> None:
@@ -277,32 +292,18 @@ async def test_providers_that_do_not_start_or_whose_hosts_are_the_users_are_not_
     assert not (b.state_path / "ssh").exists()  # no key of the daemon's own made for a provider not started
 
 
-async def test_two_first_replicas_at_once_claim_one_daemon_id(pg_dsn: str) -> None:
+async def test_two_first_replicas_at_once_claim_one_daemon_id(two_stores: list[PgStore]) -> None:
     """The daemon id (shared by every replica of a database) is claimed, not read then inserted: two
     first starts at the same moment both get the one the database kept, where the second's insert
     used to fail on the key's unique index and stop that replica."""
-    stores = [PgStore(pg_dsn), PgStore(pg_dsn)]
-    for s in stores:
-        await s.open()
-    try:
-        for race in range(RACES):
-            barrier = threading.Barrier(2, timeout=10)
-
-            def first_start(tx: Tx, proposed: str, barrier: threading.Barrier = barrier) -> tuple[str, list[bool]]:
-                barrier.wait()  # on both writer threads: the two claims run at the same moment
-                out = claim_start(tx, proposed, [])
-                time.sleep(HOLD_S)  # before the commit: the other's insert meets an uncommitted row
-                return out
-
-            ids = await asyncio.gather(*(s.write(first_start, f"id-{race}-{i}") for i, s in enumerate(stores)))
-            assert ids[0] == ids[1], f"race {race}: {ids!r}"
-            assert ids[0][0] in (f"id-{race}-0", f"id-{race}-1")
-            row = await stores[0].fetchone("SELECT value FROM meta WHERE key = ?", (meta.DAEMON_ID,))
-            assert row is not None and row["value"] == ids[0][0]
-            await stores[0].write(lambda tx: tx.db.execute("DELETE FROM meta WHERE key = 'daemon_id'"))
-    finally:
-        for s in stores:
-            await s.close()
+    stores = two_stores
+    for race in range(RACES):
+        ids = await at_once(stores, claim_start, [(f"id-{race}-{i}", []) for i in range(len(stores))])
+        assert ids[0] == ids[1], f"race {race}: {ids!r}"
+        assert ids[0][0] in (f"id-{race}-0", f"id-{race}-1")
+        row = await stores[0].fetchone("SELECT value FROM meta WHERE key = ?", (meta.DAEMON_ID,))
+        assert row is not None and row["value"] == ids[0][0]
+        await stores[0].write(lambda tx: tx.db.execute("DELETE FROM meta WHERE key = 'daemon_id'"))
 
 
 async def test_a_refused_replica_claims_no_daemon_id(pg_store: PgStore, tmp_path: Path) -> None:
